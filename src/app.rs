@@ -1,0 +1,165 @@
+//! Wiring: the one place where ingest, journal, pipeline, egress and the
+//! control socket are put together, and where the lifecycle lives.
+//!
+//! Shutdown order (STYLE.md): stop accepting → let open associations finish
+//! → finish the running study (deliveries stop between instances and resume
+//! at the next start) → flush the journal → exit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{NonPetPolicy, Settings};
+use crate::ingest::{self, ScpConfig, store::SpoolSink};
+use crate::journal::{Journal, JournalError};
+use crate::pipeline::{Pipeline, worker::WorkerCtx};
+use crate::spool::Spool;
+use crate::{control, dicom, restore};
+
+/// How long open associations may take to finish after a stop request.
+const ASSOCIATION_DRAIN: Duration = Duration::from_secs(20);
+/// How long a running restoration may take to finish after a stop request.
+const TASK_DRAIN: Duration = Duration::from_secs(30);
+
+/// A running daemon.
+pub struct Daemon {
+    /// The address the DICOM SCP listens on (useful with port 0).
+    pub dicom_addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    journal: Journal,
+    associations: TaskTracker,
+    tasks: TaskTracker,
+    main: tokio::task::JoinHandle<()>,
+}
+
+/// Open the journal with a message that says what to do when it is locked.
+pub fn open_journal(settings: &Settings) -> Result<Journal> {
+    let dir = settings.node.state_dir.join("journal");
+    Journal::open(&dir).map_err(|e| match e {
+        JournalError::Locked { .. } => anyhow::anyhow!(
+            "{e}: another petrestore process uses {}; stop it or choose another node.state_dir",
+            settings.node.state_dir.display()
+        ),
+        e => anyhow::anyhow!("cannot open the journal in {}: {e}", dir.display()),
+    })
+}
+
+/// Start every stage; returns once the DICOM listener is bound.
+pub async fn start(settings: Settings) -> Result<Daemon> {
+    let settings = Arc::new(settings);
+    let state = &settings.node.state_dir;
+    crate::spool::create_dir_durable(state)
+        .with_context(|| format!("cannot create node.state_dir {}: check the path and permissions", state.display()))?;
+    let spool = Spool::new(state.join("spool")).context("cannot create the spool folder")?;
+    let stale = spool.remove_stale_temporaries().context("cannot clean the spool")?;
+    if stale > 0 {
+        tracing::info!(stale, "removed unacknowledged temporaries left by a crash");
+    }
+    let journal = open_journal(&settings)?;
+    let engines = restore::engines_from_settings(&settings.restore).map_err(anyhow::Error::msg)?;
+    tracing::info!(engines = ?engines.iter().map(|e| e.name().to_owned()).collect::<Vec<_>>(), "restoration engines ready");
+
+    let wake = Arc::new(Notify::new());
+    let pipeline = Pipeline::new(
+        WorkerCtx { settings: settings.clone(), journal: journal.clone(), spool: spool.clone(), engines },
+        wake.clone(),
+    );
+    let active = pipeline.recover().context("cannot read the journal")?;
+    if active > 0 {
+        tracing::info!(active, "resuming unfinished jobs from the journal");
+    }
+
+    let listener = TcpListener::bind(settings.dicom.listen).await.with_context(|| {
+        format!("cannot listen on {} (dicom.listen): is another DICOM service using the port?", settings.dicom.listen)
+    })?;
+    let dicom_addr = listener.local_addr()?;
+    let control = control::bind(state).context("cannot create the control socket in node.state_dir")?;
+
+    let mut abstract_syntaxes: Vec<String> = dicom::PET_STORAGE_CLASSES.iter().map(|s| s.to_string()).collect();
+    if settings.dicom.non_pet == NonPetPolicy::Passthrough {
+        abstract_syntaxes.extend(dicom::PASSTHROUGH_STORAGE_CLASSES.iter().map(|s| s.to_string()));
+    }
+    abstract_syntaxes.push(dicom::VERIFICATION.to_string());
+    let scp = Arc::new(ScpConfig {
+        ae_title: settings.dicom.ae_title.clone(),
+        allowed_callers: Some(settings.dicom.allowed_callers.clone()),
+        abstract_syntaxes,
+        max_associations: settings.dicom.max_associations,
+        max_pdu_length: settings.dicom.max_pdu_length,
+        idle_timeout: settings.dicom.idle_timeout,
+    });
+    let sink = Arc::new(SpoolSink {
+        spool,
+        journal: journal.clone(),
+        min_free_bytes: settings.node.min_free_bytes,
+        wake: wake.clone(),
+    });
+
+    let shutdown = CancellationToken::new();
+    let associations = TaskTracker::new();
+    let tasks = TaskTracker::new();
+    let ingest_task = tokio::spawn(ingest::serve(listener, scp, sink, shutdown.clone(), associations.clone()));
+    let sched_task = tokio::spawn(pipeline.clone().run(shutdown.clone(), tasks.clone()));
+    let control_task = tokio::spawn(control::serve(control, pipeline, shutdown.clone()));
+    let main = tokio::spawn(async move {
+        let _ = tokio::join!(ingest_task, sched_task, control_task);
+    });
+    tracing::info!(listen = %dicom_addr, ae = %settings.dicom.ae_title, state_dir = %state.display(), "petrestore ready");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    Ok(Daemon { dicom_addr, shutdown, journal, associations, tasks, main })
+}
+
+impl Daemon {
+    /// The daemon's journal (for the demo's summary).
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Stop in order and flush the journal.
+    pub async fn stop(self) -> Result<()> {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        self.shutdown.cancel();
+        let _ = self.main.await;
+        self.associations.close();
+        if tokio::time::timeout(ASSOCIATION_DRAIN, self.associations.wait()).await.is_err() {
+            tracing::warn!("associations still open after {ASSOCIATION_DRAIN:?}; closing them");
+        }
+        self.tasks.close();
+        if tokio::time::timeout(TASK_DRAIN, self.tasks.wait()).await.is_err() {
+            tracing::warn!("a restoration was still running after {TASK_DRAIN:?}; it resumes at the next start");
+        }
+        self.journal.flush().context("final journal flush failed")?;
+        tracing::info!("petrestore stopped");
+        Ok(())
+    }
+}
+
+/// `petrestore serve`: run until SIGTERM or SIGINT.
+pub async fn serve(settings: Settings) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let daemon = start(settings).await?;
+    // systemd watchdog: ping at half the interval from the main loop.
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    loop {
+        let tick = async {
+            match watchdog {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = tick => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+        }
+    }
+    daemon.stop().await
+}

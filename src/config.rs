@@ -1,0 +1,476 @@
+//! Configuration in two stages: `Raw*` structs only parse the TOML (with
+//! `deny_unknown_fields`, so a typo is an error, not a silently ignored key);
+//! [`Settings`] is the validated form the rest of the code uses.
+//!
+//! The annotated default file `config/petrestore.toml` is embedded in the
+//! binary: it is what `print-default-config` prints and what every missing
+//! key falls back to, so the documentation and the defaults cannot drift.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::dicom::uid::valid_ae_title;
+
+/// The annotated default configuration, as shipped in `config/`.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/petrestore.toml");
+
+/// A configuration problem: which key, what was wrong, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Could not read the file at all.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// TOML syntax error or wrong type or unknown key.
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    /// A value that parses but makes no sense.
+    #[error("config key `{key}`: {problem}; {fix}")]
+    Invalid { key: &'static str, problem: String, fix: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, problem: problem.into(), fix: fix.into() }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    node: RawNode,
+    #[serde(default)]
+    dicom: RawDicom,
+    #[serde(default)]
+    series: RawSeries,
+    #[serde(default)]
+    restore: RawRestore,
+    #[serde(default)]
+    egress: RawEgress,
+    #[serde(default)]
+    destination: Vec<RawDestination>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    device_id: Option<String>,
+    state_dir: Option<PathBuf>,
+    min_free_mb: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDicom {
+    listen: Option<String>,
+    ae_title: Option<String>,
+    allowed_callers: Option<Vec<String>>,
+    max_associations: Option<usize>,
+    max_pdu_length: Option<u32>,
+    idle_timeout_s: Option<u64>,
+    non_pet: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSeries {
+    quiet_timeout_s: Option<f64>,
+    incomplete_policy: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRestore {
+    engines: Option<Vec<String>>,
+    model: Option<PathBuf>,
+    gaussian_fwhm_mm: Option<f64>,
+    min_frame_duration_s: Option<f64>,
+    max_frame_duration_s: Option<f64>,
+    units: Option<Vec<String>>,
+    max_matrix: Option<u32>,
+    forward_original_on_failure: Option<bool>,
+    forward_skipped: Option<bool>,
+    series_description_suffix: Option<String>,
+    series_number_offset: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEgress {
+    max_attempts: Option<u32>,
+    backoff_initial_s: Option<f64>,
+    backoff_max_s: Option<f64>,
+    calling_ae_title: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    name: String,
+    ae_title: String,
+    address: String,
+}
+
+/// What to do with non-PET storage classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonPetPolicy {
+    Refuse,
+    Passthrough,
+}
+
+/// What to do with a series still incomplete at the quiet timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncompletePolicy {
+    Process,
+    Fail,
+}
+
+/// One calling AE allowed to send to us, optionally pinned to a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedCaller {
+    pub ae_title: String,
+    pub host: Option<IpAddr>,
+}
+
+/// A DICOM destination for derived (and forwarded) series.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub name: String,
+    pub ae_title: String,
+    pub address: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub device_id: String,
+    pub state_dir: PathBuf,
+    pub min_free_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DicomSettings {
+    pub listen: SocketAddr,
+    pub ae_title: String,
+    pub allowed_callers: Vec<AllowedCaller>,
+    pub max_associations: usize,
+    pub max_pdu_length: u32,
+    pub idle_timeout: Duration,
+    pub non_pet: NonPetPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct SeriesSettings {
+    pub quiet_timeout: Duration,
+    pub incomplete_policy: IncompletePolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreSettings {
+    pub engines: Vec<String>,
+    pub model: PathBuf,
+    pub gaussian_fwhm_mm: f64,
+    pub min_frame_duration_s: f64,
+    pub max_frame_duration_s: f64,
+    pub units: Vec<String>,
+    pub max_matrix: u32,
+    pub forward_original_on_failure: bool,
+    pub forward_skipped: bool,
+    pub series_description_suffix: String,
+    pub series_number_offset: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct EgressSettings {
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub calling_ae_title: String,
+}
+
+/// Validated configuration: what the daemon runs on.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: NodeSettings,
+    pub dicom: DicomSettings,
+    pub series: SeriesSettings,
+    pub restore: RestoreSettings,
+    pub egress: EgressSettings,
+    pub destinations: Vec<Destination>,
+}
+
+/// Engines this build knows.
+pub const KNOWN_ENGINES: &[&str] = &["gaussian"];
+
+impl Settings {
+    /// The built-in defaults (the embedded annotated file).
+    pub fn defaults() -> Settings {
+        Settings::from_toml(DEFAULT_CONFIG, "built-in default").expect("embedded default config is valid")
+    }
+
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Settings::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parse and validate TOML text; missing keys take the embedded defaults.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+        let parse = |t: &str, o: &str| -> Result<RawConfig, ConfigError> {
+            toml::from_str(t).map_err(|e| ConfigError::Parse { origin: o.to_owned(), message: e.to_string() })
+        };
+        let user = parse(text, origin)?;
+        let def = if text == DEFAULT_CONFIG { None } else { Some(parse(DEFAULT_CONFIG, "built-in default")?) };
+        merge_and_validate(user, def)
+    }
+}
+
+macro_rules! pick {
+    ($user:expr, $def:expr, $sec:ident . $key:ident) => {
+        match $user.$sec.$key.take() {
+            Some(v) => v,
+            None => $def
+                .as_mut()
+                .and_then(|d| d.$sec.$key.take())
+                .expect(concat!("default config has ", stringify!($sec), ".", stringify!($key))),
+        }
+    };
+}
+
+fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Settings, ConfigError> {
+    let device_id: String = pick!(u, d, node.device_id);
+    if device_id.is_empty()
+        || !device_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(invalid(
+            "node.device_id",
+            format!("{device_id:?} is not a valid device id"),
+            "use letters, digits, '-' and '_' only (it becomes an MQTT topic segment)",
+        ));
+    }
+    let state_dir: PathBuf = pick!(u, d, node.state_dir);
+    let min_free_mb: u64 = pick!(u, d, node.min_free_mb);
+
+    let listen_s: String = pick!(u, d, dicom.listen);
+    let listen: SocketAddr = listen_s.parse().map_err(|_| {
+        invalid("dicom.listen", format!("{listen_s:?} is not an address"), "write IP:PORT, e.g. \"0.0.0.0:11112\"")
+    })?;
+    let ae_title: String = pick!(u, d, dicom.ae_title);
+    if !valid_ae_title(&ae_title) {
+        return Err(invalid(
+            "dicom.ae_title",
+            format!("{ae_title:?} is not a valid AE title"),
+            "use 1 to 16 printable ASCII characters without backslash",
+        ));
+    }
+    let callers_raw: Vec<String> = pick!(u, d, dicom.allowed_callers);
+    let mut allowed_callers = Vec::new();
+    for c in callers_raw {
+        let (ae, host) = match c.split_once('@') {
+            Some((ae, host)) => {
+                let ip: IpAddr = host.parse().map_err(|_| {
+                    invalid(
+                        "dicom.allowed_callers",
+                        format!("{c:?}: {host:?} is not an IP address"),
+                        "write \"AE\" or \"AE@IP\", e.g. \"CONSOLE@10.1.2.3\"",
+                    )
+                })?;
+                (ae.to_owned(), Some(ip))
+            }
+            None => (c.clone(), None),
+        };
+        if !valid_ae_title(&ae) {
+            return Err(invalid(
+                "dicom.allowed_callers",
+                format!("{ae:?} is not a valid AE title"),
+                "use 1 to 16 printable ASCII characters",
+            ));
+        }
+        allowed_callers.push(AllowedCaller { ae_title: ae, host });
+    }
+    let max_associations: usize = pick!(u, d, dicom.max_associations);
+    if max_associations == 0 {
+        return Err(invalid("dicom.max_associations", "0 would refuse every sender", "set 1 or more (default 8)"));
+    }
+    let max_pdu_length: u32 = pick!(u, d, dicom.max_pdu_length);
+    if !(4096..=4_194_304).contains(&max_pdu_length) {
+        return Err(invalid(
+            "dicom.max_pdu_length",
+            format!("{max_pdu_length} is out of range"),
+            "use a value from 4096 to 4194304 (default 65536)",
+        ));
+    }
+    let idle_timeout_s: u64 = pick!(u, d, dicom.idle_timeout_s);
+    let non_pet_s: String = pick!(u, d, dicom.non_pet);
+    let non_pet = match non_pet_s.as_str() {
+        "refuse" => NonPetPolicy::Refuse,
+        "passthrough" => NonPetPolicy::Passthrough,
+        other => {
+            return Err(invalid("dicom.non_pet", format!("{other:?} is not a policy"), "use \"refuse\" or \"passthrough\""));
+        }
+    };
+
+    let quiet: f64 = pick!(u, d, series.quiet_timeout_s);
+    if !(quiet > 0.0 && quiet < 86400.0) {
+        return Err(invalid("series.quiet_timeout_s", format!("{quiet} is out of range"), "use seconds in (0, 86400)"));
+    }
+    let pol: String = pick!(u, d, series.incomplete_policy);
+    let incomplete_policy = match pol.as_str() {
+        "process" => IncompletePolicy::Process,
+        "fail" => IncompletePolicy::Fail,
+        other => {
+            return Err(invalid(
+                "series.incomplete_policy",
+                format!("{other:?} is not a policy"),
+                "use \"process\" or \"fail\"",
+            ));
+        }
+    };
+
+    let engines: Vec<String> = pick!(u, d, restore.engines);
+    if engines.is_empty() {
+        return Err(invalid("restore.engines", "the list is empty", "name at least one engine, e.g. [\"gaussian\"]"));
+    }
+    for e in &engines {
+        if !KNOWN_ENGINES.contains(&e.as_str()) {
+            return Err(invalid(
+                "restore.engines",
+                format!("unknown engine {e:?}"),
+                format!("this build has: {}", KNOWN_ENGINES.join(", ")),
+            ));
+        }
+    }
+    let fwhm: f64 = pick!(u, d, restore.gaussian_fwhm_mm);
+    if !(fwhm > 0.0 && fwhm <= 30.0) {
+        return Err(invalid("restore.gaussian_fwhm_mm", format!("{fwhm} is out of range"), "use mm in (0, 30]"));
+    }
+    let min_fd: f64 = pick!(u, d, restore.min_frame_duration_s);
+    let max_fd: f64 = pick!(u, d, restore.max_frame_duration_s);
+    if !(min_fd >= 0.0 && max_fd >= min_fd) {
+        return Err(invalid(
+            "restore.min_frame_duration_s",
+            format!("range [{min_fd}, {max_fd}] is empty"),
+            "make min_frame_duration_s <= max_frame_duration_s",
+        ));
+    }
+    let restore = RestoreSettings {
+        engines,
+        model: pick!(u, d, restore.model),
+        gaussian_fwhm_mm: fwhm,
+        min_frame_duration_s: min_fd,
+        max_frame_duration_s: max_fd,
+        units: pick!(u, d, restore.units),
+        max_matrix: pick!(u, d, restore.max_matrix),
+        forward_original_on_failure: pick!(u, d, restore.forward_original_on_failure),
+        forward_skipped: pick!(u, d, restore.forward_skipped),
+        series_description_suffix: pick!(u, d, restore.series_description_suffix),
+        series_number_offset: pick!(u, d, restore.series_number_offset),
+    };
+
+    let max_attempts: u32 = pick!(u, d, egress.max_attempts);
+    if max_attempts == 0 {
+        return Err(invalid("egress.max_attempts", "0 attempts would never deliver", "set 1 or more"));
+    }
+    let b0: f64 = pick!(u, d, egress.backoff_initial_s);
+    let bmax: f64 = pick!(u, d, egress.backoff_max_s);
+    if !(b0 > 0.0 && bmax >= b0) {
+        return Err(invalid("egress.backoff_initial_s", format!("backoff {b0}..{bmax} s"), "use 0 < initial <= max"));
+    }
+    let calling: String = pick!(u, d, egress.calling_ae_title);
+    if !valid_ae_title(&calling) {
+        return Err(invalid("egress.calling_ae_title", format!("{calling:?} is not a valid AE title"), "use 1 to 16 characters"));
+    }
+
+    let mut destinations = Vec::new();
+    for (i, dst) in u.destination.into_iter().enumerate() {
+        if dst.name.is_empty() || destinations.iter().any(|x: &Destination| x.name == dst.name) {
+            return Err(invalid(
+                "destination.name",
+                format!("destination #{} has an empty or repeated name {:?}", i + 1, dst.name),
+                "give every [[destination]] a unique name",
+            ));
+        }
+        if !valid_ae_title(&dst.ae_title) {
+            return Err(invalid(
+                "destination.ae_title",
+                format!("destination {:?}: {:?} is not a valid AE title", dst.name, dst.ae_title),
+                "use 1 to 16 characters",
+            ));
+        }
+        if dst.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(invalid(
+                "destination.address",
+                format!("destination {:?}: {:?} has no port", dst.name, dst.address),
+                "write HOST:PORT, e.g. \"10.1.2.3:104\"",
+            ));
+        }
+        destinations.push(Destination { name: dst.name, ae_title: dst.ae_title, address: dst.address });
+    }
+
+    Ok(Settings {
+        node: NodeSettings { device_id, state_dir, min_free_bytes: min_free_mb * 1024 * 1024 },
+        dicom: DicomSettings {
+            listen,
+            ae_title,
+            allowed_callers,
+            max_associations,
+            max_pdu_length,
+            idle_timeout: Duration::from_secs(idle_timeout_s.max(1)),
+            non_pet,
+        },
+        series: SeriesSettings { quiet_timeout: Duration::from_secs_f64(quiet), incomplete_policy },
+        restore,
+        egress: EgressSettings {
+            max_attempts,
+            backoff_initial: Duration::from_secs_f64(b0),
+            backoff_max: Duration::from_secs_f64(bmax),
+            calling_ae_title: calling,
+        },
+        destinations,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annotated_default_parses() {
+        let s = Settings::defaults();
+        assert_eq!(s.dicom.ae_title, "PETRESTORE");
+        assert_eq!(s.dicom.listen.port(), 11112);
+        assert_eq!(s.restore.engines, vec!["gaussian".to_string()]);
+        assert!(s.destinations.is_empty());
+    }
+
+    #[test]
+    fn missing_keys_take_defaults() {
+        let s = Settings::from_toml("[dicom]\nae_title = \"X\"\n", "t").unwrap();
+        assert_eq!(s.dicom.ae_title, "X");
+        assert_eq!(s.dicom.max_associations, 8);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Settings::from_toml("[dicom]\nae_titel = \"X\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("ae_titel"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_fix() {
+        let e = Settings::from_toml("[dicom]\nlisten = \"nowhere\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("dicom.listen") && e.contains("IP:PORT"), "{e}");
+        let e = Settings::from_toml("[restore]\nengines = [\"magic\"]\n", "t").unwrap_err().to_string();
+        assert!(e.contains("restore.engines") && e.contains("gaussian"), "{e}");
+        let e = Settings::from_toml("[dicom]\nallowed_callers = [\"A@host\"]\n", "t").unwrap_err().to_string();
+        assert!(e.contains("allowed_callers"), "{e}");
+    }
+
+    #[test]
+    fn caller_with_host() {
+        let s = Settings::from_toml("[dicom]\nallowed_callers = [\"CONSOLE@127.0.0.1\", \"WS\"]\n", "t").unwrap();
+        assert_eq!(s.dicom.allowed_callers[0].host, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(s.dicom.allowed_callers[1].host, None);
+    }
+}

@@ -1,0 +1,119 @@
+//! Local control socket (`<state_dir>/control.sock`): lets `petrestore jobs`
+//! read and steer the journal while the daemon holds sled's exclusive lock.
+//! One JSON request per line, one JSON answer per line:
+//! `{"cmd":"list"}`, `{"cmd":"show","id":"…"}`, `{"cmd":"retry","id":"…"}`.
+//! Only local users with access to the state directory can reach it, and no
+//! command deletes anything.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::journal::Job;
+use crate::pipeline::Pipeline;
+
+/// A request on the control socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    List,
+    Show { id: String },
+    Retry { id: String },
+}
+
+/// The answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<Job>,
+}
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+fn answer(p: &Pipeline, req: Request) -> Response {
+    let journal = &p.worker.journal;
+    let r: Result<Vec<Job>, String> = match req {
+        Request::List => journal.all_jobs().map_err(|e| e.to_string()),
+        Request::Show { id } => match journal.get(&id) {
+            Ok(Some(j)) => Ok(vec![j]),
+            Ok(None) => Err(format!("no job {id}; `petrestore jobs list` shows the known jobs")),
+            Err(e) => Err(e.to_string()),
+        },
+        Request::Retry { id } => p.retry(&id).map(|j| vec![j]),
+    };
+    match r {
+        Ok(jobs) => Response { ok: true, error: None, jobs },
+        Err(e) => Response { ok: false, error: Some(e), jobs: vec![] },
+    }
+}
+
+/// Bind the control socket (replacing a stale one left by a crash).
+pub fn bind(state_dir: &Path) -> std::io::Result<UnixListener> {
+    let path = socket_path(state_dir);
+    if path.exists() {
+        std::fs::remove_file(&path)?;
+    }
+    let l = UnixListener::bind(&path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serve requests until shutdown.
+pub async fn serve(listener: UnixListener, pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            _ = shutdown.cancelled() => break,
+        };
+        let p = pipeline.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = BufReader::new(rd).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let p = p.clone();
+                        tokio::task::spawn_blocking(move || answer(&p, req)).await.unwrap_or_else(|e| Response {
+                            ok: false,
+                            error: Some(e.to_string()),
+                            jobs: vec![],
+                        })
+                    }
+                    Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), jobs: vec![] },
+                };
+                let mut out = serde_json::to_vec(&resp).expect("responses serialize");
+                out.push(b'\n');
+                if wr.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Client side: `Ok(None)` when no daemon is listening.
+pub async fn request(state_dir: &Path, req: &Request) -> Result<Option<Response>, String> {
+    let path = socket_path(state_dir);
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(format!("cannot reach the daemon at {}: {e}", path.display())),
+    };
+    let (rd, mut wr) = stream.into_split();
+    let mut line = serde_json::to_vec(req).expect("requests serialize");
+    line.push(b'\n');
+    wr.write_all(&line).await.map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(rd).lines();
+    let resp = lines.next_line().await.map_err(|e| e.to_string())?.ok_or("daemon closed the control socket")?;
+    serde_json::from_str(&resp).map(Some).map_err(|e| format!("bad answer from daemon: {e}"))
+}

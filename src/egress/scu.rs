@@ -1,0 +1,166 @@
+//! C-STORE SCU: send a set of Part 10 files to one destination over one
+//! association. Used by egress, by `demo` to play the console, and by the
+//! benchmark.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dicom_ul::association::client::ClientAssociationOptions;
+use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::Pdu;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::dicom::dimse::{self, Command};
+use crate::dicom::{self as d, part10};
+
+/// Where and as whom to send.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub address: String,
+    pub called_ae: String,
+    pub calling_ae: String,
+}
+
+/// Why a transfer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot open {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("association with {ae}@{address} failed: {reason}")]
+    Associate { ae: String, address: String, reason: String },
+    #[error("{ae} accepted no presentation context for SOP class {sop_class}")]
+    NoContext { ae: String, sop_class: String },
+    #[error("{ae} answered status 0x{status:04X} for {sop}{}", comment.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Refused { ae: String, sop: String, status: u16, comment: Option<String> },
+    #[error("transfer to {ae} broke: {reason}")]
+    Transfer { ae: String, reason: String },
+    #[error("stopped by shutdown")]
+    Cancelled,
+}
+
+/// Send `files` to `peer`; returns the number sent. Stops at the first
+/// refusal (the caller retries the whole set: derived UIDs are stable, so a
+/// resend never creates duplicates with different UIDs).
+pub async fn send_files(peer: &Peer, files: &[PathBuf], cancel: &CancellationToken) -> Result<usize, SendError> {
+    // Read the SOP classes first to propose the right contexts.
+    let mut objects = Vec::with_capacity(files.len());
+    let mut classes: BTreeMap<String, ()> = BTreeMap::new();
+    for f in files {
+        let obj = part10::open(f).map_err(|reason| SendError::File { path: f.display().to_string(), reason })?;
+        classes.insert(obj.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_owned(), ());
+        objects.push(obj);
+    }
+    let mut opts = ClientAssociationOptions::new()
+        .calling_ae_title(peer.calling_ae.clone())
+        .called_ae_title(peer.called_ae.clone())
+        .max_pdu_length(65536)
+        .connection_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .write_timeout(Duration::from_secs(60));
+    for c in classes.keys() {
+        opts = opts.with_presentation_context(c.clone(), vec![d::EXPLICIT_VR_LE.to_string(), d::IMPLICIT_VR_LE.to_string()]);
+    }
+    let assoc_err = |reason: String| SendError::Associate { ae: peer.called_ae.clone(), address: peer.address.clone(), reason };
+    let mut assoc = opts.establish_async(peer.address.as_str()).await.map_err(|e| assoc_err(e.to_string()))?;
+    let _ = assoc.inner_stream().set_nodelay(true);
+    let contexts: Vec<(u8, String, String)> = assoc
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .map(|pc| (pc.id, pc.abstract_syntax.clone(), pc.transfer_syntax.clone()))
+        .collect();
+    let transfer = |reason: String| SendError::Transfer { ae: peer.called_ae.clone(), reason };
+
+    let mut sent = 0usize;
+    for (i, obj) in objects.iter().enumerate() {
+        if cancel.is_cancelled() {
+            let _ = assoc.abort().await;
+            return Err(SendError::Cancelled);
+        }
+        let class = obj.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_owned();
+        let sop = obj.meta().media_storage_sop_instance_uid().trim_end_matches('\0').to_owned();
+        // Contexts echo the proposed abstract syntax; match by our proposal order.
+        let Some((pcid, _, ts)) = contexts.iter().find(|(_, a, _)| a.trim_end_matches('\0') == class) else {
+            let _ = assoc.abort().await;
+            return Err(SendError::NoContext { ae: peer.called_ae.clone(), sop_class: class });
+        };
+        let data = part10::dataset_bytes(obj, ts).map_err(transfer)?;
+        let message_id = (i % 65535 + 1) as u16;
+        let cmd = dimse::store_request(message_id, &class, &sop);
+        assoc
+            .send(&Pdu::PData {
+                data: vec![PDataValue { presentation_context_id: *pcid, value_type: PDataValueType::Command, is_last: true, data: cmd }],
+            })
+            .await
+            .map_err(|e| transfer(e.to_string()))?;
+        {
+            let mut w = assoc.send_pdata(*pcid);
+            w.write_all(&data).await.map_err(|e| transfer(e.to_string()))?;
+            w.finish().await.map_err(|e| transfer(e.to_string()))?;
+        }
+        let rsp = receive_command(&mut assoc).await.map_err(transfer)?;
+        let status = rsp.status.unwrap_or(dimse::status::PROCESSING_FAILURE);
+        if !dimse::status::is_ok(status) {
+            let _ = assoc.release().await;
+            return Err(SendError::Refused { ae: peer.called_ae.clone(), sop, status, comment: rsp.error_comment });
+        }
+        sent += 1;
+    }
+    let _ = assoc.release().await;
+    Ok(sent)
+}
+
+async fn receive_command(
+    assoc: &mut dicom_ul::association::client::AsyncClientAssociation<tokio::net::TcpStream>,
+) -> Result<Command, String> {
+    let mut buf = Vec::new();
+    loop {
+        match assoc.receive().await.map_err(|e| e.to_string())? {
+            Pdu::PData { data } => {
+                for v in data {
+                    if v.value_type == PDataValueType::Command {
+                        buf.extend_from_slice(&v.data);
+                        if v.is_last {
+                            return Command::parse(&buf).map_err(|e| e.to_string());
+                        }
+                    }
+                }
+            }
+            Pdu::AbortRQ { source } => return Err(format!("peer aborted ({source:?})")),
+            other => return Err(format!("unexpected PDU {other:?}")),
+        }
+    }
+}
+
+/// C-ECHO a peer (used by `demo` to wait for readiness and by diagnostics).
+pub async fn echo(peer: &Peer) -> Result<(), String> {
+    let mut assoc = ClientAssociationOptions::new()
+        .calling_ae_title(peer.calling_ae.clone())
+        .called_ae_title(peer.called_ae.clone())
+        .with_abstract_syntax(d::VERIFICATION)
+        .connection_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(10))
+        .establish_async(peer.address.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    let pcid = assoc.presentation_contexts().first().ok_or("no presentation context")?.id;
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pcid,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: dimse::echo_request(1),
+            }],
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let rsp = receive_command(&mut assoc).await?;
+    let _ = assoc.release().await;
+    match rsp.status {
+        Some(0) => Ok(()),
+        s => Err(format!("C-ECHO status {s:?}")),
+    }
+}

@@ -1,0 +1,64 @@
+//! Who may open an association: calling AE allow-list (optionally pinned to
+//! a host) and the called AE title.
+
+use std::net::IpAddr;
+
+use dicom_ul::association::server::AccessControl;
+use dicom_ul::pdu::{AssociationRJServiceUserReason, UserIdentity};
+
+use crate::config::AllowedCaller;
+
+/// Access policy for one incoming connection (it knows the peer's address,
+/// which dicom-ul's trait does not pass).
+pub struct CallerPolicy {
+    /// `None`: anyone may call (the demo's built-in receiver).
+    pub allowed: Option<Vec<AllowedCaller>>,
+    pub peer: IpAddr,
+}
+
+impl AccessControl for CallerPolicy {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        if called_ae_title.trim() != this_ae_title.trim() {
+            tracing::warn!(called = called_ae_title, ours = this_ae_title, peer = %self.peer,
+                "association rejected: called AE title is not ours");
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        let Some(allowed) = &self.allowed else { return Ok(()) };
+        let calling = calling_ae_title.trim();
+        let ok = allowed.iter().any(|a| a.ae_title == calling && a.host.is_none_or(|h| h == self.peer));
+        if ok {
+            Ok(())
+        } else {
+            tracing::warn!(calling, peer = %self.peer,
+                "association rejected: calling AE title (and host) not in dicom.allowed_callers");
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_with_host() {
+        let p = CallerPolicy {
+            allowed: Some(vec![
+                AllowedCaller { ae_title: "CONSOLE".into(), host: Some("10.0.0.1".parse().unwrap()) },
+                AllowedCaller { ae_title: "WS".into(), host: None },
+            ]),
+            peer: "10.0.0.2".parse().unwrap(),
+        };
+        assert!(p.check_access("ME", "WS", "ME", None).is_ok());
+        assert_eq!(p.check_access("ME", "CONSOLE", "ME", None), Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized));
+        assert_eq!(p.check_access("ME", "WS", "YOU", None), Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized));
+        let p = CallerPolicy { allowed: Some(vec![]), peer: "10.0.0.1".parse().unwrap() };
+        assert!(p.check_access("ME", "WS", "ME", None).is_err(), "empty list rejects everyone");
+    }
+}

@@ -1,0 +1,280 @@
+//! Ingest: the DICOM SCP. Accepts associations (a permit taken before
+//! `accept`, so at most `max_associations` are served), answers C-ECHO, and
+//! hands each complete C-STORE data set to a [`StoreSink`] on a blocking
+//! thread: the daemon's sink spools and journals it ([`store::SpoolSink`]),
+//! the demo's receiver writes files.
+//!
+//! Every PDU is hostile until parsed: a malformed PDU, an unknown
+//! presentation context or an oversized data set ends the association with
+//! an A-ABORT; a data set that cannot be stored gets a failure status. The
+//! server keeps serving the next association either way.
+
+pub mod access;
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_ul::association::server::ServerAssociationOptions;
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::Pdu;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::AllowedCaller;
+use crate::dicom::dimse::{self, Command};
+
+/// Largest data set we buffer for one C-STORE (a PET slice is well under
+/// 1 MiB; an Enhanced PET multi-frame object can be a few hundred MiB).
+const MAX_DATASET_BYTES: usize = 1 << 30;
+
+/// What the sink decided for one instance.
+#[derive(Debug, Clone)]
+pub struct StoreStatus {
+    pub status: u16,
+    pub comment: Option<String>,
+}
+
+/// Facts about the association an instance arrived on.
+#[derive(Debug, Clone)]
+pub struct StoreContext {
+    pub calling_ae: String,
+    pub peer: SocketAddr,
+    pub transfer_syntax: String,
+    pub abstract_syntax: String,
+}
+
+/// Where received data sets go. Called on a blocking thread: it may fsync.
+pub trait StoreSink: Send + Sync + 'static {
+    fn store(&self, ctx: &StoreContext, cmd: &Command, dataset: Vec<u8>) -> StoreStatus;
+}
+
+/// SCP settings (the daemon's come from `[dicom]`).
+#[derive(Debug, Clone)]
+pub struct ScpConfig {
+    pub ae_title: String,
+    /// `None`: any caller (the demo's built-in receiver).
+    pub allowed_callers: Option<Vec<AllowedCaller>>,
+    pub abstract_syntaxes: Vec<String>,
+    pub max_associations: usize,
+    pub max_pdu_length: u32,
+    pub idle_timeout: Duration,
+}
+
+/// Serve associations on `listener` until `shutdown`; then stop accepting,
+/// let open associations finish (they are tracked by `tracker`) and return.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: Arc<ScpConfig>,
+    sink: Arc<dyn StoreSink>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(cfg.max_associations));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        // The permit comes first: beyond the limit, connections wait in the
+        // kernel's accept queue instead of costing us memory.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let (socket, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => { backoff = Duration::from_millis(10); x }
+                Err(e) => {
+                    // EMFILE and friends: wait and retry rather than spin.
+                    tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = socket.set_nodelay(true);
+        let cfg = cfg.clone();
+        let sink = sink.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = handle_association(socket, peer, &cfg, sink).await {
+                tracing::warn!(%peer, error = %e, "association ended with an error");
+            }
+        });
+    }
+    tracing::info!("DICOM listener closed; open associations may finish");
+}
+
+/// Per-presentation-context reassembly of fragmented P-DATA values.
+#[derive(Default)]
+struct Pending {
+    command: Vec<u8>,
+    command_done: Option<Command>,
+    dataset: Vec<u8>,
+}
+
+async fn handle_association(
+    socket: TcpStream,
+    peer: SocketAddr,
+    cfg: &ScpConfig,
+    sink: Arc<dyn StoreSink>,
+) -> Result<(), String> {
+    let mut opts = ServerAssociationOptions::new()
+        .ae_access_control(access::CallerPolicy { allowed: cfg.allowed_callers.clone(), peer: peer.ip() })
+        .ae_title(cfg.ae_title.clone())
+        .max_pdu_length(cfg.max_pdu_length)
+        .read_timeout(cfg.idle_timeout)
+        .write_timeout(cfg.idle_timeout)
+        // Peers often send PDUs a little larger than we announced; refusing
+        // them would abort otherwise valid transfers.
+        .strict(false);
+    for a in &cfg.abstract_syntaxes {
+        opts = opts.with_abstract_syntax(a.clone());
+    }
+    for ts in crate::dicom::SUPPORTED_TS {
+        opts = opts.with_transfer_syntax(*ts);
+    }
+    let mut assoc = opts.establish_async(socket).await.map_err(|e| format!("association refused: {e}"))?;
+    let calling_ae = { use dicom_ul::association::Association; assoc.peer_ae_title().trim().to_owned() };
+    tracing::info!(%peer, calling = %calling_ae, "association accepted");
+
+    let contexts: HashMap<u8, (String, String)> = assoc
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .map(|pc| (pc.id, (pc.abstract_syntax.clone(), pc.transfer_syntax.clone())))
+        .collect();
+    let mut pending: HashMap<u8, Pending> = HashMap::new();
+    let mut stored = 0u32;
+
+    loop {
+        let pdu = match assoc.receive().await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = abort(assoc).await;
+                return Err(format!("receive failed after {stored} instances: {e}"));
+            }
+        };
+        match pdu {
+            Pdu::PData { data } => {
+                for value in data {
+                    let Some((abstract_syntax, ts)) = contexts.get(&value.presentation_context_id) else {
+                        let _ = abort(assoc).await;
+                        return Err(format!("P-DATA on unknown presentation context {}", value.presentation_context_id));
+                    };
+                    let pcid = value.presentation_context_id;
+                    let p = pending.entry(pcid).or_default();
+                    match value.value_type {
+                        PDataValueType::Command => {
+                            p.command.extend_from_slice(&value.data);
+                            if p.command.len() > 1 << 20 {
+                                let _ = abort(assoc).await;
+                                return Err("command set larger than 1 MiB".into());
+                            }
+                            if !value.is_last {
+                                continue;
+                            }
+                            let cmd = match Command::parse(&std::mem::take(&mut p.command)) {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    let _ = abort(assoc).await;
+                                    return Err(format!("unreadable command: {e}"));
+                                }
+                            };
+                            if cmd.has_dataset {
+                                p.command_done = Some(cmd);
+                                continue;
+                            }
+                            let rsp = match cmd.command_field {
+                                dimse::C_ECHO_RQ => dimse::response(&cmd, dimse::status::SUCCESS, None),
+                                _ => {
+                                    let _ = abort(assoc).await;
+                                    return Err(format!("unsupported DIMSE command 0x{:04X}", cmd.command_field));
+                                }
+                            };
+                            send_command(&mut assoc, pcid, rsp).await?;
+                        }
+                        PDataValueType::Data => {
+                            if p.command_done.is_none() {
+                                let _ = abort(assoc).await;
+                                return Err("data set before its command".into());
+                            }
+                            if p.dataset.len() + value.data.len() > MAX_DATASET_BYTES {
+                                let _ = abort(assoc).await;
+                                return Err("data set larger than 1 GiB".into());
+                            }
+                            p.dataset.extend_from_slice(&value.data);
+                            if !value.is_last {
+                                continue;
+                            }
+                            let cmd = p.command_done.take().expect("checked above");
+                            let dataset = std::mem::take(&mut p.dataset);
+                            let status = if cmd.command_field != dimse::C_STORE_RQ {
+                                StoreStatus {
+                                    status: dimse::status::PROCESSING_FAILURE,
+                                    comment: Some(format!("unsupported command 0x{:04X}", cmd.command_field)),
+                                }
+                            } else {
+                                let ctx = StoreContext {
+                                    calling_ae: calling_ae.clone(),
+                                    peer,
+                                    transfer_syntax: ts.clone(),
+                                    abstract_syntax: abstract_syntax.clone(),
+                                };
+                                let sink = sink.clone();
+                                let c2 = cmd.clone();
+                                tokio::task::spawn_blocking(move || sink.store(&ctx, &c2, dataset))
+                                    .await
+                                    .unwrap_or_else(|e| StoreStatus {
+                                        status: dimse::status::OUT_OF_RESOURCES,
+                                        comment: Some(format!("store task failed: {e}")),
+                                    })
+                            };
+                            if dimse::status::is_ok(status.status) {
+                                stored += 1;
+                            }
+                            let rsp = dimse::response(&cmd, status.status, status.comment.as_deref());
+                            send_command(&mut assoc, pcid, rsp).await?;
+                        }
+                    }
+                }
+            }
+            Pdu::ReleaseRQ => {
+                let _ = assoc.send(&Pdu::ReleaseRP).await;
+                tracing::info!(%peer, calling = %calling_ae, stored, "association released");
+                return Ok(());
+            }
+            Pdu::AbortRQ { .. } => {
+                tracing::info!(%peer, calling = %calling_ae, stored, "association aborted by peer");
+                return Ok(());
+            }
+            other => {
+                let _ = abort(assoc).await;
+                return Err(format!("unexpected PDU {other:?}"));
+            }
+        }
+    }
+}
+
+async fn send_command(
+    assoc: &mut dicom_ul::association::server::AsyncServerAssociation<TcpStream>,
+    pcid: u8,
+    data: Vec<u8>,
+) -> Result<(), String> {
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue { presentation_context_id: pcid, value_type: PDataValueType::Command, is_last: true, data }],
+        })
+        .await
+        .map_err(|e| format!("send response failed: {e}"))
+}
+
+async fn abort(mut assoc: dicom_ul::association::server::AsyncServerAssociation<TcpStream>) -> Result<(), String> {
+    let pdu = Pdu::AbortRQ { source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::ReasonNotSpecified) };
+    let _ = assoc.send(&pdu).await;
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The journal (sled): the truth about every received instance and every job.
+//!
+//! Three trees: `instances` (`<job>/<sop uid>` → [`InstanceRecord`]), `jobs`
+//! (`<job>` → [`Job`]) and `active` (ids of non-terminal jobs, so the
+//! scheduler never scans finished history). An arrival updates all three in
+//! one transaction; callers flush before acknowledging anything. Channels
+//! elsewhere only wake workers: after a crash, [`Journal::active_jobs`] is
+//! where every unfinished job is found again.
+
+pub mod job;
+
+use std::path::Path;
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+pub use job::{Delivery, InstanceRecord, Job, JobKind, JobState, Outcome, Payload, job_id, now_ms};
+
+/// Journal failures. Any of them turns a C-STORE into 0xA700.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("journal record {key} is unreadable ({message}); the spool still holds the instances")]
+    Corrupt { key: String, message: String },
+    #[error("job {0} not found in the journal; `petrestore jobs list` shows the known jobs")]
+    NoSuchJob(String),
+    #[error("journal at {path} is locked by another process (is `petrestore serve` running?)")]
+    Locked { path: String },
+}
+
+/// A newly received instance, as ingest saw it.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    pub kind: JobKind,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub modality: Option<String>,
+    pub calling_ae: String,
+    pub number_of_slices: Option<u32>,
+    pub record: InstanceRecord,
+}
+
+/// What recording an arrival did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// The SOP Instance UID was already stored: nothing changed.
+    Duplicate { job_id: String },
+    /// Stored; `complete` when this instance completed the series.
+    New { job_id: String, complete: bool },
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, JournalError> {
+    serde_json::from_slice(v).map_err(|e| JournalError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("journal records always serialize")
+}
+
+/// Apply an arrival to a job record; returns true when it completed the series.
+fn apply_arrival(job: &mut Job, a: &Arrival, now: u64) -> bool {
+    job.received += 1;
+    job.last_received_ms = now;
+    if job.modality.is_none() {
+        job.modality = a.modality.clone();
+    }
+    if job.expected_slices.is_none() {
+        job.expected_slices = a.number_of_slices;
+    }
+    if let Some(i) = a.record.image_index {
+        job.mark_index(i);
+    }
+    match &job.state {
+        JobState::Receiving => {
+            if job.kind == JobKind::Pet && job.is_complete() {
+                job.set_state(JobState::Queued);
+                job.note(format!("series complete: {} instances", job.received));
+                return true;
+            }
+        }
+        JobState::Queued => {}
+        JobState::Restoring | JobState::Delivering { .. } => {
+            if !job.rerun_requested {
+                job.rerun_requested = true;
+                job.note("instance arrived during processing: the series will be processed again");
+            }
+        }
+        JobState::Done | JobState::Failed { .. } | JobState::Skipped { .. } => {
+            job.set_state(JobState::Receiving);
+            job.note("instance arrived after the job ended: receiving again");
+            if job.kind == JobKind::Pet && job.is_complete() {
+                job.set_state(JobState::Queued);
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The open journal of one daemon (cheap to clone).
+#[derive(Clone)]
+pub struct Journal {
+    db: sled::Db,
+    jobs: sled::Tree,
+    instances: sled::Tree,
+    active: sled::Tree,
+}
+
+impl Journal {
+    /// Open (or create) the journal in `dir`.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        let db = sled::Config::new()
+            .path(dir)
+            // sled's memory use is several times its cache (sled#1309): keep it small.
+            .cache_capacity(16 * 1024 * 1024)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+                {
+                    JournalError::Locked { path: dir.display().to_string() }
+                }
+                e => JournalError::Sled(e),
+            })?;
+        Ok(Journal {
+            jobs: db.open_tree("jobs")?,
+            instances: db.open_tree("instances")?,
+            active: db.open_tree("active")?,
+            db,
+        })
+    }
+
+    /// Make everything recorded so far durable.
+    pub fn flush(&self) -> Result<(), JournalError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Is this instance already recorded?
+    pub fn has_instance(&self, series_uid: &str, sop_uid: &str) -> Result<bool, JournalError> {
+        Ok(self.instances.contains_key(format!("{}/{sop_uid}", job_id(series_uid)))?)
+    }
+
+    /// Record an arrival atomically (instance, job, active index). Not yet
+    /// durable: call [`Journal::flush`] before acknowledging.
+    pub fn record(&self, a: &Arrival) -> Result<Recorded, JournalError> {
+        let id = job_id(&a.series_uid);
+        let ikey = format!("{id}/{}", a.record.sop_instance_uid);
+        let now = now_ms();
+        let r = (&self.instances, &self.jobs, &self.active).transaction(|(ti, tj, ta)| {
+            if ti.get(ikey.as_bytes())?.is_some() {
+                return Ok(Recorded::Duplicate { job_id: id.clone() });
+            }
+            let mut job = match tj.get(id.as_bytes())? {
+                Some(v) => decode::<Job>(id.as_bytes(), &v).map_err(ConflictableTransactionError::Abort)?,
+                None => Job::new(a.kind, &a.study_uid, &a.series_uid, &a.calling_ae, now),
+            };
+            let complete = apply_arrival(&mut job, a, now);
+            ti.insert(ikey.as_bytes(), encode(&a.record))?;
+            tj.insert(id.as_bytes(), encode(&job))?;
+            ta.insert(id.as_bytes(), &[])?;
+            Ok(Recorded::New { job_id: id.clone(), complete })
+        });
+        r.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => JournalError::Sled(e),
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Job>, JournalError> {
+        match self.jobs.get(id.as_bytes())? {
+            Some(v) => Ok(Some(decode(id.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Read-modify-write a job and keep the active index in step. `f` may
+    /// run more than once (transaction retry): it must only edit the job.
+    pub fn update(&self, id: &str, f: impl Fn(&mut Job)) -> Result<Job, JournalError> {
+        let r = (&self.jobs, &self.active).transaction(|(tj, ta)| {
+            let Some(v) = tj.get(id.as_bytes())? else {
+                return Err(ConflictableTransactionError::Abort(JournalError::NoSuchJob(id.to_owned())));
+            };
+            let mut job: Job = decode(id.as_bytes(), &v).map_err(ConflictableTransactionError::Abort)?;
+            f(&mut job);
+            job.updated_ms = now_ms();
+            tj.insert(id.as_bytes(), encode(&job))?;
+            if job.state.is_terminal() {
+                ta.remove(id.as_bytes())?;
+            } else {
+                ta.insert(id.as_bytes(), &[])?;
+            }
+            Ok(job)
+        });
+        let job = r.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => JournalError::Sled(e),
+        })?;
+        self.flush()?;
+        Ok(job)
+    }
+
+    /// Every job not in a terminal state.
+    pub fn active_jobs(&self) -> Result<Vec<Job>, JournalError> {
+        let mut out = Vec::new();
+        for k in self.active.iter().keys() {
+            let k = k?;
+            if let Some(v) = self.jobs.get(&k)? {
+                out.push(decode(&k, &v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// All jobs, most recently updated first.
+    pub fn all_jobs(&self) -> Result<Vec<Job>, JournalError> {
+        let mut out: Vec<Job> = Vec::new();
+        for kv in self.jobs.iter() {
+            let (k, v) = kv?;
+            out.push(decode(&k, &v)?);
+        }
+        out.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms));
+        Ok(out)
+    }
+
+    /// The instances of a job.
+    pub fn instances(&self, job_id: &str) -> Result<Vec<InstanceRecord>, JournalError> {
+        let mut out = Vec::new();
+        for kv in self.instances.scan_prefix(format!("{job_id}/").as_bytes()) {
+            let (k, v) = kv?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrival(series: &str, sop: &str, index: u32, n: u32) -> Arrival {
+        Arrival {
+            kind: JobKind::Pet,
+            study_uid: "1.2".into(),
+            series_uid: series.into(),
+            modality: Some("PT".into()),
+            calling_ae: "CONSOLE".into(),
+            number_of_slices: Some(n),
+            record: InstanceRecord {
+                sop_instance_uid: sop.into(),
+                sop_class_uid: crate::dicom::PET_IMAGE_STORAGE.into(),
+                path: format!("1.2/{series}/{sop}.dcm").into(),
+                transfer_syntax: crate::dicom::EXPLICIT_VR_LE.into(),
+                image_index: Some(index),
+            },
+        }
+    }
+
+    #[test]
+    fn arrivals_complete_a_series_and_duplicates_are_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let id = job_id("1.2.3");
+        assert_eq!(j.record(&arrival("1.2.3", "9.1", 1, 2)).unwrap(), Recorded::New { job_id: id.clone(), complete: false });
+        assert_eq!(j.record(&arrival("1.2.3", "9.1", 1, 2)).unwrap(), Recorded::Duplicate { job_id: id.clone() });
+        assert_eq!(j.record(&arrival("1.2.3", "9.2", 2, 2)).unwrap(), Recorded::New { job_id: id.clone(), complete: true });
+        let job = j.get(&id).unwrap().unwrap();
+        assert_eq!((job.received, job.state.clone()), (2, JobState::Queued));
+        assert_eq!(j.instances(&id).unwrap().len(), 2);
+        assert_eq!(j.active_jobs().unwrap().len(), 1);
+        j.update(&id, |job| job.set_state(JobState::Done)).unwrap();
+        assert!(j.active_jobs().unwrap().is_empty());
+        // a late instance reopens a finished job
+        j.record(&arrival("1.2.3", "9.3", 3, 2)).unwrap();
+        assert_eq!(j.get(&id).unwrap().unwrap().state, JobState::Receiving);
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(d.path()).unwrap();
+            j.record(&arrival("1.2.4", "9.1", 1, 3)).unwrap();
+            j.flush().unwrap();
+        }
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.active_jobs().unwrap()[0].received, 1);
+    }
+
+    #[test]
+    fn instance_during_processing_requests_a_rerun() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        j.record(&arrival("1.2.5", "9.1", 1, 1)).unwrap();
+        let id = job_id("1.2.5");
+        j.update(&id, |job| job.set_state(JobState::Restoring)).unwrap();
+        j.record(&arrival("1.2.5", "9.2", 1, 1)).unwrap();
+        assert!(j.get(&id).unwrap().unwrap().rerun_requested);
+    }
+}

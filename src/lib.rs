@@ -1,0 +1,20 @@
+//! petrestore: restores short-frame PET series so they read like 90 s ones.
+//!
+//! The module tree follows the data: [`ingest`] (DICOM SCP) → [`spool`] +
+//! [`journal`] (durable record) → [`pipeline`] (scheduler and worker) →
+//! [`restore`] (engines) → [`derive`] (the derived series) → [`egress`]
+//! (C-STORE to destinations). [`app`] is the only place that wires them.
+
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod derive;
+pub mod dicom;
+pub mod egress;
+pub mod ingest;
+pub mod journal;
+pub mod pipeline;
+pub mod restore;
+pub mod sim;
+pub mod spool;

@@ -1,0 +1,265 @@
+//! The `petrestore` command line. Each subcommand parses its arguments,
+//! loads the configuration and calls into the library; errors are printed
+//! for people (what was wrong, where, what to do) with a non-zero exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use petrestore::config::{DEFAULT_CONFIG, Settings};
+use petrestore::{app, control, demo, journal, pipeline, restore, sim};
+
+#[derive(Parser)]
+#[command(name = "petrestore", version, about = "Restore short-frame PET series so they read and quantify like 90 s acquisitions")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (DICOM SCP, journal, worker, egress).
+    Serve {
+        /// Configuration file; the built-in defaults when omitted.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Restore one series folder offline, with the same code as the daemon.
+    Restore {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Engine to use (overrides restore.engines).
+        #[arg(long)]
+        engine: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// The whole loop on loopback with a synthetic study: no broker, no GPU, no setup.
+    Demo {
+        /// Keep everything in this folder (default: a new temporary folder).
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        slices: usize,
+        #[arg(long, default_value_t = 128)]
+        matrix: usize,
+        /// Frame duration per bed, seconds.
+        #[arg(long, default_value_t = 30.0)]
+        frame_duration: f64,
+    },
+    /// Write a synthetic PET series (one file per slice) into a folder.
+    Simulate {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 48)]
+        slices: usize,
+        #[arg(long, default_value_t = 128)]
+        matrix: usize,
+        #[arg(long, default_value_t = 30.0)]
+        frame_duration: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Validate a configuration file.
+    CheckConfig { file: PathBuf },
+    /// Print the annotated default configuration.
+    PrintDefaultConfig,
+    /// Read and steer the job journal (works while the daemon runs).
+    Jobs {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory (instead of reading it from --config).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: JobsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsAction {
+    /// One line per job, most recent first.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything the journal knows about one job (JSON).
+    Show { id: String },
+    /// Process a finished (failed, skipped or done) job again.
+    Retry { id: String },
+}
+
+fn load_settings(config: Option<&PathBuf>) -> Result<Settings> {
+    Ok(match config {
+        Some(p) => Settings::load(p)?,
+        None => Settings::defaults(),
+    })
+}
+
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn,sled=warn"));
+    // Under systemd (JOURNAL_STREAM set) log to journald; otherwise stderr.
+    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(j) => registry.with(j).init(),
+        None => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init(),
+    }
+}
+
+fn print_jobs_table(jobs: &[journal::Job]) {
+    println!("{:<16}  {:<11}  {:>5}  {:<11}  {:<20}  detail", "JOB", "STATE", "N", "KIND", "ENGINE");
+    for j in jobs {
+        let detail = match &j.state {
+            journal::JobState::Failed { reason } | journal::JobState::Skipped { reason } => reason.clone(),
+            _ => j.history.last().map(|e| e.what.clone()).unwrap_or_default(),
+        };
+        let n = match j.expected_slices {
+            Some(e) => format!("{}/{e}", j.received),
+            None => j.received.to_string(),
+        };
+        println!(
+            "{:<16}  {:<11}  {:>5}  {:<11}  {:<20}  {}",
+            j.id,
+            j.state.name(),
+            n,
+            format!("{:?}", j.kind).to_lowercase(),
+            j.model_id.clone().unwrap_or_else(|| "-".into()),
+            detail
+        );
+    }
+}
+
+async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsAction) -> Result<()> {
+    let settings = load_settings(config.as_ref())?;
+    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    let req = match &action {
+        JobsAction::List { .. } => control::Request::List,
+        JobsAction::Show { id } => control::Request::Show { id: id.clone() },
+        JobsAction::Retry { id } => control::Request::Retry { id: id.clone() },
+    };
+    let jobs = match control::request(&state_dir, &req).await.map_err(anyhow::Error::msg)? {
+        Some(r) if r.ok => r.jobs,
+        Some(r) => bail!("{}", r.error.unwrap_or_default()),
+        None => {
+            // No daemon: read the journal directly (sled's lock keeps us
+            // from doing so while one runs).
+            let mut s = settings.clone();
+            s.node.state_dir = state_dir.clone();
+            let j = app::open_journal(&s)?;
+            match &req {
+                control::Request::List => j.all_jobs()?,
+                control::Request::Show { id } => {
+                    vec![j.get(id)?.with_context(|| format!("no job {id}; `petrestore jobs list` shows the known jobs"))?]
+                }
+                control::Request::Retry { id } => {
+                    let dests: Vec<String> = s.destinations.iter().map(|d| d.name.clone()).collect();
+                    let job = pipeline::retry_job(&j, &dests, id).map_err(anyhow::Error::msg)?;
+                    eprintln!("the daemon is not running: job {id} will run at its next start");
+                    vec![job]
+                }
+            }
+        }
+    };
+    match action {
+        JobsAction::List { json: false } | JobsAction::Retry { .. } => print_jobs_table(&jobs),
+        JobsAction::List { json: true } => println!("{}", serde_json::to_string_pretty(&jobs)?),
+        JobsAction::Show { .. } => println!("{}", serde_json::to_string_pretty(&jobs[0])?),
+    }
+    Ok(())
+}
+
+fn offline_restore(input: PathBuf, output: PathBuf, engine: Option<String>, config: Option<PathBuf>) -> Result<()> {
+    let mut settings = load_settings(config.as_ref())?;
+    if let Some(e) = engine {
+        if !petrestore::config::KNOWN_ENGINES.contains(&e.as_str()) {
+            bail!("unknown engine {e:?}: this build has {}", petrestore::config::KNOWN_ENGINES.join(", "));
+        }
+        settings.restore.engines = vec![e];
+    }
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&input)
+        .with_context(|| format!("cannot read --input {}", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        bail!("--input {} holds no files: point it at one series folder", input.display());
+    }
+    let engines = restore::engines_from_settings(&settings.restore).map_err(anyhow::Error::msg)?;
+    let restored = match pipeline::worker::restore_paths(&settings, &engines, &paths) {
+        Ok(r) => r,
+        Err(pipeline::worker::Ending::Skipped(r)) => bail!("series not restored (selection rules): {r}"),
+        Err(pipeline::worker::Ending::Failed(r)) | Err(pipeline::worker::Ending::Restored { engine: r, .. }) => {
+            bail!("restoration failed: {r}")
+        }
+    };
+    if output.exists() && std::fs::read_dir(&output)?.next().is_some() {
+        bail!("--output {} is not empty: choose an empty or new folder", output.display());
+    }
+    let (engine, model) = (restored.engine.clone(), restored.model_id.clone());
+    let n = pipeline::worker::write_instances(&output, restored.instances).map_err(anyhow::Error::msg)?;
+    println!("restored {n} slices with {engine} ({model}) into {}", output.display());
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let rt = || tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime");
+    match cli.command {
+        Command::Serve { config } => {
+            let settings = load_settings(config.as_ref())?;
+            rt()?.block_on(app::serve(settings))
+        }
+        Command::Restore { input, output, engine, config } => offline_restore(input, output, engine, config),
+        Command::Demo { workdir, slices, matrix, frame_duration } => {
+            if !(4..=1000).contains(&slices) || !(16..=512).contains(&matrix) {
+                bail!("--slices must be 4..=1000 and --matrix 16..=512");
+            }
+            let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, ..Default::default() };
+            rt()?.block_on(demo::run(demo::DemoOptions { workdir, spec }))
+        }
+        Command::Simulate { out, slices, matrix, frame_duration, seed } => {
+            let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
+            let s = sim::write_series(&out, &spec).with_context(|| format!("cannot write into {}", out.display()))?;
+            println!("wrote {} slices of series {} into {}", s.files.len(), s.series_uid, out.display());
+            Ok(())
+        }
+        Command::CheckConfig { file } => {
+            let s = Settings::load(&file)?;
+            println!(
+                "{}: OK (AE {} on {}, {} allowed caller(s), {} destination(s), engines {:?})",
+                file.display(),
+                s.dicom.ae_title,
+                s.dicom.listen,
+                s.dicom.allowed_callers.len(),
+                s.destinations.len(),
+                s.restore.engines
+            );
+            Ok(())
+        }
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+        Command::Jobs { config, state_dir, action } => rt()?.block_on(jobs(config, state_dir, action)),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("petrestore: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

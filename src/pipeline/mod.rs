@@ -1,0 +1,196 @@
+//! The pipeline scheduler: reads the journal's active jobs and moves each
+//! one step: a quiet series to the queue, a queued series to the worker (a
+//! study at a time), a delivering series to egress when its backoff allows.
+//! Wake-ups come from ingest and finished tasks, with a periodic tick as the
+//! fallback; the journal is the only source of truth, so after a crash the
+//! first pass picks up every unfinished job.
+
+pub mod worker;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::egress;
+use crate::journal::{JobKind, JobState, Journal, JournalError, Outcome, Payload, now_ms};
+use crate::spool::Spool;
+
+/// Scheduler state shared with its tasks.
+pub struct Pipeline {
+    pub worker: Arc<worker::WorkerCtx>,
+    pub wake: Arc<Notify>,
+    /// Jobs with a task in flight (restoration or delivery).
+    busy: Mutex<HashSet<String>>,
+    /// A study at a time per engine: one restoration in flight.
+    restore_slot: Arc<Semaphore>,
+}
+
+impl Pipeline {
+    pub fn new(worker: worker::WorkerCtx, wake: Arc<Notify>) -> Arc<Pipeline> {
+        Arc::new(Pipeline { worker: Arc::new(worker), wake, busy: Mutex::new(HashSet::new()), restore_slot: Arc::new(Semaphore::new(1)) })
+    }
+
+    fn settings(&self) -> &Settings {
+        &self.worker.settings
+    }
+    fn journal(&self) -> &Journal {
+        &self.worker.journal
+    }
+    fn spool(&self) -> &Spool {
+        &self.worker.spool
+    }
+
+    /// Crash recovery: a job found in `Restoring` at start was interrupted.
+    pub fn recover(&self) -> Result<usize, JournalError> {
+        let mut n = 0;
+        for job in self.journal().active_jobs()? {
+            if job.state == JobState::Restoring {
+                self.journal().update(&job.id, |j| {
+                    j.note("restoration was interrupted (restart): restoring again");
+                    j.set_state(JobState::Queued);
+                })?;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Run until `shutdown`; tasks are spawned on `tracker` so the caller
+    /// can wait for them.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, tracker: TaskTracker) {
+        loop {
+            if let Err(e) = self.pass(&shutdown, &tracker) {
+                tracing::error!(error = %e, "scheduler pass failed; retrying");
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        tracing::info!("scheduler stopped; waiting for running tasks");
+    }
+
+    fn pass(self: &Arc<Self>, shutdown: &CancellationToken, tracker: &TaskTracker) -> Result<(), JournalError> {
+        let now = now_ms();
+        let quiet = self.settings().series.quiet_timeout.as_millis() as u64;
+        for job in self.journal().active_jobs()? {
+            if self.busy.lock().expect("busy lock").contains(&job.id) {
+                continue;
+            }
+            match &job.state {
+                JobState::Receiving if now.saturating_sub(job.last_received_ms) >= quiet => {
+                    self.quiet_timeout(&job)?;
+                    self.wake.notify_one();
+                }
+                JobState::Queued | JobState::Restoring => {
+                    let Ok(permit) = self.restore_slot.clone().try_acquire_owned() else { continue };
+                    self.busy.lock().expect("busy lock").insert(job.id.clone());
+                    let me = self.clone();
+                    let id = job.id.clone();
+                    tracker.spawn(async move {
+                        let w = me.worker.clone();
+                        let id2 = id.clone();
+                        let r = tokio::task::spawn_blocking(move || worker::restore_job(&w, &id2)).await;
+                        match r {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::error!(job = %id, error = %e, "journal error during restoration"),
+                            Err(e) => tracing::error!(job = %id, error = %e, "restoration task panicked"),
+                        }
+                        drop(permit);
+                        me.busy.lock().expect("busy lock").remove(&id);
+                        me.wake.notify_one();
+                    });
+                }
+                JobState::Delivering { .. } if egress::next_due_ms(&job).is_none_or(|t| t <= now) => {
+                    self.busy.lock().expect("busy lock").insert(job.id.clone());
+                    let me = self.clone();
+                    let id = job.id.clone();
+                    let cancel = shutdown.clone();
+                    tracker.spawn(async move {
+                        let s = me.settings();
+                        if let Err(e) = egress::deliver_due(
+                            me.journal(),
+                            me.spool(),
+                            &s.node.state_dir,
+                            &s.egress,
+                            &s.destinations,
+                            &id,
+                            &cancel,
+                        )
+                        .await
+                        {
+                            tracing::error!(job = %id, error = %e, "journal error during delivery");
+                        }
+                        me.busy.lock().expect("busy lock").remove(&id);
+                        me.wake.notify_one();
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// No instance for `quiet_timeout`: decide, per policy, what the series becomes.
+    fn quiet_timeout(&self, job: &crate::journal::Job) -> Result<(), JournalError> {
+        let destinations: Vec<String> = self.settings().destinations.iter().map(|d| d.name.clone()).collect();
+        self.journal().update(&job.id, |j| {
+            j.note(format!("no instance for {:?}", self.settings().series.quiet_timeout));
+            match j.kind {
+                // The worker applies series.incomplete_policy and the geometry checks.
+                JobKind::Pet => j.set_state(JobState::Queued),
+                JobKind::Passthrough => {
+                    let reason = format!("not PET ({}): passed through unchanged", j.modality.clone().unwrap_or_default());
+                    if destinations.is_empty() {
+                        j.set_state(JobState::Skipped { reason });
+                    } else {
+                        j.plan_deliveries(&destinations);
+                        j.set_state(JobState::Delivering { payload: Payload::Original, outcome: Outcome::Skipped { reason } });
+                    }
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Operator retry (see [`retry_job`]), waking the scheduler.
+    pub fn retry(&self, id: &str) -> Result<crate::journal::Job, String> {
+        let destinations: Vec<String> = self.settings().destinations.iter().map(|d| d.name.clone()).collect();
+        let job = retry_job(self.journal(), &destinations, id)?;
+        self.wake.notify_one();
+        Ok(job)
+    }
+}
+
+/// Operator retry of a finished job: restore (PET) or forward (pass-through)
+/// again. Derived UIDs are deterministic, so the result carries the same UIDs
+/// as before. Works on the journal alone, so it also works with the daemon
+/// stopped (the job then runs at the next start).
+pub fn retry_job(journal: &Journal, destinations: &[String], id: &str) -> Result<crate::journal::Job, String> {
+    let job = journal.get(id).map_err(|e| e.to_string())?.ok_or_else(|| format!("no job {id}; `petrestore jobs list` shows the known jobs"))?;
+    if !job.state.is_terminal() {
+        return Err(format!("job {id} is {}; only finished jobs can be retried", job.state.name()));
+    }
+    journal
+        .update(id, |j| {
+            j.note("retry requested by operator");
+            j.rerun_requested = false;
+            match j.kind {
+                JobKind::Pet => j.set_state(JobState::Queued),
+                JobKind::Passthrough => {
+                    j.plan_deliveries(destinations);
+                    j.set_state(JobState::Delivering {
+                        payload: Payload::Original,
+                        outcome: Outcome::Skipped { reason: "not PET: passed through unchanged".into() },
+                    });
+                }
+            }
+        })
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,152 @@
+//! The worker step of a job: load the spooled series, apply the selection
+//! rules, run the engines, write the derived series durably, and move the
+//! job to delivery. Runs on a blocking thread (it is CPU and disk work).
+
+use std::path::{Path, PathBuf};
+
+use dicom_dictionary_std::tags;
+use std::sync::Arc;
+
+use crate::config::{IncompletePolicy, Settings};
+use crate::derive::{DeriveParams, DerivedInstance, derive_series};
+use crate::dicom::attrs::Attrs;
+use crate::dicom::part10;
+use crate::egress::output_dir;
+use crate::journal::{JobState, Journal, JournalError, Outcome, Payload};
+use crate::restore::{Engine, run_engines, select, volume};
+use crate::spool::{self, Spool};
+
+/// How a restoration attempt ended, before delivery.
+pub enum Ending {
+    Restored { engine: String, model_id: String, series_uid: String, count: u32 },
+    Skipped(String),
+    Failed(String),
+}
+
+/// Everything a restoration needs.
+pub struct WorkerCtx {
+    pub settings: Arc<Settings>,
+    pub journal: Journal,
+    pub spool: Spool,
+    pub engines: Vec<Arc<dyn Engine>>,
+}
+
+/// Restore one job (state `Queued` or `Restoring` after a crash).
+pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
+    let job = ctx.journal.update(job_id, |j| j.set_state(JobState::Restoring))?;
+    let started = std::time::Instant::now();
+    let ending = restore(ctx, &job);
+    let destinations: Vec<String> = ctx.settings.destinations.iter().map(|d| d.name.clone()).collect();
+    let r = &ctx.settings.restore;
+    let job = ctx.journal.update(job_id, |j| {
+        let (payload, outcome) = match &ending {
+            Ending::Restored { engine, model_id, series_uid, count } => {
+                j.engine = Some(engine.clone());
+                j.model_id = Some(model_id.clone());
+                j.output_series_uid = Some(series_uid.clone());
+                j.output_count = *count;
+                j.note(format!("restored {count} slices with {engine} ({model_id}) in {:.1} s", started.elapsed().as_secs_f64()));
+                (Some(Payload::Derived), Outcome::Done)
+            }
+            Ending::Skipped(reason) => {
+                (r.forward_skipped.then_some(Payload::Original), Outcome::Skipped { reason: reason.clone() })
+            }
+            Ending::Failed(reason) => (
+                r.forward_original_on_failure.then_some(Payload::Original),
+                Outcome::Failed { reason: reason.clone() },
+            ),
+        };
+        match payload {
+            Some(payload) if !destinations.is_empty() => {
+                j.plan_deliveries(&destinations);
+                j.set_state(JobState::Delivering { payload, outcome });
+            }
+            _ if j.rerun_requested => {
+                j.rerun_requested = false;
+                j.set_state(JobState::Queued);
+            }
+            _ => j.set_state(outcome.into()),
+        }
+    })?;
+    tracing::info!(job = job_id, state = job.state.name(), "restoration step finished");
+    Ok(())
+}
+
+fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
+    let s = &ctx.settings;
+    if let Some(missing) = job.missing_indexes().filter(|m| !m.is_empty()) {
+        let shown: Vec<String> = missing.iter().take(10).map(|i| i.to_string()).collect();
+        let what = format!(
+            "series incomplete: {} of {} slices arrived (missing Image Index {}{})",
+            job.received,
+            job.expected_slices.unwrap_or(0),
+            shown.join(", "),
+            if missing.len() > 10 { ", ..." } else { "" }
+        );
+        if s.series.incomplete_policy == IncompletePolicy::Fail {
+            return Ending::Failed(what);
+        }
+        tracing::warn!(job = %job.id, "{what}; processing what arrived (series.incomplete_policy = \"process\")");
+    }
+    let records = match ctx.journal.instances(&job.id) {
+        Ok(r) => r,
+        Err(e) => return Ending::Failed(e.to_string()),
+    };
+    let paths: Vec<PathBuf> = records.iter().map(|r| ctx.spool.absolute(&r.path)).collect();
+    let restored = match restore_paths(s, &ctx.engines, &paths) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let dir = output_dir(&s.node.state_dir, &job.id);
+    match write_instances(&dir, restored.instances) {
+        Ok(count) => Ending::Restored { engine: restored.engine, model_id: restored.model_id, series_uid: restored.series_uid, count },
+        Err(e) => Ending::Failed(e),
+    }
+}
+
+/// A restored series, not yet written.
+pub struct Restored {
+    pub engine: String,
+    pub model_id: String,
+    pub series_uid: String,
+    pub instances: Vec<DerivedInstance>,
+}
+
+/// Load, select, restore and derive one series from its files. Shared by
+/// the daemon's worker and the offline `restore` command.
+pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf]) -> Result<Restored, Ending> {
+    let loaded = volume::load(paths).map_err(|e| Ending::Failed(format!("cannot build a volume: {e}")))?;
+    select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(Ending::Skipped)?;
+    let (restored, engine) =
+        run_engines(engines, &loaded.volume).map_err(|e| Ending::Failed(format!("restoration failed: {e}")))?;
+    let params = DeriveParams {
+        engine: engine.name().to_owned(),
+        model_id: engine.model_id(),
+        series_description_suffix: s.restore.series_description_suffix.clone(),
+        series_number_offset: s.restore.series_number_offset,
+        device_id: s.node.device_id.clone(),
+    };
+    let source_series = loaded.slices[0].dataset.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
+    let instances = derive_series(&loaded.slices, &restored, &params);
+    Ok(Restored {
+        series_uid: crate::dicom::uid::derived_uid(&source_series, &params.model_id),
+        engine: params.engine,
+        model_id: params.model_id,
+        instances,
+    })
+}
+
+/// Write derived instances durably into `dir` (cleared first: the folder
+/// holds only our own output). Returns how many were written.
+pub fn write_instances(dir: &Path, instances: Vec<DerivedInstance>) -> Result<u32, String> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+    }
+    let count = instances.len() as u32;
+    for inst in instances {
+        let path = dir.join(format!("{}.dcm", inst.sop_instance_uid));
+        let bytes = part10::encode(inst.dataset).map_err(|e| format!("cannot encode derived instance: {e}"))?;
+        spool::write_durable(&path, &[&bytes], true).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(count)
+}
