@@ -88,19 +88,7 @@ pub async fn send_files(peer: &Peer, files: &[PathBuf], cancel: &CancellationTok
         };
         let data = part10::dataset_bytes(obj, ts).map_err(transfer)?;
         let message_id = (i % 65535 + 1) as u16;
-        let cmd = dimse::store_request(message_id, &class, &sop);
-        assoc
-            .send(&Pdu::PData {
-                data: vec![PDataValue { presentation_context_id: *pcid, value_type: PDataValueType::Command, is_last: true, data: cmd }],
-            })
-            .await
-            .map_err(|e| transfer(e.to_string()))?;
-        {
-            let mut w = assoc.send_pdata(*pcid);
-            w.write_all(&data).await.map_err(|e| transfer(e.to_string()))?;
-            w.finish().await.map_err(|e| transfer(e.to_string()))?;
-        }
-        let rsp = receive_command(&mut assoc).await.map_err(transfer)?;
+        let rsp = store_one(&mut assoc, *pcid, message_id, &class, &sop, &data).await.map_err(transfer)?;
         let status = rsp.status.unwrap_or(dimse::status::PROCESSING_FAILURE);
         if !dimse::status::is_ok(status) {
             let _ = assoc.release().await;
@@ -112,9 +100,57 @@ pub async fn send_files(peer: &Peer, files: &[PathBuf], cancel: &CancellationTok
     Ok(sent)
 }
 
-async fn receive_command(
-    assoc: &mut dicom_ul::association::client::AsyncClientAssociation<tokio::net::TcpStream>,
-) -> Result<Command, String> {
+type Assoc = dicom_ul::association::client::AsyncClientAssociation<tokio::net::TcpStream>;
+
+/// One C-STORE on an open association: command, data set, response.
+async fn store_one(assoc: &mut Assoc, pcid: u8, message_id: u16, class: &str, sop: &str, data: &[u8]) -> Result<Command, String> {
+    let cmd = dimse::store_request(message_id, class, sop);
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue { presentation_context_id: pcid, value_type: PDataValueType::Command, is_last: true, data: cmd }],
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut w = assoc.send_pdata(pcid);
+    w.write_all(data).await.map_err(|e| e.to_string())?;
+    w.finish().await.map_err(|e| e.to_string())?;
+    receive_command(assoc).await
+}
+
+/// Send one data set exactly as given (already encoded in `ts`) under the
+/// given command UIDs, and return the peer's status and error comment. For
+/// probing a peer with hostile input (tests) and for diagnostics.
+pub async fn send_raw(
+    peer: &Peer,
+    sop_class: &str,
+    sop_instance: &str,
+    ts: &str,
+    dataset: &[u8],
+) -> Result<(u16, Option<String>), SendError> {
+    let assoc_err = |reason: String| SendError::Associate { ae: peer.called_ae.clone(), address: peer.address.clone(), reason };
+    let mut assoc = ClientAssociationOptions::new()
+        .calling_ae_title(peer.calling_ae.clone())
+        .called_ae_title(peer.called_ae.clone())
+        .with_presentation_context(sop_class.to_string(), vec![ts.to_string()])
+        .connection_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .establish_async(peer.address.as_str())
+        .await
+        .map_err(|e| assoc_err(e.to_string()))?;
+    let Some(pc) = assoc.presentation_contexts().iter().find(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+    else {
+        let _ = assoc.abort().await;
+        return Err(SendError::NoContext { ae: peer.called_ae.clone(), sop_class: sop_class.to_string() });
+    };
+    let pcid = pc.id;
+    let rsp = store_one(&mut assoc, pcid, 1, sop_class, sop_instance, dataset)
+        .await
+        .map_err(|reason| SendError::Transfer { ae: peer.called_ae.clone(), reason })?;
+    let _ = assoc.release().await;
+    Ok((rsp.status.unwrap_or(dimse::status::PROCESSING_FAILURE), rsp.error_comment))
+}
+
+async fn receive_command(assoc: &mut Assoc) -> Result<Command, String> {
     let mut buf = Vec::new();
     loop {
         match assoc.receive().await.map_err(|e| e.to_string())? {

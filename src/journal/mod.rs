@@ -275,9 +275,11 @@ mod tests {
         assert_eq!(j.active_jobs().unwrap().len(), 1);
         j.update(&id, |job| job.set_state(JobState::Done)).unwrap();
         assert!(j.active_jobs().unwrap().is_empty());
-        // a late instance reopens a finished job
+        // a late instance reopens a finished job; still complete, so it is queued again
         j.record(&arrival("1.2.3", "9.3", 3, 2)).unwrap();
-        assert_eq!(j.get(&id).unwrap().unwrap().state, JobState::Receiving);
+        let job = j.get(&id).unwrap().unwrap();
+        assert_eq!(job.state, JobState::Queued);
+        assert!(job.history.iter().any(|e| e.what.contains("receiving again")));
     }
 
     #[test]

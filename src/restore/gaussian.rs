@@ -79,7 +79,7 @@ impl Engine for Gaussian {
 mod tests {
     use super::*;
 
-    fn vol(nx: usize, ny: usize, nz: usize, f: impl Fn(usize, usize, usize) -> f32) -> Volume {
+    fn vol(nx: usize, ny: usize, nz: usize, mut f: impl FnMut(usize, usize, usize) -> f32) -> Volume {
         let mut data = Vec::with_capacity(nx * ny * nz);
         for z in 0..nz {
             for y in 0..ny {

@@ -76,12 +76,16 @@ pub fn activity(x: f64, y: f64, z: f64) -> f64 {
 }
 
 /// A region of the phantom's liver that is uniform, as (x, y) pixel bounds
-/// and the z range (slice indexes), for noise measurements.
+/// and slice bounds **in volume order** (as [`crate::restore::volume::load`]
+/// sorts them: increasing patient z, i.e. the last written slice first), for
+/// noise measurements.
 pub fn liver_roi(spec: &SeriesSpec) -> (std::ops::Range<usize>, std::ops::Range<usize>, std::ops::Range<usize>) {
     let px = spec.fov_mm / spec.matrix as f64;
     let to_px = |mm: f64| ((mm + spec.fov_mm / 2.0) / px) as usize;
-    let z0 = ((60.0 / spec.slice_thickness_mm) as usize).min(spec.slices.saturating_sub(1));
-    (to_px(-90.0)..to_px(-40.0), to_px(5.0)..to_px(35.0), z0..spec.slices)
+    // Written slice k sits at z = k·thickness below the first; the liver
+    // (z > 20 mm) clear of the lesions (z ≤ 70 mm) starts at k0.
+    let k0 = ((75.0 / spec.slice_thickness_mm).ceil() as usize).min(spec.slices.saturating_sub(1));
+    (to_px(-90.0)..to_px(-40.0), to_px(5.0)..to_px(35.0), 0..spec.slices - k0)
 }
 
 fn el(tag: dicom_core::Tag, vr: VR, v: impl Into<PrimitiveValue>) -> DataElement<InMemDicomObject> {

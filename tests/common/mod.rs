@@ -1,0 +1,317 @@
+//! Test harness: the real `petrestore` binary, real DCMTK peers, loopback.
+//! A missing peer fails the test loudly (never a skip).
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use petrestore::journal::Job;
+
+pub const CONSOLE: &str = "CONSOLE";
+pub const OUR_AE: &str = "PETRESTORE";
+pub const DEST_AE: &str = "DESTSCP";
+
+/// Fail loudly when a real peer is missing.
+pub fn require(tool: &str) -> PathBuf {
+    let out = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{tool} not found: these tests need real DICOM peers; install DCMTK (apt-get install dcmtk) or run `bash .ci/run`"
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A `petrestore serve` process with its own state dir and config.
+pub struct Daemon {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Write a config (test defaults + `extra` TOML appended) and start.
+    pub fn start(dir: &Path, extra: &str) -> Daemon {
+        let port = free_port();
+        Self::start_on(dir, port, extra)
+    }
+
+    pub fn start_on(dir: &Path, port: u16, extra: &str) -> Daemon {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("petrestore.toml");
+        let state = dir.join("state");
+        let defaults: [(&str, Vec<String>); 4] = [
+            ("node", vec![format!("state_dir = {state:?}"), "min_free_mb = 1".into()]),
+            (
+                "dicom",
+                vec![
+                    format!("listen = \"127.0.0.1:{port}\""),
+                    format!("ae_title = \"{OUR_AE}\""),
+                    format!("allowed_callers = [\"{CONSOLE}\"]"),
+                ],
+            ),
+            ("series", vec!["quiet_timeout_s = 3".into()]),
+            ("egress", vec!["backoff_initial_s = 0.5".into(), "backoff_max_s = 2".into()]),
+        ];
+        let mut text = String::new();
+        for (name, lines) in defaults {
+            let user = section(extra, name);
+            text.push_str(&format!("[{name}]\n"));
+            for l in lines {
+                let key = l.split('=').next().unwrap().trim();
+                if !user.lines().any(|u| u.split('=').next().map(str::trim) == Some(key)) {
+                    text.push_str(&l);
+                    text.push('\n');
+                }
+            }
+            text.push_str(&user);
+        }
+        text.push_str(&rest(extra));
+        std::fs::write(&config, text).unwrap();
+        let mut d = Daemon { dir: dir.to_owned(), port, config, child: None };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_petrestore"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn petrestore serve");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("the daemon to listen", Duration::from_secs(30), || {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("daemon exited early with {st}; log:\n{}", self.log());
+                }
+            }
+            port_open(port).then_some(())
+        });
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: a crash or power cut.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe_kill(c.id(), "TERM");
+        c.wait().unwrap()
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill first");
+        self.spawn();
+    }
+
+    /// `petrestore jobs list --json` through the control socket.
+    pub fn jobs(&self) -> Vec<Job> {
+        let out = petrestore(&["jobs", "--state-dir", self.state_dir().to_str().unwrap(), "list", "--json"]);
+        assert!(out.status.success(), "jobs list failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn job(&self, id: &str) -> Job {
+        self.jobs().into_iter().find(|j| j.id == id).unwrap_or_else(|| panic!("no job {id}; log:\n{}", self.log()))
+    }
+
+    /// Wait until the job reaches a terminal state.
+    pub fn wait_terminal(&self, id: &str, timeout: Duration) -> Job {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(j) = self.jobs().into_iter().find(|j| j.id == id) {
+                if j.state.is_terminal() {
+                    return j;
+                }
+                assert!(Instant::now() < deadline, "job {id} still {:?} after {timeout:?}; history {:#?}\nlog:\n{}", j.state, j.history, self.log());
+            }
+            assert!(Instant::now() < deadline, "job {id} never appeared; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn spool_files(&self) -> Vec<PathBuf> {
+        files_under(&self.state_dir().join("spool"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    assert!(st.success());
+}
+
+/// Lines of `extra` under `[name]` (the harness merges them into its own sections).
+fn section(extra: &str, name: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            inside = t == format!("[{name}]");
+            continue;
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Everything in `extra` outside the merged sections.
+fn rest(extra: &str) -> String {
+    let mut out = String::new();
+    let mut keep = true;
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            keep = !matches!(t, "[node]" | "[dicom]" | "[series]" | "[egress]");
+        }
+        if keep {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+pub fn petrestore(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_petrestore")).args(args).env("RUST_LOG", "warn").output().unwrap()
+}
+
+/// DCMTK storescp writing every instance into `dir`.
+pub struct StoreScp {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl StoreScp {
+    pub fn start(dir: &Path) -> StoreScp {
+        Self::start_on(dir, free_port())
+    }
+    pub fn start_on(dir: &Path, port: u16) -> StoreScp {
+        let bin = require("storescp");
+        std::fs::create_dir_all(dir).unwrap();
+        let child = Command::new(bin)
+            .args(["-aet", DEST_AE, "-od"])
+            .arg(dir)
+            .arg(port.to_string())
+            .env("TCP_NODELAY", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("storescp to listen", Duration::from_secs(10), || port_open(port).then_some(()));
+        StoreScp { port, dir: dir.to_owned(), child }
+    }
+    pub fn files(&self) -> Vec<PathBuf> {
+        files_under(&self.dir)
+    }
+}
+
+impl Drop for StoreScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The TOML of one destination.
+pub fn destination(name: &str, port: u16) -> String {
+    format!("[[destination]]\nname = \"{name}\"\nae_title = \"{DEST_AE}\"\naddress = \"127.0.0.1:{port}\"\n")
+}
+
+/// DCMTK storescu as the console.
+pub fn storescu(port: u16, calling: &str, files: &[PathBuf]) -> Output {
+    let bin = require("storescu");
+    Command::new(bin)
+        .args(["-aet", calling, "-aec", OUR_AE, "-nh", "127.0.0.1", &port.to_string()])
+        .args(files)
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap()
+}
+
+pub fn echoscu(port: u16, calling: &str, called: &str) -> Output {
+    let bin = require("echoscu");
+    Command::new(bin).args(["-aet", calling, "-aec", called, "127.0.0.1", &port.to_string()]).output().unwrap()
+}
+
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
+
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A synthetic series into `dir`.
+pub fn series(dir: &Path, slices: usize, matrix: usize, seed: u64) -> petrestore::sim::SeriesFiles {
+    let spec = petrestore::sim::SeriesSpec { slices, matrix, seed, frame_duration_s: 30.0, ..Default::default() };
+    petrestore::sim::write_series(dir, &spec).unwrap()
+}
+
+pub fn job_id(s: &petrestore::sim::SeriesFiles) -> String {
+    petrestore::journal::job_id(&s.series_uid)
+}
