@@ -272,7 +272,7 @@ pub fn destination(name: &str, port: u16) -> String {
 pub fn storescu(port: u16, calling: &str, files: &[PathBuf]) -> Output {
     let bin = require("storescu");
     Command::new(bin)
-        .args(["-aet", calling, "-aec", OUR_AE, "-nh", "127.0.0.1", &port.to_string()])
+        .args(["-v", "-aet", calling, "-aec", OUR_AE, "-nh", "127.0.0.1", &port.to_string()])
         .args(files)
         .env("TCP_NODELAY", "1")
         .output()

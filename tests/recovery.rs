@@ -1,0 +1,122 @@
+//! Crash recovery (DESIGN invariant 2): kill -9 at every stage, restart,
+//! and the job completes with nothing lost and no duplicate UIDs.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use dicom_dictionary_std::tags;
+use petrestore::dicom::attrs::Attrs;
+use petrestore::journal::JobState;
+
+fn sop_uids(files: &[std::path::PathBuf]) -> BTreeSet<String> {
+    files.iter().map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap()).collect()
+}
+
+fn series_uids(files: &[std::path::PathBuf]) -> BTreeSet<String> {
+    files.iter().map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SERIES_INSTANCE_UID).unwrap()).collect()
+}
+
+#[test]
+fn kill9_mid_series_then_the_rest_gives_one_complete_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 20, 32, 21);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    // a long quiet timeout: the series must complete by Image Index, not time out
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("[series]\nquiet_timeout_s = 600\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &src.files[..12]).status.success());
+    d.kill9();
+    d.restart();
+    let job = d.job(&job_id(&src));
+    assert_eq!((job.received, &job.state), (12, &JobState::Receiving), "acknowledged instances survived kill -9");
+    assert!(storescu(d.port, CONSOLE, &src.files[12..]).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done);
+    let got = wait_for("20 instances", Duration::from_secs(10), || {
+        let f = dest.files();
+        (f.len() == 20).then_some(f)
+    });
+    assert_eq!(sop_uids(&got).len(), 20);
+    assert_eq!(series_uids(&got).len(), 1);
+}
+
+#[test]
+fn kill9_during_restoration_resumes_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    // big enough that restoration takes a noticeable time
+    let src = series(&tmp.path().join("src"), 200, 192, 23);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("[restore]\ngaussian_fwhm_mm = 12.0\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    wait_for("the job to be restoring", Duration::from_secs(30), || (d.job(&id).state == JobState::Restoring).then_some(()));
+    d.kill9();
+    d.restart();
+    let job = d.wait_terminal(&id, Duration::from_secs(120));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.contains("interrupted")), "{:#?}", job.history);
+    let got = wait_for("200 instances", Duration::from_secs(20), || {
+        let f = dest.files();
+        (f.len() == 200).then_some(f)
+    });
+    assert_eq!(sop_uids(&got).len(), 200);
+    assert_eq!(series_uids(&got).len(), 1);
+}
+
+#[test]
+fn kill9_during_egress_delivers_after_restart_without_new_uids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 10, 32, 25);
+    let dest_port = free_port();
+    let mut d = Daemon::start(&tmp.path().join("d"), &destination("pacs", dest_port));
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    // destination down: the job sits in Delivering with a failed attempt
+    wait_for("a failed delivery attempt", Duration::from_secs(60), || {
+        let j = d.job(&id);
+        (matches!(j.state, JobState::Delivering { .. }) && j.deliveries[0].attempts >= 1).then_some(())
+    });
+    let before = d.job(&id);
+    d.kill9();
+    let dest = StoreScp::start_on(&tmp.path().join("dest"), dest_port);
+    d.restart();
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done);
+    assert_eq!(job.output_series_uid, before.output_series_uid, "same derived series after restart");
+    let got = wait_for("10 instances", Duration::from_secs(10), || {
+        let f = dest.files();
+        (f.len() == 10).then_some(f)
+    });
+    let expected: BTreeSet<String> = src
+        .sop_uids
+        .iter()
+        .map(|s| petrestore::dicom::uid::derived_uid(s, job.model_id.as_deref().unwrap()))
+        .collect();
+    assert_eq!(sop_uids(&got), expected);
+}
+
+#[test]
+fn incomplete_series_at_quiet_timeout_follows_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 10, 32, 27);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    // a gap in the middle: geometry inconsistent → fails, original forwarded
+    let mut files = src.files.clone();
+    files.remove(4);
+    let d = Daemon::start(&tmp.path().join("d"), &format!("[series]\nquiet_timeout_s = 1\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &files).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+    let JobState::Failed { reason } = &job.state else { panic!("{:?}", job.state) };
+    assert!(reason.contains("uneven slice spacing"), "{reason}");
+    assert_eq!(dest.files().len(), 9, "the original series is forwarded so the technologist is not left waiting");
+
+    // a contiguous part (the last slice missing) is processed
+    let src2 = series(&tmp.path().join("src2"), 10, 32, 29);
+    assert!(storescu(d.port, CONSOLE, &src2.files[..9]).status.success());
+    let job = d.wait_terminal(&job_id(&src2), Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.contains("no instance for")));
+    assert_eq!(job.output_count, 9);
+}
