@@ -1,0 +1,131 @@
+//! The command line as an operator meets it: config checking, offline
+//! restore, jobs while the daemon runs, the demo, a clean SIGTERM stop.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use petrestore::journal::JobState;
+
+#[test]
+fn print_default_config_round_trips_through_check_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = petrestore(&["print-default-config"]);
+    assert!(out.status.success());
+    let f = tmp.path().join("c.toml");
+    std::fs::write(&f, &out.stdout).unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("OK"));
+}
+
+#[test]
+fn check_config_names_the_key_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("c.toml");
+    for (toml, key, fix) in [
+        ("[dicom]\nlisten = \"11112\"\n", "dicom.listen", "IP:PORT"),
+        ("[dicom]\nmax_associations = 0\n", "dicom.max_associations", "set 1 or more"),
+        ("[restore]\nengines = [\"quantum\"]\n", "restore.engines", "this build has"),
+        ("[[destination]]\nname = \"pacs\"\nae_title = \"PACS\"\naddress = \"10.0.0.1\"\n", "destination.address", "HOST:PORT"),
+        ("[dicom]\nae_titel = \"X\"\n", "ae_titel", "unknown field"),
+    ] {
+        std::fs::write(&f, toml).unwrap();
+        let out = petrestore(&["check-config", f.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{toml}");
+        let t = text(&out);
+        assert!(t.contains(key) && t.contains(fix), "{toml}: {t}");
+    }
+    let out = petrestore(&["check-config", "/nonexistent/petrestore.toml"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("cannot read config file /nonexistent/petrestore.toml"));
+}
+
+#[test]
+fn offline_restore_uses_the_worker_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("in"), 6, 32, 41);
+    let out_dir = tmp.path().join("out");
+    let out = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", out_dir.to_str().unwrap(), "--engine", "gaussian"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("restored 6 slices with gaussian"));
+    assert_eq!(files_under(&out_dir).len(), 6);
+    let derived = petrestore::restore::volume::load(&files_under(&out_dir)).unwrap();
+    let source = petrestore::restore::volume::load(&src.files).unwrap();
+    assert_eq!(derived.volume.nz, source.volume.nz);
+
+    // refuses to mix into a non-empty folder, and unknown engines
+    let again = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", out_dir.to_str().unwrap()]);
+    assert!(!again.status.success() && text(&again).contains("not empty"), "{}", text(&again));
+    let bad = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", "/tmp/x", "--engine", "magic"]);
+    assert!(!bad.status.success() && text(&bad).contains("unknown engine"), "{}", text(&bad));
+    // a 90 s series is outside the selection rules: said so, not restored
+    let spec = petrestore::sim::SeriesSpec { slices: 4, matrix: 32, frame_duration_s: 90.0, seed: 43, ..Default::default() };
+    petrestore::sim::write_series(&tmp.path().join("in90"), &spec).unwrap();
+    let skip = petrestore(&["restore", "--input", tmp.path().join("in90").to_str().unwrap(), "--output", tmp.path().join("o90").to_str().unwrap()]);
+    assert!(!skip.status.success() && text(&skip).contains("Actual Frame Duration is 90.0 s"), "{}", text(&skip));
+}
+
+#[test]
+fn jobs_commands_work_while_the_daemon_runs_and_after_it_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 4, 32, 45);
+    let mut d = Daemon::start(&tmp.path().join("d"), "");
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done, "no destinations: done after restoration");
+    let state = d.state_dir();
+    let list = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "list"]);
+    assert!(list.status.success() && text(&list).contains(&id) && text(&list).contains("done"), "{}", text(&list));
+    let show = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "show", &id]);
+    assert!(show.status.success() && text(&show).contains(&src.series_uid));
+    let missing = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "show", "0000000000000000"]);
+    assert!(!missing.status.success() && text(&missing).contains("no job"));
+
+    // SIGTERM: a clean stop, then the journal is readable without the daemon
+    let st = d.stop();
+    assert!(st.success(), "clean exit on SIGTERM: {st}\n{}", d.log());
+    assert!(d.log().contains("petrestore stopped"));
+    let list = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "list"]);
+    assert!(list.status.success() && text(&list).contains(&id), "{}", text(&list));
+    let retry = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "retry", &id]);
+    assert!(retry.status.success(), "{}", text(&retry));
+    assert!(text(&retry).contains("next start"));
+    d.restart();
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done);
+    assert!(job.history.iter().any(|e| e.what.contains("retry requested")));
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("d"), "");
+    let cfg = d.config.to_str().unwrap().to_owned();
+    // same config, other port
+    let text2 = std::fs::read_to_string(&cfg).unwrap().replace(&format!("127.0.0.1:{}", d.port), &format!("127.0.0.1:{}", free_port()));
+    let cfg2 = tmp.path().join("c2.toml");
+    std::fs::write(&cfg2, text2).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore"))
+        .args(["serve", "--config", cfg2.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = wait_for("the second daemon to exit", Duration::from_secs(30), || child.try_wait().unwrap());
+    assert!(!st.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("another petrestore process"), "{err}");
+}
+
+#[test]
+fn demo_runs_with_no_setup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = petrestore(&["demo", "--workdir", tmp.path().to_str().unwrap(), "--slices", "16", "--matrix", "64"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("done after") && t.contains("16 derived instances"), "{t}");
+    assert_eq!(files_under(&tmp.path().join("pacs")).len(), 16);
+}
