@@ -225,14 +225,11 @@ async fn handle_association(
                                     transfer_syntax: ts.clone(),
                                     abstract_syntax: abstract_syntax.clone(),
                                 };
-                                let sink = sink.clone();
-                                let c2 = cmd.clone();
-                                tokio::task::spawn_blocking(move || sink.store(&ctx, &c2, dataset))
-                                    .await
-                                    .unwrap_or_else(|e| StoreStatus {
-                                        status: dimse::status::OUT_OF_RESOURCES,
-                                        comment: Some(format!("store task failed: {e}")),
-                                    })
+                                // fsync work on this worker thread: block_in_place hands
+                                // the thread's other tasks to another worker instead of
+                                // paying a hop to the blocking pool per instance (the
+                                // sender waits for our answer, so latency is throughput).
+                                tokio::task::block_in_place(|| sink.store(&ctx, &cmd, dataset))
                             };
                             if dimse::status::is_ok(status.status) {
                                 stored += 1;
