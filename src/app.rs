@@ -62,8 +62,8 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         tracing::info!(stale, "removed unacknowledged temporaries left by a crash");
     }
     let journal = open_journal(&settings)?;
-    let engines = restore::engines_from_settings(&settings.restore).map_err(anyhow::Error::msg)?;
-    tracing::info!(engines = ?engines.iter().map(|e| e.name().to_owned()).collect::<Vec<_>>(), "restoration engines ready");
+    let restore::Engines { engines, reports } = restore::engines_from_settings(&settings).map_err(anyhow::Error::msg)?;
+    tracing::info!(engines = ?engines.iter().map(|e| e.label()).collect::<Vec<_>>(), "restoration engines ready");
 
     let wake = Arc::new(Notify::new());
     let pipeline = Pipeline::new(
@@ -106,7 +106,14 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     let tasks = TaskTracker::new();
     let ingest_task = tokio::spawn(ingest::serve(listener, scp, sink, shutdown.clone(), associations.clone()));
     let sched_task = tokio::spawn(pipeline.clone().run(shutdown.clone(), tasks.clone()));
-    let control_task = tokio::spawn(control::serve(control, pipeline, shutdown.clone()));
+    let status = control::StaticStatus {
+        device_id: settings.node.device_id.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ae_title: settings.dicom.ae_title.clone(),
+        listen: dicom_addr.to_string(),
+        engines: reports,
+    };
+    let control_task = tokio::spawn(control::serve(control, pipeline, status, shutdown.clone()));
     let main = tokio::spawn(async move {
         let _ = tokio::join!(ingest_task, sched_task, control_task);
     });

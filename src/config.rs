@@ -93,6 +93,11 @@ struct RawRestore {
     forward_skipped: Option<bool>,
     series_description_suffix: Option<String>,
     series_number_offset: Option<u32>,
+    threads: Option<usize>,
+    ort_library: Option<String>,
+    ort_providers: Option<Vec<String>>,
+    tensorrt_fp16: Option<bool>,
+    tensorrt_workspace_mb: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -178,6 +183,13 @@ pub struct RestoreSettings {
     pub forward_skipped: bool,
     pub series_description_suffix: String,
     pub series_number_offset: u32,
+    /// CPU threads for the neural engines; 0 = one per core.
+    pub threads: usize,
+    /// libonnxruntime path; `None`: ORT_DYLIB_PATH, else the loader's search.
+    pub ort_library: Option<PathBuf>,
+    pub ort_providers: Vec<String>,
+    pub tensorrt_fp16: bool,
+    pub tensorrt_workspace_mb: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -200,7 +212,9 @@ pub struct Settings {
 }
 
 /// Engines this build knows.
-pub const KNOWN_ENGINES: &[&str] = &["gaussian"];
+pub const KNOWN_ENGINES: &[&str] = &["ort", "tract", "gaussian"];
+/// ONNX Runtime execution providers this build can ask for.
+pub const KNOWN_PROVIDERS: &[&str] = &["tensorrt", "cuda", "cpu"];
 
 impl Settings {
     /// The built-in defaults (the embedded annotated file).
@@ -354,6 +368,15 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
             "make min_frame_duration_s <= max_frame_duration_s",
         ));
     }
+    let providers: Vec<String> = pick!(u, d, restore.ort_providers);
+    if providers.is_empty() || providers.iter().any(|p| !KNOWN_PROVIDERS.contains(&p.as_str())) {
+        return Err(invalid(
+            "restore.ort_providers",
+            format!("{providers:?} is not a list of known providers"),
+            format!("use some of {:?}, in order of preference, e.g. [\"tensorrt\", \"cuda\", \"cpu\"]", KNOWN_PROVIDERS),
+        ));
+    }
+    let ort_library: String = pick!(u, d, restore.ort_library);
     let restore = RestoreSettings {
         engines,
         model: pick!(u, d, restore.model),
@@ -366,6 +389,11 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         forward_skipped: pick!(u, d, restore.forward_skipped),
         series_description_suffix: pick!(u, d, restore.series_description_suffix),
         series_number_offset: pick!(u, d, restore.series_number_offset),
+        threads: pick!(u, d, restore.threads),
+        ort_library: (!ort_library.is_empty()).then(|| PathBuf::from(ort_library)),
+        ort_providers: providers,
+        tensorrt_fp16: pick!(u, d, restore.tensorrt_fp16),
+        tensorrt_workspace_mb: pick!(u, d, restore.tensorrt_workspace_mb),
     };
 
     let max_attempts: u32 = pick!(u, d, egress.max_attempts);
@@ -462,7 +490,9 @@ mod tests {
         let e = Settings::from_toml("[dicom]\nlisten = \"nowhere\"\n", "t").unwrap_err().to_string();
         assert!(e.contains("dicom.listen") && e.contains("IP:PORT"), "{e}");
         let e = Settings::from_toml("[restore]\nengines = [\"magic\"]\n", "t").unwrap_err().to_string();
-        assert!(e.contains("restore.engines") && e.contains("gaussian"), "{e}");
+        assert!(e.contains("restore.engines") && e.contains("tract"), "{e}");
+        let e = Settings::from_toml("[restore]\nort_providers = [\"opencl\"]\n", "t").unwrap_err().to_string();
+        assert!(e.contains("restore.ort_providers") && e.contains("tensorrt"), "{e}");
         let e = Settings::from_toml("[dicom]\nallowed_callers = [\"A@host\"]\n", "t").unwrap_err().to_string();
         assert!(e.contains("allowed_callers"), "{e}");
     }

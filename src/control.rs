@@ -20,6 +20,7 @@ use crate::pipeline::Pipeline;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
+    Status,
     List,
     Show { id: String },
     Retry { id: String },
@@ -33,15 +34,50 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<Job>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+/// What does not change while the daemon runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StaticStatus {
+    pub device_id: String,
+    pub version: String,
+    pub ae_title: String,
+    pub listen: String,
+    /// Every configured engine: in use or why not (explicit fallback).
+    pub engines: Vec<crate::restore::EngineReport>,
+}
+
+/// `petrestore status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub fixed: StaticStatus,
+    /// Non-terminal jobs per state.
+    pub active: std::collections::BTreeMap<String, usize>,
 }
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
-fn answer(p: &Pipeline, req: Request) -> Response {
+fn answer(p: &Pipeline, fixed: &StaticStatus, req: Request) -> Response {
     let journal = &p.worker.journal;
+    if let Request::Status = req {
+        return match journal.active_jobs() {
+            Ok(jobs) => {
+                let mut active = std::collections::BTreeMap::new();
+                for j in jobs {
+                    *active.entry(j.state.name().to_string()).or_insert(0) += 1;
+                }
+                Response { ok: true, error: None, jobs: vec![], status: Some(Status { fixed: fixed.clone(), active }) }
+            }
+            Err(e) => Response { ok: false, error: Some(e.to_string()), jobs: vec![], status: None },
+        };
+    }
     let r: Result<Vec<Job>, String> = match req {
+        Request::Status => unreachable!("answered above"),
         Request::List => journal.all_jobs().map_err(|e| e.to_string()),
         Request::Show { id } => match journal.get(&id) {
             Ok(Some(j)) => Ok(vec![j]),
@@ -51,8 +87,8 @@ fn answer(p: &Pipeline, req: Request) -> Response {
         Request::Retry { id } => p.retry(&id).map(|j| vec![j]),
     };
     match r {
-        Ok(jobs) => Response { ok: true, error: None, jobs },
-        Err(e) => Response { ok: false, error: Some(e), jobs: vec![] },
+        Ok(jobs) => Response { ok: true, error: None, jobs, status: None },
+        Err(e) => Response { ok: false, error: Some(e), jobs: vec![], status: None },
     }
 }
 
@@ -69,27 +105,30 @@ pub fn bind(state_dir: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serve requests until shutdown.
-pub async fn serve(listener: UnixListener, pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
+pub async fn serve(listener: UnixListener, pipeline: Arc<Pipeline>, fixed: StaticStatus, shutdown: CancellationToken) {
+    let fixed = Arc::new(fixed);
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
             _ = shutdown.cancelled() => break,
         };
         let p = pipeline.clone();
+        let fixed = fixed.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let resp = match serde_json::from_str::<Request>(&line) {
                     Ok(req) => {
-                        let p = p.clone();
-                        tokio::task::spawn_blocking(move || answer(&p, req)).await.unwrap_or_else(|e| Response {
+                        let (p, f) = (p.clone(), fixed.clone());
+                        tokio::task::spawn_blocking(move || answer(&p, &f, req)).await.unwrap_or_else(|e| Response {
                             ok: false,
                             error: Some(e.to_string()),
                             jobs: vec![],
+                            status: None,
                         })
                     }
-                    Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), jobs: vec![] },
+                    Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), jobs: vec![], status: None },
                 };
                 let mut out = serde_json::to_vec(&resp).expect("responses serialize");
                 out.push(b'\n');

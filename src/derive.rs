@@ -18,6 +18,8 @@ use crate::restore::{SourceSlice, Volume};
 #[derive(Debug, Clone)]
 pub struct DeriveParams {
     pub engine: String,
+    /// A warning that must travel with the images (test model).
+    pub notice: Option<String>,
     pub model_id: String,
     pub series_description_suffix: String,
     pub series_number_offset: u32,
@@ -92,7 +94,8 @@ pub fn derive_series(slices: &[SourceSlice], restored: &Volume, p: &DeriveParams
         obj.put(el(tags::IMAGE_TYPE, VR::CS, PrimitiveValue::Strs(image_type.into_iter().collect())));
 
         let desc = format!(
-            "Restored by petrestore {} on {}: engine {}, model {}. Denoised only; Actual Frame Duration and quantitation attributes unchanged.",
+            "{}Restored by petrestore {} on {}: engine {}, model {}. Denoised only; Actual Frame Duration and quantitation attributes unchanged.",
+            p.notice.as_ref().map(|n| format!("{n} ")).unwrap_or_default(),
             env!("CARGO_PKG_VERSION"),
             p.device_id,
             p.engine,

@@ -35,8 +35,19 @@ enum Command {
         /// Engine to use (overrides restore.engines).
         #[arg(long)]
         engine: Option<String>,
+        /// Model package folder (overrides restore.model).
+        #[arg(long)]
+        model: Option<PathBuf>,
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// What the running daemon is doing: engines and providers in use (and why
+    /// others are not), active jobs per state.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// The whole loop on loopback with a synthetic study: no broker, no GPU, no setup.
     Demo {
@@ -155,7 +166,7 @@ async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsA
             s.node.state_dir = state_dir.clone();
             let j = app::open_journal(&s)?;
             match &req {
-                control::Request::List => j.all_jobs()?,
+                control::Request::List | control::Request::Status => j.all_jobs()?,
                 control::Request::Show { id } => {
                     vec![j.get(id)?.with_context(|| format!("no job {id}; `petrestore jobs list` shows the known jobs"))?]
                 }
@@ -176,8 +187,24 @@ async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsA
     Ok(())
 }
 
-fn offline_restore(input: PathBuf, output: PathBuf, engine: Option<String>, config: Option<PathBuf>) -> Result<()> {
+async fn status(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
+    let settings = load_settings(config.as_ref())?;
+    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    match control::request(&state_dir, &control::Request::Status).await.map_err(anyhow::Error::msg)? {
+        Some(r) if r.ok => {
+            println!("{}", serde_json::to_string_pretty(&r.status)?);
+            Ok(())
+        }
+        Some(r) => bail!("{}", r.error.unwrap_or_default()),
+        None => bail!("no daemon is running on {} (no control socket); start it with `petrestore serve`", state_dir.display()),
+    }
+}
+
+fn offline_restore(input: PathBuf, output: PathBuf, engine: Option<String>, model: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
     let mut settings = load_settings(config.as_ref())?;
+    if let Some(m) = model {
+        settings.restore.model = m;
+    }
     if let Some(e) = engine {
         if !petrestore::config::KNOWN_ENGINES.contains(&e.as_str()) {
             bail!("unknown engine {e:?}: this build has {}", petrestore::config::KNOWN_ENGINES.join(", "));
@@ -193,8 +220,11 @@ fn offline_restore(input: PathBuf, output: PathBuf, engine: Option<String>, conf
     if paths.is_empty() {
         bail!("--input {} holds no files: point it at one series folder", input.display());
     }
-    let engines = restore::engines_from_settings(&settings.restore).map_err(anyhow::Error::msg)?;
-    let restored = match pipeline::worker::restore_paths(&settings, &engines, &paths) {
+    let engines = restore::engines_from_settings(&settings).map_err(anyhow::Error::msg)?;
+    for r in engines.reports.iter().filter(|r| !r.ok) {
+        eprintln!("petrestore: engine {} unavailable: {}", r.engine, r.detail);
+    }
+    let restored = match pipeline::worker::restore_paths(&settings, &engines.engines, &paths) {
         Ok(r) => r,
         Err(pipeline::worker::Ending::Skipped(r)) => bail!("series not restored (selection rules): {r}"),
         Err(pipeline::worker::Ending::Failed(r)) | Err(pipeline::worker::Ending::Restored { engine: r, .. }) => {
@@ -203,6 +233,9 @@ fn offline_restore(input: PathBuf, output: PathBuf, engine: Option<String>, conf
     };
     if output.exists() && std::fs::read_dir(&output)?.next().is_some() {
         bail!("--output {} is not empty: choose an empty or new folder", output.display());
+    }
+    for f in &restored.fallbacks {
+        eprintln!("petrestore: engine fallback: {f}");
     }
     let (engine, model) = (restored.engine.clone(), restored.model_id.clone());
     let n = pipeline::worker::write_instances(&output, restored.instances).map_err(anyhow::Error::msg)?;
@@ -217,7 +250,8 @@ fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(config.as_ref())?;
             rt()?.block_on(app::serve(settings))
         }
-        Command::Restore { input, output, engine, config } => offline_restore(input, output, engine, config),
+        Command::Restore { input, output, engine, model, config } => offline_restore(input, output, engine, model, config),
+        Command::Status { config, state_dir } => rt()?.block_on(status(config, state_dir)),
         Command::Demo { workdir, slices, matrix, frame_duration } => {
             if !(4..=1000).contains(&slices) || !(16..=512).contains(&matrix) {
                 bail!("--slices must be 4..=1000 and --matrix 16..=512");

@@ -98,6 +98,9 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
         Err(e) => return e,
     };
     let dir = output_dir(&s.node.state_dir, &job.id);
+    for f in &restored.fallbacks {
+        let _ = ctx.journal.update(&job.id, |j| j.note(format!("engine fallback: {f}")));
+    }
     match write_instances(&dir, restored.instances) {
         Ok(count) => Ending::Restored { engine: restored.engine, model_id: restored.model_id, series_uid: restored.series_uid, count },
         Err(e) => Ending::Failed(e),
@@ -106,6 +109,8 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
 
 /// A restored series, not yet written.
 pub struct Restored {
+    /// Engines that failed on this series before `engine` succeeded.
+    pub fallbacks: Vec<String>,
     pub engine: String,
     pub model_id: String,
     pub series_uid: String,
@@ -117,10 +122,11 @@ pub struct Restored {
 pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf]) -> Result<Restored, Ending> {
     let loaded = volume::load(paths).map_err(|e| Ending::Failed(format!("cannot build a volume: {e}")))?;
     select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(Ending::Skipped)?;
-    let (restored, engine) =
+    let (restored, engine, fallbacks) =
         run_engines(engines, &loaded.volume).map_err(|e| Ending::Failed(format!("restoration failed: {e}")))?;
     let params = DeriveParams {
-        engine: engine.name().to_owned(),
+        engine: engine.label(),
+        notice: engine.notice(),
         model_id: engine.model_id(),
         series_description_suffix: s.restore.series_description_suffix.clone(),
         series_number_offset: s.restore.series_number_offset,
@@ -129,6 +135,7 @@ pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf
     let source_series = loaded.slices[0].dataset.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
     let instances = derive_series(&loaded.slices, &restored, &params);
     Ok(Restored {
+        fallbacks,
         series_uid: crate::dicom::uid::derived_uid(&source_series, &params.model_id),
         engine: params.engine,
         model_id: params.model_id,

@@ -5,7 +5,11 @@
 //! run is logged with its reason and the next one is used (never silently).
 
 pub mod gaussian;
+pub mod model;
+pub mod neural;
+pub mod ort_engine;
 pub mod select;
+pub mod tract_engine;
 pub mod volume;
 
 pub use volume::{SourceSlice, Volume};
@@ -31,41 +35,113 @@ pub trait Engine: Send + Sync {
     fn check(&self) -> Result<(), EngineError>;
     /// Restore a volume; the result has the same shape and units (Bq/ml).
     fn run(&self, input: &Volume) -> Result<Volume, EngineError>;
+    /// What produced the pixels, for Derivation Description and the job
+    /// record (e.g. "ort/cuda").
+    fn label(&self) -> String {
+        self.name().to_owned()
+    }
+    /// A warning that must travel with the output (a test model).
+    fn notice(&self) -> Option<String> {
+        None
+    }
 }
 
-/// Build the configured engines, in order, skipping (and logging) those that
-/// cannot run here. Errors only when none is left.
-pub fn engines_from_settings(s: &crate::config::RestoreSettings) -> Result<Vec<std::sync::Arc<dyn Engine>>, String> {
-    let mut out: Vec<std::sync::Arc<dyn Engine>> = Vec::new();
-    let mut problems = Vec::new();
-    for name in &s.engines {
-        let engine: std::sync::Arc<dyn Engine> = match name.as_str() {
-            "gaussian" => std::sync::Arc::new(gaussian::Gaussian::new(s.gaussian_fwhm_mm)),
-            other => {
-                problems.push(format!("{other}: not in this build"));
-                continue;
+/// Written into Derivation Description when a test package is used.
+pub const TEST_MODEL_NOTICE: &str = "TEST MODEL with untrained weights: not for clinical use.";
+
+/// How an engine fared at start (shown by `petrestore status`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EngineReport {
+    pub engine: String,
+    pub ok: bool,
+    /// Provider in use (ort), model id, or why it cannot run.
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<ort_engine::ProviderReport>,
+}
+
+/// The engines that can run here, in configured order, and a report per
+/// configured engine.
+pub struct Engines {
+    pub engines: Vec<std::sync::Arc<dyn Engine>>,
+    pub reports: Vec<EngineReport>,
+}
+
+/// Build the configured engines in order. A model package that is missing,
+/// corrupt or mismatched is an error (the daemon must not start on it); an
+/// engine that cannot load here (no ONNX Runtime library, no GPU provider)
+/// is logged with its reason and skipped. Errors when no engine is left.
+pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, String> {
+    let r = &s.restore;
+    let needs_model = r.engines.iter().any(|e| e == "ort" || e == "tract");
+    let pkg = if needs_model { Some(model::ModelPackage::load(&r.model).map_err(|e| e.to_string())?) } else { None };
+    if let Some(p) = pkg.as_ref().filter(|p| p.is_test_model()) {
+        tracing::warn!(model = %p.model_id(), "restore.model is a TEST model (untrained weights): not for clinical use");
+    }
+    let mut out = Engines { engines: Vec::new(), reports: Vec::new() };
+    for name in &r.engines {
+        let built: Result<std::sync::Arc<dyn Engine>, EngineError> = match name.as_str() {
+            "gaussian" => Ok(std::sync::Arc::new(gaussian::Gaussian::new(r.gaussian_fwhm_mm))),
+            "tract" => tract_engine::TractEngine::new(pkg.clone().expect("loaded above"), r.threads)
+                .map(|e| std::sync::Arc::new(e) as std::sync::Arc<dyn Engine>),
+            "ort" => {
+                let o = ort_engine::OrtOptions {
+                    library: r.ort_library.clone(),
+                    providers: r.ort_providers.clone(),
+                    tensorrt_fp16: r.tensorrt_fp16,
+                    tensorrt_workspace_mb: r.tensorrt_workspace_mb,
+                    cache_dir: s.node.state_dir.join("trt-cache"),
+                    threads: r.threads,
+                };
+                match ort_engine::OrtEngine::new(pkg.clone().expect("loaded above"), &o) {
+                    Ok(e) => {
+                        out.reports.push(EngineReport {
+                            engine: "ort".into(),
+                            ok: true,
+                            detail: format!("provider {}", e.provider()),
+                            providers: e.providers.clone(),
+                        });
+                        match e.check() {
+                            Ok(()) => out.engines.push(std::sync::Arc::new(e)),
+                            Err(err) => {
+                                let last = out.reports.last_mut().expect("pushed above");
+                                last.ok = false;
+                                last.detail = err.to_string();
+                                tracing::warn!(engine = "ort", error = %err, "engine unavailable; trying the next one");
+                            }
+                        }
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
             }
+            other => Err(EngineError::Unavailable { engine: other.into(), reason: "not in this build".into() }),
         };
-        match engine.check() {
-            Ok(()) => out.push(engine),
-            Err(e) => {
-                tracing::warn!(engine = %name, error = %e, "engine unavailable; trying the next one");
-                problems.push(e.to_string());
+        match built.and_then(|e| e.check().map(|()| e)) {
+            Ok(e) => {
+                out.reports.push(EngineReport { engine: name.clone(), ok: true, detail: e.model_id(), providers: vec![] });
+                out.engines.push(e);
+            }
+            Err(err) => {
+                tracing::warn!(engine = %name, error = %err, "engine unavailable; trying the next one");
+                out.reports.push(EngineReport { engine: name.clone(), ok: false, detail: err.to_string(), providers: vec![] });
             }
         }
     }
-    if out.is_empty() {
-        return Err(format!("no restoration engine can run: {}", problems.join("; ")));
+    if out.engines.is_empty() {
+        let why: Vec<String> = out.reports.iter().map(|r| r.detail.clone()).collect();
+        return Err(format!("no restoration engine can run: {}", why.join("; ")));
     }
     Ok(out)
 }
 
-/// Run the first engine that succeeds; report each failure on the way.
-pub fn run_engines(engines: &[std::sync::Arc<dyn Engine>], v: &Volume) -> Result<(Volume, std::sync::Arc<dyn Engine>), String> {
+/// Run the first engine that succeeds; report each failure on the way
+/// (the failures are returned with the result so the job records them).
+pub fn run_engines(engines: &[std::sync::Arc<dyn Engine>], v: &Volume) -> Result<(Volume, std::sync::Arc<dyn Engine>, Vec<String>), String> {
     let mut errors = Vec::new();
     for e in engines {
         match e.run(v) {
-            Ok(out) => return Ok((out, e.clone())),
+            Ok(out) => return Ok((out, e.clone(), errors)),
             Err(err) => {
                 tracing::warn!(engine = e.name(), error = %err, "engine failed; falling back to the next one");
                 errors.push(err.to_string());

@@ -1,0 +1,151 @@
+//! What the neural engines share: quantitative normalisation, 2.5D slice
+//! stacks with defined edge handling, batching, and the map back to Bq/ml.
+//! A backend (tract, ONNX Runtime) only runs one batch.
+
+use super::Volume;
+use super::model::ModelPackage;
+
+/// One inference call: `input` is `[b, c, h, w]` contiguous f32; the result
+/// must be `[b, 1, h, w]`.
+pub trait Backend: Send + Sync {
+    fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String>;
+}
+
+/// Normalisation scale: the mean of body voxels, where the body is every
+/// voxel above `fraction` × the 99.9th percentile. Invertible (one number per
+/// series) and quantitative (it scales with activity, so SUV ratios hold).
+pub fn body_scale(v: &Volume, fraction: f64) -> Option<f32> {
+    // A strided sample is plenty for a percentile and keeps this O(n/7).
+    let mut sample: Vec<f32> = v.data.iter().step_by(7).copied().filter(|x| x.is_finite()).collect();
+    if sample.is_empty() {
+        return None;
+    }
+    let k = ((sample.len() as f64 * 0.999) as usize).min(sample.len() - 1);
+    let (_, p999, _) = sample.select_nth_unstable_by(k, f32::total_cmp);
+    let threshold = *p999 as f64 * fraction;
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for x in &v.data {
+        if (*x as f64) > threshold {
+            sum += *x as f64;
+            n += 1;
+        }
+    }
+    (n > 0 && sum > 0.0).then(|| (sum / n as f64) as f32)
+}
+
+/// Restore a volume slice by slice with 2.5D context. At the first and last
+/// slices the missing neighbours repeat the edge slice (replicate padding).
+pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend) -> Result<Volume, String> {
+    let scale = body_scale(v, pkg.normalisation.threshold_fraction).ok_or("the volume holds no activity")?;
+    let (h, w, nz) = (v.ny, v.nx, v.nz);
+    let plane = h * w;
+    let c = pkg.io.context_slices;
+    let half = c / 2;
+    let inv = 1.0 / scale;
+    let mut out = Vec::with_capacity(v.data.len());
+    let mut start = 0;
+    while start < nz {
+        let b = pkg.io.batch.min(nz - start);
+        let mut input = vec![0.0f32; b * c * plane];
+        for i in 0..b {
+            let z = start + i;
+            for k in 0..c {
+                let zz = (z + k).saturating_sub(half).min(nz - 1);
+                let dst = &mut input[(i * c + k) * plane..(i * c + k + 1) * plane];
+                for (d, s) in dst.iter_mut().zip(v.slice(zz)) {
+                    *d = s * inv;
+                }
+            }
+        }
+        let y = backend.infer(&input, b, c, h, w)?;
+        if y.len() != b * plane {
+            return Err(format!("model returned {} values for a batch of {b} slices of {h}x{w}; expected {}", y.len(), b * plane));
+        }
+        if let Some(bad) = y.iter().position(|x| !x.is_finite()) {
+            return Err(format!("model returned a non-finite value at slice {}", start + bad / plane));
+        }
+        out.extend(y.iter().map(|x| x * scale));
+        start += b;
+    }
+    Ok(Volume { data: out, ..v.clone_shape() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend that returns the centre channel: restoration must then be
+    /// the identity, edges included.
+    struct Centre;
+    impl Backend for Centre {
+        fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+            let p = h * w;
+            Ok((0..b).flat_map(|i| input[(i * c + c / 2) * p..(i * c + c / 2 + 1) * p].to_vec()).collect())
+        }
+    }
+
+    /// Returns the first channel: shows which neighbour the edge uses.
+    struct First;
+    impl Backend for First {
+        fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+            let p = h * w;
+            Ok((0..b).flat_map(|i| input[(i * c) * p..(i * c + 1) * p].to_vec()).collect())
+        }
+    }
+
+    fn pkg() -> ModelPackage {
+        ModelPackage::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/test-unet")).unwrap()
+    }
+
+    fn vol() -> Volume {
+        let (nx, ny, nz) = (4, 3, 7);
+        Volume { nx, ny, nz, spacing: [1.0; 3], data: (0..nx * ny * nz).map(|i| (i / (nx * ny)) as f32 * 100.0 + 50.0).collect() }
+    }
+
+    #[test]
+    fn identity_backend_gives_back_the_input_in_bqml() {
+        let v = vol();
+        let r = restore_volume(&v, &pkg(), &Centre).unwrap();
+        for (a, b) in r.data.iter().zip(&v.data) {
+            assert!((a - b).abs() < 1e-3 * b.abs().max(1.0));
+        }
+    }
+
+    #[test]
+    fn edges_repeat_the_first_and_last_slice() {
+        let v = vol();
+        let r = restore_volume(&v, &pkg(), &First).unwrap();
+        // context 5: slice z sees z-2, clamped at 0
+        let s = |vol: &Volume, z: usize| vol.slice(z)[0];
+        let same = |a: f32, b: f32| assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        same(s(&r, 0), s(&v, 0));
+        same(s(&r, 1), s(&v, 0));
+        same(s(&r, 2), s(&v, 0));
+        same(s(&r, 3), s(&v, 1));
+        same(s(&r, 6), s(&v, 4));
+        // the last slice's forward neighbours repeat it: check with the last channel
+        struct Last;
+        impl Backend for Last {
+            fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+                let p = h * w;
+                Ok((0..b).flat_map(|i| input[(i * c + c - 1) * p..(i * c + c) * p].to_vec()).collect())
+            }
+        }
+        let r = restore_volume(&v, &pkg(), &Last).unwrap();
+        same(s(&r, 6), s(&v, 6));
+        same(s(&r, 5), s(&v, 6));
+        same(s(&r, 4), s(&v, 6));
+        same(s(&r, 3), s(&v, 5));
+    }
+
+    #[test]
+    fn wrong_output_size_is_an_error() {
+        struct Short;
+        impl Backend for Short {
+            fn infer(&self, _: &[f32], _: usize, _: usize, _: usize, _: usize) -> Result<Vec<f32>, String> {
+                Ok(vec![0.0; 3])
+            }
+        }
+        assert!(restore_volume(&vol(), &pkg(), &Short).unwrap_err().contains("expected"));
+    }
+}

@@ -1,0 +1,172 @@
+//! The ONNX Runtime engine, loaded at run time from a libonnxruntime shared
+//! library (ort's `load-dynamic`: nothing is downloaded at build time). On
+//! the Jetson the execution providers are tried in configured order —
+//! TensorRT (FP16, engine cache under the state directory so the first-start
+//! build is paid once), CUDA, CPU — each registered on its own with
+//! `error_on_failure`, so a provider that cannot load is logged with its
+//! reason and the next one is tried: the fallback is explicit, never ort's
+//! silent default.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ort::ep::{self, ExecutionProviderDispatch};
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use super::model::ModelPackage;
+use super::neural::{Backend, restore_volume};
+use super::{Engine, EngineError, Volume};
+
+/// ONNX Runtime settings (from `[restore]`).
+#[derive(Debug, Clone)]
+pub struct OrtOptions {
+    /// Path of libonnxruntime; `None`: `ORT_DYLIB_PATH`, else `libonnxruntime.so`.
+    pub library: Option<PathBuf>,
+    /// Execution providers in order: "tensorrt", "cuda", "cpu".
+    pub providers: Vec<String>,
+    pub tensorrt_fp16: bool,
+    pub tensorrt_workspace_mb: usize,
+    /// TensorRT engine cache folder.
+    pub cache_dir: PathBuf,
+    /// Intra-op threads; 0 = one per core.
+    pub threads: usize,
+}
+
+/// What happened to each provider when the session was made.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ProviderReport {
+    pub provider: String,
+    pub ok: bool,
+    pub reason: Option<String>,
+}
+
+pub struct OrtEngine {
+    pkg: ModelPackage,
+    session: Mutex<Session>,
+    _env: ort::environment::Environment,
+    /// The provider in use and why the ones before it were skipped.
+    pub providers: Vec<ProviderReport>,
+}
+
+fn unavailable(reason: impl ToString) -> EngineError {
+    EngineError::Unavailable { engine: "ort".into(), reason: reason.to_string() }
+}
+
+/// Resolve the library path the way the docs say.
+pub fn library_path(opt: Option<&Path>) -> PathBuf {
+    opt.map(Path::to_owned)
+        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
+}
+
+fn dispatch(name: &str, o: &OrtOptions) -> Option<ExecutionProviderDispatch> {
+    Some(match name {
+        "tensorrt" => ep::TensorRT::default()
+            .with_fp16(o.tensorrt_fp16)
+            .with_engine_cache(true)
+            .with_engine_cache_path(o.cache_dir.display().to_string())
+            .with_timing_cache(true)
+            .with_timing_cache_path(o.cache_dir.display().to_string())
+            .with_max_workspace_size(o.tensorrt_workspace_mb * 1024 * 1024)
+            .build()
+            .error_on_failure(),
+        "cuda" => ep::CUDA::default().build().error_on_failure(),
+        "cpu" => ep::CPU::default().build().error_on_failure(),
+        _ => return None,
+    })
+}
+
+impl OrtEngine {
+    pub fn new(pkg: ModelPackage, o: &OrtOptions) -> Result<OrtEngine, EngineError> {
+        let lib = library_path(o.library.as_deref());
+        let env = ort::init_from(&lib)
+            .map_err(|e| unavailable(format!("cannot load ONNX Runtime from {}: {e}; set restore.ort_library or ORT_DYLIB_PATH", lib.display())))?
+            .with_name("petrestore")
+            .build()
+            .map_err(|e| unavailable(format!("cannot start ONNX Runtime: {e}")))?;
+        if o.providers.iter().any(|p| p == "tensorrt") {
+            let _ = std::fs::create_dir_all(&o.cache_dir);
+        }
+        let threads = if o.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { o.threads };
+        let mut reports = Vec::new();
+        for name in &o.providers {
+            let Some(ep) = dispatch(name, o) else {
+                reports.push(ProviderReport { provider: name.clone(), ok: false, reason: Some("unknown provider".into()) });
+                continue;
+            };
+            let built = (|| -> Result<Session, String> {
+                Session::builder(&env)
+                    .map_err(|e| e.to_string())?
+                    .with_no_environment_execution_providers()
+                    .map_err(|e| e.to_string())?
+                    .with_execution_providers([ep])
+                    .map_err(|e| e.to_string())?
+                    .with_intra_threads(threads)
+                    .map_err(|e| e.to_string())?
+                    // spinning threads steal the other core on a 2-core box
+                    .with_intra_op_spinning(false)
+                    .map_err(|e| e.to_string())?
+                    .commit_from_file(&pkg.onnx_path)
+                    .map_err(|e| e.to_string())
+            })();
+            match built {
+                Ok(session) => {
+                    tracing::info!(provider = %name, library = %lib.display(), "ONNX Runtime session ready");
+                    reports.push(ProviderReport { provider: name.clone(), ok: true, reason: None });
+                    return Ok(OrtEngine { pkg, session: Mutex::new(session), _env: env, providers: reports });
+                }
+                Err(reason) => {
+                    tracing::warn!(provider = %name, %reason, "execution provider unavailable; trying the next one");
+                    reports.push(ProviderReport { provider: name.clone(), ok: false, reason: Some(reason) });
+                }
+            }
+        }
+        let why: Vec<String> = reports.iter().map(|r| format!("{}: {}", r.provider, r.reason.clone().unwrap_or_default())).collect();
+        Err(unavailable(format!("no execution provider could run the model ({})", why.join("; "))))
+    }
+
+    /// The provider the session runs on.
+    pub fn provider(&self) -> &str {
+        self.providers.iter().find(|r| r.ok).map(|r| r.provider.as_str()).unwrap_or("none")
+    }
+}
+
+impl Backend for OrtEngine {
+    fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+        let tensor = TensorRef::from_array_view(([b, c, h, w], input)).map_err(|e| e.to_string())?;
+        let mut session = self.session.lock().map_err(|_| "session lock poisoned".to_string())?;
+        let outputs = session
+            .run(ort::inputs![self.pkg.io.input.as_str() => tensor])
+            .map_err(|e| e.to_string())?;
+        let out = outputs
+            .get(self.pkg.io.output.as_str())
+            .ok_or_else(|| format!("model has no output {:?}", self.pkg.io.output))?;
+        let (_, data) = out.try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+        Ok(data.to_vec())
+    }
+}
+
+impl Engine for OrtEngine {
+    fn name(&self) -> &str {
+        "ort"
+    }
+    fn label(&self) -> String {
+        format!("ort/{}", self.provider())
+    }
+    fn notice(&self) -> Option<String> {
+        self.pkg.is_test_model().then(|| super::TEST_MODEL_NOTICE.to_string())
+    }
+    fn model_id(&self) -> String {
+        self.pkg.model_id()
+    }
+    fn check(&self) -> Result<(), EngineError> {
+        let c = self.pkg.io.context_slices;
+        self.infer(&vec![0.5; c * 16 * 16], 1, c, 16, 16)
+            .map(|_| ())
+            .map_err(|e| unavailable(format!("model {} does not run: {e}", self.pkg.onnx_path.display())))
+    }
+    fn run(&self, input: &Volume) -> Result<Volume, EngineError> {
+        restore_volume(input, &self.pkg, self).map_err(|reason| EngineError::Failed { engine: "ort".into(), reason })
+    }
+}

@@ -1,0 +1,89 @@
+//! The tract engine: pure Rust, always available, the embedded default.
+//! The ONNX graph is parsed once; for every input shape (batch, height,
+//! width) a shape-concretised, optimised plan is built once and reused
+//! across slices and series. Matrix products run on a private thread pool
+//! of `threads` workers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tract_linalg::multithread::{Executor, multithread_tract_scope};
+use tract_onnx::prelude::*;
+
+use super::model::ModelPackage;
+use super::neural::{Backend, restore_volume};
+use super::{Engine, EngineError, Volume};
+
+type Plan = Arc<TypedRunnableModel>;
+
+pub struct TractEngine {
+    pkg: ModelPackage,
+    model: InferenceModel,
+    plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    executor: Executor,
+}
+
+fn err(reason: impl ToString) -> EngineError {
+    EngineError::Failed { engine: "tract".into(), reason: reason.to_string() }
+}
+
+impl TractEngine {
+    /// Parse the model; `threads` = 0 means one per core.
+    pub fn new(pkg: ModelPackage, threads: usize) -> Result<TractEngine, EngineError> {
+        let model = tract_onnx::onnx().model_for_path(&pkg.onnx_path).map_err(|e| EngineError::Unavailable {
+            engine: "tract".into(),
+            reason: format!("cannot parse {}: {e:#}", pkg.onnx_path.display()),
+        })?;
+        let n = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
+        let executor = if n > 1 { Executor::multithread(n) } else { Executor::SingleThread };
+        Ok(TractEngine { pkg, model, plans: Mutex::new(HashMap::new()), executor })
+    }
+
+    fn plan(&self, b: usize, c: usize, h: usize, w: usize) -> TractResult<Plan> {
+        if let Some(p) = self.plans.lock().expect("plan cache").get(&(b, h, w)) {
+            return Ok(p.clone());
+        }
+        let plan = self
+            .model
+            .clone()
+            .with_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), tvec![b, c, h, w]))?
+            .into_optimized()?
+            .into_runnable()?;
+        self.plans.lock().expect("plan cache").insert((b, h, w), plan.clone());
+        Ok(plan)
+    }
+}
+
+impl Backend for TractEngine {
+    fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+        let plan = self.plan(b, c, h, w).map_err(|e| format!("cannot prepare the model for {b}x{c}x{h}x{w}: {e:#}"))?;
+        let tensor = Tensor::from_shape(&[b, c, h, w], input).map_err(|e| e.to_string())?;
+        let out = multithread_tract_scope(self.executor.clone(), || plan.run(tvec!(tensor.into())))
+            .map_err(|e| format!("{e:#}"))?;
+        let view = out[0].to_plain_array_view::<f32>().map_err(|e| e.to_string())?;
+        Ok(view.iter().copied().collect())
+    }
+}
+
+impl Engine for TractEngine {
+    fn name(&self) -> &str {
+        "tract"
+    }
+    fn notice(&self) -> Option<String> {
+        self.pkg.is_test_model().then(|| super::TEST_MODEL_NOTICE.to_string())
+    }
+    fn model_id(&self) -> String {
+        self.pkg.model_id()
+    }
+    fn check(&self) -> Result<(), EngineError> {
+        // Prove the model runs: one tiny batch through a fresh plan.
+        let c = self.pkg.io.context_slices;
+        self.infer(&vec![0.5; c * 16 * 16], 1, c, 16, 16).map(|_| ()).map_err(|e| EngineError::Unavailable {
+            engine: "tract".into(),
+            reason: format!("model {} does not run: {e}", self.pkg.onnx_path.display()),
+        })
+    }
+    fn run(&self, input: &Volume) -> Result<Volume, EngineError> {
+        restore_volume(input, &self.pkg, self).map_err(err)
+    }
+}
