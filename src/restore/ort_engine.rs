@@ -77,14 +77,36 @@ fn dispatch(name: &str, o: &OrtOptions) -> Option<ExecutionProviderDispatch> {
     })
 }
 
+/// ONNX Runtime allows one library and one environment per process: both
+/// are made once and shared by every engine built later (a config reload,
+/// the tests).
+static ENVIRONMENT: Mutex<Option<(PathBuf, ort::environment::Environment)>> = Mutex::new(None);
+
+fn environment(lib: &Path) -> Result<ort::environment::Environment, EngineError> {
+    let mut g = ENVIRONMENT.lock().map_err(|_| unavailable("ONNX Runtime environment lock poisoned"))?;
+    if let Some((loaded, env)) = g.as_ref() {
+        if loaded == lib {
+            return Ok(env.clone());
+        }
+        return Err(unavailable(format!(
+            "ONNX Runtime is already loaded from {} in this process and cannot also load {}",
+            loaded.display(),
+            lib.display()
+        )));
+    }
+    let env = ort::init_from(lib)
+        .map_err(|e| unavailable(format!("cannot load ONNX Runtime from {}: {e}; set restore.ort_library or ORT_DYLIB_PATH", lib.display())))?
+        .with_name("petrestore")
+        .build()
+        .map_err(|e| unavailable(format!("cannot start ONNX Runtime: {e}")))?;
+    *g = Some((lib.to_owned(), env.clone()));
+    Ok(env)
+}
+
 impl OrtEngine {
     pub fn new(pkg: ModelPackage, o: &OrtOptions) -> Result<OrtEngine, EngineError> {
         let lib = library_path(o.library.as_deref());
-        let env = ort::init_from(&lib)
-            .map_err(|e| unavailable(format!("cannot load ONNX Runtime from {}: {e}; set restore.ort_library or ORT_DYLIB_PATH", lib.display())))?
-            .with_name("petrestore")
-            .build()
-            .map_err(|e| unavailable(format!("cannot start ONNX Runtime: {e}")))?;
+        let env = environment(&lib)?;
         if o.providers.iter().any(|p| p == "tensorrt") {
             let _ = std::fs::create_dir_all(&o.cache_dir);
         }

@@ -315,3 +315,41 @@ pub fn series(dir: &Path, slices: usize, matrix: usize, seed: u64) -> petrestore
 pub fn job_id(s: &petrestore::sim::SeriesFiles) -> String {
     petrestore::journal::job_id(&s.series_uid)
 }
+
+/// The real ONNX Runtime library: `ORT_DYLIB_PATH`, else the one `.ci/run`
+/// installs into `.venv`. Missing: the test fails, saying how to get it.
+pub fn ort_library() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "ORT_DYLIB_PATH={} does not exist", p.display());
+        return p;
+    }
+    let venv_lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    if let Ok(rd) = std::fs::read_dir(&venv_lib) {
+        for py in rd.flatten() {
+            let capi = py.path().join("site-packages/onnxruntime/capi");
+            if let Ok(files) = std::fs::read_dir(&capi) {
+                for f in files.flatten() {
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    if name.starts_with("libonnxruntime.so.") {
+                        return f.path();
+                    }
+                }
+            }
+        }
+    }
+    panic!(
+        "ONNX Runtime library not found: set ORT_DYLIB_PATH or run `python3 -m venv .venv && .venv/bin/pip install onnxruntime==1.31.1` (bash .ci/run does it)"
+    );
+}
+
+/// The test model package shipped in the repository.
+pub fn test_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/test-unet")
+}
+
+/// Python with numpy and onnx (the venv `.ci/run` makes, else python3).
+pub fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.exists() { venv } else { PathBuf::from("python3") }
+}
