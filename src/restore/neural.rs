@@ -35,23 +35,28 @@ pub fn body_scale(v: &Volume, fraction: f64) -> Option<f32> {
 
 /// Restore a volume slice by slice with 2.5D context. At the first and last
 /// slices the missing neighbours repeat the edge slice (replicate padding).
-pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend) -> Result<Volume, String> {
+/// `workers` threads each take whole batches (data parallelism: for a
+/// backend whose calls can run concurrently, e.g. tract's plans).
+pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, workers: usize) -> Result<Volume, String> {
     let scale = body_scale(v, pkg.normalisation.threshold_fraction).ok_or("the volume holds no activity")?;
     let (h, w, nz) = (v.ny, v.nx, v.nz);
     let plane = h * w;
     let c = pkg.io.context_slices;
     let half = c / 2;
     let inv = 1.0 / scale;
-    let mut out = Vec::with_capacity(v.data.len());
-    let mut start = 0;
-    while start < nz {
-        let b = pkg.io.batch.min(nz - start);
+    let batch = pkg.io.batch;
+    let n_batches = nz.div_ceil(batch);
+    let mut out = vec![0.0f32; v.data.len()];
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let run_one = |k: usize| -> Result<Vec<f32>, String> {
+        let start = k * batch;
+        let b = batch.min(nz - start);
         let mut input = vec![0.0f32; b * c * plane];
         for i in 0..b {
             let z = start + i;
-            for k in 0..c {
-                let zz = (z + k).saturating_sub(half).min(nz - 1);
-                let dst = &mut input[(i * c + k) * plane..(i * c + k + 1) * plane];
+            for j in 0..c {
+                let zz = (z + j).saturating_sub(half).min(nz - 1);
+                let dst = &mut input[(i * c + j) * plane..(i * c + j + 1) * plane];
                 for (d, s) in dst.iter_mut().zip(v.slice(zz)) {
                     *d = s * inv;
                 }
@@ -64,8 +69,38 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend) -> 
         if let Some(bad) = y.iter().position(|x| !x.is_finite()) {
             return Err(format!("model returned a non-finite value at slice {}", start + bad / plane));
         }
-        out.extend(y.iter().map(|x| x * scale));
-        start += b;
+        Ok(y)
+    };
+    let chunks: Vec<&mut [f32]> = out.chunks_mut(batch * plane).collect();
+    let slots: Vec<std::sync::Mutex<&mut [f32]>> = chunks.into_iter().map(std::sync::Mutex::new).collect();
+    let first_error: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    std::thread::scope(|sc| {
+        for _ in 0..workers.clamp(1, n_batches.max(1)) {
+            sc.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k >= n_batches || first_error.lock().expect("error slot").is_some() {
+                        return;
+                    }
+                    match run_one(k) {
+                        Ok(y) => {
+                            let mut slot = slots[k].lock().expect("output slot");
+                            for (d, s) in slot.iter_mut().zip(&y) {
+                                *d = s * scale;
+                            }
+                        }
+                        Err(e) => {
+                            first_error.lock().expect("error slot").get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    drop(slots);
+    if let Some(e) = first_error.into_inner().expect("error slot") {
+        return Err(e);
     }
     Ok(Volume { data: out, ..v.clone_shape() })
 }
@@ -105,7 +140,7 @@ mod tests {
     #[test]
     fn identity_backend_gives_back_the_input_in_bqml() {
         let v = vol();
-        let r = restore_volume(&v, &pkg(), &Centre).unwrap();
+        let r = restore_volume(&v, &pkg(), &Centre, 2).unwrap();
         for (a, b) in r.data.iter().zip(&v.data) {
             assert!((a - b).abs() < 1e-3 * b.abs().max(1.0));
         }
@@ -114,7 +149,7 @@ mod tests {
     #[test]
     fn edges_repeat_the_first_and_last_slice() {
         let v = vol();
-        let r = restore_volume(&v, &pkg(), &First).unwrap();
+        let r = restore_volume(&v, &pkg(), &First, 1).unwrap();
         // context 5: slice z sees z-2, clamped at 0
         let s = |vol: &Volume, z: usize| vol.slice(z)[0];
         let same = |a: f32, b: f32| assert!((a - b).abs() < 1e-3, "{a} vs {b}");
@@ -131,7 +166,7 @@ mod tests {
                 Ok((0..b).flat_map(|i| input[(i * c + c - 1) * p..(i * c + c) * p].to_vec()).collect())
             }
         }
-        let r = restore_volume(&v, &pkg(), &Last).unwrap();
+        let r = restore_volume(&v, &pkg(), &Last, 3).unwrap();
         same(s(&r, 6), s(&v, 6));
         same(s(&r, 5), s(&v, 6));
         same(s(&r, 4), s(&v, 6));
@@ -146,6 +181,6 @@ mod tests {
                 Ok(vec![0.0; 3])
             }
         }
-        assert!(restore_volume(&vol(), &pkg(), &Short).unwrap_err().contains("expected"));
+        assert!(restore_volume(&vol(), &pkg(), &Short, 2).unwrap_err().contains("expected"));
     }
 }

@@ -189,6 +189,7 @@ impl Engine for OrtEngine {
             .map_err(|e| unavailable(format!("model {} does not run: {e}", self.pkg.onnx_path.display())))
     }
     fn run(&self, input: &Volume) -> Result<Volume, EngineError> {
-        restore_volume(input, &self.pkg, self).map_err(|reason| EngineError::Failed { engine: "ort".into(), reason })
+        // one session, ONNX Runtime parallelises inside each call
+        restore_volume(input, &self.pkg, self, 1).map_err(|reason| EngineError::Failed { engine: "ort".into(), reason })
     }
 }

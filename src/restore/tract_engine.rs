@@ -1,13 +1,14 @@
 //! The tract engine: pure Rust, always available, the embedded default.
 //! The ONNX graph is parsed once; for every input shape (batch, height,
 //! width) a shape-concretised, optimised plan is built once and reused
-//! across slices and series. Matrix products run on a private thread pool
-//! of `threads` workers.
+//! across slices and series. Parallelism is over batches: `threads` workers
+//! each run whole batches through the shared plan single-threaded (tract's
+//! own multithreaded matmul scaled poorly on these small convolutions:
+//! 40 → 44 slices/s from 1 to 2 threads at 192², see BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tract_linalg::multithread::{Executor, multithread_tract_scope};
 use tract_onnx::prelude::*;
 
 use super::model::ModelPackage;
@@ -20,7 +21,7 @@ pub struct TractEngine {
     pkg: ModelPackage,
     model: InferenceModel,
     plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
-    executor: Executor,
+    workers: usize,
 }
 
 fn err(reason: impl ToString) -> EngineError {
@@ -34,9 +35,8 @@ impl TractEngine {
             engine: "tract".into(),
             reason: format!("cannot parse {}: {e:#}", pkg.onnx_path.display()),
         })?;
-        let n = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
-        let executor = if n > 1 { Executor::multithread(n) } else { Executor::SingleThread };
-        Ok(TractEngine { pkg, model, plans: Mutex::new(HashMap::new()), executor })
+        let workers = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
+        Ok(TractEngine { pkg, model, plans: Mutex::new(HashMap::new()), workers })
     }
 
     fn plan(&self, b: usize, c: usize, h: usize, w: usize) -> TractResult<Plan> {
@@ -58,8 +58,7 @@ impl Backend for TractEngine {
     fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
         let plan = self.plan(b, c, h, w).map_err(|e| format!("cannot prepare the model for {b}x{c}x{h}x{w}: {e:#}"))?;
         let tensor = Tensor::from_shape(&[b, c, h, w], input).map_err(|e| e.to_string())?;
-        let out = multithread_tract_scope(self.executor.clone(), || plan.run(tvec!(tensor.into())))
-            .map_err(|e| format!("{e:#}"))?;
+        let out = plan.run(tvec!(tensor.into())).map_err(|e| format!("{e:#}"))?;
         let view = out[0].to_plain_array_view::<f32>().map_err(|e| e.to_string())?;
         Ok(view.iter().copied().collect())
     }
@@ -84,6 +83,6 @@ impl Engine for TractEngine {
         })
     }
     fn run(&self, input: &Volume) -> Result<Volume, EngineError> {
-        restore_volume(input, &self.pkg, self).map_err(err)
+        restore_volume(input, &self.pkg, self, self.workers).map_err(err)
     }
 }
