@@ -54,11 +54,13 @@ fn main() {
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let model = std::env::var_os("MODEL").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/test-unet"));
     let lib = ort_library();
+    // PROVIDERS=tensorrt,cuda,cpu on a GPU machine (scripts/gpu-check.sh).
+    let providers: Vec<String> = std::env::var("PROVIDERS").unwrap_or_else(|_| "cpu".into()).split(',').map(str::to_string).collect();
     let tmp = tempfile::tempdir().unwrap();
     let pkg = restore::model::ModelPackage::load(&model).unwrap();
     println!("engine benchmark: model {} ({}), 268 slices, {reps} repetitions, medians", pkg.model_id(), model.display());
     println!(
-        "{:<7} {:<6} {:>7} {:>10} {:>12} {:>13} {:>13} {:>9}",
+        "{:<7} {:<10} {:>7} {:>10} {:>12} {:>13} {:>13} {:>9}",
         "matrix", "engine", "threads", "slices/s", "engine s", "restore cmd s", "peak RSS MiB", "vs ort"
     );
     for matrix in [192usize, 400] {
@@ -73,11 +75,12 @@ fn main() {
                 s.restore.engines = vec![engine.into()];
                 s.restore.model = model.clone();
                 s.restore.ort_library = Some(lib.clone());
-                s.restore.ort_providers = vec!["cpu".into()];
+                s.restore.ort_providers = providers.clone();
                 s.restore.threads = threads;
                 s.node.state_dir = tmp.path().to_owned();
                 let e = restore::engines_from_settings(&s).unwrap();
                 let eng = e.engines[0].clone();
+                let label = eng.label();
                 let _ = eng.run(&v).unwrap(); // warm-up: plans, allocations
                 let times: Vec<f64> = (0..reps)
                     .map(|_| {
@@ -92,7 +95,7 @@ fn main() {
                 std::fs::write(
                     &cfg,
                     format!(
-                        "[restore]\nengines = [\"{engine}\"]\nmodel = {model:?}\nort_library = {lib:?}\nort_providers = [\"cpu\"]\nthreads = {threads}\n"
+                        "[restore]\nengines = [\"{engine}\"]\nmodel = {model:?}\nort_library = {lib:?}\nort_providers = {providers:?}\nthreads = {threads}\n"
                     ),
                 )
                 .unwrap();
@@ -108,9 +111,9 @@ fn main() {
                     Some(o) => format!("{:.2}", t / o),
                 };
                 println!(
-                    "{:<7} {:<6} {:>7} {:>10.1} {:>12.2} {:>13.2} {:>13.0} {:>9}",
+                    "{:<7} {:<10} {:>7} {:>10.1} {:>12.2} {:>13.2} {:>13.0} {:>9}",
                     format!("{matrix}²"),
-                    engine,
+                    label,
                     threads,
                     268.0 / t,
                     t,

@@ -30,11 +30,20 @@ fn ort_cpu_and_tract_agree_on_the_same_model_and_volume() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 12, 96, 51);
     let v = volume::load(&src.files).unwrap().volume;
-    let s = settings_with(&["ort", "tract"], &test_model(), &ort_library());
+    let mut s = settings_with(&["ort", "tract"], &test_model(), &ort_library());
+    // scripts/gpu-check.sh runs this test through the GPU providers
+    // (PETRESTORE_ORT_PROVIDERS=cuda or tensorrt); CI uses the CPU one.
+    let providers = std::env::var("PETRESTORE_ORT_PROVIDERS").unwrap_or_else(|_| "cpu".into());
+    s.restore.ort_providers = providers.split(',').map(str::to_string).collect();
     let e = restore::engines_from_settings(&s).unwrap();
     assert_eq!(e.engines.iter().map(|e| e.name().to_string()).collect::<Vec<_>>(), ["ort", "tract"], "{:?}", e.reports);
+    assert_eq!(e.engines[0].label(), format!("ort/{}", s.restore.ort_providers[0]), "{:?}", e.reports);
+    let t = std::time::Instant::now();
     let a = e.engines[0].run(&v).unwrap();
+    let ta = t.elapsed();
+    let t = std::time::Instant::now();
     let b = e.engines[1].run(&v).unwrap();
+    println!("{}: {ta:?}, tract: {:?} for 12 slices of 96x96", e.engines[0].label(), t.elapsed());
     let scale = v.data.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     let max_abs = a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     // Tolerance: 1e-5 of the volume's range (float32 summation order differs).
