@@ -5,8 +5,10 @@
 //! → finish the running study (deliveries stop between instances and resume
 //! at the next start) → flush the journal → exit.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -20,6 +22,7 @@ use crate::ingest::{self, ScpConfig, store::SpoolSink};
 use crate::journal::{Journal, JournalError};
 use crate::pipeline::{Pipeline, worker::WorkerCtx};
 use crate::spool::Spool;
+use crate::telemetry::{self, Telemetry};
 use crate::{control, dicom, restore};
 
 /// How long open associations may take to finish after a stop request.
@@ -36,6 +39,8 @@ pub struct Daemon {
     associations: TaskTracker,
     tasks: TaskTracker,
     main: tokio::task::JoinHandle<()>,
+    telemetry_stop: CancellationToken,
+    telemetry_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Open the journal with a message that says what to do when it is locked.
@@ -81,6 +86,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     let dicom_addr = listener.local_addr()?;
     let control = control::bind(state).context("cannot create the control socket in node.state_dir")?;
 
+    let draining = Arc::new(AtomicBool::new(false));
     let mut abstract_syntaxes: Vec<String> = dicom::PET_STORAGE_CLASSES.iter().map(|s| s.to_string()).collect();
     if settings.dicom.non_pet == NonPetPolicy::Passthrough {
         abstract_syntaxes.extend(dicom::PASSTHROUGH_STORAGE_CLASSES.iter().map(|s| s.to_string()));
@@ -93,6 +99,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         max_associations: settings.dicom.max_associations,
         max_pdu_length: settings.dicom.max_pdu_length,
         idle_timeout: settings.dicom.idle_timeout,
+        draining: draining.clone(),
     });
     let sink = Arc::new(SpoolSink {
         spool,
@@ -106,6 +113,39 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     let tasks = TaskTracker::new();
     let ingest_task = tokio::spawn(ingest::serve(listener, scp, sink, shutdown.clone(), associations.clone()));
     let sched_task = tokio::spawn(pipeline.clone().run(shutdown.clone(), tasks.clone()));
+    // Telemetry: job events from the journal, commands and health through
+    // DaemonControl. It has its own stop token: it says `offline` last.
+    let telemetry_stop = CancellationToken::new();
+    let telemetry_task = match settings.mqtt.clone() {
+        None => None,
+        Some(m) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            let t = Telemetry::new(tx, &settings.node.device_id, m.include_uids);
+            let ctl = Arc::new(DaemonControl {
+                settings: settings.clone(),
+                pipeline: pipeline.clone(),
+                draining: draining.clone(),
+                engines: reports.clone(),
+                started: std::time::Instant::now(),
+                since_ms: AtomicU64::new(crate::journal::now_ms()),
+                finished: Default::default(),
+                last_error: Default::default(),
+            });
+            let (t2, c2) = (t.clone(), ctl.clone());
+            journal.set_observer(Box::new(move |job| {
+                c2.observe(job);
+                t2.job_event(job);
+            }));
+            Some(tokio::spawn(telemetry::mqtt::run(
+                m,
+                settings.node.device_id.clone(),
+                rx,
+                t.dropped.clone(),
+                ctl,
+                telemetry_stop.clone(),
+            )))
+        }
+    };
     let status = control::StaticStatus {
         device_id: settings.node.device_id.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -119,7 +159,114 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     });
     tracing::info!(listen = %dicom_addr, ae = %settings.dicom.ae_title, state_dir = %state.display(), "petrestore ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    Ok(Daemon { dicom_addr, shutdown, journal, associations, tasks, main })
+    Ok(Daemon { dicom_addr, shutdown, journal, associations, tasks, main, telemetry_stop, telemetry_task })
+}
+
+/// What telemetry may ask of and tell the daemon.
+struct DaemonControl {
+    settings: Arc<Settings>,
+    pipeline: Arc<Pipeline>,
+    draining: Arc<AtomicBool>,
+    engines: Vec<restore::EngineReport>,
+    started: std::time::Instant,
+    /// When the announced state last changed.
+    since_ms: AtomicU64,
+    /// Terminal jobs since start, per state.
+    finished: std::sync::Mutex<BTreeMap<String, u64>>,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl DaemonControl {
+    fn observe(&self, job: &crate::journal::Job) {
+        if job.state.is_terminal() {
+            *self.finished.lock().expect("counter lock").entry(job.state.name().to_string()).or_insert(0) += 1;
+        }
+        if let crate::journal::JobState::Failed { reason } = &job.state {
+            *self.last_error.lock().expect("error lock") = Some(format!("job {}: {reason}", job.id));
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        if self.draining.load(Ordering::Relaxed) {
+            "draining"
+        } else if self.pipeline.paused.load(Ordering::Relaxed) {
+            "paused"
+        } else {
+            "online"
+        }
+    }
+}
+
+impl telemetry::mqtt::Control for DaemonControl {
+    fn command(&self, name: &str, msg: &telemetry::CommandMsg) -> Result<serde_json::Value, String> {
+        let changed = |me: &Self| me.since_ms.store(crate::journal::now_ms(), Ordering::Relaxed);
+        match name {
+            "pause" => {
+                self.pipeline.paused.store(true, Ordering::Relaxed);
+                changed(self);
+                Ok(serde_json::json!({"state": self.state()}))
+            }
+            "resume" => {
+                self.pipeline.paused.store(false, Ordering::Relaxed);
+                self.draining.store(false, Ordering::Relaxed);
+                self.pipeline.wake.notify_one();
+                changed(self);
+                Ok(serde_json::json!({"state": self.state()}))
+            }
+            "drain" => {
+                self.draining.store(true, Ordering::Relaxed);
+                changed(self);
+                Ok(serde_json::json!({"state": self.state(), "note": "new associations are rejected; jobs in progress finish"}))
+            }
+            "retry" => {
+                let id = msg.job_id.as_deref().ok_or("retry needs \"job_id\" in the payload")?;
+                let job = self.pipeline.retry(id)?;
+                Ok(serde_json::json!({"job_id": job.id, "state": job.state.name()}))
+            }
+            "reload" => Err("reload is not supported by this version: restart the service (systemctl restart petrestore) to apply a new configuration".into()),
+            other => Err(format!("unknown command {other:?}; known: pause, resume, drain, retry, reload")),
+        }
+    }
+
+    fn health(&self) -> telemetry::HealthMsg {
+        let mut jobs = BTreeMap::new();
+        if let Ok(active) = self.pipeline.worker.journal.active_jobs() {
+            for j in active {
+                *jobs.entry(j.state.name().to_string()).or_insert(0usize) += 1;
+            }
+        }
+        telemetry::HealthMsg {
+            schema_version: telemetry::SCHEMA_VERSION,
+            device_id: self.settings.node.device_id.clone(),
+            at_ms: crate::journal::now_ms(),
+            uptime_s: self.started.elapsed().as_secs(),
+            state: self.state().into(),
+            queue_depth: jobs.get("queued").copied().unwrap_or(0),
+            jobs,
+            jobs_finished: self.finished.lock().expect("counter lock").clone(),
+            disk_free_mb: crate::spool::free_bytes(&self.settings.node.state_dir).ok().map(|b| b / (1024 * 1024)),
+            engines: self
+                .engines
+                .iter()
+                .map(|e| telemetry::EngineHealth { engine: e.engine.clone(), ok: e.ok, detail: e.detail.clone() })
+                .collect(),
+            last_error: self.last_error.lock().expect("error lock").clone(),
+            events_dropped: 0,
+        }
+    }
+
+    fn status(&self) -> telemetry::StatusMsg {
+        let first = self.pipeline.worker.engines.first();
+        telemetry::StatusMsg {
+            schema_version: telemetry::SCHEMA_VERSION,
+            state: self.state().into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            device_id: self.settings.node.device_id.clone(),
+            model: first.map(|e| e.model_id()),
+            engine: first.map(|e| e.label()),
+            since_ms: self.since_ms.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Daemon {
@@ -142,6 +289,10 @@ impl Daemon {
             tracing::warn!("a restoration was still running after {TASK_DRAIN:?}; it resumes at the next start");
         }
         self.journal.flush().context("final journal flush failed")?;
+        self.telemetry_stop.cancel();
+        if let Some(t) = self.telemetry_task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
         tracing::info!("petrestore stopped");
         Ok(())
     }

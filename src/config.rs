@@ -50,6 +50,22 @@ struct RawConfig {
     egress: RawEgress,
     #[serde(default)]
     destination: Vec<RawDestination>,
+    /// Absent: telemetry off.
+    mqtt: Option<RawMqtt>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    url: String,
+    client_id: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    health_interval_s: Option<f64>,
+    buffer: Option<usize>,
+    include_uids: Option<bool>,
+    keep_alive_s: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -200,6 +216,29 @@ pub struct EgressSettings {
     pub calling_ae_title: String,
 }
 
+/// TLS files for the broker connection.
+#[derive(Debug, Clone)]
+pub struct MqttTls {
+    pub ca_file: PathBuf,
+    /// Client certificate and key (PEM), for brokers that require them.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// `[mqtt]`: fleet telemetry.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<MqttTls>,
+    pub client_id: String,
+    pub health_interval: Duration,
+    /// Events kept while the broker is unreachable (oldest dropped first).
+    pub buffer: usize,
+    /// Put Study/Series Instance UIDs into job events (off: job ids only).
+    pub include_uids: bool,
+    pub keep_alive: Duration,
+}
+
 /// Validated configuration: what the daemon runs on.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -209,6 +248,7 @@ pub struct Settings {
     pub restore: RestoreSettings,
     pub egress: EgressSettings,
     pub destinations: Vec<Destination>,
+    pub mqtt: Option<MqttSettings>,
 }
 
 /// Engines this build knows.
@@ -436,7 +476,13 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         destinations.push(Destination { name: dst.name, ae_title: dst.ae_title, address: dst.address });
     }
 
+    let mqtt = match u.mqtt.take() {
+        None => None,
+        Some(m) => Some(mqtt_settings(m, &device_id)?),
+    };
+
     Ok(Settings {
+        mqtt,
         node: NodeSettings { device_id, state_dir, min_free_bytes: min_free_mb * 1024 * 1024 },
         dicom: DicomSettings {
             listen,
@@ -459,9 +505,84 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     })
 }
 
+fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigError> {
+    let (tls, rest) = if let Some(r) = m.url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = m.url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(invalid(
+            "mqtt.url",
+            format!("{:?} is not an MQTT URL", m.url),
+            "write mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)",
+        ));
+    };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.trim_end_matches('/').parse::<u16>().ok()),
+        None => (rest.trim_end_matches('/').to_string(), Some(if tls { 8883 } else { 1883 })),
+    };
+    let Some(port) = port.filter(|_| !host.is_empty()) else {
+        return Err(invalid("mqtt.url", format!("{:?} has no valid host and port", m.url), "write mqtt://HOST:PORT"));
+    };
+    let tls = match (tls, m.ca_file, m.cert_file, m.key_file) {
+        (false, None, None, None) => None,
+        (false, ..) => {
+            return Err(invalid("mqtt.ca_file", "TLS files given for a plain mqtt:// URL", "use an mqtts:// URL or remove the TLS files"));
+        }
+        (true, None, ..) => {
+            return Err(invalid("mqtt.ca_file", "an mqtts:// URL needs the broker's CA certificate", "set mqtt.ca_file to a PEM file"));
+        }
+        (true, Some(ca), Some(cert), Some(key)) => Some(MqttTls { ca_file: ca, client: Some((cert, key)) }),
+        (true, Some(ca), None, None) => Some(MqttTls { ca_file: ca, client: None }),
+        (true, Some(_), _, _) => {
+            return Err(invalid("mqtt.cert_file", "a client certificate needs its key and vice versa", "set both mqtt.cert_file and mqtt.key_file, or neither"));
+        }
+    };
+    if let Some(t) = &tls {
+        for (key, f) in std::iter::once(("mqtt.ca_file", &t.ca_file))
+            .chain(t.client.iter().flat_map(|(c, k)| [("mqtt.cert_file", c), ("mqtt.key_file", k)]))
+        {
+            if !f.is_file() {
+                return Err(invalid(key, format!("{} does not exist", f.display()), "point it at a readable PEM file"));
+            }
+        }
+    }
+    let hi = m.health_interval_s.unwrap_or(30.0);
+    if !(hi >= 0.1 && hi <= 3600.0) {
+        return Err(invalid("mqtt.health_interval_s", format!("{hi} is out of range"), "use seconds in [0.1, 3600]"));
+    }
+    let buffer = m.buffer.unwrap_or(1000);
+    if buffer == 0 {
+        return Err(invalid("mqtt.buffer", "0 would drop every event while the broker is away", "set 1 or more (default 1000)"));
+    }
+    Ok(MqttSettings {
+        host,
+        port,
+        tls,
+        client_id: m.client_id.unwrap_or_else(|| device_id.to_string()),
+        health_interval: Duration::from_secs_f64(hi),
+        buffer,
+        include_uids: m.include_uids.unwrap_or(false),
+        keep_alive: Duration::from_secs(m.keep_alive_s.unwrap_or(15).max(5)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mqtt_section_is_validated() {
+        let s = Settings::from_toml("[mqtt]\nurl = \"mqtt://127.0.0.1:1884\"\n", "t").unwrap();
+        let m = s.mqtt.unwrap();
+        assert_eq!((m.host.as_str(), m.port, m.tls.is_none()), ("127.0.0.1", 1884, true));
+        assert_eq!(m.client_id, "petrestore-01");
+        assert!(Settings::defaults().mqtt.is_none(), "absent section = telemetry off");
+        let e = Settings::from_toml("[mqtt]\nurl = \"http://x\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("mqtt.url"), "{e}");
+        let e = Settings::from_toml("[mqtt]\nurl = \"mqtts://broker:8883\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("mqtt.ca_file"), "{e}");
+    }
 
     #[test]
     fn annotated_default_parses() {

@@ -73,6 +73,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             max_associations: 4,
             max_pdu_length: 65536,
             idle_timeout: Duration::from_secs(30),
+            draining: Default::default(),
         }),
         Arc::new(FolderSink { dir: received.clone() }),
         stop_pacs.clone(),

@@ -18,3 +18,4 @@ pub mod pipeline;
 pub mod restore;
 pub mod sim;
 pub mod spool;
+pub mod telemetry;

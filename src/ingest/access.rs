@@ -14,6 +14,9 @@ pub struct CallerPolicy {
     /// `None`: anyone may call (the demo's built-in receiver).
     pub allowed: Option<Vec<AllowedCaller>>,
     pub peer: IpAddr,
+    /// Draining: every new association is rejected (no reason given, so the
+    /// sender reports a rejection and can retry another node or later).
+    pub draining: bool,
 }
 
 impl AccessControl for CallerPolicy {
@@ -28,6 +31,10 @@ impl AccessControl for CallerPolicy {
             tracing::warn!(called = called_ae_title, ours = this_ae_title, peer = %self.peer,
                 "association rejected: called AE title is not ours");
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        if self.draining {
+            tracing::warn!(peer = %self.peer, calling = calling_ae_title, "association rejected: draining");
+            return Err(AssociationRJServiceUserReason::NoReasonGiven);
         }
         let Some(allowed) = &self.allowed else { return Ok(()) };
         let calling = calling_ae_title.trim();
@@ -54,11 +61,12 @@ mod tests {
                 AllowedCaller { ae_title: "WS".into(), host: None },
             ]),
             peer: "10.0.0.2".parse().unwrap(),
+            draining: false,
         };
         assert!(p.check_access("ME", "WS", "ME", None).is_ok());
         assert_eq!(p.check_access("ME", "CONSOLE", "ME", None), Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized));
         assert_eq!(p.check_access("ME", "WS", "YOU", None), Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized));
-        let p = CallerPolicy { allowed: Some(vec![]), peer: "10.0.0.1".parse().unwrap() };
+        let p = CallerPolicy { allowed: Some(vec![]), peer: "10.0.0.1".parse().unwrap(), draining: false };
         assert!(p.check_access("ME", "WS", "ME", None).is_err(), "empty list rejects everyone");
     }
 }

@@ -63,6 +63,8 @@ pub struct ScpConfig {
     pub max_associations: usize,
     pub max_pdu_length: u32,
     pub idle_timeout: Duration,
+    /// Set by `drain`: new associations are rejected, open ones finish.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Serve associations on `listener` until `shutdown`; then stop accepting,
@@ -124,7 +126,11 @@ async fn handle_association(
     sink: Arc<dyn StoreSink>,
 ) -> Result<(), String> {
     let mut opts = ServerAssociationOptions::new()
-        .ae_access_control(access::CallerPolicy { allowed: cfg.allowed_callers.clone(), peer: peer.ip() })
+        .ae_access_control(access::CallerPolicy {
+            allowed: cfg.allowed_callers.clone(),
+            peer: peer.ip(),
+            draining: cfg.draining.load(std::sync::atomic::Ordering::Relaxed),
+        })
         .ae_title(cfg.ae_title.clone())
         .max_pdu_length(cfg.max_pdu_length)
         .read_timeout(cfg.idle_timeout)

@@ -101,6 +101,9 @@ fn apply_arrival(job: &mut Job, a: &Arrival, now: u64) -> bool {
     false
 }
 
+/// Called after a job's state changed (telemetry's job events).
+pub type Observer = Box<dyn Fn(&Job) + Send + Sync>;
+
 /// The open journal of one daemon (cheap to clone).
 #[derive(Clone)]
 pub struct Journal {
@@ -108,6 +111,7 @@ pub struct Journal {
     jobs: sled::Tree,
     instances: sled::Tree,
     active: sled::Tree,
+    observer: std::sync::Arc<std::sync::OnceLock<Observer>>,
 }
 
 impl Journal {
@@ -128,11 +132,23 @@ impl Journal {
                 e => JournalError::Sled(e),
             })?;
         Ok(Journal {
+            observer: Default::default(),
             jobs: db.open_tree("jobs")?,
             instances: db.open_tree("instances")?,
             active: db.open_tree("active")?,
             db,
         })
+    }
+
+    /// Be told of every job state change (set once, by `app.rs`).
+    pub fn set_observer(&self, f: Observer) {
+        let _ = self.observer.set(f);
+    }
+
+    fn notify(&self, job: &Job) {
+        if let Some(f) = self.observer.get() {
+            f(job);
+        }
     }
 
     /// Make everything recorded so far durable.
@@ -154,22 +170,31 @@ impl Journal {
         let now = now_ms();
         let r = (&self.instances, &self.jobs, &self.active).transaction(|(ti, tj, ta)| {
             if ti.get(ikey.as_bytes())?.is_some() {
-                return Ok(Recorded::Duplicate { job_id: id.clone() });
+                return Ok((Recorded::Duplicate { job_id: id.clone() }, None));
             }
-            let mut job = match tj.get(id.as_bytes())? {
-                Some(v) => decode::<Job>(id.as_bytes(), &v).map_err(ConflictableTransactionError::Abort)?,
-                None => Job::new(a.kind, &a.study_uid, &a.series_uid, &a.calling_ae, now),
+            let (mut job, before) = match tj.get(id.as_bytes())? {
+                Some(v) => {
+                    let j = decode::<Job>(id.as_bytes(), &v).map_err(ConflictableTransactionError::Abort)?;
+                    let before = Some(j.state.name());
+                    (j, before)
+                }
+                None => (Job::new(a.kind, &a.study_uid, &a.series_uid, &a.calling_ae, now), None),
             };
             let complete = apply_arrival(&mut job, a, now);
             ti.insert(ikey.as_bytes(), encode(&a.record))?;
             tj.insert(id.as_bytes(), encode(&job))?;
             ta.insert(id.as_bytes(), &[])?;
-            Ok(Recorded::New { job_id: id.clone(), complete })
+            let changed = (before != Some(job.state.name())).then_some(job);
+            Ok((Recorded::New { job_id: id.clone(), complete }, changed))
         });
-        r.map_err(|e| match e {
+        let (recorded, changed) = r.map_err(|e| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(e) => JournalError::Sled(e),
-        })
+        })?;
+        if let Some(job) = changed {
+            self.notify(&job);
+        }
+        Ok(recorded)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Job>, JournalError> {
@@ -187,6 +212,7 @@ impl Journal {
                 return Err(ConflictableTransactionError::Abort(JournalError::NoSuchJob(id.to_owned())));
             };
             let mut job: Job = decode(id.as_bytes(), &v).map_err(ConflictableTransactionError::Abort)?;
+            let before = job.state.clone();
             f(&mut job);
             job.updated_ms = now_ms();
             tj.insert(id.as_bytes(), encode(&job))?;
@@ -195,13 +221,16 @@ impl Journal {
             } else {
                 ta.insert(id.as_bytes(), &[])?;
             }
-            Ok(job)
+            Ok((job, before))
         });
-        let job = r.map_err(|e| match e {
+        let (job, before) = r.map_err(|e| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(e) => JournalError::Sled(e),
         })?;
         self.flush()?;
+        if before != job.state {
+            self.notify(&job);
+        }
         Ok(job)
     }
 

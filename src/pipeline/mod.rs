@@ -28,11 +28,20 @@ pub struct Pipeline {
     busy: Mutex<HashSet<String>>,
     /// A study at a time per engine: one restoration in flight.
     restore_slot: Arc<Semaphore>,
+    /// Operator pause (MQTT `pause`): no new restoration is started; ingest
+    /// and deliveries go on.
+    pub paused: std::sync::atomic::AtomicBool,
 }
 
 impl Pipeline {
     pub fn new(worker: worker::WorkerCtx, wake: Arc<Notify>) -> Arc<Pipeline> {
-        Arc::new(Pipeline { worker: Arc::new(worker), wake, busy: Mutex::new(HashSet::new()), restore_slot: Arc::new(Semaphore::new(1)) })
+        Arc::new(Pipeline {
+            worker: Arc::new(worker),
+            wake,
+            busy: Mutex::new(HashSet::new()),
+            restore_slot: Arc::new(Semaphore::new(1)),
+            paused: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     fn settings(&self) -> &Settings {
@@ -89,6 +98,9 @@ impl Pipeline {
                     self.wake.notify_one();
                 }
                 JobState::Queued | JobState::Restoring => {
+                    if self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+                        continue;
+                    }
                     let Ok(permit) = self.restore_slot.clone().try_acquire_owned() else { continue };
                     self.busy.lock().expect("busy lock").insert(job.id.clone());
                     let me = self.clone();

@@ -353,3 +353,112 @@ pub fn python() -> PathBuf {
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     if venv.exists() { venv } else { PathBuf::from("python3") }
 }
+
+/// A real Mosquitto broker on a free loopback port.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+}
+
+impl Mosquitto {
+    /// `extra`: more mosquitto.conf lines for the listener (TLS, ACL).
+    pub fn start(dir: &Path, extra: &str) -> Mosquitto {
+        Self::start_on(dir, free_port(), extra)
+    }
+    pub fn start_on(dir: &Path, port: u16, extra: &str) -> Mosquitto {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("mosquitto not found: apt-get install mosquitto mosquitto-clients (bash .ci/run does it)"));
+        std::fs::create_dir_all(dir).unwrap();
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        let anon = if extra.contains("require_certificate") { "" } else { "allow_anonymous true\n" };
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{anon}persistence false\nlog_dest stderr\n{extra}\n")).unwrap();
+        let log = std::fs::File::create(dir.join(format!("mosquitto-{port}.log"))).unwrap();
+        let child = Command::new(bin).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        wait_for("mosquitto to listen", Duration::from_secs(10), || port_open(port).then_some(()));
+        Mosquitto { port, child }
+    }
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `mosquitto_sub` collecting (topic, payload) lines.
+pub struct Sub {
+    child: Child,
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Sub {
+    pub fn start(port: u16, topic: &str, tls_args: &[&str]) -> Sub {
+        let bin = require("mosquitto_sub");
+        let mut child = Command::new(bin)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1", "-F", "%t\t%p"])
+            .args(tls_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some((t, p)) = line.split_once('\t') {
+                    l2.lock().unwrap().push((t.to_string(), p.to_string()));
+                }
+            }
+        });
+        Sub { child, lines }
+    }
+
+    /// Payloads (as JSON) published on topics ending with `suffix`.
+    pub fn on(&self, suffix: &str) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t.ends_with(suffix))
+            .map(|(_, p)| serde_json::from_str(p).unwrap_or_else(|e| panic!("not JSON on {suffix}: {p}: {e}")))
+            .collect()
+    }
+
+    pub fn wait_on(&self, suffix: &str, what: &str, timeout: Duration, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        wait_for(what, timeout, || self.on(suffix).into_iter().find(|v| f(v)))
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn mosquitto_pub(port: u16, topic: &str, payload: &str, tls_args: &[&str]) -> Output {
+    Command::new(require("mosquitto_pub"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-m", payload, "-q", "1"])
+        .args(tls_args)
+        .output()
+        .unwrap()
+}
+
+/// Validate a payload against one of `config/schemas/*.schema.json`.
+pub fn assert_schema(name: &str, v: &serde_json::Value) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/schemas").join(format!("{name}.schema.json"));
+    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    if let Err(e) = validator.validate(v) {
+        panic!("payload does not match {name}.schema.json: {e}\n{v:#}");
+    }
+}

@@ -1,0 +1,257 @@
+//! The MQTT connection task (rumqttc). The event loop is polled in its own
+//! task and reconnects with exponential backoff; this task owns the offline
+//! buffer, re-announces `status` after every (re)connect, answers commands
+//! and publishes `health`. On a clean stop it publishes `offline` itself (a
+//! graceful disconnect sends no last will).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::payload::{CommandMsg, HealthMsg, ReplyMsg, SCHEMA_VERSION, StatusMsg};
+use super::Outgoing;
+use crate::config::MqttSettings;
+
+/// What telemetry needs from the daemon (implemented in `app.rs`).
+pub trait Control: Send + Sync + 'static {
+    /// Run a command; `Err` becomes an error reply. No command deletes data.
+    fn command(&self, name: &str, msg: &CommandMsg) -> Result<serde_json::Value, String>;
+    /// Current health (the task fills `events_dropped`).
+    fn health(&self) -> HealthMsg;
+    /// Current status (`online`, `draining` or `paused`).
+    fn status(&self) -> StatusMsg;
+}
+
+enum Conn {
+    Up,
+    Down(String),
+    Command { topic: String, payload: Vec<u8> },
+}
+
+/// Topic prefix of a device.
+pub fn prefix(device_id: &str) -> String {
+    format!("petrestore/v1/{device_id}/")
+}
+
+fn options(cfg: &MqttSettings, device_id: &str) -> Result<MqttOptions, String> {
+    let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
+    o.set_keep_alive(cfg.keep_alive);
+    o.set_clean_session(true);
+    let will = StatusMsg {
+        schema_version: SCHEMA_VERSION,
+        state: "offline".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        device_id: device_id.into(),
+        model: None,
+        engine: None,
+        since_ms: crate::journal::now_ms(),
+    };
+    o.set_last_will(LastWill::new(
+        format!("{}status", prefix(device_id)),
+        serde_json::to_vec(&will).expect("payloads serialize"),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    if let Some(tls) = &cfg.tls {
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let ca = read(&tls.ca_file)?;
+        let client_auth = match &tls.client {
+            Some((c, k)) => Some((read(c)?, read(k)?)),
+            None => None,
+        };
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
+    }
+    Ok(o)
+}
+
+/// Run telemetry until `shutdown`.
+pub async fn run(
+    cfg: MqttSettings,
+    device_id: String,
+    mut rx: mpsc::Receiver<Outgoing>,
+    dropped_channel: Arc<AtomicU64>,
+    control: Arc<dyn Control>,
+    shutdown: CancellationToken,
+) {
+    let opts = match options(&cfg, &device_id) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "telemetry disabled: cannot set up the MQTT connection");
+            return;
+        }
+    };
+    let pre = prefix(&device_id);
+    let (client, mut eventloop) = AsyncClient::new(opts, cfg.buffer + 64);
+    let (conn_tx, mut conn_rx) = mpsc::channel::<Conn>(64);
+    let stop_poll = CancellationToken::new();
+    let poller = {
+        let stop = stop_poll.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(250);
+            loop {
+                let ev = tokio::select! {
+                    ev = eventloop.poll() => ev,
+                    _ = stop.cancelled() => return,
+                };
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff = Duration::from_millis(250);
+                        let _ = conn_tx.send(Conn::Up).await;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = conn_tx.send(Conn::Command { topic: p.topic.clone(), payload: p.payload.to_vec() }).await;
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = conn_tx.send(Conn::Down(e.to_string())).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = stop.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        })
+    };
+
+    let mut connected = false;
+    let mut buffer: VecDeque<Outgoing> = VecDeque::with_capacity(cfg.buffer.min(4096));
+    let dropped_offline = AtomicU64::new(0);
+    let mut health_tick = tokio::time::interval(cfg.health_interval);
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let publish = |client: &AsyncClient, o: &Outgoing| client.try_publish(format!("{pre}{}", o.topic), QoS::AtLeastOnce, o.retain, o.payload.clone());
+    let buffer_it = |buffer: &mut VecDeque<Outgoing>, o: Outgoing| {
+        if buffer.len() >= cfg.buffer {
+            buffer.pop_front();
+            dropped_offline.fetch_add(1, Ordering::Relaxed);
+        }
+        buffer.push_back(o);
+    };
+    let health = |control: &Arc<dyn Control>| {
+        let mut h = control.health();
+        h.events_dropped = dropped_channel.load(Ordering::Relaxed) + dropped_offline.load(Ordering::Relaxed);
+        Outgoing { topic: "health".into(), payload: serde_json::to_vec(&h).expect("payloads serialize"), retain: false }
+    };
+    let status = |control: &Arc<dyn Control>| Outgoing {
+        topic: "status".into(),
+        payload: serde_json::to_vec(&control.status()).expect("payloads serialize"),
+        retain: true,
+    };
+
+    loop {
+        tokio::select! {
+            c = conn_rx.recv() => match c {
+                Some(Conn::Up) => {
+                    connected = true;
+                    tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), "MQTT connected");
+                    let _ = client.try_subscribe(format!("{pre}cmd/+"), QoS::AtLeastOnce);
+                    let _ = publish(&client, &status(&control));
+                    while let Some(o) = buffer.pop_front() {
+                        if publish(&client, &o).is_err() {
+                            buffer.push_front(o);
+                            break;
+                        }
+                    }
+                    let _ = publish(&client, &health(&control));
+                }
+                Some(Conn::Down(e)) => {
+                    if connected {
+                        tracing::warn!(error = %e, "MQTT connection lost; buffering events and reconnecting");
+                    } else {
+                        tracing::debug!(error = %e, "MQTT broker unreachable");
+                    }
+                    connected = false;
+                }
+                Some(Conn::Command { topic, payload }) => {
+                    let Some(name) = topic.strip_prefix(&format!("{pre}cmd/")).map(str::to_string) else { continue };
+                    let (reply, state_changed) = answer(&device_id, &name, &payload, &control);
+                    let o = Outgoing { topic: format!("cmd/{name}/reply"), payload: serde_json::to_vec(&reply).expect("payloads serialize"), retain: false };
+                    if !(connected && publish(&client, &o).is_ok()) {
+                        buffer_it(&mut buffer, o);
+                    }
+                    if state_changed && connected {
+                        let _ = publish(&client, &status(&control));
+                    }
+                }
+                None => break,
+            },
+            o = rx.recv() => match o {
+                Some(o) => {
+                    if !(connected && publish(&client, &o).is_ok()) {
+                        buffer_it(&mut buffer, o);
+                    }
+                }
+                None => break,
+            },
+            _ = health_tick.tick() => {
+                if connected {
+                    let _ = publish(&client, &health(&control));
+                }
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+
+    // Clean stop: say offline ourselves, then disconnect.
+    if connected {
+        let mut st = control.status();
+        st.state = "offline".into();
+        st.since_ms = crate::journal::now_ms();
+        let _ = client.try_publish(format!("{pre}status"), QoS::AtLeastOnce, true, serde_json::to_vec(&st).expect("payloads serialize"));
+        let _ = client.try_disconnect();
+        if tokio::time::timeout(Duration::from_secs(3), poller).await.is_err() {
+            tracing::warn!("MQTT disconnect did not complete in 3 s");
+        }
+    } else {
+        stop_poll.cancel();
+        let _ = poller.await;
+    }
+    stop_poll.cancel();
+    tracing::info!("telemetry stopped");
+}
+
+/// Answer a command: the reply, and whether the daemon's state changed.
+fn answer(device_id: &str, name: &str, payload: &[u8], control: &Arc<dyn Control>) -> (ReplyMsg, bool) {
+    let mut reply = ReplyMsg {
+        schema_version: SCHEMA_VERSION,
+        device_id: device_id.to_string(),
+        command: name.to_string(),
+        correlation_id: None,
+        ok: false,
+        error: None,
+        result: None,
+    };
+    let msg: CommandMsg = if payload.iter().all(|b| b.is_ascii_whitespace()) {
+        CommandMsg::default()
+    } else {
+        match serde_json::from_slice(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                // Try to echo a correlation id even from a payload we refuse.
+                reply.correlation_id = serde_json::from_slice::<serde_json::Value>(payload)
+                    .ok()
+                    .and_then(|v| v.get("correlation_id").and_then(|c| c.as_str()).map(str::to_string));
+                reply.error = Some(format!("malformed command payload: {e}; expected JSON like {{\"correlation_id\": \"...\"}}"));
+                return (reply, false);
+            }
+        }
+    };
+    reply.correlation_id = msg.correlation_id.clone();
+    match control.command(name, &msg) {
+        Ok(v) => {
+            reply.ok = true;
+            reply.result = Some(v);
+        }
+        Err(e) => reply.error = Some(e),
+    }
+    let changed = reply.ok && matches!(name, "pause" | "resume" | "drain");
+    tracing::info!(command = name, ok = reply.ok, error = ?reply.error, "MQTT command");
+    (reply, changed)
+}
