@@ -122,6 +122,7 @@ pub async fn run(
     };
 
     let mut connected = false;
+    let mut warned = false;
     let mut buffer: VecDeque<Outgoing> = VecDeque::with_capacity(cfg.buffer.min(4096));
     let dropped_offline = AtomicU64::new(0);
     let mut health_tick = tokio::time::interval(cfg.health_interval);
@@ -150,6 +151,7 @@ pub async fn run(
             c = conn_rx.recv() => match c {
                 Some(Conn::Up) => {
                     connected = true;
+                    warned = false;
                     tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), "MQTT connected");
                     let _ = client.try_subscribe(format!("{pre}cmd/+"), QoS::AtLeastOnce);
                     let _ = publish(&client, &status(&control));
@@ -164,8 +166,11 @@ pub async fn run(
                 Some(Conn::Down(e)) => {
                     if connected {
                         tracing::warn!(error = %e, "MQTT connection lost; buffering events and reconnecting");
+                    } else if !warned {
+                        tracing::warn!(error = %e, broker = %format!("{}:{}", cfg.host, cfg.port), "MQTT broker unreachable; buffering events and retrying");
+                        warned = true;
                     } else {
-                        tracing::debug!(error = %e, "MQTT broker unreachable");
+                        tracing::debug!(error = %e, "MQTT broker still unreachable");
                     }
                     connected = false;
                 }

@@ -374,10 +374,18 @@ impl Mosquitto {
         std::fs::create_dir_all(dir).unwrap();
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         let anon = if extra.contains("require_certificate") { "" } else { "allow_anonymous true\n" };
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\n{anon}persistence false\nlog_dest stderr\n{extra}\n")).unwrap();
+        // `user root`: as root (CI), mosquitto would otherwise drop to the
+        // mosquitto user, which cannot read the test's private temp files.
+        std::fs::write(&conf, format!("user root\nlistener {port} 127.0.0.1\n{anon}persistence false\nlog_dest stderr\n{extra}\n")).unwrap();
         let log = std::fs::File::create(dir.join(format!("mosquitto-{port}.log"))).unwrap();
-        let child = Command::new(bin).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        wait_for("mosquitto to listen", Duration::from_secs(10), || port_open(port).then_some(()));
+        let mut child = Command::new(bin).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let log_path = dir.join(format!("mosquitto-{port}.log"));
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("mosquitto exited with {st}: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            }
+            port_open(port).then_some(())
+        });
         Mosquitto { port, child }
     }
     pub fn stop(&mut self) {
