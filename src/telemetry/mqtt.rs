@@ -128,6 +128,15 @@ pub async fn run(
     let mut health_tick = tokio::time::interval(cfg.health_interval);
     health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let publish = |client: &AsyncClient, o: &Outgoing| client.try_publish(format!("{pre}{}", o.topic), QoS::AtLeastOnce, o.retain, o.payload.clone());
+    // Hand buffered messages to the client until its queue is full.
+    let flush = |client: &AsyncClient, buffer: &mut VecDeque<Outgoing>| {
+        while let Some(o) = buffer.front() {
+            if publish(client, o).is_err() {
+                break;
+            }
+            buffer.pop_front();
+        }
+    };
     let buffer_it = |buffer: &mut VecDeque<Outgoing>, o: Outgoing| {
         if buffer.len() >= cfg.buffer {
             buffer.pop_front();
@@ -155,12 +164,7 @@ pub async fn run(
                     tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), "MQTT connected");
                     let _ = client.try_subscribe(format!("{pre}cmd/+"), QoS::AtLeastOnce);
                     let _ = publish(&client, &status(&control));
-                    while let Some(o) = buffer.pop_front() {
-                        if publish(&client, &o).is_err() {
-                            buffer.push_front(o);
-                            break;
-                        }
-                    }
+                    flush(&client, &mut buffer);
                     let _ = publish(&client, &health(&control));
                 }
                 Some(Conn::Down(e)) => {
@@ -178,8 +182,9 @@ pub async fn run(
                     let Some(name) = topic.strip_prefix(&format!("{pre}cmd/")).map(str::to_string) else { continue };
                     let (reply, state_changed) = answer(&device_id, &name, &payload, &control);
                     let o = Outgoing { topic: format!("cmd/{name}/reply"), payload: serde_json::to_vec(&reply).expect("payloads serialize"), retain: false };
-                    if !(connected && publish(&client, &o).is_ok()) {
-                        buffer_it(&mut buffer, o);
+                    buffer_it(&mut buffer, o);
+                    if connected {
+                        flush(&client, &mut buffer);
                     }
                     if state_changed && connected {
                         let _ = publish(&client, &status(&control));
@@ -189,14 +194,18 @@ pub async fn run(
             },
             o = rx.recv() => match o {
                 Some(o) => {
-                    if !(connected && publish(&client, &o).is_ok()) {
-                        buffer_it(&mut buffer, o);
+                    // Through the buffer, so order is kept and anything left
+                    // from a full client queue goes first.
+                    buffer_it(&mut buffer, o);
+                    if connected {
+                        flush(&client, &mut buffer);
                     }
                 }
                 None => break,
             },
             _ = health_tick.tick() => {
                 if connected {
+                    flush(&client, &mut buffer);
                     let _ = publish(&client, &health(&control));
                 }
             }
