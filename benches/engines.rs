@@ -7,6 +7,9 @@
 //! ORT_DYLIB_PATH or the `.venv` that `.ci/run` makes). `MODEL=DIR` picks
 //! another model package; `REPS=N` repetitions (median).
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -30,10 +33,6 @@ fn ort_library() -> PathBuf {
     panic!("libonnxruntime not found");
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Run a command and return (seconds, peak RSS in MiB) of that child alone.
 fn timed_child(mut cmd: Command) -> (f64, f64) {

@@ -6,22 +6,14 @@
 //! Run: `cargo bench --bench ingest` (REPS=5 by default). Prints a table of
 //! medians; record it in BENCHMARKS.md with the machine.
 
-use std::net::TcpListener;
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
-fn wait_port(port: u16) {
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn count_files(d: &Path) -> usize {
     let mut n = 0;
@@ -55,10 +47,6 @@ fn kill(mut c: Child) {
     let _ = c.wait();
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() {
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);

@@ -7,7 +7,9 @@
 //! Run: `cargo bench --bench telemetry` (needs dcmtk and mosquitto).
 //! `REPS=N` alternations (median), `STUDIES=N` studies per run.
 
-use std::net::TcpListener;
+mod common;
+use common::*;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -15,17 +17,7 @@ use std::time::{Duration, Instant};
 
 use petrestore::telemetry::{self, HealthMsg, StatusMsg};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
-fn wait_port(port: u16) {
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn mosquitto(dir: &std::path::Path) -> (Child, u16) {
     let port = free_port();
@@ -36,10 +28,6 @@ fn mosquitto(dir: &std::path::Path) -> (Child, u16) {
     (c, port)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Seconds from the first study sent to the last job done.
 fn pipeline_run(dir: &std::path::Path, studies: &[Vec<std::path::PathBuf>], mqtt_port: Option<u16>) -> f64 {

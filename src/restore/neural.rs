@@ -33,6 +33,19 @@ pub fn body_scale(v: &Volume, fraction: f64) -> Option<f32> {
     (n > 0 && sum > 0.0).then(|| (sum / n as f64) as f32)
 }
 
+/// Prove a backend runs the package's network: one 16×16 batch of one
+/// slice, shaped as the package says. Engines call it from `check`.
+pub fn smoke_test(backend: &dyn Backend, pkg: &ModelPackage) -> Result<(), String> {
+    let c = pkg.io.context_slices;
+    let y = backend
+        .infer(&vec![0.5; c * 16 * 16], 1, c, 16, 16)
+        .map_err(|e| format!("model {} does not run: {e}", pkg.onnx_path.display()))?;
+    if y.len() != 16 * 16 {
+        return Err(format!("model {} returned {} values for one 16x16 slice", pkg.onnx_path.display(), y.len()));
+    }
+    Ok(())
+}
+
 /// Restore a volume slice by slice with 2.5D context. At the first and last
 /// slices the missing neighbours repeat the edge slice (replicate padding).
 /// `workers` threads each take whole batches (data parallelism: for a

@@ -15,7 +15,7 @@ use ort::session::Session;
 use ort::value::TensorRef;
 
 use super::model::ModelPackage;
-use super::neural::{Backend, restore_volume};
+use super::neural::{Backend, restore_volume, smoke_test};
 use super::{Engine, EngineError, Volume};
 
 /// ONNX Runtime settings (from `[restore]`).
@@ -183,10 +183,7 @@ impl Engine for OrtEngine {
         self.pkg.model_id()
     }
     fn check(&self) -> Result<(), EngineError> {
-        let c = self.pkg.io.context_slices;
-        self.infer(&vec![0.5; c * 16 * 16], 1, c, 16, 16)
-            .map(|_| ())
-            .map_err(|e| unavailable(format!("model {} does not run: {e}", self.pkg.onnx_path.display())))
+        smoke_test(self, &self.pkg).map_err(unavailable)
     }
     fn run(&self, input: &Volume) -> Result<Volume, EngineError> {
         // one session, ONNX Runtime parallelises inside each call

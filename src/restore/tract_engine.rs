@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
 
 use super::model::ModelPackage;
-use super::neural::{Backend, restore_volume};
+use super::neural::{Backend, restore_volume, smoke_test};
 use super::{Engine, EngineError, Volume};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -75,12 +75,7 @@ impl Engine for TractEngine {
         self.pkg.model_id()
     }
     fn check(&self) -> Result<(), EngineError> {
-        // Prove the model runs: one tiny batch through a fresh plan.
-        let c = self.pkg.io.context_slices;
-        self.infer(&vec![0.5; c * 16 * 16], 1, c, 16, 16).map(|_| ()).map_err(|e| EngineError::Unavailable {
-            engine: "tract".into(),
-            reason: format!("model {} does not run: {e}", self.pkg.onnx_path.display()),
-        })
+        smoke_test(self, &self.pkg).map_err(|reason| EngineError::Unavailable { engine: "tract".into(), reason })
     }
     fn run(&self, input: &Volume) -> Result<Volume, EngineError> {
         restore_volume(input, &self.pkg, self, self.workers).map_err(err)
