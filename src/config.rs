@@ -74,6 +74,8 @@ struct RawNode {
     device_id: Option<String>,
     state_dir: Option<PathBuf>,
     min_free_mb: Option<u64>,
+    retention_hours: Option<f64>,
+    failed_retention_hours: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -167,6 +169,10 @@ pub struct NodeSettings {
     pub device_id: String,
     pub state_dir: PathBuf,
     pub min_free_bytes: u64,
+    /// Finished (done, skipped) jobs' files are removed after this; `None`: keep.
+    pub retention: Option<Duration>,
+    /// Failed jobs' files are removed after this; `None`: keep.
+    pub failed_retention: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +311,14 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     }
     let state_dir: PathBuf = pick!(u, d, node.state_dir);
     let min_free_mb: u64 = pick!(u, d, node.min_free_mb);
+    let hours = |key: &'static str, h: f64| -> Result<Option<Duration>, ConfigError> {
+        if !(h >= 0.0 && h.is_finite()) {
+            return Err(invalid(key, format!("{h} is not a number of hours"), "use 0 (keep forever) or a positive number of hours"));
+        }
+        Ok((h > 0.0).then(|| Duration::from_secs_f64(h * 3600.0)))
+    };
+    let retention = hours("node.retention_hours", pick!(u, d, node.retention_hours))?;
+    let failed_retention = hours("node.failed_retention_hours", pick!(u, d, node.failed_retention_hours))?;
 
     let listen_s: String = pick!(u, d, dicom.listen);
     let listen: SocketAddr = listen_s.parse().map_err(|_| {
@@ -483,7 +497,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
 
     Ok(Settings {
         mqtt,
-        node: NodeSettings { device_id, state_dir, min_free_bytes: min_free_mb * 1024 * 1024 },
+        node: NodeSettings { device_id, state_dir, min_free_bytes: min_free_mb * 1024 * 1024, retention, failed_retention },
         dicom: DicomSettings {
             listen,
             ae_title,

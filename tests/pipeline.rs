@@ -208,3 +208,33 @@ fn skipped_series_is_forwarded_unchanged() {
         dest.files().iter().map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap()).collect();
     assert_eq!(got, src.sop_uids.iter().cloned().collect(), "the original series, unchanged UIDs");
 }
+
+#[test]
+fn retention_removes_files_of_delivered_jobs_and_keeps_the_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 5, 32, 19);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    // ~2 s retention
+    let d = Daemon::start(&tmp.path().join("d"), &format!("[node]\nretention_hours = 0.0005\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    assert_eq!(d.wait_terminal(&id, Duration::from_secs(60)).state, JobState::Done);
+    assert_eq!(d.spool_files().len(), 5, "kept until the job is done and delivered");
+    let job = wait_for("retention", Duration::from_secs(40), || {
+        let j = d.job(&id);
+        j.purged.then_some(j)
+    });
+    assert!(d.spool_files().is_empty(), "{:?}", d.spool_files());
+    assert!(!d.state_dir().join("output").join(&id).exists());
+    assert_eq!(dest.files().len(), 5, "delivered before removal");
+    assert!(job.history.iter().any(|e| e.what.contains("retention: removed 5")), "{:#?}", job.history);
+    let retry = petrestore(&["jobs", "--state-dir", d.state_dir().to_str().unwrap(), "retry", &id]);
+    assert!(!retry.status.success() && text(&retry).contains("retention removed"), "{}", text(&retry));
+    // the same series sent again is stored and processed anew
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let job = wait_for("the job done again", Duration::from_secs(60), || {
+        let j = d.job(&id);
+        (j.state == JobState::Done && !j.purged && j.history.iter().filter(|e| e.what == "done").count() == 2).then_some(j)
+    });
+    assert_eq!(job.received, 10);
+}

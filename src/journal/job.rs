@@ -142,6 +142,9 @@ pub struct Job {
     /// Instances arrived while the job was past `Receiving`: run it again
     /// when the current run ends.
     pub rerun_requested: bool,
+    /// Its files were removed by retention (the record stays).
+    #[serde(default)]
+    pub purged: bool,
     pub history: Vec<Event>,
     pub updated_ms: u64,
 }
@@ -167,6 +170,7 @@ impl Job {
             output_series_uid: None,
             output_count: 0,
             rerun_requested: false,
+            purged: false,
             history: vec![Event { at_ms: now, what: "first instance received".into() }],
             updated_ms: now,
         }

@@ -90,6 +90,7 @@ fn apply_arrival(job: &mut Job, a: &Arrival, now: u64) -> bool {
             }
         }
         JobState::Done | JobState::Failed { .. } | JobState::Skipped { .. } => {
+            job.purged = false;
             job.set_state(JobState::Receiving);
             job.note("instance arrived after the job ended: receiving again");
             if job.kind == JobKind::Pet && job.is_complete() {
@@ -255,6 +256,32 @@ impl Journal {
         }
         out.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms));
         Ok(out)
+    }
+
+    /// Terminal jobs whose files are still on disk, oldest first (for
+    /// retention).
+    pub fn purgeable(&self) -> Result<Vec<Job>, JournalError> {
+        let mut out: Vec<Job> = Vec::new();
+        for kv in self.jobs.iter() {
+            let (k, v) = kv?;
+            let j: Job = decode(&k, &v)?;
+            if j.state.is_terminal() && !j.purged {
+                out.push(j);
+            }
+        }
+        out.sort_by_key(|j| j.updated_ms);
+        Ok(out)
+    }
+
+    /// Forget a job's instance records (after retention removed the files).
+    /// An instance of the series sent again later is then stored anew.
+    pub fn forget_instances(&self, job_id: &str) -> Result<usize, JournalError> {
+        let mut n = 0;
+        for k in self.instances.scan_prefix(format!("{job_id}/").as_bytes()).keys() {
+            self.instances.remove(k?)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The instances of a job.

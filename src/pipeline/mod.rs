@@ -5,6 +5,7 @@
 //! fallback; the journal is the only source of truth, so after a crash the
 //! first pass picks up every unfinished job.
 
+pub mod retention;
 pub mod worker;
 
 use std::collections::HashSet;
@@ -72,7 +73,18 @@ impl Pipeline {
     /// Run until `shutdown`; tasks are spawned on `tracker` so the caller
     /// can wait for them.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, tracker: TaskTracker) {
+        let mut last_purge = std::time::Instant::now() - Duration::from_secs(3600);
         loop {
+            // Retention: at most every 10 s, off the async threads.
+            if last_purge.elapsed() >= Duration::from_secs(10) {
+                last_purge = std::time::Instant::now();
+                let w = self.worker.clone();
+                match tokio::task::spawn_blocking(move || retention::purge(&w.settings, &w.journal, &w.spool)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "retention pass failed"),
+                    Err(e) => tracing::error!(error = %e, "retention task panicked"),
+                }
+            }
             if let Err(e) = self.pass(&shutdown, &tracker) {
                 tracing::error!(error = %e, "scheduler pass failed; retrying");
             }
@@ -188,6 +200,9 @@ pub fn retry_job(journal: &Journal, destinations: &[String], id: &str) -> Result
     let job = journal.get(id).map_err(|e| e.to_string())?.ok_or_else(|| format!("no job {id}; `petrestore jobs list` shows the known jobs"))?;
     if !job.state.is_terminal() {
         return Err(format!("job {id} is {}; only finished jobs can be retried", job.state.name()));
+    }
+    if job.purged {
+        return Err(format!("job {id} cannot be retried: retention removed its instances; send the series again"));
     }
     journal
         .update(id, |j| {

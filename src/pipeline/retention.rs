@@ -1,0 +1,73 @@
+//! Retention: the disk of a box beside a scanner must not fill up. A job
+//! that ended done or skipped has been delivered or forwarded; after
+//! `node.retention_hours` its spooled instances and derived series are
+//! removed (failed jobs after `node.failed_retention_hours`). The job record
+//! stays, marked purged. Nothing of a job that has not ended is touched.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::Settings;
+use crate::egress::output_dir;
+use crate::journal::{JobState, Journal, JournalError, now_ms};
+use crate::spool::Spool;
+
+/// Remove the files of every job past its retention. Returns how many jobs.
+pub fn purge(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<usize, JournalError> {
+    let now = now_ms();
+    let mut purged = 0;
+    for job in journal.purgeable()? {
+        let keep = match job.state {
+            JobState::Failed { .. } => settings.node.failed_retention,
+            _ => settings.node.retention,
+        };
+        let Some(keep) = keep else { continue };
+        if now.saturating_sub(job.updated_ms) < keep.as_millis() as u64 {
+            continue;
+        }
+        // Files first, then the records: a crash in between leaves records
+        // pointing at removed files of a finished job, which a retry
+        // reports instead of silently restoring a partial series.
+        let mut removed = 0usize;
+        let mut dirs = Vec::new();
+        for r in journal.instances(&job.id)? {
+            let p = spool.absolute(&r.path);
+            if std::fs::remove_file(&p).is_ok() {
+                removed += 1;
+            }
+            if let Some(d) = p.parent() {
+                if !dirs.iter().any(|x: &std::path::PathBuf| x == d) {
+                    dirs.push(d.to_owned());
+                }
+            }
+        }
+        for d in dirs {
+            remove_empty_up_to(&d, spool.root());
+        }
+        let out = output_dir(&settings.node.state_dir, &job.id);
+        let _ = std::fs::remove_dir_all(&out);
+        journal.forget_instances(&job.id)?;
+        let age = Duration::from_millis(now.saturating_sub(job.updated_ms));
+        journal.update(&job.id, |j| {
+            j.purged = true;
+            j.note(format!("retention: removed {removed} received instances and the derived series ({:.1} h after the job ended)", age.as_secs_f64() / 3600.0));
+        })?;
+        tracing::info!(job = %job.id, removed, "retention: job files removed");
+        purged += 1;
+    }
+    Ok(purged)
+}
+
+/// Remove `dir` and its parents while they are empty, stopping at `root`.
+fn remove_empty_up_to(dir: &Path, root: &Path) {
+    let mut d = dir.to_owned();
+    while d.starts_with(root) && d != root {
+        if std::fs::remove_dir(&d).is_err() {
+            break;
+        }
+        match d.parent() {
+            Some(p) => d = p.to_owned(),
+            None => break,
+        }
+    }
+}
