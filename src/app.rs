@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{NonPetPolicy, Settings};
+use crate::config::{LiveSettings, NonPetPolicy, Settings};
 use crate::ingest::{self, ScpConfig, store::SpoolSink};
 use crate::journal::{Journal, JournalError};
 use crate::pipeline::{Pipeline, worker::WorkerCtx};
@@ -41,6 +41,9 @@ pub struct Daemon {
     main: tokio::task::JoinHandle<()>,
     telemetry_stop: CancellationToken,
     telemetry_task: Option<tokio::task::JoinHandle<()>>,
+    /// For SIGHUP reloads.
+    live: Arc<LiveSettings>,
+    wake: Arc<Notify>,
 }
 
 /// Open the journal with a message that says what to do when it is locked.
@@ -57,6 +60,7 @@ pub fn open_journal(settings: &Settings) -> Result<Journal> {
 
 /// Start every stage; returns once the DICOM listener is bound.
 pub async fn start(settings: Settings) -> Result<Daemon> {
+    let live = Arc::new(LiveSettings::new(settings.clone()));
     let settings = Arc::new(settings);
     let state = &settings.node.state_dir;
     crate::spool::create_dir_durable(state)
@@ -72,7 +76,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
 
     let wake = Arc::new(Notify::new());
     let pipeline = Pipeline::new(
-        WorkerCtx { settings: settings.clone(), journal: journal.clone(), spool: spool.clone(), engines },
+        WorkerCtx { settings: live.clone(), journal: journal.clone(), spool: spool.clone(), engines },
         wake.clone(),
     );
     let active = pipeline.recover().context("cannot read the journal")?;
@@ -100,6 +104,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         max_pdu_length: settings.dicom.max_pdu_length,
         idle_timeout: settings.dicom.idle_timeout,
         draining: draining.clone(),
+        live: Some(live.clone()),
     });
     let sink = Arc::new(SpoolSink {
         spool,
@@ -122,7 +127,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
             let (tx, rx) = tokio::sync::mpsc::channel(1024);
             let t = Telemetry::new(tx, &settings.node.device_id, m.include_uids);
             let ctl = Arc::new(DaemonControl {
-                settings: settings.clone(),
+                settings: live.clone(),
                 pipeline: pipeline.clone(),
                 draining: draining.clone(),
                 engines: reports.clone(),
@@ -159,12 +164,12 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     });
     tracing::info!(listen = %dicom_addr, ae = %settings.dicom.ae_title, state_dir = %state.display(), "petrestore ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    Ok(Daemon { dicom_addr, shutdown, journal, associations, tasks, main, telemetry_stop, telemetry_task })
+    Ok(Daemon { dicom_addr, shutdown, journal, associations, tasks, main, telemetry_stop, telemetry_task, live, wake })
 }
 
 /// What telemetry may ask of and tell the daemon.
 struct DaemonControl {
-    settings: Arc<Settings>,
+    settings: Arc<LiveSettings>,
     pipeline: Arc<Pipeline>,
     draining: Arc<AtomicBool>,
     engines: Vec<restore::EngineReport>,
@@ -223,7 +228,12 @@ impl telemetry::mqtt::Control for DaemonControl {
                 let job = self.pipeline.retry(id)?;
                 Ok(serde_json::json!({"job_id": job.id, "state": job.state.name()}))
             }
-            "reload" => Err("reload is not supported by this version: restart the service (systemctl restart petrestore) to apply a new configuration".into()),
+            "reload" => {
+                let changed = self.settings.reload()?;
+                tracing::info!(?changed, "configuration reloaded (MQTT command)");
+                self.pipeline.wake.notify_one();
+                Ok(serde_json::json!({"reloaded": true, "changed": changed}))
+            }
             other => Err(format!("unknown command {other:?}; known: pause, resume, drain, retry, reload")),
         }
     }
@@ -237,14 +247,14 @@ impl telemetry::mqtt::Control for DaemonControl {
         }
         telemetry::HealthMsg {
             schema_version: telemetry::SCHEMA_VERSION,
-            device_id: self.settings.node.device_id.clone(),
+            device_id: self.settings.get().node.device_id.clone(),
             at_ms: crate::journal::now_ms(),
             uptime_s: self.started.elapsed().as_secs(),
             state: self.state().into(),
             queue_depth: jobs.get("queued").copied().unwrap_or(0),
             jobs,
             jobs_finished: self.finished.lock().expect("counter lock").clone(),
-            disk_free_mb: crate::spool::free_bytes(&self.settings.node.state_dir).ok().map(|b| b / (1024 * 1024)),
+            disk_free_mb: crate::spool::free_bytes(&self.settings.get().node.state_dir).ok().map(|b| b / (1024 * 1024)),
             engines: self
                 .engines
                 .iter()
@@ -261,7 +271,7 @@ impl telemetry::mqtt::Control for DaemonControl {
             schema_version: telemetry::SCHEMA_VERSION,
             state: self.state().into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            device_id: self.settings.node.device_id.clone(),
+            device_id: self.settings.get().node.device_id.clone(),
             model: first.map(|e| e.model_id()),
             engine: first.map(|e| e.label()),
             since_ms: self.since_ms.load(Ordering::Relaxed),
@@ -306,6 +316,7 @@ pub async fn serve(settings: Settings) -> Result<()> {
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     loop {
         let tick = async {
             match watchdog {
@@ -316,6 +327,10 @@ pub async fn serve(settings: Settings) -> Result<()> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => match daemon.live.reload() {
+                Ok(changed) => { tracing::info!(?changed, "SIGHUP: configuration reloaded"); daemon.wake.notify_one(); }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),
+            },
             _ = tick => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
         }
     }

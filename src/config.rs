@@ -150,21 +150,21 @@ pub enum IncompletePolicy {
 }
 
 /// One calling AE allowed to send to us, optionally pinned to a host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AllowedCaller {
     pub ae_title: String,
     pub host: Option<IpAddr>,
 }
 
 /// A DICOM destination for derived (and forwarded) series.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Destination {
     pub name: String,
     pub ae_title: String,
     pub address: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeSettings {
     pub device_id: String,
     pub state_dir: PathBuf,
@@ -175,7 +175,7 @@ pub struct NodeSettings {
     pub failed_retention: Option<Duration>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DicomSettings {
     pub listen: SocketAddr,
     pub ae_title: String,
@@ -186,13 +186,13 @@ pub struct DicomSettings {
     pub non_pet: NonPetPolicy,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SeriesSettings {
     pub quiet_timeout: Duration,
     pub incomplete_policy: IncompletePolicy,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RestoreSettings {
     pub engines: Vec<String>,
     pub model: PathBuf,
@@ -214,7 +214,7 @@ pub struct RestoreSettings {
     pub tensorrt_workspace_mb: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EgressSettings {
     pub max_attempts: u32,
     pub backoff_initial: Duration,
@@ -223,7 +223,7 @@ pub struct EgressSettings {
 }
 
 /// TLS files for the broker connection.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MqttTls {
     pub ca_file: PathBuf,
     /// Client certificate and key (PEM), for brokers that require them.
@@ -231,7 +231,7 @@ pub struct MqttTls {
 }
 
 /// `[mqtt]`: fleet telemetry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MqttSettings {
     pub host: String,
     pub port: u16,
@@ -246,7 +246,7 @@ pub struct MqttSettings {
 }
 
 /// Validated configuration: what the daemon runs on.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub node: NodeSettings,
     pub dicom: DicomSettings,
@@ -255,6 +255,76 @@ pub struct Settings {
     pub egress: EgressSettings,
     pub destinations: Vec<Destination>,
     pub mqtt: Option<MqttSettings>,
+    /// The file these settings came from (for `reload`); `None`: built-in.
+    pub source: Option<PathBuf>,
+}
+
+/// Settings that can be replaced while the daemon runs (`reload`): readers
+/// take a snapshot with [`LiveSettings::get`].
+#[derive(Debug)]
+pub struct LiveSettings(std::sync::RwLock<std::sync::Arc<Settings>>);
+
+impl LiveSettings {
+    pub fn new(s: Settings) -> LiveSettings {
+        LiveSettings(std::sync::RwLock::new(std::sync::Arc::new(s)))
+    }
+    pub fn get(&self) -> std::sync::Arc<Settings> {
+        self.0.read().expect("settings lock").clone()
+    }
+
+    /// Re-read the config file and apply it if only keys that can change at
+    /// run time differ. Returns the sections that changed; errors name the
+    /// keys that need a restart.
+    pub fn reload(&self) -> Result<Vec<&'static str>, String> {
+        let old = self.get();
+        let Some(path) = old.source.clone() else {
+            return Err("the daemon runs on built-in defaults (no --config): nothing to reload".into());
+        };
+        let new = Settings::load(&path).map_err(|e| e.to_string())?;
+        let mut restart = Vec::new();
+        let mut check = |key: &'static str, same: bool| {
+            if !same {
+                restart.push(key);
+            }
+        };
+        check("node.device_id", old.node.device_id == new.node.device_id);
+        check("node.state_dir", old.node.state_dir == new.node.state_dir);
+        check("dicom.listen", old.dicom.listen == new.dicom.listen);
+        check("dicom.ae_title", old.dicom.ae_title == new.dicom.ae_title);
+        check("dicom.max_associations", old.dicom.max_associations == new.dicom.max_associations);
+        check("dicom.max_pdu_length", old.dicom.max_pdu_length == new.dicom.max_pdu_length);
+        check("dicom.idle_timeout_s", old.dicom.idle_timeout == new.dicom.idle_timeout);
+        check("dicom.non_pet", old.dicom.non_pet == new.dicom.non_pet);
+        let engine_keys = |r: &RestoreSettings| {
+            (r.engines.clone(), r.model.clone(), r.threads, r.ort_library.clone(), r.ort_providers.clone(), r.tensorrt_fp16, r.tensorrt_workspace_mb, r.gaussian_fwhm_mm.to_bits())
+        };
+        check("restore (engines, model, threads, ort_*, tensorrt_*, gaussian_fwhm_mm)", engine_keys(&old.restore) == engine_keys(&new.restore));
+        check("mqtt", old.mqtt == new.mqtt);
+        if !restart.is_empty() {
+            return Err(format!("not applied: {} changed and need a restart (systemctl restart petrestore)", restart.join(", ")));
+        }
+        let mut changed = Vec::new();
+        if old.node != new.node {
+            changed.push("node");
+        }
+        if old.dicom != new.dicom {
+            changed.push("dicom.allowed_callers");
+        }
+        if old.series != new.series {
+            changed.push("series");
+        }
+        if old.restore != new.restore {
+            changed.push("restore (selection and forwarding rules)");
+        }
+        if old.egress != new.egress {
+            changed.push("egress");
+        }
+        if old.destinations != new.destinations {
+            changed.push("destination");
+        }
+        *self.0.write().expect("settings lock") = std::sync::Arc::new(new);
+        Ok(changed)
+    }
 }
 
 /// Engines this build knows.
@@ -272,7 +342,9 @@ impl Settings {
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Settings::from_toml(&text, &path.display().to_string())
+        let mut s = Settings::from_toml(&text, &path.display().to_string())?;
+        s.source = Some(path.to_owned());
+        Ok(s)
     }
 
     /// Parse and validate TOML text; missing keys take the embedded defaults.
@@ -496,6 +568,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     };
 
     Ok(Settings {
+        source: None,
         mqtt,
         node: NodeSettings { device_id, state_dir, min_free_bytes: min_free_mb * 1024 * 1024, retention, failed_retention },
         dicom: DicomSettings {

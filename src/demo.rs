@@ -74,6 +74,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             max_pdu_length: 65536,
             idle_timeout: Duration::from_secs(30),
             draining: Default::default(),
+            live: None,
         }),
         Arc::new(FolderSink { dir: received.clone() }),
         stop_pacs.clone(),

@@ -190,3 +190,20 @@ fn max_associations_queues_excess_connections_instead_of_failing() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(d.spool_files().len(), 4);
 }
+
+#[test]
+fn sighup_reloads_the_allow_list_and_refuses_restart_only_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), "");
+    assert!(!echoscu(d.port, "WS", OUR_AE).status.success());
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, cfg.replace("allowed_callers = [\"CONSOLE\"]", "allowed_callers = [\"CONSOLE\", \"WS\"]")).unwrap();
+    d.signal("HUP");
+    wait_for("the reloaded allow-list", Duration::from_secs(10), || echoscu(d.port, "WS", OUR_AE).status.success().then_some(()));
+    assert!(d.log().contains("SIGHUP: configuration reloaded"));
+    std::fs::write(&d.config, cfg.replace("ae_title = \"PETRESTORE\"", "ae_title = \"OTHER\"")).unwrap();
+    d.signal("HUP");
+    wait_for("the refusal in the log", Duration::from_secs(10), || d.log().contains("configuration not reloaded").then_some(()));
+    assert!(d.log().contains("dicom.ae_title"), "{}", d.log());
+    assert!(echoscu(d.port, CONSOLE, OUR_AE).status.success(), "still serving on the old AE title");
+}

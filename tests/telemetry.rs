@@ -135,8 +135,22 @@ fn commands_pause_resume_drain_retry_and_errors() {
     let r = reply("selfdestruct", "u1");
     assert_eq!(r["ok"], false);
     assert!(r["error"].as_str().unwrap().contains("unknown command"));
+    // reload: a caller added to the allow-list applies at once; a key that
+    // needs a restart is refused and named
+    assert!(!echoscu(d.port, "WS", OUR_AE).status.success());
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, cfg.replace(&format!("allowed_callers = [\"{CONSOLE}\"]"), &format!("allowed_callers = [\"{CONSOLE}\", \"WS\"]"))).unwrap();
     cmd("reload", r#"{"correlation_id": "l1"}"#);
-    assert_eq!(reply("reload", "l1")["ok"], false);
+    let r = reply("reload", "l1");
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(echoscu(d.port, "WS", OUR_AE).status.success(), "reloaded allow-list applies to the next association");
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, cfg.replace(&format!("127.0.0.1:{}", d.port), "127.0.0.1:1")).unwrap();
+    cmd("reload", r#"{"correlation_id": "l2"}"#);
+    let r = reply("reload", "l2");
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("dicom.listen") && r["error"].as_str().unwrap().contains("restart"), "{r}");
+    std::fs::write(&d.config, cfg).unwrap();
 
     // drain: new associations are rejected; status says so
     cmd("drain", r#"{"correlation_id": "d1"}"#);

@@ -63,6 +63,9 @@ pub struct ScpConfig {
     pub max_associations: usize,
     pub max_pdu_length: u32,
     pub idle_timeout: Duration,
+    /// The daemon's live settings: `dicom.allowed_callers` is read from them
+    /// for every new association, so `reload` applies at once.
+    pub live: Option<Arc<crate::config::LiveSettings>>,
     /// Set by `drain`: new associations are rejected, open ones finish.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -127,7 +130,10 @@ async fn handle_association(
 ) -> Result<(), String> {
     let mut opts = ServerAssociationOptions::new()
         .ae_access_control(access::CallerPolicy {
-            allowed: cfg.allowed_callers.clone(),
+            allowed: match &cfg.live {
+                Some(l) => Some(l.get().dicom.allowed_callers.clone()),
+                None => cfg.allowed_callers.clone(),
+            },
             peer: peer.ip(),
             draining: cfg.draining.load(std::sync::atomic::Ordering::Relaxed),
         })

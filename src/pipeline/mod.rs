@@ -45,8 +45,8 @@ impl Pipeline {
         })
     }
 
-    fn settings(&self) -> &Settings {
-        &self.worker.settings
+    fn settings(&self) -> Arc<Settings> {
+        self.worker.settings.get()
     }
     fn journal(&self) -> &Journal {
         &self.worker.journal
@@ -79,7 +79,7 @@ impl Pipeline {
             if last_purge.elapsed() >= Duration::from_secs(10) {
                 last_purge = std::time::Instant::now();
                 let w = self.worker.clone();
-                match tokio::task::spawn_blocking(move || retention::purge(&w.settings, &w.journal, &w.spool)).await {
+                match tokio::task::spawn_blocking(move || retention::purge(&w.settings.get(), &w.journal, &w.spool)).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::error!(error = %e, "retention pass failed"),
                     Err(e) => tracing::error!(error = %e, "retention task panicked"),

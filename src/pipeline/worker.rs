@@ -25,7 +25,8 @@ pub enum Ending {
 
 /// Everything a restoration needs.
 pub struct WorkerCtx {
-    pub settings: Arc<Settings>,
+    /// Replaced by `reload`; each step takes a snapshot.
+    pub settings: Arc<crate::config::LiveSettings>,
     pub journal: Journal,
     pub spool: Spool,
     pub engines: Vec<Arc<dyn Engine>>,
@@ -36,8 +37,9 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
     let job = ctx.journal.update(job_id, |j| j.set_state(JobState::Restoring))?;
     let started = std::time::Instant::now();
     let ending = restore(ctx, &job);
-    let destinations: Vec<String> = ctx.settings.destinations.iter().map(|d| d.name.clone()).collect();
-    let r = &ctx.settings.restore;
+    let settings = ctx.settings.get();
+    let destinations: Vec<String> = settings.destinations.iter().map(|d| d.name.clone()).collect();
+    let r = &settings.restore;
     let job = ctx.journal.update(job_id, |j| {
         let (payload, outcome) = match &ending {
             Ending::Restored { engine, model_id, series_uid, count } => {
@@ -73,7 +75,7 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
 }
 
 fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
-    let s = &ctx.settings;
+    let s = &*ctx.settings.get();
     if let Some(missing) = job.missing_indexes().filter(|m| !m.is_empty()) {
         let shown: Vec<String> = missing.iter().take(10).map(|i| i.to_string()).collect();
         let what = format!(

@@ -139,6 +139,11 @@ impl Daemon {
         c.wait().unwrap()
     }
 
+    /// Send a signal (e.g. "HUP") to the running daemon.
+    pub fn signal(&self, sig: &str) {
+        unsafe_kill(self.child.as_ref().expect("running").id(), sig);
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill first");
         self.spawn();
