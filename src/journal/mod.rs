@@ -346,7 +346,15 @@ mod tests {
             j.record(&arrival("1.2.4", "9.1", 1, 3)).unwrap();
             j.flush().unwrap();
         }
-        let j = Journal::open(d.path()).unwrap();
+        // sled releases its file lock from a background thread after the
+        // last handle drops; in-process reopen (never done by the daemon,
+        // which restarts as a new process) may have to wait for it.
+        let j = (0..100)
+            .find_map(|_| Journal::open(d.path()).ok().or_else(|| {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                None
+            }))
+            .expect("journal reopens");
         assert_eq!(j.active_jobs().unwrap()[0].received, 1);
     }
 
