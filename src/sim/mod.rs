@@ -9,6 +9,8 @@
 //! reconstruction): that belongs to the simulator of the model issue, which
 //! will replace the image model here and keep this DICOM writer.
 
+pub mod physics;
+
 use std::path::{Path, PathBuf};
 
 use dicom_core::value::DataSetSequence;
