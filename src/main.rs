@@ -74,6 +74,10 @@ enum Command {
         frame_duration: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Physical simulation: projection, Poisson counts, nested 30/60/90 s
+        /// frames and OSEM; writes PT30/, PT60/, PT90/, truth.npy, lesions.json.
+        #[arg(long)]
+        physics: bool,
     },
     /// Validate a configuration file.
     CheckConfig { file: PathBuf },
@@ -259,7 +263,18 @@ fn run(cli: Cli) -> Result<()> {
             let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, ..Default::default() };
             rt()?.block_on(demo::run(demo::DemoOptions { workdir, spec }))
         }
-        Command::Simulate { out, slices, matrix, frame_duration, seed } => {
+        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: true } => {
+            let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
+            let t = std::time::Instant::now();
+            let st = sim::write_study_physical(&out, &spec, &sim::physics::Scanner::default())
+                .with_context(|| format!("cannot write into {}", out.display()))?;
+            for (d, s) in &st.series {
+                println!("wrote {} slices of {d} s (series {}) into {}", s.files.len(), s.series_uid, out.join(format!("PT{d}")).display());
+            }
+            println!("truth: {}, lesions: {} ({:.1} s)", st.truth.display(), st.lesions.display(), t.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: false } => {
             let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
             let s = sim::write_series(&out, &spec).with_context(|| format!("cannot write into {}", out.display()))?;
             println!("wrote {} slices of series {} into {}", s.files.len(), s.series_uid, out.display());

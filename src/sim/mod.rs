@@ -68,13 +68,133 @@ pub fn activity(x: f64, y: f64, z: f64) -> f64 {
     if inside(0.0, 75.0, 18.0, 18.0) {
         a = 5_000.0; // vertebra marrow
     }
-    // lesions: (x, y, z, radius mm, Bq/ml)
-    for (lx, ly, lz, r, v) in [(-70.0, 0.0, 40.0, 8.0, 30_000.0), (60.0, -20.0, 60.0, 5.0, 25_000.0), (20.0, -60.0, 30.0, 10.0, 20_000.0)] {
+    for (lx, ly, lz, r, v) in LESIONS {
         if (x - lx).powi(2) + (y - ly).powi(2) + (z - lz).powi(2) <= r * r {
             a = v;
         }
     }
     a
+}
+
+/// Lesions of the phantom: (x, y, z mm, radius mm, Bq/ml).
+pub const LESIONS: [(f64, f64, f64, f64, f64); 3] =
+    [(-70.0, 0.0, 40.0, 8.0, 30_000.0), (60.0, -20.0, 60.0, 5.0, 25_000.0), (20.0, -60.0, 30.0, 10.0, 20_000.0)];
+
+/// Linear attenuation at 511 keV (1/mm) of the phantom: soft tissue as
+/// water, lungs, vertebra.
+pub fn mu(x: f64, y: f64, _z: f64) -> f64 {
+    let inside = |cx: f64, cy: f64, rx: f64, ry: f64| ((x - cx) / rx).powi(2) + ((y - cy) / ry).powi(2) <= 1.0;
+    if !inside(0.0, 0.0, 170.0, 110.0) {
+        return 0.0;
+    }
+    if inside(0.0, 75.0, 18.0, 18.0) {
+        return 0.0130;
+    }
+    if inside(-70.0, -10.0, 55.0, 65.0) || inside(70.0, -10.0, 55.0, 65.0) {
+        return 0.0027;
+    }
+    0.0096
+}
+
+/// A simulated study with nested frames.
+#[derive(Debug, Clone)]
+pub struct PhysicalStudy {
+    pub study_uid: String,
+    /// (frame duration s, series), for 30, 60 and 90 s.
+    pub series: Vec<(f64, SeriesFiles)>,
+    /// Truth activity (Bq/ml), float32 [slices, rows, cols], volume z order as written.
+    pub truth: PathBuf,
+    pub lesions: PathBuf,
+}
+
+/// Simulate a study physically (see [`physics`]): per slice, attenuated
+/// projection, calibrated Poisson counts for 90 s, nested 60 s and 30 s
+/// frames by binomial thinning, OSEM for each; written as three PET series
+/// of one study (`PT30/`, `PT60/`, `PT90/`), the truth (`truth.npy`) and the
+/// lesion list (`lesions.json`). Runs on all cores.
+pub fn write_study_physical(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner) -> std::io::Result<PhysicalStudy> {
+    let n = spec.matrix;
+    let px = spec.fov_mm / n as f64;
+    let grid = |z: f64, f: &dyn Fn(f64, f64, f64) -> f64| -> Vec<f32> {
+        let mut g = vec![0.0f32; n * n];
+        for j in 0..n {
+            for i in 0..n {
+                let x = (i as f64 + 0.5) * px - spec.fov_mm / 2.0;
+                let y = (j as f64 + 0.5) * px - spec.fov_mm / 2.0;
+                g[j * n + i] = f(x, y, z) as f32;
+            }
+        }
+        g
+    };
+    // Calibrate on a torso slice through the liver.
+    let k90 = physics::calibrate(&grid(60.0, &activity), &grid(60.0, &mu), n, px, sc);
+    let workers = std::thread::available_parallelism().map(|v| v.get()).unwrap_or(1).min(spec.slices.max(1));
+    type SliceOut = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f32>);
+    let results: Vec<std::sync::Mutex<Option<SliceOut>>> = (0..spec.slices).map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k >= spec.slices {
+                        return;
+                    }
+                    let z = k as f64 * spec.slice_thickness_mm;
+                    let (act, att) = (grid(z, &activity), grid(z, &mu));
+                    let model = physics::Model::new(&act, &att, n, px, sc, k90);
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(k as u64));
+                    let f = model.acquire(&act, &mut rng);
+                    let rec = |c: &[u32], t: f64| model.osem(c, t, sc).into_iter().map(|v| v as f64).collect::<Vec<f64>>();
+                    let out = (rec(&f.c30, 30.0), rec(&f.c60, 60.0), rec(&f.c90, 90.0), act);
+                    *results[k].lock().expect("slice slot") = Some(out);
+                }
+            });
+        }
+    });
+    let slices: Vec<SliceOut> = results.into_iter().map(|m| m.into_inner().expect("slice slot").expect("every slice simulated")).collect();
+    let ids = StudyIds::new(spec.seed, "phys");
+    let mut series = Vec::new();
+    for (d, pick) in [(30.0, 0usize), (60.0, 1), (90.0, 2)] {
+        let images: Vec<Vec<f64>> = slices
+            .iter()
+            .map(|s| match pick {
+                0 => s.0.clone(),
+                1 => s.1.clone(),
+                _ => s.2.clone(),
+            })
+            .collect();
+        let desc = format!("WB FDG {d}s/bed (simulated, nested)");
+        series.push((d, write_images(&dir.join(format!("PT{d}")), spec, &ids, d, &desc, &images)?));
+    }
+    let truth = dir.join("truth.npy");
+    let flat: Vec<f32> = slices.iter().flat_map(|s| s.3.iter().copied()).collect();
+    write_npy_f32(&truth, &[spec.slices, n, n], &flat)?;
+    let lesions = dir.join("lesions.json");
+    let list: Vec<serde_json::Value> = LESIONS
+        .iter()
+        .map(|(x, y, z, r, v)| serde_json::json!({"x_mm": x, "y_mm": y, "z_mm": z, "diameter_mm": 2.0 * r, "activity_bqml": v}))
+        .collect();
+    std::fs::write(&lesions, serde_json::to_vec_pretty(&serde_json::json!({"lesions": list, "slice_thickness_mm": spec.slice_thickness_mm, "note": "z is the distance below the first slice; x, y from the centre of the field of view"}))?)?;
+    Ok(PhysicalStudy { study_uid: ids.study_uid.clone(), series, truth, lesions })
+}
+
+/// A float32 array in NumPy's .npy format (version 1.0, C order).
+pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> std::io::Result<()> {
+    assert_eq!(shape.iter().product::<usize>(), data.len());
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}{}), }}", dims.join(", "), if shape.len() == 1 { "," } else { "" });
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, out)
 }
 
 /// A region of the phantom's liver that is uniform, as (x, y) pixel bounds
@@ -101,40 +221,70 @@ fn normal(rng: &mut impl Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
-/// Write one PET series (one file per slice) into `dir`.
+/// UIDs shared by the series of one simulated study.
+struct StudyIds {
+    study_uid: String,
+    frame_of_ref: String,
+    root: String,
+}
+
+impl StudyIds {
+    fn new(seed: u64, family: &str) -> StudyIds {
+        let root = format!("sim-{family}{seed}");
+        StudyIds { study_uid: derived_uid(&root, "study"), frame_of_ref: derived_uid(&root, "for"), root }
+    }
+}
+
+/// Write one PET series (one file per slice) into `dir` with the simple
+/// (non-physical) image model: the phantom plus noise ∝ 1/√t.
 pub fn write_series(dir: &Path, spec: &SeriesSpec) -> std::io::Result<SeriesFiles> {
-    std::fs::create_dir_all(dir)?;
-    let root = format!("sim-{}", spec.seed);
-    let study_uid = derived_uid(&root, "study");
-    let series_uid = derived_uid(&root, &format!("series-{}s", spec.frame_duration_s));
-    let frame_of_ref = derived_uid(&root, "for");
+    let ids = StudyIds::new(spec.seed, "");
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed ^ (spec.frame_duration_s.to_bits()));
     let n = spec.matrix;
     let px = spec.fov_mm / n as f64;
-    let mut out = SeriesFiles { study_uid: study_uid.clone(), series_uid: series_uid.clone(), sop_uids: vec![], files: vec![] };
     // Relative noise: ~10 % in the liver at 90 s (DESIGN's calibration), ∝ 1/√t.
     let rel_noise = 0.10 * (90.0 / spec.frame_duration_s).sqrt();
-    for k in 0..spec.slices {
-        let z = k as f64 * spec.slice_thickness_mm;
-        let mut img = vec![0.0f64; n * n];
-        for j in 0..n {
-            for i in 0..n {
-                let x = (i as f64 + 0.5) * px - spec.fov_mm / 2.0;
-                let y = (j as f64 + 0.5) * px - spec.fov_mm / 2.0;
-                let a = activity(x, y, z);
-                let sd = rel_noise * (a * LIVER_BQML).sqrt();
-                img[j * n + i] = (a + sd * normal(&mut rng)).max(0.0);
+    let images: Vec<Vec<f64>> = (0..spec.slices)
+        .map(|k| {
+            let z = k as f64 * spec.slice_thickness_mm;
+            let mut img = vec![0.0f64; n * n];
+            for j in 0..n {
+                for i in 0..n {
+                    let x = (i as f64 + 0.5) * px - spec.fov_mm / 2.0;
+                    let y = (j as f64 + 0.5) * px - spec.fov_mm / 2.0;
+                    let a = activity(x, y, z);
+                    let sd = rel_noise * (a * LIVER_BQML).sqrt();
+                    img[j * n + i] = (a + sd * normal(&mut rng)).max(0.0);
+                }
             }
-        }
+            img
+        })
+        .collect();
+    let desc = format!("WB FDG {}s/bed", spec.frame_duration_s);
+    write_images(dir, spec, &ids, spec.frame_duration_s, &desc, &images)
+}
+
+/// Write images (Bq/ml, one per slice) as a PET series with every attribute
+/// a scanner series carries.
+fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, description: &str, images: &[Vec<f64>]) -> std::io::Result<SeriesFiles> {
+    std::fs::create_dir_all(dir)?;
+    let study_uid = ids.study_uid.clone();
+    let series_uid = derived_uid(&ids.root, &format!("series-{duration_s}s"));
+    let frame_of_ref = ids.frame_of_ref.clone();
+    let n = spec.matrix;
+    let px = spec.fov_mm / n as f64;
+    let mut out = SeriesFiles { study_uid: study_uid.clone(), series_uid: series_uid.clone(), sop_uids: vec![], files: vec![] };
+    for (k, img) in images.iter().enumerate() {
+        let z = k as f64 * spec.slice_thickness_mm;
         let max = img.iter().cloned().fold(0.0, f64::max);
         let slope = crate::derive::ds(if max > 0.0 { max / 65000.0 } else { 1.0 });
         let slope_v: f64 = slope.parse().expect("ds parses");
         let mut bytes = Vec::with_capacity(n * n * 2);
-        for v in &img {
+        for v in img {
             bytes.extend_from_slice(&((v / slope_v).round().clamp(0.0, 65535.0) as u16).to_le_bytes());
         }
         let sop = derived_uid(&series_uid, &format!("slice-{k}"));
-        let ms = (spec.frame_duration_s * 1000.0).round() as i64;
+        let ms = (duration_s * 1000.0).round() as i64;
         let radiopharm = InMemDicomObject::from_element_iter([
             el(tags::RADIOPHARMACEUTICAL, VR::LO, "Fluorodeoxyglucose"),
             el(tags::RADIOPHARMACEUTICAL_START_TIME, VR::TM, "083000"),
@@ -165,7 +315,7 @@ pub fn write_series(dir: &Path, spec: &SeriesSpec) -> std::io::Result<SeriesFile
             el(tags::ACCESSION_NUMBER, VR::SH, "SIM0001"),
             el(tags::MODALITY, VR::CS, "PT"),
             el(tags::MANUFACTURER, VR::LO, "petrestore simulator"),
-            el(tags::SERIES_DESCRIPTION, VR::LO, format!("WB FDG {}s/bed", spec.frame_duration_s)),
+            el(tags::SERIES_DESCRIPTION, VR::LO, description),
             el(tags::PATIENT_NAME, VR::PN, "SIMULATED^PATIENT"),
             el(tags::PATIENT_ID, VR::LO, format!("SIM{}", spec.seed)),
             el(tags::PATIENT_SEX, VR::CS, "O"),
@@ -223,6 +373,34 @@ pub fn write_series(dir: &Path, spec: &SeriesSpec) -> std::io::Result<SeriesFile
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn physical_study_has_nested_frames_of_one_study_with_the_truth() {
+        let d = tempfile::tempdir().unwrap();
+        let spec = SeriesSpec { slices: 6, matrix: 64, seed: 3, fov_mm: 600.0, slice_thickness_mm: 12.0, frame_duration_s: 90.0 };
+        let sc = physics::Scanner { n_angles: 48, ..Default::default() };
+        let st = write_study_physical(d.path(), &spec, &sc).unwrap();
+        assert_eq!(st.series.len(), 3);
+        let mut stats = Vec::new();
+        for (dur, s) in &st.series {
+            assert_eq!(s.study_uid, st.study_uid, "one study");
+            let l = crate::restore::volume::load(&s.files).unwrap();
+            let o = &l.slices[0].dataset;
+            use crate::dicom::attrs::Attrs;
+            assert_eq!(o.f64_of(dicom_dictionary_std::tags::ACTUAL_FRAME_DURATION), Some(dur * 1000.0));
+            let m = l.volume.data.iter().map(|v| *v as f64).sum::<f64>() / l.volume.data.len() as f64;
+            stats.push(m);
+        }
+        assert_ne!(st.series[0].1.series_uid, st.series[2].1.series_uid);
+        // total activity agrees between frames (nested data, same truth)
+        assert!((stats[0] / stats[2] - 1.0).abs() < 0.05, "{stats:?}");
+        let npy = std::fs::read(&st.truth).unwrap();
+        assert_eq!(&npy[..6], b"\x93NUMPY");
+        assert_eq!(npy.len() % 64, (6 * 64 * 64 * 4) % 64);
+        assert!(npy.len() >= 6 * 64 * 64 * 4 + 64);
+        let lj: serde_json::Value = serde_json::from_slice(&std::fs::read(&st.lesions).unwrap()).unwrap();
+        assert_eq!(lj["lesions"].as_array().unwrap().len(), 3);
+    }
 
     #[test]
     fn series_loads_as_a_consistent_volume_with_the_phantom_activity() {
