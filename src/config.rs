@@ -116,6 +116,8 @@ struct RawRestore {
     ort_providers: Option<Vec<String>>,
     tensorrt_fp16: Option<bool>,
     tensorrt_workspace_mb: Option<usize>,
+    assume_frame_duration_s: Option<f64>,
+    assume_units: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -212,6 +214,11 @@ pub struct RestoreSettings {
     pub ort_providers: Vec<String>,
     pub tensorrt_fp16: bool,
     pub tensorrt_workspace_mb: usize,
+    /// For series without Actual Frame Duration: what to assume (said in the
+    /// job history and Derivation Description), `None`: skip such series.
+    pub assume_frame_duration_s: Option<f64>,
+    /// For series without Units, likewise.
+    pub assume_units: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -520,6 +527,8 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         ort_providers: providers,
         tensorrt_fp16: pick!(u, d, restore.tensorrt_fp16),
         tensorrt_workspace_mb: pick!(u, d, restore.tensorrt_workspace_mb),
+        assume_frame_duration_s: Some(pick!(u, d, restore.assume_frame_duration_s)).filter(|v: &f64| *v > 0.0),
+        assume_units: Some(pick!(u, d, restore.assume_units)).filter(|v: &String| !v.is_empty()),
     };
 
     let max_attempts: u32 = pick!(u, d, egress.max_attempts);

@@ -38,6 +38,13 @@ enum Command {
         /// Model package folder (overrides restore.model).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Frame duration in seconds, for a series without Actual Frame
+        /// Duration (0018,1242); stated in the output's Derivation Description.
+        #[arg(long)]
+        frame_duration: Option<f64>,
+        /// Units (e.g. BQML), for a series without Units (0054,1001).
+        #[arg(long)]
+        units: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -204,8 +211,28 @@ async fn status(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<(
     }
 }
 
-fn offline_restore(input: PathBuf, output: PathBuf, engine: Option<String>, model: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
+struct RestoreArgs {
+    input: PathBuf,
+    output: PathBuf,
+    engine: Option<String>,
+    model: Option<PathBuf>,
+    frame_duration: Option<f64>,
+    units: Option<String>,
+    config: Option<PathBuf>,
+}
+
+fn offline_restore(a: RestoreArgs) -> Result<()> {
+    let RestoreArgs { input, output, engine, model, frame_duration, units, config } = a;
     let mut settings = load_settings(config.as_ref())?;
+    if let Some(fd) = frame_duration {
+        if !(fd > 0.0 && fd < 3600.0) {
+            bail!("--frame-duration {fd}: give the frame duration in seconds, e.g. 30");
+        }
+        settings.restore.assume_frame_duration_s = Some(fd);
+    }
+    if let Some(u) = units {
+        settings.restore.assume_units = Some(u);
+    }
     if let Some(m) = model {
         settings.restore.model = m;
     }
@@ -241,6 +268,9 @@ fn offline_restore(input: PathBuf, output: PathBuf, engine: Option<String>, mode
     for f in &restored.fallbacks {
         eprintln!("petrestore: engine fallback: {f}");
     }
+    for a in &restored.assumed {
+        eprintln!("petrestore: {a}");
+    }
     let (engine, model) = (restored.engine.clone(), restored.model_id.clone());
     let n = pipeline::worker::write_instances(&output, restored.instances).map_err(anyhow::Error::msg)?;
     println!("restored {n} slices with {engine} ({model}) into {}", output.display());
@@ -254,7 +284,9 @@ fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(config.as_ref())?;
             rt()?.block_on(app::serve(settings))
         }
-        Command::Restore { input, output, engine, model, config } => offline_restore(input, output, engine, model, config),
+        Command::Restore { input, output, engine, model, frame_duration, units, config } => {
+            offline_restore(RestoreArgs { input, output, engine, model, frame_duration, units, config })
+        }
         Command::Status { config, state_dir } => rt()?.block_on(status(config, state_dir)),
         Command::Demo { workdir, slices, matrix, frame_duration } => {
             if !(4..=1000).contains(&slices) || !(16..=512).contains(&matrix) {

@@ -129,3 +129,39 @@ fn demo_runs_with_no_setup() {
     assert!(t.contains("done after") && t.contains("16 derived instances"), "{t}");
     assert_eq!(files_under(&tmp.path().join("pacs")).len(), 16);
 }
+
+#[test]
+fn series_missing_frame_duration_and_units_is_explained_and_can_be_supplied() {
+    use dicom_dictionary_std::tags;
+    use petrestore::dicom::attrs::Attrs;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("orig"), 5, 32, 47);
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    for (i, f) in src.files.iter().enumerate() {
+        let mut obj = dicom_object::open_file(f).unwrap();
+        obj.remove_element(tags::ACTUAL_FRAME_DURATION);
+        obj.remove_element(tags::UNITS);
+        obj.write_to_file(input.join(format!("{i}.dcm"))).unwrap();
+    }
+    let out = petrestore(&["restore", "--input", input.to_str().unwrap(), "--output", tmp.path().join("o1").to_str().unwrap()]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("Units (0054,1001) missing") && t.contains("--units"), "{t}");
+
+    let out = petrestore(&["restore", "--input", input.to_str().unwrap(), "--output", tmp.path().join("o2").to_str().unwrap(), "--units", "BQML"]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("Actual Frame Duration (0018,1242) missing") && t.contains("--frame-duration"), "{t}");
+
+    let o3 = tmp.path().join("o3");
+    let out = petrestore(&[
+        "restore", "--input", input.to_str().unwrap(), "--output", o3.to_str().unwrap(), "--units", "BQML", "--frame-duration", "30",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("assumed 30 s"), "{}", text(&out));
+    let derived = dicom_object::open_file(&files_under(&o3)[0]).unwrap().into_inner();
+    let dd = derived.str_of(tags::DERIVATION_DESCRIPTION).unwrap();
+    assert!(dd.contains("assumed 30 s") && dd.contains("assumed BQML"), "{dd}");
+    assert!(derived.str_of(tags::ACTUAL_FRAME_DURATION).is_none(), "the output must not gain a frame duration the scanner did not record");
+}

@@ -103,6 +103,9 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
     for f in &restored.fallbacks {
         let _ = ctx.journal.update(&job.id, |j| j.note(format!("engine fallback: {f}")));
     }
+    for a in &restored.assumed {
+        let _ = ctx.journal.update(&job.id, |j| j.note(a.clone()));
+    }
     match write_instances(&dir, restored.instances) {
         Ok(count) => Ending::Restored { engine: restored.engine, model_id: restored.model_id, series_uid: restored.series_uid, count },
         Err(e) => Ending::Failed(e),
@@ -111,6 +114,8 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
 
 /// A restored series, not yet written.
 pub struct Restored {
+    /// Attribute values assumed by operator settings.
+    pub assumed: Vec<String>,
     /// Engines that failed on this series before `engine` succeeded.
     pub fallbacks: Vec<String>,
     pub engine: String,
@@ -123,12 +128,16 @@ pub struct Restored {
 /// the daemon's worker and the offline `restore` command.
 pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf]) -> Result<Restored, Ending> {
     let loaded = volume::load(paths).map_err(|e| Ending::Failed(format!("cannot build a volume: {e}")))?;
-    select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(Ending::Skipped)?;
+    let selected = select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(Ending::Skipped)?;
     let (restored, engine, fallbacks) =
         run_engines(engines, &loaded.volume).map_err(|e| Ending::Failed(format!("restoration failed: {e}")))?;
     let params = DeriveParams {
         engine: engine.label(),
-        notice: engine.notice(),
+        notice: {
+            let mut n: Vec<String> = engine.notice().into_iter().collect();
+            n.extend(selected.assumed.iter().cloned());
+            (!n.is_empty()).then(|| n.join(" "))
+        },
         model_id: engine.model_id(),
         series_description_suffix: s.restore.series_description_suffix.clone(),
         series_number_offset: s.restore.series_number_offset,
@@ -137,6 +146,7 @@ pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf
     let source_series = loaded.slices[0].dataset.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
     let instances = derive_series(&loaded.slices, &restored, &params);
     Ok(Restored {
+        assumed: selected.assumed,
         fallbacks,
         series_uid: crate::dicom::uid::derived_uid(&source_series, &params.model_id),
         engine: params.engine,

@@ -12,6 +12,8 @@ use crate::dicom::attrs::Attrs;
 pub struct Selected {
     pub frame_duration_s: f64,
     pub units: String,
+    /// What was assumed because the series lacks it (operator-supplied).
+    pub assumed: Vec<String>,
 }
 
 /// Check the first slice (attributes are per series) against the rules.
@@ -21,15 +23,34 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
     if modality != "PT" {
         return Err(format!("Modality (0008,0060) is {modality:?}, not PT"));
     }
-    let units = first
-        .str_of(tags::UNITS)
-        .ok_or("Units (0054,1001) missing: cannot tell whether pixel values are activity concentrations")?;
+    let mut assumed = Vec::new();
+    let units = match (first.str_of(tags::UNITS), &s.assume_units) {
+        (Some(u), _) => u,
+        (None, Some(u)) => {
+            assumed.push(format!("Units (0054,1001) missing: assumed {u} (operator setting)"));
+            u.clone()
+        }
+        (None, None) => {
+            return Err("Units (0054,1001) missing: cannot tell whether pixel values are activity concentrations; \
+                        if you know them, set restore.assume_units (or --units for `restore`)"
+                .into());
+        }
+    };
     if !s.units.iter().any(|u| u == &units) {
         return Err(format!("Units (0054,1001) is {units:?}; restore.units accepts {:?}", s.units));
     }
-    let ms = first
-        .f64_of(tags::ACTUAL_FRAME_DURATION)
-        .ok_or("Actual Frame Duration (0018,1242) missing: the frame length decides whether and how to restore")?;
+    let ms = match (first.f64_of(tags::ACTUAL_FRAME_DURATION), s.assume_frame_duration_s) {
+        (Some(ms), _) => ms,
+        (None, Some(secs)) => {
+            assumed.push(format!("Actual Frame Duration (0018,1242) missing: assumed {secs} s (operator setting); the output does not add it"));
+            secs * 1000.0
+        }
+        (None, None) => {
+            return Err("Actual Frame Duration (0018,1242) missing: the frame length decides whether and how to restore; \
+                        if you know it, set restore.assume_frame_duration_s (or --frame-duration for `restore`)"
+                .into());
+        }
+    };
     let secs = ms / 1000.0;
     if secs < s.min_frame_duration_s || secs > s.max_frame_duration_s {
         return Err(format!(
@@ -46,5 +67,5 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
     }) {
         return Err(format!("slices have different Actual Frame Durations ({ms} and {d} ms)"));
     }
-    Ok(Selected { frame_duration_s: secs, units })
+    Ok(Selected { frame_duration_s: secs, units, assumed })
 }
