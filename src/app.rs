@@ -54,7 +54,10 @@ pub fn open_journal(settings: &Settings) -> Result<Journal> {
             "{e}: another petrestore process uses {}; stop it or choose another node.state_dir",
             settings.node.state_dir.display()
         ),
-        e => anyhow::anyhow!("cannot open the journal in {}: {e}", dir.display()),
+        e => anyhow::anyhow!(
+            "cannot open the journal in {}: {e}; the spool still holds every received instance: stop the daemon and run `petrestore journal rebuild` (with the same --config) to rebuild the journal from it",
+            dir.display()
+        ),
     })
 }
 
@@ -71,6 +74,16 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         tracing::info!(stale, "removed unacknowledged temporaries left by a crash");
     }
     let journal = open_journal(&settings)?;
+    if journal.is_empty() {
+        let orphans = crate::journal::rebuild::spool_files(spool.root()).len();
+        if orphans > 0 {
+            anyhow::bail!(
+                "the journal in {} is empty but the spool holds {orphans} received instances: the journal was lost or replaced. \
+                 Run `petrestore journal rebuild` (with the same --config) to rebuild it from the spool, then start again",
+                settings.node.state_dir.join("journal").display()
+            );
+        }
+    }
     let restore::Engines { engines, reports } = restore::engines_from_settings(&settings).map_err(anyhow::Error::msg)?;
     tracing::info!(engines = ?engines.iter().map(|e| e.label()).collect::<Vec<_>>(), "restoration engines ready");
 

@@ -86,6 +86,15 @@ enum Command {
         #[arg(long)]
         physics: bool,
     },
+    /// Journal maintenance (with the daemon stopped).
+    Journal {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: JournalAction,
+    },
     /// Validate a configuration file.
     CheckConfig { file: PathBuf },
     /// Print the annotated default configuration.
@@ -100,6 +109,13 @@ enum Command {
         #[command(subcommand)]
         action: JobsAction,
     },
+}
+
+#[derive(Subcommand)]
+enum JournalAction {
+    /// Move the journal aside and rebuild it from the spool (the received
+    /// instances); jobs come back as receiving and are processed again.
+    Rebuild,
 }
 
 #[derive(Subcommand)]
@@ -330,6 +346,23 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Jobs { config, state_dir, action } => rt()?.block_on(jobs(config, state_dir, action)),
+        Command::Journal { config, state_dir, action: JournalAction::Rebuild } => {
+            let settings = load_settings(config.as_ref())?;
+            let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+            if std::os::unix::net::UnixStream::connect(control::socket_path(&state_dir)).is_ok() {
+                bail!("a daemon is running on {}: stop it first (systemctl stop petrestore)", state_dir.display());
+            }
+            let r = petrestore::journal::rebuild::rebuild(&state_dir.join("journal"), &state_dir.join("spool"))
+                .map_err(|e| anyhow::anyhow!("rebuild failed: {e}"))?;
+            if let Some(old) = &r.old_journal {
+                println!("old journal moved to {}", old.display());
+            }
+            println!("rebuilt the journal: {} instances in {} jobs", r.instances, r.jobs);
+            for u in &r.unreadable {
+                eprintln!("petrestore: not DICOM or unreadable, left in place: {}", u.display());
+            }
+            Ok(())
+        }
     }
 }
 

@@ -120,3 +120,34 @@ fn incomplete_series_at_quiet_timeout_follows_policy() {
     assert!(job.history.iter().any(|e| e.what.contains("no instance for")));
     assert_eq!(job.output_count, 9);
 }
+
+#[test]
+fn lost_journal_is_refused_at_start_and_rebuilt_from_the_spool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 6, 32, 31);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    // long quiet timeout: the first run only receives
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("[series]\nquiet_timeout_s = 600\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &src.files[..4]).status.success());
+    d.kill9();
+    // the journal is lost (disk repair, sled corruption...)
+    std::fs::remove_dir_all(d.state_dir().join("journal")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore")).args(["serve", "--config", d.config.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("spool holds 4 received instances") && text(&out).contains("petrestore journal rebuild"), "{}", text(&out));
+    let r = petrestore(&["journal", "--config", d.config.to_str().unwrap(), "rebuild"]);
+    assert!(r.status.success(), "{}", text(&r));
+    assert!(text(&r).contains("4 instances in 1 jobs"), "{}", text(&r));
+    d.restart();
+    let job = d.job(&job_id(&src));
+    assert_eq!((job.received, &job.state), (4, &JobState::Receiving));
+    assert!(storescu(d.port, CONSOLE, &src.files[4..]).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.contains("rebuilt from the spool")));
+    let got = wait_for("6 instances", Duration::from_secs(10), || {
+        let f = dest.files();
+        (f.len() == 6).then_some(f)
+    });
+    assert_eq!(sop_uids(&got).len(), 6);
+}

@@ -8,6 +8,7 @@
 //! where every unfinished job is found again.
 
 pub mod job;
+pub mod rebuild;
 
 use std::path::Path;
 
@@ -245,6 +246,11 @@ impl Journal {
             }
         }
         Ok(out)
+    }
+
+    /// Is the journal empty (a new or lost one)?
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.instances.is_empty()
     }
 
     /// All jobs, most recently updated first.

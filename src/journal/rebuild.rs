@@ -1,0 +1,98 @@
+//! Rebuild the journal from the spool. The spool files are the primary
+//! record (each was fsynced before it was acknowledged); sled is known to
+//! break after some abrupt stops (DEPENDENCIES.md). `petrestore journal
+//! rebuild` moves the old journal aside and records every spooled instance
+//! again; the jobs come back as `receiving` and are processed after the quiet
+//! timeout. Derived UIDs are deterministic, so a destination that already has
+//! the derived series receives the same UIDs again, not a second series.
+
+use std::path::{Path, PathBuf};
+
+use dicom_dictionary_std::tags;
+
+use super::{Arrival, InstanceRecord, JobKind, Journal, JournalError, Recorded};
+use crate::dicom::PET_STORAGE_CLASSES;
+use crate::dicom::attrs::Attrs;
+
+/// What a rebuild found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rebuilt {
+    pub instances: usize,
+    pub jobs: usize,
+    /// Files that could not be read as DICOM (left in place, listed).
+    pub unreadable: Vec<PathBuf>,
+    /// Where the old journal was moved, if there was one.
+    pub old_journal: Option<PathBuf>,
+}
+
+/// Every `.dcm` file under the spool (temporaries excluded).
+pub fn spool_files(spool: &Path) -> Vec<PathBuf> {
+    fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "dcm") && !e.file_name().to_string_lossy().starts_with('.') {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(spool, &mut out);
+    out.sort();
+    out
+}
+
+/// Move `journal_dir` aside and record every spooled instance in a new one.
+pub fn rebuild(journal_dir: &Path, spool: &Path) -> Result<Rebuilt, JournalError> {
+    let mut r = Rebuilt::default();
+    if journal_dir.exists() {
+        let aside = journal_dir.with_extension(format!("replaced-{}", super::now_ms()));
+        std::fs::rename(journal_dir, &aside).map_err(|e| JournalError::Sled(sled::Error::Io(e)))?;
+        r.old_journal = Some(aside);
+    }
+    let journal = Journal::open(journal_dir)?;
+    let mut jobs = std::collections::BTreeSet::new();
+    for p in spool_files(spool) {
+        let Ok(file) = dicom_object::OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(&p) else {
+            r.unreadable.push(p);
+            continue;
+        };
+        let meta = file.meta().clone();
+        let obj = file.into_inner();
+        let (Some(study), Some(series), Some(sop)) =
+            (obj.str_of(tags::STUDY_INSTANCE_UID), obj.str_of(tags::SERIES_INSTANCE_UID), obj.str_of(tags::SOP_INSTANCE_UID))
+        else {
+            r.unreadable.push(p);
+            continue;
+        };
+        let Ok(rel) = p.strip_prefix(spool) else { continue };
+        let sop_class = meta.media_storage_sop_class_uid().trim_end_matches('\0').to_string();
+        let arrival = Arrival {
+            kind: if PET_STORAGE_CLASSES.contains(&sop_class.as_str()) { JobKind::Pet } else { JobKind::Passthrough },
+            study_uid: study,
+            series_uid: series.clone(),
+            modality: obj.str_of(tags::MODALITY),
+            calling_ae: meta.source_application_entity_title().unwrap_or("").trim_end_matches(['\0', ' ']).to_string(),
+            number_of_slices: obj.i64_of(tags::NUMBER_OF_SLICES).and_then(|n| u32::try_from(n).ok()),
+            record: InstanceRecord {
+                sop_instance_uid: sop,
+                sop_class_uid: sop_class,
+                path: rel.to_owned(),
+                transfer_syntax: meta.transfer_syntax().trim_end_matches('\0').to_string(),
+                image_index: obj.i64_of(tags::IMAGE_INDEX).and_then(|n| u32::try_from(n).ok()),
+            },
+        };
+        if let Recorded::New { job_id, .. } = journal.record(&arrival)? {
+            jobs.insert(job_id);
+            r.instances += 1;
+        }
+    }
+    for id in &jobs {
+        journal.update(id, |j| j.note("journal rebuilt from the spool"))?;
+    }
+    journal.flush()?;
+    r.jobs = jobs.len();
+    Ok(r)
+}
