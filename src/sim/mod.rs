@@ -96,6 +96,64 @@ pub fn mu(x: f64, y: f64, _z: f64) -> f64 {
     0.0096
 }
 
+/// Which object a physical study images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phantom {
+    /// The torso with liver, lungs, vertebra and lesions ([`activity`], [`mu`]).
+    Torso,
+    /// The NEMA NU 2 IEC body phantom: spheres of 10, 13, 17, 22, 28 and 37 mm
+    /// at 4:1 in a 5.3 kBq/ml background, cold lung insert, sphere plane at
+    /// z = [`NEMA_SPHERE_Z`].
+    Nema,
+}
+
+/// NEMA sphere diameters (mm).
+pub const NEMA_SPHERES_MM: [f64; 6] = [10.0, 13.0, 17.0, 22.0, 28.0, 37.0];
+/// z of the sphere centres (mm below the first slice).
+pub const NEMA_SPHERE_Z: f64 = 69.0;
+/// NEMA background activity (Bq/ml); spheres are 4× this.
+pub const NEMA_BACKGROUND: f64 = 5300.0;
+
+/// Centre (x, y) of NEMA sphere `i`: on a 57.2 mm circle, 60° apart.
+pub fn nema_sphere_centre(i: usize) -> (f64, f64) {
+    let a = std::f64::consts::PI / 3.0 * i as f64;
+    (57.2 * a.cos(), 57.2 * a.sin() - 20.0)
+}
+
+fn nema_body(x: f64, y: f64) -> bool {
+    // Simplified IEC body section: a 300 × 230 mm ellipse.
+    (x / 150.0).powi(2) + ((y - 0.0) / 115.0).powi(2) <= 1.0
+}
+
+fn nema_lung(x: f64, y: f64) -> bool {
+    x * x + (y + 20.0).powi(2) <= 25.0 * 25.0
+}
+
+/// NEMA IEC phantom activity (Bq/ml).
+pub fn nema_activity(x: f64, y: f64, z: f64) -> f64 {
+    if !nema_body(x, y) || nema_lung(x, y) {
+        return 0.0;
+    }
+    for (i, d) in NEMA_SPHERES_MM.iter().enumerate() {
+        let (cx, cy) = nema_sphere_centre(i);
+        if (x - cx).powi(2) + (y - cy).powi(2) + (z - NEMA_SPHERE_Z).powi(2) <= (d / 2.0).powi(2) {
+            return 4.0 * NEMA_BACKGROUND;
+        }
+    }
+    NEMA_BACKGROUND
+}
+
+/// NEMA IEC phantom attenuation (1/mm): water, low-density lung insert.
+pub fn nema_mu(x: f64, y: f64, _z: f64) -> f64 {
+    if !nema_body(x, y) {
+        0.0
+    } else if nema_lung(x, y) {
+        0.0025
+    } else {
+        0.0096
+    }
+}
+
 /// A simulated study with nested frames.
 #[derive(Debug, Clone)]
 pub struct PhysicalStudy {
@@ -112,7 +170,16 @@ pub struct PhysicalStudy {
 /// frames by binomial thinning, OSEM for each; written as three PET series
 /// of one study (`PT30/`, `PT60/`, `PT90/`), the truth (`truth.npy`) and the
 /// lesion list (`lesions.json`). Runs on all cores.
-pub fn write_study_physical(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner) -> std::io::Result<PhysicalStudy> {
+pub fn write_study_physical(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner, phantom: Phantom) -> std::io::Result<PhysicalStudy> {
+    write_study_physical_at(dir, spec, sc, phantom, 0.0)
+}
+
+/// [`write_study_physical`] with the first slice at `z0` mm into the phantom.
+pub fn write_study_physical_at(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner, phantom: Phantom, z0: f64) -> std::io::Result<PhysicalStudy> {
+    let (activity, mu, calib_z): (fn(f64, f64, f64) -> f64, fn(f64, f64, f64) -> f64, f64) = match phantom {
+        Phantom::Torso => (activity, mu, 60.0),
+        Phantom::Nema => (nema_activity, nema_mu, NEMA_SPHERE_Z),
+    };
     let n = spec.matrix;
     let px = spec.fov_mm / n as f64;
     let grid = |z: f64, f: &dyn Fn(f64, f64, f64) -> f64| -> Vec<f32> {
@@ -127,7 +194,7 @@ pub fn write_study_physical(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner
         g
     };
     // Calibrate on a torso slice through the liver.
-    let k90 = physics::calibrate(&grid(60.0, &activity), &grid(60.0, &mu), n, px, sc);
+    let k90 = physics::calibrate(&grid(calib_z, &activity), &grid(calib_z, &mu), n, px, sc);
     let workers = std::thread::available_parallelism().map(|v| v.get()).unwrap_or(1).min(spec.slices.max(1));
     type SliceOut = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f32>);
     let results: Vec<std::sync::Mutex<Option<SliceOut>>> = (0..spec.slices).map(|_| std::sync::Mutex::new(None)).collect();
@@ -140,7 +207,7 @@ pub fn write_study_physical(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner
                     if k >= spec.slices {
                         return;
                     }
-                    let z = k as f64 * spec.slice_thickness_mm;
+                    let z = z0 + k as f64 * spec.slice_thickness_mm;
                     let (act, att) = (grid(z, &activity), grid(z, &mu));
                     let model = physics::Model::new(&act, &att, n, px, sc, k90);
                     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(k as u64));
@@ -153,7 +220,7 @@ pub fn write_study_physical(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner
         }
     });
     let slices: Vec<SliceOut> = results.into_iter().map(|m| m.into_inner().expect("slice slot").expect("every slice simulated")).collect();
-    let ids = StudyIds::new(spec.seed, "phys");
+    let ids = StudyIds::new(spec.seed, if phantom == Phantom::Nema { "nema" } else { "phys" });
     let mut series = Vec::new();
     for (d, pick) in [(30.0, 0usize), (60.0, 1), (90.0, 2)] {
         let images: Vec<Vec<f64>> = slices
@@ -171,10 +238,20 @@ pub fn write_study_physical(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner
     let flat: Vec<f32> = slices.iter().flat_map(|s| s.3.iter().copied()).collect();
     write_npy_f32(&truth, &[spec.slices, n, n], &flat)?;
     let lesions = dir.join("lesions.json");
-    let list: Vec<serde_json::Value> = LESIONS
-        .iter()
-        .map(|(x, y, z, r, v)| serde_json::json!({"x_mm": x, "y_mm": y, "z_mm": z, "diameter_mm": 2.0 * r, "activity_bqml": v}))
-        .collect();
+    let list: Vec<serde_json::Value> = match phantom {
+        Phantom::Torso => LESIONS
+            .iter()
+            .map(|(x, y, z, r, v)| serde_json::json!({"x_mm": x, "y_mm": y, "z_mm": z, "diameter_mm": 2.0 * r, "activity_bqml": v}))
+            .collect(),
+        Phantom::Nema => NEMA_SPHERES_MM
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let (x, y) = nema_sphere_centre(i);
+                serde_json::json!({"x_mm": x, "y_mm": y, "z_mm": NEMA_SPHERE_Z, "diameter_mm": d, "activity_bqml": 4.0 * NEMA_BACKGROUND, "background_bqml": NEMA_BACKGROUND})
+            })
+            .collect(),
+    };
     std::fs::write(&lesions, serde_json::to_vec_pretty(&serde_json::json!({"lesions": list, "slice_thickness_mm": spec.slice_thickness_mm, "note": "z is the distance below the first slice; x, y from the centre of the field of view"}))?)?;
     Ok(PhysicalStudy { study_uid: ids.study_uid.clone(), series, truth, lesions })
 }
@@ -379,7 +456,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let spec = SeriesSpec { slices: 6, matrix: 64, seed: 3, fov_mm: 600.0, slice_thickness_mm: 12.0, frame_duration_s: 90.0 };
         let sc = physics::Scanner { n_angles: 48, ..Default::default() };
-        let st = write_study_physical(d.path(), &spec, &sc).unwrap();
+        let st = write_study_physical(d.path(), &spec, &sc, Phantom::Torso).unwrap();
         assert_eq!(st.series.len(), 3);
         let mut stats = Vec::new();
         for (dur, s) in &st.series {
@@ -400,6 +477,45 @@ mod tests {
         assert!(npy.len() >= 6 * 64 * 64 * 4 + 64);
         let lj: serde_json::Value = serde_json::from_slice(&std::fs::read(&st.lesions).unwrap()).unwrap();
         assert_eq!(lj["lesions"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn nema_study_recovers_contrast_rising_with_sphere_size() {
+        let d = tempfile::tempdir().unwrap();
+        // 3 slices of 4 mm around the sphere plane, 2 mm pixels
+        let spec = SeriesSpec { slices: 3, matrix: 160, seed: 9, fov_mm: 320.0, slice_thickness_mm: 4.0, frame_duration_s: 90.0 };
+        let sc = physics::Scanner { n_angles: 96, reference_counts_90s: 2.0e7, ..Default::default() };
+        // shift the slab so its middle slice is the sphere plane
+        let st = {
+            write_study_physical_at(d.path(), &spec, &sc, Phantom::Nema, NEMA_SPHERE_Z - 4.0).unwrap()
+        };
+        let l = crate::restore::volume::load(&st.series[2].1.files).unwrap();
+        let n = spec.matrix;
+        let px = spec.fov_mm / n as f64;
+        // the middle slice (volume order is reversed z, the middle stays the middle)
+        let img = l.volume.slice(1);
+        let mean_in = |cx: f64, cy: f64, r: f64| {
+            let mut v = vec![];
+            for j in 0..n {
+                for i in 0..n {
+                    let x = (i as f64 + 0.5) * px - spec.fov_mm / 2.0;
+                    let y = (j as f64 + 0.5) * px - spec.fov_mm / 2.0;
+                    if (x - cx).powi(2) + (y - cy).powi(2) <= r * r {
+                        v.push(img[j * n + i] as f64);
+                    }
+                }
+            }
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        let bg = mean_in(0.0, 70.0, 15.0);
+        let crs: Vec<f64> = (0..6).map(|i| {
+            let (x, y) = nema_sphere_centre(i);
+            (mean_in(x, y, NEMA_SPHERES_MM[i] / 2.0 * 0.6) / bg - 1.0) / 3.0
+        }).collect();
+        eprintln!("NEMA contrast recovery 10..37 mm (90 s): {crs:.3?}, background {bg:.0} Bq/ml");
+        assert!((bg / NEMA_BACKGROUND - 1.0).abs() < 0.1, "background {bg}");
+        assert!(crs[5] > crs[0] + 0.2 && crs[5] > 0.6, "{crs:?}");
+        assert!(crs.windows(2).all(|w| w[1] > w[0]), "rising with size: {crs:?}");
     }
 
     #[test]
