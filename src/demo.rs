@@ -126,13 +126,19 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     }
     let src = volume::load(&series.files).map_err(anyhow::Error::msg)?;
     let out = volume::load(&out_files).map_err(anyhow::Error::msg)?;
-    let (m0, s0) = roi_stats(&src.volume, &spec);
-    let (m1, s1) = roi_stats(&out.volume, &spec);
     println!();
-    println!("  liver region          mean (Bq/ml)   noise (SD/mean)");
-    println!("  input  ({:>2} s frame)   {m0:>12.0}   {:>8.1} %", spec.frame_duration_s, 100.0 * s0 / m0);
-    println!("  output ({})     {m1:>12.0}   {:>8.1} %", job.engine.clone().unwrap_or_default(), 100.0 * s1 / m1);
-    println!("  mean change: {:+.2} %  (restoration must not move SUVs)", 100.0 * (m1 / m0 - 1.0));
+    // The uniform liver region lies 75 mm and more below the first slice.
+    if spec.slices as f64 * spec.slice_thickness_mm > 80.0 {
+        let (m0, s0) = roi_stats(&src.volume, &spec);
+        let (m1, s1) = roi_stats(&out.volume, &spec);
+        println!("  liver region          mean (Bq/ml)   noise (SD/mean)");
+        println!("  input  ({:>2} s frame)   {m0:>12.0}   {:>8.1} %", spec.frame_duration_s, 100.0 * s0 / m0);
+        println!("  output ({})     {m1:>12.0}   {:>8.1} %", job.engine.clone().unwrap_or_default(), 100.0 * s1 / m1);
+        println!("  mean change: {:+.2} %  (restoration must not move SUVs)", 100.0 * (m1 / m0 - 1.0));
+    } else {
+        println!("  (liver statistics need more than 80 mm of slices: use --slices 32 or more)");
+    }
+    println!("  {} of {} slices restored", out.volume.nz, src.volume.nz);
     println!();
     println!("  input series:    {}", input.display());
     println!("  derived series:  {}", received.display());

@@ -3,11 +3,12 @@
 //! per-slice Rescale Slope, Number of Slices / Image Index), for the demo,
 //! the tests and the benchmarks.
 //!
-//! The image model is deliberately simple: a body ellipse with liver, cold
-//! lungs, spine and a few hot lesions, plus noise whose variance scales as
-//! 1/frame duration. It is not a physical simulation (no projection, no
-//! reconstruction): that belongs to the simulator of the model issue, which
-//! will replace the image model here and keep this DICOM writer.
+//! The phantom: head and brain (z < −60 mm), a torso with subcutaneous fat,
+//! muscle, cold lungs, heart (myocardium and blood pool), liver, spleen,
+//! kidneys, vertebral marrow, bladder (z 600–700 mm) and hot lesions. Two
+//! image models: [`write_series`] adds noise ∝ 1/√t to the phantom (fast, for
+//! the demo, tests and benchmarks); [`write_study_physical`] simulates the
+//! acquisition and reconstruction ([`physics`]) with nested 30/60/90 s frames.
 
 pub mod physics;
 
@@ -55,15 +56,38 @@ pub const LIVER_BQML: f64 = 8_000.0;
 /// Mean activity (Bq/ml) at (x, y) mm from the centre, slice z mm.
 pub fn activity(x: f64, y: f64, z: f64) -> f64 {
     let inside = |cx: f64, cy: f64, rx: f64, ry: f64| ((x - cx) / rx).powi(2) + ((y - cy) / ry).powi(2) <= 1.0;
+    // Head and brain above the thorax (z < -60 mm), bladder far below.
+    if z < -60.0 {
+        return if !inside(0.0, 0.0, 80.0, 95.0) {
+            0.0
+        } else if inside(0.0, 0.0, 70.0, 85.0) {
+            10_000.0 // brain
+        } else {
+            1_500.0 // scalp and skull
+        };
+    }
     if !inside(0.0, 0.0, 170.0, 110.0) {
         return 0.0;
     }
-    let mut a = 3_000.0; // soft tissue background
+    let mut a = if inside(0.0, 0.0, 158.0, 98.0) { 3_000.0 } else { 1_200.0 }; // muscle / subcutaneous fat
     if inside(-70.0, -10.0, 55.0, 65.0) || inside(70.0, -10.0, 55.0, 65.0) {
         a = 600.0; // lungs, cold
     }
+    if z <= 40.0 && inside(-5.0, -40.0, 35.0, 35.0) {
+        // heart: myocardium ring around the blood pool
+        a = if inside(-5.0, -40.0, 22.0, 22.0) { 1_800.0 } else { 7_000.0 };
+    }
     if inside(-60.0, 20.0, 70.0, 55.0) && z > 20.0 {
         a = LIVER_BQML;
+    }
+    if (30.0..=110.0).contains(&z) && inside(100.0, 25.0, 25.0, 35.0) {
+        a = 4_500.0; // spleen
+    }
+    if (100.0..=170.0).contains(&z) && (inside(-65.0, 75.0, 22.0, 28.0) || inside(65.0, 75.0, 22.0, 28.0)) {
+        a = 7_500.0; // kidneys
+    }
+    if (600.0..=700.0).contains(&z) && inside(0.0, 20.0, 40.0, 30.0) {
+        a = 25_000.0; // bladder
     }
     if inside(0.0, 75.0, 18.0, 18.0) {
         a = 5_000.0; // vertebra marrow
@@ -82,8 +106,17 @@ pub const LESIONS: [(f64, f64, f64, f64, f64); 3] =
 
 /// Linear attenuation at 511 keV (1/mm) of the phantom: soft tissue as
 /// water, lungs, vertebra.
-pub fn mu(x: f64, y: f64, _z: f64) -> f64 {
+pub fn mu(x: f64, y: f64, z: f64) -> f64 {
     let inside = |cx: f64, cy: f64, rx: f64, ry: f64| ((x - cx) / rx).powi(2) + ((y - cy) / ry).powi(2) <= 1.0;
+    if z < -60.0 {
+        return if !inside(0.0, 0.0, 80.0, 95.0) {
+            0.0
+        } else if inside(0.0, 0.0, 70.0, 85.0) {
+            0.0096
+        } else {
+            0.0150 // skull
+        };
+    }
     if !inside(0.0, 0.0, 170.0, 110.0) {
         return 0.0;
     }
