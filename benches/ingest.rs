@@ -80,25 +80,7 @@ fn main() {
             // petrestore: fsync per instance + journal flush before success.
             let dir = tmp.path().join(format!("pr{matrix}-{rep}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let port = free_port();
-            let cfg = dir.join("c.toml");
-            std::fs::write(
-                &cfg,
-                format!(
-                    "[node]\nstate_dir = {:?}\nmin_free_mb = 1\n[dicom]\nlisten = \"127.0.0.1:{port}\"\nallowed_callers = [\"CONSOLE\"]\n[series]\nquiet_timeout_s = 3600\n",
-                    dir.join("state")
-                ),
-            )
-            .unwrap();
-            let d = Command::new(env!("CARGO_BIN_EXE_petrestore"))
-                .args(["serve", "--config"])
-                .arg(&cfg)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            wait_port(port);
+            let (d, port) = start_daemon(&dir, "[series]\nquiet_timeout_s = 3600\n");
             ours.push(storescu(port, "PETRESTORE", &src.files).as_secs_f64());
             kill(d);
             assert_eq!(count_files(&dir.join("state/spool")), 268);

@@ -33,26 +33,8 @@ fn mosquitto(dir: &std::path::Path) -> (Child, u16) {
 fn pipeline_run(dir: &std::path::Path, studies: &[Vec<std::path::PathBuf>], mqtt_port: Option<u16>) -> f64 {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    let port = free_port();
     let mqtt = mqtt_port.map(|p| format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{p}\"\nhealth_interval_s = 1\n")).unwrap_or_default();
-    let cfg = dir.join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\nstate_dir = {:?}\nmin_free_mb = 1\n[dicom]\nlisten = \"127.0.0.1:{port}\"\nallowed_callers = [\"CONSOLE\"]\n{mqtt}",
-            dir.join("state")
-        ),
-    )
-    .unwrap();
-    let mut d = Command::new(env!("CARGO_BIN_EXE_petrestore"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_port(port);
+    let (mut d, port) = start_daemon(dir, &mqtt);
     let t = Instant::now();
     for files in studies {
         let out = Command::new("storescu")

@@ -20,3 +20,30 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
+
+/// Start `petrestore serve` with its state in `dir`, CONSOLE allowed, on a
+/// free port, plus `extra` TOML (more sections); returns the child and port
+/// once it listens.
+pub fn start_daemon(dir: &std::path::Path, extra: &str) -> (std::process::Child, u16) {
+    use std::process::{Command, Stdio};
+    let port = free_port();
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nstate_dir = {:?}\nmin_free_mb = 1\n[dicom]\nlisten = \"127.0.0.1:{port}\"\nallowed_callers = [\"CONSOLE\"]\n{extra}",
+            dir.join("state")
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_petrestore"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(port);
+    (child, port)
+}
