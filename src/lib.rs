@@ -12,6 +12,7 @@ pub mod demo;
 pub mod derive;
 pub mod dicom;
 pub mod egress;
+pub mod eval;
 pub mod ingest;
 pub mod journal;
 pub mod pipeline;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use petrestore::config::{DEFAULT_CONFIG, Settings};
-use petrestore::{app, control, demo, journal, pipeline, restore, sim};
+use petrestore::{app, control, demo, eval, journal, pipeline, restore, sim};
 
 #[derive(Parser)]
 #[command(name = "petrestore", version, about = "Restore short-frame PET series so they read and quantify like 90 s acquisitions")]
@@ -89,6 +89,68 @@ enum Command {
         /// IEC body phantom, spheres 10–37 mm at 4:1, sphere plane 69 mm in).
         #[arg(long, default_value = "torso")]
         phantom: String,
+    },
+    /// Simulate a training or evaluation dataset (compact .npy studies with
+    /// nested 30/60/90 s frames, noise-free reconstruction, truth, lesions).
+    /// Splits: train = ellipse family seeds 0–9999, val = ellipse
+    /// 10000–10999, test = lobulated family and NEMA from seed 20000.
+    /// Studies already present are kept (a run can be resumed).
+    Dataset {
+        #[arg(long)]
+        out: PathBuf,
+        /// train, val or test.
+        #[arg(long)]
+        split: String,
+        /// Patient studies to make.
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        /// Skip this many seeds of the split first (to extend a dataset).
+        #[arg(long, default_value_t = 0)]
+        skip: u64,
+        /// NEMA studies (test split only; each a new noise realisation).
+        #[arg(long, default_value_t = 0)]
+        nema: u64,
+        #[arg(long, default_value_t = 16)]
+        slices: usize,
+        #[arg(long, default_value_t = 128)]
+        matrix: usize,
+    },
+    /// Measure restoration quality on simulated studies with known truth
+    /// (DESIGN.md "Quality"): seed metric vs PET90 with its ceiling, NRMSE
+    /// and SSIM vs truth, NEMA contrast recovery and background variability,
+    /// lesion SUV bias; raw frames, the Gaussian baseline and the model side
+    /// by side. Prints Markdown tables and the goals met or missed.
+    Eval {
+        /// Studies from `petrestore dataset` (use the test split for reports).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Validation studies: the Gaussian FWHM is chosen on them.
+        #[arg(long)]
+        val: Option<PathBuf>,
+        /// Fixed Gaussian FWHM (mm) instead of choosing it on --val.
+        #[arg(long)]
+        gaussian_fwhm: Option<f64>,
+        /// Model package to evaluate (none: baselines only).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Engine for the model: tract or ort.
+        #[arg(long, default_value = "tract")]
+        engine: String,
+        /// libonnxruntime.so for --engine ort (default: ORT_DYLIB_PATH).
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+        /// Write the full report (summary and per-study records) as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the report's Markdown here too.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Write every restored volume as .npy (for the Python cross-check).
+        #[arg(long)]
+        dump: Option<PathBuf>,
+        /// Engine threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// Journal maintenance (with the daemon stopped).
     Journal {
@@ -335,6 +397,87 @@ fn run(cli: Cli) -> Result<()> {
             let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
             let s = sim::write_series(&out, &spec).with_context(|| format!("cannot write into {}", out.display()))?;
             println!("wrote {} slices of series {} into {}", s.files.len(), s.series_uid, out.display());
+            Ok(())
+        }
+        Command::Dataset { out, split, count, skip, nema, slices, matrix } => {
+            use sim::dataset::{Geometry, Source, Split, write_study};
+            use sim::patient::Family;
+            let split = Split::parse(&split).with_context(|| format!("--split {split:?}: use train, val or test"))?;
+            if !(1..=512).contains(&slices) || !(32..=512).contains(&matrix) {
+                bail!("--slices must be 1..=512 and --matrix 32..=512");
+            }
+            if nema > 0 && split != Split::Test {
+                bail!("--nema studies belong to the test split only (NEMA is never trained on)");
+            }
+            let (family, base) = match split {
+                Split::Train => (Family::Ellipse, 0),
+                Split::Validation => (Family::Ellipse, 10_000),
+                Split::Test => (Family::Lobulated, 20_000),
+            };
+            let g = Geometry { slices, matrix, ..Geometry::default() };
+            let sc = sim::physics::Scanner::default();
+            let mut jobs: Vec<(Source, u64)> = (base + skip..base + skip + count).map(|s| (Source::Patient(family), s)).collect();
+            jobs.extend((20_000 + skip..20_000 + skip + nema).map(|s| (Source::Nema, s)));
+            let t = std::time::Instant::now();
+            let mut made = 0;
+            for (source, seed) in jobs {
+                let npy = out.join(format!("{}-{seed:05}.npy", source.name()));
+                if npy.exists() && out.join(format!("{}-{seed:05}.json", source.name())).exists() {
+                    continue;
+                }
+                write_study(&out, source, seed, &g, &sc).with_context(|| format!("cannot write into {}", out.display()))?;
+                made += 1;
+            }
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "{made} studies of {slices}x{matrix}x{matrix} written into {} in {secs:.1} s ({:.0} slices/h)",
+                out.display(),
+                made as f64 * slices as f64 / secs.max(1e-9) * 3600.0
+            );
+            Ok(())
+        }
+        Command::Eval { dataset, val, gaussian_fwhm, model, engine, ort_library, json, markdown, dump, threads } => {
+            let engine: Option<std::sync::Arc<dyn restore::Engine>> = match model {
+                None => None,
+                Some(dir) => {
+                    let pkg = restore::model::ModelPackage::load(&dir)?;
+                    let e: std::sync::Arc<dyn restore::Engine> = match engine.as_str() {
+                        "tract" => std::sync::Arc::new(restore::tract_engine::TractEngine::new(pkg, threads)?),
+                        "ort" => {
+                            let o = restore::ort_engine::OrtOptions {
+                                library: ort_library,
+                                providers: vec!["cpu".into()],
+                                tensorrt_fp16: false,
+                                tensorrt_workspace_mb: 0,
+                                cache_dir: std::env::temp_dir(),
+                                threads,
+                            };
+                            std::sync::Arc::new(restore::ort_engine::OrtEngine::new(pkg, &o)?)
+                        }
+                        other => bail!("--engine {other:?}: use tract or ort"),
+                    };
+                    e.check()?;
+                    Some(e)
+                }
+            };
+            let t = std::time::Instant::now();
+            let report = eval::run(&eval::EvalOptions { dataset, val, gaussian_fwhm, engine, dump }).map_err(anyhow::Error::msg)?;
+            let md = eval::markdown(&report);
+            println!("{md}");
+            let goals = eval::goals(&report);
+            if !goals.is_empty() {
+                println!("### Goals (issue 4), model on this dataset\n");
+                for (g, ok) in &goals {
+                    println!("- [{}] {g}", if *ok { "x" } else { " " });
+                }
+            }
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            if let Some(p) = markdown {
+                std::fs::write(&p, &md).with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            eprintln!("evaluated in {:.1} s", t.elapsed().as_secs_f64());
             Ok(())
         }
         Command::CheckConfig { file } => {

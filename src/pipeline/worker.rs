@@ -129,8 +129,10 @@ pub struct Restored {
 pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf]) -> Result<Restored, Ending> {
     let loaded = volume::load(paths).map_err(|e| Ending::Failed(format!("cannot build a volume: {e}")))?;
     let selected = select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(Ending::Skipped)?;
+    let mut input = loaded.volume;
+    input.frame_duration_s = Some(selected.frame_duration_s);
     let (restored, engine, fallbacks) =
-        run_engines(engines, &loaded.volume).map_err(|e| Ending::Failed(format!("restoration failed: {e}")))?;
+        run_engines(engines, &input).map_err(|e| Ending::Failed(format!("restoration failed: {e}")))?;
     let params = DeriveParams {
         engine: engine.label(),
         notice: {

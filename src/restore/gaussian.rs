@@ -88,7 +88,7 @@ mod tests {
                 }
             }
         }
-        Volume { nx, ny, nz, spacing: [4.0, 4.0, 3.0], data }
+        Volume { nx, ny, nz, spacing: [4.0, 4.0, 3.0], data, frame_duration_s: None }
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub trait Engine: Send + Sync {
 
 /// Written into Derivation Description when a test package is used.
 pub const TEST_MODEL_NOTICE: &str = "TEST MODEL with untrained weights: not for clinical use.";
+/// Written into Derivation Description for a model trained on simulated data only.
+pub const RESEARCH_MODEL_NOTICE: &str = "Research model trained on simulated data only: not validated on patients.";
 
 /// How an engine fared at start (shown by `petrestore status`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -46,7 +46,22 @@ pub struct Io {
     /// Slices per engine call.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// Extra constant input channel after the slices. The one kind known:
+    /// "frame_duration_over_90" (Actual Frame Duration / 90 s).
+    #[serde(default)]
+    pub condition: Option<String>,
+    /// Height and width are padded (edge replicate) to a multiple of this
+    /// and the output cropped back (a network with poolings needs it).
+    #[serde(default = "default_pad")]
+    pub pad_multiple: usize,
 }
+
+fn default_pad() -> usize {
+    1
+}
+
+/// The conditioning channel kind this build knows.
+pub const CONDITION_DURATION: &str = "frame_duration_over_90";
 
 fn default_batch() -> usize {
     4
@@ -119,6 +134,12 @@ impl ModelPackage {
         if raw.io.batch == 0 || raw.io.batch > 256 {
             return Err(ModelError::Invalid { dir: d, reason: format!("io.batch must be 1..=256, is {}", raw.io.batch) });
         }
+        if let Some(c) = raw.io.condition.as_deref().filter(|c| *c != CONDITION_DURATION) {
+            return Err(ModelError::Invalid { dir: d, reason: format!("io.condition {c:?} is unknown (this build knows {CONDITION_DURATION:?})") });
+        }
+        if raw.io.pad_multiple == 0 || raw.io.pad_multiple > 64 {
+            return Err(ModelError::Invalid { dir: d, reason: format!("io.pad_multiple must be 1..=64, is {}", raw.io.pad_multiple) });
+        }
         if raw.normalisation.kind != "body_mean" {
             return Err(ModelError::Invalid {
                 dir: d,
@@ -155,6 +176,20 @@ impl ModelPackage {
 
     pub fn is_test_model(&self) -> bool {
         self.purpose == "test"
+    }
+
+    /// Input channels per slice: the context slices plus a conditioning channel.
+    pub fn input_channels(&self) -> usize {
+        self.io.context_slices + usize::from(self.io.condition.is_some())
+    }
+
+    /// The warning that travels with every series this package restores.
+    pub fn notice(&self) -> Option<String> {
+        match self.purpose.as_str() {
+            "test" => Some(super::TEST_MODEL_NOTICE.to_string()),
+            "research" => Some(super::RESEARCH_MODEL_NOTICE.to_string()),
+            _ => None,
+        }
     }
 }
 

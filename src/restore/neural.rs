@@ -36,7 +36,7 @@ pub fn body_scale(v: &Volume, fraction: f64) -> Option<f32> {
 /// Prove a backend runs the package's network: one 16×16 batch of one
 /// slice, shaped as the package says. Engines call it from `check`.
 pub fn smoke_test(backend: &dyn Backend, pkg: &ModelPackage) -> Result<(), String> {
-    let c = pkg.io.context_slices;
+    let c = pkg.input_channels();
     let y = backend
         .infer(&vec![0.5; c * 16 * 16], 1, c, 16, 16)
         .map_err(|e| format!("model {} does not run: {e}", pkg.onnx_path.display()))?;
@@ -52,10 +52,26 @@ pub fn smoke_test(backend: &dyn Backend, pkg: &ModelPackage) -> Result<(), Strin
 /// backend whose calls can run concurrently, e.g. tract's plans).
 pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, workers: usize) -> Result<Volume, String> {
     let scale = body_scale(v, pkg.normalisation.threshold_fraction).ok_or("the volume holds no activity")?;
+    let condition = match pkg.io.condition.as_deref() {
+        None => None,
+        Some(_) => {
+            let d = v.frame_duration_s.ok_or("the model is conditioned on frame duration and the series has none")?;
+            let [lo, hi] = pkg.selection.frame_durations_s;
+            if !(lo..=hi).contains(&d) {
+                return Err(format!("frame duration {d:.1} s is outside the {lo:.0}–{hi:.0} s the model was trained for"));
+            }
+            Some((d / 90.0) as f32)
+        }
+    };
     let (h, w, nz) = (v.ny, v.nx, v.nz);
+    // padded plane (edge replicate), cropped back after inference
+    let m = pkg.io.pad_multiple.max(1);
+    let (hp, wp) = (h.div_ceil(m) * m, w.div_ceil(m) * m);
     let plane = h * w;
-    let c = pkg.io.context_slices;
-    let half = c / 2;
+    let pplane = hp * wp;
+    let ctx = pkg.io.context_slices;
+    let c = pkg.input_channels();
+    let half = ctx / 2;
     let inv = 1.0 / scale;
     let batch = pkg.io.batch;
     let n_batches = nz.div_ceil(batch);
@@ -64,25 +80,43 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
     let run_one = |k: usize| -> Result<Vec<f32>, String> {
         let start = k * batch;
         let b = batch.min(nz - start);
-        let mut input = vec![0.0f32; b * c * plane];
+        let mut input = vec![0.0f32; b * c * pplane];
         for i in 0..b {
             let z = start + i;
-            for j in 0..c {
+            for j in 0..ctx {
                 let zz = (z + j).saturating_sub(half).min(nz - 1);
-                let dst = &mut input[(i * c + j) * plane..(i * c + j + 1) * plane];
-                for (d, s) in dst.iter_mut().zip(v.slice(zz)) {
-                    *d = s * inv;
+                let src = v.slice(zz);
+                let dst = &mut input[(i * c + j) * pplane..(i * c + j + 1) * pplane];
+                for y in 0..hp {
+                    let row = &src[y.min(h - 1) * w..(y.min(h - 1) + 1) * w];
+                    let drow = &mut dst[y * wp..(y + 1) * wp];
+                    for (x, d) in drow.iter_mut().enumerate() {
+                        *d = row[x.min(w - 1)] * inv;
+                    }
                 }
             }
+            if let Some(value) = condition {
+                input[(i * c + ctx) * pplane..(i * c + ctx + 1) * pplane].fill(value);
+            }
         }
-        let y = backend.infer(&input, b, c, h, w)?;
-        if y.len() != b * plane {
-            return Err(format!("model returned {} values for a batch of {b} slices of {h}x{w}; expected {}", y.len(), b * plane));
+        let y = backend.infer(&input, b, c, hp, wp)?;
+        if y.len() != b * pplane {
+            return Err(format!("model returned {} values for a batch of {b} slices of {hp}x{wp}; expected {}", y.len(), b * pplane));
         }
         if let Some(bad) = y.iter().position(|x| !x.is_finite()) {
-            return Err(format!("model returned a non-finite value at slice {}", start + bad / plane));
+            return Err(format!("model returned a non-finite value at slice {}", start + bad / pplane));
         }
-        Ok(y)
+        if (hp, wp) == (h, w) {
+            return Ok(y);
+        }
+        let mut cropped = Vec::with_capacity(b * plane);
+        for i in 0..b {
+            for yy in 0..h {
+                let at = i * pplane + yy * wp;
+                cropped.extend_from_slice(&y[at..at + w]);
+            }
+        }
+        Ok(cropped)
     };
     let chunks: Vec<&mut [f32]> = out.chunks_mut(batch * plane).collect();
     let slots: Vec<std::sync::Mutex<&mut [f32]>> = chunks.into_iter().map(std::sync::Mutex::new).collect();
@@ -147,7 +181,7 @@ mod tests {
 
     fn vol() -> Volume {
         let (nx, ny, nz) = (4, 3, 7);
-        Volume { nx, ny, nz, spacing: [1.0; 3], data: (0..nx * ny * nz).map(|i| (i / (nx * ny)) as f32 * 100.0 + 50.0).collect() }
+        Volume { nx, ny, nz, spacing: [1.0; 3], data: (0..nx * ny * nz).map(|i| (i / (nx * ny)) as f32 * 100.0 + 50.0).collect(), frame_duration_s: None }
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl Engine for OrtEngine {
         format!("ort/{}", self.provider())
     }
     fn notice(&self) -> Option<String> {
-        self.pkg.is_test_model().then(|| super::TEST_MODEL_NOTICE.to_string())
+        self.pkg.notice()
     }
     fn model_id(&self) -> String {
         self.pkg.model_id()

@@ -18,12 +18,15 @@ pub struct Volume {
     /// mm between columns, rows and slices.
     pub spacing: [f64; 3],
     pub data: Vec<f32>,
+    /// Actual Frame Duration (s) once the selection rules have settled it
+    /// (a duration-conditioned model needs it).
+    pub frame_duration_s: Option<f64>,
 }
 
 impl Volume {
     /// Same shape and spacing, empty data (to be filled by the caller).
     pub fn clone_shape(&self) -> Volume {
-        Volume { nx: self.nx, ny: self.ny, nz: self.nz, spacing: self.spacing, data: Vec::new() }
+        Volume { nx: self.nx, ny: self.ny, nz: self.nz, spacing: self.spacing, data: Vec::new(), frame_duration_s: self.frame_duration_s }
     }
     pub fn slice(&self, z: usize) -> &[f32] {
         &self.data[z * self.nx * self.ny..(z + 1) * self.nx * self.ny]
@@ -159,5 +162,5 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, String> {
         slices.push(it.slice);
     }
     // Pixel Spacing is row spacing \ column spacing: x step is the column spacing ps[1].
-    Ok(LoadedSeries { volume: Volume { nx: cols, ny: rows, nz, spacing: [ps[1], ps[0], dz], data }, slices })
+    Ok(LoadedSeries { volume: Volume { nx: cols, ny: rows, nz, spacing: [ps[1], ps[0], dz], data, frame_duration_s: None }, slices })
 }

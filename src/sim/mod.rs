@@ -10,6 +10,8 @@
 //! the demo, tests and benchmarks); [`write_study_physical`] simulates the
 //! acquisition and reconstruction ([`physics`]) with nested 30/60/90 s frames.
 
+pub mod dataset;
+pub mod patient;
 pub mod physics;
 
 use std::path::{Path, PathBuf};

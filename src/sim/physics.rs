@@ -193,6 +193,12 @@ impl Model {
         Model { proj, att, sigma_bins, k90, background90 }
     }
 
+    /// Expected counts in `t` seconds for an image, on every angle.
+    pub fn expected_counts(&self, img: &[f32], t: f64) -> Vec<f32> {
+        let all: Vec<usize> = (0..self.proj.n_angles()).collect();
+        self.expected(img, t, &all)
+    }
+
     /// Expected counts in `t` seconds for an image, on the given angles.
     fn expected(&self, img: &[f32], t: f64, angles: &[usize]) -> Vec<f32> {
         let f = self.proj.forward(img, angles.iter().copied());
@@ -221,6 +227,13 @@ impl Model {
     /// OSEM with attenuation, blur, scatter and randoms in the model; the
     /// image is in Bq/ml for counts acquired over `t` seconds.
     pub fn osem(&self, counts: &[u32], t: f64, sc: &Scanner) -> Vec<f32> {
+        let c: Vec<f32> = counts.iter().map(|v| *v as f32).collect();
+        self.osem_f32(&c, t, sc)
+    }
+
+    /// [`Model::osem`] of real-valued data: run on the expected counts it
+    /// gives the noise-free reconstruction (same resolution, no noise).
+    pub fn osem_f32(&self, counts: &[f32], t: f64, sc: &Scanner) -> Vec<f32> {
         let n = self.proj.n;
         let na = self.proj.n_angles();
         let kt = (self.k90 * t / 90.0) as f32;
@@ -248,7 +261,7 @@ impl Model {
                     for b in 0..self.proj.n_bins {
                         let i = a * self.proj.n_bins + b;
                         let e = ybar[i] * kt + self.background90[i] * bt;
-                        ratio[i] = if e > 1e-12 { counts[i] as f32 / e * kt } else { 0.0 };
+                        ratio[i] = if e > 1e-12 { counts[i] / e * kt } else { 0.0 };
                     }
                 }
                 let corr = self.proj.back(&mul(&self.att, &blur_bins(&ratio, self.proj.n_bins, self.sigma_bins)), sub.iter().copied());

@@ -1,0 +1,128 @@
+"""Simulated studies (from `petrestore dataset`) and the training sampler.
+
+A study file `<family>-<seed>.npy` is float32 [5, S, n, n]: PET30, PET60,
+PET90, the noise-free reconstruction of the 90 s data, and the truth, all in
+Bq/ml; `<family>-<seed>.json` lists lesions in voxel coordinates.
+"""
+import glob
+import json
+import os
+
+import numpy as np
+
+from .net import CONTEXT
+
+DURATIONS = (30.0, 60.0)
+PLANE = {30.0: 0, 60.0: 1, 90.0: 2}
+CLEAN, TRUTH = 3, 4
+
+
+def body_scale(vol, fraction=0.05):
+    """Mean of voxels above `fraction` × the 99.9th percentile: the same
+    normalisation as the Rust engines (src/restore/neural.rs)."""
+    sample = vol.reshape(-1)[::7]
+    p999 = np.sort(sample)[min(int(len(sample) * 0.999), len(sample) - 1)]
+    body = vol[vol > p999 * fraction]
+    return float(body.mean())
+
+
+def lesion_mask(meta, shape, margin_px=1.0):
+    """Voxels within (radius + margin) of a lesion centre."""
+    s, n, _ = shape
+    px, dz = meta["pixel_mm"], meta["slice_thickness_mm"]
+    zz, yy, xx = np.meshgrid(np.arange(s) * dz, np.arange(n) * px, np.arange(n) * px, indexing="ij")
+    m = np.zeros(shape, bool)
+    for l in meta["lesions"]:
+        r = l["diameter_mm"] / 2 + margin_px * px
+        m |= (zz - l["slice"] * dz) ** 2 + (yy - l["row"] * px) ** 2 + (xx - l["col"] * px) ** 2 <= r * r
+    return m
+
+
+class Study:
+    def __init__(self, path):
+        self.path = path
+        self.name = os.path.basename(path)[:-4]
+        self.a = np.load(path, mmap_mode=None)
+        with open(path[:-4] + ".json") as f:
+            self.meta = json.load(f)
+        self.scale = {d: body_scale(self.a[PLANE[d]]) for d in (30.0, 60.0, 90.0)}
+        self.mask = lesion_mask(self.meta, self.a.shape[1:])
+        s = self.a.shape[1]
+        # body voxels per slice, for body-biased crops
+        self.body = [np.argwhere(self.a[CLEAN, k] > 0.05 * self.a[CLEAN].max()) for k in range(s)]
+
+    def stack(self, d, k):
+        """[CONTEXT, n, n] of duration d around slice k (edges repeat), normalised."""
+        s = self.a.shape[1]
+        idx = [min(max(k + j - CONTEXT // 2, 0), s - 1) for j in range(CONTEXT)]
+        return self.a[PLANE[d], idx] / self.scale[d]
+
+    def model_input(self, d, k):
+        x = self.stack(d, k)
+        w = np.full((1,) + x.shape[1:], d / 90.0, np.float32)
+        return np.concatenate([x, w], 0).astype(np.float32)
+
+
+def load(folder, limit=None):
+    paths = sorted(glob.glob(os.path.join(folder, "*.npy")))
+    if limit:
+        paths = paths[:limit]
+    if not paths:
+        raise SystemExit(f"no studies (*.npy) in {folder}: make them with `petrestore dataset --out {folder} --split ...`")
+    return [Study(p) for p in paths]
+
+
+class Sampler:
+    """Random 2.5D patches. Half the patches are centred near a lesion
+    (lesion-aware sampling: small lesions are rare voxels, and the loss
+    would otherwise learn to flatten them); the rest at random body voxels.
+    Augmentation: flips, transpose, reversed slice order."""
+
+    def __init__(self, studies, patch, rng, lesion_fraction=0.5):
+        self.studies, self.patch, self.rng, self.lf = studies, patch, rng, lesion_fraction
+
+    def batch(self, b):
+        P, rng = self.patch, self.rng
+        xs, ys, ms, p90 = [], [], [], []
+        for _ in range(b):
+            st = self.studies[rng.integers(len(self.studies))]
+            s, n = st.a.shape[1], st.a.shape[2]
+            d = DURATIONS[rng.integers(len(DURATIONS))]
+            les = st.meta["lesions"]
+            if les and rng.random() < self.lf:
+                l = les[rng.integers(len(les))]
+                k = int(np.clip(round(l["slice"] + rng.normal(0, l["diameter_mm"] / 2 / st.meta["slice_thickness_mm"] / 2)), 0, s - 1))
+                cy, cx = l["row"] + rng.integers(-P // 3, P // 3 + 1), l["col"] + rng.integers(-P // 3, P // 3 + 1)
+            else:
+                k = int(rng.integers(s))
+                pts = st.body[k]
+                cy, cx = pts[rng.integers(len(pts))] if len(pts) else (n // 2, n // 2)
+            y0 = int(np.clip(round(cy) - P // 2, 0, n - P))
+            x0 = int(np.clip(round(cx) - P // 2, 0, n - P))
+            sl = (slice(y0, y0 + P), slice(x0, x0 + P))
+            x = st.model_input(d, k)[(slice(None),) + sl]
+            y = st.a[CLEAN, k][sl][None] / st.scale[d]
+            y90 = st.a[PLANE[90.0], k][sl][None] / st.scale[d]
+            m = st.mask[k][sl][None].astype(np.float32)
+            if rng.random() < 0.5:
+                x[:CONTEXT] = x[:CONTEXT][::-1]
+            if rng.random() < 0.5:
+                x, y, y90, m = x[:, ::-1], y[:, ::-1], y90[:, ::-1], m[:, ::-1]
+            if rng.random() < 0.5:
+                x, y, y90, m = x[:, :, ::-1], y[:, :, ::-1], y90[:, :, ::-1], m[:, :, ::-1]
+            if rng.random() < 0.5:
+                x, y, y90, m = x.transpose(0, 2, 1), y.transpose(0, 2, 1), y90.transpose(0, 2, 1), m.transpose(0, 2, 1)
+            xs.append(np.ascontiguousarray(x)); ys.append(np.ascontiguousarray(y)); ms.append(np.ascontiguousarray(m)); p90.append(np.ascontiguousarray(y90))
+        return np.stack(xs), np.stack(ys), np.stack(ms), np.stack(p90)
+
+
+def full_slices(studies, durations=DURATIONS, every=1):
+    """Whole slices for validation: (x [N,6,n,n], clean, pet90, short centre), normalised."""
+    xs, cl, p9 = [], [], []
+    for st in studies:
+        for d in durations:
+            for k in range(0, st.a.shape[1], every):
+                xs.append(st.model_input(d, k))
+                cl.append(st.a[CLEAN, k][None] / st.scale[d])
+                p9.append(st.a[PLANE[90.0], k][None] / st.scale[d])
+    return np.stack(xs), np.stack(cl), np.stack(p9)

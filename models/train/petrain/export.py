@@ -1,0 +1,193 @@
+"""Export trained weights to a petrestore model package and check parity.
+
+    python -m petrain.export --params RUN/params.npz --out models/petrestore-unet25d \
+        [--train-log RUN/train_log.json] [--metrics EVAL.json]
+
+Writes model.onnx (opset 17: ONNX Runtime 1.31 and tract 0.23 run it),
+model.toml (sha256, io, selection, provenance, metrics) and parity/
+(input.npy and the JAX output expected.npy, which the Rust tests compare
+against tract and ONNX Runtime). Checks JAX vs ONNX Runtime here and fails
+if they differ by more than 1e-4 of the output range.
+"""
+import argparse
+import hashlib
+import json
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import net
+from .train import load_params
+
+OPSET = 17
+BIG = 2**31 - 1
+
+
+def build(p, width):
+    inits, nodes = [], []
+
+    def arr(name, a):
+        inits.append(numpy_helper.from_array(np.asarray(a), name))
+        return name
+
+    def conv(name, x, relu=True):
+        arr(name + "_w", np.asarray(p[name]["w"], np.float32))
+        arr(name + "_b", np.asarray(p[name]["b"], np.float32))
+        nodes.append(helper.make_node("Conv", [x, name + "_w", name + "_b"], [name], pads=[1, 1, 1, 1], kernel_shape=[3, 3]))
+        if relu:
+            nodes.append(helper.make_node("Relu", [name], [name + "_r"]))
+            return name + "_r"
+        return name
+
+    def conv_t(name, x):
+        arr(name + "_w", np.asarray(p[name]["w"], np.float32))
+        arr(name + "_b", np.asarray(p[name]["b"], np.float32))
+        nodes.append(helper.make_node("ConvTranspose", [x, name + "_w", name + "_b"], [name], kernel_shape=[2, 2], strides=[2, 2]))
+        return name
+
+    def pool(name, x):
+        nodes.append(helper.make_node("MaxPool", [x], [name], kernel_shape=[2, 2], strides=[2, 2]))
+        return name
+
+    def cat(name, a, b):
+        nodes.append(helper.make_node("Concat", [a, b], [name], axis=1))
+        return name
+
+    e1 = conv("e1b", conv("e1a", "input"))
+    e2 = conv("e2b", conv("e2a", pool("pool1", e1)))
+    e3 = conv("e3b", conv("e3a", pool("pool2", e2)))
+    d2 = conv("d2b", conv("d2a", cat("cat2", conv_t("u2", e3), e2)))
+    d1 = conv("d1b", conv("d1a", cat("cat1", conv_t("u1", d2), e1)))
+    r = conv("head", d1, relu=False)
+    c = net.CONTEXT
+    arr("xc_s", np.array([0, c // 2, 0, 0], np.int64)); arr("xc_e", np.array([BIG, c // 2 + 1, BIG, BIG], np.int64))
+    arr("w_s", np.array([0, c, 0, 0], np.int64)); arr("w_e", np.array([BIG, c + 1, BIG, BIG], np.int64))
+    arr("one", np.array(1.0, np.float32))
+    nodes += [
+        helper.make_node("Slice", ["input", "xc_s", "xc_e"], ["centre"]),
+        helper.make_node("Slice", ["input", "w_s", "w_e"], ["w"]),
+        helper.make_node("Sub", ["one", "w"], ["one_minus_w"]),
+        helper.make_node("Mul", ["one_minus_w", r], ["mixed_residual"]),
+        helper.make_node("Add", ["centre", "mixed_residual"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "petrestore-unet25d",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", net.IN_CH, "height", "width"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1, "height", "width"])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="petrestore petrain.export")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def parity_input(rng, b=2, h=64, w=48):
+    """Smooth positive slices like a normalised PET image, two durations."""
+    x = rng.gamma(4.0, 0.25, size=(b, net.CONTEXT, h, w)).astype(np.float32)
+    k = np.ones(5, np.float32) / 5
+    for ax in (2, 3):
+        x = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), ax, x)
+    x[:, :, h // 3:h // 3 + 4, w // 2:w // 2 + 4] += 6.0  # a hot spot
+    wch = np.stack([np.full((1, h, w), d / 90.0, np.float32) for d in ([30.0, 60.0] * b)[:b]])
+    return np.concatenate([x, wch], 1).astype(np.float32)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--id", default="petrestore-unet25d")
+    ap.add_argument("--version", default="1.0.0")
+    ap.add_argument("--train-log")
+    ap.add_argument("--metrics", help="JSON from `petrestore eval --json` to record in model.toml")
+    ap.add_argument("--purpose", default="research", help="'research' (simulation-trained) or 'test'")
+    a = ap.parse_args(argv)
+    p, width = load_params(a.params)
+    model = build(p, width)
+    os.makedirs(os.path.join(a.out, "parity"), exist_ok=True)
+    blob = model.SerializeToString(deterministic=True)
+    with open(os.path.join(a.out, "model.onnx"), "wb") as f:
+        f.write(blob)
+    sha = hashlib.sha256(blob).hexdigest()
+
+    # parity: JAX (the trained function) vs ONNX Runtime on the same input
+    import onnxruntime as ort
+    x = parity_input(np.random.default_rng(7))
+    y_jax = np.asarray(net.forward(p, x)[0])
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    y_ort = sess.run(["output"], {"input": x})[0]
+    span = float(y_jax.max() - y_jax.min())
+    diff = float(np.abs(y_ort - y_jax).max())
+    np.save(os.path.join(a.out, "parity", "input.npy"), x)
+    np.save(os.path.join(a.out, "parity", "expected.npy"), y_jax.astype(np.float32))
+    print(f"parity JAX vs ONNX Runtime {ort.__version__}: max |diff| {diff:.3g} over a range of {span:.3g}")
+    if not diff <= 1e-4 * max(span, 1e-6):
+        raise SystemExit(f"parity failed: ONNX Runtime differs from JAX by {diff} (range {span})")
+
+    log = {}
+    if a.train_log:
+        with open(a.train_log) as f:
+            log = json.load(f)
+    metrics = {}
+    if a.metrics:
+        with open(a.metrics) as f:
+            metrics = json.load(f).get("summary", {})
+    gflop = net.flops_per_pixel(width) * 192 * 192 / 1e9
+    params = net.param_count(p)
+    lines = [
+        "# Model package: petrestore 2.5D residual U-Net, conditioned on frame duration.",
+        "# Trained on SIMULATED studies only (see MODEL_CARD.md); made by models/train (petrain.export).",
+        f'id = "{a.id}"',
+        f'version = "{a.version}"',
+        "# research: trained and evaluated on simulated data only; not validated on patients.",
+        f'purpose = "{a.purpose}"',
+        f'sha256 = "{sha}"',
+        'onnx = "model.onnx"',
+        "",
+        "[io]",
+        'input = "input"            # float32 [batch, 6, height, width]: 5 slices + duration channel',
+        'output = "output"          # float32 [batch, 1, height, width]: 90 s-equivalent image',
+        "context_slices = 5         # centre slice ± 2; edges repeat the first/last slice",
+        "batch = 4",
+        '# one extra constant input channel = Actual Frame Duration / 90 s (also the',
+        '# weight of the input in the output mix, see MODEL_CARD.md)',
+        'condition = "frame_duration_over_90"',
+        "pad_multiple = 4           # two 2x2 poolings: height and width padded (edge replicate) to a multiple of 4",
+        "",
+        "[normalisation]",
+        'kind = "body_mean"',
+        "threshold_fraction = 0.05",
+        "",
+        "[selection]",
+        "# trained on 30 s and 60 s frames only",
+        "frame_durations_s = [27.0, 66.0]",
+        'tracers = ["Fluorodeoxyglucose"]',
+        "",
+        "[provenance]",
+        'training_data = "simulated: petrestore dataset --split train (ellipse phantom family, seeds 0-9999), physical 2D projection, Poisson, nested frames, OSEM 3x8"',
+        f"opset = {OPSET}",
+        f"parameters = {params}",
+        f"gflop_per_192_slice = {gflop:.3f}",
+        f"width = {width}",
+    ]
+    if log:
+        lines += [
+            f"train_steps = {log.get('steps', 0)}",
+            f"train_minutes = {log.get('train_minutes', 0):.1f}",
+            f"best_step = {log.get('best', {}).get('step', 0)}",
+            f'train_machine = "{log.get("machine", "")}"',
+            f'framework = "jax {log.get("versions", {}).get("jax", "")}, optax {log.get("versions", {}).get("optax", "")}"',
+        ]
+    if metrics:
+        lines += ["", "[metrics]", "# held-out test split (lobulated family + NEMA), from `petrestore eval`; see EVAL.md"]
+        for k, v in sorted(metrics.items()):
+            lines.append(f"{k} = {float(v):.4f}")
+    with open(os.path.join(a.out, "model.toml"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {a.out}/model.onnx ({len(blob)} bytes, sha256 {sha}), model.toml; {params} parameters, {gflop:.2f} GFLOP per 192² slice")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Train the restoration network on simulated studies.
+
+    python -m petrain.train --train DATA/train --val DATA/val --out RUN --minutes 40
+
+The loss is a lesion-weighted MSE between the denoised image and the
+noise-free reconstruction of the 90 s data (the model's output mix with the
+input is fixed, see net.py). The kept weights are those with the lowest loss
+on the validation split; the test split is never read here.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import data, net
+
+
+def save_params(path, p, width):
+    flat = {f"{k}.{t}": np.asarray(v[t]) for k, v in p.items() for t in ("w", "b")}
+    np.savez(path, width=np.array(width), **flat)
+
+
+def load_params(path):
+    z = np.load(path)
+    p = {}
+    for key in z.files:
+        if key == "width":
+            continue
+        name, t = key.split(".")
+        p.setdefault(name, {})[t] = jnp.asarray(z[key])
+    return p, int(z["width"])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--val", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--width", type=int, default=16, help="channels at full resolution")
+    ap.add_argument("--patch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--minutes", type=float, default=40.0, help="wall-time budget for training steps")
+    ap.add_argument("--steps", type=int, default=0, help="stop after this many steps (0 = time budget only)")
+    ap.add_argument("--lesion-weight", type=float, default=4.0, help="extra loss weight on lesion voxels")
+    ap.add_argument("--lesion-fraction", type=float, default=0.5, help="share of patches centred near a lesion")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N studies of each split (smoke tests)")
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    train = data.load(a.train, a.limit or None)
+    val = data.load(a.val, a.limit or None)
+    for st in val:
+        if st.meta.get("split") not in ("validation", None):
+            raise SystemExit(f"{st.path} is from split {st.meta.get('split')!r}, not validation")
+    for st in train:
+        if st.meta.get("split") == "test":
+            raise SystemExit(f"{st.path} is a test study: the test split is never trained on")
+    print(f"{len(train)} training and {len(val)} validation studies loaded in {time.time() - t0:.1f} s", flush=True)
+    rng = np.random.default_rng(a.seed)
+    sampler = data.Sampler(train, a.patch, rng, a.lesion_fraction)
+    vx, vclean, vp90 = data.full_slices(val, every=2)
+    vmask = np.concatenate([np.stack([st.mask[k][None] for d in data.DURATIONS for k in range(0, st.a.shape[1], 2)]) for st in val]).astype(np.float32)
+
+    p = net.init(jax.random.PRNGKey(a.seed), a.width)
+    budget_steps = a.steps if a.steps else 10**9
+    # cosine decay over the expected number of steps (estimated after warm-up)
+    est_steps = a.steps if a.steps else 20000
+    sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, 200, max(est_steps, 400), a.lr * 0.02)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-5))
+    st = opt.init(p)
+    lw = a.lesion_weight
+
+    def loss_fn(p, x, y, m):
+        _, den = net.forward(p, x)
+        return jnp.mean((1.0 + lw * m) * (den - y) ** 2)
+
+    @jax.jit
+    def step(p, st, x, y, m):
+        l, g = jax.value_and_grad(loss_fn)(p, x, y, m)
+        u, st = opt.update(g, st, p)
+        return optax.apply_updates(p, u), st, l
+
+    fwd = jax.jit(net.forward)
+
+    def validate(p):
+        outs, dens = [], []
+        for i in range(0, len(vx), 16):
+            o, d = fwd(p, vx[i:i + 16])
+            outs.append(np.asarray(o)); dens.append(np.asarray(d))
+        out, den = np.concatenate(outs), np.concatenate(dens)
+        loss = float(np.mean((1 + lw * vmask) * (den - vclean) ** 2))
+        res = {"loss": loss}
+        half = len(vx) // 2
+        # val slices are ordered study → duration → slice; split by the w channel
+        for d in data.DURATIONS:
+            sel = np.isclose(vx[:, net.CONTEXT, 0, 0], d / 90.0)
+            xc = vx[sel, net.CONTEXT // 2:net.CONTEXT // 2 + 1]
+            res[f"seed_mse_{int(d)}"] = 100 * (1 - np.mean((out[sel] - vp90[sel]) ** 2) / np.mean((xc - vp90[sel]) ** 2))
+        del half
+        return res
+
+    log = {"args": vars(a), "history": [], "versions": {"jax": jax.__version__, "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version()},
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "params": net.param_count(p), "gflop_per_192_slice": net.flops_per_pixel(a.width) * 192 * 192 / 1e9}
+    best = None
+    t_train = time.time()
+    i = 0
+    losses = []
+    while i < budget_steps and (a.steps or time.time() - t_train < a.minutes * 60):
+        x, y, m, _ = sampler.batch(a.batch)
+        p, st, l = step(p, st, x, y, m)
+        losses.append(float(l))
+        i += 1
+        if i % a.eval_every == 0 or i == budget_steps:
+            v = validate(p)
+            entry = {"step": i, "minutes": (time.time() - t_train) / 60, "train_loss": float(np.mean(losses[-a.eval_every:])), **v}
+            log["history"].append(entry)
+            better = best is None or v["loss"] < best["loss"]
+            if better:
+                best = entry
+                save_params(os.path.join(a.out, "params.npz"), p, a.width)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()) + (" *" if better else ""), flush=True)
+    if best is None:
+        v = validate(p)
+        best = {"step": i, **v}
+        save_params(os.path.join(a.out, "params.npz"), p, a.width)
+    log["steps"] = i
+    log["train_minutes"] = (time.time() - t_train) / 60
+    log["best"] = best
+    with open(os.path.join(a.out, "train_log.json"), "w") as f:
+        json.dump(log, f, indent=1, default=float)
+    print(f"done: {i} steps in {log['train_minutes']:.1f} min; best at step {best['step']} (val loss {best['loss']:.4g}); weights in {a.out}/params.npz", flush=True)
+
+
+if __name__ == "__main__":
+    main()
