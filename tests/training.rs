@@ -1,0 +1,133 @@
+//! The model's whole path, small: simulate splits → train a few steps (JAX)
+//! → export to ONNX (JAX vs ONNX Runtime parity inside) → tract and ONNX
+//! Runtime in Rust against the exported parity outputs → `petrestore eval`
+//! → the Python evaluator cross-checks every metric. Plus the shipped model
+//! package: parity on both engines and use through `restore`.
+//!
+//! CI runs only this smoke path; full training and evaluation are the
+//! recipe in models/train/README.md.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use petrestore::restore::model::ModelPackage;
+use petrestore::restore::neural::Backend;
+use petrestore::restore::ort_engine::{OrtEngine, OrtOptions};
+use petrestore::restore::tract_engine::TractEngine;
+use petrestore::sim::dataset::read_npy_f32;
+
+fn train_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/train")
+}
+
+fn py(args: &[&str]) -> std::process::Output {
+    let o = Command::new(python()).args(args).current_dir(train_dir()).output().unwrap();
+    assert!(o.status.success(), "python {args:?} failed:\n{}", text(&o));
+    o
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = petrestore(args);
+    assert!(o.status.success(), "petrestore {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+/// Run a package's network on its parity input with tract and ONNX Runtime
+/// and compare with the trainer's output.
+fn assert_parity(pkg_dir: &Path) {
+    let pkg = ModelPackage::load(pkg_dir).unwrap();
+    let (shape, input) = read_npy_f32(&pkg_dir.join("parity/input.npy")).unwrap();
+    let (_, expected) = read_npy_f32(&pkg_dir.join("parity/expected.npy")).unwrap();
+    let [b, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
+    assert_eq!(c, pkg.input_channels());
+    let span = expected.iter().copied().fold(f32::MIN, f32::max) - expected.iter().copied().fold(f32::MAX, f32::min);
+    let tract = TractEngine::new(pkg.clone(), 1).unwrap();
+    let o = OrtOptions {
+        library: Some(ort_library()),
+        providers: vec!["cpu".into()],
+        tensorrt_fp16: false,
+        tensorrt_workspace_mb: 0,
+        cache_dir: std::env::temp_dir(),
+        threads: 1,
+    };
+    let ort = OrtEngine::new(pkg, &o).unwrap();
+    for (name, backend) in [("tract", &tract as &dyn Backend), ("ort", &ort as &dyn Backend)] {
+        let y = backend.infer(&input, b, c, h, w).unwrap();
+        assert_eq!(y.len(), expected.len());
+        let worst = y.iter().zip(&expected).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4 * span, "{name} differs from the trainer by {worst} (range {span})");
+    }
+}
+
+#[test]
+fn smoke_train_export_parity_eval_and_cross_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |s: &str| tmp.path().join(s).display().to_string();
+    // tiny splits: 64² matrices, few slices
+    ok(&["dataset", "--out", &d("train"), "--split", "train", "--count", "2", "--slices", "6", "--matrix", "64"]);
+    ok(&["dataset", "--out", &d("val"), "--split", "val", "--count", "1", "--slices", "6", "--matrix", "64"]);
+    ok(&["dataset", "--out", &d("test"), "--split", "test", "--count", "1", "--nema", "1", "--slices", "6", "--matrix", "64"]);
+    // the trainer refuses test studies as validation data
+    let o = Command::new(python())
+        .args(["-m", "petrain.train", "--train", &d("train"), "--val", &d("test"), "--out", &d("bad"), "--steps", "1"])
+        .current_dir(train_dir())
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && text(&o).contains("not validation"), "{}", text(&o));
+    let out = py(&[
+        "-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", &d("run"), "--steps", "6", "--batch", "4", "--patch", "32",
+        "--eval-every", "3",
+    ]);
+    assert!(text(&out).contains("done: 6 steps"), "{}", text(&out));
+    let out = py(&["-m", "petrain.export", "--params", &d("run/params.npz"), "--out", &d("pkg"), "--train-log", &d("run/train_log.json")]);
+    assert!(text(&out).contains("parity JAX vs ONNX Runtime"), "{}", text(&out));
+    assert_parity(&tmp.path().join("pkg"));
+    let pkg = ModelPackage::load(&tmp.path().join("pkg")).unwrap();
+    assert_eq!(pkg.io.condition.as_deref(), Some("frame_duration_over_90"));
+    assert_eq!(pkg.provenance["train_steps"].as_integer(), Some(6));
+
+    let report = ok(&[
+        "eval", "--dataset", &d("test"), "--val", &d("val"), "--model", &d("pkg"), "--json", &d("eval.json"), "--dump", &d("dump"), "--threads", "1",
+    ]);
+    for want in ["Seed metric vs PET90", "NEMA NU 2", "Lesions", "raw PET90", "Goals"] {
+        assert!(report.contains(want), "eval report lacks {want:?}:\n{report}");
+    }
+    let out = py(&["-m", "petrain.evaluate", "--dataset", &d("test"), "--report", &d("eval.json"), "--dump", &d("dump")]);
+    assert!(text(&out).contains("cross-check OK"), "{}", text(&out));
+    // eval refuses test studies as the validation split used for choices
+    let o = petrestore(&["eval", "--dataset", &d("test"), "--val", &d("test")]);
+    assert!(!o.status.success() && text(&o).contains("not test ones"), "{}", text(&o));
+}
+
+/// The shipped model package.
+fn shipped() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/petrestore-unet25d")
+}
+
+#[test]
+fn shipped_model_runs_the_same_on_tract_and_onnx_runtime_as_in_training() {
+    assert_parity(&shipped());
+}
+
+#[test]
+fn restore_uses_the_shipped_model_for_30_s_and_refuses_72_s_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = shipped().display().to_string();
+    let short = petrestore::sim::write_series(&tmp.path().join("in30"), &petrestore::sim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 30.0, ..Default::default() }).unwrap();
+    let out30 = tmp.path().join("out30");
+    let o = petrestore(&["restore", "--input", &short.files[0].parent().unwrap().display().to_string(), "--output", &out30.display().to_string(), "--engine", "tract", "--model", &model]);
+    assert!(o.status.success(), "{}", text(&o));
+    let files = files_under(&out30);
+    assert_eq!(files.len(), 8);
+    let obj = dicom_object::open_file(&files[0]).unwrap();
+    let desc = obj.element(dicom_dictionary_std::tags::DERIVATION_DESCRIPTION).unwrap().to_str().unwrap().to_string();
+    assert!(desc.contains("petrestore-unet25d") && desc.contains("simulated data only"), "{desc}");
+
+    let long = petrestore::sim::write_series(&tmp.path().join("in72"), &petrestore::sim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 72.0, seed: 2, ..Default::default() }).unwrap();
+    let o = petrestore(&["restore", "--input", &long.files[0].parent().unwrap().display().to_string(), "--output", &tmp.path().join("out72").display().to_string(), "--engine", "tract", "--model", &model]);
+    assert!(!o.status.success(), "a 72 s series must not be restored by a 30/60 s model");
+    assert!(text(&o).contains("72.0 s is outside the 27–66 s"), "{}", text(&o));
+}
