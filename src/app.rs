@@ -101,6 +101,17 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         format!("cannot listen on {} (dicom.listen): is another DICOM service using the port?", settings.dicom.listen)
     })?;
     let dicom_addr = listener.local_addr()?;
+    let tls_listener = match &settings.dicom.tls {
+        None => None,
+        Some(t) => {
+            let config = ingest::tls_config(t).map_err(anyhow::Error::msg)?;
+            let l = TcpListener::bind(t.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (dicom.tls.listen): is another service using the port?", t.listen))?;
+            tracing::info!(address = %l.local_addr()?, mutual = t.client_ca.is_some(), "DICOM TLS listener");
+            Some((l, config))
+        }
+    };
     let control = control::bind(state).context("cannot create the control socket in node.state_dir")?;
 
     let draining = Arc::new(AtomicBool::new(false));
@@ -129,6 +140,9 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     let shutdown = CancellationToken::new();
     let associations = TaskTracker::new();
     let tasks = TaskTracker::new();
+    let tls_task = tls_listener.map(|(l, config)| {
+        tokio::spawn(ingest::serve_with(l, scp.clone(), sink.clone(), shutdown.clone(), associations.clone(), Some(config)))
+    });
     let ingest_task = tokio::spawn(ingest::serve(listener, scp, sink, shutdown.clone(), associations.clone()));
     let sched_task = tokio::spawn(pipeline.clone().run(shutdown.clone(), tasks.clone()));
     // Telemetry: job events from the journal, commands and health through
@@ -173,6 +187,9 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     };
     let control_task = tokio::spawn(control::serve(control, pipeline, status, shutdown.clone()));
     let main = tokio::spawn(async move {
+        if let Some(t) = tls_task {
+            let _ = t.await;
+        }
         let _ = tokio::join!(ingest_task, sched_task, control_task);
     });
     tracing::info!(listen = %dicom_addr, ae = %settings.dicom.ae_title, state_dir = %state.display(), "petrestore ready");

@@ -88,6 +88,17 @@ struct RawDicom {
     max_pdu_length: Option<u32>,
     idle_timeout_s: Option<u64>,
     non_pet: Option<String>,
+    tls: Option<RawDicomTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDicomTls {
+    listen: String,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -186,6 +197,21 @@ pub struct DicomSettings {
     pub max_pdu_length: u32,
     pub idle_timeout: Duration,
     pub non_pet: NonPetPolicy,
+    /// A second listener that speaks DICOM over TLS only.
+    pub tls: Option<DicomTls>,
+}
+
+/// `[dicom.tls]`: DICOM TLS (PS3.15 B.1, typically port 2762).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DicomTls {
+    pub listen: SocketAddr,
+    /// PEM certificate chain of this node.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA certificates: when set, callers must present a certificate
+    /// signed by one of them (mutual TLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -302,6 +328,7 @@ impl LiveSettings {
         check("dicom.max_pdu_length", old.dicom.max_pdu_length == new.dicom.max_pdu_length);
         check("dicom.idle_timeout_s", old.dicom.idle_timeout == new.dicom.idle_timeout);
         check("dicom.non_pet", old.dicom.non_pet == new.dicom.non_pet);
+        check("dicom.tls", old.dicom.tls == new.dicom.tls);
         let engine_keys = |r: &RestoreSettings| {
             (r.engines.clone(), r.model.clone(), r.threads, r.ort_library.clone(), r.ort_providers.clone(), r.tensorrt_fp16, r.tensorrt_workspace_mb, r.gaussian_fwhm_mm.to_bits())
         };
@@ -449,6 +476,16 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         ));
     }
     let idle_timeout_s: u64 = pick!(u, d, dicom.idle_timeout_s);
+    let tls = match u.dicom.tls.take() {
+        None => None,
+        Some(t) => {
+            let tls_listen: SocketAddr = t.listen.parse().map_err(|_| invalid("dicom.tls.listen", format!("{:?} is not an address", t.listen), "write IP:PORT, e.g. \"0.0.0.0:2762\""))?;
+            if tls_listen == listen && listen.port() != 0 {
+                return Err(invalid("dicom.tls.listen", format!("{tls_listen} is also dicom.listen"), "give the TLS listener its own port (2762 is DICOM's TLS port)"));
+            }
+            Some(DicomTls { listen: tls_listen, cert: t.cert, key: t.key, client_ca: t.client_ca })
+        }
+    };
     let non_pet_s: String = pick!(u, d, dicom.non_pet);
     let non_pet = match non_pet_s.as_str() {
         "refuse" => NonPetPolicy::Refuse,
@@ -588,6 +625,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
             max_pdu_length,
             idle_timeout: Duration::from_secs(idle_timeout_s.max(1)),
             non_pet,
+            tls,
         },
         series: SeriesSettings { quiet_timeout: Duration::from_secs_f64(quiet), incomplete_policy },
         restore,

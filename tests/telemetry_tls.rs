@@ -3,31 +3,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
+use std::path::Path;
+
 use common::*;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (apt-get install openssl)");
-    assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
-}
-
-/// A CA, a broker certificate for localhost/127.0.0.1, and client
-/// certificates for the given CNs.
-fn pki(dir: &Path, clients: &[&str]) {
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=petrestore-test-ca"]);
-    // v3 certificates throughout: rustls (webpki) refuses v1 ones.
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
-    std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
-    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr", "-subj", "/CN=localhost"]);
-    openssl(dir, &["x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "broker.pem", "-days", "2", "-extfile", "san.ext"]);
-    for cn in clients {
-        openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{cn}.key"), "-out", &format!("{cn}.csr"), "-subj", &format!("/CN={cn}")]);
-        openssl(dir, &["x509", "-req", "-in", &format!("{cn}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{cn}.pem"), "-days", "2", "-extfile", "client.ext"]);
-    }
-}
 
 #[test]
 fn tls_with_client_certificates_and_the_acl_confines_a_box_to_its_prefix() {
@@ -42,8 +22,8 @@ fn tls_with_client_certificates_and_the_acl_confines_a_box_to_its_prefix() {
         &format!(
             "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nacl_file {}\n",
             p("ca.pem"),
-            p("broker.pem"),
-            p("broker.key"),
+            p("server.pem"),
+            p("server.key"),
             acl.display()
         ),
     );

@@ -79,6 +79,18 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    serve_with(listener, cfg, sink, shutdown, tracker, None).await
+}
+
+/// [`serve`], speaking DICOM over TLS only when `tls` is given.
+pub async fn serve_with(
+    listener: TcpListener,
+    cfg: Arc<ScpConfig>,
+    sink: Arc<dyn StoreSink>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let permits = Arc::new(Semaphore::new(cfg.max_associations));
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -104,9 +116,10 @@ pub async fn serve(
         let _ = socket.set_nodelay(true);
         let cfg = cfg.clone();
         let sink = sink.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            if let Err(e) = handle_association(socket, peer, &cfg, sink).await {
+            if let Err(e) = handle_association(socket, peer, &cfg, sink, tls).await {
                 tracing::warn!(%peer, error = %e, "association ended with an error");
             }
         });
@@ -122,11 +135,54 @@ struct Pending {
     dataset: Vec<u8>,
 }
 
+/// Load `[dicom.tls]`: our certificate chain and key, and (mutual TLS) the
+/// CAs whose certificates callers must present. Errors name the file.
+pub fn tls_config(t: &crate::config::DicomTls) -> Result<Arc<rustls::ServerConfig>, String> {
+    let read = |p: &std::path::Path, what: &str| -> Result<Vec<u8>, String> {
+        std::fs::read(p).map_err(|e| format!("dicom.tls.{what} {}: {e}", p.display()))
+    };
+    let certs: Vec<rustls::pki_types::CertificateDer<'static>> = rustls_pemfile::certs(&mut &read(&t.cert, "cert")?[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("dicom.tls.cert {}: not PEM certificates: {e}", t.cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("dicom.tls.cert {}: no certificate in the file (PEM \"BEGIN CERTIFICATE\" expected)", t.cert.display()));
+    }
+    let key = rustls_pemfile::private_key(&mut &read(&t.key, "key")?[..])
+        .map_err(|e| format!("dicom.tls.key {}: {e}", t.key.display()))?
+        .ok_or_else(|| format!("dicom.tls.key {}: no private key in the file (PEM expected)", t.key.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let builder = match &t.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut &read(ca, "client_ca")?[..]) {
+                let c = c.map_err(|e| format!("dicom.tls.client_ca {}: not PEM certificates: {e}", ca.display()))?;
+                roots.add(c).map_err(|e| format!("dicom.tls.client_ca {}: {e}", ca.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("dicom.tls.client_ca {}: no certificate in the file", ca.display()));
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("dicom.tls.client_ca {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("dicom.tls.cert/key ({}, {}): {e}", t.cert.display(), t.key.display()))?;
+    Ok(Arc::new(config))
+}
+
 async fn handle_association(
     socket: TcpStream,
     peer: SocketAddr,
     cfg: &ScpConfig,
     sink: Arc<dyn StoreSink>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(), String> {
     let mut opts = ServerAssociationOptions::new()
         .ae_access_control(access::CallerPolicy {
@@ -150,7 +206,26 @@ async fn handle_association(
     for ts in crate::dicom::SUPPORTED_TS {
         opts = opts.with_transfer_syntax(*ts);
     }
-    let mut assoc = opts.establish_async(socket).await.map_err(|e| format!("association refused: {e}"))?;
+    match tls {
+        None => {
+            let assoc = opts.establish_async(socket).await.map_err(|e| format!("association refused: {e}"))?;
+            serve_association(assoc, peer, sink).await
+        }
+        Some(t) => {
+            let assoc = opts.tls_config(t).establish_tls_async(socket).await.map_err(|e| format!("TLS association refused: {e}"))?;
+            serve_association(assoc, peer, sink).await
+        }
+    }
+}
+
+async fn serve_association<S>(
+    mut assoc: dicom_ul::association::server::AsyncServerAssociation<S>,
+    peer: SocketAddr,
+    sink: Arc<dyn StoreSink>,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     let calling_ae = { use dicom_ul::association::Association; assoc.peer_ae_title().trim().to_owned() };
     tracing::info!(%peer, calling = %calling_ae, "association accepted");
 
@@ -269,8 +344,8 @@ async fn handle_association(
     }
 }
 
-async fn send_command(
-    assoc: &mut dicom_ul::association::server::AsyncServerAssociation<TcpStream>,
+async fn send_command<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send>(
+    assoc: &mut dicom_ul::association::server::AsyncServerAssociation<S>,
     pcid: u8,
     data: Vec<u8>,
 ) -> Result<(), String> {
@@ -282,7 +357,9 @@ async fn send_command(
         .map_err(|e| format!("send response failed: {e}"))
 }
 
-async fn abort(mut assoc: dicom_ul::association::server::AsyncServerAssociation<TcpStream>) -> Result<(), String> {
+async fn abort<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send>(
+    mut assoc: dicom_ul::association::server::AsyncServerAssociation<S>,
+) -> Result<(), String> {
     let pdu = Pdu::AbortRQ { source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::ReasonNotSpecified) };
     let _ = assoc.send(&pdu).await;
     Ok(())

@@ -475,3 +475,23 @@ pub fn assert_schema(name: &str, v: &serde_json::Value) {
         panic!("payload does not match {name}.schema.json: {e}\n{v:#}");
     }
 }
+
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (apt-get install openssl)");
+    assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+}
+
+/// A CA, a server certificate for localhost/127.0.0.1, and client
+/// certificates for the given CNs.
+pub fn pki(dir: &Path, clients: &[&str]) {
+    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=petrestore-test-ca"]);
+    // v3 certificates throughout: rustls (webpki) refuses v1 ones.
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
+    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext"]);
+    for cn in clients {
+        openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{cn}.key"), "-out", &format!("{cn}.csr"), "-subj", &format!("/CN={cn}")]);
+        openssl(dir, &["x509", "-req", "-in", &format!("{cn}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{cn}.pem"), "-days", "2", "-extfile", "client.ext"]);
+    }
+}
