@@ -191,7 +191,7 @@ pub fn write_study(dir: &Path, source: Source, seed: u64, g: &Geometry, sc: &Sca
         "slice_thickness_mm": g.slice_thickness_mm,
         "z_first_mm": z_first,
         "counts_90s_per_liver_slice": sc.reference_counts_90s,
-        "scanner": {"angles": sc.n_angles, "fwhm_mm": sc.fwhm_mm, "scatter_fraction": sc.scatter_fraction, "randoms_fraction": sc.randoms_fraction, "iterations": sc.iterations, "subsets": sc.subsets},
+        "scanner": {"angles": sc.n_angles, "fwhm_mm": sc.fwhm_mm, "scatter_fraction": sc.scatter_fraction, "randoms_fraction": sc.randoms_fraction, "iterations": sc.iterations, "subsets": sc.subsets, "post_filter_fwhm_mm": sc.post_filter_fwhm_mm},
         "lesions": lesions,
     });
     std::fs::write(dir.join(format!("{stem}.json")), serde_json::to_vec_pretty(&meta)?)?;
