@@ -129,8 +129,14 @@ enum Command {
     /// by side. Prints Markdown tables and the goals met or missed.
     Eval {
         /// Studies from `petrestore dataset` (use the test split for reports).
-        #[arg(long)]
-        dataset: PathBuf,
+        #[arg(long, conflicts_with_all = ["input", "reference"])]
+        dataset: Option<PathBuf>,
+        /// Site acceptance on real data: a short-frame series folder ...
+        #[arg(long, requires = "reference")]
+        input: Option<PathBuf>,
+        /// ... and the standard-frame series it is nested in (same grid).
+        #[arg(long, requires = "input")]
+        reference: Option<PathBuf>,
         /// Validation studies: the Gaussian FWHM is chosen on them.
         #[arg(long)]
         val: Option<PathBuf>,
@@ -450,7 +456,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Eval { dataset, val, gaussian_fwhm, model, engine, ort_library, json, markdown, dump, threads } => {
+        Command::Eval { dataset, input, reference, val, gaussian_fwhm, model, engine, ort_library, json, markdown, dump, threads } => {
             let engine: Option<std::sync::Arc<dyn restore::Engine>> = match model {
                 None => None,
                 Some(dir) => {
@@ -475,6 +481,22 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let t = std::time::Instant::now();
+            if let (Some(input), Some(reference)) = (input, reference) {
+                let fwhm = gaussian_fwhm.unwrap_or_else(|| Settings::defaults().restore.gaussian_fwhm_mm);
+                let report = eval::run_series(&input, &reference, engine, fwhm).map_err(anyhow::Error::msg)?;
+                let md = eval::series_markdown(&report);
+                println!("{md}");
+                if let Some(p) = json {
+                    std::fs::write(&p, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", p.display()))?;
+                }
+                if let Some(p) = markdown {
+                    std::fs::write(&p, &md).with_context(|| format!("cannot write {}", p.display()))?;
+                }
+                return Ok(());
+            }
+            let Some(dataset) = dataset else {
+                bail!("say what to evaluate: --dataset DIR (simulated studies with truth) or --input DIR --reference DIR (paired series)");
+            };
             let report = eval::run(&eval::EvalOptions { dataset, val, gaussian_fwhm, engine, dump }).map_err(anyhow::Error::msg)?;
             let md = eval::markdown(&report);
             println!("{md}");

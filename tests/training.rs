@@ -131,3 +131,34 @@ fn restore_uses_the_shipped_model_for_30_s_and_refuses_72_s_by_name() {
     assert!(!o.status.success(), "a 72 s series must not be restored by a 30/60 s model");
     assert!(text(&o).contains("72.0 s is outside the 27–66 s"), "{}", text(&o));
 }
+
+#[test]
+fn site_acceptance_eval_on_paired_series_reports_model_and_gaussian() {
+    let tmp = tempfile::tempdir().unwrap();
+    let study = tmp.path().join("study");
+    ok(&["simulate", "--physics", "--out", &study.display().to_string(), "--slices", "8", "--matrix", "128", "--seed", "7"]);
+    let json = tmp.path().join("r.json");
+    let out = ok(&[
+        "eval",
+        "--input", &study.join("PT30").display().to_string(),
+        "--reference", &study.join("PT90").display().to_string(),
+        "--model", &shipped().display().to_string(),
+        "--json", &json.display().to_string(),
+    ]);
+    assert!(out.contains("Ceiling of the seed MSE metric if the frames are nested: 66.7 %"), "{out}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    let seed = |prefix: &str| rows.iter().find(|x| x["method"].as_str().unwrap().starts_with(prefix)).unwrap()["seed_mse"].as_f64().unwrap();
+    let bias = |prefix: &str| rows.iter().find(|x| x["method"].as_str().unwrap().starts_with(prefix)).unwrap()["body_mean_vs_reference_pct"].as_f64().unwrap();
+    // the trained model must beat the classical baseline on a physical study
+    // and keep the quantitative level (body mean) of the reference
+    assert!(seed("model") > seed("gaussian") && seed("model") > 30.0, "{out}");
+    assert!(bias("model").abs() < 2.0, "{out}");
+    // wrong order and mismatched grids are refused with what to do
+    let o = petrestore(&["eval", "--input", &study.join("PT90").display().to_string(), "--reference", &study.join("PT30").display().to_string()]);
+    assert!(!o.status.success() && text(&o).contains("must be the shorter frame"), "{}", text(&o));
+    let other = tmp.path().join("other");
+    ok(&["simulate", "--physics", "--out", &other.display().to_string(), "--slices", "8", "--matrix", "64"]);
+    let o = petrestore(&["eval", "--input", &other.join("PT30").display().to_string(), "--reference", &study.join("PT90").display().to_string()]);
+    assert!(!o.status.success() && text(&o).contains("do not match voxel for voxel"), "{}", text(&o));
+}
