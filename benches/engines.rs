@@ -66,7 +66,9 @@ fn main() {
         let spec = petrestore::sim::SeriesSpec { slices: 268, matrix, seed: 5, ..Default::default() };
         let dir = tmp.path().join(format!("s{matrix}"));
         let src = petrestore::sim::write_series(&dir, &spec).unwrap();
-        let v = volume::load(&src.files).unwrap().volume;
+        let mut v = volume::load(&src.files).unwrap().volume;
+        // what the worker's selection step fills in (a duration-conditioned model needs it)
+        v.frame_duration_s = Some(spec.frame_duration_s);
         for threads in [1usize, 2] {
             let mut ort_time = None;
             for engine in ["ort", "tract"] {

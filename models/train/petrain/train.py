@@ -53,6 +53,8 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N studies of each split (smoke tests)")
+    ap.add_argument("--init", help="start from these weights (params.npz) instead of random ones")
+    ap.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
@@ -71,10 +73,14 @@ def main(argv=None):
     vmask = np.concatenate([np.stack([st.mask[k][None] for d in data.DURATIONS for k in range(0, st.a.shape[1], 2)]) for st in val]).astype(np.float32)
 
     p = net.init(jax.random.PRNGKey(a.seed), a.width)
+    if a.init:
+        p, width = load_params(a.init)
+        if width != a.width:
+            raise SystemExit(f"--init {a.init} has width {width}, not --width {a.width}")
     budget_steps = a.steps if a.steps else 10**9
     # cosine decay over the expected number of steps (estimated after warm-up)
     est_steps = a.steps if a.steps else 20000
-    sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, 200, max(est_steps, 400), a.lr * 0.02)
+    sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup, max(est_steps, a.warmup + 200), a.lr * 0.02)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-5))
     st = opt.init(p)
     lw = a.lesion_weight
