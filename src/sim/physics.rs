@@ -364,7 +364,7 @@ mod tests {
 
     #[test]
     fn post_filter_smooths_and_keeps_the_mean() {
-        let sc = Scanner { post_filter_fwhm_mm: 6.0, ..Scanner::default() };
+        let sc = Scanner { post_filter_fwhm_mm: 10.0, ..Scanner::default() };
         let (act, mu) = cylinder(&[], 1.0);
         let k = calibrate(&act, &mu, N, PX, &sc);
         let m = Model::new(&act, &mu, N, PX, &sc, k);
@@ -374,7 +374,7 @@ mod tests {
         let (m0, s0) = mean_sd(&roi(&raw, 0.0, 0.0, 90.0));
         let (m1, s1) = mean_sd(&roi(&filtered, 0.0, 0.0, 90.0));
         assert!((m1 / m0 - 1.0).abs() < 0.01, "mean {m0} -> {m1}");
-        assert!(s1 < 0.7 * s0, "noise {s0} -> {s1}");
+        assert!(s1 < 0.75 * s0, "noise {s0} -> {s1}");
     }
 
     #[test]
