@@ -165,7 +165,22 @@ fn commands_pause_resume_drain_retry_and_errors() {
 fn broker_down_leaves_the_pipeline_alone_and_buffered_events_arrive_with_the_drop_count() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
-    // no broker yet; a buffer of 3 events
+    // The fleet's subscriber has a persistent session on a broker that keeps
+    // sessions across restarts, so what the daemon sends on reconnect is
+    // queued for it however the two reconnects race.
+    let mq = tmp.path().join("mq");
+    std::fs::create_dir_all(&mq).unwrap();
+    let persist = format!("persistence true\npersistence_location {}/\n", mq.display());
+    let mut broker = Mosquitto::start_on(&mq, port, &persist);
+    let sub = Sub::start_persistent(port, &topic("#"), "fleet-sub");
+    wait_for("the subscription", Duration::from_secs(10), || {
+        mosquitto_pub(port, &topic("probe"), "{}", &[]);
+        std::thread::sleep(Duration::from_millis(100));
+        (!sub.on("/probe").is_empty()).then_some(())
+    });
+    drop(sub);
+    broker.terminate();
+    // no broker now; a buffer of 3 events
     let d = Daemon::start(&tmp.path().join("d"), &mqtt(port, "buffer = 3\n"));
     let a = series(&tmp.path().join("a"), 4, 32, 67);
     let b = series(&tmp.path().join("b"), 4, 32, 69);
@@ -175,19 +190,23 @@ fn broker_down_leaves_the_pipeline_alone_and_buffered_events_arrive_with_the_dro
         assert_eq!(d.wait_terminal(&job_id(s), Duration::from_secs(60)).state, petrestore::journal::JobState::Done);
     }
     // 2 jobs × (receiving, queued, restoring, done) = 8 events; 3 kept, 5 dropped
-    let broker = Mosquitto::start_on(tmp.path(), port, "");
-    let sub = Sub::start(broker.port, &topic("#"), &[]);
+    let broker = Mosquitto::start_on(&mq, port, &persist);
+    let sub = Sub::start_persistent(broker.port, &topic("#"), "fleet-sub");
     let health = sub.wait_on("/health", "health after reconnect", Duration::from_secs(60), |v| v["events_dropped"].as_u64().is_some());
     assert_schema("health", &health);
     assert_eq!(health["events_dropped"], 5, "{health}");
-    let kept: Vec<String> = sub
-        .lines
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(t, _)| t.contains("/jobs/"))
-        .map(|(_, p)| serde_json::from_str::<serde_json::Value>(p).unwrap()["state"].as_str().unwrap().to_string())
-        .collect();
+    let job_events = || -> Vec<String> {
+        sub.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t.contains("/jobs/"))
+            .map(|(_, p)| serde_json::from_str::<serde_json::Value>(p).unwrap()["state"].as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_for("the buffered job events", Duration::from_secs(10), || (job_events().len() >= 3).then_some(()));
+    std::thread::sleep(Duration::from_millis(500)); // nothing more may come
+    let kept = job_events();
     assert_eq!(kept, ["queued", "restoring", "done"], "the newest 3 events, oldest dropped first");
     assert_eq!(sub.on("/status").last().unwrap()["state"], "online");
 }

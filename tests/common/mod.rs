@@ -409,6 +409,11 @@ impl Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+    /// Stop gracefully (SIGTERM): with persistence on, sessions are saved.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Mosquitto {
@@ -425,10 +430,20 @@ pub struct Sub {
 
 impl Sub {
     pub fn start(port: u16, topic: &str, tls_args: &[&str]) -> Sub {
+        Self::start_with(port, topic, tls_args)
+    }
+
+    /// A subscriber with a persistent session (`-c -i id`): the broker
+    /// queues QoS 1 messages for it while it is away.
+    pub fn start_persistent(port: u16, topic: &str, id: &str) -> Sub {
+        Self::start_with(port, topic, &["-c", "-i", id])
+    }
+
+    fn start_with(port: u16, topic: &str, extra_args: &[&str]) -> Sub {
         let bin = require("mosquitto_sub");
         let mut child = Command::new(bin)
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1", "-F", "%t\t%p"])
-            .args(tls_args)
+            .args(extra_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
