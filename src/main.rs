@@ -85,8 +85,10 @@ enum Command {
         /// frames and OSEM; writes PT30/, PT60/, PT90/, truth.npy, lesions.json.
         #[arg(long)]
         physics: bool,
-        /// With --physics: "torso" (organs and lesions) or "nema" (NEMA NU 2
-        /// IEC body phantom, spheres 10–37 mm at 4:1, sphere plane 69 mm in).
+        /// With --physics: "torso" (organs and lesions), "nema" (NEMA NU 2
+        /// IEC body phantom, spheres 10–37 mm at 4:1, sphere plane 69 mm in),
+        /// or "ellipse" / "lobulated": a random patient of that phantom
+        /// family with random lesions (--seed picks the patient).
         #[arg(long, default_value = "torso")]
         phantom: String,
         /// With --physics: in-plane Gaussian post-filter after OSEM, FWHM mm (0: none).
@@ -394,7 +396,8 @@ fn run(cli: Cli) -> Result<()> {
             let phantom = match phantom.as_str() {
                 "torso" => sim::Phantom::Torso,
                 "nema" => sim::Phantom::Nema,
-                other => bail!("--phantom {other:?}: use torso or nema"),
+                f if sim::patient::Family::parse(f).is_some() => sim::Phantom::Patient { family: sim::patient::Family::parse(f).expect("checked"), seed },
+                other => bail!("--phantom {other:?}: use torso, nema, ellipse or lobulated (a random patient of that family; --seed picks it)"),
             };
             let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
             let t = std::time::Instant::now();

@@ -140,6 +140,9 @@ pub enum Phantom {
     /// at 4:1 in a 5.3 kBq/ml background, cold lung insert, sphere plane at
     /// z = [`NEMA_SPHERE_Z`].
     Nema,
+    /// A random patient of a phantom family ([`patient::Patient`]); lesions
+    /// are placed within the simulated slab.
+    Patient { family: patient::Family, seed: u64 },
 }
 
 /// NEMA sphere diameters (mm).
@@ -211,10 +214,18 @@ pub fn write_study_physical(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner
 
 /// [`write_study_physical`] with the first slice at `z0` mm into the phantom.
 pub fn write_study_physical_at(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner, phantom: Phantom, z0: f64) -> std::io::Result<PhysicalStudy> {
-    let (activity, mu, calib_z): (fn(f64, f64, f64) -> f64, fn(f64, f64, f64) -> f64, f64) = match phantom {
-        Phantom::Torso => (activity, mu, 60.0),
-        Phantom::Nema => (nema_activity, nema_mu, NEMA_SPHERE_Z),
+    let span = spec.slices.saturating_sub(1) as f64 * spec.slice_thickness_mm;
+    let patient = match phantom {
+        Phantom::Patient { family, seed } => Some(patient::Patient::generate(family, seed, z0, z0 + span)),
+        _ => None,
     };
+    type Field<'a> = Box<dyn Fn(f64, f64, f64) -> f64 + Sync + 'a>;
+    let (activity, mu, calib_z): (Field, Field, f64) = match (&patient, phantom) {
+        (Some(p), _) => (Box::new(|x, y, z| p.activity(x, y, z)), Box::new(|x, y, z| p.mu(x, y, z)), p.liver_z()),
+        (None, Phantom::Nema) => (Box::new(nema_activity), Box::new(nema_mu), NEMA_SPHERE_Z),
+        (None, _) => (Box::new(activity), Box::new(mu), 60.0),
+    };
+    let sc = &physics::Scanner { reference_counts_90s: patient.as_ref().map(|p| p.counts_90s).unwrap_or(sc.reference_counts_90s), ..sc.clone() };
     let n = spec.matrix;
     let px = spec.fov_mm / n as f64;
     let grid = |z: f64, f: &dyn Fn(f64, f64, f64) -> f64| -> Vec<f32> {
@@ -255,7 +266,12 @@ pub fn write_study_physical_at(dir: &Path, spec: &SeriesSpec, sc: &physics::Scan
         }
     });
     let slices: Vec<SliceOut> = results.into_iter().map(|m| m.into_inner().expect("slice slot").expect("every slice simulated")).collect();
-    let ids = StudyIds::new(spec.seed, if phantom == Phantom::Nema { "nema" } else { "phys" });
+    let tag = match phantom {
+        Phantom::Nema => "nema".to_string(),
+        Phantom::Torso => "phys".to_string(),
+        Phantom::Patient { family, seed } => format!("patient-{}-{seed}", family.name()),
+    };
+    let ids = StudyIds::new(spec.seed, &tag);
     let mut series = Vec::new();
     for (d, pick) in [(30.0, 0usize), (60.0, 1), (90.0, 2)] {
         let images: Vec<Vec<f64>> = slices
@@ -274,6 +290,15 @@ pub fn write_study_physical_at(dir: &Path, spec: &SeriesSpec, sc: &physics::Scan
     write_npy_f32(&truth, &[spec.slices, n, n], &flat)?;
     let lesions = dir.join("lesions.json");
     let list: Vec<serde_json::Value> = match phantom {
+        Phantom::Patient { .. } => patient
+            .as_ref()
+            .map(|p| {
+                p.lesions
+                    .iter()
+                    .map(|l| serde_json::json!({"x_mm": l.x_mm, "y_mm": l.y_mm, "z_mm": l.z_mm - z0, "diameter_mm": l.diameter_mm, "activity_bqml": l.activity_bqml, "background_bqml": l.background_bqml, "host": l.host}))
+                    .collect()
+            })
+            .unwrap_or_default(),
         Phantom::Torso => LESIONS
             .iter()
             .map(|(x, y, z, r, v)| serde_json::json!({"x_mm": x, "y_mm": y, "z_mm": z, "diameter_mm": 2.0 * r, "activity_bqml": v}))
@@ -485,6 +510,29 @@ fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patient_study_is_three_series_with_its_random_lesions_inside_the_slab() {
+        let d = tempfile::tempdir().unwrap();
+        let spec = SeriesSpec { slices: 4, matrix: 48, seed: 3, ..Default::default() };
+        let sc = physics::Scanner { n_angles: 32, ..Default::default() };
+        let fam = patient::Family::Lobulated;
+        let st = write_study_physical(d.path(), &spec, &sc, Phantom::Patient { family: fam, seed: 20_005 }).unwrap();
+        assert_eq!(st.series.len(), 3);
+        assert!(st.series.iter().all(|(_, s)| s.files.len() == 4));
+        let l: serde_json::Value = serde_json::from_slice(&std::fs::read(&st.lesions).unwrap()).unwrap();
+        let lesions = l["lesions"].as_array().unwrap();
+        assert!(!lesions.is_empty());
+        let span = 3.0 * spec.slice_thickness_mm;
+        for les in lesions {
+            let z = les["z_mm"].as_f64().unwrap();
+            assert!((0.0..=span).contains(&z), "lesion z {z} outside the slab 0..{span}");
+        }
+        // another seed is another patient, another study
+        let d2 = tempfile::tempdir().unwrap();
+        let st2 = write_study_physical(d2.path(), &spec, &sc, Phantom::Patient { family: fam, seed: 20_006 }).unwrap();
+        assert_ne!(st.study_uid, st2.study_uid);
+    }
 
     #[test]
     fn physical_study_has_nested_frames_of_one_study_with_the_truth() {
