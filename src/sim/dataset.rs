@@ -112,47 +112,22 @@ pub fn write_study(dir: &Path, source: Source, seed: u64, g: &Geometry, sc: &Sca
         Some(p) => p.mu(x, y, z),
         None => nema_mu(x, y, z),
     };
-    let grid = |z: f64, f: &dyn Fn(f64, f64, f64) -> f64| -> Vec<f32> {
-        let mut out = vec![0.0f32; n * n];
-        for j in 0..n {
-            for i in 0..n {
-                let x = (i as f64 + 0.5) * px - g.fov_mm / 2.0;
-                let y = (j as f64 + 0.5) * px - g.fov_mm / 2.0;
-                out[j * n + i] = f(x, y, z) as f32;
-            }
-        }
-        out
-    };
+    let grid = |z: f64, f: &dyn Fn(f64, f64, f64) -> f64| super::sample_grid(n, g.fov_mm, z, f);
     let sc = Scanner { reference_counts_90s: patient.as_ref().map(|p| p.counts_90s).unwrap_or(sc.reference_counts_90s), ..sc.clone() };
     let calib_z = patient.as_ref().map(|p| p.liver_z()).unwrap_or(NEMA_SPHERE_Z);
     let k90 = physics::calibrate(&grid(calib_z, &activity), &grid(calib_z, &mu), n, px, &sc);
     let plane = n * n;
     let mut out = vec![0.0f32; 5 * g.slices * plane];
-    let workers = std::thread::available_parallelism().map(|v| v.get()).unwrap_or(1).min(g.slices.max(1));
-    let results: Vec<std::sync::Mutex<Option<[Vec<f32>; 5]>>> = (0..g.slices).map(|_| std::sync::Mutex::new(None)).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if k >= g.slices {
-                        return;
-                    }
-                    let z = z_first + k as f64 * g.slice_thickness_mm;
-                    let (act, att) = (grid(z, &activity), grid(z, &mu));
-                    let model = physics::Model::new(&act, &att, n, px, &sc, k90);
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(k as u64) ^ 0x0C0_u64);
-                    let f = model.acquire(&act, &mut rng);
-                    let clean = model.osem_f32(&model.expected_counts(&act, 90.0), 90.0, &sc);
-                    let planes = [model.osem(&f.c30, 30.0, &sc), model.osem(&f.c60, 60.0, &sc), model.osem(&f.c90, 90.0, &sc), clean, act];
-                    *results[k].lock().expect("slice slot") = Some(planes);
-                }
-            });
-        }
+    let results = super::par_slices(g.slices, |k| {
+        let z = z_first + k as f64 * g.slice_thickness_mm;
+        let (act, att) = (grid(z, &activity), grid(z, &mu));
+        let model = physics::Model::new(&act, &att, n, px, &sc, k90);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(k as u64) ^ 0x0C0_u64);
+        let f = model.acquire(&act, &mut rng);
+        let clean = model.osem_f32(&model.expected_counts(&act, 90.0), 90.0, &sc);
+        [model.osem(&f.c30, 30.0, &sc), model.osem(&f.c60, 60.0, &sc), model.osem(&f.c90, 90.0, &sc), clean, act]
     });
-    for (k, r) in results.into_iter().enumerate() {
-        let planes = r.into_inner().expect("slice slot").expect("every slice simulated");
+    for (k, planes) in results.into_iter().enumerate() {
         for (p, img) in planes.iter().enumerate() {
             let at = (p * g.slices + k) * plane;
             out[at..at + plane].copy_from_slice(img);

@@ -192,6 +192,44 @@ pub fn nema_mu(x: f64, y: f64, _z: f64) -> f64 {
     }
 }
 
+/// Sample `f(x, y, z)` (mm from the centre) at the pixel centres of an n×n
+/// grid over `fov_mm`, on slice z.
+pub fn sample_grid(n: usize, fov_mm: f64, z: f64, f: &dyn Fn(f64, f64, f64) -> f64) -> Vec<f32> {
+    let px = fov_mm / n as f64;
+    let mut g = vec![0.0f32; n * n];
+    for j in 0..n {
+        for i in 0..n {
+            let x = (i as f64 + 0.5) * px - fov_mm / 2.0;
+            let y = (j as f64 + 0.5) * px - fov_mm / 2.0;
+            g[j * n + i] = f(x, y, z) as f32;
+        }
+    }
+    g
+}
+
+/// `f(k)` for k in 0..count on every core, results in order (slices are
+/// independent: each has its own model and seeded generator).
+pub fn par_slices<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let workers = std::thread::available_parallelism().map(|v| v.get()).unwrap_or(1).min(count.max(1));
+    let results: Vec<std::sync::Mutex<Option<T>>> = (0..count).map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k >= count {
+                        return;
+                    }
+                    let out = f(k);
+                    *results[k].lock().expect("slice slot") = Some(out);
+                }
+            });
+        }
+    });
+    results.into_iter().map(|m| m.into_inner().expect("slice slot").expect("every slice done")).collect()
+}
+
 /// A simulated study with nested frames.
 #[derive(Debug, Clone)]
 pub struct PhysicalStudy {
@@ -228,44 +266,18 @@ pub fn write_study_physical_at(dir: &Path, spec: &SeriesSpec, sc: &physics::Scan
     let sc = &physics::Scanner { reference_counts_90s: patient.as_ref().map(|p| p.counts_90s).unwrap_or(sc.reference_counts_90s), ..sc.clone() };
     let n = spec.matrix;
     let px = spec.fov_mm / n as f64;
-    let grid = |z: f64, f: &dyn Fn(f64, f64, f64) -> f64| -> Vec<f32> {
-        let mut g = vec![0.0f32; n * n];
-        for j in 0..n {
-            for i in 0..n {
-                let x = (i as f64 + 0.5) * px - spec.fov_mm / 2.0;
-                let y = (j as f64 + 0.5) * px - spec.fov_mm / 2.0;
-                g[j * n + i] = f(x, y, z) as f32;
-            }
-        }
-        g
-    };
+    let grid = |z: f64, f: &dyn Fn(f64, f64, f64) -> f64| sample_grid(n, spec.fov_mm, z, f);
     // Calibrate on a torso slice through the liver.
     let k90 = physics::calibrate(&grid(calib_z, &activity), &grid(calib_z, &mu), n, px, sc);
-    let workers = std::thread::available_parallelism().map(|v| v.get()).unwrap_or(1).min(spec.slices.max(1));
-    type SliceOut = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f32>);
-    let results: Vec<std::sync::Mutex<Option<SliceOut>>> = (0..spec.slices).map(|_| std::sync::Mutex::new(None)).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if k >= spec.slices {
-                        return;
-                    }
-                    let z = z0 + k as f64 * spec.slice_thickness_mm;
-                    let (act, att) = (grid(z, &activity), grid(z, &mu));
-                    let model = physics::Model::new(&act, &att, n, px, sc, k90);
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(k as u64));
-                    let f = model.acquire(&act, &mut rng);
-                    let rec = |c: &[u32], t: f64| model.osem(c, t, sc).into_iter().map(|v| v as f64).collect::<Vec<f64>>();
-                    let out = (rec(&f.c30, 30.0), rec(&f.c60, 60.0), rec(&f.c90, 90.0), act);
-                    *results[k].lock().expect("slice slot") = Some(out);
-                }
-            });
-        }
+    let slices = par_slices(spec.slices, |k| {
+        let z = z0 + k as f64 * spec.slice_thickness_mm;
+        let (act, att) = (grid(z, &activity), grid(z, &mu));
+        let model = physics::Model::new(&act, &att, n, px, sc, k90);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(k as u64));
+        let f = model.acquire(&act, &mut rng);
+        let rec = |c: &[u32], t: f64| model.osem(c, t, sc).into_iter().map(|v| v as f64).collect::<Vec<f64>>();
+        (rec(&f.c30, 30.0), rec(&f.c60, 60.0), rec(&f.c90, 90.0), act)
     });
-    let slices: Vec<SliceOut> = results.into_iter().map(|m| m.into_inner().expect("slice slot").expect("every slice simulated")).collect();
     let tag = match phantom {
         Phantom::Nema => "nema".to_string(),
         Phantom::Torso => "phys".to_string(),
