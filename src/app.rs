@@ -18,10 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{LiveSettings, NonPetPolicy, Settings};
+use crate::ingest::materialize::{self, Materializer};
 use crate::ingest::{self, ScpConfig, store::SpoolSink};
 use crate::journal::{Journal, JournalError};
 use crate::pipeline::{Pipeline, worker::WorkerCtx};
 use crate::spool::Spool;
+use crate::spool::arrivals::ArrivalLog;
 use crate::telemetry::{self, Telemetry};
 use crate::{control, dicom, restore};
 
@@ -37,6 +39,8 @@ pub struct Daemon {
     pub shutdown: CancellationToken,
     journal: Journal,
     associations: TaskTracker,
+    /// Moves acknowledged instances from the arrival log into the spool.
+    materializer: Arc<Materializer>,
     tasks: TaskTracker,
     main: tokio::task::JoinHandle<()>,
     telemetry_stop: CancellationToken,
@@ -61,6 +65,17 @@ pub fn open_journal(settings: &Settings) -> Result<Journal> {
     })
 }
 
+/// Whether the journal records the instance of a spool file
+/// (`<study>/<series>/<sop>.dcm`).
+fn spooled_file_recorded(journal: &Journal, root: &std::path::Path, file: &std::path::Path) -> bool {
+    let Ok(rel) = file.strip_prefix(root) else { return false };
+    let parts: Vec<_> = rel.iter().filter_map(|c| c.to_str()).collect();
+    match parts[..] {
+        [_, series, name] => name.strip_suffix(".dcm").is_some_and(|sop| journal.has_instance(series, sop).unwrap_or(false)),
+        _ => false,
+    }
+}
+
 /// Start every stage; returns once the DICOM listener is bound.
 pub async fn start(settings: Settings) -> Result<Daemon> {
     let live = Arc::new(LiveSettings::new(settings.clone()));
@@ -74,8 +89,32 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         tracing::info!(stale, "removed unacknowledged temporaries left by a crash");
     }
     let journal = open_journal(&settings)?;
-    if journal.is_empty() {
-        let orphans = crate::journal::rebuild::spool_files(spool.root()).len();
+    let was_empty = journal.is_empty();
+    // Instances acknowledged before a crash but not yet in the spool and the
+    // journal are in the arrival log: record them before anything else.
+    let log = Arc::new(
+        ArrivalLog::open(&spool.root().join("arrivals")).context("cannot open the arrival log in the spool folder")?,
+    );
+    let replayed = materialize::replay(&log, &spool, &journal).map_err(|e| {
+        anyhow::anyhow!("cannot replay the arrival log ({e}); the received instances stay in {} until this is fixed", log.dir().display())
+    })?;
+    if replayed.segments > 0 {
+        tracing::info!(
+            segments = replayed.segments,
+            records = replayed.records,
+            recorded = replayed.batch.recorded,
+            already = replayed.batch.already,
+            "arrival log replayed"
+        );
+    }
+    // A journal that was empty before the replay but does not know every
+    // spooled file was lost or replaced (a crash between the materializer's
+    // file fsync and its journal flush leaves only files the log replays).
+    if was_empty {
+        let orphans = crate::journal::rebuild::spool_files(spool.root())
+            .iter()
+            .filter(|p| !spooled_file_recorded(&journal, spool.root(), p))
+            .count();
         if orphans > 0 {
             anyhow::bail!(
                 "the journal in {} is empty but the spool holds {orphans} received instances: the journal was lost or replaced. \
@@ -130,11 +169,16 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         draining: draining.clone(),
         live: Some(live.clone()),
     });
+    let materializer = Arc::new(
+        Materializer::start(log.clone(), spool.clone(), journal.clone(), wake.clone())
+            .context("cannot start the materializer thread")?,
+    );
     let sink = Arc::new(SpoolSink {
         spool,
         journal: journal.clone(),
+        log,
+        materializer: materializer.clone(),
         min_free_bytes: settings.node.min_free_bytes,
-        wake: wake.clone(),
     });
 
     let shutdown = CancellationToken::new();
@@ -194,7 +238,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     });
     tracing::info!(listen = %dicom_addr, ae = %settings.dicom.ae_title, state_dir = %state.display(), "petrestore ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    Ok(Daemon { dicom_addr, shutdown, journal, associations, tasks, main, telemetry_stop, telemetry_task, live, wake })
+    Ok(Daemon { dicom_addr, shutdown, journal, associations, materializer, tasks, main, telemetry_stop, telemetry_task, live, wake })
 }
 
 /// What telemetry may ask of and tell the daemon.
@@ -324,6 +368,10 @@ impl Daemon {
         if tokio::time::timeout(ASSOCIATION_DRAIN, self.associations.wait()).await.is_err() {
             tracing::warn!("associations still open after {ASSOCIATION_DRAIN:?}; closing them");
         }
+        // Everything acknowledged goes into the spool and the journal now
+        // (whatever is left would be replayed at the next start anyway).
+        let m = self.materializer.clone();
+        let _ = tokio::task::spawn_blocking(move || m.stop()).await;
         self.tasks.close();
         if tokio::time::timeout(TASK_DRAIN, self.tasks.wait()).await.is_err() {
             tracing::warn!("a restoration was still running after {TASK_DRAIN:?}; it resumes at the next start");

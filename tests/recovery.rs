@@ -129,6 +129,8 @@ fn lost_journal_is_refused_at_start_and_rebuilt_from_the_spool() {
     // long quiet timeout: the first run only receives
     let mut d = Daemon::start(&tmp.path().join("d"), &format!("[series]\nquiet_timeout_s = 600\n{}", destination("pacs", dest.port)));
     assert!(storescu(d.port, CONSOLE, &src.files[..4]).status.success());
+    // in the spool files (not only in the arrival log, which a start would replay)
+    assert_eq!(d.spool_files().len(), 4);
     d.kill9();
     // the journal is lost (disk repair, sled corruption...)
     std::fs::remove_dir_all(d.state_dir().join("journal")).unwrap();
@@ -150,4 +152,49 @@ fn lost_journal_is_refused_at_start_and_rebuilt_from_the_spool() {
         (f.len() == 6).then_some(f)
     });
     assert_eq!(sop_uids(&got).len(), 6);
+}
+
+#[test]
+fn a_spool_failure_refuses_new_instances_and_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = series(&tmp.path().join("a"), 4, 32, 41);
+    let b = series(&tmp.path().join("b"), 2, 32, 42);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let mut d = Daemon::start(&tmp.path().join("d"), &destination("pacs", dest.port));
+    // A file where series a's spool folder must go: moving a's instances
+    // from the arrival log into the spool fails.
+    let study = d.state_dir().join("spool").join(&a.study_uid);
+    std::fs::create_dir_all(&study).unwrap();
+    let blocker = study.join(&a.series_uid);
+    std::fs::write(&blocker, b"not a folder").unwrap();
+
+    // Acknowledged: durable in the arrival log.
+    let out = storescu(d.port, CONSOLE, &a.files);
+    assert!(out.status.success() && !text(&out).contains("Refused"), "{}", text(&out));
+    wait_for("the materializer to report the failure", Duration::from_secs(20), || {
+        d.log().contains("cannot move received instances").then_some(())
+    });
+    // From now on new instances are refused with Out of Resources, saying why.
+    let out = storescu(d.port, CONSOLE, &b.files);
+    assert!(text(&out).contains("Refused: OutOfResources"), "{}", text(&out));
+    assert!(d.log().contains("restart petrestore"), "{}", d.log());
+    // A clean stop leaves the records in the log.
+    assert!(d.stop().success());
+    assert!(files_under(&d.state_dir().join("spool/arrivals")).iter().any(|p| p.extension().is_some_and(|x| x == "log")));
+
+    // The operator clears the fault and restarts: everything acknowledged
+    // is recorded, restored and delivered.
+    std::fs::remove_file(&blocker).unwrap();
+    d.restart();
+    assert!(d.log().contains("arrival log replayed"), "{}", d.log());
+    let job = d.wait_terminal(&job_id(&a), Duration::from_secs(60));
+    assert_eq!((job.received, &job.state), (4, &JobState::Done), "{:#?}", job.history);
+    let got = wait_for("4 derived instances", Duration::from_secs(10), || {
+        let f = dest.files();
+        (f.len() == 4).then_some(f)
+    });
+    assert_eq!(series_uids(&got).len(), 1);
+    // and b, refused before, is taken now
+    assert!(storescu(d.port, CONSOLE, &b.files).status.success());
+    assert_eq!(d.wait_terminal(&job_id(&b), Duration::from_secs(60)).state, JobState::Done);
 }

@@ -10,6 +10,7 @@
 //! server keeps serving the next association either way.
 
 pub mod access;
+pub mod materialize;
 pub mod store;
 
 use std::collections::HashMap;

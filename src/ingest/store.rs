@@ -1,21 +1,23 @@
-//! C-STORE handling: validate a received data set, spool it durably, record
-//! it in the journal, flush, and only then answer success. This file is the
-//! one place that maps storage errors to DIMSE statuses.
+//! C-STORE handling: validate a received data set, append it with its
+//! journal entry to the arrival log (`spool::arrivals`), fdatasync, and only
+//! then answer success; the materializer moves it into the spool and sled
+//! in the background. This file is the one place that maps storage errors to
+//! DIMSE statuses.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
-use tokio::sync::Notify;
-
+use super::materialize::{Item, Materializer};
 use super::{StoreContext, StoreSink, StoreStatus};
 use crate::dicom::attrs::Attrs;
 use crate::dicom::dimse::{Command, status};
 use crate::dicom::uid::valid_uid;
 use crate::dicom::{PET_STORAGE_CLASSES, part10};
-use crate::journal::{Arrival, InstanceRecord, JobKind, Journal, JournalError, Recorded};
-use crate::spool::{self, Spool, Written};
+use crate::journal::{Arrival, InstanceRecord, JobKind, Journal, JournalError};
+use crate::spool::arrivals::{self, ArrivalLog};
+use crate::spool::{self, Spool};
 
 /// Why an instance was not stored. The doc of each variant is what the
 /// sender reads in Error Comment.
@@ -37,6 +39,8 @@ pub enum StoreError {
     Disk(std::io::Error),
     #[error("journal failed: {0}")]
     Journal(#[from] JournalError),
+    #[error("{0}; received instances are safe and are recorded at the next start: restart petrestore")]
+    Stalled(String),
 }
 
 impl StoreError {
@@ -48,22 +52,33 @@ impl StoreError {
             | StoreError::BadUid { .. }
             | StoreError::PixelLength { .. } => status::CANNOT_UNDERSTAND,
             StoreError::Mismatch { .. } => status::DATASET_MISMATCH,
-            StoreError::LowDisk { .. } | StoreError::Disk(_) | StoreError::Journal(_) => status::OUT_OF_RESOURCES,
+            StoreError::LowDisk { .. } | StoreError::Disk(_) | StoreError::Journal(_) | StoreError::Stalled(_) => {
+                status::OUT_OF_RESOURCES
+            }
         }
     }
 }
 
-/// The daemon's sink: spool + journal, then wake the scheduler.
+/// What happened to an instance that was not refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Durable in the arrival log, on its way into the spool and journal.
+    New,
+    /// Already received (in the journal, or still in the log).
+    Duplicate,
+}
+
+/// The daemon's sink: arrival log first, spool and journal behind it.
 pub struct SpoolSink {
     pub spool: Spool,
     pub journal: Journal,
+    pub log: Arc<ArrivalLog>,
+    pub materializer: Arc<Materializer>,
     pub min_free_bytes: u64,
-    /// Woken when a series completes (the journal stays the truth).
-    pub wake: Arc<Notify>,
 }
 
 impl SpoolSink {
-    fn try_store(&self, ctx: &StoreContext, cmd: &Command, dataset: Vec<u8>) -> Result<Recorded, StoreError> {
+    fn try_store(&self, ctx: &StoreContext, cmd: &Command, dataset: Vec<u8>) -> Result<Accepted, StoreError> {
         let ts = crate::dicom::transfer_syntax(&ctx.transfer_syntax)
             .ok_or_else(|| StoreError::Unparseable(format!("transfer syntax {}", ctx.transfer_syntax)))?;
         let obj = InMemDicomObject::read_dataset_with_ts(&dataset[..], ts)
@@ -89,8 +104,13 @@ impl SpoolSink {
             check_pixel_length(&obj)?;
         }
 
-        if self.journal.has_instance(&series, &sop)? {
-            return Ok(Recorded::Duplicate { job_id: crate::journal::job_id(&series) });
+        // In-flight first: the materializer records in the journal before it
+        // clears the in-flight mark, so one of the two always sees it.
+        if self.materializer.in_flight(&series, &sop) || self.journal.has_instance(&series, &sop)? {
+            return Ok(Accepted::Duplicate);
+        }
+        if let Some(why) = self.materializer.failure() {
+            return Err(StoreError::Stalled(why));
         }
         let free = spool::free_bytes(self.spool.root()).map_err(StoreError::Disk)?;
         if free < self.min_free_bytes {
@@ -100,14 +120,6 @@ impl SpoolSink {
         let rel: PathBuf = spool::Spool::relative_path(&study, &series, &sop)
             .ok_or(StoreError::BadUid { what: "UID", value: sop.clone() })?;
         let header = part10::header(&sop_class, &sop, &ctx.transfer_syntax, &ctx.calling_ae).map_err(StoreError::Unparseable)?;
-        // A file already at this name without a journal record is a leftover
-        // of a crash before the journal write: it was never acknowledged, so
-        // replacing it is safe. Otherwise never overwrite.
-        let abs = self.spool.absolute(&rel);
-        let replace = abs.exists();
-        let written = spool::write_durable(&abs, &[&header, &dataset], replace).map_err(StoreError::Disk)?;
-        debug_assert_eq!(written, Written::Created);
-
         let arrival = Arrival {
             kind,
             study_uid: study,
@@ -123,9 +135,14 @@ impl SpoolSink {
                 image_index: obj.i64_of(tags::IMAGE_INDEX).and_then(|n| u32::try_from(n).ok()),
             },
         };
-        let recorded = self.journal.record(&arrival)?;
-        self.journal.flush()?;
-        Ok(recorded)
+        drop(obj);
+        let encoded = arrivals::encode(&arrival, &[&header, &dataset]);
+        drop(dataset);
+        let segment = self.log.append(&encoded.bytes).map_err(StoreError::Disk)?;
+        // Durable from here on: a failure to hand it over is reported, but
+        // the record is replayed at the next start either way.
+        self.materializer.submit(Item { segment, arrival, encoded }).map_err(StoreError::Stalled)?;
+        Ok(Accepted::New)
     }
 }
 
@@ -148,17 +165,11 @@ fn check_pixel_length(obj: &InMemDicomObject) -> Result<(), StoreError> {
 impl StoreSink for SpoolSink {
     fn store(&self, ctx: &StoreContext, cmd: &Command, dataset: Vec<u8>) -> StoreStatus {
         match self.try_store(ctx, cmd, dataset) {
-            Ok(Recorded::Duplicate { job_id }) => {
-                tracing::info!(job = %job_id, sop = %cmd.affected_sop_instance, "duplicate instance acknowledged, not stored again");
+            Ok(Accepted::Duplicate) => {
+                tracing::info!(sop = %cmd.affected_sop_instance, "duplicate instance acknowledged, not stored again");
                 StoreStatus { status: status::SUCCESS, comment: None }
             }
-            Ok(Recorded::New { job_id, complete }) => {
-                if complete {
-                    tracing::info!(job = %job_id, "series complete");
-                    self.wake.notify_one();
-                }
-                StoreStatus { status: status::SUCCESS, comment: None }
-            }
+            Ok(Accepted::New) => StoreStatus { status: status::SUCCESS, comment: None },
             Err(e) => {
                 tracing::warn!(calling = %ctx.calling_ae, sop = %cmd.affected_sop_instance, error = %e, "C-STORE refused");
                 StoreStatus { status: e.status(), comment: Some(e.to_string()) }

@@ -30,8 +30,9 @@ pub enum JournalError {
     Locked { path: String },
 }
 
-/// A newly received instance, as ingest saw it.
-#[derive(Debug, Clone)]
+/// A newly received instance, as ingest saw it. Serialized into the arrival
+/// log (`spool::arrivals`) before it is acknowledged.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Arrival {
     pub kind: JobKind,
     pub study_uid: String,

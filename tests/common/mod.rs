@@ -168,8 +168,17 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// The job, waiting a little for it to appear: an acknowledged instance
+    /// reaches the journal through the arrival log within milliseconds.
     pub fn job(&self, id: &str) -> Job {
-        self.jobs().into_iter().find(|j| j.id == id).unwrap_or_else(|| panic!("no job {id}; log:\n{}", self.log()))
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(j) = self.jobs().into_iter().find(|j| j.id == id) {
+                return j;
+            }
+            assert!(Instant::now() < deadline, "no job {id}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Wait until the job reaches a terminal state.
@@ -187,8 +196,16 @@ impl Daemon {
         }
     }
 
+    /// The instance files in the spool, once the running daemon has moved
+    /// every acknowledged instance out of its arrival log (the log's last
+    /// segment is deleted after ~1 s without arrivals).
     pub fn spool_files(&self) -> Vec<PathBuf> {
-        files_under(&self.state_dir().join("spool"))
+        let spool = self.state_dir().join("spool");
+        let arrivals = spool.join("arrivals");
+        wait_for("the arrival log to settle", Duration::from_secs(20), || {
+            files_under(&arrivals).iter().all(|p| p.extension().is_none_or(|x| x != "log")).then_some(())
+        });
+        files_under(&spool).into_iter().filter(|p| !p.starts_with(&arrivals)).collect()
     }
 }
 

@@ -1,11 +1,17 @@
-//! The spool: received instances as files, `spool/<study>/<series>/<sop>.dcm`.
+//! The spool: received instances as files, `spool/<study>/<series>/<sop>.dcm`,
+//! and in front of them the arrival log ([`arrivals`], `spool/arrivals/`).
 //!
-//! Every file is written to a temporary name in its final folder, fsynced,
-//! then linked into place (a hard link fails if the name exists, so an
-//! acknowledged instance is never overwritten), and the folder is fsynced.
-//! Only after that does the journal record it, and only after the journal is
-//! flushed does the sender get success (DESIGN invariant 1). Leftover
+//! An instance is acknowledged once it is durable in the arrival log (DESIGN
+//! invariant 1: the log record is both the fsynced instance and its journal
+//! entry). The materializer (`ingest::materialize`) then writes the file
+//! through a temporary and a rename ([`write_unsynced`]), fsyncs file and
+//! folder, and only then records it in the journal; a file in the spool
+//! without a journal record is a leftover of a crash whose record is still
+//! in the log. [`write_durable`] (temporary, fsync, link or rename, folder
+//! fsync) serves the other writers, such as the demo's receiver. Leftover
 //! temporaries from a crash were never acknowledged and are removed at start.
+
+pub mod arrivals;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -84,6 +90,32 @@ pub fn write_durable(path: &Path, parts: &[&[u8]], replace: bool) -> io::Result<
     // The temporary is gone after a rename; after a link (or a failure) it
     // must be removed. Its removal needs no fsync: it was never acknowledged.
     let _ = fs::remove_file(&tmp);
+    result
+}
+
+/// Write `parts` to `path` through a temporary and a rename, without
+/// syncing: the caller fsyncs the returned file and the folder before it
+/// relies on them (the materializer does so for a whole batch at once). An
+/// existing file of that name is replaced.
+pub fn write_unsynced(path: &Path, parts: &[&[u8]]) -> io::Result<File> {
+    let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent folder"))?;
+    create_dir_durable(dir)?;
+    let tmp = dir.join(format!(
+        "{TMP_PREFIX}{}-{}",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        for p in parts {
+            f.write_all(p)?;
+        }
+        fs::rename(&tmp, path)?;
+        Ok(f)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
     result
 }
 

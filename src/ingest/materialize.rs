@@ -1,0 +1,416 @@
+//! The materializer: turns acknowledged records of the arrival log
+//! (`spool::arrivals`) into spool files and journal entries, in batches.
+//!
+//! Order within a batch, so that the journal never names a file that could
+//! be lost: (1) write every instance file through a temporary and a rename,
+//! (2) fsync the files and their folders, (3) record the arrivals in sled and
+//! flush, (4) tell the log the records are settled (it deletes a segment once
+//! all of its records are). A crash at any point leaves the records in the
+//! log, and [`replay`] at the next start does the same steps again; an
+//! instance the journal already has is skipped, so nothing is stored twice.
+//!
+//! If a batch fails (disk or journal error) the materializer stops working:
+//! ingest then answers 0xA700 and the records stay in the log for the next
+//! start.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::journal::{Arrival, Journal, Recorded};
+use crate::spool::arrivals::{self, ArrivalLog, Encoded, Tail};
+use crate::spool::{self, Spool};
+
+/// How long the materializer waits to gather a batch after its first record.
+const GATHER: Duration = Duration::from_millis(20);
+/// Batch limits (count and bytes).
+const MAX_BATCH: usize = 128;
+const MAX_BATCH_BYTES: usize = 128 << 20;
+/// Records waiting for the materializer; beyond this, ingest waits (bounded
+/// memory: DESIGN invariant 5).
+const QUEUE: usize = 64;
+/// After this long without records the active segment is closed and deleted.
+const IDLE: Duration = Duration::from_secs(1);
+
+/// One acknowledged record on its way into the spool.
+pub struct Item {
+    pub segment: u64,
+    pub arrival: Arrival,
+    pub encoded: Encoded,
+}
+
+impl Item {
+    fn file(&self) -> &[u8] {
+        &self.encoded.bytes[self.encoded.file.clone()]
+    }
+}
+
+enum Msg {
+    Item(Item),
+    Stop,
+}
+
+/// Key of an instance in the in-flight set.
+pub fn instance_key(series_uid: &str, sop_uid: &str) -> String {
+    format!("{series_uid}/{sop_uid}")
+}
+
+/// What one batch did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Instances newly recorded in the journal.
+    pub recorded: usize,
+    /// Instances the journal already had (a replay, or a duplicate sent
+    /// while the first copy was still in the log).
+    pub already: usize,
+    /// Records whose UIDs cannot make a spool path (cannot happen for
+    /// records written by ingest, which validates them; a damaged log can).
+    pub invalid: usize,
+    /// Some series became complete.
+    pub completed: bool,
+}
+
+/// Steps (1)–(3) of the module doc for one batch.
+pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8])]) -> Result<Batch, String> {
+    let mut out = Batch::default();
+    let mut files = Vec::new();
+    let mut dirs = BTreeSet::<PathBuf>::new();
+    let mut todo = Vec::new();
+    let mut seen = HashSet::new();
+    for (a, bytes) in entries {
+        let sop = &a.record.sop_instance_uid;
+        let already = journal.has_instance(&a.series_uid, sop).map_err(|e| format!("journal: {e}"))?;
+        if already || !seen.insert(instance_key(&a.series_uid, sop)) {
+            out.already += 1;
+            continue;
+        }
+        // The path is made again from the UIDs (validated there), never taken
+        // from the log as written.
+        let Some(rel) = Spool::relative_path(&a.study_uid, &a.series_uid, sop) else {
+            tracing::error!(sop = %sop, "arrival log record with invalid UIDs skipped");
+            out.invalid += 1;
+            continue;
+        };
+        let abs = spool.absolute(&rel);
+        let f = spool::write_unsynced(&abs, &[bytes]).map_err(|e| format!("cannot write {}: {e}", abs.display()))?;
+        files.push(f);
+        if let Some(d) = abs.parent() {
+            dirs.insert(d.to_owned());
+        }
+        let mut a = (*a).clone();
+        a.record.path = rel;
+        todo.push(a);
+    }
+    for f in &files {
+        f.sync_all().map_err(|e| format!("fsync of a spool file failed: {e}"))?;
+    }
+    for d in &dirs {
+        spool::sync_dir(d).map_err(|e| format!("fsync of {} failed: {e}", d.display()))?;
+    }
+    for a in &todo {
+        match journal.record(a).map_err(|e| format!("journal: {e}"))? {
+            Recorded::New { complete, .. } => {
+                out.recorded += 1;
+                out.completed |= complete;
+            }
+            Recorded::Duplicate { .. } => out.already += 1,
+        }
+    }
+    journal.flush().map_err(|e| format!("journal flush: {e}"))?;
+    Ok(out)
+}
+
+struct Shared {
+    in_flight: Mutex<HashSet<String>>,
+    failed: Mutex<Option<String>>,
+}
+
+/// The background thread and its queue.
+pub struct Materializer {
+    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Materializer {
+    pub fn start(log: Arc<ArrivalLog>, spool: Spool, journal: Journal, wake: Arc<Notify>) -> std::io::Result<Materializer> {
+        let (tx, rx) = sync_channel(QUEUE);
+        let shared = Arc::new(Shared { in_flight: Mutex::new(HashSet::new()), failed: Mutex::new(None) });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("materializer".into())
+            .spawn(move || run(rx, &log, &spool, &journal, &wake, &s))?;
+        Ok(Materializer { tx, shared, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Whether this instance is in the log but not yet in the journal.
+    pub fn in_flight(&self, series_uid: &str, sop_uid: &str) -> bool {
+        self.shared.in_flight.lock().unwrap().contains(&instance_key(series_uid, sop_uid))
+    }
+
+    /// Why the materializer stopped working, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failed.lock().unwrap().clone()
+    }
+
+    /// Hand over an acknowledged record. Waits while the queue is full.
+    pub fn submit(&self, item: Item) -> Result<(), String> {
+        self.shared
+            .in_flight
+            .lock()
+            .unwrap()
+            .insert(instance_key(&item.arrival.series_uid, &item.arrival.record.sop_instance_uid));
+        self.tx.send(Msg::Item(item)).map_err(|_| "the materializer has stopped".to_string())
+    }
+
+    /// Finish the queued records and stop (graceful shutdown).
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wake: &Notify, shared: &Shared) {
+    let mut stop = false;
+    while !stop {
+        let first = match rx.recv_timeout(IDLE) {
+            Ok(Msg::Item(i)) => i,
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                log.retire_idle();
+                continue;
+            }
+        };
+        let deadline = Instant::now() + GATHER;
+        let mut bytes = first.encoded.bytes.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Msg::Item(i)) => {
+                    bytes += i.encoded.bytes.len();
+                    batch.push(i);
+                }
+                Ok(Msg::Stop) => {
+                    stop = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if shared.failed.lock().unwrap().is_some() {
+            // Left in the log for the next start.
+            continue;
+        }
+        let entries: Vec<(&Arrival, &[u8])> = batch.iter().map(|i| (&i.arrival, i.file())).collect();
+        match materialize(spool, journal, &entries) {
+            Ok(b) => {
+                {
+                    let mut f = shared.in_flight.lock().unwrap();
+                    for i in &batch {
+                        f.remove(&instance_key(&i.arrival.series_uid, &i.arrival.record.sop_instance_uid));
+                    }
+                }
+                let mut per_segment = BTreeMap::<u64, u64>::new();
+                for i in &batch {
+                    *per_segment.entry(i.segment).or_default() += 1;
+                }
+                for (seg, n) in per_segment {
+                    log.done(seg, n);
+                }
+                if b.completed {
+                    wake.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot move received instances from the arrival log into the spool; \
+                    they are safe in the log and are recorded at the next start; refusing new instances until then");
+                *shared.failed.lock().unwrap() = Some(e);
+            }
+        }
+    }
+    if shared.failed.lock().unwrap().is_none() {
+        log.retire_idle();
+    }
+}
+
+/// What [`replay`] found.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub segments: usize,
+    pub records: usize,
+    pub batch: Batch,
+    /// Segments whose end could not be read: a torn, unacknowledged tail of
+    /// a crash (deleted) or damage (kept as `*.damaged` for inspection).
+    pub tails: Vec<(PathBuf, Tail)>,
+}
+
+/// Record every instance of the log's leftover segments (a crash left
+/// them) that the journal does not have yet, then delete the segments.
+/// Runs at start, before ingest is open.
+pub fn replay(log: &ArrivalLog, spool: &Spool, journal: &Journal) -> Result<Replayed, String> {
+    let mut r = Replayed::default();
+    for seg in log.leftover_segments().map_err(|e| format!("cannot list {}: {e}", log.dir().display()))? {
+        let mut pending: Vec<arrivals::Record> = Vec::new();
+        let mut bytes = 0usize;
+        let flush = |pending: &mut Vec<arrivals::Record>, r: &mut Replayed| -> Result<(), String> {
+            let entries: Vec<(&Arrival, &[u8])> = pending.iter().map(|p| (&p.arrival, &p.file[..])).collect();
+            let b = materialize(spool, journal, &entries)?;
+            r.records += pending.len();
+            r.batch.recorded += b.recorded;
+            r.batch.already += b.already;
+            r.batch.invalid += b.invalid;
+            r.batch.completed |= b.completed;
+            pending.clear();
+            Ok(())
+        };
+        let mut failure = None;
+        let tail = arrivals::read_segment(&seg, |rec| {
+            bytes += rec.file.len();
+            pending.push(rec);
+            if pending.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES {
+                bytes = 0;
+                if let Err(e) = flush(&mut pending, &mut r) {
+                    failure = Some(e.clone());
+                    return Err(std::io::Error::other(e));
+                }
+            }
+            Ok(())
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let tail = tail.map_err(|e| format!("cannot read {}: {e}", seg.display()))?;
+        flush(&mut pending, &mut r)?;
+        r.segments += 1;
+        if tail.ignored_bytes > 0 {
+            let torn = tail.reason.as_deref().is_some_and(|s| s.contains("cut short") || s.contains("too short"));
+            if torn {
+                tracing::warn!(segment = %seg.display(), bytes = tail.ignored_bytes, reason = ?tail.reason,
+                    "arrival log ends in a torn record (a crash while an instance was arriving; it was never acknowledged)");
+                remove(&seg)?;
+            } else {
+                let aside = seg.with_extension("damaged");
+                tracing::error!(segment = %seg.display(), kept = %aside.display(), bytes = tail.ignored_bytes, reason = ?tail.reason,
+                    "arrival log segment is damaged after its last good record; kept for inspection");
+                std::fs::rename(&seg, &aside).map_err(|e| format!("cannot rename {}: {e}", seg.display()))?;
+            }
+            r.tails.push((seg, tail));
+        } else {
+            remove(&seg)?;
+        }
+    }
+    Ok(r)
+}
+
+fn remove(p: &Path) -> Result<(), String> {
+    std::fs::remove_file(p).map_err(|e| format!("cannot remove {}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{InstanceRecord, JobKind};
+    use std::io::Write;
+
+    fn arrival(sop: &str) -> Arrival {
+        Arrival {
+            kind: JobKind::Pet,
+            study_uid: "1.2.3".into(),
+            series_uid: "1.2.3.4".into(),
+            modality: Some("PT".into()),
+            calling_ae: "CONSOLE".into(),
+            number_of_slices: Some(3),
+            record: InstanceRecord {
+                sop_instance_uid: sop.into(),
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.128".into(),
+                // what a damaged or hostile log might say: never used as a path
+                path: "../../etc/passwd".into(),
+                transfer_syntax: "1.2.840.10008.1.2.1".into(),
+                image_index: sop.rsplit('.').next().and_then(|s| s.parse().ok()),
+            },
+        }
+    }
+
+    #[test]
+    fn replay_records_what_the_journal_lacks_and_handles_torn_and_damaged_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        let spool = Spool::new(d.path().join("spool")).unwrap();
+        let dir = spool.root().join("arrivals");
+        // A crashed process: three acknowledged records, the first of which
+        // already reached the journal; then a torn fourth record.
+        let (seg1, seg2) = {
+            let log = ArrivalLog::open(&dir).unwrap();
+            let mut seg = 0;
+            for i in 1..=3 {
+                seg = log.append(&arrivals::encode(&arrival(&format!("1.2.3.4.5.{i}")), &[format!("file {i}").as_bytes()]).bytes).unwrap();
+            }
+            let mut a1 = arrival("1.2.3.4.5.1");
+            a1.record.path = "1.2.3/1.2.3.4/1.2.3.4.5.1.dcm".into();
+            assert!(matches!(journal.record(&a1).unwrap(), Recorded::New { .. }));
+            let torn = arrivals::encode(&arrival("1.2.3.4.5.9"), &[b"never acknowledged"]);
+            let mut f = std::fs::OpenOptions::new().append(true).open(dir.join(format!("{seg:012}.log"))).unwrap();
+            f.write_all(&torn.bytes[..torn.bytes.len() / 2]).unwrap();
+            (dir.join(format!("{seg:012}.log")), dir.join(format!("{:012}.log", seg + 1)))
+        };
+        // A second segment damaged after its first record (a flipped bit).
+        {
+            let a = arrivals::encode(&arrival("1.2.3.4.5.7"), &[b"seven"]);
+            let b = arrivals::encode(&arrival("1.2.3.4.5.8"), &[b"eight"]);
+            let mut bytes = [a.bytes, b.bytes].concat();
+            let n = bytes.len();
+            bytes[n - 7] ^= 0x10;
+            std::fs::write(&seg2, &bytes).unwrap();
+        }
+
+        let log = ArrivalLog::open(&dir).unwrap();
+        let r = replay(&log, &spool, &journal).unwrap();
+        assert_eq!((r.segments, r.records), (2, 4));
+        assert_eq!(r.batch, Batch { recorded: 3, already: 1, invalid: 0, completed: true });
+        assert_eq!(r.tails.len(), 2);
+        assert!(!seg1.exists(), "a torn tail is an unacknowledged write: the segment is done");
+        assert!(!seg2.exists() && seg2.with_extension("damaged").exists(), "damage is kept for inspection");
+        let file = |i: u32| spool.root().join(format!("1.2.3/1.2.3.4/1.2.3.4.5.{i}.dcm"));
+        assert!(!file(1).exists(), "already journaled: not written again");
+        assert_eq!(std::fs::read(file(2)).unwrap(), b"file 2");
+        assert_eq!(std::fs::read(file(7)).unwrap(), b"seven");
+        assert!(!file(8).exists() && !file(9).exists());
+        let j = journal.get(&crate::journal::job_id("1.2.3.4")).unwrap().unwrap();
+        assert_eq!(j.received, 4);
+        // Idempotent: a second replay finds nothing to do.
+        let r = replay(&ArrivalLog::open(&dir).unwrap(), &spool, &journal).unwrap();
+        assert_eq!(r.segments, 0);
+    }
+
+    #[test]
+    fn the_materializer_moves_records_into_the_spool_and_deletes_idle_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        let spool = Spool::new(d.path().join("spool")).unwrap();
+        let log = Arc::new(ArrivalLog::open(&spool.root().join("arrivals")).unwrap());
+        let wake = Arc::new(Notify::new());
+        let m = Materializer::start(log.clone(), spool.clone(), journal.clone(), wake).unwrap();
+        for i in 1..=3 {
+            let a = arrival(&format!("1.2.3.4.5.{i}"));
+            let encoded = arrivals::encode(&a, &[b"x"]);
+            let segment = log.append(&encoded.bytes).unwrap();
+            m.submit(Item { segment, arrival: a, encoded }).unwrap();
+            assert!(m.in_flight("1.2.3.4", &format!("1.2.3.4.5.{i}")) || journal.has_instance("1.2.3.4", &format!("1.2.3.4.5.{i}")).unwrap());
+        }
+        m.stop();
+        assert_eq!(log.unsettled(), 0);
+        assert!(!m.in_flight("1.2.3.4", "1.2.3.4.5.1"));
+        assert_eq!(journal.get(&crate::journal::job_id("1.2.3.4")).unwrap().unwrap().received, 3);
+        assert!(log.leftover_segments().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(log.dir()).unwrap().count(), 0, "the idle segment is gone");
+        assert!(m.failure().is_none());
+    }
+}
