@@ -6,6 +6,10 @@
 //! and the ratio is the median of the per-repetition ratios, so drift of a
 //! shared machine's disk hits both alike.
 //!
+//! `BASELINE_BIN=/path/to/older/petrestore` adds that build as a third
+//! receiver (before/after in one run; it must keep its spool files within
+//! 20 s of the last acknowledgement, as every build so far does).
+//!
 //! Run: `cargo bench --bench ingest` (REPS=9 by default). Prints a table of
 //! medians; record it in BENCHMARKS.md with the machine.
 
@@ -85,10 +89,12 @@ fn main() {
         };
         // petrestore: every instance appended to the arrival log and
         // fdatasynced before success; spool files and journal follow.
-        let run_ours = |rep: usize| -> (f64, f64) {
-            let dir = tmp.path().join(format!("pr{matrix}-{rep}"));
+        let ours_bin = PathBuf::from(env!("CARGO_BIN_EXE_petrestore"));
+        let baseline = std::env::var_os("BASELINE_BIN").map(PathBuf::from);
+        let run_bin = |bin: &Path, tag: &str, rep: usize| -> (f64, f64) {
+            let dir = tmp.path().join(format!("{tag}{matrix}-{rep}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let (d, port) = start_daemon(&dir, "[series]\nquiet_timeout_s = 3600\n");
+            let (d, port) = start_daemon_bin(bin, &dir, "[series]\nquiet_timeout_s = 3600\n");
             let t = storescu(port, "PETRESTORE", &src.files).as_secs_f64();
             // Acknowledged means durable in the arrival log; how long after
             // the last acknowledgement the spool files are all there is
@@ -105,18 +111,25 @@ fn main() {
             (t, lag)
         };
         let (mut dcmtk, mut ours, mut lags, mut ratios) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut base, mut base_lags, mut base_ratios) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..reps {
             let (a, (b, lag)) = if rep % 2 == 0 {
                 let a = run_dcmtk(rep);
-                (a, run_ours(rep))
+                (a, run_bin(&ours_bin, "pr", rep))
             } else {
-                let b = run_ours(rep);
+                let b = run_bin(&ours_bin, "pr", rep);
                 (run_dcmtk(rep), b)
             };
             dcmtk.push(a);
             ours.push(b);
             lags.push(lag);
             ratios.push(a / b);
+            if let Some(bin) = &baseline {
+                let (c, lag) = run_bin(bin, "base", rep);
+                base.push(c);
+                base_lags.push(lag);
+                base_ratios.push(a / c);
+            }
         }
         let (md, mo, ml, mr) = (median(dcmtk), median(ours), median(lags), median(ratios));
         let mb = bytes as f64 / 1e6;
@@ -140,6 +153,19 @@ fn main() {
             mr,
             ml
         );
+        if baseline.is_some() {
+            let (mb_, ml_, mr_) = (median(base), median(base_lags), median(base_ratios));
+            println!(
+                "{:<8} {:<34} {:>9.3} {:>10.0} {:>8.1} {:>8.2} {:>12.0}",
+                format!("{matrix}²"),
+                "baseline (BASELINE_BIN)",
+                mb_,
+                268.0 / mb_,
+                mb / mb_,
+                mr_,
+                ml_
+            );
+        }
     }
     println!("ratio: median of the per-repetition ratios DCMTK time / petrestore time (> 1: petrestore faster)");
 }

@@ -25,6 +25,11 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// free port, plus `extra` TOML (more sections); returns the child and port
 /// once it listens.
 pub fn start_daemon(dir: &std::path::Path, extra: &str) -> (std::process::Child, u16) {
+    start_daemon_bin(std::path::Path::new(env!("CARGO_BIN_EXE_petrestore")), dir, extra)
+}
+
+/// [`start_daemon`] with another build of petrestore (a baseline).
+pub fn start_daemon_bin(bin: &std::path::Path, dir: &std::path::Path, extra: &str) -> (std::process::Child, u16) {
     use std::process::{Command, Stdio};
     let port = free_port();
     let cfg = dir.join("c.toml");
@@ -36,7 +41,7 @@ pub fn start_daemon(dir: &std::path::Path, extra: &str) -> (std::process::Child,
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_petrestore"))
+    let child = Command::new(bin)
         .args(["serve", "--config"])
         .arg(&cfg)
         .env("RUST_LOG", "warn")
