@@ -95,6 +95,19 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     let log = Arc::new(
         ArrivalLog::open(&spool.root().join("arrivals")).context("cannot open the arrival log in the spool folder")?,
     );
+    // Pre-written spare segments make each acknowledgement's sync cheaper
+    // (no file-size change to commit); made once per node, then recycled.
+    {
+        let log = log.clone();
+        std::thread::Builder::new()
+            .name("arrival-spares".into())
+            .spawn(move || {
+                if let Err(e) = log.prepare_spares() {
+                    tracing::warn!(error = %e, "cannot prepare spare arrival log segments; appending to new files instead");
+                }
+            })
+            .context("cannot start a thread")?;
+    }
     let replayed = materialize::replay(&log, &spool, &journal).map_err(|e| {
         anyhow::anyhow!("cannot replay the arrival log ({e}); the received instances stay in {} until this is fixed", log.dir().display())
     })?;

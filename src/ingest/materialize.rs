@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::journal::{Arrival, Journal, Recorded};
-use crate::spool::arrivals::{self, ArrivalLog, Encoded, Tail};
+use crate::spool::arrivals::{self, ArrivalLog, Encoded};
 use crate::spool::{self, Spool};
 
 /// How long the materializer waits to gather a batch after its first record.
@@ -247,9 +247,8 @@ pub struct Replayed {
     pub segments: usize,
     pub records: usize,
     pub batch: Batch,
-    /// Segments whose end could not be read: a torn, unacknowledged tail of
-    /// a crash (deleted) or damage (kept as `*.damaged` for inspection).
-    pub tails: Vec<(PathBuf, Tail)>,
+    /// Damaged segments, kept as `*.damaged` for inspection.
+    pub damaged: Vec<PathBuf>,
 }
 
 /// Record every instance of the log's leftover segments (a crash left
@@ -290,20 +289,17 @@ pub fn replay(log: &ArrivalLog, spool: &Spool, journal: &Journal) -> Result<Repl
         let tail = tail.map_err(|e| format!("cannot read {}: {e}", seg.display()))?;
         flush(&mut pending, &mut r)?;
         r.segments += 1;
-        if tail.ignored_bytes > 0 {
-            let torn = tail.reason.as_deref().is_some_and(|s| s.contains("cut short") || s.contains("too short"));
-            if torn {
-                tracing::warn!(segment = %seg.display(), bytes = tail.ignored_bytes, reason = ?tail.reason,
-                    "arrival log ends in a torn record (a crash while an instance was arriving; it was never acknowledged)");
-                remove(&seg)?;
-            } else {
-                let aside = seg.with_extension("damaged");
-                tracing::error!(segment = %seg.display(), kept = %aside.display(), bytes = tail.ignored_bytes, reason = ?tail.reason,
-                    "arrival log segment is damaged after its last good record; kept for inspection");
-                std::fs::rename(&seg, &aside).map_err(|e| format!("cannot rename {}: {e}", seg.display()))?;
-            }
-            r.tails.push((seg, tail));
+        if tail.damaged {
+            let aside = seg.with_extension("damaged");
+            tracing::error!(segment = %seg.display(), kept = %aside.display(), reason = ?tail.stopped,
+                "arrival log segment is damaged: good records follow a bad one and could not be read in order; \
+                 the records before the damage are recorded; the file is kept for inspection");
+            std::fs::rename(&seg, &aside).map_err(|e| format!("cannot rename {}: {e}", seg.display()))?;
+            r.damaged.push(seg);
         } else {
+            if let Some(why) = &tail.stopped {
+                tracing::debug!(segment = %seg.display(), why, "end of the segment's records");
+            }
             remove(&seg)?;
         }
     }
@@ -339,6 +335,20 @@ mod tests {
         }
     }
 
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn enc(i: u32) -> Encoded {
+        arrivals::encode(&arrival(&format!("1.2.3.4.5.{i}")), &[format!("file {i}").as_bytes()])
+    }
+
     #[test]
     fn replay_records_what_the_journal_lacks_and_handles_torn_and_damaged_segments() {
         let d = tempfile::tempdir().unwrap();
@@ -347,42 +357,46 @@ mod tests {
         let dir = spool.root().join("arrivals");
         // A crashed process: three acknowledged records, the first of which
         // already reached the journal; then a torn fourth record.
-        let (seg1, seg2) = {
-            let log = ArrivalLog::open(&dir).unwrap();
-            let mut seg = 0;
-            for i in 1..=3 {
-                seg = log.append(&arrivals::encode(&arrival(&format!("1.2.3.4.5.{i}")), &[format!("file {i}").as_bytes()]).bytes).unwrap();
-            }
-            let mut a1 = arrival("1.2.3.4.5.1");
-            a1.record.path = "1.2.3/1.2.3.4/1.2.3.4.5.1.dcm".into();
-            assert!(matches!(journal.record(&a1).unwrap(), Recorded::New { .. }));
-            let torn = arrivals::encode(&arrival("1.2.3.4.5.9"), &[b"never acknowledged"]);
-            let mut f = std::fs::OpenOptions::new().append(true).open(dir.join(format!("{seg:012}.log"))).unwrap();
-            f.write_all(&torn.bytes[..torn.bytes.len() / 2]).unwrap();
-            (dir.join(format!("{seg:012}.log")), dir.join(format!("{:012}.log", seg + 1)))
-        };
-        // A second segment damaged after its first record (a flipped bit).
         {
-            let a = arrivals::encode(&arrival("1.2.3.4.5.7"), &[b"seven"]);
-            let b = arrivals::encode(&arrival("1.2.3.4.5.8"), &[b"eight"]);
-            let mut bytes = [a.bytes, b.bytes].concat();
-            let n = bytes.len();
-            bytes[n - 7] ^= 0x10;
-            std::fs::write(&seg2, &bytes).unwrap();
+            let log = ArrivalLog::open(&dir).unwrap();
+            for i in 1..=3 {
+                log.append(&mut enc(i).bytes).unwrap();
+            }
         }
+        let mut a1 = arrival("1.2.3.4.5.1");
+        a1.record.path = "1.2.3/1.2.3.4/1.2.3.4.5.1.dcm".into();
+        assert!(matches!(journal.record(&a1).unwrap(), Recorded::New { .. }));
+        let seg1 = segments(&dir)[0].clone();
+        let on_disk = std::fs::read(&seg1).unwrap();
+        let mut torn = enc(9);
+        torn.bytes[8..16].copy_from_slice(&on_disk[8..16]); // this segment's nonce
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg1).unwrap();
+        f.write_all(&torn.bytes[..torn.bytes.len() / 2]).unwrap();
+        // A second crashed process: three records, a bit flipped in the
+        // second, so the third (acknowledged) one sits behind damage.
+        {
+            let log = ArrivalLog::open(&dir).unwrap();
+            for i in [7, 8, 6] {
+                log.append(&mut enc(i).bytes).unwrap();
+            }
+        }
+        let seg2 = segments(&dir)[1].clone();
+        let mut bytes = std::fs::read(&seg2).unwrap();
+        bytes[enc(7).bytes.len() + 40] ^= 0x10;
+        std::fs::write(&seg2, &bytes).unwrap();
 
         let log = ArrivalLog::open(&dir).unwrap();
         let r = replay(&log, &spool, &journal).unwrap();
         assert_eq!((r.segments, r.records), (2, 4));
         assert_eq!(r.batch, Batch { recorded: 3, already: 1, invalid: 0, completed: true });
-        assert_eq!(r.tails.len(), 2);
         assert!(!seg1.exists(), "a torn tail is an unacknowledged write: the segment is done");
+        assert_eq!(r.damaged, vec![seg2.clone()]);
         assert!(!seg2.exists() && seg2.with_extension("damaged").exists(), "damage is kept for inspection");
         let file = |i: u32| spool.root().join(format!("1.2.3/1.2.3.4/1.2.3.4.5.{i}.dcm"));
         assert!(!file(1).exists(), "already journaled: not written again");
         assert_eq!(std::fs::read(file(2)).unwrap(), b"file 2");
-        assert_eq!(std::fs::read(file(7)).unwrap(), b"seven");
-        assert!(!file(8).exists() && !file(9).exists());
+        assert_eq!(std::fs::read(file(7)).unwrap(), b"file 7");
+        assert!(!file(6).exists() && !file(8).exists() && !file(9).exists());
         let j = journal.get(&crate::journal::job_id("1.2.3.4")).unwrap().unwrap();
         assert_eq!(j.received, 4);
         // Idempotent: a second replay finds nothing to do.
@@ -400,8 +414,8 @@ mod tests {
         let m = Materializer::start(log.clone(), spool.clone(), journal.clone(), wake).unwrap();
         for i in 1..=3 {
             let a = arrival(&format!("1.2.3.4.5.{i}"));
-            let encoded = arrivals::encode(&a, &[b"x"]);
-            let segment = log.append(&encoded.bytes).unwrap();
+            let mut encoded = arrivals::encode(&a, &[b"x"]);
+            let segment = log.append(&mut encoded.bytes).unwrap();
             m.submit(Item { segment, arrival: a, encoded }).unwrap();
             assert!(m.in_flight("1.2.3.4", &format!("1.2.3.4.5.{i}")) || journal.has_instance("1.2.3.4", &format!("1.2.3.4.5.{i}")).unwrap());
         }

@@ -136,9 +136,9 @@ impl SpoolSink {
             },
         };
         drop(obj);
-        let encoded = arrivals::encode(&arrival, &[&header, &dataset]);
+        let mut encoded = arrivals::encode(&arrival, &[&header, &dataset]);
         drop(dataset);
-        let segment = self.log.append(&encoded.bytes).map_err(StoreError::Disk)?;
+        let segment = self.log.append(&mut encoded.bytes).map_err(StoreError::Disk)?;
         // Durable from here on: a failure to hand it over is reported, but
         // the record is replayed at the next start either way.
         self.materializer.submit(Item { segment, arrival, encoded }).map_err(StoreError::Stalled)?;

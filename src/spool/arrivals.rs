@@ -18,26 +18,44 @@
 //! Record layout (little endian):
 //!
 //! ```text
-//! "PRARRV01"  meta_len: u32  file_len: u64  meta (JSON Arrival)  file (Part 10)  crc32: u32
+//! "PRARRV02"  nonce: u64  meta_len: u32  file_len: u64  meta (JSON Arrival)  file (Part 10)  crc32: u32
 //! ```
 //!
-//! The CRC covers everything after the magic. A record is acknowledged only
-//! after it was written whole and synced, so a short or failing record can
-//! only be the unacknowledged tail of a crash; it is ignored (and reported).
+//! The CRC covers the lengths, meta and file. `nonce` is a random number
+//! drawn when the segment is created and also written in its file name
+//! (`<id>-<nonce>.log`): a record belongs to the segment only if it carries
+//! the segment's nonce.
+//!
+//! Why the nonce: an `fdatasync` after appending to a file must also commit
+//! the file's new size (a filesystem journal commit), about twice the cost
+//! of overwriting blocks that already exist. So segments are written into
+//! files whose blocks already exist: a zero-filled spare made in the
+//! background, or a settled segment recycled as a spare (as PostgreSQL does
+//! with WAL segments). After the last record comes old content (zeros, or
+//! records of the file's earlier life with another nonce); reading stops at
+//! the first place that is not a good record with this segment's nonce.
+//!
+//! A record is acknowledged only after it was written whole and synced, so
+//! a bad record is the unacknowledged tail of a crash, unless a good record
+//! of this segment follows it somewhere: that is damage, and replay keeps the
+//! segment for inspection.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::journal::Arrival;
 
-const MAGIC: &[u8; 8] = b"PRARRV01";
-const HEAD: usize = 8 + 4 + 8;
+const MAGIC: &[u8; 8] = b"PRARRV02";
+const HEAD: usize = 8 + 8 + 4 + 8;
+/// Spare (pre-written) segment files kept ready.
+const SPARES: usize = 2;
 /// A segment is closed and a new one started beyond this size.
-pub const ROTATE_BYTES: u64 = 64 << 20;
+pub const ROTATE_BYTES: u64 = 16 << 20;
 /// Sanity limits for reading: the Arrival is small; the file is bounded by
 /// ingest's largest data set (1 GiB) plus its header.
 const MAX_META: u32 = 1 << 20;
@@ -52,11 +70,13 @@ pub struct Encoded {
 }
 
 /// Encode an arrival and its Part 10 file (given in parts: header, data set).
+/// The segment's nonce is filled in by [`ArrivalLog::append`].
 pub fn encode(arrival: &Arrival, file_parts: &[&[u8]]) -> Encoded {
     let meta = serde_json::to_vec(arrival).expect("an Arrival always serializes");
     let file_len: usize = file_parts.iter().map(|p| p.len()).sum();
     let mut bytes = Vec::with_capacity(HEAD + meta.len() + file_len + 4);
     bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&0u64.to_le_bytes());
     bytes.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&(file_len as u64).to_le_bytes());
     bytes.extend_from_slice(&meta);
@@ -65,7 +85,7 @@ pub fn encode(arrival: &Arrival, file_parts: &[&[u8]]) -> Encoded {
         bytes.extend_from_slice(p);
     }
     let end = bytes.len();
-    let crc = crc32fast::hash(&bytes[MAGIC.len()..]);
+    let crc = crc32fast::hash(&bytes[16..]);
     bytes.extend_from_slice(&crc.to_le_bytes());
     Encoded { bytes, file: start..end }
 }
@@ -80,62 +100,128 @@ pub struct Record {
 /// How a segment ended.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Tail {
-    /// Bytes after the last good record (an unacknowledged torn write, or
-    /// damage); 0 for a clean segment.
-    pub ignored_bytes: u64,
-    /// What was wrong with them.
-    pub reason: Option<String>,
+    /// Why reading stopped before the end of the file: `None` at the end of
+    /// the file. Old content of a recycled or zero-filled file, and a torn,
+    /// never-acknowledged last record, all stop reading without damage.
+    pub stopped: Option<String>,
+    /// A good record of this segment lies after the place where reading
+    /// stopped: acknowledged records may be behind damage.
+    pub damaged: bool,
+}
+
+/// The nonce in a segment file name `<id>-<nonce>.log`.
+fn nonce_of(path: &Path) -> Option<(u64, u64)> {
+    let stem = path.file_stem()?.to_str()?;
+    let (id, nonce) = stem.split_once('-')?;
+    Some((id.parse().ok()?, u64::from_str_radix(nonce, 16).ok()?))
+}
+
+/// Try to decode one record at the start of `r` (at most `avail` bytes).
+/// `Ok(None)` with a reason when there is no good record of `nonce` there.
+fn decode_one(r: &mut impl Read, avail: u64, nonce: u64) -> io::Result<Result<(Record, u64), String>> {
+    if avail < (HEAD + 4) as u64 {
+        return Ok(Err(format!("{avail} bytes too short for a record")));
+    }
+    let mut head = [0u8; HEAD];
+    r.read_exact(&mut head)?;
+    if &head[..8] != MAGIC {
+        return Ok(Err("no record marker".into()));
+    }
+    if u64::from_le_bytes(head[8..16].try_into().unwrap()) != nonce {
+        return Ok(Err("a record of the file's earlier life".into()));
+    }
+    let meta_len = u32::from_le_bytes(head[16..20].try_into().unwrap());
+    let file_len = u64::from_le_bytes(head[20..28].try_into().unwrap());
+    if meta_len > MAX_META || file_len > MAX_FILE {
+        return Ok(Err(format!("implausible lengths {meta_len}/{file_len}")));
+    }
+    let len = HEAD as u64 + meta_len as u64 + file_len + 4;
+    if avail < len {
+        return Ok(Err(format!("record of {len} bytes cut short at {avail} bytes")));
+    }
+    let mut meta = vec![0u8; meta_len as usize];
+    r.read_exact(&mut meta)?;
+    let mut file = vec![0u8; file_len as usize];
+    r.read_exact(&mut file)?;
+    let mut crc = [0u8; 4];
+    r.read_exact(&mut crc)?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head[16..]);
+    h.update(&meta);
+    h.update(&file);
+    if h.finalize() != u32::from_le_bytes(crc) {
+        return Ok(Err("checksum mismatch".into()));
+    }
+    match serde_json::from_slice(&meta) {
+        Ok(arrival) => Ok(Ok((Record { arrival, file }, len))),
+        Err(e) => Ok(Err(format!("unreadable arrival: {e}"))),
+    }
 }
 
 /// Read every good record of a segment, in order, calling `each`; stops at
-/// the first bad one (see [`Tail`]).
+/// the first place without one (see [`Tail`]).
 pub fn read_segment(path: &Path, mut each: impl FnMut(Record) -> io::Result<()>) -> io::Result<Tail> {
-    let f = File::open(path)?;
+    let (_, nonce) = nonce_of(path).ok_or_else(|| io::Error::other(format!("{} is not a segment name", path.display())))?;
+    let mut f = File::open(path)?;
     let total = f.metadata()?.len();
-    let mut r = BufReader::with_capacity(1 << 20, f);
     let mut pos = 0u64;
     loop {
         if pos == total {
             return Ok(Tail::default());
         }
-        let bad = |reason: String| Ok(Tail { ignored_bytes: total - pos, reason: Some(reason) });
-        if total - pos < (HEAD + 4) as u64 {
-            return bad(format!("{} bytes too short for a record", total - pos));
+        f.seek(SeekFrom::Start(pos))?;
+        let mut r = BufReader::with_capacity(1 << 20, &f);
+        match decode_one(&mut r, total - pos, nonce)? {
+            Ok((rec, len)) => {
+                each(rec)?;
+                pos += len;
+            }
+            Err(reason) => {
+                let damaged = good_record_after(&f, pos + 1, total, nonce)?;
+                return Ok(Tail { stopped: Some(reason), damaged });
+            }
         }
-        let mut head = [0u8; HEAD];
-        r.read_exact(&mut head)?;
-        if &head[..8] != MAGIC {
-            return bad("no record marker".into());
-        }
-        let meta_len = u32::from_le_bytes(head[8..12].try_into().unwrap());
-        let file_len = u64::from_le_bytes(head[12..20].try_into().unwrap());
-        if meta_len > MAX_META || file_len > MAX_FILE {
-            return bad(format!("implausible lengths {meta_len}/{file_len}"));
-        }
-        let len = HEAD as u64 + meta_len as u64 + file_len + 4;
-        if total - pos < len {
-            return bad(format!("record of {len} bytes cut short at {} bytes", total - pos));
-        }
-        let mut meta = vec![0u8; meta_len as usize];
-        r.read_exact(&mut meta)?;
-        let mut file = vec![0u8; file_len as usize];
-        r.read_exact(&mut file)?;
-        let mut crc = [0u8; 4];
-        r.read_exact(&mut crc)?;
-        let mut h = crc32fast::Hasher::new();
-        h.update(&head[8..]);
-        h.update(&meta);
-        h.update(&file);
-        if h.finalize() != u32::from_le_bytes(crc) {
-            return bad("checksum mismatch".into());
-        }
-        let arrival: Arrival = match serde_json::from_slice(&meta) {
-            Ok(a) => a,
-            Err(e) => return bad(format!("unreadable arrival: {e}")),
-        };
-        each(Record { arrival, file })?;
-        pos += len;
     }
+}
+
+/// Whether a good record of `nonce` starts anywhere in `[from, total)`.
+fn good_record_after(f: &File, from: u64, total: u64, nonce: u64) -> io::Result<bool> {
+    let mut pattern = MAGIC.to_vec();
+    pattern.extend_from_slice(&nonce.to_le_bytes());
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = from;
+    while at < total {
+        let n = f.read_at(&mut buf, at)?;
+        if n == 0 {
+            break;
+        }
+        for i in 0..n.saturating_sub(pattern.len() - 1) {
+            if buf[i..].starts_with(&pattern) {
+                let start = at + i as u64;
+                let mut r = BufReader::new(f.try_clone()?);
+                r.seek(SeekFrom::Start(start))?;
+                if decode_one(&mut r, total - start, nonce)?.is_ok() {
+                    return Ok(true);
+                }
+            }
+        }
+        // Overlap so a pattern across the boundary is not missed.
+        at += (n.saturating_sub(pattern.len() - 1)).max(1) as u64;
+    }
+    Ok(false)
+}
+
+fn random_nonce() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is a valid buffer of 8 bytes.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 8 {
+        return u64::from_le_bytes(b);
+    }
+    // getrandom cannot fail on Linux ≥ 3.17 with a valid buffer; should it,
+    // time and pid still make a unique value in practice.
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 40)
 }
 
 #[derive(Debug, Default)]
@@ -143,13 +229,17 @@ struct Counts {
     appended: u64,
     done: u64,
     sealed: bool,
+    /// A sync failed: never recycled (its pages are not trusted).
+    broken: bool,
 }
 
 struct Active {
     id: u64,
+    nonce: u64,
     file: Arc<File>,
-    len: u64,
-    /// A write or sync failed: this segment takes no more records.
+    /// Where the next record goes.
+    pos: u64,
+    /// A sync failed: this segment takes no more records.
     broken: bool,
 }
 
@@ -157,7 +247,12 @@ struct Active {
 struct State {
     active: Option<Active>,
     counts: BTreeMap<u64, Counts>,
+    /// Names of this log's segments (id → path).
+    paths: BTreeMap<u64, PathBuf>,
     next_id: u64,
+    /// Ready spare files (pre-written, `spare-<n>`).
+    spares: Vec<PathBuf>,
+    next_spare: u64,
 }
 
 /// The append side of the log, shared by every association.
@@ -168,62 +263,107 @@ pub struct ArrivalLog {
 
 impl ArrivalLog {
     /// Open (creating) the log folder. Segments already there are left for
-    /// [`ArrivalLog::leftover_segments`]; new ones get higher ids.
+    /// [`ArrivalLog::leftover_segments`]; new ones get higher ids. Spare
+    /// files already there are used; missing ones are made by
+    /// [`ArrivalLog::prepare_spares`].
     pub fn open(dir: &Path) -> io::Result<ArrivalLog> {
         super::create_dir_durable(dir)?;
         let next_id = list_segments(dir)?.last().map_or(1, |(id, _)| id + 1);
-        Ok(ArrivalLog { dir: dir.to_owned(), state: Mutex::new(State { next_id, ..Default::default() }) })
+        let mut spares = Vec::new();
+        let mut next_spare = 0;
+        for e in fs::read_dir(dir)? {
+            let p = e?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if let Some(n) = name.strip_prefix("spare-").and_then(|n| n.parse::<u64>().ok()) {
+                spares.push(p.clone());
+                next_spare = next_spare.max(n + 1);
+            } else if name.starts_with(".spare-") {
+                let _ = fs::remove_file(&p); // unfinished: made again
+            }
+        }
+        Ok(ArrivalLog { dir: dir.to_owned(), state: Mutex::new(State { next_id, spares, next_spare, ..Default::default() }) })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// Zero-fill spare segment files until [`SPARES`] are ready (run on a
+    /// background thread at start: 16 MiB of writing each, once per node,
+    /// since settled segments are recycled as spares afterwards).
+    pub fn prepare_spares(&self) -> io::Result<usize> {
+        let mut made = 0;
+        loop {
+            let n = {
+                let mut st = self.state.lock().unwrap();
+                if st.spares.len() >= SPARES {
+                    return Ok(made);
+                }
+                st.next_spare += 1;
+                st.next_spare - 1
+            };
+            let tmp = self.dir.join(format!(".spare-{n}"));
+            let f = File::create(&tmp)?;
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..ROTATE_BYTES >> 20 {
+                (&f).write_all(&zeros)?;
+            }
+            f.sync_all()?;
+            let spare = self.dir.join(format!("spare-{n}"));
+            fs::rename(&tmp, &spare)?;
+            self.state.lock().unwrap().spares.push(spare);
+            made += 1;
+        }
+    }
+
     /// Segments on disk that this process did not write (a crash left them):
     /// to be replayed before serving.
     pub fn leftover_segments(&self) -> io::Result<Vec<PathBuf>> {
         let st = self.state.lock().unwrap();
-        Ok(list_segments(&self.dir)?.into_iter().filter(|(id, _)| !st.counts.contains_key(id)).map(|(_, p)| p).collect())
+        Ok(list_segments(&self.dir)?.into_iter().filter(|(id, _)| !st.paths.contains_key(id)).map(|(_, p)| p).collect())
     }
 
-    fn path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{id:012}.{SUFFIX}"))
+    /// Start a new segment in a spare file if one is ready, else in a new
+    /// file; its name is durable before any record in it is acknowledged.
+    fn open_segment(&self, st: &mut State) -> io::Result<()> {
+        let id = st.next_id;
+        st.next_id += 1;
+        let nonce = random_nonce();
+        let path = self.dir.join(format!("{id:012}-{nonce:016x}.{SUFFIX}"));
+        let file = match st.spares.pop() {
+            Some(spare) => {
+                fs::rename(&spare, &path)?;
+                OpenOptions::new().write(true).open(&path)?
+            }
+            None => OpenOptions::new().write(true).create_new(true).open(&path)?,
+        };
+        if let Err(e) = super::sync_dir(&self.dir) {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        st.counts.insert(id, Counts::default());
+        st.paths.insert(id, path);
+        st.active = Some(Active { id, nonce, file: Arc::new(file), pos: 0, broken: false });
+        Ok(())
     }
 
     /// Append one encoded record and make it durable. Returns the segment
     /// id, to be passed to [`ArrivalLog::done`] once the record has been
-    /// materialized. On error nothing was acknowledged and the log stays
-    /// well-formed (a partial write is cut off again).
-    pub fn append(&self, rec: &[u8]) -> io::Result<u64> {
+    /// materialized. On error nothing was acknowledged; the next record is
+    /// written over whatever part of this one reached the file.
+    pub fn append(&self, rec: &mut [u8]) -> io::Result<u64> {
         let (file, id) = {
             let mut st = self.state.lock().unwrap();
-            if st.active.as_ref().is_some_and(|a| a.broken || a.len >= ROTATE_BYTES) {
+            if st.active.as_ref().is_some_and(|a| a.broken || (a.pos > 0 && a.pos + rec.len() as u64 > ROTATE_BYTES)) {
                 self.seal(&mut st);
             }
             if st.active.is_none() {
-                let id = st.next_id;
-                st.next_id += 1;
-                let path = self.path(id);
-                let file = OpenOptions::new().append(true).create_new(true).open(&path)?;
-                // The new name must survive a power cut before any record
-                // in it is acknowledged.
-                if let Err(e) = super::sync_dir(&self.dir) {
-                    let _ = fs::remove_file(&path);
-                    return Err(e);
-                }
-                st.counts.insert(id, Counts::default());
-                st.active = Some(Active { id, file: Arc::new(file), len: 0, broken: false });
+                self.open_segment(&mut st)?;
             }
             let a = st.active.as_mut().expect("opened above");
-            if let Err(e) = (&*a.file).write_all(rec) {
-                // Cut the partial record off; if even that fails, no record
-                // goes after it.
-                if a.file.set_len(a.len).is_err() {
-                    a.broken = true;
-                }
-                return Err(e);
-            }
-            a.len += rec.len() as u64;
+            rec[8..16].copy_from_slice(&a.nonce.to_le_bytes());
+            a.file.write_all_at(rec, a.pos)?;
+            a.pos += rec.len() as u64;
             let (id, file) = (a.id, a.file.clone());
             st.counts.get_mut(&id).expect("active has counts").appended += 1;
             (file, id)
@@ -236,6 +376,9 @@ impl ArrivalLog {
             if let Some(a) = st.active.as_mut().filter(|a| a.id == id) {
                 a.broken = true;
             }
+            if let Some(c) = st.counts.get_mut(&id) {
+                c.broken = true;
+            }
             drop(st);
             self.done(id, 1);
             return Err(e);
@@ -247,25 +390,43 @@ impl ArrivalLog {
         if let Some(a) = st.active.take() {
             let c = st.counts.get_mut(&a.id).expect("active has counts");
             c.sealed = true;
+            c.broken |= a.broken;
             if c.done >= c.appended {
-                st.counts.remove(&a.id);
-                let _ = fs::remove_file(self.path(a.id));
+                let recycle = !c.broken;
+                self.retire(st, a.id, recycle);
             }
         }
     }
 
+    /// A settled, sealed segment: recycle its file as a spare (its blocks
+    /// are written, which makes later syncs cheap) or delete it. A lost
+    /// rename or deletion only means a replay that finds everything already
+    /// recorded: no folder fsync needed.
+    fn retire(&self, st: &mut State, id: u64, recycle: bool) {
+        st.counts.remove(&id);
+        let Some(path) = st.paths.remove(&id) else { return };
+        let big = fs::metadata(&path).is_ok_and(|m| m.len() >= ROTATE_BYTES);
+        if recycle && big && st.spares.len() < SPARES {
+            let spare = self.dir.join(format!("spare-{}", st.next_spare));
+            st.next_spare += 1;
+            if fs::rename(&path, &spare).is_ok() {
+                st.spares.push(spare);
+                return;
+            }
+        }
+        let _ = fs::remove_file(&path);
+    }
+
     /// `n` records of segment `id` are materialized (durable in the spool
     /// and the journal). A closed segment whose records are all settled is
-    /// deleted.
+    /// retired.
     pub fn done(&self, id: u64, n: u64) {
         let mut st = self.state.lock().unwrap();
         let Some(c) = st.counts.get_mut(&id) else { return };
         c.done += n;
         if c.sealed && c.done >= c.appended {
-            st.counts.remove(&id);
-            // A lost deletion only means a replay that finds everything
-            // already recorded: no folder fsync needed.
-            let _ = fs::remove_file(self.path(id));
+            let recycle = !c.broken;
+            self.retire(&mut st, id, recycle);
         }
     }
 
@@ -283,15 +444,20 @@ impl ArrivalLog {
     pub fn unsettled(&self) -> u64 {
         self.state.lock().unwrap().counts.values().map(|c| c.appended - c.done.min(c.appended)).sum()
     }
+
+    /// Spare files ready (for tests and benchmarks).
+    pub fn spares(&self) -> usize {
+        self.state.lock().unwrap().spares.len()
+    }
 }
 
-/// Segment files in `dir`, by id.
+/// Segment files `<id>-<nonce>.log` in `dir`, by id.
 fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for e in fs::read_dir(dir)? {
         let p = e?.path();
         if p.extension().is_some_and(|x| x == SUFFIX)
-            && let Some(id) = p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok())
+            && let Some((id, _)) = nonce_of(&p)
         {
             out.push((id, p));
         }
@@ -333,86 +499,131 @@ mod tests {
         (v, t)
     }
 
+    fn append(log: &ArrivalLog, sop: &str, data: &[u8]) -> u64 {
+        log.append(&mut encode(&arrival(sop), &[b"head", data]).bytes).unwrap()
+    }
+
+    fn path(log: &ArrivalLog, id: u64) -> PathBuf {
+        log.state.lock().unwrap().paths[&id].clone()
+    }
+
     #[test]
-    fn records_round_trip_and_a_torn_tail_is_ignored() {
+    fn records_round_trip_and_a_torn_tail_is_not_damage() {
         let d = tempfile::tempdir().unwrap();
         let log = ArrivalLog::open(d.path()).unwrap();
         let e1 = encode(&arrival("1.1"), &[b"head", b"data one"]);
-        let e2 = encode(&arrival("1.2"), &[b"head", b"data two!"]);
         assert_eq!(&e1.bytes[e1.file.clone()], b"headdata one");
-        let id = log.append(&e1.bytes).unwrap();
-        assert_eq!(log.append(&e2.bytes).unwrap(), id);
-        let path = log.path(id);
-        let (recs, tail) = read_all(&path);
+        let id = append(&log, "1.1", b"data one");
+        assert_eq!(append(&log, "1.2", b"data two!"), id);
+        let p = path(&log, id);
+        let (recs, tail) = read_all(&p);
         assert_eq!(tail, Tail::default());
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[0].arrival, arrival("1.1"));
         assert_eq!(recs[1].file, b"headdata two!");
 
         // A crash in the middle of a third (never acknowledged) record.
-        let e3 = encode(&arrival("1.3"), &[b"head", b"third"]);
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut e3 = encode(&arrival("1.3"), &[b"head", b"third"]);
+        e3.bytes[8..16].copy_from_slice(&nonce_of(&p).unwrap().1.to_le_bytes());
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(&e3.bytes[..e3.bytes.len() - 3]).unwrap();
-        let (recs, tail) = read_all(&path);
+        let (recs, tail) = read_all(&p);
         assert_eq!(recs.len(), 2);
-        assert_eq!(tail.ignored_bytes, (e3.bytes.len() - 3) as u64);
-        assert!(tail.reason.unwrap().contains("cut short"));
+        assert!(tail.stopped.unwrap().contains("cut short"));
+        assert!(!tail.damaged);
     }
 
     #[test]
-    fn a_flipped_bit_fails_the_checksum() {
+    fn a_flipped_bit_before_a_good_record_is_damage() {
         let d = tempfile::tempdir().unwrap();
         let log = ArrivalLog::open(d.path()).unwrap();
-        let id = log.append(&encode(&arrival("1.1"), &[b"abc"]).bytes).unwrap();
-        let path = log.path(id);
-        let mut bytes = fs::read(&path).unwrap();
-        let n = bytes.len();
-        bytes[n - 6] ^= 1;
-        fs::write(&path, &bytes).unwrap();
-        let (recs, tail) = read_all(&path);
+        let id = append(&log, "1.1", b"abc");
+        append(&log, "1.2", b"def");
+        let p = path(&log, id);
+        let mut bytes = fs::read(&p).unwrap();
+        bytes[HEAD + 5] ^= 1; // inside the first record's meta
+        fs::write(&p, &bytes).unwrap();
+        let (recs, tail) = read_all(&p);
         assert!(recs.is_empty());
-        assert_eq!(tail.reason.as_deref(), Some("checksum mismatch"));
-        assert_eq!(tail.ignored_bytes, n as u64);
+        assert_eq!(tail.stopped.as_deref(), Some("checksum mismatch"));
+        assert!(tail.damaged, "the second, acknowledged record is behind the damage");
     }
 
     #[test]
-    fn settled_segments_are_deleted_and_leftovers_are_found() {
+    fn recycled_and_zero_filled_files_end_at_the_last_record_of_this_segment() {
         let d = tempfile::tempdir().unwrap();
         let log = ArrivalLog::open(d.path()).unwrap();
-        let id = log.append(&encode(&arrival("1.1"), &[b"x"]).bytes).unwrap();
-        log.append(&encode(&arrival("1.2"), &[b"y"]).bytes).unwrap();
-        assert_eq!(log.unsettled(), 2);
-        log.retire_idle(); // not idle: two records unsettled
-        assert!(log.path(id).exists());
-        log.done(id, 2);
-        assert!(log.path(id).exists(), "the active segment stays until idle");
+        assert_eq!(log.prepare_spares().unwrap(), SPARES);
+        assert_eq!(log.spares(), SPARES);
+        // The first segment goes into a zero-filled spare.
+        let id = append(&log, "1.1", b"one");
+        let p = path(&log, id);
+        assert_eq!(fs::metadata(&p).unwrap().len(), ROTATE_BYTES, "written into the spare, not appended");
+        let (recs, tail) = read_all(&p);
+        assert_eq!((recs.len(), tail.stopped.as_deref(), tail.damaged), (1, Some("no record marker"), false));
+        // Settled and idle: recycled as a spare, with its old record in it.
+        log.done(id, 1);
         log.retire_idle();
-        assert!(!log.path(id).exists());
+        assert!(!p.exists());
+        assert_eq!(log.spares(), SPARES);
+        // The next segments reuse spare files: the old record (another nonce)
+        // is not read as one of theirs.
+        let mut ids = vec![];
+        for i in 0..3 {
+            let id = append(&log, &format!("2.{i}"), b"a longer record than before");
+            ids.push(id);
+            log.done(id, 1);
+            log.retire_idle();
+        }
+        let id = append(&log, "3.1", b"x");
+        let p = path(&log, id);
+        let (recs, tail) = read_all(&p);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].arrival, arrival("3.1"));
+        assert!(!tail.damaged, "{tail:?}");
+    }
+
+    #[test]
+    fn settled_segments_go_and_leftovers_are_found() {
+        let d = tempfile::tempdir().unwrap();
+        let log = ArrivalLog::open(d.path()).unwrap();
+        let id = append(&log, "1.1", b"x");
+        append(&log, "1.2", b"y");
+        assert_eq!(log.unsettled(), 2);
+        let p = path(&log, id);
+        log.retire_idle(); // not idle: two records unsettled
+        assert!(p.exists());
+        log.done(id, 2);
+        assert!(p.exists(), "the active segment stays until idle");
+        log.retire_idle();
+        assert!(!p.exists(), "a small new file is deleted, not kept as a spare");
         assert_eq!(log.unsettled(), 0);
 
         // A segment written by an earlier process is a leftover for replay;
         // new appends go to a new segment after it.
-        let id2 = log.append(&encode(&arrival("1.3"), &[b"z"]).bytes).unwrap();
+        let id2 = append(&log, "1.3", b"z");
+        let p2 = path(&log, id2);
         drop(log);
         let log = ArrivalLog::open(d.path()).unwrap();
-        assert_eq!(log.leftover_segments().unwrap(), vec![log.path(id2)]);
-        let id3 = log.append(&encode(&arrival("1.4"), &[b"w"]).bytes).unwrap();
+        assert_eq!(log.leftover_segments().unwrap(), vec![p2.clone()]);
+        let id3 = append(&log, "1.4", b"w");
         assert!(id3 > id2);
-        assert_eq!(log.leftover_segments().unwrap(), vec![log.path(id2)]);
+        assert_eq!(log.leftover_segments().unwrap(), vec![p2]);
     }
 
     #[test]
-    fn a_full_segment_rotates_and_is_deleted_when_settled() {
+    fn a_full_segment_rotates_and_goes_when_settled() {
         let d = tempfile::tempdir().unwrap();
         let log = ArrivalLog::open(d.path()).unwrap();
         let big = vec![7u8; (ROTATE_BYTES / 2 + 1) as usize];
-        let a = log.append(&encode(&arrival("1.1"), &[&big]).bytes).unwrap();
-        let b = log.append(&encode(&arrival("1.2"), &[&big]).bytes).unwrap();
-        let c = log.append(&encode(&arrival("1.3"), &[b"small"]).bytes).unwrap();
-        assert_eq!(a, b);
-        assert_ne!(b, c, "the segment rotated past {ROTATE_BYTES} bytes");
-        log.done(a, 2);
-        assert!(!log.path(a).exists(), "a sealed, settled segment is deleted at once");
-        assert!(log.path(c).exists());
+        let a = append(&log, "1.1", &big);
+        let pa = path(&log, a);
+        let b = append(&log, "1.2", &big);
+        let c = append(&log, "1.3", b"small");
+        assert_ne!(a, b, "the segment rotated before passing {ROTATE_BYTES} bytes");
+        assert_eq!(b, c);
+        log.done(a, 1);
+        assert!(!pa.exists(), "a sealed, settled segment goes at once");
+        assert_eq!(log.spares(), 0, "a segment below the spare size is not recycled");
     }
 }
