@@ -212,6 +212,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
             let t = Telemetry::new(tx, &settings.node.device_id, m.include_uids);
             let ctl = Arc::new(DaemonControl {
                 settings: live.clone(),
+                materializer: materializer.clone(),
                 pipeline: pipeline.clone(),
                 draining: draining.clone(),
                 engines: reports.clone(),
@@ -257,6 +258,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
 /// What telemetry may ask of and tell the daemon.
 struct DaemonControl {
     settings: Arc<LiveSettings>,
+    materializer: Arc<Materializer>,
     pipeline: Arc<Pipeline>,
     draining: Arc<AtomicBool>,
     engines: Vec<restore::EngineReport>,
@@ -347,7 +349,12 @@ impl telemetry::mqtt::Control for DaemonControl {
                 .iter()
                 .map(|e| telemetry::EngineHealth { engine: e.engine.clone(), ok: e.ok, detail: e.detail.clone() })
                 .collect(),
-            last_error: self.last_error.lock().expect("error lock").clone(),
+            ingest_backlog: self.materializer.backlog(),
+            // A stalled ingest outranks a failed job: nothing new is accepted.
+            last_error: match self.materializer.failure() {
+                Some(e) => Some(format!("ingest stalled, new instances refused until restart: {e}")),
+                None => self.last_error.lock().expect("error lock").clone(),
+            },
             events_dropped: 0,
         }
     }

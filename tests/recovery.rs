@@ -160,7 +160,10 @@ fn a_spool_failure_refuses_new_instances_and_loses_nothing_acknowledged() {
     let a = series(&tmp.path().join("a"), 4, 32, 41);
     let b = series(&tmp.path().join("b"), 2, 32, 42);
     let dest = StoreScp::start(&tmp.path().join("dest"));
-    let mut d = Daemon::start(&tmp.path().join("d"), &destination("pacs", dest.port));
+    let broker = Mosquitto::start(tmp.path(), "");
+    let health = Sub::start(broker.port, "petrestore/v1/box1/health", &[]);
+    let mqtt = format!("[node]\ndevice_id = \"box1\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nhealth_interval_s = 0.5\n", broker.port);
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("{mqtt}{}", destination("pacs", dest.port)));
     // A file where series a's spool folder must go: moving a's instances
     // from the arrival log into the spool fails.
     let study = d.state_dir().join("spool").join(&a.study_uid);
@@ -178,6 +181,13 @@ fn a_spool_failure_refuses_new_instances_and_loses_nothing_acknowledged() {
     let out = storescu(d.port, CONSOLE, &b.files);
     assert!(text(&out).contains("Refused: OutOfResources"), "{}", text(&out));
     assert!(d.log().contains("restart petrestore"), "{}", d.log());
+    // The fleet manager sees it: last_error and the backlog of instances
+    // acknowledged but only in the arrival log.
+    let h = health.wait_on("/health", "health reporting the stall", Duration::from_secs(20), |v| {
+        v["last_error"].as_str().is_some_and(|e| e.contains("ingest stalled"))
+    });
+    assert_schema("health", &h);
+    assert_eq!(h["ingest_backlog"], 4, "{h}");
     // A clean stop leaves the records in the log.
     assert!(d.stop().success());
     assert!(files_under(&d.state_dir().join("spool/arrivals")).iter().any(|p| p.extension().is_some_and(|x| x == "log")));

@@ -73,6 +73,7 @@ fn a_study_produces_the_full_sequence_of_job_events_and_health() {
     assert_schema("health", &health);
     assert_eq!(health["state"], "online");
     assert_eq!(health["events_dropped"], 0);
+    assert_eq!(health["ingest_backlog"], 0, "every acknowledged instance reached the spool and journal");
 }
 
 #[test]

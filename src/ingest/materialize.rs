@@ -153,6 +153,11 @@ impl Materializer {
         self.shared.in_flight.lock().unwrap().contains(&instance_key(series_uid, sop_uid))
     }
 
+    /// Acknowledged instances not yet in the spool and the journal.
+    pub fn backlog(&self) -> usize {
+        self.shared.in_flight.lock().unwrap().len()
+    }
+
     /// Why the materializer stopped working, if it did.
     pub fn failure(&self) -> Option<String> {
         self.shared.failed.lock().unwrap().clone()

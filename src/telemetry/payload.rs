@@ -38,6 +38,9 @@ pub struct HealthMsg {
     pub jobs: BTreeMap<String, usize>,
     pub jobs_finished: BTreeMap<String, u64>,
     pub disk_free_mb: Option<u64>,
+    /// Acknowledged instances still only in the arrival log (normally 0 or
+    /// a batch in flight; growing means the spool or journal is stuck).
+    pub ingest_backlog: usize,
     pub engines: Vec<EngineHealth>,
     pub last_error: Option<String>,
     /// Telemetry events dropped since start (channel full or offline buffer overflow).
