@@ -318,26 +318,14 @@ fn remove(p: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{InstanceRecord, JobKind};
     use std::io::Write;
 
     fn arrival(sop: &str) -> Arrival {
-        Arrival {
-            kind: JobKind::Pet,
-            study_uid: "1.2.3".into(),
-            series_uid: "1.2.3.4".into(),
-            modality: Some("PT".into()),
-            calling_ae: "CONSOLE".into(),
-            number_of_slices: Some(3),
-            record: InstanceRecord {
-                sop_instance_uid: sop.into(),
-                sop_class_uid: "1.2.840.10008.5.1.4.1.1.128".into(),
-                // what a damaged or hostile log might say: never used as a path
-                path: "../../etc/passwd".into(),
-                transfer_syntax: "1.2.840.10008.1.2.1".into(),
-                image_index: sop.rsplit('.').next().and_then(|s| s.parse().ok()),
-            },
-        }
+        let mut a = crate::spool::arrivals::tests::arrival(sop);
+        // what a damaged or hostile log might say: never used as a path
+        a.record.path = "../../etc/passwd".into();
+        a.record.image_index = sop.rsplit('.').next().and_then(|s| s.parse().ok());
+        a
     }
 
     fn segments(dir: &Path) -> Vec<PathBuf> {

@@ -467,11 +467,12 @@ fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::journal::{InstanceRecord, JobKind};
 
-    fn arrival(sop: &str) -> Arrival {
+    /// An arrival of series 1.2.3.4 (3 slices) for tests.
+    pub(crate) fn arrival(sop: &str) -> Arrival {
         Arrival {
             kind: JobKind::Pet,
             study_uid: "1.2.3".into(),

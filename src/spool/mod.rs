@@ -57,9 +57,9 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Write `parts` to `path` durably. With `replace == false` an existing file
-/// is left untouched and [`Written::Existed`] returned.
-pub fn write_durable(path: &Path, parts: &[&[u8]], replace: bool) -> io::Result<Written> {
+/// Create the folder of `path` (durably) and a new temporary file in it
+/// holding `parts`, not synced. On error the temporary is already removed.
+fn write_temporary(path: &Path, parts: &[&[u8]]) -> io::Result<(PathBuf, File)> {
     let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent folder"))?;
     create_dir_durable(dir)?;
     let tmp = dir.join(format!(
@@ -67,11 +67,22 @@ pub fn write_durable(path: &Path, parts: &[&[u8]], replace: bool) -> io::Result<
         std::process::id(),
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        for p in parts {
-            f.write_all(p)?;
+    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    for p in parts {
+        if let Err(e) = f.write_all(p) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
         }
+    }
+    Ok((tmp, f))
+}
+
+/// Write `parts` to `path` durably. With `replace == false` an existing file
+/// is left untouched and [`Written::Existed`] returned.
+pub fn write_durable(path: &Path, parts: &[&[u8]], replace: bool) -> io::Result<Written> {
+    let (tmp, f) = write_temporary(path, parts)?;
+    let dir = path.parent().expect("write_temporary checked the parent");
+    let result = (|| {
         f.sync_all()?;
         drop(f);
         let outcome = if replace {
@@ -98,25 +109,12 @@ pub fn write_durable(path: &Path, parts: &[&[u8]], replace: bool) -> io::Result<
 /// relies on them (the materializer does so for a whole batch at once). An
 /// existing file of that name is replaced.
 pub fn write_unsynced(path: &Path, parts: &[&[u8]]) -> io::Result<File> {
-    let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent folder"))?;
-    create_dir_durable(dir)?;
-    let tmp = dir.join(format!(
-        "{TMP_PREFIX}{}-{}",
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        for p in parts {
-            f.write_all(p)?;
-        }
-        fs::rename(&tmp, path)?;
-        Ok(f)
-    })();
-    if result.is_err() {
+    let (tmp, f) = write_temporary(path, parts)?;
+    if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    result
+    Ok(f)
 }
 
 /// Free bytes available to us on the filesystem holding `path`.
