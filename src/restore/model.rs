@@ -54,6 +54,15 @@ pub struct Io {
     /// and the output cropped back (a network with poolings needs it).
     #[serde(default = "default_pad")]
     pub pad_multiple: usize,
+    /// Test-time augmentation: 1 (off) or 4 (the network also runs on the
+    /// slices flipped left-right, up-down and both; the four outputs,
+    /// flipped back, are averaged). Costs that many inferences.
+    #[serde(default = "default_tta")]
+    pub tta: usize,
+}
+
+fn default_tta() -> usize {
+    1
 }
 
 fn default_pad() -> usize {
@@ -139,6 +148,9 @@ impl ModelPackage {
         }
         if raw.io.pad_multiple == 0 || raw.io.pad_multiple > 64 {
             return Err(ModelError::Invalid { dir: d, reason: format!("io.pad_multiple must be 1..=64, is {}", raw.io.pad_multiple) });
+        }
+        if !matches!(raw.io.tta, 1 | 4) {
+            return Err(ModelError::Invalid { dir: d, reason: format!("io.tta must be 1 (off) or 4 (flips), is {}", raw.io.tta) });
         }
         if raw.normalisation.kind != "body_mean" {
             return Err(ModelError::Invalid {

@@ -99,10 +99,7 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
                 input[(i * c + ctx) * pplane..(i * c + ctx + 1) * pplane].fill(value);
             }
         }
-        let y = backend.infer(&input, b, c, hp, wp)?;
-        if y.len() != b * pplane {
-            return Err(format!("model returned {} values for a batch of {b} slices of {hp}x{wp}; expected {}", y.len(), b * pplane));
-        }
+        let y = infer_tta(backend, &input, b, c, hp, wp, pkg.io.tta)?;
         if let Some(bad) = y.iter().position(|x| !x.is_finite()) {
             return Err(format!("model returned a non-finite value at slice {}", start + bad / pplane));
         }
@@ -152,6 +149,53 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
     Ok(Volume { data: out, ..v.clone_shape() })
 }
 
+/// Flip every `h`×`w` plane of `data` left-right and/or up-down (its own
+/// inverse).
+fn flip_planes(data: &[f32], h: usize, w: usize, lr: bool, ud: bool) -> Vec<f32> {
+    let plane = h * w;
+    let mut out = vec![0.0f32; data.len()];
+    for (src, dst) in data.chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
+        for y in 0..h {
+            let sy = if ud { h - 1 - y } else { y };
+            let srow = &src[sy * w..(sy + 1) * w];
+            let drow = &mut dst[y * w..(y + 1) * w];
+            if lr {
+                for (d, s) in drow.iter_mut().zip(srow.iter().rev()) {
+                    *d = *s;
+                }
+            } else {
+                drow.copy_from_slice(srow);
+            }
+        }
+    }
+    out
+}
+
+/// One batch through the backend, with test-time augmentation when `tta`
+/// is 4: the mean of the outputs for the input as is and flipped left-right,
+/// up-down and both (each output flipped back first).
+fn infer_tta(backend: &dyn Backend, input: &[f32], b: usize, c: usize, h: usize, w: usize, tta: usize) -> Result<Vec<f32>, String> {
+    let check = |y: Vec<f32>| -> Result<Vec<f32>, String> {
+        if y.len() != b * h * w {
+            return Err(format!("model returned {} values for a batch of {b} slices of {h}x{w}; expected {}", y.len(), b * h * w));
+        }
+        Ok(y)
+    };
+    let mut acc = check(backend.infer(input, b, c, h, w)?)?;
+    if tta <= 1 {
+        return Ok(acc);
+    }
+    for (lr, ud) in [(true, false), (false, true), (true, true)] {
+        let y = check(backend.infer(&flip_planes(input, h, w, lr, ud), b, c, h, w)?)?;
+        for (a, v) in acc.iter_mut().zip(flip_planes(&y, h, w, lr, ud)) {
+            *a += v;
+        }
+    }
+    let k = 1.0 / 4.0;
+    acc.iter_mut().for_each(|a| *a *= k);
+    Ok(acc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +226,39 @@ mod tests {
     fn vol() -> Volume {
         let (nx, ny, nz) = (4, 3, 7);
         Volume { nx, ny, nz, spacing: [1.0; 3], data: (0..nx * ny * nz).map(|i| (i / (nx * ny)) as f32 * 100.0 + 50.0).collect(), frame_duration_s: None }
+    }
+
+    /// Not flip-equivariant: adds the column index to the centre channel.
+    struct Ramp;
+    impl Backend for Ramp {
+        fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+            let p = h * w;
+            Ok((0..b).flat_map(|i| (0..p).map(move |k| input[(i * c + c / 2) * p + k] + (k % w) as f32)).collect())
+        }
+    }
+
+    #[test]
+    fn test_time_augmentation_averages_the_flipped_runs() {
+        let (h, w) = (2, 3);
+        let input: Vec<f32> = (0..h * w).map(|k| 10.0 * k as f32).collect();
+        assert_eq!(flip_planes(&flip_planes(&input, h, w, true, true), h, w, true, true), input);
+        assert_eq!(flip_planes(&input, h, w, true, false), vec![20.0, 10.0, 0.0, 50.0, 40.0, 30.0]);
+        assert_eq!(flip_planes(&input, h, w, false, true), vec![30.0, 40.0, 50.0, 0.0, 10.0, 20.0]);
+        // off: the ramp as is; on: x and (w-1-x) averaged to (w-1)/2 = 1
+        let off = infer_tta(&Ramp, &input, 1, 1, h, w, 1).unwrap();
+        assert_eq!(off, vec![0.0, 11.0, 22.0, 30.0, 41.0, 52.0]);
+        let on = infer_tta(&Ramp, &input, 1, 1, h, w, 4).unwrap();
+        for (o, i) in on.iter().zip(&input) {
+            assert!((o - (i + 1.0)).abs() < 1e-5, "{on:?}");
+        }
+        // through a whole volume (padding, batches, edges)
+        let mut pkg = pkg();
+        pkg.io.tta = 4;
+        let v = vol();
+        let r = restore_volume(&v, &pkg, &Centre, 2).unwrap();
+        for (a, b) in r.data.iter().zip(&v.data) {
+            assert!((a - b).abs() < 1e-3 * b.abs().max(1.0), "an equivariant backend is unchanged by TTA");
+        }
     }
 
     #[test]

@@ -103,6 +103,7 @@ def main(argv=None):
     ap.add_argument("--train-log")
     ap.add_argument("--metrics", help="JSON from `petrestore eval --json` to record in model.toml")
     ap.add_argument("--purpose", default="research", help="'research' (simulation-trained) or 'test'")
+    ap.add_argument("--tta", type=int, choices=[1, 4], default=1, help="io.tta of the package (choose it on the validation split)")
     a = ap.parse_args(argv)
     p, width = load_params(a.params)
     model = build(p, width)
@@ -134,8 +135,6 @@ def main(argv=None):
     if a.metrics:
         with open(a.metrics) as f:
             metrics = json.load(f).get("summary", {})
-        # the model's own numbers and the references they are judged against
-        metrics = {k: v for k, v in metrics.items() if "_model" in k or "pet90" in k and "_input" not in k and "_gaussian" not in k or k.startswith("seed_")}
     gflop = net.flops_per_pixel(width) * 192 * 192 / 1e9
     params = net.param_count(p)
     lines = [
@@ -157,6 +156,7 @@ def main(argv=None):
         '# weight of the input in the output mix, see MODEL_CARD.md)',
         'condition = "frame_duration_over_90"',
         "pad_multiple = 4           # two 2x2 poolings: height and width padded (edge replicate) to a multiple of 4",
+        f"tta = {a.tta}                     # test-time augmentation: 1 off, 4 = also run flipped left-right, up-down, both; outputs averaged",
         "",
         "[normalisation]",
         'kind = "body_mean"',
@@ -182,14 +182,40 @@ def main(argv=None):
             f'train_machine = "{log.get("machine", "")}"',
             f'framework = "jax {log.get("versions", {}).get("jax", "")}, optax {log.get("versions", {}).get("optax", "")}"',
         ]
-    if metrics:
-        lines += ["", "[metrics]", "# held-out test split (lobulated family + NEMA), from `petrestore eval`; see EVAL.md"]
-        for k, v in sorted(metrics.items()):
-            lines.append(f"{k} = {float(v):.4f}")
+    lines += metrics_block(metrics)
     with open(os.path.join(a.out, "model.toml"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {a.out}/model.onnx ({len(blob)} bytes, sha256 {sha}), model.toml; {params} parameters, {gflop:.2f} GFLOP per 192² slice")
 
 
+def metrics_block(summary):
+    """The [metrics] lines of model.toml from an eval summary: the model's
+    own numbers and the references they are judged against."""
+    m = {k: v for k, v in summary.items() if "_model" in k or "pet90" in k and "_input" not in k and "_gaussian" not in k or k.startswith("seed_")}
+    if not m:
+        return []
+    lines = ["", "[metrics]", "# held-out test split (lobulated family + NEMA), from `petrestore eval`; see EVAL.md"]
+    for k, v in sorted(m.items()):
+        lines.append(f"{k} = {float(v):.4f}")
+    return lines
+
+
+def update_metrics(model_toml, eval_json):
+    """Replace the [metrics] block of an existing model.toml (the package is
+    otherwise unchanged): `python -m petrain.export --update-metrics DIR/model.toml EVAL.json`."""
+    with open(eval_json) as f:
+        summary = json.load(f).get("summary", {})
+    with open(model_toml) as f:
+        text = f.read()
+    head = text.split("\n[metrics]\n")[0].rstrip("\n")
+    with open(model_toml, "w") as f:
+        f.write(head + "\n" + "\n".join(metrics_block(summary)) + "\n")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "--update-metrics":
+        update_metrics(sys.argv[2], sys.argv[3])
+    else:
+        main()
