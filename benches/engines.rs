@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo bench --bench engines` (needs the ONNX Runtime library:
 //! ORT_DYLIB_PATH or the `.venv` that `.ci/run` makes). `MODEL=DIR` picks
-//! another model package; `REPS=N` repetitions (median).
+//! another model package; `REPS=N` repetitions (median); `MATRICES=192` and
+//! `THREADS=2` (comma lists) run part of the table.
 
 mod common;
 use common::*;
@@ -62,14 +63,18 @@ fn main() {
         "{:<7} {:<10} {:>7} {:>10} {:>12} {:>13} {:>13} {:>9}",
         "matrix", "engine", "threads", "slices/s", "engine s", "restore cmd s", "peak RSS MiB", "vs ort"
     );
-    for matrix in [192usize, 400] {
+    // MATRICES=192 / THREADS=2 (comma lists) run a part of the table
+    let list = |var: &str, all: &[usize]| -> Vec<usize> {
+        std::env::var(var).ok().map_or(all.to_vec(), |v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+    };
+    for matrix in list("MATRICES", &[192, 400]) {
         let spec = petrestore::sim::SeriesSpec { slices: 268, matrix, seed: 5, ..Default::default() };
         let dir = tmp.path().join(format!("s{matrix}"));
         let src = petrestore::sim::write_series(&dir, &spec).unwrap();
         let mut v = volume::load(&src.files).unwrap().volume;
         // what the worker's selection step fills in (a duration-conditioned model needs it)
         v.frame_duration_s = Some(spec.frame_duration_s);
-        for threads in [1usize, 2] {
+        for threads in list("THREADS", &[1, 2]) {
             let mut ort_time = None;
             for engine in ["ort", "tract"] {
                 let mut s = Settings::defaults();
