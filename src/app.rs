@@ -243,7 +243,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         listen: dicom_addr.to_string(),
         engines: reports,
     };
-    let control_task = tokio::spawn(control::serve(control, pipeline, status, shutdown.clone()));
+    let control_task = tokio::spawn(control::serve(control, pipeline, status, materializer.clone(), shutdown.clone()));
     let main = tokio::spawn(async move {
         if let Some(t) = tls_task {
             let _ = t.await;

@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::ingest::materialize::Materializer;
 use crate::journal::Job;
 use crate::pipeline::Pipeline;
 
@@ -56,13 +57,19 @@ pub struct Status {
     pub fixed: StaticStatus,
     /// Non-terminal jobs per state.
     pub active: std::collections::BTreeMap<String, usize>,
+    /// Instances acknowledged but still only in the arrival log.
+    #[serde(default)]
+    pub ingest_backlog: usize,
+    /// Why ingest refuses new instances until a restart, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest_stalled: Option<String>,
 }
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
-fn answer(p: &Pipeline, fixed: &StaticStatus, req: Request) -> Response {
+fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, req: Request) -> Response {
     let journal = &p.worker.journal;
     if let Request::Status = req {
         return match journal.active_jobs() {
@@ -71,7 +78,13 @@ fn answer(p: &Pipeline, fixed: &StaticStatus, req: Request) -> Response {
                 for j in jobs {
                     *active.entry(j.state.name().to_string()).or_insert(0) += 1;
                 }
-                Response { ok: true, error: None, jobs: vec![], status: Some(Status { fixed: fixed.clone(), active }) }
+                let status = Status {
+                    fixed: fixed.clone(),
+                    active,
+                    ingest_backlog: ingest.backlog(),
+                    ingest_stalled: ingest.failure(),
+                };
+                Response { ok: true, error: None, jobs: vec![], status: Some(status) }
             }
             Err(e) => Response { ok: false, error: Some(e.to_string()), jobs: vec![], status: None },
         };
@@ -105,7 +118,13 @@ pub fn bind(state_dir: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serve requests until shutdown.
-pub async fn serve(listener: UnixListener, pipeline: Arc<Pipeline>, fixed: StaticStatus, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    pipeline: Arc<Pipeline>,
+    fixed: StaticStatus,
+    ingest: Arc<Materializer>,
+    shutdown: CancellationToken,
+) {
     let fixed = Arc::new(fixed);
     loop {
         let stream = tokio::select! {
@@ -114,14 +133,15 @@ pub async fn serve(listener: UnixListener, pipeline: Arc<Pipeline>, fixed: Stati
         };
         let p = pipeline.clone();
         let fixed = fixed.clone();
+        let ingest = ingest.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let resp = match serde_json::from_str::<Request>(&line) {
                     Ok(req) => {
-                        let (p, f) = (p.clone(), fixed.clone());
-                        tokio::task::spawn_blocking(move || answer(&p, &f, req)).await.unwrap_or_else(|e| Response {
+                        let (p, f, i) = (p.clone(), fixed.clone(), ingest.clone());
+                        tokio::task::spawn_blocking(move || answer(&p, &f, &i, req)).await.unwrap_or_else(|e| Response {
                             ok: false,
                             error: Some(e.to_string()),
                             jobs: vec![],

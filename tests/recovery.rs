@@ -188,6 +188,11 @@ fn a_spool_failure_refuses_new_instances_and_loses_nothing_acknowledged() {
     });
     assert_schema("health", &h);
     assert_eq!(h["ingest_backlog"], 4, "{h}");
+    // and so does the technologist at the box
+    let st = petrestore(&["status", "--state-dir", d.state_dir().to_str().unwrap()]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&st)));
+    assert_eq!(st["ingest_backlog"], 4, "{st}");
+    assert!(st["ingest_stalled"].as_str().is_some_and(|s| s.contains("cannot write")), "{st}");
     // A clean stop leaves the records in the log.
     assert!(d.stop().success());
     assert!(files_under(&d.state_dir().join("spool/arrivals")).iter().any(|p| p.extension().is_some_and(|x| x == "log")));
