@@ -432,15 +432,18 @@ pub fn markdown(report: &Value) -> String {
         ));
     }
     if g("nema_cr_10mm_pet90").is_some() {
-        o.push_str("\n### NEMA NU 2: contrast recovery % / background variability % per sphere\n\n| image |");
-        for d in NEMA_SPHERES_MM {
-            o.push_str(&format!(" {d:.0} mm |"));
-        }
-        o.push_str("\n|---|");
-        for _ in NEMA_SPHERES_MM {
-            o.push_str("---|");
-        }
-        o.push('\n');
+        // "| image | 10 mm | … |" and its rule line
+        let sphere_header = |o: &mut String| {
+            o.push_str("| image |");
+            for d in NEMA_SPHERES_MM {
+                o.push_str(&format!(" {d:.0} mm |"));
+            }
+            o.push_str("\n|---|");
+            for _ in NEMA_SPHERES_MM {
+                o.push_str("---|");
+            }
+            o.push('\n');
+        };
         let mut rows = vec![("raw PET90".to_string(), "pet90".to_string())];
         for d in [30, 60] {
             for m in ["input", "gaussian", "model"] {
@@ -448,7 +451,9 @@ pub fn markdown(report: &Value) -> String {
                 rows.push((name, format!("{d}_{m}")));
             }
         }
-        for (name, tag) in rows {
+        o.push_str("\n### NEMA NU 2: contrast recovery % / background variability % per sphere\n\n");
+        sphere_header(&mut o);
+        for (name, tag) in &rows {
             if g(&format!("nema_cr_10mm_{tag}")).is_none() {
                 continue;
             }
@@ -459,32 +464,21 @@ pub fn markdown(report: &Value) -> String {
             o.push('\n');
         }
         o.push_str(&format!(
-            "\nContrast recovery minus raw PET90 of the same realisation, points, mean ± standard error (n = {}):\n\n| image |",
+            "\nContrast recovery minus raw PET90 of the same realisation, points, mean ± standard error (n = {}):\n\n",
             g("nema_n_30_model").map_or("?".to_string(), |n| format!("{n:.0}"))
         ));
-        for d in NEMA_SPHERES_MM {
-            o.push_str(&format!(" {d:.0} mm |"));
-        }
-        o.push_str("\n|---|");
-        for _ in NEMA_SPHERES_MM {
-            o.push_str("---|");
-        }
-        o.push('\n');
-        for d in [30, 60] {
-            for m in ["input", "gaussian", "model"] {
-                let tag = format!("{d}_{m}");
-                if g(&format!("nema_cr_10mm_{tag}_minus_pet90_mean")).is_none() {
-                    continue;
-                }
-                let name = if m == "input" { format!("raw PET{d}") } else { format!("{m} {d} s") };
-                o.push_str(&format!("| {name} |"));
-                for dia in NEMA_SPHERES_MM {
-                    let k = format!("nema_cr_{}mm_{tag}_minus_pet90", dia as u32);
-                    let (mu, se) = (g(&format!("{k}_mean")).unwrap_or(f64::NAN), g(&format!("{k}_se")).unwrap_or(f64::NAN));
-                    o.push_str(&format!(" {mu:+.1} ± {se:.1} |"));
-                }
-                o.push('\n');
+        sphere_header(&mut o);
+        for (name, tag) in &rows[1..] {
+            if g(&format!("nema_cr_10mm_{tag}_minus_pet90_mean")).is_none() {
+                continue;
             }
+            o.push_str(&format!("| {name} |"));
+            for dia in NEMA_SPHERES_MM {
+                let k = format!("nema_cr_{}mm_{tag}_minus_pet90", dia as u32);
+                let (mu, se) = (g(&format!("{k}_mean")).unwrap_or(f64::NAN), g(&format!("{k}_se")).unwrap_or(f64::NAN));
+                o.push_str(&format!(" {mu:+.1} ± {se:.1} |"));
+            }
+            o.push('\n');
         }
     }
     o
