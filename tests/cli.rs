@@ -131,6 +131,37 @@ fn demo_runs_with_no_setup() {
 }
 
 #[test]
+fn offline_restore_takes_relative_folders() {
+    // As an operator types it, from inside a working folder.
+    let tmp = tempfile::tempdir().unwrap();
+    series(&tmp.path().join("in"), 4, 32, 45);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore"))
+        .args(["restore", "--input", "in", "--output", "out", "--engine", "gaussian"])
+        .current_dir(tmp.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(files_under(&tmp.path().join("out")).len(), 4);
+}
+
+#[test]
+fn simulated_and_derived_pet_pass_the_iod_validator() {
+    // dicom3tools' dciodvfy checks every module of the PET Image IOD: the
+    // simulator must produce what a scanner sends, and the derived series
+    // must stay a valid PET image (DERIVED, Source Image Sequence, ...).
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("in"), 4, 32, 46);
+    let out_dir = tmp.path().join("out");
+    let out = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", out_dir.to_str().unwrap(), "--engine", "gaussian"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for f in [&src.files[0], &files_under(&out_dir)[0]] {
+        let errors = iod_errors(f);
+        assert!(errors.is_empty(), "{}: {errors:#?}", f.display());
+    }
+}
+
+#[test]
 fn series_missing_frame_duration_and_units_is_explained_and_can_be_supplied() {
     use dicom_dictionary_std::tags;
     use petrestore::dicom::attrs::Attrs;

@@ -413,6 +413,20 @@ pub fn write_series(dir: &Path, spec: &SeriesSpec) -> std::io::Result<SeriesFile
     write_images(dir, spec, &ids, spec.frame_duration_s, &desc, &images)
 }
 
+/// A one-item code sequence (SNOMED CT), optionally with a modifier
+/// sequence inside the item.
+fn code_seq(tag: dicom_core::Tag, value: &str, meaning: &str, modifier: Option<(dicom_core::Tag, &str, &str)>) -> DataElement<InMemDicomObject> {
+    let mut item = InMemDicomObject::from_element_iter([
+        el(tags::CODE_VALUE, VR::SH, value),
+        el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, "SCT"),
+        el(tags::CODE_MEANING, VR::LO, meaning),
+    ]);
+    if let Some((t, v, m)) = modifier {
+        item.put(code_seq(t, v, m, None));
+    }
+    DataElement::new(tag, VR::SQ, DataSetSequence::from(vec![item]))
+}
+
 /// Write images (Bq/ml, one per slice) as a PET series with every attribute
 /// a scanner series carries.
 fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, description: &str, images: &[Vec<f64>]) -> std::io::Result<SeriesFiles> {
@@ -444,8 +458,8 @@ fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, 
                 tags::RADIONUCLIDE_CODE_SEQUENCE,
                 VR::SQ,
                 DataSetSequence::from(vec![InMemDicomObject::from_element_iter([
-                    el(tags::CODE_VALUE, VR::SH, "C-111A1"),
-                    el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, "SRT"),
+                    el(tags::CODE_VALUE, VR::SH, "77004003"),
+                    el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, "SCT"),
                     el(tags::CODE_MEANING, VR::LO, "^18^Fluorine"),
                 ])]),
             ),
@@ -467,7 +481,14 @@ fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, 
             el(tags::SERIES_DESCRIPTION, VR::LO, description),
             el(tags::PATIENT_NAME, VR::PN, "SIMULATED^PATIENT"),
             el(tags::PATIENT_ID, VR::LO, format!("SIM{}", spec.seed)),
+            el(tags::PATIENT_BIRTH_DATE, VR::DA, ""),
             el(tags::PATIENT_SEX, VR::CS, "O"),
+            el(tags::REFERRING_PHYSICIAN_NAME, VR::PN, ""),
+            el(tags::BODY_PART_EXAMINED, VR::CS, "WHOLEBODY"),
+            el(tags::POSITION_REFERENCE_INDICATOR, VR::LO, ""),
+            el(tags::COLLIMATOR_TYPE, VR::CS, "NONE"),
+            code_seq(tags::PATIENT_ORIENTATION_CODE_SEQUENCE, "102538003", "recumbent", Some((tags::PATIENT_ORIENTATION_MODIFIER_CODE_SEQUENCE, "40199007", "supine"))),
+            code_seq(tags::PATIENT_GANTRY_RELATIONSHIP_CODE_SEQUENCE, "102540008", "headfirst", None),
             el(tags::PATIENT_WEIGHT, VR::DS, "75"),
             el(tags::PATIENT_SIZE, VR::DS, "1.75"),
             el(tags::SLICE_THICKNESS, VR::DS, crate::derive::ds(spec.slice_thickness_mm)),
@@ -498,7 +519,6 @@ fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, 
             el(tags::PIXEL_REPRESENTATION, VR::US, 0u16),
             el(tags::RESCALE_INTERCEPT, VR::DS, "0"),
             el(tags::RESCALE_SLOPE, VR::DS, slope),
-            el(tags::RESCALE_TYPE, VR::LO, "BQML"),
             el(tags::SERIES_TYPE, VR::CS, PrimitiveValue::Strs(["WHOLE BODY", "IMAGE"].map(String::from).into_iter().collect())),
             el(tags::UNITS, VR::CS, "BQML"),
             el(tags::COUNTS_SOURCE, VR::CS, "EMISSION"),

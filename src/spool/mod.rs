@@ -34,13 +34,15 @@ pub enum Written {
 
 /// fsync a directory so a new entry in it survives a power cut.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     File::open(dir)?.sync_all()
 }
 
 /// Create `dir` and any missing parents, fsyncing each parent whose entries
 /// changed.
 pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
+    // `Path::new("out").parent()` is `""`: the current folder.
+    if dir.as_os_str().is_empty() || dir.is_dir() {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {

@@ -255,6 +255,18 @@ fn rest(extra: &str) -> String {
     out
 }
 
+/// The IOD validator of dicom3tools (`dciodvfy`, Debian package
+/// `dicom3tools`): its `Error` lines for one file. Fails loudly when the
+/// validator is missing.
+pub fn iod_errors(file: &Path) -> Vec<String> {
+    let out = Command::new("sh").arg("-c").arg("command -v dciodvfy").output().unwrap();
+    assert!(out.status.success(), "dciodvfy not found: the conformance tests need it; apt-get install dicom3tools or run `bash .ci/run`");
+    let out = Command::new("dciodvfy").arg(file).output().unwrap();
+    let all = text(&out);
+    assert!(!all.trim().is_empty(), "dciodvfy said nothing about {}", file.display());
+    all.lines().filter(|l| l.starts_with("Error")).map(str::to_owned).collect()
+}
+
 pub fn petrestore(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_petrestore")).args(args).env("RUST_LOG", "warn").output().unwrap()
 }
