@@ -94,6 +94,10 @@ enum Command {
         /// With --physics: in-plane Gaussian post-filter after OSEM, FWHM mm (0: none).
         #[arg(long, default_value_t = 0.0)]
         post_filter: f64,
+        /// Without --physics: one multi-frame Enhanced PET Image instance
+        /// (one frame per slice) instead of one file per slice.
+        #[arg(long)]
+        enhanced: bool,
     },
     /// Simulate a training or evaluation dataset (compact .npy studies with
     /// nested 30/60/90 s frames, noise-free reconstruction, truth, lesions).
@@ -392,7 +396,7 @@ fn run(cli: Cli) -> Result<()> {
             let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, ..Default::default() };
             rt()?.block_on(demo::run(demo::DemoOptions { workdir, spec }))
         }
-        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: true, phantom, post_filter } => {
+        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: true, phantom, post_filter, enhanced } => {
             let phantom = match phantom.as_str() {
                 "torso" => sim::Phantom::Torso,
                 "nema" => sim::Phantom::Nema,
@@ -404,6 +408,9 @@ fn run(cli: Cli) -> Result<()> {
             if !(0.0..=30.0).contains(&post_filter) {
                 bail!("--post-filter {post_filter}: give a FWHM in mm from 0 (none) to 30");
             }
+            if enhanced {
+                bail!("--enhanced is for the simple image model; --physics writes classic PET series (one file per slice)");
+            }
             let sc = sim::physics::Scanner { post_filter_fwhm_mm: post_filter, ..Default::default() };
             let st = sim::write_study_physical(&out, &spec, &sc, phantom)
                 .with_context(|| format!("cannot write into {}", out.display()))?;
@@ -413,10 +420,15 @@ fn run(cli: Cli) -> Result<()> {
             println!("truth: {}, lesions: {} ({:.1} s)", st.truth.display(), st.lesions.display(), t.elapsed().as_secs_f64());
             Ok(())
         }
-        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: false, .. } => {
+        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: false, enhanced, .. } => {
             let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
-            let s = sim::write_series(&out, &spec).with_context(|| format!("cannot write into {}", out.display()))?;
-            println!("wrote {} slices of series {} into {}", s.files.len(), s.series_uid, out.display());
+            let write = if enhanced { sim::write_series_enhanced } else { sim::write_series };
+            let s = write(&out, &spec).with_context(|| format!("cannot write into {}", out.display()))?;
+            if enhanced {
+                println!("wrote {slices} slices as one Enhanced PET instance of series {} into {}", s.series_uid, s.files[0].display());
+            } else {
+                println!("wrote {} slices of series {} into {}", s.files.len(), s.series_uid, out.display());
+            }
             Ok(())
         }
         Command::Dataset { out, split, count, skip, nema, slices, matrix, post_filter } => {

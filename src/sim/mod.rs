@@ -11,6 +11,7 @@
 //! acquisition and reconstruction ([`physics`]) with nested 30/60/90 s frames.
 
 pub mod dataset;
+mod enhanced;
 pub mod patient;
 pub mod physics;
 
@@ -387,6 +388,20 @@ impl StudyIds {
 /// Write one PET series (one file per slice) into `dir` with the simple
 /// (non-physical) image model: the phantom plus noise ∝ 1/√t.
 pub fn write_series(dir: &Path, spec: &SeriesSpec) -> std::io::Result<SeriesFiles> {
+    let (ids, images) = simple_images(spec);
+    let desc = format!("WB FDG {}s/bed", spec.frame_duration_s);
+    write_images(dir, spec, &ids, spec.frame_duration_s, &desc, &images)
+}
+
+/// [`write_series`] as one multi-frame Enhanced PET Image instance (one
+/// frame per slice), the way newer scanners can send it.
+pub fn write_series_enhanced(dir: &Path, spec: &SeriesSpec) -> std::io::Result<SeriesFiles> {
+    let (ids, images) = simple_images(spec);
+    let desc = format!("WB FDG {}s/bed", spec.frame_duration_s);
+    enhanced::write_images_enhanced(dir, spec, &ids, spec.frame_duration_s, &desc, &images)
+}
+
+fn simple_images(spec: &SeriesSpec) -> (StudyIds, Vec<Vec<f64>>) {
     let ids = StudyIds::new(spec.seed, "");
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed ^ (spec.frame_duration_s.to_bits()));
     let n = spec.matrix;
@@ -409,8 +424,7 @@ pub fn write_series(dir: &Path, spec: &SeriesSpec) -> std::io::Result<SeriesFile
             img
         })
         .collect();
-    let desc = format!("WB FDG {}s/bed", spec.frame_duration_s);
-    write_images(dir, spec, &ids, spec.frame_duration_s, &desc, &images)
+    (ids, images)
 }
 
 /// A one-item code sequence (SNOMED CT), optionally with a modifier

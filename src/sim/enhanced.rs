@@ -1,0 +1,278 @@
+//! The simulator's Enhanced PET Image Storage writer (PS3.3 A.56): the same
+//! images as the classic writer, as one multi-frame instance with shared
+//! and per-frame functional groups, checked against dicom3tools' `dciodvfy`
+//! in the tests.
+
+use std::path::Path;
+
+use dicom_core::value::DataSetSequence;
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+
+use super::{SeriesFiles, SeriesSpec, StudyIds, code_seq, el};
+use crate::derive::ds;
+use crate::dicom::uid::derived_uid;
+use crate::dicom::{ENHANCED_PET_IMAGE_STORAGE, part10};
+
+fn item<I: IntoIterator<Item = DataElement<InMemDicomObject>>>(elems: I) -> InMemDicomObject {
+    InMemDicomObject::from_element_iter(elems)
+}
+
+fn sq(tag: Tag, items: Vec<InMemDicomObject>) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
+}
+
+fn strs(tag: Tag, vr: VR, v: &[&str]) -> DataElement<InMemDicomObject> {
+    el(tag, vr, PrimitiveValue::Strs(v.iter().map(|s| s.to_string()).collect()))
+}
+
+fn dss(tag: Tag, v: &[f64]) -> DataElement<InMemDicomObject> {
+    el(tag, VR::DS, PrimitiveValue::Strs(v.iter().map(|x| ds(*x)).collect()))
+}
+
+fn tag_value(t: Tag) -> PrimitiveValue {
+    PrimitiveValue::Tags(std::iter::once(t).collect())
+}
+
+/// Write `images` (Bq/ml, one per slice) as one Enhanced PET instance.
+pub(super) fn write_images_enhanced(
+    dir: &Path,
+    spec: &SeriesSpec,
+    ids: &StudyIds,
+    duration_s: f64,
+    description: &str,
+    images: &[Vec<f64>],
+) -> std::io::Result<SeriesFiles> {
+    std::fs::create_dir_all(dir)?;
+    let series_uid = derived_uid(&ids.root, &format!("enhanced-series-{duration_s}s"));
+    let sop = derived_uid(&series_uid, "instance-1");
+    let n = spec.matrix;
+    let px = spec.fov_mm / n as f64;
+    let ms = (duration_s * 1000.0).round();
+    let acq_dt = "20261127093000";
+    let dim_org = derived_uid(&series_uid, "dimension-organization");
+
+    // Pixels and per-frame slopes.
+    let mut pixels = Vec::with_capacity(images.len() * n * n * 2);
+    let mut per_frame = Vec::with_capacity(images.len());
+    for (k, img) in images.iter().enumerate() {
+        let max = img.iter().cloned().fold(0.0, f64::max);
+        let slope = ds(if max > 0.0 { max / 32000.0 } else { 1.0 });
+        let slope_v: f64 = slope.parse().expect("ds parses");
+        for v in img {
+            pixels.extend_from_slice(&((v / slope_v).round().clamp(0.0, 32767.0) as i16).to_le_bytes());
+        }
+        let z = k as f64 * spec.slice_thickness_mm;
+        per_frame.push(item([
+            sq(
+                tags::FRAME_CONTENT_SEQUENCE,
+                vec![item([
+                    el(tags::FRAME_ACQUISITION_NUMBER, VR::US, 1u16),
+                    el(tags::FRAME_REFERENCE_DATE_TIME, VR::DT, acq_dt),
+                    el(tags::FRAME_ACQUISITION_DATE_TIME, VR::DT, acq_dt),
+                    el(tags::FRAME_ACQUISITION_DURATION, VR::FD, PrimitiveValue::from(ms)),
+                    el(tags::DIMENSION_INDEX_VALUES, VR::UL, PrimitiveValue::from((k + 1) as u32)),
+                    el(tags::TEMPORAL_POSITION_INDEX, VR::UL, PrimitiveValue::from(1u32)),
+                    el(tags::STACK_ID, VR::SH, "1"),
+                    el(tags::IN_STACK_POSITION_NUMBER, VR::UL, PrimitiveValue::from((k + 1) as u32)),
+                ])],
+            ),
+            sq(
+                tags::PLANE_POSITION_SEQUENCE,
+                vec![item([dss(tags::IMAGE_POSITION_PATIENT, &[-spec.fov_mm / 2.0 + px / 2.0, -spec.fov_mm / 2.0 + px / 2.0, -z])])],
+            ),
+            sq(
+                tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
+                vec![item([
+                    el(tags::RESCALE_INTERCEPT, VR::DS, "0"),
+                    el(tags::RESCALE_SLOPE, VR::DS, slope),
+                    el(tags::RESCALE_TYPE, VR::LO, "BQML"),
+                ])],
+            ),
+        ]));
+    }
+
+    let shared = item([
+        sq(
+            tags::PIXEL_MEASURES_SEQUENCE,
+            vec![item([dss(tags::PIXEL_SPACING, &[px, px]), el(tags::SLICE_THICKNESS, VR::DS, ds(spec.slice_thickness_mm))])],
+        ),
+        sq(tags::PLANE_ORIENTATION_SEQUENCE, vec![item([strs(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &["1", "0", "0", "0", "1", "0"])])]),
+        sq(
+            tags::FRAME_ANATOMY_SEQUENCE,
+            vec![item([
+                code_seq(tags::ANATOMIC_REGION_SEQUENCE, "38266002", "Entire body", None),
+                el(tags::FRAME_LATERALITY, VR::CS, "U"),
+            ])],
+        ),
+        sq(
+            tags::PET_FRAME_TYPE_SEQUENCE,
+            vec![item([
+                strs(tags::FRAME_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "STATIC", "NONE"]),
+                el(tags::PIXEL_PRESENTATION, VR::CS, "MONOCHROME"),
+                el(tags::VOLUMETRIC_PROPERTIES, VR::CS, "VOLUME"),
+                el(tags::VOLUME_BASED_CALCULATION_TECHNIQUE, VR::CS, "NONE"),
+            ])],
+        ),
+        sq(tags::RADIOPHARMACEUTICAL_USAGE_SEQUENCE, vec![item([el(tags::RADIOPHARMACEUTICAL_AGENT_NUMBER, VR::US, 1u16)])]),
+        sq(
+            tags::PET_FRAME_ACQUISITION_SEQUENCE,
+            vec![item([
+                el(tags::TABLE_HEIGHT, VR::DS, "150"),
+                el(tags::GANTRY_DETECTOR_TILT, VR::DS, "0"),
+                el(tags::GANTRY_DETECTOR_SLEW, VR::DS, "0"),
+                el(tags::DATA_COLLECTION_DIAMETER, VR::DS, "700"),
+            ])],
+        ),
+        sq(
+            tags::PET_DETECTOR_MOTION_DETAILS_SEQUENCE,
+            vec![item([el(tags::ROTATION_DIRECTION, VR::CS, "CW"), el(tags::REVOLUTION_TIME, VR::FD, PrimitiveValue::from(0.0f64))])],
+        ),
+        sq(
+            tags::PET_POSITION_SEQUENCE,
+            vec![item([
+                el(tags::TABLE_POSITION, VR::FD, PrimitiveValue::from(0.0f64)),
+                el(tags::DATA_COLLECTION_CENTER_PATIENT, VR::FD, PrimitiveValue::from([0.0f64, 0.0, 0.0])),
+                el(tags::RECONSTRUCTION_TARGET_CENTER_PATIENT, VR::FD, PrimitiveValue::from([0.0f64, 0.0, 0.0])),
+            ])],
+        ),
+        sq(
+            tags::PET_FRAME_CORRECTION_FACTORS_SEQUENCE,
+            vec![item([
+                el(tags::PRIMARY_PROMPTS_COUNTS_ACCUMULATED, VR::IS, "2000000"),
+                el(tags::SLICE_SENSITIVITY_FACTOR, VR::DS, "1"),
+                el(tags::DECAY_FACTOR, VR::DS, "1"),
+                el(tags::SCATTER_FRACTION_FACTOR, VR::DS, "0.3"),
+                el(tags::DEAD_TIME_FACTOR, VR::DS, "1"),
+            ])],
+        ),
+        sq(
+            tags::PET_RECONSTRUCTION_SEQUENCE,
+            vec![item([
+                el(tags::RECONSTRUCTION_TYPE, VR::CS, "2D"),
+                el(tags::RECONSTRUCTION_ALGORITHM, VR::CS, "OSEM"),
+                el(tags::ITERATIVE_RECONSTRUCTION_METHOD, VR::CS, "YES"),
+                el(tags::NUMBER_OF_ITERATIONS, VR::US, 3u16),
+                el(tags::NUMBER_OF_SUBSETS, VR::US, 8u16),
+                el(tags::RECONSTRUCTION_DIAMETER, VR::DS, ds(spec.fov_mm)),
+            ])],
+        ),
+    ]);
+
+    let radiopharm = item([
+        el(tags::RADIOPHARMACEUTICAL_AGENT_NUMBER, VR::US, 1u16),
+        el(tags::RADIOPHARMACEUTICAL_START_DATE_TIME, VR::DT, "20261127083000"),
+        el(tags::RADIONUCLIDE_TOTAL_DOSE, VR::DS, "370000000"),
+        el(tags::RADIONUCLIDE_HALF_LIFE, VR::DS, "6586.2"),
+        el(tags::RADIONUCLIDE_POSITRON_FRACTION, VR::DS, "0.9673"),
+        code_seq(tags::RADIONUCLIDE_CODE_SEQUENCE, "77004003", "^18^Fluorine", None),
+        code_seq(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE, "35321007", "Fluorodeoxyglucose F^18^", None),
+        code_seq(tags::ADMINISTRATION_ROUTE_CODE_SEQUENCE, "47625008", "Intravenous route", None),
+    ]);
+    let obj = item([
+        el(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
+        strs(tags::IMAGE_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "STATIC", "NONE"]),
+        el(tags::SOP_CLASS_UID, VR::UI, ENHANCED_PET_IMAGE_STORAGE),
+        el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()),
+        el(tags::STUDY_DATE, VR::DA, "20261127"),
+        el(tags::SERIES_DATE, VR::DA, "20261127"),
+        el(tags::CONTENT_DATE, VR::DA, "20261127"),
+        el(tags::ACQUISITION_DATE_TIME, VR::DT, acq_dt),
+        el(tags::STUDY_TIME, VR::TM, "090000"),
+        el(tags::SERIES_TIME, VR::TM, "093000"),
+        el(tags::CONTENT_TIME, VR::TM, "093000"),
+        el(tags::ACCESSION_NUMBER, VR::SH, "SIM0001"),
+        el(tags::MODALITY, VR::CS, "PT"),
+        el(tags::MANUFACTURER, VR::LO, "petrestore simulator"),
+        el(tags::REFERRING_PHYSICIAN_NAME, VR::PN, ""),
+        el(tags::SERIES_DESCRIPTION, VR::LO, description),
+        el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "petrestore simulator"),
+        el(tags::PATIENT_NAME, VR::PN, "SIMULATED^PATIENT"),
+        el(tags::PATIENT_ID, VR::LO, format!("SIM{}", spec.seed)),
+        el(tags::PATIENT_BIRTH_DATE, VR::DA, ""),
+        el(tags::PATIENT_SEX, VR::CS, "O"),
+        el(tags::PATIENT_SIZE, VR::DS, "1.75"),
+        el(tags::PATIENT_WEIGHT, VR::DS, "75"),
+        el(tags::BODY_PART_EXAMINED, VR::CS, "WHOLEBODY"),
+        el(tags::DEVICE_SERIAL_NUMBER, VR::LO, "SIM-0001"),
+        el(tags::SOFTWARE_VERSIONS, VR::LO, env!("CARGO_PKG_VERSION")),
+        el(tags::ACQUISITION_DURATION, VR::FD, PrimitiveValue::from(duration_s)),
+        el(tags::STUDY_INSTANCE_UID, VR::UI, ids.study_uid.as_str()),
+        el(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str()),
+        el(tags::STUDY_ID, VR::SH, "1"),
+        el(tags::SERIES_NUMBER, VR::IS, "4"),
+        el(tags::INSTANCE_NUMBER, VR::IS, "1"),
+        el(tags::FRAME_OF_REFERENCE_UID, VR::UI, ids.frame_of_ref.as_str()),
+        el(tags::POSITION_REFERENCE_INDICATOR, VR::LO, ""),
+        el(tags::SAMPLES_PER_PIXEL, VR::US, 1u16),
+        el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
+        el(tags::NUMBER_OF_FRAMES, VR::IS, images.len().to_string()),
+        el(tags::ROWS, VR::US, n as u16),
+        el(tags::COLUMNS, VR::US, n as u16),
+        el(tags::BITS_ALLOCATED, VR::US, 16u16),
+        el(tags::BITS_STORED, VR::US, 16u16),
+        el(tags::HIGH_BIT, VR::US, 15u16),
+        el(tags::PIXEL_REPRESENTATION, VR::US, 1u16),
+        el(tags::CONTENT_QUALIFICATION, VR::CS, "PRODUCT"),
+        el(tags::BURNED_IN_ANNOTATION, VR::CS, "NO"),
+        el(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"),
+        el(tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY"),
+        sq(tags::ACQUISITION_CONTEXT_SEQUENCE, vec![]),
+        sq(
+            tags::DIMENSION_ORGANIZATION_SEQUENCE,
+            vec![item([el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dim_org.as_str())])],
+        ),
+        sq(
+            tags::DIMENSION_INDEX_SEQUENCE,
+            vec![item([
+                el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dim_org.as_str()),
+                el(tags::DIMENSION_INDEX_POINTER, VR::AT, tag_value(tags::IMAGE_POSITION_PATIENT)),
+                el(tags::FUNCTIONAL_GROUP_POINTER, VR::AT, tag_value(tags::PLANE_POSITION_SEQUENCE)),
+            ])],
+        ),
+        sq(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE, vec![radiopharm]),
+        el(tags::COUNTS_SOURCE, VR::CS, "EMISSION"),
+        el(tags::ACQUISITION_START_CONDITION, VR::CS, "MANU"),
+        el(tags::ACQUISITION_TERMINATION_CONDITION, VR::CS, "TIME"),
+        el(tags::TYPE_OF_DETECTOR_MOTION, VR::CS, "STATIONARY"),
+        el(tags::TERMINATION_TIME_THRESHOLD, VR::FD, PrimitiveValue::from(duration_s)),
+        el(tags::DETECTOR_GEOMETRY, VR::CS, "CYLINDRICAL_RING"),
+        el(tags::TRANSVERSE_DETECTOR_SEPARATION, VR::FD, PrimitiveValue::from(820.0f64)),
+        el(tags::AXIAL_DETECTOR_DIMENSION, VR::FD, PrimitiveValue::from(260.0f64)),
+        el(tags::COLLIMATOR_TYPE, VR::CS, "NONE"),
+        el(tags::COINCIDENCE_WINDOW_WIDTH, VR::DS, "4.7"),
+        sq(
+            tags::ENERGY_WINDOW_RANGE_SEQUENCE,
+            vec![item([el(tags::ENERGY_WINDOW_LOWER_LIMIT, VR::DS, "435"), el(tags::ENERGY_WINDOW_UPPER_LIMIT, VR::DS, "585")])],
+        ),
+        el(tags::TABLE_MOTION, VR::CS, "STATIC"),
+        el(tags::TIME_OF_FLIGHT_INFORMATION_USED, VR::CS, "TRUE"),
+        code_seq(tags::VIEW_CODE_SEQUENCE, "62824007", "transverse", None),
+        el(tags::PIXEL_PRESENTATION, VR::CS, "MONOCHROME"),
+        el(tags::VOLUMETRIC_PROPERTIES, VR::CS, "VOLUME"),
+        el(tags::VOLUME_BASED_CALCULATION_TECHNIQUE, VR::CS, "NONE"),
+        el(tags::RANDOMS_CORRECTION_METHOD, VR::CS, "DLYD"),
+        el(tags::ATTENUATION_CORRECTION_SOURCE, VR::CS, "CT"),
+        el(tags::ATTENUATION_CORRECTION_TEMPORAL_RELATIONSHIP, VR::CS, "CONCURRENT"),
+        el(tags::SCATTER_CORRECTION_METHOD, VR::LO, "MODEL"),
+        el(tags::DECAY_CORRECTED, VR::CS, "YES"),
+        el(tags::DECAY_CORRECTION_DATE_TIME, VR::DT, acq_dt),
+        el(tags::ATTENUATION_CORRECTED, VR::CS, "YES"),
+        el(tags::SCATTER_CORRECTED, VR::CS, "YES"),
+        el(tags::DEAD_TIME_CORRECTED, VR::CS, "YES"),
+        el(tags::GANTRY_MOTION_CORRECTED, VR::CS, "NO"),
+        el(tags::PATIENT_MOTION_CORRECTED, VR::CS, "NO"),
+        el(tags::COUNT_LOSS_NORMALIZATION_CORRECTED, VR::CS, "YES"),
+        el(tags::RANDOMS_CORRECTED, VR::CS, "YES"),
+        el(tags::NON_UNIFORM_RADIAL_SAMPLING_CORRECTED, VR::CS, "NO"),
+        el(tags::SENSITIVITY_CALIBRATED, VR::CS, "YES"),
+        el(tags::DETECTOR_NORMALIZATION_CORRECTION, VR::CS, "YES"),
+        sq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]),
+        sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame),
+        el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)),
+    ]);
+    let path = dir.join("enhanced.dcm");
+    std::fs::write(&path, part10::encode(obj).map_err(std::io::Error::other)?)?;
+    Ok(SeriesFiles { study_uid: ids.study_uid.clone(), series_uid, sop_uids: vec![sop], files: vec![path] })
+}
