@@ -69,94 +69,229 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 /// Build the derived series from the source slices (volume order) and the
-/// restored volume.
+/// restored volume: one derived instance per source instance (a
+/// multi-frame source gives a multi-frame output with its frames in the
+/// source's frame order).
 pub fn derive_series(slices: &[SourceSlice], restored: &Volume, p: &DeriveParams) -> Vec<DerivedInstance> {
     let now = chrono_like_now();
-    let mut out = Vec::with_capacity(slices.len());
-    for (z, src) in slices.iter().enumerate() {
-        let mut obj = src.dataset.clone();
-        let src_series = obj.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
-        let sop = derived_uid(&src.sop_instance_uid, &p.model_id);
-        obj.put(el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()));
-        obj.put(el(tags::SERIES_INSTANCE_UID, VR::UI, derived_uid(&src_series, &p.model_id)));
-
-        let mut image_type: Vec<String> = obj
-            .element_opt(tags::IMAGE_TYPE)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_str().ok().map(|s| s.split('\\').map(|x| x.trim().to_string()).collect()))
-            .unwrap_or_default();
-        if image_type.len() < 2 {
-            image_type.resize(2, String::new());
-        }
-        image_type[0] = "DERIVED".into();
-        image_type[1] = "PRIMARY".into();
-        obj.put(el(tags::IMAGE_TYPE, VR::CS, PrimitiveValue::Strs(image_type.into_iter().collect())));
-
-        let desc = format!(
-            "{}Restored by petrestore {} on {}: engine {}, model {}. Denoised only; Actual Frame Duration and quantitation attributes unchanged.",
-            p.notice.as_ref().map(|n| format!("{n} ")).unwrap_or_default(),
-            env!("CARGO_PKG_VERSION"),
-            p.device_id,
-            p.engine,
-            p.model_id
-        );
-        obj.put(el(tags::DERIVATION_DESCRIPTION, VR::ST, truncate(&desc, 1024)));
-        obj.put(seq(
-            tags::SOURCE_IMAGE_SEQUENCE,
-            vec![InMemDicomObject::from_element_iter([
-                el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, src.sop_class_uid.as_str()),
-                el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, src.sop_instance_uid.as_str()),
-                seq(
-                    tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
-                    vec![code("121322", "DCM", "Source image for image processing operation")],
-                ),
-            ])],
-        ));
-        let mut equipment: Vec<InMemDicomObject> = obj
-            .element_opt(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE)
-            .ok()
-            .flatten()
-            .and_then(|e| e.items().map(|i| i.to_vec()))
-            .unwrap_or_default();
-        equipment.push(InMemDicomObject::from_element_iter([
-            el(tags::MANUFACTURER, VR::LO, "petrestore"),
-            el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "petrestore"),
-            el(tags::SOFTWARE_VERSIONS, VR::LO, env!("CARGO_PKG_VERSION")),
-            el(tags::DEVICE_SERIAL_NUMBER, VR::LO, truncate(&p.device_id, 64)),
-            el(tags::CONTRIBUTION_DATE_TIME, VR::DT, now.as_str()),
-            el(tags::CONTRIBUTION_DESCRIPTION, VR::ST, truncate(&format!("PET denoising ({}, {})", p.engine, p.model_id), 1024)),
-            seq(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code("109103", "DCM", "Modifying Equipment")]),
-        ]));
-        obj.put(seq(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE, equipment));
-
-        let sd = obj.str_of(tags::SERIES_DESCRIPTION).unwrap_or_else(|| "PET".into());
-        let keep = 64usize.saturating_sub(p.series_description_suffix.chars().count());
-        obj.put(el(tags::SERIES_DESCRIPTION, VR::LO, format!("{}{}", truncate(&sd, keep), p.series_description_suffix)));
-        let sn = obj.i64_of(tags::SERIES_NUMBER).unwrap_or(0);
-        obj.put(el(tags::SERIES_NUMBER, VR::IS, ((sn + p.series_number_offset as i64) % 100_000).to_string()));
-
-        // Pixels: signed 16 bit, per-slice slope chosen to use the range
-        // without clipping, intercept 0.
-        let values = restored.slice(z);
-        let (slope_s, slope) = slice_slope(values);
-        let mut bytes = Vec::with_capacity(values.len() * 2);
-        for v in values {
-            let q = (*v as f64 / slope).round().clamp(-32768.0, 32767.0) as i16;
-            bytes.extend_from_slice(&q.to_le_bytes());
-        }
-        obj.put(el(tags::RESCALE_SLOPE, VR::DS, slope_s));
-        obj.put(el(tags::RESCALE_INTERCEPT, VR::DS, "0"));
-        obj.put(el(tags::BITS_ALLOCATED, VR::US, 16u16));
-        obj.put(el(tags::BITS_STORED, VR::US, 16u16));
-        obj.put(el(tags::HIGH_BIT, VR::US, 15u16));
-        obj.put(el(tags::PIXEL_REPRESENTATION, VR::US, 1u16));
-        obj.remove_element(tags::SMALLEST_IMAGE_PIXEL_VALUE);
-        obj.remove_element(tags::LARGEST_IMAGE_PIXEL_VALUE);
-        obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(bytes)));
-        out.push(DerivedInstance { sop_instance_uid: sop, dataset: obj });
+    if slices.iter().all(|s| s.frame.is_none()) {
+        return slices.iter().enumerate().map(|(z, src)| derive_single(src, restored.slice(z), p, &now)).collect();
     }
-    out
+    // Multi-frame: the volume slices of each instance, by frame number.
+    let mut order: Vec<&str> = Vec::new();
+    let mut frames: std::collections::HashMap<&str, Vec<(usize, usize)>> = std::collections::HashMap::new();
+    for (z, s) in slices.iter().enumerate() {
+        let e = frames.entry(s.sop_instance_uid.as_str()).or_insert_with(|| {
+            order.push(s.sop_instance_uid.as_str());
+            Vec::new()
+        });
+        e.push((s.frame.unwrap_or(0), z));
+    }
+    order
+        .into_iter()
+        .map(|sop| {
+            let mut f = frames.remove(sop).expect("recorded above");
+            f.sort_unstable();
+            let src = &slices[f[0].1];
+            let values: Vec<&[f32]> = f.iter().map(|(_, z)| restored.slice(*z)).collect();
+            derive_multiframe(src, &values, p, &now)
+        })
+        .collect()
+}
+
+/// What every derived instance gets: new UIDs, `DERIVED\PRIMARY`, our
+/// Contributing Equipment item, description suffix and series number.
+/// Returns the new SOP Instance UID.
+fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &str) -> String {
+    let src_series = obj.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
+    let sop = derived_uid(src_sop, &p.model_id);
+    obj.put(el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()));
+    obj.put(el(tags::SERIES_INSTANCE_UID, VR::UI, derived_uid(&src_series, &p.model_id)));
+    set_derived(obj, tags::IMAGE_TYPE);
+
+    let mut equipment: Vec<InMemDicomObject> = obj
+        .element_opt(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE)
+        .ok()
+        .flatten()
+        .and_then(|e| e.items().map(|i| i.to_vec()))
+        .unwrap_or_default();
+    equipment.push(InMemDicomObject::from_element_iter([
+        el(tags::MANUFACTURER, VR::LO, "petrestore"),
+        el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "petrestore"),
+        el(tags::SOFTWARE_VERSIONS, VR::LO, env!("CARGO_PKG_VERSION")),
+        el(tags::DEVICE_SERIAL_NUMBER, VR::LO, truncate(&p.device_id, 64)),
+        el(tags::CONTRIBUTION_DATE_TIME, VR::DT, now),
+        el(tags::CONTRIBUTION_DESCRIPTION, VR::ST, truncate(&format!("PET denoising ({}, {})", p.engine, p.model_id), 1024)),
+        seq(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code("109103", "DCM", "Modifying Equipment")]),
+    ]));
+    obj.put(seq(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE, equipment));
+
+    let sd = obj.str_of(tags::SERIES_DESCRIPTION).unwrap_or_else(|| "PET".into());
+    let keep = 64usize.saturating_sub(p.series_description_suffix.chars().count());
+    obj.put(el(tags::SERIES_DESCRIPTION, VR::LO, format!("{}{}", truncate(&sd, keep), p.series_description_suffix)));
+    let sn = obj.i64_of(tags::SERIES_NUMBER).unwrap_or(0);
+    obj.put(el(tags::SERIES_NUMBER, VR::IS, ((sn + p.series_number_offset as i64) % 100_000).to_string()));
+    sop
+}
+
+/// Image Type or Frame Type: value 1 `DERIVED`, value 2 `PRIMARY`, the
+/// others kept.
+fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag) {
+    let mut values: Vec<String> = obj
+        .element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok().map(|s| s.split('\\').map(|x| x.trim().to_string()).collect()))
+        .unwrap_or_default();
+    if values.len() < 2 {
+        values.resize(2, String::new());
+    }
+    values[0] = "DERIVED".into();
+    values[1] = "PRIMARY".into();
+    obj.put(el(tag, VR::CS, PrimitiveValue::Strs(values.into_iter().collect())));
+}
+
+fn derivation_description(p: &DeriveParams) -> String {
+    let desc = format!(
+        "{}Restored by petrestore {} on {}: engine {}, model {}. Denoised only; frame duration and quantitation attributes unchanged.",
+        p.notice.as_ref().map(|n| format!("{n} ")).unwrap_or_default(),
+        env!("CARGO_PKG_VERSION"),
+        p.device_id,
+        p.engine,
+        p.model_id
+    );
+    truncate(&desc, 1024)
+}
+
+fn source_image_item(src: &SourceSlice) -> InMemDicomObject {
+    InMemDicomObject::from_element_iter([
+        el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, src.sop_class_uid.as_str()),
+        el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, src.sop_instance_uid.as_str()),
+        seq(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code("121322", "DCM", "Source image for image processing operation")]),
+    ])
+}
+
+/// Stored values (signed 16 bit) and the DS slope of one restored slice.
+fn quantize(values: &[f32], out: &mut Vec<u8>) -> String {
+    let (slope_s, slope) = slice_slope(values);
+    for v in values {
+        let q = (*v as f64 / slope).round().clamp(-32768.0, 32767.0) as i16;
+        out.extend_from_slice(&q.to_le_bytes());
+    }
+    slope_s
+}
+
+fn signed_16_bit(obj: &mut InMemDicomObject, pixels: Vec<u8>) {
+    obj.put(el(tags::BITS_ALLOCATED, VR::US, 16u16));
+    obj.put(el(tags::BITS_STORED, VR::US, 16u16));
+    obj.put(el(tags::HIGH_BIT, VR::US, 15u16));
+    obj.put(el(tags::PIXEL_REPRESENTATION, VR::US, 1u16));
+    obj.remove_element(tags::SMALLEST_IMAGE_PIXEL_VALUE);
+    obj.remove_element(tags::LARGEST_IMAGE_PIXEL_VALUE);
+    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)));
+}
+
+/// A single-frame PET image (PS3.3 C.7.6.1, C.8.9.4).
+fn derive_single(src: &SourceSlice, values: &[f32], p: &DeriveParams, now: &str) -> DerivedInstance {
+    let mut obj = (*src.dataset).clone();
+    let sop = relabel(&mut obj, &src.sop_instance_uid, p, now);
+    obj.put(el(tags::DERIVATION_DESCRIPTION, VR::ST, derivation_description(p)));
+    obj.put(seq(tags::SOURCE_IMAGE_SEQUENCE, vec![source_image_item(src)]));
+    // Pixels: signed 16 bit, per-slice slope chosen to use the range
+    // without clipping, intercept 0.
+    let mut bytes = Vec::with_capacity(values.len() * 2);
+    let slope = quantize(values, &mut bytes);
+    obj.put(el(tags::RESCALE_SLOPE, VR::DS, slope));
+    obj.put(el(tags::RESCALE_INTERCEPT, VR::DS, "0"));
+    signed_16_bit(&mut obj, bytes);
+    DerivedInstance { sop_instance_uid: sop, dataset: obj }
+}
+
+/// Apply `f` to the first item of functional group `macro_seq` in `fg`
+/// (a Shared or one Per-frame Functional Groups item).
+fn edit_group(fg: &mut InMemDicomObject, macro_seq: dicom_core::Tag, f: impl FnOnce(&mut InMemDicomObject)) -> bool {
+    let Some(mut items) = fg.element_opt(macro_seq).ok().flatten().and_then(|e| e.items().map(|i| i.to_vec())) else {
+        return false;
+    };
+    let Some(first) = items.first_mut() else { return false };
+    f(first);
+    fg.put(seq(macro_seq, items));
+    true
+}
+
+fn fg_items(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Vec<InMemDicomObject> {
+    obj.element_opt(tag).ok().flatten().and_then(|e| e.items().map(|i| i.to_vec())).unwrap_or_default()
+}
+
+/// A multi-frame (Enhanced PET) instance: the Derivation Image macro in the
+/// shared functional groups, a Pixel Value Transformation per frame (each
+/// frame's slope chosen like a single slice's), Frame Type `DERIVED`.
+fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now: &str) -> DerivedInstance {
+    let mut obj = (*src.dataset).clone();
+    let sop = relabel(&mut obj, &src.sop_instance_uid, p, now);
+
+    let mut shared = fg_items(&obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).into_iter().next().unwrap_or_else(InMemDicomObject::new_empty);
+    let mut per_frame = fg_items(&obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
+    per_frame.resize_with(frames.len(), InMemDicomObject::new_empty);
+
+    // A functional group sits either in the shared item or in every
+    // per-frame item: these two move to (or stay in) per-frame / shared.
+    shared.remove_element(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE);
+    shared.put(seq(
+        tags::DERIVATION_IMAGE_SEQUENCE,
+        vec![InMemDicomObject::from_element_iter([
+            el(tags::DERIVATION_DESCRIPTION, VR::ST, derivation_description(p)),
+            seq(tags::DERIVATION_CODE_SEQUENCE, vec![code("113087", "DCM", "Smoothing")]),
+            seq(tags::SOURCE_IMAGE_SEQUENCE, vec![source_image_item(src)]),
+        ])],
+    ));
+    edit_group(&mut shared, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE));
+
+    let mut pixels = Vec::with_capacity(frames.iter().map(|f| f.len() * 2).sum());
+    for (item, values) in per_frame.iter_mut().zip(frames) {
+        item.remove_element(tags::DERIVATION_IMAGE_SEQUENCE);
+        edit_group(item, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE));
+        let slope = quantize(values, &mut pixels);
+        let mut pvt = InMemDicomObject::from_element_iter([
+            el(tags::RESCALE_INTERCEPT, VR::DS, "0"),
+            el(tags::RESCALE_SLOPE, VR::DS, slope),
+        ]);
+        // Keep the source's Rescale Type (the units of an Enhanced PET image).
+        let rescale_type = crate::dicom::frames::group_str(&src.dataset, 0, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_TYPE);
+        if let Some(t) = rescale_type {
+            pvt.put(el(tags::RESCALE_TYPE, VR::LO, t));
+        }
+        item.put(seq(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, vec![pvt]));
+    }
+    // Enhanced PET Image module: a DERIVED image lists its sources by study
+    // and series (hierarchical SOP instance reference).
+    obj.put(seq(
+        tags::SOURCE_IMAGE_EVIDENCE_SEQUENCE,
+        vec![InMemDicomObject::from_element_iter([
+            el(tags::STUDY_INSTANCE_UID, VR::UI, src.dataset.str_of(tags::STUDY_INSTANCE_UID).unwrap_or_default()),
+            seq(
+                tags::REFERENCED_SERIES_SEQUENCE,
+                vec![InMemDicomObject::from_element_iter([
+                    el(tags::SERIES_INSTANCE_UID, VR::UI, src.dataset.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default()),
+                    seq(
+                        tags::REFERENCED_SOP_SEQUENCE,
+                        vec![InMemDicomObject::from_element_iter([
+                            el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, src.sop_class_uid.as_str()),
+                            el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, src.sop_instance_uid.as_str()),
+                        ])],
+                    ),
+                ])],
+            ),
+        ])],
+    ));
+    obj.put(seq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
+    obj.put(seq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame));
+    obj.put(el(tags::NUMBER_OF_FRAMES, VR::IS, frames.len().to_string()));
+    // Top-level rescale attributes do not belong in a functional-group image.
+    obj.remove_element(tags::RESCALE_SLOPE);
+    obj.remove_element(tags::RESCALE_INTERCEPT);
+    signed_16_bit(&mut obj, pixels);
+    DerivedInstance { sop_instance_uid: sop, dataset: obj }
 }
 
 /// Current UTC date-time as a DICOM DT (no external time crate needed).

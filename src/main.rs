@@ -372,9 +372,9 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
     for a in &restored.assumed {
         eprintln!("petrestore: {a}");
     }
-    let (engine, model) = (restored.engine.clone(), restored.model_id.clone());
+    let (engine, model, slices) = (restored.engine.clone(), restored.model_id.clone(), restored.slices);
     let n = pipeline::worker::write_instances(&output, restored.instances).map_err(anyhow::Error::msg)?;
-    println!("restored {n} slices with {engine} ({model}) into {}", output.display());
+    println!("restored {} with {engine} ({model}) into {}", pipeline::worker::slice_count(slices, n as usize), output.display());
     Ok(())
 }
 

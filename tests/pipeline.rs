@@ -238,3 +238,88 @@ fn retention_removes_files_of_delivered_jobs_and_keeps_the_record() {
     });
     assert_eq!(job.received, 10);
 }
+
+fn group<'a>(o: &'a InMemDicomObject, per_frame: Option<usize>, macro_seq: dicom_core::Tag) -> &'a InMemDicomObject {
+    let fg = match per_frame {
+        None => &o.element(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap()[0],
+        Some(f) => &o.element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap()[f],
+    };
+    &fg.element(macro_seq).unwrap_or_else(|_| panic!("{macro_seq} missing")).items().unwrap()[0]
+}
+
+#[test]
+fn enhanced_pet_is_restored_into_a_derived_enhanced_instance() {
+    // One multi-frame Enhanced PET instance (no Number of Slices / Image
+    // Index: complete by the quiet timeout) in, one derived multi-frame
+    // instance out, valid for dciodvfy.
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = petrestore::sim::SeriesSpec { slices: 20, matrix: 48, seed: 17, frame_duration_s: 30.0, ..Default::default() };
+    let src = petrestore::sim::write_series_enhanced(&tmp.path().join("src"), &spec).unwrap();
+    assert_eq!(src.files.len(), 1);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let d = Daemon::start(&tmp.path().join("d"), &format!("[restore]\ngaussian_fwhm_mm = 6.0\n{}", destination("pacs", dest.port)));
+    let out = storescu_required(d.port, CONSOLE, &src.files);
+    assert!(out.status.success() && !text(&out).contains("E: "), "storescu failed: {}", text(&out));
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|h| format!("{h:?}").contains("20 slices in 1 multi-frame instance")), "{:#?}", job.history);
+    let received = wait_for("1 instance at the destination", Duration::from_secs(10), || {
+        let f = dest.files();
+        (f.len() == 1).then_some(f)
+    });
+
+    let s = open(&src.files[0]);
+    let o = open(&received[0]);
+    let model = "gaussian-fwhm6.00mm";
+    assert_eq!(o.str_of(tags::SOP_CLASS_UID).unwrap(), petrestore::dicom::ENHANCED_PET_IMAGE_STORAGE);
+    assert_eq!(o.str_of(tags::SOP_INSTANCE_UID).unwrap(), petrestore::dicom::uid::derived_uid(&src.sop_uids[0], model));
+    assert_eq!(o.str_of(tags::SERIES_INSTANCE_UID).unwrap(), petrestore::dicom::uid::derived_uid(&src.series_uid, model));
+    assert_eq!(o.str_of(tags::STUDY_INSTANCE_UID).unwrap(), src.study_uid);
+    assert_eq!(o.str_of(tags::NUMBER_OF_FRAMES).unwrap(), "20");
+    assert_eq!(&strs(&o, tags::IMAGE_TYPE)[..2], ["DERIVED", "PRIMARY"]);
+    assert_eq!(&strs(group(&o, None, tags::PET_FRAME_TYPE_SEQUENCE), tags::FRAME_TYPE)[..2], ["DERIVED", "PRIMARY"]);
+    let di = group(&o, None, tags::DERIVATION_IMAGE_SEQUENCE);
+    let dd = di.str_of(tags::DERIVATION_DESCRIPTION).unwrap();
+    assert!(dd.contains("gaussian") && dd.contains(model), "{dd}");
+    let sis = &di.element(tags::SOURCE_IMAGE_SEQUENCE).unwrap().items().unwrap()[0];
+    assert_eq!(sis.str_of(tags::REFERENCED_SOP_INSTANCE_UID).unwrap(), src.sop_uids[0]);
+    assert_eq!(sis.str_of(tags::REFERENCED_SOP_CLASS_UID).unwrap(), petrestore::dicom::ENHANCED_PET_IMAGE_STORAGE);
+    let ce = o.element(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE).unwrap().items().unwrap();
+    assert_eq!(ce.last().unwrap().str_of(tags::MANUFACTURER).unwrap(), "petrestore");
+    assert_eq!(o.str_of(tags::SERIES_DESCRIPTION).unwrap(), format!("{} [petrestore]", s.str_of(tags::SERIES_DESCRIPTION).unwrap()));
+    // Timing, quantitation and geometry per frame unchanged: a 30 s frame stays 30 s.
+    for f in 0..20 {
+        for (m, t) in [
+            (tags::FRAME_CONTENT_SEQUENCE, tags::FRAME_ACQUISITION_DURATION),
+            (tags::FRAME_CONTENT_SEQUENCE, tags::FRAME_REFERENCE_DATE_TIME),
+            (tags::FRAME_CONTENT_SEQUENCE, tags::DIMENSION_INDEX_VALUES),
+            (tags::PLANE_POSITION_SEQUENCE, tags::IMAGE_POSITION_PATIENT),
+            (tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_TYPE),
+        ] {
+            assert_eq!(group(&o, Some(f), m).str_of(t), group(&s, Some(f), m).str_of(t), "frame {f}: {t}");
+        }
+        assert_eq!(group(&o, Some(f), tags::FRAME_CONTENT_SEQUENCE).f64_of(tags::FRAME_ACQUISITION_DURATION), Some(30000.0));
+    }
+    for t in [tags::DECAY_CORRECTED, tags::DECAY_CORRECTION_DATE_TIME, tags::PATIENT_WEIGHT, tags::FRAME_OF_REFERENCE_UID, tags::ACQUISITION_DATE_TIME] {
+        assert_eq!(o.str_of(t), s.str_of(t), "{t} must be copied unchanged");
+    }
+
+    // Pixel values are the filter's output within rounding of each frame's slope.
+    let input = volume::load(&src.files).unwrap();
+    let expected = gaussian::filter(&input.volume, 6.0);
+    let output = volume::load(&received).unwrap();
+    assert_eq!(output.volume.nz, 20);
+    let mut slopes = BTreeSet::new();
+    for z in 0..20 {
+        let slope = group(&o, output.slices[z].frame, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE).f64_of(tags::RESCALE_SLOPE).unwrap();
+        slopes.insert(slope.to_bits());
+        let max_err = output.volume.slice(z).iter().zip(expected.slice(z)).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+        assert!(max_err <= slope * 0.5 + 1e-3 * slope.max(1.0), "slice {z}: max error {max_err} > slope/2");
+    }
+    assert!(slopes.len() > 1, "per-frame slopes expected");
+
+    for f in [&src.files[0], &received[0]] {
+        let errors = iod_errors(f);
+        assert!(errors.is_empty(), "{}: {errors:#?}", f.display());
+    }
+}

@@ -185,9 +185,10 @@ fn broker_down_leaves_the_pipeline_alone_and_buffered_events_arrive_with_the_dro
     let d = Daemon::start(&tmp.path().join("d"), &mqtt(port, "buffer = 3\n"));
     let a = series(&tmp.path().join("a"), 4, 32, 67);
     let b = series(&tmp.path().join("b"), 4, 32, 69);
-    assert!(storescu(d.port, CONSOLE, &a.files).status.success());
-    assert!(storescu(d.port, CONSOLE, &b.files).status.success());
+    // One job after the other, so the 8 events come in a known order (b's
+    // series could otherwise be queued while a is still restoring).
     for s in [&a, &b] {
+        assert!(storescu(d.port, CONSOLE, &s.files).status.success());
         assert_eq!(d.wait_terminal(&job_id(s), Duration::from_secs(60)).state, petrestore::journal::JobState::Done);
     }
     // 2 jobs × (receiving, queued, restoring, done) = 8 events; 3 kept, 5 dropped

@@ -3,6 +3,7 @@
 
 pub mod attrs;
 pub mod dimse;
+pub mod frames;
 pub mod part10;
 pub mod uid;
 

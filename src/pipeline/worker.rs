@@ -18,7 +18,9 @@ use crate::spool::{self, Spool};
 
 /// How a restoration attempt ended, before delivery.
 pub enum Ending {
-    Restored { engine: String, model_id: String, series_uid: String, count: u32 },
+    /// `count` instances written, holding `slices` slices (more slices than
+    /// instances: multi-frame).
+    Restored { engine: String, model_id: String, series_uid: String, count: u32, slices: usize },
     Skipped(String),
     Failed(String),
 }
@@ -42,12 +44,16 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
     let r = &settings.restore;
     let job = ctx.journal.update(job_id, |j| {
         let (payload, outcome) = match &ending {
-            Ending::Restored { engine, model_id, series_uid, count } => {
+            Ending::Restored { engine, model_id, series_uid, count, slices } => {
                 j.engine = Some(engine.clone());
                 j.model_id = Some(model_id.clone());
                 j.output_series_uid = Some(series_uid.clone());
                 j.output_count = *count;
-                j.note(format!("restored {count} slices with {engine} ({model_id}) in {:.1} s", started.elapsed().as_secs_f64()));
+                j.note(format!(
+                    "restored {} with {engine} ({model_id}) in {:.1} s",
+                    slice_count(*slices, *count as usize),
+                    started.elapsed().as_secs_f64()
+                ));
                 (Some(Payload::Derived), Outcome::Done)
             }
             Ending::Skipped(reason) => {
@@ -107,7 +113,13 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
         let _ = ctx.journal.update(&job.id, |j| j.note(a.clone()));
     }
     match write_instances(&dir, restored.instances) {
-        Ok(count) => Ending::Restored { engine: restored.engine, model_id: restored.model_id, series_uid: restored.series_uid, count },
+        Ok(count) => Ending::Restored {
+            engine: restored.engine,
+            model_id: restored.model_id,
+            series_uid: restored.series_uid,
+            count,
+            slices: restored.slices,
+        },
         Err(e) => Ending::Failed(e),
     }
 }
@@ -121,7 +133,18 @@ pub struct Restored {
     pub engine: String,
     pub model_id: String,
     pub series_uid: String,
+    /// Slices restored (the instances may be multi-frame).
+    pub slices: usize,
     pub instances: Vec<DerivedInstance>,
+}
+
+/// "12 slices", or "268 slices in 1 multi-frame instance".
+pub fn slice_count(slices: usize, instances: usize) -> String {
+    if slices == instances {
+        format!("{slices} slices")
+    } else {
+        format!("{slices} slices in {instances} multi-frame instance{}", if instances == 1 { "" } else { "s" })
+    }
 }
 
 /// Load, select, restore and derive one series from its files. Shared by
@@ -147,12 +170,14 @@ pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf
     };
     let source_series = loaded.slices[0].dataset.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
     let instances = derive_series(&loaded.slices, &restored, &params);
+    let slices = loaded.slices.len();
     Ok(Restored {
         assumed: selected.assumed,
         fallbacks,
         series_uid: crate::dicom::uid::derived_uid(&source_series, &params.model_id),
         engine: params.engine,
         model_id: params.model_id,
+        slices,
         instances,
     })
 }

@@ -6,6 +6,7 @@ use dicom_dictionary_std::tags;
 use super::SourceSlice;
 use crate::config::RestoreSettings;
 use crate::dicom::attrs::Attrs;
+use crate::dicom::frames;
 
 /// Frame duration and units of a series that passed the rules.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,37 +19,44 @@ pub struct Selected {
 
 /// Check the first slice (attributes are per series) against the rules.
 pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettings) -> Result<Selected, String> {
-    let first = &slices.first().ok_or("series has no instances")?.dataset;
+    let first_slice = slices.first().ok_or("series has no instances")?;
+    let first = &*first_slice.dataset;
     let modality = first.str_of(tags::MODALITY).unwrap_or_default();
     if modality != "PT" {
         return Err(format!("Modality (0008,0060) is {modality:?}, not PT"));
     }
     let mut assumed = Vec::new();
-    let units = match (first.str_of(tags::UNITS), &s.assume_units) {
+    let multi = first_slice.frame.is_some();
+    let units_attr = if multi { "Units (0054,1001) / Rescale Type (0028,1054) of Pixel Value Transformation" } else { "Units (0054,1001)" };
+    let duration_attr =
+        if multi { "Frame Acquisition Duration (0018,9220) of Frame Content (0020,9111)" } else { "Actual Frame Duration (0018,1242)" };
+    let units = match (frames::units(first, first_slice.frame), &s.assume_units) {
         (Some(u), _) => u,
         (None, Some(u)) => {
-            assumed.push(format!("Units (0054,1001) missing: assumed {u} (operator setting)"));
+            assumed.push(format!("{units_attr} missing: assumed {u} (operator setting)"));
             u.clone()
         }
         (None, None) => {
-            return Err("Units (0054,1001) missing: cannot tell whether pixel values are activity concentrations; \
-                        if you know them, set restore.assume_units (or --units for `restore`)"
-                .into());
+            return Err(format!(
+                "{units_attr} missing: cannot tell whether pixel values are activity concentrations; \
+                 if you know them, set restore.assume_units (or --units for `restore`)"
+            ));
         }
     };
     if !s.units.iter().any(|u| u == &units) {
         return Err(format!("Units (0054,1001) is {units:?}; restore.units accepts {:?}", s.units));
     }
-    let ms = match (first.f64_of(tags::ACTUAL_FRAME_DURATION), s.assume_frame_duration_s) {
+    let ms = match (frames::frame_duration_ms(first, first_slice.frame), s.assume_frame_duration_s) {
         (Some(ms), _) => ms,
         (None, Some(secs)) => {
-            assumed.push(format!("Actual Frame Duration (0018,1242) missing: assumed {secs} s (operator setting); the output does not add it"));
+            assumed.push(format!("{duration_attr} missing: assumed {secs} s (operator setting); the output does not add it"));
             secs * 1000.0
         }
         (None, None) => {
-            return Err("Actual Frame Duration (0018,1242) missing: the frame length decides whether and how to restore; \
-                        if you know it, set restore.assume_frame_duration_s (or --frame-duration for `restore`)"
-                .into());
+            return Err(format!(
+                "{duration_attr} missing: the frame length decides whether and how to restore; \
+                 if you know it, set restore.assume_frame_duration_s (or --frame-duration for `restore`)"
+            ));
         }
     };
     let secs = ms / 1000.0;
@@ -62,7 +70,7 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
         return Err(format!("matrix {rows}x{cols} exceeds restore.max_matrix {}", s.max_matrix));
     }
     if let Some(d) = slices.iter().find_map(|sl| {
-        let v = sl.dataset.f64_of(tags::ACTUAL_FRAME_DURATION)?;
+        let v = frames::frame_duration_ms(&sl.dataset, sl.frame)?;
         ((v - ms).abs() > 0.5).then_some(v)
     }) {
         return Err(format!("slices have different Actual Frame Durations ({ms} and {d} ms)"));

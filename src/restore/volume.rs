@@ -3,6 +3,7 @@
 //! (one matrix, one orientation, equal spacing, no gap).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
@@ -33,13 +34,16 @@ impl Volume {
     }
 }
 
-/// One source slice: its data set without Pixel Data (kept to derive the
-/// output instance from).
+/// One source slice: a single-frame instance, or one frame of a multi-frame
+/// (Enhanced PET) instance. The data set has no Pixel Data; the frames of
+/// one instance share it.
 #[derive(Debug, Clone)]
 pub struct SourceSlice {
     pub sop_instance_uid: String,
     pub sop_class_uid: String,
-    pub dataset: InMemDicomObject,
+    /// 0-based frame of a multi-frame instance; `None` for a single-frame image.
+    pub frame: Option<usize>,
+    pub dataset: Arc<InMemDicomObject>,
 }
 
 /// A series ready for an engine.
@@ -50,28 +54,14 @@ pub struct LoadedSeries {
     pub slices: Vec<SourceSlice>,
 }
 
-fn pixels(obj: &InMemDicomObject, rows: usize, cols: usize) -> Result<Vec<f32>, String> {
-    let bits = obj.u16_of(tags::BITS_ALLOCATED).ok_or("Bits Allocated (0028,0100) missing")?;
-    let signed = obj.u16_of(tags::PIXEL_REPRESENTATION).unwrap_or(0) == 1;
-    let spp = obj.u16_of(tags::SAMPLES_PER_PIXEL).unwrap_or(1);
-    if spp != 1 {
-        return Err(format!("Samples per Pixel is {spp}; PET must be 1"));
-    }
-    let frames = obj.str_of(tags::NUMBER_OF_FRAMES).and_then(|s| s.parse::<u32>().ok()).unwrap_or(1);
-    if frames != 1 {
-        return Err(format!("multi-frame instance ({frames} frames): restoration handles single-frame PET Image Storage only"));
-    }
-    let slope = obj.f64_of(tags::RESCALE_SLOPE).unwrap_or(1.0);
-    let intercept = obj.f64_of(tags::RESCALE_INTERCEPT).unwrap_or(0.0);
-    let px = obj.element(tags::PIXEL_DATA).map_err(|_| "Pixel Data missing".to_string())?;
-    let bytes = px.to_bytes().map_err(|_| "Pixel Data is encapsulated (compressed); send uncompressed".to_string())?;
-    let n = rows * cols;
+/// Stored values of one frame to Bq/ml.
+fn decode(bytes: &[u8], bits: u16, signed: bool, n: usize, slope: f64, intercept: f64) -> Result<Vec<f32>, String> {
     let raw: Vec<f64> = match (bits, signed) {
         (16, false) if bytes.len() >= 2 * n => bytes.chunks_exact(2).take(n).map(|c| u16::from_le_bytes([c[0], c[1]]) as f64).collect(),
         (16, true) if bytes.len() >= 2 * n => bytes.chunks_exact(2).take(n).map(|c| i16::from_le_bytes([c[0], c[1]]) as f64).collect(),
         (32, false) if bytes.len() >= 4 * n => bytes.chunks_exact(4).take(n).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
         (32, true) if bytes.len() >= 4 * n => bytes.chunks_exact(4).take(n).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-        (16 | 32, _) => return Err(format!("Pixel Data too short: {} bytes for {rows}x{cols}", bytes.len())),
+        (16 | 32, _) => return Err(format!("Pixel Data too short: {} bytes for {n} pixels", bytes.len())),
         (b, _) => return Err(format!("Bits Allocated {b} not supported (16 or 32)")),
     };
     Ok(raw.into_iter().map(|v| (v * slope + intercept) as f32).collect())
@@ -81,7 +71,41 @@ fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
     [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
 }
 
-/// Read the slices and build the volume. Errors say what is inconsistent.
+/// Geometry and rescale of one frame (or of a single-frame instance).
+struct FrameGeometry {
+    iop: [f64; 6],
+    ipp: [f64; 3],
+    ps: [f64; 2],
+    slope: f64,
+    intercept: f64,
+}
+
+fn frame_geometry(obj: &InMemDicomObject, frame: Option<usize>, what: &str) -> Result<FrameGeometry, String> {
+    use crate::dicom::frames::group_f64s;
+    // A multi-frame instance keeps these in functional groups; read the
+    // top level as a fallback (Legacy Converted objects may have both).
+    let multi = |seq, tag| frame.and_then(|f| group_f64s(obj, f, seq, tag)).or_else(|| obj.f64s_of(tag));
+    let iop: [f64; 6] = multi(tags::PLANE_ORIENTATION_SEQUENCE, tags::IMAGE_ORIENTATION_PATIENT)
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| format!("{what}: Image Orientation (Patient) (0020,0037) missing or not 6 values"))?;
+    let ipp: [f64; 3] = multi(tags::PLANE_POSITION_SEQUENCE, tags::IMAGE_POSITION_PATIENT)
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| format!("{what}: Image Position (Patient) (0020,0032) missing or not 3 values"))?;
+    let ps: [f64; 2] = multi(tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING)
+        .and_then(|v| v.try_into().ok())
+        .filter(|v: &[f64; 2]| v[0] > 0.0 && v[1] > 0.0)
+        .ok_or_else(|| format!("{what}: Pixel Spacing (0028,0030) missing or not positive"))?;
+    let rescale = |tag, default| {
+        frame
+            .and_then(|f| crate::dicom::frames::group_f64(obj, f, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tag))
+            .or_else(|| obj.f64_of(tag))
+            .unwrap_or(default)
+    };
+    Ok(FrameGeometry { iop, ipp, ps, slope: rescale(tags::RESCALE_SLOPE, 1.0), intercept: rescale(tags::RESCALE_INTERCEPT, 0.0) })
+}
+
+/// Read the slices (single-frame instances, or the frames of multi-frame
+/// instances) and build the volume. Errors say what is inconsistent.
 pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, String> {
     if paths.is_empty() {
         return Err("series has no instances".into());
@@ -99,39 +123,54 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, String> {
         let sop = obj.str_of(tags::SOP_INSTANCE_UID).ok_or_else(|| format!("{}: SOP Instance UID missing", p.display()))?;
         let rows = obj.u16_of(tags::ROWS).ok_or_else(|| format!("{sop}: Rows missing"))? as usize;
         let cols = obj.u16_of(tags::COLUMNS).ok_or_else(|| format!("{sop}: Columns missing"))? as usize;
-        let iop: [f64; 6] = obj
-            .f64s_of(tags::IMAGE_ORIENTATION_PATIENT)
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| format!("{sop}: Image Orientation (Patient) (0020,0037) missing or not 6 values"))?;
-        let ipp: [f64; 3] = obj
-            .f64s_of(tags::IMAGE_POSITION_PATIENT)
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| format!("{sop}: Image Position (Patient) (0020,0032) missing or not 3 values"))?;
-        let ps: [f64; 2] = obj
-            .f64s_of(tags::PIXEL_SPACING)
-            .and_then(|v| v.try_into().ok())
-            .filter(|v: &[f64; 2]| v[0] > 0.0 && v[1] > 0.0)
-            .ok_or_else(|| format!("{sop}: Pixel Spacing (0028,0030) missing or not positive"))?;
-        match &shape {
-            None => shape = Some((rows, cols, iop, ps)),
-            Some((r, c, o, s)) => {
-                if (*r, *c) != (rows, cols) {
-                    return Err(format!("mixed matrix sizes: {r}x{c} and {rows}x{cols}"));
-                }
-                if o.iter().zip(iop).any(|(a, b)| (a - b).abs() > 1e-3) {
-                    return Err("slices have different Image Orientation (Patient)".into());
-                }
-                if s.iter().zip(ps).any(|(a, b)| (a - b).abs() > 1e-3) {
-                    return Err("slices have different Pixel Spacing".into());
-                }
-            }
+        let bits = obj.u16_of(tags::BITS_ALLOCATED).ok_or_else(|| format!("{sop}: Bits Allocated (0028,0100) missing"))?;
+        let signed = obj.u16_of(tags::PIXEL_REPRESENTATION).unwrap_or(0) == 1;
+        let spp = obj.u16_of(tags::SAMPLES_PER_PIXEL).unwrap_or(1);
+        if spp != 1 {
+            return Err(format!("{sop}: Samples per Pixel is {spp}; PET must be 1"));
         }
-        let data = pixels(&obj, rows, cols).map_err(|e| format!("{sop}: {e}"))?;
-        let normal = cross([iop[0], iop[1], iop[2]], [iop[3], iop[4], iop[5]]);
-        let pos = ipp[0] * normal[0] + ipp[1] * normal[1] + ipp[2] * normal[2];
+        let multi = crate::dicom::frames::is_multiframe(&obj);
+        let frames = crate::dicom::frames::number_of_frames(&obj);
+        let pixel_data = {
+            let px = obj.element(tags::PIXEL_DATA).map_err(|_| format!("{sop}: Pixel Data missing"))?;
+            px.to_bytes().map_err(|_| format!("{sop}: Pixel Data is encapsulated (compressed); send uncompressed"))?.into_owned()
+        };
         obj.remove_element(tags::PIXEL_DATA);
         let sop_class = obj.str_of(tags::SOP_CLASS_UID).unwrap_or_default();
-        items.push(Item { pos, data, slice: SourceSlice { sop_instance_uid: sop, sop_class_uid: sop_class, dataset: obj } });
+        let dataset = Arc::new(obj);
+        let n = rows * cols;
+        let frame_bytes = n * (bits as usize).div_ceil(8);
+        if pixel_data.len() < frames * frame_bytes {
+            return Err(format!("{sop}: Pixel Data has {} bytes, {frames} frames of {rows}x{cols} need {}", pixel_data.len(), frames * frame_bytes));
+        }
+        for f in 0..frames {
+            let frame = multi.then_some(f);
+            let what = if multi { format!("{sop} frame {}", f + 1) } else { sop.clone() };
+            let g = frame_geometry(&dataset, frame, &what)?;
+            match &shape {
+                None => shape = Some((rows, cols, g.iop, g.ps)),
+                Some((r, c, o, s)) => {
+                    if (*r, *c) != (rows, cols) {
+                        return Err(format!("mixed matrix sizes: {r}x{c} and {rows}x{cols}"));
+                    }
+                    if o.iter().zip(g.iop).any(|(a, b)| (a - b).abs() > 1e-3) {
+                        return Err("slices have different Image Orientation (Patient)".into());
+                    }
+                    if s.iter().zip(g.ps).any(|(a, b)| (a - b).abs() > 1e-3) {
+                        return Err("slices have different Pixel Spacing".into());
+                    }
+                }
+            }
+            let bytes = &pixel_data[f * frame_bytes..(f + 1) * frame_bytes];
+            let data = decode(bytes, bits, signed, n, g.slope, g.intercept).map_err(|e| format!("{what}: {e}"))?;
+            let normal = cross([g.iop[0], g.iop[1], g.iop[2]], [g.iop[3], g.iop[4], g.iop[5]]);
+            let pos = g.ipp[0] * normal[0] + g.ipp[1] * normal[1] + g.ipp[2] * normal[2];
+            items.push(Item {
+                pos,
+                data,
+                slice: SourceSlice { sop_instance_uid: sop.clone(), sop_class_uid: sop_class.clone(), frame, dataset: dataset.clone() },
+            });
+        }
     }
     items.sort_by(|a, b| a.pos.total_cmp(&b.pos));
     let (rows, cols, _, ps) = shape.expect("at least one slice");
@@ -152,7 +191,13 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, String> {
         gaps.clear();
         median
     } else {
-        items[0].slice.dataset.f64_of(tags::SLICE_THICKNESS).unwrap_or(ps[0])
+        let d = &items[0].slice.dataset;
+        items[0]
+            .slice
+            .frame
+            .and_then(|f| crate::dicom::frames::group_f64(d, f, tags::PIXEL_MEASURES_SEQUENCE, tags::SLICE_THICKNESS))
+            .or_else(|| d.f64_of(tags::SLICE_THICKNESS))
+            .unwrap_or(ps[0])
     };
     let nz = items.len();
     let mut data = Vec::with_capacity(rows * cols * nz);

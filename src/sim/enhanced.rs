@@ -276,3 +276,81 @@ pub(super) fn write_images_enhanced(
     std::fs::write(&path, part10::encode(obj).map_err(std::io::Error::other)?)?;
     Ok(SeriesFiles { study_uid: ids.study_uid.clone(), series_uid, sop_uids: vec![sop], files: vec![path] })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::derive::{DeriveParams, derive_series};
+    use crate::dicom::attrs::Attrs;
+    use crate::restore::volume::load;
+
+    fn per_frame_ipp(o: &InMemDicomObject) -> Vec<Option<Vec<f64>>> {
+        let n = crate::dicom::frames::number_of_frames(o);
+        (0..n).map(|f| crate::dicom::frames::group_f64s(o, f, tags::PLANE_POSITION_SEQUENCE, tags::IMAGE_POSITION_PATIENT)).collect()
+    }
+
+    #[test]
+    fn enhanced_loads_like_classic_and_derives_back_in_the_source_frame_order() {
+        let d = tempfile::tempdir().unwrap();
+        let spec = SeriesSpec { slices: 6, matrix: 24, seed: 5, ..Default::default() };
+        let classic = load(&super::super::write_series(&d.path().join("c"), &spec).unwrap().files).unwrap();
+        let path = super::super::write_series_enhanced(&d.path().join("e"), &spec).unwrap().files.remove(0);
+
+        // Scanners need not store frames in position order: reverse them.
+        let mut file = dicom_object::open_file(&path).unwrap();
+        let mut items = file.element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap().to_vec();
+        items.reverse();
+        file.put(sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, items));
+        let px = file.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap().into_owned();
+        let frame = px.len() / spec.slices;
+        let reversed: Vec<u8> = px.chunks(frame).rev().flatten().copied().collect();
+        file.put(el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(reversed)));
+        file.write_to_file(&path).unwrap();
+        let source = file.into_inner();
+
+        let e = load(std::slice::from_ref(&path)).unwrap();
+        assert_eq!((e.volume.nx, e.volume.ny, e.volume.nz), (classic.volume.nx, classic.volume.ny, classic.volume.nz));
+        for (a, b) in e.volume.spacing.iter().zip(classic.volume.spacing) {
+            assert!((a - b).abs() < 1e-9, "{:?} vs {:?}", e.volume.spacing, classic.volume.spacing);
+        }
+        for z in 0..spec.slices {
+            let max = classic.volume.slice(z).iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = e.volume.slice(z).iter().zip(classic.volume.slice(z)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(err <= max / 30_000.0 + 1e-3, "slice {z}: {err} (max {max})");
+        }
+        // Volume order is by position along the normal (+z here), whatever
+        // the frame order (the simulator writes frames head first, -z; the
+        // reversed file has them feet first; the end-to-end test sends the
+        // unreversed one).
+        let ipp = per_frame_ipp(&source);
+        let z_of = |f: usize| ipp[f].as_ref().unwrap()[2];
+        assert!(e.slices.windows(2).all(|w| z_of(w[0].frame.unwrap()) < z_of(w[1].frame.unwrap())));
+
+        // Derive: one instance, frames kept in the source's order with their
+        // own per-frame groups and slopes.
+        let mut restored = e.volume.clone();
+        restored.data.iter_mut().for_each(|v| *v *= 2.0);
+        let params = DeriveParams {
+            engine: "test".into(),
+            notice: None,
+            model_id: "m".into(),
+            series_description_suffix: " [petrestore]".into(),
+            series_number_offset: 1000,
+            device_id: "dev".into(),
+        };
+        let out = derive_series(&e.slices, &restored, &params);
+        assert_eq!(out.len(), 1);
+        let out_path = d.path().join("derived.dcm");
+        std::fs::write(&out_path, part10::encode(out.into_iter().next().unwrap().dataset).unwrap()).unwrap();
+        let o = load(std::slice::from_ref(&out_path)).unwrap();
+        let derived = dicom_object::open_file(&out_path).unwrap().into_inner();
+        assert_eq!(per_frame_ipp(&derived), per_frame_ipp(&source), "per-frame groups stay with their frames");
+        assert_eq!(derived.str_of(tags::NUMBER_OF_FRAMES).as_deref(), Some("6"));
+        for z in 0..spec.slices {
+            assert_eq!(o.slices[z].frame, e.slices[z].frame);
+            let max = restored.slice(z).iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = o.volume.slice(z).iter().zip(restored.slice(z)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(err <= max / 32_766.0 * 0.5 + 1e-3, "slice {z}: {err}");
+        }
+    }
+}

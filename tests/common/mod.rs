@@ -315,6 +315,18 @@ pub fn destination(name: &str, port: u16) -> String {
 }
 
 /// DCMTK storescu as the console.
+/// [`storescu`] proposing only the SOP classes of `files` (`-R`):
+/// storescu's default proposal list lacks Enhanced PET.
+pub fn storescu_required(port: u16, calling: &str, files: &[PathBuf]) -> Output {
+    let bin = require("storescu");
+    Command::new(bin)
+        .args(["-v", "-R", "-aet", calling, "-aec", OUR_AE, "-nh", "127.0.0.1", &port.to_string()])
+        .args(files)
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap()
+}
+
 pub fn storescu(port: u16, calling: &str, files: &[PathBuf]) -> Output {
     let bin = require("storescu");
     Command::new(bin)
