@@ -129,6 +129,7 @@ struct RawRestore {
     tensorrt_workspace_mb: Option<usize>,
     assume_frame_duration_s: Option<f64>,
     assume_units: Option<String>,
+    assume_tracer: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -245,6 +246,9 @@ pub struct RestoreSettings {
     pub assume_frame_duration_s: Option<f64>,
     /// For series without Units, likewise.
     pub assume_units: Option<String>,
+    /// For series without Radiopharmaceutical, likewise (checked against
+    /// the model's tracers like a recorded one).
+    pub assume_tracer: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -566,6 +570,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         tensorrt_workspace_mb: pick!(u, d, restore.tensorrt_workspace_mb),
         assume_frame_duration_s: Some(pick!(u, d, restore.assume_frame_duration_s)).filter(|v: &f64| *v > 0.0),
         assume_units: Some(pick!(u, d, restore.assume_units)).filter(|v: &String| !v.is_empty()),
+        assume_tracer: Some(pick!(u, d, restore.assume_tracer)).filter(|v: &String| !v.is_empty()),
     };
 
     let max_attempts: u32 = pick!(u, d, egress.max_attempts);

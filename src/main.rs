@@ -45,6 +45,10 @@ enum Command {
         /// Units (e.g. BQML), for a series without Units (0054,1001).
         #[arg(long)]
         units: Option<String>,
+        /// Tracer (e.g. Fluorodeoxyglucose), for a series without
+        /// Radiopharmaceutical (0018,0031); checked against the model's tracers.
+        #[arg(long)]
+        tracer: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -319,11 +323,12 @@ struct RestoreArgs {
     model: Option<PathBuf>,
     frame_duration: Option<f64>,
     units: Option<String>,
+    tracer: Option<String>,
     config: Option<PathBuf>,
 }
 
 fn offline_restore(a: RestoreArgs) -> Result<()> {
-    let RestoreArgs { input, output, engine, model, frame_duration, units, config } = a;
+    let RestoreArgs { input, output, engine, model, frame_duration, units, tracer, config } = a;
     let mut settings = load_settings(config.as_ref())?;
     if let Some(fd) = frame_duration {
         if !(fd > 0.0 && fd < 3600.0) {
@@ -333,6 +338,9 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
     }
     if let Some(u) = units {
         settings.restore.assume_units = Some(u);
+    }
+    if let Some(t) = tracer {
+        settings.restore.assume_tracer = Some(t);
     }
     if let Some(m) = model {
         settings.restore.model = m;
@@ -385,8 +393,8 @@ fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(config.as_ref())?;
             rt()?.block_on(app::serve(settings))
         }
-        Command::Restore { input, output, engine, model, frame_duration, units, config } => {
-            offline_restore(RestoreArgs { input, output, engine, model, frame_duration, units, config })
+        Command::Restore { input, output, engine, model, frame_duration, units, tracer, config } => {
+            offline_restore(RestoreArgs { input, output, engine, model, frame_duration, units, tracer, config })
         }
         Command::Status { config, state_dir } => rt()?.block_on(status(config, state_dir)),
         Command::Demo { workdir, slices, matrix, frame_duration } => {

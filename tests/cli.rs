@@ -196,3 +196,44 @@ fn series_missing_frame_duration_and_units_is_explained_and_can_be_supplied() {
     assert!(dd.contains("assumed 30 s") && dd.contains("assumed BQML"), "{dd}");
     assert!(derived.str_of(tags::ACTUAL_FRAME_DURATION).is_none(), "the output must not gain a frame duration the scanner did not record");
 }
+
+#[test]
+fn a_model_restores_only_its_tracers() {
+    use dicom_core::value::DataSetSequence;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("orig"), 4, 32, 49);
+    let input = tmp.path().join("psma");
+    std::fs::create_dir_all(&input).unwrap();
+    for (i, f) in src.files.iter().enumerate() {
+        let mut obj = dicom_object::open_file(f).unwrap();
+        let mut item = obj.element(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE).unwrap().items().unwrap()[0].clone();
+        item.put(DataElement::new(tags::RADIOPHARMACEUTICAL, VR::LO, PrimitiveValue::from("Ga-68 PSMA-11")));
+        item.remove_element(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE);
+        obj.put(DataElement::new(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE, VR::SQ, DataSetSequence::from(vec![item])));
+        obj.write_to_file(input.join(format!("{i}.dcm"))).unwrap();
+    }
+    let model = test_model();
+    let run = |engine: &str, out: &str| {
+        petrestore(&[
+            "restore", "--input", input.to_str().unwrap(), "--output", tmp.path().join(out).to_str().unwrap(),
+            "--engine", engine, "--model", model.to_str().unwrap(),
+        ])
+    };
+    // The model (trained for FDG) refuses a PSMA series, and says why.
+    let out = run("tract", "o1");
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("selection rules") && t.contains("\"Ga-68 PSMA-11\" is not one the model was trained for (Fluorodeoxyglucose)"), "{t}");
+    assert!(!tmp.path().join("o1").exists() || files_under(&tmp.path().join("o1")).is_empty());
+    // The classical filter has no model and no tracer rule.
+    let out = run("gaussian", "o2");
+    assert!(out.status.success(), "{}", text(&out));
+    // The unchanged FDG series passes the same model.
+    let out = petrestore(&[
+        "restore", "--input", tmp.path().join("orig").to_str().unwrap(), "--output", tmp.path().join("o3").to_str().unwrap(),
+        "--engine", "tract", "--model", model.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -151,7 +151,14 @@ pub fn slice_count(slices: usize, instances: usize) -> String {
 /// the daemon's worker and the offline `restore` command.
 pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf]) -> Result<Restored, Ending> {
     let loaded = volume::load(paths).map_err(|e| Ending::Failed(format!("cannot build a volume: {e}")))?;
-    let selected = select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(Ending::Skipped)?;
+    let mut selected = select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(Ending::Skipped)?;
+    // A model restores only the tracers it was trained for; the first
+    // engine with a model decides (a fallback must not take what the
+    // model refused).
+    if let Some(allowed) = engines.iter().find_map(|e| e.tracers()) {
+        let assumed = select::check_tracer(&loaded.slices, &allowed, &s.restore).map_err(Ending::Skipped)?;
+        selected.assumed.extend(assumed);
+    }
     let mut input = loaded.volume;
     input.frame_duration_s = Some(selected.frame_duration_s);
     let (restored, engine, fallbacks) =

@@ -44,6 +44,11 @@ pub trait Engine: Send + Sync {
     fn notice(&self) -> Option<String> {
         None
     }
+    /// The tracers a model was trained for (`[selection] tracers` of its
+    /// package); `None`: the engine has no model and takes any tracer.
+    fn tracers(&self) -> Option<Vec<String>> {
+        None
+    }
 }
 
 /// Written into Derivation Description when a test package is used.

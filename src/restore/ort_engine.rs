@@ -182,6 +182,9 @@ impl Engine for OrtEngine {
     fn model_id(&self) -> String {
         self.pkg.model_id()
     }
+    fn tracers(&self) -> Option<Vec<String>> {
+        Some(self.pkg.selection.tracers.clone())
+    }
     fn check(&self) -> Result<(), EngineError> {
         smoke_test(self, &self.pkg).map_err(unavailable)
     }

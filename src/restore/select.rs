@@ -77,3 +77,165 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
     }
     Ok(Selected { frame_duration_s: secs, units, assumed })
 }
+
+/// Names and codes by which one tracer is recorded. Scanners write the
+/// Radiopharmaceutical text their own way ("Fluorodeoxyglucose", "FDG --
+/// fluorodeoxyglucose", "18F-FDG") or only a code.
+struct Aliases {
+    names: Vec<String>,
+    codes: Vec<&'static str>,
+}
+
+/// Lower case, letters and digits only.
+fn norm(s: &str) -> String {
+    s.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect()
+}
+
+fn aliases(tracer: &str) -> Aliases {
+    let n = norm(tracer);
+    if ["fluorodeoxyglucose", "fdg", "18ffdg", "f18fdg"].contains(&n.as_str()) {
+        // SNOMED CT 35321007 "Fluorodeoxyglucose F^18^"; C-B1031 is its
+        // retired SNOMED-RT code, still sent by older consoles.
+        Aliases { names: vec!["fluorodeoxyglucose".into(), "fdg".into()], codes: vec!["35321007", "C-B1031"] }
+    } else {
+        Aliases { names: vec![n], codes: vec![] }
+    }
+}
+
+/// What the series says its tracer is: Radiopharmaceutical (0018,0031) and
+/// the Radiopharmaceutical Code Sequence (0054,0304) of the first
+/// Radiopharmaceutical Information Sequence item.
+fn recorded_tracer(first: &dicom_object::InMemDicomObject) -> (Option<String>, Option<(String, String)>) {
+    let item = first
+        .element_opt(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE)
+        .ok()
+        .flatten()
+        .and_then(|e| e.items())
+        .and_then(|i| i.first());
+    let Some(item) = item else { return (None, None) };
+    let code = item
+        .element_opt(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE)
+        .ok()
+        .flatten()
+        .and_then(|e| e.items())
+        .and_then(|i| i.first())
+        .and_then(|c| Some((c.str_of(tags::CODE_VALUE)?, c.str_of(tags::CODE_MEANING).unwrap_or_default())));
+    (item.str_of(tags::RADIOPHARMACEUTICAL), code)
+}
+
+/// The tracer rule (DESIGN "Selection rules"): a model restores only the
+/// tracers it was trained for. Returns what was assumed, or why the series
+/// is skipped.
+pub fn check_tracer(slices: &[SourceSlice], allowed: &[String], s: &RestoreSettings) -> Result<Vec<String>, String> {
+    let first = &*slices.first().ok_or("series has no instances")?.dataset;
+    let (name, code) = recorded_tracer(first);
+    let mut assumed = Vec::new();
+    let (name, code) = match (name, code, &s.assume_tracer) {
+        (None, None, Some(t)) => {
+            assumed.push(format!("Radiopharmaceutical (0018,0031) missing: assumed {t} (operator setting)"));
+            (Some(t.clone()), None)
+        }
+        (None, None, None) => {
+            return Err(format!(
+                "Radiopharmaceutical (0018,0031) and its code missing: cannot tell whether the model (trained for {}) applies; \
+                 if you know the tracer, set restore.assume_tracer (or --tracer for `restore`)",
+                allowed.join(", ")
+            ));
+        }
+        (n, c, _) => (n, c),
+    };
+    let matches = allowed.iter().any(|t| {
+        let a = aliases(t);
+        let by_name = |text: &str| {
+            let n = norm(text);
+            a.names.iter().any(|alias| !alias.is_empty() && n.contains(alias.as_str()))
+        };
+        name.as_deref().is_some_and(by_name)
+            || code.as_ref().is_some_and(|(value, meaning)| a.codes.contains(&value.as_str()) || by_name(meaning))
+    });
+    if matches {
+        return Ok(assumed);
+    }
+    let shown = match (&name, &code) {
+        (Some(n), _) => format!("{n:?}"),
+        (None, Some((v, m))) => format!("code {v} ({m})"),
+        (None, None) => unreachable!("handled above"),
+    };
+    Err(format!(
+        "tracer {shown} is not one the model was trained for ({}): its uptake pattern was never seen in training and \
+         restoring it could move SUVs or erase lesions",
+        allowed.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_core::value::DataSetSequence;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_object::InMemDicomObject;
+    use std::sync::Arc;
+
+    fn slice_with(name: Option<&str>, code: Option<(&str, &str)>) -> Vec<SourceSlice> {
+        let mut item = InMemDicomObject::new_empty();
+        if let Some(n) = name {
+            item.put(DataElement::new(tags::RADIOPHARMACEUTICAL, VR::LO, PrimitiveValue::from(n)));
+        }
+        if let Some((v, m)) = code {
+            let c = InMemDicomObject::from_element_iter([
+                DataElement::new(tags::CODE_VALUE, VR::SH, PrimitiveValue::from(v)),
+                DataElement::new(tags::CODING_SCHEME_DESIGNATOR, VR::SH, PrimitiveValue::from("SCT")),
+                DataElement::new(tags::CODE_MEANING, VR::LO, PrimitiveValue::from(m)),
+            ]);
+            item.put(DataElement::new(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE, VR::SQ, DataSetSequence::from(vec![c])));
+        }
+        let mut obj = InMemDicomObject::new_empty();
+        if name.is_some() || code.is_some() {
+            obj.put(DataElement::new(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE, VR::SQ, DataSetSequence::from(vec![item])));
+        }
+        vec![SourceSlice { sop_instance_uid: "1.2".into(), sop_class_uid: "1.2".into(), frame: None, dataset: Arc::new(obj) }]
+    }
+
+    fn settings(assume: Option<&str>) -> RestoreSettings {
+        let mut s = crate::config::Settings::defaults().restore;
+        s.assume_tracer = assume.map(str::to_owned);
+        s
+    }
+
+    #[test]
+    fn fdg_is_recognised_however_the_scanner_writes_it() {
+        let fdg = ["Fluorodeoxyglucose".to_string()];
+        for (name, code) in [
+            (Some("Fluorodeoxyglucose"), None),
+            (Some("FDG -- fluorodeoxyglucose"), None),
+            (Some("18F-FDG"), None),
+            (Some("F-18 FDG"), None),
+            (None, Some(("35321007", "Fluorodeoxyglucose F^18^"))),
+            (None, Some(("C-B1031", "Fluorodeoxyglucose F^18^"))),
+        ] {
+            assert_eq!(check_tracer(&slice_with(name, code), &fdg, &settings(None)), Ok(vec![]), "{name:?} {code:?}");
+        }
+    }
+
+    #[test]
+    fn other_tracers_are_refused_and_a_missing_one_is_explained() {
+        let fdg = ["Fluorodeoxyglucose".to_string()];
+        for (name, code) in [
+            (Some("Ga-68 PSMA-11"), None),
+            (Some("Fluciclovine"), None),
+            (None, Some(("424024001", "Gallium (68-Ga) dotatate"))),
+            (Some("FLT"), None),
+        ] {
+            let e = check_tracer(&slice_with(name, code), &fdg, &settings(None)).unwrap_err();
+            assert!(e.contains("not one the model was trained for (Fluorodeoxyglucose)"), "{e}");
+        }
+        let e = check_tracer(&slice_with(None, None), &fdg, &settings(None)).unwrap_err();
+        assert!(e.contains("Radiopharmaceutical (0018,0031)") && e.contains("restore.assume_tracer") && e.contains("--tracer"), "{e}");
+        // The operator's assumption is checked like a recorded tracer and said.
+        let ok = check_tracer(&slice_with(None, None), &fdg, &settings(Some("FDG"))).unwrap();
+        assert!(ok[0].contains("assumed FDG"), "{ok:?}");
+        assert!(check_tracer(&slice_with(None, None), &fdg, &settings(Some("PSMA"))).is_err());
+        // A recorded tracer wins over the assumption.
+        assert!(check_tracer(&slice_with(Some("PSMA"), None), &fdg, &settings(Some("FDG"))).is_err());
+    }
+}

@@ -74,6 +74,9 @@ impl Engine for TractEngine {
     fn model_id(&self) -> String {
         self.pkg.model_id()
     }
+    fn tracers(&self) -> Option<Vec<String>> {
+        Some(self.pkg.selection.tracers.clone())
+    }
     fn check(&self) -> Result<(), EngineError> {
         smoke_test(self, &self.pkg).map_err(|reason| EngineError::Unavailable { engine: "tract".into(), reason })
     }
