@@ -110,9 +110,7 @@ fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &st
     set_derived(obj, tags::IMAGE_TYPE);
 
     let mut equipment: Vec<InMemDicomObject> = obj
-        .element_opt(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE)
-        .ok()
-        .flatten()
+        .get(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE)
         .and_then(|e| e.items().map(|i| i.to_vec()))
         .unwrap_or_default();
     equipment.push(InMemDicomObject::from_element_iter([
@@ -138,9 +136,7 @@ fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &st
 /// others kept.
 fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag) {
     let mut values: Vec<String> = obj
-        .element_opt(tag)
-        .ok()
-        .flatten()
+        .get(tag)
         .and_then(|e| e.to_str().ok().map(|s| s.split('\\').map(|x| x.trim().to_string()).collect()))
         .unwrap_or_default();
     if values.len() < 2 {
@@ -210,7 +206,7 @@ fn derive_single(src: &SourceSlice, values: &[f32], p: &DeriveParams, now: &str)
 /// Apply `f` to the first item of functional group `macro_seq` in `fg`
 /// (a Shared or one Per-frame Functional Groups item).
 fn edit_group(fg: &mut InMemDicomObject, macro_seq: dicom_core::Tag, f: impl FnOnce(&mut InMemDicomObject)) -> bool {
-    let Some(mut items) = fg.element_opt(macro_seq).ok().flatten().and_then(|e| e.items().map(|i| i.to_vec())) else {
+    let Some(mut items) = fg.get(macro_seq).and_then(|e| e.items().map(|i| i.to_vec())) else {
         return false;
     };
     let Some(first) = items.first_mut() else { return false };
@@ -220,7 +216,7 @@ fn edit_group(fg: &mut InMemDicomObject, macro_seq: dicom_core::Tag, f: impl FnO
 }
 
 fn fg_items(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Vec<InMemDicomObject> {
-    obj.element_opt(tag).ok().flatten().and_then(|e| e.items().map(|i| i.to_vec())).unwrap_or_default()
+    obj.get(tag).and_then(|e| e.items().map(|i| i.to_vec())).unwrap_or_default()
 }
 
 /// A multi-frame (Enhanced PET) instance: the Derivation Image macro in the

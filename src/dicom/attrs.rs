@@ -1,5 +1,12 @@
 //! Typed, forgiving attribute access: `None` when absent or unparsable, so
 //! callers decide what a missing attribute means and say so.
+//!
+//! Look attributes up with `get`, never `element`/`element_opt`, where they
+//! may be absent: dicom-object builds its "no such element" error with a
+//! forced backtrace capture (a stack walk, whatever RUST_BACKTRACE says).
+//! Ingest looked up a few absent attributes per instance this way; profiles
+//! showed the stack walks, though ingest wall time did not measurably move
+//! when they went (BENCHMARKS.md).
 
 use dicom_core::Tag;
 use dicom_object::InMemDicomObject;
@@ -16,22 +23,22 @@ pub trait Attrs {
 
 impl Attrs for InMemDicomObject {
     fn str_of(&self, tag: Tag) -> Option<String> {
-        let e = self.element_opt(tag).ok()??;
+        let e = self.get(tag)?;
         let s = e.to_str().ok()?;
         let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
         (!s.is_empty()).then(|| s.to_owned())
     }
     fn u16_of(&self, tag: Tag) -> Option<u16> {
-        self.element_opt(tag).ok()??.to_int::<u16>().ok()
+        self.get(tag)?.to_int::<u16>().ok()
     }
     fn i64_of(&self, tag: Tag) -> Option<i64> {
-        self.element_opt(tag).ok()??.to_int::<i64>().ok()
+        self.get(tag)?.to_int::<i64>().ok()
     }
     fn f64_of(&self, tag: Tag) -> Option<f64> {
-        self.element_opt(tag).ok()??.to_float64().ok().filter(|v| v.is_finite())
+        self.get(tag)?.to_float64().ok().filter(|v| v.is_finite())
     }
     fn f64s_of(&self, tag: Tag) -> Option<Vec<f64>> {
-        let v = self.element_opt(tag).ok()??.to_multi_float64().ok()?;
+        let v = self.get(tag)?.to_multi_float64().ok()?;
         (!v.is_empty() && v.iter().all(|x| x.is_finite())).then_some(v)
     }
 }

@@ -16,22 +16,20 @@ pub fn number_of_frames(obj: &InMemDicomObject) -> usize {
 
 /// Whether the instance is organised in functional groups.
 pub fn is_multiframe(obj: &InMemDicomObject) -> bool {
-    obj.element_opt(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).ok().flatten().is_some()
-        || obj.element_opt(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).ok().flatten().is_some()
+    obj.get(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).is_some()
+        || obj.get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).is_some()
         || number_of_frames(obj) > 1
 }
 
 fn first_item(obj: &InMemDicomObject, seq: Tag) -> Option<&InMemDicomObject> {
-    obj.element_opt(seq).ok()??.items()?.first()
+    obj.get(seq)?.items()?.first()
 }
 
 /// The item of functional group `macro_seq` (e.g. Plane Position Sequence)
 /// that applies to `frame` (0-based).
 pub fn group(obj: &InMemDicomObject, frame: usize, macro_seq: Tag) -> Option<&InMemDicomObject> {
     let per_frame = obj
-        .element_opt(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
-        .ok()
-        .flatten()
+        .get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
         .and_then(|e| e.items())
         .and_then(|items| items.get(frame))
         .and_then(|item| first_item(item, macro_seq));

@@ -148,7 +148,7 @@ impl SpoolSink {
 
 /// A truncated Pixel Data element is the commonest broken instance.
 fn check_pixel_length(obj: &InMemDicomObject) -> Result<(), StoreError> {
-    let Ok(Some(px)) = obj.element_opt(tags::PIXEL_DATA) else { return Err(StoreError::Missing("Pixel Data")) };
+    let Some(px) = obj.get(tags::PIXEL_DATA) else { return Err(StoreError::Missing("Pixel Data")) };
     let Ok(bytes) = px.to_bytes() else { return Ok(()) }; // encapsulated: not ours to check
     let rows = obj.u16_of(tags::ROWS).ok_or(StoreError::Missing("Rows"))? as usize;
     let cols = obj.u16_of(tags::COLUMNS).ok_or(StoreError::Missing("Columns"))? as usize;

@@ -107,16 +107,12 @@ fn aliases(tracer: &str) -> Aliases {
 /// Radiopharmaceutical Information Sequence item.
 fn recorded_tracer(first: &dicom_object::InMemDicomObject) -> (Option<String>, Option<(String, String)>) {
     let item = first
-        .element_opt(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE)
-        .ok()
-        .flatten()
+        .get(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE)
         .and_then(|e| e.items())
         .and_then(|i| i.first());
     let Some(item) = item else { return (None, None) };
     let code = item
-        .element_opt(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE)
-        .ok()
-        .flatten()
+        .get(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE)
         .and_then(|e| e.items())
         .and_then(|i| i.first())
         .and_then(|c| Some((c.str_of(tags::CODE_VALUE)?, c.str_of(tags::CODE_MEANING).unwrap_or_default())));
