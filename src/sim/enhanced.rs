@@ -170,41 +170,19 @@ pub(super) fn write_images_enhanced(
         code_seq(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE, "35321007", "Fluorodeoxyglucose F^18^", None),
         code_seq(tags::ADMINISTRATION_ROUTE_CODE_SEQUENCE, "47625008", "Intravenous route", None),
     ]);
-    let obj = item([
-        el(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
+    let obj = item(super::study_elements(spec, ids, &series_uid, description).into_iter().chain([
         strs(tags::IMAGE_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "STATIC", "NONE"]),
         el(tags::SOP_CLASS_UID, VR::UI, ENHANCED_PET_IMAGE_STORAGE),
         el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()),
-        el(tags::STUDY_DATE, VR::DA, "20261127"),
-        el(tags::SERIES_DATE, VR::DA, "20261127"),
         el(tags::CONTENT_DATE, VR::DA, "20261127"),
         el(tags::ACQUISITION_DATE_TIME, VR::DT, acq_dt),
-        el(tags::STUDY_TIME, VR::TM, "090000"),
-        el(tags::SERIES_TIME, VR::TM, "093000"),
         el(tags::CONTENT_TIME, VR::TM, "093000"),
-        el(tags::ACCESSION_NUMBER, VR::SH, "SIM0001"),
-        el(tags::MODALITY, VR::CS, "PT"),
-        el(tags::MANUFACTURER, VR::LO, "petrestore simulator"),
-        el(tags::REFERRING_PHYSICIAN_NAME, VR::PN, ""),
-        el(tags::SERIES_DESCRIPTION, VR::LO, description),
         el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "petrestore simulator"),
-        el(tags::PATIENT_NAME, VR::PN, "SIMULATED^PATIENT"),
-        el(tags::PATIENT_ID, VR::LO, format!("SIM{}", spec.seed)),
-        el(tags::PATIENT_BIRTH_DATE, VR::DA, ""),
-        el(tags::PATIENT_SEX, VR::CS, "O"),
-        el(tags::PATIENT_SIZE, VR::DS, "1.75"),
-        el(tags::PATIENT_WEIGHT, VR::DS, "75"),
-        el(tags::BODY_PART_EXAMINED, VR::CS, "WHOLEBODY"),
         el(tags::DEVICE_SERIAL_NUMBER, VR::LO, "SIM-0001"),
         el(tags::SOFTWARE_VERSIONS, VR::LO, env!("CARGO_PKG_VERSION")),
         el(tags::ACQUISITION_DURATION, VR::FD, PrimitiveValue::from(duration_s)),
-        el(tags::STUDY_INSTANCE_UID, VR::UI, ids.study_uid.as_str()),
-        el(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str()),
-        el(tags::STUDY_ID, VR::SH, "1"),
         el(tags::SERIES_NUMBER, VR::IS, "4"),
         el(tags::INSTANCE_NUMBER, VR::IS, "1"),
-        el(tags::FRAME_OF_REFERENCE_UID, VR::UI, ids.frame_of_ref.as_str()),
-        el(tags::POSITION_REFERENCE_INDICATOR, VR::LO, ""),
         el(tags::SAMPLES_PER_PIXEL, VR::US, 1u16),
         el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
         el(tags::NUMBER_OF_FRAMES, VR::IS, images.len().to_string()),
@@ -271,7 +249,7 @@ pub(super) fn write_images_enhanced(
         sq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]),
         sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame),
         el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)),
-    ]);
+    ]));
     let path = dir.join("enhanced.dcm");
     std::fs::write(&path, part10::encode(obj).map_err(std::io::Error::other)?)?;
     Ok(SeriesFiles { study_uid: ids.study_uid.clone(), series_uid, sop_uids: vec![sop], files: vec![path] })

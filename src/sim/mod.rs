@@ -441,13 +441,41 @@ fn code_seq(tag: dicom_core::Tag, value: &str, meaning: &str, modifier: Option<(
     DataElement::new(tag, VR::SQ, DataSetSequence::from(vec![item]))
 }
 
+/// Patient, study and series attributes shared by the classic and the
+/// Enhanced PET writers.
+fn study_elements(spec: &SeriesSpec, ids: &StudyIds, series_uid: &str, description: &str) -> Vec<DataElement<InMemDicomObject>> {
+    vec![
+        el(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
+        el(tags::STUDY_DATE, VR::DA, "20261127"),
+        el(tags::SERIES_DATE, VR::DA, "20261127"),
+        el(tags::STUDY_TIME, VR::TM, "090000"),
+        el(tags::SERIES_TIME, VR::TM, "093000"),
+        el(tags::ACCESSION_NUMBER, VR::SH, "SIM0001"),
+        el(tags::MODALITY, VR::CS, "PT"),
+        el(tags::MANUFACTURER, VR::LO, "petrestore simulator"),
+        el(tags::SERIES_DESCRIPTION, VR::LO, description),
+        el(tags::PATIENT_NAME, VR::PN, "SIMULATED^PATIENT"),
+        el(tags::PATIENT_ID, VR::LO, format!("SIM{}", spec.seed)),
+        el(tags::PATIENT_BIRTH_DATE, VR::DA, ""),
+        el(tags::PATIENT_SEX, VR::CS, "O"),
+        el(tags::PATIENT_WEIGHT, VR::DS, "75"),
+        el(tags::PATIENT_SIZE, VR::DS, "1.75"),
+        el(tags::REFERRING_PHYSICIAN_NAME, VR::PN, ""),
+        el(tags::BODY_PART_EXAMINED, VR::CS, "WHOLEBODY"),
+        el(tags::STUDY_INSTANCE_UID, VR::UI, ids.study_uid.as_str()),
+        el(tags::SERIES_INSTANCE_UID, VR::UI, series_uid),
+        el(tags::STUDY_ID, VR::SH, "1"),
+        el(tags::FRAME_OF_REFERENCE_UID, VR::UI, ids.frame_of_ref.as_str()),
+        el(tags::POSITION_REFERENCE_INDICATOR, VR::LO, ""),
+    ]
+}
+
 /// Write images (Bq/ml, one per slice) as a PET series with every attribute
 /// a scanner series carries.
 fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, description: &str, images: &[Vec<f64>]) -> std::io::Result<SeriesFiles> {
     std::fs::create_dir_all(dir)?;
     let study_uid = ids.study_uid.clone();
     let series_uid = derived_uid(&ids.root, &format!("series-{duration_s}s"));
-    let frame_of_ref = ids.frame_of_ref.clone();
     let n = spec.matrix;
     let px = spec.fov_mm / n as f64;
     let mut out = SeriesFiles { study_uid: study_uid.clone(), series_uid: series_uid.clone(), sop_uids: vec![], files: vec![] };
@@ -478,38 +506,17 @@ fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, 
                 ])]),
             ),
         ]);
-        let obj = InMemDicomObject::from_element_iter([
-            el(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
+        let obj = InMemDicomObject::from_element_iter(study_elements(spec, ids, &series_uid, description).into_iter().chain([
             el(tags::IMAGE_TYPE, VR::CS, PrimitiveValue::Strs(["ORIGINAL", "PRIMARY"].map(String::from).into_iter().collect())),
             el(tags::SOP_CLASS_UID, VR::UI, PET_IMAGE_STORAGE),
             el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()),
-            el(tags::STUDY_DATE, VR::DA, "20261127"),
-            el(tags::SERIES_DATE, VR::DA, "20261127"),
             el(tags::ACQUISITION_DATE, VR::DA, "20261127"),
-            el(tags::STUDY_TIME, VR::TM, "090000"),
-            el(tags::SERIES_TIME, VR::TM, "093000"),
             el(tags::ACQUISITION_TIME, VR::TM, "093000"),
-            el(tags::ACCESSION_NUMBER, VR::SH, "SIM0001"),
-            el(tags::MODALITY, VR::CS, "PT"),
-            el(tags::MANUFACTURER, VR::LO, "petrestore simulator"),
-            el(tags::SERIES_DESCRIPTION, VR::LO, description),
-            el(tags::PATIENT_NAME, VR::PN, "SIMULATED^PATIENT"),
-            el(tags::PATIENT_ID, VR::LO, format!("SIM{}", spec.seed)),
-            el(tags::PATIENT_BIRTH_DATE, VR::DA, ""),
-            el(tags::PATIENT_SEX, VR::CS, "O"),
-            el(tags::REFERRING_PHYSICIAN_NAME, VR::PN, ""),
-            el(tags::BODY_PART_EXAMINED, VR::CS, "WHOLEBODY"),
-            el(tags::POSITION_REFERENCE_INDICATOR, VR::LO, ""),
             el(tags::COLLIMATOR_TYPE, VR::CS, "NONE"),
             code_seq(tags::PATIENT_ORIENTATION_CODE_SEQUENCE, "102538003", "recumbent", Some((tags::PATIENT_ORIENTATION_MODIFIER_CODE_SEQUENCE, "40199007", "supine"))),
             code_seq(tags::PATIENT_GANTRY_RELATIONSHIP_CODE_SEQUENCE, "102540008", "headfirst", None),
-            el(tags::PATIENT_WEIGHT, VR::DS, "75"),
-            el(tags::PATIENT_SIZE, VR::DS, "1.75"),
             el(tags::SLICE_THICKNESS, VR::DS, crate::derive::ds(spec.slice_thickness_mm)),
             el(tags::ACTUAL_FRAME_DURATION, VR::IS, ms.to_string()),
-            el(tags::STUDY_INSTANCE_UID, VR::UI, study_uid.as_str()),
-            el(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str()),
-            el(tags::STUDY_ID, VR::SH, "1"),
             el(tags::SERIES_NUMBER, VR::IS, "3"),
             el(tags::INSTANCE_NUMBER, VR::IS, (k + 1).to_string()),
             el(
@@ -520,7 +527,6 @@ fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, 
                 ),
             ),
             el(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, PrimitiveValue::Strs(["1", "0", "0", "0", "1", "0"].map(String::from).into_iter().collect())),
-            el(tags::FRAME_OF_REFERENCE_UID, VR::UI, frame_of_ref.as_str()),
             el(tags::SLICE_LOCATION, VR::DS, crate::derive::ds(-z)),
             el(tags::SAMPLES_PER_PIXEL, VR::US, 1u16),
             el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
@@ -544,7 +550,7 @@ fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, 
             el(tags::IMAGE_INDEX, VR::US, (k + 1) as u16),
             DataElement::new(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE, VR::SQ, DataSetSequence::from(vec![radiopharm])),
             el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(bytes)),
-        ]);
+        ]));
         let path = dir.join(format!("{:04}.dcm", k + 1));
         std::fs::write(&path, part10::encode(obj).map_err(std::io::Error::other)?)?;
         out.sop_uids.push(sop);
