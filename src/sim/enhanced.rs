@@ -331,4 +331,29 @@ mod tests {
             assert!(err <= max / 32_766.0 * 0.5 + 1e-3, "slice {z}: {err}");
         }
     }
+
+    #[test]
+    fn broken_multi_frame_instances_are_refused_with_the_frame_and_attribute() {
+        let d = tempfile::tempdir().unwrap();
+        let spec = SeriesSpec { slices: 4, matrix: 16, seed: 6, ..Default::default() };
+        let path = super::super::write_series_enhanced(&d.path().join("e"), &spec).unwrap().files.remove(0);
+        let original = dicom_object::open_file(&path).unwrap();
+
+        // Frame 3 lost its position (and there is none shared to fall back on).
+        let mut f = original.clone();
+        let mut items = f.element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap().to_vec();
+        items[2].remove_element(tags::PLANE_POSITION_SEQUENCE);
+        f.put(sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, items));
+        f.write_to_file(&path).unwrap();
+        let e = load(std::slice::from_ref(&path)).unwrap_err();
+        assert!(e.contains("frame 3") && e.contains("Image Position (Patient)"), "{e}");
+
+        // More frames announced than Pixel Data holds.
+        let mut f = original.clone();
+        f.put(el(tags::NUMBER_OF_FRAMES, VR::IS, "5"));
+        f.write_to_file(&path).unwrap();
+        let e = load(std::slice::from_ref(&path)).unwrap_err();
+        assert!(e.contains("5 frames of 16x16 need"), "{e}");
+    }
+
 }
