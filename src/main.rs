@@ -102,6 +102,10 @@ enum Command {
         /// (one frame per slice) instead of one file per slice.
         #[arg(long)]
         enhanced: bool,
+        /// Without --physics: one Legacy Converted Enhanced PET instance
+        /// (what a PACS makes of a classic series).
+        #[arg(long, conflicts_with = "enhanced")]
+        legacy: bool,
     },
     /// Simulate a training or evaluation dataset (compact .npy studies with
     /// nested 30/60/90 s frames, noise-free reconstruction, truth, lesions).
@@ -404,7 +408,7 @@ fn run(cli: Cli) -> Result<()> {
             let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, ..Default::default() };
             rt()?.block_on(demo::run(demo::DemoOptions { workdir, spec }))
         }
-        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: true, phantom, post_filter, enhanced } => {
+        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: true, phantom, post_filter, enhanced, legacy } => {
             let phantom = match phantom.as_str() {
                 "torso" => sim::Phantom::Torso,
                 "nema" => sim::Phantom::Nema,
@@ -416,8 +420,8 @@ fn run(cli: Cli) -> Result<()> {
             if !(0.0..=30.0).contains(&post_filter) {
                 bail!("--post-filter {post_filter}: give a FWHM in mm from 0 (none) to 30");
             }
-            if enhanced {
-                bail!("--enhanced is for the simple image model; --physics writes classic PET series (one file per slice)");
+            if enhanced || legacy {
+                bail!("--enhanced and --legacy are for the simple image model; --physics writes classic PET series (one file per slice)");
             }
             let sc = sim::physics::Scanner { post_filter_fwhm_mm: post_filter, ..Default::default() };
             let st = sim::write_study_physical(&out, &spec, &sc, phantom)
@@ -428,12 +432,17 @@ fn run(cli: Cli) -> Result<()> {
             println!("truth: {}, lesions: {} ({:.1} s)", st.truth.display(), st.lesions.display(), t.elapsed().as_secs_f64());
             Ok(())
         }
-        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: false, enhanced, .. } => {
+        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: false, enhanced, legacy, .. } => {
             let spec = sim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
-            let write = if enhanced { sim::write_series_enhanced } else { sim::write_series };
+            let write = match (enhanced, legacy) {
+                (true, _) => sim::write_series_enhanced,
+                (_, true) => sim::write_series_legacy,
+                _ => sim::write_series,
+            };
             let s = write(&out, &spec).with_context(|| format!("cannot write into {}", out.display()))?;
-            if enhanced {
-                println!("wrote {slices} slices as one Enhanced PET instance of series {} into {}", s.series_uid, s.files[0].display());
+            if enhanced || legacy {
+                let kind = if legacy { "Legacy Converted Enhanced PET" } else { "Enhanced PET" };
+                println!("wrote {slices} slices as one {kind} instance of series {} into {}", s.series_uid, s.files[0].display());
             } else {
                 println!("wrote {} slices of series {} into {}", s.files.len(), s.series_uid, out.display());
             }

@@ -237,3 +237,41 @@ fn a_model_restores_only_its_tracers() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn enhanced_and_legacy_converted_pet_restore_offline_and_stay_valid() {
+    use dicom_dictionary_std::tags;
+    use petrestore::dicom::attrs::Attrs;
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = petrestore::sim::SeriesSpec { slices: 6, matrix: 32, seed: 51, frame_duration_s: 30.0, ..Default::default() };
+    let enhanced = petrestore::sim::write_series_enhanced(&tmp.path().join("enh"), &spec).unwrap();
+    let legacy = petrestore::sim::write_series_legacy(&tmp.path().join("leg"), &spec).unwrap();
+    for (name, src, class) in [
+        ("enh", &enhanced, petrestore::dicom::ENHANCED_PET_IMAGE_STORAGE),
+        ("leg", &legacy, petrestore::dicom::LEGACY_ENHANCED_PET_IMAGE_STORAGE),
+    ] {
+        // The neural engine (tracer and duration read from the functional
+        // groups / converted attributes) and the Gaussian both take it.
+        for engine in ["tract", "gaussian"] {
+            let out_dir = tmp.path().join(format!("{name}-{engine}"));
+            let out = petrestore(&[
+                "restore", "--input", src.files[0].parent().unwrap().to_str().unwrap(), "--output", out_dir.to_str().unwrap(),
+                "--engine", engine, "--model", test_model().to_str().unwrap(),
+            ]);
+            assert!(out.status.success(), "{name} {engine}: {}", text(&out));
+            assert!(text(&out).contains("restored 6 slices in 1 multi-frame instance"), "{}", text(&out));
+            let files = files_under(&out_dir);
+            assert_eq!(files.len(), 1);
+            let errors = iod_errors(&files[0]);
+            assert!(errors.is_empty(), "{name} {engine}: {errors:#?}");
+            let o = dicom_object::open_file(&files[0]).unwrap().into_inner();
+            assert_eq!(o.str_of(tags::SOP_CLASS_UID).as_deref(), Some(class));
+            let loaded = petrestore::restore::volume::load(&files).unwrap();
+            assert_eq!(loaded.volume.nz, 6);
+            // a 30 s frame stays 30 s wherever the source recorded it
+            assert_eq!(petrestore::dicom::frames::frame_duration_ms(&o, Some(0)), Some(30000.0), "{name}");
+        }
+        let errors = iod_errors(&src.files[0]);
+        assert!(errors.is_empty(), "{name} source: {errors:#?}");
+    }
+}

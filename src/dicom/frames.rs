@@ -49,22 +49,39 @@ pub fn group_str(obj: &InMemDicomObject, frame: usize, macro_seq: Tag, tag: Tag)
     group(obj, frame, macro_seq)?.str_of(tag)
 }
 
-/// Frame duration in ms: Actual Frame Duration (0018,1242) of a classic
-/// instance, or Frame Acquisition Duration (0018,9220) of the frame's Frame
-/// Content (0020,9111) in a multi-frame one.
-pub fn frame_duration_ms(obj: &InMemDicomObject, frame: Option<usize>) -> Option<f64> {
-    match frame {
-        None => obj.f64_of(tags::ACTUAL_FRAME_DURATION),
-        Some(f) => group_f64(obj, f, tags::FRAME_CONTENT_SEQUENCE, tags::FRAME_ACQUISITION_DURATION)
-            .or_else(|| obj.f64_of(tags::ACTUAL_FRAME_DURATION)),
-    }
+/// Look up a classic attribute: at the top level, else (Legacy Converted
+/// Enhanced objects) in the frame's Unassigned Per-frame Converted
+/// Attributes, else in the Unassigned Shared Converted Attributes, where a
+/// conversion puts what has no functional group.
+pub fn classic<'a, T>(obj: &'a InMemDicomObject, frame: Option<usize>, read: impl Fn(&'a InMemDicomObject) -> Option<T>) -> Option<T> {
+    read(obj).or_else(|| {
+        let f = frame?;
+        let per_frame = obj
+            .get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+            .and_then(|e| e.items())
+            .and_then(|items| items.get(f))
+            .and_then(|item| first_item(item, tags::UNASSIGNED_PER_FRAME_CONVERTED_ATTRIBUTES_SEQUENCE));
+        let shared = first_item(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE)
+            .and_then(|item| first_item(item, tags::UNASSIGNED_SHARED_CONVERTED_ATTRIBUTES_SEQUENCE));
+        per_frame.and_then(&read).or_else(|| shared.and_then(&read))
+    })
 }
 
-/// Units of the pixel values: Units (0054,1001) of a classic instance; a
-/// multi-frame one states them as the Rescale Type of its Pixel Value
-/// Transformation (Enhanced PET has no Units attribute).
+/// Frame duration in ms: Actual Frame Duration (0018,1242) of a classic
+/// instance, or Frame Acquisition Duration (0018,9220) of the frame's Frame
+/// Content (0020,9111) in a multi-frame one (a Legacy Converted one keeps
+/// Actual Frame Duration among its converted attributes).
+pub fn frame_duration_ms(obj: &InMemDicomObject, frame: Option<usize>) -> Option<f64> {
+    frame
+        .and_then(|f| group_f64(obj, f, tags::FRAME_CONTENT_SEQUENCE, tags::FRAME_ACQUISITION_DURATION))
+        .or_else(|| classic(obj, frame, |o| o.f64_of(tags::ACTUAL_FRAME_DURATION)))
+}
+
+/// Units of the pixel values: Units (0054,1001) of a classic instance; an
+/// Enhanced PET one states them as the Rescale Type of its Pixel Value
+/// Transformation (it has no Units attribute).
 pub fn units(obj: &InMemDicomObject, frame: Option<usize>) -> Option<String> {
-    obj.str_of(tags::UNITS).or_else(|| {
+    classic(obj, frame, |o| o.str_of(tags::UNITS)).or_else(|| {
         let f = frame?;
         group_str(obj, f, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_TYPE)
     })

@@ -105,11 +105,10 @@ fn aliases(tracer: &str) -> Aliases {
 /// What the series says its tracer is: Radiopharmaceutical (0018,0031) and
 /// the Radiopharmaceutical Code Sequence (0054,0304) of the first
 /// Radiopharmaceutical Information Sequence item.
-fn recorded_tracer(first: &dicom_object::InMemDicomObject) -> (Option<String>, Option<(String, String)>) {
-    let item = first
-        .get(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE)
-        .and_then(|e| e.items())
-        .and_then(|i| i.first());
+fn recorded_tracer(first: &dicom_object::InMemDicomObject, frame: Option<usize>) -> (Option<String>, Option<(String, String)>) {
+    let item = frames::classic(first, frame, |o| {
+        o.get(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE).and_then(|e| e.items()).and_then(|i| i.first())
+    });
     let Some(item) = item else { return (None, None) };
     let code = item
         .get(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE)
@@ -123,8 +122,8 @@ fn recorded_tracer(first: &dicom_object::InMemDicomObject) -> (Option<String>, O
 /// tracers it was trained for. Returns what was assumed, or why the series
 /// is skipped.
 pub fn check_tracer(slices: &[SourceSlice], allowed: &[String], s: &RestoreSettings) -> Result<Vec<String>, String> {
-    let first = &*slices.first().ok_or("series has no instances")?.dataset;
-    let (name, code) = recorded_tracer(first);
+    let first_slice = slices.first().ok_or("series has no instances")?;
+    let (name, code) = recorded_tracer(&first_slice.dataset, first_slice.frame);
     let mut assumed = Vec::new();
     let (name, code) = match (name, code, &s.assume_tracer) {
         (None, None, Some(t)) => {

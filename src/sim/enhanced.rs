@@ -255,6 +255,133 @@ pub(super) fn write_images_enhanced(
     Ok(SeriesFiles { study_uid: ids.study_uid.clone(), series_uid, sop_uids: vec![sop], files: vec![path] })
 }
 
+/// Write `images` as one Legacy Converted Enhanced PET instance (PS3.3
+/// A.65.3), the way a PACS converts a classic series: the PET attributes
+/// that have no functional group (Units, Actual Frame Duration, the
+/// radiopharmaceutical, decay correction) travel in the Unassigned Shared
+/// Converted Attributes, and each frame names the classic slice it came from.
+pub(super) fn write_images_legacy(
+    dir: &Path,
+    spec: &SeriesSpec,
+    ids: &StudyIds,
+    duration_s: f64,
+    description: &str,
+    images: &[Vec<f64>],
+) -> std::io::Result<SeriesFiles> {
+    std::fs::create_dir_all(dir)?;
+    let series_uid = derived_uid(&ids.root, &format!("legacy-series-{duration_s}s"));
+    let sop = derived_uid(&series_uid, "instance-1");
+    let n = spec.matrix;
+    let px = spec.fov_mm / n as f64;
+    let ms = (duration_s * 1000.0).round() as i64;
+    let mut pixels = Vec::with_capacity(images.len() * n * n * 2);
+    let mut per_frame = Vec::with_capacity(images.len());
+    for (k, img) in images.iter().enumerate() {
+        let max = img.iter().cloned().fold(0.0, f64::max);
+        let slope = ds(if max > 0.0 { max / 32000.0 } else { 1.0 });
+        let slope_v: f64 = slope.parse().expect("ds parses");
+        for v in img {
+            pixels.extend_from_slice(&((v / slope_v).round().clamp(0.0, 32767.0) as i16).to_le_bytes());
+        }
+        let z = k as f64 * spec.slice_thickness_mm;
+        per_frame.push(item([
+            sq(tags::FRAME_CONTENT_SEQUENCE, vec![item([])]),
+            sq(
+                tags::PLANE_POSITION_SEQUENCE,
+                vec![item([dss(tags::IMAGE_POSITION_PATIENT, &[-spec.fov_mm / 2.0 + px / 2.0, -spec.fov_mm / 2.0 + px / 2.0, -z])])],
+            ),
+            sq(
+                tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
+                vec![item([el(tags::RESCALE_INTERCEPT, VR::DS, "0"), el(tags::RESCALE_SLOPE, VR::DS, slope), el(tags::RESCALE_TYPE, VR::LO, "BQML")])],
+            ),
+            sq(
+                tags::CONVERSION_SOURCE_ATTRIBUTES_SEQUENCE,
+                vec![item([
+                    el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, crate::dicom::PET_IMAGE_STORAGE),
+                    el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, derived_uid(&series_uid, &format!("classic-slice-{k}"))),
+                ])],
+            ),
+            sq(
+                tags::UNASSIGNED_PER_FRAME_CONVERTED_ATTRIBUTES_SEQUENCE,
+                vec![item([el(tags::IMAGE_INDEX, VR::US, (k + 1) as u16), el(tags::SLICE_LOCATION, VR::DS, ds(-z))])],
+            ),
+        ]));
+    }
+    let radiopharm = item([
+        el(tags::RADIOPHARMACEUTICAL, VR::LO, "Fluorodeoxyglucose"),
+        el(tags::RADIOPHARMACEUTICAL_START_TIME, VR::TM, "083000"),
+        el(tags::RADIONUCLIDE_TOTAL_DOSE, VR::DS, "370000000"),
+        el(tags::RADIONUCLIDE_HALF_LIFE, VR::DS, "6586.2"),
+        el(tags::RADIONUCLIDE_POSITRON_FRACTION, VR::DS, "0.9673"),
+        code_seq(tags::RADIONUCLIDE_CODE_SEQUENCE, "77004003", "^18^Fluorine", None),
+    ]);
+    let shared = item([
+        sq(
+            tags::PIXEL_MEASURES_SEQUENCE,
+            vec![item([dss(tags::PIXEL_SPACING, &[px, px]), el(tags::SLICE_THICKNESS, VR::DS, ds(spec.slice_thickness_mm))])],
+        ),
+        sq(tags::PLANE_ORIENTATION_SEQUENCE, vec![item([strs(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &["1", "0", "0", "0", "1", "0"])])]),
+        sq(
+            tags::PET_FRAME_TYPE_SEQUENCE,
+            vec![item([
+                strs(tags::FRAME_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "STATIC", "NONE"]),
+                el(tags::PIXEL_PRESENTATION, VR::CS, "MONOCHROME"),
+                el(tags::VOLUMETRIC_PROPERTIES, VR::CS, "VOLUME"),
+                el(tags::VOLUME_BASED_CALCULATION_TECHNIQUE, VR::CS, "NONE"),
+            ])],
+        ),
+        sq(
+            tags::UNASSIGNED_SHARED_CONVERTED_ATTRIBUTES_SEQUENCE,
+            vec![item([
+                el(tags::ACTUAL_FRAME_DURATION, VR::IS, ms.to_string()),
+                el(tags::UNITS, VR::CS, "BQML"),
+                el(tags::DECAY_CORRECTION, VR::CS, "START"),
+                el(tags::COUNTS_SOURCE, VR::CS, "EMISSION"),
+                strs(tags::SERIES_TYPE, VR::CS, &["WHOLE BODY", "IMAGE"]),
+                strs(tags::CORRECTED_IMAGE, VR::CS, &["DECY", "ATTN", "SCAT", "DTIM", "RAN", "NORM"]),
+                el(tags::NUMBER_OF_SLICES, VR::US, images.len() as u16),
+                sq(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE, vec![radiopharm]),
+            ])],
+        ),
+    ]);
+    let obj = item(super::study_elements(spec, ids, &series_uid, description).into_iter().chain([
+        strs(tags::IMAGE_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "STATIC", "NONE"]),
+        el(tags::CONTENT_QUALIFICATION, VR::CS, "PRODUCT"),
+        el(tags::PIXEL_PRESENTATION, VR::CS, "MONOCHROME"),
+        el(tags::VOLUMETRIC_PROPERTIES, VR::CS, "VOLUME"),
+        el(tags::VOLUME_BASED_CALCULATION_TECHNIQUE, VR::CS, "NONE"),
+        sq(tags::ACQUISITION_CONTEXT_SEQUENCE, vec![]),
+        el(tags::SOP_CLASS_UID, VR::UI, crate::dicom::LEGACY_ENHANCED_PET_IMAGE_STORAGE),
+        el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()),
+        el(tags::CONTENT_DATE, VR::DA, "20261127"),
+        el(tags::CONTENT_TIME, VR::TM, "093000"),
+        el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "petrestore simulator"),
+        el(tags::DEVICE_SERIAL_NUMBER, VR::LO, "SIM-0001"),
+        el(tags::SOFTWARE_VERSIONS, VR::LO, env!("CARGO_PKG_VERSION")),
+        el(tags::SERIES_NUMBER, VR::IS, "5"),
+        el(tags::INSTANCE_NUMBER, VR::IS, "1"),
+        el(tags::PATIENT_WEIGHT, VR::DS, "75"),
+        el(tags::SAMPLES_PER_PIXEL, VR::US, 1u16),
+        el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
+        el(tags::NUMBER_OF_FRAMES, VR::IS, images.len().to_string()),
+        el(tags::ROWS, VR::US, n as u16),
+        el(tags::COLUMNS, VR::US, n as u16),
+        el(tags::BITS_ALLOCATED, VR::US, 16u16),
+        el(tags::BITS_STORED, VR::US, 16u16),
+        el(tags::HIGH_BIT, VR::US, 15u16),
+        el(tags::PIXEL_REPRESENTATION, VR::US, 1u16),
+        el(tags::BURNED_IN_ANNOTATION, VR::CS, "NO"),
+        el(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"),
+        el(tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY"),
+        sq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]),
+        sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame),
+        el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)),
+    ]));
+    let path = dir.join("legacy.dcm");
+    std::fs::write(&path, part10::encode(obj).map_err(std::io::Error::other)?)?;
+    Ok(SeriesFiles { study_uid: ids.study_uid.clone(), series_uid, sop_uids: vec![sop], files: vec![path] })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

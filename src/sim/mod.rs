@@ -401,6 +401,14 @@ pub fn write_series_enhanced(dir: &Path, spec: &SeriesSpec) -> std::io::Result<S
     enhanced::write_images_enhanced(dir, spec, &ids, spec.frame_duration_s, &desc, &images)
 }
 
+/// [`write_series`] as one Legacy Converted Enhanced PET instance (what a
+/// PACS makes of a classic series).
+pub fn write_series_legacy(dir: &Path, spec: &SeriesSpec) -> std::io::Result<SeriesFiles> {
+    let (ids, images) = simple_images(spec);
+    let desc = format!("WB FDG {}s/bed", spec.frame_duration_s);
+    enhanced::write_images_legacy(dir, spec, &ids, spec.frame_duration_s, &desc, &images)
+}
+
 fn simple_images(spec: &SeriesSpec) -> (StudyIds, Vec<Vec<f64>>) {
     let ids = StudyIds::new(spec.seed, "");
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed ^ (spec.frame_duration_s.to_bits()));
