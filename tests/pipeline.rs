@@ -323,3 +323,41 @@ fn enhanced_pet_is_restored_into_a_derived_enhanced_instance() {
         assert!(errors.is_empty(), "{}: {errors:#?}", f.display());
     }
 }
+
+#[test]
+fn several_consoles_at_once_each_series_restored_once() {
+    // Three senders at the same time, one of them sending a series that a
+    // second sender is also sending: the materializer's batches mix series
+    // and copies, every instance is stored once, every series is restored
+    // and delivered once.
+    let tmp = tempfile::tempdir().unwrap();
+    let a = series(&tmp.path().join("a"), 30, 32, 81);
+    let b = series(&tmp.path().join("b"), 30, 32, 82);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let d = Daemon::start(&tmp.path().join("d"), &format!("[restore]\ngaussian_fwhm_mm = 6.0\n{}", destination("pacs", dest.port)));
+    let senders: Vec<_> = [a.files.clone(), b.files.clone(), a.files.iter().rev().cloned().collect::<Vec<_>>()]
+        .into_iter()
+        .map(|files| {
+            let port = d.port;
+            std::thread::spawn(move || storescu(port, CONSOLE, &files))
+        })
+        .collect();
+    for s in senders {
+        let out = s.join().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    for s in [&a, &b] {
+        let job = d.wait_terminal(&job_id(s), Duration::from_secs(60));
+        assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+        assert_eq!(job.received, 30, "each instance stored once");
+    }
+    assert_eq!(d.spool_files().len(), 60);
+    let received = wait_for("60 derived instances at the destination", Duration::from_secs(20), || {
+        let f = dest.files();
+        (f.len() >= 60).then_some(f)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(dest.files().len(), 60, "nothing delivered twice");
+    let sops: BTreeSet<String> = received.iter().map(|p| open(p).str_of(tags::SOP_INSTANCE_UID).unwrap()).collect();
+    assert_eq!(sops.len(), 60);
+}
