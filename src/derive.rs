@@ -20,6 +20,9 @@ pub struct DeriveParams {
     pub engine: String,
     /// A warning that must travel with the images (test model).
     pub notice: Option<String>,
+    /// Made by a test or research model (not validated for clinical use):
+    /// an Enhanced PET output says so in Content Qualification.
+    pub research: bool,
     pub model_id: String,
     pub series_description_suffix: String,
     pub series_number_offset: u32,
@@ -283,6 +286,9 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
     obj.put(seq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
     obj.put(seq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame));
     obj.put(el(tags::NUMBER_OF_FRAMES, VR::IS, frames.len().to_string()));
+    if p.research {
+        obj.put(el(tags::CONTENT_QUALIFICATION, VR::CS, "RESEARCH"));
+    }
     // Top-level rescale attributes do not belong in a functional-group image.
     obj.remove_element(tags::RESCALE_SLOPE);
     obj.remove_element(tags::RESCALE_INTERCEPT);

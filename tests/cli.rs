@@ -266,6 +266,9 @@ fn enhanced_and_legacy_converted_pet_restore_offline_and_stay_valid() {
             assert!(errors.is_empty(), "{name} {engine}: {errors:#?}");
             let o = dicom_object::open_file(&files[0]).unwrap().into_inner();
             assert_eq!(o.str_of(tags::SOP_CLASS_UID).as_deref(), Some(class));
+            // the test model's output is marked as research content; the filter's keeps the source's
+            let cq = if engine == "tract" { "RESEARCH" } else { "PRODUCT" };
+            assert_eq!(o.str_of(tags::CONTENT_QUALIFICATION).as_deref(), Some(cq), "{name} {engine}");
             let loaded = petrestore::restore::volume::load(&files).unwrap();
             assert_eq!(loaded.volume.nz, 6);
             // a 30 s frame stays 30 s wherever the source recorded it

@@ -170,6 +170,7 @@ pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf
             n.extend(selected.assumed.iter().cloned());
             (!n.is_empty()).then(|| n.join(" "))
         },
+        research: engine.notice().is_some(),
         model_id: engine.model_id(),
         series_description_suffix: s.restore.series_description_suffix.clone(),
         series_number_offset: s.restore.series_number_offset,

@@ -438,6 +438,7 @@ mod tests {
         let params = DeriveParams {
             engine: "test".into(),
             notice: None,
+            research: true,
             model_id: "m".into(),
             series_description_suffix: " [petrestore]".into(),
             series_number_offset: 1000,
@@ -451,6 +452,7 @@ mod tests {
         let derived = dicom_object::open_file(&out_path).unwrap().into_inner();
         assert_eq!(per_frame_ipp(&derived), per_frame_ipp(&source), "per-frame groups stay with their frames");
         assert_eq!(derived.str_of(tags::NUMBER_OF_FRAMES).as_deref(), Some("6"));
+        assert_eq!(derived.str_of(tags::CONTENT_QUALIFICATION).as_deref(), Some("RESEARCH"));
         for z in 0..spec.slices {
             assert_eq!(o.slices[z].frame, e.slices[z].frame);
             let max = restored.slice(z).iter().fold(0.0f32, |m, v| m.max(v.abs()));
