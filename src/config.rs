@@ -105,6 +105,7 @@ struct RawDicomTls {
 #[serde(deny_unknown_fields)]
 struct RawSeries {
     quiet_timeout_s: Option<f64>,
+    multiframe_quiet_timeout_s: Option<f64>,
     incomplete_policy: Option<String>,
 }
 
@@ -218,6 +219,8 @@ pub struct DicomTls {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeriesSettings {
     pub quiet_timeout: Duration,
+    /// For series of multi-frame instances (no Image Index to count).
+    pub multiframe_quiet_timeout: Duration,
     pub incomplete_policy: IncompletePolicy,
 }
 
@@ -503,6 +506,10 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     if !(quiet > 0.0 && quiet < 86400.0) {
         return Err(invalid("series.quiet_timeout_s", format!("{quiet} is out of range"), "use seconds in (0, 86400)"));
     }
+    let mf_quiet: f64 = pick!(u, d, series.multiframe_quiet_timeout_s);
+    if !(mf_quiet > 0.0 && mf_quiet < 86400.0) {
+        return Err(invalid("series.multiframe_quiet_timeout_s", format!("{mf_quiet} is out of range"), "use seconds in (0, 86400)"));
+    }
     let pol: String = pick!(u, d, series.incomplete_policy);
     let incomplete_policy = match pol.as_str() {
         "process" => IncompletePolicy::Process,
@@ -632,7 +639,11 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
             non_pet,
             tls,
         },
-        series: SeriesSettings { quiet_timeout: Duration::from_secs_f64(quiet), incomplete_policy },
+        series: SeriesSettings {
+            quiet_timeout: Duration::from_secs_f64(quiet),
+            multiframe_quiet_timeout: Duration::from_secs_f64(mf_quiet),
+            incomplete_policy,
+        },
         restore,
         egress: EgressSettings {
             max_attempts,

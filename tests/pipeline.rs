@@ -257,11 +257,21 @@ fn enhanced_pet_is_restored_into_a_derived_enhanced_instance() {
     let src = petrestore::sim::write_series_enhanced(&tmp.path().join("src"), &spec).unwrap();
     assert_eq!(src.files.len(), 1);
     let dest = StoreScp::start(&tmp.path().join("dest"));
-    let d = Daemon::start(&tmp.path().join("d"), &format!("[restore]\ngaussian_fwhm_mm = 6.0\n{}", destination("pacs", dest.port)));
+    // The multi-frame quiet timeout (1 s), not the classic one (120 s),
+    // completes the series.
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!(
+            "[series]\nquiet_timeout_s = 120\nmultiframe_quiet_timeout_s = 1\n[restore]\ngaussian_fwhm_mm = 6.0\n{}",
+            destination("pacs", dest.port)
+        ),
+    );
     let out = storescu_required(d.port, CONSOLE, &src.files);
     assert!(out.status.success() && !text(&out).contains("E: "), "storescu failed: {}", text(&out));
     let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.multiframe);
+    assert!(job.history.iter().any(|h| format!("{h:?}").contains("no instance for 1s")), "{:#?}", job.history);
     assert!(job.history.iter().any(|h| format!("{h:?}").contains("20 slices in 1 multi-frame instance")), "{:#?}", job.history);
     let received = wait_for("1 instance at the destination", Duration::from_secs(10), || {
         let f = dest.files();

@@ -127,6 +127,7 @@ impl SpoolSink {
             modality: obj.str_of(tags::MODALITY),
             calling_ae: ctx.calling_ae.clone(),
             number_of_slices: obj.i64_of(tags::NUMBER_OF_SLICES).and_then(|n| u32::try_from(n).ok()),
+            multiframe: kind == JobKind::Pet && crate::dicom::frames::is_multiframe(&obj),
             record: InstanceRecord {
                 sop_instance_uid: sop,
                 sop_class_uid: sop_class,

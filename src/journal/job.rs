@@ -145,6 +145,10 @@ pub struct Job {
     /// Its files were removed by retention (the record stays).
     #[serde(default)]
     pub purged: bool,
+    /// Made of multi-frame instances (completes by
+    /// `series.multiframe_quiet_timeout_s`).
+    #[serde(default)]
+    pub multiframe: bool,
     pub history: Vec<Event>,
     pub updated_ms: u64,
 }
@@ -171,6 +175,7 @@ impl Job {
             output_count: 0,
             rerun_requested: false,
             purged: false,
+            multiframe: false,
             history: vec![Event { at_ms: now, what: "first instance received".into() }],
             updated_ms: now,
         }

@@ -40,6 +40,10 @@ pub struct Arrival {
     pub modality: Option<String>,
     pub calling_ae: String,
     pub number_of_slices: Option<u32>,
+    /// A multi-frame (Enhanced or Legacy Converted Enhanced PET) instance:
+    /// it carries no Image Index, so its series completes by a quiet timeout.
+    #[serde(default)]
+    pub multiframe: bool,
     pub record: InstanceRecord,
 }
 
@@ -73,6 +77,7 @@ fn apply_arrival(job: &mut Job, a: &Arrival, now: u64) -> bool {
     if job.expected_slices.is_none() {
         job.expected_slices = a.number_of_slices;
     }
+    job.multiframe |= a.multiframe;
     if let Some(i) = a.record.image_index {
         job.mark_index(i);
     }
@@ -314,6 +319,7 @@ mod tests {
             modality: Some("PT".into()),
             calling_ae: "CONSOLE".into(),
             number_of_slices: Some(n),
+            multiframe: false,
             record: InstanceRecord {
                 sop_instance_uid: sop.into(),
                 sop_class_uid: crate::dicom::PET_IMAGE_STORAGE.into(),

@@ -76,6 +76,7 @@ pub fn rebuild(journal_dir: &Path, spool: &Path) -> Result<Rebuilt, JournalError
             modality: obj.str_of(tags::MODALITY),
             calling_ae: meta.source_application_entity_title().unwrap_or("").trim_end_matches(['\0', ' ']).to_string(),
             number_of_slices: obj.i64_of(tags::NUMBER_OF_SLICES).and_then(|n| u32::try_from(n).ok()),
+            multiframe: PET_STORAGE_CLASSES.contains(&sop_class.as_str()) && crate::dicom::frames::is_multiframe(&obj),
             record: InstanceRecord {
                 sop_instance_uid: sop,
                 sop_class_uid: sop_class,

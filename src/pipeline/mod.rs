@@ -99,13 +99,14 @@ impl Pipeline {
 
     fn pass(self: &Arc<Self>, shutdown: &CancellationToken, tracker: &TaskTracker) -> Result<(), JournalError> {
         let now = now_ms();
-        let quiet = self.settings().series.quiet_timeout.as_millis() as u64;
+        let series = &self.settings().series;
+        let (quiet, mf_quiet) = (series.quiet_timeout.as_millis() as u64, series.multiframe_quiet_timeout.as_millis() as u64);
         for job in self.journal().active_jobs()? {
             if self.busy.lock().expect("busy lock").contains(&job.id) {
                 continue;
             }
             match &job.state {
-                JobState::Receiving if now.saturating_sub(job.last_received_ms) >= quiet => {
+                JobState::Receiving if now.saturating_sub(job.last_received_ms) >= if job.multiframe { mf_quiet } else { quiet } => {
                     self.quiet_timeout(&job)?;
                     self.wake.notify_one();
                 }
@@ -165,7 +166,8 @@ impl Pipeline {
     fn quiet_timeout(&self, job: &crate::journal::Job) -> Result<(), JournalError> {
         let destinations: Vec<String> = self.settings().destinations.iter().map(|d| d.name.clone()).collect();
         self.journal().update(&job.id, |j| {
-            j.note(format!("no instance for {:?}", self.settings().series.quiet_timeout));
+            let s = &self.settings().series;
+            j.note(format!("no instance for {:?}", if j.multiframe { s.multiframe_quiet_timeout } else { s.quiet_timeout }));
             match j.kind {
                 // The worker applies series.incomplete_policy and the geometry checks.
                 JobKind::Pet => j.set_state(JobState::Queued),

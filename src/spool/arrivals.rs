@@ -480,6 +480,7 @@ pub(crate) mod tests {
             modality: Some("PT".into()),
             calling_ae: "CONSOLE".into(),
             number_of_slices: Some(3),
+            multiframe: false,
             record: InstanceRecord {
                 sop_instance_uid: sop.into(),
                 sop_class_uid: "1.2.840.10008.5.1.4.1.1.128".into(),
