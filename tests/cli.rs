@@ -277,4 +277,15 @@ fn enhanced_and_legacy_converted_pet_restore_offline_and_stay_valid() {
         let errors = iod_errors(&src.files[0]);
         assert!(errors.is_empty(), "{name} source: {errors:#?}");
     }
+    // Site acceptance on Enhanced PET pairs: durations come from the frames.
+    let spec90 = petrestore::sim::SeriesSpec { frame_duration_s: 90.0, ..spec };
+    petrestore::sim::write_series_enhanced(&tmp.path().join("enh90"), &spec90).unwrap();
+    let json = tmp.path().join("site.json");
+    let out = petrestore(&[
+        "eval", "--input", tmp.path().join("enh").to_str().unwrap(), "--reference", tmp.path().join("enh90").to_str().unwrap(),
+        "--json", json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!((r["input_duration_s"].as_f64(), r["reference_duration_s"].as_f64()), (Some(30.0), Some(90.0)), "{r}");
 }

@@ -541,8 +541,6 @@ pub fn goals(report: &Value) -> Vec<(String, bool)> {
 /// the reference) and the quantitative agreement can be measured; the
 /// ceiling assumes nesting.
 pub fn run_series(input: &Path, reference: &Path, engine: Option<Arc<dyn Engine>>, fwhm_mm: f64) -> Result<Value, String> {
-    use crate::dicom::attrs::Attrs;
-    use dicom_dictionary_std::tags;
     let files = |d: &Path| -> Result<Vec<PathBuf>, String> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(d)
             .map_err(|e| format!("{}: {e}", d.display()))?
@@ -565,11 +563,11 @@ pub fn run_series(input: &Path, reference: &Path, engine: Option<Arc<dyn Engine>
         ));
     }
     let duration = |l: &crate::restore::volume::LoadedSeries, what: &str| -> Result<f64, String> {
-        l.slices[0]
-            .dataset
-            .f64_of(tags::ACTUAL_FRAME_DURATION)
-            .map(|ms| ms / 1000.0)
-            .ok_or_else(|| format!("{what} has no Actual Frame Duration (0018,1242)"))
+        let s = &l.slices[0];
+        crate::dicom::frames::frame_duration_ms(&s.dataset, s.frame).map(|ms| ms / 1000.0).ok_or_else(|| match s.frame {
+            None => format!("{what} has no Actual Frame Duration (0018,1242)"),
+            Some(_) => format!("{what} has no Frame Acquisition Duration (0018,9220) in its Frame Content (0020,9111)"),
+        })
     };
     let (d_in, d_ref) = (duration(&a, "--input")?, duration(&b, "--reference")?);
     if d_in >= d_ref {
