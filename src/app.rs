@@ -178,6 +178,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         abstract_syntaxes,
         max_associations: settings.dicom.max_associations,
         max_pdu_length: settings.dicom.max_pdu_length,
+        max_buffered_bytes: settings.dicom.max_buffered_mb << 20,
         idle_timeout: settings.dicom.idle_timeout,
         draining: draining.clone(),
         live: Some(live.clone()),

@@ -86,6 +86,7 @@ struct RawDicom {
     allowed_callers: Option<Vec<String>>,
     max_associations: Option<usize>,
     max_pdu_length: Option<u32>,
+    max_buffered_mb: Option<usize>,
     idle_timeout_s: Option<u64>,
     non_pet: Option<String>,
     tls: Option<RawDicomTls>,
@@ -197,6 +198,8 @@ pub struct DicomSettings {
     pub allowed_callers: Vec<AllowedCaller>,
     pub max_associations: usize,
     pub max_pdu_length: u32,
+    /// Data sets being received, all associations together (MiB).
+    pub max_buffered_mb: usize,
     pub idle_timeout: Duration,
     pub non_pet: NonPetPolicy,
     /// A second listener that speaks DICOM over TLS only.
@@ -333,6 +336,7 @@ impl LiveSettings {
         check("dicom.ae_title", old.dicom.ae_title == new.dicom.ae_title);
         check("dicom.max_associations", old.dicom.max_associations == new.dicom.max_associations);
         check("dicom.max_pdu_length", old.dicom.max_pdu_length == new.dicom.max_pdu_length);
+        check("dicom.max_buffered_mb", old.dicom.max_buffered_mb == new.dicom.max_buffered_mb);
         check("dicom.idle_timeout_s", old.dicom.idle_timeout == new.dicom.idle_timeout);
         check("dicom.non_pet", old.dicom.non_pet == new.dicom.non_pet);
         check("dicom.tls", old.dicom.tls == new.dicom.tls);
@@ -473,6 +477,14 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     let max_associations: usize = pick!(u, d, dicom.max_associations);
     if max_associations == 0 {
         return Err(invalid("dicom.max_associations", "0 would refuse every sender", "set 1 or more (default 8)"));
+    }
+    let max_buffered_mb: usize = pick!(u, d, dicom.max_buffered_mb);
+    if !(1..=65_536).contains(&max_buffered_mb) {
+        return Err(invalid(
+            "dicom.max_buffered_mb",
+            format!("{max_buffered_mb} is out of range"),
+            "use MiB from 1 to 65536 (default 2048); it must hold the largest instance a console sends",
+        ));
     }
     let max_pdu_length: u32 = pick!(u, d, dicom.max_pdu_length);
     if !(4096..=4_194_304).contains(&max_pdu_length) {
@@ -635,6 +647,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
             allowed_callers,
             max_associations,
             max_pdu_length,
+            max_buffered_mb,
             idle_timeout: Duration::from_secs(idle_timeout_s.max(1)),
             non_pet,
             tls,

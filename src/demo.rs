@@ -72,6 +72,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             abstract_syntaxes: crate::dicom::PET_STORAGE_CLASSES.iter().map(|s| s.to_string()).collect(),
             max_associations: 4,
             max_pdu_length: 65536,
+            max_buffered_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(30),
             draining: Default::default(),
             live: None,

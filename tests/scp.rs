@@ -207,3 +207,24 @@ fn sighup_reloads_the_allow_list_and_refuses_restart_only_keys() {
     assert!(d.log().contains("dicom.ae_title"), "{}", d.log());
     assert!(echoscu(d.port, CONSOLE, OUR_AE).status.success(), "still serving on the old AE title");
 }
+
+#[test]
+fn data_beyond_the_memory_budget_aborts_that_sender_only() {
+    // A 1 MiB budget for data sets in flight: an Enhanced PET instance of
+    // 1.5 MiB aborts its association; small instances still go through, and
+    // nothing of the aborted one is stored.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("d"), "[dicom]\nmax_buffered_mb = 1\n");
+    let spec = petrestore::sim::SeriesSpec { slices: 20, matrix: 192, seed: 91, frame_duration_s: 30.0, ..Default::default() };
+    let big = petrestore::sim::write_series_enhanced(&tmp.path().join("big"), &spec).unwrap();
+    assert!(std::fs::metadata(&big.files[0]).unwrap().len() > 1 << 20);
+    let out = storescu_required(d.port, CONSOLE, &big.files);
+    assert!(!out.status.success() || text(&out).contains("E: "), "the oversized data set must not be accepted: {}", text(&out));
+    wait_for("the abort in the log", Duration::from_secs(10), || d.log().contains("dicom.max_buffered_mb (1 MiB)").then_some(()));
+    assert_still_serving(&d);
+    let small = series(&tmp.path().join("small"), 4, 32, 92);
+    let out = storescu(d.port, CONSOLE, &small.files);
+    assert!(out.status.success() && !text(&out).contains("E: "), "{}", text(&out));
+    let stored = d.spool_files();
+    assert_eq!(stored.len(), 4, "only the small series is stored: {stored:?}");
+}

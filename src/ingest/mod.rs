@@ -16,6 +16,7 @@ pub mod store;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dicom_ul::association::server::ServerAssociationOptions;
@@ -63,6 +64,9 @@ pub struct ScpConfig {
     pub abstract_syntaxes: Vec<String>,
     pub max_associations: usize,
     pub max_pdu_length: u32,
+    /// Bytes of data sets being received, all associations together; an
+    /// association that would go beyond is aborted (bounded memory).
+    pub max_buffered_bytes: usize,
     pub idle_timeout: Duration,
     /// The daemon's live settings: `dicom.allowed_callers` is read from them
     /// for every new association, so `reload` applies at once.
@@ -93,6 +97,7 @@ pub async fn serve_with(
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     let permits = Arc::new(Semaphore::new(cfg.max_associations));
+    let buffered = Arc::new(AtomicUsize::new(0));
     let mut backoff = Duration::from_millis(10);
     loop {
         // The permit comes first: beyond the limit, connections wait in the
@@ -118,9 +123,10 @@ pub async fn serve_with(
         let cfg = cfg.clone();
         let sink = sink.clone();
         let tls = tls.clone();
+        let budget = Budget { used: buffered.clone(), max: cfg.max_buffered_bytes, held: 0 };
         tracker.spawn(async move {
             let _permit = permit;
-            if let Err(e) = handle_association(socket, peer, &cfg, sink, tls).await {
+            if let Err(e) = handle_association(socket, peer, &cfg, sink, tls, budget).await {
                 tracing::warn!(%peer, error = %e, "association ended with an error");
             }
         });
@@ -134,6 +140,42 @@ struct Pending {
     command: Vec<u8>,
     command_done: Option<Command>,
     dataset: Vec<u8>,
+}
+
+/// One association's share of `max_buffered_bytes`: what it holds goes back
+/// when a data set has been stored, and all of it when the association
+/// ends, however it ends.
+struct Budget {
+    used: Arc<AtomicUsize>,
+    max: usize,
+    held: usize,
+}
+
+impl Budget {
+    /// Take `n` more bytes, or refuse if all associations together would
+    /// hold more than the maximum (never waits: no deadlock between senders).
+    fn take(&mut self, n: usize) -> bool {
+        let ok = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u + n <= self.max).then_some(u + n))
+            .is_ok();
+        if ok {
+            self.held += n;
+        }
+        ok
+    }
+    fn give_back(&mut self, n: usize) {
+        let n = n.min(self.held);
+        self.held -= n;
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        let n = self.held;
+        self.give_back(n);
+    }
 }
 
 /// Load `[dicom.tls]`: our certificate chain and key, and (mutual TLS) the
@@ -184,6 +226,7 @@ async fn handle_association(
     cfg: &ScpConfig,
     sink: Arc<dyn StoreSink>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    budget: Budget,
 ) -> Result<(), String> {
     let mut opts = ServerAssociationOptions::new()
         .ae_access_control(access::CallerPolicy {
@@ -210,11 +253,11 @@ async fn handle_association(
     match tls {
         None => {
             let assoc = opts.establish_async(socket).await.map_err(|e| format!("association refused: {e}"))?;
-            serve_association(assoc, peer, sink).await
+            serve_association(assoc, peer, sink, budget).await
         }
         Some(t) => {
             let assoc = opts.tls_config(t).establish_tls_async(socket).await.map_err(|e| format!("TLS association refused: {e}"))?;
-            serve_association(assoc, peer, sink).await
+            serve_association(assoc, peer, sink, budget).await
         }
     }
 }
@@ -223,6 +266,7 @@ async fn serve_association<S>(
     mut assoc: dicom_ul::association::server::AsyncServerAssociation<S>,
     peer: SocketAddr,
     sink: Arc<dyn StoreSink>,
+    mut budget: Budget,
 ) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -295,12 +339,21 @@ where
                                 let _ = abort(assoc).await;
                                 return Err("data set larger than 1 GiB".into());
                             }
+                            if !budget.take(value.data.len()) {
+                                let _ = abort(assoc).await;
+                                return Err(format!(
+                                    "aborted: the data sets being received by all associations would exceed \
+                                     dicom.max_buffered_mb ({} MiB); the sender can retry",
+                                    budget.max >> 20
+                                ));
+                            }
                             p.dataset.extend_from_slice(&value.data);
                             if !value.is_last {
                                 continue;
                             }
                             let cmd = p.command_done.take().expect("checked above");
                             let dataset = std::mem::take(&mut p.dataset);
+                            let held = dataset.len();
                             let status = if cmd.command_field != dimse::C_STORE_RQ {
                                 StoreStatus {
                                     status: dimse::status::PROCESSING_FAILURE,
@@ -319,6 +372,8 @@ where
                                 // sender waits for our answer, so latency is throughput).
                                 tokio::task::block_in_place(|| sink.store(&ctx, &cmd, dataset))
                             };
+                            // The sink has stored (or refused) it and let go of the bytes.
+                            budget.give_back(held);
                             if dimse::status::is_ok(status.status) {
                                 stored += 1;
                             }
