@@ -246,6 +246,8 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
     ));
     edit_group(&mut shared, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE));
 
+    // Keep the source's Rescale Type (the units of an Enhanced PET image).
+    let rescale_type = crate::dicom::frames::group_str(&src.dataset, 0, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_TYPE);
     let mut pixels = Vec::with_capacity(frames.iter().map(|f| f.len() * 2).sum());
     for (item, values) in per_frame.iter_mut().zip(frames) {
         item.remove_element(tags::DERIVATION_IMAGE_SEQUENCE);
@@ -255,10 +257,8 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
             el(tags::RESCALE_INTERCEPT, VR::DS, "0"),
             el(tags::RESCALE_SLOPE, VR::DS, slope),
         ]);
-        // Keep the source's Rescale Type (the units of an Enhanced PET image).
-        let rescale_type = crate::dicom::frames::group_str(&src.dataset, 0, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_TYPE);
-        if let Some(t) = rescale_type {
-            pvt.put(el(tags::RESCALE_TYPE, VR::LO, t));
+        if let Some(t) = &rescale_type {
+            pvt.put(el(tags::RESCALE_TYPE, VR::LO, t.as_str()));
         }
         item.put(seq(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, vec![pvt]));
     }

@@ -35,6 +35,62 @@ fn tag_value(t: Tag) -> PrimitiveValue {
     PrimitiveValue::Tags(std::iter::once(t).collect())
 }
 
+/// One frame's stored values (signed 16 bit, no negative activity) and its
+/// Rescale Slope as written.
+fn quantize(img: &[f64], pixels: &mut Vec<u8>) -> String {
+    let max = img.iter().cloned().fold(0.0, f64::max);
+    let slope = ds(if max > 0.0 { max / 32000.0 } else { 1.0 });
+    let slope_v: f64 = slope.parse().expect("ds parses");
+    for v in img {
+        pixels.extend_from_slice(&((v / slope_v).round().clamp(0.0, 32767.0) as i16).to_le_bytes());
+    }
+    slope
+}
+
+/// Image Type (or Frame Type) of an original static PET volume and the
+/// image description attributes that go with it (Common CT/MR Image
+/// Description macro).
+fn image_description(type_tag: Tag) -> [DataElement<InMemDicomObject>; 4] {
+    [
+        strs(type_tag, VR::CS, &["ORIGINAL", "PRIMARY", "STATIC", "NONE"]),
+        el(tags::PIXEL_PRESENTATION, VR::CS, "MONOCHROME"),
+        el(tags::VOLUMETRIC_PROPERTIES, VR::CS, "VOLUME"),
+        el(tags::VOLUME_BASED_CALCULATION_TECHNIQUE, VR::CS, "NONE"),
+    ]
+}
+
+/// Instance, equipment and Image Pixel attributes of a multi-frame PET
+/// instance of `frames` frames of `n`×`n` signed 16-bit pixels.
+fn image_elements(sop_class: &str, sop: &str, series_number: &str, frames: usize, n: usize) -> Vec<DataElement<InMemDicomObject>> {
+    let mut v = vec![
+        el(tags::SOP_CLASS_UID, VR::UI, sop_class),
+        el(tags::SOP_INSTANCE_UID, VR::UI, sop),
+        el(tags::CONTENT_DATE, VR::DA, "20261127"),
+        el(tags::CONTENT_TIME, VR::TM, "093000"),
+        el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "petrestore simulator"),
+        el(tags::DEVICE_SERIAL_NUMBER, VR::LO, "SIM-0001"),
+        el(tags::SOFTWARE_VERSIONS, VR::LO, env!("CARGO_PKG_VERSION")),
+        el(tags::SERIES_NUMBER, VR::IS, series_number),
+        el(tags::INSTANCE_NUMBER, VR::IS, "1"),
+        el(tags::SAMPLES_PER_PIXEL, VR::US, 1u16),
+        el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
+        el(tags::NUMBER_OF_FRAMES, VR::IS, frames.to_string()),
+        el(tags::ROWS, VR::US, n as u16),
+        el(tags::COLUMNS, VR::US, n as u16),
+        el(tags::BITS_ALLOCATED, VR::US, 16u16),
+        el(tags::BITS_STORED, VR::US, 16u16),
+        el(tags::HIGH_BIT, VR::US, 15u16),
+        el(tags::PIXEL_REPRESENTATION, VR::US, 1u16),
+        el(tags::CONTENT_QUALIFICATION, VR::CS, "PRODUCT"),
+        el(tags::BURNED_IN_ANNOTATION, VR::CS, "NO"),
+        el(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"),
+        el(tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY"),
+        sq(tags::ACQUISITION_CONTEXT_SEQUENCE, vec![]),
+    ];
+    v.extend(image_description(tags::IMAGE_TYPE));
+    v
+}
+
 /// Write `images` (Bq/ml, one per slice) as one Enhanced PET instance.
 pub(super) fn write_images_enhanced(
     dir: &Path,
@@ -57,12 +113,7 @@ pub(super) fn write_images_enhanced(
     let mut pixels = Vec::with_capacity(images.len() * n * n * 2);
     let mut per_frame = Vec::with_capacity(images.len());
     for (k, img) in images.iter().enumerate() {
-        let max = img.iter().cloned().fold(0.0, f64::max);
-        let slope = ds(if max > 0.0 { max / 32000.0 } else { 1.0 });
-        let slope_v: f64 = slope.parse().expect("ds parses");
-        for v in img {
-            pixels.extend_from_slice(&((v / slope_v).round().clamp(0.0, 32767.0) as i16).to_le_bytes());
-        }
+        let slope = quantize(img, &mut pixels);
         let z = k as f64 * spec.slice_thickness_mm;
         per_frame.push(item([
             sq(
@@ -106,15 +157,7 @@ pub(super) fn write_images_enhanced(
                 el(tags::FRAME_LATERALITY, VR::CS, "U"),
             ])],
         ),
-        sq(
-            tags::PET_FRAME_TYPE_SEQUENCE,
-            vec![item([
-                strs(tags::FRAME_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "STATIC", "NONE"]),
-                el(tags::PIXEL_PRESENTATION, VR::CS, "MONOCHROME"),
-                el(tags::VOLUMETRIC_PROPERTIES, VR::CS, "VOLUME"),
-                el(tags::VOLUME_BASED_CALCULATION_TECHNIQUE, VR::CS, "NONE"),
-            ])],
-        ),
+        sq(tags::PET_FRAME_TYPE_SEQUENCE, vec![item(image_description(tags::FRAME_TYPE))]),
         sq(tags::RADIOPHARMACEUTICAL_USAGE_SEQUENCE, vec![item([el(tags::RADIOPHARMACEUTICAL_AGENT_NUMBER, VR::US, 1u16)])]),
         sq(
             tags::PET_FRAME_ACQUISITION_SEQUENCE,
@@ -170,33 +213,12 @@ pub(super) fn write_images_enhanced(
         code_seq(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE, "35321007", "Fluorodeoxyglucose F^18^", None),
         code_seq(tags::ADMINISTRATION_ROUTE_CODE_SEQUENCE, "47625008", "Intravenous route", None),
     ]);
-    let obj = item(super::study_elements(spec, ids, &series_uid, description).into_iter().chain([
-        strs(tags::IMAGE_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "STATIC", "NONE"]),
-        el(tags::SOP_CLASS_UID, VR::UI, ENHANCED_PET_IMAGE_STORAGE),
-        el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()),
-        el(tags::CONTENT_DATE, VR::DA, "20261127"),
+    let obj = item(super::study_elements(spec, ids, &series_uid, description)
+        .into_iter()
+        .chain(image_elements(ENHANCED_PET_IMAGE_STORAGE, &sop, "4", images.len(), n))
+        .chain([
         el(tags::ACQUISITION_DATE_TIME, VR::DT, acq_dt),
-        el(tags::CONTENT_TIME, VR::TM, "093000"),
-        el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "petrestore simulator"),
-        el(tags::DEVICE_SERIAL_NUMBER, VR::LO, "SIM-0001"),
-        el(tags::SOFTWARE_VERSIONS, VR::LO, env!("CARGO_PKG_VERSION")),
         el(tags::ACQUISITION_DURATION, VR::FD, PrimitiveValue::from(duration_s)),
-        el(tags::SERIES_NUMBER, VR::IS, "4"),
-        el(tags::INSTANCE_NUMBER, VR::IS, "1"),
-        el(tags::SAMPLES_PER_PIXEL, VR::US, 1u16),
-        el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
-        el(tags::NUMBER_OF_FRAMES, VR::IS, images.len().to_string()),
-        el(tags::ROWS, VR::US, n as u16),
-        el(tags::COLUMNS, VR::US, n as u16),
-        el(tags::BITS_ALLOCATED, VR::US, 16u16),
-        el(tags::BITS_STORED, VR::US, 16u16),
-        el(tags::HIGH_BIT, VR::US, 15u16),
-        el(tags::PIXEL_REPRESENTATION, VR::US, 1u16),
-        el(tags::CONTENT_QUALIFICATION, VR::CS, "PRODUCT"),
-        el(tags::BURNED_IN_ANNOTATION, VR::CS, "NO"),
-        el(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"),
-        el(tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY"),
-        sq(tags::ACQUISITION_CONTEXT_SEQUENCE, vec![]),
         sq(
             tags::DIMENSION_ORGANIZATION_SEQUENCE,
             vec![item([el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dim_org.as_str())])],
@@ -227,9 +249,6 @@ pub(super) fn write_images_enhanced(
         el(tags::TABLE_MOTION, VR::CS, "STATIC"),
         el(tags::TIME_OF_FLIGHT_INFORMATION_USED, VR::CS, "TRUE"),
         code_seq(tags::VIEW_CODE_SEQUENCE, "62824007", "transverse", None),
-        el(tags::PIXEL_PRESENTATION, VR::CS, "MONOCHROME"),
-        el(tags::VOLUMETRIC_PROPERTIES, VR::CS, "VOLUME"),
-        el(tags::VOLUME_BASED_CALCULATION_TECHNIQUE, VR::CS, "NONE"),
         el(tags::RANDOMS_CORRECTION_METHOD, VR::CS, "DLYD"),
         el(tags::ATTENUATION_CORRECTION_SOURCE, VR::CS, "CT"),
         el(tags::ATTENUATION_CORRECTION_TEMPORAL_RELATIONSHIP, VR::CS, "CONCURRENT"),
@@ -277,12 +296,7 @@ pub(super) fn write_images_legacy(
     let mut pixels = Vec::with_capacity(images.len() * n * n * 2);
     let mut per_frame = Vec::with_capacity(images.len());
     for (k, img) in images.iter().enumerate() {
-        let max = img.iter().cloned().fold(0.0, f64::max);
-        let slope = ds(if max > 0.0 { max / 32000.0 } else { 1.0 });
-        let slope_v: f64 = slope.parse().expect("ds parses");
-        for v in img {
-            pixels.extend_from_slice(&((v / slope_v).round().clamp(0.0, 32767.0) as i16).to_le_bytes());
-        }
+        let slope = quantize(img, &mut pixels);
         let z = k as f64 * spec.slice_thickness_mm;
         per_frame.push(item([
             sq(tags::FRAME_CONTENT_SEQUENCE, vec![item([])]),
@@ -321,15 +335,7 @@ pub(super) fn write_images_legacy(
             vec![item([dss(tags::PIXEL_SPACING, &[px, px]), el(tags::SLICE_THICKNESS, VR::DS, ds(spec.slice_thickness_mm))])],
         ),
         sq(tags::PLANE_ORIENTATION_SEQUENCE, vec![item([strs(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &["1", "0", "0", "0", "1", "0"])])]),
-        sq(
-            tags::PET_FRAME_TYPE_SEQUENCE,
-            vec![item([
-                strs(tags::FRAME_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "STATIC", "NONE"]),
-                el(tags::PIXEL_PRESENTATION, VR::CS, "MONOCHROME"),
-                el(tags::VOLUMETRIC_PROPERTIES, VR::CS, "VOLUME"),
-                el(tags::VOLUME_BASED_CALCULATION_TECHNIQUE, VR::CS, "NONE"),
-            ])],
-        ),
+        sq(tags::PET_FRAME_TYPE_SEQUENCE, vec![item(image_description(tags::FRAME_TYPE))]),
         sq(
             tags::UNASSIGNED_SHARED_CONVERTED_ATTRIBUTES_SEQUENCE,
             vec![item([
@@ -344,35 +350,10 @@ pub(super) fn write_images_legacy(
             ])],
         ),
     ]);
-    let obj = item(super::study_elements(spec, ids, &series_uid, description).into_iter().chain([
-        strs(tags::IMAGE_TYPE, VR::CS, &["ORIGINAL", "PRIMARY", "STATIC", "NONE"]),
-        el(tags::CONTENT_QUALIFICATION, VR::CS, "PRODUCT"),
-        el(tags::PIXEL_PRESENTATION, VR::CS, "MONOCHROME"),
-        el(tags::VOLUMETRIC_PROPERTIES, VR::CS, "VOLUME"),
-        el(tags::VOLUME_BASED_CALCULATION_TECHNIQUE, VR::CS, "NONE"),
-        sq(tags::ACQUISITION_CONTEXT_SEQUENCE, vec![]),
-        el(tags::SOP_CLASS_UID, VR::UI, crate::dicom::LEGACY_ENHANCED_PET_IMAGE_STORAGE),
-        el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()),
-        el(tags::CONTENT_DATE, VR::DA, "20261127"),
-        el(tags::CONTENT_TIME, VR::TM, "093000"),
-        el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "petrestore simulator"),
-        el(tags::DEVICE_SERIAL_NUMBER, VR::LO, "SIM-0001"),
-        el(tags::SOFTWARE_VERSIONS, VR::LO, env!("CARGO_PKG_VERSION")),
-        el(tags::SERIES_NUMBER, VR::IS, "5"),
-        el(tags::INSTANCE_NUMBER, VR::IS, "1"),
-        el(tags::PATIENT_WEIGHT, VR::DS, "75"),
-        el(tags::SAMPLES_PER_PIXEL, VR::US, 1u16),
-        el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
-        el(tags::NUMBER_OF_FRAMES, VR::IS, images.len().to_string()),
-        el(tags::ROWS, VR::US, n as u16),
-        el(tags::COLUMNS, VR::US, n as u16),
-        el(tags::BITS_ALLOCATED, VR::US, 16u16),
-        el(tags::BITS_STORED, VR::US, 16u16),
-        el(tags::HIGH_BIT, VR::US, 15u16),
-        el(tags::PIXEL_REPRESENTATION, VR::US, 1u16),
-        el(tags::BURNED_IN_ANNOTATION, VR::CS, "NO"),
-        el(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"),
-        el(tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY"),
+    let obj = item(super::study_elements(spec, ids, &series_uid, description)
+        .into_iter()
+        .chain(image_elements(crate::dicom::LEGACY_ENHANCED_PET_IMAGE_STORAGE, &sop, "5", images.len(), n))
+        .chain([
         sq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]),
         sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame),
         el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)),
