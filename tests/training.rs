@@ -78,15 +78,24 @@ fn smoke_train_export_parity_eval_and_cross_check() {
         .unwrap();
     assert!(!o.status.success() && text(&o).contains("not validation"), "{}", text(&o));
     let out = py(&[
-        "-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", &d("run"), "--steps", "6", "--batch", "4", "--patch", "32",
-        "--eval-every", "3",
+        "-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", &d("run5"), "--steps", "2", "--batch", "4", "--patch", "32",
+        "--levels", "4",
     ]);
-    assert!(text(&out).contains("done: 6 steps"), "{}", text(&out));
+    assert!(text(&out).contains("done: 2 steps"), "{}", text(&out));
+    // a 4-level network (the shipped one has 3), warm-started with a wider slice context (5 → 7): the trainer
+    // checks that the widened network computes the same function before it trains; the package then carries
+    // 7 slices and a padding to multiples of 8 through export, both engines and eval
+    let out = py(&[
+        "-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", &d("run"), "--steps", "6", "--batch", "4", "--patch", "32",
+        "--eval-every", "3", "--context", "7", "--levels", "4", "--init", &d("run5/params.npz"),
+    ]);
+    assert!(text(&out).contains("context widened from 5 to 7 slices (output unchanged") && text(&out).contains("done: 6 steps"), "{}", text(&out));
     let out = py(&["-m", "petrain.export", "--params", &d("run/params.npz"), "--out", &d("pkg"), "--train-log", &d("run/train_log.json")]);
     assert!(text(&out).contains("parity JAX vs ONNX Runtime"), "{}", text(&out));
     assert_parity(&tmp.path().join("pkg"));
     let pkg = ModelPackage::load(&tmp.path().join("pkg")).unwrap();
     assert_eq!(pkg.io.condition.as_deref(), Some("frame_duration_over_90"));
+    assert_eq!((pkg.io.context_slices, pkg.input_channels(), pkg.io.pad_multiple), (7, 8, 8));
     assert_eq!(pkg.provenance["train_steps"].as_integer(), Some(6));
 
     let report = ok(&[

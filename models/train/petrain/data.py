@@ -51,14 +51,14 @@ class Study:
         # body voxels per slice, for body-biased crops
         self.body = [np.argwhere(self.a[CLEAN, k] > 0.05 * self.a[CLEAN].max()) for k in range(s)]
 
-    def stack(self, d, k):
-        """[CONTEXT, n, n] of duration d around slice k (edges repeat), normalised."""
+    def stack(self, d, k, context=CONTEXT):
+        """[context, n, n] of duration d around slice k (edges repeat), normalised."""
         s = self.a.shape[1]
-        idx = [min(max(k + j - CONTEXT // 2, 0), s - 1) for j in range(CONTEXT)]
+        idx = [min(max(k + j - context // 2, 0), s - 1) for j in range(context)]
         return self.a[PLANE[d], idx] / self.scale[d]
 
-    def model_input(self, d, k):
-        x = self.stack(d, k)
+    def model_input(self, d, k, context=CONTEXT):
+        x = self.stack(d, k, context)
         w = np.full((1,) + x.shape[1:], d / 90.0, np.float32)
         return np.concatenate([x, w], 0).astype(np.float32)
 
@@ -78,8 +78,8 @@ class Sampler:
     would otherwise learn to flatten them); the rest at random body voxels.
     Augmentation: flips, transpose, reversed slice order."""
 
-    def __init__(self, studies, patch, rng, lesion_fraction=0.5):
-        self.studies, self.patch, self.rng, self.lf = studies, patch, rng, lesion_fraction
+    def __init__(self, studies, patch, rng, lesion_fraction=0.5, context=CONTEXT):
+        self.studies, self.patch, self.rng, self.lf, self.context = studies, patch, rng, lesion_fraction, context
 
     def batch(self, b):
         P, rng = self.patch, self.rng
@@ -100,12 +100,12 @@ class Sampler:
             y0 = int(np.clip(round(cy) - P // 2, 0, n - P))
             x0 = int(np.clip(round(cx) - P // 2, 0, n - P))
             sl = (slice(y0, y0 + P), slice(x0, x0 + P))
-            x = st.model_input(d, k)[(slice(None),) + sl]
+            x = st.model_input(d, k, self.context)[(slice(None),) + sl]
             y = st.a[CLEAN, k][sl][None] / st.scale[d]
             y90 = st.a[PLANE[90.0], k][sl][None] / st.scale[d]
             m = st.mask[k][sl][None].astype(np.float32)
             if rng.random() < 0.5:
-                x[:CONTEXT] = x[:CONTEXT][::-1]
+                x[:self.context] = x[:self.context][::-1]
             if rng.random() < 0.5:
                 x, y, y90, m = x[:, ::-1], y[:, ::-1], y90[:, ::-1], m[:, ::-1]
             if rng.random() < 0.5:
@@ -116,13 +116,13 @@ class Sampler:
         return np.stack(xs), np.stack(ys), np.stack(ms), np.stack(p90)
 
 
-def full_slices(studies, durations=DURATIONS, every=1):
-    """Whole slices for validation: (x [N,6,n,n], clean, pet90, short centre), normalised."""
+def full_slices(studies, durations=DURATIONS, every=1, context=CONTEXT):
+    """Whole slices for validation: (x [N,context+1,n,n], clean, pet90), normalised."""
     xs, cl, p9 = [], [], []
     for st in studies:
         for d in durations:
             for k in range(0, st.a.shape[1], every):
-                xs.append(st.model_input(d, k))
+                xs.append(st.model_input(d, k, context))
                 cl.append(st.a[CLEAN, k][None] / st.scale[d])
                 p9.append(st.a[PLANE[90.0], k][None] / st.scale[d])
     return np.stack(xs), np.stack(cl), np.stack(p9)

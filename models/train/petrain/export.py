@@ -55,13 +55,15 @@ def build(p, width):
         nodes.append(helper.make_node("Concat", [a, b], [name], axis=1))
         return name
 
-    e1 = conv("e1b", conv("e1a", "input"))
-    e2 = conv("e2b", conv("e2a", pool("pool1", e1)))
-    e3 = conv("e3b", conv("e3a", pool("pool2", e2)))
-    d2 = conv("d2b", conv("d2a", cat("cat2", conv_t("u2", e3), e2)))
-    d1 = conv("d1b", conv("d1a", cat("cat1", conv_t("u1", d2), e1)))
-    r = conv("head", d1, relu=False)
-    c = net.CONTEXT
+    levels = net.levels_of(p)
+    enc = [conv("e1b", conv("e1a", "input"))]
+    for l in range(2, levels + 1):
+        enc.append(conv(f"e{l}b", conv(f"e{l}a", pool(f"pool{l - 1}", enc[-1]))))
+    d = enc[-1]
+    for l in range(levels - 1, 0, -1):
+        d = conv(f"d{l}b", conv(f"d{l}a", cat(f"cat{l}", conv_t(f"u{l}", d), enc[l - 1])))
+    r = conv("head", d, relu=False)
+    c = net.context_of(p)
     arr("xc_s", np.array([0, c // 2, 0, 0], np.int64)); arr("xc_e", np.array([BIG, c // 2 + 1, BIG, BIG], np.int64))
     arr("w_s", np.array([0, c, 0, 0], np.int64)); arr("w_e", np.array([BIG, c + 1, BIG, BIG], np.int64))
     arr("one", np.array(1.0, np.float32))
@@ -74,7 +76,7 @@ def build(p, width):
     ]
     graph = helper.make_graph(
         nodes, "petrestore-unet25d",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", net.IN_CH, "height", "width"])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", c + 1, "height", "width"])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1, "height", "width"])],
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="petrestore petrain.export")
@@ -83,9 +85,9 @@ def build(p, width):
     return model
 
 
-def parity_input(rng, b=2, h=64, w=48):
+def parity_input(rng, context, b=2, h=64, w=48):
     """Smooth positive slices like a normalised PET image, two durations."""
-    x = rng.gamma(4.0, 0.25, size=(b, net.CONTEXT, h, w)).astype(np.float32)
+    x = rng.gamma(4.0, 0.25, size=(b, context, h, w)).astype(np.float32)
     k = np.ones(5, np.float32) / 5
     for ax in (2, 3):
         x = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), ax, x)
@@ -115,7 +117,8 @@ def main(argv=None):
 
     # parity: JAX (the trained function) vs ONNX Runtime on the same input
     import onnxruntime as ort
-    x = parity_input(np.random.default_rng(7))
+    context = net.context_of(p)
+    x = parity_input(np.random.default_rng(7), context)
     y_jax = np.asarray(net.forward(p, x)[0])
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     y_ort = sess.run(["output"], {"input": x})[0]
@@ -135,7 +138,9 @@ def main(argv=None):
     if a.metrics:
         with open(a.metrics) as f:
             metrics = json.load(f).get("summary", {})
-    gflop = net.flops_per_pixel(width) * 192 * 192 / 1e9
+    levels = net.levels_of(p)
+    gflop = net.flops_per_pixel(width, context, levels) * 192 * 192 / 1e9
+    pad = 2 ** (levels - 1)
     params = net.param_count(p)
     lines = [
         "# Model package: petrestore 2.5D residual U-Net, conditioned on frame duration.",
@@ -148,14 +153,14 @@ def main(argv=None):
         'onnx = "model.onnx"',
         "",
         "[io]",
-        'input = "input"            # float32 [batch, 6, height, width]: 5 slices + duration channel',
+        f'input = "input"            # float32 [batch, {context + 1}, height, width]: {context} slices + duration channel',
         'output = "output"          # float32 [batch, 1, height, width]: 90 s-equivalent image',
-        "context_slices = 5         # centre slice ± 2; edges repeat the first/last slice",
+        f"context_slices = {context}         # centre slice ± {context // 2}; edges repeat the first/last slice",
         "batch = 4",
         '# one extra constant input channel = Actual Frame Duration / 90 s (also the',
         '# weight of the input in the output mix, see MODEL_CARD.md)',
         'condition = "frame_duration_over_90"',
-        "pad_multiple = 4           # two 2x2 poolings: height and width padded (edge replicate) to a multiple of 4",
+        f"pad_multiple = {pad}           # {levels - 1} 2x2 poolings: height and width padded (edge replicate) to a multiple of {pad}",
         f"tta = {a.tta}                     # test-time augmentation: 1 off, 4 = also run flipped left-right, up-down, both; outputs averaged",
         "",
         "[normalisation]",
@@ -173,6 +178,7 @@ def main(argv=None):
         f"parameters = {params}",
         f"gflop_per_192_slice = {gflop:.3f}",
         f"width = {width}",
+        f"levels = {levels}",
     ]
     if log:
         lines += [

@@ -1,8 +1,9 @@
 """The network: a 2.5D residual U-Net conditioned on frame duration.
 
-Input  x: float32 [B, 6, H, W]: five adjacent slices (centre = index 2) of the
-          short frame divided by the series' body mean, and one constant
-          channel w = frame duration / 90 s.
+Input  x: float32 [B, K+1, H, W]: K adjacent slices (K odd, the context;
+          centre = index K//2) of the short frame divided by the series'
+          body mean, and one constant channel w = frame duration / 90 s.
+          K is fixed by the weights (input channels of the first layer − 1).
 Output:   the 90 s-equivalent image (same scale), built as DESIGN.md derives
           for nested frames: out = w·x_c + (1 − w)·den, with den = x_c + r(x)
           the network's estimate of the noise-free image. Only the denoiser
@@ -16,28 +17,35 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONTEXT = 5
-IN_CH = CONTEXT + 1
-LEVELS = 3  # two poolings: height and width must be multiples of 4
+CONTEXT = 5  # default context (slices); a model's own is context_of(p)
+LEVELS = 3  # default levels (two poolings: height and width multiples of 4); a model's own is levels_of(p)
 
 
-def specs(c):
-    """(name, kind, cin, cout, k) in graph order."""
-    return [
-        ("e1a", "conv", IN_CH, c, 3), ("e1b", "conv", c, c, 3),
-        ("e2a", "conv", c, 2 * c, 3), ("e2b", "conv", 2 * c, 2 * c, 3),
-        ("e3a", "conv", 2 * c, 4 * c, 3), ("e3b", "conv", 4 * c, 4 * c, 3),
-        ("u2", "convT", 4 * c, 2 * c, 2),
-        ("d2a", "conv", 4 * c, 2 * c, 3), ("d2b", "conv", 2 * c, 2 * c, 3),
-        ("u1", "convT", 2 * c, c, 2),
-        ("d1a", "conv", 2 * c, c, 3), ("d1b", "conv", c, c, 3),
-        ("head", "conv", c, 1, 3),
-    ]
+def specs(c, context=CONTEXT, levels=LEVELS):
+    """(name, kind, cin, cout, k) in graph order: encoder levels 1..L with
+    c·2^(l−1) channels, then up-sampling and decoder levels L−1..1, then the head."""
+    ch = [c * 2 ** l for l in range(levels)]
+    out = [("e1a", "conv", context + 1, c, 3), ("e1b", "conv", c, c, 3)]
+    for l in range(2, levels + 1):
+        out += [(f"e{l}a", "conv", ch[l - 2], ch[l - 1], 3), (f"e{l}b", "conv", ch[l - 1], ch[l - 1], 3)]
+    for l in range(levels - 1, 0, -1):
+        out += [(f"u{l}", "convT", ch[l], ch[l - 1], 2),
+                (f"d{l}a", "conv", 2 * ch[l - 1], ch[l - 1], 3), (f"d{l}b", "conv", ch[l - 1], ch[l - 1], 3)]
+    return out + [("head", "conv", c, 1, 3)]
 
 
-def init(key, c):
+def levels_of(p):
+    """Resolution levels of the weights (poolings + 1)."""
+    return sum(1 for name in p if name.startswith("e") and name.endswith("a"))
+
+
+def init(key, c, context=CONTEXT, levels=LEVELS):
+    if context < 1 or context % 2 == 0:
+        raise ValueError(f"context must be odd, is {context}")
+    if levels < 2:
+        raise ValueError(f"levels must be at least 2, is {levels}")
     p = {}
-    for name, kind, ci, co, k in specs(c):
+    for name, kind, ci, co, k in specs(c, context, levels):
         key, sub = jax.random.split(key)
         if kind == "conv":
             w = jax.random.normal(sub, (co, ci, k, k)) * jnp.sqrt(2.0 / (ci * k * k))
@@ -67,30 +75,54 @@ def pool(x):
 
 def residual(p, x):
     r = jax.nn.relu
-    e1 = r(conv(p["e1b"], r(conv(p["e1a"], x))))
-    e2 = r(conv(p["e2b"], r(conv(p["e2a"], pool(e1)))))
-    e3 = r(conv(p["e3b"], r(conv(p["e3a"], pool(e2)))))
-    d2 = jnp.concatenate([conv_t(p["u2"], e3), e2], axis=1)
-    d2 = r(conv(p["d2b"], r(conv(p["d2a"], d2))))
-    d1 = jnp.concatenate([conv_t(p["u1"], d2), e1], axis=1)
-    d1 = r(conv(p["d1b"], r(conv(p["d1a"], d1))))
-    return conv(p["head"], d1)
+    levels = levels_of(p)
+    enc = [r(conv(p["e1b"], r(conv(p["e1a"], x))))]
+    for l in range(2, levels + 1):
+        enc.append(r(conv(p[f"e{l}b"], r(conv(p[f"e{l}a"], pool(enc[-1]))))))
+    d = enc[-1]
+    for l in range(levels - 1, 0, -1):
+        d = jnp.concatenate([conv_t(p[f"u{l}"], d), enc[l - 1]], axis=1)
+        d = r(conv(p[f"d{l}b"], r(conv(p[f"d{l}a"], d))))
+    return conv(p["head"], d)
+
+
+def context_of(p):
+    """Slices of context the weights were trained with."""
+    return int(p["e1a"]["w"].shape[1]) - 1
+
+
+def expand_context(p, context):
+    """The same function with a wider context: the first layer gets zero
+    weights for the added outer slices, so the expanded network computes
+    exactly what `p` did until training teaches it to use them."""
+    old = context_of(p)
+    if context < old or (context - old) % 2:
+        raise ValueError(f"cannot expand a context of {old} slices to {context}")
+    pad = (context - old) // 2
+    w = p["e1a"]["w"]
+    slices, cond = w[:, :old], w[:, old:]
+    zeros = jnp.zeros((w.shape[0], pad) + w.shape[2:], w.dtype)
+    q = dict(p)
+    q["e1a"] = {"w": jnp.concatenate([zeros, slices, zeros, cond], axis=1), "b": p["e1a"]["b"]}
+    return q
 
 
 def forward(p, x):
     """Returns (out, den): the 90 s-equivalent image and the denoised one."""
-    xc = x[:, CONTEXT // 2:CONTEXT // 2 + 1]
-    w = x[:, CONTEXT:CONTEXT + 1]
+    k = x.shape[1] - 1
+    xc = x[:, k // 2:k // 2 + 1]
+    w = x[:, k:k + 1]
     r = residual(p, x)
     return xc + (1.0 - w) * r, xc + r
 
 
-def flops_per_pixel(c):
+def flops_per_pixel(c, context=CONTEXT, levels=LEVELS):
     """Multiply-adds ×2 per output pixel at full resolution."""
     total = 0.0
-    level = {"e1a": 1, "e1b": 1, "e2a": 4, "e2b": 4, "e3a": 16, "e3b": 16, "u2": 16, "d2a": 4, "d2b": 4, "u1": 4, "d1a": 1, "d1b": 1, "head": 1}
-    for name, kind, ci, co, k in specs(c):
-        total += 2 * ci * co * k * k / level[name]
+    for name, kind, ci, co, k in specs(c, context, levels):
+        # e_l and d_l run at level l (1/4^(l−1) of the pixels); u_l produces level l
+        l = 1 if name == "head" else int(name[1:-1] if kind == "conv" else name[1:])
+        total += 2 * ci * co * k * k / 4 ** (l - 1) / (4 if kind == "convT" else 1)
     return total
 
 

@@ -43,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--val", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--width", type=int, default=16, help="channels at full resolution")
+    ap.add_argument("--context", type=int, default=net.CONTEXT, help="adjacent slices in (odd; centre slice ± context//2)")
+    ap.add_argument("--levels", type=int, default=net.LEVELS, help="U-Net resolution levels (poolings + 1)")
     ap.add_argument("--patch", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -53,7 +55,7 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N studies of each split (smoke tests)")
-    ap.add_argument("--init", help="start from these weights (params.npz) instead of random ones")
+    ap.add_argument("--init", help="start from these weights (params.npz) instead of random ones; a narrower context is widened (net.expand_context)")
     ap.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -68,15 +70,32 @@ def main(argv=None):
             raise SystemExit(f"{st.path} is a test study: the test split is never trained on")
     print(f"{len(train)} training and {len(val)} validation studies loaded in {time.time() - t0:.1f} s", flush=True)
     rng = np.random.default_rng(a.seed)
-    sampler = data.Sampler(train, a.patch, rng, a.lesion_fraction)
-    vx, vclean, vp90 = data.full_slices(val, every=2)
+    sampler = data.Sampler(train, a.patch, rng, a.lesion_fraction, a.context)
+    vx, vclean, vp90 = data.full_slices(val, every=2, context=a.context)
     vmask = np.concatenate([np.stack([st.mask[k][None] for d in data.DURATIONS for k in range(0, st.a.shape[1], 2)]) for st in val]).astype(np.float32)
 
-    p = net.init(jax.random.PRNGKey(a.seed), a.width)
+    p = net.init(jax.random.PRNGKey(a.seed), a.width, a.context, a.levels)
     if a.init:
         p, width = load_params(a.init)
         if width != a.width:
             raise SystemExit(f"--init {a.init} has width {width}, not --width {a.width}")
+        if net.levels_of(p) != a.levels:
+            raise SystemExit(f"--init {a.init} has {net.levels_of(p)} levels, not --levels {a.levels}")
+        if net.context_of(p) > a.context:
+            raise SystemExit(f"--init {a.init} has context {net.context_of(p)}, more than --context {a.context}")
+        # a narrower context is widened with zero weights: the same function at step 0
+        old = net.context_of(p)
+        if old < a.context:
+            q = net.expand_context(p, a.context)
+            pad = (a.context - old) // 2
+            x = vx[:4]
+            narrow = np.concatenate([x[:, pad:pad + old], x[:, a.context:]], axis=1)
+            y0, y1 = np.asarray(net.forward(p, narrow)[0]), np.asarray(net.forward(q, x)[0])
+            diff, span = float(np.abs(y1 - y0).max()), float(y0.max() - y0.min())
+            if not diff <= 1e-5 * max(span, 1e-6):
+                raise SystemExit(f"widening the context from {old} to {a.context} changed the output by {diff} (range {span})")
+            print(f"context widened from {old} to {a.context} slices (output unchanged: max |diff| {diff:.2g})", flush=True)
+            p = q
     budget_steps = a.steps if a.steps else 10**9
     # cosine decay over the expected number of steps (estimated after warm-up)
     est_steps = a.steps if a.steps else 20000
@@ -108,14 +127,14 @@ def main(argv=None):
         half = len(vx) // 2
         # val slices are ordered study → duration → slice; split by the w channel
         for d in data.DURATIONS:
-            sel = np.isclose(vx[:, net.CONTEXT, 0, 0], d / 90.0)
-            xc = vx[sel, net.CONTEXT // 2:net.CONTEXT // 2 + 1]
+            sel = np.isclose(vx[:, a.context, 0, 0], d / 90.0)
+            xc = vx[sel, a.context // 2:a.context // 2 + 1]
             res[f"seed_mse_{int(d)}"] = 100 * (1 - np.mean((out[sel] - vp90[sel]) ** 2) / np.mean((xc - vp90[sel]) ** 2))
         del half
         return res
 
     log = {"args": vars(a), "history": [], "versions": {"jax": jax.__version__, "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version()},
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "params": net.param_count(p), "gflop_per_192_slice": net.flops_per_pixel(a.width) * 192 * 192 / 1e9}
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "params": net.param_count(p), "gflop_per_192_slice": net.flops_per_pixel(a.width, a.context, a.levels) * 192 * 192 / 1e9}
     best = None
     t_train = time.time()
     i = 0
