@@ -77,11 +77,33 @@ fn smoke_train_export_parity_eval_and_cross_check() {
         .output()
         .unwrap();
     assert!(!o.status.success() && text(&o).contains("not validation"), "{}", text(&o));
-    let out = py(&[
-        "-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", &d("run5"), "--steps", "2", "--batch", "4", "--patch", "32",
-        "--levels", "4",
-    ]);
-    assert!(text(&out).contains("done: 2 steps"), "{}", text(&out));
+    // a run cut off at step 2 and resumed from its checkpoint ends exactly where an uninterrupted run does
+    let run5 = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", out, "--steps", "4", "--batch", "4", "--patch", "32",
+            "--levels", "4", "--eval-every", "2",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        text(&py(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    assert!(run5(&d("run5"), &[]).contains("done: 4 steps"));
+    assert!(run5(&d("cut"), &["--stop-after", "2"]).contains("stopped at step 2 of 4"));
+    let bad = Command::new(python())
+        .args(["-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", &d("cut"), "--steps", "4", "--batch", "8", "--patch", "32", "--levels", "4", "--resume"])
+        .current_dir(train_dir())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && text(&bad).contains("--batch is 8, the checkpoint's run used 4"), "{}", text(&bad));
+    assert!(run5(&d("cut"), &["--resume"]).contains("resumed at step 2 of 4"));
+    let val_losses = |run: &str| -> Vec<f64> {
+        let log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join(run).join("train_log.json")).unwrap()).unwrap();
+        log["history"].as_array().unwrap().iter().map(|h| h["loss"].as_f64().unwrap()).collect()
+    };
+    assert_eq!(val_losses("cut"), val_losses("run5"));
+    assert_eq!(val_losses("run5").len(), 2);
     // a 4-level network (the shipped one has 3), warm-started with a wider slice context (5 → 7): the trainer
     // checks that the widened network computes the same function before it trains; the package then carries
     // 7 slices and a padding to multiples of 8 through export, both engines and eval

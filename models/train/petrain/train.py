@@ -37,6 +37,50 @@ def load_params(path):
     return p, int(z["width"])
 
 
+# what must match between a run and its resumption (the rest, e.g. --eval-every, may differ)
+RESUME_ARGS = ("train", "val", "width", "context", "levels", "patch", "batch", "lr", "steps", "lesion_weight", "lesion_fraction", "seed", "limit", "warmup")
+
+
+def save_checkpoint(a, p, st, step, best, history, minutes, rng):
+    """The current weights, optimizer state, sampler RNG and history, so a
+    run cut off (a session ends) can go on with --resume. Written to a
+    temporary name and renamed: a cut mid-write leaves the previous one."""
+    ckpt = os.path.join(a.out, "checkpoint.npz")
+    arrays = {f"p.{k}.{t}": np.asarray(v[t]) for k, v in p.items() for t in ("w", "b")}
+    leaves = jax.tree_util.tree_leaves(st)
+    arrays.update({f"s.{j}": np.asarray(x) for j, x in enumerate(leaves)})
+    np.savez(ckpt + ".tmp.npz", **arrays)
+    meta = {"args": {k: getattr(a, k) for k in RESUME_ARGS}, "step": step, "best": best, "history": history,
+            "minutes": minutes, "rng": rng.bit_generator.state, "opt_leaves": len(leaves)}
+    with open(ckpt + ".tmp.json", "w") as f:
+        json.dump(meta, f, default=float)
+    os.replace(ckpt + ".tmp.npz", ckpt)
+    os.replace(ckpt + ".tmp.json", os.path.join(a.out, "checkpoint.json"))
+
+
+def load_checkpoint(a, p, st, rng):
+    path = os.path.join(a.out, "checkpoint.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume: no checkpoint in {a.out} (a run saves one at every validation)")
+    with open(path) as f:
+        meta = json.load(f)
+    for k in RESUME_ARGS:
+        if meta["args"][k] != getattr(a, k):
+            raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(a, k)!r}, the checkpoint's run used {meta['args'][k]!r}")
+    z = np.load(os.path.join(a.out, "checkpoint.npz"))
+    q = {}
+    for key in z.files:
+        if key.startswith("p."):
+            _, name, t = key.split(".")
+            q.setdefault(name, {})[t] = jnp.asarray(z[key])
+    if q.keys() != p.keys():
+        raise SystemExit(f"--resume: the checkpoint's layers {sorted(q)} are not this network's")
+    tree = jax.tree_util.tree_structure(st)
+    st = jax.tree_util.tree_unflatten(tree, [jnp.asarray(z[f"s.{j}"]) for j in range(meta["opt_leaves"])])
+    rng.bit_generator.state = meta["rng"]
+    return q, st, meta["step"], meta["best"], meta["history"], meta["minutes"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", required=True)
@@ -57,7 +101,13 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="use only the first N studies of each split (smoke tests)")
     ap.add_argument("--init", help="start from these weights (params.npz) instead of random ones; a narrower context is widened (net.expand_context)")
     ap.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop at this step (the schedule stays that of --steps), e.g. before a session ends; go on with --resume")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its last checkpoint (saved at every validation); give the same arguments")
     a = ap.parse_args(argv)
+    if a.resume and (a.init or not a.steps):
+        raise SystemExit("--resume continues a run with a fixed --steps and no --init: give the arguments of the run it continues")
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     train = data.load(a.train, a.limit or None)
@@ -139,29 +189,37 @@ def main(argv=None):
     t_train = time.time()
     i = 0
     losses = []
-    while i < budget_steps and (a.steps or time.time() - t_train < a.minutes * 60):
+    prior_minutes = 0.0
+    if a.resume:
+        p, st, i, best, log["history"], prior_minutes = load_checkpoint(a, p, st, rng)
+        print(f"resumed at step {i} of {a.steps} ({prior_minutes:.1f} min trained before)", flush=True)
+    stop = min(budget_steps, a.stop_after) if a.stop_after else budget_steps
+    while i < stop and (a.steps or time.time() - t_train < a.minutes * 60):
         x, y, m, _ = sampler.batch(a.batch)
         p, st, l = step(p, st, x, y, m)
         losses.append(float(l))
         i += 1
-        if i % a.eval_every == 0 or i == budget_steps:
+        if i % a.eval_every == 0 or i == stop:
             v = validate(p)
-            entry = {"step": i, "minutes": (time.time() - t_train) / 60, "train_loss": float(np.mean(losses[-a.eval_every:])), **v}
+            entry = {"step": i, "minutes": prior_minutes + (time.time() - t_train) / 60, "train_loss": float(np.mean(losses[-a.eval_every:])), **v}
             log["history"].append(entry)
             better = best is None or v["loss"] < best["loss"]
             if better:
                 best = entry
                 save_params(os.path.join(a.out, "params.npz"), p, a.width)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()) + (" *" if better else ""), flush=True)
+            save_checkpoint(a, p, st, i, best, log["history"], entry["minutes"], rng)
     if best is None:
         v = validate(p)
         best = {"step": i, **v}
         save_params(os.path.join(a.out, "params.npz"), p, a.width)
     log["steps"] = i
-    log["train_minutes"] = (time.time() - t_train) / 60
+    log["train_minutes"] = prior_minutes + (time.time() - t_train) / 60
     log["best"] = best
     with open(os.path.join(a.out, "train_log.json"), "w") as f:
         json.dump(log, f, indent=1, default=float)
+    if a.steps and i < a.steps:
+        print(f"stopped at step {i} of {a.steps} (--stop-after); go on with the same arguments and --resume", flush=True)
     print(f"done: {i} steps in {log['train_minutes']:.1f} min; best at step {best['step']} (val loss {best['loss']:.4g}); weights in {a.out}/params.npz", flush=True)
 
 
