@@ -81,6 +81,21 @@ def load_checkpoint(a, p, st, rng):
     return q, st, meta["step"], meta["best"], meta["history"], meta["minutes"]
 
 
+def widen_checked(p, context, x):
+    """`net.expand_context`, then a check on the inputs `x` (already `context`
+    slices wide) that the widened network computes the same function."""
+    old = net.context_of(p)
+    q = net.expand_context(p, context)
+    pad = (context - old) // 2
+    narrow = np.concatenate([x[:, pad:pad + old], x[:, context:]], axis=1)
+    y0, y1 = np.asarray(net.forward(p, narrow)[0]), np.asarray(net.forward(q, x)[0])
+    diff, span = float(np.abs(y1 - y0).max()), float(y0.max() - y0.min())
+    if not diff <= 1e-5 * max(span, 1e-6):
+        raise SystemExit(f"widening the context from {old} to {context} changed the output by {diff} (range {span})")
+    print(f"context widened from {old} to {context} slices (output unchanged: max |diff| {diff:.2g})", flush=True)
+    return q
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", required=True)
@@ -133,19 +148,8 @@ def main(argv=None):
             raise SystemExit(f"--init {a.init} has {net.levels_of(p)} levels, not --levels {a.levels}")
         if net.context_of(p) > a.context:
             raise SystemExit(f"--init {a.init} has context {net.context_of(p)}, more than --context {a.context}")
-        # a narrower context is widened with zero weights: the same function at step 0
-        old = net.context_of(p)
-        if old < a.context:
-            q = net.expand_context(p, a.context)
-            pad = (a.context - old) // 2
-            x = vx[:4]
-            narrow = np.concatenate([x[:, pad:pad + old], x[:, a.context:]], axis=1)
-            y0, y1 = np.asarray(net.forward(p, narrow)[0]), np.asarray(net.forward(q, x)[0])
-            diff, span = float(np.abs(y1 - y0).max()), float(y0.max() - y0.min())
-            if not diff <= 1e-5 * max(span, 1e-6):
-                raise SystemExit(f"widening the context from {old} to {a.context} changed the output by {diff} (range {span})")
-            print(f"context widened from {old} to {a.context} slices (output unchanged: max |diff| {diff:.2g})", flush=True)
-            p = q
+        if net.context_of(p) < a.context:
+            p = widen_checked(p, a.context, vx[:4])
     budget_steps = a.steps if a.steps else 10**9
     # cosine decay over the expected number of steps (estimated after warm-up)
     est_steps = a.steps if a.steps else 20000
@@ -174,13 +178,11 @@ def main(argv=None):
         out, den = np.concatenate(outs), np.concatenate(dens)
         loss = float(np.mean((1 + lw * vmask) * (den - vclean) ** 2))
         res = {"loss": loss}
-        half = len(vx) // 2
         # val slices are ordered study → duration → slice; split by the w channel
         for d in data.DURATIONS:
             sel = np.isclose(vx[:, a.context, 0, 0], d / 90.0)
             xc = vx[sel, a.context // 2:a.context // 2 + 1]
             res[f"seed_mse_{int(d)}"] = 100 * (1 - np.mean((out[sel] - vp90[sel]) ** 2) / np.mean((xc - vp90[sel]) ** 2))
-        del half
         return res
 
     log = {"args": vars(a), "history": [], "versions": {"jax": jax.__version__, "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version()},
