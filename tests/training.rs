@@ -134,6 +134,50 @@ fn smoke_train_export_parity_eval_and_cross_check() {
 }
 
 /// The shipped model package.
+/// The one-call GPU script (models/train/device_train.sh), dry-run on the CPU
+/// with tiny sizes: it simulates, trains, fine-tunes, and leaves in $OUT what
+/// the device tool brings back (at most 8 plain files, two folders deep,
+/// plain names).
+#[test]
+fn device_training_script_dry_run_leaves_weights_the_device_tool_brings_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let script = train_dir().join("device_train.sh");
+    let o = Command::new("bash")
+        .arg(&script)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("OUT", &out)
+        .env("B", env!("CARGO_BIN_EXE_petrestore"))
+        .env("PY", python())
+        .env("DATA", tmp.path().join("data"))
+        .envs([("STUDIES", "3"), ("SIMS", "2"), ("VAL", "1"), ("SIM_ARGS", "--slices 6 --matrix 64")])
+        .envs([("STEPS", "6"), ("EVAL_EVERY", "3"), ("FT_STEPS", "3")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "device_train.sh failed:\n{}", text(&o));
+    let log = text(&o);
+    assert!(log.contains("simulated 3 training and 1 validation studies"), "{log}");
+    let mut files = Vec::new();
+    for dir in [out.clone(), out.join("run"), out.join("ft")] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                files.push(e.path().strip_prefix(&out).unwrap().display().to_string());
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() <= 8, "the device tool brings back at most 8 files: {files:?}");
+    assert!(files.iter().all(|f| f.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))), "{files:?}");
+    for want in ["log.txt", "run/params.npz", "run/train_log.json", "ft/params.npz", "ft/train_log.json"] {
+        assert!(files.iter().any(|f| f == want), "{want} missing from {files:?}");
+    }
+    // the fine-tune started from the main run's weights and kept its shape
+    py(&["-m", "petrain.export", "--params", &out.join("ft/params.npz").display().to_string(), "--out", &tmp.path().join("pkg").display().to_string()]);
+    assert_parity(&tmp.path().join("pkg"));
+}
+
 fn shipped() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/petrestore-unet25d")
 }

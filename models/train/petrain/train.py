@@ -199,11 +199,12 @@ def main(argv=None):
     while i < stop and (a.steps or time.time() - t_train < a.minutes * 60):
         x, y, m, _ = sampler.batch(a.batch)
         p, st, l = step(p, st, x, y, m)
-        losses.append(float(l))
+        losses.append(l)  # a device array: no sync per step, so on a GPU the next batch is sampled while this one runs
         i += 1
         if i % a.eval_every == 0 or i == stop:
+            losses = [float(v) for v in jax.device_get(losses[-a.eval_every:])]
             v = validate(p)
-            entry = {"step": i, "minutes": prior_minutes + (time.time() - t_train) / 60, "train_loss": float(np.mean(losses[-a.eval_every:])), **v}
+            entry = {"step": i, "minutes": prior_minutes + (time.time() - t_train) / 60, "train_loss": float(np.mean(losses)), **v}
             log["history"].append(entry)
             better = best is None or v["loss"] < best["loss"]
             if better:
