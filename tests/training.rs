@@ -152,12 +152,15 @@ fn device_training_script_dry_run_leaves_weights_the_device_tool_brings_back() {
         .env("PY", python())
         .env("DATA", tmp.path().join("data"))
         .envs([("STUDIES", "3"), ("SIMS", "2"), ("VAL", "1"), ("SIM_ARGS", "--slices 6 --matrix 64")])
-        .envs([("STEPS", "6"), ("EVAL_EVERY", "3"), ("FT_STEPS", "3")])
+        // STEPS=auto: a probe times the steps, the schedule is what fits TRAIN_S (here the floor)
+        .envs([("PROBE", "6"), ("MIN_STEPS", "4"), ("TRAIN_S", "120"), ("EVAL_EVERY", "3"), ("FT_STEPS", "3")])
         .output()
         .unwrap();
     assert!(o.status.success(), "device_train.sh failed:\n{}", text(&o));
     let log = text(&o);
     assert!(log.contains("simulated 3 training and 1 validation studies"), "{log}");
+    let steps: usize = log.split("main run schedule ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(steps >= 4, "the probe sets the schedule length: {log}");
     let mut files = Vec::new();
     for dir in [out.clone(), out.join("run"), out.join("ft")] {
         for e in std::fs::read_dir(&dir).unwrap() {

@@ -23,9 +23,11 @@ SIMS=${SIMS:-4}            # simulator processes side by side (each uses every c
 VAL=${VAL:-8}              # validation studies (the split the shipped model was judged on has 8)
 SIM_ARGS=${SIM_ARGS:-}     # e.g. "--slices 8 --matrix 64" for a dry run on a small machine
 WIDTH=${WIDTH:-24}
-STEPS=${STEPS:-60000}      # cosine schedule length of the main run (1.0.0 settings otherwise)
+STEPS=${STEPS:-auto}       # cosine schedule length of the main run (1.0.0 settings otherwise); auto: what fits TRAIN_S
 EVAL_EVERY=${EVAL_EVERY:-1000}
 TRAIN_S=${TRAIN_S:-300}    # wall-time cap of the main run
+PROBE=${PROBE:-600}        # probe steps that time the GPU when STEPS=auto
+MIN_STEPS=${MIN_STEPS:-2000}
 FT_STEPS=${FT_STEPS:-2500} # lesion fine-tune (the 1.1.0 settings) from the main run's best weights
 FT_S=${FT_S:-60}
 exec > >(tee "$OUT/log.txt") 2>&1
@@ -47,6 +49,22 @@ for p in "${pids[@]}"; do wait "$p" || { say "the simulator failed"; exit 4; }; 
 say "simulated $(ls "$DATA"/train/*.npy | wc -l) training and $(ls "$DATA"/val/*.npy | wc -l) validation studies"
 
 cd models/train
+if [ "$STEPS" = auto ]; then
+    # a short probe on the same data measures steps per second after the compile; the main
+    # run's schedule is then as long as fits in TRAIN_S (a run cut early ends at a high learning rate)
+    timeout 150 $PY -m petrain.train --train "$DATA/train" --val "$DATA/val" --out "$DATA/probe" \
+        --width "$WIDTH" --steps 100000 --eval-every $(( PROBE / 3 )) --stop-after "$PROBE" > "$DATA/probe.log" 2>&1
+    STEPS=$($PY - "$DATA/probe/checkpoint.json" "$TRAIN_S" "$MIN_STEPS" <<'PY'
+import json, sys
+h = json.load(open(sys.argv[1]))["history"]
+rate = (h[-1]["step"] - h[0]["step"]) / max((h[-1]["minutes"] - h[0]["minutes"]) * 60, 1e-6)
+startup = h[0]["minutes"] * 60 - h[0]["step"] / rate + 15  # compile and data loading, with margin
+steps = int(rate * (float(sys.argv[2]) - startup) * 0.85) // 1000 * 1000
+print(min(max(steps, int(sys.argv[3])), 200000))
+PY
+) || { say "the probe failed:"; tail -20 "$DATA/probe.log"; exit 6; }
+    say "probe: $(grep -c '^step=' "$DATA/probe.log") validations; main run schedule $STEPS steps"
+fi
 timeout "$TRAIN_S" $PY -m petrain.train --train "$DATA/train" --val "$DATA/val" --out "$OUT/run" \
     --width "$WIDTH" --steps "$STEPS" --eval-every "$EVAL_EVERY"
 rc=$?
