@@ -153,7 +153,7 @@ fn device_training_script_dry_run_leaves_weights_the_device_tool_brings_back() {
         .env("DATA", tmp.path().join("data"))
         .envs([("STUDIES", "3"), ("SIMS", "2"), ("VAL", "1"), ("SIM_ARGS", "--slices 6 --matrix 64")])
         // STEPS=auto: a probe times the steps, the schedule is what fits TRAIN_S (here the floor)
-        .envs([("PROBE", "6"), ("MIN_STEPS", "4"), ("TRAIN_S", "120"), ("EVAL_EVERY", "3"), ("FT_STEPS", "3")])
+        .envs([("PROBE", "6"), ("MIN_STEPS", "4"), ("TRAIN_S", "120"), ("EVAL_EVERY", "3"), ("FT_STEPS", "3"), ("FT_S", "200")])
         .output()
         .unwrap();
     assert!(o.status.success(), "device_train.sh failed:\n{}", text(&o));

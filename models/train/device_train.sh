@@ -25,11 +25,12 @@ SIM_ARGS=${SIM_ARGS:-}     # e.g. "--slices 8 --matrix 64" for a dry run on a sm
 WIDTH=${WIDTH:-24}
 STEPS=${STEPS:-auto}       # cosine schedule length of the main run (1.0.0 settings otherwise); auto: what fits TRAIN_S
 EVAL_EVERY=${EVAL_EVERY:-1000}
-TRAIN_S=${TRAIN_S:-300}    # wall-time cap of the main run
+TOTAL_S=${TOTAL_S:-570}    # the whole script, inside the tool's 600 s per command
+TRAIN_S=${TRAIN_S:-}       # wall-time cap of the main run; default: what is left after the simulation, the probe and the fine-tune
 PROBE=${PROBE:-600}        # probe steps that time the GPU when STEPS=auto
 MIN_STEPS=${MIN_STEPS:-2000}
 FT_STEPS=${FT_STEPS:-2500} # lesion fine-tune (the 1.1.0 settings) from the main run's best weights
-FT_S=${FT_S:-60}
+FT_S=${FT_S:-50}
 exec > >(tee "$OUT/log.txt") 2>&1
 say() { echo "[$(date +%T)] $*"; }
 
@@ -47,12 +48,15 @@ for ((j = 0; j < SIMS; j++)); do
 done
 for p in "${pids[@]}"; do wait "$p" || { say "the simulator failed"; exit 4; }; done
 say "simulated $(ls "$DATA"/train/*.npy | wc -l) training and $(ls "$DATA"/val/*.npy | wc -l) validation studies"
+probe_s=0; [ "$STEPS" = auto ] && probe_s=60
+TRAIN_S=${TRAIN_S:-$(( TOTAL_S - SECONDS - probe_s - FT_S - 15 ))}
+[ "$TRAIN_S" -ge 60 ] || { say "only ${TRAIN_S} s left for training: make fewer STUDIES or give TOTAL_S"; exit 7; }
 
 cd models/train
 if [ "$STEPS" = auto ]; then
     # a short probe on the same data measures steps per second after the compile; the main
     # run's schedule is then as long as fits in TRAIN_S (a run cut early ends at a high learning rate)
-    timeout 150 $PY -m petrain.train --train "$DATA/train" --val "$DATA/val" --out "$DATA/probe" \
+    timeout "$probe_s" $PY -m petrain.train --train "$DATA/train" --val "$DATA/val" --out "$DATA/probe" \
         --width "$WIDTH" --steps 100000 --eval-every $(( PROBE / 3 )) --stop-after "$PROBE" > "$DATA/probe.log" 2>&1
     STEPS=$($PY - "$DATA/probe/checkpoint.json" "$TRAIN_S" "$MIN_STEPS" <<'PY'
 import json, sys
