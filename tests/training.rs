@@ -133,7 +133,6 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     assert!(!o.status.success() && text(&o).contains("not test ones"), "{}", text(&o));
 }
 
-/// The shipped model package.
 /// The one-call GPU script (models/train/device_train.sh), dry-run on the CPU
 /// with tiny sizes: it simulates, trains, fine-tunes, and leaves in $OUT what
 /// the device tool brings back (at most 8 plain files, two folders deep,
@@ -181,6 +180,7 @@ fn device_training_script_dry_run_leaves_weights_the_device_tool_brings_back() {
     assert_parity(&tmp.path().join("pkg"));
 }
 
+/// The shipped model package.
 fn shipped() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/petrestore-unet25d")
 }
