@@ -139,8 +139,9 @@ enum Command {
     /// Measure restoration quality on simulated studies with known truth
     /// (DESIGN.md "Quality"): seed metric vs PET90 with its ceiling, NRMSE
     /// and SSIM vs truth, NEMA contrast recovery and background variability,
-    /// lesion SUV bias; raw frames, the Gaussian baseline and the model side
-    /// by side. Prints Markdown tables and the goals met or missed.
+    /// lesion SUV bias; raw frames, the Gaussian baseline, the model and the
+    /// oracle (a perfect denoiser: the reachable bound) side by side. Prints
+    /// Markdown tables and the goals met or missed.
     Eval {
         /// Studies from `petrestore dataset` (use the test split for reports).
         #[arg(long, conflicts_with_all = ["input", "reference"])]
