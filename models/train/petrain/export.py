@@ -156,7 +156,7 @@ def main(argv=None):
         f'input = "input"            # float32 [batch, {context + 1}, height, width]: {context} slices + duration channel',
         'output = "output"          # float32 [batch, 1, height, width]: 90 s-equivalent image',
         f"context_slices = {context}         # centre slice ± {context // 2}; edges repeat the first/last slice",
-        "batch = 4",
+        "batch = 1                  # slices per inference: 1 was 1.4-1.8x faster than 4 on CPU (ORT and tract, 192² and 400², BENCHMARKS.md)",
         '# one extra constant input channel = Actual Frame Duration / 90 s (also the',
         '# weight of the input in the output mix, see MODEL_CARD.md)',
         'condition = "frame_duration_over_90"',
