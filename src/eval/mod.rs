@@ -304,8 +304,16 @@ const METHODS: [&str; 4] = ["input", "gaussian", "model", "oracle"];
 fn display(m: &str, d: u32) -> String {
     match m {
         "input" => format!("raw PET{d}"),
-        "oracle" => format!("oracle {d} s (perfect denoiser)"),
-        _ => format!("{m} {d} s"),
+        _ => format!("{} {d} s", label(m)),
+    }
+}
+
+/// A method's name in tables that have a duration column of their own.
+fn label(m: &str) -> &str {
+    match m {
+        "input" => "raw short frame",
+        "oracle" => "oracle (perfect denoiser)",
+        _ => m,
     }
 }
 
@@ -416,7 +424,8 @@ pub fn markdown(report: &Value) -> String {
         for m in ["gaussian", "model", "oracle"] {
             if g(&format!("seed_mse_{d}_{m}")).is_some() {
                 o.push_str(&format!(
-                    "| {d} s | {m} | {} | {:.1} | {} |\n",
+                    "| {d} s | {} | {} | {:.1} | {} |\n",
+                    label(m),
                     f(&format!("seed_mse_{d}_{m}")),
                     improvement_ceiling(d as f64),
                     f(&format!("seed_dssim_{d}_{m}"))
@@ -450,7 +459,8 @@ pub fn markdown(report: &Value) -> String {
                 }
                 let cell = |n: &str| format!("{} [{}, {}], {}", f(&k(n, "mean")), f(&k(n, "lo95")), f(&k(n, "hi95")), f(&k(n, "min")));
                 o.push_str(&format!(
-                    "| {d} s | {m} | {} | {} | {} | {} |\n",
+                    "| {d} s | {} | {} | {} | {} | {} |\n",
+                    label(m),
                     g(&format!("{band}_count_{d}_{m}")).unwrap_or(0.0),
                     cell("suvmean_bias_vs_pet90"),
                     cell("suvmax_bias_vs_pet90"),
