@@ -112,6 +112,17 @@ fn smoke_train_export_parity_eval_and_cross_check() {
         "--eval-every", "3", "--context", "7", "--levels", "4", "--init", &d("run5/params.npz"),
     ]);
     assert!(text(&out).contains("context widened from 5 to 7 slices (output unchanged") && text(&out).contains("done: 6 steps"), "{}", text(&out));
+    // where the run falls short of the perfect denoiser: the regions' shares add up to the gap
+    let gap = text(&py(&["-m", "petrain.gap", "--params", &d("run/params.npz"), "--dataset", &d("val"), "--tta", "4"]));
+    for dur in ["30 s", "60 s"] {
+        let head = gap.lines().find(|l| l.starts_with(&format!("{dur}: seed MSE metric model"))).unwrap_or_else(|| panic!("{gap}"));
+        let total: f64 = head.split("gap ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+        let block: Vec<&str> = gap.lines().skip_while(|l| *l != head).skip(2).take(5).collect();
+        let parts: f64 = block.iter().map(|l| l.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{gap}"))).sum();
+        assert!((parts - total).abs() < 0.05, "regions {parts} vs gap {total}:\n{gap}");
+    }
+    let o = Command::new(python()).args(["-m", "petrain.gap", "--params", &d("run/params.npz"), "--dataset", &d("test")]).current_dir(train_dir()).output().unwrap();
+    assert!(!o.status.success() && text(&o).contains("holds test studies"), "{}", text(&o));
     let out = py(&["-m", "petrain.export", "--params", &d("run/params.npz"), "--out", &d("pkg"), "--train-log", &d("run/train_log.json")]);
     assert!(text(&out).contains("parity JAX vs ONNX Runtime"), "{}", text(&out));
     assert_parity(&tmp.path().join("pkg"));
@@ -136,7 +147,7 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     let seed = |k: &str| r["summary"][k].as_f64().unwrap_or_else(|| panic!("{k} missing from the eval summary"));
     let ceiling = petrestore::eval::metrics::improvement_ceiling;
     assert!((seed("seed_mse_30_oracle") - ceiling(30.0)).abs() < 3.0 && (seed("seed_mse_60_oracle") - ceiling(60.0)).abs() < 4.0, "{report}");
-    assert!(report.contains("oracle 30 s (perfect denoiser)"), "{report}");
+    assert!(report.contains("oracle (perfect denoiser) 30 s"), "{report}");
     // eval refuses test studies as the validation split used for choices
     let o = petrestore(&["eval", "--dataset", &d("test"), "--val", &d("test")]);
     assert!(!o.status.success() && text(&o).contains("not test ones"), "{}", text(&o));
