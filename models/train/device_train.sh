@@ -4,7 +4,7 @@
 # "Training on a lent GPU"). From the repository root here:
 #
 #   cargo build --release        # the simulator travels as this x86-64 binary
-#   device run: command "bash models/train/device_train.sh", carry ["target/release/petrestore"], timeout_s 590
+#   device run: command "bash models/train/device_train.sh", carry ["target/release/petlab"], timeout_s 590
 #
 # There it simulates the studies with all cores (nothing can be downloaded
 # there and 1 GB of studies cannot travel), trains with the machine's own JAX
@@ -15,7 +15,7 @@
 # Each phase has a time cap so that the best weights so far always come back.
 set -uo pipefail
 : "${OUT:?OUT is set by the device tool: the folder whose files come back}"
-B=${B:-target/release/petrestore}
+B=${B:-target/release/petlab}
 PY=${PY:-python3}
 DATA=${DATA:-/tmp/petdata}
 STUDIES=${STUDIES:-128}    # training studies (seeds 0..STUDIES-1 of the train split)
@@ -34,7 +34,7 @@ FT_S=${FT_S:-50}
 exec > >(tee "$OUT/log.txt") 2>&1
 say() { echo "[$(date +%T)] $*"; }
 
-[ -x "$B" ] || { echo "no simulator at $B: run cargo build --release here and carry target/release/petrestore"; exit 2; }
+[ -x "$B" ] || { echo "no simulator at $B: run cargo build --release -p petlab here and carry target/release/petlab"; exit 2; }
 say "$(nproc) cores; $(nvidia-smi -L 2>/dev/null || echo 'nvidia-smi: none')"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 $PY -c 'import jax, optax, numpy; print("jax", jax.__version__, "optax", optax.__version__, "numpy", numpy.__version__, jax.devices())' || exit 3

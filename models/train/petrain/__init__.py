@@ -1,7 +1,7 @@
 """petrain: train, export and evaluate the petrestore restoration model.
 
 Data comes from the project's own physical simulator
-(`petrestore dataset`, see src/sim/dataset.rs); the network is written in
+(`petlab dataset`, see crates/petsim/src/dataset.rs); the network is written in
 JAX, trained on CPU, and exported by hand to an ONNX graph that
 ONNX Runtime and tract both run.
 """

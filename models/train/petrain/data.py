@@ -1,4 +1,4 @@
-"""Simulated studies (from `petrestore dataset`) and the training sampler.
+"""Simulated studies (from `petlab dataset`) and the training sampler.
 
 A study file `<family>-<seed>.npy` is float32 [5, S, n, n]: PET30, PET60,
 PET90, the noise-free reconstruction of the 90 s data, and the truth, all in
@@ -19,7 +19,7 @@ CLEAN, TRUTH = 3, 4
 
 def body_scale(vol, fraction=0.05):
     """Mean of voxels above `fraction` × the 99.9th percentile: the same
-    normalisation as the Rust engines (src/restore/neural.rs)."""
+    normalisation as the Rust engines (crates/petrestore/src/restore/neural.rs)."""
     sample = vol.reshape(-1)[::7]
     p999 = np.sort(sample)[min(int(len(sample) * 0.999), len(sample) - 1)]
     body = vol[vol > p999 * fraction]
@@ -68,7 +68,7 @@ def load(folder, limit=None):
     if limit:
         paths = paths[:limit]
     if not paths:
-        raise SystemExit(f"no studies (*.npy) in {folder}: make them with `petrestore dataset --out {folder} --split ...`")
+        raise SystemExit(f"no studies (*.npy) in {folder}: make them with `petlab dataset --out {folder} --split ...`")
     return [Study(p) for p in paths]
 
 

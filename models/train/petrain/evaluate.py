@@ -1,7 +1,7 @@
-"""Independent re-implementation of `petrestore eval`'s metrics, to
-cross-check the Rust evaluator (src/eval/metrics.rs).
+"""Independent re-implementation of `petlab eval`'s metrics, to
+cross-check the Rust evaluator (crates/petrestore/src/eval/metrics.rs and crates/petlab/src/eval.rs).
 
-    petrestore eval --dataset D --val V --model M --json R.json --dump DUMP
+    petlab eval --dataset D --val V --model M --json R.json --dump DUMP
     python -m petrain.evaluate --dataset D --report R.json --dump DUMP
 
 Recomputes every per-study record (MSE and 1−SSIM vs PET90, NRMSE and SSIM
@@ -126,7 +126,7 @@ def main(argv=None):
                     raise SystemExit(f"{key} lesion: Rust {lr} vs Python {lp}")
                 checked += 1
     if checked == 0:
-        raise SystemExit("nothing compared: do --report and --dump come from the same `petrestore eval` run on --dataset?")
+        raise SystemExit("nothing compared: do --report and --dump come from the same `petlab eval` run on --dataset?")
     print(f"cross-check OK: {checked} values agree (worst relative difference {worst:.2e})")
 
 

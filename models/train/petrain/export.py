@@ -103,7 +103,7 @@ def main(argv=None):
     ap.add_argument("--id", default="petrestore-unet25d")
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--train-log")
-    ap.add_argument("--metrics", help="JSON from `petrestore eval --json` to record in model.toml")
+    ap.add_argument("--metrics", help="JSON from `petlab eval --json` to record in model.toml")
     ap.add_argument("--purpose", default="research", help="'research' (simulation-trained) or 'test'")
     ap.add_argument("--tta", type=int, choices=[1, 4], default=1, help="io.tta of the package (choose it on the validation split)")
     a = ap.parse_args(argv)
@@ -173,7 +173,7 @@ def main(argv=None):
         'tracers = ["Fluorodeoxyglucose"]',
         "",
         "[provenance]",
-        'training_data = "simulated: petrestore dataset --split train (ellipse phantom family, seeds 0-9999), physical 2D projection, Poisson, nested frames, OSEM 3x8"',
+        'training_data = "simulated: petlab dataset --split train (ellipse phantom family, seeds 0-9999), physical 2D projection, Poisson, nested frames, OSEM 3x8"',
         f"opset = {OPSET}",
         f"parameters = {params}",
         f"gflop_per_192_slice = {gflop:.3f}",
@@ -200,7 +200,7 @@ def metrics_block(summary):
     m = {k: v for k, v in summary.items() if "_model" in k or "pet90" in k and "_input" not in k and "_gaussian" not in k or k.startswith("seed_")}
     if not m:
         return []
-    lines = ["", "[metrics]", "# held-out test split (lobulated family + NEMA), from `petrestore eval`; see EVAL.md"]
+    lines = ["", "[metrics]", "# held-out test split (lobulated family + NEMA), from `petlab eval`; see EVAL.md"]
     for k, v in sorted(m.items()):
         lines.append(f"{k} = {float(v):.4f}")
     return lines

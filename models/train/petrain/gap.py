@@ -4,7 +4,7 @@
 
 The seed MSE metric of a model and of the oracle (`w·short + (1 − w)·clean90`,
 the model's output form with the noise-free 90 s reconstruction as its
-denoiser; `petrestore eval` has the same row) differ by the gap
+denoiser; `petlab eval` has the same row) differ by the gap
 
     Σ (out − PET90)² − Σ (oracle − PET90)²   over Σ (short − PET90)²,
 
@@ -83,7 +83,7 @@ def gap(p, studies, tta=1):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", required=True, help="weights (params.npz) of a training run")
-    ap.add_argument("--dataset", required=True, help="studies from `petrestore dataset` (the validation split)")
+    ap.add_argument("--dataset", required=True, help="studies from `petlab dataset` (the validation split)")
     ap.add_argument("--tta", type=int, default=1, choices=(1, 4), help="as io.tta of a package: 4 also runs the slices flipped left-right, up-down and both, averaged")
     a = ap.parse_args(argv)
     p, _ = train.load_params(a.params)

@@ -1,0 +1,257 @@
+//! The `petlab` command line: the laboratory around the appliance. It
+//! simulates studies with the physical simulator of `petsim`, writes
+//! training and evaluation datasets, and measures a model package on them
+//! against the development goals. None of this ships on the box; the
+//! appliance binary (`petrestore`) carries only site acceptance on paired
+//! series (`petrestore eval --input --reference`).
+
+mod eval;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "petlab", version, about = "Simulate PET studies, build datasets and evaluate petrestore model packages")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a synthetic PET series (one file per slice) into a folder.
+    Simulate {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 48)]
+        slices: usize,
+        #[arg(long, default_value_t = 128)]
+        matrix: usize,
+        #[arg(long, default_value_t = 30.0)]
+        frame_duration: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Physical simulation: projection, Poisson counts, nested 30/60/90 s
+        /// frames and OSEM; writes PT30/, PT60/, PT90/, truth.npy, lesions.json.
+        #[arg(long)]
+        physics: bool,
+        /// With --physics: "torso" (organs and lesions), "nema" (NEMA NU 2
+        /// IEC body phantom, spheres 10–37 mm at 4:1, sphere plane 69 mm in),
+        /// or "ellipse" / "lobulated": a random patient of that phantom
+        /// family with random lesions (--seed picks the patient).
+        #[arg(long, default_value = "torso")]
+        phantom: String,
+        /// With --physics: in-plane Gaussian post-filter after OSEM, FWHM mm (0: none).
+        #[arg(long, default_value_t = 0.0)]
+        post_filter: f64,
+        /// Without --physics: one multi-frame Enhanced PET Image instance
+        /// (one frame per slice) instead of one file per slice.
+        #[arg(long)]
+        enhanced: bool,
+        /// Without --physics: one Legacy Converted Enhanced PET instance
+        /// (what a PACS makes of a classic series).
+        #[arg(long, conflicts_with = "enhanced")]
+        legacy: bool,
+    },
+    /// Simulate a training or evaluation dataset (compact .npy studies with
+    /// nested 30/60/90 s frames, noise-free reconstruction, truth, lesions).
+    /// Splits: train = ellipse family seeds 0–9999, val = ellipse
+    /// 10000–10999, test = lobulated family and NEMA from seed 20000.
+    /// Studies already present are kept (a run can be resumed).
+    Dataset {
+        #[arg(long)]
+        out: PathBuf,
+        /// train, val or test.
+        #[arg(long)]
+        split: String,
+        /// Patient studies to make.
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        /// Skip this many seeds of the split first (to extend a dataset).
+        #[arg(long, default_value_t = 0)]
+        skip: u64,
+        /// NEMA studies (test split only; each a new noise realisation).
+        #[arg(long, default_value_t = 0)]
+        nema: u64,
+        #[arg(long, default_value_t = 16)]
+        slices: usize,
+        #[arg(long, default_value_t = 128)]
+        matrix: usize,
+        /// In-plane Gaussian post-filter after OSEM, FWHM mm (0: none; the
+        /// 1.x models were trained without).
+        #[arg(long, default_value_t = 0.0)]
+        post_filter: f64,
+    },
+    /// Measure restoration quality on simulated studies with known truth:
+    /// seed metric vs PET90 with its ceiling, NRMSE and SSIM vs truth, NEMA
+    /// contrast recovery and background variability, lesion SUV bias; raw
+    /// frames, the Gaussian baseline, the model and the oracle (a perfect
+    /// denoiser: the reachable bound) side by side. Prints Markdown tables
+    /// and the development goals met or missed.
+    Eval {
+        /// Studies from `petlab dataset` (use the test split for reports).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Validation studies: the Gaussian FWHM is chosen on them.
+        #[arg(long)]
+        val: Option<PathBuf>,
+        /// Fixed Gaussian FWHM (mm) instead of choosing it on --val.
+        #[arg(long)]
+        gaussian_fwhm: Option<f64>,
+        /// Model package to evaluate (none: baselines only).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Engine for the model: tract or ort.
+        #[arg(long, default_value = "tract")]
+        engine: String,
+        /// libonnxruntime.so for --engine ort (default: ORT_DYLIB_PATH).
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+        /// Write the full report (summary and per-study records) as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the report's Markdown here too.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Write every restored volume as .npy (for the Python cross-check).
+        #[arg(long)]
+        dump: Option<PathBuf>,
+        /// Engine threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: true, phantom, post_filter, enhanced, legacy } => {
+            let phantom = match phantom.as_str() {
+                "torso" => petsim::Phantom::Torso,
+                "nema" => petsim::Phantom::Nema,
+                f if petsim::patient::Family::parse(f).is_some() => petsim::Phantom::Patient { family: petsim::patient::Family::parse(f).expect("checked"), seed },
+                other => bail!("--phantom {other:?}: use torso, nema, ellipse or lobulated (a random patient of that family; --seed picks it)"),
+            };
+            let spec = petsim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
+            let t = std::time::Instant::now();
+            if !(0.0..=30.0).contains(&post_filter) {
+                bail!("--post-filter {post_filter}: give a FWHM in mm from 0 (none) to 30");
+            }
+            if enhanced || legacy {
+                bail!("--enhanced and --legacy are for the simple image model; --physics writes classic PET series (one file per slice)");
+            }
+            let sc = petsim::physics::Scanner { post_filter_fwhm_mm: post_filter, ..Default::default() };
+            let st = petsim::write_study_physical(&out, &spec, &sc, phantom)
+                .with_context(|| format!("cannot write into {}", out.display()))?;
+            for (d, s) in &st.series {
+                println!("wrote {} slices of {d} s (series {}) into {}", s.files.len(), s.series_uid, out.join(format!("PT{d}")).display());
+            }
+            println!("truth: {}, lesions: {} ({:.1} s)", st.truth.display(), st.lesions.display(), t.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: false, enhanced, legacy, .. } => {
+            let spec = petsim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
+            let write = match (enhanced, legacy) {
+                (true, _) => petsim::write_series_enhanced,
+                (_, true) => petsim::write_series_legacy,
+                _ => petsim::write_series,
+            };
+            let s = write(&out, &spec).with_context(|| format!("cannot write into {}", out.display()))?;
+            if enhanced || legacy {
+                let kind = if legacy { "Legacy Converted Enhanced PET" } else { "Enhanced PET" };
+                println!("wrote {slices} slices as one {kind} instance of series {} into {}", s.series_uid, s.files[0].display());
+            } else {
+                println!("wrote {} slices of series {} into {}", s.files.len(), s.series_uid, out.display());
+            }
+            Ok(())
+        }
+        Command::Dataset { out, split, count, skip, nema, slices, matrix, post_filter } => {
+            use petsim::dataset::{Geometry, Source, Split, write_study};
+            use petsim::patient::Family;
+            let split = Split::parse(&split).with_context(|| format!("--split {split:?}: use train, val or test"))?;
+            if !(1..=512).contains(&slices) || !(32..=512).contains(&matrix) {
+                bail!("--slices must be 1..=512 and --matrix 32..=512");
+            }
+            if nema > 0 && split != Split::Test {
+                bail!("--nema studies belong to the test split only (NEMA is never trained on)");
+            }
+            let (family, base) = match split {
+                Split::Train => (Family::Ellipse, 0),
+                Split::Validation => (Family::Ellipse, 10_000),
+                Split::Test => (Family::Lobulated, 20_000),
+            };
+            let g = Geometry { slices, matrix, ..Geometry::default() };
+            if !(0.0..=30.0).contains(&post_filter) {
+                bail!("--post-filter {post_filter}: give a FWHM in mm from 0 (none) to 30");
+            }
+            let sc = petsim::physics::Scanner { post_filter_fwhm_mm: post_filter, ..Default::default() };
+            let mut jobs: Vec<(Source, u64)> = (base + skip..base + skip + count).map(|s| (Source::Patient(family), s)).collect();
+            jobs.extend((20_000 + skip..20_000 + skip + nema).map(|s| (Source::Nema, s)));
+            let t = std::time::Instant::now();
+            let mut made = 0;
+            for (source, seed) in jobs {
+                let npy = out.join(format!("{}-{seed:05}.npy", source.name()));
+                if npy.exists() && out.join(format!("{}-{seed:05}.json", source.name())).exists() {
+                    continue;
+                }
+                write_study(&out, source, seed, &g, &sc).with_context(|| format!("cannot write into {}", out.display()))?;
+                made += 1;
+            }
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "{made} studies of {slices}x{matrix}x{matrix} written into {} in {secs:.1} s ({:.0} slices/h)",
+                out.display(),
+                made as f64 * slices as f64 / secs.max(1e-9) * 3600.0
+            );
+            Ok(())
+        }
+        Command::Eval { dataset, val, gaussian_fwhm, model, engine, ort_library, json, markdown, dump, threads } => {
+            let engine = match model {
+                None => None,
+                Some(dir) => Some(petrestore::eval::engine(&dir, &engine, ort_library, threads)?),
+            };
+            let t = std::time::Instant::now();
+            let report = eval::run(&eval::EvalOptions { dataset, val, gaussian_fwhm, engine, dump }).map_err(anyhow::Error::msg)?;
+            let md = eval::markdown(&report);
+            println!("{md}");
+            let goals = eval::goals(&report);
+            if !goals.is_empty() {
+                println!("### Development goals, model on this dataset\n");
+                for (g, ok) in &goals {
+                    println!("- [{}] {g}", if *ok { "x" } else { " " });
+                }
+            }
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            if let Some(p) = markdown {
+                std::fs::write(&p, &md).with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            eprintln!("evaluated in {:.1} s", t.elapsed().as_secs_f64());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: first statement of main, before any thread exists.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("petlab: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

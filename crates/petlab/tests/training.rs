@@ -1,0 +1,267 @@
+//! The model's whole path, small: simulate splits → train a few steps (JAX)
+//! → export to ONNX (JAX vs ONNX Runtime parity inside) → tract and ONNX
+//! Runtime in Rust against the exported parity outputs → `petlab eval`
+//! → the Python evaluator cross-checks every metric. Plus the shipped model
+//! package: parity on both engines and use through `restore`.
+//!
+//! CI runs only this smoke path; full training and evaluation are the
+//! recipe in models/train/README.md.
+
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use testkit::*;
+use petrestore::restore::model::ModelPackage;
+use petrestore::restore::neural::Backend;
+use petrestore::restore::ort_engine::{OrtEngine, OrtOptions};
+use petrestore::restore::tract_engine::TractEngine;
+use petsim::dataset::read_npy_f32;
+
+fn train_dir() -> PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/train")
+}
+
+fn py(args: &[&str]) -> std::process::Output {
+    let o = Command::new(python()).args(args).current_dir(train_dir()).output().unwrap();
+    assert!(o.status.success(), "python {args:?} failed:\n{}", text(&o));
+    o
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = petrestore(args);
+    assert!(o.status.success(), "petrestore {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+fn lab(args: &[&str]) -> String {
+    let o = petlab(args);
+    assert!(o.status.success(), "petlab {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+/// Run a package's network on its parity input with tract and ONNX Runtime
+/// and compare with the trainer's output.
+fn assert_parity(pkg_dir: &Path) {
+    let pkg = ModelPackage::load(pkg_dir).unwrap();
+    let (shape, input) = read_npy_f32(&pkg_dir.join("parity/input.npy")).unwrap();
+    let (_, expected) = read_npy_f32(&pkg_dir.join("parity/expected.npy")).unwrap();
+    let [b, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
+    assert_eq!(c, pkg.input_channels());
+    let span = expected.iter().copied().fold(f32::MIN, f32::max) - expected.iter().copied().fold(f32::MAX, f32::min);
+    let tract = TractEngine::new(pkg.clone(), 1).unwrap();
+    let o = OrtOptions {
+        library: Some(ort_library()),
+        providers: vec!["cpu".into()],
+        tensorrt_fp16: false,
+        tensorrt_workspace_mb: 0,
+        cache_dir: std::env::temp_dir(),
+        threads: 1,
+    };
+    let ort = OrtEngine::new(pkg, &o).unwrap();
+    for (name, backend) in [("tract", &tract as &dyn Backend), ("ort", &ort as &dyn Backend)] {
+        let y = backend.infer(&input, b, c, h, w).unwrap();
+        assert_eq!(y.len(), expected.len());
+        let worst = y.iter().zip(&expected).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4 * span, "{name} differs from the trainer by {worst} (range {span})");
+    }
+}
+
+#[test]
+fn smoke_train_export_parity_eval_and_cross_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |s: &str| tmp.path().join(s).display().to_string();
+    // tiny splits: 64² matrices, few slices
+    lab(&["dataset", "--out", &d("train"), "--split", "train", "--count", "2", "--slices", "6", "--matrix", "64"]);
+    lab(&["dataset", "--out", &d("val"), "--split", "val", "--count", "1", "--slices", "6", "--matrix", "64"]);
+    lab(&["dataset", "--out", &d("test"), "--split", "test", "--count", "1", "--nema", "1", "--slices", "6", "--matrix", "64"]);
+    // the trainer refuses test studies as validation data
+    let o = Command::new(python())
+        .args(["-m", "petrain.train", "--train", &d("train"), "--val", &d("test"), "--out", &d("bad"), "--steps", "1"])
+        .current_dir(train_dir())
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && text(&o).contains("not validation"), "{}", text(&o));
+    // a run cut off at step 2 and resumed from its checkpoint ends exactly where an uninterrupted run does
+    let run5 = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", out, "--steps", "4", "--batch", "4", "--patch", "32",
+            "--levels", "4", "--eval-every", "2",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        text(&py(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    assert!(run5(&d("run5"), &[]).contains("done: 4 steps"));
+    assert!(run5(&d("cut"), &["--stop-after", "2"]).contains("stopped at step 2 of 4"));
+    let bad = Command::new(python())
+        .args(["-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", &d("cut"), "--steps", "4", "--batch", "8", "--patch", "32", "--levels", "4", "--resume"])
+        .current_dir(train_dir())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && text(&bad).contains("--batch is 8, the checkpoint's run used 4"), "{}", text(&bad));
+    assert!(run5(&d("cut"), &["--resume"]).contains("resumed at step 2 of 4"));
+    let val_losses = |run: &str| -> Vec<f64> {
+        let log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join(run).join("train_log.json")).unwrap()).unwrap();
+        log["history"].as_array().unwrap().iter().map(|h| h["loss"].as_f64().unwrap()).collect()
+    };
+    assert_eq!(val_losses("cut"), val_losses("run5"));
+    assert_eq!(val_losses("run5").len(), 2);
+    // a 4-level network (the shipped one has 3), warm-started with a wider slice context (5 → 7): the trainer
+    // checks that the widened network computes the same function before it trains; the package then carries
+    // 7 slices and a padding to multiples of 8 through export, both engines and eval
+    let out = py(&[
+        "-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", &d("run"), "--steps", "6", "--batch", "4", "--patch", "32",
+        "--eval-every", "3", "--context", "7", "--levels", "4", "--init", &d("run5/params.npz"),
+    ]);
+    assert!(text(&out).contains("context widened from 5 to 7 slices (output unchanged") && text(&out).contains("done: 6 steps"), "{}", text(&out));
+    // where the run falls short of the perfect denoiser: the regions' shares add up to the gap
+    let gap = text(&py(&["-m", "petrain.gap", "--params", &d("run/params.npz"), "--dataset", &d("val"), "--tta", "4"]));
+    for dur in ["30 s", "60 s"] {
+        let head = gap.lines().find(|l| l.starts_with(&format!("{dur}: seed MSE metric model"))).unwrap_or_else(|| panic!("{gap}"));
+        let total: f64 = head.split("gap ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+        let block: Vec<&str> = gap.lines().skip_while(|l| *l != head).skip(2).take(5).collect();
+        let parts: f64 = block.iter().map(|l| l.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{gap}"))).sum();
+        assert!((parts - total).abs() < 0.05, "regions {parts} vs gap {total}:\n{gap}");
+    }
+    let o = Command::new(python()).args(["-m", "petrain.gap", "--params", &d("run/params.npz"), "--dataset", &d("test")]).current_dir(train_dir()).output().unwrap();
+    assert!(!o.status.success() && text(&o).contains("holds test studies"), "{}", text(&o));
+    let out = py(&["-m", "petrain.export", "--params", &d("run/params.npz"), "--out", &d("pkg"), "--train-log", &d("run/train_log.json")]);
+    assert!(text(&out).contains("parity JAX vs ONNX Runtime"), "{}", text(&out));
+    assert_parity(&tmp.path().join("pkg"));
+    let pkg = ModelPackage::load(&tmp.path().join("pkg")).unwrap();
+    assert_eq!(pkg.io.condition.as_deref(), Some("frame_duration_over_90"));
+    assert_eq!((pkg.io.context_slices, pkg.input_channels(), pkg.io.pad_multiple), (7, 8, 8));
+    assert_eq!(pkg.provenance["train_steps"].as_integer(), Some(6));
+
+    let report = lab(&[
+        "eval", "--dataset", &d("test"), "--val", &d("val"), "--model", &d("pkg"), "--json", &d("eval.json"), "--dump", &d("dump"), "--threads", "1",
+    ]);
+    for want in ["Seed metric vs PET90", "NEMA NU 2", "Lesions", "raw PET90", "goals"] {
+        assert!(report.contains(want), "eval report lacks {want:?}:\n{report}");
+    }
+    let out = py(&["-m", "petrain.evaluate", "--dataset", &d("test"), "--report", &d("eval.json"), "--dump", &d("dump")]);
+    assert!(text(&out).contains("cross-check OK"), "{}", text(&out));
+    // the oracle row (a perfect denoiser in the model's output form) sits at
+    // the nested-frame ceiling: the dataset's clean90 plane and its nested
+    // frames are what the model is trained and judged on (the cross-check
+    // above recomputed its records in Python too)
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(d("eval.json")).unwrap()).unwrap();
+    let seed = |k: &str| r["summary"][k].as_f64().unwrap_or_else(|| panic!("{k} missing from the eval summary"));
+    let ceiling = petrestore::eval::metrics::improvement_ceiling;
+    assert!((seed("seed_mse_30_oracle") - ceiling(30.0)).abs() < 3.0 && (seed("seed_mse_60_oracle") - ceiling(60.0)).abs() < 4.0, "{report}");
+    assert!(report.contains("oracle (perfect denoiser) 30 s"), "{report}");
+    // eval refuses test studies as the validation split used for choices
+    let o = petlab(&["eval", "--dataset", &d("test"), "--val", &d("test")]);
+    assert!(!o.status.success() && text(&o).contains("not test ones"), "{}", text(&o));
+}
+
+/// The one-call GPU script (models/train/device_train.sh), dry-run on the CPU
+/// with tiny sizes: it simulates, trains, fine-tunes, and leaves in $OUT what
+/// the device tool brings back (at most 8 plain files, two folders deep,
+/// plain names).
+#[test]
+fn device_training_script_dry_run_leaves_weights_the_device_tool_brings_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let script = train_dir().join("device_train.sh");
+    let o = Command::new("bash")
+        .arg(&script)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .env("OUT", &out)
+        .env("B", bin("petlab"))
+        .env("PY", python())
+        .env("DATA", tmp.path().join("data"))
+        .envs([("STUDIES", "3"), ("SIMS", "2"), ("VAL", "1"), ("SIM_ARGS", "--slices 6 --matrix 64")])
+        // STEPS=auto: a probe times the steps, the schedule is what fits TRAIN_S (here the floor)
+        .envs([("PROBE", "6"), ("MIN_STEPS", "4"), ("TRAIN_S", "120"), ("EVAL_EVERY", "3"), ("FT_STEPS", "3"), ("FT_S", "200")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "device_train.sh failed:\n{}", text(&o));
+    let log = text(&o);
+    assert!(log.contains("simulated 3 training and 1 validation studies"), "{log}");
+    let steps: usize = log.split("main run schedule ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(steps >= 4, "the probe sets the schedule length: {log}");
+    let mut files = Vec::new();
+    for dir in [out.clone(), out.join("run"), out.join("ft")] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                files.push(e.path().strip_prefix(&out).unwrap().display().to_string());
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() <= 8, "the device tool brings back at most 8 files: {files:?}");
+    assert!(files.iter().all(|f| f.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))), "{files:?}");
+    for want in ["log.txt", "run/params.npz", "run/train_log.json", "ft/params.npz", "ft/train_log.json"] {
+        assert!(files.iter().any(|f| f == want), "{want} missing from {files:?}");
+    }
+    // the fine-tune started from the main run's weights and kept its shape
+    py(&["-m", "petrain.export", "--params", &out.join("ft/params.npz").display().to_string(), "--out", &tmp.path().join("pkg").display().to_string()]);
+    assert_parity(&tmp.path().join("pkg"));
+}
+
+/// The shipped model package.
+fn shipped() -> PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d")
+}
+
+#[test]
+fn shipped_model_runs_the_same_on_tract_and_onnx_runtime_as_in_training() {
+    assert_parity(&shipped());
+}
+
+#[test]
+fn restore_uses_the_shipped_model_for_30_s_and_refuses_72_s_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = shipped().display().to_string();
+    let short = petsim::write_series(&tmp.path().join("in30"), &petsim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 30.0, ..Default::default() }).unwrap();
+    let out30 = tmp.path().join("out30");
+    let o = petrestore(&["restore", "--input", &short.files[0].parent().unwrap().display().to_string(), "--output", &out30.display().to_string(), "--engine", "tract", "--model", &model]);
+    assert!(o.status.success(), "{}", text(&o));
+    let files = files_under(&out30);
+    assert_eq!(files.len(), 8);
+    let obj = dicom_object::open_file(&files[0]).unwrap();
+    let desc = obj.element(dicom_dictionary_std::tags::DERIVATION_DESCRIPTION).unwrap().to_str().unwrap().to_string();
+    assert!(desc.contains("petrestore-unet25d") && desc.contains("simulated data only"), "{desc}");
+
+    let long = petsim::write_series(&tmp.path().join("in72"), &petsim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 72.0, seed: 2, ..Default::default() }).unwrap();
+    let o = petrestore(&["restore", "--input", &long.files[0].parent().unwrap().display().to_string(), "--output", &tmp.path().join("out72").display().to_string(), "--engine", "tract", "--model", &model]);
+    assert!(!o.status.success(), "a 72 s series must not be restored by a 30/60 s model");
+    assert!(text(&o).contains("72.0 s is outside the 27–66 s"), "{}", text(&o));
+}
+
+#[test]
+fn site_acceptance_eval_on_paired_series_reports_model_and_gaussian() {
+    let tmp = tempfile::tempdir().unwrap();
+    let study = tmp.path().join("study");
+    lab(&["simulate", "--physics", "--out", &study.display().to_string(), "--slices", "8", "--matrix", "128", "--seed", "7"]);
+    let json = tmp.path().join("r.json");
+    let out = ok(&[
+        "eval",
+        "--input", &study.join("PT30").display().to_string(),
+        "--reference", &study.join("PT90").display().to_string(),
+        "--model", &shipped().display().to_string(),
+        "--json", &json.display().to_string(),
+    ]);
+    assert!(out.contains("Ceiling of the seed MSE metric if the frames are nested: 66.7 %"), "{out}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    let seed = |prefix: &str| rows.iter().find(|x| x["method"].as_str().unwrap().starts_with(prefix)).unwrap()["seed_mse"].as_f64().unwrap();
+    let bias = |prefix: &str| rows.iter().find(|x| x["method"].as_str().unwrap().starts_with(prefix)).unwrap()["body_mean_vs_reference_pct"].as_f64().unwrap();
+    // the trained model must beat the classical baseline on a physical study
+    // and keep the quantitative level (body mean) of the reference
+    assert!(seed("model") > seed("gaussian") && seed("model") > 30.0, "{out}");
+    assert!(bias("model").abs() < 2.0, "{out}");
+    // wrong order and mismatched grids are refused with what to do
+    let o = petrestore(&["eval", "--input", &study.join("PT90").display().to_string(), "--reference", &study.join("PT30").display().to_string()]);
+    assert!(!o.status.success() && text(&o).contains("must be the shorter frame"), "{}", text(&o));
+    let other = tmp.path().join("other");
+    lab(&["simulate", "--physics", "--out", &other.display().to_string(), "--slices", "8", "--matrix", "64"]);
+    let o = petrestore(&["eval", "--input", &other.join("PT30").display().to_string(), "--reference", &study.join("PT90").display().to_string()]);
+    assert!(!o.status.success() && text(&o).contains("do not match voxel for voxel"), "{}", text(&o));
+}

@@ -1,0 +1,133 @@
+//! Engine benchmark: slices/s and whole-study latency of ONNX Runtime (CPU
+//! execution provider) and tract on the same model, at 1 and 2 threads, for
+//! a 268-slice study at 192² and 400², plus peak RSS of the whole offline
+//! restore (`petrestore restore`, one process per configuration).
+//!
+//! Run: `cargo bench --bench engines` (needs the ONNX Runtime library:
+//! ORT_DYLIB_PATH or the `.venv` that `.ci/run` makes). `MODEL=DIR` picks
+//! another model package; `REPS=N` repetitions (median); `MATRICES=192` and
+//! `THREADS=2` (comma lists) run part of the table.
+
+use testkit::bench::*;
+use testkit::free_port;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use petrestore::config::Settings;
+use petrestore::restore::{self, volume};
+
+fn ort_library() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return p.into();
+    }
+    let base = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(".venv/lib");
+    for py in std::fs::read_dir(&base).expect("no ORT_DYLIB_PATH and no .venv (run .ci/run)").flatten() {
+        let capi = py.path().join("site-packages/onnxruntime/capi");
+        for f in std::fs::read_dir(&capi).into_iter().flatten().flatten() {
+            if f.file_name().to_string_lossy().starts_with("libonnxruntime.so.") {
+                return f.path();
+            }
+        }
+    }
+    panic!("libonnxruntime not found");
+}
+
+
+/// Run a command and return (seconds, peak RSS in MiB) of that child alone.
+fn timed_child(mut cmd: Command) -> (f64, f64) {
+    let t = Instant::now();
+    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child with valid out pointers.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(rc, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child failed");
+    std::mem::forget(child);
+    (t.elapsed().as_secs_f64(), ru.ru_maxrss as f64 / 1024.0)
+}
+
+fn main() {
+    let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let model = std::env::var_os("MODEL").map(PathBuf::from).unwrap_or_else(|| Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/test-unet"));
+    let lib = ort_library();
+    // PROVIDERS=tensorrt,cuda,cpu on a GPU machine (scripts/gpu-check.sh).
+    let providers: Vec<String> = std::env::var("PROVIDERS").unwrap_or_else(|_| "cpu".into()).split(',').map(str::to_string).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = restore::model::ModelPackage::load(&model).unwrap();
+    println!("engine benchmark: model {} ({}), 268 slices, {reps} repetitions, medians", pkg.model_id(), model.display());
+    println!(
+        "{:<7} {:<10} {:>7} {:>10} {:>12} {:>13} {:>13} {:>9}",
+        "matrix", "engine", "threads", "slices/s", "engine s", "restore cmd s", "peak RSS MiB", "vs ort"
+    );
+    // MATRICES=192 / THREADS=2 (comma lists) run a part of the table
+    let list = |var: &str, all: &[usize]| -> Vec<usize> {
+        std::env::var(var).ok().map_or(all.to_vec(), |v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+    };
+    for matrix in list("MATRICES", &[192, 400]) {
+        let spec = petsim::SeriesSpec { slices: 268, matrix, seed: 5, ..Default::default() };
+        let dir = tmp.path().join(format!("s{matrix}"));
+        let src = petsim::write_series(&dir, &spec).unwrap();
+        let mut v = volume::load(&src.files).unwrap().volume;
+        // what the worker's selection step fills in (a duration-conditioned model needs it)
+        v.frame_duration_s = Some(spec.frame_duration_s);
+        for threads in list("THREADS", &[1, 2]) {
+            let mut ort_time = None;
+            for engine in ["ort", "tract"] {
+                let mut s = Settings::defaults();
+                s.restore.engines = vec![engine.into()];
+                s.restore.model = model.clone();
+                s.restore.ort_library = Some(lib.clone());
+                s.restore.ort_providers = providers.clone();
+                s.restore.threads = threads;
+                s.node.state_dir = tmp.path().to_owned();
+                let e = restore::engines_from_settings(&s).unwrap();
+                let eng = e.engines[0].clone();
+                let label = eng.label();
+                let _ = eng.run(&v).unwrap(); // warm-up: plans, allocations
+                let times: Vec<f64> = (0..reps)
+                    .map(|_| {
+                        let t = Instant::now();
+                        eng.run(&v).unwrap();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                let t = median(times);
+                // the whole offline restore in its own process: DICOM in and out + peak RSS
+                let cfg = tmp.path().join(format!("c-{engine}-{threads}.toml"));
+                std::fs::write(
+                    &cfg,
+                    format!(
+                        "[restore]\nengines = [\"{engine}\"]\nmodel = {model:?}\nort_library = {lib:?}\nort_providers = {providers:?}\nthreads = {threads}\n"
+                    ),
+                )
+                .unwrap();
+                let out = tmp.path().join(format!("o-{matrix}-{engine}-{threads}"));
+                let mut cmd = Command::new(env!("CARGO_BIN_EXE_petrestore"));
+                cmd.args(["restore", "--config"]).arg(&cfg).arg("--input").arg(&dir).arg("--output").arg(&out);
+                let (cmd_s, rss) = timed_child(cmd);
+                let ratio = match ort_time {
+                    None => {
+                        ort_time = Some(t);
+                        "1.00".to_string()
+                    }
+                    Some(o) => format!("{:.2}", t / o),
+                };
+                println!(
+                    "{:<7} {:<10} {:>7} {:>10.1} {:>12.2} {:>13.2} {:>13.0} {:>9}",
+                    format!("{matrix}²"),
+                    label,
+                    threads,
+                    268.0 / t,
+                    t,
+                    cmd_s,
+                    rss,
+                    ratio
+                );
+            }
+        }
+    }
+}

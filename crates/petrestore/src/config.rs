@@ -1,0 +1,790 @@
+//! Configuration in two stages: `Raw*` structs only parse the TOML (with
+//! `deny_unknown_fields`, so a typo is an error, not a silently ignored key);
+//! [`Settings`] is the validated form the rest of the code uses.
+//!
+//! The annotated default file `config/petrestore.toml` is embedded in the
+//! binary: it is what `print-default-config` prints and what every missing
+//! key falls back to, so the documentation and the defaults cannot drift.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::dicom::uid::valid_ae_title;
+
+/// The annotated default configuration, as shipped in `config/`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/petrestore.toml");
+
+/// A configuration problem: which key, what was wrong, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Could not read the file at all.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// TOML syntax error or wrong type or unknown key.
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    /// A value that parses but makes no sense.
+    #[error("config key `{key}`: {problem}; {fix}")]
+    Invalid { key: &'static str, problem: String, fix: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, problem: problem.into(), fix: fix.into() }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    node: RawNode,
+    #[serde(default)]
+    dicom: RawDicom,
+    #[serde(default)]
+    series: RawSeries,
+    #[serde(default)]
+    restore: RawRestore,
+    #[serde(default)]
+    egress: RawEgress,
+    #[serde(default)]
+    destination: Vec<RawDestination>,
+    /// Absent: telemetry off.
+    mqtt: Option<RawMqtt>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    url: String,
+    client_id: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    health_interval_s: Option<f64>,
+    buffer: Option<usize>,
+    include_uids: Option<bool>,
+    keep_alive_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    device_id: Option<String>,
+    state_dir: Option<PathBuf>,
+    min_free_mb: Option<u64>,
+    retention_hours: Option<f64>,
+    failed_retention_hours: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDicom {
+    listen: Option<String>,
+    ae_title: Option<String>,
+    allowed_callers: Option<Vec<String>>,
+    max_associations: Option<usize>,
+    max_pdu_length: Option<u32>,
+    max_buffered_mb: Option<usize>,
+    idle_timeout_s: Option<u64>,
+    non_pet: Option<String>,
+    tls: Option<RawDicomTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDicomTls {
+    listen: String,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSeries {
+    quiet_timeout_s: Option<f64>,
+    multiframe_quiet_timeout_s: Option<f64>,
+    incomplete_policy: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRestore {
+    engines: Option<Vec<String>>,
+    model: Option<PathBuf>,
+    gaussian_fwhm_mm: Option<f64>,
+    min_frame_duration_s: Option<f64>,
+    max_frame_duration_s: Option<f64>,
+    units: Option<Vec<String>>,
+    max_matrix: Option<u32>,
+    forward_original_on_failure: Option<bool>,
+    forward_skipped: Option<bool>,
+    series_description_suffix: Option<String>,
+    series_number_offset: Option<u32>,
+    threads: Option<usize>,
+    ort_library: Option<String>,
+    ort_providers: Option<Vec<String>>,
+    tensorrt_fp16: Option<bool>,
+    tensorrt_workspace_mb: Option<usize>,
+    assume_frame_duration_s: Option<f64>,
+    assume_units: Option<String>,
+    assume_tracer: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEgress {
+    max_attempts: Option<u32>,
+    backoff_initial_s: Option<f64>,
+    backoff_max_s: Option<f64>,
+    calling_ae_title: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    name: String,
+    ae_title: String,
+    address: String,
+}
+
+/// What to do with non-PET storage classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonPetPolicy {
+    Refuse,
+    Passthrough,
+}
+
+/// What to do with a series still incomplete at the quiet timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncompletePolicy {
+    Process,
+    Fail,
+}
+
+/// One calling AE allowed to send to us, optionally pinned to a host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllowedCaller {
+    pub ae_title: String,
+    pub host: Option<IpAddr>,
+}
+
+/// A DICOM destination for derived (and forwarded) series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Destination {
+    pub name: String,
+    pub ae_title: String,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSettings {
+    pub device_id: String,
+    pub state_dir: PathBuf,
+    pub min_free_bytes: u64,
+    /// Finished (done, skipped) jobs' files are removed after this; `None`: keep.
+    pub retention: Option<Duration>,
+    /// Failed jobs' files are removed after this; `None`: keep.
+    pub failed_retention: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DicomSettings {
+    pub listen: SocketAddr,
+    pub ae_title: String,
+    pub allowed_callers: Vec<AllowedCaller>,
+    pub max_associations: usize,
+    pub max_pdu_length: u32,
+    /// Data sets being received, all associations together (MiB).
+    pub max_buffered_mb: usize,
+    pub idle_timeout: Duration,
+    pub non_pet: NonPetPolicy,
+    /// A second listener that speaks DICOM over TLS only.
+    pub tls: Option<DicomTls>,
+}
+
+/// `[dicom.tls]`: DICOM TLS (PS3.15 B.1, typically port 2762).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DicomTls {
+    pub listen: SocketAddr,
+    /// PEM certificate chain of this node.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA certificates: when set, callers must present a certificate
+    /// signed by one of them (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesSettings {
+    pub quiet_timeout: Duration,
+    /// For series of multi-frame instances (no Image Index to count).
+    pub multiframe_quiet_timeout: Duration,
+    pub incomplete_policy: IncompletePolicy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreSettings {
+    pub engines: Vec<String>,
+    pub model: PathBuf,
+    pub gaussian_fwhm_mm: f64,
+    pub min_frame_duration_s: f64,
+    pub max_frame_duration_s: f64,
+    pub units: Vec<String>,
+    pub max_matrix: u32,
+    pub forward_original_on_failure: bool,
+    pub forward_skipped: bool,
+    pub series_description_suffix: String,
+    pub series_number_offset: u32,
+    /// CPU threads for the neural engines; 0 = one per core.
+    pub threads: usize,
+    /// libonnxruntime path; `None`: ORT_DYLIB_PATH, else the loader's search.
+    pub ort_library: Option<PathBuf>,
+    pub ort_providers: Vec<String>,
+    pub tensorrt_fp16: bool,
+    pub tensorrt_workspace_mb: usize,
+    /// For series without Actual Frame Duration: what to assume (said in the
+    /// job history and Derivation Description), `None`: skip such series.
+    pub assume_frame_duration_s: Option<f64>,
+    /// For series without Units, likewise.
+    pub assume_units: Option<String>,
+    /// For series without Radiopharmaceutical, likewise (checked against
+    /// the model's tracers like a recorded one).
+    pub assume_tracer: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EgressSettings {
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub calling_ae_title: String,
+}
+
+/// TLS files for the broker connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttTls {
+    pub ca_file: PathBuf,
+    /// Client certificate and key (PEM), for brokers that require them.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// `[mqtt]`: fleet telemetry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<MqttTls>,
+    pub client_id: String,
+    pub health_interval: Duration,
+    /// Events kept while the broker is unreachable (oldest dropped first).
+    pub buffer: usize,
+    /// Put Study/Series Instance UIDs into job events (off: job ids only).
+    pub include_uids: bool,
+    pub keep_alive: Duration,
+}
+
+/// Validated configuration: what the daemon runs on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub node: NodeSettings,
+    pub dicom: DicomSettings,
+    pub series: SeriesSettings,
+    pub restore: RestoreSettings,
+    pub egress: EgressSettings,
+    pub destinations: Vec<Destination>,
+    pub mqtt: Option<MqttSettings>,
+    /// The file these settings came from (for `reload`); `None`: built-in.
+    pub source: Option<PathBuf>,
+}
+
+/// Settings that can be replaced while the daemon runs (`reload`): readers
+/// take a snapshot with [`LiveSettings::get`].
+#[derive(Debug)]
+pub struct LiveSettings(std::sync::RwLock<std::sync::Arc<Settings>>);
+
+impl LiveSettings {
+    pub fn new(s: Settings) -> LiveSettings {
+        LiveSettings(std::sync::RwLock::new(std::sync::Arc::new(s)))
+    }
+    pub fn get(&self) -> std::sync::Arc<Settings> {
+        self.0.read().expect("settings lock").clone()
+    }
+
+    /// Re-read the config file and apply it if only keys that can change at
+    /// run time differ. Returns the sections that changed; errors name the
+    /// keys that need a restart.
+    pub fn reload(&self) -> Result<Vec<&'static str>, String> {
+        let old = self.get();
+        let Some(path) = old.source.clone() else {
+            return Err("the daemon runs on built-in defaults (no --config): nothing to reload".into());
+        };
+        let new = Settings::load(&path).map_err(|e| e.to_string())?;
+        let mut restart = Vec::new();
+        let mut check = |key: &'static str, same: bool| {
+            if !same {
+                restart.push(key);
+            }
+        };
+        check("node.device_id", old.node.device_id == new.node.device_id);
+        check("node.state_dir", old.node.state_dir == new.node.state_dir);
+        check("dicom.listen", old.dicom.listen == new.dicom.listen);
+        check("dicom.ae_title", old.dicom.ae_title == new.dicom.ae_title);
+        check("dicom.max_associations", old.dicom.max_associations == new.dicom.max_associations);
+        check("dicom.max_pdu_length", old.dicom.max_pdu_length == new.dicom.max_pdu_length);
+        check("dicom.max_buffered_mb", old.dicom.max_buffered_mb == new.dicom.max_buffered_mb);
+        check("dicom.idle_timeout_s", old.dicom.idle_timeout == new.dicom.idle_timeout);
+        check("dicom.non_pet", old.dicom.non_pet == new.dicom.non_pet);
+        check("dicom.tls", old.dicom.tls == new.dicom.tls);
+        let engine_keys = |r: &RestoreSettings| {
+            (r.engines.clone(), r.model.clone(), r.threads, r.ort_library.clone(), r.ort_providers.clone(), r.tensorrt_fp16, r.tensorrt_workspace_mb, r.gaussian_fwhm_mm.to_bits())
+        };
+        check("restore (engines, model, threads, ort_*, tensorrt_*, gaussian_fwhm_mm)", engine_keys(&old.restore) == engine_keys(&new.restore));
+        check("mqtt", old.mqtt == new.mqtt);
+        if !restart.is_empty() {
+            return Err(format!("not applied: {} changed and need a restart (systemctl restart petrestore)", restart.join(", ")));
+        }
+        let mut changed = Vec::new();
+        if old.node != new.node {
+            changed.push("node");
+        }
+        if old.dicom != new.dicom {
+            changed.push("dicom.allowed_callers");
+        }
+        if old.series != new.series {
+            changed.push("series");
+        }
+        if old.restore != new.restore {
+            changed.push("restore (selection and forwarding rules)");
+        }
+        if old.egress != new.egress {
+            changed.push("egress");
+        }
+        if old.destinations != new.destinations {
+            changed.push("destination");
+        }
+        *self.0.write().expect("settings lock") = std::sync::Arc::new(new);
+        Ok(changed)
+    }
+}
+
+/// Engines this build knows.
+pub const KNOWN_ENGINES: &[&str] = &["ort", "tract", "gaussian"];
+/// ONNX Runtime execution providers this build can ask for.
+pub const KNOWN_PROVIDERS: &[&str] = &["tensorrt", "cuda", "cpu"];
+
+impl Settings {
+    /// The built-in defaults (the embedded annotated file).
+    pub fn defaults() -> Settings {
+        Settings::from_toml(DEFAULT_CONFIG, "built-in default").expect("embedded default config is valid")
+    }
+
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut s = Settings::from_toml(&text, &path.display().to_string())?;
+        s.source = Some(path.to_owned());
+        Ok(s)
+    }
+
+    /// Parse and validate TOML text; missing keys take the embedded defaults.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+        let parse = |t: &str, o: &str| -> Result<RawConfig, ConfigError> {
+            toml::from_str(t).map_err(|e| ConfigError::Parse { origin: o.to_owned(), message: e.to_string() })
+        };
+        let user = parse(text, origin)?;
+        let def = if text == DEFAULT_CONFIG { None } else { Some(parse(DEFAULT_CONFIG, "built-in default")?) };
+        merge_and_validate(user, def)
+    }
+}
+
+macro_rules! pick {
+    ($user:expr, $def:expr, $sec:ident . $key:ident) => {
+        match $user.$sec.$key.take() {
+            Some(v) => v,
+            None => $def
+                .as_mut()
+                .and_then(|d| d.$sec.$key.take())
+                .expect(concat!("default config has ", stringify!($sec), ".", stringify!($key))),
+        }
+    };
+}
+
+fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Settings, ConfigError> {
+    let device_id: String = pick!(u, d, node.device_id);
+    if device_id.is_empty()
+        || !device_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(invalid(
+            "node.device_id",
+            format!("{device_id:?} is not a valid device id"),
+            "use letters, digits, '-' and '_' only (it becomes an MQTT topic segment)",
+        ));
+    }
+    let state_dir: PathBuf = pick!(u, d, node.state_dir);
+    let min_free_mb: u64 = pick!(u, d, node.min_free_mb);
+    let hours = |key: &'static str, h: f64| -> Result<Option<Duration>, ConfigError> {
+        if !(h >= 0.0 && h.is_finite()) {
+            return Err(invalid(key, format!("{h} is not a number of hours"), "use 0 (keep forever) or a positive number of hours"));
+        }
+        Ok((h > 0.0).then(|| Duration::from_secs_f64(h * 3600.0)))
+    };
+    let retention = hours("node.retention_hours", pick!(u, d, node.retention_hours))?;
+    let failed_retention = hours("node.failed_retention_hours", pick!(u, d, node.failed_retention_hours))?;
+
+    let listen_s: String = pick!(u, d, dicom.listen);
+    let listen: SocketAddr = listen_s.parse().map_err(|_| {
+        invalid("dicom.listen", format!("{listen_s:?} is not an address"), "write IP:PORT, e.g. \"0.0.0.0:11112\"")
+    })?;
+    let ae_title: String = pick!(u, d, dicom.ae_title);
+    if !valid_ae_title(&ae_title) {
+        return Err(invalid(
+            "dicom.ae_title",
+            format!("{ae_title:?} is not a valid AE title"),
+            "use 1 to 16 printable ASCII characters without backslash",
+        ));
+    }
+    let callers_raw: Vec<String> = pick!(u, d, dicom.allowed_callers);
+    let mut allowed_callers = Vec::new();
+    for c in callers_raw {
+        let (ae, host) = match c.split_once('@') {
+            Some((ae, host)) => {
+                let ip: IpAddr = host.parse().map_err(|_| {
+                    invalid(
+                        "dicom.allowed_callers",
+                        format!("{c:?}: {host:?} is not an IP address"),
+                        "write \"AE\" or \"AE@IP\", e.g. \"CONSOLE@10.1.2.3\"",
+                    )
+                })?;
+                (ae.to_owned(), Some(ip))
+            }
+            None => (c.clone(), None),
+        };
+        if !valid_ae_title(&ae) {
+            return Err(invalid(
+                "dicom.allowed_callers",
+                format!("{ae:?} is not a valid AE title"),
+                "use 1 to 16 printable ASCII characters",
+            ));
+        }
+        allowed_callers.push(AllowedCaller { ae_title: ae, host });
+    }
+    let max_associations: usize = pick!(u, d, dicom.max_associations);
+    if max_associations == 0 {
+        return Err(invalid("dicom.max_associations", "0 would refuse every sender", "set 1 or more (default 8)"));
+    }
+    let max_buffered_mb: usize = pick!(u, d, dicom.max_buffered_mb);
+    if !(1..=65_536).contains(&max_buffered_mb) {
+        return Err(invalid(
+            "dicom.max_buffered_mb",
+            format!("{max_buffered_mb} is out of range"),
+            "use MiB from 1 to 65536 (default 2048); it must hold the largest instance a console sends",
+        ));
+    }
+    let max_pdu_length: u32 = pick!(u, d, dicom.max_pdu_length);
+    if !(4096..=4_194_304).contains(&max_pdu_length) {
+        return Err(invalid(
+            "dicom.max_pdu_length",
+            format!("{max_pdu_length} is out of range"),
+            "use a value from 4096 to 4194304 (default 65536)",
+        ));
+    }
+    let idle_timeout_s: u64 = pick!(u, d, dicom.idle_timeout_s);
+    let tls = match u.dicom.tls.take() {
+        None => None,
+        Some(t) => {
+            let tls_listen: SocketAddr = t.listen.parse().map_err(|_| invalid("dicom.tls.listen", format!("{:?} is not an address", t.listen), "write IP:PORT, e.g. \"0.0.0.0:2762\""))?;
+            if tls_listen == listen && listen.port() != 0 {
+                return Err(invalid("dicom.tls.listen", format!("{tls_listen} is also dicom.listen"), "give the TLS listener its own port (2762 is DICOM's TLS port)"));
+            }
+            Some(DicomTls { listen: tls_listen, cert: t.cert, key: t.key, client_ca: t.client_ca })
+        }
+    };
+    let non_pet_s: String = pick!(u, d, dicom.non_pet);
+    let non_pet = match non_pet_s.as_str() {
+        "refuse" => NonPetPolicy::Refuse,
+        "passthrough" => NonPetPolicy::Passthrough,
+        other => {
+            return Err(invalid("dicom.non_pet", format!("{other:?} is not a policy"), "use \"refuse\" or \"passthrough\""));
+        }
+    };
+
+    let quiet: f64 = pick!(u, d, series.quiet_timeout_s);
+    if !(quiet > 0.0 && quiet < 86400.0) {
+        return Err(invalid("series.quiet_timeout_s", format!("{quiet} is out of range"), "use seconds in (0, 86400)"));
+    }
+    let mf_quiet: f64 = pick!(u, d, series.multiframe_quiet_timeout_s);
+    if !(mf_quiet > 0.0 && mf_quiet < 86400.0) {
+        return Err(invalid("series.multiframe_quiet_timeout_s", format!("{mf_quiet} is out of range"), "use seconds in (0, 86400)"));
+    }
+    let pol: String = pick!(u, d, series.incomplete_policy);
+    let incomplete_policy = match pol.as_str() {
+        "process" => IncompletePolicy::Process,
+        "fail" => IncompletePolicy::Fail,
+        other => {
+            return Err(invalid(
+                "series.incomplete_policy",
+                format!("{other:?} is not a policy"),
+                "use \"process\" or \"fail\"",
+            ));
+        }
+    };
+
+    let engines: Vec<String> = pick!(u, d, restore.engines);
+    if engines.is_empty() {
+        return Err(invalid("restore.engines", "the list is empty", "name at least one engine, e.g. [\"gaussian\"]"));
+    }
+    for e in &engines {
+        if !KNOWN_ENGINES.contains(&e.as_str()) {
+            return Err(invalid(
+                "restore.engines",
+                format!("unknown engine {e:?}"),
+                format!("this build has: {}", KNOWN_ENGINES.join(", ")),
+            ));
+        }
+    }
+    let fwhm: f64 = pick!(u, d, restore.gaussian_fwhm_mm);
+    if !(fwhm > 0.0 && fwhm <= 30.0) {
+        return Err(invalid("restore.gaussian_fwhm_mm", format!("{fwhm} is out of range"), "use mm in (0, 30]"));
+    }
+    let min_fd: f64 = pick!(u, d, restore.min_frame_duration_s);
+    let max_fd: f64 = pick!(u, d, restore.max_frame_duration_s);
+    if !(min_fd >= 0.0 && max_fd >= min_fd) {
+        return Err(invalid(
+            "restore.min_frame_duration_s",
+            format!("range [{min_fd}, {max_fd}] is empty"),
+            "make min_frame_duration_s <= max_frame_duration_s",
+        ));
+    }
+    let providers: Vec<String> = pick!(u, d, restore.ort_providers);
+    if providers.is_empty() || providers.iter().any(|p| !KNOWN_PROVIDERS.contains(&p.as_str())) {
+        return Err(invalid(
+            "restore.ort_providers",
+            format!("{providers:?} is not a list of known providers"),
+            format!("use some of {:?}, in order of preference, e.g. [\"tensorrt\", \"cuda\", \"cpu\"]", KNOWN_PROVIDERS),
+        ));
+    }
+    let ort_library: String = pick!(u, d, restore.ort_library);
+    let restore = RestoreSettings {
+        engines,
+        model: pick!(u, d, restore.model),
+        gaussian_fwhm_mm: fwhm,
+        min_frame_duration_s: min_fd,
+        max_frame_duration_s: max_fd,
+        units: pick!(u, d, restore.units),
+        max_matrix: pick!(u, d, restore.max_matrix),
+        forward_original_on_failure: pick!(u, d, restore.forward_original_on_failure),
+        forward_skipped: pick!(u, d, restore.forward_skipped),
+        series_description_suffix: pick!(u, d, restore.series_description_suffix),
+        series_number_offset: pick!(u, d, restore.series_number_offset),
+        threads: pick!(u, d, restore.threads),
+        ort_library: (!ort_library.is_empty()).then(|| PathBuf::from(ort_library)),
+        ort_providers: providers,
+        tensorrt_fp16: pick!(u, d, restore.tensorrt_fp16),
+        tensorrt_workspace_mb: pick!(u, d, restore.tensorrt_workspace_mb),
+        assume_frame_duration_s: Some(pick!(u, d, restore.assume_frame_duration_s)).filter(|v: &f64| *v > 0.0),
+        assume_units: Some(pick!(u, d, restore.assume_units)).filter(|v: &String| !v.is_empty()),
+        assume_tracer: Some(pick!(u, d, restore.assume_tracer)).filter(|v: &String| !v.is_empty()),
+    };
+
+    let max_attempts: u32 = pick!(u, d, egress.max_attempts);
+    if max_attempts == 0 {
+        return Err(invalid("egress.max_attempts", "0 attempts would never deliver", "set 1 or more"));
+    }
+    let b0: f64 = pick!(u, d, egress.backoff_initial_s);
+    let bmax: f64 = pick!(u, d, egress.backoff_max_s);
+    if !(b0 > 0.0 && bmax >= b0) {
+        return Err(invalid("egress.backoff_initial_s", format!("backoff {b0}..{bmax} s"), "use 0 < initial <= max"));
+    }
+    let calling: String = pick!(u, d, egress.calling_ae_title);
+    if !valid_ae_title(&calling) {
+        return Err(invalid("egress.calling_ae_title", format!("{calling:?} is not a valid AE title"), "use 1 to 16 characters"));
+    }
+
+    let mut destinations = Vec::new();
+    for (i, dst) in u.destination.into_iter().enumerate() {
+        if dst.name.is_empty() || destinations.iter().any(|x: &Destination| x.name == dst.name) {
+            return Err(invalid(
+                "destination.name",
+                format!("destination #{} has an empty or repeated name {:?}", i + 1, dst.name),
+                "give every [[destination]] a unique name",
+            ));
+        }
+        if !valid_ae_title(&dst.ae_title) {
+            return Err(invalid(
+                "destination.ae_title",
+                format!("destination {:?}: {:?} is not a valid AE title", dst.name, dst.ae_title),
+                "use 1 to 16 characters",
+            ));
+        }
+        if dst.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(invalid(
+                "destination.address",
+                format!("destination {:?}: {:?} has no port", dst.name, dst.address),
+                "write HOST:PORT, e.g. \"10.1.2.3:104\"",
+            ));
+        }
+        destinations.push(Destination { name: dst.name, ae_title: dst.ae_title, address: dst.address });
+    }
+
+    let mqtt = match u.mqtt.take() {
+        None => None,
+        Some(m) => Some(mqtt_settings(m, &device_id)?),
+    };
+
+    Ok(Settings {
+        source: None,
+        mqtt,
+        node: NodeSettings { device_id, state_dir, min_free_bytes: min_free_mb * 1024 * 1024, retention, failed_retention },
+        dicom: DicomSettings {
+            listen,
+            ae_title,
+            allowed_callers,
+            max_associations,
+            max_pdu_length,
+            max_buffered_mb,
+            idle_timeout: Duration::from_secs(idle_timeout_s.max(1)),
+            non_pet,
+            tls,
+        },
+        series: SeriesSettings {
+            quiet_timeout: Duration::from_secs_f64(quiet),
+            multiframe_quiet_timeout: Duration::from_secs_f64(mf_quiet),
+            incomplete_policy,
+        },
+        restore,
+        egress: EgressSettings {
+            max_attempts,
+            backoff_initial: Duration::from_secs_f64(b0),
+            backoff_max: Duration::from_secs_f64(bmax),
+            calling_ae_title: calling,
+        },
+        destinations,
+    })
+}
+
+fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigError> {
+    let (tls, rest) = if let Some(r) = m.url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = m.url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(invalid(
+            "mqtt.url",
+            format!("{:?} is not an MQTT URL", m.url),
+            "write mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)",
+        ));
+    };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.trim_end_matches('/').parse::<u16>().ok()),
+        None => (rest.trim_end_matches('/').to_string(), Some(if tls { 8883 } else { 1883 })),
+    };
+    let Some(port) = port.filter(|_| !host.is_empty()) else {
+        return Err(invalid("mqtt.url", format!("{:?} has no valid host and port", m.url), "write mqtt://HOST:PORT"));
+    };
+    let tls = match (tls, m.ca_file, m.cert_file, m.key_file) {
+        (false, None, None, None) => None,
+        (false, ..) => {
+            return Err(invalid("mqtt.ca_file", "TLS files given for a plain mqtt:// URL", "use an mqtts:// URL or remove the TLS files"));
+        }
+        (true, None, ..) => {
+            return Err(invalid("mqtt.ca_file", "an mqtts:// URL needs the broker's CA certificate", "set mqtt.ca_file to a PEM file"));
+        }
+        (true, Some(ca), Some(cert), Some(key)) => Some(MqttTls { ca_file: ca, client: Some((cert, key)) }),
+        (true, Some(ca), None, None) => Some(MqttTls { ca_file: ca, client: None }),
+        (true, Some(_), _, _) => {
+            return Err(invalid("mqtt.cert_file", "a client certificate needs its key and vice versa", "set both mqtt.cert_file and mqtt.key_file, or neither"));
+        }
+    };
+    if let Some(t) = &tls {
+        for (key, f) in std::iter::once(("mqtt.ca_file", &t.ca_file))
+            .chain(t.client.iter().flat_map(|(c, k)| [("mqtt.cert_file", c), ("mqtt.key_file", k)]))
+        {
+            if !f.is_file() {
+                return Err(invalid(key, format!("{} does not exist", f.display()), "point it at a readable PEM file"));
+            }
+        }
+    }
+    let hi = m.health_interval_s.unwrap_or(30.0);
+    if !(hi >= 0.1 && hi <= 3600.0) {
+        return Err(invalid("mqtt.health_interval_s", format!("{hi} is out of range"), "use seconds in [0.1, 3600]"));
+    }
+    let buffer = m.buffer.unwrap_or(1000);
+    if buffer == 0 {
+        return Err(invalid("mqtt.buffer", "0 would drop every event while the broker is away", "set 1 or more (default 1000)"));
+    }
+    Ok(MqttSettings {
+        host,
+        port,
+        tls,
+        client_id: m.client_id.unwrap_or_else(|| device_id.to_string()),
+        health_interval: Duration::from_secs_f64(hi),
+        buffer,
+        include_uids: m.include_uids.unwrap_or(false),
+        keep_alive: Duration::from_secs(m.keep_alive_s.unwrap_or(15).max(5)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_section_is_validated() {
+        let s = Settings::from_toml("[mqtt]\nurl = \"mqtt://127.0.0.1:1884\"\n", "t").unwrap();
+        let m = s.mqtt.unwrap();
+        assert_eq!((m.host.as_str(), m.port, m.tls.is_none()), ("127.0.0.1", 1884, true));
+        assert_eq!(m.client_id, "petrestore-01");
+        assert!(Settings::defaults().mqtt.is_none(), "absent section = telemetry off");
+        let e = Settings::from_toml("[mqtt]\nurl = \"http://x\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("mqtt.url"), "{e}");
+        let e = Settings::from_toml("[mqtt]\nurl = \"mqtts://broker:8883\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("mqtt.ca_file"), "{e}");
+    }
+
+    #[test]
+    fn annotated_default_parses() {
+        let s = Settings::defaults();
+        assert_eq!(s.dicom.ae_title, "PETRESTORE");
+        assert_eq!(s.dicom.listen.port(), 11112);
+        assert_eq!(s.restore.engines, vec!["gaussian".to_string()]);
+        assert!(s.destinations.is_empty());
+    }
+
+    #[test]
+    fn missing_keys_take_defaults() {
+        let s = Settings::from_toml("[dicom]\nae_title = \"X\"\n", "t").unwrap();
+        assert_eq!(s.dicom.ae_title, "X");
+        assert_eq!(s.dicom.max_associations, 8);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Settings::from_toml("[dicom]\nae_titel = \"X\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("ae_titel"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_fix() {
+        let e = Settings::from_toml("[dicom]\nlisten = \"nowhere\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("dicom.listen") && e.contains("IP:PORT"), "{e}");
+        let e = Settings::from_toml("[restore]\nengines = [\"magic\"]\n", "t").unwrap_err().to_string();
+        assert!(e.contains("restore.engines") && e.contains("tract"), "{e}");
+        let e = Settings::from_toml("[restore]\nort_providers = [\"opencl\"]\n", "t").unwrap_err().to_string();
+        assert!(e.contains("restore.ort_providers") && e.contains("tensorrt"), "{e}");
+        let e = Settings::from_toml("[dicom]\nallowed_callers = [\"A@host\"]\n", "t").unwrap_err().to_string();
+        assert!(e.contains("allowed_callers"), "{e}");
+    }
+
+    #[test]
+    fn caller_with_host() {
+        let s = Settings::from_toml("[dicom]\nallowed_callers = [\"CONSOLE@127.0.0.1\", \"WS\"]\n", "t").unwrap();
+        assert_eq!(s.dicom.allowed_callers[0].host, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(s.dicom.allowed_callers[1].host, None);
+    }
+}

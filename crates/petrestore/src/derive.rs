@@ -1,0 +1,345 @@
+//! Derive: the restored volume becomes a new DICOM series, labelled as
+//! derived (PS3.3 C.7.6.1, C.8.9.4): new deterministic UIDs, `DERIVED\PRIMARY`,
+//! Derivation Description, Source Image Sequence, Contributing Equipment
+//! Sequence, a description suffix and a new Series Number. Timing and
+//! quantitation attributes are copied unchanged: a 30 s frame stays a 30 s
+//! frame, so SUV software computes the same SUV on source and output.
+
+use dicom_core::value::DataSetSequence;
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+
+use crate::dicom::attrs::Attrs;
+use crate::dicom::uid::derived_uid;
+use crate::restore::{SourceSlice, Volume};
+
+/// What the derived series says about how it was made.
+#[derive(Debug, Clone)]
+pub struct DeriveParams {
+    pub engine: String,
+    /// A warning that must travel with the images (test model).
+    pub notice: Option<String>,
+    /// Made by a test or research model (not validated for clinical use):
+    /// an Enhanced PET output says so in Content Qualification.
+    pub research: bool,
+    pub model_id: String,
+    pub series_description_suffix: String,
+    pub series_number_offset: u32,
+    pub device_id: String,
+}
+
+/// A derived instance, ready to encode.
+pub struct DerivedInstance {
+    pub sop_instance_uid: String,
+    pub dataset: InMemDicomObject,
+}
+
+pub use crate::dicom::ds;
+
+/// Rescale slope for one output slice: the largest magnitude maps to 32766,
+/// so nothing clips; the slope is what the DS string says (parsed back), so
+/// stored value × slope reproduces the restored value to rounding.
+pub fn slice_slope(values: &[f32]) -> (String, f64) {
+    let max = values.iter().fold(0.0f64, |m, v| m.max((*v as f64).abs()));
+    let s = if max > 0.0 { ds(max / 32766.0) } else { "1".to_string() };
+    let parsed: f64 = s.parse().expect("ds() output parses");
+    (s, parsed)
+}
+
+fn el(tag: dicom_core::Tag, vr: VR, v: impl Into<PrimitiveValue>) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, vr, v.into())
+}
+
+fn seq(tag: dicom_core::Tag, items: Vec<InMemDicomObject>) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
+}
+
+fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
+    InMemDicomObject::from_element_iter([
+        el(tags::CODE_VALUE, VR::SH, value),
+        el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, scheme),
+        el(tags::CODE_MEANING, VR::LO, meaning),
+    ])
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// Build the derived series from the source slices (volume order) and the
+/// restored volume: one derived instance per source instance (a
+/// multi-frame source gives a multi-frame output with its frames in the
+/// source's frame order).
+pub fn derive_series(slices: &[SourceSlice], restored: &Volume, p: &DeriveParams) -> Vec<DerivedInstance> {
+    let now = chrono_like_now();
+    if slices.iter().all(|s| s.frame.is_none()) {
+        return slices.iter().enumerate().map(|(z, src)| derive_single(src, restored.slice(z), p, &now)).collect();
+    }
+    // Multi-frame: the volume slices of each instance, by frame number.
+    let mut order: Vec<&str> = Vec::new();
+    let mut frames: std::collections::HashMap<&str, Vec<(usize, usize)>> = std::collections::HashMap::new();
+    for (z, s) in slices.iter().enumerate() {
+        let e = frames.entry(s.sop_instance_uid.as_str()).or_insert_with(|| {
+            order.push(s.sop_instance_uid.as_str());
+            Vec::new()
+        });
+        e.push((s.frame.unwrap_or(0), z));
+    }
+    order
+        .into_iter()
+        .map(|sop| {
+            let mut f = frames.remove(sop).expect("recorded above");
+            f.sort_unstable();
+            let src = &slices[f[0].1];
+            let values: Vec<&[f32]> = f.iter().map(|(_, z)| restored.slice(*z)).collect();
+            derive_multiframe(src, &values, p, &now)
+        })
+        .collect()
+}
+
+/// What every derived instance gets: new UIDs, `DERIVED\PRIMARY`, our
+/// Contributing Equipment item, description suffix and series number.
+/// Returns the new SOP Instance UID.
+fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &str) -> String {
+    let src_series = obj.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
+    let sop = derived_uid(src_sop, &p.model_id);
+    obj.put(el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()));
+    obj.put(el(tags::SERIES_INSTANCE_UID, VR::UI, derived_uid(&src_series, &p.model_id)));
+    set_derived(obj, tags::IMAGE_TYPE);
+
+    let mut equipment: Vec<InMemDicomObject> = obj
+        .get(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE)
+        .and_then(|e| e.items().map(|i| i.to_vec()))
+        .unwrap_or_default();
+    equipment.push(InMemDicomObject::from_element_iter([
+        el(tags::MANUFACTURER, VR::LO, "petrestore"),
+        el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "petrestore"),
+        el(tags::SOFTWARE_VERSIONS, VR::LO, env!("CARGO_PKG_VERSION")),
+        el(tags::DEVICE_SERIAL_NUMBER, VR::LO, truncate(&p.device_id, 64)),
+        el(tags::CONTRIBUTION_DATE_TIME, VR::DT, now),
+        el(tags::CONTRIBUTION_DESCRIPTION, VR::ST, truncate(&format!("PET denoising ({}, {})", p.engine, p.model_id), 1024)),
+        seq(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code("109103", "DCM", "Modifying Equipment")]),
+    ]));
+    obj.put(seq(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE, equipment));
+
+    let sd = obj.str_of(tags::SERIES_DESCRIPTION).unwrap_or_else(|| "PET".into());
+    let keep = 64usize.saturating_sub(p.series_description_suffix.chars().count());
+    obj.put(el(tags::SERIES_DESCRIPTION, VR::LO, format!("{}{}", truncate(&sd, keep), p.series_description_suffix)));
+    let sn = obj.i64_of(tags::SERIES_NUMBER).unwrap_or(0);
+    obj.put(el(tags::SERIES_NUMBER, VR::IS, ((sn + p.series_number_offset as i64) % 100_000).to_string()));
+    sop
+}
+
+/// Image Type or Frame Type: value 1 `DERIVED`, value 2 `PRIMARY`, the
+/// others kept.
+fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag) {
+    let mut values: Vec<String> = obj
+        .get(tag)
+        .and_then(|e| e.to_str().ok().map(|s| s.split('\\').map(|x| x.trim().to_string()).collect()))
+        .unwrap_or_default();
+    if values.len() < 2 {
+        values.resize(2, String::new());
+    }
+    values[0] = "DERIVED".into();
+    values[1] = "PRIMARY".into();
+    obj.put(el(tag, VR::CS, PrimitiveValue::Strs(values.into_iter().collect())));
+}
+
+fn derivation_description(p: &DeriveParams) -> String {
+    let desc = format!(
+        "{}Restored by petrestore {} on {}: engine {}, model {}. Denoised only; frame duration and quantitation attributes unchanged.",
+        p.notice.as_ref().map(|n| format!("{n} ")).unwrap_or_default(),
+        env!("CARGO_PKG_VERSION"),
+        p.device_id,
+        p.engine,
+        p.model_id
+    );
+    truncate(&desc, 1024)
+}
+
+fn source_image_item(src: &SourceSlice) -> InMemDicomObject {
+    InMemDicomObject::from_element_iter([
+        el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, src.sop_class_uid.as_str()),
+        el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, src.sop_instance_uid.as_str()),
+        seq(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code("121322", "DCM", "Source image for image processing operation")]),
+    ])
+}
+
+/// Stored values (signed 16 bit) and the DS slope of one restored slice.
+fn quantize(values: &[f32], out: &mut Vec<u8>) -> String {
+    let (slope_s, slope) = slice_slope(values);
+    for v in values {
+        let q = (*v as f64 / slope).round().clamp(-32768.0, 32767.0) as i16;
+        out.extend_from_slice(&q.to_le_bytes());
+    }
+    slope_s
+}
+
+fn signed_16_bit(obj: &mut InMemDicomObject, pixels: Vec<u8>) {
+    obj.put(el(tags::BITS_ALLOCATED, VR::US, 16u16));
+    obj.put(el(tags::BITS_STORED, VR::US, 16u16));
+    obj.put(el(tags::HIGH_BIT, VR::US, 15u16));
+    obj.put(el(tags::PIXEL_REPRESENTATION, VR::US, 1u16));
+    obj.remove_element(tags::SMALLEST_IMAGE_PIXEL_VALUE);
+    obj.remove_element(tags::LARGEST_IMAGE_PIXEL_VALUE);
+    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)));
+}
+
+/// A single-frame PET image (PS3.3 C.7.6.1, C.8.9.4).
+fn derive_single(src: &SourceSlice, values: &[f32], p: &DeriveParams, now: &str) -> DerivedInstance {
+    let mut obj = (*src.dataset).clone();
+    let sop = relabel(&mut obj, &src.sop_instance_uid, p, now);
+    obj.put(el(tags::DERIVATION_DESCRIPTION, VR::ST, derivation_description(p)));
+    obj.put(seq(tags::SOURCE_IMAGE_SEQUENCE, vec![source_image_item(src)]));
+    // Pixels: signed 16 bit, per-slice slope chosen to use the range
+    // without clipping, intercept 0.
+    let mut bytes = Vec::with_capacity(values.len() * 2);
+    let slope = quantize(values, &mut bytes);
+    obj.put(el(tags::RESCALE_SLOPE, VR::DS, slope));
+    obj.put(el(tags::RESCALE_INTERCEPT, VR::DS, "0"));
+    signed_16_bit(&mut obj, bytes);
+    DerivedInstance { sop_instance_uid: sop, dataset: obj }
+}
+
+/// Apply `f` to the first item of functional group `macro_seq` in `fg`
+/// (a Shared or one Per-frame Functional Groups item).
+fn edit_group(fg: &mut InMemDicomObject, macro_seq: dicom_core::Tag, f: impl FnOnce(&mut InMemDicomObject)) -> bool {
+    let Some(mut items) = fg.get(macro_seq).and_then(|e| e.items().map(|i| i.to_vec())) else {
+        return false;
+    };
+    let Some(first) = items.first_mut() else { return false };
+    f(first);
+    fg.put(seq(macro_seq, items));
+    true
+}
+
+fn fg_items(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Vec<InMemDicomObject> {
+    obj.get(tag).and_then(|e| e.items().map(|i| i.to_vec())).unwrap_or_default()
+}
+
+/// A multi-frame (Enhanced PET) instance: the Derivation Image macro in the
+/// shared functional groups, a Pixel Value Transformation per frame (each
+/// frame's slope chosen like a single slice's), Frame Type `DERIVED`.
+fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now: &str) -> DerivedInstance {
+    let mut obj = (*src.dataset).clone();
+    let sop = relabel(&mut obj, &src.sop_instance_uid, p, now);
+
+    let mut shared = fg_items(&obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).into_iter().next().unwrap_or_else(InMemDicomObject::new_empty);
+    let mut per_frame = fg_items(&obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
+    per_frame.resize_with(frames.len(), InMemDicomObject::new_empty);
+
+    // A functional group sits either in the shared item or in every
+    // per-frame item: these two move to (or stay in) per-frame / shared.
+    shared.remove_element(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE);
+    shared.put(seq(
+        tags::DERIVATION_IMAGE_SEQUENCE,
+        vec![InMemDicomObject::from_element_iter([
+            el(tags::DERIVATION_DESCRIPTION, VR::ST, derivation_description(p)),
+            seq(tags::DERIVATION_CODE_SEQUENCE, vec![code("113087", "DCM", "Smoothing")]),
+            seq(tags::SOURCE_IMAGE_SEQUENCE, vec![source_image_item(src)]),
+        ])],
+    ));
+    edit_group(&mut shared, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE));
+
+    // Keep the source's Rescale Type (the units of an Enhanced PET image).
+    let rescale_type = crate::dicom::frames::group_str(&src.dataset, 0, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_TYPE);
+    let mut pixels = Vec::with_capacity(frames.iter().map(|f| f.len() * 2).sum());
+    for (item, values) in per_frame.iter_mut().zip(frames) {
+        item.remove_element(tags::DERIVATION_IMAGE_SEQUENCE);
+        edit_group(item, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE));
+        let slope = quantize(values, &mut pixels);
+        let mut pvt = InMemDicomObject::from_element_iter([
+            el(tags::RESCALE_INTERCEPT, VR::DS, "0"),
+            el(tags::RESCALE_SLOPE, VR::DS, slope),
+        ]);
+        if let Some(t) = &rescale_type {
+            pvt.put(el(tags::RESCALE_TYPE, VR::LO, t.as_str()));
+        }
+        item.put(seq(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, vec![pvt]));
+    }
+    // Enhanced PET Image module: a DERIVED image lists its sources by study
+    // and series (hierarchical SOP instance reference).
+    obj.put(seq(
+        tags::SOURCE_IMAGE_EVIDENCE_SEQUENCE,
+        vec![InMemDicomObject::from_element_iter([
+            el(tags::STUDY_INSTANCE_UID, VR::UI, src.dataset.str_of(tags::STUDY_INSTANCE_UID).unwrap_or_default()),
+            seq(
+                tags::REFERENCED_SERIES_SEQUENCE,
+                vec![InMemDicomObject::from_element_iter([
+                    el(tags::SERIES_INSTANCE_UID, VR::UI, src.dataset.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default()),
+                    seq(
+                        tags::REFERENCED_SOP_SEQUENCE,
+                        vec![InMemDicomObject::from_element_iter([
+                            el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, src.sop_class_uid.as_str()),
+                            el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, src.sop_instance_uid.as_str()),
+                        ])],
+                    ),
+                ])],
+            ),
+        ])],
+    ));
+    obj.put(seq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
+    obj.put(seq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame));
+    obj.put(el(tags::NUMBER_OF_FRAMES, VR::IS, frames.len().to_string()));
+    if p.research {
+        obj.put(el(tags::CONTENT_QUALIFICATION, VR::CS, "RESEARCH"));
+    }
+    // Top-level rescale attributes do not belong in a functional-group image.
+    obj.remove_element(tags::RESCALE_SLOPE);
+    obj.remove_element(tags::RESCALE_INTERCEPT);
+    signed_16_bit(&mut obj, pixels);
+    DerivedInstance { sop_instance_uid: sop, dataset: obj }
+}
+
+/// Current UTC date-time as a DICOM DT (no external time crate needed).
+fn chrono_like_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // civil-from-days (Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}{m:02}{d:02}{:02}{:02}{:02}+0000", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ds_fits_16_chars_and_round_trips() {
+        for v in [1.0, 0.123456789012345, 12345.678901234, 1e-9, 3.0e7 / 32766.0] {
+            let s = ds(v);
+            assert!(s.len() <= 16, "{s}");
+            let back: f64 = s.parse().unwrap();
+            assert!((back - v).abs() <= 1e-8 * v.abs(), "{v} -> {s}");
+        }
+    }
+
+    #[test]
+    fn slope_never_clips() {
+        let vals = [-5.0f32, 0.0, 123456.7, 99.0];
+        let (_, slope) = slice_slope(&vals);
+        for v in vals {
+            let q = (v as f64 / slope).round();
+            assert!((-32768.0..=32767.0).contains(&q));
+            assert!((q * slope - v as f64).abs() <= slope / 2.0 + 1e-6);
+        }
+        assert_eq!(slice_slope(&[0.0, 0.0]).1, 1.0);
+    }
+
+    #[test]
+    fn date_time_is_plausible() {
+        let s = chrono_like_now();
+        assert_eq!(s.len(), 19, "{s}");
+        assert!(s.starts_with("20"));
+    }
+}

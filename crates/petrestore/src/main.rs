@@ -1,0 +1,415 @@
+//! The `petrestore` command line. Each subcommand parses its arguments,
+//! loads the configuration and calls into the library; errors are printed
+//! for people (what was wrong, where, what to do) with a non-zero exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use petrestore::config::{DEFAULT_CONFIG, Settings};
+#[cfg(feature = "demo")]
+use petrestore::demo;
+use petrestore::{app, control, eval, journal, pipeline, restore};
+
+#[derive(Parser)]
+#[command(name = "petrestore", version, about = "Restore short-frame PET series so they read and quantify like 90 s acquisitions")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (DICOM SCP, journal, worker, egress).
+    Serve {
+        /// Configuration file; the built-in defaults when omitted.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Restore one series folder offline, with the same code as the daemon.
+    Restore {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Engine to use (overrides restore.engines).
+        #[arg(long)]
+        engine: Option<String>,
+        /// Model package folder (overrides restore.model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Frame duration in seconds, for a series without Actual Frame
+        /// Duration (0018,1242); stated in the output's Derivation Description.
+        #[arg(long)]
+        frame_duration: Option<f64>,
+        /// Units (e.g. BQML), for a series without Units (0054,1001).
+        #[arg(long)]
+        units: Option<String>,
+        /// Tracer (e.g. Fluorodeoxyglucose), for a series without
+        /// Radiopharmaceutical (0018,0031); checked against the model's tracers.
+        #[arg(long)]
+        tracer: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// What the running daemon is doing: engines and providers in use (and why
+    /// others are not), active jobs per state.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// The whole loop on loopback with a synthetic study: no broker, no GPU, no setup.
+    #[cfg(feature = "demo")]
+    Demo {
+        /// Keep everything in this folder (default: a new temporary folder).
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        slices: usize,
+        #[arg(long, default_value_t = 128)]
+        matrix: usize,
+        /// Frame duration per bed, seconds.
+        #[arg(long, default_value_t = 30.0)]
+        frame_duration: f64,
+    },
+    /// Site acceptance on paired series: restore a short-frame series and
+    /// compare it with the standard-frame series it is nested in (seed
+    /// metric vs the reference with its ceiling, body mean agreement), side
+    /// by side with the raw input and the Gaussian baseline.
+    Eval {
+        /// The short-frame series folder (e.g. 30 s rebinned from list mode).
+        #[arg(long)]
+        input: PathBuf,
+        /// The standard-frame series it is nested in (same grid).
+        #[arg(long)]
+        reference: PathBuf,
+        /// Gaussian FWHM (mm) for the baseline row (default: restore.gaussian_fwhm_mm).
+        #[arg(long)]
+        gaussian_fwhm: Option<f64>,
+        /// Model package to evaluate (none: baselines only).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Engine for the model: tract or ort.
+        #[arg(long, default_value = "tract")]
+        engine: String,
+        /// libonnxruntime.so for --engine ort (default: ORT_DYLIB_PATH).
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+        /// Write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the report's Markdown here too.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Engine threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Journal maintenance (with the daemon stopped).
+    Journal {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: JournalAction,
+    },
+    /// Validate a configuration file.
+    CheckConfig { file: PathBuf },
+    /// Print the annotated default configuration.
+    PrintDefaultConfig,
+    /// Read and steer the job journal (works while the daemon runs).
+    Jobs {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory (instead of reading it from --config).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: JobsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalAction {
+    /// Move the journal aside and rebuild it from the spool (the received
+    /// instances); jobs come back as receiving and are processed again.
+    Rebuild,
+}
+
+#[derive(Subcommand)]
+enum JobsAction {
+    /// One line per job, most recent first.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything the journal knows about one job (JSON).
+    Show { id: String },
+    /// Process a finished (failed, skipped or done) job again.
+    Retry { id: String },
+}
+
+fn load_settings(config: Option<&PathBuf>) -> Result<Settings> {
+    Ok(match config {
+        Some(p) => Settings::load(p)?,
+        None => Settings::defaults(),
+    })
+}
+
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn,sled=warn"));
+    // Under systemd (JOURNAL_STREAM set) log to journald; otherwise stderr.
+    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(j) => registry.with(j).init(),
+        None => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init(),
+    }
+}
+
+fn print_jobs_table(jobs: &[journal::Job]) {
+    println!("{:<16}  {:<11}  {:>5}  {:<11}  {:<20}  detail", "JOB", "STATE", "N", "KIND", "ENGINE");
+    for j in jobs {
+        let detail = match &j.state {
+            journal::JobState::Failed { reason } | journal::JobState::Skipped { reason } => reason.clone(),
+            _ => j.history.last().map(|e| e.what.clone()).unwrap_or_default(),
+        };
+        let n = match j.expected_slices {
+            Some(e) => format!("{}/{e}", j.received),
+            None => j.received.to_string(),
+        };
+        println!(
+            "{:<16}  {:<11}  {:>5}  {:<11}  {:<20}  {}",
+            j.id,
+            j.state.name(),
+            n,
+            format!("{:?}", j.kind).to_lowercase(),
+            j.model_id.clone().unwrap_or_else(|| "-".into()),
+            detail
+        );
+    }
+}
+
+async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsAction) -> Result<()> {
+    let settings = load_settings(config.as_ref())?;
+    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    let req = match &action {
+        JobsAction::List { .. } => control::Request::List,
+        JobsAction::Show { id } => control::Request::Show { id: id.clone() },
+        JobsAction::Retry { id } => control::Request::Retry { id: id.clone() },
+    };
+    let jobs = match control::request(&state_dir, &req).await.map_err(anyhow::Error::msg)? {
+        Some(r) if r.ok => r.jobs,
+        Some(r) => bail!("{}", r.error.unwrap_or_default()),
+        None => {
+            // No daemon: read the journal directly (sled's lock keeps us
+            // from doing so while one runs).
+            let mut s = settings.clone();
+            s.node.state_dir = state_dir.clone();
+            let j = app::open_journal(&s)?;
+            match &req {
+                control::Request::List | control::Request::Status => j.all_jobs()?,
+                control::Request::Show { id } => {
+                    vec![j.get(id)?.with_context(|| format!("no job {id}; `petrestore jobs list` shows the known jobs"))?]
+                }
+                control::Request::Retry { id } => {
+                    let dests: Vec<String> = s.destinations.iter().map(|d| d.name.clone()).collect();
+                    let job = pipeline::retry_job(&j, &dests, id).map_err(anyhow::Error::msg)?;
+                    eprintln!("the daemon is not running: job {id} will run at its next start");
+                    vec![job]
+                }
+            }
+        }
+    };
+    match action {
+        JobsAction::List { json: false } | JobsAction::Retry { .. } => print_jobs_table(&jobs),
+        JobsAction::List { json: true } => println!("{}", serde_json::to_string_pretty(&jobs)?),
+        JobsAction::Show { .. } => println!("{}", serde_json::to_string_pretty(&jobs[0])?),
+    }
+    Ok(())
+}
+
+async fn status(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
+    let settings = load_settings(config.as_ref())?;
+    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    match control::request(&state_dir, &control::Request::Status).await.map_err(anyhow::Error::msg)? {
+        Some(r) if r.ok => {
+            println!("{}", serde_json::to_string_pretty(&r.status)?);
+            Ok(())
+        }
+        Some(r) => bail!("{}", r.error.unwrap_or_default()),
+        None => bail!("no daemon is running on {} (no control socket); start it with `petrestore serve`", state_dir.display()),
+    }
+}
+
+struct RestoreArgs {
+    input: PathBuf,
+    output: PathBuf,
+    engine: Option<String>,
+    model: Option<PathBuf>,
+    frame_duration: Option<f64>,
+    units: Option<String>,
+    tracer: Option<String>,
+    config: Option<PathBuf>,
+}
+
+fn offline_restore(a: RestoreArgs) -> Result<()> {
+    let RestoreArgs { input, output, engine, model, frame_duration, units, tracer, config } = a;
+    let mut settings = load_settings(config.as_ref())?;
+    if let Some(fd) = frame_duration {
+        if !(fd > 0.0 && fd < 3600.0) {
+            bail!("--frame-duration {fd}: give the frame duration in seconds, e.g. 30");
+        }
+        settings.restore.assume_frame_duration_s = Some(fd);
+    }
+    if let Some(u) = units {
+        settings.restore.assume_units = Some(u);
+    }
+    if let Some(t) = tracer {
+        settings.restore.assume_tracer = Some(t);
+    }
+    if let Some(m) = model {
+        settings.restore.model = m;
+    }
+    if let Some(e) = engine {
+        if !petrestore::config::KNOWN_ENGINES.contains(&e.as_str()) {
+            bail!("unknown engine {e:?}: this build has {}", petrestore::config::KNOWN_ENGINES.join(", "));
+        }
+        settings.restore.engines = vec![e];
+    }
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&input)
+        .with_context(|| format!("cannot read --input {}", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        bail!("--input {} holds no files: point it at one series folder", input.display());
+    }
+    let engines = restore::engines_from_settings(&settings).map_err(anyhow::Error::msg)?;
+    for r in engines.reports.iter().filter(|r| !r.ok) {
+        eprintln!("petrestore: engine {} unavailable: {}", r.engine, r.detail);
+    }
+    let restored = match pipeline::worker::restore_paths(&settings, &engines.engines, &paths) {
+        Ok(r) => r,
+        Err(pipeline::worker::Ending::Skipped(r)) => bail!("series not restored (selection rules): {r}"),
+        Err(pipeline::worker::Ending::Failed(r)) | Err(pipeline::worker::Ending::Restored { engine: r, .. }) => {
+            bail!("restoration failed: {r}")
+        }
+    };
+    if output.exists() && std::fs::read_dir(&output)?.next().is_some() {
+        bail!("--output {} is not empty: choose an empty or new folder", output.display());
+    }
+    for f in &restored.fallbacks {
+        eprintln!("petrestore: engine fallback: {f}");
+    }
+    for a in &restored.assumed {
+        eprintln!("petrestore: {a}");
+    }
+    let (engine, model, slices) = (restored.engine.clone(), restored.model_id.clone(), restored.slices);
+    let n = pipeline::worker::write_instances(&output, restored.instances).map_err(anyhow::Error::msg)?;
+    println!("restored {} with {engine} ({model}) into {}", pipeline::worker::slice_count(slices, n as usize), output.display());
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let rt = || tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime");
+    match cli.command {
+        Command::Serve { config } => {
+            let settings = load_settings(config.as_ref())?;
+            rt()?.block_on(app::serve(settings))
+        }
+        Command::Restore { input, output, engine, model, frame_duration, units, tracer, config } => {
+            offline_restore(RestoreArgs { input, output, engine, model, frame_duration, units, tracer, config })
+        }
+        Command::Status { config, state_dir } => rt()?.block_on(status(config, state_dir)),
+        #[cfg(feature = "demo")]
+        Command::Demo { workdir, slices, matrix, frame_duration } => {
+            if !(4..=1000).contains(&slices) || !(16..=512).contains(&matrix) {
+                bail!("--slices must be 4..=1000 and --matrix 16..=512");
+            }
+            let spec = petsim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, ..Default::default() };
+            rt()?.block_on(demo::run(demo::DemoOptions { workdir, spec }))
+        }
+        Command::Eval { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads } => {
+            let engine = match model {
+                None => None,
+                Some(dir) => Some(eval::engine(&dir, &engine, ort_library, threads)?),
+            };
+            let fwhm = gaussian_fwhm.unwrap_or_else(|| Settings::defaults().restore.gaussian_fwhm_mm);
+            let report = eval::run_series(&input, &reference, engine, fwhm).map_err(anyhow::Error::msg)?;
+            let md = eval::series_markdown(&report);
+            println!("{md}");
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            if let Some(p) = markdown {
+                std::fs::write(&p, &md).with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            Ok(())
+        }
+        Command::CheckConfig { file } => {
+            let s = Settings::load(&file)?;
+            println!(
+                "{}: OK (AE {} on {}, {} allowed caller(s), {} destination(s), engines {:?})",
+                file.display(),
+                s.dicom.ae_title,
+                s.dicom.listen,
+                s.dicom.allowed_callers.len(),
+                s.destinations.len(),
+                s.restore.engines
+            );
+            Ok(())
+        }
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+        Command::Jobs { config, state_dir, action } => rt()?.block_on(jobs(config, state_dir, action)),
+        Command::Journal { config, state_dir, action: JournalAction::Rebuild } => {
+            let settings = load_settings(config.as_ref())?;
+            let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+            if std::os::unix::net::UnixStream::connect(control::socket_path(&state_dir)).is_ok() {
+                bail!("a daemon is running on {}: stop it first (systemctl stop petrestore)", state_dir.display());
+            }
+            let r = petrestore::journal::rebuild::rebuild(&state_dir.join("journal"), &state_dir.join("spool"))
+                .map_err(|e| anyhow::anyhow!("rebuild failed: {e}"))?;
+            if let Some(old) = &r.old_journal {
+                println!("old journal moved to {}", old.display());
+            }
+            println!("rebuilt the journal: {} instances in {} jobs", r.instances, r.jobs);
+            for u in &r.unreadable {
+                eprintln!("petrestore: not DICOM or unreadable, left in place: {}", u.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    // dicom-rs errors capture a backtrace whenever RUST_BACKTRACE=1 is set
+    // (snafu), and reading every data set ends in such an error at its end:
+    // ~50 µs per instance for nothing. Library backtraces stay off unless
+    // asked for explicitly; panics still honour RUST_BACKTRACE.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: first statement of main, before any thread exists.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("petrestore: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Model packages: `models/<name>/model.onnx` + `model.toml`. The TOML says
+//! what the network expects (input/output names, 2.5D context, batch,
+//! normalisation), what it is for (frame durations, tracers) and where it
+//! came from; its sha256 is checked against the ONNX file at load, so a
+//! corrupt or swapped model is a startup error that names the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::Digest;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPackage {
+    id: String,
+    version: String,
+    #[serde(default = "default_purpose")]
+    purpose: String,
+    sha256: String,
+    #[serde(default = "default_onnx")]
+    onnx: String,
+    io: Io,
+    normalisation: Normalisation,
+    selection: Selection,
+    #[serde(default)]
+    provenance: toml::Table,
+    #[serde(default)]
+    metrics: toml::Table,
+}
+
+fn default_purpose() -> String {
+    "clinical-evaluation".into()
+}
+fn default_onnx() -> String {
+    "model.onnx".into()
+}
+
+/// Tensor names and layout.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Io {
+    pub input: String,
+    pub output: String,
+    /// Adjacent slices in (odd); the centre slice is restored.
+    pub context_slices: usize,
+    /// Slices per engine call.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Extra constant input channel after the slices. The one kind known:
+    /// "frame_duration_over_90" (Actual Frame Duration / 90 s).
+    #[serde(default)]
+    pub condition: Option<String>,
+    /// Height and width are padded (edge replicate) to a multiple of this
+    /// and the output cropped back (a network with poolings needs it).
+    #[serde(default = "default_pad")]
+    pub pad_multiple: usize,
+    /// Test-time augmentation: 1 (off) or 4 (the network also runs on the
+    /// slices flipped left-right, up-down and both; the four outputs,
+    /// flipped back, are averaged). Costs that many inferences.
+    #[serde(default = "default_tta")]
+    pub tta: usize,
+}
+
+fn default_tta() -> usize {
+    1
+}
+
+fn default_pad() -> usize {
+    1
+}
+
+/// The conditioning channel kind this build knows.
+pub const CONDITION_DURATION: &str = "frame_duration_over_90";
+
+fn default_batch() -> usize {
+    4
+}
+
+/// How pixel values are scaled for the network and back.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Normalisation {
+    /// "body_mean": divide by the mean of voxels above
+    /// `threshold_fraction` × the 99.9th percentile.
+    pub kind: String,
+    #[serde(default = "default_threshold")]
+    pub threshold_fraction: f64,
+}
+
+fn default_threshold() -> f64 {
+    0.05
+}
+
+/// What the model was trained for.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Selection {
+    /// [min, max] Actual Frame Duration in seconds.
+    pub frame_durations_s: [f64; 2],
+    pub tracers: Vec<String>,
+}
+
+/// A loaded, verified model package.
+#[derive(Debug, Clone)]
+pub struct ModelPackage {
+    pub dir: PathBuf,
+    pub id: String,
+    pub version: String,
+    pub purpose: String,
+    pub sha256: String,
+    pub onnx_path: PathBuf,
+    pub io: Io,
+    pub normalisation: Normalisation,
+    pub selection: Selection,
+    pub provenance: toml::Table,
+    pub metrics: toml::Table,
+}
+
+/// A model package problem: which file, what is wrong, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model package {dir}: cannot read {file}: {reason}; set restore.model to a folder holding model.toml and model.onnx")]
+    Read { dir: String, file: String, reason: String },
+    #[error("model package {dir}: model.toml is invalid: {reason}")]
+    Toml { dir: String, reason: String },
+    #[error("model {file}: sha256 is {actual}, model.toml says {expected}; the file is corrupt or not the one the package describes: reinstall the model package")]
+    Checksum { file: String, expected: String, actual: String },
+    #[error("model package {dir}: {reason}")]
+    Invalid { dir: String, reason: String },
+}
+
+impl ModelPackage {
+    /// Read `dir/model.toml`, check the ONNX file's sha256.
+    pub fn load(dir: &Path) -> Result<ModelPackage, ModelError> {
+        let d = dir.display().to_string();
+        let toml_path = dir.join("model.toml");
+        let text = std::fs::read_to_string(&toml_path)
+            .map_err(|e| ModelError::Read { dir: d.clone(), file: "model.toml".into(), reason: e.to_string() })?;
+        let raw: RawPackage = toml::from_str(&text).map_err(|e| ModelError::Toml { dir: d.clone(), reason: e.to_string() })?;
+        if raw.io.context_slices == 0 || raw.io.context_slices % 2 == 0 {
+            return Err(ModelError::Invalid { dir: d, reason: format!("io.context_slices must be odd, is {}", raw.io.context_slices) });
+        }
+        if raw.io.batch == 0 || raw.io.batch > 256 {
+            return Err(ModelError::Invalid { dir: d, reason: format!("io.batch must be 1..=256, is {}", raw.io.batch) });
+        }
+        if let Some(c) = raw.io.condition.as_deref().filter(|c| *c != CONDITION_DURATION) {
+            return Err(ModelError::Invalid { dir: d, reason: format!("io.condition {c:?} is unknown (this build knows {CONDITION_DURATION:?})") });
+        }
+        if raw.io.pad_multiple == 0 || raw.io.pad_multiple > 64 {
+            return Err(ModelError::Invalid { dir: d, reason: format!("io.pad_multiple must be 1..=64, is {}", raw.io.pad_multiple) });
+        }
+        if !matches!(raw.io.tta, 1 | 4) {
+            return Err(ModelError::Invalid { dir: d, reason: format!("io.tta must be 1 (off) or 4 (flips), is {}", raw.io.tta) });
+        }
+        if raw.normalisation.kind != "body_mean" {
+            return Err(ModelError::Invalid {
+                dir: d,
+                reason: format!("normalisation.kind {:?} is unknown (this build knows \"body_mean\")", raw.normalisation.kind),
+            });
+        }
+        let onnx_path = dir.join(&raw.onnx);
+        let bytes = std::fs::read(&onnx_path)
+            .map_err(|e| ModelError::Read { dir: d.clone(), file: raw.onnx.clone(), reason: e.to_string() })?;
+        let actual: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        if !actual.eq_ignore_ascii_case(raw.sha256.trim()) {
+            return Err(ModelError::Checksum { file: onnx_path.display().to_string(), expected: raw.sha256, actual });
+        }
+        Ok(ModelPackage {
+            dir: dir.to_owned(),
+            id: raw.id,
+            version: raw.version,
+            purpose: raw.purpose,
+            sha256: actual,
+            onnx_path,
+            io: raw.io,
+            normalisation: raw.normalisation,
+            selection: raw.selection,
+            provenance: raw.provenance,
+            metrics: raw.metrics,
+        })
+    }
+
+    /// Identity used to salt derived UIDs and in Derivation Description:
+    /// id, version and the first 12 hex digits of the sha256.
+    pub fn model_id(&self) -> String {
+        format!("{}@{}+{}", self.id, self.version, &self.sha256[..12])
+    }
+
+    pub fn is_test_model(&self) -> bool {
+        self.purpose == "test"
+    }
+
+    /// Input channels per slice: the context slices plus a conditioning channel.
+    pub fn input_channels(&self) -> usize {
+        self.io.context_slices + usize::from(self.io.condition.is_some())
+    }
+
+    /// The warning that travels with every series this package restores.
+    pub fn notice(&self) -> Option<String> {
+        match self.purpose.as_str() {
+            "test" => Some(super::TEST_MODEL_NOTICE.to_string()),
+            "research" => Some(super::RESEARCH_MODEL_NOTICE.to_string()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy_test_model(to: &Path) {
+        let src = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/test-unet");
+        std::fs::create_dir_all(to).unwrap();
+        for f in ["model.toml", "model.onnx"] {
+            std::fs::copy(src.join(f), to.join(f)).unwrap();
+        }
+    }
+
+    #[test]
+    fn shipped_test_model_loads() {
+        let p = ModelPackage::load(&Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/test-unet")).unwrap();
+        assert_eq!(p.io.context_slices, 5);
+        assert!(p.is_test_model());
+        assert!(p.model_id().starts_with("petrestore-test-unet@0.1.0+"));
+    }
+
+    #[test]
+    fn corrupt_model_is_named_with_what_to_do() {
+        let d = tempfile::tempdir().unwrap();
+        copy_test_model(d.path());
+        let onnx = d.path().join("model.onnx");
+        let mut b = std::fs::read(&onnx).unwrap();
+        let n = b.len();
+        b[n / 2] ^= 0xff;
+        std::fs::write(&onnx, b).unwrap();
+        let e = ModelPackage::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("model.onnx") && e.contains("sha256") && e.contains("reinstall"), "{e}");
+    }
+
+    #[test]
+    fn missing_package_says_what_to_set() {
+        let e = ModelPackage::load(Path::new("/nonexistent/model")).unwrap_err().to_string();
+        assert!(e.contains("model.toml") && e.contains("restore.model"), "{e}");
+    }
+}

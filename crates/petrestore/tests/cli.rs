@@ -1,0 +1,290 @@
+//! The command line as an operator meets it: config checking, offline
+//! restore, jobs while the daemon runs, the demo, a clean SIGTERM stop.
+
+
+use std::time::Duration;
+
+use testkit::*;
+use petrestore::journal::JobState;
+
+#[test]
+fn print_default_config_round_trips_through_check_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = petrestore(&["print-default-config"]);
+    assert!(out.status.success());
+    let f = tmp.path().join("c.toml");
+    std::fs::write(&f, &out.stdout).unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("OK"));
+}
+
+#[test]
+fn check_config_names_the_key_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("c.toml");
+    for (toml, key, fix) in [
+        ("[dicom]\nlisten = \"11112\"\n", "dicom.listen", "IP:PORT"),
+        ("[dicom]\nmax_associations = 0\n", "dicom.max_associations", "set 1 or more"),
+        ("[restore]\nengines = [\"quantum\"]\n", "restore.engines", "this build has"),
+        ("[[destination]]\nname = \"pacs\"\nae_title = \"PACS\"\naddress = \"10.0.0.1\"\n", "destination.address", "HOST:PORT"),
+        ("[dicom]\nae_titel = \"X\"\n", "ae_titel", "unknown field"),
+    ] {
+        std::fs::write(&f, toml).unwrap();
+        let out = petrestore(&["check-config", f.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{toml}");
+        let t = text(&out);
+        assert!(t.contains(key) && t.contains(fix), "{toml}: {t}");
+    }
+    let out = petrestore(&["check-config", "/nonexistent/petrestore.toml"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("cannot read config file /nonexistent/petrestore.toml"));
+}
+
+#[test]
+fn offline_restore_uses_the_worker_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("in"), 6, 32, 41);
+    let out_dir = tmp.path().join("out");
+    let out = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", out_dir.to_str().unwrap(), "--engine", "gaussian"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("restored 6 slices with gaussian"));
+    assert_eq!(files_under(&out_dir).len(), 6);
+    let derived = petrestore::restore::volume::load(&files_under(&out_dir)).unwrap();
+    let source = petrestore::restore::volume::load(&src.files).unwrap();
+    assert_eq!(derived.volume.nz, source.volume.nz);
+
+    // refuses to mix into a non-empty folder, and unknown engines
+    let again = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", out_dir.to_str().unwrap()]);
+    assert!(!again.status.success() && text(&again).contains("not empty"), "{}", text(&again));
+    let bad = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", "/tmp/x", "--engine", "magic"]);
+    assert!(!bad.status.success() && text(&bad).contains("unknown engine"), "{}", text(&bad));
+    // a 90 s series is outside the selection rules: said so, not restored
+    let spec = petsim::SeriesSpec { slices: 4, matrix: 32, frame_duration_s: 90.0, seed: 43, ..Default::default() };
+    petsim::write_series(&tmp.path().join("in90"), &spec).unwrap();
+    let skip = petrestore(&["restore", "--input", tmp.path().join("in90").to_str().unwrap(), "--output", tmp.path().join("o90").to_str().unwrap()]);
+    assert!(!skip.status.success() && text(&skip).contains("Actual Frame Duration is 90.0 s"), "{}", text(&skip));
+}
+
+#[test]
+fn jobs_commands_work_while_the_daemon_runs_and_after_it_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 4, 32, 45);
+    let mut d = Daemon::start(&tmp.path().join("d"), "");
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done, "no destinations: done after restoration");
+    let state = d.state_dir();
+    let list = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "list"]);
+    assert!(list.status.success() && text(&list).contains(&id) && text(&list).contains("done"), "{}", text(&list));
+    let show = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "show", &id]);
+    assert!(show.status.success() && text(&show).contains(&src.series_uid));
+    let missing = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "show", "0000000000000000"]);
+    assert!(!missing.status.success() && text(&missing).contains("no job"));
+
+    // SIGTERM: a clean stop, then the journal is readable without the daemon
+    let st = d.stop();
+    assert!(st.success(), "clean exit on SIGTERM: {st}\n{}", d.log());
+    assert!(d.log().contains("petrestore stopped"));
+    let list = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "list"]);
+    assert!(list.status.success() && text(&list).contains(&id), "{}", text(&list));
+    let retry = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "retry", &id]);
+    assert!(retry.status.success(), "{}", text(&retry));
+    assert!(text(&retry).contains("next start"));
+    d.restart();
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done);
+    assert!(job.history.iter().any(|e| e.what.contains("retry requested")));
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("d"), "");
+    let cfg = d.config.to_str().unwrap().to_owned();
+    // same config, other port
+    let text2 = std::fs::read_to_string(&cfg).unwrap().replace(&format!("127.0.0.1:{}", d.port), &format!("127.0.0.1:{}", free_port()));
+    let cfg2 = tmp.path().join("c2.toml");
+    std::fs::write(&cfg2, text2).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore"))
+        .args(["serve", "--config", cfg2.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = wait_for("the second daemon to exit", Duration::from_secs(30), || child.try_wait().unwrap());
+    assert!(!st.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("another petrestore process"), "{err}");
+}
+
+#[test]
+fn demo_runs_with_no_setup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = petrestore(&["demo", "--workdir", tmp.path().to_str().unwrap(), "--slices", "16", "--matrix", "64"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("done after") && t.contains("16 derived instances"), "{t}");
+    assert_eq!(files_under(&tmp.path().join("pacs")).len(), 16);
+}
+
+#[test]
+fn offline_restore_takes_relative_folders() {
+    // As an operator types it, from inside a working folder.
+    let tmp = tempfile::tempdir().unwrap();
+    series(&tmp.path().join("in"), 4, 32, 45);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore"))
+        .args(["restore", "--input", "in", "--output", "out", "--engine", "gaussian"])
+        .current_dir(tmp.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(files_under(&tmp.path().join("out")).len(), 4);
+}
+
+#[test]
+fn simulated_and_derived_pet_pass_the_iod_validator() {
+    // dicom3tools' dciodvfy checks every module of the PET Image IOD: the
+    // simulator must produce what a scanner sends, and the derived series
+    // must stay a valid PET image (DERIVED, Source Image Sequence, ...).
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("in"), 4, 32, 46);
+    let out_dir = tmp.path().join("out");
+    let out = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", out_dir.to_str().unwrap(), "--engine", "gaussian"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for f in [&src.files[0], &files_under(&out_dir)[0]] {
+        let errors = iod_errors(f);
+        assert!(errors.is_empty(), "{}: {errors:#?}", f.display());
+    }
+}
+
+#[test]
+fn series_missing_frame_duration_and_units_is_explained_and_can_be_supplied() {
+    use dicom_dictionary_std::tags;
+    use petrestore::dicom::attrs::Attrs;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("orig"), 5, 32, 47);
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    for (i, f) in src.files.iter().enumerate() {
+        let mut obj = dicom_object::open_file(f).unwrap();
+        obj.remove_element(tags::ACTUAL_FRAME_DURATION);
+        obj.remove_element(tags::UNITS);
+        obj.write_to_file(input.join(format!("{i}.dcm"))).unwrap();
+    }
+    let out = petrestore(&["restore", "--input", input.to_str().unwrap(), "--output", tmp.path().join("o1").to_str().unwrap()]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("Units (0054,1001) missing") && t.contains("--units"), "{t}");
+
+    let out = petrestore(&["restore", "--input", input.to_str().unwrap(), "--output", tmp.path().join("o2").to_str().unwrap(), "--units", "BQML"]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("Actual Frame Duration (0018,1242) missing") && t.contains("--frame-duration"), "{t}");
+
+    let o3 = tmp.path().join("o3");
+    let out = petrestore(&[
+        "restore", "--input", input.to_str().unwrap(), "--output", o3.to_str().unwrap(), "--units", "BQML", "--frame-duration", "30",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("assumed 30 s"), "{}", text(&out));
+    let derived = dicom_object::open_file(&files_under(&o3)[0]).unwrap().into_inner();
+    let dd = derived.str_of(tags::DERIVATION_DESCRIPTION).unwrap();
+    assert!(dd.contains("assumed 30 s") && dd.contains("assumed BQML"), "{dd}");
+    assert!(derived.str_of(tags::ACTUAL_FRAME_DURATION).is_none(), "the output must not gain a frame duration the scanner did not record");
+}
+
+#[test]
+fn a_model_restores_only_its_tracers() {
+    use dicom_core::value::DataSetSequence;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("orig"), 4, 32, 49);
+    let input = tmp.path().join("psma");
+    std::fs::create_dir_all(&input).unwrap();
+    for (i, f) in src.files.iter().enumerate() {
+        let mut obj = dicom_object::open_file(f).unwrap();
+        let mut item = obj.element(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE).unwrap().items().unwrap()[0].clone();
+        item.put(DataElement::new(tags::RADIOPHARMACEUTICAL, VR::LO, PrimitiveValue::from("Ga-68 PSMA-11")));
+        item.remove_element(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE);
+        obj.put(DataElement::new(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE, VR::SQ, DataSetSequence::from(vec![item])));
+        obj.write_to_file(input.join(format!("{i}.dcm"))).unwrap();
+    }
+    let model = test_model();
+    let run = |engine: &str, out: &str| {
+        petrestore(&[
+            "restore", "--input", input.to_str().unwrap(), "--output", tmp.path().join(out).to_str().unwrap(),
+            "--engine", engine, "--model", model.to_str().unwrap(),
+        ])
+    };
+    // The model (trained for FDG) refuses a PSMA series, and says why.
+    let out = run("tract", "o1");
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("selection rules") && t.contains("\"Ga-68 PSMA-11\" is not one the model was trained for (Fluorodeoxyglucose)"), "{t}");
+    assert!(!tmp.path().join("o1").exists() || files_under(&tmp.path().join("o1")).is_empty());
+    // The classical filter has no model and no tracer rule.
+    let out = run("gaussian", "o2");
+    assert!(out.status.success(), "{}", text(&out));
+    // The unchanged FDG series passes the same model.
+    let out = petrestore(&[
+        "restore", "--input", tmp.path().join("orig").to_str().unwrap(), "--output", tmp.path().join("o3").to_str().unwrap(),
+        "--engine", "tract", "--model", model.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn enhanced_and_legacy_converted_pet_restore_offline_and_stay_valid() {
+    use dicom_dictionary_std::tags;
+    use petrestore::dicom::attrs::Attrs;
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = petsim::SeriesSpec { slices: 6, matrix: 32, seed: 51, frame_duration_s: 30.0, ..Default::default() };
+    let enhanced = petsim::write_series_enhanced(&tmp.path().join("enh"), &spec).unwrap();
+    let legacy = petsim::write_series_legacy(&tmp.path().join("leg"), &spec).unwrap();
+    for (name, src, class) in [
+        ("enh", &enhanced, petrestore::dicom::ENHANCED_PET_IMAGE_STORAGE),
+        ("leg", &legacy, petrestore::dicom::LEGACY_ENHANCED_PET_IMAGE_STORAGE),
+    ] {
+        // The neural engine (tracer and duration read from the functional
+        // groups / converted attributes) and the Gaussian both take it.
+        for engine in ["tract", "gaussian"] {
+            let out_dir = tmp.path().join(format!("{name}-{engine}"));
+            let out = petrestore(&[
+                "restore", "--input", src.files[0].parent().unwrap().to_str().unwrap(), "--output", out_dir.to_str().unwrap(),
+                "--engine", engine, "--model", test_model().to_str().unwrap(),
+            ]);
+            assert!(out.status.success(), "{name} {engine}: {}", text(&out));
+            assert!(text(&out).contains("restored 6 slices in 1 multi-frame instance"), "{}", text(&out));
+            let files = files_under(&out_dir);
+            assert_eq!(files.len(), 1);
+            let errors = iod_errors(&files[0]);
+            assert!(errors.is_empty(), "{name} {engine}: {errors:#?}");
+            let o = dicom_object::open_file(&files[0]).unwrap().into_inner();
+            assert_eq!(o.str_of(tags::SOP_CLASS_UID).as_deref(), Some(class));
+            // the test model's output is marked as research content; the filter's keeps the source's
+            let cq = if engine == "tract" { "RESEARCH" } else { "PRODUCT" };
+            assert_eq!(o.str_of(tags::CONTENT_QUALIFICATION).as_deref(), Some(cq), "{name} {engine}");
+            let loaded = petrestore::restore::volume::load(&files).unwrap();
+            assert_eq!(loaded.volume.nz, 6);
+            // a 30 s frame stays 30 s wherever the source recorded it
+            assert_eq!(petrestore::dicom::frames::frame_duration_ms(&o, Some(0)), Some(30000.0), "{name}");
+        }
+        let errors = iod_errors(&src.files[0]);
+        assert!(errors.is_empty(), "{name} source: {errors:#?}");
+    }
+    // Site acceptance on Enhanced PET pairs: durations come from the frames.
+    let spec90 = petsim::SeriesSpec { frame_duration_s: 90.0, ..spec };
+    petsim::write_series_enhanced(&tmp.path().join("enh90"), &spec90).unwrap();
+    let json = tmp.path().join("site.json");
+    let out = petrestore(&[
+        "eval", "--input", tmp.path().join("enh").to_str().unwrap(), "--reference", tmp.path().join("enh90").to_str().unwrap(),
+        "--json", json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!((r["input_duration_s"].as_f64(), r["reference_duration_s"].as_f64()), (Some(30.0), Some(90.0)), "{r}");
+}

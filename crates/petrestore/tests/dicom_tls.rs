@@ -1,0 +1,98 @@
+//! DICOM TLS ingest against DCMTK's storescu/echoscu built with OpenSSL:
+//! mutual TLS on a second listener, refusals for callers without a
+//! certificate, with one from another CA, or speaking plain TCP, and the
+//! plain listener still serving. Nothing is stored from a refused caller.
+
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use testkit::*;
+
+fn tls_storescu(dir: &Path, port: u16, client: Option<&str>, ca: &str, files: &[std::path::PathBuf]) -> Output {
+    let mut c = Command::new(require("storescu"));
+    match client {
+        Some(cn) => c.args(["+tls", &format!("{cn}.key"), &format!("{cn}.pem")]),
+        None => c.arg("+tla"),
+    };
+    c.args(["+cf", ca, "-aet", CONSOLE, "-aec", OUR_AE, "127.0.0.1", &port.to_string()]).args(files).current_dir(dir).output().unwrap()
+}
+
+#[test]
+fn mutual_tls_stores_and_refuses_callers_without_a_trusted_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki_dir = tmp.path().join("pki");
+    std::fs::create_dir_all(&pki_dir).unwrap();
+    pki(&pki_dir, &["console"]);
+    // a second CA whose client certificate the node must not trust
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    pki(&other, &["console"]);
+
+    let tls_port = free_port();
+    let p = |f: &str| pki_dir.join(f).display().to_string();
+    let extra = format!(
+        "[dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem")
+    );
+    let mut d = Daemon::start(&tmp.path().join("d"), &extra);
+    wait_for("the TLS listener", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", tls_port)).ok());
+
+    let s = series(&tmp.path().join("s"), 4, 32, 71);
+    let o = tls_storescu(&pki_dir, tls_port, Some("console"), "ca.pem", &s.files);
+    assert!(o.status.success(), "TLS storescu with a trusted client certificate failed:\n{}", text(&o));
+    assert_eq!(d.spool_files().len(), 4, "four instances spooled over TLS");
+
+    let s2 = series(&tmp.path().join("s2"), 2, 32, 72);
+    // no client certificate: the handshake fails, nothing stored
+    let o = tls_storescu(&pki_dir, tls_port, None, "ca.pem", &s2.files);
+    assert!(!o.status.success(), "anonymous TLS must be refused when client_ca is set:\n{}", text(&o));
+    // a certificate from another CA: refused
+    let o = tls_storescu(&other, tls_port, Some("console"), &pki_dir.join("ca.pem").display().to_string(), &s2.files);
+    assert!(!o.status.success(), "a client certificate from an untrusted CA must be refused:\n{}", text(&o));
+    // plain DICOM on the TLS port: refused
+    let o = storescu(tls_port, CONSOLE, &s2.files);
+    assert!(!o.status.success(), "plain TCP on the TLS port must fail:\n{}", text(&o));
+    assert_eq!(d.spool_files().len(), 4, "nothing stored from refused callers");
+    assert!(d.log().contains("TLS association refused"), "refusals are logged:\n{}", d.log());
+
+    // the plain listener keeps serving, and the daemon still takes TLS
+    let o = storescu(d.port, CONSOLE, &s2.files);
+    assert!(o.status.success(), "{}", text(&o));
+    let s3 = series(&tmp.path().join("s3"), 1, 32, 73);
+    let o = tls_storescu(&pki_dir, tls_port, Some("console"), "ca.pem", &s3.files);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(d.spool_files().len(), 7);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn bad_tls_files_stop_the_daemon_with_the_file_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("c.toml");
+    let junk = tmp.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nstate_dir = {:?}\n[dicom]\nlisten = \"127.0.0.1:{}\"\n[dicom.tls]\nlisten = \"127.0.0.1:{}\"\ncert = {:?}\nkey = {:?}\n",
+            tmp.path().join("state"),
+            free_port(),
+            free_port(),
+            junk,
+            junk
+        ),
+    )
+    .unwrap();
+    let o = petrestore(&["serve", "--config", &cfg.display().to_string()]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("dicom.tls.cert") && t.contains("junk.pem") && t.contains("no certificate"), "{t}");
+    // the TLS port must differ from the plain one
+    std::fs::write(&cfg, "[dicom]\nlisten = \"127.0.0.1:2762\"\n[dicom.tls]\nlisten = \"127.0.0.1:2762\"\ncert = \"a\"\nkey = \"b\"\n").unwrap();
+    let o = petrestore(&["check-config", &cfg.display().to_string()]);
+    assert!(!o.status.success() && text(&o).contains("dicom.tls.listen"), "{}", text(&o));
+}

@@ -1,0 +1,214 @@
+//! Crash recovery (DESIGN invariant 2): kill -9 at every stage, restart,
+//! and the job completes with nothing lost and no duplicate UIDs.
+
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use testkit::*;
+use dicom_dictionary_std::tags;
+use petrestore::dicom::attrs::Attrs;
+use petrestore::journal::JobState;
+
+fn sop_uids(files: &[std::path::PathBuf]) -> BTreeSet<String> {
+    files.iter().map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap()).collect()
+}
+
+fn series_uids(files: &[std::path::PathBuf]) -> BTreeSet<String> {
+    files.iter().map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SERIES_INSTANCE_UID).unwrap()).collect()
+}
+
+#[test]
+fn kill9_mid_series_then_the_rest_gives_one_complete_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 20, 32, 21);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    // a long quiet timeout: the series must complete by Image Index, not time out
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("[series]\nquiet_timeout_s = 600\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &src.files[..12]).status.success());
+    d.kill9();
+    d.restart();
+    let job = d.job(&job_id(&src));
+    assert_eq!((job.received, &job.state), (12, &JobState::Receiving), "acknowledged instances survived kill -9");
+    assert!(storescu(d.port, CONSOLE, &src.files[12..]).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done);
+    let got = wait_for("20 instances", Duration::from_secs(10), || {
+        let f = dest.files();
+        (f.len() == 20).then_some(f)
+    });
+    assert_eq!(sop_uids(&got).len(), 20);
+    assert_eq!(series_uids(&got).len(), 1);
+}
+
+#[test]
+fn kill9_during_restoration_resumes_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    // big enough that restoration takes a noticeable time
+    let src = series(&tmp.path().join("src"), 200, 192, 23);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("[restore]\ngaussian_fwhm_mm = 12.0\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    wait_for("the job to be restoring", Duration::from_secs(30), || (d.job(&id).state == JobState::Restoring).then_some(()));
+    d.kill9();
+    d.restart();
+    let job = d.wait_terminal(&id, Duration::from_secs(120));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.contains("interrupted")), "{:#?}", job.history);
+    let got = wait_for("200 instances", Duration::from_secs(20), || {
+        let f = dest.files();
+        (f.len() == 200).then_some(f)
+    });
+    assert_eq!(sop_uids(&got).len(), 200);
+    assert_eq!(series_uids(&got).len(), 1);
+}
+
+#[test]
+fn kill9_during_egress_delivers_after_restart_without_new_uids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 10, 32, 25);
+    let dest_port = free_port();
+    let mut d = Daemon::start(&tmp.path().join("d"), &destination("pacs", dest_port));
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    // destination down: the job sits in Delivering with a failed attempt
+    wait_for("a failed delivery attempt", Duration::from_secs(60), || {
+        let j = d.job(&id);
+        (matches!(j.state, JobState::Delivering { .. }) && j.deliveries[0].attempts >= 1).then_some(())
+    });
+    let before = d.job(&id);
+    d.kill9();
+    let dest = StoreScp::start_on(&tmp.path().join("dest"), dest_port);
+    d.restart();
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done);
+    assert_eq!(job.output_series_uid, before.output_series_uid, "same derived series after restart");
+    let got = wait_for("10 instances", Duration::from_secs(10), || {
+        let f = dest.files();
+        (f.len() == 10).then_some(f)
+    });
+    let expected: BTreeSet<String> = src
+        .sop_uids
+        .iter()
+        .map(|s| petrestore::dicom::uid::derived_uid(s, job.model_id.as_deref().unwrap()))
+        .collect();
+    assert_eq!(sop_uids(&got), expected);
+}
+
+#[test]
+fn incomplete_series_at_quiet_timeout_follows_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 10, 32, 27);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    // a gap in the middle: geometry inconsistent → fails, original forwarded
+    let mut files = src.files.clone();
+    files.remove(4);
+    let d = Daemon::start(&tmp.path().join("d"), &format!("[series]\nquiet_timeout_s = 1\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &files).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+    let JobState::Failed { reason } = &job.state else { panic!("{:?}", job.state) };
+    assert!(reason.contains("uneven slice spacing"), "{reason}");
+    assert_eq!(dest.files().len(), 9, "the original series is forwarded so the technologist is not left waiting");
+
+    // a contiguous part (the last slice missing) is processed
+    let src2 = series(&tmp.path().join("src2"), 10, 32, 29);
+    assert!(storescu(d.port, CONSOLE, &src2.files[..9]).status.success());
+    let job = d.wait_terminal(&job_id(&src2), Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.contains("no instance for")));
+    assert_eq!(job.output_count, 9);
+}
+
+#[test]
+fn lost_journal_is_refused_at_start_and_rebuilt_from_the_spool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 6, 32, 31);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    // long quiet timeout: the first run only receives
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("[series]\nquiet_timeout_s = 600\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &src.files[..4]).status.success());
+    // in the spool files (not only in the arrival log, which a start would replay)
+    assert_eq!(d.spool_files().len(), 4);
+    d.kill9();
+    // the journal is lost (disk repair, sled corruption...)
+    std::fs::remove_dir_all(d.state_dir().join("journal")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore")).args(["serve", "--config", d.config.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("spool holds 4 received instances") && text(&out).contains("petrestore journal rebuild"), "{}", text(&out));
+    let r = petrestore(&["journal", "--config", d.config.to_str().unwrap(), "rebuild"]);
+    assert!(r.status.success(), "{}", text(&r));
+    assert!(text(&r).contains("4 instances in 1 jobs"), "{}", text(&r));
+    d.restart();
+    let job = d.job(&job_id(&src));
+    assert_eq!((job.received, &job.state), (4, &JobState::Receiving));
+    assert!(storescu(d.port, CONSOLE, &src.files[4..]).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.contains("rebuilt from the spool")));
+    let got = wait_for("6 instances", Duration::from_secs(10), || {
+        let f = dest.files();
+        (f.len() == 6).then_some(f)
+    });
+    assert_eq!(sop_uids(&got).len(), 6);
+}
+
+#[test]
+fn a_spool_failure_refuses_new_instances_and_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = series(&tmp.path().join("a"), 4, 32, 41);
+    let b = series(&tmp.path().join("b"), 2, 32, 42);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let broker = Mosquitto::start(tmp.path(), "");
+    let health = Sub::start(broker.port, "petrestore/v1/box1/health", &[]);
+    let mqtt = format!("[node]\ndevice_id = \"box1\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nhealth_interval_s = 0.5\n", broker.port);
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("{mqtt}{}", destination("pacs", dest.port)));
+    // A file where series a's spool folder must go: moving a's instances
+    // from the arrival log into the spool fails.
+    let study = d.state_dir().join("spool").join(&a.study_uid);
+    std::fs::create_dir_all(&study).unwrap();
+    let blocker = study.join(&a.series_uid);
+    std::fs::write(&blocker, b"not a folder").unwrap();
+
+    // Acknowledged: durable in the arrival log.
+    let out = storescu(d.port, CONSOLE, &a.files);
+    assert!(out.status.success() && !text(&out).contains("Refused"), "{}", text(&out));
+    wait_for("the materializer to report the failure", Duration::from_secs(20), || {
+        d.log().contains("cannot move received instances").then_some(())
+    });
+    // From now on new instances are refused with Out of Resources, saying why.
+    let out = storescu(d.port, CONSOLE, &b.files);
+    assert!(text(&out).contains("Refused: OutOfResources"), "{}", text(&out));
+    assert!(d.log().contains("restart petrestore"), "{}", d.log());
+    // The fleet manager sees it: last_error and the backlog of instances
+    // acknowledged but only in the arrival log.
+    let h = health.wait_on("/health", "health reporting the stall", Duration::from_secs(20), |v| {
+        v["last_error"].as_str().is_some_and(|e| e.contains("ingest stalled"))
+    });
+    assert_schema("health", &h);
+    assert_eq!(h["ingest_backlog"], 4, "{h}");
+    // and so does the technologist at the box
+    let st = petrestore(&["status", "--state-dir", d.state_dir().to_str().unwrap()]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&st)));
+    assert_eq!(st["ingest_backlog"], 4, "{st}");
+    assert!(st["ingest_stalled"].as_str().is_some_and(|s| s.contains("cannot write")), "{st}");
+    // A clean stop leaves the records in the log.
+    assert!(d.stop().success());
+    assert!(files_under(&d.state_dir().join("spool/arrivals")).iter().any(|p| p.extension().is_some_and(|x| x == "log")));
+
+    // The operator clears the fault and restarts: everything acknowledged
+    // is recorded, restored and delivered.
+    std::fs::remove_file(&blocker).unwrap();
+    d.restart();
+    assert!(d.log().contains("arrival log replayed"), "{}", d.log());
+    let job = d.wait_terminal(&job_id(&a), Duration::from_secs(60));
+    assert_eq!((job.received, &job.state), (4, &JobState::Done), "{:#?}", job.history);
+    let got = wait_for("4 derived instances", Duration::from_secs(10), || {
+        let f = dest.files();
+        (f.len() == 4).then_some(f)
+    });
+    assert_eq!(series_uids(&got).len(), 1);
+    // and b, refused before, is taken now
+    assert!(storescu(d.port, CONSOLE, &b.files).status.success());
+    assert_eq!(d.wait_terminal(&job_id(&b), Duration::from_secs(60)).state, JobState::Done);
+}

@@ -1,0 +1,229 @@
+//! The DICOM SCP against hostile and unexpected input: access control,
+//! malformed and truncated data sets, bad UIDs, wrong SOP classes, a full
+//! disk. Every case gets a clear status or rejection, nothing half-written
+//! stays behind, and the daemon keeps serving the next association.
+
+
+use std::io::Write;
+use std::time::Duration;
+
+use testkit::*;
+use petrestore::dicom::dimse::status;
+use petrestore::dicom::{EXPLICIT_VR_LE, PET_IMAGE_STORAGE};
+use petrestore::egress::scu::{self, Peer, SendError};
+
+fn peer(port: u16) -> Peer {
+    Peer { address: format!("127.0.0.1:{port}"), called_ae: OUR_AE.into(), calling_ae: CONSOLE.into() }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    // dicom-ul's P-DATA writer needs the multi-threaded runtime
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+}
+
+/// The data set bytes (after the Part 10 header) of a file we made.
+fn dataset_of(path: &std::path::Path) -> Vec<u8> {
+    let obj = dicom_object::open_file(path).unwrap();
+    petrestore::dicom::part10::dataset_bytes(&obj, EXPLICIT_VR_LE).unwrap()
+}
+
+fn assert_still_serving(d: &Daemon) {
+    let out = echoscu(d.port, CONSOLE, OUR_AE);
+    assert!(out.status.success(), "daemon stopped serving: {}\nlog:\n{}", text(&out), d.log());
+}
+
+#[test]
+fn echo_and_association_access_control() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), "");
+    let ok = echoscu(d.port, CONSOLE, OUR_AE);
+    assert!(ok.status.success(), "{}", text(&ok));
+
+    let stranger = echoscu(d.port, "STRANGER", OUR_AE);
+    assert!(!stranger.status.success());
+    assert!(text(&stranger).contains("Calling AE Title Not Recognized"), "{}", text(&stranger));
+
+    let wrong_called = echoscu(d.port, CONSOLE, "SOMEONE");
+    assert!(!wrong_called.status.success());
+    assert!(text(&wrong_called).contains("Called AE Title Not Recognized"), "{}", text(&wrong_called));
+    assert_still_serving(&d);
+}
+
+#[test]
+fn caller_pinned_to_another_host_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), "[dicom]\nallowed_callers = [\"CONSOLE@10.9.9.9\", \"WS@127.0.0.1\"]\n");
+    assert!(!echoscu(d.port, CONSOLE, OUR_AE).status.success(), "CONSOLE is only allowed from 10.9.9.9");
+    assert!(echoscu(d.port, "WS", OUR_AE).status.success());
+}
+
+#[test]
+fn malformed_truncated_and_hostile_datasets_get_failure_statuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 3, 32, 31);
+    let d = Daemon::start(&tmp.path().join("d"), "");
+    let p = peer(d.port);
+    let good = dataset_of(&src.files[0]);
+    let sop = &src.sop_uids[0];
+    let rt = rt();
+
+    // garbage bytes
+    let (st, comment) = rt.block_on(scu::send_raw(&p, PET_IMAGE_STORAGE, "1.2.3", EXPLICIT_VR_LE, b"\x08\x00\x16\x00garbage")).unwrap();
+    assert_eq!(st, status::CANNOT_UNDERSTAND, "{comment:?}");
+    assert_still_serving(&d);
+
+    // truncated in the middle of Pixel Data
+    let (st, comment) = rt.block_on(scu::send_raw(&p, PET_IMAGE_STORAGE, sop, EXPLICIT_VR_LE, &good[..good.len() - 700])).unwrap();
+    assert_eq!(st, status::CANNOT_UNDERSTAND, "{comment:?}");
+    assert_still_serving(&d);
+
+    // the command's SOP instance differs from the data set's
+    let (st, comment) = rt.block_on(scu::send_raw(&p, PET_IMAGE_STORAGE, "1.2.3.4", EXPLICIT_VR_LE, &good)).unwrap();
+    assert_eq!(st, status::DATASET_MISMATCH, "{comment:?}");
+    assert!(comment.unwrap().contains("SOP Instance UID"));
+
+    // a path-traversal Series Instance UID
+    let mut obj = dicom_object::open_file(&src.files[1]).unwrap().into_inner();
+    obj.put(dicom_core::DataElement::new(
+        dicom_dictionary_std::tags::SERIES_INSTANCE_UID,
+        dicom_core::VR::UI,
+        dicom_core::PrimitiveValue::from("../../x"),
+    ));
+    let bad = petrestore::dicom::part10::dataset_bytes(&obj, EXPLICIT_VR_LE).unwrap();
+    let (st, comment) = rt.block_on(scu::send_raw(&p, PET_IMAGE_STORAGE, &src.sop_uids[1], EXPLICIT_VR_LE, &bad)).unwrap();
+    assert_eq!(st, status::CANNOT_UNDERSTAND);
+    assert!(comment.unwrap().contains("Series Instance UID"));
+    assert!(!d.state_dir().join("x").exists() && !tmp.path().join("x").exists());
+
+    // nothing of the above was stored
+    assert!(d.spool_files().is_empty(), "{:?}", d.spool_files());
+    assert!(d.jobs().is_empty());
+
+    // a well-formed instance still goes through
+    let (st, _) = rt.block_on(scu::send_raw(&p, PET_IMAGE_STORAGE, sop, EXPLICIT_VR_LE, &good)).unwrap();
+    assert_eq!(st, status::SUCCESS);
+    assert_eq!(d.spool_files().len(), 1);
+}
+
+#[test]
+fn not_a_dicom_peer_at_all_does_not_stop_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), "");
+    for junk in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0x01, 0x00, 0xff, 0xff, 0xff, 0xff, 0, 0][..], &[0x04; 3][..]] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let _ = s.write_all(junk);
+        let _ = std::io::Read::read(&mut s, &mut [0u8; 64]);
+    }
+    assert_still_serving(&d);
+}
+
+#[test]
+fn other_storage_classes_are_refused_or_passed_through_per_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 1, 32, 33);
+    let ct_class = "1.2.840.10008.5.1.4.1.1.2";
+    let mut obj = dicom_object::open_file(&src.files[0]).unwrap().into_inner();
+    obj.put(dicom_core::DataElement::new(dicom_dictionary_std::tags::SOP_CLASS_UID, dicom_core::VR::UI, dicom_core::PrimitiveValue::from(ct_class)));
+    obj.put(dicom_core::DataElement::new(dicom_dictionary_std::tags::MODALITY, dicom_core::VR::CS, dicom_core::PrimitiveValue::from("CT")));
+    let ct = petrestore::dicom::part10::dataset_bytes(&obj, EXPLICIT_VR_LE).unwrap();
+    let rt = rt();
+
+    let refuse = Daemon::start(&tmp.path().join("refuse"), "");
+    let r = rt.block_on(scu::send_raw(&peer(refuse.port), ct_class, &src.sop_uids[0], EXPLICIT_VR_LE, &ct));
+    let refused = match &r {
+        Err(SendError::NoContext { .. }) => true,
+        Err(SendError::Associate { reason, .. }) => reason.contains("no presentation contexts accepted"),
+        _ => false,
+    };
+    assert!(refused, "CT must not be negotiated with non_pet = \"refuse\": {r:?}");
+    assert_still_serving(&refuse);
+
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let pass = Daemon::start(
+        &tmp.path().join("pass"),
+        &format!("[dicom]\nnon_pet = \"passthrough\"\n[series]\nquiet_timeout_s = 1\n{}", destination("pacs", dest.port)),
+    );
+    let (st, _) = rt.block_on(scu::send_raw(&peer(pass.port), ct_class, &src.sop_uids[0], EXPLICIT_VR_LE, &ct)).unwrap();
+    assert_eq!(st, status::SUCCESS);
+    let job = pass.wait_terminal(&job_id(&src), Duration::from_secs(30));
+    let petrestore::journal::JobState::Skipped { reason } = &job.state else { panic!("{:?}", job.state) };
+    assert!(reason.contains("not PET"), "{reason}");
+    assert_eq!(dest.files().len(), 1, "passed through unchanged");
+}
+
+#[test]
+fn low_disk_answers_out_of_resources_and_keeps_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 2, 32, 35);
+    // a watermark no disk can meet
+    let d = Daemon::start(&tmp.path().join("d"), "[node]\nmin_free_mb = 1000000000\n");
+    let (st, comment) =
+        rt().block_on(scu::send_raw(&peer(d.port), PET_IMAGE_STORAGE, &src.sop_uids[0], EXPLICIT_VR_LE, &dataset_of(&src.files[0]))).unwrap();
+    assert_eq!(st, status::OUT_OF_RESOURCES);
+    assert!(comment.unwrap().contains("disk nearly full"));
+    assert!(d.spool_files().is_empty());
+    // storescu reports the failure too
+    let out = storescu(d.port, CONSOLE, &src.files);
+    assert!(text(&out).contains("Refused: OutOfResources"), "{}", text(&out));
+    assert_still_serving(&d);
+}
+
+#[test]
+fn max_associations_queues_excess_connections_instead_of_failing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 4, 32, 37);
+    let d = Daemon::start(&tmp.path().join("d"), "[dicom]\nmax_associations = 1\n");
+    // hold the only permit with an idle association
+    let mut hold = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    let _ = hold.write_all(&[]);
+    let started = std::thread::spawn({
+        let files = src.files.clone();
+        let port = d.port;
+        move || storescu(port, CONSOLE, &files)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.spool_files().is_empty(), "the second association must wait for the permit");
+    drop(hold);
+    let out = started.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(d.spool_files().len(), 4);
+}
+
+#[test]
+fn sighup_reloads_the_allow_list_and_refuses_restart_only_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), "");
+    assert!(!echoscu(d.port, "WS", OUR_AE).status.success());
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, cfg.replace("allowed_callers = [\"CONSOLE\"]", "allowed_callers = [\"CONSOLE\", \"WS\"]")).unwrap();
+    d.signal("HUP");
+    wait_for("the reloaded allow-list", Duration::from_secs(10), || echoscu(d.port, "WS", OUR_AE).status.success().then_some(()));
+    assert!(d.log().contains("SIGHUP: configuration reloaded"));
+    std::fs::write(&d.config, cfg.replace("ae_title = \"PETRESTORE\"", "ae_title = \"OTHER\"")).unwrap();
+    d.signal("HUP");
+    wait_for("the refusal in the log", Duration::from_secs(10), || d.log().contains("configuration not reloaded").then_some(()));
+    assert!(d.log().contains("dicom.ae_title"), "{}", d.log());
+    assert!(echoscu(d.port, CONSOLE, OUR_AE).status.success(), "still serving on the old AE title");
+}
+
+#[test]
+fn data_beyond_the_memory_budget_aborts_that_sender_only() {
+    // A 1 MiB budget for data sets in flight: an Enhanced PET instance of
+    // 1.5 MiB aborts its association; small instances still go through, and
+    // nothing of the aborted one is stored.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("d"), "[dicom]\nmax_buffered_mb = 1\n");
+    let spec = petsim::SeriesSpec { slices: 20, matrix: 192, seed: 91, frame_duration_s: 30.0, ..Default::default() };
+    let big = petsim::write_series_enhanced(&tmp.path().join("big"), &spec).unwrap();
+    assert!(std::fs::metadata(&big.files[0]).unwrap().len() > 1 << 20);
+    let out = storescu_required(d.port, CONSOLE, &big.files);
+    assert!(!out.status.success() || text(&out).contains("E: "), "the oversized data set must not be accepted: {}", text(&out));
+    wait_for("the abort in the log", Duration::from_secs(10), || d.log().contains("dicom.max_buffered_mb (1 MiB)").then_some(()));
+    assert_still_serving(&d);
+    let small = series(&tmp.path().join("small"), 4, 32, 92);
+    let out = storescu(d.port, CONSOLE, &small.files);
+    assert!(out.status.success() && !text(&out).contains("E: "), "{}", text(&out));
+    let stored = d.spool_files();
+    assert_eq!(stored.len(), 4, "only the small series is stored: {stored:?}");
+}

@@ -1,0 +1,213 @@
+//! Fleet telemetry against a real Mosquitto broker: retained status and the
+//! last will, job events, commands, health, the offline buffer. Every payload
+//! the daemon emits is validated against its JSON Schema.
+
+
+use std::time::Duration;
+
+use testkit::*;
+
+const DEV: &str = "box1";
+
+fn mqtt(port: u16, extra: &str) -> String {
+    format!("[node]\ndevice_id = \"{DEV}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nhealth_interval_s = 0.5\n{extra}")
+}
+
+fn topic(t: &str) -> String {
+    format!("petrestore/v1/{DEV}/{t}")
+}
+
+#[test]
+fn retained_status_online_offline_on_stop_and_last_will_on_kill9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(tmp.path(), "");
+    let mut d = Daemon::start(&tmp.path().join("d"), &mqtt(broker.port, ""));
+    let sub = Sub::start(broker.port, &topic("status"), &[]);
+    let online = sub.wait_on("/status", "status online", Duration::from_secs(20), |v| v["state"] == "online");
+    assert_schema("status", &online);
+    assert_eq!(online["engine"], "gaussian");
+
+    assert!(d.stop().success());
+    let off = sub.wait_on("/status", "status offline after a clean stop", Duration::from_secs(10), |v| v["state"] == "offline");
+    assert_schema("status", &off);
+    // retained: a new subscriber sees offline
+    let late = Sub::start(broker.port, &topic("status"), &[]);
+    late.wait_on("/status", "retained offline", Duration::from_secs(10), |v| v["state"] == "offline");
+
+    d.restart();
+    sub.wait_on("/status", "online again", Duration::from_secs(20), |v| v["state"] == "online" && v["since_ms"] != off["since_ms"]);
+    let before = sub.on("/status").len();
+    d.kill9();
+    let will = wait_for("the last will after kill -9", Duration::from_secs(30), || {
+        sub.on("/status").into_iter().skip(before).find(|v| v["state"] == "offline")
+    });
+    assert_schema("status", &will);
+}
+
+#[test]
+fn a_study_produces_the_full_sequence_of_job_events_and_health() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(tmp.path(), "");
+    let sub = Sub::start(broker.port, &topic("#"), &[]);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let d = Daemon::start(&tmp.path().join("d"), &format!("{}{}", mqtt(broker.port, ""), destination("pacs", dest.port)));
+    sub.wait_on("/status", "online", Duration::from_secs(20), |v| v["state"] == "online");
+    let src = series(&tmp.path().join("src"), 6, 32, 61);
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    d.wait_terminal(&id, Duration::from_secs(60));
+    let events = wait_for("the done event", Duration::from_secs(10), || {
+        let e = sub.on(&format!("/jobs/{id}"));
+        e.iter().any(|v| v["state"] == "done").then_some(e)
+    });
+    let states: Vec<&str> = events.iter().map(|v| v["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["receiving", "queued", "restoring", "delivering", "done"]);
+    for e in &events {
+        assert_schema("job_event", e);
+        assert!(e.get("series_uid").is_none(), "UIDs stay out of telemetry unless mqtt.include_uids");
+    }
+    assert_eq!(events[4]["engine"], "gaussian");
+    assert_eq!(events[4]["received"], 6);
+    let health = sub.wait_on("/health", "health with the finished job", Duration::from_secs(10), |v| v["jobs_finished"]["done"] == 1);
+    assert_schema("health", &health);
+    assert_eq!(health["state"], "online");
+    assert_eq!(health["events_dropped"], 0);
+    assert_eq!(health["ingest_backlog"], 0, "every acknowledged instance reached the spool and journal");
+}
+
+#[test]
+fn commands_pause_resume_drain_retry_and_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(tmp.path(), "");
+    let sub = Sub::start(broker.port, &topic("#"), &[]);
+    // a series missing a slice fails with policy "fail" (no destination)
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!("{}[series]\nquiet_timeout_s = 1\nincomplete_policy = \"fail\"\n", mqtt(broker.port, "")),
+    );
+    sub.wait_on("/status", "online", Duration::from_secs(20), |v| v["state"] == "online");
+    let cmd = |name: &str, payload: &str| {
+        let out = mosquitto_pub(broker.port, &topic(&format!("cmd/{name}")), payload, &[]);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    let reply = |name: &str, corr: &str| {
+        let r = sub.wait_on(&format!("/cmd/{name}/reply"), &format!("reply to {name} {corr}"), Duration::from_secs(10), |v| v["correlation_id"] == corr);
+        assert_schema("command_reply", &r);
+        r
+    };
+
+    cmd("pause", r#"{"correlation_id": "p1"}"#);
+    assert_eq!(reply("pause", "p1")["ok"], true);
+    sub.wait_on("/status", "paused", Duration::from_secs(10), |v| v["state"] == "paused");
+    let src = series(&tmp.path().join("src"), 4, 32, 63);
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success(), "ingest continues while paused");
+    let id = job_id(&src);
+    wait_for("the job queued", Duration::from_secs(10), || (d.job(&id).state == petrestore::journal::JobState::Queued).then_some(()));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.job(&id).state, petrestore::journal::JobState::Queued, "paused: no new restoration");
+    cmd("resume", r#"{"correlation_id": "r1"}"#);
+    assert_eq!(reply("resume", "r1")["ok"], true);
+    assert_eq!(d.wait_terminal(&id, Duration::from_secs(30)).state, petrestore::journal::JobState::Done);
+
+    // retry a failed job
+    let src2 = series(&tmp.path().join("src2"), 4, 32, 65);
+    assert!(storescu(d.port, CONSOLE, &src2.files[..3]).status.success());
+    let id2 = job_id(&src2);
+    assert!(matches!(d.wait_terminal(&id2, Duration::from_secs(30)).state, petrestore::journal::JobState::Failed { .. }));
+    cmd("retry", &format!(r#"{{"correlation_id": "t1", "job_id": "{id2}"}}"#));
+    let r = reply("retry", "t1");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["state"], "queued");
+    wait_for("a second failed event", Duration::from_secs(30), || {
+        (sub.on(&format!("/jobs/{id2}")).iter().filter(|v| v["state"] == "failed").count() == 2).then_some(())
+    });
+    cmd("retry", r#"{"correlation_id": "t2"}"#);
+    let r = reply("retry", "t2");
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("job_id"));
+
+    // malformed and unknown
+    cmd("pause", r#"{"correlation_id": "m1", "#);
+    let r = sub.wait_on("/cmd/pause/reply", "malformed reply", Duration::from_secs(10), |v| v["ok"] == false);
+    assert_schema("command_reply", &r);
+    assert!(r["error"].as_str().unwrap().contains("malformed"), "{r}");
+    cmd("selfdestruct", r#"{"correlation_id": "u1"}"#);
+    let r = reply("selfdestruct", "u1");
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("unknown command"));
+    // reload: a caller added to the allow-list applies at once; a key that
+    // needs a restart is refused and named
+    assert!(!echoscu(d.port, "WS", OUR_AE).status.success());
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, cfg.replace(&format!("allowed_callers = [\"{CONSOLE}\"]"), &format!("allowed_callers = [\"{CONSOLE}\", \"WS\"]"))).unwrap();
+    cmd("reload", r#"{"correlation_id": "l1"}"#);
+    let r = reply("reload", "l1");
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(echoscu(d.port, "WS", OUR_AE).status.success(), "reloaded allow-list applies to the next association");
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, cfg.replace(&format!("127.0.0.1:{}", d.port), "127.0.0.1:1")).unwrap();
+    cmd("reload", r#"{"correlation_id": "l2"}"#);
+    let r = reply("reload", "l2");
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("dicom.listen") && r["error"].as_str().unwrap().contains("restart"), "{r}");
+    std::fs::write(&d.config, cfg).unwrap();
+
+    // drain: new associations are rejected; status says so
+    cmd("drain", r#"{"correlation_id": "d1"}"#);
+    assert_eq!(reply("drain", "d1")["ok"], true);
+    sub.wait_on("/status", "draining", Duration::from_secs(10), |v| v["state"] == "draining");
+    assert!(!echoscu(d.port, CONSOLE, OUR_AE).status.success(), "draining rejects new associations");
+    // nothing received was deleted by any command
+    assert_eq!(d.spool_files().len(), 7);
+}
+
+#[test]
+fn broker_down_leaves_the_pipeline_alone_and_buffered_events_arrive_with_the_drop_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // The fleet's subscriber has a persistent session on a broker that keeps
+    // sessions across restarts, so what the daemon sends on reconnect is
+    // queued for it however the two reconnects race.
+    let mq = tmp.path().join("mq");
+    std::fs::create_dir_all(&mq).unwrap();
+    let persist = format!("persistence true\npersistence_location {}/\n", mq.display());
+    let mut broker = Mosquitto::start_on(&mq, port, &persist);
+    let sub = Sub::start_persistent(port, &topic("#"), "fleet-sub");
+    wait_for("the subscription", Duration::from_secs(10), || {
+        mosquitto_pub(port, &topic("probe"), "{}", &[]);
+        std::thread::sleep(Duration::from_millis(100));
+        (!sub.on("/probe").is_empty()).then_some(())
+    });
+    drop(sub);
+    broker.terminate();
+    // no broker now; a buffer of 3 events
+    let d = Daemon::start(&tmp.path().join("d"), &mqtt(port, "buffer = 3\n"));
+    let a = series(&tmp.path().join("a"), 4, 32, 67);
+    let b = series(&tmp.path().join("b"), 4, 32, 69);
+    // One job after the other, so the 8 events come in a known order (b's
+    // series could otherwise be queued while a is still restoring).
+    for s in [&a, &b] {
+        assert!(storescu(d.port, CONSOLE, &s.files).status.success());
+        assert_eq!(d.wait_terminal(&job_id(s), Duration::from_secs(60)).state, petrestore::journal::JobState::Done);
+    }
+    // 2 jobs × (receiving, queued, restoring, done) = 8 events; 3 kept, 5 dropped
+    let broker = Mosquitto::start_on(&mq, port, &persist);
+    let sub = Sub::start_persistent(broker.port, &topic("#"), "fleet-sub");
+    let health = sub.wait_on("/health", "health after reconnect", Duration::from_secs(60), |v| v["events_dropped"].as_u64().is_some());
+    assert_schema("health", &health);
+    assert_eq!(health["events_dropped"], 5, "{health}");
+    let job_events = || -> Vec<String> {
+        sub.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t.contains("/jobs/"))
+            .map(|(_, p)| serde_json::from_str::<serde_json::Value>(p).unwrap()["state"].as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_for("the buffered job events", Duration::from_secs(10), || (job_events().len() >= 3).then_some(()));
+    std::thread::sleep(Duration::from_millis(500)); // nothing more may come
+    let kept = job_events();
+    assert_eq!(kept, ["queued", "restoring", "done"], "the newest 3 events, oldest dropped first");
+    assert_eq!(sub.on("/status").last().unwrap()["state"], "online");
+}
