@@ -355,6 +355,7 @@ pub fn summarise(records: &[Record]) -> BTreeMap<String, f64> {
                     s.insert(format!("{band}_{name}_{}_{m}_lo95", d as u32), st.lo95);
                     s.insert(format!("{band}_{name}_{}_{m}_hi95", d as u32), st.hi95);
                     s.insert(format!("{band}_{name}_{}_{m}_min", d as u32), st.min);
+                    s.insert(format!("{band}_{name}_{}_{m}_max", d as u32), st.max);
                 }
                 s.insert(format!("{band}_count_{}_{m}", d as u32), ls.len() as f64);
             }

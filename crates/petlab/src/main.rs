@@ -6,6 +6,7 @@
 //! series (`petrestore eval --input --reference`).
 
 mod eval;
+mod grid;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -84,6 +85,16 @@ enum Command {
         /// 1.x models were trained without).
         #[arg(long, default_value_t = 0.0)]
         post_filter: f64,
+        /// Draw a clinical reconstruction setting per study from its seed
+        /// (matrix, pixel size, slice thickness, 3D PSF, OSEM, resolution
+        /// modelling, 3D post-filter, count level, scatter, randoms);
+        /// --matrix and --post-filter are then ignored.
+        #[arg(long, conflicts_with = "site")]
+        randomize: bool,
+        /// A cell of the site matrix (its fixed setting), or "all": one
+        /// sub-folder per cell, each with its own phantom seeds.
+        #[arg(long)]
+        site: Option<String>,
     },
     /// Measure restoration quality on simulated studies with known truth:
     /// seed metric vs PET90 with its ceiling, NRMSE and SSIM vs truth, NEMA
@@ -93,8 +104,15 @@ enum Command {
     /// and the development goals met or missed.
     Eval {
         /// Studies from `petlab dataset` (use the test split for reports).
+        #[arg(long, required_unless_present = "grid", conflicts_with = "grid")]
+        dataset: Option<PathBuf>,
+        /// A site matrix grid (`petlab dataset --site all`): every cell
+        /// evaluated, goals per cell and on the worst cell; needs --val-grid.
+        #[arg(long, requires = "val_grid")]
+        grid: Option<PathBuf>,
+        /// The validation grid: each cell's Gaussian FWHM is chosen on it.
         #[arg(long)]
-        dataset: PathBuf,
+        val_grid: Option<PathBuf>,
         /// Validation studies: the Gaussian FWHM is chosen on them.
         #[arg(long)]
         val: Option<PathBuf>,
@@ -167,9 +185,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Dataset { out, split, count, skip, nema, slices, matrix, post_filter } => {
-            use petsim::dataset::{Geometry, Source, Split, write_study};
+        Command::Dataset { out, split, count, skip, nema, slices, matrix, post_filter, randomize, site } => {
+            use petsim::dataset::{Geometry, Source, Split, write_study_with};
             use petsim::patient::Family;
+            use petsim::sites::{SITE_MATRIX, Setting};
             let split = Split::parse(&split).with_context(|| format!("--split {split:?}: use train, val or test"))?;
             if !(1..=512).contains(&slices) || !(32..=512).contains(&matrix) {
                 bail!("--slices must be 1..=512 and --matrix 32..=512");
@@ -177,42 +196,88 @@ fn run(cli: Cli) -> Result<()> {
             if nema > 0 && split != Split::Test {
                 bail!("--nema studies belong to the test split only (NEMA is never trained on)");
             }
+            if !(0.0..=30.0).contains(&post_filter) {
+                bail!("--post-filter {post_filter}: give a FWHM in mm from 0 (none) to 30");
+            }
             let (family, base) = match split {
                 Split::Train => (Family::Ellipse, 0),
                 Split::Validation => (Family::Ellipse, 10_000),
                 Split::Test => (Family::Lobulated, 20_000),
             };
-            let g = Geometry { slices, matrix, ..Geometry::default() };
-            if !(0.0..=30.0).contains(&post_filter) {
-                bail!("--post-filter {post_filter}: give a FWHM in mm from 0 (none) to 30");
-            }
-            let sc = petsim::physics::Scanner { post_filter_fwhm_mm: post_filter, ..Default::default() };
-            let mut jobs: Vec<(Source, u64)> = (base + skip..base + skip + count).map(|s| (Source::Patient(family), s)).collect();
-            jobs.extend((20_000 + skip..20_000 + skip + nema).map(|s| (Source::Nema, s)));
-            let t = std::time::Instant::now();
-            let mut made = 0;
-            for (source, seed) in jobs {
-                let npy = out.join(format!("{}-{seed:05}.npy", source.name()));
-                if npy.exists() && out.join(format!("{}-{seed:05}.json", source.name())).exists() {
-                    continue;
+            let fixed = Setting {
+                name: "fixed".into(),
+                geometry: Geometry { slices, matrix, ..Geometry::default() },
+                scanner: petsim::physics::Scanner { post_filter_fwhm_mm: post_filter, ..Default::default() },
+                counts_90s: None,
+            };
+            // (folder, setting per seed, first patient seed, first NEMA seed)
+            type Pick = Box<dyn Fn(u64) -> Setting>;
+            let mut plans: Vec<(PathBuf, Pick, u64, u64)> = Vec::new();
+            match site.as_deref() {
+                None if randomize => plans.push((out.clone(), Box::new(move |seed| Setting::random(seed, slices)), base, 20_000)),
+                None => plans.push((out.clone(), Box::new(move |_| fixed.clone()), base, 20_000)),
+                Some(name) => {
+                    let cells: Vec<_> = SITE_MATRIX.iter().enumerate().filter(|(_, c)| name == "all" || c.name == name).collect();
+                    if cells.is_empty() {
+                        let names: Vec<_> = SITE_MATRIX.iter().map(|c| c.name).collect();
+                        bail!("--site {name:?}: use all or one of {}", names.join(", "));
+                    }
+                    if split == Split::Train {
+                        bail!("--site makes evaluation grids (val or test); train with --randomize");
+                    }
+                    for (i, c) in cells {
+                        // each cell its own phantoms: seeds 100 apart, after the plain split's
+                        let first = base + 100 * (i as u64 + 1);
+                        let folder = if name == "all" { out.join(c.name) } else { out.clone() };
+                        let cell = *c;
+                        plans.push((folder, Box::new(move |_| cell.setting(slices)), first, 21_000 + 100 * i as u64));
+                    }
                 }
-                write_study(&out, source, seed, &g, &sc).with_context(|| format!("cannot write into {}", out.display()))?;
-                made += 1;
+            }
+            let t = std::time::Instant::now();
+            let (mut made, mut voxels) = (0u64, 0f64);
+            for (folder, pick, first, first_nema) in &plans {
+                let mut jobs: Vec<(Source, u64)> = (first + skip..first + skip + count).map(|s| (Source::Patient(family), s)).collect();
+                jobs.extend((first_nema + skip..first_nema + skip + nema).map(|s| (Source::Nema, s)));
+                for (source, seed) in jobs {
+                    let npy = folder.join(format!("{}-{seed:05}.npy", source.name()));
+                    if npy.exists() && folder.join(format!("{}-{seed:05}.json", source.name())).exists() {
+                        continue;
+                    }
+                    let setting = pick(seed);
+                    write_study_with(folder, source, seed, &setting).with_context(|| format!("cannot write into {}", folder.display()))?;
+                    made += 1;
+                    voxels += (setting.geometry.slices * setting.geometry.matrix * setting.geometry.matrix) as f64;
+                }
             }
             let secs = t.elapsed().as_secs_f64();
             println!(
-                "{made} studies of {slices}x{matrix}x{matrix} written into {} in {secs:.1} s ({:.0} slices/h)",
-                out.display(),
-                made as f64 * slices as f64 / secs.max(1e-9) * 3600.0
+                "{made} studies ({:.1} M voxels per frame) written into {} in {secs:.1} s",
+                voxels / 1e6,
+                out.display()
             );
             Ok(())
         }
-        Command::Eval { dataset, val, gaussian_fwhm, model, engine, ort_library, json, markdown, dump, threads } => {
+        Command::Eval { dataset, grid, val_grid, val, gaussian_fwhm, model, engine, ort_library, json, markdown, dump, threads } => {
             let engine = match model {
                 None => None,
                 Some(dir) => Some(petrestore::eval::engine(&dir, &engine, ort_library, threads)?),
             };
             let t = std::time::Instant::now();
+            if let (Some(grid), Some(val_grid)) = (grid, val_grid) {
+                let report = grid::run_grid(&grid, &val_grid, engine).map_err(anyhow::Error::msg)?;
+                let md = grid::grid_markdown(&report);
+                println!("{md}");
+                if let Some(p) = json {
+                    std::fs::write(&p, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", p.display()))?;
+                }
+                if let Some(p) = markdown {
+                    std::fs::write(&p, &md).with_context(|| format!("cannot write {}", p.display()))?;
+                }
+                eprintln!("evaluated in {:.1} s", t.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            let dataset = dataset.context("--dataset DIR or --grid DIR --val-grid DIR")?;
             let report = eval::run(&eval::EvalOptions { dataset, val, gaussian_fwhm, engine, dump }).map_err(anyhow::Error::msg)?;
             let md = eval::markdown(&report);
             println!("{md}");

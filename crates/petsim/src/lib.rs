@@ -14,6 +14,7 @@ pub mod dataset;
 mod enhanced;
 pub mod patient;
 pub mod physics;
+pub mod sites;
 
 use std::path::{Path, PathBuf};
 

@@ -136,8 +136,15 @@ def main(argv=None):
     print(f"{len(train)} training and {len(val)} validation studies loaded in {time.time() - t0:.1f} s", flush=True)
     rng = np.random.default_rng(a.seed)
     sampler = data.Sampler(train, a.patch, rng, a.lesion_fraction, a.context)
-    vx, vclean, vp90 = data.full_slices(val, every=2, context=a.context)
-    vmask = np.concatenate([np.stack([st.mask[k][None] for d in data.DURATIONS for k in range(0, st.a.shape[1], 2)]) for st in val]).astype(np.float32)
+    # Validation slices grouped by matrix (a site-matrix grid mixes 128² to
+    # 300²): one stack per shape, metrics pooled over all of them.
+    vgroups = []
+    for shape in sorted({st.a.shape[2:] for st in val}):
+        sts = [st for st in val if st.a.shape[2:] == shape]
+        gx, gclean, gp90 = data.full_slices(sts, every=2, context=a.context)
+        gmask = np.concatenate([np.stack([st.mask[k][None] for d in data.DURATIONS for k in range(0, st.a.shape[1], 2)]) for st in sts]).astype(np.float32)
+        vgroups.append((gx, gclean, gp90, gmask))
+    vx = vgroups[0][0]
 
     p = net.init(jax.random.PRNGKey(a.seed), a.width, a.context, a.levels)
     if a.init:
@@ -171,18 +178,26 @@ def main(argv=None):
     fwd = jax.jit(net.forward)
 
     def validate(p):
-        outs, dens = [], []
-        for i in range(0, len(vx), 16):
-            o, d = fwd(p, vx[i:i + 16])
-            outs.append(np.asarray(o)); dens.append(np.asarray(d))
-        out, den = np.concatenate(outs), np.concatenate(dens)
-        loss = float(np.mean((1 + lw * vmask) * (den - vclean) ** 2))
-        res = {"loss": loss}
-        # val slices are ordered study → duration → slice; split by the w channel
+        sums = {"loss": 0.0, "n": 0}
         for d in data.DURATIONS:
-            sel = np.isclose(vx[:, a.context, 0, 0], d / 90.0)
-            xc = vx[sel, a.context // 2:a.context // 2 + 1]
-            res[f"seed_mse_{int(d)}"] = 100 * (1 - np.mean((out[sel] - vp90[sel]) ** 2) / np.mean((xc - vp90[sel]) ** 2))
+            sums[f"num_{int(d)}"], sums[f"den_{int(d)}"] = 0.0, 0.0
+        for gx, gclean, gp90, gmask in vgroups:
+            outs, dens = [], []
+            for i in range(0, len(gx), 16):
+                o, dn = fwd(p, gx[i:i + 16])
+                outs.append(np.asarray(o)); dens.append(np.asarray(dn))
+            out, den = np.concatenate(outs), np.concatenate(dens)
+            sums["loss"] += float(np.sum((1 + lw * gmask) * (den - gclean) ** 2))
+            sums["n"] += den.size
+            # val slices are ordered study → duration → slice; split by the w channel
+            for d in data.DURATIONS:
+                sel = np.isclose(gx[:, a.context, 0, 0], d / 90.0)
+                xc = gx[sel, a.context // 2:a.context // 2 + 1]
+                sums[f"num_{int(d)}"] += float(np.sum((out[sel] - gp90[sel]) ** 2))
+                sums[f"den_{int(d)}"] += float(np.sum((xc - gp90[sel]) ** 2))
+        res = {"loss": sums["loss"] / sums["n"]}
+        for d in data.DURATIONS:
+            res[f"seed_mse_{int(d)}"] = 100 * (1 - sums[f"num_{int(d)}"] / sums[f"den_{int(d)}"])
         return res
 
     log = {"args": vars(a), "history": [], "versions": {"jax": jax.__version__, "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version()},

@@ -1,0 +1,60 @@
+//! The site matrix from the command line: randomized training studies,
+//! evaluation grids per cell, and `petlab eval --grid` reading goals per
+//! cell and on the worst cell, with the shipped model.
+
+use std::path::Path;
+
+use testkit::*;
+
+fn lab(args: &[&str]) -> String {
+    let o = petlab(args);
+    assert!(o.status.success(), "petlab {args:?} failed:\n{}", text(&o));
+    text(&o)
+}
+
+#[test]
+fn randomized_training_studies_record_their_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("train").display().to_string();
+    lab(&["dataset", "--out", &d, "--split", "train", "--randomize", "--count", "2", "--skip", "40", "--slices", "4"]);
+    let metas: Vec<serde_json::Value> = (40..42)
+        .map(|s| serde_json::from_slice(&std::fs::read(Path::new(&d).join(format!("ellipse-{s:05}.json"))).unwrap()).unwrap())
+        .collect();
+    for m in &metas {
+        assert_eq!(m["setting"], "random");
+        assert!(m["scanner"]["post_filter_3d"].as_bool().unwrap());
+        let px = m["pixel_mm"].as_f64().unwrap();
+        assert!((1.8..5.5).contains(&px), "{px}");
+    }
+    assert_ne!(metas[0]["matrix"].to_string() + &metas[0]["scanner"].to_string(), metas[1]["matrix"].to_string() + &metas[1]["scanner"].to_string());
+    // a site cell is an evaluation setting: never a training set
+    let o = petlab(&["dataset", "--out", &d, "--split", "train", "--site", "all"]);
+    assert!(!o.status.success() && text(&o).contains("train with --randomize"), "{}", text(&o));
+    let o = petlab(&["dataset", "--out", &d, "--split", "val", "--site", "c9"]);
+    assert!(!o.status.success() && text(&o).contains("c1-ref128"), "{}", text(&o));
+}
+
+#[test]
+fn grid_eval_reports_every_cell_and_the_worst_with_the_shipped_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).display().to_string();
+    // one cell, tiny: 4 slices of the 1.x reconstruction (128²)
+    lab(&["dataset", "--out", &p("val/c1-ref128"), "--split", "val", "--site", "c1-ref128", "--count", "1", "--slices", "4"]);
+    lab(&["dataset", "--out", &p("test/c1-ref128"), "--split", "test", "--site", "c1-ref128", "--count", "1", "--nema", "1", "--slices", "4"]);
+    let model = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let out = lab(&[
+        "eval", "--grid", &p("test"), "--val-grid", &p("val"), "--model", &model.display().to_string(), "--json", &p("grid.json"), "--threads", "1",
+    ]);
+    for want in ["c1-ref128", "**worst cell**", "### model", "### oracle", "mean over cells"] {
+        assert!(out.contains(want), "grid report lacks {want:?}:\n{out}");
+    }
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(p("grid.json")).unwrap()).unwrap();
+    let s = &r["cells"]["c1-ref128"]["summary"];
+    // the model beats the raw frame on its own reconstruction, the oracle bounds it
+    let (model, oracle) = (s["seed_mse_30_model"].as_f64().unwrap(), s["seed_mse_30_oracle"].as_f64().unwrap());
+    assert!(model > 20.0 && model < oracle + 1.0, "{model} vs oracle {oracle}");
+    // a grid without a validation cell is refused with the command to make it
+    std::fs::create_dir_all(p("val2")).unwrap();
+    let o = petlab(&["eval", "--grid", &p("test"), "--val-grid", &p("val2")]);
+    assert!(!o.status.success() && text(&o).contains("--site all"), "{}", text(&o));
+}
