@@ -14,20 +14,19 @@ pub const ENHANCED_PET_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.130";
 /// Legacy Converted Enhanced PET Image Storage.
 pub const LEGACY_ENHANCED_PET_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.128.1";
 /// The PET storage classes we accept for restoration.
-pub const PET_STORAGE_CLASSES: &[&str] =
-    &[PET_IMAGE_STORAGE, ENHANCED_PET_IMAGE_STORAGE, LEGACY_ENHANCED_PET_IMAGE_STORAGE];
+pub const PET_STORAGE_CLASSES: &[&str] = &[PET_IMAGE_STORAGE, ENHANCED_PET_IMAGE_STORAGE, LEGACY_ENHANCED_PET_IMAGE_STORAGE];
 /// Storage classes accepted for pass-through when configured (CT and
 /// friends of a PET-CT study).
 pub const PASSTHROUGH_STORAGE_CLASSES: &[&str] = &[
-    "1.2.840.10008.5.1.4.1.1.2",       // CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.1",     // Enhanced CT
-    "1.2.840.10008.5.1.4.1.1.4",       // MR Image Storage
-    "1.2.840.10008.5.1.4.1.1.7",       // Secondary Capture
-    "1.2.840.10008.5.1.4.1.1.66",      // Raw Data
-    "1.2.840.10008.5.1.4.1.1.66.1",    // Spatial Registration
-    "1.2.840.10008.5.1.4.1.1.88.67",   // X-Ray Radiation Dose SR
-    "1.2.840.10008.5.1.4.1.1.88.22",   // Enhanced SR
-    "1.2.840.10008.5.1.4.1.1.481.1",   // RT Image
+    "1.2.840.10008.5.1.4.1.1.2",     // CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",   // Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4",     // MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.7",     // Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.66",    // Raw Data
+    "1.2.840.10008.5.1.4.1.1.66.1",  // Spatial Registration
+    "1.2.840.10008.5.1.4.1.1.88.67", // X-Ray Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.88.22", // Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.481.1", // RT Image
 ];
 /// Verification SOP class (C-ECHO).
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";

@@ -7,17 +7,12 @@ pub fn valid_uid(uid: &str) -> bool {
     if uid.is_empty() || uid.len() > 64 {
         return false;
     }
-    uid.split('.').all(|c| {
-        !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && !(c.len() > 1 && c.starts_with('0'))
-    })
+    uid.split('.').all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && !(c.len() > 1 && c.starts_with('0')))
 }
 
 /// An AE title: 1..=16 printable ASCII characters, no backslash, not all spaces.
 pub fn valid_ae_title(ae: &str) -> bool {
-    !ae.is_empty()
-        && ae.len() <= 16
-        && ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
-        && !ae.trim().is_empty()
+    !ae.is_empty() && ae.len() <= 16 && ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\') && !ae.trim().is_empty()
 }
 
 /// Deterministic derived UID: `2.25.` + the decimal of a name-based (v5)

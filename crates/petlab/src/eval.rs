@@ -85,7 +85,11 @@ pub fn studies_in(dir: &Path) -> Result<Vec<PathBuf>, String> {
         .collect();
     v.sort();
     if v.is_empty() {
-        return Err(format!("no studies (*.npy) in {}: make them with `petrestore dataset --out {} --split test`", dir.display(), dir.display()));
+        return Err(format!(
+            "no studies (*.npy) in {}: make them with `petrestore dataset --out {} --split test`",
+            dir.display(),
+            dir.display()
+        ));
     }
     Ok(v)
 }
@@ -251,7 +255,9 @@ pub fn run(o: &EvalOptions) -> Result<Value, String> {
             }
             choose_gaussian(&studies)
         }
-        (None, None) => return Err("say how to set the Gaussian baseline: --val DIR (choose FWHM on validation studies) or --gaussian-fwhm MM".into()),
+        (None, None) => {
+            return Err("say how to set the Gaussian baseline: --val DIR (choose FWHM on validation studies) or --gaussian-fwhm MM".into());
+        }
     };
     if let Some(d) = &o.dump {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -350,7 +356,12 @@ pub fn summarise(records: &[Record]) -> BTreeMap<String, f64> {
                 let max_vs90 = stats(&ls.iter().map(|l| 100.0 * (l[2] / l[4] - 1.0)).collect::<Vec<_>>());
                 let mean_vst = stats(&ls.iter().map(|l| 100.0 * (l[1] / l[5] - 1.0)).collect::<Vec<_>>());
                 let max_vst = stats(&ls.iter().map(|l| 100.0 * (l[2] / l[5] - 1.0)).collect::<Vec<_>>());
-                for (name, st) in [("suvmean_bias_vs_pet90", mean_vs90), ("suvmax_bias_vs_pet90", max_vs90), ("suvmean_bias_vs_truth", mean_vst), ("suvmax_bias_vs_truth", max_vst)] {
+                for (name, st) in [
+                    ("suvmean_bias_vs_pet90", mean_vs90),
+                    ("suvmax_bias_vs_pet90", max_vs90),
+                    ("suvmean_bias_vs_truth", mean_vst),
+                    ("suvmax_bias_vs_truth", max_vst),
+                ] {
                     s.insert(format!("{band}_{name}_{}_{m}_mean", d as u32), st.mean);
                     s.insert(format!("{band}_{name}_{}_{m}_lo95", d as u32), st.lo95);
                     s.insert(format!("{band}_{name}_{}_{m}_hi95", d as u32), st.hi95);
@@ -365,8 +376,14 @@ pub fn summarise(records: &[Record]) -> BTreeMap<String, f64> {
     for (band, lo, hi) in [("lesion_ge10", 10.0, f64::INFINITY), ("lesion_lt10", 0.0, 10.0)] {
         let ls: Vec<[f64; 6]> = pet90.iter().flat_map(|r| r.lesions.iter().copied()).filter(|l| l[0] >= lo && l[0] < hi).collect();
         if !ls.is_empty() {
-            s.insert(format!("{band}_suvmean_bias_vs_truth_pet90_mean"), stats(&ls.iter().map(|l| 100.0 * (l[1] / l[5] - 1.0)).collect::<Vec<_>>()).mean);
-            s.insert(format!("{band}_suvmax_bias_vs_truth_pet90_mean"), stats(&ls.iter().map(|l| 100.0 * (l[2] / l[5] - 1.0)).collect::<Vec<_>>()).mean);
+            s.insert(
+                format!("{band}_suvmean_bias_vs_truth_pet90_mean"),
+                stats(&ls.iter().map(|l| 100.0 * (l[1] / l[5] - 1.0)).collect::<Vec<_>>()).mean,
+            );
+            s.insert(
+                format!("{band}_suvmax_bias_vs_truth_pet90_mean"),
+                stats(&ls.iter().map(|l| 100.0 * (l[2] / l[5] - 1.0)).collect::<Vec<_>>()).mean,
+            );
         }
     }
     for m in METHODS.into_iter().chain(["pet90"]) {
@@ -435,7 +452,9 @@ pub fn markdown(report: &Value) -> String {
     if g("seed_mse_30_oracle").is_some() {
         o.push_str("\noracle = duration/90 s × the short frame + the rest × the noise-free reconstruction of the 90 s data: what a perfect denoiser in the model's output form gives, the reachable bound of every row below.\n");
     }
-    o.push_str("\n### Against the truth (body NRMSE %, lower is better; SSIM, higher is better)\n\n| image | NRMSE | SSIM |\n|---|---|---|\n");
+    o.push_str(
+        "\n### Against the truth (body NRMSE %, lower is better; SSIM, higher is better)\n\n| image | NRMSE | SSIM |\n|---|---|---|\n",
+    );
     o.push_str(&format!("| raw PET90 | {} | {} |\n", f("nrmse_truth_pet90"), f3("ssim_truth_pet90")));
     for d in [30, 60] {
         for m in METHODS {
@@ -500,7 +519,11 @@ pub fn markdown(report: &Value) -> String {
             }
             o.push_str(&format!("| {name} |"));
             for d in NEMA_SPHERES_MM {
-                o.push_str(&format!(" {} / {} |", f(&format!("nema_cr_{}mm_{tag}", d as u32)), f(&format!("nema_bv_{}mm_{tag}", d as u32))));
+                o.push_str(&format!(
+                    " {} / {} |",
+                    f(&format!("nema_cr_{}mm_{tag}", d as u32)),
+                    f(&format!("nema_bv_{}mm_{tag}", d as u32))
+                ));
             }
             o.push('\n');
         }
@@ -544,7 +567,8 @@ pub fn goals(report: &Value) -> Vec<(String, bool)> {
         g("ssim_truth_30_model") >= g("ssim_truth_pet90"),
     ));
     if s.get("nema_cr_10mm_pet90").is_some() {
-        let bv_ok = NEMA_SPHERES_MM.iter().all(|d| g(&format!("nema_bv_{}mm_30_model", *d as u32)) <= g(&format!("nema_bv_{}mm_pet90", *d as u32)));
+        let bv_ok =
+            NEMA_SPHERES_MM.iter().all(|d| g(&format!("nema_bv_{}mm_30_model", *d as u32)) <= g(&format!("nema_bv_{}mm_pet90", *d as u32)));
         v.push(("NEMA background variability of restored 30 s ≤ raw 90 s, every sphere size".into(), bv_ok));
         // worst sphere by the paired mean difference, with its standard error
         let (worst, se) = NEMA_SPHERES_MM

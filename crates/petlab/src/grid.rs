@@ -25,7 +25,11 @@ pub fn run_grid(grid: &Path, val_grid: &Path, engine: Option<std::sync::Arc<dyn 
         }
         let val = val_grid.join(cell.name);
         if !val.is_dir() {
-            return Err(format!("{} has no cell {} to choose the Gaussian on: make it with `petlab dataset --split val --site all`", val_grid.display(), cell.name));
+            return Err(format!(
+                "{} has no cell {} to choose the Gaussian on: make it with `petlab dataset --split val --site all`",
+                val_grid.display(),
+                cell.name
+            ));
         }
         let t = std::time::Instant::now();
         let r = run(&EvalOptions { dataset: dir, val: Some(val), gaussian_fwhm: None, engine: engine.clone(), dump: None })?;
@@ -34,7 +38,11 @@ pub fn run_grid(grid: &Path, val_grid: &Path, engine: Option<std::sync::Arc<dyn 
     }
     if cells.is_empty() {
         let names: Vec<_> = SITE_MATRIX.iter().map(|c| c.name).collect();
-        return Err(format!("{} holds none of the site matrix cells ({}): make it with `petlab dataset --site all`", grid.display(), names.join(", ")));
+        return Err(format!(
+            "{} holds none of the site matrix cells ({}): make it with `petlab dataset --site all`",
+            grid.display(),
+            names.join(", ")
+        ));
     }
     Ok(json!({"grid": grid.display().to_string(), "val_grid": val_grid.display().to_string(), "cells": cells}))
 }
@@ -48,10 +56,8 @@ fn get(cell: &Value, key: &str) -> Option<f64> {
 fn columns(method: &str) -> Vec<(String, Box<dyn Fn(&Value) -> Option<f64>>)> {
     let m = method.to_string();
     let key = move |k: String| -> Box<dyn Fn(&Value) -> Option<f64>> { Box::new(move |c: &Value| get(c, &k)) };
-    let mut v: Vec<(String, Box<dyn Fn(&Value) -> Option<f64>>)> = vec![
-        ("seed MSE 30 s".into(), key(format!("seed_mse_30_{m}"))),
-        ("seed MSE 60 s".into(), key(format!("seed_mse_60_{m}"))),
-    ];
+    let mut v: Vec<(String, Box<dyn Fn(&Value) -> Option<f64>>)> =
+        vec![("seed MSE 30 s".into(), key(format!("seed_mse_30_{m}"))), ("seed MSE 60 s".into(), key(format!("seed_mse_60_{m}")))];
     let m2 = m.clone();
     v.push((
         "NRMSE 30 s ÷ raw PET90".into(),
@@ -116,12 +122,21 @@ fn worst(header: &str, values: &[f64]) -> Option<f64> {
 /// oracle), cells as rows, the worst cell last.
 pub fn grid_markdown(report: &Value) -> String {
     let cells = report["cells"].as_object().cloned().unwrap_or_default();
-    let mut o = format!("Site matrix: `{}` ({} cells; Gaussian FWHM per cell chosen on `{}`).\n\n", report["grid"].as_str().unwrap_or("?"), cells.len(), report["val_grid"].as_str().unwrap_or("?"));
+    let mut o = format!(
+        "Site matrix: `{}` ({} cells; Gaussian FWHM per cell chosen on `{}`).\n\n",
+        report["grid"].as_str().unwrap_or("?"),
+        cells.len(),
+        report["val_grid"].as_str().unwrap_or("?")
+    );
     o.push_str("| cell | what |\n|---|---|\n");
     for (name, c) in &cells {
         o.push_str(&format!("| {name} | {} |\n", c["what"].as_str().unwrap_or("")));
     }
-    for (method, title) in [("model", "model"), ("gaussian", "Gaussian (FWHM chosen per cell on validation)"), ("oracle", "oracle (perfect denoiser: the reachable bound)")] {
+    for (method, title) in [
+        ("model", "model"),
+        ("gaussian", "Gaussian (FWHM chosen per cell on validation)"),
+        ("oracle", "oracle (perfect denoiser: the reachable bound)"),
+    ] {
         let cols = columns(method);
         if !cells.values().any(|c| cols[0].1(c).is_some()) {
             continue;
@@ -133,7 +148,8 @@ pub fn grid_markdown(report: &Value) -> String {
         o.push_str("\n|---|");
         o.push_str(&"---|".repeat(cols.len()));
         o.push('\n');
-        let fmt = |v: Option<f64>| v.map(|v| if v.abs() < 10.0 { format!("{v:.2}") } else { format!("{v:.1}") }).unwrap_or_else(|| "—".into());
+        let fmt =
+            |v: Option<f64>| v.map(|v| if v.abs() < 10.0 { format!("{v:.2}") } else { format!("{v:.1}") }).unwrap_or_else(|| "—".into());
         for (name, c) in &cells {
             o.push_str(&format!("| {name} |"));
             for (_, f) in &cols {

@@ -149,8 +149,12 @@ fn run(cli: Cli) -> Result<()> {
             let phantom = match phantom.as_str() {
                 "torso" => petsim::Phantom::Torso,
                 "nema" => petsim::Phantom::Nema,
-                f if petsim::patient::Family::parse(f).is_some() => petsim::Phantom::Patient { family: petsim::patient::Family::parse(f).expect("checked"), seed },
-                other => bail!("--phantom {other:?}: use torso, nema, ellipse or lobulated (a random patient of that family; --seed picks it)"),
+                f if petsim::patient::Family::parse(f).is_some() => {
+                    petsim::Phantom::Patient { family: petsim::patient::Family::parse(f).expect("checked"), seed }
+                }
+                other => {
+                    bail!("--phantom {other:?}: use torso, nema, ellipse or lobulated (a random patient of that family; --seed picks it)")
+                }
             };
             let spec = petsim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
             let t = std::time::Instant::now();
@@ -161,8 +165,8 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--enhanced and --legacy are for the simple image model; --physics writes classic PET series (one file per slice)");
             }
             let sc = petsim::physics::Scanner { post_filter_fwhm_mm: post_filter, ..Default::default() };
-            let st = petsim::write_study_physical(&out, &spec, &sc, phantom)
-                .with_context(|| format!("cannot write into {}", out.display()))?;
+            let st =
+                petsim::write_study_physical(&out, &spec, &sc, phantom).with_context(|| format!("cannot write into {}", out.display()))?;
             for (d, s) in &st.series {
                 println!("wrote {} slices of {d} s (series {}) into {}", s.files.len(), s.series_uid, out.join(format!("PT{d}")).display());
             }
@@ -251,11 +255,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             let secs = t.elapsed().as_secs_f64();
-            println!(
-                "{made} studies ({:.1} M voxels per frame) written into {} in {secs:.1} s",
-                voxels / 1e6,
-                out.display()
-            );
+            println!("{made} studies ({:.1} M voxels per frame) written into {} in {secs:.1} s", voxels / 1e6, out.display());
             Ok(())
         }
         Command::Eval { dataset, grid, val_grid, val, gaussian_fwhm, model, engine, ort_library, json, markdown, dump, threads } => {

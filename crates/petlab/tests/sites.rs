@@ -26,7 +26,10 @@ fn randomized_training_studies_record_their_setting() {
         let px = m["pixel_mm"].as_f64().unwrap();
         assert!((1.8..5.5).contains(&px), "{px}");
     }
-    assert_ne!(metas[0]["matrix"].to_string() + &metas[0]["scanner"].to_string(), metas[1]["matrix"].to_string() + &metas[1]["scanner"].to_string());
+    assert_ne!(
+        metas[0]["matrix"].to_string() + &metas[0]["scanner"].to_string(),
+        metas[1]["matrix"].to_string() + &metas[1]["scanner"].to_string()
+    );
     // a site cell is an evaluation setting: never a training set
     let o = petlab(&["dataset", "--out", &d, "--split", "train", "--site", "all"]);
     assert!(!o.status.success() && text(&o).contains("train with --randomize"), "{}", text(&o));
@@ -40,10 +43,34 @@ fn grid_eval_reports_every_cell_and_the_worst_with_the_shipped_model() {
     let p = |s: &str| tmp.path().join(s).display().to_string();
     // one cell, tiny: 4 slices of the 1.x reconstruction (128²)
     lab(&["dataset", "--out", &p("val/c1-ref128"), "--split", "val", "--site", "c1-ref128", "--count", "1", "--slices", "4"]);
-    lab(&["dataset", "--out", &p("test/c1-ref128"), "--split", "test", "--site", "c1-ref128", "--count", "1", "--nema", "1", "--slices", "4"]);
+    lab(&[
+        "dataset",
+        "--out",
+        &p("test/c1-ref128"),
+        "--split",
+        "test",
+        "--site",
+        "c1-ref128",
+        "--count",
+        "1",
+        "--nema",
+        "1",
+        "--slices",
+        "4",
+    ]);
     let model = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
     let out = lab(&[
-        "eval", "--grid", &p("test"), "--val-grid", &p("val"), "--model", &model.display().to_string(), "--json", &p("grid.json"), "--threads", "1",
+        "eval",
+        "--grid",
+        &p("test"),
+        "--val-grid",
+        &p("val"),
+        "--model",
+        &model.display().to_string(),
+        "--json",
+        &p("grid.json"),
+        "--threads",
+        "1",
     ]);
     for want in ["c1-ref128", "**worst cell**", "### model", "### oracle", "mean over cells"] {
         assert!(out.contains(want), "grid report lacks {want:?}:\n{out}");

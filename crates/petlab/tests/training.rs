@@ -7,16 +7,15 @@
 //! CI runs only this smoke path; full training and evaluation are the
 //! recipe in models/train/README.md.
 
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use testkit::*;
 use petrestore::restore::model::ModelPackage;
 use petrestore::restore::neural::Backend;
 use petrestore::restore::ort_engine::{OrtEngine, OrtOptions};
 use petrestore::restore::tract_engine::TractEngine;
 use petsim::dataset::read_npy_f32;
+use testkit::*;
 
 fn train_dir() -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/train")
@@ -85,8 +84,24 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     // a run cut off at step 2 and resumed from its checkpoint ends exactly where an uninterrupted run does
     let run5 = |out: &str, extra: &[&str]| {
         let mut args = vec![
-            "-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", out, "--steps", "4", "--batch", "4", "--patch", "32",
-            "--levels", "4", "--eval-every", "2",
+            "-m",
+            "petrain.train",
+            "--train",
+            &d("train"),
+            "--val",
+            &d("val"),
+            "--out",
+            out,
+            "--steps",
+            "4",
+            "--batch",
+            "4",
+            "--patch",
+            "32",
+            "--levels",
+            "4",
+            "--eval-every",
+            "2",
         ]
         .into_iter()
         .map(String::from)
@@ -97,14 +112,33 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     assert!(run5(&d("run5"), &[]).contains("done: 4 steps"));
     assert!(run5(&d("cut"), &["--stop-after", "2"]).contains("stopped at step 2 of 4"));
     let bad = Command::new(python())
-        .args(["-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", &d("cut"), "--steps", "4", "--batch", "8", "--patch", "32", "--levels", "4", "--resume"])
+        .args([
+            "-m",
+            "petrain.train",
+            "--train",
+            &d("train"),
+            "--val",
+            &d("val"),
+            "--out",
+            &d("cut"),
+            "--steps",
+            "4",
+            "--batch",
+            "8",
+            "--patch",
+            "32",
+            "--levels",
+            "4",
+            "--resume",
+        ])
         .current_dir(train_dir())
         .output()
         .unwrap();
     assert!(!bad.status.success() && text(&bad).contains("--batch is 8, the checkpoint's run used 4"), "{}", text(&bad));
     assert!(run5(&d("cut"), &["--resume"]).contains("resumed at step 2 of 4"));
     let val_losses = |run: &str| -> Vec<f64> {
-        let log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join(run).join("train_log.json")).unwrap()).unwrap();
+        let log: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join(run).join("train_log.json")).unwrap()).unwrap();
         log["history"].as_array().unwrap().iter().map(|h| h["loss"].as_f64().unwrap()).collect()
     };
     assert_eq!(val_losses("cut"), val_losses("run5"));
@@ -113,20 +147,50 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     // checks that the widened network computes the same function before it trains; the package then carries
     // 7 slices and a padding to multiples of 8 through export, both engines and eval
     let out = py(&[
-        "-m", "petrain.train", "--train", &d("train"), "--val", &d("val"), "--out", &d("run"), "--steps", "6", "--batch", "4", "--patch", "32",
-        "--eval-every", "3", "--context", "7", "--levels", "4", "--init", &d("run5/params.npz"),
+        "-m",
+        "petrain.train",
+        "--train",
+        &d("train"),
+        "--val",
+        &d("val"),
+        "--out",
+        &d("run"),
+        "--steps",
+        "6",
+        "--batch",
+        "4",
+        "--patch",
+        "32",
+        "--eval-every",
+        "3",
+        "--context",
+        "7",
+        "--levels",
+        "4",
+        "--init",
+        &d("run5/params.npz"),
     ]);
-    assert!(text(&out).contains("context widened from 5 to 7 slices (output unchanged") && text(&out).contains("done: 6 steps"), "{}", text(&out));
+    assert!(
+        text(&out).contains("context widened from 5 to 7 slices (output unchanged") && text(&out).contains("done: 6 steps"),
+        "{}",
+        text(&out)
+    );
     // where the run falls short of the perfect denoiser: the regions' shares add up to the gap
     let gap = text(&py(&["-m", "petrain.gap", "--params", &d("run/params.npz"), "--dataset", &d("val"), "--tta", "4"]));
     for dur in ["30 s", "60 s"] {
         let head = gap.lines().find(|l| l.starts_with(&format!("{dur}: seed MSE metric model"))).unwrap_or_else(|| panic!("{gap}"));
-        let total: f64 = head.split("gap ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+        let total: f64 =
+            head.split("gap ").nth(1).and_then(|t| t.split(' ').next()).and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{head}"));
         let block: Vec<&str> = gap.lines().skip_while(|l| *l != head).skip(2).take(5).collect();
-        let parts: f64 = block.iter().map(|l| l.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{gap}"))).sum();
+        let parts: f64 =
+            block.iter().map(|l| l.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{gap}"))).sum();
         assert!((parts - total).abs() < 0.05, "regions {parts} vs gap {total}:\n{gap}");
     }
-    let o = Command::new(python()).args(["-m", "petrain.gap", "--params", &d("run/params.npz"), "--dataset", &d("test")]).current_dir(train_dir()).output().unwrap();
+    let o = Command::new(python())
+        .args(["-m", "petrain.gap", "--params", &d("run/params.npz"), "--dataset", &d("test")])
+        .current_dir(train_dir())
+        .output()
+        .unwrap();
     assert!(!o.status.success() && text(&o).contains("holds test studies"), "{}", text(&o));
     let out = py(&["-m", "petrain.export", "--params", &d("run/params.npz"), "--out", &d("pkg"), "--train-log", &d("run/train_log.json")]);
     assert!(text(&out).contains("parity JAX vs ONNX Runtime"), "{}", text(&out));
@@ -137,7 +201,19 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     assert_eq!(pkg.provenance["train_steps"].as_integer(), Some(6));
 
     let report = lab(&[
-        "eval", "--dataset", &d("test"), "--val", &d("val"), "--model", &d("pkg"), "--json", &d("eval.json"), "--dump", &d("dump"), "--threads", "1",
+        "eval",
+        "--dataset",
+        &d("test"),
+        "--val",
+        &d("val"),
+        "--model",
+        &d("pkg"),
+        "--json",
+        &d("eval.json"),
+        "--dump",
+        &d("dump"),
+        "--threads",
+        "1",
     ]);
     for want in ["Seed metric vs PET90", "NEMA NU 2", "Lesions", "raw PET90", "goals"] {
         assert!(report.contains(want), "eval report lacks {want:?}:\n{report}");
@@ -151,7 +227,10 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(d("eval.json")).unwrap()).unwrap();
     let seed = |k: &str| r["summary"][k].as_f64().unwrap_or_else(|| panic!("{k} missing from the eval summary"));
     let ceiling = petrestore::eval::metrics::improvement_ceiling;
-    assert!((seed("seed_mse_30_oracle") - ceiling(30.0)).abs() < 3.0 && (seed("seed_mse_60_oracle") - ceiling(60.0)).abs() < 4.0, "{report}");
+    assert!(
+        (seed("seed_mse_30_oracle") - ceiling(30.0)).abs() < 3.0 && (seed("seed_mse_60_oracle") - ceiling(60.0)).abs() < 4.0,
+        "{report}"
+    );
     assert!(report.contains("oracle (perfect denoiser) 30 s"), "{report}");
     // eval refuses test studies as the validation split used for choices
     let o = petlab(&["eval", "--dataset", &d("test"), "--val", &d("test")]);
@@ -201,7 +280,14 @@ fn device_training_script_dry_run_leaves_weights_the_device_tool_brings_back() {
         assert!(files.iter().any(|f| f == want), "{want} missing from {files:?}");
     }
     // the fine-tune started from the main run's weights and kept its shape
-    py(&["-m", "petrain.export", "--params", &out.join("ft/params.npz").display().to_string(), "--out", &tmp.path().join("pkg").display().to_string()]);
+    py(&[
+        "-m",
+        "petrain.export",
+        "--params",
+        &out.join("ft/params.npz").display().to_string(),
+        "--out",
+        &tmp.path().join("pkg").display().to_string(),
+    ]);
     assert_parity(&tmp.path().join("pkg"));
 }
 
@@ -219,9 +305,23 @@ fn shipped_model_runs_the_same_on_tract_and_onnx_runtime_as_in_training() {
 fn restore_uses_the_shipped_model_for_30_s_and_refuses_72_s_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let model = shipped().display().to_string();
-    let short = petsim::write_series(&tmp.path().join("in30"), &petsim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 30.0, ..Default::default() }).unwrap();
+    let short = petsim::write_series(
+        &tmp.path().join("in30"),
+        &petsim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 30.0, ..Default::default() },
+    )
+    .unwrap();
     let out30 = tmp.path().join("out30");
-    let o = petrestore(&["restore", "--input", &short.files[0].parent().unwrap().display().to_string(), "--output", &out30.display().to_string(), "--engine", "tract", "--model", &model]);
+    let o = petrestore(&[
+        "restore",
+        "--input",
+        &short.files[0].parent().unwrap().display().to_string(),
+        "--output",
+        &out30.display().to_string(),
+        "--engine",
+        "tract",
+        "--model",
+        &model,
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let files = files_under(&out30);
     assert_eq!(files.len(), 8);
@@ -229,8 +329,22 @@ fn restore_uses_the_shipped_model_for_30_s_and_refuses_72_s_by_name() {
     let desc = obj.element(dicom_dictionary_std::tags::DERIVATION_DESCRIPTION).unwrap().to_str().unwrap().to_string();
     assert!(desc.contains("petrestore-unet25d") && desc.contains("simulated data only"), "{desc}");
 
-    let long = petsim::write_series(&tmp.path().join("in72"), &petsim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 72.0, seed: 2, ..Default::default() }).unwrap();
-    let o = petrestore(&["restore", "--input", &long.files[0].parent().unwrap().display().to_string(), "--output", &tmp.path().join("out72").display().to_string(), "--engine", "tract", "--model", &model]);
+    let long = petsim::write_series(
+        &tmp.path().join("in72"),
+        &petsim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 72.0, seed: 2, ..Default::default() },
+    )
+    .unwrap();
+    let o = petrestore(&[
+        "restore",
+        "--input",
+        &long.files[0].parent().unwrap().display().to_string(),
+        "--output",
+        &tmp.path().join("out72").display().to_string(),
+        "--engine",
+        "tract",
+        "--model",
+        &model,
+    ]);
     assert!(!o.status.success(), "a 72 s series must not be restored by a 30/60 s model");
     assert!(text(&o).contains("72.0 s is outside the 27–66 s"), "{}", text(&o));
 }
@@ -243,25 +357,44 @@ fn site_acceptance_eval_on_paired_series_reports_model_and_gaussian() {
     let json = tmp.path().join("r.json");
     let out = ok(&[
         "eval",
-        "--input", &study.join("PT30").display().to_string(),
-        "--reference", &study.join("PT90").display().to_string(),
-        "--model", &shipped().display().to_string(),
-        "--json", &json.display().to_string(),
+        "--input",
+        &study.join("PT30").display().to_string(),
+        "--reference",
+        &study.join("PT90").display().to_string(),
+        "--model",
+        &shipped().display().to_string(),
+        "--json",
+        &json.display().to_string(),
     ]);
     assert!(out.contains("Ceiling of the seed MSE metric if the frames are nested: 66.7 %"), "{out}");
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let rows = r["rows"].as_array().unwrap();
-    let seed = |prefix: &str| rows.iter().find(|x| x["method"].as_str().unwrap().starts_with(prefix)).unwrap()["seed_mse"].as_f64().unwrap();
-    let bias = |prefix: &str| rows.iter().find(|x| x["method"].as_str().unwrap().starts_with(prefix)).unwrap()["body_mean_vs_reference_pct"].as_f64().unwrap();
+    let seed =
+        |prefix: &str| rows.iter().find(|x| x["method"].as_str().unwrap().starts_with(prefix)).unwrap()["seed_mse"].as_f64().unwrap();
+    let bias = |prefix: &str| {
+        rows.iter().find(|x| x["method"].as_str().unwrap().starts_with(prefix)).unwrap()["body_mean_vs_reference_pct"].as_f64().unwrap()
+    };
     // the trained model must beat the classical baseline on a physical study
     // and keep the quantitative level (body mean) of the reference
     assert!(seed("model") > seed("gaussian") && seed("model") > 30.0, "{out}");
     assert!(bias("model").abs() < 2.0, "{out}");
     // wrong order and mismatched grids are refused with what to do
-    let o = petrestore(&["eval", "--input", &study.join("PT90").display().to_string(), "--reference", &study.join("PT30").display().to_string()]);
+    let o = petrestore(&[
+        "eval",
+        "--input",
+        &study.join("PT90").display().to_string(),
+        "--reference",
+        &study.join("PT30").display().to_string(),
+    ]);
     assert!(!o.status.success() && text(&o).contains("must be the shorter frame"), "{}", text(&o));
     let other = tmp.path().join("other");
     lab(&["simulate", "--physics", "--out", &other.display().to_string(), "--slices", "8", "--matrix", "64"]);
-    let o = petrestore(&["eval", "--input", &other.join("PT30").display().to_string(), "--reference", &study.join("PT90").display().to_string()]);
+    let o = petrestore(&[
+        "eval",
+        "--input",
+        &other.join("PT30").display().to_string(),
+        "--reference",
+        &study.join("PT90").display().to_string(),
+    ]);
     assert!(!o.status.success() && text(&o).contains("do not match voxel for voxel"), "{}", text(&o));
 }

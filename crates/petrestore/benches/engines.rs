@@ -34,7 +34,6 @@ fn ort_library() -> PathBuf {
     panic!("libonnxruntime not found");
 }
 
-
 /// Run a command and return (seconds, peak RSS in MiB) of that child alone.
 fn timed_child(mut cmd: Command) -> (f64, f64) {
     let t = Instant::now();
@@ -52,7 +51,9 @@ fn timed_child(mut cmd: Command) -> (f64, f64) {
 
 fn main() {
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    let model = std::env::var_os("MODEL").map(PathBuf::from).unwrap_or_else(|| Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/test-unet"));
+    let model = std::env::var_os("MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/test-unet"));
     let lib = ort_library();
     // PROVIDERS=tensorrt,cuda,cpu on a GPU machine (scripts/gpu-check.sh).
     let providers: Vec<String> = std::env::var("PROVIDERS").unwrap_or_else(|_| "cpu".into()).split(',').map(str::to_string).collect();

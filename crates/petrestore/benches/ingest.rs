@@ -20,8 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-
-
 fn count_files(d: &Path) -> usize {
     let mut n = 0;
     if let Ok(rd) = std::fs::read_dir(d) {
@@ -54,15 +52,11 @@ fn kill(mut c: Child) {
     let _ = c.wait();
 }
 
-
 fn main() {
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(9);
     let tmp = tempfile::tempdir().unwrap();
     println!("ingest benchmark: 268 slices over loopback, DCMTK storescu -> receiver, {reps} repetitions (order alternating), medians");
-    println!(
-        "{:<8} {:<34} {:>9} {:>10} {:>8} {:>8} {:>12}",
-        "matrix", "receiver", "seconds", "inst/s", "MB/s", "ratio", "spooled +ms"
-    );
+    println!("{:<8} {:<34} {:>9} {:>10} {:>8} {:>8} {:>12}", "matrix", "receiver", "seconds", "inst/s", "MB/s", "ratio", "spooled +ms");
     for matrix in [192usize, 400] {
         let spec = petsim::SeriesSpec { slices: 268, matrix, seed: 99, ..Default::default() };
         let src = petsim::write_series(&tmp.path().join(format!("src{matrix}")), &spec).unwrap();

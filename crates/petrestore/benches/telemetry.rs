@@ -17,17 +17,18 @@ use std::time::{Duration, Instant};
 
 use petrestore::telemetry::{self, HealthMsg, StatusMsg};
 
-
-
 fn mosquitto(dir: &std::path::Path) -> (Child, u16) {
     let port = free_port();
     let conf = dir.join("m.conf");
-    std::fs::write(&conf, format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n")).unwrap();
+    std::fs::write(
+        &conf,
+        format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"),
+    )
+    .unwrap();
     let c = Command::new("mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("mosquitto");
     wait_port(port);
     (c, port)
 }
-
 
 /// Seconds from the first study sent to the last job done.
 fn pipeline_run(dir: &std::path::Path, studies: &[Vec<std::path::PathBuf>], mqtt_port: Option<u16>) -> f64 {
@@ -85,7 +86,15 @@ impl telemetry::mqtt::Control for Quiet {
         }
     }
     fn status(&self) -> StatusMsg {
-        StatusMsg { schema_version: 1, state: "online".into(), version: "bench".into(), device_id: "bench".into(), model: None, engine: None, since_ms: 0 }
+        StatusMsg {
+            schema_version: 1,
+            state: "online".into(),
+            version: "bench".into(),
+            device_id: "bench".into(),
+            model: None,
+            engine: None,
+            since_ms: 0,
+        }
     }
 }
 

@@ -92,9 +92,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     let was_empty = journal.is_empty();
     // Instances acknowledged before a crash but not yet in the spool and the
     // journal are in the arrival log: record them before anything else.
-    let log = Arc::new(
-        ArrivalLog::open(&spool.root().join("arrivals")).context("cannot open the arrival log in the spool folder")?,
-    );
+    let log = Arc::new(ArrivalLog::open(&spool.root().join("arrivals")).context("cannot open the arrival log in the spool folder")?);
     // Pre-written spare segments make each acknowledgement's sync cheaper
     // (no file-size change to commit); made once per node, then recycled.
     {
@@ -124,10 +122,8 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     // spooled file was lost or replaced (a crash between the materializer's
     // file fsync and its journal flush leaves only files the log replays).
     if was_empty {
-        let orphans = crate::journal::rebuild::spool_files(spool.root())
-            .iter()
-            .filter(|p| !spooled_file_recorded(&journal, spool.root(), p))
-            .count();
+        let orphans =
+            crate::journal::rebuild::spool_files(spool.root()).iter().filter(|p| !spooled_file_recorded(&journal, spool.root(), p)).count();
         if orphans > 0 {
             anyhow::bail!(
                 "the journal in {} is empty but the spool holds {orphans} received instances: the journal was lost or replaced. \
@@ -140,18 +136,16 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     tracing::info!(engines = ?engines.iter().map(|e| e.label()).collect::<Vec<_>>(), "restoration engines ready");
 
     let wake = Arc::new(Notify::new());
-    let pipeline = Pipeline::new(
-        WorkerCtx { settings: live.clone(), journal: journal.clone(), spool: spool.clone(), engines },
-        wake.clone(),
-    );
+    let pipeline =
+        Pipeline::new(WorkerCtx { settings: live.clone(), journal: journal.clone(), spool: spool.clone(), engines }, wake.clone());
     let active = pipeline.recover().context("cannot read the journal")?;
     if active > 0 {
         tracing::info!(active, "resuming unfinished jobs from the journal");
     }
 
-    let listener = TcpListener::bind(settings.dicom.listen).await.with_context(|| {
-        format!("cannot listen on {} (dicom.listen): is another DICOM service using the port?", settings.dicom.listen)
-    })?;
+    let listener = TcpListener::bind(settings.dicom.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (dicom.listen): is another DICOM service using the port?", settings.dicom.listen))?;
     let dicom_addr = listener.local_addr()?;
     let tls_listener = match &settings.dicom.tls {
         None => None,
@@ -184,8 +178,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         live: Some(live.clone()),
     });
     let materializer = Arc::new(
-        Materializer::start(log.clone(), spool.clone(), journal.clone(), wake.clone())
-            .context("cannot start the materializer thread")?,
+        Materializer::start(log.clone(), spool.clone(), journal.clone(), wake.clone()).context("cannot start the materializer thread")?,
     );
     let sink = Arc::new(SpoolSink {
         spool,
@@ -227,14 +220,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
                 c2.observe(job);
                 t2.job_event(job);
             }));
-            Some(tokio::spawn(telemetry::mqtt::run(
-                m,
-                settings.node.device_id.clone(),
-                rx,
-                t.dropped.clone(),
-                ctl,
-                telemetry_stop.clone(),
-            )))
+            Some(tokio::spawn(telemetry::mqtt::run(m, settings.node.device_id.clone(), rx, t.dropped.clone(), ctl, telemetry_stop.clone())))
         }
     };
     let status = control::StaticStatus {

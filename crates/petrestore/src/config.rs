@@ -341,9 +341,21 @@ impl LiveSettings {
         check("dicom.non_pet", old.dicom.non_pet == new.dicom.non_pet);
         check("dicom.tls", old.dicom.tls == new.dicom.tls);
         let engine_keys = |r: &RestoreSettings| {
-            (r.engines.clone(), r.model.clone(), r.threads, r.ort_library.clone(), r.ort_providers.clone(), r.tensorrt_fp16, r.tensorrt_workspace_mb, r.gaussian_fwhm_mm.to_bits())
+            (
+                r.engines.clone(),
+                r.model.clone(),
+                r.threads,
+                r.ort_library.clone(),
+                r.ort_providers.clone(),
+                r.tensorrt_fp16,
+                r.tensorrt_workspace_mb,
+                r.gaussian_fwhm_mm.to_bits(),
+            )
         };
-        check("restore (engines, model, threads, ort_*, tensorrt_*, gaussian_fwhm_mm)", engine_keys(&old.restore) == engine_keys(&new.restore));
+        check(
+            "restore (engines, model, threads, ort_*, tensorrt_*, gaussian_fwhm_mm)",
+            engine_keys(&old.restore) == engine_keys(&new.restore),
+        );
         check("mqtt", old.mqtt == new.mqtt);
         if !restart.is_empty() {
             return Err(format!("not applied: {} changed and need a restart (systemctl restart petrestore)", restart.join(", ")));
@@ -385,8 +397,7 @@ impl Settings {
 
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let mut s = Settings::from_toml(&text, &path.display().to_string())?;
         s.source = Some(path.to_owned());
         Ok(s)
@@ -407,19 +418,19 @@ macro_rules! pick {
     ($user:expr, $def:expr, $sec:ident . $key:ident) => {
         match $user.$sec.$key.take() {
             Some(v) => v,
-            None => $def
-                .as_mut()
-                .and_then(|d| d.$sec.$key.take())
-                .expect(concat!("default config has ", stringify!($sec), ".", stringify!($key))),
+            None => $def.as_mut().and_then(|d| d.$sec.$key.take()).expect(concat!(
+                "default config has ",
+                stringify!($sec),
+                ".",
+                stringify!($key)
+            )),
         }
     };
 }
 
 fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Settings, ConfigError> {
     let device_id: String = pick!(u, d, node.device_id);
-    if device_id.is_empty()
-        || !device_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if device_id.is_empty() || !device_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(invalid(
             "node.device_id",
             format!("{device_id:?} is not a valid device id"),
@@ -438,9 +449,9 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     let failed_retention = hours("node.failed_retention_hours", pick!(u, d, node.failed_retention_hours))?;
 
     let listen_s: String = pick!(u, d, dicom.listen);
-    let listen: SocketAddr = listen_s.parse().map_err(|_| {
-        invalid("dicom.listen", format!("{listen_s:?} is not an address"), "write IP:PORT, e.g. \"0.0.0.0:11112\"")
-    })?;
+    let listen: SocketAddr = listen_s
+        .parse()
+        .map_err(|_| invalid("dicom.listen", format!("{listen_s:?} is not an address"), "write IP:PORT, e.g. \"0.0.0.0:11112\""))?;
     let ae_title: String = pick!(u, d, dicom.ae_title);
     if !valid_ae_title(&ae_title) {
         return Err(invalid(
@@ -498,9 +509,15 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     let tls = match u.dicom.tls.take() {
         None => None,
         Some(t) => {
-            let tls_listen: SocketAddr = t.listen.parse().map_err(|_| invalid("dicom.tls.listen", format!("{:?} is not an address", t.listen), "write IP:PORT, e.g. \"0.0.0.0:2762\""))?;
+            let tls_listen: SocketAddr = t.listen.parse().map_err(|_| {
+                invalid("dicom.tls.listen", format!("{:?} is not an address", t.listen), "write IP:PORT, e.g. \"0.0.0.0:2762\"")
+            })?;
             if tls_listen == listen && listen.port() != 0 {
-                return Err(invalid("dicom.tls.listen", format!("{tls_listen} is also dicom.listen"), "give the TLS listener its own port (2762 is DICOM's TLS port)"));
+                return Err(invalid(
+                    "dicom.tls.listen",
+                    format!("{tls_listen} is also dicom.listen"),
+                    "give the TLS listener its own port (2762 is DICOM's TLS port)",
+                ));
             }
             Some(DicomTls { listen: tls_listen, cert: t.cert, key: t.key, client_ca: t.client_ca })
         }
@@ -527,11 +544,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         "process" => IncompletePolicy::Process,
         "fail" => IncompletePolicy::Fail,
         other => {
-            return Err(invalid(
-                "series.incomplete_policy",
-                format!("{other:?} is not a policy"),
-                "use \"process\" or \"fail\"",
-            ));
+            return Err(invalid("series.incomplete_policy", format!("{other:?} is not a policy"), "use \"process\" or \"fail\""));
         }
     };
 
@@ -674,11 +687,7 @@ fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigErro
     } else if let Some(r) = m.url.strip_prefix("mqtt://") {
         (false, r)
     } else {
-        return Err(invalid(
-            "mqtt.url",
-            format!("{:?} is not an MQTT URL", m.url),
-            "write mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)",
-        ));
+        return Err(invalid("mqtt.url", format!("{:?} is not an MQTT URL", m.url), "write mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)"));
     };
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (h.to_string(), p.trim_end_matches('/').parse::<u16>().ok()),
@@ -698,7 +707,11 @@ fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigErro
         (true, Some(ca), Some(cert), Some(key)) => Some(MqttTls { ca_file: ca, client: Some((cert, key)) }),
         (true, Some(ca), None, None) => Some(MqttTls { ca_file: ca, client: None }),
         (true, Some(_), _, _) => {
-            return Err(invalid("mqtt.cert_file", "a client certificate needs its key and vice versa", "set both mqtt.cert_file and mqtt.key_file, or neither"));
+            return Err(invalid(
+                "mqtt.cert_file",
+                "a client certificate needs its key and vice versa",
+                "set both mqtt.cert_file and mqtt.key_file, or neither",
+            ));
         }
     };
     if let Some(t) = &tls {

@@ -78,12 +78,7 @@ fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, req: Reques
                 for j in jobs {
                     *active.entry(j.state.name().to_string()).or_insert(0) += 1;
                 }
-                let status = Status {
-                    fixed: fixed.clone(),
-                    active,
-                    ingest_backlog: ingest.backlog(),
-                    ingest_stalled: ingest.failure(),
-                };
+                let status = Status { fixed: fixed.clone(), active, ingest_backlog: ingest.backlog(), ingest_stalled: ingest.failure() };
                 Response { ok: true, error: None, jobs: vec![], status: Some(status) }
             }
             Err(e) => Response { ok: false, error: Some(e.to_string()), jobs: vec![], status: None },

@@ -88,17 +88,13 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     settings.dicom.listen = "127.0.0.1:0".parse().expect("literal address");
     settings.dicom.allowed_callers = vec![AllowedCaller { ae_title: "DEMO-CONSOLE".into(), host: None }];
     settings.series.quiet_timeout = Duration::from_secs(10);
-    settings.destinations =
-        vec![Destination { name: "demo-pacs".into(), ae_title: "DEMO-PACS".into(), address: pacs_addr.to_string() }];
+    settings.destinations = vec![Destination { name: "demo-pacs".into(), ae_title: "DEMO-PACS".into(), address: pacs_addr.to_string() }];
     let daemon = crate::app::start(settings.clone()).await?;
     println!("  2. started the daemon on {} (AE {}), destination DEMO-PACS on {pacs_addr}", daemon.dicom_addr, settings.dicom.ae_title);
 
     let t0 = Instant::now();
-    let peer = scu::Peer {
-        address: daemon.dicom_addr.to_string(),
-        called_ae: settings.dicom.ae_title.clone(),
-        calling_ae: "DEMO-CONSOLE".into(),
-    };
+    let peer =
+        scu::Peer { address: daemon.dicom_addr.to_string(), called_ae: settings.dicom.ae_title.clone(), calling_ae: "DEMO-CONSOLE".into() };
     let sent = scu::send_files(&peer, &series.files, &CancellationToken::new()).await.context("sending the study to the daemon")?;
     println!("  3. sent {sent} instances as console DEMO-CONSOLE in {:.2} s", t0.elapsed().as_secs_f64());
 
@@ -121,7 +117,12 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 
     let mut out_files: Vec<PathBuf> = std::fs::read_dir(&received)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     out_files.sort();
-    println!("  4. job {job_id}: {} after {:.2} s; {} derived instances at the receiver", job.state.name(), elapsed.as_secs_f64(), out_files.len());
+    println!(
+        "  4. job {job_id}: {} after {:.2} s; {} derived instances at the receiver",
+        job.state.name(),
+        elapsed.as_secs_f64(),
+        out_files.len()
+    );
     if job.state != crate::journal::JobState::Done {
         bail!("job ended as {:?}", job.state);
     }

@@ -108,10 +108,8 @@ fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &st
     obj.put(el(tags::SERIES_INSTANCE_UID, VR::UI, derived_uid(&src_series, &p.model_id)));
     set_derived(obj, tags::IMAGE_TYPE);
 
-    let mut equipment: Vec<InMemDicomObject> = obj
-        .get(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE)
-        .and_then(|e| e.items().map(|i| i.to_vec()))
-        .unwrap_or_default();
+    let mut equipment: Vec<InMemDicomObject> =
+        obj.get(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE).and_then(|e| e.items().map(|i| i.to_vec())).unwrap_or_default();
     equipment.push(InMemDicomObject::from_element_iter([
         el(tags::MANUFACTURER, VR::LO, "petrestore"),
         el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "petrestore"),
@@ -134,10 +132,8 @@ fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &st
 /// Image Type or Frame Type: value 1 `DERIVED`, value 2 `PRIMARY`, the
 /// others kept.
 fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag) {
-    let mut values: Vec<String> = obj
-        .get(tag)
-        .and_then(|e| e.to_str().ok().map(|s| s.split('\\').map(|x| x.trim().to_string()).collect()))
-        .unwrap_or_default();
+    let mut values: Vec<String> =
+        obj.get(tag).and_then(|e| e.to_str().ok().map(|s| s.split('\\').map(|x| x.trim().to_string()).collect())).unwrap_or_default();
     if values.len() < 2 {
         values.resize(2, String::new());
     }
@@ -249,10 +245,8 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
         item.remove_element(tags::DERIVATION_IMAGE_SEQUENCE);
         edit_group(item, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE));
         let slope = quantize(values, &mut pixels);
-        let mut pvt = InMemDicomObject::from_element_iter([
-            el(tags::RESCALE_INTERCEPT, VR::DS, "0"),
-            el(tags::RESCALE_SLOPE, VR::DS, slope),
-        ]);
+        let mut pvt =
+            InMemDicomObject::from_element_iter([el(tags::RESCALE_INTERCEPT, VR::DS, "0"), el(tags::RESCALE_SLOPE, VR::DS, slope)]);
         if let Some(t) = &rescale_type {
             pvt.put(el(tags::RESCALE_TYPE, VR::LO, t.as_str()));
         }

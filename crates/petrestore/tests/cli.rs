@@ -1,11 +1,10 @@
 //! The command line as an operator meets it: config checking, offline
 //! restore, jobs while the daemon runs, the demo, a clean SIGTERM stop.
 
-
 use std::time::Duration;
 
-use testkit::*;
 use petrestore::journal::JobState;
+use testkit::*;
 
 #[test]
 fn print_default_config_round_trips_through_check_config() {
@@ -46,7 +45,15 @@ fn offline_restore_uses_the_worker_code() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("in"), 6, 32, 41);
     let out_dir = tmp.path().join("out");
-    let out = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", out_dir.to_str().unwrap(), "--engine", "gaussian"]);
+    let out = petrestore(&[
+        "restore",
+        "--input",
+        tmp.path().join("in").to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--engine",
+        "gaussian",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("restored 6 slices with gaussian"));
     assert_eq!(files_under(&out_dir).len(), 6);
@@ -62,7 +69,13 @@ fn offline_restore_uses_the_worker_code() {
     // a 90 s series is outside the selection rules: said so, not restored
     let spec = petsim::SeriesSpec { slices: 4, matrix: 32, frame_duration_s: 90.0, seed: 43, ..Default::default() };
     petsim::write_series(&tmp.path().join("in90"), &spec).unwrap();
-    let skip = petrestore(&["restore", "--input", tmp.path().join("in90").to_str().unwrap(), "--output", tmp.path().join("o90").to_str().unwrap()]);
+    let skip = petrestore(&[
+        "restore",
+        "--input",
+        tmp.path().join("in90").to_str().unwrap(),
+        "--output",
+        tmp.path().join("o90").to_str().unwrap(),
+    ]);
     assert!(!skip.status.success() && text(&skip).contains("Actual Frame Duration is 90.0 s"), "{}", text(&skip));
 }
 
@@ -152,7 +165,15 @@ fn simulated_and_derived_pet_pass_the_iod_validator() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("in"), 4, 32, 46);
     let out_dir = tmp.path().join("out");
-    let out = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", out_dir.to_str().unwrap(), "--engine", "gaussian"]);
+    let out = petrestore(&[
+        "restore",
+        "--input",
+        tmp.path().join("in").to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--engine",
+        "gaussian",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     for f in [&src.files[0], &files_under(&out_dir)[0]] {
         let errors = iod_errors(f);
@@ -179,14 +200,30 @@ fn series_missing_frame_duration_and_units_is_explained_and_can_be_supplied() {
     let t = text(&out);
     assert!(t.contains("Units (0054,1001) missing") && t.contains("--units"), "{t}");
 
-    let out = petrestore(&["restore", "--input", input.to_str().unwrap(), "--output", tmp.path().join("o2").to_str().unwrap(), "--units", "BQML"]);
+    let out = petrestore(&[
+        "restore",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        tmp.path().join("o2").to_str().unwrap(),
+        "--units",
+        "BQML",
+    ]);
     assert!(!out.status.success());
     let t = text(&out);
     assert!(t.contains("Actual Frame Duration (0018,1242) missing") && t.contains("--frame-duration"), "{t}");
 
     let o3 = tmp.path().join("o3");
     let out = petrestore(&[
-        "restore", "--input", input.to_str().unwrap(), "--output", o3.to_str().unwrap(), "--units", "BQML", "--frame-duration", "30",
+        "restore",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        o3.to_str().unwrap(),
+        "--units",
+        "BQML",
+        "--frame-duration",
+        "30",
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("assumed 30 s"), "{}", text(&out));
@@ -216,23 +253,40 @@ fn a_model_restores_only_its_tracers() {
     let model = test_model();
     let run = |engine: &str, out: &str| {
         petrestore(&[
-            "restore", "--input", input.to_str().unwrap(), "--output", tmp.path().join(out).to_str().unwrap(),
-            "--engine", engine, "--model", model.to_str().unwrap(),
+            "restore",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            tmp.path().join(out).to_str().unwrap(),
+            "--engine",
+            engine,
+            "--model",
+            model.to_str().unwrap(),
         ])
     };
     // The model (trained for FDG) refuses a PSMA series, and says why.
     let out = run("tract", "o1");
     assert!(!out.status.success());
     let t = text(&out);
-    assert!(t.contains("selection rules") && t.contains("\"Ga-68 PSMA-11\" is not one the model was trained for (Fluorodeoxyglucose)"), "{t}");
+    assert!(
+        t.contains("selection rules") && t.contains("\"Ga-68 PSMA-11\" is not one the model was trained for (Fluorodeoxyglucose)"),
+        "{t}"
+    );
     assert!(!tmp.path().join("o1").exists() || files_under(&tmp.path().join("o1")).is_empty());
     // The classical filter has no model and no tracer rule.
     let out = run("gaussian", "o2");
     assert!(out.status.success(), "{}", text(&out));
     // The unchanged FDG series passes the same model.
     let out = petrestore(&[
-        "restore", "--input", tmp.path().join("orig").to_str().unwrap(), "--output", tmp.path().join("o3").to_str().unwrap(),
-        "--engine", "tract", "--model", model.to_str().unwrap(),
+        "restore",
+        "--input",
+        tmp.path().join("orig").to_str().unwrap(),
+        "--output",
+        tmp.path().join("o3").to_str().unwrap(),
+        "--engine",
+        "tract",
+        "--model",
+        model.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
 }
@@ -254,8 +308,15 @@ fn enhanced_and_legacy_converted_pet_restore_offline_and_stay_valid() {
         for engine in ["tract", "gaussian"] {
             let out_dir = tmp.path().join(format!("{name}-{engine}"));
             let out = petrestore(&[
-                "restore", "--input", src.files[0].parent().unwrap().to_str().unwrap(), "--output", out_dir.to_str().unwrap(),
-                "--engine", engine, "--model", test_model().to_str().unwrap(),
+                "restore",
+                "--input",
+                src.files[0].parent().unwrap().to_str().unwrap(),
+                "--output",
+                out_dir.to_str().unwrap(),
+                "--engine",
+                engine,
+                "--model",
+                test_model().to_str().unwrap(),
             ]);
             assert!(out.status.success(), "{name} {engine}: {}", text(&out));
             assert!(text(&out).contains("restored 6 slices in 1 multi-frame instance"), "{}", text(&out));
@@ -281,8 +342,13 @@ fn enhanced_and_legacy_converted_pet_restore_offline_and_stay_valid() {
     petsim::write_series_enhanced(&tmp.path().join("enh90"), &spec90).unwrap();
     let json = tmp.path().join("site.json");
     let out = petrestore(&[
-        "eval", "--input", tmp.path().join("enh").to_str().unwrap(), "--reference", tmp.path().join("enh90").to_str().unwrap(),
-        "--json", json.to_str().unwrap(),
+        "eval",
+        "--input",
+        tmp.path().join("enh").to_str().unwrap(),
+        "--reference",
+        tmp.path().join("enh90").to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();

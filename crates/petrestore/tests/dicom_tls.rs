@@ -3,7 +3,6 @@
 //! certificate, with one from another CA, or speaking plain TCP, and the
 //! plain listener still serving. Nothing is stored from a refused caller.
 
-
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -92,7 +91,8 @@ fn bad_tls_files_stop_the_daemon_with_the_file_named() {
     let t = text(&o);
     assert!(t.contains("dicom.tls.cert") && t.contains("junk.pem") && t.contains("no certificate"), "{t}");
     // the TLS port must differ from the plain one
-    std::fs::write(&cfg, "[dicom]\nlisten = \"127.0.0.1:2762\"\n[dicom.tls]\nlisten = \"127.0.0.1:2762\"\ncert = \"a\"\nkey = \"b\"\n").unwrap();
+    std::fs::write(&cfg, "[dicom]\nlisten = \"127.0.0.1:2762\"\n[dicom.tls]\nlisten = \"127.0.0.1:2762\"\ncert = \"a\"\nkey = \"b\"\n")
+        .unwrap();
     let o = petrestore(&["check-config", &cfg.display().to_string()]);
     assert!(!o.status.success() && text(&o).contains("dicom.tls.listen"), "{}", text(&o));
 }

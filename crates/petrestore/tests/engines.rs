@@ -3,16 +3,15 @@
 //! the explicit provider fallback, and every way a model or library can be
 //! wrong.
 
-
 use std::path::Path;
 use std::time::Duration;
 
-use testkit::*;
 use dicom_dictionary_std::tags;
 use petrestore::config::Settings;
 use petrestore::dicom::attrs::Attrs;
 use petrestore::journal::JobState;
 use petrestore::restore::{self, Engine, model::ModelPackage, volume};
+use testkit::*;
 
 fn settings_with(engines: &[&str], model: &Path, library: &Path) -> Settings {
     let mut s = Settings::defaults();
@@ -47,7 +46,8 @@ fn ort_cpu_and_tract_agree_on_the_same_model_and_volume() {
     let max_abs = a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     // Tolerance: 1e-5 of the volume's range (float32 summation order differs).
     assert!(max_abs <= 1e-5 * scale, "max |ort - tract| = {max_abs} (range {scale})");
-    let max_rel = a.data.iter().zip(&b.data).filter(|(x, _)| x.abs() > 0.01 * scale).map(|(x, y)| ((x - y) / x).abs()).fold(0.0f32, f32::max);
+    let max_rel =
+        a.data.iter().zip(&b.data).filter(|(x, _)| x.abs() > 0.01 * scale).map(|(x, y)| ((x - y) / x).abs()).fold(0.0f32, f32::max);
     assert!(max_rel <= 1e-4, "max relative difference {max_rel}");
     // And the test model is near-identity: restoration keeps activity in place.
     let mean = |d: &[f32]| d.iter().map(|x| *x as f64).sum::<f64>() / d.len() as f64;
@@ -148,16 +148,22 @@ fn corrupt_or_missing_model_refuses_to_start_naming_the_file() {
     let cfg = tmp.path().join("c.toml");
     std::fs::write(
         &cfg,
-        format!("[node]\nstate_dir = {:?}\n[dicom]\nlisten = \"127.0.0.1:{}\"\n[restore]\nengines = [\"tract\"]\nmodel = {pkg:?}\n", tmp.path().join("state"), free_port()),
+        format!(
+            "[node]\nstate_dir = {:?}\n[dicom]\nlisten = \"127.0.0.1:{}\"\n[restore]\nengines = [\"tract\"]\nmodel = {pkg:?}\n",
+            tmp.path().join("state"),
+            free_port()
+        ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore")).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_petrestore")).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let t = text(&out);
     assert!(t.contains(&pkg.join("model.onnx").display().to_string()) && t.contains("sha256") && t.contains("reinstall"), "{t}");
 
     std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace(pkg.to_str().unwrap(), "/nonexistent/pkg")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore")).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_petrestore")).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("/nonexistent/pkg") && text(&out).contains("restore.model"), "{}", text(&out));
 }
@@ -211,10 +217,14 @@ fn the_committed_test_model_is_what_its_generator_makes() {
         let shipped = std::fs::read(test_model().join(f)).unwrap();
         if f == "model.toml" {
             // the made-by line names the output folder; compare the rest
-            let strip = |b: &[u8]| String::from_utf8_lossy(b).lines().filter(|l| !l.starts_with("# Made by")).collect::<Vec<_>>().join("\n");
+            let strip =
+                |b: &[u8]| String::from_utf8_lossy(b).lines().filter(|l| !l.starts_with("# Made by")).collect::<Vec<_>>().join("\n");
             assert_eq!(strip(&made), strip(&shipped), "{f} differs");
         } else {
-            assert!(made == shipped, "{f} differs from what the generator makes: regenerate with python3 models/tools/make_test_model.py models/test-unet");
+            assert!(
+                made == shipped,
+                "{f} differs from what the generator makes: regenerate with python3 models/tools/make_test_model.py models/test-unet"
+            );
         }
     }
 }

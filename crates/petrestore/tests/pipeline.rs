@@ -1,16 +1,15 @@
 //! End to end: DCMTK storescu → petrestore → DCMTK storescp, checking every
 //! rule of DESIGN.md "Derived series" on what the destination received.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use testkit::*;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use petrestore::dicom::attrs::Attrs;
 use petrestore::journal::JobState;
 use petrestore::restore::{gaussian, volume};
+use testkit::*;
 
 fn open(p: &std::path::Path) -> InMemDicomObject {
     dicom_object::open_file(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).into_inner()
@@ -309,7 +308,13 @@ fn enhanced_pet_is_restored_into_a_derived_enhanced_instance() {
         }
         assert_eq!(group(&o, Some(f), tags::FRAME_CONTENT_SEQUENCE).f64_of(tags::FRAME_ACQUISITION_DURATION), Some(30000.0));
     }
-    for t in [tags::DECAY_CORRECTED, tags::DECAY_CORRECTION_DATE_TIME, tags::PATIENT_WEIGHT, tags::FRAME_OF_REFERENCE_UID, tags::ACQUISITION_DATE_TIME] {
+    for t in [
+        tags::DECAY_CORRECTED,
+        tags::DECAY_CORRECTION_DATE_TIME,
+        tags::PATIENT_WEIGHT,
+        tags::FRAME_OF_REFERENCE_UID,
+        tags::ACQUISITION_DATE_TIME,
+    ] {
         assert_eq!(o.str_of(t), s.str_of(t), "{t} must be copied unchanged");
     }
 

@@ -1,14 +1,13 @@
 //! Crash recovery (DESIGN invariant 2): kill -9 at every stage, restart,
 //! and the job completes with nothing lost and no duplicate UIDs.
 
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use testkit::*;
 use dicom_dictionary_std::tags;
 use petrestore::dicom::attrs::Attrs;
 use petrestore::journal::JobState;
+use testkit::*;
 
 fn sop_uids(files: &[std::path::PathBuf]) -> BTreeSet<String> {
     files.iter().map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap()).collect()
@@ -88,11 +87,8 @@ fn kill9_during_egress_delivers_after_restart_without_new_uids() {
         let f = dest.files();
         (f.len() == 10).then_some(f)
     });
-    let expected: BTreeSet<String> = src
-        .sop_uids
-        .iter()
-        .map(|s| petrestore::dicom::uid::derived_uid(s, job.model_id.as_deref().unwrap()))
-        .collect();
+    let expected: BTreeSet<String> =
+        src.sop_uids.iter().map(|s| petrestore::dicom::uid::derived_uid(s, job.model_id.as_deref().unwrap())).collect();
     assert_eq!(sop_uids(&got), expected);
 }
 
@@ -133,7 +129,10 @@ fn lost_journal_is_refused_at_start_and_rebuilt_from_the_spool() {
     d.kill9();
     // the journal is lost (disk repair, sled corruption...)
     std::fs::remove_dir_all(d.state_dir().join("journal")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore")).args(["serve", "--config", d.config.to_str().unwrap()]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore"))
+        .args(["serve", "--config", d.config.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("spool holds 4 received instances") && text(&out).contains("petrestore journal rebuild"), "{}", text(&out));
     let r = petrestore(&["journal", "--config", d.config.to_str().unwrap(), "rebuild"]);

@@ -3,14 +3,13 @@
 //! disk. Every case gets a clear status or rejection, nothing half-written
 //! stays behind, and the daemon keeps serving the next association.
 
-
 use std::io::Write;
 use std::time::Duration;
 
-use testkit::*;
 use petrestore::dicom::dimse::status;
 use petrestore::dicom::{EXPLICIT_VR_LE, PET_IMAGE_STORAGE};
 use petrestore::egress::scu::{self, Peer, SendError};
+use testkit::*;
 
 fn peer(port: u16) -> Peer {
     Peer { address: format!("127.0.0.1:{port}"), called_ae: OUR_AE.into(), calling_ae: CONSOLE.into() }
@@ -124,7 +123,11 @@ fn other_storage_classes_are_refused_or_passed_through_per_config() {
     let src = series(&tmp.path().join("src"), 1, 32, 33);
     let ct_class = "1.2.840.10008.5.1.4.1.1.2";
     let mut obj = dicom_object::open_file(&src.files[0]).unwrap().into_inner();
-    obj.put(dicom_core::DataElement::new(dicom_dictionary_std::tags::SOP_CLASS_UID, dicom_core::VR::UI, dicom_core::PrimitiveValue::from(ct_class)));
+    obj.put(dicom_core::DataElement::new(
+        dicom_dictionary_std::tags::SOP_CLASS_UID,
+        dicom_core::VR::UI,
+        dicom_core::PrimitiveValue::from(ct_class),
+    ));
     obj.put(dicom_core::DataElement::new(dicom_dictionary_std::tags::MODALITY, dicom_core::VR::CS, dicom_core::PrimitiveValue::from("CT")));
     let ct = petrestore::dicom::part10::dataset_bytes(&obj, EXPLICIT_VR_LE).unwrap();
     let rt = rt();
@@ -158,8 +161,9 @@ fn low_disk_answers_out_of_resources_and_keeps_nothing() {
     let src = series(&tmp.path().join("src"), 2, 32, 35);
     // a watermark no disk can meet
     let d = Daemon::start(&tmp.path().join("d"), "[node]\nmin_free_mb = 1000000000\n");
-    let (st, comment) =
-        rt().block_on(scu::send_raw(&peer(d.port), PET_IMAGE_STORAGE, &src.sop_uids[0], EXPLICIT_VR_LE, &dataset_of(&src.files[0]))).unwrap();
+    let (st, comment) = rt()
+        .block_on(scu::send_raw(&peer(d.port), PET_IMAGE_STORAGE, &src.sop_uids[0], EXPLICIT_VR_LE, &dataset_of(&src.files[0])))
+        .unwrap();
     assert_eq!(st, status::OUT_OF_RESOURCES);
     assert!(comment.unwrap().contains("disk nearly full"));
     assert!(d.spool_files().is_empty());

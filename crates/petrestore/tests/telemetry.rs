@@ -2,7 +2,6 @@
 //! last will, job events, commands, health, the offline buffer. Every payload
 //! the daemon emits is validated against its JSON Schema.
 
-
 use std::time::Duration;
 
 use testkit::*;
@@ -91,7 +90,9 @@ fn commands_pause_resume_drain_retry_and_errors() {
         assert!(out.status.success(), "{}", text(&out));
     };
     let reply = |name: &str, corr: &str| {
-        let r = sub.wait_on(&format!("/cmd/{name}/reply"), &format!("reply to {name} {corr}"), Duration::from_secs(10), |v| v["correlation_id"] == corr);
+        let r = sub.wait_on(&format!("/cmd/{name}/reply"), &format!("reply to {name} {corr}"), Duration::from_secs(10), |v| {
+            v["correlation_id"] == corr
+        });
         assert_schema("command_reply", &r);
         r
     };
@@ -139,7 +140,11 @@ fn commands_pause_resume_drain_retry_and_errors() {
     // needs a restart is refused and named
     assert!(!echoscu(d.port, "WS", OUR_AE).status.success());
     let cfg = std::fs::read_to_string(&d.config).unwrap();
-    std::fs::write(&d.config, cfg.replace(&format!("allowed_callers = [\"{CONSOLE}\"]"), &format!("allowed_callers = [\"{CONSOLE}\", \"WS\"]"))).unwrap();
+    std::fs::write(
+        &d.config,
+        cfg.replace(&format!("allowed_callers = [\"{CONSOLE}\"]"), &format!("allowed_callers = [\"{CONSOLE}\", \"WS\"]")),
+    )
+    .unwrap();
     cmd("reload", r#"{"correlation_id": "l1"}"#);
     let r = reply("reload", "l1");
     assert_eq!(r["ok"], true, "{r}");

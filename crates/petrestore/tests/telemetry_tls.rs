@@ -1,7 +1,6 @@
 //! MQTT over TLS with required client certificates, and the shipped ACL
 //! example: a box publishes under its own prefix only.
 
-
 use std::time::Duration;
 
 use std::path::Path;
@@ -56,7 +55,9 @@ fn tls_with_client_certificates_and_the_acl_confines_a_box_to_its_prefix() {
         &tmp.path().join("d2"),
         &format!("[node]\ndevice_id = \"box2\"\n[mqtt]\nurl = \"mqtts://localhost:{}\"\nca_file = {:?}\n", broker.port, p("ca.pem")),
     );
-    wait_for("box2's connection failure in its log", Duration::from_secs(20), || d2.log().contains("MQTT broker unreachable").then_some(()));
+    wait_for("box2's connection failure in its log", Duration::from_secs(20), || {
+        d2.log().contains("MQTT broker unreachable").then_some(())
+    });
     std::thread::sleep(Duration::from_secs(1));
     assert!(fleet.on("box2/status").is_empty(), "box2 has no client certificate and must not get in");
 

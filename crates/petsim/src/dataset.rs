@@ -132,7 +132,8 @@ pub fn write_study_with(dir: &Path, source: Source, seed: u64, setting: &Setting
     let sigma_axial = sc.axial_fwhm_mm / 2.3548 / g.slice_thickness_mm;
     let margin = if sigma_axial > 1e-3 { (3.0 * sigma_axial).ceil() as usize } else { 0 };
     let total = g.slices + 2 * margin;
-    let mut seen: Vec<f32> = super::par_slices(total, |k| grid(z_first + (k as f64 - margin as f64) * g.slice_thickness_mm, &activity)).concat();
+    let mut seen: Vec<f32> =
+        super::par_slices(total, |k| grid(z_first + (k as f64 - margin as f64) * g.slice_thickness_mm, &activity)).concat();
     physics::blur_z(&mut seen, total, plane, sigma_axial);
     let seen = &seen[margin * plane..(margin + g.slices) * plane];
     let results = super::par_slices(g.slices, |k| {
@@ -162,7 +163,8 @@ pub fn write_study_with(dir: &Path, source: Source, seed: u64, setting: &Setting
     let stem = format!("{}-{seed:05}", source.name());
     let npy = dir.join(format!("{stem}.npy"));
     write_npy_f32(&npy, &[5, g.slices, n, n], &out)?;
-    let to_vox = |x: f64, y: f64, z: f64| ((z - z_first) / g.slice_thickness_mm, (y + g.fov_mm / 2.0) / px - 0.5, (x + g.fov_mm / 2.0) / px - 0.5);
+    let to_vox =
+        |x: f64, y: f64, z: f64| ((z - z_first) / g.slice_thickness_mm, (y + g.fov_mm / 2.0) / px - 0.5, (x + g.fov_mm / 2.0) / px - 0.5);
     let lesions: Vec<serde_json::Value> = match &patient {
         Some(p) => p
             .lesions
@@ -214,12 +216,18 @@ pub fn read_npy_f32(path: &Path) -> std::io::Result<(Vec<usize>, Vec<f32>)> {
         2 | 3 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
         v => return Err(bad(&format!("unsupported .npy version {v}"))),
     };
-    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or_else(|| bad("truncated header"))?).map_err(|_| bad("header is not text"))?;
+    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or_else(|| bad("truncated header"))?)
+        .map_err(|_| bad("header is not text"))?;
     if !header.contains("'descr': '<f4'") || header.contains("'fortran_order': True") {
         return Err(bad("expected little-endian float32 in C order"));
     }
     let shape_txt = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("no shape"))?;
-    let shape: Vec<usize> = shape_txt.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().map_err(|_| bad("bad shape"))).collect::<Result<_, _>>()?;
+    let shape: Vec<usize> = shape_txt
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| bad("bad shape")))
+        .collect::<Result<_, _>>()?;
     let body = &bytes[start + hlen..];
     let count: usize = shape.iter().product();
     if body.len() != count * 4 {
@@ -340,7 +348,8 @@ mod tests {
         // the NEMA spheres' ends lie in the slab: the axial blur smooths the
         // noise-free image along z (smaller slice-to-slice differences), the
         // truth stays the same
-        let zdiff = |d: &[f32]| (0..7).map(|k| clean(d, k + 1).iter().zip(clean(d, k)).map(|(a, b)| (a - b).abs()).sum::<f64>()).sum::<f64>();
+        let zdiff =
+            |d: &[f32]| (0..7).map(|k| clean(d, k + 1).iter().zip(clean(d, k)).map(|(a, b)| (a - b).abs()).sum::<f64>()).sum::<f64>();
         assert!(zdiff(&blurred) < 0.8 * zdiff(&sharp), "z differences {} vs {}", zdiff(&blurred), zdiff(&sharp));
         assert_eq!(sharp[4 * 8 * plane..], blurred[4 * 8 * plane..], "truth unchanged");
         let total = |d: &[f32]| (2..6).map(|k| clean(d, k).iter().sum::<f64>()).sum::<f64>();

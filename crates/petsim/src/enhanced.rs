@@ -213,62 +213,61 @@ pub(super) fn write_images_enhanced(
         code_seq(tags::RADIOPHARMACEUTICAL_CODE_SEQUENCE, "35321007", "Fluorodeoxyglucose F^18^", None),
         code_seq(tags::ADMINISTRATION_ROUTE_CODE_SEQUENCE, "47625008", "Intravenous route", None),
     ]);
-    let obj = item(super::study_elements(spec, ids, &series_uid, description)
-        .into_iter()
-        .chain(image_elements(ENHANCED_PET_IMAGE_STORAGE, &sop, "4", images.len(), n))
-        .chain([
-        el(tags::ACQUISITION_DATE_TIME, VR::DT, acq_dt),
-        el(tags::ACQUISITION_DURATION, VR::FD, PrimitiveValue::from(duration_s)),
-        sq(
-            tags::DIMENSION_ORGANIZATION_SEQUENCE,
-            vec![item([el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dim_org.as_str())])],
-        ),
-        sq(
-            tags::DIMENSION_INDEX_SEQUENCE,
-            vec![item([
-                el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dim_org.as_str()),
-                el(tags::DIMENSION_INDEX_POINTER, VR::AT, tag_value(tags::IMAGE_POSITION_PATIENT)),
-                el(tags::FUNCTIONAL_GROUP_POINTER, VR::AT, tag_value(tags::PLANE_POSITION_SEQUENCE)),
-            ])],
-        ),
-        sq(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE, vec![radiopharm]),
-        el(tags::COUNTS_SOURCE, VR::CS, "EMISSION"),
-        el(tags::ACQUISITION_START_CONDITION, VR::CS, "MANU"),
-        el(tags::ACQUISITION_TERMINATION_CONDITION, VR::CS, "TIME"),
-        el(tags::TYPE_OF_DETECTOR_MOTION, VR::CS, "STATIONARY"),
-        el(tags::TERMINATION_TIME_THRESHOLD, VR::FD, PrimitiveValue::from(duration_s)),
-        el(tags::DETECTOR_GEOMETRY, VR::CS, "CYLINDRICAL_RING"),
-        el(tags::TRANSVERSE_DETECTOR_SEPARATION, VR::FD, PrimitiveValue::from(820.0f64)),
-        el(tags::AXIAL_DETECTOR_DIMENSION, VR::FD, PrimitiveValue::from(260.0f64)),
-        el(tags::COLLIMATOR_TYPE, VR::CS, "NONE"),
-        el(tags::COINCIDENCE_WINDOW_WIDTH, VR::DS, "4.7"),
-        sq(
-            tags::ENERGY_WINDOW_RANGE_SEQUENCE,
-            vec![item([el(tags::ENERGY_WINDOW_LOWER_LIMIT, VR::DS, "435"), el(tags::ENERGY_WINDOW_UPPER_LIMIT, VR::DS, "585")])],
-        ),
-        el(tags::TABLE_MOTION, VR::CS, "STATIC"),
-        el(tags::TIME_OF_FLIGHT_INFORMATION_USED, VR::CS, "TRUE"),
-        code_seq(tags::VIEW_CODE_SEQUENCE, "62824007", "transverse", None),
-        el(tags::RANDOMS_CORRECTION_METHOD, VR::CS, "DLYD"),
-        el(tags::ATTENUATION_CORRECTION_SOURCE, VR::CS, "CT"),
-        el(tags::ATTENUATION_CORRECTION_TEMPORAL_RELATIONSHIP, VR::CS, "CONCURRENT"),
-        el(tags::SCATTER_CORRECTION_METHOD, VR::LO, "MODEL"),
-        el(tags::DECAY_CORRECTED, VR::CS, "YES"),
-        el(tags::DECAY_CORRECTION_DATE_TIME, VR::DT, acq_dt),
-        el(tags::ATTENUATION_CORRECTED, VR::CS, "YES"),
-        el(tags::SCATTER_CORRECTED, VR::CS, "YES"),
-        el(tags::DEAD_TIME_CORRECTED, VR::CS, "YES"),
-        el(tags::GANTRY_MOTION_CORRECTED, VR::CS, "NO"),
-        el(tags::PATIENT_MOTION_CORRECTED, VR::CS, "NO"),
-        el(tags::COUNT_LOSS_NORMALIZATION_CORRECTED, VR::CS, "YES"),
-        el(tags::RANDOMS_CORRECTED, VR::CS, "YES"),
-        el(tags::NON_UNIFORM_RADIAL_SAMPLING_CORRECTED, VR::CS, "NO"),
-        el(tags::SENSITIVITY_CALIBRATED, VR::CS, "YES"),
-        el(tags::DETECTOR_NORMALIZATION_CORRECTION, VR::CS, "YES"),
-        sq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]),
-        sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame),
-        el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)),
-    ]));
+    let obj = item(
+        super::study_elements(spec, ids, &series_uid, description)
+            .into_iter()
+            .chain(image_elements(ENHANCED_PET_IMAGE_STORAGE, &sop, "4", images.len(), n))
+            .chain([
+                el(tags::ACQUISITION_DATE_TIME, VR::DT, acq_dt),
+                el(tags::ACQUISITION_DURATION, VR::FD, PrimitiveValue::from(duration_s)),
+                sq(tags::DIMENSION_ORGANIZATION_SEQUENCE, vec![item([el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dim_org.as_str())])]),
+                sq(
+                    tags::DIMENSION_INDEX_SEQUENCE,
+                    vec![item([
+                        el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dim_org.as_str()),
+                        el(tags::DIMENSION_INDEX_POINTER, VR::AT, tag_value(tags::IMAGE_POSITION_PATIENT)),
+                        el(tags::FUNCTIONAL_GROUP_POINTER, VR::AT, tag_value(tags::PLANE_POSITION_SEQUENCE)),
+                    ])],
+                ),
+                sq(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE, vec![radiopharm]),
+                el(tags::COUNTS_SOURCE, VR::CS, "EMISSION"),
+                el(tags::ACQUISITION_START_CONDITION, VR::CS, "MANU"),
+                el(tags::ACQUISITION_TERMINATION_CONDITION, VR::CS, "TIME"),
+                el(tags::TYPE_OF_DETECTOR_MOTION, VR::CS, "STATIONARY"),
+                el(tags::TERMINATION_TIME_THRESHOLD, VR::FD, PrimitiveValue::from(duration_s)),
+                el(tags::DETECTOR_GEOMETRY, VR::CS, "CYLINDRICAL_RING"),
+                el(tags::TRANSVERSE_DETECTOR_SEPARATION, VR::FD, PrimitiveValue::from(820.0f64)),
+                el(tags::AXIAL_DETECTOR_DIMENSION, VR::FD, PrimitiveValue::from(260.0f64)),
+                el(tags::COLLIMATOR_TYPE, VR::CS, "NONE"),
+                el(tags::COINCIDENCE_WINDOW_WIDTH, VR::DS, "4.7"),
+                sq(
+                    tags::ENERGY_WINDOW_RANGE_SEQUENCE,
+                    vec![item([el(tags::ENERGY_WINDOW_LOWER_LIMIT, VR::DS, "435"), el(tags::ENERGY_WINDOW_UPPER_LIMIT, VR::DS, "585")])],
+                ),
+                el(tags::TABLE_MOTION, VR::CS, "STATIC"),
+                el(tags::TIME_OF_FLIGHT_INFORMATION_USED, VR::CS, "TRUE"),
+                code_seq(tags::VIEW_CODE_SEQUENCE, "62824007", "transverse", None),
+                el(tags::RANDOMS_CORRECTION_METHOD, VR::CS, "DLYD"),
+                el(tags::ATTENUATION_CORRECTION_SOURCE, VR::CS, "CT"),
+                el(tags::ATTENUATION_CORRECTION_TEMPORAL_RELATIONSHIP, VR::CS, "CONCURRENT"),
+                el(tags::SCATTER_CORRECTION_METHOD, VR::LO, "MODEL"),
+                el(tags::DECAY_CORRECTED, VR::CS, "YES"),
+                el(tags::DECAY_CORRECTION_DATE_TIME, VR::DT, acq_dt),
+                el(tags::ATTENUATION_CORRECTED, VR::CS, "YES"),
+                el(tags::SCATTER_CORRECTED, VR::CS, "YES"),
+                el(tags::DEAD_TIME_CORRECTED, VR::CS, "YES"),
+                el(tags::GANTRY_MOTION_CORRECTED, VR::CS, "NO"),
+                el(tags::PATIENT_MOTION_CORRECTED, VR::CS, "NO"),
+                el(tags::COUNT_LOSS_NORMALIZATION_CORRECTED, VR::CS, "YES"),
+                el(tags::RANDOMS_CORRECTED, VR::CS, "YES"),
+                el(tags::NON_UNIFORM_RADIAL_SAMPLING_CORRECTED, VR::CS, "NO"),
+                el(tags::SENSITIVITY_CALIBRATED, VR::CS, "YES"),
+                el(tags::DETECTOR_NORMALIZATION_CORRECTION, VR::CS, "YES"),
+                sq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]),
+                sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame),
+                el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)),
+            ]),
+    );
     let path = dir.join("enhanced.dcm");
     std::fs::write(&path, part10::encode(obj).map_err(std::io::Error::other)?)?;
     Ok(SeriesFiles { study_uid: ids.study_uid.clone(), series_uid, sop_uids: vec![sop], files: vec![path] })
@@ -306,7 +305,11 @@ pub(super) fn write_images_legacy(
             ),
             sq(
                 tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
-                vec![item([el(tags::RESCALE_INTERCEPT, VR::DS, "0"), el(tags::RESCALE_SLOPE, VR::DS, slope), el(tags::RESCALE_TYPE, VR::LO, "BQML")])],
+                vec![item([
+                    el(tags::RESCALE_INTERCEPT, VR::DS, "0"),
+                    el(tags::RESCALE_SLOPE, VR::DS, slope),
+                    el(tags::RESCALE_TYPE, VR::LO, "BQML"),
+                ])],
             ),
             sq(
                 tags::CONVERSION_SOURCE_ATTRIBUTES_SEQUENCE,
@@ -350,14 +353,16 @@ pub(super) fn write_images_legacy(
             ])],
         ),
     ]);
-    let obj = item(super::study_elements(spec, ids, &series_uid, description)
-        .into_iter()
-        .chain(image_elements(petdicom::LEGACY_ENHANCED_PET_IMAGE_STORAGE, &sop, "5", images.len(), n))
-        .chain([
-        sq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]),
-        sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame),
-        el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)),
-    ]));
+    let obj = item(
+        super::study_elements(spec, ids, &series_uid, description)
+            .into_iter()
+            .chain(image_elements(petdicom::LEGACY_ENHANCED_PET_IMAGE_STORAGE, &sop, "5", images.len(), n))
+            .chain([
+                sq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]),
+                sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame),
+                el(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(pixels)),
+            ]),
+    );
     let path = dir.join("legacy.dcm");
     std::fs::write(&path, part10::encode(obj).map_err(std::io::Error::other)?)?;
     Ok(SeriesFiles { study_uid: ids.study_uid.clone(), series_uid, sop_uids: vec![sop], files: vec![path] })
@@ -366,8 +371,8 @@ pub(super) fn write_images_legacy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use petrestore::derive::{DeriveParams, derive_series};
     use petdicom::attrs::Attrs;
+    use petrestore::derive::{DeriveParams, derive_series};
     use petrestore::restore::volume::load;
 
     fn per_frame_ipp(o: &InMemDicomObject) -> Vec<Option<Vec<f64>>> {
@@ -465,5 +470,4 @@ mod tests {
         let e = load(std::slice::from_ref(&path)).unwrap_err();
         assert!(e.contains("5 frames of 16x16 need"), "{e}");
     }
-
 }

@@ -253,7 +253,13 @@ pub fn write_study_physical(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner
 }
 
 /// [`write_study_physical`] with the first slice at `z0` mm into the phantom.
-pub fn write_study_physical_at(dir: &Path, spec: &SeriesSpec, sc: &physics::Scanner, phantom: Phantom, z0: f64) -> std::io::Result<PhysicalStudy> {
+pub fn write_study_physical_at(
+    dir: &Path,
+    spec: &SeriesSpec,
+    sc: &physics::Scanner,
+    phantom: Phantom,
+    z0: f64,
+) -> std::io::Result<PhysicalStudy> {
     let span = spec.slices.saturating_sub(1) as f64 * spec.slice_thickness_mm;
     let patient = match phantom {
         Phantom::Patient { family, seed } => Some(patient::Patient::generate(family, seed, z0, z0 + span)),
@@ -265,7 +271,8 @@ pub fn write_study_physical_at(dir: &Path, spec: &SeriesSpec, sc: &physics::Scan
         (None, Phantom::Nema) => (Box::new(nema_activity), Box::new(nema_mu), NEMA_SPHERE_Z),
         (None, _) => (Box::new(activity), Box::new(mu), 60.0),
     };
-    let sc = &physics::Scanner { reference_counts_90s: patient.as_ref().map(|p| p.counts_90s).unwrap_or(sc.reference_counts_90s), ..sc.clone() };
+    let sc =
+        &physics::Scanner { reference_counts_90s: patient.as_ref().map(|p| p.counts_90s).unwrap_or(sc.reference_counts_90s), ..sc.clone() };
     let n = spec.matrix;
     let px = spec.fov_mm / n as f64;
     let grid = |z: f64, f: &dyn Fn(f64, f64, f64) -> f64| sample_grid(n, spec.fov_mm, z, f);
@@ -326,7 +333,12 @@ pub fn write_study_physical_at(dir: &Path, spec: &SeriesSpec, sc: &physics::Scan
             })
             .collect(),
     };
-    std::fs::write(&lesions, serde_json::to_vec_pretty(&serde_json::json!({"lesions": list, "slice_thickness_mm": spec.slice_thickness_mm, "note": "z is the distance below the first slice; x, y from the centre of the field of view"}))?)?;
+    std::fs::write(
+        &lesions,
+        serde_json::to_vec_pretty(
+            &serde_json::json!({"lesions": list, "slice_thickness_mm": spec.slice_thickness_mm, "note": "z is the distance below the first slice; x, y from the centre of the field of view"}),
+        )?,
+    )?;
     Ok(PhysicalStudy { study_uid: ids.study_uid.clone(), series, truth, lesions })
 }
 
@@ -334,7 +346,8 @@ pub fn write_study_physical_at(dir: &Path, spec: &SeriesSpec, sc: &physics::Scan
 pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> std::io::Result<()> {
     assert_eq!(shape.iter().product::<usize>(), data.len());
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}{}), }}", dims.join(", "), if shape.len() == 1 { "," } else { "" });
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}{}), }}", dims.join(", "), if shape.len() == 1 { "," } else { "" });
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
@@ -438,7 +451,12 @@ fn simple_images(spec: &SeriesSpec) -> (StudyIds, Vec<Vec<f64>>) {
 
 /// A one-item code sequence (SNOMED CT), optionally with a modifier
 /// sequence inside the item.
-fn code_seq(tag: dicom_core::Tag, value: &str, meaning: &str, modifier: Option<(dicom_core::Tag, &str, &str)>) -> DataElement<InMemDicomObject> {
+fn code_seq(
+    tag: dicom_core::Tag,
+    value: &str,
+    meaning: &str,
+    modifier: Option<(dicom_core::Tag, &str, &str)>,
+) -> DataElement<InMemDicomObject> {
     let mut item = InMemDicomObject::from_element_iter([
         el(tags::CODE_VALUE, VR::SH, value),
         el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, "SCT"),
@@ -481,7 +499,14 @@ fn study_elements(spec: &SeriesSpec, ids: &StudyIds, series_uid: &str, descripti
 
 /// Write images (Bq/ml, one per slice) as a PET series with every attribute
 /// a scanner series carries.
-fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, description: &str, images: &[Vec<f64>]) -> std::io::Result<SeriesFiles> {
+fn write_images(
+    dir: &Path,
+    spec: &SeriesSpec,
+    ids: &StudyIds,
+    duration_s: f64,
+    description: &str,
+    images: &[Vec<f64>],
+) -> std::io::Result<SeriesFiles> {
     std::fs::create_dir_all(dir)?;
     let study_uid = ids.study_uid.clone();
     let series_uid = derived_uid(&ids.root, &format!("series-{duration_s}s"));
@@ -522,7 +547,12 @@ fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, 
             el(tags::ACQUISITION_DATE, VR::DA, "20261127"),
             el(tags::ACQUISITION_TIME, VR::TM, "093000"),
             el(tags::COLLIMATOR_TYPE, VR::CS, "NONE"),
-            code_seq(tags::PATIENT_ORIENTATION_CODE_SEQUENCE, "102538003", "recumbent", Some((tags::PATIENT_ORIENTATION_MODIFIER_CODE_SEQUENCE, "40199007", "supine"))),
+            code_seq(
+                tags::PATIENT_ORIENTATION_CODE_SEQUENCE,
+                "102538003",
+                "recumbent",
+                Some((tags::PATIENT_ORIENTATION_MODIFIER_CODE_SEQUENCE, "40199007", "supine")),
+            ),
             code_seq(tags::PATIENT_GANTRY_RELATIONSHIP_CODE_SEQUENCE, "102540008", "headfirst", None),
             el(tags::SLICE_THICKNESS, VR::DS, petdicom::ds(spec.slice_thickness_mm)),
             el(tags::ACTUAL_FRAME_DURATION, VR::IS, ms.to_string()),
@@ -535,7 +565,11 @@ fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, 
                     [-spec.fov_mm / 2.0 + px / 2.0, -spec.fov_mm / 2.0 + px / 2.0, -z].map(petdicom::ds).into_iter().collect(),
                 ),
             ),
-            el(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, PrimitiveValue::Strs(["1", "0", "0", "0", "1", "0"].map(String::from).into_iter().collect())),
+            el(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                PrimitiveValue::Strs(["1", "0", "0", "0", "1", "0"].map(String::from).into_iter().collect()),
+            ),
             el(tags::SLICE_LOCATION, VR::DS, petdicom::ds(-z)),
             el(tags::SAMPLES_PER_PIXEL, VR::US, 1u16),
             el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
@@ -552,7 +586,11 @@ fn write_images(dir: &Path, spec: &SeriesSpec, ids: &StudyIds, duration_s: f64, 
             el(tags::UNITS, VR::CS, "BQML"),
             el(tags::COUNTS_SOURCE, VR::CS, "EMISSION"),
             el(tags::NUMBER_OF_SLICES, VR::US, spec.slices as u16),
-            el(tags::CORRECTED_IMAGE, VR::CS, PrimitiveValue::Strs(["DECY", "ATTN", "SCAT", "DTIM", "RAN", "NORM"].map(String::from).into_iter().collect())),
+            el(
+                tags::CORRECTED_IMAGE,
+                VR::CS,
+                PrimitiveValue::Strs(["DECY", "ATTN", "SCAT", "DTIM", "RAN", "NORM"].map(String::from).into_iter().collect()),
+            ),
             el(tags::DECAY_CORRECTION, VR::CS, "START"),
             el(tags::FRAME_REFERENCE_TIME, VR::DS, petdicom::ds(ms as f64 / 2.0)),
             el(tags::DECAY_FACTOR, VR::DS, "1"),
@@ -630,9 +668,7 @@ mod tests {
         let spec = SeriesSpec { slices: 3, matrix: 160, seed: 9, fov_mm: 320.0, slice_thickness_mm: 4.0, frame_duration_s: 90.0 };
         let sc = physics::Scanner { n_angles: 96, reference_counts_90s: 2.0e7, ..Default::default() };
         // shift the slab so its middle slice is the sphere plane
-        let st = {
-            write_study_physical_at(d.path(), &spec, &sc, Phantom::Nema, NEMA_SPHERE_Z - 4.0).unwrap()
-        };
+        let st = { write_study_physical_at(d.path(), &spec, &sc, Phantom::Nema, NEMA_SPHERE_Z - 4.0).unwrap() };
         let l = petrestore::restore::volume::load(&st.series[2].1.files).unwrap();
         let n = spec.matrix;
         let px = spec.fov_mm / n as f64;
@@ -652,10 +688,12 @@ mod tests {
             v.iter().sum::<f64>() / v.len() as f64
         };
         let bg = mean_in(0.0, 70.0, 15.0);
-        let crs: Vec<f64> = (0..6).map(|i| {
-            let (x, y) = nema_sphere_centre(i);
-            (mean_in(x, y, NEMA_SPHERES_MM[i] / 2.0 * 0.6) / bg - 1.0) / 3.0
-        }).collect();
+        let crs: Vec<f64> = (0..6)
+            .map(|i| {
+                let (x, y) = nema_sphere_centre(i);
+                (mean_in(x, y, NEMA_SPHERES_MM[i] / 2.0 * 0.6) / bg - 1.0) / 3.0
+            })
+            .collect();
         eprintln!("NEMA contrast recovery 10..37 mm (90 s): {crs:.3?}, background {bg:.0} Bq/ml");
         assert!((bg / NEMA_BACKGROUND - 1.0).abs() < 0.1, "background {bg}");
         assert!(crs[5] > crs[0] + 0.2 && crs[5] > 0.6, "{crs:?}");

@@ -185,7 +185,8 @@ impl Patient {
         regions.push(Region { name: "marrow", shape: s, activity: u(3_000.0, 6_000.0) * uptake, mu: 0.0130 });
         let fat_bqml = u(700.0, 1_500.0) * uptake;
         let muscle_bqml = u(2_000.0, 3_800.0) * uptake;
-        let mut p = Patient { family, seed, body, muscle, fat_bqml, muscle_bqml, regions, lesions: Vec::new(), counts_90s: u(1.4e6, 3.0e6) };
+        let mut p =
+            Patient { family, seed, body, muscle, fat_bqml, muscle_bqml, regions, lesions: Vec::new(), counts_90s: u(1.4e6, 3.0e6) };
         let n_lesions = rng.borrow_mut().random_range(2..=6);
         for _ in 0..n_lesions {
             for _try in 0..400 {
@@ -208,7 +209,15 @@ impl Patient {
                 }
                 let d = (u(4f64.ln(), 30f64.ln())).exp();
                 let contrast = u(2.0, 10.0);
-                p.lesions.push(Lesion { x_mm: x, y_mm: y, z_mm: z, diameter_mm: d, activity_bqml: bg * contrast, background_bqml: bg, host });
+                p.lesions.push(Lesion {
+                    x_mm: x,
+                    y_mm: y,
+                    z_mm: z,
+                    diameter_mm: d,
+                    activity_bqml: bg * contrast,
+                    background_bqml: bg,
+                    host,
+                });
                 break;
             }
         }

@@ -245,10 +245,7 @@ impl Model {
         let prompts_wo_randoms = trues_total + scatter_total;
         let randoms_total = prompts_wo_randoms * sc.randoms_fraction / (1.0 - sc.randoms_fraction);
         let n_bins_total = trues.len() as f64;
-        let background90 = broad
-            .iter()
-            .map(|b| (*b as f64 / broad_total * scatter_total + randoms_total / n_bins_total) as f32)
-            .collect();
+        let background90 = broad.iter().map(|b| (*b as f64 / broad_total * scatter_total + randoms_total / n_bins_total) as f32).collect();
         Model { proj, att, sigma_bins, k90, background90 }
     }
 
@@ -274,7 +271,8 @@ impl Model {
     pub fn acquire(&self, activity: &[f32], rng: &mut impl Rng) -> Frames {
         let all: Vec<usize> = (0..self.proj.n_angles()).collect();
         let mean = self.expected(activity, 90.0, &all);
-        let c90: Vec<u32> = mean.iter().map(|m| if *m > 0.0 { Poisson::new(*m as f64).map(|p| p.sample(rng) as u32).unwrap_or(0) } else { 0 }).collect();
+        let c90: Vec<u32> =
+            mean.iter().map(|m| if *m > 0.0 { Poisson::new(*m as f64).map(|p| p.sample(rng) as u32).unwrap_or(0) } else { 0 }).collect();
         let thin = |c: &[u32], p: f64, rng: &mut dyn rand::RngCore| -> Vec<u32> {
             c.iter().map(|n| if *n == 0 { 0 } else { Binomial::new(*n as u64, p).map(|b| b.sample(rng) as u32).unwrap_or(0) }).collect()
         };

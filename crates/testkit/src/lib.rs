@@ -207,7 +207,13 @@ impl Daemon {
                 if j.state.is_terminal() {
                     return j;
                 }
-                assert!(Instant::now() < deadline, "job {id} still {:?} after {timeout:?}; history {:#?}\nlog:\n{}", j.state, j.history, self.log());
+                assert!(
+                    Instant::now() < deadline,
+                    "job {id} still {:?} after {timeout:?}; history {:#?}\nlog:\n{}",
+                    j.state,
+                    j.history,
+                    self.log()
+                );
             }
             assert!(Instant::now() < deadline, "job {id} never appeared; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(100));
@@ -457,7 +463,8 @@ impl Mosquitto {
         let anon = if extra.contains("require_certificate") { "" } else { "allow_anonymous true\n" };
         // `user root`: as root (CI), mosquitto would otherwise drop to the
         // mosquitto user, which cannot read the test's private temp files.
-        std::fs::write(&conf, format!("user root\nlistener {port} 127.0.0.1\n{anon}persistence false\nlog_dest stderr\n{extra}\n")).unwrap();
+        std::fs::write(&conf, format!("user root\nlistener {port} 127.0.0.1\n{anon}persistence false\nlog_dest stderr\n{extra}\n"))
+            .unwrap();
         let log = std::fs::File::create(dir.join(format!("mosquitto-{port}.log"))).unwrap();
         let mut child = Command::new(bin).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         let log_path = dir.join(format!("mosquitto-{port}.log"));
@@ -575,14 +582,87 @@ pub fn openssl(dir: &Path, args: &[&str]) {
 /// A CA, a server certificate for localhost/127.0.0.1, and client
 /// certificates for the given CNs.
 pub fn pki(dir: &Path, clients: &[&str]) {
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=petrestore-test-ca"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=petrestore-test-ca",
+        ],
+    );
     // v3 certificates throughout: rustls (webpki) refuses v1 ones.
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
     std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
     openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
-    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext"]);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
     for cn in clients {
-        openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{cn}.key"), "-out", &format!("{cn}.csr"), "-subj", &format!("/CN={cn}")]);
-        openssl(dir, &["x509", "-req", "-in", &format!("{cn}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{cn}.pem"), "-days", "2", "-extfile", "client.ext"]);
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{cn}.key"),
+                "-out",
+                &format!("{cn}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{cn}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{cn}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "client.ext",
+            ],
+        );
     }
 }

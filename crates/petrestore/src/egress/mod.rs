@@ -29,18 +29,11 @@ pub fn output_dir(state_dir: &Path, job_id: &str) -> PathBuf {
 /// The files a payload consists of, in a stable order.
 pub fn payload_files(journal: &Journal, spool: &Spool, state_dir: &Path, job: &Job, payload: Payload) -> Result<Vec<PathBuf>, String> {
     let mut files: Vec<PathBuf> = match payload {
-        Payload::Original => journal
-            .instances(&job.id)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|r| spool.absolute(&r.path))
-            .collect(),
+        Payload::Original => journal.instances(&job.id).map_err(|e| e.to_string())?.into_iter().map(|r| spool.absolute(&r.path)).collect(),
         Payload::Derived => {
             let dir = output_dir(state_dir, &job.id);
             let rd = std::fs::read_dir(&dir).map_err(|e| format!("derived series folder {}: {e}", dir.display()))?;
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "dcm"))
-                .collect()
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "dcm")).collect()
         }
     };
     files.sort();

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use dicom_ul::Pdu;
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
-use dicom_ul::Pdu;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -137,8 +137,7 @@ pub async fn send_raw(
         .establish_async(peer.address.as_str())
         .await
         .map_err(|e| assoc_err(e.to_string()))?;
-    let Some(pc) = assoc.presentation_contexts().iter().find(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-    else {
+    let Some(pc) = assoc.presentation_contexts().iter().find(|pc| pc.reason == PresentationContextResultReason::Acceptance) else {
         let _ = assoc.abort().await;
         return Err(SendError::NoContext { ae: peer.called_ae.clone(), sop_class: sop_class.to_string() });
     };

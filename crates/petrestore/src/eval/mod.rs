@@ -90,7 +90,9 @@ pub fn run_series(input: &Path, reference: &Path, engine: Option<Arc<dyn Engine>
         s / n.max(1) as f64
     };
     let (mse_short, dssim_short) = (mse(&va.data, &vb.data), 1.0 - ssim(va, vb, range));
-    let mut rows = vec![json!({"method": "input", "seed_mse": 0.0, "seed_dssim": 0.0, "body_mean_vs_reference_pct": 100.0 * (body_mean(va) / body_mean(vb) - 1.0)})];
+    let mut rows = vec![
+        json!({"method": "input", "seed_mse": 0.0, "seed_dssim": 0.0, "body_mean_vs_reference_pct": 100.0 * (body_mean(va) / body_mean(vb) - 1.0)}),
+    ];
     let mut outs = vec![("gaussian".to_string(), gaussian::filter(&input_vol, fwhm_mm))];
     if let Some(e) = &engine {
         outs.push((format!("model {} ({})", e.model_id(), e.label()), e.run(&input_vol).map_err(|e| e.to_string())?));

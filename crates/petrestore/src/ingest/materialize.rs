@@ -155,9 +155,7 @@ impl Materializer {
         let (tx, rx) = sync_channel(QUEUE);
         let shared = Arc::new(Shared { in_flight: Mutex::new(HashSet::new()), failed: Mutex::new(None) });
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("materializer".into())
-            .spawn(move || run(rx, &log, &spool, &journal, &wake, &s))?;
+        let thread = std::thread::Builder::new().name("materializer".into()).spawn(move || run(rx, &log, &spool, &journal, &wake, &s))?;
         Ok(Materializer { tx, shared, thread: Mutex::new(Some(thread)) })
     }
 
@@ -178,11 +176,7 @@ impl Materializer {
 
     /// Hand over an acknowledged record. Waits while the queue is full.
     pub fn submit(&self, item: Item) -> Result<(), String> {
-        self.shared
-            .in_flight
-            .lock()
-            .unwrap()
-            .insert(instance_key(&item.arrival.series_uid, &item.arrival.record.sop_instance_uid));
+        self.shared.in_flight.lock().unwrap().insert(instance_key(&item.arrival.series_uid, &item.arrival.record.sop_instance_uid));
         self.tx.send(Msg::Item(item)).map_err(|_| "the materializer has stopped".to_string())
     }
 
@@ -345,11 +339,8 @@ mod tests {
     }
 
     fn segments(dir: &Path) -> Vec<PathBuf> {
-        let mut v: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "log"))
-            .collect();
+        let mut v: Vec<_> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect();
         v.sort();
         v
     }
@@ -426,7 +417,9 @@ mod tests {
             let mut encoded = arrivals::encode(&a, &[b"x"]);
             let segment = log.append(&mut encoded.bytes).unwrap();
             m.submit(Item { segment, arrival: a, encoded }).unwrap();
-            assert!(m.in_flight("1.2.3.4", &format!("1.2.3.4.5.{i}")) || journal.has_instance("1.2.3.4", &format!("1.2.3.4.5.{i}")).unwrap());
+            assert!(
+                m.in_flight("1.2.3.4", &format!("1.2.3.4.5.{i}")) || journal.has_instance("1.2.3.4", &format!("1.2.3.4.5.{i}")).unwrap()
+            );
         }
         m.stop();
         assert_eq!(log.unsettled(), 0);

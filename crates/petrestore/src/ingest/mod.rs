@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use dicom_ul::Pdu;
 use dicom_ul::association::server::ServerAssociationOptions;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType, PresentationContextResultReason};
-use dicom_ul::Pdu;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -155,10 +155,7 @@ impl Budget {
     /// Take `n` more bytes, or refuse if all associations together would
     /// hold more than the maximum (never waits: no deadlock between senders).
     fn take(&mut self, n: usize) -> bool {
-        let ok = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u + n <= self.max).then_some(u + n))
-            .is_ok();
+        let ok = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u + n <= self.max).then_some(u + n)).is_ok();
         if ok {
             self.held += n;
         }
@@ -214,9 +211,8 @@ pub fn tls_config(t: &crate::config::DicomTls) -> Result<Arc<rustls::ServerConfi
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("dicom.tls.cert/key ({}, {}): {e}", t.cert.display(), t.key.display()))?;
+    let config =
+        builder.with_single_cert(certs, key).map_err(|e| format!("dicom.tls.cert/key ({}, {}): {e}", t.cert.display(), t.key.display()))?;
     Ok(Arc::new(config))
 }
 
@@ -271,7 +267,10 @@ async fn serve_association<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
-    let calling_ae = { use dicom_ul::association::Association; assoc.peer_ae_title().trim().to_owned() };
+    let calling_ae = {
+        use dicom_ul::association::Association;
+        assoc.peer_ae_title().trim().to_owned()
+    };
     tracing::info!(%peer, calling = %calling_ae, "association accepted");
 
     let contexts: HashMap<u8, (String, String)> = assoc

@@ -7,8 +7,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use dicom_dictionary_std::tags;
-use dicom_object::InMemDicomObject;
 use super::materialize::{Item, Materializer};
 use super::{StoreContext, StoreSink, StoreStatus};
 use crate::dicom::attrs::Attrs;
@@ -18,6 +16,8 @@ use crate::dicom::{PET_STORAGE_CLASSES, part10};
 use crate::journal::{Arrival, InstanceRecord, JobKind, Journal, JournalError};
 use crate::spool::arrivals::{self, ArrivalLog};
 use crate::spool::{self, Spool};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
 
 /// Why an instance was not stored. The doc of each variant is what the
 /// sender reads in Error Comment.
@@ -47,14 +47,11 @@ impl StoreError {
     /// The DIMSE status for this error.
     pub fn status(&self) -> u16 {
         match self {
-            StoreError::Unparseable(_)
-            | StoreError::Missing(_)
-            | StoreError::BadUid { .. }
-            | StoreError::PixelLength { .. } => status::CANNOT_UNDERSTAND,
-            StoreError::Mismatch { .. } => status::DATASET_MISMATCH,
-            StoreError::LowDisk { .. } | StoreError::Disk(_) | StoreError::Journal(_) | StoreError::Stalled(_) => {
-                status::OUT_OF_RESOURCES
+            StoreError::Unparseable(_) | StoreError::Missing(_) | StoreError::BadUid { .. } | StoreError::PixelLength { .. } => {
+                status::CANNOT_UNDERSTAND
             }
+            StoreError::Mismatch { .. } => status::DATASET_MISMATCH,
+            StoreError::LowDisk { .. } | StoreError::Disk(_) | StoreError::Journal(_) | StoreError::Stalled(_) => status::OUT_OF_RESOURCES,
         }
     }
 }
@@ -81,8 +78,7 @@ impl SpoolSink {
     fn try_store(&self, ctx: &StoreContext, cmd: &Command, dataset: Vec<u8>) -> Result<Accepted, StoreError> {
         let ts = crate::dicom::transfer_syntax(&ctx.transfer_syntax)
             .ok_or_else(|| StoreError::Unparseable(format!("transfer syntax {}", ctx.transfer_syntax)))?;
-        let obj = InMemDicomObject::read_dataset_with_ts(&dataset[..], ts)
-            .map_err(|e| StoreError::Unparseable(e.to_string()))?;
+        let obj = InMemDicomObject::read_dataset_with_ts(&dataset[..], ts).map_err(|e| StoreError::Unparseable(e.to_string()))?;
 
         let sop_class = obj.str_of(tags::SOP_CLASS_UID).ok_or(StoreError::Missing("SOP Class UID"))?;
         let sop = obj.str_of(tags::SOP_INSTANCE_UID).ok_or(StoreError::Missing("SOP Instance UID"))?;
@@ -117,8 +113,8 @@ impl SpoolSink {
             return Err(StoreError::LowDisk { free_mb: free / (1024 * 1024) });
         }
 
-        let rel: PathBuf = spool::Spool::relative_path(&study, &series, &sop)
-            .ok_or(StoreError::BadUid { what: "UID", value: sop.clone() })?;
+        let rel: PathBuf =
+            spool::Spool::relative_path(&study, &series, &sop).ok_or(StoreError::BadUid { what: "UID", value: sop.clone() })?;
         let header = part10::header(&sop_class, &sop, &ctx.transfer_syntax, &ctx.calling_ae).map_err(StoreError::Unparseable)?;
         let arrival = Arrival {
             kind,

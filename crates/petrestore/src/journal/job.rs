@@ -5,10 +5,7 @@ use serde::{Deserialize, Serialize};
 /// Milliseconds since the Unix epoch (journal timestamps survive restarts,
 /// unlike `Instant`).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Job id: 16 hex digits of SHA-256 of the Series Instance UID, so the same
@@ -60,10 +57,17 @@ pub enum JobState {
     /// The worker is restoring it (a crash here restarts restoration).
     Restoring,
     /// Sending `payload` to the destinations; `outcome` follows.
-    Delivering { payload: Payload, outcome: Outcome },
+    Delivering {
+        payload: Payload,
+        outcome: Outcome,
+    },
     Done,
-    Failed { reason: String },
-    Skipped { reason: String },
+    Failed {
+        reason: String,
+    },
+    Skipped {
+        reason: String,
+    },
 }
 
 impl JobState {

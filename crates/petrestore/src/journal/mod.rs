@@ -57,10 +57,7 @@ pub enum Recorded {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, JournalError> {
-    serde_json::from_slice(v).map_err(|e| JournalError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        message: e.to_string(),
-    })
+    serde_json::from_slice(v).map_err(|e| JournalError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), message: e.to_string() })
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -132,9 +129,7 @@ impl Journal {
             .flush_every_ms(None)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-                {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
                     JournalError::Locked { path: dir.display().to_string() }
                 }
                 e => JournalError::Sled(e),
@@ -363,10 +358,12 @@ mod tests {
         // last handle drops; in-process reopen (never done by the daemon,
         // which restarts as a new process) may have to wait for it.
         let j = (0..100)
-            .find_map(|_| Journal::open(d.path()).ok().or_else(|| {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                None
-            }))
+            .find_map(|_| {
+                Journal::open(d.path()).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
             .expect("journal reopens");
         assert_eq!(j.active_jobs().unwrap()[0].received, 1);
     }

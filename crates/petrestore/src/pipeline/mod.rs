@@ -139,16 +139,8 @@ impl Pipeline {
                     let cancel = shutdown.clone();
                     tracker.spawn(async move {
                         let s = me.settings();
-                        if let Err(e) = egress::deliver_due(
-                            me.journal(),
-                            me.spool(),
-                            &s.node.state_dir,
-                            &s.egress,
-                            &s.destinations,
-                            &id,
-                            &cancel,
-                        )
-                        .await
+                        if let Err(e) =
+                            egress::deliver_due(me.journal(), me.spool(), &s.node.state_dir, &s.egress, &s.destinations, &id, &cancel).await
                         {
                             tracing::error!(job = %id, error = %e, "journal error during delivery");
                         }
@@ -199,7 +191,8 @@ impl Pipeline {
 /// as before. Works on the journal alone, so it also works with the daemon
 /// stopped (the job then runs at the next start).
 pub fn retry_job(journal: &Journal, destinations: &[String], id: &str) -> Result<crate::journal::Job, String> {
-    let job = journal.get(id).map_err(|e| e.to_string())?.ok_or_else(|| format!("no job {id}; `petrestore jobs list` shows the known jobs"))?;
+    let job =
+        journal.get(id).map_err(|e| e.to_string())?.ok_or_else(|| format!("no job {id}; `petrestore jobs list` shows the known jobs"))?;
     if !job.state.is_terminal() {
         return Err(format!("job {id} is {}; only finished jobs can be retried", job.state.name()));
     }

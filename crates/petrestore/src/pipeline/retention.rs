@@ -50,7 +50,10 @@ pub fn purge(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<us
         let age = Duration::from_millis(now.saturating_sub(job.updated_ms));
         journal.update(&job.id, |j| {
             j.purged = true;
-            j.note(format!("retention: removed {removed} received instances and the derived series ({:.1} h after the job ended)", age.as_secs_f64() / 3600.0));
+            j.note(format!(
+                "retention: removed {removed} received instances and the derived series ({:.1} h after the job ended)",
+                age.as_secs_f64() / 3600.0
+            ));
         })?;
         tracing::info!(job = %job.id, removed, "retention: job files removed");
         purged += 1;

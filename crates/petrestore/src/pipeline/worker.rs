@@ -20,7 +20,13 @@ use crate::spool::{self, Spool};
 pub enum Ending {
     /// `count` instances written, holding `slices` slices (more slices than
     /// instances: multi-frame).
-    Restored { engine: String, model_id: String, series_uid: String, count: u32, slices: usize },
+    Restored {
+        engine: String,
+        model_id: String,
+        series_uid: String,
+        count: u32,
+        slices: usize,
+    },
     Skipped(String),
     Failed(String),
 }
@@ -56,13 +62,10 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
                 ));
                 (Some(Payload::Derived), Outcome::Done)
             }
-            Ending::Skipped(reason) => {
-                (r.forward_skipped.then_some(Payload::Original), Outcome::Skipped { reason: reason.clone() })
+            Ending::Skipped(reason) => (r.forward_skipped.then_some(Payload::Original), Outcome::Skipped { reason: reason.clone() }),
+            Ending::Failed(reason) => {
+                (r.forward_original_on_failure.then_some(Payload::Original), Outcome::Failed { reason: reason.clone() })
             }
-            Ending::Failed(reason) => (
-                r.forward_original_on_failure.then_some(Payload::Original),
-                Outcome::Failed { reason: reason.clone() },
-            ),
         };
         match payload {
             Some(payload) if !destinations.is_empty() => {
@@ -161,8 +164,7 @@ pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf
     }
     let mut input = loaded.volume;
     input.frame_duration_s = Some(selected.frame_duration_s);
-    let (restored, engine, fallbacks) =
-        run_engines(engines, &input).map_err(|e| Ending::Failed(format!("restoration failed: {e}")))?;
+    let (restored, engine, fallbacks) = run_engines(engines, &input).map_err(|e| Ending::Failed(format!("restoration failed: {e}")))?;
     let params = DeriveParams {
         engine: engine.label(),
         notice: {

@@ -144,7 +144,10 @@ pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, Str
 
 /// Run the first engine that succeeds; report each failure on the way
 /// (the failures are returned with the result so the job records them).
-pub fn run_engines(engines: &[std::sync::Arc<dyn Engine>], v: &Volume) -> Result<(Volume, std::sync::Arc<dyn Engine>, Vec<String>), String> {
+pub fn run_engines(
+    engines: &[std::sync::Arc<dyn Engine>],
+    v: &Volume,
+) -> Result<(Volume, std::sync::Arc<dyn Engine>, Vec<String>), String> {
     let mut errors = Vec::new();
     for e in engines {
         match e.run(v) {

@@ -123,7 +123,9 @@ pub enum ModelError {
     Read { dir: String, file: String, reason: String },
     #[error("model package {dir}: model.toml is invalid: {reason}")]
     Toml { dir: String, reason: String },
-    #[error("model {file}: sha256 is {actual}, model.toml says {expected}; the file is corrupt or not the one the package describes: reinstall the model package")]
+    #[error(
+        "model {file}: sha256 is {actual}, model.toml says {expected}; the file is corrupt or not the one the package describes: reinstall the model package"
+    )]
     Checksum { file: String, expected: String, actual: String },
     #[error("model package {dir}: {reason}")]
     Invalid { dir: String, reason: String },
@@ -134,8 +136,11 @@ impl ModelPackage {
     pub fn load(dir: &Path) -> Result<ModelPackage, ModelError> {
         let d = dir.display().to_string();
         let toml_path = dir.join("model.toml");
-        let text = std::fs::read_to_string(&toml_path)
-            .map_err(|e| ModelError::Read { dir: d.clone(), file: "model.toml".into(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(&toml_path).map_err(|e| ModelError::Read {
+            dir: d.clone(),
+            file: "model.toml".into(),
+            reason: e.to_string(),
+        })?;
         let raw: RawPackage = toml::from_str(&text).map_err(|e| ModelError::Toml { dir: d.clone(), reason: e.to_string() })?;
         if raw.io.context_slices == 0 || raw.io.context_slices % 2 == 0 {
             return Err(ModelError::Invalid { dir: d, reason: format!("io.context_slices must be odd, is {}", raw.io.context_slices) });
@@ -144,7 +149,10 @@ impl ModelPackage {
             return Err(ModelError::Invalid { dir: d, reason: format!("io.batch must be 1..=256, is {}", raw.io.batch) });
         }
         if let Some(c) = raw.io.condition.as_deref().filter(|c| *c != CONDITION_DURATION) {
-            return Err(ModelError::Invalid { dir: d, reason: format!("io.condition {c:?} is unknown (this build knows {CONDITION_DURATION:?})") });
+            return Err(ModelError::Invalid {
+                dir: d,
+                reason: format!("io.condition {c:?} is unknown (this build knows {CONDITION_DURATION:?})"),
+            });
         }
         if raw.io.pad_multiple == 0 || raw.io.pad_multiple > 64 {
             return Err(ModelError::Invalid { dir: d, reason: format!("io.pad_multiple must be 1..=64, is {}", raw.io.pad_multiple) });
@@ -159,8 +167,8 @@ impl ModelPackage {
             });
         }
         let onnx_path = dir.join(&raw.onnx);
-        let bytes = std::fs::read(&onnx_path)
-            .map_err(|e| ModelError::Read { dir: d.clone(), file: raw.onnx.clone(), reason: e.to_string() })?;
+        let bytes =
+            std::fs::read(&onnx_path).map_err(|e| ModelError::Read { dir: d.clone(), file: raw.onnx.clone(), reason: e.to_string() })?;
         let actual: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
         if !actual.eq_ignore_ascii_case(raw.sha256.trim()) {
             return Err(ModelError::Checksum { file: onnx_path.display().to_string(), expected: raw.sha256, actual });

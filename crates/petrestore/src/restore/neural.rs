@@ -37,9 +37,8 @@ pub fn body_scale(v: &Volume, fraction: f64) -> Option<f32> {
 /// slice, shaped as the package says. Engines call it from `check`.
 pub fn smoke_test(backend: &dyn Backend, pkg: &ModelPackage) -> Result<(), String> {
     let c = pkg.input_channels();
-    let y = backend
-        .infer(&vec![0.5; c * 16 * 16], 1, c, 16, 16)
-        .map_err(|e| format!("model {} does not run: {e}", pkg.onnx_path.display()))?;
+    let y =
+        backend.infer(&vec![0.5; c * 16 * 16], 1, c, 16, 16).map_err(|e| format!("model {} does not run: {e}", pkg.onnx_path.display()))?;
     if y.len() != 16 * 16 {
         return Err(format!("model {} returned {} values for one 16x16 slice", pkg.onnx_path.display(), y.len()));
     }
@@ -225,7 +224,14 @@ mod tests {
 
     fn vol() -> Volume {
         let (nx, ny, nz) = (4, 3, 7);
-        Volume { nx, ny, nz, spacing: [1.0; 3], data: (0..nx * ny * nz).map(|i| (i / (nx * ny)) as f32 * 100.0 + 50.0).collect(), frame_duration_s: None }
+        Volume {
+            nx,
+            ny,
+            nz,
+            spacing: [1.0; 3],
+            data: (0..nx * ny * nz).map(|i| (i / (nx * ny)) as f32 * 100.0 + 50.0).collect(),
+            frame_duration_s: None,
+        }
     }
 
     /// Not flip-equivariant: adds the column index to the centre channel.

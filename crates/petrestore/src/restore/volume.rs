@@ -59,8 +59,12 @@ fn decode(bytes: &[u8], bits: u16, signed: bool, n: usize, slope: f64, intercept
     let raw: Vec<f64> = match (bits, signed) {
         (16, false) if bytes.len() >= 2 * n => bytes.chunks_exact(2).take(n).map(|c| u16::from_le_bytes([c[0], c[1]]) as f64).collect(),
         (16, true) if bytes.len() >= 2 * n => bytes.chunks_exact(2).take(n).map(|c| i16::from_le_bytes([c[0], c[1]]) as f64).collect(),
-        (32, false) if bytes.len() >= 4 * n => bytes.chunks_exact(4).take(n).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-        (32, true) if bytes.len() >= 4 * n => bytes.chunks_exact(4).take(n).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
+        (32, false) if bytes.len() >= 4 * n => {
+            bytes.chunks_exact(4).take(n).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()
+        }
+        (32, true) if bytes.len() >= 4 * n => {
+            bytes.chunks_exact(4).take(n).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()
+        }
         (16 | 32, _) => return Err(format!("Pixel Data too short: {} bytes for {n} pixels", bytes.len())),
         (b, _) => return Err(format!("Bits Allocated {b} not supported (16 or 32)")),
     };
@@ -141,7 +145,11 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, String> {
         let n = rows * cols;
         let frame_bytes = n * (bits as usize).div_ceil(8);
         if pixel_data.len() < frames * frame_bytes {
-            return Err(format!("{sop}: Pixel Data has {} bytes, {frames} frames of {rows}x{cols} need {}", pixel_data.len(), frames * frame_bytes));
+            return Err(format!(
+                "{sop}: Pixel Data has {} bytes, {frames} frames of {rows}x{cols} need {}",
+                pixel_data.len(),
+                frames * frame_bytes
+            ));
         }
         for f in 0..frames {
             let frame = multi.then_some(f);
@@ -185,7 +193,9 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, String> {
         if let Some(i) = gaps.iter().position(|g| (g - median).abs() > 0.01 * median + 0.01) {
             return Err(format!(
                 "uneven slice spacing: {:.3} mm between slices at {:.2} and {:.2} mm where the series uses {median:.3} mm (a missing slice?)",
-                gaps[i], items[i].pos, items[i + 1].pos
+                gaps[i],
+                items[i].pos,
+                items[i + 1].pos
             ));
         }
         gaps.clear();

@@ -64,11 +64,7 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
 fn write_temporary(path: &Path, parts: &[&[u8]]) -> io::Result<(PathBuf, File)> {
     let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent folder"))?;
     create_dir_durable(dir)?;
-    let tmp = dir.join(format!(
-        "{TMP_PREFIX}{}-{}",
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let tmp = dir.join(format!("{TMP_PREFIX}{}-{}", std::process::id(), TMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
     let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
     for p in parts {
         if let Err(e) = f.write_all(p) {
@@ -152,8 +148,7 @@ impl Spool {
     /// Path of an instance relative to the spool root. All three UIDs must be
     /// valid (checked again here: a UID never becomes a path unvalidated).
     pub fn relative_path(study: &str, series: &str, sop: &str) -> Option<PathBuf> {
-        (valid_uid(study) && valid_uid(series) && valid_uid(sop))
-            .then(|| Path::new(study).join(series).join(format!("{sop}.dcm")))
+        (valid_uid(study) && valid_uid(series) && valid_uid(sop)).then(|| Path::new(study).join(series).join(format!("{sop}.dcm")))
     }
 
     pub fn absolute(&self, rel: &Path) -> PathBuf {

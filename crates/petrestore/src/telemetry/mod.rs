@@ -51,11 +51,8 @@ impl Telemetry {
     pub fn job_event(&self, job: &Job) {
         let Some(tx) = &self.tx else { return };
         let msg = JobEventMsg::from_job(&self.device_id, job, self.include_uids);
-        let out = Outgoing {
-            topic: format!("jobs/{}", job.id),
-            payload: serde_json::to_vec(&msg).expect("payloads serialize"),
-            retain: false,
-        };
+        let out =
+            Outgoing { topic: format!("jobs/{}", job.id), payload: serde_json::to_vec(&msg).expect("payloads serialize"), retain: false };
         if tx.try_send(out).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }

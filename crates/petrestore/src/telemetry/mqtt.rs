@@ -13,8 +13,8 @@ use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, TlsConfigu
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::payload::{CommandMsg, HealthMsg, ReplyMsg, SCHEMA_VERSION, StatusMsg};
 use super::Outgoing;
+use super::payload::{CommandMsg, HealthMsg, ReplyMsg, SCHEMA_VERSION, StatusMsg};
 use crate::config::MqttSettings;
 
 /// What telemetry needs from the daemon (implemented in `app.rs`).
@@ -127,7 +127,8 @@ pub async fn run(
     let dropped_offline = AtomicU64::new(0);
     let mut health_tick = tokio::time::interval(cfg.health_interval);
     health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let publish = |client: &AsyncClient, o: &Outgoing| client.try_publish(format!("{pre}{}", o.topic), QoS::AtLeastOnce, o.retain, o.payload.clone());
+    let publish =
+        |client: &AsyncClient, o: &Outgoing| client.try_publish(format!("{pre}{}", o.topic), QoS::AtLeastOnce, o.retain, o.payload.clone());
     // Hand buffered messages to the client until its queue is full.
     let flush = |client: &AsyncClient, buffer: &mut VecDeque<Outgoing>| {
         while let Some(o) = buffer.front() {
