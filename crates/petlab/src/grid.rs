@@ -159,7 +159,7 @@ pub fn grid_markdown(report: &Value) -> String {
         }
         o.push_str("| **worst cell** |");
         for (h, f) in &cols {
-            let vals: Vec<f64> = cells.values().filter_map(|c| f(c)).collect();
+            let vals: Vec<f64> = cells.values().filter_map(f).collect();
             o.push_str(&format!(" **{}** |", fmt(worst(h, &vals))));
         }
         o.push('\n');

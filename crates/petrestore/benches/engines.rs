@@ -9,7 +9,6 @@
 //! `THREADS=2` (comma lists) run part of the table.
 
 use testkit::bench::*;
-use testkit::free_port;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -82,6 +82,7 @@ impl telemetry::mqtt::Control for Quiet {
             disk_free_mb: None,
             engines: vec![],
             last_error: None,
+            ingest_backlog: 0,
             events_dropped: 0,
         }
     }

@@ -237,7 +237,7 @@ fn retention_removes_files_of_delivered_jobs_and_keeps_the_record() {
     assert_eq!(job.received, 10);
 }
 
-fn group<'a>(o: &'a InMemDicomObject, per_frame: Option<usize>, macro_seq: dicom_core::Tag) -> &'a InMemDicomObject {
+fn group(o: &InMemDicomObject, per_frame: Option<usize>, macro_seq: dicom_core::Tag) -> &InMemDicomObject {
     let fg = match per_frame {
         None => &o.element(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap()[0],
         Some(f) => &o.element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap()[f],

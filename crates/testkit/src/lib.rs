@@ -137,10 +137,10 @@ impl Daemon {
         self.child = Some(child);
         let port = self.port;
         wait_for("the daemon to listen", Duration::from_secs(30), || {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!("daemon exited early with {st}; log:\n{}", self.log());
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("daemon exited early with {st}; log:\n{}", self.log());
             }
             port_open(port).then_some(())
         });

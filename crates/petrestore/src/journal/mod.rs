@@ -261,7 +261,7 @@ impl Journal {
             let (k, v) = kv?;
             out.push(decode(&k, &v)?);
         }
-        out.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms));
+        out.sort_by_key(|j| std::cmp::Reverse(j.updated_ms));
         Ok(out)
     }
 

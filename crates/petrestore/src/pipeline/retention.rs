@@ -35,10 +35,10 @@ pub fn purge(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<us
             if std::fs::remove_file(&p).is_ok() {
                 removed += 1;
             }
-            if let Some(d) = p.parent() {
-                if !dirs.iter().any(|x: &std::path::PathBuf| x == d) {
-                    dirs.push(d.to_owned());
-                }
+            if let Some(d) = p.parent()
+                && !dirs.iter().any(|x: &std::path::PathBuf| x == d)
+            {
+                dirs.push(d.to_owned());
             }
         }
         for d in dirs {

@@ -142,7 +142,7 @@ impl ModelPackage {
             reason: e.to_string(),
         })?;
         let raw: RawPackage = toml::from_str(&text).map_err(|e| ModelError::Toml { dir: d.clone(), reason: e.to_string() })?;
-        if raw.io.context_slices == 0 || raw.io.context_slices % 2 == 0 {
+        if raw.io.context_slices == 0 || raw.io.context_slices.is_multiple_of(2) {
             return Err(ModelError::Invalid { dir: d, reason: format!("io.context_slices must be odd, is {}", raw.io.context_slices) });
         }
         if raw.io.batch == 0 || raw.io.batch > 256 {
