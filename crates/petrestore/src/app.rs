@@ -171,6 +171,8 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         allowed_callers: Some(settings.dicom.allowed_callers.clone()),
         abstract_syntaxes,
         max_associations: settings.dicom.max_associations,
+        max_associations_per_peer: settings.dicom.max_associations_per_peer,
+        artim_timeout: settings.dicom.artim_timeout,
         max_pdu_length: settings.dicom.max_pdu_length,
         max_buffered_bytes: settings.dicom.max_buffered_mb << 20,
         idle_timeout: settings.dicom.idle_timeout,
@@ -339,7 +341,7 @@ impl telemetry::mqtt::Control for DaemonControl {
             ingest_backlog: self.materializer.backlog(),
             // A stalled ingest outranks a failed job: nothing new is accepted.
             last_error: match self.materializer.failure() {
-                Some(e) => Some(format!("ingest stalled, new instances refused until restart: {e}")),
+                Some(e) => Some(format!("ingest paused, new instances refused while the spool cannot take them: {e}")),
                 None => self.last_error.lock().expect("error lock").clone(),
             },
             events_dropped: 0,

@@ -85,6 +85,8 @@ struct RawDicom {
     ae_title: Option<String>,
     allowed_callers: Option<Vec<String>>,
     max_associations: Option<usize>,
+    max_associations_per_peer: Option<usize>,
+    artim_timeout_s: Option<u64>,
     max_pdu_length: Option<u32>,
     max_buffered_mb: Option<usize>,
     idle_timeout_s: Option<u64>,
@@ -197,6 +199,10 @@ pub struct DicomSettings {
     pub ae_title: String,
     pub allowed_callers: Vec<AllowedCaller>,
     pub max_associations: usize,
+    /// Open connections from one IP address.
+    pub max_associations_per_peer: usize,
+    /// ARTIM: time for the A-ASSOCIATE-RQ after connect, and for a free slot.
+    pub artim_timeout: Duration,
     pub max_pdu_length: u32,
     /// Data sets being received, all associations together (MiB).
     pub max_buffered_mb: usize,
@@ -335,6 +341,8 @@ impl LiveSettings {
         check("dicom.listen", old.dicom.listen == new.dicom.listen);
         check("dicom.ae_title", old.dicom.ae_title == new.dicom.ae_title);
         check("dicom.max_associations", old.dicom.max_associations == new.dicom.max_associations);
+        check("dicom.max_associations_per_peer", old.dicom.max_associations_per_peer == new.dicom.max_associations_per_peer);
+        check("dicom.artim_timeout_s", old.dicom.artim_timeout == new.dicom.artim_timeout);
         check("dicom.max_pdu_length", old.dicom.max_pdu_length == new.dicom.max_pdu_length);
         check("dicom.max_buffered_mb", old.dicom.max_buffered_mb == new.dicom.max_buffered_mb);
         check("dicom.idle_timeout_s", old.dicom.idle_timeout == new.dicom.idle_timeout);
@@ -506,6 +514,14 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         ));
     }
     let idle_timeout_s: u64 = pick!(u, d, dicom.idle_timeout_s);
+    let per_peer: usize = pick!(u, d, dicom.max_associations_per_peer);
+    if per_peer == 0 {
+        return Err(invalid("dicom.max_associations_per_peer", "0 would refuse every sender", "set 1 or more (default 4)"));
+    }
+    let artim_s: u64 = pick!(u, d, dicom.artim_timeout_s);
+    if !(1..=300).contains(&artim_s) {
+        return Err(invalid("dicom.artim_timeout_s", format!("{artim_s} is out of range"), "use seconds from 1 to 300 (default 10)"));
+    }
     let tls = match u.dicom.tls.take() {
         None => None,
         Some(t) => {
@@ -659,6 +675,8 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
             ae_title,
             allowed_callers,
             max_associations,
+            max_associations_per_peer: per_peer,
+            artim_timeout: Duration::from_secs(artim_s),
             max_pdu_length,
             max_buffered_mb,
             idle_timeout: Duration::from_secs(idle_timeout_s.max(1)),
@@ -724,7 +742,7 @@ fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigErro
         }
     }
     let hi = m.health_interval_s.unwrap_or(30.0);
-    if !(hi >= 0.1 && hi <= 3600.0) {
+    if !(0.1..=3600.0).contains(&hi) {
         return Err(invalid("mqtt.health_interval_s", format!("{hi} is out of range"), "use seconds in [0.1, 3600]"));
     }
     let buffer = m.buffer.unwrap_or(1000);

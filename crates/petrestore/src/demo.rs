@@ -71,6 +71,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             allowed_callers: None,
             abstract_syntaxes: crate::dicom::PET_STORAGE_CLASSES.iter().map(|s| s.to_string()).collect(),
             max_associations: 4,
+            max_associations_per_peer: 4,
+            artim_timeout: Duration::from_secs(10),
             max_pdu_length: 65536,
             max_buffered_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(30),

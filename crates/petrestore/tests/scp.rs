@@ -173,25 +173,95 @@ fn low_disk_answers_out_of_resources_and_keeps_nothing() {
     assert_still_serving(&d);
 }
 
+/// A real association (C-ECHO context) held open by the test.
+fn hold_association(port: u16) -> dicom_ul::association::ClientAssociation<std::net::TcpStream> {
+    dicom_ul::association::client::ClientAssociationOptions::new()
+        .calling_ae_title(CONSOLE)
+        .called_ae_title(OUR_AE)
+        .with_presentation_context(petrestore::dicom::VERIFICATION, vec![petrestore::dicom::IMPLICIT_VR_LE])
+        .establish(("127.0.0.1", port))
+        .expect("association")
+}
+
 #[test]
 fn max_associations_queues_excess_connections_instead_of_failing() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 4, 32, 37);
     let d = Daemon::start(&tmp.path().join("d"), "[dicom]\nmax_associations = 1\n");
-    // hold the only permit with an idle association
-    let mut hold = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
-    let _ = hold.write_all(&[]);
+    // hold the only slot with an idle association
+    let hold = hold_association(d.port);
     let started = std::thread::spawn({
         let files = src.files.clone();
         let port = d.port;
         move || storescu(port, CONSOLE, &files)
     });
     std::thread::sleep(Duration::from_millis(500));
-    assert!(d.spool_files().is_empty(), "the second association must wait for the permit");
-    drop(hold);
+    assert!(d.spool_files().is_empty(), "the second association must wait for the slot");
+    hold.release().unwrap();
     let out = started.join().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(d.spool_files().len(), 4);
+}
+
+/// Issue 18: garbage, silence and one greedy host cannot hold the door.
+#[test]
+fn garbage_and_silent_connections_hold_no_association_slot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("d"), "[dicom]\nmax_associations = 2\nmax_associations_per_peer = 8\nartim_timeout_s = 2\n");
+    // 8 connections that send 100 bytes of an invalid PDU type and stay
+    // open: each gets A-ABORT at once and is closed
+    let garbage: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+            s.write_all(&[0x55; 100]).unwrap();
+            s
+        })
+        .collect();
+    for mut s in garbage {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut back = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut back);
+        assert_eq!(&back[..], &[0x07, 0, 0, 0, 0, 4, 0, 0, 2, 1], "A-ABORT (unrecognized PDU)");
+    }
+    // connections that send nothing do not take the slots: a console
+    // associates at once while they are open, and ARTIM closes them
+    let mut silent: Vec<std::net::TcpStream> = (0..4).map(|_| std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap()).collect();
+    let t = std::time::Instant::now();
+    assert_still_serving(&d);
+    assert!(t.elapsed() < Duration::from_secs(2), "echo waited {:?} behind silent connections", t.elapsed());
+    for s in &mut silent {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut back = Vec::new();
+        let _ = std::io::Read::read_to_end(s, &mut back);
+        assert!(back.is_empty(), "closed without a word: {back:?}");
+    }
+    assert!(d.log().contains("no A-ASSOCIATE-RQ within the ARTIM timeout"), "{}", d.log());
+    assert!(d.log().contains("not A-ASSOCIATE-RQ (0x01): A-ABORT sent"), "{}", d.log());
+}
+
+#[test]
+fn one_address_cannot_take_every_slot_and_a_busy_node_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("d"), "[dicom]\nmax_associations = 1\nmax_associations_per_peer = 2\nartim_timeout_s = 1\n");
+    let hold = hold_association(d.port);
+    // the second connection from this address waits for the slot: after
+    // ARTIM it is rejected as transient (local limit exceeded)
+    let out = echoscu(d.port, CONSOLE, OUR_AE);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(d.log().contains("A-ASSOCIATE-RJ (transient, local limit exceeded)"), "{}", d.log());
+    // a third one at the same time is beyond the per-address cap: closed at once
+    let _second = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut third = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut back = Vec::new();
+    let t = std::time::Instant::now();
+    let _ = std::io::Read::read_to_end(&mut third, &mut back);
+    assert!(t.elapsed() < Duration::from_secs(1) && back.is_empty(), "closed at once");
+    assert!(d.log().contains("dicom.max_associations_per_peer"), "{}", d.log());
+    hold.release().unwrap();
+    drop(_second);
+    assert_still_serving(&d);
 }
 
 #[test]

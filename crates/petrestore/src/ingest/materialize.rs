@@ -49,6 +49,9 @@ const MAX_BATCH_BYTES: usize = arrivals::ROTATE_BYTES as usize;
 const QUEUE: usize = 64;
 /// After this long without records the active segment is closed and deleted.
 const IDLE: Duration = Duration::from_secs(1);
+/// First wait before a failed move is tried again; it doubles up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(15);
 
 /// One acknowledged record on its way into the spool.
 pub struct Item {
@@ -63,6 +66,9 @@ impl Item {
     }
 }
 
+// One message per acknowledged instance: the item moves through the
+// channel by value (264 bytes) instead of costing an allocation each.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Item(Item),
     Stop,
@@ -220,39 +226,75 @@ fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wa
                 Err(_) => break,
             }
         }
-        if shared.failed.lock().unwrap().is_some() {
-            // Left in the log for the next start.
-            continue;
-        }
-        let entries: Vec<(&Arrival, &[u8])> = batch.iter().map(|i| (&i.arrival, i.file())).collect();
-        match materialize(spool, journal, &entries) {
-            Ok(b) => {
-                {
-                    let mut f = shared.in_flight.lock().unwrap();
-                    for i in &batch {
-                        f.remove(&instance_key(&i.arrival.series_uid, &i.arrival.record.sop_instance_uid));
+        // Move the batch into the spool and the journal. A failure (a full
+        // disk, a journal error) pauses ingest (new instances get 0xA700
+        // with the reason) and the batch is retried with backoff until it
+        // goes through: when space comes back, ingest resumes by itself.
+        // The records stay in the arrival log meanwhile, so a stop or a
+        // crash loses nothing either: the next start replays them.
+        let mut wait = RETRY_FIRST;
+        loop {
+            let entries: Vec<(&Arrival, &[u8])> = batch.iter().map(|i| (&i.arrival, i.file())).collect();
+            match materialize(spool, journal, &entries) {
+                Ok(b) => {
+                    if shared.failed.lock().unwrap().take().is_some() {
+                        tracing::info!(instances = batch.len(), "the spool takes instances again: ingest resumed");
                     }
+                    {
+                        let mut f = shared.in_flight.lock().unwrap();
+                        for i in &batch {
+                            f.remove(&instance_key(&i.arrival.series_uid, &i.arrival.record.sop_instance_uid));
+                        }
+                    }
+                    let mut per_segment = BTreeMap::<u64, u64>::new();
+                    for i in &batch {
+                        *per_segment.entry(i.segment).or_default() += 1;
+                    }
+                    for (seg, n) in per_segment {
+                        log.done(seg, n);
+                    }
+                    if b.completed {
+                        wake.notify_one();
+                    }
+                    break;
                 }
-                let mut per_segment = BTreeMap::<u64, u64>::new();
-                for i in &batch {
-                    *per_segment.entry(i.segment).or_default() += 1;
+                Err(e) => {
+                    let reason = short_reason(&e);
+                    let first = shared.failed.lock().unwrap().replace(reason.clone()).is_none();
+                    if first {
+                        tracing::error!(error = %e, "cannot move received instances from the arrival log into the spool; \
+                            they are safe in the log; new instances are refused ({reason}) and the move is retried");
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?wait, "spool still refuses the received instances");
+                    }
+                    if stop {
+                        // left in the arrival log: the next start replays them
+                        return;
+                    }
+                    match rx.recv_timeout(wait) {
+                        Ok(Msg::Item(i)) => batch.push(i),
+                        Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                        Err(RecvTimeoutError::Timeout) => {}
+                    }
+                    wait = (wait * 2).min(RETRY_MAX);
                 }
-                for (seg, n) in per_segment {
-                    log.done(seg, n);
-                }
-                if b.completed {
-                    wake.notify_one();
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot move received instances from the arrival log into the spool; \
-                    they are safe in the log and are recorded at the next start; refusing new instances until then");
-                *shared.failed.lock().unwrap() = Some(e);
             }
         }
     }
     if shared.failed.lock().unwrap().is_none() {
         log.retire_idle();
+    }
+}
+
+/// The cause of a failed move, first and short: it becomes the Error
+/// Comment (64 characters) of the instances refused meanwhile.
+fn short_reason(e: &str) -> String {
+    if e.contains("No space left on device") || e.contains("os error 28") {
+        "disk full".into()
+    } else if e.starts_with("journal") {
+        "journal write failed".into()
+    } else {
+        "spool write failed".into()
     }
 }
 

@@ -10,6 +10,7 @@
 //! server keeps serving the next association either way.
 
 pub mod access;
+pub mod gate;
 pub mod materialize;
 pub mod store;
 
@@ -63,6 +64,10 @@ pub struct ScpConfig {
     pub allowed_callers: Option<Vec<AllowedCaller>>,
     pub abstract_syntaxes: Vec<String>,
     pub max_associations: usize,
+    /// Open connections from one IP address ([`gate`]).
+    pub max_associations_per_peer: usize,
+    /// ARTIM: time for the A-ASSOCIATE-RQ, and for a free slot ([`gate`]).
+    pub artim_timeout: Duration,
     pub max_pdu_length: u32,
     /// Bytes of data sets being received, all associations together; an
     /// association that would go beyond is aborted (bounded memory).
@@ -96,14 +101,18 @@ pub async fn serve_with(
     tracker: TaskTracker,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
+    // Association slots are taken in `handle_association`, after a whole
+    // A-ASSOCIATE-RQ has arrived (see [`gate`]). Connection places bound the
+    // connections that are open at all (associated or not); they are taken
+    // before accept, so beyond them connections wait in the kernel's queue.
     let permits = Arc::new(Semaphore::new(cfg.max_associations));
+    let places = Arc::new(Semaphore::new(cfg.max_associations * 4));
+    let peers = gate::PeerCounts::default();
     let buffered = Arc::new(AtomicUsize::new(0));
     let mut backoff = Duration::from_millis(10);
     loop {
-        // The permit comes first: beyond the limit, connections wait in the
-        // kernel's accept queue instead of costing us memory.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        let place = tokio::select! {
+            p = places.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = shutdown.cancelled() => break,
         };
         let (socket, peer) = tokio::select! {
@@ -119,14 +128,20 @@ pub async fn serve_with(
             },
             _ = shutdown.cancelled() => break,
         };
+        let Some(peer_slot) = peers.try_open(peer.ip(), cfg.max_associations_per_peer) else {
+            tracing::warn!(%peer, open = cfg.max_associations_per_peer, "connection closed: this address already has dicom.max_associations_per_peer connections open");
+            continue;
+        };
         let _ = socket.set_nodelay(true);
         let cfg = cfg.clone();
         let sink = sink.clone();
         let tls = tls.clone();
+        let permits = permits.clone();
         let budget = Budget { used: buffered.clone(), max: cfg.max_buffered_bytes, held: 0 };
         tracker.spawn(async move {
-            let _permit = permit;
-            if let Err(e) = handle_association(socket, peer, &cfg, sink, tls, budget).await {
+            let _place = place;
+            let _peer_slot = peer_slot;
+            if let Err(e) = handle_association(socket, peer, &cfg, permits, sink, tls, budget).await {
                 tracing::warn!(%peer, error = %e, "association ended with an error");
             }
         });
@@ -217,9 +232,10 @@ pub fn tls_config(t: &crate::config::DicomTls) -> Result<Arc<rustls::ServerConfi
 }
 
 async fn handle_association(
-    socket: TcpStream,
+    mut socket: TcpStream,
     peer: SocketAddr,
     cfg: &ScpConfig,
+    permits: Arc<Semaphore>,
     sink: Arc<dyn StoreSink>,
     tls: Option<Arc<rustls::ServerConfig>>,
     budget: Budget,
@@ -246,13 +262,31 @@ async fn handle_association(
     for ts in crate::dicom::SUPPORTED_TS {
         opts = opts.with_transfer_syntax(*ts);
     }
+    let artim = cfg.artim_timeout;
+    // Plain DICOM: the request is checked before it may take a slot. Over
+    // TLS the bytes are encrypted; the handshake and the request together
+    // must then finish within ARTIM, holding a slot meanwhile.
+    if tls.is_none() {
+        gate::await_request(&mut socket, artim).await.map_err(|r| r.to_string())?;
+    }
+    let _permit = match tokio::time::timeout(artim, permits.acquire_owned()).await {
+        Ok(p) => p.expect("semaphore never closed"),
+        Err(_) => return Err(gate::reject_busy(&mut socket, artim).await.to_string()),
+    };
+    let in_time = |what: &'static str| move |_| format!("{what} not finished within the ARTIM timeout ({artim:?}): closed");
     match tls {
         None => {
-            let assoc = opts.establish_async(socket).await.map_err(|e| format!("association refused: {e}"))?;
+            let assoc = tokio::time::timeout(artim, opts.establish_async(socket))
+                .await
+                .map_err(in_time("association"))?
+                .map_err(|e| format!("association refused: {e}"))?;
             serve_association(assoc, peer, sink, budget).await
         }
         Some(t) => {
-            let assoc = opts.tls_config(t).establish_tls_async(socket).await.map_err(|e| format!("TLS association refused: {e}"))?;
+            let assoc = tokio::time::timeout(artim, opts.tls_config(t).establish_tls_async(socket))
+                .await
+                .map_err(in_time("TLS handshake and association"))?
+                .map_err(|e| format!("TLS association refused: {e}"))?;
             serve_association(assoc, peer, sink, budget).await
         }
     }

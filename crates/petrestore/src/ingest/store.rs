@@ -39,8 +39,14 @@ pub enum StoreError {
     Disk(std::io::Error),
     #[error("journal failed: {0}")]
     Journal(#[from] JournalError),
-    #[error("{0}; received instances are safe and are recorded at the next start: restart petrestore")]
-    Stalled(String),
+    /// The spool refused the instances already acknowledged (the
+    /// materializer retries them); the reason comes first, for the 64
+    /// characters of the Error Comment.
+    #[error("{reason} ({free_mb} MiB free): paused, resumes by itself")]
+    Stalled { reason: String, free_mb: u64 },
+    /// The materializer has stopped: the daemon is shutting down.
+    #[error("{0}: the node is stopping, send again later")]
+    Stopping(String),
 }
 
 impl StoreError {
@@ -51,7 +57,11 @@ impl StoreError {
                 status::CANNOT_UNDERSTAND
             }
             StoreError::Mismatch { .. } => status::DATASET_MISMATCH,
-            StoreError::LowDisk { .. } | StoreError::Disk(_) | StoreError::Journal(_) | StoreError::Stalled(_) => status::OUT_OF_RESOURCES,
+            StoreError::LowDisk { .. }
+            | StoreError::Disk(_)
+            | StoreError::Journal(_)
+            | StoreError::Stalled { .. }
+            | StoreError::Stopping(_) => status::OUT_OF_RESOURCES,
         }
     }
 }
@@ -105,8 +115,9 @@ impl SpoolSink {
         if self.materializer.in_flight(&series, &sop) || self.journal.has_instance(&series, &sop)? {
             return Ok(Accepted::Duplicate);
         }
-        if let Some(why) = self.materializer.failure() {
-            return Err(StoreError::Stalled(why));
+        if let Some(reason) = self.materializer.failure() {
+            let free_mb = spool::free_bytes(self.spool.root()).map(|b| b / (1024 * 1024)).unwrap_or(0);
+            return Err(StoreError::Stalled { reason, free_mb });
         }
         let free = spool::free_bytes(self.spool.root()).map_err(StoreError::Disk)?;
         if free < self.min_free_bytes {
@@ -138,7 +149,7 @@ impl SpoolSink {
         let segment = self.log.append(&mut encoded.bytes).map_err(StoreError::Disk)?;
         // Durable from here on: a failure to hand it over is reported, but
         // the record is replayed at the next start either way.
-        self.materializer.submit(Item { segment, arrival, encoded }).map_err(StoreError::Stalled)?;
+        self.materializer.submit(Item { segment, arrival, encoded }).map_err(StoreError::Stopping)?;
         Ok(Accepted::New)
     }
 }
