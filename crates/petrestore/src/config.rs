@@ -394,6 +394,9 @@ impl LiveSettings {
 
 /// Engines this build knows.
 pub const KNOWN_ENGINES: &[&str] = &["ort", "tract", "gaussian"];
+
+/// Where the model package installs (`restore.model`'s default).
+pub const DEFAULT_MODEL_DIR: &str = "/usr/share/petrestore/models/petrestore-unet25d";
 /// ONNX Runtime execution providers this build can ask for.
 pub const KNOWN_PROVIDERS: &[&str] = &["tensorrt", "cuda", "cpu"];
 
@@ -783,7 +786,8 @@ mod tests {
         let s = Settings::defaults();
         assert_eq!(s.dicom.ae_title, "PETRESTORE");
         assert_eq!(s.dicom.listen.port(), 11112);
-        assert_eq!(s.restore.engines, vec!["gaussian".to_string()]);
+        assert_eq!(s.restore.engines, ["ort", "tract", "gaussian"].map(String::from).to_vec());
+        assert_eq!(s.restore.model, std::path::Path::new(DEFAULT_MODEL_DIR), "the path the package installs to");
         assert!(s.destinations.is_empty());
     }
 

@@ -81,12 +81,27 @@ pub struct Engines {
 pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, String> {
     let r = &s.restore;
     let needs_model = r.engines.iter().any(|e| e == "ort" || e == "tract");
-    let pkg = if needs_model { Some(model::ModelPackage::load(&r.model).map_err(|e| e.to_string())?) } else { None };
+    // The installed default path without a package: a box (or a build) that
+    // ships no model. Only the engines without a model run, and it is said.
+    // A package named anywhere else must exist: a typo must not silently
+    // turn restoration into a Gaussian filter.
+    let no_installed_model = needs_model && r.model == std::path::Path::new(crate::config::DEFAULT_MODEL_DIR) && !r.model.exists();
+    let mut out = Engines { engines: Vec::new(), reports: Vec::new() };
+    if no_installed_model {
+        let reason = format!(
+            "no model package installed at {}: install it (package petrestore) or set restore.model (petrestore restore: --model DIR)",
+            r.model.display()
+        );
+        tracing::warn!("{reason}; restoring with the engines that need no model only");
+        for name in r.engines.iter().filter(|e| *e == "ort" || *e == "tract") {
+            out.reports.push(EngineReport { engine: name.clone(), ok: false, detail: reason.clone(), providers: vec![] });
+        }
+    }
+    let pkg = if needs_model && !no_installed_model { Some(model::ModelPackage::load(&r.model).map_err(|e| e.to_string())?) } else { None };
     if let Some(p) = pkg.as_ref().filter(|p| p.is_test_model()) {
         tracing::warn!(model = %p.model_id(), "restore.model is a TEST model (untrained weights): not for clinical use");
     }
-    let mut out = Engines { engines: Vec::new(), reports: Vec::new() };
-    for name in &r.engines {
+    for name in r.engines.iter().filter(|e| !(no_installed_model && (*e == "ort" || *e == "tract"))) {
         let built: Result<std::sync::Arc<dyn Engine>, EngineError> = match name.as_str() {
             "gaussian" => Ok(std::sync::Arc::new(gaussian::Gaussian::new(r.gaussian_fwhm_mm))),
             "tract" => tract_engine::TractEngine::new(pkg.clone().expect("loaded above"), r.threads)
@@ -159,4 +174,34 @@ pub fn run_engines(
         }
     }
     Err(errors.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DEFAULT_MODEL_DIR, Settings};
+
+    #[test]
+    fn without_an_installed_model_the_defaults_restore_with_gaussian_and_say_so() {
+        assert!(
+            !std::path::Path::new(DEFAULT_MODEL_DIR).exists(),
+            "this test needs a machine without the installed package at {DEFAULT_MODEL_DIR}"
+        );
+        let s = Settings::defaults();
+        let e = engines_from_settings(&s).unwrap();
+        assert_eq!(e.engines.iter().map(|e| e.name()).collect::<Vec<_>>(), ["gaussian"]);
+        let down: Vec<_> = e.reports.iter().filter(|r| !r.ok).collect();
+        assert_eq!(down.iter().map(|r| r.engine.as_str()).collect::<Vec<_>>(), ["ort", "tract"]);
+        assert!(down[0].detail.contains("no model package installed") && down[0].detail.contains("--model"), "{}", down[0].detail);
+        // a package named anywhere else must exist
+        let mut s = Settings::defaults();
+        s.restore.model = "/nonexistent/petrestore-model".into();
+        let err = engines_from_settings(&s).err().expect("refused");
+        assert!(err.contains("/nonexistent/petrestore-model"), "{err}");
+        // only neural engines and nothing installed: nothing can run, and it says why
+        let mut s = Settings::defaults();
+        s.restore.engines = vec!["tract".into()];
+        let err = engines_from_settings(&s).err().expect("refused");
+        assert!(err.contains("no model package installed"), "{err}");
+    }
 }
