@@ -62,19 +62,27 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// The whole loop on loopback with a synthetic study: no broker, no GPU, no setup.
+    /// The whole loop on loopback, no setup: a simulated patient's 30 s
+    /// series sent to a daemon, restored with the shipped model, measured
+    /// against the 90 s reference and the truth (table and pictures).
     #[cfg(feature = "demo")]
     Demo {
-        /// Keep everything in this folder (default: a new temporary folder).
+        /// Where the study, the restored series and the pictures go (default
+        /// demo-out; a folder of an earlier demo run is emptied first).
         #[arg(long)]
         workdir: Option<PathBuf>,
-        #[arg(long, default_value_t = 64)]
+        /// Slices of the simulated slab.
+        #[arg(long, default_value_t = 40)]
         slices: usize,
+        /// Matrix (over a 600 mm field of view; 128: 4.69 mm pixels).
         #[arg(long, default_value_t = 128)]
         matrix: usize,
-        /// Frame duration per bed, seconds.
-        #[arg(long, default_value_t = 30.0)]
-        frame_duration: f64,
+        /// ort, tract or gaussian (default: ort when its library is found, else tract).
+        #[arg(long)]
+        engine: Option<String>,
+        /// Model package (default: the installed one, else the source tree's).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Site acceptance on paired series: restore a short-frame series and
     /// compare it with the standard-frame series it is nested in (seed
@@ -332,12 +340,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { config, state_dir } => rt()?.block_on(status(config, state_dir)),
         #[cfg(feature = "demo")]
-        Command::Demo { workdir, slices, matrix, frame_duration } => {
-            if !(4..=1000).contains(&slices) || !(16..=512).contains(&matrix) {
-                bail!("--slices must be 4..=1000 and --matrix 16..=512");
+        Command::Demo { workdir, slices, matrix, engine, model } => {
+            if !(8..=400).contains(&slices) || !(32..=400).contains(&matrix) {
+                bail!("--slices must be 8..=400 and --matrix 32..=400");
             }
-            let spec = petsim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, ..Default::default() };
-            rt()?.block_on(demo::run(demo::DemoOptions { workdir, spec }))
+            rt()?.block_on(demo::run(demo::DemoOptions { workdir, slices, matrix, engine, model }))
         }
         Command::Eval { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads } => {
             let engine = match model {

@@ -132,14 +132,40 @@ fn a_second_daemon_on_the_same_state_dir_is_refused_clearly() {
     assert!(err.contains("another petrestore process"), "{err}");
 }
 
+/// The first-run demo: a simulated patient restored with the shipped model
+/// through the real daemon, the table and the pictures (issue 20).
 #[test]
-fn demo_runs_with_no_setup() {
+fn demo_restores_with_the_shipped_model_and_draws_the_result() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = petrestore(&["demo", "--workdir", tmp.path().to_str().unwrap(), "--slices", "16", "--matrix", "64"]);
+    let work = tmp.path().join("demo");
+    let run = || petrestore(&["demo", "--workdir", work.to_str().unwrap(), "--slices", "12", "--matrix", "64", "--engine", "tract"]);
+    let out = run();
     assert!(out.status.success(), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains("done after") && t.contains("16 derived instances"), "{t}");
-    assert_eq!(files_under(&tmp.path().join("pacs")).len(), 16);
+    assert!(t.contains("restored with tract") && t.contains("petrestore-unet25d"), "{t}");
+    assert_eq!(files_under(&work.join("pacs")).len(), 12);
+    // the table: restoration lowers the liver noise and keeps its mean
+    let row = |name: &str| -> Vec<f64> {
+        let line = t.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or_else(|| panic!("no {name:?} row:\n{t}"));
+        line[line.find(|c: char| c.is_ascii_digit()).unwrap()..].split_whitespace().filter_map(|v| v.parse().ok()).collect()
+    };
+    let (mean, noise) = (row("liver SUVmean"), row("liver noise"));
+    assert!(noise[1] < noise[0], "restored noise {} not below the input's {}", noise[1], noise[0]);
+    assert!((mean[1] / mean[0] - 1.0).abs() < 0.03, "liver mean moved: {mean:?}");
+    assert!(t.contains("seed metric") && t.contains("66.7 %"), "{t}");
+    for png in ["coronal-mip.png", "axial-lesion.png", "lesion-profile.png"] {
+        let b = std::fs::read(work.join("figures").join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{png}");
+    }
+    assert!(!work.join("state").exists(), "the daemon's working state is removed");
+    // a second run reuses its own folder; a foreign folder is refused
+    assert!(run().status.success());
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("keep.txt"), "mine").unwrap();
+    let o = petrestore(&["demo", "--workdir", foreign.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains("not a demo folder"), "{}", text(&o));
+    assert!(foreign.join("keep.txt").exists());
 }
 
 #[test]
