@@ -65,15 +65,27 @@ pub fn open_journal(settings: &Settings) -> Result<Journal> {
     })
 }
 
-/// Whether the journal records the instance of a spool file
-/// (`<study>/<series>/<sop>.dcm`).
-fn spooled_file_recorded(journal: &Journal, root: &std::path::Path, file: &std::path::Path) -> bool {
-    let Ok(rel) = file.strip_prefix(root) else { return false };
-    let parts: Vec<_> = rel.iter().filter_map(|c| c.to_str()).collect();
-    match parts[..] {
-        [_, series, name] => name.strip_suffix(".dcm").is_some_and(|sop| journal.has_instance(series, sop).unwrap_or(false)),
-        _ => false,
-    }
+/// Rebuild a damaged journal from the spool and the outcome log, keeping the
+/// damaged copy aside; say what was found and what was done.
+fn repair_journal(settings: &Settings, spool_root: &std::path::Path, problems: &[String]) -> Result<()> {
+    let dir = settings.node.state_dir.join("journal");
+    tracing::error!(problems = %problems.join("; "), "the journal disagrees with the spool and the outcome log: repairing it");
+    let r = crate::journal::integrity::repair(&dir, spool_root).map_err(|e| {
+        anyhow::anyhow!(
+            "the journal in {} is damaged ({}) and could not be rebuilt: {e}; the spool still holds every received instance: \
+             run `petrestore journal rebuild` (with the same --config) once the cause is fixed",
+            dir.display(),
+            problems.join("; ")
+        )
+    })?;
+    tracing::warn!(
+        damaged_copy = %r.damaged_copy.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        instances = r.instances,
+        jobs = r.jobs,
+        finished = r.finished,
+        "journal repaired: rebuilt from the spool, finished jobs restored from the outcome log, unfinished ones resume"
+    );
+    Ok(())
 }
 
 /// Start every stage; returns once the DICOM listener is bound.
@@ -88,8 +100,18 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     if stale > 0 {
         tracing::info!(stale, "removed unacknowledged temporaries left by a crash");
     }
-    let journal = open_journal(&settings)?;
-    let was_empty = journal.is_empty();
+    let journal_dir = settings.node.state_dir.join("journal");
+    // A journal sled cannot open at all (damage at its head) is repaired
+    // like any other damage below; a locked one is another daemon's.
+    let mut journal = match open_journal(&settings) {
+        Ok(j) => j,
+        Err(e) if journal_dir.exists() && !e.to_string().contains("locked") => {
+            tracing::error!(error = %e, "the journal cannot be opened: rebuilding it from the spool");
+            repair_journal(&settings, spool.root(), &[format!("cannot open: {e}")])?;
+            open_journal(&settings)?
+        }
+        Err(e) => return Err(e),
+    };
     // Instances acknowledged before a crash but not yet in the spool and the
     // journal are in the arrival log: record them before anything else.
     let log = Arc::new(ArrivalLog::open(&spool.root().join("arrivals")).context("cannot open the arrival log in the spool folder")?);
@@ -118,19 +140,13 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
             "arrival log replayed"
         );
     }
-    // A journal that was empty before the replay but does not know every
-    // spooled file was lost or replaced (a crash between the materializer's
-    // file fsync and its journal flush leaves only files the log replays).
-    if was_empty {
-        let orphans =
-            crate::journal::rebuild::spool_files(spool.root()).iter().filter(|p| !spooled_file_recorded(&journal, spool.root(), p)).count();
-        if orphans > 0 {
-            anyhow::bail!(
-                "the journal in {} is empty but the spool holds {orphans} received instances: the journal was lost or replaced. \
-                 Run `petrestore journal rebuild` (with the same --config) to rebuild it from the spool, then start again",
-                settings.node.state_dir.join("journal").display()
-            );
-        }
+    // The journal against the evidence (the spool, the outcome log): any
+    // disagreement is damage, repaired before anything acts on the journal.
+    let problems = crate::journal::integrity::check(&journal, spool.root());
+    if !problems.is_empty() {
+        drop(journal);
+        repair_journal(&settings, spool.root(), &problems)?;
+        journal = open_journal(&settings)?;
     }
     let restore::Engines { engines, reports } = restore::engines_from_settings(&settings).map_err(anyhow::Error::msg)?;
     tracing::info!(engines = ?engines.iter().map(|e| e.label()).collect::<Vec<_>>(), "restoration engines ready");

@@ -1,4 +1,4 @@
-//! Crash recovery (DESIGN invariant 2): kill -9 at every stage, restart,
+//! Crash recovery (README.md "How it works": the journal is the truth): kill -9 at every stage, restart,
 //! and the job completes with nothing lost and no duplicate UIDs.
 
 use std::collections::BTreeSet;
@@ -11,6 +11,18 @@ use testkit::*;
 
 fn sop_uids(files: &[std::path::PathBuf]) -> BTreeSet<String> {
     files.iter().map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap()).collect()
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
 }
 
 fn series_uids(files: &[std::path::PathBuf]) -> BTreeSet<String> {
@@ -117,7 +129,7 @@ fn incomplete_series_at_quiet_timeout_follows_policy() {
 }
 
 #[test]
-fn lost_journal_is_refused_at_start_and_rebuilt_from_the_spool() {
+fn lost_journal_is_rebuilt_from_the_spool_at_start() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 6, 32, 31);
     let dest = StoreScp::start(&tmp.path().join("dest"));
@@ -127,18 +139,12 @@ fn lost_journal_is_refused_at_start_and_rebuilt_from_the_spool() {
     // in the spool files (not only in the arrival log, which a start would replay)
     assert_eq!(d.spool_files().len(), 4);
     d.kill9();
-    // the journal is lost (disk repair, sled corruption...)
+    // the journal is lost (disk repair, sled corruption...): the start sees
+    // a journal that does not know the spool, repairs it and says so
     std::fs::remove_dir_all(d.state_dir().join("journal")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore"))
-        .args(["serve", "--config", d.config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).contains("spool holds 4 received instances") && text(&out).contains("petrestore journal rebuild"), "{}", text(&out));
-    let r = petrestore(&["journal", "--config", d.config.to_str().unwrap(), "rebuild"]);
-    assert!(r.status.success(), "{}", text(&r));
-    assert!(text(&r).contains("4 instances in 1 jobs"), "{}", text(&r));
     d.restart();
+    assert!(d.log().contains("4 received instances in the spool are not in the journal"), "{}", d.log());
+    assert!(d.log().contains("journal repaired"), "{}", d.log());
     let job = d.job(&job_id(&src));
     assert_eq!((job.received, &job.state), (4, &JobState::Receiving));
     assert!(storescu(d.port, CONSOLE, &src.files[4..]).status.success());
@@ -150,11 +156,90 @@ fn lost_journal_is_refused_at_start_and_rebuilt_from_the_spool() {
         (f.len() == 6).then_some(f)
     });
     assert_eq!(sop_uids(&got).len(), 6);
+    // `journal rebuild` by hand still works on a stopped daemon
+    assert!(d.stop().success());
+    let r = petrestore(&["journal", "--config", d.config.to_str().unwrap(), "rebuild"]);
+    assert!(r.status.success() && text(&r).contains("6 instances in 1 jobs"), "{}", text(&r));
 }
 
-/// Issue 18: after a spool failure (here a folder that cannot be made; a
-/// full disk behaves the same) ingest pauses, says why, and resumes by
-/// itself once the fault is gone: no restart.
+/// Issue 18: damage in the middle or the end of the journal is found at
+/// start and repaired: a finished series stays finished (never restored
+/// again, its originals never forwarded), a series waiting for delivery is
+/// delivered.
+#[test]
+fn a_damaged_journal_is_repaired_and_finished_series_stay_finished() {
+    for damage in ["stale", "truncate", "overwrite"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = series(&tmp.path().join("a"), 8, 32, 61);
+        let b = series(&tmp.path().join("b"), 6, 32, 62);
+        let dest_port = free_port();
+        let dest = StoreScp::start_on(&tmp.path().join("dest"), dest_port);
+        let extra =
+            format!("[egress]\nbackoff_initial_s = 0.2\nbackoff_max_s = 0.5\nmax_attempts = 1000\n{}", destination("pacs", dest_port));
+        let mut d = Daemon::start(&tmp.path().join("d"), &extra);
+        // a: half received; a copy of the journal from then is kept (a
+        // journal that rolls back behaves like it)
+        assert!(storescu(d.port, CONSOLE, &a.files[..4]).status.success());
+        assert!(d.stop().success());
+        let snapshot = tmp.path().join("journal-then");
+        copy_dir(&d.state_dir().join("journal"), &snapshot);
+        d.restart();
+        // a: finished and delivered
+        assert!(storescu(d.port, CONSOLE, &a.files[4..]).status.success());
+        assert_eq!(d.wait_terminal(&job_id(&a), Duration::from_secs(60)).state, JobState::Done);
+        let delivered_a = sop_uids(&dest.files());
+        assert_eq!(delivered_a.len(), 8);
+        // b: restored, waiting for its destination
+        drop(dest);
+        assert!(storescu(d.port, CONSOLE, &b.files).status.success());
+        wait_for("b to wait for delivery", Duration::from_secs(60), || (d.job(&job_id(&b)).state.name() == "delivering").then_some(()));
+        d.kill9();
+
+        // damage the journal
+        let db = d.state_dir().join("journal/db");
+        let len = std::fs::metadata(&db).unwrap().len();
+        match damage {
+            "stale" => {
+                std::fs::remove_dir_all(d.state_dir().join("journal")).unwrap();
+                copy_dir(&snapshot, &d.state_dir().join("journal"));
+            }
+            "truncate" => std::fs::OpenOptions::new().write(true).open(&db).unwrap().set_len(len / 2).unwrap(),
+            _ => {
+                use std::io::{Seek, Write};
+                let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+                f.seek(std::io::SeekFrom::Start(len / 3)).unwrap();
+                f.write_all(&vec![0xA5; (64 * 1024).min(len as usize / 3)]).unwrap();
+            }
+        }
+        // the destination is back (a new folder: what arrives from now on)
+        let dest = StoreScp::start_on(&tmp.path().join("dest2"), dest_port);
+        d.restart();
+        // sled may recover a consistent earlier state by itself (then the
+        // arrival log fills the gap); a journal behind the evidence is repaired
+        let repaired = d.log().contains("journal repaired");
+        if damage == "stale" {
+            assert!(repaired && d.log().contains("finished (done) but the journal says"), "{}", d.log());
+        }
+        if repaired {
+            assert!(files_under(&d.state_dir()).iter().any(|p| p.to_string_lossy().contains("journal.replaced-")), "damaged copy kept");
+        }
+        let job_b = d.wait_terminal(&job_id(&b), Duration::from_secs(60));
+        assert_eq!(job_b.state, JobState::Done, "{damage}: {:#?}", job_b.history);
+        let job_a = d.job(&job_id(&a));
+        assert_eq!(job_a.state, JobState::Done, "{damage}: {:#?}", job_a.history);
+        if repaired {
+            assert!(job_a.history.iter().any(|e| e.what.contains("restored from the outcome log")), "{damage}: {:#?}", job_a.history);
+        }
+        // nothing of a was sent again, and never its originals
+        std::thread::sleep(Duration::from_secs(1));
+        let got = sop_uids(&dest.files());
+        let a_sources: BTreeSet<String> = sop_uids(&a.files);
+        assert!(got.is_disjoint(&a_sources), "{damage}: originals of a finished series were forwarded");
+        assert!(got.is_disjoint(&delivered_a), "{damage}: a was delivered again");
+        assert_eq!(got.len(), 6, "{damage}: b's derived series, once");
+    }
+}
+
 #[test]
 fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
     let tmp = tempfile::tempdir().unwrap();

@@ -46,7 +46,7 @@ pub enum Outcome {
 }
 
 /// Where a job is. Every non-terminal state is resumed from the journal at
-/// start (DESIGN invariant 2).
+/// start (README.md "How it works": the journal is the truth).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum JobState {

@@ -7,7 +7,9 @@
 //! elsewhere only wake workers: after a crash, [`Journal::active_jobs`] is
 //! where every unfinished job is found again.
 
+pub mod integrity;
 pub mod job;
+pub mod outcomes;
 pub mod rebuild;
 
 use std::path::Path;
@@ -117,6 +119,8 @@ pub struct Journal {
     instances: sled::Tree,
     active: sled::Tree,
     observer: std::sync::Arc<std::sync::OnceLock<Observer>>,
+    /// Terminal states, also outside sled ([`outcomes`]).
+    outcomes: std::sync::Arc<outcomes::OutcomeLog>,
 }
 
 impl Journal {
@@ -136,6 +140,7 @@ impl Journal {
             })?;
         Ok(Journal {
             observer: Default::default(),
+            outcomes: std::sync::Arc::new(outcomes::OutcomeLog::beside(dir)),
             jobs: db.open_tree("jobs")?,
             instances: db.open_tree("instances")?,
             active: db.open_tree("active")?,
@@ -207,9 +212,31 @@ impl Journal {
         }
     }
 
+    /// The outcome log beside the journal.
+    pub fn outcomes(&self) -> &outcomes::OutcomeLog {
+        &self.outcomes
+    }
+
+    fn log_outcome(&self, job: &Job, state: Option<JobState>) -> Result<(), JournalError> {
+        let e = outcomes::Entry { job_id: job.id.clone(), series_uid: job.series_uid.clone(), state, at_ms: now_ms() };
+        self.outcomes.append(&e).map_err(|e| JournalError::Sled(sled::Error::Io(e)))
+    }
+
     /// Read-modify-write a job and keep the active index in step. `f` may
     /// run more than once (transaction retry): it must only edit the job.
+    ///
+    /// The outcome log follows the journal: a job that leaves a terminal
+    /// state (a retry) is logged before the journal changes, one that
+    /// reaches a terminal state after the journal is flushed. So the log is
+    /// never ahead of a healthy journal.
     pub fn update(&self, id: &str, f: impl Fn(&mut Job)) -> Result<Job, JournalError> {
+        if let Some(pre) = self.get(id)?.filter(|j| j.state.is_terminal()) {
+            let mut next = pre.clone();
+            f(&mut next);
+            if !next.state.is_terminal() {
+                self.log_outcome(&pre, None)?;
+            }
+        }
         let r = (&self.jobs, &self.active).transaction(|(tj, ta)| {
             let Some(v) = tj.get(id.as_bytes())? else {
                 return Err(ConflictableTransactionError::Abort(JournalError::NoSuchJob(id.to_owned())));
@@ -231,6 +258,9 @@ impl Journal {
             TransactionError::Storage(e) => JournalError::Sled(e),
         })?;
         self.flush()?;
+        if job.state.is_terminal() && !before.is_terminal() {
+            self.log_outcome(&job, Some(job.state.clone()))?;
+        }
         if before != job.state {
             self.notify(&job);
         }
