@@ -179,7 +179,14 @@ fn init_logging() {
     let registry = tracing_subscriber::registry().with(filter);
     match journald {
         Some(j) => registry.with(j).init(),
-        None => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init(),
+        // colour only for a person at a terminal, not in files and pipes
+        None => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
     }
 }
 
@@ -365,6 +372,25 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::CheckConfig { file } => {
             let s = Settings::load(&file)?;
+            // The model package is part of the configuration: a neural
+            // engine with no package is what the daemon would refuse (or,
+            // at the installed default path, run without).
+            let neural = s.restore.engines.iter().any(|e| e == "ort" || e == "tract");
+            if neural && !s.restore.model.join("model.toml").is_file() {
+                if s.restore.model == std::path::Path::new(petrestore::config::DEFAULT_MODEL_DIR) {
+                    eprintln!(
+                        "petrestore: note: no model package installed at {}: only the engines without a model ({}) would run",
+                        s.restore.model.display(),
+                        s.restore.engines.iter().filter(|e| *e == "gaussian").cloned().collect::<Vec<_>>().join(", ")
+                    );
+                } else {
+                    bail!(
+                        "{}: restore.model {} holds no model.toml: point it at a model package folder (model.toml + model.onnx)",
+                        file.display(),
+                        s.restore.model.display()
+                    );
+                }
+            }
             println!(
                 "{}: OK (AE {} on {}, {} allowed caller(s), {} destination(s), engines {:?})",
                 file.display(),

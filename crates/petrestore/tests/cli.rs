@@ -41,6 +41,31 @@ fn check_config_names_the_key_and_the_fix() {
 }
 
 #[test]
+fn check_config_checks_the_model_package_it_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("c.toml");
+    // a folder that is not there: an error naming the key
+    std::fs::write(&f, "[restore]\nengines = [\"tract\"]\nmodel = \"/nonexistent/model\"\n").unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("restore.model /nonexistent/model holds no model.toml"), "{}", text(&out));
+    // the installed default path, not installed here: OK, with what would run
+    std::fs::write(&f, "").unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no model package installed") && text(&out).contains("only the engines without a model (gaussian)"),
+        "{}",
+        text(&out)
+    );
+    // a real package: OK
+    let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    std::fs::write(&f, format!("[restore]\nmodel = {:?}\n", model.display().to_string())).unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert!(out.status.success() && !text(&out).contains("note:"), "{}", text(&out));
+}
+
+#[test]
 fn offline_restore_uses_the_worker_code() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("in"), 6, 32, 41);
