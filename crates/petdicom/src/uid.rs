@@ -17,7 +17,7 @@ pub fn valid_ae_title(ae: &str) -> bool {
 
 /// Deterministic derived UID: `2.25.` + the decimal of a name-based (v5)
 /// UUID of `source` and `salt` (the model id). Reprocessing the same source
-/// with the same model yields the same UID (DESIGN invariant 4).
+/// with the same model yields the same UID (README.md "How it works": idempotent).
 pub fn derived_uid(source: &str, salt: &str) -> String {
     // Fixed namespace for petrestore (a random v4 UUID chosen once).
     const NS: uuid::Uuid = uuid::Uuid::from_u128(0x6a1c_3f0e_2b7d_4c59_9e41_8d0a_57b3_c2e1);

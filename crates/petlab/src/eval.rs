@@ -1,4 +1,4 @@
-//! `petlab eval`: the quality evaluation of DESIGN.md "Quality" on
+//! `petlab eval`: the quality evaluation of docs/QUALITY.md on
 //! simulated studies with known truth (from `petlab dataset`).
 //!
 //! For 30→90 and 60→90, side by side for the raw short frame, the Gaussian
@@ -222,7 +222,7 @@ fn record(st: &Study, d: f64, method: &str, img: &Volume) -> Record {
 /// The oracle: `w·short + (1 − w)·clean90` with w = duration / 90 s, the
 /// model's output form (MODEL_CARD.md) with the noise-free reconstruction of
 /// the 90 s data as its denoiser. For nested frames this is the conditional
-/// mean behind the seed metric's ceiling (DESIGN.md "Quality"), so its row is
+/// mean behind the seed metric's ceiling (docs/QUALITY.md), so its row is
 /// the reachable bound of every metric: what no restoration of the short
 /// frame can beat, e.g. PET90's own noise at a lesion's hottest voxel.
 pub fn oracle(st: &Study, d: f64) -> Volume {

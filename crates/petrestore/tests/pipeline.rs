@@ -1,5 +1,5 @@
 //! End to end: DCMTK storescu → petrestore → DCMTK storescp, checking every
-//! rule of DESIGN.md "Derived series" on what the destination received.
+//! rule of README.md "Pointing a scanner console at it" on what the destination received.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -428,7 +428,7 @@ fn simple_images(spec: &SeriesSpec) -> (StudyIds, Vec<Vec<f64>>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed ^ (spec.frame_duration_s.to_bits()));
     let n = spec.matrix;
     let px = spec.fov_mm / n as f64;
-    // Relative noise: ~10 % in the liver at 90 s (DESIGN's calibration), ∝ 1/√t.
+    // Relative noise: ~10 % in the liver at 90 s (the simulator's calibration), ∝ 1/√t.
     let rel_noise = 0.10 * (90.0 / spec.frame_duration_s).sqrt();
     let images: Vec<Vec<f64>> = (0..spec.slices)
         .map(|k| {

@@ -4,7 +4,7 @@ Input  x: float32 [B, K+1, H, W]: K adjacent slices (K odd, the context;
           centre = index K//2) of the short frame divided by the series'
           body mean, and one constant channel w = frame duration / 90 s.
           K is fixed by the weights (input channels of the first layer − 1).
-Output:   the 90 s-equivalent image (same scale), built as DESIGN.md derives
+Output:   the 90 s-equivalent image (same scale), built as docs/QUALITY.md derives
           for nested frames: out = w·x_c + (1 − w)·den, with den = x_c + r(x)
           the network's estimate of the noise-free image. Only the denoiser
           is learned; the mix is fixed by the physics of nesting.

@@ -1,4 +1,4 @@
-//! Image-quality metrics of DESIGN.md "Quality". Every formula here is
+//! Image-quality metrics of docs/QUALITY.md. Every formula here is
 //! mirrored in `models/train/petrain/evaluate.py`, and a test compares the two.
 
 use crate::restore::Volume;

@@ -1,4 +1,4 @@
-//! `petrestore eval`: site acceptance on paired series (DESIGN "Quality").
+//! `petrestore eval`: site acceptance on paired series (docs/QUALITY.md "Site acceptance").
 //!
 //! A site reconstructs one acquisition twice from the same list-mode data: a
 //! short frame and the standard 90 s frame it is nested in. [`run_series`]

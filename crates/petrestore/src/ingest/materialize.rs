@@ -45,7 +45,7 @@ const MAX_DEFER: Duration = Duration::from_secs(1);
 const MAX_BATCH: usize = 1024;
 const MAX_BATCH_BYTES: usize = arrivals::ROTATE_BYTES as usize;
 /// Records waiting for the materializer; beyond this, ingest waits (bounded
-/// memory: DESIGN invariant 5).
+/// memory: README.md "How it works").
 const QUEUE: usize = 64;
 /// After this long without records the active segment is closed and deleted.
 const IDLE: Duration = Duration::from_secs(1);

@@ -1,4 +1,4 @@
-//! Selection rules (DESIGN "DICOM"): a series outside them is Skipped with a
+//! Selection rules (README.md "How it works"): a series outside them is Skipped with a
 //! reason naming the attribute, and forwarded unchanged if configured.
 
 use dicom_dictionary_std::tags;
@@ -118,7 +118,7 @@ fn recorded_tracer(first: &dicom_object::InMemDicomObject, frame: Option<usize>)
     (item.str_of(tags::RADIOPHARMACEUTICAL), code)
 }
 
-/// The tracer rule (DESIGN "Selection rules"): a model restores only the
+/// The tracer rule (README.md "How it works", selection rules): a model restores only the
 /// tracers it was trained for. Returns what was assumed, or why the series
 /// is skipped.
 pub fn check_tracer(slices: &[SourceSlice], allowed: &[String], s: &RestoreSettings) -> Result<Vec<String>, String> {

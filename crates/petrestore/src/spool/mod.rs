@@ -1,9 +1,10 @@
 //! The spool: received instances as files, `spool/<study>/<series>/<sop>.dcm`,
 //! and in front of them the arrival log ([`arrivals`], `spool/arrivals/`).
 //!
-//! An instance is acknowledged once it is durable in the arrival log (DESIGN
-//! invariant 1: the log record is both the fsynced instance and its journal
-//! entry). The materializer (`ingest::materialize`) then writes the file
+//! An instance is acknowledged once it is durable in the arrival log
+//! (README.md "How it works", durable before acknowledged: the log record
+//! is both the fsynced instance and its journal entry). The materializer
+//! (`ingest::materialize`) then writes the file
 //! through a temporary and a rename ([`write_unsynced`]), fsyncs file and
 //! folder, and only then records it in the journal; a file in the spool
 //! without a journal record is a leftover of a crash whose record is still
