@@ -203,6 +203,35 @@ fn max_associations_queues_excess_connections_instead_of_failing() {
     assert_eq!(d.spool_files().len(), 4);
 }
 
+/// Issue 15: SIGTERM with an association open mid-series. The stop aborts
+/// the association once its drain budget is spent (it does not wait for
+/// the sender forever), nothing acknowledged is lost, and the next start
+/// finishes the series.
+#[test]
+fn sigterm_with_an_association_open_mid_series_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 8, 32, 71);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let mut d = Daemon::start(&tmp.path().join("d"), &destination("pacs", dest.port));
+    assert!(storescu(d.port, CONSOLE, &src.files[..5]).status.success());
+    // a console that opened an association and went quiet mid-series
+    let mut hold = hold_association(d.port);
+    let status = d.stop();
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    assert!(d.log().contains("aborting them") && d.log().contains("aborted at shutdown"), "{}", d.log());
+    // the quiet console was told: its next receive sees the A-ABORT (or a closed socket)
+    match hold.receive() {
+        Ok(dicom_ul::pdu::Pdu::AbortRQ { .. }) | Err(_) => {}
+        other => panic!("the quiet console got {other:?}, not an A-ABORT"),
+    }
+    d.restart();
+    assert_eq!(d.job(&job_id(&src)).received, 5, "the acknowledged instances survived the stop");
+    assert!(storescu(d.port, CONSOLE, &src.files[5..]).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+    assert_eq!(job.state, petrestore::journal::JobState::Done, "{:#?}", job.history);
+    assert_eq!(wait_for("8 derived instances", Duration::from_secs(10), || (dest.files().len() == 8).then_some(8)), 8);
+}
+
 /// Issue 18: garbage, silence and one greedy host cannot hold the door.
 #[test]
 fn garbage_and_silent_connections_hold_no_association_slot() {

@@ -192,6 +192,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             max_buffered_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(30),
             draining: Default::default(),
+            close: stop_pacs.clone(),
             live: None,
         }),
         Arc::new(FolderSink { dir: received.clone() }),

@@ -78,6 +78,10 @@ pub struct ScpConfig {
     pub live: Option<Arc<crate::config::LiveSettings>>,
     /// Set by `drain`: new associations are rejected, open ones finish.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled when open associations must end now (the shutdown's drain
+    /// budget is spent): each is aborted between PDUs. What was
+    /// acknowledged is durable; the sender retries the rest.
+    pub close: CancellationToken,
 }
 
 /// Serve associations on `listener` until `shutdown`; then stop accepting,
@@ -280,14 +284,14 @@ async fn handle_association(
                 .await
                 .map_err(in_time("association"))?
                 .map_err(|e| format!("association refused: {e}"))?;
-            serve_association(assoc, peer, sink, budget).await
+            serve_association(assoc, peer, sink, budget, cfg.close.clone()).await
         }
         Some(t) => {
             let assoc = tokio::time::timeout(artim, opts.tls_config(t).establish_tls_async(socket))
                 .await
                 .map_err(in_time("TLS handshake and association"))?
                 .map_err(|e| format!("TLS association refused: {e}"))?;
-            serve_association(assoc, peer, sink, budget).await
+            serve_association(assoc, peer, sink, budget, cfg.close.clone()).await
         }
     }
 }
@@ -297,6 +301,7 @@ async fn serve_association<S>(
     peer: SocketAddr,
     sink: Arc<dyn StoreSink>,
     mut budget: Budget,
+    close: CancellationToken,
 ) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -317,7 +322,14 @@ where
     let mut stored = 0u32;
 
     loop {
-        let pdu = match assoc.receive().await {
+        let received = tokio::select! {
+            r = assoc.receive() => r,
+            _ = close.cancelled() => {
+                let _ = abort(assoc).await;
+                return Err(format!("aborted at shutdown after {stored} instances: the drain budget is spent"));
+            }
+        };
+        let pdu = match received {
             Ok(p) => p,
             Err(e) => {
                 let _ = abort(assoc).await;
