@@ -44,6 +44,10 @@ pub struct Daemon {
     associations: TaskTracker,
     /// Aborts the open associations once their drain budget is spent.
     close_associations: CancellationToken,
+    /// The stage tasks, by name (finished = dead while the daemon runs).
+    stages: Vec<(&'static str, tokio::task::AbortHandle)>,
+    /// The scheduler's last pass (ms since the epoch).
+    last_pass: Arc<std::sync::atomic::AtomicU64>,
     /// Moves acknowledged instances from the arrival log into the spool.
     materializer: Arc<Materializer>,
     tasks: TaskTracker,
@@ -220,6 +224,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         tokio::spawn(ingest::serve_with(l, scp.clone(), sink.clone(), shutdown.clone(), associations.clone(), Some(config)))
     });
     let ingest_task = tokio::spawn(ingest::serve(listener, scp, sink, shutdown.clone(), associations.clone()));
+    let last_pass = pipeline.last_pass_ms.clone();
     let sched_task = tokio::spawn(pipeline.clone().run(shutdown.clone(), tasks.clone()));
     // Telemetry: job events from the journal, commands and health through
     // DaemonControl. It has its own stop token: it says `offline` last.
@@ -256,6 +261,15 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         engines: reports,
     };
     let control_task = tokio::spawn(control::serve(control, pipeline, status, materializer.clone(), shutdown.clone()));
+    // What the watchdog watches: every stage task and the scheduler's pace.
+    let mut stages = vec![
+        ("DICOM listener", ingest_task.abort_handle()),
+        ("scheduler", sched_task.abort_handle()),
+        ("control socket", control_task.abort_handle()),
+    ];
+    if let Some(t) = &tls_task {
+        stages.push(("DICOM TLS listener", t.abort_handle()));
+    }
     let main = tokio::spawn(async move {
         if let Some(t) = tls_task {
             let _ = t.await;
@@ -271,6 +285,8 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         associations,
         close_associations,
         materializer,
+        stages,
+        last_pass,
         tasks,
         main,
         telemetry_stop,
@@ -405,6 +421,21 @@ impl Daemon {
     }
 
     /// Stop in order and flush the journal.
+    /// Why the daemon is not healthy, if it is not: a stage task ended, the
+    /// materializer thread stopped, or the scheduler has not made a pass
+    /// within `max_age`. The systemd watchdog is pinged only while healthy,
+    /// so a wedged stage gets the daemon restarted.
+    pub fn unhealthy(&self, max_age: Duration) -> Option<String> {
+        if let Some((name, _)) = self.stages.iter().find(|(_, h)| h.is_finished()) {
+            return Some(format!("the {name} task has ended"));
+        }
+        if !self.materializer.alive() {
+            return Some("the materializer thread has ended".into());
+        }
+        let age = crate::journal::now_ms().saturating_sub(self.last_pass.load(Ordering::Relaxed));
+        (age > max_age.as_millis() as u64).then(|| format!("the scheduler made no pass for {:.1} s", age as f64 / 1000.0))
+    }
+
     pub async fn stop(self) -> Result<()> {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         self.shutdown.cancel();
@@ -458,7 +489,15 @@ pub async fn serve(settings: Settings) -> Result<()> {
                 Ok(changed) => { tracing::info!(?changed, "SIGHUP: configuration reloaded"); daemon.wake.notify_one(); }
                 Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),
             },
-            _ = tick => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+            _ = tick => {
+                // Ping only while every stage lives and the scheduler keeps
+                // its pace; otherwise systemd restarts the daemon.
+                let max_age = watchdog.map(|d| d * 2).unwrap_or_default();
+                match daemon.unhealthy(max_age) {
+                    None => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+                    Some(why) => tracing::error!(%why, "not pinging the systemd watchdog: systemd will restart the daemon"),
+                }
+            }
         }
     }
     daemon.stop().await

@@ -405,3 +405,43 @@ fn enhanced_and_legacy_converted_pet_restore_offline_and_stay_valid() {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!((r["input_duration_s"].as_f64(), r["reference_duration_s"].as_f64()), (Some(30.0), Some(90.0)), "{r}");
 }
+
+/// The systemd notify protocol, spoken to a real datagram socket as systemd
+/// listens on it: READY=1 once the listener is bound, WATCHDOG=1 at half
+/// the interval while every stage is alive, STOPPING=1 at SIGTERM.
+#[test]
+fn systemd_notify_ready_watchdog_and_stopping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let port = free_port();
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[node]\nstate_dir = {:?}\nmin_free_mb = 1\n[dicom]\nlisten = \"127.0.0.1:{port}\"\n", tmp.path().join("state")),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_petrestore"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification within 20 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1\n");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "READY only after the listener is bound");
+    for _ in 0..3 {
+        assert_eq!(next(), "WATCHDOG=1\n");
+    }
+    assert!(std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+    let stopping = (0..10).map(|_| next()).find(|m| m.starts_with("STOPPING"));
+    assert_eq!(stopping.as_deref(), Some("STOPPING=1\n"));
+    assert!(child.wait().unwrap().success());
+}

@@ -175,6 +175,11 @@ impl Materializer {
         self.shared.in_flight.lock().unwrap().len()
     }
 
+    /// Whether its thread is still running.
+    pub fn alive(&self) -> bool {
+        self.thread.lock().unwrap().as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Why the materializer stopped working, if it did.
     pub fn failure(&self) -> Option<String> {
         self.shared.failed.lock().unwrap().clone()

@@ -32,6 +32,9 @@ pub struct Pipeline {
     /// Operator pause (MQTT `pause`): no new restoration is started; ingest
     /// and deliveries go on.
     pub paused: std::sync::atomic::AtomicBool,
+    /// When the scheduler last finished a pass (ms since the epoch): the
+    /// systemd watchdog is pinged only while this stays recent.
+    pub last_pass_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Pipeline {
@@ -42,6 +45,7 @@ impl Pipeline {
             busy: Mutex::new(HashSet::new()),
             restore_slot: Arc::new(Semaphore::new(1)),
             paused: std::sync::atomic::AtomicBool::new(false),
+            last_pass_ms: Arc::new(std::sync::atomic::AtomicU64::new(now_ms())),
         })
     }
 
@@ -88,6 +92,7 @@ impl Pipeline {
             if let Err(e) = self.pass(&shutdown, &tracker) {
                 tracing::error!(error = %e, "scheduler pass failed; retrying");
             }
+            self.last_pass_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
