@@ -90,7 +90,8 @@ def records_for(study_path, dump, methods):
             if meta["source"] != "nema":
                 for l in meta["lesions"]:
                     mask = sphere_voxels(img.shape, (px, px, dz), (l["slice"], l["row"], l["col"]), l["diameter_mm"] / 2)
-                    rec["lesions"].append([l["diameter_mm"], float(img[mask].mean()), float(img[mask].max()), float(p90[mask].mean()), float(p90[mask].max()), l["activity_bqml"]])
+                    rec["lesions"].append([l["diameter_mm"], float(img[mask].mean()), float(img[mask].max()),
+                                           float(p90[mask].mean()), float(p90[mask].max()), l["activity_bqml"]])
             out[(name, float(d), m)] = rec
     return out
 
@@ -120,8 +121,8 @@ def main(argv=None):
             if diff > tol:
                 raise SystemExit(f"{key} {k}: Rust {r[k]} vs Python {mine[k]}")
             checked += 1
-        for lr, lp in zip(r["lesions"], mine["lesions"]):
-            for x, y in zip(lr, lp):
+        for lr, lp in zip(r["lesions"], mine["lesions"], strict=False):
+            for x, y in zip(lr, lp, strict=False):
                 if abs(x - y) > 1e-3 * max(abs(y), 1e-9):
                     raise SystemExit(f"{key} lesion: Rust {lr} vs Python {lp}")
                 checked += 1

@@ -73,7 +73,7 @@ def rebuild(model):
             fail(f"graph {what}s differ from export.py's (names, order, types, shapes or values): {odd or 'order'}")
     if len(g.node) != len(h.node):
         fail(f"{len(g.node)} nodes, export.py makes {len(h.node)}")
-    for i, (m, n) in enumerate(zip(g.node, h.node)):
+    for i, (m, n) in enumerate(zip(g.node, h.node, strict=False)):
         if m != n:
             fail(f"node {i} is {helper.printable_node(m)}, export.py makes {helper.printable_node(n)}")
     return p, width

@@ -68,7 +68,7 @@ def gap(p, studies, tta=1):
             m_err += float(e_m.sum()) / norm
             o_err += float(e_o.sum()) / norm
             g = (e_m - e_o) / norm
-            for r, m in zip(REGIONS, regions(st)):
+            for r, m in zip(REGIONS, regions(st), strict=False):
                 share[r] += float(g[m].sum())
                 voxels[r] += int(m.sum())
                 bias[r][0] += float((den - clean)[m].sum())

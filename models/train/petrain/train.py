@@ -201,7 +201,8 @@ def main(argv=None):
         return res
 
     log = {"args": vars(a), "history": [], "versions": {"jax": jax.__version__, "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version()},
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "params": net.param_count(p), "gflop_per_192_slice": net.flops_per_pixel(a.width, a.context, a.levels) * 192 * 192 / 1e9}
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "params": net.param_count(p),
+           "gflop_per_192_slice": net.flops_per_pixel(a.width, a.context, a.levels) * 192 * 192 / 1e9}
     best = None
     t_train = time.time()
     i = 0
