@@ -30,8 +30,10 @@ enum Command {
     },
     /// Restore one series folder offline, with the same code as the daemon.
     Restore {
+        /// The series folder to restore (one series, any file names).
         #[arg(long)]
         input: PathBuf,
+        /// A new or empty folder for the derived series.
         #[arg(long)]
         output: PathBuf,
         /// Engine to use (overrides restore.engines).
@@ -51,6 +53,11 @@ enum Command {
         /// Radiopharmaceutical (0018,0031); checked against the model's tracers.
         #[arg(long)]
         tracer: Option<String>,
+        /// libonnxruntime.so for --engine ort (overrides restore.ort_library
+        /// and ORT_DYLIB_PATH).
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+        /// Configuration file; the built-in defaults when omitted.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -273,11 +280,12 @@ struct RestoreArgs {
     frame_duration: Option<f64>,
     units: Option<String>,
     tracer: Option<String>,
+    ort_library: Option<PathBuf>,
     config: Option<PathBuf>,
 }
 
 fn offline_restore(a: RestoreArgs) -> Result<()> {
-    let RestoreArgs { input, output, engine, model, frame_duration, units, tracer, config } = a;
+    let RestoreArgs { input, output, engine, model, frame_duration, units, tracer, ort_library, config } = a;
     let mut settings = load_settings(config.as_ref())?;
     if let Some(fd) = frame_duration {
         if !(fd > 0.0 && fd < 3600.0) {
@@ -293,6 +301,12 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
     }
     if let Some(m) = model {
         settings.restore.model = m;
+    }
+    if let Some(l) = ort_library {
+        if !l.is_file() {
+            bail!("--ort-library {}: no such file (libonnxruntime.so, e.g. from the onnxruntime Python wheel)", l.display());
+        }
+        settings.restore.ort_library = Some(l);
     }
     if let Some(e) = engine {
         if !petrestore::config::KNOWN_ENGINES.contains(&e.as_str()) {
@@ -342,8 +356,8 @@ fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(config.as_ref())?;
             rt()?.block_on(app::serve(settings))
         }
-        Command::Restore { input, output, engine, model, frame_duration, units, tracer, config } => {
-            offline_restore(RestoreArgs { input, output, engine, model, frame_duration, units, tracer, config })
+        Command::Restore { input, output, engine, model, frame_duration, units, tracer, ort_library, config } => {
+            offline_restore(RestoreArgs { input, output, engine, model, frame_duration, units, tracer, ort_library, config })
         }
         Command::Status { config, state_dir } => rt()?.block_on(status(config, state_dir)),
         #[cfg(feature = "demo")]
