@@ -86,6 +86,10 @@ do_install () {
     install -D -m 0755 ${B}/target/${CARGO_TARGET_SUBDIR}/petrestore ${D}${bindir}/petrestore
 
     install -D -m 0644 ${S}/systemd/petrestore.service ${D}${systemd_system_unitdir}/petrestore.service
+    # The account and the state folder for systemd-sysusers/-tmpfiles (the
+    # useradd class below creates them at build time as well).
+    install -D -m 0644 ${S}/systemd/petrestore.sysusers ${D}${nonarch_libdir}/sysusers.d/petrestore.conf
+    install -D -m 0644 ${S}/systemd/petrestore.tmpfiles ${D}${nonarch_libdir}/tmpfiles.d/petrestore.conf
 
     # Owned by root, readable by the service's group only: it holds AE titles
     # and peer addresses of the clinical network.
@@ -111,6 +115,7 @@ do_install () {
 CONFFILES:${PN} = "${sysconfdir}/petrestore/petrestore.toml"
 
 SYSTEMD_SERVICE:${PN} = "petrestore.service"
+FILES:${PN} += "${nonarch_libdir}/sysusers.d ${nonarch_libdir}/tmpfiles.d"
 
 # ---- Service account ----
 # Static system user and group named in the unit (User=, Group=; no
