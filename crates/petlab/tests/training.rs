@@ -365,8 +365,15 @@ fn site_acceptance_eval_on_paired_series_reports_model_and_gaussian() {
         &shipped().display().to_string(),
         "--json",
         &json.display().to_string(),
+        "--figures",
+        &tmp.path().join("figures").display().to_string(),
     ]);
     assert!(out.contains("Ceiling of the seed MSE metric if the frames are nested: 66.7 %"), "{out}");
+    // the pictures of the comparison: input | Gaussian | model | reference
+    for png in ["coronal-mip.png", "axial-hottest.png"] {
+        let b = std::fs::read(tmp.path().join("figures").join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{png}");
+    }
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let rows = r["rows"].as_array().unwrap();
     let seed =

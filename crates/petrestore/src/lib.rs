@@ -17,6 +17,7 @@ pub mod demo;
 pub mod derive;
 pub mod egress;
 pub mod eval;
+pub mod figures;
 pub mod ingest;
 pub mod journal;
 pub mod pipeline;

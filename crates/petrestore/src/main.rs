@@ -123,6 +123,10 @@ enum Command {
         /// Engine threads (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Write pictures here: coronal MIP and the hottest axial slice,
+        /// input | Gaussian | model | reference on one scale.
+        #[arg(long)]
+        figures: Option<PathBuf>,
     },
     /// Journal maintenance (with the daemon stopped).
     Journal {
@@ -367,13 +371,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             rt()?.block_on(demo::run(demo::DemoOptions { workdir, slices, matrix, engine, model }))
         }
-        Command::Eval { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads } => {
+        Command::Eval { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads, figures } => {
             let engine = match model {
                 None => None,
                 Some(dir) => Some(eval::engine(&dir, &engine, ort_library, threads)?),
             };
             let fwhm = gaussian_fwhm.unwrap_or_else(|| Settings::defaults().restore.gaussian_fwhm_mm);
-            let report = eval::run_series(&input, &reference, engine, fwhm).map_err(anyhow::Error::msg)?;
+            let report = eval::run_series_with_figures(&input, &reference, engine, fwhm, figures.as_deref()).map_err(anyhow::Error::msg)?;
             let md = eval::series_markdown(&report);
             println!("{md}");
             if let Some(p) = json {

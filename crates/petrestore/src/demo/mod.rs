@@ -8,9 +8,7 @@
 //! received series against the 90 s reference and the truth, prints a
 //! table, and draws the pictures.
 
-mod figures;
 mod measure;
-mod png;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{AllowedCaller, Destination, Settings};
 use crate::egress::scu;
+use crate::figures;
 use crate::ingest::{self, ScpConfig, store::FolderSink};
 use crate::restore::{Volume, volume};
 use petsim::SeriesSpec;

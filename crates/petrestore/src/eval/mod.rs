@@ -49,6 +49,19 @@ pub fn engine(model: &Path, engine: &str, ort_library: Option<PathBuf>, threads:
 /// the reference) and the quantitative agreement can be measured; the
 /// ceiling assumes nesting.
 pub fn run_series(input: &Path, reference: &Path, engine: Option<Arc<dyn Engine>>, fwhm_mm: f64) -> Result<Value, String> {
+    run_series_with_figures(input, reference, engine, fwhm_mm, None)
+}
+
+/// [`run_series`], and with `figures` the pictures of the comparison in
+/// that folder: a coronal MIP and the axial slice where the reference is
+/// hottest, input | each method | reference on one scale.
+pub fn run_series_with_figures(
+    input: &Path,
+    reference: &Path,
+    engine: Option<Arc<dyn Engine>>,
+    fwhm_mm: f64,
+    figures: Option<&Path>,
+) -> Result<Value, String> {
     let files = |d: &Path| -> Result<Vec<PathBuf>, String> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(d)
             .map_err(|e| format!("{}: {e}", d.display()))?
@@ -97,6 +110,9 @@ pub fn run_series(input: &Path, reference: &Path, engine: Option<Arc<dyn Engine>
     if let Some(e) = &engine {
         outs.push((format!("model {} ({})", e.model_id(), e.label()), e.run(&input_vol).map_err(|e| e.to_string())?));
     }
+    if let Some(dir) = figures {
+        draw(dir, &input_vol, &outs, vb).map_err(|e| format!("cannot write the figures into {}: {e}", dir.display()))?;
+    }
     for (name, v) in &outs {
         rows.push(json!({
             "method": name,
@@ -136,4 +152,25 @@ pub fn series_markdown(r: &Value) -> String {
         ));
     }
     o
+}
+
+/// The pictures of [`run_series_with_figures`]; the scale is 0 to the
+/// reference's 99.99th percentile (Bq/ml).
+fn draw(dir: &Path, input: &Volume, outs: &[(String, Volume)], reference: &Volume) -> std::io::Result<()> {
+    use crate::figures;
+    std::fs::create_dir_all(dir)?;
+    let mut vols: Vec<&Volume> = vec![input];
+    vols.extend(outs.iter().map(|(_, v)| v));
+    vols.push(reference);
+    let mut sorted: Vec<f32> = reference.data.iter().copied().step_by(3).collect();
+    sorted.sort_by(f32::total_cmp);
+    let top = sorted.get((sorted.len().saturating_sub(1) as f64 * 0.9999) as usize).copied().unwrap_or(1.0).max(1e-6);
+    let mm = reference.spacing[0].min(reference.spacing[2]);
+    let zoom = (512 / reference.nx.max(1)).clamp(1, 4);
+    let mips: Vec<figures::Image> = vols.iter().map(|v| figures::coronal_mip(v, mm)).collect();
+    figures::panels(&mips, top, zoom).write(&dir.join("coronal-mip.png"))?;
+    let plane = reference.nx * reference.ny;
+    let hottest = reference.data.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i / plane.max(1)).unwrap_or(0);
+    let slices: Vec<figures::Image> = vols.iter().map(|v| figures::axial(v, hottest, reference.spacing[0])).collect();
+    figures::panels(&slices, top, zoom).write(&dir.join("axial-hottest.png"))
 }

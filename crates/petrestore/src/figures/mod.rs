@@ -1,12 +1,15 @@
-//! The demo's pictures: panels of the short input, the restored series,
-//! the 90 s reference and the truth side by side on one SUV scale (inverted
-//! grey, as PET is read: white 0, black at the top of the scale) with a
-//! colour bar at the right, and a line profile through a lesion.
+//! Pictures for people: panels of volumes side by side on one scale
+//! (inverted grey, as PET is read: white 0, black at the top of the scale)
+//! with a colour bar at the right, coronal MIPs and axial slices, and line
+//! profiles. `petrestore demo` and site acceptance (`petrestore eval
+//! --figures`) draw with them; [`png`] writes the files.
+
+pub mod png;
 
 use std::path::Path;
 
-use super::png::Rgb;
 use crate::restore::Volume;
+use png::Rgb;
 
 /// One 2D image in mm-square pixels (rows top to bottom).
 pub struct Image {

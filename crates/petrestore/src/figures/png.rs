@@ -1,4 +1,4 @@
-//! A minimal PNG writer for the demo's figures: 8-bit RGB, zlib "stored"
+//! A minimal PNG writer for the figures: 8-bit RGB, zlib "stored"
 //! (uncompressed) blocks, so no image or compression crate is needed. The
 //! files are a few hundred KiB; any viewer opens them.
 
