@@ -56,7 +56,7 @@ fn mutual_tls_stores_and_refuses_callers_without_a_trusted_certificate() {
     let o = storescu(tls_port, CONSOLE, &s2.files);
     assert!(!o.status.success(), "plain TCP on the TLS port must fail:\n{}", text(&o));
     assert_eq!(d.spool_files().len(), 4, "nothing stored from refused callers");
-    assert!(d.log().contains("TLS association refused"), "refusals are logged:\n{}", d.log());
+    d.wait_log("TLS association refused");
 
     // the plain listener keeps serving, and the daemon still takes TLS
     let o = storescu(d.port, CONSOLE, &s2.files);

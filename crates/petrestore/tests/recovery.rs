@@ -267,7 +267,7 @@ fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
     // reason first in the Error Comment.
     let out = storescu(d.port, CONSOLE, &b.files);
     assert!(text(&out).contains("Refused: OutOfResources"), "{}", text(&out));
-    assert!(d.log().contains("spool write failed"), "{}", d.log());
+    d.wait_log("spool write failed");
     // The fleet manager sees it: last_error and the backlog of instances
     // acknowledged but only in the arrival log.
     let h = health.wait_on("/health", "health reporting the pause", Duration::from_secs(20), |v| {

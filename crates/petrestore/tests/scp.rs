@@ -264,8 +264,8 @@ fn garbage_and_silent_connections_hold_no_association_slot() {
         let _ = std::io::Read::read_to_end(s, &mut back);
         assert!(back.is_empty(), "closed without a word: {back:?}");
     }
-    assert!(d.log().contains("no A-ASSOCIATE-RQ within the ARTIM timeout"), "{}", d.log());
-    assert!(d.log().contains("not A-ASSOCIATE-RQ (0x01): A-ABORT sent"), "{}", d.log());
+    d.wait_log("no A-ASSOCIATE-RQ within the ARTIM timeout");
+    d.wait_log("not A-ASSOCIATE-RQ (0x01): A-ABORT sent");
 }
 
 #[test]
@@ -277,7 +277,7 @@ fn one_address_cannot_take_every_slot_and_a_busy_node_says_so() {
     // ARTIM it is rejected as transient (local limit exceeded)
     let out = echoscu(d.port, CONSOLE, OUR_AE);
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(d.log().contains("A-ASSOCIATE-RJ (transient, local limit exceeded)"), "{}", d.log());
+    d.wait_log("A-ASSOCIATE-RJ (transient, local limit exceeded)");
     // a third one at the same time is beyond the per-address cap: closed at once
     let _second = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -287,7 +287,7 @@ fn one_address_cannot_take_every_slot_and_a_busy_node_says_so() {
     let t = std::time::Instant::now();
     let _ = std::io::Read::read_to_end(&mut third, &mut back);
     assert!(t.elapsed() < Duration::from_secs(1) && back.is_empty(), "closed at once");
-    assert!(d.log().contains("dicom.max_associations_per_peer"), "{}", d.log());
+    d.wait_log("dicom.max_associations_per_peer");
     hold.release().unwrap();
     drop(_second);
     assert_still_serving(&d);
@@ -302,7 +302,7 @@ fn sighup_reloads_the_allow_list_and_refuses_restart_only_keys() {
     std::fs::write(&d.config, cfg.replace("allowed_callers = [\"CONSOLE\"]", "allowed_callers = [\"CONSOLE\", \"WS\"]")).unwrap();
     d.signal("HUP");
     wait_for("the reloaded allow-list", Duration::from_secs(10), || echoscu(d.port, "WS", OUR_AE).status.success().then_some(()));
-    assert!(d.log().contains("SIGHUP: configuration reloaded"));
+    d.wait_log("SIGHUP: configuration reloaded");
     std::fs::write(&d.config, cfg.replace("ae_title = \"PETRESTORE\"", "ae_title = \"OTHER\"")).unwrap();
     d.signal("HUP");
     wait_for("the refusal in the log", Duration::from_secs(10), || d.log().contains("configuration not reloaded").then_some(()));

@@ -154,6 +154,16 @@ impl Daemon {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
+    /// Waits until the log holds `needle`. A peer sees a reply before the
+    /// daemon logs it, so a check right after a peer action must wait.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "{needle:?} not in the log within 10 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: a crash or power cut.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
