@@ -4,7 +4,9 @@
 
 The loss is a lesion-weighted MSE between the denoised image and the
 noise-free reconstruction of the 90 s data (the model's output mix with the
-input is fixed, see net.py). The kept weights are those with the lowest loss
+input is fixed, see net.py), plus, with --lesion-mean-weight, the squared
+mean error over each patch's lesion voxels: the SUVmean bias a reader would
+measure, which a voxel-wise loss lets the network trade for less noise. The kept weights are those with the lowest loss
 on the validation split; the test split is never read here.
 """
 import argparse
@@ -38,7 +40,8 @@ def load_params(path):
 
 
 # what must match between a run and its resumption (the rest, e.g. --eval-every, may differ)
-RESUME_ARGS = ("train", "val", "width", "context", "levels", "patch", "batch", "lr", "steps", "lesion_weight", "lesion_fraction", "seed", "limit", "warmup")
+RESUME_ARGS = ("train", "val", "width", "context", "levels", "patch", "batch", "lr", "steps", "lesion_weight", "lesion_fraction", "seed", "limit", "warmup",
+               "lesion_mean_weight")
 
 
 def save_checkpoint(a, p, st, step, best, history, minutes, rng):
@@ -65,7 +68,7 @@ def load_checkpoint(a, p, st, rng):
     with open(path) as f:
         meta = json.load(f)
     for k in RESUME_ARGS:
-        if meta["args"][k] != getattr(a, k):
+        if meta["args"].get(k, 0.0 if k == "lesion_mean_weight" else None) != getattr(a, k):
             raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(a, k)!r}, the checkpoint's run used {meta['args'][k]!r}")
     z = np.load(os.path.join(a.out, "checkpoint.npz"))
     q = {}
@@ -111,6 +114,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=0, help="stop after this many steps (0 = time budget only)")
     ap.add_argument("--lesion-weight", type=float, default=4.0, help="extra loss weight on lesion voxels")
     ap.add_argument("--lesion-fraction", type=float, default=0.5, help="share of patches centred near a lesion")
+    ap.add_argument("--lesion-mean-weight", type=float, default=0.0,
+                    help="weight of the squared mean error over the lesion voxels of each patch (SUVmean bias)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N studies of each split (smoke tests)")
@@ -163,11 +168,16 @@ def main(argv=None):
     sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup, max(est_steps, a.warmup + 200), a.lr * 0.02)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-5))
     st = opt.init(p)
-    lw = a.lesion_weight
+    lw, lmw = a.lesion_weight, a.lesion_mean_weight
+
+    def lesion_mean_error(den, y, m):
+        """Per patch (or slice): mean of den − y over its lesion voxels (0 without any)."""
+        return jnp.sum(m * (den - y), axis=(1, 2, 3)) / jnp.maximum(jnp.sum(m, axis=(1, 2, 3)), 1.0)
 
     def loss_fn(p, x, y, m):
         _, den = net.forward(p, x)
-        return jnp.mean((1.0 + lw * m) * (den - y) ** 2)
+        voxel = jnp.mean((1.0 + lw * m) * (den - y) ** 2)
+        return voxel + lmw * jnp.mean(lesion_mean_error(den, y, m) ** 2) if lmw else voxel
 
     @jax.jit
     def step(p, st, x, y, m):
@@ -178,7 +188,7 @@ def main(argv=None):
     fwd = jax.jit(net.forward)
 
     def validate(p):
-        sums = {"loss": 0.0, "n": 0}
+        sums = {"loss": 0.0, "n": 0, "lesion_mean": 0.0, "slices": 0}
         for d in data.DURATIONS:
             sums[f"num_{int(d)}"], sums[f"den_{int(d)}"] = 0.0, 0.0
         for gx, gclean, gp90, gmask in vgroups:
@@ -189,13 +199,16 @@ def main(argv=None):
             out, den = np.concatenate(outs), np.concatenate(dens)
             sums["loss"] += float(np.sum((1 + lw * gmask) * (den - gclean) ** 2))
             sums["n"] += den.size
+            sums["lesion_mean"] += float(np.sum(np.asarray(lesion_mean_error(den, gclean, gmask)) ** 2))
+            sums["slices"] += len(den)
             # val slices are ordered study → duration → slice; split by the w channel
             for d in data.DURATIONS:
                 sel = np.isclose(gx[:, a.context, 0, 0], d / 90.0)
                 xc = gx[sel, a.context // 2:a.context // 2 + 1]
                 sums[f"num_{int(d)}"] += float(np.sum((out[sel] - gp90[sel]) ** 2))
                 sums[f"den_{int(d)}"] += float(np.sum((xc - gp90[sel]) ** 2))
-        res = {"loss": sums["loss"] / sums["n"]}
+        res = {"loss": sums["loss"] / sums["n"] + lmw * sums["lesion_mean"] / sums["slices"],
+               "lesion_mean_rms": (sums["lesion_mean"] / sums["slices"]) ** 0.5}
         for d in data.DURATIONS:
             res[f"seed_mse_{int(d)}"] = 100 * (1 - sums[f"num_{int(d)}"] / sums[f"den_{int(d)}"])
         return res
