@@ -334,7 +334,9 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
     let restored = match pipeline::worker::restore_paths(&settings, &engines.engines, &paths) {
         Ok(r) => r,
         Err(pipeline::worker::Ending::Skipped(r)) => bail!("series not restored (selection rules): {r}"),
-        Err(pipeline::worker::Ending::Failed(r)) | Err(pipeline::worker::Ending::Restored { engine: r, .. }) => {
+        Err(pipeline::worker::Ending::Failed(r))
+        | Err(pipeline::worker::Ending::NoSpace(r))
+        | Err(pipeline::worker::Ending::Restored { engine: r, .. }) => {
             bail!("restoration failed: {r}")
         }
     };
@@ -348,7 +350,7 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
         eprintln!("petrestore: {a}");
     }
     let (engine, model, slices) = (restored.engine.clone(), restored.model_id.clone(), restored.slices);
-    let n = pipeline::worker::write_instances(&output, restored.instances).map_err(anyhow::Error::msg)?;
+    let n = pipeline::worker::write_instances(&output, restored.instances, 0)?;
     println!("restored {} with {engine} ({model}) into {}", pipeline::worker::slice_count(slices, n as usize), output.display());
     Ok(())
 }

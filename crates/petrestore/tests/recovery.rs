@@ -296,3 +296,81 @@ fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
     assert!(storescu(d.port, CONSOLE, &b.files).status.success());
     assert_eq!(d.wait_terminal(&job_id(&b), Duration::from_secs(60)).state, JobState::Done);
 }
+
+/// Issue 18: a disk that fills between ingest and restoration. The derived
+/// series does not fit with node.min_free_mb kept free: the job waits for
+/// space (its originals are not forwarded in its place), and once space
+/// returns it is restored and delivered without a restart. The filesystem is
+/// a real small one (tmpfs), filled for real.
+#[test]
+fn a_full_disk_delays_restoration_and_never_forwards_originals_instead() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 32 slices of 256²: 4 MiB as received, 4 MiB again as derived
+    let src = series(&tmp.path().join("src"), 32, 256, 81);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let dir = tmp.path().join("d");
+    let fs = Tmpfs::mount(&dir.join("state"), 96);
+    let d = Daemon::start(&dir, &format!("[node]\nmin_free_mb = 1\n[series]\nquiet_timeout_s = 2\n{}", destination("pacs", dest.port)));
+    // room for the received series and the 1 MiB reserve, not for its derived copy
+    let filler = fs.fill_leaving(7 * 1024 * 1024);
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    let waiting = d.wait_job(&id, "the job to wait for disk space", Duration::from_secs(60), |j| j.space_waits > 0);
+    assert_eq!(waiting.received, 32);
+    assert!(waiting.history.iter().any(|e| e.what.starts_with("waiting for disk space: disk full")), "{:#?}", waiting.history);
+    d.wait_log("the job waits for disk space");
+    // a few more attempts while the disk stays full: still waiting, nothing sent
+    d.wait_job(&id, "a second attempt", Duration::from_secs(20), |j| j.space_waits > 1);
+    let j = d.job(&id);
+    assert!(matches!(j.state, JobState::Queued | JobState::Restoring), "{:?}\n{:#?}", j.state, j.history);
+    assert!(dest.files().is_empty(), "nothing is forwarded while the job waits for space");
+
+    std::fs::remove_file(&filler).unwrap();
+    let job = d.wait_terminal(&id, Duration::from_secs(120));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.starts_with("disk space available again")), "{:#?}", job.history);
+    let got = wait_for("32 derived instances", Duration::from_secs(20), || {
+        let f = dest.files();
+        (f.len() == 32).then_some(f)
+    });
+    assert!(sop_uids(&got).is_disjoint(&sop_uids(&src.files)), "the destination got derived instances, not originals");
+    assert_eq!(series_uids(&got).len(), 1);
+    drop(d);
+}
+
+/// Issue 18: a real "No space left on device" in the materializer (no
+/// reserve configured, so nothing stops the disk from filling). What was
+/// acknowledged stays in the arrival log, new instances get Out of
+/// Resources with the reason first, and when space returns the materializer
+/// catches up and ingest resumes by itself: the series is restored and
+/// delivered without a restart.
+#[test]
+fn enospc_in_the_spool_recovers_by_itself_when_space_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 32, 256, 82);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let dir = tmp.path().join("d");
+    let fs = Tmpfs::mount(&dir.join("state"), 96);
+    let d = Daemon::start(&dir, &format!("[node]\nmin_free_mb = 0\n[series]\nquiet_timeout_s = 2\n{}", destination("pacs", dest.port)));
+    // room for about a quarter of the series in the spool
+    let filler = fs.fill_leaving(1024 * 1024);
+    let first = storescu(d.port, CONSOLE, &src.files[..16]);
+    d.wait_log("No space left on device");
+    let out = storescu(d.port, CONSOLE, &src.files[16..]);
+    assert!(text(&out).contains("Refused: OutOfResources"), "{}", text(&out));
+    d.wait_log("disk full (");
+    let acknowledged = 16 - text(&first).matches("Refused").count();
+    assert!(acknowledged > 0, "{}", text(&first));
+    std::fs::remove_file(&filler).unwrap();
+    d.wait_log("ingest resumed");
+    // the console sends again what was refused (and what it is unsure of)
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let job = d.wait_job(&job_id(&src), "the series restored and delivered", Duration::from_secs(120), |j| j.state.is_terminal());
+    assert_eq!((job.received, &job.state), (32, &JobState::Done), "{:#?}", job.history);
+    let got = wait_for("32 derived instances", Duration::from_secs(20), || {
+        let f = dest.files();
+        (f.len() == 32).then_some(f)
+    });
+    assert!(sop_uids(&got).is_disjoint(&sop_uids(&src.files)));
+    drop(d);
+}

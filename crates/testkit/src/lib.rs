@@ -154,6 +154,22 @@ impl Daemon {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
+    /// Waits until job `id` satisfies `f`; on timeout prints the job and the log.
+    pub fn wait_job(&self, id: &str, what: &str, timeout: Duration, f: impl Fn(&Job) -> bool) -> Job {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let j = self.jobs().into_iter().find(|j| j.id == id);
+            if let Some(j) = j.filter(|j| f(j)) {
+                return j;
+            }
+            if Instant::now() > deadline {
+                let j = self.jobs().into_iter().find(|j| j.id == id);
+                panic!("timed out after {timeout:?} waiting for {what}: job {j:#?}\nlog:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until the log holds `needle`. A peer sees a reply before the
     /// daemon logs it, so a check right after a peer action must wait.
     pub fn wait_log(&self, needle: &str) {
@@ -674,5 +690,55 @@ pub fn pki(dir: &Path, clients: &[&str]) {
                 "client.ext",
             ],
         );
+    }
+}
+
+/// A small filesystem of its own (tmpfs of `mib` MiB mounted on `dir`), so a
+/// test can fill a disk for real: writes fail with ENOSPC as on a full box.
+/// Mounting needs root (CAP_SYS_ADMIN), as the CI machine has; without it the
+/// test fails with that reason. Unmounted when dropped.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0755"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a {mib} MiB tmpfs on {} failed (the disk-full tests need root: CAP_SYS_ADMIN): {}",
+            dir.display(),
+            text(&out)
+        );
+        Tmpfs { dir: dir.to_owned() }
+    }
+
+    /// Fill the filesystem with one file until `leave` bytes stay free;
+    /// returns the file (remove it to give the space back).
+    pub fn fill_leaving(&self, leave: u64) -> PathBuf {
+        let free = petrestore::spool::free_bytes(&self.dir).unwrap();
+        assert!(free > leave, "only {free} bytes free, cannot leave {leave}");
+        let path = self.dir.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        let mut left = free - leave;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            std::io::Write::write_all(&mut f, &chunk[..n]).unwrap();
+            left -= n as u64;
+        }
+        f.sync_all().unwrap();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }

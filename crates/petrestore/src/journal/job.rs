@@ -153,6 +153,13 @@ pub struct Job {
     /// `series.multiframe_quiet_timeout_s`).
     #[serde(default)]
     pub multiframe: bool,
+    /// Restoration attempts that found the disk full since the last one
+    /// that did not; the job is not restored again before
+    /// `restore_not_before_ms`.
+    #[serde(default)]
+    pub space_waits: u32,
+    #[serde(default)]
+    pub restore_not_before_ms: u64,
     pub history: Vec<Event>,
     pub updated_ms: u64,
 }
@@ -180,6 +187,8 @@ impl Job {
             rerun_requested: false,
             purged: false,
             multiframe: false,
+            space_waits: 0,
+            restore_not_before_ms: 0,
             history: vec![Event { at_ms: now, what: "first instance received".into() }],
             updated_ms: now,
         }

@@ -116,7 +116,7 @@ impl Pipeline {
                     self.wake.notify_one();
                 }
                 JobState::Queued | JobState::Restoring => {
-                    if self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+                    if self.paused.load(std::sync::atomic::Ordering::Relaxed) || job.restore_not_before_ms > now {
                         continue;
                     }
                     let Ok(permit) = self.restore_slot.clone().try_acquire_owned() else { continue };

@@ -29,7 +29,16 @@ pub enum Ending {
     },
     Skipped(String),
     Failed(String),
+    /// The derived series did not fit on the disk (with the configured
+    /// reserve kept free): the job waits for space and is restored again;
+    /// its originals are not forwarded in its place.
+    NoSpace(String),
 }
+
+/// First wait after a job found the disk full; doubled per attempt up to
+/// [`SPACE_RETRY_MAX`].
+pub const SPACE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+pub const SPACE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Everything a restoration needs.
 pub struct WorkerCtx {
@@ -48,7 +57,25 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
     let settings = ctx.settings.get();
     let destinations: Vec<String> = settings.destinations.iter().map(|d| d.name.clone()).collect();
     let r = &settings.restore;
+    if let Ending::NoSpace(reason) = &ending {
+        let job = ctx.journal.update(job_id, |j| {
+            let wait = SPACE_RETRY_FIRST.saturating_mul(1 << j.space_waits.min(5)).min(SPACE_RETRY_MAX);
+            if j.space_waits == 0 {
+                j.note(format!("waiting for disk space: {reason}; restoring again every {} s or less", SPACE_RETRY_MAX.as_secs()));
+            }
+            j.space_waits = j.space_waits.saturating_add(1);
+            j.restore_not_before_ms = crate::journal::now_ms() + wait.as_millis() as u64;
+            j.set_state(JobState::Queued);
+        })?;
+        tracing::warn!(job = job_id, waits = job.space_waits, "{reason}: the job waits for disk space");
+        return Ok(());
+    }
     let job = ctx.journal.update(job_id, |j| {
+        if j.space_waits > 0 {
+            j.note(format!("disk space available again after {} attempts", j.space_waits));
+            j.space_waits = 0;
+            j.restore_not_before_ms = 0;
+        }
         let (payload, outcome) = match &ending {
             Ending::Restored { engine, model_id, series_uid, count, slices } => {
                 j.engine = Some(engine.clone());
@@ -66,6 +93,7 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
             Ending::Failed(reason) => {
                 (r.forward_original_on_failure.then_some(Payload::Original), Outcome::Failed { reason: reason.clone() })
             }
+            Ending::NoSpace(_) => unreachable!("handled above"),
         };
         match payload {
             Some(payload) if !destinations.is_empty() => {
@@ -115,7 +143,7 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
     for a in &restored.assumed {
         let _ = ctx.journal.update(&job.id, |j| j.note(a.clone()));
     }
-    match write_instances(&dir, restored.instances) {
+    match write_instances(&dir, restored.instances, s.node.min_free_bytes) {
         Ok(count) => Ending::Restored {
             engine: restored.engine,
             model_id: restored.model_id,
@@ -123,7 +151,8 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
             count,
             slices: restored.slices,
         },
-        Err(e) => Ending::Failed(e),
+        Err(WriteError::NoSpace(e)) => Ending::NoSpace(e),
+        Err(WriteError::Other(e)) => Ending::Failed(e),
     }
 }
 
@@ -192,17 +221,56 @@ pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf
     })
 }
 
+/// Why derived instances were not written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Not enough room (checked before writing, or ENOSPC while writing):
+    /// worth trying again once space returns.
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    Other(String),
+}
+
 /// Write derived instances durably into `dir` (cleared first: the folder
-/// holds only our own output). Returns how many were written.
-pub fn write_instances(dir: &Path, instances: Vec<DerivedInstance>) -> Result<u32, String> {
+/// holds only our own output). The whole series is encoded first and
+/// written only if it fits with `reserve` bytes left free on the disk, so a
+/// full disk is found before any file is written and ingest keeps its
+/// watermark. Returns how many were written.
+pub fn write_instances(dir: &Path, instances: Vec<DerivedInstance>, reserve: u64) -> Result<u32, WriteError> {
     if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+        std::fs::remove_dir_all(dir).map_err(|e| WriteError::Other(format!("cannot clear {}: {e}", dir.display())))?;
     }
-    let count = instances.len() as u32;
+    let mut encoded = Vec::with_capacity(instances.len());
     for inst in instances {
-        let path = dir.join(format!("{}.dcm", inst.sop_instance_uid));
-        let bytes = part10::encode(inst.dataset).map_err(|e| format!("cannot encode derived instance: {e}"))?;
-        spool::write_durable(&path, &[&bytes], true).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let bytes = part10::encode(inst.dataset).map_err(|e| WriteError::Other(format!("cannot encode derived instance: {e}")))?;
+        encoded.push((dir.join(format!("{}.dcm", inst.sop_instance_uid)), bytes));
+    }
+    let need: u64 = encoded.iter().map(|(_, b)| b.len() as u64).sum();
+    let mb = |b: u64| b.div_ceil(1024 * 1024);
+    // the nearest folder that exists (the output folder is made by the first write)
+    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(dir);
+    let free = spool::free_bytes(probe).map_err(|e| WriteError::Other(format!("cannot read free space of {}: {e}", probe.display())))?;
+    if free < need.saturating_add(reserve) {
+        return Err(WriteError::NoSpace(format!(
+            "disk full: the derived series needs {} MiB and node.min_free_mb keeps {} MiB free; {} MiB free",
+            mb(need),
+            mb(reserve),
+            free / (1024 * 1024)
+        )));
+    }
+    let count = encoded.len() as u32;
+    for (path, bytes) in encoded {
+        if let Err(e) = spool::write_durable(&path, &[&bytes], true) {
+            let full = matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded);
+            let what = format!("cannot write {}: {e}", path.display());
+            if full {
+                // nothing of a half-written series is kept
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(WriteError::NoSpace(format!("disk full: {what}")));
+            }
+            return Err(WriteError::Other(what));
+        }
     }
     Ok(count)
 }
