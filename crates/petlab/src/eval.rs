@@ -23,9 +23,9 @@ use petrestore::restore::{Engine, Volume, gaussian};
 use petsim::dataset::read_npy_f32;
 use petsim::{NEMA_SPHERES_MM, nema_sphere_centre};
 
-const PET90: usize = 2;
+pub(crate) const PET90: usize = 2;
 const CLEAN90: usize = 3;
-const TRUTH: usize = 4;
+pub(crate) const TRUTH: usize = 4;
 
 /// A study of a dataset, loaded.
 pub struct Study {
@@ -56,11 +56,11 @@ impl Study {
         Ok(Study { name, source: meta["source"].as_str().unwrap_or("?").to_owned(), planes, meta })
     }
 
-    fn short(&self, d: f64) -> &Volume {
+    pub(crate) fn short(&self, d: f64) -> &Volume {
         &self.planes[if d < 45.0 { 0 } else { 1 }]
     }
 
-    fn lesions(&self) -> Vec<(f64, [f64; 3], f64, f64)> {
+    pub(crate) fn lesions(&self) -> Vec<(f64, [f64; 3], f64, f64)> {
         // (diameter mm, centre voxel, activity, background)
         self.meta["lesions"]
             .as_array()
@@ -137,6 +137,9 @@ pub struct Record {
     pub lesions: Vec<[f64; 6]>,
     /// NEMA: per sphere (diameter, contrast recovery %, background variability %).
     pub nema: Vec<[f64; 3]>,
+    /// The model's σ against PET90, when the model package is calibrated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uncertainty: Option<crate::uncertainty::Coverage>,
 }
 
 /// NEMA NU 2 image quality on one image: per sphere, CR = (C_s/C_b − 1)/(4 − 1)
@@ -216,6 +219,7 @@ fn record(st: &Study, d: f64, method: &str, img: &Volume) -> Record {
         ssim_truth: ssim(img, truth, range_t),
         lesions,
         nema: if is_nema { nema_quality(img, st) } else { Vec::new() },
+        uncertainty: None,
     }
 }
 
@@ -277,7 +281,12 @@ pub fn run(o: &EvalOptions) -> Result<Value, String> {
             if let Some(e) = &o.engine {
                 let r = e.run(&short).map_err(|e| format!("{}: {e}", st.name))?;
                 model_label.get_or_insert_with(|| format!("{} ({})", e.model_id(), e.label()));
-                records.push(record(&st, d, "model", &r));
+                let mut rec = record(&st, d, "model", &r);
+                if let Some(cal) = e.uncertainty() {
+                    let sigma = cal.sigma(&short, &r).map_err(|e| format!("{}: {e}", st.name))?;
+                    rec.uncertainty = Some(crate::uncertainty::coverage(&st, &r, &sigma));
+                }
+                records.push(rec);
                 outs.push(("model", r));
             }
             if let Some(dir) = &o.dump {
@@ -347,6 +356,8 @@ pub fn summarise(records: &[Record]) -> BTreeMap<String, f64> {
             s.insert(k("seed_dssim"), mean(sel.iter().map(|r| improvement(r.dssim_pet90, r.dssim_short_pet90))));
             s.insert(k("nrmse_truth"), mean(sel.iter().map(|r| r.nrmse_truth)));
             s.insert(k("ssim_truth"), mean(sel.iter().map(|r| r.ssim_truth)));
+            let covs: Vec<&crate::uncertainty::Coverage> = sel.iter().filter_map(|r| r.uncertainty.as_ref()).collect();
+            crate::uncertainty::summarise(&covs, d as u32, m, &mut s);
             for (band, lo, hi) in [("lesion_ge10", 10.0, f64::INFINITY), ("lesion_lt10", 0.0, 10.0)] {
                 let ls: Vec<[f64; 6]> = sel.iter().flat_map(|r| r.lesions.iter().copied()).filter(|l| l[0] >= lo && l[0] < hi).collect();
                 if ls.is_empty() {
@@ -618,6 +629,7 @@ mod tests {
             ssim_truth: 0.9,
             lesions: vec![],
             nema: NEMA_SPHERES_MM.iter().map(|d| [*d, if *d == 10.0 { cr10 } else { 50.0 }, 3.0]).collect(),
+            uncertainty: None,
         }
     }
 

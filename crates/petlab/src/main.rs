@@ -7,6 +7,7 @@
 
 mod eval;
 mod grid;
+mod uncertainty;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,6 +96,32 @@ enum Command {
         /// sub-folder per cell, each with its own phantom seeds.
         #[arg(long)]
         site: Option<String>,
+    },
+    /// Fit the model's uncertainty calibration (per-voxel σ of PET90 − R) on
+    /// the validation grid and, with --write, store it in the package's
+    /// model.toml (`[uncertainty]`; the ONNX file and its checksum are not
+    /// touched). Prints the fitted scales and the 95 % coverage they give.
+    Calibrate {
+        /// The validation grid (`petlab dataset --split val --site all`).
+        #[arg(long)]
+        grid: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "tract")]
+        engine: String,
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+        /// FWHM (mm) of the window the residual's power is averaged over.
+        #[arg(long, default_value_t = petrestore::restore::uncertainty::DEFAULT_WINDOW_MM)]
+        window_mm: f64,
+        /// FWHM (mm) of the smoothing R's texture is measured against.
+        #[arg(long, default_value_t = petrestore::restore::uncertainty::DEFAULT_TEXTURE_MM)]
+        texture_mm: f64,
+        /// Write the calibration into MODEL/model.toml.
+        #[arg(long)]
+        write: bool,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// Measure restoration quality on simulated studies with known truth:
     /// seed metric vs PET90 with its ceiling, NRMSE and SSIM vs truth, NEMA
@@ -256,6 +283,30 @@ fn run(cli: Cli) -> Result<()> {
             }
             let secs = t.elapsed().as_secs_f64();
             println!("{made} studies ({:.1} M voxels per frame) written into {} in {secs:.1} s", voxels / 1e6, out.display());
+            Ok(())
+        }
+        Command::Calibrate { grid, model, engine, ort_library, window_mm, texture_mm, write, threads } => {
+            let e = petrestore::eval::engine(&model, &engine, ort_library, threads)?;
+            let (cal, report) = uncertainty::fit(&grid, e.as_ref(), window_mm, texture_mm).map_err(anyhow::Error::msg)?;
+            println!("| class (R ÷ body mean) | voxels | noise weight | texture weight | 95 % coverage with them |\n|---|---|---|---|---|");
+            for row in report["classes"].as_array().into_iter().flatten() {
+                println!(
+                    "| {} | {} | {:.3} | {:.3} | {:.1} % |",
+                    row["class"].as_str().unwrap_or("?"),
+                    row["voxels"],
+                    row["noise"].as_f64().unwrap_or(f64::NAN),
+                    row["texture"].as_f64().unwrap_or(f64::NAN),
+                    row["cov95_after"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+            if write {
+                let path = model.join("model.toml");
+                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                std::fs::write(&path, uncertainty::with_calibration(&text, &cal))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                petrestore::restore::model::ModelPackage::load(&model)?;
+                println!("\nwritten into {}", path.display());
+            }
             Ok(())
         }
         Command::Eval { dataset, grid, val_grid, val, gaussian_fwhm, model, engine, ort_library, json, markdown, dump, threads } => {

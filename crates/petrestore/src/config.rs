@@ -151,6 +151,8 @@ struct RawDestination {
     name: String,
     ae_title: String,
     address: String,
+    #[serde(default)]
+    uncertainty: bool,
 }
 
 /// What to do with non-PET storage classes.
@@ -180,6 +182,8 @@ pub struct Destination {
     pub name: String,
     pub ae_title: String,
     pub address: String,
+    /// Also send the uncertainty series (when the model makes one).
+    pub uncertainty: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -661,7 +665,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
                 "write HOST:PORT, e.g. \"10.1.2.3:104\"",
             ));
         }
-        destinations.push(Destination { name: dst.name, ae_title: dst.ae_title, address: dst.address });
+        destinations.push(Destination { name: dst.name, ae_title: dst.ae_title, address: dst.address, uncertainty: dst.uncertainty });
     }
 
     let mqtt = match u.mqtt.take() {

@@ -37,6 +37,31 @@ pub struct DerivedInstance {
 
 pub use crate::dicom::ds;
 
+/// Which derived series: the restored image, or its uncertainty (per voxel,
+/// 1 SD of PET90 − R; Image Type `DERIVED\PRIMARY\UNCERTAINTY`, not for
+/// diagnosis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Restored,
+    Uncertainty,
+}
+
+/// Salt of the uncertainty series' UIDs (with the model id).
+fn uid_salt(kind: Kind, model_id: &str) -> String {
+    match kind {
+        Kind::Restored => model_id.to_owned(),
+        Kind::Uncertainty => format!("{model_id}/uncertainty-1sd"),
+    }
+}
+
+/// Series Instance UID of the uncertainty series of `source_series`.
+pub fn uncertainty_series_uid(source_series: &str, model_id: &str) -> String {
+    derived_uid(source_series, &uid_salt(Kind::Uncertainty, model_id))
+}
+
+/// Series Description suffix of the uncertainty series.
+pub const UNCERTAINTY_SUFFIX: &str = " uncertainty 1SD";
+
 /// Rescale slope for one output slice: the largest magnitude maps to 32766,
 /// so nothing clips; the slope is what the DS string says (parsed back), so
 /// stored value × slope reproduces the restored value to rounding.
@@ -72,9 +97,22 @@ fn truncate(s: &str, max: usize) -> String {
 /// multi-frame source gives a multi-frame output with its frames in the
 /// source's frame order).
 pub fn derive_series(slices: &[SourceSlice], restored: &Volume, p: &DeriveParams) -> Vec<DerivedInstance> {
+    derive(slices, restored, p, Kind::Restored)
+}
+
+/// The uncertainty series of a restored series: one instance per source
+/// instance, like [`derive_series`], holding σ (Bq/ml) with its own
+/// deterministic UIDs, Image Type `DERIVED\PRIMARY\UNCERTAINTY`, a Derivation Description that
+/// says what it is and that it is not for diagnosis, and Source Image
+/// references to both the source and the restored instance.
+pub fn derive_uncertainty(slices: &[SourceSlice], sigma: &Volume, p: &DeriveParams) -> Vec<DerivedInstance> {
+    derive(slices, sigma, p, Kind::Uncertainty)
+}
+
+fn derive(slices: &[SourceSlice], restored: &Volume, p: &DeriveParams, kind: Kind) -> Vec<DerivedInstance> {
     let now = chrono_like_now();
     if slices.iter().all(|s| s.frame.is_none()) {
-        return slices.iter().enumerate().map(|(z, src)| derive_single(src, restored.slice(z), p, &now)).collect();
+        return slices.iter().enumerate().map(|(z, src)| derive_single(src, restored.slice(z), p, &now, kind)).collect();
     }
     // Multi-frame: the volume slices of each instance, by frame number.
     let mut order: Vec<&str> = Vec::new();
@@ -93,7 +131,7 @@ pub fn derive_series(slices: &[SourceSlice], restored: &Volume, p: &DeriveParams
             f.sort_unstable();
             let src = &slices[f[0].1];
             let values: Vec<&[f32]> = f.iter().map(|(_, z)| restored.slice(*z)).collect();
-            derive_multiframe(src, &values, p, &now)
+            derive_multiframe(src, &values, p, &now, kind)
         })
         .collect()
 }
@@ -101,12 +139,13 @@ pub fn derive_series(slices: &[SourceSlice], restored: &Volume, p: &DeriveParams
 /// What every derived instance gets: new UIDs, `DERIVED\PRIMARY`, our
 /// Contributing Equipment item, description suffix and series number.
 /// Returns the new SOP Instance UID.
-fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &str) -> String {
+fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &str, kind: Kind) -> String {
     let src_series = obj.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
-    let sop = derived_uid(src_sop, &p.model_id);
+    let salt = uid_salt(kind, &p.model_id);
+    let sop = derived_uid(src_sop, &salt);
     obj.put(el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()));
-    obj.put(el(tags::SERIES_INSTANCE_UID, VR::UI, derived_uid(&src_series, &p.model_id)));
-    set_derived(obj, tags::IMAGE_TYPE);
+    obj.put(el(tags::SERIES_INSTANCE_UID, VR::UI, derived_uid(&src_series, &salt)));
+    set_derived(obj, tags::IMAGE_TYPE, kind);
 
     let mut equipment: Vec<InMemDicomObject> =
         obj.get(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE).and_then(|e| e.items().map(|i| i.to_vec())).unwrap_or_default();
@@ -122,27 +161,53 @@ fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &st
     obj.put(seq(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE, equipment));
 
     let sd = obj.str_of(tags::SERIES_DESCRIPTION).unwrap_or_else(|| "PET".into());
-    let keep = 64usize.saturating_sub(p.series_description_suffix.chars().count());
-    obj.put(el(tags::SERIES_DESCRIPTION, VR::LO, format!("{}{}", truncate(&sd, keep), p.series_description_suffix)));
+    let suffix = match kind {
+        Kind::Restored => p.series_description_suffix.clone(),
+        Kind::Uncertainty => format!("{}{UNCERTAINTY_SUFFIX}", p.series_description_suffix),
+    };
+    let keep = 64usize.saturating_sub(suffix.chars().count());
+    obj.put(el(tags::SERIES_DESCRIPTION, VR::LO, format!("{}{suffix}", truncate(&sd, keep))));
     let sn = obj.i64_of(tags::SERIES_NUMBER).unwrap_or(0);
-    obj.put(el(tags::SERIES_NUMBER, VR::IS, ((sn + p.series_number_offset as i64) % 100_000).to_string()));
+    let offset = p.series_number_offset as i64 + if kind == Kind::Uncertainty { 1 } else { 0 };
+    obj.put(el(tags::SERIES_NUMBER, VR::IS, ((sn + offset) % 100_000).to_string()));
     sop
 }
 
-/// Image Type or Frame Type: value 1 `DERIVED`, value 2 `PRIMARY`, the
-/// others kept.
-fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag) {
+/// Image Type or Frame Type: value 1 `DERIVED`, value 2 `PRIMARY`, value 3
+/// `UNCERTAINTY` for the uncertainty series, the others kept.
+fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag, kind: Kind) {
     let mut values: Vec<String> =
         obj.get(tag).and_then(|e| e.to_str().ok().map(|s| s.split('\\').map(|x| x.trim().to_string()).collect())).unwrap_or_default();
     if values.len() < 2 {
         values.resize(2, String::new());
     }
+    // Value 2 of a PET image is PRIMARY by the IOD (PS3.3 C.8.9.4.1.1), for
+    // the uncertainty series too; its value 3 says what it is.
     values[0] = "DERIVED".into();
     values[1] = "PRIMARY".into();
+    if kind == Kind::Uncertainty {
+        if values.len() < 3 {
+            values.resize(3, String::new());
+        }
+        values[2] = "UNCERTAINTY".into();
+    }
     obj.put(el(tag, VR::CS, PrimitiveValue::Strs(values.into_iter().collect())));
 }
 
-fn derivation_description(p: &DeriveParams) -> String {
+fn derivation_description(p: &DeriveParams, kind: Kind) -> String {
+    if kind == Kind::Uncertainty {
+        let desc = format!(
+            "NOT FOR DIAGNOSIS. Uncertainty of the series restored by petrestore {} on {} (engine {}, model {}): per voxel, the \
+             predicted standard deviation (1 SD, in the image's units) of the difference between the restored image and a \
+             standard 90 s acquisition of the same bed; calibrated on simulated data. Not an activity image.{}",
+            env!("CARGO_PKG_VERSION"),
+            p.device_id,
+            p.engine,
+            p.model_id,
+            p.notice.as_ref().map(|n| format!(" {n}")).unwrap_or_default(),
+        );
+        return truncate(&desc, 1024);
+    }
     let desc = format!(
         "{}Restored by petrestore {} on {}: engine {}, model {}. Denoised only; frame duration and quantitation attributes unchanged.",
         p.notice.as_ref().map(|n| format!("{n} ")).unwrap_or_default(),
@@ -155,11 +220,25 @@ fn derivation_description(p: &DeriveParams) -> String {
 }
 
 fn source_image_item(src: &SourceSlice) -> InMemDicomObject {
+    reference_item(&src.sop_class_uid, &src.sop_instance_uid)
+}
+
+fn reference_item(class: &str, instance: &str) -> InMemDicomObject {
     InMemDicomObject::from_element_iter([
-        el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, src.sop_class_uid.as_str()),
-        el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, src.sop_instance_uid.as_str()),
+        el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, class),
+        el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, instance),
         seq(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code("121322", "DCM", "Source image for image processing operation")]),
     ])
+}
+
+/// The Source Image Sequence items: the source instance, and for the
+/// uncertainty series also the restored instance it describes.
+fn source_items(src: &SourceSlice, p: &DeriveParams, kind: Kind) -> Vec<InMemDicomObject> {
+    let mut items = vec![source_image_item(src)];
+    if kind == Kind::Uncertainty {
+        items.push(reference_item(&src.sop_class_uid, &derived_uid(&src.sop_instance_uid, &uid_salt(Kind::Restored, &p.model_id))));
+    }
+    items
 }
 
 /// Stored values (signed 16 bit) and the DS slope of one restored slice.
@@ -183,11 +262,11 @@ fn signed_16_bit(obj: &mut InMemDicomObject, pixels: Vec<u8>) {
 }
 
 /// A single-frame PET image (PS3.3 C.7.6.1, C.8.9.4).
-fn derive_single(src: &SourceSlice, values: &[f32], p: &DeriveParams, now: &str) -> DerivedInstance {
+fn derive_single(src: &SourceSlice, values: &[f32], p: &DeriveParams, now: &str, kind: Kind) -> DerivedInstance {
     let mut obj = (*src.dataset).clone();
-    let sop = relabel(&mut obj, &src.sop_instance_uid, p, now);
-    obj.put(el(tags::DERIVATION_DESCRIPTION, VR::ST, derivation_description(p)));
-    obj.put(seq(tags::SOURCE_IMAGE_SEQUENCE, vec![source_image_item(src)]));
+    let sop = relabel(&mut obj, &src.sop_instance_uid, p, now, kind);
+    obj.put(el(tags::DERIVATION_DESCRIPTION, VR::ST, derivation_description(p, kind)));
+    obj.put(seq(tags::SOURCE_IMAGE_SEQUENCE, source_items(src, p, kind)));
     // Pixels: signed 16 bit, per-slice slope chosen to use the range
     // without clipping, intercept 0.
     let mut bytes = Vec::with_capacity(values.len() * 2);
@@ -217,9 +296,14 @@ fn fg_items(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Vec<InMemDicomObjec
 /// A multi-frame (Enhanced PET) instance: the Derivation Image macro in the
 /// shared functional groups, a Pixel Value Transformation per frame (each
 /// frame's slope chosen like a single slice's), Frame Type `DERIVED`.
-fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now: &str) -> DerivedInstance {
+fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now: &str, kind: Kind) -> DerivedInstance {
     let mut obj = (*src.dataset).clone();
-    let sop = relabel(&mut obj, &src.sop_instance_uid, p, now);
+    let sop = relabel(&mut obj, &src.sop_instance_uid, p, now, kind);
+    let derivation_code = match kind {
+        Kind::Restored => code("113087", "DCM", "Smoothing"),
+        // no DCM code says "uncertainty of a restoration": a local one
+        Kind::Uncertainty => code("SD1", "99PETRST", "Standard deviation of restoration error"),
+    };
 
     let mut shared = fg_items(&obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).into_iter().next().unwrap_or_else(InMemDicomObject::new_empty);
     let mut per_frame = fg_items(&obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
@@ -231,19 +315,19 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
     shared.put(seq(
         tags::DERIVATION_IMAGE_SEQUENCE,
         vec![InMemDicomObject::from_element_iter([
-            el(tags::DERIVATION_DESCRIPTION, VR::ST, derivation_description(p)),
-            seq(tags::DERIVATION_CODE_SEQUENCE, vec![code("113087", "DCM", "Smoothing")]),
-            seq(tags::SOURCE_IMAGE_SEQUENCE, vec![source_image_item(src)]),
+            el(tags::DERIVATION_DESCRIPTION, VR::ST, derivation_description(p, kind)),
+            seq(tags::DERIVATION_CODE_SEQUENCE, vec![derivation_code]),
+            seq(tags::SOURCE_IMAGE_SEQUENCE, source_items(src, p, kind)),
         ])],
     ));
-    edit_group(&mut shared, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE));
+    edit_group(&mut shared, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE, kind));
 
     // Keep the source's Rescale Type (the units of an Enhanced PET image).
     let rescale_type = crate::dicom::frames::group_str(&src.dataset, 0, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_TYPE);
     let mut pixels = Vec::with_capacity(frames.iter().map(|f| f.len() * 2).sum());
     for (item, values) in per_frame.iter_mut().zip(frames) {
         item.remove_element(tags::DERIVATION_IMAGE_SEQUENCE);
-        edit_group(item, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE));
+        edit_group(item, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE, kind));
         let slope = quantize(values, &mut pixels);
         let mut pvt =
             InMemDicomObject::from_element_iter([el(tags::RESCALE_INTERCEPT, VR::DS, "0"), el(tags::RESCALE_SLOPE, VR::DS, slope)]);
@@ -276,7 +360,7 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
     obj.put(seq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
     obj.put(seq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame));
     obj.put(el(tags::NUMBER_OF_FRAMES, VR::IS, frames.len().to_string()));
-    if p.research {
+    if p.research || kind == Kind::Uncertainty {
         obj.put(el(tags::CONTENT_QUALIFICATION, VR::CS, "RESEARCH"));
     }
     // Top-level rescale attributes do not belong in a functional-group image.

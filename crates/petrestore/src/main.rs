@@ -331,15 +331,7 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
     for r in engines.reports.iter().filter(|r| !r.ok) {
         eprintln!("petrestore: engine {} unavailable: {}", r.engine, r.detail);
     }
-    let restored = match pipeline::worker::restore_paths(&settings, &engines.engines, &paths) {
-        Ok(r) => r,
-        Err(pipeline::worker::Ending::Skipped(r)) => bail!("series not restored (selection rules): {r}"),
-        Err(pipeline::worker::Ending::Failed(r))
-        | Err(pipeline::worker::Ending::NoSpace(r))
-        | Err(pipeline::worker::Ending::Restored { engine: r, .. }) => {
-            bail!("restoration failed: {r}")
-        }
-    };
+    let restored = pipeline::worker::restore_paths(&settings, &engines.engines, &paths)?;
     if output.exists() && std::fs::read_dir(&output)?.next().is_some() {
         bail!("--output {} is not empty: choose an empty or new folder", output.display());
     }

@@ -204,7 +204,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     settings.dicom.listen = "127.0.0.1:0".parse().expect("literal address");
     settings.dicom.allowed_callers = vec![AllowedCaller { ae_title: "DEMO-CONSOLE".into(), host: None }];
     settings.series.quiet_timeout = Duration::from_secs(10);
-    settings.destinations = vec![Destination { name: "demo-pacs".into(), ae_title: "DEMO-PACS".into(), address: pacs_addr.to_string() }];
+    settings.destinations =
+        vec![Destination { name: "demo-pacs".into(), ae_title: "DEMO-PACS".into(), address: pacs_addr.to_string(), uncertainty: false }];
     settings.restore.engines = vec![engine.clone()];
     settings.restore.ort_library = ort.clone();
     settings.restore.ort_providers = vec!["cpu".into()];

@@ -43,6 +43,24 @@ pub fn payload_files(journal: &Journal, spool: &Spool, state_dir: &Path, job: &J
     Ok(files)
 }
 
+/// The job's uncertainty series files (empty when it has none), checked
+/// against the count the journal recorded.
+pub fn uncertainty_files(state_dir: &Path, job: &Job) -> Result<Vec<PathBuf>, String> {
+    let expected = job.uncertainty.as_ref().map_or(0, |u| u.count);
+    if expected == 0 {
+        return Ok(Vec::new());
+    }
+    let dir = output_dir(state_dir, &job.id).join(crate::pipeline::worker::UNCERTAINTY_DIR);
+    let rd = std::fs::read_dir(&dir).map_err(|e| format!("uncertainty series folder {}: {e}", dir.display()))?;
+    let mut files: Vec<PathBuf> =
+        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "dcm")).collect();
+    files.sort();
+    if files.len() as u32 != expected {
+        return Err(format!("uncertainty series has {} files, the journal expects {expected}", files.len()));
+    }
+    Ok(files)
+}
+
 /// Decide what a job in `Delivering` becomes: still delivering, its outcome
 /// (or `Queued` again when a rerun was requested), or failed when a
 /// destination ran out of attempts.
@@ -91,7 +109,9 @@ pub async fn deliver_due(
 ) -> Result<(), JournalError> {
     let Some(job) = journal.get(job_id)? else { return Ok(()) };
     let JobState::Delivering { payload, .. } = job.state.clone() else { return Ok(()) };
-    let files = match payload_files(journal, spool, state_dir, &job, payload) {
+    let files = match payload_files(journal, spool, state_dir, &job, payload)
+        .and_then(|f| Ok((f, if payload == Payload::Derived { uncertainty_files(state_dir, &job)? } else { Vec::new() })))
+    {
         Ok(f) => f,
         Err(e) if payload == Payload::Derived => {
             // The derived series is damaged (e.g. a crash mid-write): make it again.
@@ -114,6 +134,8 @@ pub async fn deliver_due(
         let result = match destinations.iter().find(|x| x.name == d.destination) {
             None => Err(format!("destination {:?} is no longer configured", d.destination)),
             Some(dst) => {
+                // the uncertainty series goes only where it is asked for
+                let files: Vec<PathBuf> = if dst.uncertainty { files.0.iter().chain(&files.1).cloned().collect() } else { files.0.clone() };
                 let peer = scu::Peer {
                     address: dst.address.clone(),
                     called_ae: dst.ae_title.clone(),

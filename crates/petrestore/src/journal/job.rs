@@ -119,6 +119,15 @@ pub struct Event {
 /// Kept history lines per job (bounded: a job record must stay small).
 const MAX_HISTORY: usize = 64;
 
+/// What a job records of its uncertainty series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UncertaintyRecord {
+    pub summary: crate::restore::uncertainty::Summary,
+    /// Written only when a destination asks for it (`uncertainty = true`).
+    pub series_uid: Option<String>,
+    pub count: u32,
+}
+
 /// One series and its fate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -160,6 +169,10 @@ pub struct Job {
     pub space_waits: u32,
     #[serde(default)]
     pub restore_not_before_ms: u64,
+    /// The uncertainty of the restored series, when the model is
+    /// calibrated for it: its one-line summary, its series and instances.
+    #[serde(default)]
+    pub uncertainty: Option<UncertaintyRecord>,
     pub history: Vec<Event>,
     pub updated_ms: u64,
 }
@@ -189,6 +202,7 @@ impl Job {
             multiframe: false,
             space_waits: 0,
             restore_not_before_ms: 0,
+            uncertainty: None,
             history: vec![Event { at_ms: now, what: "first instance received".into() }],
             updated_ms: now,
         }

@@ -8,7 +8,7 @@ use dicom_dictionary_std::tags;
 use std::sync::Arc;
 
 use crate::config::{IncompletePolicy, Settings};
-use crate::derive::{DeriveParams, DerivedInstance, derive_series};
+use crate::derive::{DeriveParams, DerivedInstance, derive_series, derive_uncertainty, uncertainty_series_uid};
 use crate::dicom::attrs::Attrs;
 use crate::dicom::part10;
 use crate::egress::output_dir;
@@ -26,6 +26,7 @@ pub enum Ending {
         series_uid: String,
         count: u32,
         slices: usize,
+        uncertainty: Option<crate::journal::UncertaintyRecord>,
     },
     Skipped(String),
     Failed(String),
@@ -33,6 +34,26 @@ pub enum Ending {
     /// reserve kept free): the job waits for space and is restored again;
     /// its originals are not forwarded in its place.
     NoSpace(String),
+}
+
+/// Why a series was not restored (nothing was written).
+#[derive(Debug, thiserror::Error)]
+pub enum NotRestored {
+    /// The selection rules left it out (wrong duration, units, tracer, …).
+    #[error("series not restored (selection rules): {0}")]
+    Skipped(String),
+    /// Loading or an engine failed (the message says which).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<NotRestored> for Ending {
+    fn from(e: NotRestored) -> Ending {
+        match e {
+            NotRestored::Skipped(r) => Ending::Skipped(r),
+            NotRestored::Failed(r) => Ending::Failed(r),
+        }
+    }
 }
 
 /// First wait after a job found the disk full; doubled per attempt up to
@@ -77,7 +98,7 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
             j.restore_not_before_ms = 0;
         }
         let (payload, outcome) = match &ending {
-            Ending::Restored { engine, model_id, series_uid, count, slices } => {
+            Ending::Restored { engine, model_id, series_uid, count, slices, uncertainty } => {
                 j.engine = Some(engine.clone());
                 j.model_id = Some(model_id.clone());
                 j.output_series_uid = Some(series_uid.clone());
@@ -87,6 +108,10 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
                     slice_count(*slices, *count as usize),
                     started.elapsed().as_secs_f64()
                 ));
+                if let Some(u) = uncertainty {
+                    j.note(u.summary.to_string());
+                }
+                j.uncertainty = uncertainty.clone();
                 (Some(Payload::Derived), Outcome::Done)
             }
             Ending::Skipped(reason) => (r.forward_skipped.then_some(Payload::Original), Outcome::Skipped { reason: reason.clone() }),
@@ -132,9 +157,10 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
         Err(e) => return Ending::Failed(e.to_string()),
     };
     let paths: Vec<PathBuf> = records.iter().map(|r| ctx.spool.absolute(&r.path)).collect();
-    let restored = match restore_paths(s, &ctx.engines, &paths) {
+    let want_uncertainty = s.destinations.iter().any(|d| d.uncertainty);
+    let restored = match restore_paths_with(s, &ctx.engines, &paths, want_uncertainty) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return e.into(),
     };
     let dir = output_dir(&s.node.state_dir, &job.id);
     for f in &restored.fallbacks {
@@ -143,13 +169,22 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
     for a in &restored.assumed {
         let _ = ctx.journal.update(&job.id, |j| j.note(a.clone()));
     }
-    match write_instances(&dir, restored.instances, s.node.min_free_bytes) {
-        Ok(count) => Ending::Restored {
+    let (summary, sigma_series) = match restored.uncertainty {
+        Some(u) => (Some((u.summary, u.series_uid)), u.instances),
+        None => (None, Vec::new()),
+    };
+    match write_outputs(&dir, restored.instances, sigma_series, s.node.min_free_bytes) {
+        Ok((count, sigma_count)) => Ending::Restored {
             engine: restored.engine,
             model_id: restored.model_id,
             series_uid: restored.series_uid,
             count,
             slices: restored.slices,
+            uncertainty: summary.map(|(summary, uid)| crate::journal::UncertaintyRecord {
+                summary,
+                series_uid: (sigma_count > 0).then_some(uid),
+                count: sigma_count,
+            }),
         },
         Err(WriteError::NoSpace(e)) => Ending::NoSpace(e),
         Err(WriteError::Other(e)) => Ending::Failed(e),
@@ -168,7 +203,20 @@ pub struct Restored {
     /// Slices restored (the instances may be multi-frame).
     pub slices: usize,
     pub instances: Vec<DerivedInstance>,
+    /// When the engine's model is calibrated for it.
+    pub uncertainty: Option<RestoredUncertainty>,
 }
+
+/// The σ of a restored series: its summary, and its instances when asked for.
+pub struct RestoredUncertainty {
+    pub summary: crate::restore::uncertainty::Summary,
+    pub series_uid: String,
+    pub instances: Vec<DerivedInstance>,
+}
+
+/// Share of the restored value above which a body voxel's σ counts as
+/// uncertain in the job summary.
+pub const UNCERTAIN_FRACTION: f64 = 0.25;
 
 /// "12 slices", or "268 slices in 1 multi-frame instance".
 pub fn slice_count(slices: usize, instances: usize) -> String {
@@ -181,19 +229,31 @@ pub fn slice_count(slices: usize, instances: usize) -> String {
 
 /// Load, select, restore and derive one series from its files. Shared by
 /// the daemon's worker and the offline `restore` command.
-pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf]) -> Result<Restored, Ending> {
-    let loaded = volume::load(paths).map_err(|e| Ending::Failed(format!("cannot build a volume: {e}")))?;
-    let mut selected = select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(Ending::Skipped)?;
+pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf]) -> Result<Restored, NotRestored> {
+    restore_paths_with(s, engines, paths, false)
+}
+
+/// [`restore_paths`]; with a calibrated model the σ summary is always made,
+/// and with `uncertainty_series` also the uncertainty series.
+pub fn restore_paths_with(
+    s: &Settings,
+    engines: &[Arc<dyn Engine>],
+    paths: &[PathBuf],
+    uncertainty_series: bool,
+) -> Result<Restored, NotRestored> {
+    let loaded = volume::load(paths).map_err(|e| NotRestored::Failed(format!("cannot build a volume: {e}")))?;
+    let mut selected = select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(NotRestored::Skipped)?;
     // A model restores only the tracers it was trained for; the first
     // engine with a model decides (a fallback must not take what the
     // model refused).
     if let Some(allowed) = engines.iter().find_map(|e| e.tracers()) {
-        let assumed = select::check_tracer(&loaded.slices, &allowed, &s.restore).map_err(Ending::Skipped)?;
+        let assumed = select::check_tracer(&loaded.slices, &allowed, &s.restore).map_err(NotRestored::Skipped)?;
         selected.assumed.extend(assumed);
     }
     let mut input = loaded.volume;
     input.frame_duration_s = Some(selected.frame_duration_s);
-    let (restored, engine, fallbacks) = run_engines(engines, &input).map_err(|e| Ending::Failed(format!("restoration failed: {e}")))?;
+    let (restored, engine, fallbacks) =
+        run_engines(engines, &input).map_err(|e| NotRestored::Failed(format!("restoration failed: {e}")))?;
     let params = DeriveParams {
         engine: engine.label(),
         notice: {
@@ -208,6 +268,17 @@ pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf
         device_id: s.node.device_id.clone(),
     };
     let source_series = loaded.slices[0].dataset.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
+    let uncertainty = match engine.uncertainty() {
+        None => None,
+        Some(cal) => {
+            let sigma = cal.sigma(&input, &restored).map_err(|e| NotRestored::Failed(format!("uncertainty: {e}")))?;
+            Some(RestoredUncertainty {
+                summary: crate::restore::uncertainty::summarise(&restored, &sigma, UNCERTAIN_FRACTION),
+                series_uid: uncertainty_series_uid(&source_series, &params.model_id),
+                instances: if uncertainty_series { derive_uncertainty(&loaded.slices, &sigma, &params) } else { Vec::new() },
+            })
+        }
+    };
     let instances = derive_series(&loaded.slices, &restored, &params);
     let slices = loaded.slices.len();
     Ok(Restored {
@@ -218,6 +289,7 @@ pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf
         model_id: params.model_id,
         slices,
         instances,
+        uncertainty,
     })
 }
 
@@ -238,13 +310,29 @@ pub enum WriteError {
 /// full disk is found before any file is written and ingest keeps its
 /// watermark. Returns how many were written.
 pub fn write_instances(dir: &Path, instances: Vec<DerivedInstance>, reserve: u64) -> Result<u32, WriteError> {
+    write_outputs(dir, instances, Vec::new(), reserve).map(|(n, _)| n)
+}
+
+/// Folder (inside a job's output folder) of its uncertainty series.
+pub const UNCERTAINTY_DIR: &str = "uncertainty";
+
+/// [`write_instances`] for the restored series and its uncertainty series
+/// (in [`UNCERTAINTY_DIR`]), checked for space together. Returns both counts.
+pub fn write_outputs(
+    dir: &Path,
+    instances: Vec<DerivedInstance>,
+    sigma: Vec<DerivedInstance>,
+    reserve: u64,
+) -> Result<(u32, u32), WriteError> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| WriteError::Other(format!("cannot clear {}: {e}", dir.display())))?;
     }
-    let mut encoded = Vec::with_capacity(instances.len());
-    for inst in instances {
+    let (count, sigma_count) = (instances.len() as u32, sigma.len() as u32);
+    let mut encoded = Vec::with_capacity(instances.len() + sigma.len());
+    let sigma_dir = dir.join(UNCERTAINTY_DIR);
+    for (folder, inst) in instances.into_iter().map(|i| (dir, i)).chain(sigma.into_iter().map(|i| (sigma_dir.as_path(), i))) {
         let bytes = part10::encode(inst.dataset).map_err(|e| WriteError::Other(format!("cannot encode derived instance: {e}")))?;
-        encoded.push((dir.join(format!("{}.dcm", inst.sop_instance_uid)), bytes));
+        encoded.push((folder.join(format!("{}.dcm", inst.sop_instance_uid)), bytes));
     }
     let need: u64 = encoded.iter().map(|(_, b)| b.len() as u64).sum();
     let mb = |b: u64| b.div_ceil(1024 * 1024);
@@ -259,7 +347,6 @@ pub fn write_instances(dir: &Path, instances: Vec<DerivedInstance>, reserve: u64
             free / (1024 * 1024)
         )));
     }
-    let count = encoded.len() as u32;
     for (path, bytes) in encoded {
         if let Err(e) = spool::write_durable(&path, &[&bytes], true) {
             let full = matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded);
@@ -272,5 +359,5 @@ pub fn write_instances(dir: &Path, instances: Vec<DerivedInstance>, reserve: u64
             return Err(WriteError::Other(what));
         }
     }
-    Ok(count)
+    Ok((count, sigma_count))
 }

@@ -10,6 +10,7 @@ pub mod neural;
 pub mod ort_engine;
 pub mod select;
 pub mod tract_engine;
+pub mod uncertainty;
 pub mod volume;
 
 pub use volume::{SourceSlice, Volume};
@@ -47,6 +48,11 @@ pub trait Engine: Send + Sync {
     /// The tracers a model was trained for (`[selection] tracers` of its
     /// package); `None`: the engine has no model and takes any tracer.
     fn tracers(&self) -> Option<Vec<String>> {
+        None
+    }
+    /// The calibration that gives this engine's output its per-voxel σ
+    /// (see [`uncertainty`]); `None`: no uncertainty series.
+    fn uncertainty(&self) -> Option<uncertainty::Calibration> {
         None
     }
 }

@@ -26,6 +26,8 @@ struct RawPackage {
     provenance: toml::Table,
     #[serde(default)]
     metrics: toml::Table,
+    #[serde(default)]
+    uncertainty: Option<super::uncertainty::Calibration>,
 }
 
 fn default_purpose() -> String {
@@ -114,6 +116,9 @@ pub struct ModelPackage {
     pub selection: Selection,
     pub provenance: toml::Table,
     pub metrics: toml::Table,
+    /// How to give the restored image its σ (`[uncertainty]`, fitted on the
+    /// validation grid); without it the model's output has no uncertainty series.
+    pub uncertainty: Option<super::uncertainty::Calibration>,
 }
 
 /// A model package problem: which file, what is wrong, what to do.
@@ -166,6 +171,9 @@ impl ModelPackage {
                 reason: format!("normalisation.kind {:?} is unknown (this build knows \"body_mean\")", raw.normalisation.kind),
             });
         }
+        if let Some(u) = &raw.uncertainty {
+            u.check().map_err(|reason| ModelError::Invalid { dir: d.clone(), reason })?;
+        }
         let onnx_path = dir.join(&raw.onnx);
         let bytes =
             std::fs::read(&onnx_path).map_err(|e| ModelError::Read { dir: d.clone(), file: raw.onnx.clone(), reason: e.to_string() })?;
@@ -185,6 +193,7 @@ impl ModelPackage {
             selection: raw.selection,
             provenance: raw.provenance,
             metrics: raw.metrics,
+            uncertainty: raw.uncertainty,
         })
     }
 

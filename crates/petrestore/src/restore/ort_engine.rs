@@ -183,6 +183,9 @@ impl Engine for OrtEngine {
     fn tracers(&self) -> Option<Vec<String>> {
         Some(self.pkg.selection.tracers.clone())
     }
+    fn uncertainty(&self) -> Option<super::uncertainty::Calibration> {
+        self.pkg.uncertainty.clone()
+    }
     fn check(&self) -> Result<(), EngineError> {
         smoke_test(self, &self.pkg).map_err(unavailable)
     }

@@ -77,6 +77,9 @@ impl Engine for TractEngine {
     fn tracers(&self) -> Option<Vec<String>> {
         Some(self.pkg.selection.tracers.clone())
     }
+    fn uncertainty(&self) -> Option<super::uncertainty::Calibration> {
+        self.pkg.uncertainty.clone()
+    }
     fn check(&self) -> Result<(), EngineError> {
         smoke_test(self, &self.pkg).map_err(|reason| EngineError::Unavailable { engine: "tract".into(), reason })
     }

@@ -69,6 +69,9 @@ pub struct JobEventMsg {
     pub engine: Option<String>,
     pub model: Option<String>,
     pub at_ms: u64,
+    /// The restored series' uncertainty, when the model is calibrated for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncertainty: Option<crate::restore::uncertainty::Summary>,
     /// Only with `mqtt.include_uids = true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub study_uid: Option<String>,
@@ -94,6 +97,7 @@ impl JobEventMsg {
             engine: job.engine.clone(),
             model: job.model_id.clone(),
             at_ms: job.updated_ms,
+            uncertainty: job.uncertainty.as_ref().map(|u| u.summary),
             study_uid: include_uids.then(|| job.study_uid.clone()),
             series_uid: include_uids.then(|| job.series_uid.clone()),
         }

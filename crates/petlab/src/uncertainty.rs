@@ -1,0 +1,308 @@
+//! The restored image's σ on simulated studies, where PET90 is known:
+//! fitting its calibration (`petlab calibrate`, on the validation grid) and
+//! measuring its coverage (`petlab eval`): does PET90 fall within R ± σ
+//! (68 %) and R ± 1.96 σ (95 %) as often as it should, per tissue and per
+//! lesion (SUVmean intervals).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use petrestore::eval::metrics::sphere_voxels;
+use petrestore::restore::uncertainty::{self as unc, Calibration};
+use petrestore::restore::{Engine, Volume};
+use serde_json::{Value, json};
+
+use crate::eval::{PET90, Study, TRUTH};
+
+/// Tissues coverage is reported for, from the truth: lesions (their
+/// spheres), hot organs (≥ 2.5 × the body mean, e.g. bladder, kidneys,
+/// heart, brain), lungs (inside the body below 0.5 × the body mean) and the
+/// rest of the body.
+pub const TISSUES: [&str; 4] = ["body", "hot", "lesion", "lung"];
+/// z of the central 68.27 % and 95 % intervals of a normal distribution.
+pub const Z68: f64 = 1.0;
+pub const Z95: f64 = 1.96;
+
+/// Coverage on one restored image.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Coverage {
+    /// Per tissue: [voxels, within 1 σ, within 1.96 σ].
+    pub tissue: BTreeMap<String, [f64; 3]>,
+    /// Per lesion: [diameter mm, |mean R − mean PET90| ÷ mean σ over its sphere].
+    pub lesion_means: Vec<[f64; 2]>,
+    /// Mean σ ÷ mean R over the body (%).
+    pub body_relative_sd_pct: f64,
+}
+
+/// Tissue of every voxel (index into [`TISSUES`]), `None` outside the body.
+pub fn tissues(st: &Study) -> Vec<Option<u8>> {
+    let truth = &st.planes[TRUTH];
+    let top = truth.data.iter().copied().fold(0.0f32, f32::max);
+    let inside = |t: f32| t > 0.02 * top;
+    let body: Vec<f32> = truth.data.iter().copied().filter(|t| *t > 0.05 * top).collect();
+    let m = body.iter().map(|t| *t as f64).sum::<f64>() / body.len().max(1) as f64;
+    let mut out: Vec<Option<u8>> = truth
+        .data
+        .iter()
+        .map(|t| {
+            let t = *t as f64;
+            if !inside(t as f32) {
+                None
+            } else if t >= 2.5 * m {
+                Some(1)
+            } else if t < 0.5 * m {
+                Some(3)
+            } else {
+                Some(0)
+            }
+        })
+        .collect();
+    for (dia, c, _, _) in st.lesions() {
+        for i in sphere_voxels(truth, c, dia / 2.0) {
+            out[i] = Some(2);
+        }
+    }
+    out
+}
+
+/// Coverage of `sigma` for the restored `r` against the study's PET90.
+pub fn coverage(st: &Study, r: &Volume, sigma: &Volume) -> Coverage {
+    let p90 = &st.planes[PET90];
+    let tis = tissues(st);
+    let mut c = Coverage::default();
+    for name in TISSUES {
+        c.tissue.insert(name.into(), [0.0; 3]);
+    }
+    let (mut sr, mut ss) = (0.0f64, 0.0f64);
+    for (i, t) in tis.iter().enumerate() {
+        let Some(t) = *t else { continue };
+        let (e, s) = ((p90.data[i] - r.data[i]).abs() as f64, sigma.data[i] as f64);
+        let acc = c.tissue.get_mut(TISSUES[t as usize]).expect("every tissue inserted");
+        acc[0] += 1.0;
+        acc[1] += (e <= Z68 * s) as u8 as f64;
+        acc[2] += (e <= Z95 * s) as u8 as f64;
+        if t != 3 {
+            sr += r.data[i] as f64;
+            ss += s;
+        }
+    }
+    c.body_relative_sd_pct = 100.0 * ss / sr.max(f64::MIN_POSITIVE);
+    for (dia, centre, _, _) in st.lesions() {
+        let idx = sphere_voxels(r, centre, dia / 2.0);
+        let mean = |v: &Volume| idx.iter().map(|i| v.data[*i] as f64).sum::<f64>() / idx.len().max(1) as f64;
+        let (mr, mp, ms) = (mean(r), mean(p90), mean(sigma));
+        c.lesion_means.push([dia, (mr - mp).abs() / ms.max(f64::MIN_POSITIVE)]);
+    }
+    c
+}
+
+/// Flat summary keys for `method` at duration `d`, pooled over `covs`.
+pub fn summarise(covs: &[&Coverage], d: u32, method: &str, s: &mut BTreeMap<String, f64>) {
+    if covs.is_empty() {
+        return;
+    }
+    for name in TISSUES {
+        let [n, a, b] =
+            covs.iter().filter_map(|c| c.tissue.get(name)).fold([0.0; 3], |acc, x| [acc[0] + x[0], acc[1] + x[1], acc[2] + x[2]]);
+        if n > 0.0 {
+            s.insert(format!("unc_cov68_{name}_{d}_{method}"), 100.0 * a / n);
+            s.insert(format!("unc_cov95_{name}_{d}_{method}"), 100.0 * b / n);
+        }
+    }
+    let ls: Vec<f64> = covs.iter().flat_map(|c| c.lesion_means.iter().filter(|l| l[0] >= 10.0).map(|l| l[1])).collect();
+    if !ls.is_empty() {
+        let n = ls.len() as f64;
+        s.insert(format!("unc_lesion_mean_cov68_{d}_{method}"), 100.0 * ls.iter().filter(|z| **z <= Z68).count() as f64 / n);
+        s.insert(format!("unc_lesion_mean_cov95_{d}_{method}"), 100.0 * ls.iter().filter(|z| **z <= Z95).count() as f64 / n);
+        s.insert(format!("unc_lesion_count_{d}_{method}"), n);
+    }
+    s.insert(format!("unc_body_relative_sd_{d}_{method}"), covs.iter().map(|c| c.body_relative_sd_pct).sum::<f64>() / covs.len() as f64);
+}
+
+/// Fit the calibration on every study of the grid's cells (validation
+/// studies only). Per intensity class of R: the weights (a, b) of the noise
+/// and texture terms that maximise the Gaussian likelihood of PET90 − R,
+/// then one factor on both so that R ± σ holds PET90 in 68.27 % of the
+/// voxels inside the body. Returns the calibration and a report (per
+/// class: voxels, weights, the 95 % coverage that follows).
+pub fn fit(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64) -> Result<(Calibration, Value), String> {
+    let edges = unc::DEFAULT_CLASS_EDGES.to_vec();
+    // per class: (e², noise term, texture term) of every third body voxel
+    let mut samples: Vec<Vec<[f32; 3]>> = vec![Vec::new(); edges.len() + 1];
+    let mut studies = 0;
+    let mut cells = Vec::new();
+    for cell in petsim::sites::SITE_MATRIX.iter() {
+        let dir = grid.join(cell.name);
+        if !dir.is_dir() {
+            continue;
+        }
+        cells.push(cell.name);
+        for p in crate::eval::studies_in(&dir)? {
+            let st = Study::load(&p)?;
+            if st.meta["split"].as_str() == Some("test") {
+                return Err(format!("{}: the calibration is fitted on validation studies, never on the test split", st.name));
+            }
+            studies += 1;
+            let tis = tissues(&st);
+            for d in crate::eval::DURATIONS {
+                let short = st.short(d).clone();
+                let r = engine.run(&short).map_err(|e| format!("{}: {e}", st.name))?;
+                let t = unc::terms(&short, &r, window_mm, texture_mm)?;
+                let class = unc::classes(&r, &edges);
+                let p90 = &st.planes[PET90];
+                for i in (0..r.data.len()).step_by(3) {
+                    if tis[i].is_some() && t.noise[i] + t.texture[i] > 0.0 {
+                        let e = p90.data[i] - r.data[i];
+                        samples[class[i] as usize].push([e * e, t.noise[i], t.texture[i]]);
+                    }
+                }
+            }
+            eprintln!("calibrate: {} ({studies} studies)", st.name);
+        }
+    }
+    if studies == 0 {
+        return Err(format!(
+            "{} holds no cell of the site matrix with studies: make it with `petlab dataset --split val --site all`",
+            grid.display()
+        ));
+    }
+    let (mut noise, mut texture, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, v) in samples.iter().enumerate() {
+        if v.len() < 100 {
+            return Err(format!("class {} has only {} voxels: too few to fit", unc::CLASS_NAMES[k], v.len()));
+        }
+        let (a, b) = max_likelihood(v);
+        // one factor on both: 68.27 % of the voxels within R ± σ
+        let mut z: Vec<f64> = v.iter().map(|s| (s[0] as f64 / (a * s[1] as f64 + b * s[2] as f64).max(1e-30)).sqrt()).collect();
+        z.sort_by(f64::total_cmp);
+        let q = |p: f64| z[((z.len() - 1) as f64 * p) as usize];
+        let f = q(0.6827);
+        let cov95 = 100.0 * z.iter().filter(|x| **x <= Z95 * f).count() as f64 / z.len() as f64;
+        let round = |x: f64| (x * f * f * 1e4).round() / 1e4;
+        noise.push(round(a));
+        texture.push(round(b));
+        rows.push(json!({"class": unc::CLASS_NAMES[k], "voxels": v.len(), "noise": round(a), "texture": round(b), "cov95_after": cov95}));
+    }
+    let cal = Calibration {
+        window_mm,
+        texture_mm,
+        class_edges: edges,
+        noise,
+        texture,
+        fitted_on: format!("validation grid, cells {}, {studies} studies, 30 s and 60 s (petlab calibrate)", cells.join(" ")),
+    };
+    cal.check()?;
+    Ok((cal, json!({"grid": grid.display().to_string(), "studies": studies, "classes": rows})))
+}
+
+/// (a, b) ≥ 0 minimising the Gaussian negative log-likelihood
+/// Σ ln σ² + e²/σ² with σ² = a·N + b·T, on a logarithmic grid refined twice.
+fn max_likelihood(v: &[[f32; 3]]) -> (f64, f64) {
+    let nll = |a: f64, b: f64| -> f64 {
+        v.iter()
+            .map(|s| {
+                let var = (a * s[1] as f64 + b * s[2] as f64).max(1e-30);
+                var.ln() + s[0] as f64 / var
+            })
+            .sum()
+    };
+    let grid = |c: f64, span: f64| -> Vec<f64> {
+        let mut g: Vec<f64> = (0..=16).map(|i| c * (span * (i as f64 / 8.0 - 1.0)).exp()).collect();
+        g.push(0.0);
+        g
+    };
+    let (mut a, mut b) = (1.0, 1.0);
+    for span in [4.6, 1.0, 0.25] {
+        let mut best = (f64::INFINITY, a, b);
+        for &x in &grid(if a > 0.0 { a } else { 1e-2 }, span) {
+            for &y in &grid(if b > 0.0 { b } else { 1e-2 }, span) {
+                if x + y <= 0.0 {
+                    continue;
+                }
+                let l = nll(x, y);
+                if l < best.0 {
+                    best = (l, x, y);
+                }
+            }
+        }
+        (a, b) = (best.1, best.2);
+    }
+    (a, b)
+}
+
+/// `model.toml` with its `[uncertainty]` table replaced by `cal`.
+pub fn with_calibration(toml_text: &str, cal: &Calibration) -> String {
+    let mut out = String::new();
+    let mut skip = false;
+    for line in toml_text.lines() {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            skip = t.starts_with("[uncertainty]");
+        }
+        if !skip {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    while out.ends_with("\n\n") {
+        out.pop();
+    }
+    let f = |v: &[f64]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(", ");
+    out.push_str(&format!(
+        "\n[uncertainty]\n# per-voxel σ of PET90 − R: σ² = noise[c] · w/(1 − w) · G ∗ (x − R)² + texture[c] · (1 − w)² · G ∗ (R − G_t ∗ R)²,\n\
+         # w = duration / 90 s, G a Gaussian of window_mm, G_t of texture_mm, c the class of R ÷ its body mean\n\
+         # (edges below); fitted by `petlab calibrate`. See docs/QUALITY.md \"Uncertainty\".\n\
+         window_mm = {}\ntexture_mm = {}\nclass_edges = [{}]\nnoise = [{}]\ntexture = [{}]\nfitted_on = {:?}\n",
+        cal.window_mm,
+        cal.texture_mm,
+        f(&cal.class_edges),
+        f(&cal.noise),
+        f(&cal.texture),
+        cal.fitted_on
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_likelihood_fit_finds_the_weights_that_made_the_errors() {
+        // e ~ N(0, 2·N + 0.5·T) with N and T varying independently
+        let mut v = Vec::new();
+        let mut rng = 12345u64;
+        let mut unif = || {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((rng >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        for _ in 0..20000 {
+            let (n, t) = (0.2 + 2.0 * unif(), 0.2 + 2.0 * unif());
+            let g = (-2.0 * unif().ln()).sqrt() * (2.0 * std::f64::consts::PI * unif()).cos();
+            let e = g * (2.0 * n + 0.5 * t).sqrt();
+            v.push([(e * e) as f32, n as f32, t as f32]);
+        }
+        let (a, b) = max_likelihood(&v);
+        assert!((a - 2.0).abs() < 0.3 && (b - 0.5).abs() < 0.3, "a {a}, b {b}");
+    }
+
+    #[test]
+    fn the_uncertainty_table_is_replaced_not_repeated() {
+        let cal = Calibration {
+            window_mm: 10.0,
+            texture_mm: 6.0,
+            class_edges: vec![0.5, 1.5, 3.0],
+            noise: vec![1.0, 1.1, 1.2, 1.3],
+            texture: vec![0.0, 0.5, 2.0, 0.25],
+            fitted_on: "x".into(),
+        };
+        let once = with_calibration("id = \"m\"\n\n[io]\nbatch = 1\n", &cal);
+        let twice = with_calibration(&once, &cal);
+        assert_eq!(once, twice);
+        assert_eq!(once.matches("[uncertainty]").count(), 1);
+        let parsed: toml::Table = toml::from_str(&once).unwrap();
+        let back: Calibration = parsed["uncertainty"].clone().try_into().unwrap();
+        assert_eq!(back, cal);
+        assert_eq!(parsed["io"]["batch"].as_integer(), Some(1));
+    }
+}

@@ -1,0 +1,272 @@
+//! The uncertainty of a restored image: per voxel, the predicted standard
+//! deviation σ of PET90 − R, where R is the restored (90 s-equivalent) value
+//! and PET90 the image a standard 90 s acquisition of the same bed would
+//! have given.
+//!
+//! Where it comes from (docs/QUALITY.md "Uncertainty"): for a short frame x
+//! of duration t nested in the 90 s acquisition, w = t / 90 s, the restored
+//! image is R = w·x + (1 − w)·den, and PET90 ≈ w·x + (1 − w)·y with y the
+//! image of the other (90 − t) s, whose noise is independent of x's. So
+//! PET90 − R = (1 − w)·(y − den): the noise of y, whose variance is
+//! w / (1 − w) times x's, plus the denoiser's own error. x's local noise
+//! power is read from the residual x − R = (1 − w)·(x − den), averaged over
+//! a window of a few millimetres. Together:
+//!
+//! noise term: N = w / (1 − w) · G ∗ (x − R)²
+//!
+//! That term misses the denoiser's own error, which is largest where the
+//! network removes too little noise (counts or reconstructions it was not
+//! trained on): there the residual is small and the noise stays in R. The
+//! second term reads that from R's own fine texture, R minus R smoothed
+//! (a Gaussian of `texture_mm`), weighted by (1 − w)² as the denoiser's
+//! share of R:
+//!
+//! texture term: T = (1 − w)² · G ∗ (R − G_t ∗ R)²
+//!
+//! σ² = a · N + b · T, with one (a, b) per intensity class of R, fitted on
+//! the validation grid by `petlab calibrate` (maximum likelihood, then a
+//! scale that makes R ± σ hold PET90 in 68.3 % of the voxels) and stored in
+//! the model package's `[uncertainty]` table. Both terms grow wherever the
+//! input is noisier than usual (low counts, a shorter frame) or the network
+//! departs from it, so σ grows there too. Any engine's output can be given
+//! a σ this way; only a calibrated model's is written out.
+
+use super::Volume;
+
+/// FWHM (mm) of the window the residual's power is averaged over.
+pub const DEFAULT_WINDOW_MM: f64 = 10.0;
+/// FWHM (mm) of the smoothing R's texture is measured against.
+pub const DEFAULT_TEXTURE_MM: f64 = 6.0;
+/// Upper edges of the intensity classes, in units of R's body mean: lungs
+/// and air, soft tissue, warm organs, hot organs and lesions.
+pub const DEFAULT_CLASS_EDGES: [f64; 3] = [0.5, 1.5, 3.0];
+pub const CLASS_NAMES: [&str; 4] = ["low", "body", "warm", "hot"];
+
+/// The `[uncertainty]` table of a model package.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// FWHM (mm) of the window both terms are averaged over.
+    pub window_mm: f64,
+    /// FWHM (mm) of the smoothing the texture term is measured against.
+    pub texture_mm: f64,
+    /// Upper edges of the intensity classes (R ÷ body mean of R), ascending.
+    pub class_edges: Vec<f64>,
+    /// Weight of the noise term per class (`class_edges.len() + 1` values).
+    pub noise: Vec<f64>,
+    /// Weight of the texture term per class.
+    pub texture: Vec<f64>,
+    /// What the scales were fitted on (free text, for the record).
+    #[serde(default)]
+    pub fitted_on: String,
+}
+
+impl Calibration {
+    pub fn check(&self) -> Result<(), String> {
+        for (key, v) in [("window_mm", self.window_mm), ("texture_mm", self.texture_mm)] {
+            if !(v > 0.0 && v <= 50.0) {
+                return Err(format!("uncertainty.{key} must be in (0, 50], is {v}"));
+            }
+        }
+        if self.class_edges.windows(2).any(|w| w[0] >= w[1]) || self.class_edges.iter().any(|e| !(e.is_finite() && *e > 0.0)) {
+            return Err(format!("uncertainty.class_edges must be positive and ascending, are {:?}", self.class_edges));
+        }
+        for (key, v) in [("noise", &self.noise), ("texture", &self.texture)] {
+            if v.len() != self.class_edges.len() + 1 {
+                return Err(format!(
+                    "uncertainty.{key} needs {} values (one per class, class_edges.len() + 1), has {}",
+                    self.class_edges.len() + 1,
+                    v.len()
+                ));
+            }
+            if v.iter().any(|s| !(s.is_finite() && *s >= 0.0)) {
+                return Err(format!("uncertainty.{key} must be 0 or more, is {v:?}"));
+            }
+        }
+        if self.noise.iter().zip(&self.texture).any(|(a, b)| a + b <= 0.0) {
+            return Err("uncertainty: every class needs a positive noise or texture weight".into());
+        }
+        Ok(())
+    }
+
+    /// σ for `restored` from `input` (the short frame, its duration set).
+    pub fn sigma(&self, input: &Volume, restored: &Volume) -> Result<Volume, String> {
+        let Terms { noise, texture } = terms(input, restored, self.window_mm, self.texture_mm)?;
+        let class = classes(restored, &self.class_edges);
+        let data = noise
+            .iter()
+            .zip(&texture)
+            .zip(&class)
+            .map(|((n, t), c)| (self.noise[*c as usize] as f32 * n + self.texture[*c as usize] as f32 * t).sqrt())
+            .collect();
+        Ok(Volume { data, ..input.clone_shape() })
+    }
+}
+
+/// The two variance terms of the module doc, per voxel (Bq/ml squared).
+pub struct Terms {
+    pub noise: Vec<f32>,
+    pub texture: Vec<f32>,
+}
+
+pub fn terms(input: &Volume, restored: &Volume, window_mm: f64, texture_mm: f64) -> Result<Terms, String> {
+    let w = weight(input, restored)?;
+    let noise = local_power(input, input.data.iter().zip(&restored.data).map(|(x, r)| x - r), window_mm);
+    let smooth = super::gaussian::filter(restored, texture_mm);
+    let texture = local_power(input, restored.data.iter().zip(&smooth.data).map(|(r, s)| r - s), window_mm);
+    let (kn, kt) = ((w / (1.0 - w)) as f32, ((1.0 - w) * (1.0 - w)) as f32);
+    Ok(Terms { noise: noise.into_iter().map(|p| kn * p).collect(), texture: texture.into_iter().map(|p| kt * p).collect() })
+}
+
+/// G ∗ d² over a window of `window_mm`, for the differences `d`.
+fn local_power(shape: &Volume, d: impl Iterator<Item = f32>, window_mm: f64) -> Vec<f32> {
+    let sq: Vec<f32> = d.map(|v| v * v).collect();
+    let local = super::gaussian::filter(&Volume { data: sq, ..shape.clone_shape() }, window_mm);
+    local.data.into_iter().map(|p| p.max(0.0)).collect()
+}
+
+/// w = frame duration ÷ 90 s, checked.
+fn weight(input: &Volume, restored: &Volume) -> Result<f64, String> {
+    if (input.nx, input.ny, input.nz) != (restored.nx, restored.ny, restored.nz) {
+        return Err("the restored volume does not have the input's shape".into());
+    }
+    let t = input.frame_duration_s.ok_or("the input's frame duration is not known")?;
+    let w = t / 90.0;
+    if !(w > 0.0 && w < 1.0) {
+        return Err(format!("a frame of {t} s is not shorter than the 90 s standard: no uncertainty to predict"));
+    }
+    Ok(w)
+}
+
+/// sqrt of the noise term alone (see the module doc), in Bq/ml.
+pub fn raw_sigma(input: &Volume, restored: &Volume, window_mm: f64) -> Result<Volume, String> {
+    let w = weight(input, restored)?;
+    let k = (w / (1.0 - w)) as f32;
+    let noise = local_power(input, input.data.iter().zip(&restored.data).map(|(x, r)| x - r), window_mm);
+    Ok(Volume { data: noise.into_iter().map(|p| (k * p).sqrt()).collect(), ..input.clone_shape() })
+}
+
+/// Body mean of `v`: the normalisation of the engines (voxels above 5 % of
+/// the 99.9th percentile).
+pub fn body_mean(v: &Volume) -> f32 {
+    super::neural::body_scale(v, 0.05).unwrap_or(1.0).max(f32::MIN_POSITIVE)
+}
+
+/// Intensity class of every voxel of `restored` (index into the scales).
+pub fn classes(restored: &Volume, edges: &[f64]) -> Vec<u8> {
+    let m = body_mean(restored) as f64;
+    restored.data.iter().map(|r| edges.iter().take_while(|e| (*r as f64) / m >= **e).count() as u8).collect()
+}
+
+/// The one-line summary of a σ volume for the job record and the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    /// Mean σ over body voxels ÷ mean R over them (%).
+    pub body_relative_sd_pct: f64,
+    /// Share of body voxels whose σ exceeds `fraction` of R (%).
+    pub uncertain_share_pct: f64,
+    /// The fraction used (e.g. 0.25).
+    pub fraction: f64,
+}
+
+pub fn summarise(restored: &Volume, sigma: &Volume, fraction: f64) -> Summary {
+    let t = body_mean(restored) * 0.5;
+    let (mut sr, mut ss, mut n, mut over) = (0.0f64, 0.0f64, 0usize, 0usize);
+    for (r, s) in restored.data.iter().zip(&sigma.data) {
+        if *r > t {
+            sr += *r as f64;
+            ss += *s as f64;
+            n += 1;
+            if (*s as f64) > fraction * *r as f64 {
+                over += 1;
+            }
+        }
+    }
+    Summary {
+        body_relative_sd_pct: if sr > 0.0 { 100.0 * ss / sr } else { 0.0 },
+        uncertain_share_pct: 100.0 * over as f64 / n.max(1) as f64,
+        fraction,
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "uncertainty: body σ {:.1} % of the restored value; {:.1} % of body voxels above {:.0} %",
+            self.body_relative_sd_pct,
+            self.uncertain_share_pct,
+            100.0 * self.fraction
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(data: Vec<f32>, n: usize, t: f64) -> Volume {
+        Volume { nx: n, ny: n, nz: 1, spacing: [4.0, 4.0, 4.0], data, frame_duration_s: Some(t) }
+    }
+
+    #[test]
+    fn raw_sigma_follows_the_nesting_formula() {
+        // a residual of ±2 everywhere: G ∗ (x − R)² = 4, so σ_raw² = w/(1 − w)·4
+        let n = 16;
+        let x: Vec<f32> = (0..n * n).map(|i| 10.0 + if i % 2 == 0 { 2.0 } else { -2.0 }).collect();
+        let r = vec![10.0f32; n * n];
+        for (t, want) in [(30.0, (0.5f32 * 4.0).sqrt()), (60.0, (2.0f32 * 4.0).sqrt())] {
+            let s = raw_sigma(&vol(x.clone(), n, t), &vol(r.clone(), n, t), 8.0).unwrap();
+            let mid = s.data[n * n / 2 + n / 2];
+            assert!((mid - want).abs() < 0.05 * want, "{t} s: {mid} vs {want}");
+        }
+        // no frame shorter than 90 s, no σ
+        assert!(raw_sigma(&vol(x.clone(), n, 90.0), &vol(r.clone(), n, 90.0), 8.0).is_err());
+    }
+
+    #[test]
+    fn a_noisier_input_gets_a_larger_sigma() {
+        let n = 16;
+        let r = vec![10.0f32; n * n];
+        let noisy = |a: f32| (0..n * n).map(|i| 10.0 + if i % 2 == 0 { a } else { -a }).collect::<Vec<f32>>();
+        let s1 = raw_sigma(&vol(noisy(1.0), n, 30.0), &vol(r.clone(), n, 30.0), 8.0).unwrap();
+        let s3 = raw_sigma(&vol(noisy(3.0), n, 30.0), &vol(r.clone(), n, 30.0), 8.0).unwrap();
+        assert!(s3.data[100] > 2.9 * s1.data[100]);
+    }
+
+    #[test]
+    fn classes_scales_and_checks() {
+        let n = 4;
+        let r = vol(vec![0.1, 1.0, 2.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], n, 30.0);
+        let c = classes(&r, &DEFAULT_CLASS_EDGES);
+        assert_eq!(&c[..4], &[0, 1, 2, 3]);
+        let mut cal = Calibration {
+            window_mm: 10.0,
+            texture_mm: 6.0,
+            class_edges: DEFAULT_CLASS_EDGES.to_vec(),
+            noise: vec![1.0; 4],
+            texture: vec![0.0; 4],
+            fitted_on: String::new(),
+        };
+        assert!(cal.check().is_ok());
+        cal.noise.pop();
+        assert!(cal.check().unwrap_err().contains("needs 4 values"));
+        cal.noise = vec![1.0, 0.0, 1.0, 1.0];
+        assert!(cal.check().unwrap_err().contains("positive noise or texture"));
+        cal.texture = vec![0.0, -1.0, 0.0, 0.0];
+        assert!(cal.check().is_err());
+    }
+
+    #[test]
+    fn summary_counts_body_voxels_only() {
+        let n = 4;
+        let mut r = vec![10.0f32; 16];
+        r[0] = 0.0; // outside the body
+        let mut s = vec![1.0f32; 16];
+        s[0] = 100.0;
+        s[1] = 5.0; // 50 % of R
+        let sum = summarise(&vol(r.clone(), n, 30.0), &vol(s, n, 30.0), 0.25);
+        assert!((sum.uncertain_share_pct - 100.0 / 15.0).abs() < 1e-6, "{sum:?}");
+        assert!((sum.body_relative_sd_pct - 100.0 * (14.0 + 5.0) / 150.0).abs() < 1e-6, "{sum:?}");
+    }
+}

@@ -1,0 +1,153 @@
+//! Issue 17: the uncertainty series beside a restored series, end to end:
+//! DCMTK storescu → petrestore (tract, a calibrated model package) → two
+//! DCMTK storescp destinations, one asking for the uncertainty series and
+//! one not, and the job's one-line summary in the journal and over MQTT.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use petrestore::dicom::attrs::Attrs;
+use petrestore::journal::JobState;
+use testkit::*;
+
+fn open(p: &std::path::Path) -> InMemDicomObject {
+    dicom_object::open_file(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).into_inner()
+}
+
+/// The test package with an `[uncertainty]` table (its σ weights are not
+/// fitted: the test model is untrained; the wiring is what is tested).
+fn calibrated_test_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let out = dir.join("model");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["model.onnx", "model.toml"] {
+        std::fs::copy(test_model().join(f), out.join(f)).unwrap();
+    }
+    let mut toml = std::fs::read_to_string(out.join("model.toml")).unwrap();
+    toml.push_str(
+        "\n[uncertainty]\nwindow_mm = 10.0\ntexture_mm = 6.0\nclass_edges = [0.5, 1.5, 3.0]\nnoise = [1.5, 1.5, 1.5, 1.5]\ntexture = [1.0, 1.0, 1.0, 1.0]\n",
+    );
+    std::fs::write(out.join("model.toml"), toml).unwrap();
+    out
+}
+
+#[test]
+fn a_destination_that_asks_gets_the_uncertainty_series_and_the_fleet_its_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = calibrated_test_model(tmp.path());
+    let src = series(&tmp.path().join("src"), 8, 64, 91);
+    let pacs = StoreScp::start(&tmp.path().join("pacs"));
+    let console = StoreScp::start(&tmp.path().join("console"));
+    let broker = Mosquitto::start(tmp.path(), "");
+    let events = Sub::start(broker.port, "petrestore/v1/box1/jobs/#", &[]);
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!(
+            "[node]\ndevice_id = \"box1\"\n[restore]\nengines = [\"tract\"]\nmodel = {model:?}\nthreads = 1\n\
+             [mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n\
+             [[destination]]\nname = \"pacs\"\nae_title = \"PACS\"\naddress = \"127.0.0.1:{}\"\nuncertainty = true\n\
+             [[destination]]\nname = \"console\"\nae_title = \"CONSOLE\"\naddress = \"127.0.0.1:{}\"\n",
+            broker.port, pacs.port, console.port
+        ),
+    );
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(120));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+
+    // the journal: the summary, the series, its count
+    let u = job.uncertainty.clone().unwrap_or_else(|| panic!("no uncertainty in the job: {:#?}", job.history));
+    assert_eq!(u.count, 8);
+    assert!(u.summary.body_relative_sd_pct > 0.0 && u.summary.body_relative_sd_pct.is_finite(), "{u:?}");
+    assert!((0.0..=100.0).contains(&u.summary.uncertain_share_pct), "{u:?}");
+    assert!(job.history.iter().any(|e| e.what.starts_with("uncertainty: body σ")), "{:#?}", job.history);
+
+    // the console: the restored series only; the PACS: both
+    let on_console = wait_for("8 instances on the console", Duration::from_secs(20), || {
+        let f = console.files();
+        (f.len() == 8).then_some(f)
+    });
+    let on_pacs = wait_for("16 instances on the PACS", Duration::from_secs(20), || {
+        let f = pacs.files();
+        (f.len() == 16).then_some(f)
+    });
+    let restored_uid = job.output_series_uid.clone().unwrap();
+    assert!(on_console.iter().all(|p| open(p).str_of(tags::SERIES_INSTANCE_UID).as_deref() == Some(restored_uid.as_str())));
+    let mut by_series: BTreeMap<String, Vec<InMemDicomObject>> = BTreeMap::new();
+    for p in &on_pacs {
+        let o = open(p);
+        by_series.entry(o.str_of(tags::SERIES_INSTANCE_UID).unwrap()).or_default().push(o);
+    }
+    assert_eq!(by_series.len(), 2, "restored and uncertainty series");
+    let sigma_uid = u.series_uid.clone().unwrap();
+    assert_ne!(sigma_uid, restored_uid);
+    let sigma = &by_series[&sigma_uid];
+    let restored = &by_series[&restored_uid];
+    assert_eq!(sigma.len(), 8);
+    let restored_sops: BTreeSet<String> = restored.iter().map(|o| o.str_of(tags::SOP_INSTANCE_UID).unwrap()).collect();
+    let source_sops: BTreeSet<String> = src.files.iter().map(|p| open(p).str_of(tags::SOP_INSTANCE_UID).unwrap()).collect();
+    let frame_of_reference = open(&src.files[0]).str_of(tags::FRAME_OF_REFERENCE_UID).unwrap();
+    let mut sigma_sops = BTreeSet::new();
+    for o in sigma {
+        sigma_sops.insert(o.str_of(tags::SOP_INSTANCE_UID).unwrap());
+        let it: Vec<String> = o.str_of(tags::IMAGE_TYPE).unwrap().split('\\').map(|s| s.trim().to_owned()).collect();
+        // value 2 is PRIMARY by the PET IOD; value 3 says what it is
+        assert_eq!(&it[..3], &["DERIVED", "PRIMARY", "UNCERTAINTY"], "{it:?}");
+        let dd = o.str_of(tags::DERIVATION_DESCRIPTION).unwrap();
+        assert!(dd.starts_with("NOT FOR DIAGNOSIS") && dd.contains("standard deviation"), "{dd}");
+        assert!(o.str_of(tags::SERIES_DESCRIPTION).unwrap().ends_with("uncertainty 1SD"));
+        assert_eq!(o.str_of(tags::FRAME_OF_REFERENCE_UID).unwrap(), frame_of_reference);
+        // Source Image Sequence: the source instance and the restored one
+        let refs: Vec<String> = o
+            .get(tags::SOURCE_IMAGE_SEQUENCE)
+            .and_then(|e| e.items())
+            .unwrap()
+            .iter()
+            .map(|i| i.str_of(tags::REFERENCED_SOP_INSTANCE_UID).unwrap())
+            .collect();
+        assert_eq!(refs.len(), 2, "{refs:?}");
+        assert!(source_sops.contains(&refs[0]) && restored_sops.contains(&refs[1]), "{refs:?}");
+        // same position as the restored slice it describes
+        let r = restored.iter().find(|r| r.str_of(tags::SOP_INSTANCE_UID).as_deref() == Some(refs[1].as_str())).unwrap();
+        assert_eq!(o.str_of(tags::IMAGE_POSITION_PATIENT), r.str_of(tags::IMAGE_POSITION_PATIENT));
+    }
+    assert!(sigma_sops.is_disjoint(&restored_sops) && sigma_sops.is_disjoint(&source_sops));
+    let errors = iod_errors(&on_pacs[0]);
+    assert!(errors.is_empty(), "{errors:?}");
+    for p in &on_pacs {
+        let o = open(p);
+        if o.str_of(tags::SERIES_INSTANCE_UID).as_deref() == Some(sigma_uid.as_str()) {
+            let errors = iod_errors(p);
+            assert!(errors.is_empty(), "uncertainty instance: {errors:?}");
+            break;
+        }
+    }
+
+    // the fleet: the job event carries the summary, in the schema
+    let ev = events.wait_on(&format!("/jobs/{}", job.id), "the done event", Duration::from_secs(20), |v| v["state"] == "done");
+    assert_schema("job_event", &ev);
+    assert_eq!(ev["uncertainty"]["fraction"], 0.25, "{ev}");
+    assert!(ev["uncertainty"]["body_relative_sd_pct"].as_f64().unwrap() > 0.0, "{ev}");
+}
+
+/// A destination asks for it, but the model is not calibrated: the
+/// restored series goes out as always, no uncertainty series, no summary.
+#[test]
+fn without_a_calibrated_model_there_is_no_uncertainty_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 4, 64, 92);
+    let pacs = StoreScp::start(&tmp.path().join("pacs"));
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!(
+            "[restore]\nengines = [\"tract\"]\nmodel = {:?}\nthreads = 1\n[[destination]]\nname = \"pacs\"\nae_title = \"PACS\"\naddress = \"127.0.0.1:{}\"\nuncertainty = true\n",
+            test_model(),
+            pacs.port
+        ),
+    );
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(120));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.uncertainty.is_none());
+    assert_eq!(wait_for("4 instances", Duration::from_secs(20), || (pacs.files().len() == 4).then_some(4)), 4);
+}
