@@ -129,5 +129,30 @@ fn main() {
                 );
             }
         }
+        // the uncertainty σ after the engine (one thread; any engine's output)
+        let cal = restore::uncertainty::Calibration {
+            window_mm: restore::uncertainty::DEFAULT_WINDOW_MM,
+            texture_mm: restore::uncertainty::DEFAULT_TEXTURE_MM,
+            class_edges: restore::uncertainty::DEFAULT_CLASS_EDGES.to_vec(),
+            noise: vec![1.0; 4],
+            texture: vec![1.0; 4],
+            fitted_on: String::new(),
+        };
+        let r = restore::gaussian::filter(&v, 6.0);
+        let times: Vec<f64> = (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                cal.sigma(&v, &r).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        println!(
+            "{:<7} {:<10} {:>7} {:>10.1} {:>12.2}",
+            format!("{matrix}²"),
+            "σ (uncert.)",
+            1,
+            268.0 / median(times.clone()),
+            median(times)
+        );
     }
 }

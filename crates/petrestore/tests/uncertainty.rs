@@ -151,3 +151,49 @@ fn without_a_calibrated_model_there_is_no_uncertainty_series() {
     assert!(job.uncertainty.is_none());
     assert_eq!(wait_for("4 instances", Duration::from_secs(20), || (pacs.files().len() == 4).then_some(4)), 4);
 }
+
+/// Enhanced PET in: the uncertainty series is one multi-frame instance
+/// too, valid for dciodvfy, with the restored instance among its sources.
+#[test]
+fn enhanced_pet_gets_a_multi_frame_uncertainty_instance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = calibrated_test_model(tmp.path());
+    let spec = petsim::SeriesSpec { slices: 12, matrix: 48, seed: 93, frame_duration_s: 30.0, ..Default::default() };
+    let src = petsim::write_series_enhanced(&tmp.path().join("src"), &spec).unwrap();
+    let pacs = StoreScp::start(&tmp.path().join("pacs"));
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!(
+            "[series]\nmultiframe_quiet_timeout_s = 1\n[restore]\nengines = [\"tract\"]\nmodel = {model:?}\nthreads = 1\n\
+             [[destination]]\nname = \"pacs\"\nae_title = \"PACS\"\naddress = \"127.0.0.1:{}\"\nuncertainty = true\n",
+            pacs.port
+        ),
+    );
+    assert!(storescu_required(d.port, CONSOLE, &src.files).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(120));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    let got = wait_for("2 instances", Duration::from_secs(20), || {
+        let f = pacs.files();
+        (f.len() == 2).then_some(f)
+    });
+    let sigma_uid = job.uncertainty.as_ref().and_then(|u| u.series_uid.clone()).unwrap();
+    let (sigma, restored): (Vec<_>, Vec<_>) =
+        got.iter().partition(|p| open(p).str_of(tags::SERIES_INSTANCE_UID).as_deref() == Some(sigma_uid.as_str()));
+    let (s, r) = (open(sigma[0]), open(restored[0]));
+    assert_eq!(s.str_of(tags::NUMBER_OF_FRAMES).unwrap(), "12");
+    assert_eq!(s.str_of(tags::CONTENT_QUALIFICATION).unwrap(), "RESEARCH");
+    let shared = &s.element(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap()[0];
+    let di = &shared.element(tags::DERIVATION_IMAGE_SEQUENCE).unwrap().items().unwrap()[0];
+    assert!(di.str_of(tags::DERIVATION_DESCRIPTION).unwrap().starts_with("NOT FOR DIAGNOSIS"));
+    let refs: Vec<String> = di
+        .element(tags::SOURCE_IMAGE_SEQUENCE)
+        .unwrap()
+        .items()
+        .unwrap()
+        .iter()
+        .map(|i| i.str_of(tags::REFERENCED_SOP_INSTANCE_UID).unwrap())
+        .collect();
+    assert_eq!(refs, vec![src.sop_uids[0].clone(), r.str_of(tags::SOP_INSTANCE_UID).unwrap()]);
+    let errors = iod_errors(sigma[0]);
+    assert!(errors.is_empty(), "{errors:?}");
+}
