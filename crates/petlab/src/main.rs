@@ -93,7 +93,8 @@ enum Command {
         #[arg(long, conflicts_with = "site")]
         randomize: bool,
         /// A cell of the site matrix (its fixed setting), or "all": one
-        /// sub-folder per cell, each with its own phantom seeds.
+        /// sub-folder per cell, each with its own phantom seeds; or one of
+        /// the out-of-range settings (x1-lowcount, x2-osem6x24).
         #[arg(long)]
         site: Option<String>,
     },
@@ -248,9 +249,15 @@ fn run(cli: Cli) -> Result<()> {
                 None if randomize => plans.push((out.clone(), Box::new(move |seed| Setting::random(seed, slices)), base, 20_000)),
                 None => plans.push((out.clone(), Box::new(move |_| fixed.clone()), base, 20_000)),
                 Some(name) => {
-                    let cells: Vec<_> = SITE_MATRIX.iter().enumerate().filter(|(_, c)| name == "all" || c.name == name).collect();
+                    // out-of-range cells come after the matrix: their own seeds
+                    let cells: Vec<_> = SITE_MATRIX
+                        .iter()
+                        .chain(petsim::sites::OUT_OF_RANGE.iter())
+                        .enumerate()
+                        .filter(|(i, c)| (name == "all" && *i < SITE_MATRIX.len()) || c.name == name)
+                        .collect();
                     if cells.is_empty() {
-                        let names: Vec<_> = SITE_MATRIX.iter().map(|c| c.name).collect();
+                        let names: Vec<_> = SITE_MATRIX.iter().chain(petsim::sites::OUT_OF_RANGE.iter()).map(|c| c.name).collect();
                         bail!("--site {name:?}: use all or one of {}", names.join(", "));
                     }
                     if split == Split::Train {

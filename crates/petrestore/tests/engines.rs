@@ -52,6 +52,23 @@ fn ort_cpu_and_tract_agree_on_the_same_model_and_volume() {
     // And the test model is near-identity: restoration keeps activity in place.
     let mean = |d: &[f32]| d.iter().map(|x| *x as f64).sum::<f64>() / d.len() as f64;
     assert!((mean(&a.data) / mean(&v.data) - 1.0).abs() < 0.02);
+    // The uncertainty is computed from each engine's output: the same σ
+    // (issue 17), to the tolerance of the outputs themselves.
+    let cal = restore::uncertainty::Calibration {
+        window_mm: 10.0,
+        texture_mm: 6.0,
+        class_edges: restore::uncertainty::DEFAULT_CLASS_EDGES.to_vec(),
+        noise: vec![1.5; 4],
+        texture: vec![1.0; 4],
+        fitted_on: String::new(),
+    };
+    let mut input = v.clone();
+    input.frame_duration_s = Some(30.0);
+    let (sa, sb) = (cal.sigma(&input, &a).unwrap(), cal.sigma(&input, &b).unwrap());
+    let top = sa.data.iter().fold(0.0f32, |m, x| m.max(*x));
+    assert!(top > 0.0);
+    let max_abs = sa.data.iter().zip(&sb.data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(max_abs <= 1e-3 * top, "max |σ ort - σ tract| = {max_abs} (σ up to {top})");
 }
 
 #[test]

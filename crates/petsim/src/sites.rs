@@ -261,6 +261,45 @@ pub const SITE_MATRIX: [Cell; 8] = [
     },
 ];
 
+/// Two settings outside the ranges the models are trained on, for showing
+/// what the uncertainty does there (it must grow): a count level below the
+/// range (0.15 M prompts per liver slice, under the 0.3 M floor) and a
+/// reconstruction beyond it (OSEM 6 × 24, no resolution modelling, no
+/// filter: far noisier than any clinical protocol in the matrix). Not part
+/// of the site matrix: `petlab dataset --site x1-lowcount` makes one.
+pub const OUT_OF_RANGE: [Cell; 2] = [
+    Cell {
+        name: "x1-lowcount",
+        what: "192² at 3.65 mm, 5 mm filter, 0.15 M prompts per liver slice: below the trained count range",
+        matrix: 192,
+        fov_mm: 700.0,
+        slice_thickness_mm: 3.27,
+        detector_fwhm_mm: 5.0,
+        iterations: 3,
+        subsets: 16,
+        resolution_modelling: true,
+        post_filter_mm: 5.0,
+        counts_90s: 0.15e6,
+        scatter_fraction: 0.3,
+        randoms_fraction: 0.1,
+    },
+    Cell {
+        name: "x2-osem6x24",
+        what: "192² at 3.65 mm, OSEM 6×24 without resolution modelling or filter: beyond the trained reconstructions",
+        matrix: 192,
+        fov_mm: 700.0,
+        slice_thickness_mm: 3.27,
+        detector_fwhm_mm: 5.0,
+        iterations: 6,
+        subsets: 24,
+        resolution_modelling: false,
+        post_filter_mm: 0.0,
+        counts_90s: 0.0,
+        scatter_fraction: 0.3,
+        randoms_fraction: 0.1,
+    },
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
