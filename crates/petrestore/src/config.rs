@@ -29,6 +29,9 @@ pub enum ConfigError {
     /// A value that parses but makes no sense.
     #[error("config key `{key}`: {problem}; {fix}")]
     Invalid { key: &'static str, problem: String, fix: String },
+    /// More than one problem: all of them, one per line.
+    #[error("{} problems:\n{}", .0.len(), .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<ConfigError>),
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
@@ -443,10 +446,13 @@ macro_rules! pick {
     };
 }
 
+/// Merge the user's file over the defaults and check every value; every
+/// problem found is reported (one error, or [`ConfigError::Many`]).
 fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Settings, ConfigError> {
+    let mut errs: Vec<ConfigError> = Vec::new();
     let device_id: String = pick!(u, d, node.device_id);
     if device_id.is_empty() || !device_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(invalid(
+        errs.push(invalid(
             "node.device_id",
             format!("{device_id:?} is not a valid device id"),
             "use letters, digits, '-' and '_' only (it becomes an MQTT topic segment)",
@@ -454,22 +460,24 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     }
     let state_dir: PathBuf = pick!(u, d, node.state_dir);
     let min_free_mb: u64 = pick!(u, d, node.min_free_mb);
-    let hours = |key: &'static str, h: f64| -> Result<Option<Duration>, ConfigError> {
+    let mut hours = |key: &'static str, h: f64| -> Option<Duration> {
         if !(h >= 0.0 && h.is_finite()) {
-            return Err(invalid(key, format!("{h} is not a number of hours"), "use 0 (keep forever) or a positive number of hours"));
+            errs.push(invalid(key, format!("{h} is not a number of hours"), "use 0 (keep forever) or a positive number of hours"));
+            return None;
         }
-        Ok((h > 0.0).then(|| Duration::from_secs_f64(h * 3600.0)))
+        (h > 0.0).then(|| Duration::from_secs_f64(h * 3600.0))
     };
-    let retention = hours("node.retention_hours", pick!(u, d, node.retention_hours))?;
-    let failed_retention = hours("node.failed_retention_hours", pick!(u, d, node.failed_retention_hours))?;
+    let retention = hours("node.retention_hours", pick!(u, d, node.retention_hours));
+    let failed_retention = hours("node.failed_retention_hours", pick!(u, d, node.failed_retention_hours));
 
     let listen_s: String = pick!(u, d, dicom.listen);
-    let listen: SocketAddr = listen_s
-        .parse()
-        .map_err(|_| invalid("dicom.listen", format!("{listen_s:?} is not an address"), "write IP:PORT, e.g. \"0.0.0.0:11112\""))?;
+    let listen: SocketAddr = listen_s.parse().unwrap_or_else(|_| {
+        errs.push(invalid("dicom.listen", format!("{listen_s:?} is not an address"), "write IP:PORT, e.g. \"0.0.0.0:11112\""));
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    });
     let ae_title: String = pick!(u, d, dicom.ae_title);
     if !valid_ae_title(&ae_title) {
-        return Err(invalid(
+        errs.push(invalid(
             "dicom.ae_title",
             format!("{ae_title:?} is not a valid AE title"),
             "use 1 to 16 printable ASCII characters without backslash",
@@ -480,19 +488,20 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     for c in callers_raw {
         let (ae, host) = match c.split_once('@') {
             Some((ae, host)) => {
-                let ip: IpAddr = host.parse().map_err(|_| {
-                    invalid(
+                let ip: Option<IpAddr> = host.parse().ok();
+                if ip.is_none() {
+                    errs.push(invalid(
                         "dicom.allowed_callers",
                         format!("{c:?}: {host:?} is not an IP address"),
                         "write \"AE\" or \"AE@IP\", e.g. \"CONSOLE@10.1.2.3\"",
-                    )
-                })?;
-                (ae.to_owned(), Some(ip))
+                    ));
+                }
+                (ae.to_owned(), ip)
             }
             None => (c.clone(), None),
         };
         if !valid_ae_title(&ae) {
-            return Err(invalid(
+            errs.push(invalid(
                 "dicom.allowed_callers",
                 format!("{ae:?} is not a valid AE title"),
                 "use 1 to 16 printable ASCII characters",
@@ -502,7 +511,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     }
     let max_associations: usize = pick!(u, d, dicom.max_associations);
     if max_associations == 0 {
-        return Err(invalid("dicom.max_associations", "0 would refuse every sender", "set 1 or more (default 8)"));
+        errs.push(invalid("dicom.max_associations", "0 would refuse every sender", "set 1 or more (default 8)"));
     }
     let max_buffered_mb: usize = pick!(u, d, dicom.max_buffered_mb);
     if !(1..=65_536).contains(&max_buffered_mb) {
@@ -514,7 +523,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     }
     let max_pdu_length: u32 = pick!(u, d, dicom.max_pdu_length);
     if !(4096..=4_194_304).contains(&max_pdu_length) {
-        return Err(invalid(
+        errs.push(invalid(
             "dicom.max_pdu_length",
             format!("{max_pdu_length} is out of range"),
             "use a value from 4096 to 4194304 (default 65536)",
@@ -523,20 +532,21 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     let idle_timeout_s: u64 = pick!(u, d, dicom.idle_timeout_s);
     let per_peer: usize = pick!(u, d, dicom.max_associations_per_peer);
     if per_peer == 0 {
-        return Err(invalid("dicom.max_associations_per_peer", "0 would refuse every sender", "set 1 or more (default 4)"));
+        errs.push(invalid("dicom.max_associations_per_peer", "0 would refuse every sender", "set 1 or more (default 4)"));
     }
     let artim_s: u64 = pick!(u, d, dicom.artim_timeout_s);
     if !(1..=300).contains(&artim_s) {
-        return Err(invalid("dicom.artim_timeout_s", format!("{artim_s} is out of range"), "use seconds from 1 to 300 (default 10)"));
+        errs.push(invalid("dicom.artim_timeout_s", format!("{artim_s} is out of range"), "use seconds from 1 to 300 (default 10)"));
     }
     let tls = match u.dicom.tls.take() {
         None => None,
         Some(t) => {
-            let tls_listen: SocketAddr = t.listen.parse().map_err(|_| {
-                invalid("dicom.tls.listen", format!("{:?} is not an address", t.listen), "write IP:PORT, e.g. \"0.0.0.0:2762\"")
-            })?;
+            let tls_listen: SocketAddr = t.listen.parse().unwrap_or_else(|_| {
+                errs.push(invalid("dicom.tls.listen", format!("{:?} is not an address", t.listen), "write IP:PORT, e.g. \"0.0.0.0:2762\""));
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            });
             if tls_listen == listen && listen.port() != 0 {
-                return Err(invalid(
+                errs.push(invalid(
                     "dicom.tls.listen",
                     format!("{tls_listen} is also dicom.listen"),
                     "give the TLS listener its own port (2762 is DICOM's TLS port)",
@@ -550,48 +560,46 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         "refuse" => NonPetPolicy::Refuse,
         "passthrough" => NonPetPolicy::Passthrough,
         other => {
-            return Err(invalid("dicom.non_pet", format!("{other:?} is not a policy"), "use \"refuse\" or \"passthrough\""));
+            errs.push(invalid("dicom.non_pet", format!("{other:?} is not a policy"), "use \"refuse\" or \"passthrough\""));
+            NonPetPolicy::Refuse
         }
     };
 
     let quiet: f64 = pick!(u, d, series.quiet_timeout_s);
     if !(quiet > 0.0 && quiet < 86400.0) {
-        return Err(invalid("series.quiet_timeout_s", format!("{quiet} is out of range"), "use seconds in (0, 86400)"));
+        errs.push(invalid("series.quiet_timeout_s", format!("{quiet} is out of range"), "use seconds in (0, 86400)"));
     }
     let mf_quiet: f64 = pick!(u, d, series.multiframe_quiet_timeout_s);
     if !(mf_quiet > 0.0 && mf_quiet < 86400.0) {
-        return Err(invalid("series.multiframe_quiet_timeout_s", format!("{mf_quiet} is out of range"), "use seconds in (0, 86400)"));
+        errs.push(invalid("series.multiframe_quiet_timeout_s", format!("{mf_quiet} is out of range"), "use seconds in (0, 86400)"));
     }
     let pol: String = pick!(u, d, series.incomplete_policy);
     let incomplete_policy = match pol.as_str() {
         "process" => IncompletePolicy::Process,
         "fail" => IncompletePolicy::Fail,
         other => {
-            return Err(invalid("series.incomplete_policy", format!("{other:?} is not a policy"), "use \"process\" or \"fail\""));
+            errs.push(invalid("series.incomplete_policy", format!("{other:?} is not a policy"), "use \"process\" or \"fail\""));
+            IncompletePolicy::Process
         }
     };
 
     let engines: Vec<String> = pick!(u, d, restore.engines);
     if engines.is_empty() {
-        return Err(invalid("restore.engines", "the list is empty", "name at least one engine, e.g. [\"gaussian\"]"));
+        errs.push(invalid("restore.engines", "the list is empty", "name at least one engine, e.g. [\"gaussian\"]"));
     }
     for e in &engines {
         if !KNOWN_ENGINES.contains(&e.as_str()) {
-            return Err(invalid(
-                "restore.engines",
-                format!("unknown engine {e:?}"),
-                format!("this build has: {}", KNOWN_ENGINES.join(", ")),
-            ));
+            errs.push(invalid("restore.engines", format!("unknown engine {e:?}"), format!("this build has: {}", KNOWN_ENGINES.join(", "))));
         }
     }
     let fwhm: f64 = pick!(u, d, restore.gaussian_fwhm_mm);
     if !(fwhm > 0.0 && fwhm <= 30.0) {
-        return Err(invalid("restore.gaussian_fwhm_mm", format!("{fwhm} is out of range"), "use mm in (0, 30]"));
+        errs.push(invalid("restore.gaussian_fwhm_mm", format!("{fwhm} is out of range"), "use mm in (0, 30]"));
     }
     let min_fd: f64 = pick!(u, d, restore.min_frame_duration_s);
     let max_fd: f64 = pick!(u, d, restore.max_frame_duration_s);
     if !(min_fd >= 0.0 && max_fd >= min_fd) {
-        return Err(invalid(
+        errs.push(invalid(
             "restore.min_frame_duration_s",
             format!("range [{min_fd}, {max_fd}] is empty"),
             "make min_frame_duration_s <= max_frame_duration_s",
@@ -599,7 +607,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     }
     let providers: Vec<String> = pick!(u, d, restore.ort_providers);
     if providers.is_empty() || providers.iter().any(|p| !KNOWN_PROVIDERS.contains(&p.as_str())) {
-        return Err(invalid(
+        errs.push(invalid(
             "restore.ort_providers",
             format!("{providers:?} is not a list of known providers"),
             format!("use some of {:?}, in order of preference, e.g. [\"tensorrt\", \"cuda\", \"cpu\"]", KNOWN_PROVIDERS),
@@ -630,36 +638,36 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
 
     let max_attempts: u32 = pick!(u, d, egress.max_attempts);
     if max_attempts == 0 {
-        return Err(invalid("egress.max_attempts", "0 attempts would never deliver", "set 1 or more"));
+        errs.push(invalid("egress.max_attempts", "0 attempts would never deliver", "set 1 or more"));
     }
     let b0: f64 = pick!(u, d, egress.backoff_initial_s);
     let bmax: f64 = pick!(u, d, egress.backoff_max_s);
     if !(b0 > 0.0 && bmax >= b0) {
-        return Err(invalid("egress.backoff_initial_s", format!("backoff {b0}..{bmax} s"), "use 0 < initial <= max"));
+        errs.push(invalid("egress.backoff_initial_s", format!("backoff {b0}..{bmax} s"), "use 0 < initial <= max"));
     }
     let calling: String = pick!(u, d, egress.calling_ae_title);
     if !valid_ae_title(&calling) {
-        return Err(invalid("egress.calling_ae_title", format!("{calling:?} is not a valid AE title"), "use 1 to 16 characters"));
+        errs.push(invalid("egress.calling_ae_title", format!("{calling:?} is not a valid AE title"), "use 1 to 16 characters"));
     }
 
     let mut destinations = Vec::new();
     for (i, dst) in u.destination.into_iter().enumerate() {
         if dst.name.is_empty() || destinations.iter().any(|x: &Destination| x.name == dst.name) {
-            return Err(invalid(
+            errs.push(invalid(
                 "destination.name",
                 format!("destination #{} has an empty or repeated name {:?}", i + 1, dst.name),
                 "give every [[destination]] a unique name",
             ));
         }
         if !valid_ae_title(&dst.ae_title) {
-            return Err(invalid(
+            errs.push(invalid(
                 "destination.ae_title",
                 format!("destination {:?}: {:?} is not a valid AE title", dst.name, dst.ae_title),
                 "use 1 to 16 characters",
             ));
         }
         if dst.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-            return Err(invalid(
+            errs.push(invalid(
                 "destination.address",
                 format!("destination {:?}: {:?} has no port", dst.name, dst.address),
                 "write HOST:PORT, e.g. \"10.1.2.3:104\"",
@@ -668,10 +676,19 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         destinations.push(Destination { name: dst.name, ae_title: dst.ae_title, address: dst.address, uncertainty: dst.uncertainty });
     }
 
-    let mqtt = match u.mqtt.take() {
+    let mqtt = match u.mqtt.take().map(|m| mqtt_settings(m, &device_id)) {
         None => None,
-        Some(m) => Some(mqtt_settings(m, &device_id)?),
+        Some(Ok(m)) => Some(m),
+        Some(Err(e)) => {
+            errs.push(e);
+            None
+        }
     };
+    match errs.len() {
+        0 => {}
+        1 => return Err(errs.remove(0)),
+        _ => return Err(ConfigError::Many(errs)),
+    }
 
     Ok(Settings {
         source: None,

@@ -383,34 +383,78 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::CheckConfig { file } => {
+            // every problem of the file at once (ConfigError::Many)
             let s = Settings::load(&file)?;
-            // The model package is part of the configuration: a neural
-            // engine with no package is what the daemon would refuse (or,
-            // at the installed default path, run without).
-            let neural = s.restore.engines.iter().any(|e| e == "ort" || e == "tract");
-            if neural && !s.restore.model.join("model.toml").is_file() {
-                if s.restore.model == std::path::Path::new(petrestore::config::DEFAULT_MODEL_DIR) {
-                    eprintln!(
-                        "petrestore: note: no model package installed at {}: only the engines without a model ({}) would run",
-                        s.restore.model.display(),
-                        s.restore.engines.iter().filter(|e| *e == "gaussian").cloned().collect::<Vec<_>>().join(", ")
-                    );
+            // The model package and the ONNX Runtime library are part of the
+            // configuration: check what the daemon would load, without
+            // building a session (a TensorRT build can take minutes).
+            let mut problems: Vec<String> = Vec::new();
+            let mut notes: Vec<String> = Vec::new();
+            let neural: Vec<&String> = s.restore.engines.iter().filter(|e| *e == "ort" || *e == "tract").collect();
+            let mut model = None;
+            if !neural.is_empty() {
+                if !s.restore.model.join("model.toml").is_file() {
+                    if s.restore.model == std::path::Path::new(petrestore::config::DEFAULT_MODEL_DIR) {
+                        notes.push(format!(
+                            "no model package installed at {}: only the engines without a model ({}) would run",
+                            s.restore.model.display(),
+                            s.restore.engines.iter().filter(|e| *e == "gaussian").cloned().collect::<Vec<_>>().join(", ")
+                        ));
+                    } else {
+                        problems.push(format!(
+                            "restore.model {} holds no model.toml: point it at a model package folder (model.toml + model.onnx)",
+                            s.restore.model.display()
+                        ));
+                    }
                 } else {
-                    bail!(
-                        "{}: restore.model {} holds no model.toml: point it at a model package folder (model.toml + model.onnx)",
-                        file.display(),
-                        s.restore.model.display()
-                    );
+                    match restore::model::ModelPackage::load(&s.restore.model) {
+                        Ok(p) => model = Some(p),
+                        Err(e) => problems.push(format!("restore.model: {e}")),
+                    }
                 }
             }
+            let mut runnable: Vec<String> = Vec::new();
+            for e in &s.restore.engines {
+                match e.as_str() {
+                    "ort" if model.is_some() => {
+                        let lib = restore::ort_engine::library_path(s.restore.ort_library.as_deref());
+                        match restore::ort_engine::check_library(&lib) {
+                            Ok(()) => runnable.push(format!("ort ({})", lib.display())),
+                            Err(err) => notes.push(format!("engine ort cannot run here: {err}; the daemon would use the next engine")),
+                        }
+                    }
+                    "tract" if model.is_some() => runnable.push("tract".into()),
+                    "gaussian" => runnable.push(format!("gaussian ({} mm)", s.restore.gaussian_fwhm_mm)),
+                    _ => {}
+                }
+            }
+            if runnable.is_empty() && problems.is_empty() {
+                problems.push("no configured engine could run: check restore.engines, restore.model and restore.ort_library".into());
+            }
+            for n in &notes {
+                eprintln!("petrestore: note: {n}");
+            }
+            if !problems.is_empty() {
+                bail!("{}: {}", file.display(), problems.join("\n  "));
+            }
+            let wants_uncertainty = s.destinations.iter().filter(|d| d.uncertainty).count();
+            let model_line = match &model {
+                Some(p) => format!(", model {}{}", p.model_id(), if p.uncertainty.is_some() { " (uncertainty calibrated)" } else { "" }),
+                None => String::new(),
+            };
+            if wants_uncertainty > 0 && model.as_ref().is_none_or(|p| p.uncertainty.is_none()) {
+                eprintln!(
+                    "petrestore: note: {wants_uncertainty} destination(s) ask for the uncertainty series, but the model package has no [uncertainty] calibration: none will be made"
+                );
+            }
             println!(
-                "{}: OK (AE {} on {}, {} allowed caller(s), {} destination(s), engines {:?})",
+                "{}: OK (AE {} on {}, {} allowed caller(s), {} destination(s), engines that would run: {}{model_line})",
                 file.display(),
                 s.dicom.ae_title,
                 s.dicom.listen,
                 s.dicom.allowed_callers.len(),
                 s.destinations.len(),
-                s.restore.engines
+                runnable.join(", ")
             );
             Ok(())
         }

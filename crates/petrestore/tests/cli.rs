@@ -40,6 +40,65 @@ fn check_config_names_the_key_and_the_fix() {
     assert!(text(&out).contains("cannot read config file /nonexistent/petrestore.toml"));
 }
 
+/// Issue 20: a file with several mistakes gets all of them in one run.
+#[test]
+fn check_config_reports_every_problem_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("c.toml");
+    std::fs::write(
+        &f,
+        "[dicom]\nlisten = \"11112\"\nmax_associations = 0\nnon_pet = \"keep\"\n[restore]\nengines = [\"quantum\"]\n\
+         [[destination]]\nname = \"pacs\"\nae_title = \"PACS\"\naddress = \"10.0.0.1\"\n",
+    )
+    .unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let t = text(&out);
+    assert!(t.contains("5 problems"), "{t}");
+    for key in ["dicom.listen", "dicom.max_associations", "dicom.non_pet", "restore.engines", "destination.address"] {
+        assert!(t.contains(&format!("`{key}`")), "{key} missing: {t}");
+    }
+}
+
+/// The ONNX Runtime library and the model package are checked the way the
+/// daemon would load them: a missing library is a note (the daemon falls
+/// back to the next engine), a corrupt model an error.
+#[test]
+fn check_config_loads_the_ort_library_and_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("c.toml");
+    let cfg = |lib: &std::path::Path, model: &std::path::Path| {
+        format!("[restore]\nengines = [\"ort\", \"tract\"]\nmodel = {model:?}\nort_library = {lib:?}\n")
+    };
+    std::fs::write(&f, cfg(&ort_library(), &test_model())).unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("engines that would run: ort (") && text(&out).contains("tract, model petrestore-test-unet@"),
+        "{}",
+        text(&out)
+    );
+
+    std::fs::write(&f, cfg(std::path::Path::new("/nonexistent/libonnxruntime.so.1"), &test_model())).unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("engine ort cannot run here") && t.contains("/nonexistent/libonnxruntime.so.1") && t.contains("would run: tract"),
+        "{t}"
+    );
+
+    // a model whose ONNX file is not the one model.toml describes
+    let bad = tmp.path().join("bad-model");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(test_model().join("model.toml"), bad.join("model.toml")).unwrap();
+    std::fs::write(bad.join("model.onnx"), b"not the model").unwrap();
+    std::fs::write(&f, cfg(&ort_library(), &bad)).unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("sha256") && text(&out).contains("reinstall the model package"), "{}", text(&out));
+}
+
 #[test]
 fn check_config_checks_the_model_package_it_names() {
     let tmp = tempfile::tempdir().unwrap();
@@ -60,7 +119,7 @@ fn check_config_checks_the_model_package_it_names() {
     );
     // a real package: OK
     let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
-    std::fs::write(&f, format!("[restore]\nmodel = {:?}\n", model.display().to_string())).unwrap();
+    std::fs::write(&f, format!("[restore]\nmodel = {:?}\nort_library = {:?}\n", model.display().to_string(), ort_library())).unwrap();
     let out = petrestore(&["check-config", f.to_str().unwrap()]);
     assert!(out.status.success() && !text(&out).contains("note:"), "{}", text(&out));
 }

@@ -105,6 +105,13 @@ fn environment(lib: &Path) -> Result<ort::environment::Environment, EngineError>
     Ok(env)
 }
 
+/// Can this process load ONNX Runtime from `lib` (found, loadable, an API
+/// this build speaks)? Builds no session (a TensorRT engine build can take
+/// minutes), so `check-config` can ask it.
+pub fn check_library(lib: &Path) -> Result<(), EngineError> {
+    environment(lib).map(|_| ())
+}
+
 impl OrtEngine {
     pub fn new(pkg: ModelPackage, o: &OrtOptions) -> Result<OrtEngine, EngineError> {
         let lib = library_path(o.library.as_deref());
