@@ -16,7 +16,9 @@ SECTION = "console/utils"
 
 # petrestore's own code (LICENSE at the top of the source tree). The Rust
 # crates linked statically into the binary carry their own licences, declared
-# in each crate's Cargo.toml; this field does not list them.
+# in each crate's Cargo.toml; this field does not list them: THIRD-PARTY.md at
+# the top of the source tree does (all permissive, checked in CI by
+# scripts/licences.py).
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
