@@ -180,6 +180,11 @@ impl Daemon {
         }
     }
 
+    /// The running daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: a crash or power cut.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -338,9 +343,15 @@ impl StoreScp {
         Self::start_on(dir, free_port())
     }
     pub fn start_on(dir: &Path, port: u16) -> StoreScp {
+        Self::start_with(dir, port, &[])
+    }
+    /// With extra storescp options, e.g. `+uf` (a new file per received
+    /// instance, so an instance sent twice is seen twice).
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> StoreScp {
         let bin = require("storescp");
         std::fs::create_dir_all(dir).unwrap();
         let child = Command::new(bin)
+            .args(extra)
             .args(["-aet", DEST_AE, "-od"])
             .arg(dir)
             .arg(port.to_string())
