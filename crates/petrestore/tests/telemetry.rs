@@ -216,3 +216,58 @@ fn broker_down_leaves_the_pipeline_alone_and_buffered_events_arrive_with_the_dro
     assert_eq!(kept, ["queued", "restoring", "done"], "the newest 3 events, oldest dropped first");
     assert_eq!(sub.on("/status").last().unwrap()["state"], "online");
 }
+
+/// Issue 19: no patient data leaves the box in logs or telemetry. A series
+/// restored, a series refused for hostile content and a job failed at
+/// delivery go through with a patient name, ID and birth date set; none of
+/// them appears in the daemon's log (the journal of a systemd box) or in
+/// any MQTT message, with the default `mqtt.include_uids = false`.
+#[test]
+fn no_patient_data_in_logs_or_telemetry() {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 6, 32, 61);
+    let (name, id, birth) = ("PHITEST^JANE^Q", "PID-8675309", "19510403");
+    let mut files = Vec::new();
+    for (i, f) in src.files.iter().enumerate() {
+        let mut o = dicom_object::open_file(f).unwrap();
+        o.put(DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from(name)));
+        o.put(DataElement::new(tags::PATIENT_ID, VR::LO, PrimitiveValue::from(id)));
+        o.put(DataElement::new(tags::PATIENT_BIRTH_DATE, VR::DA, PrimitiveValue::from(birth)));
+        if i == 5 {
+            // a hostile last instance: pixel data cut short
+            o.put(DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(64u16)));
+        }
+        let out = tmp.path().join(format!("phi-{i}.dcm"));
+        o.write_to_file(&out).unwrap();
+        files.push(out);
+    }
+    let broker = Mosquitto::start(tmp.path(), "");
+    let all = Sub::start(broker.port, "petrestore/v1/#", &[]);
+    // a destination that is not there: delivery fails and is reported
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!(
+            "[node]\ndevice_id = \"box1\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nhealth_interval_s = 0.5\n[egress]\nmax_attempts = 2\n{}",
+            broker.port,
+            destination("pacs", free_port())
+        ),
+    );
+    let _ = storescu(d.port, CONSOLE, &files);
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+    assert!(matches!(job.state, petrestore::journal::JobState::Failed { .. }), "{:#?}", job.history);
+    wait_for("the failed job's event", Duration::from_secs(10), || {
+        all.lines.lock().unwrap().iter().any(|(t, p)| t.contains("/jobs/") && p.contains("\"failed\"")).then_some(())
+    });
+    let log = d.log();
+    assert!(log.contains("pixel data") || log.contains("Pixel"), "the hostile instance was refused with a reason:\n{log}");
+    let mqtt: Vec<String> = all.lines.lock().unwrap().iter().map(|(t, p)| format!("{t} {p}")).collect();
+    assert!(!mqtt.is_empty());
+    for needle in ["PHITEST", "JANE", id, birth, "1951"] {
+        assert!(!log.contains(needle), "{needle:?} in the daemon log:\n{log}");
+        for m in &mqtt {
+            assert!(!m.contains(needle), "{needle:?} in an MQTT message: {m}");
+        }
+    }
+}
