@@ -121,9 +121,19 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let fixed = Arc::new(fixed);
+    let mut backoff = std::time::Duration::from_millis(10);
     loop {
         let stream = tokio::select! {
-            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok((s, _)) => { backoff = std::time::Duration::from_millis(10); s }
+                Err(e) => {
+                    // EMFILE and friends: wait and retry rather than spin (as ingest does)
+                    tracing::warn!(error = %e, "control socket accept failed; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    continue;
+                }
+            },
             _ = shutdown.cancelled() => break,
         };
         let p = pipeline.clone();
