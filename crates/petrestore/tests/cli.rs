@@ -237,6 +237,33 @@ fn demo_restores_with_the_shipped_model_and_draws_the_result() {
     assert!(noise[1] < noise[0], "restored noise {} not below the input's {}", noise[1], noise[0]);
     assert!((mean[1] / mean[0] - 1.0).abs() < 0.03, "liver mean moved: {mean:?}");
     assert!(t.contains("seed metric") && t.contains("66.7 %"), "{t}");
+    // the demo's seed metric is the one site acceptance measures on the
+    // same series (`petrestore eval`, the demo's 30 s and 90 s folders)
+    let demo_seed: f64 = {
+        let line = t.lines().find(|l| l.contains("seed metric (MSE")).unwrap();
+        let after = &line[line.find("):").unwrap() + 2..];
+        after.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let study = work.join("study");
+    let e = petrestore(&[
+        "eval",
+        "--input",
+        study.join("PT30").to_str().unwrap(),
+        "--reference",
+        study.join("PT90").to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--engine",
+        "tract",
+    ]);
+    assert!(e.status.success(), "{}", text(&e));
+    let eval_seed: f64 = {
+        let et = text(&e);
+        let row = et.lines().find(|l| l.starts_with("| model ")).unwrap_or_else(|| panic!("{et}")).to_string();
+        row.split('|').nth(2).unwrap().trim().parse().unwrap()
+    };
+    assert!((demo_seed - eval_seed).abs() <= 0.3, "demo says {demo_seed} %, eval says {eval_seed} %");
     for png in ["coronal-mip.png", "axial-lesion.png", "lesion-profile.png"] {
         let b = std::fs::read(work.join("figures").join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
         assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{png}");
