@@ -374,3 +374,44 @@ fn enospc_in_the_spool_recovers_by_itself_when_space_returns() {
     assert!(sop_uids(&got).is_disjoint(&sop_uids(&src.files)));
     drop(d);
 }
+
+/// Issue 18, found by the torture harness: a finished series that gets more
+/// instances (the console resends the whole series after the part it sent
+/// first was processed as incomplete) is processed again, also when the
+/// daemon crashes right then and the journal has to be repaired. Before the
+/// fix the repair put the job back to "done" from the outcome log and the
+/// new instances were never restored or delivered. Two crashes: one with
+/// the journal intact, one with the journal lost.
+#[test]
+fn a_series_reopened_by_new_instances_is_finished_after_a_crash_and_a_repair() {
+    for lose_journal in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = series(&tmp.path().join("src"), 16, 32, 83);
+        let dest = StoreScp::start(&tmp.path().join("dest"));
+        let mut d = Daemon::start(
+            &tmp.path().join("d"),
+            &format!("[series]\nquiet_timeout_s = 1\nincomplete_policy = \"process\"\n{}", destination("pacs", dest.port)),
+        );
+        // the first part, processed as incomplete at the quiet timeout and delivered
+        assert!(storescu(d.port, CONSOLE, &src.files[..11]).status.success());
+        let first = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+        assert_eq!((first.state, first.received), (JobState::Done, 11), "{:#?}", first.history);
+        wait_for("11 derived instances", Duration::from_secs(10), || (dest.files().len() == 11).then_some(()));
+        // the console sends the whole series again; the daemon dies at once
+        assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+        d.kill9();
+        if lose_journal {
+            std::fs::remove_dir_all(d.state_dir().join("journal")).unwrap();
+        }
+        d.restart();
+        let job = d.wait_job(&job_id(&src), "the reopened series finished", Duration::from_secs(60), |j| {
+            j.state.is_terminal() && j.received == 16
+        });
+        assert_eq!(job.state, JobState::Done, "journal lost: {lose_journal}: {:#?}", job.history);
+        let got = wait_for("16 derived instances", Duration::from_secs(20), || {
+            let f = dest.files();
+            (sop_uids(&f).len() == 16).then_some(f)
+        });
+        assert_eq!(series_uids(&got).len(), 1, "journal lost: {lose_journal}");
+    }
+}

@@ -134,12 +134,37 @@ fn random_kill9_with_concurrent_consoles_loses_and_duplicates_nothing() {
     }
     let model = model.unwrap();
     let expected: usize = sent.len() * slices;
-    let files = wait_for("every derived instance at the destination", Duration::from_secs(60), || {
+    // Wait for the destination to hold every derived instance; on timeout,
+    // say which series miss what, with their jobs' histories.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let files = loop {
         let f = files_under(&dest_dir);
-        let distinct: BTreeSet<String> =
-            f.iter().filter_map(|p| dicom_object::open_file(p).ok()).filter_map(|o| o.str_of(tags::SOP_INSTANCE_UID)).collect();
-        (distinct.len() >= expected).then_some(f)
-    });
+        let mut have: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for p in &f {
+            if let Ok(o) = dicom_object::open_file(p) {
+                if let (Some(se), Some(sop)) = (o.str_of(tags::SERIES_INSTANCE_UID), o.str_of(tags::SOP_INSTANCE_UID)) {
+                    have.entry(se).or_default().insert(sop);
+                }
+            }
+        }
+        let missing: Vec<(&petsim::SeriesFiles, usize)> = sent
+            .iter()
+            .map(|s| {
+                let got = have.get(&petrestore::dicom::uid::derived_uid(&s.series_uid, &model)).map_or(0, BTreeSet::len);
+                (s, slices - got.min(slices))
+            })
+            .filter(|(_, m)| *m > 0)
+            .collect();
+        if missing.is_empty() {
+            break f;
+        }
+        if Instant::now() > deadline {
+            let report: Vec<String> =
+                missing.iter().take(5).map(|(s, m)| format!("{} missing {m}: {:#?}", s.series_uid, d.job(&job_id(s)).history)).collect();
+            panic!("{} series incomplete at the destination after 120 s:\n{}", missing.len(), report.join("\n"));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
     // What the destination holds, by series.
     let mut by_series: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let (mut received, mut partial) = (0usize, 0usize);

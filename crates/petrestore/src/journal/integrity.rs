@@ -100,8 +100,21 @@ pub fn repair(journal_dir: &Path, spool_root: &Path) -> Result<Repaired, Journal
     let mut finished = 0;
     for (id, e) in log {
         let Some(state) = e.state else { continue };
-        if journal.get(&id)?.is_none() {
+        let Some(job) = journal.get(&id)? else {
             // retention removed its files: nothing left to process
+            continue;
+        };
+        if e.received.is_some_and(|n| job.received > n) {
+            // instances arrived after it finished (acknowledged, in the
+            // spool): it is processed again, as it would have been
+            journal.update(&id, |j| {
+                j.note(format!(
+                    "finished ({}) with {} instances before the journal was repaired; {} are in the spool: processing again",
+                    state.name(),
+                    e.received.unwrap_or(0),
+                    j.received
+                ))
+            })?;
             continue;
         }
         journal.update(&id, |j| {

@@ -176,6 +176,15 @@ impl Journal {
         let id = job_id(&a.series_uid);
         let ikey = format!("{id}/{}", a.record.sop_instance_uid);
         let now = now_ms();
+        // A new instance reopens a finished job (it is processed again): the
+        // outcome log says so first, as `update` does for a retry. Otherwise
+        // a repair after a crash would put the job back to finished and the
+        // new instances would never be restored or delivered.
+        if self.instances.get(ikey.as_bytes())?.is_none() {
+            if let Some(pre) = self.get(&id)?.filter(|j| j.state.is_terminal()) {
+                self.log_outcome(&pre, None)?;
+            }
+        }
         let r = (&self.instances, &self.jobs, &self.active).transaction(|(ti, tj, ta)| {
             if ti.get(ikey.as_bytes())?.is_some() {
                 return Ok((Recorded::Duplicate { job_id: id.clone() }, None));
@@ -218,7 +227,13 @@ impl Journal {
     }
 
     fn log_outcome(&self, job: &Job, state: Option<JobState>) -> Result<(), JournalError> {
-        let e = outcomes::Entry { job_id: job.id.clone(), series_uid: job.series_uid.clone(), state, at_ms: now_ms() };
+        let e = outcomes::Entry {
+            job_id: job.id.clone(),
+            series_uid: job.series_uid.clone(),
+            state,
+            at_ms: now_ms(),
+            received: Some(job.received),
+        };
         self.outcomes.append(&e).map_err(|e| JournalError::Sled(sled::Error::Io(e)))
     }
 

@@ -26,6 +26,10 @@ pub struct Entry {
     /// state (retried).
     pub state: Option<JobState>,
     pub at_ms: u64,
+    /// Instances the job held then: a repair restores the finished state
+    /// only if the spool holds no more than that.
+    #[serde(default)]
+    pub received: Option<u32>,
 }
 
 /// The open log (appends are serialized and synced).
@@ -86,7 +90,13 @@ mod tests {
     fn the_last_entry_of_each_job_wins_and_a_torn_line_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let log = OutcomeLog::beside(&dir.path().join("journal"));
-        let e = |id: &str, state: Option<JobState>| Entry { job_id: id.into(), series_uid: format!("1.2.{id}"), state, at_ms: 1 };
+        let e = |id: &str, state: Option<JobState>| Entry {
+            job_id: id.into(),
+            series_uid: format!("1.2.{id}"),
+            state,
+            at_ms: 1,
+            received: Some(3),
+        };
         log.append(&e("a", Some(JobState::Done))).unwrap();
         log.append(&e("b", Some(JobState::Failed { reason: "x".into() }))).unwrap();
         log.append(&e("a", None)).unwrap();
