@@ -180,10 +180,10 @@ impl Journal {
         // outcome log says so first, as `update` does for a retry. Otherwise
         // a repair after a crash would put the job back to finished and the
         // new instances would never be restored or delivered.
-        if self.instances.get(ikey.as_bytes())?.is_none() {
-            if let Some(pre) = self.get(&id)?.filter(|j| j.state.is_terminal()) {
-                self.log_outcome(&pre, None)?;
-            }
+        if self.instances.get(ikey.as_bytes())?.is_none()
+            && let Some(pre) = self.get(&id)?.filter(|j| j.state.is_terminal())
+        {
+            self.log_outcome(&pre, None)?;
         }
         let r = (&self.instances, &self.jobs, &self.active).transaction(|(ti, tj, ta)| {
             if ti.get(ikey.as_bytes())?.is_some() {
