@@ -141,10 +141,10 @@ fn random_kill9_with_concurrent_consoles_loses_and_duplicates_nothing() {
         let f = files_under(&dest_dir);
         let mut have: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for p in &f {
-            if let Ok(o) = dicom_object::open_file(p) {
-                if let (Some(se), Some(sop)) = (o.str_of(tags::SERIES_INSTANCE_UID), o.str_of(tags::SOP_INSTANCE_UID)) {
-                    have.entry(se).or_default().insert(sop);
-                }
+            if let Ok(o) = dicom_object::open_file(p)
+                && let (Some(se), Some(sop)) = (o.str_of(tags::SERIES_INSTANCE_UID), o.str_of(tags::SOP_INSTANCE_UID))
+            {
+                have.entry(se).or_default().insert(sop);
             }
         }
         let missing: Vec<(&petsim::SeriesFiles, usize)> = sent
