@@ -165,6 +165,10 @@ enum Command {
         /// Write every restored volume as .npy (for the Python cross-check).
         #[arg(long)]
         dump: Option<PathBuf>,
+        /// Write the uncertainty's reliability diagram (observed vs nominal
+        /// coverage, per cell with --grid) as PNG into this folder.
+        #[arg(long)]
+        reliability: Option<PathBuf>,
         /// Engine threads (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -316,7 +320,21 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Eval { dataset, grid, val_grid, val, gaussian_fwhm, model, engine, ort_library, json, markdown, dump, threads } => {
+        Command::Eval {
+            dataset,
+            grid,
+            val_grid,
+            val,
+            gaussian_fwhm,
+            model,
+            engine,
+            ort_library,
+            json,
+            markdown,
+            dump,
+            reliability,
+            threads,
+        } => {
             let engine = match model {
                 None => None,
                 Some(dir) => Some(petrestore::eval::engine(&dir, &engine, ort_library, threads)?),
@@ -324,6 +342,15 @@ fn run(cli: Cli) -> Result<()> {
             let t = std::time::Instant::now();
             if let (Some(grid), Some(val_grid)) = (grid, val_grid) {
                 let report = grid::run_grid(&grid, &val_grid, engine).map_err(anyhow::Error::msg)?;
+                if let Some(dir) = &reliability {
+                    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                    for (name, cell) in report["cells"].as_object().into_iter().flatten() {
+                        let png = dir.join(format!("reliability-{name}.png"));
+                        if uncertainty::reliability_png(&cell["summary"], &png)? {
+                            eprintln!("wrote {}", png.display());
+                        }
+                    }
+                }
                 let md = grid::grid_markdown(&report);
                 println!("{md}");
                 if let Some(p) = json {
@@ -337,6 +364,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             let dataset = dataset.context("--dataset DIR or --grid DIR --val-grid DIR")?;
             let report = eval::run(&eval::EvalOptions { dataset, val, gaussian_fwhm, engine, dump }).map_err(anyhow::Error::msg)?;
+            if let Some(dir) = &reliability {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                let png = dir.join("reliability.png");
+                if uncertainty::reliability_png(&report["summary"], &png)? {
+                    eprintln!("wrote {}", png.display());
+                }
+            }
             let md = eval::markdown(&report);
             println!("{md}");
             let goals = eval::goals(&report);

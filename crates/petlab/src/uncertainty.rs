@@ -22,6 +22,10 @@ pub const TISSUES: [&str; 4] = ["body", "hot", "lesion", "lung"];
 /// z of the central 68.27 % and 95 % intervals of a normal distribution.
 pub const Z68: f64 = 1.0;
 pub const Z95: f64 = 1.96;
+/// The reliability diagram's nominal central-interval levels (%) and their
+/// z = Φ⁻¹((1 + p) / 2).
+pub const LEVELS: [(u32, f64); 9] =
+    [(10, 0.1257), (20, 0.2533), (30, 0.3853), (40, 0.5244), (50, 0.6745), (60, 0.8416), (70, 1.0364), (80, 1.2816), (90, 1.6449)];
 
 /// Coverage on one restored image.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -32,6 +36,8 @@ pub struct Coverage {
     pub lesion_means: Vec<[f64; 2]>,
     /// Mean σ ÷ mean R over the body (%).
     pub body_relative_sd_pct: f64,
+    /// Per [`LEVELS`] entry: [voxels inside the body, within z·σ].
+    pub reliability: Vec<[f64; 2]>,
 }
 
 /// Tissue of every voxel (index into [`TISSUES`]), `None` outside the body.
@@ -74,9 +80,14 @@ pub fn coverage(st: &Study, r: &Volume, sigma: &Volume) -> Coverage {
         c.tissue.insert(name.into(), [0.0; 3]);
     }
     let (mut sr, mut ss) = (0.0f64, 0.0f64);
+    c.reliability = vec![[0.0; 2]; LEVELS.len()];
     for (i, t) in tis.iter().enumerate() {
         let Some(t) = *t else { continue };
         let (e, s) = ((p90.data[i] - r.data[i]).abs() as f64, sigma.data[i] as f64);
+        for (acc, (_, z)) in c.reliability.iter_mut().zip(LEVELS) {
+            acc[0] += 1.0;
+            acc[1] += (e <= z * s) as u8 as f64;
+        }
         let acc = c.tissue.get_mut(TISSUES[t as usize]).expect("every tissue inserted");
         acc[0] += 1.0;
         acc[1] += (e <= Z68 * s) as u8 as f64;
@@ -115,6 +126,12 @@ pub fn summarise(covs: &[&Coverage], d: u32, method: &str, s: &mut BTreeMap<Stri
         s.insert(format!("unc_lesion_mean_cov68_{d}_{method}"), 100.0 * ls.iter().filter(|z| **z <= Z68).count() as f64 / n);
         s.insert(format!("unc_lesion_mean_cov95_{d}_{method}"), 100.0 * ls.iter().filter(|z| **z <= Z95).count() as f64 / n);
         s.insert(format!("unc_lesion_count_{d}_{method}"), n);
+    }
+    for (k, (p, _)) in LEVELS.iter().enumerate() {
+        let [n, w] = covs.iter().filter_map(|c| c.reliability.get(k)).fold([0.0; 2], |a, x| [a[0] + x[0], a[1] + x[1]]);
+        if n > 0.0 {
+            s.insert(format!("unc_reliability_{p}_{d}_{method}"), 100.0 * w / n);
+        }
     }
     s.insert(format!("unc_body_relative_sd_{d}_{method}"), covs.iter().map(|c| c.body_relative_sd_pct).sum::<f64>() / covs.len() as f64);
 }
@@ -287,6 +304,22 @@ mod tests {
     }
 
     #[test]
+    fn the_reliability_diagram_needs_both_durations() {
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("r.png");
+        let mut summary = serde_json::Map::new();
+        for (p, _) in LEVELS {
+            summary.insert(format!("unc_reliability_{p}_30_model"), json!(p as f64 * 0.9));
+        }
+        assert!(!reliability_png(&Value::Object(summary.clone()), &png).unwrap());
+        for (p, _) in LEVELS {
+            summary.insert(format!("unc_reliability_{p}_60_model"), json!(p as f64 * 1.05));
+        }
+        assert!(reliability_png(&Value::Object(summary), &png).unwrap());
+        assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    }
+
+    #[test]
     fn the_uncertainty_table_is_replaced_not_repeated() {
         let cal = Calibration {
             window_mm: 10.0,
@@ -305,4 +338,22 @@ mod tests {
         assert_eq!(back, cal);
         assert_eq!(parsed["io"]["batch"].as_integer(), Some(1));
     }
+}
+
+/// The reliability diagram of one summary (a cell, or a dataset): observed
+/// against nominal coverage of the central intervals, 10 % to 90 %, inside
+/// the body; grey the diagonal (a calibrated σ), red 30 s, blue 60 s.
+/// Returns false when the summary has no uncertainty.
+pub fn reliability_png(summary: &Value, path: &Path) -> std::io::Result<bool> {
+    let get = |k: String| summary.get(&k).and_then(Value::as_f64);
+    let mut curves = vec![LEVELS.iter().map(|(p, _)| *p as f32).collect::<Vec<f32>>()];
+    for d in [30, 60] {
+        let c: Option<Vec<f32>> = LEVELS.iter().map(|(p, _)| get(format!("unc_reliability_{p}_{d}_model")).map(|v| v as f32)).collect();
+        match c {
+            Some(c) => curves.push(c),
+            None => return Ok(false),
+        }
+    }
+    petrestore::figures::profile_plot(&curves, 100.0, path)?;
+    Ok(true)
 }

@@ -264,7 +264,9 @@ fn demo_restores_with_the_shipped_model_and_draws_the_result() {
         row.split('|').nth(2).unwrap().trim().parse().unwrap()
     };
     assert!((demo_seed - eval_seed).abs() <= 0.3, "demo says {demo_seed} %, eval says {eval_seed} %");
-    for png in ["coronal-mip.png", "axial-lesion.png", "lesion-profile.png"] {
+    // the shipped model is calibrated: σ, its check against the 90 s image, and its picture
+    assert!(t.contains("uncertainty (1 SD") && t.contains("68.3 % if σ is right"), "{t}");
+    for png in ["coronal-mip.png", "axial-lesion.png", "lesion-profile.png", "axial-uncertainty.png"] {
         let b = std::fs::read(work.join("figures").join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
         assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{png}");
     }
