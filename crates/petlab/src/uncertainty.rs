@@ -280,6 +280,24 @@ pub fn with_calibration(toml_text: &str, cal: &Calibration) -> String {
     out
 }
 
+/// The reliability diagram of one summary (a cell, or a dataset): observed
+/// against nominal coverage of the central intervals, 10 % to 90 %, inside
+/// the body; grey the diagonal (a calibrated σ), red 30 s, blue 60 s.
+/// Returns false when the summary has no uncertainty.
+pub fn reliability_png(summary: &Value, path: &Path) -> std::io::Result<bool> {
+    let get = |k: String| summary.get(&k).and_then(Value::as_f64);
+    let mut curves = vec![LEVELS.iter().map(|(p, _)| *p as f32).collect::<Vec<f32>>()];
+    for d in [30, 60] {
+        let c: Option<Vec<f32>> = LEVELS.iter().map(|(p, _)| get(format!("unc_reliability_{p}_{d}_model")).map(|v| v as f32)).collect();
+        match c {
+            Some(c) => curves.push(c),
+            None => return Ok(false),
+        }
+    }
+    petrestore::figures::profile_plot(&curves, 100.0, path)?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,22 +356,4 @@ mod tests {
         assert_eq!(back, cal);
         assert_eq!(parsed["io"]["batch"].as_integer(), Some(1));
     }
-}
-
-/// The reliability diagram of one summary (a cell, or a dataset): observed
-/// against nominal coverage of the central intervals, 10 % to 90 %, inside
-/// the body; grey the diagonal (a calibrated σ), red 30 s, blue 60 s.
-/// Returns false when the summary has no uncertainty.
-pub fn reliability_png(summary: &Value, path: &Path) -> std::io::Result<bool> {
-    let get = |k: String| summary.get(&k).and_then(Value::as_f64);
-    let mut curves = vec![LEVELS.iter().map(|(p, _)| *p as f32).collect::<Vec<f32>>()];
-    for d in [30, 60] {
-        let c: Option<Vec<f32>> = LEVELS.iter().map(|(p, _)| get(format!("unc_reliability_{p}_{d}_model")).map(|v| v as f32)).collect();
-        match c {
-            Some(c) => curves.push(c),
-            None => return Ok(false),
-        }
-    }
-    petrestore::figures::profile_plot(&curves, 100.0, path)?;
-    Ok(true)
 }
