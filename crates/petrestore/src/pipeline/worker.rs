@@ -336,8 +336,9 @@ pub fn write_outputs(
     }
     let need: u64 = encoded.iter().map(|(_, b)| b.len() as u64).sum();
     let mb = |b: u64| b.div_ceil(1024 * 1024);
-    // the nearest folder that exists (the output folder is made by the first write)
-    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(dir);
+    // the nearest folder that exists (the output folder is made by the first
+    // write; a relative path's last ancestor is "", the working folder)
+    let probe = dir.ancestors().find(|p| !p.as_os_str().is_empty() && p.exists()).unwrap_or(Path::new("."));
     let free = spool::free_bytes(probe).map_err(|e| WriteError::Other(format!("cannot read free space of {}: {e}", probe.display())))?;
     if free < need.saturating_add(reserve) {
         return Err(WriteError::NoSpace(format!(
