@@ -355,7 +355,8 @@ impl telemetry::mqtt::Control for DaemonControl {
             }
             "retry" => {
                 let id = msg.job_id.as_deref().ok_or("retry needs \"job_id\" in the payload")?;
-                let job = self.pipeline.retry(id)?;
+                // a journal update (fsync), called from the MQTT task
+                let job = tokio::task::block_in_place(|| self.pipeline.retry(id))?;
                 Ok(serde_json::json!({"job_id": job.id, "state": job.state.name()}))
             }
             "reload" => {

@@ -97,7 +97,14 @@ pub fn next_due_ms(job: &Job) -> Option<u64> {
     job.deliveries.iter().filter(|d| !d.delivered).map(|d| d.next_attempt_ms).min()
 }
 
-/// Attempt every due delivery of a job once, then settle it.
+/// Journal work from an async task: every update fsyncs, so the runtime is
+/// told to move its other tasks off this worker thread meanwhile.
+fn on_disk<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// Attempt every due delivery of a job once, then settle it. Needs the
+/// multi-thread runtime (the daemon's).
 pub async fn deliver_due(
     journal: &Journal,
     spool: &Spool,
@@ -107,7 +114,7 @@ pub async fn deliver_due(
     job_id: &str,
     cancel: &CancellationToken,
 ) -> Result<(), JournalError> {
-    let Some(job) = journal.get(job_id)? else { return Ok(()) };
+    let Some(job) = on_disk(|| journal.get(job_id))? else { return Ok(()) };
     let JobState::Delivering { payload, .. } = job.state.clone() else { return Ok(()) };
     let files = match payload_files(journal, spool, state_dir, &job, payload)
         .and_then(|f| Ok((f, if payload == Payload::Derived { uncertainty_files(state_dir, &job)? } else { Vec::new() })))
@@ -115,14 +122,18 @@ pub async fn deliver_due(
         Ok(f) => f,
         Err(e) if payload == Payload::Derived => {
             // The derived series is damaged (e.g. a crash mid-write): make it again.
-            journal.update(job_id, |j| {
-                j.note(format!("derived series incomplete ({e}): restoring again"));
-                j.set_state(JobState::Queued);
+            on_disk(|| {
+                journal.update(job_id, |j| {
+                    j.note(format!("derived series incomplete ({e}): restoring again"));
+                    j.set_state(JobState::Queued);
+                })
             })?;
             return Ok(());
         }
         Err(e) => {
-            journal.update(job_id, |j| j.set_state(JobState::Failed { reason: format!("cannot read the received series: {e}") }))?;
+            on_disk(|| {
+                journal.update(job_id, |j| j.set_state(JobState::Failed { reason: format!("cannot read the received series: {e}") }))
+            })?;
             return Ok(());
         }
     };
@@ -149,31 +160,34 @@ pub async fn deliver_due(
                 }
             }
         };
-        journal.update(job_id, |j| {
-            let Some(dd) = j.deliveries.get_mut(i) else { return };
-            dd.attempts += 1;
-            match &result {
-                Ok(n) => {
-                    dd.delivered = true;
-                    dd.last_error = None;
-                    let line = format!("delivered {n} instances to {} (attempt {})", dd.destination, dd.attempts);
-                    j.note(line);
+        on_disk(|| {
+            journal.update(job_id, |j| {
+                let Some(dd) = j.deliveries.get_mut(i) else { return };
+                dd.attempts += 1;
+                match &result {
+                    Ok(n) => {
+                        dd.delivered = true;
+                        dd.last_error = None;
+                        let line = format!("delivered {n} instances to {} (attempt {})", dd.destination, dd.attempts);
+                        j.note(line);
+                    }
+                    Err(e) => {
+                        let wait = backoff(dd.attempts, settings);
+                        dd.last_error = Some(e.clone());
+                        dd.next_attempt_ms = now_ms() + wait.as_millis() as u64;
+                        let line =
+                            format!("delivery to {} failed (attempt {}): {e}; next try in {:.0?}", dd.destination, dd.attempts, wait);
+                        j.note(line);
+                    }
                 }
-                Err(e) => {
-                    let wait = backoff(dd.attempts, settings);
-                    dd.last_error = Some(e.clone());
-                    dd.next_attempt_ms = now_ms() + wait.as_millis() as u64;
-                    let line = format!("delivery to {} failed (attempt {}): {e}; next try in {:.0?}", dd.destination, dd.attempts, wait);
-                    j.note(line);
-                }
-            }
+            })
         })?;
         match &result {
             Ok(_) => tracing::info!(job = job_id, destination = %d.destination, "delivered"),
             Err(e) => tracing::warn!(job = job_id, destination = %d.destination, error = %e, "delivery failed"),
         }
     }
-    let job = journal.update(job_id, |j| settle(j, settings.max_attempts))?;
+    let job = on_disk(|| journal.update(job_id, |j| settle(j, settings.max_attempts)))?;
     if job.state.is_terminal() {
         tracing::info!(job = job_id, state = job.state.name(), "job finished");
     }

@@ -89,7 +89,8 @@ impl Pipeline {
                     Err(e) => tracing::error!(error = %e, "retention task panicked"),
                 }
             }
-            if let Err(e) = self.pass(&shutdown, &tracker) {
+            // the pass reads and updates the journal (fsync): off the async workers
+            if let Err(e) = tokio::task::block_in_place(|| self.pass(&shutdown, &tracker)) {
                 tracing::error!(error = %e, "scheduler pass failed; retrying");
             }
             self.last_pass_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
