@@ -57,6 +57,11 @@ enum Command {
         /// and ORT_DYLIB_PATH).
         #[arg(long)]
         ort_library: Option<PathBuf>,
+        /// Also write the uncertainty series (per voxel 1 SD of the
+        /// difference to a 90 s acquisition) into OUTPUT/uncertainty; needs
+        /// a model package with an [uncertainty] calibration.
+        #[arg(long)]
+        uncertainty: bool,
         /// Configuration file; the built-in defaults when omitted.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -285,11 +290,12 @@ struct RestoreArgs {
     units: Option<String>,
     tracer: Option<String>,
     ort_library: Option<PathBuf>,
+    uncertainty: bool,
     config: Option<PathBuf>,
 }
 
 fn offline_restore(a: RestoreArgs) -> Result<()> {
-    let RestoreArgs { input, output, engine, model, frame_duration, units, tracer, ort_library, config } = a;
+    let RestoreArgs { input, output, engine, model, frame_duration, units, tracer, ort_library, uncertainty, config } = a;
     let mut settings = load_settings(config.as_ref())?;
     if let Some(fd) = frame_duration {
         if !(fd > 0.0 && fd < 3600.0) {
@@ -331,7 +337,14 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
     for r in engines.reports.iter().filter(|r| !r.ok) {
         eprintln!("petrestore: engine {} unavailable: {}", r.engine, r.detail);
     }
-    let restored = pipeline::worker::restore_paths(&settings, &engines.engines, &paths)?;
+    let restored = pipeline::worker::restore_paths_with(&settings, &engines.engines, &paths, uncertainty)?;
+    if uncertainty && restored.uncertainty.is_none() {
+        bail!(
+            "--uncertainty: engine {} ({}) has no uncertainty calibration: use a model package with an [uncertainty] table (petlab calibrate)",
+            restored.engine,
+            restored.model_id
+        );
+    }
     if output.exists() && std::fs::read_dir(&output)?.next().is_some() {
         bail!("--output {} is not empty: choose an empty or new folder", output.display());
     }
@@ -342,8 +355,18 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
         eprintln!("petrestore: {a}");
     }
     let (engine, model, slices) = (restored.engine.clone(), restored.model_id.clone(), restored.slices);
-    let n = pipeline::worker::write_instances(&output, restored.instances, 0)?;
+    let (summary, sigma) = match restored.uncertainty {
+        Some(u) => (Some(u.summary), u.instances),
+        None => (None, Vec::new()),
+    };
+    let (n, ns) = pipeline::worker::write_outputs(&output, restored.instances, sigma, 0)?;
     println!("restored {} with {engine} ({model}) into {}", pipeline::worker::slice_count(slices, n as usize), output.display());
+    if let Some(sum) = summary {
+        println!("{sum}");
+    }
+    if ns > 0 {
+        println!("uncertainty series ({ns} instances, not for diagnosis) in {}", output.join(pipeline::worker::UNCERTAINTY_DIR).display());
+    }
     Ok(())
 }
 
@@ -354,8 +377,8 @@ fn run(cli: Cli) -> Result<()> {
             let settings = load_settings(config.as_ref())?;
             rt()?.block_on(app::serve(settings))
         }
-        Command::Restore { input, output, engine, model, frame_duration, units, tracer, ort_library, config } => {
-            offline_restore(RestoreArgs { input, output, engine, model, frame_duration, units, tracer, ort_library, config })
+        Command::Restore { input, output, engine, model, frame_duration, units, tracer, ort_library, uncertainty, config } => {
+            offline_restore(RestoreArgs { input, output, engine, model, frame_duration, units, tracer, ort_library, uncertainty, config })
         }
         Command::Status { config, state_dir } => rt()?.block_on(status(config, state_dir)),
         #[cfg(feature = "demo")]

@@ -533,3 +533,43 @@ fn systemd_notify_ready_watchdog_and_stopping() {
     assert_eq!(stopping.as_deref(), Some("STOPPING=1\n"));
     assert!(child.wait().unwrap().success());
 }
+
+/// Issue 17: `restore --uncertainty` writes the uncertainty series beside
+/// the restored one with a calibrated model, and names the fix without one.
+#[test]
+fn offline_restore_writes_the_uncertainty_series_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    series(&tmp.path().join("in"), 8, 64, 47);
+    let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let out_dir = tmp.path().join("out");
+    let args = |out: &std::path::Path, engine: &str| {
+        petrestore(&[
+            "restore",
+            "--input",
+            tmp.path().join("in").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--engine",
+            engine,
+            "--model",
+            model.to_str().unwrap(),
+            "--uncertainty",
+        ])
+    };
+    let o = args(&out_dir, "tract");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("uncertainty: body σ") && text(&o).contains("not for diagnosis"), "{}", text(&o));
+    let sigma = files_under(&out_dir.join("uncertainty"));
+    assert_eq!(sigma.len(), 8);
+    assert_eq!(files_under(&out_dir).len(), 16);
+    let o = dicom_object::open_file(&sigma[0]).unwrap();
+    let dd = o.element(dicom_dictionary_std::tags::DERIVATION_DESCRIPTION).unwrap().to_str().unwrap().to_string();
+    assert!(dd.starts_with("NOT FOR DIAGNOSIS"), "{dd}");
+    // the Gaussian filter has no calibration: said so, with the fix
+    let g = args(&tmp.path().join("outg"), "gaussian");
+    assert!(
+        !g.status.success() && text(&g).contains("no uncertainty calibration") && text(&g).contains("petlab calibrate"),
+        "{}",
+        text(&g)
+    );
+}
