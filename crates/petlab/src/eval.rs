@@ -561,20 +561,9 @@ pub fn markdown(report: &Value) -> String {
             "\n### Uncertainty: coverage of R ± σ / R ± 1.96 σ (%; nominal 68.3 / 95), and mean σ ÷ R over the body\n\n\
              | duration | body | hot organs | lesions | lungs | lesion SUVmean ≥ 10 mm | body σ ÷ R (%) |\n|---|---|---|---|---|---|---|\n",
         );
-        let pair = |a: String, b: String| match (g(&a), g(&b)) {
-            (Some(x), Some(y)) => format!("{x:.1} / {y:.1}"),
-            _ => "—".into(),
-        };
         for d in [30, 60] {
             o.push_str(&format!("| {d} s |"));
-            for t in crate::uncertainty::TISSUES {
-                o.push_str(&format!(" {} |", pair(format!("unc_cov68_{t}_{d}_model"), format!("unc_cov95_{t}_{d}_model"))));
-            }
-            o.push_str(&format!(
-                " {} | {} |\n",
-                pair(format!("unc_lesion_mean_cov68_{d}_model"), format!("unc_lesion_mean_cov95_{d}_model")),
-                f(&format!("unc_body_relative_sd_{d}_model"))
-            ));
+            o.push_str(&crate::uncertainty::coverage_cells(&g, d));
         }
     }
     o

@@ -188,21 +188,10 @@ fn uncertainty_markdown(cells: &serde_json::Map<String, Value>) -> String {
         "\n### uncertainty: coverage of R ± σ / R ± 1.96 σ (%; nominal 68.3 / 95)\n\n\
          | cell | frame | body | hot organs | lesions | lungs | lesion SUVmean ≥ 10 mm | body σ ÷ R (%) |\n|---|---|---|---|---|---|---|---|\n",
     );
-    let pair = |c: &Value, a: &str, b: &str| match (get(c, a), get(c, b)) {
-        (Some(x), Some(y)) => format!("{x:.1} / {y:.1}"),
-        _ => "—".into(),
-    };
     for (name, c) in cells {
         for d in [30, 60] {
             o.push_str(&format!("| {name} | {d} s |"));
-            for t in crate::uncertainty::TISSUES {
-                o.push_str(&format!(" {} |", pair(c, &format!("unc_cov68_{t}_{d}_model"), &format!("unc_cov95_{t}_{d}_model"))));
-            }
-            o.push_str(&format!(
-                " {} | {} |\n",
-                pair(c, &format!("unc_lesion_mean_cov68_{d}_model"), &format!("unc_lesion_mean_cov95_{d}_model")),
-                get(c, &format!("unc_body_relative_sd_{d}_model")).map(|v| format!("{v:.1}")).unwrap_or_else(|| "—".into())
-            ));
+            o.push_str(&crate::uncertainty::coverage_cells(&|k| get(c, k), d));
         }
     }
     o

@@ -280,6 +280,26 @@ pub fn with_calibration(toml_text: &str, cal: &Calibration) -> String {
     out
 }
 
+/// The cells of one row of the coverage table (after the row's label):
+/// each tissue's 68 / 95 % coverage, the lesion SUVmean intervals' and the
+/// body σ ÷ R, read from a summary by `get`.
+pub fn coverage_cells(get: &dyn Fn(&str) -> Option<f64>, d: u32) -> String {
+    let pair = |a: String, b: String| match (get(&a), get(&b)) {
+        (Some(x), Some(y)) => format!("{x:.1} / {y:.1}"),
+        _ => "—".into(),
+    };
+    let mut o = String::new();
+    for t in TISSUES {
+        o.push_str(&format!(" {} |", pair(format!("unc_cov68_{t}_{d}_model"), format!("unc_cov95_{t}_{d}_model"))));
+    }
+    o.push_str(&format!(
+        " {} | {} |\n",
+        pair(format!("unc_lesion_mean_cov68_{d}_model"), format!("unc_lesion_mean_cov95_{d}_model")),
+        get(&format!("unc_body_relative_sd_{d}_model")).map(|v| format!("{v:.1}")).unwrap_or_else(|| "—".into())
+    ));
+    o
+}
+
 /// The reliability diagram of one summary (a cell, or a dataset): observed
 /// against nominal coverage of the central intervals, 10 % to 90 %, inside
 /// the body; grey the diagonal (a calibrated σ), red 30 s, blue 60 s.
