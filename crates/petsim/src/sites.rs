@@ -8,9 +8,11 @@
 //! detector resolution 4–6.5 mm in-plane and axially (a 3D PSF: the axial
 //! part blurs the activity across slices before projection), OSEM 2–4
 //! iterations × 8–24 subsets with or without resolution modelling, a
-//! Gaussian post-filter of 0–7 mm FWHM applied in 3D (noise correlated
-//! between slices), 0.3–4 M prompts per liver slice in 90 s, scatter
-//! 20–45 %, randoms 5–30 %.
+//! Gaussian post-filter of 0–8.5 mm FWHM applied in 3D (noise correlated
+//! between slices; the harmonised EARL-like 7 mm must lie inside, not at the
+//! edge), 0.3–4 M prompts per liver slice in 90 s, scatter 20–45 %, randoms
+//! 5–30 %. The filter range was 0–7 mm until December 2026: training seeds
+//! 1000–1013 were drawn with it, and their .json files record what was drawn.
 //!
 //! A setting is a pure function of its seed (training) or its name (the
 //! site matrix), so datasets can be regenerated and extended.
@@ -54,7 +56,7 @@ impl Setting {
         let matrix = ((fov / px).round() as usize).clamp(96, 320);
         let slice_thickness_mm = rng.random_range(2.0..5.0);
         let detector = rng.random_range(4.0..6.5);
-        let post = if rng.random_bool(0.25) { 0.0 } else { rng.random_range(1.0..7.0) };
+        let post = if rng.random_bool(0.25) { 0.0 } else { rng.random_range(1.0..8.5) };
         let subsets = [8, 12, 16, 21, 24][rng.random_range(0..5)];
         let scanner = Scanner {
             n_angles: Scanner::angles_for(matrix),
