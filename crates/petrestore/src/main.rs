@@ -186,10 +186,10 @@ fn load_settings(config: Option<&PathBuf>) -> Result<Settings> {
     })
 }
 
-fn init_logging() {
+/// `default` is the filter when RUST_LOG is not set.
+fn init_logging(default: &str) {
     use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn,sled=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Under systemd (JOURNAL_STREAM set) log to journald; otherwise stderr.
     let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
     let registry = tracing_subscriber::registry().with(filter);
@@ -516,7 +516,13 @@ fn main() -> ExitCode {
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
     let cli = Cli::parse();
-    init_logging();
+    // The demo speaks in steps and progress bars; the daemon inside it
+    // logs warnings only unless RUST_LOG asks for more.
+    #[cfg(feature = "demo")]
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    #[cfg(not(feature = "demo"))]
+    let quiet = false;
+    init_logging(if quiet { "warn,ort=error" } else { "info,ort=warn,sled=warn" });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -260,6 +260,23 @@ pub fn write_study_physical_at(
     phantom: Phantom,
     z0: f64,
 ) -> std::io::Result<PhysicalStudy> {
+    write_study_physical_frames(dir, spec, sc, phantom, z0, &[30.0, 60.0, 90.0], &|_| {})
+}
+
+/// [`write_study_physical_at`] reconstructing and writing only the frames
+/// in `frames` (seconds, of 30, 60 and 90; the counts are drawn for all
+/// three, so a frame's pixels do not depend on which others are written),
+/// calling `done` with the number of slices finished so far (progress).
+pub fn write_study_physical_frames(
+    dir: &Path,
+    spec: &SeriesSpec,
+    sc: &physics::Scanner,
+    phantom: Phantom,
+    z0: f64,
+    frames: &[f64],
+    done: &(dyn Fn(usize) + Sync),
+) -> std::io::Result<PhysicalStudy> {
+    let finished = std::sync::atomic::AtomicUsize::new(0);
     let span = spec.slices.saturating_sub(1) as f64 * spec.slice_thickness_mm;
     let patient = match phantom {
         Phantom::Patient { family, seed } => Some(patient::Patient::generate(family, seed, z0, z0 + span)),
@@ -284,8 +301,12 @@ pub fn write_study_physical_at(
         let model = physics::Model::new(&act, &att, n, px, sc, k90);
         let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(k as u64));
         let f = model.acquire(&act, &mut rng);
-        let rec = |c: &[u32], t: f64| model.osem(c, t, sc).into_iter().map(|v| v as f64).collect::<Vec<f64>>();
-        (rec(&f.c30, 30.0), rec(&f.c60, 60.0), rec(&f.c90, 90.0), act)
+        let rec = |c: &[u32], t: f64| {
+            if frames.contains(&t) { model.osem(c, t, sc).into_iter().map(|v| v as f64).collect::<Vec<f64>>() } else { Vec::new() }
+        };
+        let out = (rec(&f.c30, 30.0), rec(&f.c60, 60.0), rec(&f.c90, 90.0), act);
+        done(finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+        out
     });
     let tag = match phantom {
         Phantom::Nema => "nema".to_string(),
@@ -295,6 +316,9 @@ pub fn write_study_physical_at(
     let ids = StudyIds::new(spec.seed, &tag);
     let mut series = Vec::new();
     for (d, pick) in [(30.0, 0usize), (60.0, 1), (90.0, 2)] {
+        if !frames.contains(&d) {
+            continue;
+        }
         let images: Vec<Vec<f64>> = slices
             .iter()
             .map(|s| match pick {
@@ -659,6 +683,30 @@ mod tests {
         assert!(npy.len() >= 6 * 64 * 64 * 4 + 64);
         let lj: serde_json::Value = serde_json::from_slice(&std::fs::read(&st.lesions).unwrap()).unwrap();
         assert_eq!(lj["lesions"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_subset_of_frames_gives_the_same_images_and_reports_progress() {
+        let spec = SeriesSpec { slices: 3, matrix: 48, seed: 4, fov_mm: 600.0, slice_thickness_mm: 12.0, frame_duration_s: 90.0 };
+        let sc = physics::Scanner { n_angles: 36, ..Default::default() };
+        let (all, some) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let full = write_study_physical(all.path(), &spec, &sc, Phantom::Torso).unwrap();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let part =
+            write_study_physical_frames(some.path(), &spec, &sc, Phantom::Torso, 0.0, &[30.0, 90.0], &|n| seen.lock().unwrap().push(n))
+                .unwrap();
+        assert_eq!(part.series.iter().map(|(d, _)| *d).collect::<Vec<_>>(), vec![30.0, 90.0]);
+        assert!(!some.path().join("PT60").exists(), "the 60 s frame is not written");
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        assert_eq!(seen, vec![1, 2, 3], "one progress call per slice");
+        for d in [30.0, 90.0] {
+            let pick = |st: &PhysicalStudy| {
+                let files = &st.series.iter().find(|(x, _)| *x == d).unwrap().1.files;
+                petrestore::restore::volume::load(files).unwrap().volume.data
+            };
+            assert_eq!(pick(&full), pick(&part), "{d} s frame differs when the 60 s frame is skipped");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -109,6 +110,27 @@ fn step(n: usize, what: &str, t: Instant) {
     println!("  {n}. {what} ({:.1} s)", t.elapsed().as_secs_f64());
 }
 
+/// A progress bar on the terminal (stderr); invisible when stderr is not a
+/// terminal, so logs and tests see only the step lines.
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    let style = ProgressStyle::with_template("     {msg:<12} [{bar:32}] {pos:>3}/{len:3} {elapsed:>4}")
+        .expect("literal template")
+        .progress_chars("=> ");
+    pb.set_style(style);
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// A spinner for a stage without a count (simulation, restoration).
+fn spinner(what: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("     {spinner} {msg} {elapsed}").expect("literal template"));
+    pb.set_message(what.to_string());
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
 pub async fn run(opts: DemoOptions) -> Result<()> {
     let work = opts.workdir.clone().unwrap_or_else(|| PathBuf::from("demo-out"));
     prepare(&work)?;
@@ -151,12 +173,17 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let phantom = petsim::Phantom::Patient { family: Family::Lobulated, seed: PATIENT_SEED };
     let scanner = petsim::physics::Scanner::default();
     let study_dir = work.join("study");
+    let pb = bar(spec.slices as u64, "simulate");
     let sim = {
-        let (d, s, sc) = (study_dir.clone(), spec.clone(), scanner.clone());
-        tokio::task::spawn_blocking(move || petsim::write_study_physical_at(&d, &s, &sc, phantom, z0))
-            .await?
-            .context("simulating the study")?
+        let (d, s, sc, p) = (study_dir.clone(), spec.clone(), scanner.clone(), pb.clone());
+        // The 60 s frame is not shown: reconstruct only 30 s and 90 s.
+        tokio::task::spawn_blocking(move || {
+            petsim::write_study_physical_frames(&d, &s, &sc, phantom, z0, &[30.0, 90.0], &|n| p.set_position(n as u64))
+        })
+        .await?
+        .context("simulating the study")?
     };
+    pb.finish_and_clear();
     step(
         1,
         &format!(
@@ -224,29 +251,49 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let t = Instant::now();
     let peer =
         scu::Peer { address: daemon.dicom_addr.to_string(), called_ae: settings.dicom.ae_title.clone(), calling_ae: "DEMO-CONSOLE".into() };
-    let sent = scu::send_files(&peer, &short.files, &CancellationToken::new()).await.context("sending the study to the daemon")?;
+    let pb = bar(short.files.len() as u64, "send");
+    let sent = scu::send_files_observed(&peer, &short.files, &CancellationToken::new(), |n| pb.set_position(n as u64))
+        .await
+        .context("sending the study to the daemon")?;
+    pb.finish_and_clear();
     step(3, &format!("sent the {sent} slices of the 30 s series as console DEMO-CONSOLE"), t);
     let t = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(600);
     let job_id = crate::journal::job_id(&short.series_uid);
     let mut last = String::new();
+    // Restoration has no count (a spinner); delivery is counted at the
+    // receiving node, file by file.
+    let mut pb = spinner("restore");
     let job = loop {
         let job = daemon.journal().get(&job_id)?;
         if let Some(j) = &job {
             let now = j.state.name().to_string();
             if now != last {
-                println!("     job {job_id}: {now} ({:.1} s)", t.elapsed().as_secs_f64());
+                pb.suspend(|| println!("     job {job_id}: {now} ({:.1} s)", t.elapsed().as_secs_f64()));
+                if now == "delivering" {
+                    pb.finish_and_clear();
+                    pb = bar(u64::from(j.output_count), "deliver");
+                } else if !j.state.is_terminal() {
+                    pb.set_message(now.clone());
+                }
                 last = now;
+            }
+            if last == "delivering" {
+                let arrived = std::fs::read_dir(&received).map(|d| d.count() as u64).unwrap_or(0);
+                pb.set_position(arrived.min(u64::from(j.output_count)));
             }
         }
         if let Some(j) = job.filter(|j| j.state.is_terminal()) {
+            let arrived = std::fs::read_dir(&received).map(|d| d.count() as u64).unwrap_or(0);
+            pb.set_position(arrived.min(u64::from(j.output_count)));
             break j;
         }
         if Instant::now() > deadline {
-            bail!("the restored series did not arrive within 10 minutes; see the log above");
+            bail!("the restored series did not arrive within 10 minutes; run again with RUST_LOG=info for the daemon's log");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    pb.finish_and_clear();
     daemon.stop().await?;
     stop_pacs.cancel();
     let _ = pacs.await;
@@ -369,6 +416,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     println!();
     println!("  DICOM: the 30 s input and the 90 s reference in {}, the restored series in {}", study_dir.display(), received.display());
     println!("  (open them in any DICOM viewer, e.g. Weasis or 3D Slicer; `dcmdump FILE` shows the derived series' labels)");
+    println!("  The daemon's own log (warnings only here): `RUST_LOG=info petrestore demo`.");
     println!(
         "  {:.1} s in all. The model is a research model trained on simulated data only; outputs say so in their Derivation Description.",
         t_all.elapsed().as_secs_f64()

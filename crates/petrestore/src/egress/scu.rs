@@ -44,6 +44,17 @@ pub enum SendError {
 /// refusal (the caller retries the whole set: derived UIDs are stable, so a
 /// resend never creates duplicates with different UIDs).
 pub async fn send_files(peer: &Peer, files: &[PathBuf], cancel: &CancellationToken) -> Result<usize, SendError> {
+    send_files_observed(peer, files, cancel, |_| {}).await
+}
+
+/// [`send_files`], calling `sent` with the running count after each
+/// acknowledged instance (progress display).
+pub async fn send_files_observed(
+    peer: &Peer,
+    files: &[PathBuf],
+    cancel: &CancellationToken,
+    mut sent_one: impl FnMut(usize),
+) -> Result<usize, SendError> {
     // Read the SOP classes first to propose the right contexts.
     let mut objects = Vec::with_capacity(files.len());
     let mut classes: BTreeMap<String, ()> = BTreeMap::new();
@@ -95,6 +106,7 @@ pub async fn send_files(peer: &Peer, files: &[PathBuf], cancel: &CancellationTok
             return Err(SendError::Refused { ae: peer.called_ae.clone(), sop, status, comment: rsp.error_comment });
         }
         sent += 1;
+        sent_one(sent);
     }
     let _ = assoc.release().await;
     Ok(sent)
