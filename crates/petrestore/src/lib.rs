@@ -20,6 +20,7 @@ pub mod eval;
 pub mod figures;
 pub mod ingest;
 pub mod journal;
+pub mod logging;
 pub mod pipeline;
 pub mod restore;
 pub mod spool;

@@ -190,8 +190,9 @@ fn load_settings(config: Option<&PathBuf>) -> Result<Settings> {
 fn init_logging(default: &str) {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Under systemd (JOURNAL_STREAM set) log to journald; otherwise stderr.
-    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    // Under systemd (stderr is the journal stream) log native journal
+    // entries with structured fields; otherwise text on stderr.
+    let journald = petrestore::logging::stderr_is_journal().then(petrestore::logging::Journald::connect).and_then(Result::ok);
     let registry = tracing_subscriber::registry().with(filter);
     match journald {
         Some(j) => registry.with(j).init(),

@@ -132,7 +132,13 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
             _ => j.set_state(outcome.into()),
         }
     })?;
-    tracing::info!(job = job_id, state = job.state.name(), "restoration step finished");
+    tracing::info!(
+        job = job_id,
+        state = job.state.name(),
+        engine = job.engine.as_deref().unwrap_or("none"),
+        model = job.model_id.as_deref().unwrap_or("none"),
+        "restoration step finished"
+    );
     Ok(())
 }
 
