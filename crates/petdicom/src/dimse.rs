@@ -11,6 +11,10 @@ pub const C_STORE_RQ: u16 = 0x0001;
 pub const C_STORE_RSP: u16 = 0x8001;
 pub const C_ECHO_RQ: u16 = 0x0030;
 pub const C_ECHO_RSP: u16 = 0x8030;
+pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
+pub const N_EVENT_REPORT_RSP: u16 = 0x8100;
+pub const N_ACTION_RQ: u16 = 0x0130;
+pub const N_ACTION_RSP: u16 = 0x8130;
 /// Command Data Set Type meaning "no data set follows".
 pub const NO_DATASET: u16 = 0x0101;
 
@@ -27,6 +31,12 @@ pub mod status {
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
     /// Processing failure (DIMSE generic failure).
     pub const PROCESSING_FAILURE: u16 = 0x0110;
+    /// No such event type (N-EVENT-REPORT).
+    pub const NO_SUCH_EVENT_TYPE: u16 = 0x0113;
+    /// Refused: not authorized (this caller may not store here).
+    pub const NOT_AUTHORIZED: u16 = 0x0124;
+    /// Unrecognized operation: a command this node does not perform.
+    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
 
     /// Success or warning (0x0000, 0x0001, 0xBxxx).
     pub fn is_ok(s: u16) -> bool {
@@ -45,6 +55,8 @@ pub struct Command {
     /// Status, for responses.
     pub status: Option<u16>,
     pub error_comment: Option<String>,
+    /// Event Type ID (N-EVENT-REPORT).
+    pub event_type_id: Option<u16>,
 }
 
 /// Why a command set could not be used.
@@ -75,6 +87,7 @@ impl Command {
             has_dataset: dst != NO_DATASET,
             status: obj.u16_of(tags::STATUS),
             error_comment: obj.str_of(tags::ERROR_COMMENT),
+            event_type_id: obj.u16_of(tags::EVENT_TYPE_ID),
         })
     }
 }
@@ -110,6 +123,9 @@ pub fn response(rq: &Command, status: u16, comment: Option<&str>) -> Vec<u8> {
     if !rq.affected_sop_instance.is_empty() {
         e.push(ui(tags::AFFECTED_SOP_INSTANCE_UID, &rq.affected_sop_instance));
     }
+    if let (N_EVENT_REPORT_RQ, Some(t)) = (rq.command_field, rq.event_type_id) {
+        e.push(us(tags::EVENT_TYPE_ID, t));
+    }
     if let Some(c) = comment {
         // Error Comment is LO: at most 64 characters.
         let c: String = c.chars().filter(|c| *c != '\\').take(64).collect();
@@ -127,6 +143,33 @@ pub fn store_request(message_id: u16, sop_class: &str, sop_instance: &str) -> Ve
         us(tags::PRIORITY, 0),
         us(tags::COMMAND_DATA_SET_TYPE, 0x0000),
         ui(tags::AFFECTED_SOP_INSTANCE_UID, sop_instance),
+    ])
+}
+
+/// An N-ACTION-RQ of the Storage Commitment Push Model (a data set follows).
+pub fn commitment_request(message_id: u16) -> Vec<u8> {
+    use super::commitment::{ACTION_REQUEST, PUSH_MODEL, PUSH_MODEL_INSTANCE};
+    with_group_length(vec![
+        us(tags::COMMAND_FIELD, N_ACTION_RQ),
+        us(tags::MESSAGE_ID, message_id),
+        us(tags::COMMAND_DATA_SET_TYPE, 0x0000),
+        ui(tags::REQUESTED_SOP_CLASS_UID, PUSH_MODEL),
+        ui(tags::REQUESTED_SOP_INSTANCE_UID, PUSH_MODEL_INSTANCE),
+        us(tags::ACTION_TYPE_ID, ACTION_REQUEST),
+    ])
+}
+
+/// An N-EVENT-REPORT-RQ of the Storage Commitment Push Model (a data set
+/// follows): what an archive sends (tests).
+pub fn commitment_report(message_id: u16, event_type: u16) -> Vec<u8> {
+    use super::commitment::{PUSH_MODEL, PUSH_MODEL_INSTANCE};
+    with_group_length(vec![
+        ui(tags::AFFECTED_SOP_CLASS_UID, PUSH_MODEL),
+        us(tags::COMMAND_FIELD, N_EVENT_REPORT_RQ),
+        us(tags::MESSAGE_ID, message_id),
+        us(tags::COMMAND_DATA_SET_TYPE, 0x0000),
+        ui(tags::AFFECTED_SOP_INSTANCE_UID, PUSH_MODEL_INSTANCE),
+        us(tags::EVENT_TYPE_ID, event_type),
     ])
 }
 
@@ -154,6 +197,17 @@ mod tests {
         assert_eq!((r.command_field, r.message_id, r.status), (C_STORE_RSP, 7, Some(0xA700)));
         assert_eq!(r.error_comment.as_deref(), Some("disk full"));
         assert!(!r.has_dataset);
+    }
+
+    #[test]
+    fn commitment_commands_round_trip() {
+        let a = Command::parse(&commitment_request(3)).unwrap();
+        assert_eq!((a.command_field, a.message_id, a.has_dataset), (N_ACTION_RQ, 3, true));
+        let r = Command::parse(&commitment_report(9, 1)).unwrap();
+        assert_eq!((r.command_field, r.event_type_id), (N_EVENT_REPORT_RQ, Some(1)));
+        let rsp = Command::parse(&response(&r, status::SUCCESS, None)).unwrap();
+        assert_eq!((rsp.command_field, rsp.message_id, rsp.event_type_id), (N_EVENT_REPORT_RSP, 9, Some(1)));
+        assert_eq!(rsp.affected_sop_instance, super::super::commitment::PUSH_MODEL_INSTANCE);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! rules, DIMSE command messages, Part 10 files and attribute access.
 
 pub mod attrs;
+pub mod commitment;
 pub mod dimse;
 pub mod frames;
 pub mod part10;

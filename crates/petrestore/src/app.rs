@@ -192,6 +192,8 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         abstract_syntaxes.extend(dicom::PASSTHROUGH_STORAGE_CLASSES.iter().map(|s| s.to_string()));
     }
     abstract_syntaxes.push(dicom::VERIFICATION.to_string());
+    // archives reporting storage commitment (`commitment = true` destinations)
+    abstract_syntaxes.push(dicom::commitment::PUSH_MODEL.to_string());
     let scp = Arc::new(ScpConfig {
         ae_title: settings.dicom.ae_title.clone(),
         allowed_callers: Some(settings.dicom.allowed_callers.clone()),
@@ -215,6 +217,8 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         log,
         materializer: materializer.clone(),
         min_free_bytes: settings.node.min_free_bytes,
+        live: live.clone(),
+        wake: wake.clone(),
     });
 
     let shutdown = CancellationToken::new();

@@ -156,6 +156,9 @@ struct RawDestination {
     address: String,
     #[serde(default)]
     uncertainty: bool,
+    #[serde(default)]
+    commitment: bool,
+    commitment_timeout_s: Option<f64>,
 }
 
 /// What to do with non-PET storage classes.
@@ -187,6 +190,11 @@ pub struct Destination {
     pub address: String,
     /// Also send the uncertainty series (when the model makes one).
     pub uncertainty: bool,
+    /// Storage commitment (`commitment = true`): after sending, ask the
+    /// archive to commit, and count the series delivered only when its
+    /// report confirms every instance, within this time
+    /// (`commitment_timeout_s`, default 300 s) or the series is sent again.
+    pub commitment: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -673,7 +681,21 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
                 "write HOST:PORT, e.g. \"10.1.2.3:104\"",
             ));
         }
-        destinations.push(Destination { name: dst.name, ae_title: dst.ae_title, address: dst.address, uncertainty: dst.uncertainty });
+        let timeout = dst.commitment_timeout_s.unwrap_or(300.0);
+        if !(1.0..=86_400.0).contains(&timeout) || (dst.commitment_timeout_s.is_some() && !dst.commitment) {
+            errs.push(invalid(
+                "destination.commitment_timeout_s",
+                format!("destination {:?}: commitment_timeout_s = {timeout} (commitment = {})", dst.name, dst.commitment),
+                "use 1 to 86400 seconds, together with commitment = true",
+            ));
+        }
+        destinations.push(Destination {
+            name: dst.name,
+            ae_title: dst.ae_title,
+            address: dst.address,
+            uncertainty: dst.uncertainty,
+            commitment: dst.commitment.then(|| Duration::from_secs_f64(timeout)),
+        });
     }
 
     let mqtt = match u.mqtt.take().map(|m| mqtt_settings(m, &device_id)) {
@@ -810,6 +832,20 @@ mod tests {
         assert_eq!(s.restore.engines, ["ort", "tract", "gaussian"].map(String::from).to_vec());
         assert_eq!(s.restore.model, std::path::Path::new(DEFAULT_MODEL_DIR), "the path the package installs to");
         assert!(s.destinations.is_empty());
+    }
+
+    #[test]
+    fn storage_commitment_is_per_destination() {
+        let d = "[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"10.0.0.1:104\"\n";
+        let s = Settings::from_toml(&format!("{d}commitment = true\n"), "t").unwrap();
+        assert_eq!(s.destinations[0].commitment, Some(Duration::from_secs(300)));
+        let s = Settings::from_toml(&format!("{d}commitment = true\ncommitment_timeout_s = 30\n"), "t").unwrap();
+        assert_eq!(s.destinations[0].commitment, Some(Duration::from_secs(30)));
+        assert_eq!(Settings::from_toml(d, "t").unwrap().destinations[0].commitment, None);
+        let e = Settings::from_toml(&format!("{d}commitment_timeout_s = 30\n"), "t").unwrap_err().to_string();
+        assert!(e.contains("commitment_timeout_s") && e.contains("commitment = true"), "{e}");
+        let e = Settings::from_toml(&format!("{d}commitment = true\ncommitment_timeout_s = 0\n"), "t").unwrap_err().to_string();
+        assert!(e.contains("1 to 86400"), "{e}");
     }
 
     #[test]

@@ -753,3 +753,73 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }
+
+/// A real Orthanc archive (Debian's `orthanc` package) on loopback, with its
+/// own storage and index in `dir`. `modalities`: (name, AE title, port) of
+/// the nodes it knows, i.e. where it sends storage commitment reports.
+pub struct Orthanc {
+    pub port: u16,
+    pub ae_title: String,
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl Orthanc {
+    pub fn start(dir: &Path, ae_title: &str, modalities: &[(&str, &str, u16)]) -> Orthanc {
+        let bin = PathBuf::from("/usr/sbin/Orthanc");
+        assert!(
+            bin.exists(),
+            "Orthanc not found: these tests need a real archive; install it (apt-get install orthanc) or run `bash .ci/run`"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let mods: serde_json::Map<String, serde_json::Value> = modalities
+            .iter()
+            .map(|(name, aet, p)| (name.to_string(), serde_json::json!({"AET": aet, "Host": "127.0.0.1", "Port": p})))
+            .collect();
+        let config = serde_json::json!({
+            "Name": format!("petrestore-test-{ae_title}"),
+            "StorageDirectory": dir.join("storage"),
+            "IndexDirectory": dir.join("index"),
+            "DicomAet": ae_title,
+            "DicomPort": port,
+            "HttpServerEnabled": false,
+            "HttpPort": free_port(),
+            "RemoteAccessAllowed": false,
+            "DicomAlwaysAllowStore": true,
+            "DicomCheckCalledAet": false,
+            "DicomCheckModalityHost": false,
+            "DicomModalities": mods,
+            "Plugins": [],
+            "StorageCommitmentReportsSize": 100,
+        });
+        let path = dir.join("orthanc.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        let log = std::fs::File::create(dir.join("orthanc.log")).unwrap();
+        let child = Command::new(bin).arg(&path).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let mut o = Orthanc { port, ae_title: ae_title.to_string(), dir: dir.to_owned(), child };
+        wait_for("Orthanc to listen", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = o.child.try_wait() {
+                panic!("Orthanc exited with {st}: {}", std::fs::read_to_string(dir.join("orthanc.log")).unwrap_or_default());
+            }
+            port_open(port).then_some(())
+        });
+        o
+    }
+
+    /// Instances Orthanc stored (files under its storage folder).
+    pub fn stored(&self) -> usize {
+        files_under(&self.dir.join("storage")).len()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("orthanc.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

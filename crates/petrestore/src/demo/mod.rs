@@ -231,8 +231,13 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     settings.dicom.listen = "127.0.0.1:0".parse().expect("literal address");
     settings.dicom.allowed_callers = vec![AllowedCaller { ae_title: "DEMO-CONSOLE".into(), host: None }];
     settings.series.quiet_timeout = Duration::from_secs(10);
-    settings.destinations =
-        vec![Destination { name: "demo-pacs".into(), ae_title: "DEMO-PACS".into(), address: pacs_addr.to_string(), uncertainty: false }];
+    settings.destinations = vec![Destination {
+        name: "demo-pacs".into(),
+        ae_title: "DEMO-PACS".into(),
+        address: pacs_addr.to_string(),
+        uncertainty: false,
+        commitment: None,
+    }];
     settings.restore.engines = vec![engine.clone()];
     settings.restore.ort_library = ort.clone();
     settings.restore.ort_providers = vec!["cpu".into()];
@@ -254,7 +259,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let pb = bar(short.files.len() as u64, "send");
     let sent = scu::send_files_observed(&peer, &short.files, &CancellationToken::new(), |n| pb.set_position(n as u64))
         .await
-        .context("sending the study to the daemon")?;
+        .context("sending the study to the daemon")?
+        .len();
     pb.finish_and_clear();
     step(3, &format!("sent the {sent} slices of the 30 s series as console DEMO-CONSOLE"), t);
     let t = Instant::now();

@@ -11,7 +11,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Destination, EgressSettings};
-use crate::journal::{Job, JobState, Journal, JournalError, Outcome, Payload, now_ms};
+use crate::dicom::commitment::{self, Report};
+use crate::journal::{Job, JobState, Journal, JournalError, Outcome, Payload, PendingCommitment, now_ms};
 use crate::spool::Spool;
 
 /// Wait before attempt `attempts + 1`, after `attempts` failures:
@@ -67,7 +68,8 @@ pub fn uncertainty_files(state_dir: &Path, job: &Job) -> Result<Vec<PathBuf>, St
 pub fn settle(job: &mut Job, max_attempts: u32) {
     let JobState::Delivering { outcome, .. } = &job.state else { return };
     let outcome = outcome.clone();
-    if let Some(d) = job.deliveries.iter().find(|d| !d.delivered && d.attempts >= max_attempts) {
+    // (a delivery waiting for its commitment report has not failed yet)
+    if let Some(d) = job.deliveries.iter().find(|d| !d.delivered && d.commitment.is_none() && d.attempts >= max_attempts) {
         let base = match &outcome {
             Outcome::Done => String::new(),
             Outcome::Failed { reason } | Outcome::Skipped { reason } => format!("{reason}; "),
@@ -101,6 +103,108 @@ pub fn next_due_ms(job: &Job) -> Option<u64> {
 /// told to move its other tasks off this worker thread meanwhile.
 fn on_disk<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
+}
+
+/// What one delivery attempt achieved.
+enum Sent {
+    /// Sent and acknowledged instance by instance: delivered.
+    Delivered(usize),
+    /// Sent; the archive took the commitment request and will report.
+    AwaitingCommitment(PendingCommitment, Duration),
+}
+
+/// A Transaction UID for one commitment request: unique per job,
+/// destination, attempt and moment.
+fn transaction_uid(job_id: &str, destination: &str, attempt: u32) -> String {
+    crate::dicom::uid::derived_uid(job_id, &format!("commitment/{destination}/{attempt}/{}", now_ms()))
+}
+
+/// What a storage commitment report changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportEffect {
+    /// Every instance committed: the delivery is done.
+    Committed { job: String, destination: String },
+    /// The archive did not commit everything sent: the series goes again.
+    NotCommitted { job: String, destination: String, reason: String },
+    /// No pending request has this transaction (already settled, or from
+    /// another sender); acknowledged and otherwise ignored.
+    Unknown,
+}
+
+/// Apply an archive's N-EVENT-REPORT: find the delivery waiting for this
+/// transaction (it must come from that destination's AE title), check the
+/// committed instances against what was sent, and mark it delivered, or
+/// schedule a resend.
+pub fn apply_commitment_report(
+    journal: &Journal,
+    report: &Report,
+    calling_ae: &str,
+    destinations: &[Destination],
+    settings: &EgressSettings,
+) -> Result<ReportEffect, JournalError> {
+    for job in journal.active_jobs()? {
+        let Some(i) =
+            job.deliveries.iter().position(|d| d.commitment.as_ref().is_some_and(|p| p.transaction_uid == report.transaction_uid))
+        else {
+            continue;
+        };
+        let d = &job.deliveries[i];
+        let p = d.commitment.clone().expect("found by its commitment");
+        let from_there = destinations.iter().any(|x| x.name == d.destination && x.ae_title == calling_ae);
+        if !from_there {
+            tracing::warn!(job = %job.id, destination = %d.destination, calling = calling_ae,
+                "storage commitment report from another AE title than the destination's: ignored");
+            return Ok(ReportEffect::Unknown);
+        }
+        let reason = if let Some((first, why)) = report.failed.first() {
+            Some(format!(
+                "{} did not commit {} of {} instances (e.g. {}: failure reason 0x{why:04X})",
+                d.destination,
+                report.failed.len(),
+                p.count,
+                first.instance
+            ))
+        } else if report.committed.len() as u32 != p.count || commitment::digest(&report.committed) != p.digest {
+            Some(format!(
+                "{}'s commitment report names {} instances that differ from the {} sent",
+                d.destination,
+                report.committed.len(),
+                p.count
+            ))
+        } else {
+            None
+        };
+        let destination = d.destination.clone();
+        let updated = journal.update(&job.id, |j| {
+            let Some(dd) = j.deliveries.get_mut(i) else { return };
+            if dd.commitment.as_ref().map(|c| c.transaction_uid.as_str()) != Some(report.transaction_uid.as_str()) {
+                return; // settled meanwhile
+            }
+            dd.commitment = None;
+            let line = match &reason {
+                None => {
+                    dd.delivered = true;
+                    dd.last_error = None;
+                    format!("storage commitment confirmed by {}: {} instances", dd.destination, p.count)
+                }
+                Some(r) => {
+                    dd.last_error = Some(r.clone());
+                    dd.next_attempt_ms = now_ms() + backoff(dd.attempts, settings).as_millis() as u64;
+                    format!("{r}: sending again")
+                }
+            };
+            j.note(line);
+            settle(j, settings.max_attempts);
+        })?;
+        if updated.state.is_terminal() {
+            tracing::info!(job = %job.id, state = updated.state.name(), "job finished");
+        }
+        return Ok(match reason {
+            None => ReportEffect::Committed { job: job.id, destination },
+            Some(reason) => ReportEffect::NotCommitted { job: job.id, destination, reason },
+        });
+    }
+    Ok(ReportEffect::Unknown)
 }
 
 /// Attempt every due delivery of a job once, then settle it. Needs the
@@ -139,10 +243,31 @@ pub async fn deliver_due(
     };
     let now = now_ms();
     for (i, d) in job.deliveries.iter().enumerate() {
-        if d.delivered || d.next_attempt_ms > now || d.attempts >= settings.max_attempts {
+        if d.delivered || d.next_attempt_ms > now {
             continue;
         }
-        let result = match destinations.iter().find(|x| x.name == d.destination) {
+        // A storage commitment request past its deadline: the archive never
+        // answered. The attempt counts as failed; send again while attempts
+        // remain.
+        if let Some(p) = &d.commitment {
+            let waited = now.saturating_sub(p.requested_ms) / 1000;
+            let e = format!("no storage commitment report from {} within {waited} s (transaction {})", d.destination, p.transaction_uid);
+            let again = d.attempts < settings.max_attempts;
+            on_disk(|| {
+                journal.update(job_id, |j| {
+                    if let Some(dd) = j.deliveries.get_mut(i) {
+                        dd.commitment = None;
+                        dd.last_error = Some(e.clone());
+                    }
+                    j.note(if again { format!("{e}: sending again") } else { e.clone() });
+                })
+            })?;
+            tracing::warn!(job = job_id, destination = %d.destination, "{e}");
+        }
+        if d.attempts >= settings.max_attempts {
+            continue;
+        }
+        let result: Result<Sent, String> = match destinations.iter().find(|x| x.name == d.destination) {
             None => Err(format!("destination {:?} is no longer configured", d.destination)),
             Some(dst) => {
                 // the uncertainty series goes only where it is asked for
@@ -153,8 +278,32 @@ pub async fn deliver_due(
                     calling_ae: settings.calling_ae_title.clone(),
                 };
                 tracing::info!(job = job_id, destination = %dst.name, files = files.len(), attempt = d.attempts + 1, "sending");
-                match scu::send_files(&peer, &files, cancel).await {
-                    Ok(n) => Ok(n),
+                match scu::send_files_observed(&peer, &files, cancel, |_| {}).await {
+                    Ok(refs) => match dst.commitment {
+                        None => Ok(Sent::Delivered(refs.len())),
+                        Some(timeout) => {
+                            let p = PendingCommitment {
+                                transaction_uid: transaction_uid(job_id, &dst.name, d.attempts + 1),
+                                requested_ms: now_ms(),
+                                count: refs.len() as u32,
+                                digest: commitment::digest(&refs),
+                            };
+                            // Recorded before asking: the report may arrive
+                            // before the request's own response.
+                            on_disk(|| {
+                                journal.update(job_id, |j| {
+                                    if let Some(dd) = j.deliveries.get_mut(i) {
+                                        dd.commitment = Some(p.clone());
+                                        dd.next_attempt_ms = p.requested_ms + timeout.as_millis() as u64;
+                                    }
+                                })
+                            })?;
+                            match scu::request_commitment(&peer, &p.transaction_uid, &refs).await {
+                                Ok(()) => Ok(Sent::AwaitingCommitment(p, timeout)),
+                                Err(e) => Err(format!("sent {} instances, but the storage commitment request failed: {e}", refs.len())),
+                            }
+                        }
+                    },
                     Err(scu::SendError::Cancelled) => return Ok(()), // not an attempt; resumes after restart
                     Err(e) => Err(e.to_string()),
                 }
@@ -165,14 +314,25 @@ pub async fn deliver_due(
                 let Some(dd) = j.deliveries.get_mut(i) else { return };
                 dd.attempts += 1;
                 match &result {
-                    Ok(n) => {
+                    Ok(Sent::Delivered(n)) => {
                         dd.delivered = true;
                         dd.last_error = None;
                         let line = format!("delivered {n} instances to {} (attempt {})", dd.destination, dd.attempts);
                         j.note(line);
                     }
+                    Ok(Sent::AwaitingCommitment(p, timeout)) => {
+                        // (the commitment and its deadline are recorded
+                        // already; the report may even have settled it)
+                        dd.last_error = None;
+                        let line = format!(
+                            "sent {} instances to {} (attempt {}); storage commitment requested (transaction {}), waiting up to {:.0?}",
+                            p.count, dd.destination, dd.attempts, p.transaction_uid, timeout
+                        );
+                        j.note(line);
+                    }
                     Err(e) => {
                         let wait = backoff(dd.attempts, settings);
+                        dd.commitment = None;
                         dd.last_error = Some(e.clone());
                         dd.next_attempt_ms = now_ms() + wait.as_millis() as u64;
                         let line =
@@ -183,7 +343,10 @@ pub async fn deliver_due(
             })
         })?;
         match &result {
-            Ok(_) => tracing::info!(job = job_id, destination = %d.destination, "delivered"),
+            Ok(Sent::Delivered(_)) => tracing::info!(job = job_id, destination = %d.destination, "delivered"),
+            Ok(Sent::AwaitingCommitment(p, _)) => {
+                tracing::info!(job = job_id, destination = %d.destination, transaction = %p.transaction_uid, "sent; storage commitment requested")
+            }
             Err(e) => tracing::warn!(job = job_id, destination = %d.destination, error = %e, "delivery failed"),
         }
     }
@@ -235,6 +398,97 @@ mod tests {
         settle(&mut j, 3);
         let JobState::Failed { reason } = &j.state else { panic!("{:?}", j.state) };
         assert!(reason.contains("engine broke") && reason.contains("gave up after 3 attempts") && reason.contains("refused"), "{reason}");
+    }
+
+    fn destination(name: &str, ae: &str) -> Destination {
+        Destination {
+            name: name.into(),
+            ae_title: ae.into(),
+            address: "127.0.0.1:104".into(),
+            uncertainty: false,
+            commitment: Some(Duration::from_secs(60)),
+        }
+    }
+
+    /// A journal with one job delivering to "pacs", waiting for the report of
+    /// transaction 2.25.7 on two instances.
+    fn waiting() -> (tempfile::TempDir, Journal, String, Vec<commitment::SopRef>) {
+        use crate::journal::{Arrival, InstanceRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let arrival = Arrival {
+            kind: JobKind::Pet,
+            study_uid: "1.2".into(),
+            series_uid: "1.2.3".into(),
+            modality: Some("PT".into()),
+            calling_ae: "CONSOLE".into(),
+            number_of_slices: Some(1),
+            multiframe: false,
+            record: InstanceRecord {
+                sop_instance_uid: "1.2.3.1".into(),
+                sop_class_uid: crate::dicom::PET_IMAGE_STORAGE.into(),
+                path: "1.2/1.2.3/1.2.3.1.dcm".into(),
+                transfer_syntax: crate::dicom::EXPLICIT_VR_LE.into(),
+                image_index: Some(1),
+            },
+        };
+        let crate::journal::Recorded::New { job_id: id, .. } = journal.record(&arrival).unwrap() else { panic!("a new instance") };
+        let refs: Vec<commitment::SopRef> =
+            (1..=2).map(|i| commitment::SopRef { class: crate::dicom::PET_IMAGE_STORAGE.into(), instance: format!("2.25.{i}") }).collect();
+        let digest = commitment::digest(&refs);
+        journal
+            .update(&id, |j| {
+                j.plan_deliveries(&["pacs".into()]);
+                j.state = JobState::Delivering { payload: Payload::Derived, outcome: Outcome::Done };
+                j.deliveries[0].attempts = 1;
+                j.deliveries[0].commitment =
+                    Some(PendingCommitment { transaction_uid: "2.25.7".into(), requested_ms: now_ms(), count: 2, digest: digest.clone() });
+            })
+            .unwrap();
+        (dir, journal, id, refs)
+    }
+
+    #[test]
+    fn a_full_report_from_the_destination_completes_the_job() {
+        let (_d, journal, id, refs) = waiting();
+        let dst = [destination("pacs", "PACS")];
+        let stranger = Report { transaction_uid: "2.25.7".into(), committed: refs.clone(), failed: vec![] };
+        assert_eq!(apply_commitment_report(&journal, &stranger, "OTHER", &dst, &settings()).unwrap(), ReportEffect::Unknown);
+        let unknown = Report { transaction_uid: "2.25.8".into(), committed: refs.clone(), failed: vec![] };
+        assert_eq!(apply_commitment_report(&journal, &unknown, "PACS", &dst, &settings()).unwrap(), ReportEffect::Unknown);
+        assert!(journal.get(&id).unwrap().unwrap().deliveries[0].commitment.is_some(), "nothing changed so far");
+        let mut reversed = refs.clone();
+        reversed.reverse();
+        let full = Report { transaction_uid: "2.25.7".into(), committed: reversed, failed: vec![] };
+        let effect = apply_commitment_report(&journal, &full, "PACS", &dst, &settings()).unwrap();
+        assert!(matches!(effect, ReportEffect::Committed { .. }), "{effect:?}");
+        let j = journal.get(&id).unwrap().unwrap();
+        assert_eq!(j.state, JobState::Done);
+        assert!(j.deliveries[0].delivered && j.deliveries[0].commitment.is_none());
+    }
+
+    #[test]
+    fn a_partial_or_failed_report_sends_again() {
+        let dst = [destination("pacs", "PACS")];
+        for bad in ["fewer", "other", "failed"] {
+            let (_d, journal, id, refs) = waiting();
+            let report = match bad {
+                "fewer" => Report { transaction_uid: "2.25.7".into(), committed: refs[..1].to_vec(), failed: vec![] },
+                "other" => Report {
+                    transaction_uid: "2.25.7".into(),
+                    committed: vec![refs[0].clone(), commitment::SopRef { class: refs[1].class.clone(), instance: "2.25.99".into() }],
+                    failed: vec![],
+                },
+                _ => Report { transaction_uid: "2.25.7".into(), committed: refs[..1].to_vec(), failed: vec![(refs[1].clone(), 0x0110)] },
+            };
+            let effect = apply_commitment_report(&journal, &report, "PACS", &dst, &settings()).unwrap();
+            assert!(matches!(effect, ReportEffect::NotCommitted { .. }), "{bad}: {effect:?}");
+            let j = journal.get(&id).unwrap().unwrap();
+            let d = &j.deliveries[0];
+            assert!(!d.delivered && d.commitment.is_none() && d.last_error.is_some(), "{bad}: {d:?}");
+            assert!(matches!(j.state, JobState::Delivering { .. }), "{bad}: still delivering, to be sent again");
+            assert!(j.history.last().unwrap().what.ends_with("sending again"), "{bad}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason}
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::dicom::commitment::{self, SopRef};
 use crate::dicom::dimse::{self, Command};
 use crate::dicom::{self as d, part10};
 
@@ -44,17 +45,18 @@ pub enum SendError {
 /// refusal (the caller retries the whole set: derived UIDs are stable, so a
 /// resend never creates duplicates with different UIDs).
 pub async fn send_files(peer: &Peer, files: &[PathBuf], cancel: &CancellationToken) -> Result<usize, SendError> {
-    send_files_observed(peer, files, cancel, |_| {}).await
+    Ok(send_files_observed(peer, files, cancel, |_| {}).await?.len())
 }
 
-/// [`send_files`], calling `sent` with the running count after each
-/// acknowledged instance (progress display).
+/// [`send_files`], calling `sent_one` with the running count after each
+/// acknowledged instance (progress display); returns the instances sent
+/// (for a storage commitment request).
 pub async fn send_files_observed(
     peer: &Peer,
     files: &[PathBuf],
     cancel: &CancellationToken,
     mut sent_one: impl FnMut(usize),
-) -> Result<usize, SendError> {
+) -> Result<Vec<SopRef>, SendError> {
     // Read the SOP classes first to propose the right contexts.
     let mut objects = Vec::with_capacity(files.len());
     let mut classes: BTreeMap<String, ()> = BTreeMap::new();
@@ -84,7 +86,7 @@ pub async fn send_files_observed(
         .collect();
     let transfer = |reason: String| SendError::Transfer { ae: peer.called_ae.clone(), reason };
 
-    let mut sent = 0usize;
+    let mut sent = Vec::with_capacity(objects.len());
     for (i, obj) in objects.iter().enumerate() {
         if cancel.is_cancelled() {
             let _ = assoc.abort().await;
@@ -105,8 +107,8 @@ pub async fn send_files_observed(
             let _ = assoc.release().await;
             return Err(SendError::Refused { ae: peer.called_ae.clone(), sop, status, comment: rsp.error_comment });
         }
-        sent += 1;
-        sent_one(sent);
+        sent.push(SopRef { class, instance: sop });
+        sent_one(sent.len());
     }
     let _ = assoc.release().await;
     Ok(sent)
@@ -116,7 +118,50 @@ type Assoc = dicom_ul::association::client::AsyncClientAssociation<tokio::net::T
 
 /// One C-STORE on an open association: command, data set, response.
 async fn store_one(assoc: &mut Assoc, pcid: u8, message_id: u16, class: &str, sop: &str, data: &[u8]) -> Result<Command, String> {
-    let cmd = dimse::store_request(message_id, class, sop);
+    exchange(assoc, pcid, dimse::store_request(message_id, class, sop), data).await
+}
+
+/// Ask `peer` to take responsibility for `refs` (Storage Commitment Push
+/// Model: N-ACTION on its own association). `Ok` means the archive took
+/// the request; its answer comes later, as an N-EVENT-REPORT to our SCP.
+pub async fn request_commitment(peer: &Peer, transaction_uid: &str, refs: &[SopRef]) -> Result<(), SendError> {
+    let assoc_err = |reason: String| SendError::Associate { ae: peer.called_ae.clone(), address: peer.address.clone(), reason };
+    let mut assoc = ClientAssociationOptions::new()
+        .calling_ae_title(peer.calling_ae.clone())
+        .called_ae_title(peer.called_ae.clone())
+        .with_presentation_context(commitment::PUSH_MODEL, vec![d::EXPLICIT_VR_LE, d::IMPLICIT_VR_LE])
+        .max_pdu_length(65536)
+        .connection_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .write_timeout(Duration::from_secs(60))
+        .establish_async(peer.address.as_str())
+        .await
+        .map_err(|e| assoc_err(e.to_string()))?;
+    let Some(pc) = assoc.presentation_contexts().iter().find(|pc| pc.reason == PresentationContextResultReason::Acceptance) else {
+        let _ = assoc.abort().await;
+        return Err(SendError::NoContext { ae: peer.called_ae.clone(), sop_class: commitment::PUSH_MODEL.into() });
+    };
+    let (pcid, ts) = (pc.id, pc.transfer_syntax.clone());
+    let transfer = |reason: String| SendError::Transfer { ae: peer.called_ae.clone(), reason };
+    let syntax = d::transfer_syntax(ts.trim_end_matches('\0')).ok_or_else(|| transfer(format!("transfer syntax {ts} not supported")))?;
+    let mut data = Vec::new();
+    commitment::request_dataset(transaction_uid, refs).write_dataset_with_ts(&mut data, syntax).map_err(|e| transfer(e.to_string()))?;
+    let rsp = exchange(&mut assoc, pcid, dimse::commitment_request(1), &data).await.map_err(transfer)?;
+    let _ = assoc.release().await;
+    let status = rsp.status.unwrap_or(dimse::status::PROCESSING_FAILURE);
+    if !dimse::status::is_ok(status) {
+        return Err(SendError::Refused {
+            ae: peer.called_ae.clone(),
+            sop: "storage commitment".into(),
+            status,
+            comment: rsp.error_comment,
+        });
+    }
+    Ok(())
+}
+
+/// A command with a data set on an open association, and its response.
+async fn exchange(assoc: &mut Assoc, pcid: u8, cmd: Vec<u8>, data: &[u8]) -> Result<Command, String> {
     assoc
         .send(&Pdu::PData {
             data: vec![PDataValue { presentation_context_id: pcid, value_type: PDataValueType::Command, is_last: true, data: cmd }],

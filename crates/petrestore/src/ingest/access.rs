@@ -3,7 +3,8 @@
 
 use std::net::IpAddr;
 
-use dicom_ul::association::server::AccessControl;
+use dicom_ul::association::server::{AccessControl, Negotiation};
+use dicom_ul::pdu::RequestorRoles;
 use dicom_ul::pdu::{AssociationRJServiceUserReason, UserIdentity};
 
 use crate::config::AllowedCaller;
@@ -38,14 +39,41 @@ impl AccessControl for CallerPolicy {
         }
         let Some(allowed) = &self.allowed else { return Ok(()) };
         let calling = calling_ae_title.trim();
-        let ok = allowed.iter().any(|a| a.ae_title == calling && a.host.is_none_or(|h| h == self.peer));
-        if ok {
+        if allows(allowed, calling, self.peer) {
             Ok(())
         } else {
             tracing::warn!(calling, peer = %self.peer,
                 "association rejected: calling AE title (and host) not in dicom.allowed_callers");
             Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
         }
+    }
+}
+
+/// Whether `calling` from `peer` is on the list.
+pub fn allows(allowed: &[AllowedCaller], calling: &str, peer: IpAddr) -> bool {
+    allowed.iter().any(|a| a.ae_title == calling.trim() && a.host.is_none_or(|h| h == peer))
+}
+
+/// Destinations with storage commitment may call to report it: their AE
+/// title, from their host when the address is an IP address.
+pub fn commitment_callers(destinations: &[crate::config::Destination]) -> Vec<AllowedCaller> {
+    destinations
+        .iter()
+        .filter(|d| d.commitment.is_some())
+        .map(|d| AllowedCaller { ae_title: d.ae_title.clone(), host: d.address.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()) })
+        .collect()
+}
+
+/// SCU/SCP role selection: only an archive sending storage commitment
+/// reports asks for a role here (the SCP role of the Push Model, on the
+/// association it opens to report); every other SOP class keeps the
+/// default roles.
+pub struct CommitmentRoles;
+
+impl Negotiation for CommitmentRoles {
+    fn negotiate_roles(&self, sop_class_uid: &str, scu_role: bool, scp_role: bool) -> Option<RequestorRoles> {
+        (sop_class_uid.trim_end_matches('\0') == crate::dicom::commitment::PUSH_MODEL)
+            .then_some(RequestorRoles { scu: scu_role, scp: scp_role })
     }
 }
 

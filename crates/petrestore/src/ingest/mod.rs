@@ -54,6 +54,12 @@ pub struct StoreContext {
 /// Where received data sets go. Called on a blocking thread: it may fsync.
 pub trait StoreSink: Send + Sync + 'static {
     fn store(&self, ctx: &StoreContext, cmd: &Command, dataset: Vec<u8>) -> StoreStatus;
+
+    /// An archive's storage commitment report (N-EVENT-REPORT) for a
+    /// request this node made. Receivers that make none refuse it.
+    fn commitment_report(&self, _ctx: &StoreContext, _report: crate::dicom::commitment::Report) -> StoreStatus {
+        StoreStatus { status: dimse::status::UNRECOGNIZED_OPERATION, comment: Some("this node requests no storage commitment".into()) }
+    }
 }
 
 /// SCP settings (the daemon's come from `[dicom]`).
@@ -244,10 +250,19 @@ async fn handle_association(
     tls: Option<Arc<rustls::ServerConfig>>,
     budget: Budget,
 ) -> Result<(), String> {
+    // Consoles may store; archives with storage commitment may only report.
+    let (stores, reports) = match &cfg.live {
+        Some(l) => {
+            let s = l.get();
+            (Some(s.dicom.allowed_callers.clone()), access::commitment_callers(&s.destinations))
+        }
+        None => (cfg.allowed_callers.clone(), Vec::new()),
+    };
+    let may_store = move |calling: &str| stores.as_ref().is_none_or(|a| access::allows(a, calling, peer.ip()));
     let mut opts = ServerAssociationOptions::new()
         .ae_access_control(access::CallerPolicy {
             allowed: match &cfg.live {
-                Some(l) => Some(l.get().dicom.allowed_callers.clone()),
+                Some(l) => Some(l.get().dicom.allowed_callers.iter().cloned().chain(reports).collect()),
                 None => cfg.allowed_callers.clone(),
             },
             peer: peer.ip(),
@@ -259,7 +274,10 @@ async fn handle_association(
         .write_timeout(cfg.idle_timeout)
         // Peers often send PDUs a little larger than we announced; refusing
         // them would abort otherwise valid transfers.
-        .strict(false);
+        .strict(false)
+        // An archive reporting storage commitment on its own association
+        // acts as the SCP of that SOP class: accept that role.
+        .with_negotiation(access::CommitmentRoles);
     for a in &cfg.abstract_syntaxes {
         opts = opts.with_abstract_syntax(a.clone());
     }
@@ -284,24 +302,38 @@ async fn handle_association(
                 .await
                 .map_err(in_time("association"))?
                 .map_err(|e| format!("association refused: {e}"))?;
-            serve_association(assoc, peer, sink, budget, cfg.close.clone()).await
+            let store = may_store(assoc_calling(&assoc).as_str());
+            serve_association(assoc, peer, sink, budget, cfg.close.clone(), store).await
         }
         Some(t) => {
             let assoc = tokio::time::timeout(artim, opts.tls_config(t).establish_tls_async(socket))
                 .await
                 .map_err(in_time("TLS handshake and association"))?
                 .map_err(|e| format!("TLS association refused: {e}"))?;
-            serve_association(assoc, peer, sink, budget, cfg.close.clone()).await
+            let store = may_store(assoc_calling(&assoc).as_str());
+            serve_association(assoc, peer, sink, budget, cfg.close.clone(), store).await
         }
     }
 }
 
+fn assoc_calling<S>(assoc: &dicom_ul::association::server::AsyncServerAssociation<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    use dicom_ul::association::Association;
+    assoc.peer_ae_title().trim().to_owned()
+}
+
+/// Serve one established association. `may_store`: the caller is in
+/// `dicom.allowed_callers` (an archive admitted only to report storage
+/// commitment gets its C-STOREs refused).
 async fn serve_association<S>(
     mut assoc: dicom_ul::association::server::AsyncServerAssociation<S>,
     peer: SocketAddr,
     sink: Arc<dyn StoreSink>,
     mut budget: Budget,
     close: CancellationToken,
+    may_store: bool,
 ) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -399,18 +431,31 @@ where
                             let cmd = p.command_done.take().expect("checked above");
                             let dataset = std::mem::take(&mut p.dataset);
                             let held = dataset.len();
-                            let status = if cmd.command_field != dimse::C_STORE_RQ {
+                            let ctx = || StoreContext {
+                                calling_ae: calling_ae.clone(),
+                                peer,
+                                transfer_syntax: ts.clone(),
+                                abstract_syntax: abstract_syntax.clone(),
+                            };
+                            let status = if cmd.command_field == dimse::N_EVENT_REPORT_RQ
+                                && abstract_syntax.trim_end_matches('\0') == crate::dicom::commitment::PUSH_MODEL
+                            {
+                                match commitment_report(&dataset, ts) {
+                                    Ok(report) => tokio::task::block_in_place(|| sink.commitment_report(&ctx(), report)),
+                                    Err(e) => StoreStatus { status: dimse::status::PROCESSING_FAILURE, comment: Some(e) },
+                                }
+                            } else if cmd.command_field != dimse::C_STORE_RQ {
                                 StoreStatus {
-                                    status: dimse::status::PROCESSING_FAILURE,
+                                    status: dimse::status::UNRECOGNIZED_OPERATION,
                                     comment: Some(format!("unsupported command 0x{:04X}", cmd.command_field)),
                                 }
+                            } else if !may_store {
+                                StoreStatus {
+                                    status: dimse::status::NOT_AUTHORIZED,
+                                    comment: Some(format!("{calling_ae} may report storage commitment, not store")),
+                                }
                             } else {
-                                let ctx = StoreContext {
-                                    calling_ae: calling_ae.clone(),
-                                    peer,
-                                    transfer_syntax: ts.clone(),
-                                    abstract_syntax: abstract_syntax.clone(),
-                                };
+                                let ctx = ctx();
                                 // fsync work on this worker thread: block_in_place hands
                                 // the thread's other tasks to another worker instead of
                                 // paying a hop to the blocking pool per instance (the
@@ -443,6 +488,13 @@ where
             }
         }
     }
+}
+
+/// Read a storage commitment report's data set.
+fn commitment_report(dataset: &[u8], ts: &str) -> Result<crate::dicom::commitment::Report, String> {
+    let syntax = crate::dicom::transfer_syntax(ts.trim_end_matches('\0')).ok_or_else(|| format!("transfer syntax {ts} not supported"))?;
+    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(dataset, syntax).map_err(|e| format!("unreadable report: {e}"))?;
+    crate::dicom::commitment::Report::parse(&obj)
 }
 
 async fn send_command<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send>(

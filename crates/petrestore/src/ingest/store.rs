@@ -82,6 +82,10 @@ pub struct SpoolSink {
     pub log: Arc<ArrivalLog>,
     pub materializer: Arc<Materializer>,
     pub min_free_bytes: u64,
+    /// Destinations and egress settings, for storage commitment reports.
+    pub live: Arc<crate::config::LiveSettings>,
+    /// Wakes the scheduler when a report changed a job.
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl SpoolSink {
@@ -171,6 +175,29 @@ fn check_pixel_length(obj: &InMemDicomObject) -> Result<(), StoreError> {
 }
 
 impl StoreSink for SpoolSink {
+    fn commitment_report(&self, ctx: &StoreContext, report: crate::dicom::commitment::Report) -> StoreStatus {
+        use crate::egress::ReportEffect;
+        let s = self.live.get();
+        match crate::egress::apply_commitment_report(&self.journal, &report, &ctx.calling_ae, &s.destinations, &s.egress) {
+            Ok(effect) => {
+                match &effect {
+                    ReportEffect::Committed { job, destination } => {
+                        tracing::info!(job = %job, destination = %destination, "storage commitment confirmed")
+                    }
+                    ReportEffect::NotCommitted { job, destination, reason } => {
+                        tracing::warn!(job = %job, destination = %destination, "{reason}: sending again")
+                    }
+                    ReportEffect::Unknown => tracing::warn!(transaction = %report.transaction_uid, calling = %ctx.calling_ae,
+                        "storage commitment report for no pending request: acknowledged, ignored"),
+                }
+                self.wake.notify_one();
+                StoreStatus { status: status::SUCCESS, comment: None }
+            }
+            // The archive keeps the report and may send it again.
+            Err(e) => StoreStatus { status: status::PROCESSING_FAILURE, comment: Some(format!("journal: {e}")) },
+        }
+    }
+
     fn store(&self, ctx: &StoreContext, cmd: &Command, dataset: Vec<u8>) -> StoreStatus {
         match self.try_store(ctx, cmd, dataset) {
             Ok(Accepted::Duplicate) => {

@@ -107,6 +107,22 @@ pub struct Delivery {
     /// Not before this time (ms since epoch): the backoff, persisted.
     pub next_attempt_ms: u64,
     pub last_error: Option<String>,
+    /// Sent, and the archive asked to commit (`commitment = true`
+    /// destinations): delivered only when its report confirms every
+    /// instance; `next_attempt_ms` is then the deadline for that report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commitment: Option<PendingCommitment>,
+}
+
+/// A storage commitment request waiting for the archive's report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCommitment {
+    pub transaction_uid: String,
+    pub requested_ms: u64,
+    /// Instances in the request, and their fingerprint
+    /// ([`crate::dicom::commitment::digest`]), to check the report against.
+    pub count: u32,
+    pub digest: String,
 }
 
 /// One line of a job's history.
@@ -264,7 +280,14 @@ impl Job {
     pub fn plan_deliveries(&mut self, destinations: &[String]) {
         self.deliveries = destinations
             .iter()
-            .map(|d| Delivery { destination: d.clone(), delivered: false, attempts: 0, next_attempt_ms: 0, last_error: None })
+            .map(|d| Delivery {
+                destination: d.clone(),
+                delivered: false,
+                attempts: 0,
+                next_attempt_ms: 0,
+                last_error: None,
+                commitment: None,
+            })
             .collect();
     }
 }

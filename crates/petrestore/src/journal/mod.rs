@@ -17,7 +17,7 @@ use std::path::Path;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-pub use job::{Delivery, InstanceRecord, Job, JobKind, JobState, Outcome, Payload, UncertaintyRecord, job_id, now_ms};
+pub use job::{Delivery, InstanceRecord, Job, JobKind, JobState, Outcome, Payload, PendingCommitment, UncertaintyRecord, job_id, now_ms};
 
 /// Journal failures. Any of them turns a C-STORE into 0xA700.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,52 @@
+//! Storage commitment against a real archive (Orthanc): a destination with
+//! `commitment = true` counts as delivered only when the archive's
+//! N-EVENT-REPORT confirms every instance sent; one whose report never
+//! comes is sent again after `commitment_timeout_s` and, when attempts run
+//! out, fails the job with the reason, keeping the received series.
+
+use std::time::Duration;
+
+use testkit::*;
+
+#[test]
+fn delivery_counts_only_what_the_archive_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Reports to us: the archive knows this node's AE title and port.
+    let archive = Orthanc::start(&tmp.path().join("archive"), "ARCHIVE", &[("petrestore", OUR_AE, port)]);
+    // Takes the request but reports to a port where nobody listens.
+    let silent = Orthanc::start(&tmp.path().join("silent"), "SILENT", &[("petrestore", OUR_AE, free_port())]);
+    let extra = format!(
+        "[egress]\nmax_attempts = 2\n\
+         [[destination]]\nname = \"archive\"\nae_title = \"ARCHIVE\"\naddress = \"127.0.0.1:{}\"\ncommitment = true\ncommitment_timeout_s = 60\n\
+         [[destination]]\nname = \"silent\"\nae_title = \"SILENT\"\naddress = \"127.0.0.1:{}\"\ncommitment = true\ncommitment_timeout_s = 3\n",
+        archive.port, silent.port
+    );
+    let d = Daemon::start_on(&tmp.path().join("node"), port, &extra);
+    let s = series(&tmp.path().join("in"), 8, 32, 41);
+    let o = storescu(port, CONSOLE, &s.files);
+    assert!(o.status.success(), "{}", text(&o));
+    let id = job_id(&s);
+
+    // The archive stored the series and confirmed it by its report.
+    let job = d.wait_job(&id, "the archive's commitment", Duration::from_secs(120), |j| {
+        j.deliveries.iter().any(|x| x.destination == "archive" && x.delivered)
+    });
+    assert_eq!(archive.stored(), 8, "the archive holds the restored series");
+    let history: Vec<&str> = job.history.iter().map(|e| e.what.as_str()).collect();
+    assert!(history.iter().any(|h| h.contains("storage commitment requested")), "{history:#?}");
+    assert!(history.iter().any(|h| h.starts_with("storage commitment confirmed by archive: 8 instances")), "{history:#?}");
+    assert!(!job.state.is_terminal(), "the silent archive has not committed: {:?}", job.state);
+
+    // The silent one stored it too, but never said so: sent again once, then
+    // the job fails with the reason; nothing received is removed.
+    let job = d.wait_terminal(&id, Duration::from_secs(120));
+    let petrestore::journal::JobState::Failed { reason } = &job.state else { panic!("{:?}", job.state) };
+    assert!(reason.contains("no storage commitment report from silent"), "{reason}");
+    let silent_delivery = job.deliveries.iter().find(|x| x.destination == "silent").unwrap();
+    assert_eq!((silent_delivery.delivered, silent_delivery.attempts), (false, 2));
+    assert!(job.history.iter().any(|e| e.what.contains("sending again")), "{:#?}", job.history);
+    assert!(silent.stored() >= 8, "the silent archive received the series ({} files)", silent.stored());
+    assert_eq!(d.spool_files().len(), 8, "the received series stays in the spool");
+    assert!(d.log().contains("storage commitment confirmed"), "{}", d.log());
+}
