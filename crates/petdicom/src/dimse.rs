@@ -72,6 +72,7 @@ impl Command {
     /// Parse a complete command set.
     pub fn parse(bytes: &[u8]) -> Result<Command, CommandError> {
         let ts = super::transfer_syntax(super::IMPLICIT_VR_LE).expect("implicit VR LE registered");
+        super::guard::check_lengths(bytes, false).map_err(CommandError::Parse)?;
         let obj = InMemDicomObject::read_dataset_with_ts(bytes, ts).map_err(|e| CommandError::Parse(e.to_string()))?;
         let command_field = obj.u16_of(tags::COMMAND_FIELD).ok_or(CommandError::Missing("Command Field"))?;
         let message_id = obj

@@ -5,6 +5,7 @@ pub mod attrs;
 pub mod commitment;
 pub mod dimse;
 pub mod frames;
+pub mod guard;
 pub mod part10;
 pub mod uid;
 

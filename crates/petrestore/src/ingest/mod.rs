@@ -492,7 +492,9 @@ where
 
 /// Read a storage commitment report's data set.
 fn commitment_report(dataset: &[u8], ts: &str) -> Result<crate::dicom::commitment::Report, String> {
-    let syntax = crate::dicom::transfer_syntax(ts.trim_end_matches('\0')).ok_or_else(|| format!("transfer syntax {ts} not supported"))?;
+    let ts = ts.trim_end_matches('\0');
+    let syntax = crate::dicom::transfer_syntax(ts).ok_or_else(|| format!("transfer syntax {ts} not supported"))?;
+    crate::dicom::guard::check_lengths(dataset, ts != crate::dicom::IMPLICIT_VR_LE)?;
     let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(dataset, syntax).map_err(|e| format!("unreadable report: {e}"))?;
     crate::dicom::commitment::Report::parse(&obj)
 }
