@@ -461,6 +461,8 @@ mod tests {
         f.put(sq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, items));
         f.write_to_file(&path).unwrap();
         let e = load(std::slice::from_ref(&path)).unwrap_err();
+        assert!(matches!(e, petrestore::restore::volume::VolumeError::Geometry(_)), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("frame 3") && e.contains("Image Position (Patient)"), "{e}");
 
         // More frames announced than Pixel Data holds.
@@ -468,6 +470,7 @@ mod tests {
         f.put(el(tags::NUMBER_OF_FRAMES, VR::IS, "5"));
         f.write_to_file(&path).unwrap();
         let e = load(std::slice::from_ref(&path)).unwrap_err();
-        assert!(e.contains("5 frames of 16x16 need"), "{e}");
+        assert!(matches!(e, petrestore::restore::volume::VolumeError::Pixels(_)), "{e:?}");
+        assert!(e.to_string().contains("5 frames of 16x16 need"), "{e}");
     }
 }

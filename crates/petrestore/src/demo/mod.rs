@@ -310,7 +310,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     step(4, &format!("restored with {engine_used} and delivered to DEMO-PACS"), t);
 
     // 4. Measure and draw.
-    let load = |files: &[PathBuf]| volume::load(files).map_err(anyhow::Error::msg);
+    let load = |files: &[PathBuf]| volume::load(files).map_err(anyhow::Error::from);
     let input = load(&short.files)?.volume;
     let restored = load(&files_in(&received)?)?.volume;
     let pet90 = load(&long.files)?.volume;

@@ -54,6 +54,25 @@ pub struct LoadedSeries {
     pub slices: Vec<SourceSlice>,
 }
 
+/// Why a series could not become a volume. The messages name the instance
+/// (SOP Instance UID, and frame) and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("series has no instances")]
+    Empty,
+    /// The file could not be read as DICOM Part 10.
+    #[error("{0}")]
+    Unreadable(String),
+    #[error("{sop}: {what} missing")]
+    Missing { sop: String, what: &'static str },
+    /// Pixel data this node cannot use (samples, compression, length, bit depth).
+    #[error("{0}")]
+    Pixels(String),
+    /// Geometry missing, or slices that do not form one regular volume.
+    #[error("{0}")]
+    Geometry(String),
+}
+
 /// Stored values of one frame to Bq/ml.
 fn decode(bytes: &[u8], bits: u16, signed: bool, n: usize, slope: f64, intercept: f64) -> Result<Vec<f32>, String> {
     let raw: Vec<f64> = match (bits, signed) {
@@ -110,9 +129,10 @@ fn frame_geometry(obj: &InMemDicomObject, frame: Option<usize>, what: &str) -> R
 
 /// Read the slices (single-frame instances, or the frames of multi-frame
 /// instances) and build the volume. Errors say what is inconsistent.
-pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, String> {
+pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, VolumeError> {
+    use VolumeError::{Geometry, Missing, Pixels};
     if paths.is_empty() {
-        return Err("series has no instances".into());
+        return Err(VolumeError::Empty);
     }
     struct Item {
         pos: f64,
@@ -122,55 +142,57 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, String> {
     let mut items = Vec::with_capacity(paths.len());
     let mut shape: Option<(usize, usize, [f64; 6], [f64; 2])> = None;
     for p in paths {
-        let file = crate::dicom::part10::open(p)?;
+        let file = crate::dicom::part10::open(p).map_err(VolumeError::Unreadable)?;
         let mut obj = file.into_inner();
-        let sop = obj.str_of(tags::SOP_INSTANCE_UID).ok_or_else(|| format!("{}: SOP Instance UID missing", p.display()))?;
-        let rows = obj.u16_of(tags::ROWS).ok_or_else(|| format!("{sop}: Rows missing"))? as usize;
-        let cols = obj.u16_of(tags::COLUMNS).ok_or_else(|| format!("{sop}: Columns missing"))? as usize;
-        let bits = obj.u16_of(tags::BITS_ALLOCATED).ok_or_else(|| format!("{sop}: Bits Allocated (0028,0100) missing"))?;
+        let sop = obj.str_of(tags::SOP_INSTANCE_UID).ok_or_else(|| Missing { sop: p.display().to_string(), what: "SOP Instance UID" })?;
+        let missing = |what| Missing { sop: sop.clone(), what };
+        let rows = obj.u16_of(tags::ROWS).ok_or_else(|| missing("Rows"))? as usize;
+        let cols = obj.u16_of(tags::COLUMNS).ok_or_else(|| missing("Columns"))? as usize;
+        let bits = obj.u16_of(tags::BITS_ALLOCATED).ok_or_else(|| missing("Bits Allocated (0028,0100)"))?;
         let signed = obj.u16_of(tags::PIXEL_REPRESENTATION).unwrap_or(0) == 1;
         let spp = obj.u16_of(tags::SAMPLES_PER_PIXEL).unwrap_or(1);
         if spp != 1 {
-            return Err(format!("{sop}: Samples per Pixel is {spp}; PET must be 1"));
+            return Err(Pixels(format!("{sop}: Samples per Pixel is {spp}; PET must be 1")));
         }
         let multi = crate::dicom::frames::is_multiframe(&obj);
         let frames = crate::dicom::frames::number_of_frames(&obj);
         let pixel_data = {
-            let px = obj.element(tags::PIXEL_DATA).map_err(|_| format!("{sop}: Pixel Data missing"))?;
-            px.to_bytes().map_err(|_| format!("{sop}: Pixel Data is encapsulated (compressed); send uncompressed"))?.into_owned()
+            let px = obj.element(tags::PIXEL_DATA).map_err(|_| missing("Pixel Data"))?;
+            px.to_bytes().map_err(|_| Pixels(format!("{sop}: Pixel Data is encapsulated (compressed); send uncompressed")))?.into_owned()
         };
         obj.remove_element(tags::PIXEL_DATA);
         let sop_class = obj.str_of(tags::SOP_CLASS_UID).unwrap_or_default();
         let dataset = Arc::new(obj);
         let n = rows * cols;
         let frame_bytes = n * (bits as usize).div_ceil(8);
-        if pixel_data.len() < frames * frame_bytes {
-            return Err(format!(
+        // saturating: Number of Frames comes from the sender
+        if pixel_data.len() < frames.saturating_mul(frame_bytes) {
+            return Err(Pixels(format!(
                 "{sop}: Pixel Data has {} bytes, {frames} frames of {rows}x{cols} need {}",
                 pixel_data.len(),
-                frames * frame_bytes
-            ));
+                frames.saturating_mul(frame_bytes)
+            )));
         }
         for f in 0..frames {
             let frame = multi.then_some(f);
             let what = if multi { format!("{sop} frame {}", f + 1) } else { sop.clone() };
-            let g = frame_geometry(&dataset, frame, &what)?;
+            let g = frame_geometry(&dataset, frame, &what).map_err(Geometry)?;
             match &shape {
                 None => shape = Some((rows, cols, g.iop, g.ps)),
                 Some((r, c, o, s)) => {
                     if (*r, *c) != (rows, cols) {
-                        return Err(format!("mixed matrix sizes: {r}x{c} and {rows}x{cols}"));
+                        return Err(Geometry(format!("mixed matrix sizes: {r}x{c} and {rows}x{cols}")));
                     }
                     if o.iter().zip(g.iop).any(|(a, b)| (a - b).abs() > 1e-3) {
-                        return Err("slices have different Image Orientation (Patient)".into());
+                        return Err(Geometry("slices have different Image Orientation (Patient)".into()));
                     }
                     if s.iter().zip(g.ps).any(|(a, b)| (a - b).abs() > 1e-3) {
-                        return Err("slices have different Pixel Spacing".into());
+                        return Err(Geometry("slices have different Pixel Spacing".into()));
                     }
                 }
             }
             let bytes = &pixel_data[f * frame_bytes..(f + 1) * frame_bytes];
-            let data = decode(bytes, bits, signed, n, g.slope, g.intercept).map_err(|e| format!("{what}: {e}"))?;
+            let data = decode(bytes, bits, signed, n, g.slope, g.intercept).map_err(|e| Pixels(format!("{what}: {e}")))?;
             let normal = cross([g.iop[0], g.iop[1], g.iop[2]], [g.iop[3], g.iop[4], g.iop[5]]);
             let pos = g.ipp[0] * normal[0] + g.ipp[1] * normal[1] + g.ipp[2] * normal[2];
             items.push(Item {
@@ -185,18 +207,18 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, String> {
     let dz = if items.len() > 1 {
         let mut gaps: Vec<f64> = items.windows(2).map(|w| w[1].pos - w[0].pos).collect();
         if let Some(i) = gaps.iter().position(|g| g.abs() < 1e-3) {
-            return Err(format!("two slices at the same position ({:.2} mm)", items[i].pos));
+            return Err(Geometry(format!("two slices at the same position ({:.2} mm)", items[i].pos)));
         }
         let mut sorted = gaps.clone();
         sorted.sort_by(f64::total_cmp);
         let median = sorted[sorted.len() / 2];
         if let Some(i) = gaps.iter().position(|g| (g - median).abs() > 0.01 * median + 0.01) {
-            return Err(format!(
+            return Err(Geometry(format!(
                 "uneven slice spacing: {:.3} mm between slices at {:.2} and {:.2} mm where the series uses {median:.3} mm (a missing slice?)",
                 gaps[i],
                 items[i].pos,
                 items[i + 1].pos
-            ));
+            )));
         }
         gaps.clear();
         median
