@@ -248,12 +248,13 @@ pub fn restore_paths_with(
     uncertainty_series: bool,
 ) -> Result<Restored, NotRestored> {
     let loaded = volume::load(paths).map_err(|e| NotRestored::Failed(format!("cannot build a volume: {e}")))?;
-    let mut selected = select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(NotRestored::Skipped)?;
+    let mut selected =
+        select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(|e| NotRestored::Skipped(e.to_string()))?;
     // A model restores only the tracers it was trained for; the first
     // engine with a model decides (a fallback must not take what the
     // model refused).
     if let Some(allowed) = engines.iter().find_map(|e| e.tracers()) {
-        let assumed = select::check_tracer(&loaded.slices, &allowed, &s.restore).map_err(NotRestored::Skipped)?;
+        let assumed = select::check_tracer(&loaded.slices, &allowed, &s.restore).map_err(|e| NotRestored::Skipped(e.to_string()))?;
         selected.assumed.extend(assumed);
     }
     let mut input = loaded.volume;

@@ -17,13 +17,51 @@ pub struct Selected {
     pub assumed: Vec<String>,
 }
 
+/// Why a series is not restored (it is Skipped, and forwarded unchanged
+/// if configured). The message names the attribute and the setting.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NotSelected {
+    #[error("series has no instances")]
+    Empty,
+    #[error("Modality (0008,0060) is {0:?}, not PT")]
+    NotPet(String),
+    #[error(
+        "{0} missing: cannot tell whether pixel values are activity concentrations; \
+         if you know them, set restore.assume_units (or --units for `restore`)"
+    )]
+    UnitsMissing(&'static str),
+    #[error("Units (0054,1001) is {units:?}; restore.units accepts {accepted:?}")]
+    Units { units: String, accepted: Vec<String> },
+    #[error(
+        "{0} missing: the frame length decides whether and how to restore; \
+         if you know it, set restore.assume_frame_duration_s (or --frame-duration for `restore`)"
+    )]
+    DurationMissing(&'static str),
+    #[error("Actual Frame Duration is {secs:.1} s, outside restore.min/max_frame_duration_s [{min}, {max}] s")]
+    Duration { secs: f64, min: f64, max: f64 },
+    #[error("matrix {rows}x{cols} exceeds restore.max_matrix {max}")]
+    Matrix { rows: usize, cols: usize, max: u32 },
+    #[error("slices have different Actual Frame Durations ({0} and {1} ms)")]
+    MixedDurations(f64, f64),
+    #[error(
+        "Radiopharmaceutical (0018,0031) and its code missing: cannot tell whether the model (trained for {0}) applies; \
+         if you know the tracer, set restore.assume_tracer (or --tracer for `restore`)"
+    )]
+    TracerMissing(String),
+    #[error(
+        "tracer {found} is not one the model was trained for ({trained}): its uptake pattern was never seen in training and \
+         restoring it could move SUVs or erase lesions"
+    )]
+    Tracer { found: String, trained: String },
+}
+
 /// Check the first slice (attributes are per series) against the rules.
-pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettings) -> Result<Selected, String> {
-    let first_slice = slices.first().ok_or("series has no instances")?;
+pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettings) -> Result<Selected, NotSelected> {
+    let first_slice = slices.first().ok_or(NotSelected::Empty)?;
     let first = &*first_slice.dataset;
     let modality = first.str_of(tags::MODALITY).unwrap_or_default();
     if modality != "PT" {
-        return Err(format!("Modality (0008,0060) is {modality:?}, not PT"));
+        return Err(NotSelected::NotPet(modality));
     }
     let mut assumed = Vec::new();
     let multi = first_slice.frame.is_some();
@@ -36,15 +74,10 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
             assumed.push(format!("{units_attr} missing: assumed {u} (operator setting)"));
             u.clone()
         }
-        (None, None) => {
-            return Err(format!(
-                "{units_attr} missing: cannot tell whether pixel values are activity concentrations; \
-                 if you know them, set restore.assume_units (or --units for `restore`)"
-            ));
-        }
+        (None, None) => return Err(NotSelected::UnitsMissing(units_attr)),
     };
     if !s.units.iter().any(|u| u == &units) {
-        return Err(format!("Units (0054,1001) is {units:?}; restore.units accepts {:?}", s.units));
+        return Err(NotSelected::Units { units, accepted: s.units.clone() });
     }
     let ms = match (frames::frame_duration_ms(first, first_slice.frame), s.assume_frame_duration_s) {
         (Some(ms), _) => ms,
@@ -52,28 +85,20 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
             assumed.push(format!("{duration_attr} missing: assumed {secs} s (operator setting); the output does not add it"));
             secs * 1000.0
         }
-        (None, None) => {
-            return Err(format!(
-                "{duration_attr} missing: the frame length decides whether and how to restore; \
-                 if you know it, set restore.assume_frame_duration_s (or --frame-duration for `restore`)"
-            ));
-        }
+        (None, None) => return Err(NotSelected::DurationMissing(duration_attr)),
     };
     let secs = ms / 1000.0;
     if secs < s.min_frame_duration_s || secs > s.max_frame_duration_s {
-        return Err(format!(
-            "Actual Frame Duration is {secs:.1} s, outside restore.min/max_frame_duration_s [{}, {}] s",
-            s.min_frame_duration_s, s.max_frame_duration_s
-        ));
+        return Err(NotSelected::Duration { secs, min: s.min_frame_duration_s, max: s.max_frame_duration_s });
     }
     if rows as u32 > s.max_matrix || cols as u32 > s.max_matrix {
-        return Err(format!("matrix {rows}x{cols} exceeds restore.max_matrix {}", s.max_matrix));
+        return Err(NotSelected::Matrix { rows, cols, max: s.max_matrix });
     }
     if let Some(d) = slices.iter().find_map(|sl| {
         let v = frames::frame_duration_ms(&sl.dataset, sl.frame)?;
         ((v - ms).abs() > 0.5).then_some(v)
     }) {
-        return Err(format!("slices have different Actual Frame Durations ({ms} and {d} ms)"));
+        return Err(NotSelected::MixedDurations(ms, d));
     }
     Ok(Selected { frame_duration_s: secs, units, assumed })
 }
@@ -121,8 +146,8 @@ fn recorded_tracer(first: &dicom_object::InMemDicomObject, frame: Option<usize>)
 /// The tracer rule (README.md "How it works", selection rules): a model restores only the
 /// tracers it was trained for. Returns what was assumed, or why the series
 /// is skipped.
-pub fn check_tracer(slices: &[SourceSlice], allowed: &[String], s: &RestoreSettings) -> Result<Vec<String>, String> {
-    let first_slice = slices.first().ok_or("series has no instances")?;
+pub fn check_tracer(slices: &[SourceSlice], allowed: &[String], s: &RestoreSettings) -> Result<Vec<String>, NotSelected> {
+    let first_slice = slices.first().ok_or(NotSelected::Empty)?;
     let (name, code) = recorded_tracer(&first_slice.dataset, first_slice.frame);
     let mut assumed = Vec::new();
     let (name, code) = match (name, code, &s.assume_tracer) {
@@ -130,13 +155,7 @@ pub fn check_tracer(slices: &[SourceSlice], allowed: &[String], s: &RestoreSetti
             assumed.push(format!("Radiopharmaceutical (0018,0031) missing: assumed {t} (operator setting)"));
             (Some(t.clone()), None)
         }
-        (None, None, None) => {
-            return Err(format!(
-                "Radiopharmaceutical (0018,0031) and its code missing: cannot tell whether the model (trained for {}) applies; \
-                 if you know the tracer, set restore.assume_tracer (or --tracer for `restore`)",
-                allowed.join(", ")
-            ));
-        }
+        (None, None, None) => return Err(NotSelected::TracerMissing(allowed.join(", "))),
         (n, c, _) => (n, c),
     };
     let matches = allowed.iter().any(|t| {
@@ -156,11 +175,7 @@ pub fn check_tracer(slices: &[SourceSlice], allowed: &[String], s: &RestoreSetti
         (None, Some((v, m))) => format!("code {v} ({m})"),
         (None, None) => unreachable!("handled above"),
     };
-    Err(format!(
-        "tracer {shown} is not one the model was trained for ({}): its uptake pattern was never seen in training and \
-         restoring it could move SUVs or erase lesions",
-        allowed.join(", ")
-    ))
+    Err(NotSelected::Tracer { found: shown, trained: allowed.join(", ") })
 }
 
 #[cfg(test)]
@@ -222,9 +237,10 @@ mod tests {
             (Some("FLT"), None),
         ] {
             let e = check_tracer(&slice_with(name, code), &fdg, &settings(None)).unwrap_err();
-            assert!(e.contains("not one the model was trained for (Fluorodeoxyglucose)"), "{e}");
+            assert!(matches!(e, NotSelected::Tracer { .. }), "{e:?}");
+            assert!(e.to_string().contains("not one the model was trained for (Fluorodeoxyglucose)"), "{e}");
         }
-        let e = check_tracer(&slice_with(None, None), &fdg, &settings(None)).unwrap_err();
+        let e = check_tracer(&slice_with(None, None), &fdg, &settings(None)).unwrap_err().to_string();
         assert!(e.contains("Radiopharmaceutical (0018,0031)") && e.contains("restore.assume_tracer") && e.contains("--tracer"), "{e}");
         // The operator's assumption is checked like a recorded tracer and said.
         let ok = check_tracer(&slice_with(None, None), &fdg, &settings(Some("FDG"))).unwrap();
