@@ -266,6 +266,15 @@ fn demo_restores_with_the_shipped_model_and_draws_the_result() {
     assert!((demo_seed - eval_seed).abs() <= 0.3, "demo says {demo_seed} %, eval says {eval_seed} %");
     // the shipped model is calibrated: σ, its check against the 90 s image, and its picture
     assert!(t.contains("uncertainty (1 SD") && t.contains("68.3 % if σ is right"), "{t}");
+    // site acceptance checks σ against the reference the same way
+    let within = |text: &str, marker: &str| -> f64 {
+        let at = text.find(marker).unwrap_or_else(|| panic!("no {marker:?} in:\n{text}")) + marker.len();
+        text[at..].split_whitespace().next().unwrap().trim_end_matches('%').parse().unwrap()
+    };
+    let demo_cov = within(&t, "lies within restored ± σ in ");
+    let eval_cov = within(&text(&e), "lies within restored ± σ in ");
+    assert!((demo_cov - eval_cov).abs() <= 1.0, "σ coverage: demo {demo_cov} %, eval {eval_cov} %");
+    assert!(text(&e).contains("within ± 1.96 σ in"), "{}", text(&e));
     for png in ["coronal-mip.png", "axial-lesion.png", "lesion-profile.png", "axial-uncertainty.png"] {
         let b = std::fs::read(work.join("figures").join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
         assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{png}");
