@@ -43,6 +43,20 @@ pub fn open(path: &std::path::Path) -> Result<DefaultDicomObject, String> {
     dicom_object::open_file(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// SOP Class UID and SOP Instance UID from a Part 10 file's meta group,
+/// without reading its data set.
+pub fn sop_of(path: &std::path::Path) -> Result<(String, String), String> {
+    let obj = dicom_object::OpenFileOptions::new()
+        .read_until(dicom_core::Tag(0x0008, 0x0000))
+        .open_file(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let m = obj.meta();
+    Ok((
+        m.media_storage_sop_class_uid().trim_end_matches('\0').to_owned(),
+        m.media_storage_sop_instance_uid().trim_end_matches('\0').to_owned(),
+    ))
+}
+
 /// Encode only the data set (no meta) in the given transfer syntax, for
 /// sending over an association.
 pub fn dataset_bytes(obj: &InMemDicomObject, ts_uid: &str) -> Result<Vec<u8>, String> {

@@ -57,13 +57,15 @@ pub async fn send_files_observed(
     cancel: &CancellationToken,
     mut sent_one: impl FnMut(usize),
 ) -> Result<Vec<SopRef>, SendError> {
-    // Read the SOP classes first to propose the right contexts.
-    let mut objects = Vec::with_capacity(files.len());
+    // The SOP classes first (meta groups only), to propose the right
+    // contexts; the data sets are read one at a time while sending, so a
+    // series is never held in memory whole.
+    let mut refs = Vec::with_capacity(files.len());
     let mut classes: BTreeMap<String, ()> = BTreeMap::new();
     for f in files {
-        let obj = part10::open(f).map_err(|reason| SendError::File { path: f.display().to_string(), reason })?;
-        classes.insert(obj.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_owned(), ());
-        objects.push(obj);
+        let (class, sop) = part10::sop_of(f).map_err(|reason| SendError::File { path: f.display().to_string(), reason })?;
+        classes.insert(class.clone(), ());
+        refs.push((class, sop));
     }
     let mut opts = ClientAssociationOptions::new()
         .calling_ae_title(peer.calling_ae.clone())
@@ -86,20 +88,29 @@ pub async fn send_files_observed(
         .collect();
     let transfer = |reason: String| SendError::Transfer { ae: peer.called_ae.clone(), reason };
 
-    let mut sent = Vec::with_capacity(objects.len());
-    for (i, obj) in objects.iter().enumerate() {
+    let mut sent = Vec::with_capacity(refs.len());
+    for (i, (f, (class, sop))) in files.iter().zip(refs).enumerate() {
         if cancel.is_cancelled() {
             let _ = assoc.abort().await;
             return Err(SendError::Cancelled);
         }
-        let class = obj.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_owned();
-        let sop = obj.meta().media_storage_sop_instance_uid().trim_end_matches('\0').to_owned();
         // Contexts echo the proposed abstract syntax; match by our proposal order.
         let Some((pcid, _, ts)) = contexts.iter().find(|(_, a, _)| a.trim_end_matches('\0') == class) else {
             let _ = assoc.abort().await;
             return Err(SendError::NoContext { ae: peer.called_ae.clone(), sop_class: class });
         };
-        let data = part10::dataset_bytes(obj, ts).map_err(transfer)?;
+        // Read and encode on the blocking pool, not on the async worker.
+        let (path, syntax) = (f.clone(), ts.clone());
+        let read = tokio::task::spawn_blocking(move || part10::open(&path).and_then(|obj| part10::dataset_bytes(&obj, &syntax)))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let data = match read {
+            Ok(d) => d,
+            Err(reason) => {
+                let _ = assoc.abort().await;
+                return Err(SendError::File { path: f.display().to_string(), reason });
+            }
+        };
         let message_id = (i % 65535 + 1) as u16;
         let rsp = store_one(&mut assoc, *pcid, message_id, &class, &sop, &data).await.map_err(transfer)?;
         let status = rsp.status.unwrap_or(dimse::status::PROCESSING_FAILURE);
