@@ -136,23 +136,7 @@ async fn store_one(assoc: &mut Assoc, pcid: u8, message_id: u16, class: &str, so
 /// Model: N-ACTION on its own association). `Ok` means the archive took
 /// the request; its answer comes later, as an N-EVENT-REPORT to our SCP.
 pub async fn request_commitment(peer: &Peer, transaction_uid: &str, refs: &[SopRef]) -> Result<(), SendError> {
-    let assoc_err = |reason: String| SendError::Associate { ae: peer.called_ae.clone(), address: peer.address.clone(), reason };
-    let mut assoc = ClientAssociationOptions::new()
-        .calling_ae_title(peer.calling_ae.clone())
-        .called_ae_title(peer.called_ae.clone())
-        .with_presentation_context(commitment::PUSH_MODEL, vec![d::EXPLICIT_VR_LE, d::IMPLICIT_VR_LE])
-        .max_pdu_length(65536)
-        .connection_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(60))
-        .write_timeout(Duration::from_secs(60))
-        .establish_async(peer.address.as_str())
-        .await
-        .map_err(|e| assoc_err(e.to_string()))?;
-    let Some(pc) = assoc.presentation_contexts().iter().find(|pc| pc.reason == PresentationContextResultReason::Acceptance) else {
-        let _ = assoc.abort().await;
-        return Err(SendError::NoContext { ae: peer.called_ae.clone(), sop_class: commitment::PUSH_MODEL.into() });
-    };
-    let (pcid, ts) = (pc.id, pc.transfer_syntax.clone());
+    let (mut assoc, pcid, ts) = associate_one(peer, commitment::PUSH_MODEL, &[d::EXPLICIT_VR_LE, d::IMPLICIT_VR_LE]).await?;
     let transfer = |reason: String| SendError::Transfer { ae: peer.called_ae.clone(), reason };
     let syntax = d::transfer_syntax(ts.trim_end_matches('\0')).ok_or_else(|| transfer(format!("transfer syntax {ts} not supported")))?;
     let mut data = Vec::new();
@@ -169,6 +153,29 @@ pub async fn request_commitment(peer: &Peer, transaction_uid: &str, refs: &[SopR
         });
     }
     Ok(())
+}
+
+/// An association proposing one SOP class in `syntaxes`: the association,
+/// the accepted context's id and its transfer syntax; aborted with
+/// `NoContext` when the peer accepts none.
+async fn associate_one(peer: &Peer, sop_class: &str, syntaxes: &[&str]) -> Result<(Assoc, u8, String), SendError> {
+    let assoc = ClientAssociationOptions::new()
+        .calling_ae_title(peer.calling_ae.clone())
+        .called_ae_title(peer.called_ae.clone())
+        .with_presentation_context(sop_class.to_string(), syntaxes.iter().map(|t| t.to_string()).collect())
+        .max_pdu_length(65536)
+        .connection_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .write_timeout(Duration::from_secs(60))
+        .establish_async(peer.address.as_str())
+        .await
+        .map_err(|e| SendError::Associate { ae: peer.called_ae.clone(), address: peer.address.clone(), reason: e.to_string() })?;
+    let Some(pc) = assoc.presentation_contexts().iter().find(|pc| pc.reason == PresentationContextResultReason::Acceptance) else {
+        let _ = assoc.abort().await;
+        return Err(SendError::NoContext { ae: peer.called_ae.clone(), sop_class: sop_class.to_string() });
+    };
+    let (pcid, ts) = (pc.id, pc.transfer_syntax.clone());
+    Ok((assoc, pcid, ts))
 }
 
 /// A command with a data set on an open association, and its response.
@@ -195,21 +202,7 @@ pub async fn send_raw(
     ts: &str,
     dataset: &[u8],
 ) -> Result<(u16, Option<String>), SendError> {
-    let assoc_err = |reason: String| SendError::Associate { ae: peer.called_ae.clone(), address: peer.address.clone(), reason };
-    let mut assoc = ClientAssociationOptions::new()
-        .calling_ae_title(peer.calling_ae.clone())
-        .called_ae_title(peer.called_ae.clone())
-        .with_presentation_context(sop_class.to_string(), vec![ts.to_string()])
-        .connection_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(60))
-        .establish_async(peer.address.as_str())
-        .await
-        .map_err(|e| assoc_err(e.to_string()))?;
-    let Some(pc) = assoc.presentation_contexts().iter().find(|pc| pc.reason == PresentationContextResultReason::Acceptance) else {
-        let _ = assoc.abort().await;
-        return Err(SendError::NoContext { ae: peer.called_ae.clone(), sop_class: sop_class.to_string() });
-    };
-    let pcid = pc.id;
+    let (mut assoc, pcid, _) = associate_one(peer, sop_class, &[ts]).await?;
     let rsp = store_one(&mut assoc, pcid, 1, sop_class, sop_instance, dataset)
         .await
         .map_err(|reason| SendError::Transfer { ae: peer.called_ae.clone(), reason })?;

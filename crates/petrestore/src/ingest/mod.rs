@@ -258,13 +258,12 @@ async fn handle_association(
         }
         None => (cfg.allowed_callers.clone(), Vec::new()),
     };
+    // one reading of the live settings for both lists
+    let allowed = stores.clone().map(|s| s.into_iter().chain(reports).collect());
     let may_store = move |calling: &str| stores.as_ref().is_none_or(|a| access::allows(a, calling, peer.ip()));
     let mut opts = ServerAssociationOptions::new()
         .ae_access_control(access::CallerPolicy {
-            allowed: match &cfg.live {
-                Some(l) => Some(l.get().dicom.allowed_callers.iter().cloned().chain(reports).collect()),
-                None => cfg.allowed_callers.clone(),
-            },
+            allowed,
             peer: peer.ip(),
             draining: cfg.draining.load(std::sync::atomic::Ordering::Relaxed),
         })
