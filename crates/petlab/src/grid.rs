@@ -197,9 +197,162 @@ fn uncertainty_markdown(cells: &serde_json::Map<String, Value>) -> String {
     o
 }
 
+/// One line of the shipping rule: what is compared, both values, and
+/// whether the candidate passes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleLine {
+    pub what: String,
+    pub baseline: String,
+    pub candidate: String,
+    pub pass: bool,
+}
+
+/// The rule every candidate model is judged by on the validation grid
+/// (models/petrestore-unet25d/EVAL.md, fixed before the first candidate):
+/// (a) the mean over cells of the seed MSE metric improves by ≥ 0.3 points
+/// at 30 s and ≥ 0.15 at 60 s; (b) the worst cell improves at 30 s and at
+/// 60 s; (c) lesions ≥ 10 mm at 30 s: the mean SUVmean bias vs PET90 stays
+/// within ±5 % in every cell, and the worst single-lesion extremes over
+/// the cells (below and above PET90, SUVmean or SUVmax) are not more than
+/// 2 points worse than the baseline's. Both reports are `eval --grid
+/// --json` output over the same cells.
+pub fn rule(baseline: &Value, candidate: &Value) -> Result<Vec<RuleLine>, String> {
+    let cells = |r: &Value| -> Result<Vec<(String, Value)>, String> {
+        let m = r["cells"].as_object().ok_or("not an `eval --grid --json` report (no cells)")?;
+        Ok(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    };
+    let (b, c) = (cells(baseline)?, cells(candidate)?);
+    let names = |x: &[(String, Value)]| x.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+    if names(&b) != names(&c) {
+        return Err(format!("the reports cover different cells: {:?} and {:?}", names(&b), names(&c)));
+    }
+    let all = |x: &[(String, Value)], key: &str| -> Result<Vec<(String, f64)>, String> {
+        x.iter()
+            .map(|(n, v)| get(v, key).map(|f| (n.clone(), f)).ok_or(format!("cell {n} has no {key} (evaluated without --model?)")))
+            .collect()
+    };
+    let mean = |v: &[(String, f64)]| v.iter().map(|(_, f)| f).sum::<f64>() / v.len() as f64;
+    let min = |v: &[(String, f64)]| v.iter().cloned().reduce(|a, b| if b.1 < a.1 { b } else { a }).expect("cells");
+    let max = |v: &[(String, f64)]| v.iter().cloned().reduce(|a, b| if b.1 > a.1 { b } else { a }).expect("cells");
+    let mut lines = Vec::new();
+    for (d, gain) in [(30, 0.3), (60, 0.15)] {
+        let key = format!("seed_mse_{d}_model");
+        let (mb, mc) = (mean(&all(&b, &key)?), mean(&all(&c, &key)?));
+        lines.push(RuleLine {
+            what: format!("(a) mean over cells, seed MSE {d} s: +{gain} or more"),
+            baseline: format!("{mb:.2}"),
+            candidate: format!("{mc:.2} ({:+.2})", mc - mb),
+            pass: mc - mb >= gain,
+        });
+    }
+    for d in [30, 60] {
+        let key = format!("seed_mse_{d}_model");
+        let (wb, wc) = (min(&all(&b, &key)?), min(&all(&c, &key)?));
+        lines.push(RuleLine {
+            what: format!("(b) worst cell, seed MSE {d} s: better"),
+            baseline: format!("{:.1} ({})", wb.1, wb.0),
+            candidate: format!("{:.1} ({})", wc.1, wc.0),
+            pass: wc.1 > wb.1,
+        });
+    }
+    let lesions = |x: &[(String, Value)], key: &str| -> Vec<(String, f64)> {
+        x.iter().filter_map(|(n, v)| get(v, key).map(|f| (n.clone(), f))).collect()
+    };
+    let bias = lesions(&c, "lesion_ge10_suvmean_bias_vs_pet90_30_model_mean");
+    let far = bias.iter().cloned().reduce(|a, b| if b.1.abs() > a.1.abs() { b } else { a });
+    let bias_b = lesions(&b, "lesion_ge10_suvmean_bias_vs_pet90_30_model_mean");
+    let far_b = bias_b.iter().cloned().reduce(|a, b| if b.1.abs() > a.1.abs() { b } else { a });
+    let show = |x: &Option<(String, f64)>| x.as_ref().map_or("no lesions".to_string(), |(n, f)| format!("{f:+.1} ({n})"));
+    lines.push(RuleLine {
+        what: "(c) lesions ≥ 10 mm, 30 s: mean SUVmean bias within ±5 % in every cell".into(),
+        baseline: show(&far_b),
+        candidate: show(&far),
+        pass: far.as_ref().is_some_and(|(_, f)| f.abs() <= 5.0),
+    });
+    for (side, end) in [("below", "min"), ("above", "max")] {
+        let extreme = |x: &[(String, Value)]| -> Option<(String, f64)> {
+            let v: Vec<(String, f64)> =
+                ["suvmean", "suvmax"].iter().flat_map(|k| lesions(x, &format!("lesion_ge10_{k}_bias_vs_pet90_30_model_{end}"))).collect();
+            if v.is_empty() { None } else { Some(if end == "min" { min(&v) } else { max(&v) }) }
+        };
+        let (eb, ec) = (extreme(&b), extreme(&c));
+        let pass = match (&eb, &ec) {
+            (Some((_, fb)), Some((_, fc))) => {
+                if end == "min" {
+                    *fc >= fb - 2.0
+                } else {
+                    *fc <= fb + 2.0
+                }
+            }
+            _ => false,
+        };
+        lines.push(RuleLine {
+            what: format!("(c) worst single lesion {side} PET90 (SUVmean or SUVmax): at most 2 points worse"),
+            baseline: show(&eb),
+            candidate: show(&ec),
+            pass,
+        });
+    }
+    Ok(lines)
+}
+
+/// The rule as a Markdown table with its verdict.
+pub fn rule_markdown(lines: &[RuleLine]) -> String {
+    let mut o = String::from("| rule | baseline | candidate | |\n|---|---|---|---|\n");
+    for l in lines {
+        o.push_str(&format!("| {} | {} | {} | {} |\n", l.what, l.baseline, l.candidate, if l.pass { "pass" } else { "**fail**" }));
+    }
+    let ok = lines.iter().all(|l| l.pass);
+    o.push_str(&format!("\nverdict: {}\n", if ok { "PASS (the candidate may ship)" } else { "FAIL (the baseline stays)" }));
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(cells: &[(&str, f64, f64, f64, f64, f64)]) -> Value {
+        let mut m = serde_json::Map::new();
+        for (name, s30, s60, bias, lo, hi) in cells {
+            m.insert(
+                name.to_string(),
+                json!({"summary": {
+                    "seed_mse_30_model": s30, "seed_mse_60_model": s60,
+                    "lesion_ge10_suvmean_bias_vs_pet90_30_model_mean": bias,
+                    "lesion_ge10_suvmean_bias_vs_pet90_30_model_min": lo,
+                    "lesion_ge10_suvmax_bias_vs_pet90_30_model_min": lo - 1.0,
+                    "lesion_ge10_suvmean_bias_vs_pet90_30_model_max": hi,
+                    "lesion_ge10_suvmax_bias_vs_pet90_30_model_max": hi + 1.0,
+                }}),
+            );
+        }
+        json!({ "cells": m })
+    }
+
+    #[test]
+    fn the_shipping_rule_needs_every_line() {
+        let base = report(&[("c1", 50.0, 25.0, 1.0, -10.0, 5.0), ("c2", 40.0, 20.0, -2.0, -12.0, 8.0)]);
+        let good = report(&[("c1", 50.5, 25.2, 1.0, -11.0, 6.0), ("c2", 40.5, 20.3, -3.0, -13.0, 9.0)]);
+        let lines = rule(&base, &good).unwrap();
+        assert_eq!(lines.len(), 7);
+        assert!(lines.iter().all(|l| l.pass), "{lines:#?}");
+        assert!(rule_markdown(&lines).contains("verdict: PASS"));
+        // the mean rises but the worst cell falls
+        let worse_worst = report(&[("c1", 55.0, 27.0, 1.0, -10.0, 5.0), ("c2", 39.9, 20.3, 1.0, -10.0, 5.0)]);
+        let l = rule(&base, &worse_worst).unwrap();
+        assert!(!l[2].pass && l[0].pass, "{l:#?}");
+        // a lesion 2.5 points further below than the baseline's worst (-13 - 2.5)
+        let lesion = report(&[("c1", 51.0, 26.0, 1.0, -14.5, 5.0), ("c2", 41.0, 21.0, 1.0, -10.0, 5.0)]);
+        let l = rule(&base, &lesion).unwrap();
+        assert!(!l[5].pass && l[4].pass && l[6].pass, "{l:#?}");
+        assert!(rule_markdown(&l).contains("verdict: FAIL"));
+        // a cell whose mean lesion bias leaves ±5 %
+        let biased = report(&[("c1", 51.0, 26.0, 5.5, -10.0, 5.0), ("c2", 41.0, 21.0, 1.0, -10.0, 5.0)]);
+        assert!(!rule(&base, &biased).unwrap()[4].pass);
+        // different cells cannot be compared
+        let other = report(&[("c1", 51.0, 26.0, 1.0, -10.0, 5.0)]);
+        assert!(rule(&base, &other).unwrap_err().contains("different cells"));
+    }
 
     #[test]
     fn the_worst_cell_is_the_low_end_of_scores_and_the_far_end_of_biases() {

@@ -124,6 +124,16 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Judge a candidate model against a baseline by the shipping rule
+    /// (EVAL.md): both are `petlab eval --grid VALGRID --json` reports of the
+    /// validation grid. Prints the rule as a table; exits 0 when the
+    /// candidate passes every line, 1 when it does not.
+    Compare {
+        #[arg(long)]
+        baseline: PathBuf,
+        #[arg(long)]
+        candidate: PathBuf,
+    },
     /// Measure restoration quality on simulated studies with known truth:
     /// seed metric vs PET90 with its ceiling, NRMSE and SSIM vs truth, NEMA
     /// contrast recovery and background variability, lesion SUV bias; raw
@@ -294,6 +304,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             let secs = t.elapsed().as_secs_f64();
             println!("{made} studies ({:.1} M voxels per frame) written into {} in {secs:.1} s", voxels / 1e6, out.display());
+            Ok(())
+        }
+        Command::Compare { baseline, candidate } => {
+            let read = |p: &PathBuf| -> Result<serde_json::Value> {
+                let b = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+                serde_json::from_slice(&b).with_context(|| format!("{} is not JSON", p.display()))
+            };
+            let lines = grid::rule(&read(&baseline)?, &read(&candidate)?).map_err(anyhow::Error::msg)?;
+            print!("{}", grid::rule_markdown(&lines));
+            if !lines.iter().all(|l| l.pass) {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Calibrate { grid, model, engine, ort_library, window_mm, texture_mm, write, threads } => {

@@ -61,6 +61,17 @@ pub struct Io {
     /// flipped back, are averaged). Costs that many inferences.
     #[serde(default = "default_tta")]
     pub tta: usize,
+    /// The network's own pixel size (mm). When set, every slice is
+    /// resampled to it, restored there, and the network's change mapped
+    /// back onto the series' own grid (`neural::restore_volume`); absent,
+    /// the network runs on the series' pixels as they are.
+    #[serde(default)]
+    pub working_pixel_mm: Option<f64>,
+    /// The network's own slice spacing (mm): context slices are taken this
+    /// far apart by interpolation between the series' slices. Needs
+    /// `working_pixel_mm`; absent, the series' own neighbours are used.
+    #[serde(default)]
+    pub working_slice_mm: Option<f64>,
 }
 
 fn default_tta() -> usize {
@@ -165,6 +176,14 @@ impl ModelPackage {
         if !matches!(raw.io.tta, 1 | 4) {
             return Err(ModelError::Invalid { dir: d, reason: format!("io.tta must be 1 (off) or 4 (flips), is {}", raw.io.tta) });
         }
+        for (name, v) in [("io.working_pixel_mm", raw.io.working_pixel_mm), ("io.working_slice_mm", raw.io.working_slice_mm)] {
+            if let Some(mm) = v.filter(|mm| !(0.5..=20.0).contains(mm)) {
+                return Err(ModelError::Invalid { dir: d, reason: format!("{name} must be 0.5..=20 mm, is {mm}") });
+            }
+        }
+        if raw.io.working_slice_mm.is_some() && raw.io.working_pixel_mm.is_none() {
+            return Err(ModelError::Invalid { dir: d, reason: "io.working_slice_mm needs io.working_pixel_mm".into() });
+        }
         if raw.normalisation.kind != "body_mean" {
             return Err(ModelError::Invalid {
                 dir: d,
@@ -253,6 +272,24 @@ mod tests {
         std::fs::write(&onnx, b).unwrap();
         let e = ModelPackage::load(d.path()).unwrap_err().to_string();
         assert!(e.contains("model.onnx") && e.contains("sha256") && e.contains("reinstall"), "{e}");
+    }
+
+    #[test]
+    fn working_grid_settings_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        copy_test_model(d.path());
+        let toml = d.path().join("model.toml");
+        let text = std::fs::read_to_string(&toml).unwrap();
+        let with = |extra: &str| {
+            std::fs::write(&toml, text.replacen("[io]\n", &format!("[io]\n{extra}\n"), 1)).unwrap();
+            ModelPackage::load(d.path())
+        };
+        let p = with("working_pixel_mm = 4.6875\nworking_slice_mm = 3.27").unwrap();
+        assert_eq!((p.io.working_pixel_mm, p.io.working_slice_mm), (Some(4.6875), Some(3.27)));
+        let e = with("working_slice_mm = 3.27").unwrap_err().to_string();
+        assert!(e.contains("needs io.working_pixel_mm"), "{e}");
+        let e = with("working_pixel_mm = 0").unwrap_err().to_string();
+        assert!(e.contains("io.working_pixel_mm must be 0.5..=20 mm"), "{e}");
     }
 
     #[test]

@@ -49,6 +49,14 @@ pub fn smoke_test(backend: &dyn Backend, pkg: &ModelPackage) -> Result<(), Strin
 /// slices the missing neighbours repeat the edge slice (replicate padding).
 /// `workers` threads each take whole batches (data parallelism: for a
 /// backend whose calls can run concurrently, e.g. tract's plans).
+///
+/// A package with a working grid (`io.working_pixel_mm`, optionally
+/// `io.working_slice_mm`) is run on it: each slice is resampled to the
+/// network's pixel size, its context slices are taken at the network's slice
+/// spacing, and the network's change to the slice (output − input, on the
+/// working grid) is interpolated back and added to the series' own slice.
+/// Detail finer than the working grid is kept as acquired; a series already
+/// on the working grid is restored exactly as without it.
 pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, workers: usize) -> Result<Volume, String> {
     let scale = body_scale(v, pkg.normalisation.threshold_fraction).ok_or("the volume holds no activity")?;
     let condition = match pkg.io.condition.as_deref() {
@@ -62,7 +70,167 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
             Some((d / 90.0) as f32)
         }
     };
-    let (h, w, nz) = (v.ny, v.nx, v.nz);
+    let grid = WorkingGrid::for_volume(v, pkg);
+    if grid.is_native() {
+        let data = run_grid(
+            &v.data,
+            v.nx,
+            v.ny,
+            v.nz,
+            &|z, j| native_context(z, j, pkg.io.context_slices, v.nz),
+            pkg,
+            backend,
+            workers,
+            scale,
+            condition,
+        )?;
+        return Ok(Volume { data, ..v.clone_shape() });
+    }
+    // to the working grid, restore there, and bring the change back
+    let plane = v.nx * v.ny;
+    let (wx, wy) = (resample_weights(v.nx, grid.nx), resample_weights(v.ny, grid.ny));
+    let mut work = Vec::with_capacity(grid.nx * grid.ny * v.nz);
+    for z in 0..v.nz {
+        work.extend(resample_plane(&v.data[z * plane..(z + 1) * plane], v.nx, v.ny, &wx, &wy));
+    }
+    let context = |z: usize, j: usize| match grid.slice_step {
+        Some(step) => interpolated_context(z, j, pkg.io.context_slices, v.nz, step),
+        None => native_context(z, j, pkg.io.context_slices, v.nz),
+    };
+    let mut change = run_grid(&work, grid.nx, grid.ny, v.nz, &context, pkg, backend, workers, scale, condition)?;
+    for (c, x) in change.iter_mut().zip(&work) {
+        *c -= x;
+    }
+    drop(work);
+    let (bx, by) = (resample_weights(grid.nx, v.nx), resample_weights(grid.ny, v.ny));
+    let wplane = grid.nx * grid.ny;
+    let mut data = v.data.clone();
+    for z in 0..v.nz {
+        let back = resample_plane(&change[z * wplane..(z + 1) * wplane], grid.nx, grid.ny, &bx, &by);
+        for (d, c) in data[z * plane..(z + 1) * plane].iter_mut().zip(back) {
+            *d += c;
+        }
+    }
+    Ok(Volume { data, ..v.clone_shape() })
+}
+
+/// Where the network runs for one series: its matrix on the working grid
+/// and the step (in the series' slices) between context slices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct WorkingGrid {
+    nx: usize,
+    ny: usize,
+    /// None: the series' own neighbours.
+    slice_step: Option<f64>,
+    native: bool,
+}
+
+impl WorkingGrid {
+    /// Within 1 % of the working pixel and slice size counts as on the grid.
+    fn for_volume(v: &Volume, pkg: &ModelPackage) -> WorkingGrid {
+        let native = WorkingGrid { nx: v.nx, ny: v.ny, slice_step: None, native: true };
+        let Some(px) = pkg.io.working_pixel_mm else { return native };
+        let close = |a: f64, b: f64| (a / b - 1.0).abs() <= 0.01;
+        let [sx, sy, sz] = v.spacing;
+        let step = pkg.io.working_slice_mm.filter(|s| sz > 0.0 && !close(sz, *s)).map(|s| s / sz);
+        if close(sx, px) && close(sy, px) && step.is_none() {
+            return native;
+        }
+        let n = |count: usize, mm: f64| ((count as f64 * mm / px).round() as usize).max(1);
+        WorkingGrid { nx: n(v.nx, sx), ny: n(v.ny, sy), slice_step: step, native: false }
+    }
+
+    fn is_native(&self) -> bool {
+        self.native
+    }
+}
+
+/// Context slice `j` (0..ctx) of output slice `z`: the series' own
+/// neighbour, edges repeated. Returned as (lower slice, upper slice, weight
+/// of the upper one).
+fn native_context(z: usize, j: usize, ctx: usize, nz: usize) -> (usize, usize, f32) {
+    let zz = (z + j).saturating_sub(ctx / 2).min(nz - 1);
+    (zz, zz, 0.0)
+}
+
+/// Context slice `j` of output slice `z` at `step` series slices per
+/// network slice: linear interpolation between the two series slices
+/// around it, clamped to the first and last slice.
+fn interpolated_context(z: usize, j: usize, ctx: usize, nz: usize, step: f64) -> (usize, usize, f32) {
+    let at = (z as f64 + (j as f64 - (ctx / 2) as f64) * step).clamp(0.0, (nz - 1) as f64);
+    let lo = at.floor() as usize;
+    let hi = (lo + 1).min(nz - 1);
+    (lo, hi, (at - lo as f64) as f32)
+}
+
+/// Weights of a 1D resampling from `n_in` to `n_out` samples over the same
+/// extent (pixel centres at (i + ½)·size): to fewer samples, the area
+/// average of the input pixels each output pixel covers; to as many or
+/// more, linear interpolation (edges clamped). Each row sums to 1.
+fn resample_weights(n_in: usize, n_out: usize) -> Vec<Vec<(usize, f32)>> {
+    let r = n_in as f64 / n_out as f64;
+    (0..n_out)
+        .map(|i| {
+            if n_in > n_out {
+                let (a, b) = (i as f64 * r, (i + 1) as f64 * r);
+                let mut row = Vec::new();
+                let mut k = a.floor() as usize;
+                while (k as f64) < b && k < n_in {
+                    let overlap = (b.min(k as f64 + 1.0) - a.max(k as f64)).max(0.0);
+                    if overlap > 0.0 {
+                        row.push((k, (overlap / r) as f32));
+                    }
+                    k += 1;
+                }
+                row
+            } else {
+                let c = ((i as f64 + 0.5) * r - 0.5).clamp(0.0, (n_in - 1) as f64);
+                let lo = c.floor() as usize;
+                let hi = (lo + 1).min(n_in - 1);
+                let t = (c - lo as f64) as f32;
+                if hi == lo || t == 0.0 { vec![(lo, 1.0)] } else { vec![(lo, 1.0 - t), (hi, t)] }
+            }
+        })
+        .collect()
+}
+
+/// Separable resampling of one `w`×`h` plane with the given x and y weights.
+fn resample_plane(src: &[f32], w: usize, h: usize, wx: &[Vec<(usize, f32)>], wy: &[Vec<(usize, f32)>]) -> Vec<f32> {
+    let ow = wx.len();
+    let mut rows = vec![0.0f32; ow * h];
+    for y in 0..h {
+        let s = &src[y * w..(y + 1) * w];
+        for (x, ws) in wx.iter().enumerate() {
+            rows[y * ow + x] = ws.iter().map(|&(k, t)| s[k] * t).sum();
+        }
+    }
+    let mut out = vec![0.0f32; ow * wy.len()];
+    for (y, ws) in wy.iter().enumerate() {
+        let d = &mut out[y * ow..(y + 1) * ow];
+        for &(k, t) in ws {
+            for (o, r) in d.iter_mut().zip(&rows[k * ow..(k + 1) * ow]) {
+                *o += r * t;
+            }
+        }
+    }
+    out
+}
+
+/// Run the network over every slice of `data` (`nz` planes of `w`×`h`),
+/// context slices from `context(z, j)`, and return the output in Bq/ml.
+#[allow(clippy::too_many_arguments)]
+fn run_grid(
+    data: &[f32],
+    w: usize,
+    h: usize,
+    nz: usize,
+    context: &(dyn Fn(usize, usize) -> (usize, usize, f32) + Sync),
+    pkg: &ModelPackage,
+    backend: &dyn Backend,
+    workers: usize,
+    scale: f32,
+    condition: Option<f32>,
+) -> Result<Vec<f32>, String> {
     // padded plane (edge replicate), cropped back after inference
     let m = pkg.io.pad_multiple.max(1);
     let (hp, wp) = (h.div_ceil(m) * m, w.div_ceil(m) * m);
@@ -70,12 +238,12 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
     let pplane = hp * wp;
     let ctx = pkg.io.context_slices;
     let c = pkg.input_channels();
-    let half = ctx / 2;
     let inv = 1.0 / scale;
     let batch = pkg.io.batch;
     let n_batches = nz.div_ceil(batch);
-    let mut out = vec![0.0f32; v.data.len()];
+    let mut out = vec![0.0f32; data.len()];
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let slice = |z: usize| &data[z * plane..(z + 1) * plane];
     let run_one = |k: usize| -> Result<Vec<f32>, String> {
         let start = k * batch;
         let b = batch.min(nz - start);
@@ -83,14 +251,16 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
         for i in 0..b {
             let z = start + i;
             for j in 0..ctx {
-                let zz = (z + j).saturating_sub(half).min(nz - 1);
-                let src = v.slice(zz);
+                let (lo, hi, t) = context(z, j);
+                let (a, bb) = (slice(lo), slice(hi));
                 let dst = &mut input[(i * c + j) * pplane..(i * c + j + 1) * pplane];
                 for y in 0..hp {
-                    let row = &src[y.min(h - 1) * w..(y.min(h - 1) + 1) * w];
+                    let yy = y.min(h - 1) * w;
+                    let (ra, rb) = (&a[yy..yy + w], &bb[yy..yy + w]);
                     let drow = &mut dst[y * wp..(y + 1) * wp];
                     for (x, d) in drow.iter_mut().enumerate() {
-                        *d = row[x.min(w - 1)] * inv;
+                        let x = x.min(w - 1);
+                        *d = if t == 0.0 { ra[x] } else { ra[x] + t * (rb[x] - ra[x]) } * inv;
                     }
                 }
             }
@@ -145,7 +315,7 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
     if let Some(e) = first_error.into_inner().expect("error slot") {
         return Err(e);
     }
-    Ok(Volume { data: out, ..v.clone_shape() })
+    Ok(out)
 }
 
 /// Flip every `h`×`w` plane of `data` left-right and/or up-down (its own
@@ -301,6 +471,102 @@ mod tests {
         same(s(&r, 5), s(&v, 6));
         same(s(&r, 4), s(&v, 6));
         same(s(&r, 3), s(&v, 5));
+    }
+
+    /// Adds a constant (in normalised units) to the centre slice.
+    struct Plus(f32);
+    impl Backend for Plus {
+        fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+            let p = h * w;
+            Ok((0..b)
+                .flat_map(|i| input[(i * c + c / 2) * p..(i * c + c / 2 + 1) * p].iter().map(|x| x + self.0).collect::<Vec<_>>())
+                .collect())
+        }
+    }
+
+    fn fine_volume() -> Volume {
+        // 2 mm pixels, 2 mm slices: far from a 4.6875 mm / 3.27 mm grid
+        let (nx, ny, nz) = (30, 22, 9);
+        let data = (0..nx * ny * nz).map(|i| 40.0 + ((i * 7919) % 61) as f32 + 10.0 * (i / (nx * ny)) as f32).collect();
+        Volume { nx, ny, nz, spacing: [2.0, 2.0, 2.0], data, frame_duration_s: None }
+    }
+
+    #[test]
+    fn resampling_weights_keep_the_mean_and_the_identity() {
+        for (a, b) in [(300, 128), (128, 300), (144, 123), (7, 7), (5, 1), (1, 4)] {
+            let w = resample_weights(a, b);
+            assert_eq!(w.len(), b);
+            for row in &w {
+                let sum: f32 = row.iter().map(|(_, t)| t).sum();
+                assert!((sum - 1.0).abs() < 1e-5, "{a}->{b}: {row:?}");
+                assert!(row.iter().all(|(k, t)| *k < a && *t > 0.0));
+            }
+        }
+        assert!(resample_weights(6, 6).iter().enumerate().all(|(i, r)| r == &vec![(i, 1.0)]));
+        // area average to half: pairs
+        let src: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let down = resample_plane(&src, 8, 1, &resample_weights(8, 4), &resample_weights(1, 1));
+        assert_eq!(down, vec![0.5, 2.5, 4.5, 6.5]);
+        // linear up: the centres of 2 pixels over 4
+        let up = resample_plane(&[0.0, 4.0], 2, 1, &resample_weights(2, 4), &resample_weights(1, 1));
+        assert_eq!(up, vec![0.0, 1.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn context_slices_are_taken_at_the_working_spacing() {
+        // 2 mm series slices, 3.27 mm network slices: step 1.635
+        let step = 3.27 / 2.0;
+        let (lo, hi, t) = interpolated_context(4, 0, 5, 9, step);
+        assert_eq!((lo, hi), (0, 1));
+        assert!((t - 0.73).abs() < 1e-4, "{t}");
+        assert_eq!(interpolated_context(4, 2, 5, 9, step), (4, 5, 0.0));
+        let (lo, hi, t) = interpolated_context(4, 3, 5, 9, step);
+        assert_eq!((lo, hi), (5, 6));
+        assert!((t - 0.635).abs() < 1e-4);
+        // edges clamp to the first and last slice
+        assert_eq!(interpolated_context(0, 0, 5, 9, step), (0, 1, 0.0));
+        assert_eq!(interpolated_context(8, 4, 5, 9, step), (8, 8, 0.0));
+        assert_eq!(native_context(0, 0, 5, 9), (0, 0, 0.0));
+        assert_eq!(native_context(8, 4, 5, 9), (8, 8, 0.0));
+    }
+
+    #[test]
+    fn on_a_working_grid_an_identity_network_changes_nothing() {
+        let mut pkg = pkg();
+        pkg.io.working_pixel_mm = Some(4.6875);
+        pkg.io.working_slice_mm = Some(3.27);
+        let v = fine_volume();
+        assert!(!WorkingGrid::for_volume(&v, &pkg).is_native());
+        for workers in [1, 3] {
+            let r = restore_volume(&v, &pkg, &Centre, workers).unwrap();
+            assert_eq!((r.nx, r.ny, r.nz, r.spacing), (v.nx, v.ny, v.nz, v.spacing));
+            for (a, b) in r.data.iter().zip(&v.data) {
+                assert!((a - b).abs() < 1e-4 * b.abs(), "{a} vs {b}: detail finer than the grid must be kept");
+            }
+        }
+        // a uniform change on the working grid is a uniform change on the series
+        let scale = body_scale(&v, pkg.normalisation.threshold_fraction).unwrap();
+        let r = restore_volume(&v, &pkg, &Plus(0.25), 2).unwrap();
+        for (a, b) in r.data.iter().zip(&v.data) {
+            assert!((a - b - 0.25 * scale).abs() < 1e-3 * scale, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn a_series_on_the_working_grid_is_restored_as_without_one() {
+        let mut pkg = pkg();
+        let mut v = vol();
+        v.spacing = [4.6875, 4.6875, 3.27];
+        let plain = restore_volume(&v, &pkg, &Ramp, 2).unwrap();
+        pkg.io.working_pixel_mm = Some(4.6875);
+        pkg.io.working_slice_mm = Some(3.27);
+        assert!(WorkingGrid::for_volume(&v, &pkg).is_native());
+        assert_eq!(restore_volume(&v, &pkg, &Ramp, 2).unwrap().data, plain.data);
+        // only the slices differ: the in-plane grid is kept, the context interpolated
+        v.spacing[2] = 2.0;
+        let g = WorkingGrid::for_volume(&v, &pkg);
+        assert_eq!((g.nx, g.ny, g.native), (v.nx, v.ny, false));
+        assert!((g.slice_step.unwrap() - 1.635).abs() < 1e-9);
     }
 
     #[test]
