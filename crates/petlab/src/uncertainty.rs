@@ -164,7 +164,7 @@ pub fn fit(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64) ->
             for d in crate::eval::DURATIONS {
                 let short = st.short(d).clone();
                 let r = engine.run(&short).map_err(|e| format!("{}: {e}", st.name))?;
-                let t = unc::terms(&short, &r, window_mm, texture_mm)?;
+                let t = unc::terms(&short, &r, window_mm, texture_mm).map_err(|e| e.to_string())?;
                 let class = unc::classes(&r, &edges);
                 let p90 = &st.planes[PET90];
                 for i in (0..r.data.len()).step_by(3) {
@@ -208,7 +208,7 @@ pub fn fit(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64) ->
         texture,
         fitted_on: format!("validation grid, cells {}, {studies} studies, 30 s and 60 s (petlab calibrate)", cells.join(" ")),
     };
-    cal.check()?;
+    cal.check().map_err(|e| e.to_string())?;
     Ok((cal, json!({"grid": grid.display().to_string(), "studies": studies, "classes": rows})))
 }
 

@@ -376,7 +376,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     if let Some(cal) = calibration {
         let mut x = input.clone();
         x.frame_duration_s = Some(30.0);
-        let sigma = cal.sigma(&x, &restored).map_err(anyhow::Error::msg)?;
+        let sigma = cal.sigma(&x, &restored)?;
         let body_t = crate::restore::uncertainty::body_mean(&restored) * 0.5;
         let body: Vec<usize> = (0..restored.data.len()).filter(|i| restored.data[*i] > body_t).collect();
         let within = body.iter().filter(|i| (pet90.data[**i] - restored.data[**i]).abs() <= sigma.data[**i]).count();

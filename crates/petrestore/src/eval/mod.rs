@@ -43,12 +43,45 @@ pub fn engine(model: &Path, engine: &str, ort_library: Option<PathBuf>, threads:
     Ok(e)
 }
 
+/// Why a site acceptance run could not measure the pair.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{}: {source}", path.display())]
+    Folder { path: PathBuf, source: std::io::Error },
+    #[error("{} holds no files: point it at one series folder", .0.display())]
+    Empty(PathBuf),
+    #[error("{flag} {}: {source}", path.display())]
+    Load { flag: &'static str, path: PathBuf, source: crate::restore::volume::VolumeError },
+    #[error(
+        "the series do not match voxel for voxel: input {} at {:?} mm, reference {} at {:?} mm (reconstruct both on the same grid)",
+        shape(.input.0),
+        .input.1,
+        shape(.reference.0),
+        .reference.1
+    )]
+    Grid { input: ([usize; 3], [f64; 3]), reference: ([usize; 3], [f64; 3]) },
+    #[error("{0}")]
+    NoDuration(String),
+    #[error("--input ({input:.0} s) must be the shorter frame and --reference ({reference:.0} s) the longer one")]
+    Order { input: f64, reference: f64 },
+    #[error(transparent)]
+    Engine(#[from] crate::restore::EngineError),
+    #[error("cannot write the figures into {}: {source}", dir.display())]
+    Figures { dir: PathBuf, source: std::io::Error },
+    #[error("uncertainty: {0}")]
+    Uncertainty(#[from] crate::restore::uncertainty::UncertaintyError),
+}
+
+fn shape(s: [usize; 3]) -> String {
+    format!("{}x{}x{}", s[0], s[1], s[2])
+}
+
 /// Site acceptance on real paired series: a short frame (`input`) and the
 /// standard frame it is nested in (`reference`, e.g. 30 s and 90 s rebinned
 /// from the same list-mode data). Without truth only the seed metric (vs
 /// the reference) and the quantitative agreement can be measured; the
 /// ceiling assumes nesting.
-pub fn run_series(input: &Path, reference: &Path, engine: Option<Arc<dyn Engine>>, fwhm_mm: f64) -> Result<Value, String> {
+pub fn run_series(input: &Path, reference: &Path, engine: Option<Arc<dyn Engine>>, fwhm_mm: f64) -> Result<Value, EvalError> {
     run_series_with_figures(input, reference, engine, fwhm_mm, None)
 }
 
@@ -61,38 +94,45 @@ pub fn run_series_with_figures(
     engine: Option<Arc<dyn Engine>>,
     fwhm_mm: f64,
     figures: Option<&Path>,
-) -> Result<Value, String> {
-    let files = |d: &Path| -> Result<Vec<PathBuf>, String> {
+) -> Result<Value, EvalError> {
+    let files = |d: &Path| -> Result<Vec<PathBuf>, EvalError> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(d)
-            .map_err(|e| format!("{}: {e}", d.display()))?
+            .map_err(|source| EvalError::Folder { path: d.to_owned(), source })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file())
             .collect();
         v.sort();
         if v.is_empty() {
-            return Err(format!("{} holds no files: point it at one series folder", d.display()));
+            return Err(EvalError::Empty(d.to_owned()));
         }
         Ok(v)
     };
-    let a = crate::restore::volume::load(&files(input)?).map_err(|e| format!("--input {}: {e}", input.display()))?;
-    let b = crate::restore::volume::load(&files(reference)?).map_err(|e| format!("--reference {}: {e}", reference.display()))?;
+    let a = crate::restore::volume::load(&files(input)?).map_err(|source| EvalError::Load {
+        flag: "--input",
+        path: input.to_owned(),
+        source,
+    })?;
+    let b = crate::restore::volume::load(&files(reference)?).map_err(|source| EvalError::Load {
+        flag: "--reference",
+        path: reference.to_owned(),
+        source,
+    })?;
     let (va, vb) = (&a.volume, &b.volume);
     if (va.nx, va.ny, va.nz) != (vb.nx, vb.ny, vb.nz) || va.spacing.iter().zip(vb.spacing).any(|(x, y)| (x - y).abs() > 1e-3) {
-        return Err(format!(
-            "the series do not match voxel for voxel: input {}x{}x{} at {:?} mm, reference {}x{}x{} at {:?} mm (reconstruct both on the same grid)",
-            va.nx, va.ny, va.nz, va.spacing, vb.nx, vb.ny, vb.nz, vb.spacing
-        ));
+        return Err(EvalError::Grid { input: ([va.nx, va.ny, va.nz], va.spacing), reference: ([vb.nx, vb.ny, vb.nz], vb.spacing) });
     }
-    let duration = |l: &crate::restore::volume::LoadedSeries, what: &str| -> Result<f64, String> {
+    let duration = |l: &crate::restore::volume::LoadedSeries, what: &str| -> Result<f64, EvalError> {
         let s = &l.slices[0];
-        crate::dicom::frames::frame_duration_ms(&s.dataset, s.frame).map(|ms| ms / 1000.0).ok_or_else(|| match s.frame {
-            None => format!("{what} has no Actual Frame Duration (0018,1242)"),
-            Some(_) => format!("{what} has no Frame Acquisition Duration (0018,9220) in its Frame Content (0020,9111)"),
+        crate::dicom::frames::frame_duration_ms(&s.dataset, s.frame).map(|ms| ms / 1000.0).ok_or_else(|| {
+            EvalError::NoDuration(match s.frame {
+                None => format!("{what} has no Actual Frame Duration (0018,1242)"),
+                Some(_) => format!("{what} has no Frame Acquisition Duration (0018,9220) in its Frame Content (0020,9111)"),
+            })
         })
     };
     let (d_in, d_ref) = (duration(&a, "--input")?, duration(&b, "--reference")?);
     if d_in >= d_ref {
-        return Err(format!("--input ({d_in:.0} s) must be the shorter frame and --reference ({d_ref:.0} s) the longer one"));
+        return Err(EvalError::Order { input: d_in, reference: d_ref });
     }
     let mut input_vol = va.clone();
     input_vol.frame_duration_s = Some(d_in);
@@ -108,10 +148,10 @@ pub fn run_series_with_figures(
     ];
     let mut outs = vec![("gaussian".to_string(), gaussian::filter(&input_vol, fwhm_mm))];
     if let Some(e) = &engine {
-        outs.push((format!("model {} ({})", e.model_id(), e.label()), e.run(&input_vol).map_err(|e| e.to_string())?));
+        outs.push((format!("model {} ({})", e.model_id(), e.label()), e.run(&input_vol)?));
     }
     if let Some(dir) = figures {
-        draw(dir, &input_vol, &outs, vb).map_err(|e| format!("cannot write the figures into {}: {e}", dir.display()))?;
+        draw(dir, &input_vol, &outs, vb).map_err(|source| EvalError::Figures { dir: dir.to_owned(), source })?;
     }
     for (name, v) in &outs {
         rows.push(json!({
@@ -127,7 +167,7 @@ pub fn run_series_with_figures(
     if let (Some(e), Some((_, restored))) = (&engine, outs.get(1))
         && let Some(cal) = e.uncertainty()
     {
-        let sigma = cal.sigma(&input_vol, restored).map_err(|e| format!("uncertainty: {e}"))?;
+        let sigma = cal.sigma(&input_vol, restored)?;
         let t = crate::restore::uncertainty::body_mean(restored) * 0.5;
         let body: Vec<usize> = (0..restored.data.len()).filter(|&i| restored.data[i] > t).collect();
         let n = body.len().max(1) as f64;

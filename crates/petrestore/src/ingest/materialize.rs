@@ -94,8 +94,42 @@ pub struct Batch {
     pub completed: bool,
 }
 
+/// Why received instances could not be moved from the arrival log into
+/// the spool and the journal (they stay in the log either way).
+#[derive(Debug, thiserror::Error)]
+pub enum MaterializeError {
+    #[error("journal: {0}")]
+    Journal(#[from] crate::journal::JournalError),
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("fsync of {what} failed: {source}")]
+    Sync { what: String, source: std::io::Error },
+    #[error("cannot read the arrival log at {}: {source}", path.display())]
+    Log { path: PathBuf, source: std::io::Error },
+    #[error("cannot remove or set aside {}: {source}", path.display())]
+    Remove { path: PathBuf, source: std::io::Error },
+    #[error("the materializer has stopped")]
+    Stopped,
+}
+
+impl MaterializeError {
+    /// The cause, first and short: it becomes the Error Comment (64
+    /// characters) of the instances refused meanwhile.
+    pub fn short_reason(&self) -> &'static str {
+        let io = match self {
+            MaterializeError::Journal(_) => return "journal write failed",
+            MaterializeError::Write { source, .. }
+            | MaterializeError::Sync { source, .. }
+            | MaterializeError::Log { source, .. }
+            | MaterializeError::Remove { source, .. } => source,
+            MaterializeError::Stopped => return "stopping",
+        };
+        if io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28) { "disk full" } else { "spool write failed" }
+    }
+}
+
 /// Steps (1)–(3) of the module doc for one batch.
-pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8])]) -> Result<Batch, String> {
+pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8])]) -> Result<Batch, MaterializeError> {
     let mut out = Batch::default();
     let mut files = Vec::new();
     let mut dirs = BTreeSet::<PathBuf>::new();
@@ -103,7 +137,7 @@ pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8]
     let mut seen = HashSet::new();
     for (a, bytes) in entries {
         let sop = &a.record.sop_instance_uid;
-        let already = journal.has_instance(&a.series_uid, sop).map_err(|e| format!("journal: {e}"))?;
+        let already = journal.has_instance(&a.series_uid, sop)?;
         if already || !seen.insert(instance_key(&a.series_uid, sop)) {
             out.already += 1;
             continue;
@@ -116,7 +150,7 @@ pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8]
             continue;
         };
         let abs = spool.absolute(&rel);
-        let f = spool::write_unsynced(&abs, &[bytes]).map_err(|e| format!("cannot write {}: {e}", abs.display()))?;
+        let f = spool::write_unsynced(&abs, &[bytes]).map_err(|source| MaterializeError::Write { path: abs.clone(), source })?;
         files.push(f);
         if let Some(d) = abs.parent() {
             dirs.insert(d.to_owned());
@@ -126,13 +160,13 @@ pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8]
         todo.push(a);
     }
     for f in &files {
-        f.sync_all().map_err(|e| format!("fsync of a spool file failed: {e}"))?;
+        f.sync_all().map_err(|source| MaterializeError::Sync { what: "a spool file".into(), source })?;
     }
     for d in &dirs {
-        spool::sync_dir(d).map_err(|e| format!("fsync of {} failed: {e}", d.display()))?;
+        spool::sync_dir(d).map_err(|source| MaterializeError::Sync { what: d.display().to_string(), source })?;
     }
     for a in &todo {
-        match journal.record(a).map_err(|e| format!("journal: {e}"))? {
+        match journal.record(a)? {
             Recorded::New { complete, .. } => {
                 out.recorded += 1;
                 out.completed |= complete;
@@ -140,7 +174,7 @@ pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8]
             Recorded::Duplicate { .. } => out.already += 1,
         }
     }
-    journal.flush().map_err(|e| format!("journal flush: {e}"))?;
+    journal.flush()?;
     Ok(out)
 }
 
@@ -186,9 +220,9 @@ impl Materializer {
     }
 
     /// Hand over an acknowledged record. Waits while the queue is full.
-    pub fn submit(&self, item: Item) -> Result<(), String> {
+    pub fn submit(&self, item: Item) -> Result<(), MaterializeError> {
         self.shared.in_flight.lock().unwrap().insert(instance_key(&item.arrival.series_uid, &item.arrival.record.sop_instance_uid));
-        self.tx.send(Msg::Item(item)).map_err(|_| "the materializer has stopped".to_string())
+        self.tx.send(Msg::Item(item)).map_err(|_| MaterializeError::Stopped)
     }
 
     /// Finish the queued records and stop (graceful shutdown).
@@ -264,7 +298,7 @@ fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wa
                     break;
                 }
                 Err(e) => {
-                    let reason = short_reason(&e);
+                    let reason = e.short_reason().to_string();
                     let first = shared.failed.lock().unwrap().replace(reason.clone()).is_none();
                     if first {
                         tracing::error!(error = %e, "cannot move received instances from the arrival log into the spool; \
@@ -291,18 +325,6 @@ fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wa
     }
 }
 
-/// The cause of a failed move, first and short: it becomes the Error
-/// Comment (64 characters) of the instances refused meanwhile.
-fn short_reason(e: &str) -> String {
-    if e.contains("No space left on device") || e.contains("os error 28") {
-        "disk full".into()
-    } else if e.starts_with("journal") {
-        "journal write failed".into()
-    } else {
-        "spool write failed".into()
-    }
-}
-
 /// What [`replay`] found.
 #[derive(Debug, Default)]
 pub struct Replayed {
@@ -316,12 +338,12 @@ pub struct Replayed {
 /// Record every instance of the log's leftover segments (a crash left
 /// them) that the journal does not have yet, then delete the segments.
 /// Runs at start, before ingest is open.
-pub fn replay(log: &ArrivalLog, spool: &Spool, journal: &Journal) -> Result<Replayed, String> {
+pub fn replay(log: &ArrivalLog, spool: &Spool, journal: &Journal) -> Result<Replayed, MaterializeError> {
     let mut r = Replayed::default();
-    for seg in log.leftover_segments().map_err(|e| format!("cannot list {}: {e}", log.dir().display()))? {
+    for seg in log.leftover_segments().map_err(|source| MaterializeError::Log { path: log.dir().to_owned(), source })? {
         let mut pending: Vec<arrivals::Record> = Vec::new();
         let mut bytes = 0usize;
-        let flush = |pending: &mut Vec<arrivals::Record>, r: &mut Replayed| -> Result<(), String> {
+        let flush = |pending: &mut Vec<arrivals::Record>, r: &mut Replayed| -> Result<(), MaterializeError> {
             let entries: Vec<(&Arrival, &[u8])> = pending.iter().map(|p| (&p.arrival, &p.file[..])).collect();
             let b = materialize(spool, journal, &entries)?;
             r.records += pending.len();
@@ -339,8 +361,9 @@ pub fn replay(log: &ArrivalLog, spool: &Spool, journal: &Journal) -> Result<Repl
             if pending.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES {
                 bytes = 0;
                 if let Err(e) = flush(&mut pending, &mut r) {
-                    failure = Some(e.clone());
-                    return Err(std::io::Error::other(e));
+                    let text = e.to_string();
+                    failure = Some(e);
+                    return Err(std::io::Error::other(text));
                 }
             }
             Ok(())
@@ -348,7 +371,7 @@ pub fn replay(log: &ArrivalLog, spool: &Spool, journal: &Journal) -> Result<Repl
         if let Some(e) = failure {
             return Err(e);
         }
-        let tail = tail.map_err(|e| format!("cannot read {}: {e}", seg.display()))?;
+        let tail = tail.map_err(|source| MaterializeError::Log { path: seg.clone(), source })?;
         flush(&mut pending, &mut r)?;
         r.segments += 1;
         if tail.damaged {
@@ -356,7 +379,7 @@ pub fn replay(log: &ArrivalLog, spool: &Spool, journal: &Journal) -> Result<Repl
             tracing::error!(segment = %seg.display(), kept = %aside.display(), reason = ?tail.stopped,
                 "arrival log segment is damaged: good records follow a bad one and could not be read in order; \
                  the records before the damage are recorded; the file is kept for inspection");
-            std::fs::rename(&seg, &aside).map_err(|e| format!("cannot rename {}: {e}", seg.display()))?;
+            std::fs::rename(&seg, &aside).map_err(|source| MaterializeError::Remove { path: seg.clone(), source })?;
             r.damaged.push(seg);
         } else {
             if let Some(why) = &tail.stopped {
@@ -368,8 +391,8 @@ pub fn replay(log: &ArrivalLog, spool: &Spool, journal: &Journal) -> Result<Repl
     Ok(r)
 }
 
-fn remove(p: &Path) -> Result<(), String> {
-    std::fs::remove_file(p).map_err(|e| format!("cannot remove {}: {e}", p.display()))
+fn remove(p: &Path) -> Result<(), MaterializeError> {
+    std::fs::remove_file(p).map_err(|source| MaterializeError::Remove { path: p.to_owned(), source })
 }
 
 #[cfg(test)]
@@ -394,6 +417,17 @@ mod tests {
 
     fn enc(i: u32) -> Encoded {
         arrivals::encode(&arrival(&format!("1.2.3.4.5.{i}")), &[format!("file {i}").as_bytes()])
+    }
+
+    #[test]
+    fn the_refusal_reason_comes_from_the_error_kind() {
+        let write = |source| MaterializeError::Write { path: "/spool/x.dcm".into(), source };
+        assert_eq!(write(std::io::Error::from_raw_os_error(28)).short_reason(), "disk full");
+        assert_eq!(write(std::io::Error::from(std::io::ErrorKind::StorageFull)).short_reason(), "disk full");
+        assert_eq!(write(std::io::Error::from(std::io::ErrorKind::PermissionDenied)).short_reason(), "spool write failed");
+        let sync = MaterializeError::Sync { what: "a spool file".into(), source: std::io::Error::from_raw_os_error(28) };
+        assert_eq!(sync.short_reason(), "disk full");
+        assert!(sync.to_string().starts_with("fsync of a spool file failed"), "{sync}");
     }
 
     #[test]

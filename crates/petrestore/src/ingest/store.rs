@@ -131,7 +131,7 @@ impl SpoolSink {
         let segment = self.log.append(&mut encoded.bytes).map_err(StoreError::Disk)?;
         // Durable from here on: a failure to hand it over is reported, but
         // the record is replayed at the next start either way.
-        self.materializer.submit(Item { segment, arrival, encoded }).map_err(StoreError::Stopping)?;
+        self.materializer.submit(Item { segment, arrival, encoded }).map_err(|e| StoreError::Stopping(e.to_string()))?;
         Ok(Accepted::New)
     }
 }

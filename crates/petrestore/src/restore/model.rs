@@ -191,7 +191,7 @@ impl ModelPackage {
             });
         }
         if let Some(u) = &raw.uncertainty {
-            u.check().map_err(|reason| ModelError::Invalid { dir: d.clone(), reason })?;
+            u.check().map_err(|e| ModelError::Invalid { dir: d.clone(), reason: e.to_string() })?;
         }
         let onnx_path = dir.join(&raw.onnx);
         let bytes =

@@ -61,8 +61,25 @@ pub struct Calibration {
     pub fitted_on: String,
 }
 
+/// Why σ cannot be computed, or a calibration is not usable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UncertaintyError {
+    #[error("the restored volume does not have the input's shape")]
+    Shape,
+    #[error("the input's frame duration is not known")]
+    NoDuration,
+    #[error("a frame of {0} s is not shorter than the 90 s standard: no uncertainty to predict")]
+    NotShort(f64),
+    #[error("{0}")]
+    Calibration(String),
+}
+
 impl Calibration {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), UncertaintyError> {
+        self.check_text().map_err(UncertaintyError::Calibration)
+    }
+
+    fn check_text(&self) -> Result<(), String> {
         for (key, v) in [("window_mm", self.window_mm), ("texture_mm", self.texture_mm)] {
             if !(v > 0.0 && v <= 50.0) {
                 return Err(format!("uncertainty.{key} must be in (0, 50], is {v}"));
@@ -90,7 +107,7 @@ impl Calibration {
     }
 
     /// σ for `restored` from `input` (the short frame, its duration set).
-    pub fn sigma(&self, input: &Volume, restored: &Volume) -> Result<Volume, String> {
+    pub fn sigma(&self, input: &Volume, restored: &Volume) -> Result<Volume, UncertaintyError> {
         let Terms { noise, texture } = terms(input, restored, self.window_mm, self.texture_mm)?;
         let class = classes(restored, &self.class_edges);
         let data = noise
@@ -109,7 +126,7 @@ pub struct Terms {
     pub texture: Vec<f32>,
 }
 
-pub fn terms(input: &Volume, restored: &Volume, window_mm: f64, texture_mm: f64) -> Result<Terms, String> {
+pub fn terms(input: &Volume, restored: &Volume, window_mm: f64, texture_mm: f64) -> Result<Terms, UncertaintyError> {
     let w = weight(input, restored)?;
     let noise = local_power(input, input.data.iter().zip(&restored.data).map(|(x, r)| x - r), window_mm);
     let smooth = super::gaussian::filter(restored, texture_mm);
@@ -126,20 +143,20 @@ fn local_power(shape: &Volume, d: impl Iterator<Item = f32>, window_mm: f64) -> 
 }
 
 /// w = frame duration ÷ 90 s, checked.
-fn weight(input: &Volume, restored: &Volume) -> Result<f64, String> {
+fn weight(input: &Volume, restored: &Volume) -> Result<f64, UncertaintyError> {
     if (input.nx, input.ny, input.nz) != (restored.nx, restored.ny, restored.nz) {
-        return Err("the restored volume does not have the input's shape".into());
+        return Err(UncertaintyError::Shape);
     }
-    let t = input.frame_duration_s.ok_or("the input's frame duration is not known")?;
+    let t = input.frame_duration_s.ok_or(UncertaintyError::NoDuration)?;
     let w = t / 90.0;
     if !(w > 0.0 && w < 1.0) {
-        return Err(format!("a frame of {t} s is not shorter than the 90 s standard: no uncertainty to predict"));
+        return Err(UncertaintyError::NotShort(t));
     }
     Ok(w)
 }
 
 /// sqrt of the noise term alone (see the module doc), in Bq/ml.
-pub fn raw_sigma(input: &Volume, restored: &Volume, window_mm: f64) -> Result<Volume, String> {
+pub fn raw_sigma(input: &Volume, restored: &Volume, window_mm: f64) -> Result<Volume, UncertaintyError> {
     let w = weight(input, restored)?;
     let k = (w / (1.0 - w)) as f32;
     let noise = local_power(input, input.data.iter().zip(&restored.data).map(|(x, r)| x - r), window_mm);
@@ -250,9 +267,9 @@ mod tests {
         };
         assert!(cal.check().is_ok());
         cal.noise.pop();
-        assert!(cal.check().unwrap_err().contains("needs 4 values"));
+        assert!(cal.check().unwrap_err().to_string().contains("needs 4 values"));
         cal.noise = vec![1.0, 0.0, 1.0, 1.0];
-        assert!(cal.check().unwrap_err().contains("positive noise or texture"));
+        assert!(cal.check().unwrap_err().to_string().contains("positive noise or texture"));
         cal.texture = vec![0.0, -1.0, 0.0, 0.0];
         assert!(cal.check().is_err());
     }
