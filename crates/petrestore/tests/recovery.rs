@@ -297,8 +297,9 @@ fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
     assert_eq!(d.wait_terminal(&job_id(&b), Duration::from_secs(60)).state, JobState::Done);
 }
 
-/// Issue 18: a disk that fills between ingest and restoration. The derived
-/// series does not fit with node.min_free_mb kept free: the job waits for
+/// Issue 18: a disk that another writer fills between ingest and
+/// restoration. The derived series does not fit with node.min_free_mb kept
+/// free: the job waits for
 /// space (its originals are not forwarded in its place), and once space
 /// returns it is restored and delivered without a restart. The filesystem is
 /// a real small one (tmpfs), filled for real.
@@ -310,13 +311,17 @@ fn a_full_disk_delays_restoration_and_never_forwards_originals_instead() {
     let dest = StoreScp::start(&tmp.path().join("dest"));
     let dir = tmp.path().join("d");
     let fs = Tmpfs::mount(&dir.join("state"), 96);
-    let d = Daemon::start(&dir, &format!("[node]\nmin_free_mb = 1\n[series]\nquiet_timeout_s = 2\n{}", destination("pacs", dest.port)));
-    // room for the received series and the 1 MiB reserve, not for its derived copy
-    let filler = fs.fill_leaving(7 * 1024 * 1024);
-    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let d = Daemon::start(&dir, &format!("[node]\nmin_free_mb = 1\n[series]\nquiet_timeout_s = 3\n{}", destination("pacs", dest.port)));
+    // the last slice never comes: the series is restored as it is at the
+    // quiet timeout (incomplete_policy "process")
+    assert!(storescu(d.port, CONSOLE, &src.files[..31]).status.success());
     let id = job_id(&src);
+    d.wait_job(&id, "31 instances in the spool", Duration::from_secs(10), |j| j.received == 31);
+    // meanwhile another writer fills the disk, past the room ingest held
+    // for the derived copy: 1.5 MiB left, the derived copy needs ~4 + 1
+    let filler = fs.fill_leaving(1024 * 1024 + 512 * 1024);
     let waiting = d.wait_job(&id, "the job to wait for disk space", Duration::from_secs(60), |j| j.space_waits > 0);
-    assert_eq!(waiting.received, 32);
+    assert_eq!(waiting.received, 31);
     assert!(waiting.history.iter().any(|e| e.what.starts_with("waiting for disk space: disk full")), "{:#?}", waiting.history);
     d.wait_log("the job waits for disk space");
     // a few more attempts while the disk stays full: still waiting, nothing sent
@@ -329,12 +334,54 @@ fn a_full_disk_delays_restoration_and_never_forwards_originals_instead() {
     let job = d.wait_terminal(&id, Duration::from_secs(120));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
     assert!(job.history.iter().any(|e| e.what.starts_with("disk space available again")), "{:#?}", job.history);
-    let got = wait_for("32 derived instances", Duration::from_secs(20), || {
+    let got = wait_for("31 derived instances", Duration::from_secs(20), || {
         let f = dest.files();
-        (f.len() == 32).then_some(f)
+        (f.len() == 31).then_some(f)
     });
     assert!(sop_uids(&got).is_disjoint(&sop_uids(&src.files)), "the destination got derived instances, not originals");
     assert_eq!(series_uids(&got).len(), 1);
+    drop(d);
+}
+
+/// Issue 18: the watermark counts what the daemon will write for what it
+/// took. A series waiting to be restored holds room for its derived copy,
+/// so a second series is taken only while both derived copies still fit:
+/// the rest of it is refused (0xA700, "held for output") instead of filling
+/// the disk, the first series is restored without waiting for space, and no
+/// write ever meets a full disk. Real small filesystem (tmpfs), filled for
+/// real. (Without the hold every slice of b is taken, 5 MiB free against
+/// 4 MiB + the 1 MiB reserve, and a then waits for space.)
+#[test]
+fn the_watermark_holds_room_for_the_derived_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 128 KiB per slice as received, as much again as derived
+    let a = series(&tmp.path().join("a"), 16, 256, 84);
+    let b = series(&tmp.path().join("b"), 32, 256, 85);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let dir = tmp.path().join("d");
+    let fs = Tmpfs::mount(&dir.join("state"), 96);
+    let d = Daemon::start(&dir, &format!("[node]\nmin_free_mb = 1\n[series]\nquiet_timeout_s = 5\n{}", destination("pacs", dest.port)));
+    let filler = fs.fill_leaving(7 * 1024 * 1024);
+    // a, all but its last slice: restored as it is at the quiet timeout
+    assert!(storescu(d.port, CONSOLE, &a.files[..15]).status.success());
+    // b meanwhile: part of it is taken, the rest refused
+    let out = storescu(d.port, CONSOLE, &b.files);
+    let refused = text(&out).matches("Refused: OutOfResources").count();
+    assert!(refused > 0 && refused < 32, "part of b is refused, part taken: {}", text(&out));
+    d.wait_log("held for output");
+    // a is restored without waiting for space: its room was kept
+    let job = d.wait_terminal(&job_id(&a), Duration::from_secs(60));
+    assert_eq!((job.state, job.received, job.space_waits), (JobState::Done, 15, 0), "{:#?}", job.history);
+    assert!(!job.history.iter().any(|e| e.what.contains("disk space")), "{:#?}", job.history);
+    // space returns; the console sends b again and all of it goes through
+    std::fs::remove_file(&filler).unwrap();
+    assert!(storescu(d.port, CONSOLE, &b.files).status.success());
+    let job =
+        d.wait_job(&job_id(&b), "b restored with every slice", Duration::from_secs(60), |j| j.state == JobState::Done && j.received == 32);
+    assert_eq!(job.space_waits, 0, "{:#?}", job.history);
+    wait_for("47 derived instances", Duration::from_secs(20), || (dest.files().len() >= 47).then_some(()));
+    let log = d.log();
+    assert!(!log.contains("No space left on device"), "no write met a full disk:\n{log}");
     drop(d);
 }
 

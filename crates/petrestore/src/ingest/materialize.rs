@@ -180,6 +180,8 @@ pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8]
 
 struct Shared {
     in_flight: Mutex<HashSet<String>>,
+    /// Bytes of acknowledged instances not yet written into the spool.
+    bytes: std::sync::atomic::AtomicU64,
     failed: Mutex<Option<String>>,
 }
 
@@ -193,7 +195,7 @@ pub struct Materializer {
 impl Materializer {
     pub fn start(log: Arc<ArrivalLog>, spool: Spool, journal: Journal, wake: Arc<Notify>) -> std::io::Result<Materializer> {
         let (tx, rx) = sync_channel(QUEUE);
-        let shared = Arc::new(Shared { in_flight: Mutex::new(HashSet::new()), failed: Mutex::new(None) });
+        let shared = Arc::new(Shared { in_flight: Mutex::new(HashSet::new()), bytes: Default::default(), failed: Mutex::new(None) });
         let s = shared.clone();
         let thread = std::thread::Builder::new().name("materializer".into()).spawn(move || run(rx, &log, &spool, &journal, &wake, &s))?;
         Ok(Materializer { tx, shared, thread: Mutex::new(Some(thread)) })
@@ -209,6 +211,12 @@ impl Materializer {
         self.shared.in_flight.lock().unwrap().len()
     }
 
+    /// Bytes of acknowledged instances not yet written into the spool (room
+    /// ingest keeps for them).
+    pub fn backlog_bytes(&self) -> u64 {
+        self.shared.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether its thread is still running.
     pub fn alive(&self) -> bool {
         self.thread.lock().unwrap().as_ref().is_some_and(|t| !t.is_finished())
@@ -222,6 +230,7 @@ impl Materializer {
     /// Hand over an acknowledged record. Waits while the queue is full.
     pub fn submit(&self, item: Item) -> Result<(), MaterializeError> {
         self.shared.in_flight.lock().unwrap().insert(instance_key(&item.arrival.series_uid, &item.arrival.record.sop_instance_uid));
+        self.shared.bytes.fetch_add(item.file().len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.tx.send(Msg::Item(item)).map_err(|_| MaterializeError::Stopped)
     }
 
@@ -285,6 +294,8 @@ fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wa
                             f.remove(&instance_key(&i.arrival.series_uid, &i.arrival.record.sop_instance_uid));
                         }
                     }
+                    let written: u64 = batch.iter().map(|i| i.file().len() as u64).sum();
+                    shared.bytes.fetch_sub(written, std::sync::atomic::Ordering::Relaxed);
                     let mut per_segment = BTreeMap::<u64, u64>::new();
                     for i in &batch {
                         *per_segment.entry(i.segment).or_default() += 1;

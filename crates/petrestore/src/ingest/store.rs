@@ -33,8 +33,8 @@ pub enum StoreError {
     Mismatch { what: &'static str, found: String, expected: String },
     #[error("pixel data has {found} bytes, expected {expected}")]
     PixelLength { found: usize, expected: usize },
-    #[error("disk nearly full: {free_mb} MiB free")]
-    LowDisk { free_mb: u64 },
+    #[error("disk nearly full: {free_mb} MiB free, {held_mb} MiB held for output")]
+    LowDisk { free_mb: u64, held_mb: u64 },
     #[error("spool write failed: {0}")]
     Disk(std::io::Error),
     #[error("journal failed: {0}")]
@@ -101,10 +101,22 @@ impl SpoolSink {
             let free_mb = spool::free_bytes(self.spool.root()).map(|b| b / (1024 * 1024)).unwrap_or(0);
             return Err(StoreError::Stalled { reason, free_mb });
         }
+        // The watermark counts what the daemon will write for what it has
+        // taken: instances still on their way into the spool, the derived
+        // series of PET series not restored yet, and this instance's own
+        // spool copy and derived copies. min_free_mb = 0 turns it off.
         let free = spool::free_bytes(self.spool.root()).map_err(StoreError::Disk)?;
-        if free < self.min_free_bytes {
-            return Err(StoreError::LowDisk { free_mb: free / (1024 * 1024) });
+        let own = dataset.len() as u64;
+        let copies = if kind == JobKind::Pet { 1 + u64::from(self.live.get().destinations.iter().any(|d| d.uncertainty)) } else { 0 };
+        if self.min_free_bytes > 0 {
+            let held = self.spool.reservations().total().saturating_add(self.materializer.backlog_bytes());
+            let need = self.min_free_bytes.saturating_add(held).saturating_add(own.saturating_mul(1 + copies));
+            if free < need {
+                let mb = |b: u64| b / (1024 * 1024);
+                return Err(StoreError::LowDisk { free_mb: mb(free), held_mb: mb(held) });
+            }
         }
+        let reserve_for = (self.min_free_bytes > 0 && copies > 0).then(|| (series.clone(), own * copies));
 
         let rel: PathBuf =
             spool::Spool::relative_path(&study, &series, &sop).ok_or(StoreError::BadUid { what: "UID", value: sop.clone() })?;
@@ -132,6 +144,9 @@ impl SpoolSink {
         // Durable from here on: a failure to hand it over is reported, but
         // the record is replayed at the next start either way.
         self.materializer.submit(Item { segment, arrival, encoded }).map_err(|e| StoreError::Stopping(e.to_string()))?;
+        if let Some((series, bytes)) = reserve_for {
+            self.spool.reservations().add(&series, bytes);
+        }
         Ok(Accepted::New)
     }
 }

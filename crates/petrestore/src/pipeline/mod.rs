@@ -62,12 +62,26 @@ impl Pipeline {
     /// Crash recovery: a job found in `Restoring` at start was interrupted.
     pub fn recover(&self) -> Result<usize, JournalError> {
         let mut n = 0;
+        let s = self.settings();
+        let copies = 1 + u64::from(s.destinations.iter().any(|d| d.uncertainty));
         for job in self.journal().active_jobs()? {
             if job.state == JobState::Restoring {
                 self.journal().update(&job.id, |j| {
                     j.note("restoration was interrupted (restart): restoring again");
                     j.set_state(JobState::Queued);
                 })?;
+            }
+            // the room ingest holds for the derived series of what is not restored yet
+            if job.kind == JobKind::Pet && matches!(job.state, JobState::Receiving | JobState::Queued | JobState::Restoring) {
+                let spool = &self.worker.spool;
+                let bytes: u64 = self
+                    .journal()
+                    .instances(&job.id)?
+                    .iter()
+                    .filter_map(|r| std::fs::metadata(spool.absolute(&r.path)).ok())
+                    .map(|m| m.len())
+                    .sum();
+                spool.reservations().add(&job.series_uid, bytes * copies);
             }
             n += 1;
         }

@@ -75,6 +75,11 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
     let job = ctx.journal.update(job_id, |j| j.set_state(JobState::Restoring))?;
     let started = std::time::Instant::now();
     let ending = restore(ctx, &job);
+    // its outputs are written now (or will not be): the room ingest held for
+    // them is free; a job waiting for space keeps its share
+    if !matches!(ending, Ending::NoSpace(_)) {
+        ctx.spool.reservations().release(&job.series_uid);
+    }
     let settings = ctx.settings.get();
     let destinations: Vec<String> = settings.destinations.iter().map(|d| d.name.clone()).collect();
     let r = &settings.restore;

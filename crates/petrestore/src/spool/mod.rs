@@ -130,16 +130,50 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+/// Room promised on the spool's filesystem for output not written yet: the
+/// derived series (and uncertainty series) of received PET series that are
+/// not restored yet, by series. Ingest counts it as used before it takes an
+/// instance (`ingest::store`), so a disk that took a series also has room
+/// for what the daemon will write for it; the worker releases a series'
+/// share when its restoration step ends, written or not.
+#[derive(Debug, Default)]
+pub struct Reservations {
+    by_series: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl Reservations {
+    pub fn add(&self, series_uid: &str, bytes: u64) {
+        let mut m = self.by_series.lock().expect("reservations");
+        let e = m.entry(series_uid.to_owned()).or_default();
+        *e = e.saturating_add(bytes);
+    }
+
+    /// Drop a series' share; returns it.
+    pub fn release(&self, series_uid: &str) -> u64 {
+        self.by_series.lock().expect("reservations").remove(series_uid).unwrap_or(0)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.by_series.lock().expect("reservations").values().fold(0u64, |a, b| a.saturating_add(*b))
+    }
+}
+
 /// The spool folder of one daemon.
 #[derive(Debug, Clone)]
 pub struct Spool {
     root: PathBuf,
+    reserved: std::sync::Arc<Reservations>,
 }
 
 impl Spool {
     pub fn new(root: PathBuf) -> io::Result<Spool> {
         create_dir_durable(&root)?;
-        Ok(Spool { root })
+        Ok(Spool { root, reserved: Default::default() })
+    }
+
+    /// Room promised for output not written yet (shared by every clone).
+    pub fn reservations(&self) -> &Reservations {
+        &self.reserved
     }
 
     pub fn root(&self) -> &Path {
