@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dicom::uid::valid_ae_title;
 
@@ -162,28 +162,28 @@ struct RawDestination {
 }
 
 /// What to do with non-PET storage classes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum NonPetPolicy {
     Refuse,
     Passthrough,
 }
 
 /// What to do with a series still incomplete at the quiet timeout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum IncompletePolicy {
     Process,
     Fail,
 }
 
 /// One calling AE allowed to send to us, optionally pinned to a host.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AllowedCaller {
     pub ae_title: String,
     pub host: Option<IpAddr>,
 }
 
 /// A DICOM destination for derived (and forwarded) series.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Destination {
     pub name: String,
     pub ae_title: String,
@@ -197,18 +197,21 @@ pub struct Destination {
     pub commitment: Option<Duration>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NodeSettings {
     pub device_id: String,
     pub state_dir: PathBuf,
+    #[serde(rename = "min_free_mb")]
     pub min_free_bytes: u64,
     /// Finished (done, skipped) jobs' files are removed after this; `None`: keep.
+    #[serde(rename = "retention_hours")]
     pub retention: Option<Duration>,
     /// Failed jobs' files are removed after this; `None`: keep.
+    #[serde(rename = "failed_retention_hours")]
     pub failed_retention: Option<Duration>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DicomSettings {
     pub listen: SocketAddr,
     pub ae_title: String,
@@ -217,10 +220,12 @@ pub struct DicomSettings {
     /// Open connections from one IP address.
     pub max_associations_per_peer: usize,
     /// ARTIM: time for the A-ASSOCIATE-RQ after connect, and for a free slot.
+    #[serde(rename = "artim_timeout_s")]
     pub artim_timeout: Duration,
     pub max_pdu_length: u32,
     /// Data sets being received, all associations together (MiB).
     pub max_buffered_mb: usize,
+    #[serde(rename = "idle_timeout_s")]
     pub idle_timeout: Duration,
     pub non_pet: NonPetPolicy,
     /// A second listener that speaks DICOM over TLS only.
@@ -228,7 +233,7 @@ pub struct DicomSettings {
 }
 
 /// `[dicom.tls]`: DICOM TLS (PS3.15 B.1, typically port 2762).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DicomTls {
     pub listen: SocketAddr,
     /// PEM certificate chain of this node.
@@ -240,15 +245,17 @@ pub struct DicomTls {
     pub client_ca: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SeriesSettings {
+    #[serde(rename = "quiet_timeout_s")]
     pub quiet_timeout: Duration,
     /// For series of multi-frame instances (no Image Index to count).
+    #[serde(rename = "multiframe_quiet_timeout_s")]
     pub multiframe_quiet_timeout: Duration,
     pub incomplete_policy: IncompletePolicy,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RestoreSettings {
     pub engines: Vec<String>,
     pub model: PathBuf,
@@ -278,16 +285,18 @@ pub struct RestoreSettings {
     pub assume_tracer: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EgressSettings {
     pub max_attempts: u32,
+    #[serde(rename = "backoff_initial_s")]
     pub backoff_initial: Duration,
+    #[serde(rename = "backoff_max_s")]
     pub backoff_max: Duration,
     pub calling_ae_title: String,
 }
 
 /// TLS files for the broker connection.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MqttTls {
     pub ca_file: PathBuf,
     /// Client certificate and key (PEM), for brokers that require them.
@@ -295,7 +304,7 @@ pub struct MqttTls {
 }
 
 /// `[mqtt]`: fleet telemetry.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MqttSettings {
     pub host: String,
     pub port: u16,
@@ -310,16 +319,18 @@ pub struct MqttSettings {
 }
 
 /// Validated configuration: what the daemon runs on.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settings {
     pub node: NodeSettings,
     pub dicom: DicomSettings,
     pub series: SeriesSettings,
     pub restore: RestoreSettings,
     pub egress: EgressSettings,
+    #[serde(rename = "destination")]
     pub destinations: Vec<Destination>,
     pub mqtt: Option<MqttSettings>,
     /// The file these settings came from (for `reload`); `None`: built-in.
+    #[serde(skip)]
     pub source: Option<PathBuf>,
 }
 
@@ -345,66 +356,75 @@ impl LiveSettings {
             return Err("the daemon runs on built-in defaults (no --config): nothing to reload".into());
         };
         let new = Settings::load(&path).map_err(|e| e.to_string())?;
-        let mut restart = Vec::new();
-        let mut check = |key: &'static str, same: bool| {
-            if !same {
-                restart.push(key);
-            }
-        };
-        check("node.device_id", old.node.device_id == new.node.device_id);
-        check("node.state_dir", old.node.state_dir == new.node.state_dir);
-        check("dicom.listen", old.dicom.listen == new.dicom.listen);
-        check("dicom.ae_title", old.dicom.ae_title == new.dicom.ae_title);
-        check("dicom.max_associations", old.dicom.max_associations == new.dicom.max_associations);
-        check("dicom.max_associations_per_peer", old.dicom.max_associations_per_peer == new.dicom.max_associations_per_peer);
-        check("dicom.artim_timeout_s", old.dicom.artim_timeout == new.dicom.artim_timeout);
-        check("dicom.max_pdu_length", old.dicom.max_pdu_length == new.dicom.max_pdu_length);
-        check("dicom.max_buffered_mb", old.dicom.max_buffered_mb == new.dicom.max_buffered_mb);
-        check("dicom.idle_timeout_s", old.dicom.idle_timeout == new.dicom.idle_timeout);
-        check("dicom.non_pet", old.dicom.non_pet == new.dicom.non_pet);
-        check("dicom.tls", old.dicom.tls == new.dicom.tls);
-        let engine_keys = |r: &RestoreSettings| {
-            (
-                r.engines.clone(),
-                r.model.clone(),
-                r.threads,
-                r.ort_library.clone(),
-                r.ort_providers.clone(),
-                r.tensorrt_fp16,
-                r.tensorrt_workspace_mb,
-                r.gaussian_fwhm_mm.to_bits(),
-            )
-        };
-        check(
-            "restore (engines, model, threads, ort_*, tensorrt_*, gaussian_fwhm_mm)",
-            engine_keys(&old.restore) == engine_keys(&new.restore),
-        );
-        check("mqtt", old.mqtt == new.mqtt);
+        let (restart, changed) = differences(&old, &new);
         if !restart.is_empty() {
             return Err(format!("not applied: {} changed and need a restart (systemctl restart petrestore)", restart.join(", ")));
-        }
-        let mut changed = Vec::new();
-        if old.node != new.node {
-            changed.push("node");
-        }
-        if old.dicom != new.dicom {
-            changed.push("dicom.allowed_callers");
-        }
-        if old.series != new.series {
-            changed.push("series");
-        }
-        if old.restore != new.restore {
-            changed.push("restore (selection and forwarding rules)");
-        }
-        if old.egress != new.egress {
-            changed.push("egress");
-        }
-        if old.destinations != new.destinations {
-            changed.push("destination");
         }
         *self.0.write().expect("settings lock") = std::sync::Arc::new(new);
         Ok(changed)
     }
+}
+
+/// The keys of each section that `reload` applies while the daemon runs
+/// ("*": every key of the section). Every other key, and every key added
+/// later unless it is listed here, needs a restart: the listeners, the
+/// engines and the broker connection are built from them at start.
+pub const RELOADABLE: &[(&str, &[&str])] = &[
+    ("node", &["min_free_mb", "retention_hours", "failed_retention_hours"]),
+    ("dicom", &["allowed_callers"]),
+    ("series", &["*"]),
+    (
+        "restore",
+        &[
+            "min_frame_duration_s",
+            "max_frame_duration_s",
+            "units",
+            "max_matrix",
+            "forward_original_on_failure",
+            "forward_skipped",
+            "series_description_suffix",
+            "series_number_offset",
+            "assume_frame_duration_s",
+            "assume_units",
+            "assume_tracer",
+        ],
+    ),
+    ("egress", &["*"]),
+    ("destination", &["*"]),
+    ("mqtt", &[]),
+];
+
+/// What differs between two settings: the keys that need a restart
+/// (`section.key`), and the sections whose reloadable keys changed.
+fn differences(old: &Settings, new: &Settings) -> (Vec<String>, Vec<&'static str>) {
+    let (a, b) = (serde_json::to_value(old).expect("settings serialize"), serde_json::to_value(new).expect("settings serialize"));
+    let (mut restart, mut changed) = (Vec::new(), Vec::new());
+    for (section, reloadable) in RELOADABLE {
+        let (x, y) = (&a[section], &b[section]);
+        if x == y {
+            continue;
+        }
+        let all = reloadable.contains(&"*");
+        match (x.as_object(), y.as_object()) {
+            (Some(xo), Some(yo)) => {
+                let mut keys: Vec<&String> = xo.keys().chain(yo.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys.into_iter().filter(|k| xo.get(*k) != yo.get(*k)) {
+                    if all || reloadable.contains(&k.as_str()) {
+                        if !changed.contains(section) {
+                            changed.push(*section);
+                        }
+                    } else {
+                        restart.push(format!("{section}.{k}"));
+                    }
+                }
+            }
+            _ if all => changed.push(*section),
+            _ => restart.push(section.to_string()),
+        }
+    }
+    (restart, changed)
 }
 
 /// Engines this build knows.
@@ -454,10 +474,36 @@ macro_rules! pick {
     };
 }
 
-/// Merge the user's file over the defaults and check every value; every
-/// problem found is reported (one error, or [`ConfigError::Many`]).
+/// Merge the user's file over the defaults and check every value, one
+/// section at a time; every problem found is reported (one error, or
+/// [`ConfigError::Many`]).
 fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Settings, ConfigError> {
     let mut errs: Vec<ConfigError> = Vec::new();
+    let (u, d, e) = (&mut u, &mut d, &mut errs);
+    let node = node_settings(u, d, e);
+    let dicom = dicom_settings(u, d, e);
+    let series = series_settings(u, d, e);
+    let restore = restore_settings(u, d, e);
+    let egress = egress_settings(u, d, e);
+    let destinations = destinations(u, e);
+    let mqtt = match u.mqtt.take().map(|m| mqtt_settings(m, &node.device_id)) {
+        None => None,
+        Some(Ok(m)) => Some(m),
+        Some(Err(x)) => {
+            e.push(x);
+            None
+        }
+    };
+    match errs.len() {
+        0 => {}
+        1 => return Err(errs.remove(0)),
+        _ => return Err(ConfigError::Many(errs)),
+    }
+    Ok(Settings { source: None, mqtt, node, dicom, series, restore, egress, destinations })
+}
+
+/// `[node]`.
+fn node_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<ConfigError>) -> NodeSettings {
     let device_id: String = pick!(u, d, node.device_id);
     if device_id.is_empty() || !device_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         errs.push(invalid(
@@ -478,6 +524,11 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     let retention = hours("node.retention_hours", pick!(u, d, node.retention_hours));
     let failed_retention = hours("node.failed_retention_hours", pick!(u, d, node.failed_retention_hours));
 
+    NodeSettings { device_id, state_dir, min_free_bytes: min_free_mb * 1024 * 1024, retention, failed_retention }
+}
+
+/// `[dicom]` and `[dicom.tls]`.
+fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<ConfigError>) -> DicomSettings {
     let listen_s: String = pick!(u, d, dicom.listen);
     let listen: SocketAddr = listen_s.parse().unwrap_or_else(|_| {
         errs.push(invalid("dicom.listen", format!("{listen_s:?} is not an address"), "write IP:PORT, e.g. \"0.0.0.0:11112\""));
@@ -523,7 +574,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     }
     let max_buffered_mb: usize = pick!(u, d, dicom.max_buffered_mb);
     if !(1..=65_536).contains(&max_buffered_mb) {
-        return Err(invalid(
+        errs.push(invalid(
             "dicom.max_buffered_mb",
             format!("{max_buffered_mb} is out of range"),
             "use MiB from 1 to 65536 (default 2048); it must hold the largest instance a console sends",
@@ -573,6 +624,23 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         }
     };
 
+    DicomSettings {
+        listen,
+        ae_title,
+        allowed_callers,
+        max_associations,
+        max_associations_per_peer: per_peer,
+        artim_timeout: Duration::from_secs(artim_s),
+        max_pdu_length,
+        max_buffered_mb,
+        idle_timeout: Duration::from_secs(idle_timeout_s.max(1)),
+        non_pet,
+        tls,
+    }
+}
+
+/// `[series]`.
+fn series_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<ConfigError>) -> SeriesSettings {
     let quiet: f64 = pick!(u, d, series.quiet_timeout_s);
     if !(quiet > 0.0 && quiet < 86400.0) {
         errs.push(invalid("series.quiet_timeout_s", format!("{quiet} is out of range"), "use seconds in (0, 86400)"));
@@ -591,6 +659,15 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         }
     };
 
+    SeriesSettings {
+        quiet_timeout: Duration::from_secs_f64(quiet),
+        multiframe_quiet_timeout: Duration::from_secs_f64(mf_quiet),
+        incomplete_policy,
+    }
+}
+
+/// `[restore]`.
+fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<ConfigError>) -> RestoreSettings {
     let engines: Vec<String> = pick!(u, d, restore.engines);
     if engines.is_empty() {
         errs.push(invalid("restore.engines", "the list is empty", "name at least one engine, e.g. [\"gaussian\"]"));
@@ -622,7 +699,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         ));
     }
     let ort_library: String = pick!(u, d, restore.ort_library);
-    let restore = RestoreSettings {
+    RestoreSettings {
         engines,
         model: pick!(u, d, restore.model),
         gaussian_fwhm_mm: fwhm,
@@ -642,8 +719,11 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         assume_frame_duration_s: Some(pick!(u, d, restore.assume_frame_duration_s)).filter(|v: &f64| *v > 0.0),
         assume_units: Some(pick!(u, d, restore.assume_units)).filter(|v: &String| !v.is_empty()),
         assume_tracer: Some(pick!(u, d, restore.assume_tracer)).filter(|v: &String| !v.is_empty()),
-    };
+    }
+}
 
+/// `[egress]`.
+fn egress_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<ConfigError>) -> EgressSettings {
     let max_attempts: u32 = pick!(u, d, egress.max_attempts);
     if max_attempts == 0 {
         errs.push(invalid("egress.max_attempts", "0 attempts would never deliver", "set 1 or more"));
@@ -658,8 +738,18 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         errs.push(invalid("egress.calling_ae_title", format!("{calling:?} is not a valid AE title"), "use 1 to 16 characters"));
     }
 
+    EgressSettings {
+        max_attempts,
+        backoff_initial: Duration::from_secs_f64(b0),
+        backoff_max: Duration::from_secs_f64(bmax),
+        calling_ae_title: calling,
+    }
+}
+
+/// `[[destination]]` (no defaults: none unless the file names some).
+fn destinations(u: &mut RawConfig, errs: &mut Vec<ConfigError>) -> Vec<Destination> {
     let mut destinations = Vec::new();
-    for (i, dst) in u.destination.into_iter().enumerate() {
+    for (i, dst) in std::mem::take(&mut u.destination).into_iter().enumerate() {
         if dst.name.is_empty() || destinations.iter().any(|x: &Destination| x.name == dst.name) {
             errs.push(invalid(
                 "destination.name",
@@ -698,51 +788,7 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         });
     }
 
-    let mqtt = match u.mqtt.take().map(|m| mqtt_settings(m, &device_id)) {
-        None => None,
-        Some(Ok(m)) => Some(m),
-        Some(Err(e)) => {
-            errs.push(e);
-            None
-        }
-    };
-    match errs.len() {
-        0 => {}
-        1 => return Err(errs.remove(0)),
-        _ => return Err(ConfigError::Many(errs)),
-    }
-
-    Ok(Settings {
-        source: None,
-        mqtt,
-        node: NodeSettings { device_id, state_dir, min_free_bytes: min_free_mb * 1024 * 1024, retention, failed_retention },
-        dicom: DicomSettings {
-            listen,
-            ae_title,
-            allowed_callers,
-            max_associations,
-            max_associations_per_peer: per_peer,
-            artim_timeout: Duration::from_secs(artim_s),
-            max_pdu_length,
-            max_buffered_mb,
-            idle_timeout: Duration::from_secs(idle_timeout_s.max(1)),
-            non_pet,
-            tls,
-        },
-        series: SeriesSettings {
-            quiet_timeout: Duration::from_secs_f64(quiet),
-            multiframe_quiet_timeout: Duration::from_secs_f64(mf_quiet),
-            incomplete_policy,
-        },
-        restore,
-        egress: EgressSettings {
-            max_attempts,
-            backoff_initial: Duration::from_secs_f64(b0),
-            backoff_max: Duration::from_secs_f64(bmax),
-            calling_ae_title: calling,
-        },
-        destinations,
-    })
+    destinations
 }
 
 fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigError> {
@@ -810,6 +856,31 @@ fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reload_knows_every_section_and_refuses_restart_only_keys() {
+        let base = Settings::defaults();
+        // every section of the settings is declared in RELOADABLE
+        let v = serde_json::to_value(&base).unwrap();
+        for k in v.as_object().unwrap().keys() {
+            assert!(RELOADABLE.iter().any(|(s, _)| s == k), "section {k} is missing from RELOADABLE");
+        }
+        let with = |toml: &str| Settings::from_toml(toml, "t").unwrap();
+        assert_eq!(differences(&base, &base), (vec![], vec![]));
+        let (restart, changed) = differences(&base, &with("[dicom]\nallowed_callers = [\"CONSOLE\", \"WS\"]\n"));
+        assert_eq!((restart.len(), changed), (0, vec!["dicom"]));
+        let (restart, _) = differences(&base, &with("[dicom]\nlisten = \"127.0.0.1:1\"\nartim_timeout_s = 3\n"));
+        assert_eq!(restart, ["dicom.artim_timeout_s", "dicom.listen"]);
+        let (restart, changed) = differences(&base, &with("[restore]\nmax_matrix = 128\n[series]\nquiet_timeout_s = 5\n"));
+        assert_eq!((restart.len(), changed), (0, vec!["series", "restore"]));
+        let (restart, _) = differences(&base, &with("[restore]\nmodel = \"/elsewhere\"\n[node]\ndevice_id = \"x\"\n"));
+        assert_eq!(restart, ["node.device_id", "restore.model"]);
+        let (restart, _) = differences(&base, &with("[mqtt]\nurl = \"mqtt://127.0.0.1:1884\"\n"));
+        assert_eq!(restart, ["mqtt"]);
+        let (restart, changed) =
+            differences(&base, &with("[[destination]]\nname = \"pacs\"\nae_title = \"PACS\"\naddress = \"127.0.0.1:104\"\n"));
+        assert_eq!((restart.len(), changed), (0, vec!["destination"]));
+    }
 
     #[test]
     fn mqtt_section_is_validated() {

@@ -390,121 +390,148 @@ fn run(cli: Cli) -> Result<()> {
             rt()?.block_on(demo::run(demo::DemoOptions { workdir, slices, matrix, engine, model }))
         }
         Command::Eval { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads, figures } => {
-            let engine = match model {
-                None => None,
-                Some(dir) => Some(eval::engine(&dir, &engine, ort_library, threads)?),
-            };
-            let fwhm = gaussian_fwhm.unwrap_or_else(|| Settings::defaults().restore.gaussian_fwhm_mm);
-            let report = eval::run_series_with_figures(&input, &reference, engine, fwhm, figures.as_deref()).map_err(anyhow::Error::msg)?;
-            let md = eval::series_markdown(&report);
-            println!("{md}");
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", p.display()))?;
-            }
-            if let Some(p) = markdown {
-                std::fs::write(&p, &md).with_context(|| format!("cannot write {}", p.display()))?;
-            }
-            Ok(())
+            site_eval(SiteEvalArgs { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads, figures })
         }
-        Command::CheckConfig { file } => {
-            // every problem of the file at once (ConfigError::Many)
-            let s = Settings::load(&file)?;
-            // The model package and the ONNX Runtime library are part of the
-            // configuration: check what the daemon would load, without
-            // building a session (a TensorRT build can take minutes).
-            let mut problems: Vec<String> = Vec::new();
-            let mut notes: Vec<String> = Vec::new();
-            let neural: Vec<&String> = s.restore.engines.iter().filter(|e| *e == "ort" || *e == "tract").collect();
-            let mut model = None;
-            if !neural.is_empty() {
-                if !s.restore.model.join("model.toml").is_file() {
-                    if s.restore.model == std::path::Path::new(petrestore::config::DEFAULT_MODEL_DIR) {
-                        notes.push(format!(
-                            "no model package installed at {}: only the engines without a model ({}) would run",
-                            s.restore.model.display(),
-                            s.restore.engines.iter().filter(|e| *e == "gaussian").cloned().collect::<Vec<_>>().join(", ")
-                        ));
-                    } else {
-                        problems.push(format!(
-                            "restore.model {} holds no model.toml: point it at a model package folder (model.toml + model.onnx)",
-                            s.restore.model.display()
-                        ));
-                    }
-                } else {
-                    match restore::model::ModelPackage::load(&s.restore.model) {
-                        Ok(p) => model = Some(p),
-                        Err(e) => problems.push(format!("restore.model: {e}")),
-                    }
-                }
-            }
-            let mut runnable: Vec<String> = Vec::new();
-            for e in &s.restore.engines {
-                match e.as_str() {
-                    "ort" if model.is_some() => {
-                        let lib = restore::ort_engine::library_path(s.restore.ort_library.as_deref());
-                        match restore::ort_engine::check_library(&lib) {
-                            Ok(()) => runnable.push(format!("ort ({})", lib.display())),
-                            Err(err) => notes.push(format!("engine ort cannot run here: {err}; the daemon would use the next engine")),
-                        }
-                    }
-                    "tract" if model.is_some() => runnable.push("tract".into()),
-                    "gaussian" => runnable.push(format!("gaussian ({} mm)", s.restore.gaussian_fwhm_mm)),
-                    _ => {}
-                }
-            }
-            if runnable.is_empty() && problems.is_empty() {
-                problems.push("no configured engine could run: check restore.engines, restore.model and restore.ort_library".into());
-            }
-            for n in &notes {
-                eprintln!("petrestore: note: {n}");
-            }
-            if !problems.is_empty() {
-                bail!("{}: {}", file.display(), problems.join("\n  "));
-            }
-            let wants_uncertainty = s.destinations.iter().filter(|d| d.uncertainty).count();
-            let model_line = match &model {
-                Some(p) => format!(", model {}{}", p.model_id(), if p.uncertainty.is_some() { " (uncertainty calibrated)" } else { "" }),
-                None => String::new(),
-            };
-            if wants_uncertainty > 0 && model.as_ref().is_none_or(|p| p.uncertainty.is_none()) {
-                eprintln!(
-                    "petrestore: note: {wants_uncertainty} destination(s) ask for the uncertainty series, but the model package has no [uncertainty] calibration: none will be made"
-                );
-            }
-            println!(
-                "{}: OK (AE {} on {}, {} allowed caller(s), {} destination(s), engines that would run: {}{model_line})",
-                file.display(),
-                s.dicom.ae_title,
-                s.dicom.listen,
-                s.dicom.allowed_callers.len(),
-                s.destinations.len(),
-                runnable.join(", ")
-            );
-            Ok(())
-        }
+        Command::CheckConfig { file } => check_config(&file),
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");
             Ok(())
         }
         Command::Jobs { config, state_dir, action } => rt()?.block_on(jobs(config, state_dir, action)),
-        Command::Journal { config, state_dir, action: JournalAction::Rebuild } => {
-            let settings = load_settings(config.as_ref())?;
-            let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
-            if std::os::unix::net::UnixStream::connect(control::socket_path(&state_dir)).is_ok() {
-                bail!("a daemon is running on {}: stop it first (systemctl stop petrestore)", state_dir.display());
+        Command::Journal { config, state_dir, action: JournalAction::Rebuild } => journal_rebuild(config, state_dir),
+    }
+}
+
+/// `petrestore eval`'s arguments.
+struct SiteEvalArgs {
+    input: PathBuf,
+    reference: PathBuf,
+    gaussian_fwhm: Option<f64>,
+    model: Option<PathBuf>,
+    engine: String,
+    ort_library: Option<PathBuf>,
+    json: Option<PathBuf>,
+    markdown: Option<PathBuf>,
+    threads: usize,
+    figures: Option<PathBuf>,
+}
+
+/// `petrestore eval`: site acceptance on a short and a standard series.
+fn site_eval(a: SiteEvalArgs) -> Result<()> {
+    let SiteEvalArgs { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads, figures } = a;
+    let engine = match model {
+        None => None,
+        Some(dir) => Some(eval::engine(&dir, &engine, ort_library, threads)?),
+    };
+    let fwhm = gaussian_fwhm.unwrap_or_else(|| Settings::defaults().restore.gaussian_fwhm_mm);
+    let report = eval::run_series_with_figures(&input, &reference, engine, fwhm, figures.as_deref()).map_err(anyhow::Error::msg)?;
+    let md = eval::series_markdown(&report);
+    println!("{md}");
+    if let Some(p) = json {
+        std::fs::write(&p, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if let Some(p) = markdown {
+        std::fs::write(&p, &md).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// `petrestore check-config FILE`: the file, the model package and the
+/// engines the daemon would run, without starting anything.
+fn check_config(file: &std::path::Path) -> Result<()> {
+    // every problem of the file at once (ConfigError::Many)
+    let s = Settings::load(file)?;
+    // The model package and the ONNX Runtime library are part of the
+    // configuration: check what the daemon would load, without
+    // building a session (a TensorRT build can take minutes).
+    let mut problems: Vec<String> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let neural: Vec<&String> = s.restore.engines.iter().filter(|e| *e == "ort" || *e == "tract").collect();
+    let mut model = None;
+    if !neural.is_empty() {
+        if !s.restore.model.join("model.toml").is_file() {
+            if s.restore.model == std::path::Path::new(petrestore::config::DEFAULT_MODEL_DIR) {
+                notes.push(format!(
+                    "no model package installed at {}: only the engines without a model ({}) would run",
+                    s.restore.model.display(),
+                    s.restore.engines.iter().filter(|e| *e == "gaussian").cloned().collect::<Vec<_>>().join(", ")
+                ));
+            } else {
+                problems.push(format!(
+                    "restore.model {} holds no model.toml: point it at a model package folder (model.toml + model.onnx)",
+                    s.restore.model.display()
+                ));
             }
-            let r = petrestore::journal::rebuild::rebuild(&state_dir.join("journal"), &state_dir.join("spool"))
-                .map_err(|e| anyhow::anyhow!("rebuild failed: {e}"))?;
-            if let Some(old) = &r.old_journal {
-                println!("old journal moved to {}", old.display());
+        } else {
+            match restore::model::ModelPackage::load(&s.restore.model) {
+                Ok(p) => model = Some(p),
+                Err(e) => problems.push(format!("restore.model: {e}")),
             }
-            println!("rebuilt the journal: {} instances in {} jobs", r.instances, r.jobs);
-            for u in &r.unreadable {
-                eprintln!("petrestore: not DICOM or unreadable, left in place: {}", u.display());
-            }
-            Ok(())
         }
     }
+    let mut runnable: Vec<String> = Vec::new();
+    for e in &s.restore.engines {
+        match e.as_str() {
+            "ort" if model.is_some() => {
+                let lib = restore::ort_engine::library_path(s.restore.ort_library.as_deref());
+                match restore::ort_engine::check_library(&lib) {
+                    Ok(()) => runnable.push(format!("ort ({})", lib.display())),
+                    Err(err) => notes.push(format!("engine ort cannot run here: {err}; the daemon would use the next engine")),
+                }
+            }
+            "tract" if model.is_some() => runnable.push("tract".into()),
+            "gaussian" => runnable.push(format!("gaussian ({} mm)", s.restore.gaussian_fwhm_mm)),
+            _ => {}
+        }
+    }
+    if runnable.is_empty() && problems.is_empty() {
+        problems.push("no configured engine could run: check restore.engines, restore.model and restore.ort_library".into());
+    }
+    for n in &notes {
+        eprintln!("petrestore: note: {n}");
+    }
+    if !problems.is_empty() {
+        bail!("{}: {}", file.display(), problems.join("\n  "));
+    }
+    let wants_uncertainty = s.destinations.iter().filter(|d| d.uncertainty).count();
+    let model_line = match &model {
+        Some(p) => format!(", model {}{}", p.model_id(), if p.uncertainty.is_some() { " (uncertainty calibrated)" } else { "" }),
+        None => String::new(),
+    };
+    if wants_uncertainty > 0 && model.as_ref().is_none_or(|p| p.uncertainty.is_none()) {
+        eprintln!(
+            "petrestore: note: {wants_uncertainty} destination(s) ask for the uncertainty series, but the model package has no [uncertainty] calibration: none will be made"
+        );
+    }
+    println!(
+        "{}: OK (AE {} on {}, {} allowed caller(s), {} destination(s), engines that would run: {}{model_line})",
+        file.display(),
+        s.dicom.ae_title,
+        s.dicom.listen,
+        s.dicom.allowed_callers.len(),
+        s.destinations.len(),
+        runnable.join(", ")
+    );
+    Ok(())
+}
+
+/// `petrestore journal rebuild`: a new journal from the spool (daemon stopped).
+fn journal_rebuild(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
+    let settings = load_settings(config.as_ref())?;
+    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    if std::os::unix::net::UnixStream::connect(control::socket_path(&state_dir)).is_ok() {
+        bail!("a daemon is running on {}: stop it first (systemctl stop petrestore)", state_dir.display());
+    }
+    let r = petrestore::journal::rebuild::rebuild(&state_dir.join("journal"), &state_dir.join("spool"))
+        .map_err(|e| anyhow::anyhow!("rebuild failed: {e}"))?;
+    if let Some(old) = &r.old_journal {
+        println!("old journal moved to {}", old.display());
+    }
+    println!("rebuilt the journal: {} instances in {} jobs", r.instances, r.jobs);
+    for u in &r.unreadable {
+        eprintln!("petrestore: not DICOM or unreadable, left in place: {}", u.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -178,7 +178,7 @@ fn broker_down_leaves_the_pipeline_alone_and_buffered_events_arrive_with_the_dro
     let persist = format!("persistence true\npersistence_location {}/\n", mq.display());
     let mut broker = Mosquitto::start_on(&mq, port, &persist);
     let sub = Sub::start_persistent(port, &topic("#"), "fleet-sub");
-    wait_for("the subscription", Duration::from_secs(10), || {
+    wait_for("the subscription", Duration::from_secs(30), || {
         mosquitto_pub(port, &topic("probe"), "{}", &[]);
         std::thread::sleep(Duration::from_millis(100));
         (!sub.on("/probe").is_empty()).then_some(())
@@ -210,7 +210,7 @@ fn broker_down_leaves_the_pipeline_alone_and_buffered_events_arrive_with_the_dro
             .map(|(_, p)| serde_json::from_str::<serde_json::Value>(p).unwrap()["state"].as_str().unwrap().to_string())
             .collect()
     };
-    wait_for("the buffered job events", Duration::from_secs(10), || (job_events().len() >= 3).then_some(()));
+    wait_for("the buffered job events", Duration::from_secs(30), || (job_events().len() >= 3).then_some(()));
     std::thread::sleep(Duration::from_millis(500)); // nothing more may come
     let kept = job_events();
     assert_eq!(kept, ["queued", "restoring", "done"], "the newest 3 events, oldest dropped first");
