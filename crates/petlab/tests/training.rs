@@ -51,7 +51,7 @@ fn assert_parity(pkg_dir: &Path) {
     let tract = TractEngine::new(pkg.clone(), 1).unwrap();
     let o = OrtOptions {
         library: Some(ort_library()),
-        providers: vec!["cpu".into()],
+        providers: vec![petrestore::config::Provider::Cpu],
         tensorrt_fp16: false,
         tensorrt_workspace_mb: 0,
         cache_dir: std::env::temp_dir(),

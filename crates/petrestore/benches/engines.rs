@@ -78,10 +78,11 @@ fn main() {
             let mut ort_time = None;
             for engine in ["ort", "tract"] {
                 let mut s = Settings::defaults();
-                s.restore.engines = vec![engine.into()];
+                s.restore.engines = vec![petrestore::config::EngineKind::parse(engine).expect("an engine name")];
                 s.restore.model = model.clone();
                 s.restore.ort_library = Some(lib.clone());
-                s.restore.ort_providers = providers.clone();
+                s.restore.ort_providers =
+                    providers.iter().map(|p| petrestore::config::Provider::parse(p).expect("PROVIDERS: tensorrt, cuda or cpu")).collect();
                 s.restore.threads = threads;
                 s.node.state_dir = tmp.path().to_owned();
                 let e = restore::engines_from_settings(&s).unwrap();

@@ -257,7 +257,7 @@ pub struct SeriesSettings {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RestoreSettings {
-    pub engines: Vec<String>,
+    pub engines: Vec<EngineKind>,
     pub model: PathBuf,
     pub gaussian_fwhm_mm: f64,
     pub min_frame_duration_s: f64,
@@ -272,7 +272,7 @@ pub struct RestoreSettings {
     pub threads: usize,
     /// libonnxruntime path; `None`: ORT_DYLIB_PATH, else the loader's search.
     pub ort_library: Option<PathBuf>,
-    pub ort_providers: Vec<String>,
+    pub ort_providers: Vec<Provider>,
     pub tensorrt_fp16: bool,
     pub tensorrt_workspace_mb: usize,
     /// For series without Actual Frame Duration: what to assume (said in the
@@ -427,12 +427,82 @@ fn differences(old: &Settings, new: &Settings) -> (Vec<String>, Vec<&'static str
     (restart, changed)
 }
 
-/// Engines this build knows.
+/// A restoration engine (`restore.engines`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// ONNX Runtime with the model package (TensorRT, CUDA or CPU).
+    Ort,
+    /// tract, pure Rust, CPU, with the model package.
+    Tract,
+    /// A Gaussian filter: no model; the fallback of last resort.
+    Gaussian,
+}
+
+impl EngineKind {
+    pub const ALL: [EngineKind; 3] = [EngineKind::Ort, EngineKind::Tract, EngineKind::Gaussian];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Ort => "ort",
+            EngineKind::Tract => "tract",
+            EngineKind::Gaussian => "gaussian",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EngineKind> {
+        EngineKind::ALL.into_iter().find(|e| e.name() == s)
+    }
+
+    /// Runs the model package (and so needs one).
+    pub fn needs_model(self) -> bool {
+        matches!(self, EngineKind::Ort | EngineKind::Tract)
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An ONNX Runtime execution provider (`restore.ort_providers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    TensorRt,
+    Cuda,
+    Cpu,
+}
+
+impl Provider {
+    pub const ALL: [Provider; 3] = [Provider::TensorRt, Provider::Cuda, Provider::Cpu];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::TensorRt => "tensorrt",
+            Provider::Cuda => "cuda",
+            Provider::Cpu => "cpu",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Provider> {
+        Provider::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Engines this build knows, by name.
 pub const KNOWN_ENGINES: &[&str] = &["ort", "tract", "gaussian"];
 
 /// Where the model package installs (`restore.model`'s default).
 pub const DEFAULT_MODEL_DIR: &str = "/usr/share/petrestore/models/petrestore-unet25d";
-/// ONNX Runtime execution providers this build can ask for.
+/// ONNX Runtime execution providers this build can ask for, by name.
 pub const KNOWN_PROVIDERS: &[&str] = &["tensorrt", "cuda", "cpu"];
 
 impl Settings {
@@ -672,11 +742,20 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
     if engines.is_empty() {
         errs.push(invalid("restore.engines", "the list is empty", "name at least one engine, e.g. [\"gaussian\"]"));
     }
-    for e in &engines {
-        if !KNOWN_ENGINES.contains(&e.as_str()) {
-            errs.push(invalid("restore.engines", format!("unknown engine {e:?}"), format!("this build has: {}", KNOWN_ENGINES.join(", "))));
-        }
-    }
+    let engines: Vec<EngineKind> = engines
+        .iter()
+        .filter_map(|e| {
+            let k = EngineKind::parse(e);
+            if k.is_none() {
+                errs.push(invalid(
+                    "restore.engines",
+                    format!("unknown engine {e:?}"),
+                    format!("this build has: {}", KNOWN_ENGINES.join(", ")),
+                ));
+            }
+            k
+        })
+        .collect();
     let fwhm: f64 = pick!(u, d, restore.gaussian_fwhm_mm);
     if !(fwhm > 0.0 && fwhm <= 30.0) {
         errs.push(invalid("restore.gaussian_fwhm_mm", format!("{fwhm} is out of range"), "use mm in (0, 30]"));
@@ -691,7 +770,8 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         ));
     }
     let providers: Vec<String> = pick!(u, d, restore.ort_providers);
-    if providers.is_empty() || providers.iter().any(|p| !KNOWN_PROVIDERS.contains(&p.as_str())) {
+    let parsed: Vec<Provider> = providers.iter().filter_map(|p| Provider::parse(p)).collect();
+    if providers.is_empty() || parsed.len() != providers.len() {
         errs.push(invalid(
             "restore.ort_providers",
             format!("{providers:?} is not a list of known providers"),
@@ -713,7 +793,7 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         series_number_offset: pick!(u, d, restore.series_number_offset),
         threads: pick!(u, d, restore.threads),
         ort_library: (!ort_library.is_empty()).then(|| PathBuf::from(ort_library)),
-        ort_providers: providers,
+        ort_providers: parsed,
         tensorrt_fp16: pick!(u, d, restore.tensorrt_fp16),
         tensorrt_workspace_mb: pick!(u, d, restore.tensorrt_workspace_mb),
         assume_frame_duration_s: Some(pick!(u, d, restore.assume_frame_duration_s)).filter(|v: &f64| *v > 0.0),
@@ -900,7 +980,8 @@ mod tests {
         let s = Settings::defaults();
         assert_eq!(s.dicom.ae_title, "PETRESTORE");
         assert_eq!(s.dicom.listen.port(), 11112);
-        assert_eq!(s.restore.engines, ["ort", "tract", "gaussian"].map(String::from).to_vec());
+        assert_eq!(s.restore.engines, EngineKind::ALL);
+        assert_eq!(s.restore.ort_providers, Provider::ALL);
         assert_eq!(s.restore.model, std::path::Path::new(DEFAULT_MODEL_DIR), "the path the package installs to");
         assert!(s.destinations.is_empty());
     }

@@ -320,10 +320,10 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
         settings.restore.ort_library = Some(l);
     }
     if let Some(e) = engine {
-        if !petrestore::config::KNOWN_ENGINES.contains(&e.as_str()) {
+        let Some(k) = petrestore::config::EngineKind::parse(&e) else {
             bail!("unknown engine {e:?}: this build has {}", petrestore::config::KNOWN_ENGINES.join(", "));
-        }
-        settings.restore.engines = vec![e];
+        };
+        settings.restore.engines = vec![k];
     }
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&input)
         .with_context(|| format!("cannot read --input {}", input.display()))?
@@ -446,7 +446,8 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     // building a session (a TensorRT build can take minutes).
     let mut problems: Vec<String> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
-    let neural: Vec<&String> = s.restore.engines.iter().filter(|e| *e == "ort" || *e == "tract").collect();
+    use petrestore::config::EngineKind;
+    let neural: Vec<&EngineKind> = s.restore.engines.iter().filter(|e| e.needs_model()).collect();
     let mut model = None;
     if !neural.is_empty() {
         if !s.restore.model.join("model.toml").is_file() {
@@ -454,7 +455,7 @@ fn check_config(file: &std::path::Path) -> Result<()> {
                 notes.push(format!(
                     "no model package installed at {}: only the engines without a model ({}) would run",
                     s.restore.model.display(),
-                    s.restore.engines.iter().filter(|e| *e == "gaussian").cloned().collect::<Vec<_>>().join(", ")
+                    s.restore.engines.iter().filter(|e| !e.needs_model()).map(|e| e.name()).collect::<Vec<_>>().join(", ")
                 ));
             } else {
                 problems.push(format!(
@@ -471,16 +472,16 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     }
     let mut runnable: Vec<String> = Vec::new();
     for e in &s.restore.engines {
-        match e.as_str() {
-            "ort" if model.is_some() => {
+        match e {
+            EngineKind::Ort if model.is_some() => {
                 let lib = restore::ort_engine::library_path(s.restore.ort_library.as_deref());
                 match restore::ort_engine::check_library(&lib) {
                     Ok(()) => runnable.push(format!("ort ({})", lib.display())),
                     Err(err) => notes.push(format!("engine ort cannot run here: {err}; the daemon would use the next engine")),
                 }
             }
-            "tract" if model.is_some() => runnable.push("tract".into()),
-            "gaussian" => runnable.push(format!("gaussian ({} mm)", s.restore.gaussian_fwhm_mm)),
+            EngineKind::Tract if model.is_some() => runnable.push("tract".into()),
+            EngineKind::Gaussian => runnable.push(format!("gaussian ({} mm)", s.restore.gaussian_fwhm_mm)),
             _ => {}
         }
     }

@@ -15,7 +15,7 @@ use testkit::*;
 
 fn settings_with(engines: &[&str], model: &Path, library: &Path) -> Settings {
     let mut s = Settings::defaults();
-    s.restore.engines = engines.iter().map(|e| e.to_string()).collect();
+    s.restore.engines = engines.iter().map(|e| petrestore::config::EngineKind::parse(e).expect("an engine name")).collect();
     s.restore.model = model.to_owned();
     s.restore.ort_library = Some(library.to_owned());
     s.restore.threads = 1;
@@ -32,7 +32,7 @@ fn ort_cpu_and_tract_agree_on_the_same_model_and_volume() {
     // scripts/gpu-check.sh runs this test through the GPU providers
     // (PETRESTORE_ORT_PROVIDERS=cuda or tensorrt); CI uses the CPU one.
     let providers = std::env::var("PETRESTORE_ORT_PROVIDERS").unwrap_or_else(|_| "cpu".into());
-    s.restore.ort_providers = providers.split(',').map(str::to_string).collect();
+    s.restore.ort_providers = providers.split(',').map(|p| petrestore::config::Provider::parse(p).expect("a provider name")).collect();
     let e = restore::engines_from_settings(&s).unwrap();
     assert_eq!(e.engines.iter().map(|e| e.name().to_string()).collect::<Vec<_>>(), ["ort", "tract"], "{:?}", e.reports);
     assert_eq!(e.engines[0].label(), format!("ort/{}", s.restore.ort_providers[0]), "{:?}", e.reports);

@@ -238,9 +238,9 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         uncertainty: false,
         commitment: None,
     }];
-    settings.restore.engines = vec![engine.clone()];
+    settings.restore.engines = vec![crate::config::EngineKind::parse(&engine).expect("checked above")];
     settings.restore.ort_library = ort.clone();
-    settings.restore.ort_providers = vec!["cpu".into()];
+    settings.restore.ort_providers = vec![crate::config::Provider::Cpu];
     if let Some(m) = &model {
         settings.restore.model = m.clone();
     }

@@ -29,7 +29,7 @@ pub fn engine(model: &Path, engine: &str, ort_library: Option<PathBuf>, threads:
         "ort" => {
             let o = crate::restore::ort_engine::OrtOptions {
                 library: ort_library,
-                providers: vec!["cpu".into()],
+                providers: vec![crate::config::Provider::Cpu],
                 tensorrt_fp16: false,
                 tensorrt_workspace_mb: 0,
                 cache_dir: std::env::temp_dir(),

@@ -15,6 +15,8 @@ pub mod volume;
 
 pub use volume::{SourceSlice, Volume};
 
+use crate::config::EngineKind;
+
 /// A restoration failure: what failed and why (goes into the job record).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -86,7 +88,7 @@ pub struct Engines {
 /// is logged with its reason and skipped. Errors when no engine is left.
 pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, String> {
     let r = &s.restore;
-    let needs_model = r.engines.iter().any(|e| e == "ort" || e == "tract");
+    let needs_model = r.engines.iter().any(|e| e.needs_model());
     // The installed default path without a package: a box (or a build) that
     // ships no model. Only the engines without a model run, and it is said.
     // A package named anywhere else must exist: a typo must not silently
@@ -99,20 +101,20 @@ pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, Str
             r.model.display()
         );
         tracing::warn!("{reason}; restoring with the engines that need no model only");
-        for name in r.engines.iter().filter(|e| *e == "ort" || *e == "tract") {
-            out.reports.push(EngineReport { engine: name.clone(), ok: false, detail: reason.clone(), providers: vec![] });
+        for name in r.engines.iter().filter(|e| e.needs_model()) {
+            out.reports.push(EngineReport { engine: name.to_string(), ok: false, detail: reason.clone(), providers: vec![] });
         }
     }
     let pkg = if needs_model && !no_installed_model { Some(model::ModelPackage::load(&r.model).map_err(|e| e.to_string())?) } else { None };
     if let Some(p) = pkg.as_ref().filter(|p| p.is_test_model()) {
         tracing::warn!(model = %p.model_id(), "restore.model is a TEST model (untrained weights): not for clinical use");
     }
-    for name in r.engines.iter().filter(|e| !(no_installed_model && (*e == "ort" || *e == "tract"))) {
-        let built: Result<std::sync::Arc<dyn Engine>, EngineError> = match name.as_str() {
-            "gaussian" => Ok(std::sync::Arc::new(gaussian::Gaussian::new(r.gaussian_fwhm_mm))),
-            "tract" => tract_engine::TractEngine::new(pkg.clone().expect("loaded above"), r.threads)
+    for name in r.engines.iter().filter(|e| !(no_installed_model && e.needs_model())) {
+        let built: Result<std::sync::Arc<dyn Engine>, EngineError> = match name {
+            EngineKind::Gaussian => Ok(std::sync::Arc::new(gaussian::Gaussian::new(r.gaussian_fwhm_mm))),
+            EngineKind::Tract => tract_engine::TractEngine::new(pkg.clone().expect("loaded above"), r.threads)
                 .map(|e| std::sync::Arc::new(e) as std::sync::Arc<dyn Engine>),
-            "ort" => {
+            EngineKind::Ort => {
                 let o = ort_engine::OrtOptions {
                     library: r.ort_library.clone(),
                     providers: r.ort_providers.clone(),
@@ -143,16 +145,15 @@ pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, Str
                     Err(e) => Err(e),
                 }
             }
-            other => Err(EngineError::Unavailable { engine: other.into(), reason: "not in this build".into() }),
         };
         match built.and_then(|e| e.check().map(|()| e)) {
             Ok(e) => {
-                out.reports.push(EngineReport { engine: name.clone(), ok: true, detail: e.model_id(), providers: vec![] });
+                out.reports.push(EngineReport { engine: name.to_string(), ok: true, detail: e.model_id(), providers: vec![] });
                 out.engines.push(e);
             }
             Err(err) => {
                 tracing::warn!(engine = %name, error = %err, "engine unavailable; trying the next one");
-                out.reports.push(EngineReport { engine: name.clone(), ok: false, detail: err.to_string(), providers: vec![] });
+                out.reports.push(EngineReport { engine: name.to_string(), ok: false, detail: err.to_string(), providers: vec![] });
             }
         }
     }
@@ -206,7 +207,7 @@ mod tests {
         assert!(err.contains("/nonexistent/petrestore-model"), "{err}");
         // only neural engines and nothing installed: nothing can run, and it says why
         let mut s = Settings::defaults();
-        s.restore.engines = vec!["tract".into()];
+        s.restore.engines = vec![crate::config::EngineKind::Tract];
         let err = engines_from_settings(&s).err().expect("refused");
         assert!(err.contains("no model package installed"), "{err}");
     }

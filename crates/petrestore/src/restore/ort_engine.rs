@@ -7,6 +7,7 @@
 //! reason and the next one is tried: the fallback is explicit, never ort's
 //! silent default.
 
+use crate::config::Provider;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -23,8 +24,8 @@ use super::{Engine, EngineError, Volume};
 pub struct OrtOptions {
     /// Path of libonnxruntime; `None`: `ORT_DYLIB_PATH`, else `libonnxruntime.so`.
     pub library: Option<PathBuf>,
-    /// Execution providers in order: "tensorrt", "cuda", "cpu".
-    pub providers: Vec<String>,
+    /// Execution providers in order of preference.
+    pub providers: Vec<Provider>,
     pub tensorrt_fp16: bool,
     pub tensorrt_workspace_mb: usize,
     /// TensorRT engine cache folder.
@@ -60,9 +61,9 @@ pub fn library_path(opt: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
 }
 
-fn dispatch(name: &str, o: &OrtOptions) -> Option<ExecutionProviderDispatch> {
-    Some(match name {
-        "tensorrt" => ep::TensorRT::default()
+fn dispatch(p: Provider, o: &OrtOptions) -> ExecutionProviderDispatch {
+    match p {
+        Provider::TensorRt => ep::TensorRT::default()
             .with_fp16(o.tensorrt_fp16)
             .with_engine_cache(true)
             .with_engine_cache_path(o.cache_dir.display().to_string())
@@ -71,10 +72,9 @@ fn dispatch(name: &str, o: &OrtOptions) -> Option<ExecutionProviderDispatch> {
             .with_max_workspace_size(o.tensorrt_workspace_mb * 1024 * 1024)
             .build()
             .error_on_failure(),
-        "cuda" => ep::CUDA::default().build().error_on_failure(),
-        "cpu" => ep::CPU::default().build().error_on_failure(),
-        _ => return None,
-    })
+        Provider::Cuda => ep::CUDA::default().build().error_on_failure(),
+        Provider::Cpu => ep::CPU::default().build().error_on_failure(),
+    }
 }
 
 /// ONNX Runtime allows one library and one environment per process: both
@@ -116,16 +116,14 @@ impl OrtEngine {
     pub fn new(pkg: ModelPackage, o: &OrtOptions) -> Result<OrtEngine, EngineError> {
         let lib = library_path(o.library.as_deref());
         let env = environment(&lib)?;
-        if o.providers.iter().any(|p| p == "tensorrt") {
+        if o.providers.contains(&Provider::TensorRt) {
             let _ = std::fs::create_dir_all(&o.cache_dir);
         }
         let threads = if o.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { o.threads };
         let mut reports = Vec::new();
-        for name in &o.providers {
-            let Some(ep) = dispatch(name, o) else {
-                reports.push(ProviderReport { provider: name.clone(), ok: false, reason: Some("unknown provider".into()) });
-                continue;
-            };
+        for &p in &o.providers {
+            let ep = dispatch(p, o);
+            let name = p.name();
             let built = (|| -> Result<Session, String> {
                 Session::builder(&env)
                     .map_err(|e| e.to_string())?
@@ -144,12 +142,12 @@ impl OrtEngine {
             match built {
                 Ok(session) => {
                     tracing::info!(provider = %name, library = %lib.display(), "ONNX Runtime session ready");
-                    reports.push(ProviderReport { provider: name.clone(), ok: true, reason: None });
+                    reports.push(ProviderReport { provider: name.into(), ok: true, reason: None });
                     return Ok(OrtEngine { pkg, session: Mutex::new(session), _env: env, providers: reports });
                 }
                 Err(reason) => {
                     tracing::warn!(provider = %name, %reason, "execution provider unavailable; trying the next one");
-                    reports.push(ProviderReport { provider: name.clone(), ok: false, reason: Some(reason) });
+                    reports.push(ProviderReport { provider: name.into(), ok: false, reason: Some(reason) });
                 }
             }
         }
