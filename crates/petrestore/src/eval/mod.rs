@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::bail;
-use serde_json::{Value, json};
 
 use crate::restore::{Engine, Volume, gaussian};
 use metrics::*;
@@ -76,12 +75,51 @@ fn shape(s: [usize; 3]) -> String {
     format!("{}x{}x{}", s[0], s[1], s[2])
 }
 
+/// One method's row of a site acceptance report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SeriesRow {
+    /// "input", "gaussian" or "model ID (engine)".
+    pub method: String,
+    /// Seed metric: MSE improvement vs the reference, % of the input's.
+    pub seed_mse: f64,
+    /// The same for 1 − SSIM.
+    pub seed_dssim: f64,
+    /// Body mean against the reference's, %.
+    pub body_mean_vs_reference_pct: f64,
+}
+
+/// The model's σ checked against the reference (when the package has one).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SeriesUncertainty {
+    pub body_voxels: usize,
+    /// Share of body voxels where the reference lies within R ± σ (68.3 % if σ is right).
+    pub within_1_sigma_pct: f64,
+    /// Within R ± 1.96 σ (95 %).
+    pub within_1_96_sigma_pct: f64,
+    /// Body-mean σ ÷ R, %.
+    pub body_sigma_relative_pct: f64,
+}
+
+/// What [`run_series`] measured; `--json` writes it as is, [`series_markdown`] formats it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SeriesReport {
+    pub input: String,
+    pub reference: String,
+    pub input_duration_s: f64,
+    pub reference_duration_s: f64,
+    /// Ceiling of the seed MSE metric if the frames are nested, %.
+    pub ceiling_if_nested: f64,
+    pub gaussian_fwhm_mm: f64,
+    pub rows: Vec<SeriesRow>,
+    pub uncertainty: Option<SeriesUncertainty>,
+}
+
 /// Site acceptance on real paired series: a short frame (`input`) and the
 /// standard frame it is nested in (`reference`, e.g. 30 s and 90 s rebinned
 /// from the same list-mode data). Without truth only the seed metric (vs
 /// the reference) and the quantitative agreement can be measured; the
 /// ceiling assumes nesting.
-pub fn run_series(input: &Path, reference: &Path, engine: Option<Arc<dyn Engine>>, fwhm_mm: f64) -> Result<Value, EvalError> {
+pub fn run_series(input: &Path, reference: &Path, engine: Option<Arc<dyn Engine>>, fwhm_mm: f64) -> Result<SeriesReport, EvalError> {
     run_series_with_figures(input, reference, engine, fwhm_mm, None)
 }
 
@@ -94,7 +132,7 @@ pub fn run_series_with_figures(
     engine: Option<Arc<dyn Engine>>,
     fwhm_mm: f64,
     figures: Option<&Path>,
-) -> Result<Value, EvalError> {
+) -> Result<SeriesReport, EvalError> {
     let files = |d: &Path| -> Result<Vec<PathBuf>, EvalError> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(d)
             .map_err(|source| EvalError::Folder { path: d.to_owned(), source })?
@@ -143,9 +181,12 @@ pub fn run_series_with_figures(
         s / n.max(1) as f64
     };
     let (mse_short, dssim_short) = (mse(&va.data, &vb.data), 1.0 - ssim(va, vb, range));
-    let mut rows = vec![
-        json!({"method": "input", "seed_mse": 0.0, "seed_dssim": 0.0, "body_mean_vs_reference_pct": 100.0 * (body_mean(va) / body_mean(vb) - 1.0)}),
-    ];
+    let mut rows = vec![SeriesRow {
+        method: "input".into(),
+        seed_mse: 0.0,
+        seed_dssim: 0.0,
+        body_mean_vs_reference_pct: 100.0 * (body_mean(va) / body_mean(vb) - 1.0),
+    }];
     let mut outs = vec![("gaussian".to_string(), gaussian::filter(&input_vol, fwhm_mm))];
     if let Some(e) = &engine {
         outs.push((format!("model {} ({})", e.model_id(), e.label()), e.run(&input_vol)?));
@@ -154,16 +195,16 @@ pub fn run_series_with_figures(
         draw(dir, &input_vol, &outs, vb).map_err(|source| EvalError::Figures { dir: dir.to_owned(), source })?;
     }
     for (name, v) in &outs {
-        rows.push(json!({
-            "method": name,
-            "seed_mse": improvement(mse(&v.data, &vb.data), mse_short),
-            "seed_dssim": improvement(1.0 - ssim(v, vb, range), dssim_short),
-            "body_mean_vs_reference_pct": 100.0 * (body_mean(v) / body_mean(vb) - 1.0),
-        }));
+        rows.push(SeriesRow {
+            method: name.clone(),
+            seed_mse: improvement(mse(&v.data, &vb.data), mse_short),
+            seed_dssim: improvement(1.0 - ssim(v, vb, range), dssim_short),
+            body_mean_vs_reference_pct: 100.0 * (body_mean(v) / body_mean(vb) - 1.0),
+        });
     }
     // The model's uncertainty (σ: 1 SD of a 90 s scan minus the restored
     // image), checked against the reference where the package has one.
-    let mut uncertainty = Value::Null;
+    let mut uncertainty = None;
     if let (Some(e), Some((_, restored))) = (&engine, outs.get(1))
         && let Some(cal) = e.uncertainty()
     {
@@ -174,52 +215,43 @@ pub fn run_series_with_figures(
         let within =
             |z: f32| body.iter().filter(|&&i| (vb.data[i] - restored.data[i]).abs() <= z * sigma.data[i]).count() as f64 / n * 100.0;
         let (ss, sr) = body.iter().fold((0.0f64, 0.0f64), |(a, b), &i| (a + sigma.data[i] as f64, b + restored.data[i] as f64));
-        uncertainty = json!({
-            "body_voxels": body.len(),
-            "within_1_sigma_pct": within(1.0),
-            "within_1_96_sigma_pct": within(1.96),
-            "body_sigma_relative_pct": 100.0 * ss / sr.max(f64::MIN_POSITIVE),
+        uncertainty = Some(SeriesUncertainty {
+            body_voxels: body.len(),
+            within_1_sigma_pct: within(1.0),
+            within_1_96_sigma_pct: within(1.96),
+            body_sigma_relative_pct: 100.0 * ss / sr.max(f64::MIN_POSITIVE),
         });
     }
-    Ok(json!({
-        "input": input.display().to_string(),
-        "reference": reference.display().to_string(),
-        "input_duration_s": d_in,
-        "reference_duration_s": d_ref,
-        "ceiling_if_nested": 100.0 * (1.0 - d_in / d_ref),
-        "gaussian_fwhm_mm": fwhm_mm,
-        "rows": rows,
-        "uncertainty": uncertainty,
-    }))
+    Ok(SeriesReport {
+        input: input.display().to_string(),
+        reference: reference.display().to_string(),
+        input_duration_s: d_in,
+        reference_duration_s: d_ref,
+        ceiling_if_nested: 100.0 * (1.0 - d_in / d_ref),
+        gaussian_fwhm_mm: fwhm_mm,
+        rows,
+        uncertainty,
+    })
 }
 
 /// [`run_series`]'s report as Markdown.
-pub fn series_markdown(r: &Value) -> String {
+pub fn series_markdown(r: &SeriesReport) -> String {
     let mut o = format!(
         "Input {} ({} s) vs reference {} ({} s). Ceiling of the seed MSE metric if the frames are nested: {:.1} %.\n\n| method | seed MSE % | seed 1−SSIM % | body mean vs reference % |\n|---|---|---|---|\n",
-        r["input"].as_str().unwrap_or("?"),
-        r["input_duration_s"],
-        r["reference"].as_str().unwrap_or("?"),
-        r["reference_duration_s"],
-        r["ceiling_if_nested"].as_f64().unwrap_or(f64::NAN)
+        r.input, r.input_duration_s, r.reference, r.reference_duration_s, r.ceiling_if_nested
     );
-    for row in r["rows"].as_array().into_iter().flatten() {
-        o.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:+.2} |\n",
-            row["method"].as_str().unwrap_or("?"),
-            row["seed_mse"].as_f64().unwrap_or(f64::NAN),
-            row["seed_dssim"].as_f64().unwrap_or(f64::NAN),
-            row["body_mean_vs_reference_pct"].as_f64().unwrap_or(f64::NAN)
-        ));
+    for row in &r.rows {
+        o.push_str(&format!("| {} | {:.1} | {:.1} | {:+.2} |\n", row.method, row.seed_mse, row.seed_dssim, row.body_mean_vs_reference_pct));
     }
-    let u = &r["uncertainty"];
-    if let (Some(a), Some(b)) = (u["within_1_sigma_pct"].as_f64(), u["within_1_96_sigma_pct"].as_f64()) {
-        let d_ref = r["reference_duration_s"].as_f64().unwrap_or(f64::NAN);
+    if let Some(u) = &r.uncertainty {
+        let d_ref = r.reference_duration_s;
         o.push_str(&format!(
             "\nUncertainty (σ, 1 SD of a 90 s scan minus the restored image; body σ {:.1} % of the restored value): the reference \
-             lies within restored ± σ in {a:.1} % of {} body voxels (68.3 % if σ is right) and within ± 1.96 σ in {b:.1} % (95 %).{}\n",
-            u["body_sigma_relative_pct"].as_f64().unwrap_or(f64::NAN),
-            u["body_voxels"],
+             lies within restored ± σ in {:.1} % of {} body voxels (68.3 % if σ is right) and within ± 1.96 σ in {:.1} % (95 %).{}\n",
+            u.body_sigma_relative_pct,
+            u.within_1_sigma_pct,
+            u.body_voxels,
+            u.within_1_96_sigma_pct,
             if (d_ref - 90.0).abs() > 1.0 {
                 format!(" The reference is {d_ref:.0} s, not 90 s: its own noise differs from the 90 s scan σ predicts, so expect coverage to differ.")
             } else {
@@ -249,4 +281,39 @@ fn draw(dir: &Path, input: &Volume, outs: &[(String, Volume)], reference: &Volum
     let hottest = reference.data.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i / plane.max(1)).unwrap_or(0);
     let slices: Vec<figures::Image> = vols.iter().map(|v| figures::axial(v, hottest, reference.spacing[0])).collect();
     figures::panels(&slices, top, zoom).write(&dir.join("axial-hottest.png"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_typed_report_is_what_json_and_markdown_show() {
+        let mut r = SeriesReport {
+            input: "short".into(),
+            reference: "standard".into(),
+            input_duration_s: 30.0,
+            reference_duration_s: 90.0,
+            ceiling_if_nested: 66.7,
+            gaussian_fwhm_mm: 6.0,
+            rows: vec![SeriesRow { method: "input".into(), seed_mse: 0.0, seed_dssim: 0.0, body_mean_vs_reference_pct: 0.4 }],
+            uncertainty: Some(SeriesUncertainty {
+                body_voxels: 1000,
+                within_1_sigma_pct: 70.1,
+                within_1_96_sigma_pct: 95.2,
+                body_sigma_relative_pct: 8.8,
+            }),
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!((v["rows"][0]["method"].as_str(), v["uncertainty"]["body_voxels"].as_u64()), (Some("input"), Some(1000)));
+        let md = series_markdown(&r);
+        assert!(md.contains("| input | 0.0 | 0.0 | +0.40 |") && md.contains("within restored ± σ in 70.1 % of 1000 body voxels"), "{md}");
+        assert!(!md.contains("not 90 s"));
+        r.reference_duration_s = 60.0;
+        r.uncertainty.as_mut().unwrap().body_voxels = 5;
+        assert!(series_markdown(&r).contains("The reference is 60 s, not 90 s"));
+        r.uncertainty = None;
+        assert!(serde_json::to_value(&r).unwrap()["uncertainty"].is_null(), "no σ: null, as before");
+        assert!(!series_markdown(&r).contains("Uncertainty"));
+    }
 }
