@@ -27,37 +27,54 @@ pub fn output_dir(state_dir: &Path, job_id: &str) -> PathBuf {
     state_dir.join("output").join(job_id)
 }
 
+/// Why a job's payload cannot be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{what} series folder {}: {source}", dir.display())]
+    Folder { what: &'static str, dir: PathBuf, source: std::io::Error },
+    #[error("{what} series has {found} files, the journal expects {expected}")]
+    Count { what: &'static str, found: usize, expected: u32 },
+}
+
 /// The files a payload consists of, in a stable order.
-pub fn payload_files(journal: &Journal, spool: &Spool, state_dir: &Path, job: &Job, payload: Payload) -> Result<Vec<PathBuf>, String> {
+pub fn payload_files(
+    journal: &Journal,
+    spool: &Spool,
+    state_dir: &Path,
+    job: &Job,
+    payload: Payload,
+) -> Result<Vec<PathBuf>, PayloadError> {
     let mut files: Vec<PathBuf> = match payload {
-        Payload::Original => journal.instances(&job.id).map_err(|e| e.to_string())?.into_iter().map(|r| spool.absolute(&r.path)).collect(),
+        Payload::Original => journal.instances(&job.id)?.into_iter().map(|r| spool.absolute(&r.path)).collect(),
         Payload::Derived => {
             let dir = output_dir(state_dir, &job.id);
-            let rd = std::fs::read_dir(&dir).map_err(|e| format!("derived series folder {}: {e}", dir.display()))?;
+            let rd = std::fs::read_dir(&dir).map_err(|source| PayloadError::Folder { what: "derived", dir: dir.clone(), source })?;
             rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "dcm")).collect()
         }
     };
     files.sort();
     if payload == Payload::Derived && files.len() as u32 != job.output_count {
-        return Err(format!("derived series has {} files, the journal expects {}", files.len(), job.output_count));
+        return Err(PayloadError::Count { what: "derived", found: files.len(), expected: job.output_count });
     }
     Ok(files)
 }
 
 /// The job's uncertainty series files (empty when it has none), checked
 /// against the count the journal recorded.
-pub fn uncertainty_files(state_dir: &Path, job: &Job) -> Result<Vec<PathBuf>, String> {
+pub fn uncertainty_files(state_dir: &Path, job: &Job) -> Result<Vec<PathBuf>, PayloadError> {
     let expected = job.uncertainty.as_ref().map_or(0, |u| u.count);
     if expected == 0 {
         return Ok(Vec::new());
     }
     let dir = output_dir(state_dir, &job.id).join(crate::pipeline::worker::UNCERTAINTY_DIR);
-    let rd = std::fs::read_dir(&dir).map_err(|e| format!("uncertainty series folder {}: {e}", dir.display()))?;
+    let rd = std::fs::read_dir(&dir).map_err(|source| PayloadError::Folder { what: "uncertainty", dir: dir.clone(), source })?;
     let mut files: Vec<PathBuf> =
         rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "dcm")).collect();
     files.sort();
     if files.len() as u32 != expected {
-        return Err(format!("uncertainty series has {} files, the journal expects {expected}", files.len()));
+        return Err(PayloadError::Count { what: "uncertainty", found: files.len(), expected });
     }
     Ok(files)
 }

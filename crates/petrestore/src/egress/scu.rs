@@ -231,7 +231,12 @@ async fn receive_command(assoc: &mut Assoc) -> Result<Command, String> {
 }
 
 /// C-ECHO a peer (used by `demo` to wait for readiness and by diagnostics).
-pub async fn echo(peer: &Peer) -> Result<(), String> {
+pub async fn echo(peer: &Peer) -> Result<(), SendError> {
+    let failed = |reason: String| SendError::Associate { ae: peer.called_ae.clone(), address: peer.address.clone(), reason };
+    echo_inner(peer).await.map_err(failed)
+}
+
+async fn echo_inner(peer: &Peer) -> Result<(), String> {
     let mut assoc = ClientAssociationOptions::new()
         .calling_ae_title(peer.calling_ae.clone())
         .called_ae_title(peer.called_ae.clone())
