@@ -4,7 +4,9 @@
 //! `PROPTEST_CASES=20000 cargo test --release --test fuzz` for a long run).
 //! The seeds are instances the simulator makes (valid by construction);
 //! failing inputs proptest finds are kept in `tests/fuzz.proptest-regressions`
-//! and replayed first on every run.
+//! and replayed first on every run, and hostile inputs worth keeping are
+//! committed in `tests/fuzz-corpus/` and replayed by
+//! `the_committed_corpus_is_refused`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -93,6 +95,31 @@ fn seed_instance() -> (Vec<u8>, Command) {
 fn the_seed_instance_passes_the_checks() {
     let (bytes, cmd) = seed_instance();
     check_instance(dicom::EXPLICIT_VR_LE, &cmd, &bytes).unwrap_or_else(|e| panic!("the valid seed is refused: {e}"));
+}
+
+/// The committed corpus (`tests/fuzz-corpus/`, what it holds in its
+/// README): every file is refused by the instance checks with a reason.
+#[test]
+fn the_committed_corpus_is_refused() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-corpus");
+    let (_, cmd) = seed_instance();
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_none_or(|x| x != "bin") {
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        let ts = if name.ends_with("-implicit.bin") { dicom::IMPLICIT_VR_LE } else { dicom::EXPLICIT_VR_LE };
+        match check_instance(ts, &cmd, &bytes) {
+            // refused by the length guard, before the parser allocates
+            Err(e) => assert!(e.to_string().contains("declares") || e.to_string().contains("delimiter"), "{name}: {e}"),
+            Ok(_) => panic!("{name} was accepted"),
+        }
+        n += 1;
+    }
+    assert!(n >= 5, "the corpus holds {n} files in {}", dir.display());
 }
 
 proptest! {
