@@ -450,6 +450,11 @@ impl EngineKind {
         }
     }
 
+    /// The names this build knows, in order.
+    pub fn names() -> Vec<&'static str> {
+        EngineKind::ALL.map(EngineKind::name).to_vec()
+    }
+
     pub fn parse(s: &str) -> Option<EngineKind> {
         EngineKind::ALL.into_iter().find(|e| e.name() == s)
     }
@@ -486,6 +491,11 @@ impl Provider {
         }
     }
 
+    /// The names this build knows, in order.
+    pub fn names() -> Vec<&'static str> {
+        Provider::ALL.map(Provider::name).to_vec()
+    }
+
     pub fn parse(s: &str) -> Option<Provider> {
         Provider::ALL.into_iter().find(|p| p.name() == s)
     }
@@ -497,13 +507,8 @@ impl std::fmt::Display for Provider {
     }
 }
 
-/// Engines this build knows, by name.
-pub const KNOWN_ENGINES: &[&str] = &["ort", "tract", "gaussian"];
-
 /// Where the model package installs (`restore.model`'s default).
 pub const DEFAULT_MODEL_DIR: &str = "/usr/share/petrestore/models/petrestore-unet25d";
-/// ONNX Runtime execution providers this build can ask for, by name.
-pub const KNOWN_PROVIDERS: &[&str] = &["tensorrt", "cuda", "cpu"];
 
 impl Settings {
     /// The built-in defaults (the embedded annotated file).
@@ -750,7 +755,7 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
                 errs.push(invalid(
                     "restore.engines",
                     format!("unknown engine {e:?}"),
-                    format!("this build has: {}", KNOWN_ENGINES.join(", ")),
+                    format!("this build has: {}", EngineKind::names().join(", ")),
                 ));
             }
             k
@@ -775,7 +780,7 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         errs.push(invalid(
             "restore.ort_providers",
             format!("{providers:?} is not a list of known providers"),
-            format!("use some of {:?}, in order of preference, e.g. [\"tensorrt\", \"cuda\", \"cpu\"]", KNOWN_PROVIDERS),
+            format!("use some of {:?}, in order of preference, e.g. [\"tensorrt\", \"cuda\", \"cpu\"]", Provider::names()),
         ));
     }
     let ort_library: String = pick!(u, d, restore.ort_library);

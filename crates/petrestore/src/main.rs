@@ -321,7 +321,7 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
     }
     if let Some(e) = engine {
         let Some(k) = petrestore::config::EngineKind::parse(&e) else {
-            bail!("unknown engine {e:?}: this build has {}", petrestore::config::KNOWN_ENGINES.join(", "));
+            bail!("unknown engine {e:?}: this build has {}", petrestore::config::EngineKind::names().join(", "));
         };
         settings.restore.engines = vec![k];
     }
