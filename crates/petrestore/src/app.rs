@@ -74,6 +74,22 @@ pub fn open_journal(settings: &Settings) -> Result<Journal> {
     })
 }
 
+/// Open the journal the repair just rebuilt. The rebuild's own handle is
+/// dropped, but sled releases the folder's lock from its background thread a
+/// moment later, so a lock still held is waited for (up to 5 s).
+fn reopen_after_repair(settings: &Settings) -> Result<Journal> {
+    let t = std::time::Instant::now();
+    loop {
+        match Journal::open(&settings.node.state_dir.join("journal")) {
+            Ok(j) => return Ok(j),
+            Err(JournalError::Locked { .. }) if t.elapsed() < std::time::Duration::from_secs(5) => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Err(_) => return open_journal(settings),
+        }
+    }
+}
+
 /// Rebuild a damaged journal from the spool and the outcome log, keeping the
 /// damaged copy aside; say what was found and what was done.
 fn repair_journal(settings: &Settings, spool_root: &std::path::Path, problems: &[String]) -> Result<()> {
@@ -155,7 +171,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     if !problems.is_empty() {
         drop(journal);
         repair_journal(&settings, spool.root(), &problems)?;
-        journal = open_journal(&settings)?;
+        journal = reopen_after_repair(&settings)?;
     }
     let restore::Engines { engines, reports } = restore::engines_from_settings(&settings).map_err(anyhow::Error::msg)?;
     tracing::info!(engines = ?engines.iter().map(|e| e.label()).collect::<Vec<_>>(), "restoration engines ready");
