@@ -66,6 +66,39 @@ fn assert_parity(pkg_dir: &Path) {
     }
 }
 
+/// The engines measure a series' texture as the trainer does: the same
+/// three numbers from Rust and from petrain.data on the same frames.
+#[test]
+fn texture_descriptors_are_the_trainers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |s: &str| tmp.path().join(s).display().to_string();
+    lab(&["dataset", "--out", &d("val"), "--split", "val", "--count", "1", "--slices", "6", "--matrix", "96", "--post-filter", "5"]);
+    let npy = std::fs::read_dir(tmp.path().join("val"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "npy"))
+        .unwrap();
+    let (shape, all) = read_npy_f32(&npy).unwrap();
+    let [s, n] = [shape[1], shape[2]];
+    let script = format!(
+        "import json, numpy as np\nfrom petrain import data\na = np.load({:?})\n\
+         print(json.dumps([data.texture(a[i]).tolist() + [data.body_scale(a[i])] for i in range(3)]))",
+        npy.display().to_string()
+    );
+    let trainer: Vec<Vec<f64>> = serde_json::from_str(text(&py(&["-c", &script])).trim()).unwrap();
+    let names: Vec<String> = petrestore::restore::texture::KNOWN.iter().map(|s| s.to_string()).collect();
+    for (plane, want) in trainer.iter().enumerate() {
+        let data = all[plane * s * n * n..(plane + 1) * s * n * n].to_vec();
+        let v = petrestore::restore::Volume { nx: n, ny: n, nz: s, spacing: [4.0, 4.0, 3.0], data, frame_duration_s: Some(30.0) };
+        let scale = petrestore::restore::neural::body_scale(&v, 0.05).unwrap();
+        assert!((scale as f64 / want[3] - 1.0).abs() < 1e-5, "plane {plane}: body mean {scale} vs the trainer's {}", want[3]);
+        let got = petrestore::restore::texture::describe(&v, &names, 0.05, scale).unwrap();
+        for (k, name) in names.iter().enumerate() {
+            assert!((got[k] as f64 - want[k]).abs() < 1e-4, "plane {plane} {name}: engines {} vs trainer {}", got[k], want[k]);
+        }
+    }
+}
+
 #[test]
 fn smoke_train_export_parity_eval_and_cross_check() {
     let tmp = tempfile::tempdir().unwrap();
@@ -169,12 +202,13 @@ fn smoke_train_export_parity_eval_and_cross_check() {
         "4",
         "--init",
         &d("run5/params.npz"),
+        "--texture",
+        "--select",
+        "seed_mse",
     ]);
-    assert!(
-        text(&out).contains("context widened from 5 to 7 slices (output unchanged") && text(&out).contains("done: 6 steps"),
-        "{}",
-        text(&out)
-    );
+    for want in ["context widened from 5 to 7 slices (output unchanged", "texture inputs added", "done: 6 steps", "by seed_mse"] {
+        assert!(text(&out).contains(want), "{want:?} missing:\n{}", text(&out));
+    }
     // where the run falls short of the perfect denoiser: the regions' shares add up to the gap
     let gap = text(&py(&["-m", "petrain.gap", "--params", &d("run/params.npz"), "--dataset", &d("val"), "--tta", "4"]));
     for dur in ["30 s", "60 s"] {
@@ -197,7 +231,8 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     assert_parity(&tmp.path().join("pkg"));
     let pkg = ModelPackage::load(&tmp.path().join("pkg")).unwrap();
     assert_eq!(pkg.io.condition.as_deref(), Some("frame_duration_over_90"));
-    assert_eq!((pkg.io.context_slices, pkg.input_channels(), pkg.io.pad_multiple), (7, 8, 8));
+    assert_eq!(pkg.io.texture, ["noise_px", "noise_2px", "axial_corr"]);
+    assert_eq!((pkg.io.context_slices, pkg.input_channels(), pkg.io.pad_multiple), (7, 11, 8));
     assert_eq!(pkg.provenance["train_steps"].as_integer(), Some(6));
 
     let report = lab(&[

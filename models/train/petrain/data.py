@@ -20,10 +20,61 @@ CLEAN, TRUTH = 3, 4
 def body_scale(vol, fraction=0.05):
     """Mean of voxels above `fraction` × the 99.9th percentile: the same
     normalisation as the Rust engines (crates/petrestore/src/restore/neural.rs)."""
+    body = vol[vol > body_threshold(vol, fraction)]
+    return float(body.mean())
+
+
+TEXTURE = ("noise_px", "noise_2px", "axial_corr")
+
+
+def body_threshold(vol, fraction=0.05):
+    """The body is every voxel above `fraction` × the 99.9th percentile (of a
+    strided sample): body_scale's mask."""
     sample = vol.reshape(-1)[::7]
     p999 = np.sort(sample)[min(int(len(sample) * 0.999), len(sample) - 1)]
-    body = vol[vol > p999 * fraction]
-    return float(body.mean())
+    return p999 * fraction
+
+
+def _highpass(v):
+    """v[z, y, x] − the mean of its four in-plane neighbours, interior pixels."""
+    n4 = ((v[:, :-2, 1:-1] + v[:, 2:, 1:-1]) + v[:, 1:-1, :-2]) + v[:, 1:-1, 2:]
+    return v[:, 1:-1, 1:-1] - np.float32(0.25) * n4
+
+
+def _median_abs(d):
+    """The (n//2)-th smallest |d| of every 4th value: the engines' definition."""
+    a = np.abs(d[::4])
+    return float(np.partition(a, len(a) // 2)[len(a) // 2]) if len(a) else 0.0
+
+
+def texture(vol, fraction=0.05):
+    """What the image says about its own reconstruction, as the network is
+    told it (model.toml `io.texture`; the same definitions as the engines,
+    crates/petrestore/src/restore/texture.rs), all relative to the body mean:
+
+    - noise_px: ln of the median |high-pass| over body voxels, the high-pass
+      being a voxel minus the mean of its four in-plane neighbours;
+    - noise_2px: the same on 2×2-binned planes (correlated noise, e.g. a
+      post-filter, loses less there than white noise);
+    - axial_corr: the correlation of the high-pass between adjacent slices
+      over voxels in the body on both (a 3D filter or thin slices raise it).
+    """
+    vol = np.asarray(vol, np.float32)
+    thr = body_threshold(vol, fraction)
+    scale = body_scale(vol, fraction)
+    d = _highpass(vol)
+    inner = vol[:, 1:-1, 1:-1] > thr
+    s, n, m = vol.shape
+    b = vol[:, :n // 2 * 2, :m // 2 * 2].reshape(s, n // 2, 2, m // 2, 2)
+    b = ((b[:, :, 0, :, 0] + b[:, :, 0, :, 1]) + b[:, :, 1, :, 0] + b[:, :, 1, :, 1]) * np.float32(0.25)
+    d2 = _highpass(b)
+    inner2 = b[:, 1:-1, 1:-1] > thr
+    both = inner[:-1] & inner[1:]
+    lo, hi = d[:-1][both].astype(np.float64), d[1:][both].astype(np.float64)
+    den = np.sqrt(np.sum(lo * lo) * np.sum(hi * hi))
+    corr = float(np.sum(lo * hi) / den) if den > 0 else 0.0
+    floor = 1e-6 * scale
+    return np.array([np.log(max(_median_abs(d[inner]), floor) / scale), np.log(max(_median_abs(d2[inner2]), floor) / scale), corr], np.float32)
 
 
 def lesion_mask(meta, shape, margin_px=1.0):
@@ -46,6 +97,7 @@ class Study:
         with open(path[:-4] + ".json") as f:
             self.meta = json.load(f)
         self.scale = {d: body_scale(self.a[PLANE[d]]) for d in (30.0, 60.0, 90.0)}
+        self._texture = {}
         self.mask = lesion_mask(self.meta, self.a.shape[1:])
         s = self.a.shape[1]
         # body voxels per slice, for body-biased crops
@@ -57,10 +109,20 @@ class Study:
         idx = [min(max(k + j - context // 2, 0), s - 1) for j in range(context)]
         return self.a[PLANE[d], idx] / self.scale[d]
 
-    def model_input(self, d, k, context=CONTEXT):
+    def texture(self, d):
+        if d not in self._texture:
+            self._texture[d] = texture(self.a[PLANE[d]])
+        return self._texture[d]
+
+    def model_input(self, d, k, context=CONTEXT, textured=False):
+        """[context + 1 (+ len(TEXTURE)), n, n]: the slices, the duration
+        channel and, for a textured network, one constant channel per
+        texture descriptor of the whole frame."""
         x = self.stack(d, k, context)
-        w = np.full((1,) + x.shape[1:], d / 90.0, np.float32)
-        return np.concatenate([x, w], 0).astype(np.float32)
+        chans = [x, np.full((1,) + x.shape[1:], d / 90.0, np.float32)]
+        if textured:
+            chans.append(np.broadcast_to(self.texture(d)[:, None, None], (len(TEXTURE),) + x.shape[1:]))
+        return np.concatenate(chans, 0).astype(np.float32)
 
 
 def load(folder, limit=None):
@@ -78,8 +140,9 @@ class Sampler:
     would otherwise learn to flatten them); the rest at random body voxels.
     Augmentation: flips, transpose, reversed slice order."""
 
-    def __init__(self, studies, patch, rng, lesion_fraction=0.5, context=CONTEXT):
+    def __init__(self, studies, patch, rng, lesion_fraction=0.5, context=CONTEXT, textured=False):
         self.studies, self.patch, self.rng, self.lf, self.context = studies, patch, rng, lesion_fraction, context
+        self.textured = textured
 
     def batch(self, b):
         P, rng = self.patch, self.rng
@@ -100,7 +163,7 @@ class Sampler:
             y0 = int(np.clip(round(cy) - P // 2, 0, n - P))
             x0 = int(np.clip(round(cx) - P // 2, 0, n - P))
             sl = (slice(y0, y0 + P), slice(x0, x0 + P))
-            x = st.model_input(d, k, self.context)[(slice(None),) + sl]
+            x = st.model_input(d, k, self.context, self.textured)[(slice(None),) + sl]
             y = st.a[CLEAN, k][sl][None] / st.scale[d]
             y90 = st.a[PLANE[90.0], k][sl][None] / st.scale[d]
             m = st.mask[k][sl][None].astype(np.float32)
@@ -116,13 +179,13 @@ class Sampler:
         return np.stack(xs), np.stack(ys), np.stack(ms), np.stack(p90)
 
 
-def full_slices(studies, durations=DURATIONS, every=1, context=CONTEXT):
-    """Whole slices for validation: (x [N,context+1,n,n], clean, pet90), normalised."""
+def full_slices(studies, durations=DURATIONS, every=1, context=CONTEXT, textured=False):
+    """Whole slices for validation: (x [N,context+1(+texture),n,n], clean, pet90), normalised."""
     xs, cl, p9 = [], [], []
     for st in studies:
         for d in durations:
             for k in range(0, st.a.shape[1], every):
-                xs.append(st.model_input(d, k, context))
+                xs.append(st.model_input(d, k, context, textured))
                 cl.append(st.a[CLEAN, k][None] / st.scale[d])
                 p9.append(st.a[PLANE[90.0], k][None] / st.scale[d])
     return np.stack(xs), np.stack(cl), np.stack(p9)

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import net
+from . import data, net
 from .train import load_params
 
 OPSET = 17
@@ -27,15 +27,40 @@ BIG = 2**31 - 1
 
 def build(p, width):
     inits, nodes = [], []
+    c, nt = net.context_of(p), net.texture_of(p)
+    biased = set(net.texture_blocks(net.levels_of(p))) if nt else set()
 
     def arr(name, a):
         inits.append(numpy_helper.from_array(np.asarray(a), name))
         return name
 
+    image = "input"
+    if nt:
+        # the slices and duration go to the image path; the texture channels
+        # (constant maps) become one vector [B, T, 1, 1]
+        arr("img_s", np.array([0, 0, 0, 0], np.int64)); arr("img_e", np.array([BIG, c + 1, BIG, BIG], np.int64))
+        arr("tex_s", np.array([0, c + 1, 0, 0], np.int64)); arr("tex_e", np.array([BIG, c + 1 + nt, BIG, BIG], np.int64))
+        nodes += [
+            helper.make_node("Slice", ["input", "img_s", "img_e"], ["image"]),
+            helper.make_node("Slice", ["input", "tex_s", "tex_e"], ["texture_maps"]),
+            helper.make_node("ReduceMean", ["texture_maps"], ["texture"], axes=[2, 3], keepdims=1),
+        ]
+        image = "image"
+
     def conv(name, x, relu=True):
         arr(name + "_w", np.asarray(p[name]["w"], np.float32))
         arr(name + "_b", np.asarray(p[name]["b"], np.float32))
-        nodes.append(helper.make_node("Conv", [x, name + "_w", name + "_b"], [name], pads=[1, 1, 1, 1], kernel_shape=[3, 3]))
+        if name in biased:
+            t = "t" + name
+            arr(t + "_w", np.asarray(p[t]["w"], np.float32))
+            arr(t + "_b", np.asarray(p[t]["b"], np.float32))
+            nodes.extend([
+                helper.make_node("Conv", [x, name + "_w", name + "_b"], [name + "_c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+                helper.make_node("Conv", ["texture", t + "_w", t + "_b"], [t], kernel_shape=[1, 1]),
+                helper.make_node("Add", [name + "_c", t], [name]),
+            ])
+        else:
+            nodes.append(helper.make_node("Conv", [x, name + "_w", name + "_b"], [name], pads=[1, 1, 1, 1], kernel_shape=[3, 3]))
         if relu:
             nodes.append(helper.make_node("Relu", [name], [name + "_r"]))
             return name + "_r"
@@ -56,14 +81,13 @@ def build(p, width):
         return name
 
     levels = net.levels_of(p)
-    enc = [conv("e1b", conv("e1a", "input"))]
+    enc = [conv("e1b", conv("e1a", image))]
     for l in range(2, levels + 1):
         enc.append(conv(f"e{l}b", conv(f"e{l}a", pool(f"pool{l - 1}", enc[-1]))))
     d = enc[-1]
     for l in range(levels - 1, 0, -1):
         d = conv(f"d{l}b", conv(f"d{l}a", cat(f"cat{l}", conv_t(f"u{l}", d), enc[l - 1])))
     r = conv("head", d, relu=False)
-    c = net.context_of(p)
     arr("xc_s", np.array([0, c // 2, 0, 0], np.int64)); arr("xc_e", np.array([BIG, c // 2 + 1, BIG, BIG], np.int64))
     arr("w_s", np.array([0, c, 0, 0], np.int64)); arr("w_e", np.array([BIG, c + 1, BIG, BIG], np.int64))
     arr("one", np.array(1.0, np.float32))
@@ -76,7 +100,7 @@ def build(p, width):
     ]
     graph = helper.make_graph(
         nodes, "petrestore-unet25d",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", c + 1, "height", "width"])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", c + 1 + nt, "height", "width"])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1, "height", "width"])],
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="petrestore petrain.export")
@@ -85,15 +109,21 @@ def build(p, width):
     return model
 
 
-def parity_input(rng, context, b=2, h=64, w=48):
-    """Smooth positive slices like a normalised PET image, two durations."""
+def parity_input(rng, context, b=2, h=64, w=48, texture=0):
+    """Smooth positive slices like a normalised PET image, two durations,
+    and for a textured network constant texture channels in the range the
+    simulator's reconstructions give."""
     x = rng.gamma(4.0, 0.25, size=(b, context, h, w)).astype(np.float32)
     k = np.ones(5, np.float32) / 5
     for ax in (2, 3):
         x = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), ax, x)
     x[:, :, h // 3:h // 3 + 4, w // 2:w // 2 + 4] += 6.0  # a hot spot
     wch = np.stack([np.full((1, h, w), d / 90.0, np.float32) for d in ([30.0, 60.0] * b)[:b]])
-    return np.concatenate([x, wch], 1).astype(np.float32)
+    chans = [x, wch]
+    if texture:
+        t = np.resize(np.array([-3.0, -2.7, 0.6], np.float32), texture) + rng.uniform(-0.8, 0.8, size=(b, texture)).astype(np.float32)
+        chans.append(np.broadcast_to(t[:, :, None, None], (b, texture, h, w)))
+    return np.concatenate(chans, 1).astype(np.float32)
 
 
 def main(argv=None):
@@ -118,7 +148,8 @@ def main(argv=None):
     # parity: JAX (the trained function) vs ONNX Runtime on the same input
     import onnxruntime as ort
     context = net.context_of(p)
-    x = parity_input(np.random.default_rng(7), context)
+    texture = net.texture_of(p)
+    x = parity_input(np.random.default_rng(7), context, texture=texture)
     y_jax = np.asarray(net.forward(p, x)[0])
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     y_ort = sess.run(["output"], {"input": x})[0]
@@ -153,13 +184,19 @@ def main(argv=None):
         'onnx = "model.onnx"',
         "",
         "[io]",
-        f'input = "input"            # float32 [batch, {context + 1}, height, width]: {context} slices + duration channel',
+        f'input = "input"            # float32 [batch, {context + 1 + texture}, height, width]: {context} slices + duration channel'
+        + (f" + {texture} texture channels" if texture else ""),
         'output = "output"          # float32 [batch, 1, height, width]: 90 s-equivalent image',
         f"context_slices = {context}         # centre slice ± {context // 2}; edges repeat the first/last slice",
         "batch = 1                  # slices per inference: 1 was 1.4-1.8x faster than 4 on CPU (ORT and tract, 192² and 400², BENCHMARKS.md)",
         '# one extra constant input channel = Actual Frame Duration / 90 s (also the',
         '# weight of the input in the output mix, see MODEL_CARD.md)',
         'condition = "frame_duration_over_90"',
+    ] + ([
+        "# then one constant channel per descriptor of the frame's own texture, in this order",
+        "# (the engines measure them on the whole series; MODEL_CARD.md)",
+        "texture = [" + ", ".join(f'"{t}"' for t in data.TEXTURE[:texture]) + "]",
+    ] if texture else []) + [
         f"pad_multiple = {pad}           # {levels - 1} 2x2 poolings: height and width padded (edge replicate) to a multiple of {pad}",
         f"tta = {a.tta}                     # test-time augmentation: 1 off, 4 = also run flipped left-right, up-down, both; outputs averaged",
         "",

@@ -61,6 +61,14 @@ def rebuild(model):
                 got = "missing" if a is None else f"{a.dtype} {a.shape}"
                 fail(f"initializer {name}_{t} is {got}, a width-{width} context-{context} {levels}-level network needs float32 {want}")
         p[name] = {"w": inits[f"{name}_w"], "b": inits[f"{name}_b"]}
+    nt = int(inits["te1a_w"].shape[1]) if "te1a_w" in inits else 0
+    for name in net.texture_blocks(levels) if nt else []:
+        co = p[name]["w"].shape[0]
+        for t, want in (("w", (co, nt, 1, 1)), ("b", (co,))):
+            a = inits.get(f"t{name}_{t}")
+            if a is None or a.shape != want or a.dtype != np.float32:
+                fail(f"initializer t{name}_{t} is {'missing' if a is None else f'{a.dtype} {a.shape}'}, a network with {nt} texture inputs needs float32 {want}")
+        p["t" + name] = {"w": inits[f"t{name}_w"], "b": inits[f"t{name}_b"]}
     want = export.build(p, width)
     opsets = [[(o.domain, o.version) for o in m.opset_import] for m in (model, want)]
     if opsets[0] != opsets[1]:
@@ -109,7 +117,7 @@ def main(argv=None):
         path = os.path.join(tmp, "params.npz")
         save_params(path, p, width)
         q, w = load_params(path)
-        ref = net.init(jax.random.PRNGKey(0), width, context, levels)
+        ref = net.init(jax.random.PRNGKey(0), width, context, levels, net.texture_of(p))
         layout = lambda d: {k: {t: (v[t].shape, v[t].dtype) for t in ("w", "b")} for k, v in d.items()}
         if w != width or layout(q) != layout(ref):
             fail(f"load_params gives width {w} and {layout(q)}, net.init gives width {width} and {layout(ref)}")

@@ -39,7 +39,7 @@ def regions(st):
 def denoise(fwd, p, st, d, tta):
     """den (Bq/ml) for every slice of the study, averaged over `tta` flips as the engines do."""
     s = st.a.shape[1]
-    x = np.stack([st.model_input(d, k, net.context_of(p)) for k in range(s)])
+    x = np.stack([st.model_input(d, k, net.context_of(p), net.texture_of(p) > 0) for k in range(s)])
     flips = [(), (3,), (2,), (2, 3)][:tta]
     acc = np.zeros((s,) + x.shape[2:], np.float32)
     for f in flips:

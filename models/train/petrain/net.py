@@ -1,9 +1,16 @@
 """The network: a 2.5D residual U-Net conditioned on frame duration.
 
-Input  x: float32 [B, K+1, H, W]: K adjacent slices (K odd, the context;
+Input  x: float32 [B, K+1(+T), H, W]: K adjacent slices (K odd, the context;
           centre = index K//2) of the short frame divided by the series'
-          body mean, and one constant channel w = frame duration / 90 s.
-          K is fixed by the weights (input channels of the first layer − 1).
+          body mean, one constant channel w = frame duration / 90 s, and for
+          a textured network T constant channels: what the frame says about
+          its reconstruction (data.TEXTURE: noise at one and two pixels,
+          axial noise correlation). K is fixed by the weights (input
+          channels of the first layer − 1), T by the texture layers.
+          The texture enters as a learned bias on the first convolution of
+          every block (`t<block>`: a 1×1 convolution of the texture vector,
+          zero at the start), so the network can change how hard it denoises
+          with the reconstruction while the image path stays as it was.
 Output:   the 90 s-equivalent image (same scale), built as docs/QUALITY.md derives
           for nested frames: out = w·x_c + (1 − w)·den, with den = x_c + r(x)
           the network's estimate of the noise-free image. Only the denoiser
@@ -34,12 +41,35 @@ def specs(c, context=CONTEXT, levels=LEVELS):
     return out + [("head", "conv", c, 1, 3)]
 
 
+def texture_of(p):
+    """Texture descriptors the weights take (0: none)."""
+    return int(p["te1a"]["w"].shape[1]) if "te1a" in p else 0
+
+
+def texture_blocks(levels):
+    """The convolutions that get a texture bias: the first of every block."""
+    return [f"e{l}a" for l in range(1, levels + 1)] + [f"d{l}a" for l in range(levels - 1, 0, -1)]
+
+
+def add_texture(p, texture):
+    """The same function with `texture` descriptor inputs: zero texture
+    biases, so the network computes exactly what `p` did until training
+    teaches it to use them."""
+    if texture_of(p):
+        raise ValueError("the weights already take texture descriptors")
+    q = dict(p)
+    for name in texture_blocks(levels_of(p)):
+        co = p[name]["w"].shape[0]
+        q["t" + name] = {"w": jnp.zeros((co, texture, 1, 1), jnp.float32), "b": jnp.zeros((co,), jnp.float32)}
+    return q
+
+
 def levels_of(p):
     """Resolution levels of the weights (poolings + 1)."""
     return sum(1 for name in p if name.startswith("e") and name.endswith("a"))
 
 
-def init(key, c, context=CONTEXT, levels=LEVELS):
+def init(key, c, context=CONTEXT, levels=LEVELS, texture=0):
     if context < 1 or context % 2 == 0:
         raise ValueError(f"context must be odd, is {context}")
     if levels < 2:
@@ -54,7 +84,7 @@ def init(key, c, context=CONTEXT, levels=LEVELS):
         if name == "head":
             w = w * 0.01
         p[name] = {"w": w.astype(jnp.float32), "b": jnp.zeros((co,), jnp.float32)}
-    return p
+    return add_texture(p, texture) if texture else p
 
 
 def conv(p, x):
@@ -73,16 +103,25 @@ def pool(x):
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
 
 
-def residual(p, x):
+def residual(p, x, t=None):
+    """The learned residual; `t` [B, T] the texture vector of a textured network."""
     r = jax.nn.relu
+
+    def first(name, h):
+        y = conv(p[name], h)
+        if t is None:
+            return y
+        q = p["t" + name]
+        return y + (t @ q["w"][:, :, 0, 0].T + q["b"])[:, :, None, None]
+
     levels = levels_of(p)
-    enc = [r(conv(p["e1b"], r(conv(p["e1a"], x))))]
+    enc = [r(conv(p["e1b"], r(first("e1a", x))))]
     for l in range(2, levels + 1):
-        enc.append(r(conv(p[f"e{l}b"], r(conv(p[f"e{l}a"], pool(enc[-1]))))))
+        enc.append(r(conv(p[f"e{l}b"], r(first(f"e{l}a", pool(enc[-1]))))))
     d = enc[-1]
     for l in range(levels - 1, 0, -1):
         d = jnp.concatenate([conv_t(p[f"u{l}"], d), enc[l - 1]], axis=1)
-        d = r(conv(p[f"d{l}b"], r(conv(p[f"d{l}a"], d))))
+        d = r(conv(p[f"d{l}b"], r(first(f"d{l}a", d))))
     return conv(p["head"], d)
 
 
@@ -109,10 +148,13 @@ def expand_context(p, context):
 
 def forward(p, x):
     """Returns (out, den): the 90 s-equivalent image and the denoised one."""
-    k = x.shape[1] - 1
+    k, nt = context_of(p), texture_of(p)
+    if x.shape[1] != k + 1 + nt:
+        raise ValueError(f"input has {x.shape[1]} channels, the network takes {k + 1 + nt}")
     xc = x[:, k // 2:k // 2 + 1]
     w = x[:, k:k + 1]
-    r = residual(p, x)
+    t = jnp.mean(x[:, k + 1:], axis=(2, 3)) if nt else None
+    r = residual(p, x[:, :k + 1], t)
     return xc + (1.0 - w) * r, xc + r
 
 

@@ -41,7 +41,11 @@ def load_params(path):
 
 # what must match between a run and its resumption (the rest, e.g. --eval-every, may differ)
 RESUME_ARGS = ("train", "val", "width", "context", "levels", "patch", "batch", "lr", "steps", "lesion_weight", "lesion_fraction", "seed", "limit", "warmup",
-               "lesion_mean_weight")
+               "lesion_mean_weight", "texture", "select")
+
+
+# what a checkpoint written before an argument existed ran with
+RESUME_DEFAULTS = {"lesion_mean_weight": 0.0, "texture": False, "select": "loss"}
 
 
 def save_checkpoint(a, p, st, step, best, history, minutes, rng):
@@ -68,7 +72,7 @@ def load_checkpoint(a, p, st, rng):
     with open(path) as f:
         meta = json.load(f)
     for k in RESUME_ARGS:
-        if meta["args"].get(k, 0.0 if k == "lesion_mean_weight" else None) != getattr(a, k):
+        if meta["args"].get(k, RESUME_DEFAULTS.get(k)) != getattr(a, k):
             raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(a, k)!r}, the checkpoint's run used {meta['args'][k]!r}")
     z = np.load(os.path.join(a.out, "checkpoint.npz"))
     q = {}
@@ -99,6 +103,24 @@ def widen_checked(p, context, x):
     return q
 
 
+def textured_checked(p, x):
+    """`net.add_texture`, then a check on the inputs `x` (with texture
+    channels) that the textured network computes the same function."""
+    q = net.add_texture(p, len(data.TEXTURE))
+    k = net.context_of(p)
+    y0, y1 = np.asarray(net.forward(p, x[:, :k + 1])[0]), np.asarray(net.forward(q, x)[0])
+    diff, span = float(np.abs(y1 - y0).max()), float(y0.max() - y0.min())
+    if not diff <= 1e-5 * max(span, 1e-6):
+        raise SystemExit(f"adding the texture inputs changed the output by {diff} (range {span})")
+    print(f"texture inputs added ({', '.join(data.TEXTURE)}; output unchanged: max |diff| {diff:.2g})", flush=True)
+    return q
+
+
+def score(entry, select):
+    """Higher is better: the validation loss (negated) or the seed MSE metric (30 s + 60 s)."""
+    return -entry["loss"] if select == "loss" else entry["seed_mse_30"] + entry["seed_mse_60"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", required=True)
@@ -116,6 +138,10 @@ def main(argv=None):
     ap.add_argument("--lesion-fraction", type=float, default=0.5, help="share of patches centred near a lesion")
     ap.add_argument("--lesion-mean-weight", type=float, default=0.0,
                     help="weight of the squared mean error over the lesion voxels of each patch (SUVmean bias)")
+    ap.add_argument("--texture", action="store_true",
+                    help="give the network the frame's texture descriptors (data.TEXTURE) as inputs; --init weights without them get zero texture weights")
+    ap.add_argument("--select", choices=["loss", "seed_mse"], default="loss",
+                    help="which validation measure picks the kept weights: the loss, or the seed MSE metric (30 s + 60 s)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N studies of each split (smoke tests)")
@@ -140,18 +166,18 @@ def main(argv=None):
             raise SystemExit(f"{st.path} is a test study: the test split is never trained on")
     print(f"{len(train)} training and {len(val)} validation studies loaded in {time.time() - t0:.1f} s", flush=True)
     rng = np.random.default_rng(a.seed)
-    sampler = data.Sampler(train, a.patch, rng, a.lesion_fraction, a.context)
+    sampler = data.Sampler(train, a.patch, rng, a.lesion_fraction, a.context, a.texture)
     # Validation slices grouped by matrix (a site-matrix grid mixes 128² to
     # 300²): one stack per shape, metrics pooled over all of them.
     vgroups = []
     for shape in sorted({st.a.shape[2:] for st in val}):
         sts = [st for st in val if st.a.shape[2:] == shape]
-        gx, gclean, gp90 = data.full_slices(sts, every=2, context=a.context)
+        gx, gclean, gp90 = data.full_slices(sts, every=2, context=a.context, textured=a.texture)
         gmask = np.concatenate([np.stack([st.mask[k][None] for d in data.DURATIONS for k in range(0, st.a.shape[1], 2)]) for st in sts]).astype(np.float32)
         vgroups.append((gx, gclean, gp90, gmask))
     vx = vgroups[0][0]
 
-    p = net.init(jax.random.PRNGKey(a.seed), a.width, a.context, a.levels)
+    p = net.init(jax.random.PRNGKey(a.seed), a.width, a.context, a.levels, len(data.TEXTURE) if a.texture else 0)
     if a.init:
         p, width = load_params(a.init)
         if width != a.width:
@@ -160,8 +186,12 @@ def main(argv=None):
             raise SystemExit(f"--init {a.init} has {net.levels_of(p)} levels, not --levels {a.levels}")
         if net.context_of(p) > a.context:
             raise SystemExit(f"--init {a.init} has context {net.context_of(p)}, more than --context {a.context}")
+        if net.texture_of(p) and not a.texture:
+            raise SystemExit(f"--init {a.init} takes texture descriptors: give --texture")
         if net.context_of(p) < a.context:
-            p = widen_checked(p, a.context, vx[:4])
+            p = widen_checked(p, a.context, vx[:4] if net.texture_of(p) else vx[:4, :a.context + 1])
+        if a.texture and not net.texture_of(p):
+            p = textured_checked(p, vx[:4])
     budget_steps = a.steps if a.steps else 10**9
     # cosine decay over the expected number of steps (estimated after warm-up)
     est_steps = a.steps if a.steps else 20000
@@ -235,7 +265,7 @@ def main(argv=None):
             v = validate(p)
             entry = {"step": i, "minutes": prior_minutes + (time.time() - t_train) / 60, "train_loss": float(np.mean(losses)), **v}
             log["history"].append(entry)
-            better = best is None or v["loss"] < best["loss"]
+            better = best is None or score(entry, a.select) > score(best, a.select)
             if better:
                 best = entry
                 save_params(os.path.join(a.out, "params.npz"), p, a.width)
@@ -252,7 +282,8 @@ def main(argv=None):
         json.dump(log, f, indent=1, default=float)
     if a.steps and i < a.steps:
         print(f"stopped at step {i} of {a.steps} (--stop-after); go on with the same arguments and --resume", flush=True)
-    print(f"done: {i} steps in {log['train_minutes']:.1f} min; best at step {best['step']} (val loss {best['loss']:.4g}); weights in {a.out}/params.npz", flush=True)
+    print(f"done: {i} steps in {log['train_minutes']:.1f} min; best at step {best['step']} by {a.select} (val loss {best['loss']:.4g}, "
+          f"seed MSE {best['seed_mse_30']:.2f} / {best['seed_mse_60']:.2f}); weights in {a.out}/params.npz", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ pub mod model;
 pub mod neural;
 pub mod ort_engine;
 pub mod select;
+pub mod texture;
 pub mod tract_engine;
 pub mod uncertainty;
 pub mod volume;

@@ -52,6 +52,11 @@ pub struct Io {
     /// "frame_duration_over_90" (Actual Frame Duration / 90 s).
     #[serde(default)]
     pub condition: Option<String>,
+    /// Constant input channels after the conditioning channel: descriptors
+    /// of the series' own texture (`texture::KNOWN`), measured by the
+    /// engines on the whole series, in this order.
+    #[serde(default)]
+    pub texture: Vec<String>,
     /// Height and width are padded (edge replicate) to a multiple of this
     /// and the output cropped back (a network with poolings needs it).
     #[serde(default = "default_pad")]
@@ -170,6 +175,15 @@ impl ModelPackage {
                 reason: format!("io.condition {c:?} is unknown (this build knows {CONDITION_DURATION:?})"),
             });
         }
+        if let Some(t) = raw.io.texture.iter().find(|t| !super::texture::KNOWN.contains(&t.as_str())) {
+            return Err(ModelError::Invalid {
+                dir: d,
+                reason: format!("io.texture {t:?} is unknown (this build knows {:?})", super::texture::KNOWN),
+            });
+        }
+        if !raw.io.texture.is_empty() && raw.io.condition.is_none() {
+            return Err(ModelError::Invalid { dir: d, reason: "io.texture follows the io.condition channel: give io.condition".into() });
+        }
         if raw.io.pad_multiple == 0 || raw.io.pad_multiple > 64 {
             return Err(ModelError::Invalid { dir: d, reason: format!("io.pad_multiple must be 1..=64, is {}", raw.io.pad_multiple) });
         }
@@ -226,9 +240,10 @@ impl ModelPackage {
         self.purpose == "test"
     }
 
-    /// Input channels per slice: the context slices plus a conditioning channel.
+    /// Input channels per slice: the context slices, a conditioning
+    /// channel, and one channel per texture descriptor.
     pub fn input_channels(&self) -> usize {
-        self.io.context_slices + usize::from(self.io.condition.is_some())
+        self.io.context_slices + usize::from(self.io.condition.is_some()) + self.io.texture.len()
     }
 
     /// The warning that travels with every series this package restores.
@@ -290,6 +305,24 @@ mod tests {
         assert!(e.contains("needs io.working_pixel_mm"), "{e}");
         let e = with("working_pixel_mm = 0").unwrap_err().to_string();
         assert!(e.contains("io.working_pixel_mm must be 0.5..=20 mm"), "{e}");
+    }
+
+    #[test]
+    fn texture_channels_are_checked_and_counted() {
+        let d = tempfile::tempdir().unwrap();
+        copy_test_model(d.path());
+        let toml = d.path().join("model.toml");
+        let text = std::fs::read_to_string(&toml).unwrap();
+        let with = |extra: &str| {
+            std::fs::write(&toml, text.replacen("[io]\n", &format!("[io]\n{extra}\n"), 1)).unwrap();
+            ModelPackage::load(d.path())
+        };
+        let p = with("condition = \"frame_duration_over_90\"\ntexture = [\"noise_px\", \"axial_corr\"]").unwrap();
+        assert_eq!(p.input_channels(), 5 + 1 + 2);
+        let e = with("condition = \"frame_duration_over_90\"\ntexture = [\"snr\"]").unwrap_err().to_string();
+        assert!(e.contains("io.texture \"snr\" is unknown") && e.contains("noise_2px"), "{e}");
+        let e = with("texture = [\"noise_px\"]").unwrap_err().to_string();
+        assert!(e.contains("give io.condition"), "{e}");
     }
 
     #[test]

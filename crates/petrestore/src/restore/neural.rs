@@ -16,13 +16,7 @@ pub trait Backend: Send + Sync {
 /// series) and quantitative (it scales with activity, so SUV ratios hold).
 pub fn body_scale(v: &Volume, fraction: f64) -> Option<f32> {
     // A strided sample is plenty for a percentile and keeps this O(n/7).
-    let mut sample: Vec<f32> = v.data.iter().step_by(7).copied().filter(|x| x.is_finite()).collect();
-    if sample.is_empty() {
-        return None;
-    }
-    let k = ((sample.len() as f64 * 0.999) as usize).min(sample.len() - 1);
-    let (_, p999, _) = sample.select_nth_unstable_by(k, f32::total_cmp);
-    let threshold = *p999 as f64 * fraction;
+    let threshold = super::texture::body_threshold(&v.data, fraction)?;
     let (mut sum, mut n) = (0.0f64, 0usize);
     for x in &v.data {
         if (*x as f64) > threshold {
@@ -70,6 +64,8 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
             Some((d / 90.0) as f32)
         }
     };
+    let texture = super::texture::describe(v, &pkg.io.texture, pkg.normalisation.threshold_fraction, scale)?;
+    let condition = condition.map(|w| [vec![w], texture].concat());
     let grid = WorkingGrid::for_volume(v, pkg);
     if grid.is_native() {
         let data = run_grid(
@@ -229,7 +225,7 @@ fn run_grid(
     backend: &dyn Backend,
     workers: usize,
     scale: f32,
-    condition: Option<f32>,
+    condition: Option<Vec<f32>>,
 ) -> Result<Vec<f32>, String> {
     // padded plane (edge replicate), cropped back after inference
     let m = pkg.io.pad_multiple.max(1);
@@ -264,8 +260,8 @@ fn run_grid(
                     }
                 }
             }
-            if let Some(value) = condition {
-                input[(i * c + ctx) * pplane..(i * c + ctx + 1) * pplane].fill(value);
+            for (k, value) in condition.iter().flatten().enumerate() {
+                input[(i * c + ctx + k) * pplane..(i * c + ctx + k + 1) * pplane].fill(*value);
             }
         }
         let y = infer_tta(backend, &input, b, c, hp, wp, pkg.io.tta)?;
