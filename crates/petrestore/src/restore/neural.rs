@@ -51,6 +51,10 @@ pub fn smoke_test(backend: &dyn Backend, pkg: &ModelPackage) -> Result<(), Strin
 /// working grid) is interpolated back and added to the series' own slice.
 /// Detail finer than the working grid is kept as acquired; a series already
 /// on the working grid is restored exactly as without it.
+///
+/// A package with `io.texture` also gets the series' texture descriptors
+/// (`texture::describe`, measured once on the whole series) as constant
+/// channels after the duration channel.
 pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, workers: usize) -> Result<Volume, String> {
     let scale = body_scale(v, pkg.normalisation.threshold_fraction).ok_or("the volume holds no activity")?;
     let condition = match pkg.io.condition.as_deref() {

@@ -116,6 +116,9 @@ fn axial_corr(data: &[f32], w: usize, h: usize, nz: usize, threshold: f64) -> f6
 /// The descriptors `names` (each one of [`KNOWN`]) of a volume whose body
 /// mean is `scale`, in the order asked.
 pub fn describe(v: &Volume, names: &[String], fraction: f64, scale: f32) -> Result<Vec<f32>, String> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
     let threshold = body_threshold(&v.data, fraction).ok_or("the volume holds no finite value")?;
     let scale = scale as f64;
     let floor = 1e-6 * scale;
