@@ -95,23 +95,26 @@ def widen_checked(p, context, x):
     q = net.expand_context(p, context)
     pad = (context - old) // 2
     narrow = np.concatenate([x[:, pad:pad + old], x[:, context:]], axis=1)
-    y0, y1 = np.asarray(net.forward(p, narrow)[0]), np.asarray(net.forward(q, x)[0])
-    diff, span = float(np.abs(y1 - y0).max()), float(y0.max() - y0.min())
-    if not diff <= 1e-5 * max(span, 1e-6):
-        raise SystemExit(f"widening the context from {old} to {context} changed the output by {diff} (range {span})")
+    diff = same_function(p, narrow, q, x, f"widening the context from {old} to {context}")
     print(f"context widened from {old} to {context} slices (output unchanged: max |diff| {diff:.2g})", flush=True)
     return q
+
+
+def same_function(p, xp, q, xq, what):
+    """Max |difference| between `p` on `xp` and `q` on `xq`; stops the run
+    if it exceeds 1e-5 of the output range."""
+    y0, y1 = np.asarray(net.forward(p, xp)[0]), np.asarray(net.forward(q, xq)[0])
+    diff, span = float(np.abs(y1 - y0).max()), float(y0.max() - y0.min())
+    if not diff <= 1e-5 * max(span, 1e-6):
+        raise SystemExit(f"{what} changed the output by {diff} (range {span})")
+    return diff
 
 
 def textured_checked(p, x):
     """`net.add_texture`, then a check on the inputs `x` (with texture
     channels) that the textured network computes the same function."""
     q = net.add_texture(p, len(data.TEXTURE))
-    k = net.context_of(p)
-    y0, y1 = np.asarray(net.forward(p, x[:, :k + 1])[0]), np.asarray(net.forward(q, x)[0])
-    diff, span = float(np.abs(y1 - y0).max()), float(y0.max() - y0.min())
-    if not diff <= 1e-5 * max(span, 1e-6):
-        raise SystemExit(f"adding the texture inputs changed the output by {diff} (range {span})")
+    diff = same_function(p, x[:, :net.context_of(p) + 1], q, x, "adding the texture inputs")
     print(f"texture inputs added ({', '.join(data.TEXTURE)}; output unchanged: max |diff| {diff:.2g})", flush=True)
     return q
 

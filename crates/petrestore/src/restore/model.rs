@@ -289,16 +289,21 @@ mod tests {
         assert!(e.contains("model.onnx") && e.contains("sha256") && e.contains("reinstall"), "{e}");
     }
 
+    /// A copy of the test model in `dir`, loaded with `extra` lines added to its `[io]` table.
+    fn with_io(dir: &Path) -> impl Fn(&str) -> Result<ModelPackage, ModelError> + '_ {
+        copy_test_model(dir);
+        let toml = dir.join("model.toml");
+        let text = std::fs::read_to_string(&toml).unwrap();
+        move |extra: &str| {
+            std::fs::write(&toml, text.replacen("[io]\n", &format!("[io]\n{extra}\n"), 1)).unwrap();
+            ModelPackage::load(dir)
+        }
+    }
+
     #[test]
     fn working_grid_settings_are_checked() {
         let d = tempfile::tempdir().unwrap();
-        copy_test_model(d.path());
-        let toml = d.path().join("model.toml");
-        let text = std::fs::read_to_string(&toml).unwrap();
-        let with = |extra: &str| {
-            std::fs::write(&toml, text.replacen("[io]\n", &format!("[io]\n{extra}\n"), 1)).unwrap();
-            ModelPackage::load(d.path())
-        };
+        let with = with_io(d.path());
         let p = with("working_pixel_mm = 4.6875\nworking_slice_mm = 3.27").unwrap();
         assert_eq!((p.io.working_pixel_mm, p.io.working_slice_mm), (Some(4.6875), Some(3.27)));
         let e = with("working_slice_mm = 3.27").unwrap_err().to_string();
@@ -310,13 +315,7 @@ mod tests {
     #[test]
     fn texture_channels_are_checked_and_counted() {
         let d = tempfile::tempdir().unwrap();
-        copy_test_model(d.path());
-        let toml = d.path().join("model.toml");
-        let text = std::fs::read_to_string(&toml).unwrap();
-        let with = |extra: &str| {
-            std::fs::write(&toml, text.replacen("[io]\n", &format!("[io]\n{extra}\n"), 1)).unwrap();
-            ModelPackage::load(d.path())
-        };
+        let with = with_io(d.path());
         let p = with("condition = \"frame_duration_over_90\"\ntexture = [\"noise_px\", \"axial_corr\"]").unwrap();
         assert_eq!(p.input_channels(), 5 + 1 + 2);
         let e = with("condition = \"frame_duration_over_90\"\ntexture = [\"snr\"]").unwrap_err().to_string();
