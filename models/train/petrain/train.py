@@ -6,7 +6,12 @@ The loss is a lesion-weighted MSE between the denoised image and the
 noise-free reconstruction of the 90 s data (the model's output mix with the
 input is fixed, see net.py), plus, with --lesion-mean-weight, the squared
 mean error over each patch's lesion voxels: the SUVmean bias a reader would
-measure, which a voxel-wise loss lets the network trade for less noise. The kept weights are those with the lowest loss
+measure, which a voxel-wise loss lets the network trade for less noise;
+and, with --lesion-relative-weight, the mean squared *relative* error over
+lesion voxels ((den − y) / y): a lesion in the lung at a tenth of the body
+mean weighs as much as one in the liver, as it does in a reader's SUV,
+where an absolute error lets the network flatten it for almost nothing.
+The kept weights are those with the lowest loss
 on the validation split; the test split is never read here.
 """
 import argparse
@@ -21,6 +26,9 @@ import numpy as np
 import optax
 
 from . import data, net
+
+
+RELATIVE_FLOOR = 0.05  # body-mean units: below any lesion's clean value in the simulator
 
 
 def save_params(path, p, width):
@@ -41,11 +49,11 @@ def load_params(path):
 
 # what must match between a run and its resumption (the rest, e.g. --eval-every, may differ)
 RESUME_ARGS = ("train", "val", "width", "context", "levels", "patch", "batch", "lr", "steps", "lesion_weight", "lesion_fraction", "seed", "limit", "warmup",
-               "lesion_mean_weight", "texture", "select")
+               "lesion_mean_weight", "lesion_relative_weight", "texture", "select")
 
 
 # what a checkpoint written before an argument existed ran with
-RESUME_DEFAULTS = {"lesion_mean_weight": 0.0, "texture": False, "select": "loss"}
+RESUME_DEFAULTS = {"lesion_mean_weight": 0.0, "lesion_relative_weight": 0.0, "texture": False, "select": "loss"}
 
 
 def save_checkpoint(a, p, st, step, best, history, minutes, rng):
@@ -141,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--lesion-fraction", type=float, default=0.5, help="share of patches centred near a lesion")
     ap.add_argument("--lesion-mean-weight", type=float, default=0.0,
                     help="weight of the squared mean error over the lesion voxels of each patch (SUVmean bias)")
+    ap.add_argument("--lesion-relative-weight", type=float, default=0.0,
+                    help="weight of the mean squared relative error (den − y) / y over lesion voxels (lesion SUV in %%)")
     ap.add_argument("--texture", action="store_true",
                     help="give the network the frame's texture descriptors (data.TEXTURE) as inputs; --init weights without them get zero texture weights")
     ap.add_argument("--select", choices=["loss", "seed_mse"], default="loss",
@@ -201,16 +211,27 @@ def main(argv=None):
     sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup, max(est_steps, a.warmup + 200), a.lr * 0.02)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-5))
     st = opt.init(p)
-    lw, lmw = a.lesion_weight, a.lesion_mean_weight
+    lw, lmw, lrw = a.lesion_weight, a.lesion_mean_weight, a.lesion_relative_weight
 
     def lesion_mean_error(den, y, m):
         """Per patch (or slice): mean of den − y over its lesion voxels (0 without any)."""
         return jnp.sum(m * (den - y), axis=(1, 2, 3)) / jnp.maximum(jnp.sum(m, axis=(1, 2, 3)), 1.0)
 
+    def lesion_relative_sq(den, y, m):
+        """Sum over lesion voxels of ((den − y) / y)², y floored at a twentieth
+        of the body mean (the normalisation unit), and their number."""
+        r = (den - y) / jnp.maximum(y, RELATIVE_FLOOR)
+        return jnp.sum(m * r * r), jnp.sum(m)
+
     def loss_fn(p, x, y, m):
         _, den = net.forward(p, x)
-        voxel = jnp.mean((1.0 + lw * m) * (den - y) ** 2)
-        return voxel + lmw * jnp.mean(lesion_mean_error(den, y, m) ** 2) if lmw else voxel
+        loss = jnp.mean((1.0 + lw * m) * (den - y) ** 2)
+        if lmw:
+            loss = loss + lmw * jnp.mean(lesion_mean_error(den, y, m) ** 2)
+        if lrw:
+            sq, n = lesion_relative_sq(den, y, m)
+            loss = loss + lrw * sq / jnp.maximum(n, 1.0)
+        return loss
 
     @jax.jit
     def step(p, st, x, y, m):
@@ -221,7 +242,7 @@ def main(argv=None):
     fwd = jax.jit(net.forward)
 
     def validate(p):
-        sums = {"loss": 0.0, "n": 0, "lesion_mean": 0.0, "slices": 0}
+        sums = {"loss": 0.0, "n": 0, "lesion_mean": 0.0, "slices": 0, "rel_sq": 0.0, "rel_n": 0.0}
         for d in data.DURATIONS:
             sums[f"num_{int(d)}"], sums[f"den_{int(d)}"] = 0.0, 0.0
         for gx, gclean, gp90, gmask in vgroups:
@@ -234,14 +255,17 @@ def main(argv=None):
             sums["n"] += den.size
             sums["lesion_mean"] += float(np.sum(np.asarray(lesion_mean_error(den, gclean, gmask)) ** 2))
             sums["slices"] += len(den)
+            sq, n = lesion_relative_sq(den, gclean, gmask)
+            sums["rel_sq"] += float(sq); sums["rel_n"] += float(n)
             # val slices are ordered study → duration → slice; split by the w channel
             for d in data.DURATIONS:
                 sel = np.isclose(gx[:, a.context, 0, 0], d / 90.0)
                 xc = gx[sel, a.context // 2:a.context // 2 + 1]
                 sums[f"num_{int(d)}"] += float(np.sum((out[sel] - gp90[sel]) ** 2))
                 sums[f"den_{int(d)}"] += float(np.sum((xc - gp90[sel]) ** 2))
-        res = {"loss": sums["loss"] / sums["n"] + lmw * sums["lesion_mean"] / sums["slices"],
-               "lesion_mean_rms": (sums["lesion_mean"] / sums["slices"]) ** 0.5}
+        rel = sums["rel_sq"] / max(sums["rel_n"], 1.0)
+        res = {"loss": sums["loss"] / sums["n"] + lmw * sums["lesion_mean"] / sums["slices"] + lrw * rel,
+               "lesion_mean_rms": (sums["lesion_mean"] / sums["slices"]) ** 0.5, "lesion_relative_rms": rel ** 0.5}
         for d in data.DURATIONS:
             res[f"seed_mse_{int(d)}"] = 100 * (1 - sums[f"num_{int(d)}"] / sums[f"den_{int(d)}"])
         return res
