@@ -118,6 +118,16 @@ enum Command {
         /// FWHM (mm) of the smoothing R's texture is measured against.
         #[arg(long, default_value_t = petrestore::restore::uncertainty::DEFAULT_TEXTURE_MM)]
         texture_mm: f64,
+        /// Also scale σ² per frame by the input's texture descriptors
+        /// (noise_px, noise_2px, axial_corr): one set of class weights
+        /// cannot serve every reconstruction.
+        #[arg(long)]
+        descriptors: bool,
+        /// First measure, leaving one cell out at a time, how the
+        /// calibration (with and without descriptors) covers a cell it was
+        /// not fitted on; prints a table.
+        #[arg(long)]
+        cross_validate: bool,
         /// Write the calibration into MODEL/model.toml.
         #[arg(long)]
         write: bool,
@@ -318,9 +328,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Calibrate { grid, model, engine, ort_library, window_mm, texture_mm, write, threads } => {
+        Command::Calibrate { grid, model, engine, ort_library, window_mm, texture_mm, descriptors, cross_validate, write, threads } => {
             let e = petrestore::eval::engine(&model, &engine, ort_library, threads)?;
-            let (cal, report) = uncertainty::fit(&grid, e.as_ref(), window_mm, texture_mm).map_err(anyhow::Error::msg)?;
+            let frames = uncertainty::frames(&grid, e.as_ref(), window_mm, texture_mm).map_err(anyhow::Error::msg)?;
+            if cross_validate {
+                println!("{}", uncertainty::cross_validate(&frames, window_mm, texture_mm).map_err(anyhow::Error::msg)?);
+            }
+            let (cal, report) = uncertainty::fit(&grid, &frames, window_mm, texture_mm, descriptors).map_err(anyhow::Error::msg)?;
             println!("| class (R ÷ body mean) | voxels | noise weight | texture weight | 95 % coverage with them |\n|---|---|---|---|---|");
             for row in report["classes"].as_array().into_iter().flatten() {
                 println!(
@@ -331,6 +345,9 @@ fn run(cli: Cli) -> Result<()> {
                     row["texture"].as_f64().unwrap_or(f64::NAN),
                     row["cov95_after"].as_f64().unwrap_or(f64::NAN)
                 );
+            }
+            if !cal.descriptors.is_empty() {
+                println!("\nper-frame factor on σ²: exp({:?} · [1, {}])", cal.descriptor_coef, cal.descriptors.join(", "));
             }
             if write {
                 let path = model.join("model.toml");

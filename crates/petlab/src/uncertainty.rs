@@ -136,24 +136,29 @@ pub fn summarise(covs: &[&Coverage], d: u32, method: &str, s: &mut BTreeMap<Stri
     s.insert(format!("unc_body_relative_sd_{d}_{method}"), covs.iter().map(|c| c.body_relative_sd_pct).sum::<f64>() / covs.len() as f64);
 }
 
-/// Fit the calibration on every study of the grid's cells (validation
-/// studies only). Per intensity class of R: the weights (a, b) of the noise
-/// and texture terms that maximise the Gaussian likelihood of PET90 − R,
-/// then one factor on both so that R ± σ holds PET90 in 68.27 % of the
-/// voxels inside the body. Returns the calibration and a report (per
-/// class: voxels, weights, the 95 % coverage that follows).
-pub fn fit(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64) -> Result<(Calibration, Value), String> {
+/// One restored frame of the validation grid, as the calibration sees it.
+pub struct Frame {
+    /// The cell of the site matrix it belongs to.
+    pub cell: &'static str,
+    /// Its texture descriptors, in the order of `restore::texture::KNOWN`.
+    pub descriptors: Vec<f64>,
+    /// Per intensity class of R: (e², noise term, texture term, tissue) of
+    /// every third voxel inside the body (tissue: index into [`TISSUES`]).
+    pub samples: Vec<Vec<[f32; 4]>>,
+}
+
+/// Restore every study of the grid's cells (validation studies only) at
+/// 30 s and 60 s and collect what the calibration is fitted on.
+pub fn frames(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64) -> Result<Vec<Frame>, String> {
     let edges = unc::DEFAULT_CLASS_EDGES.to_vec();
-    // per class: (e², noise term, texture term) of every third body voxel
-    let mut samples: Vec<Vec<[f32; 3]>> = vec![Vec::new(); edges.len() + 1];
+    let known: Vec<String> = petrestore::restore::texture::KNOWN.iter().map(|s| s.to_string()).collect();
+    let mut out = Vec::new();
     let mut studies = 0;
-    let mut cells = Vec::new();
     for cell in petsim::sites::SITE_MATRIX.iter() {
         let dir = grid.join(cell.name);
         if !dir.is_dir() {
             continue;
         }
-        cells.push(cell.name);
         for p in crate::eval::studies_in(&dir)? {
             let st = Study::load(&p)?;
             if st.meta["split"].as_str() == Some("test") {
@@ -165,30 +170,94 @@ pub fn fit(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64) ->
                 let short = st.short(d).clone();
                 let r = engine.run(&short).map_err(|e| format!("{}: {e}", st.name))?;
                 let t = unc::terms(&short, &r, window_mm, texture_mm).map_err(|e| e.to_string())?;
+                let descriptors = petrestore::restore::texture::describe(&short, &known, 0.05, unc::body_mean(&short))?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
                 let class = unc::classes(&r, &edges);
                 let p90 = &st.planes[PET90];
+                let mut samples = vec![Vec::new(); edges.len() + 1];
                 for i in (0..r.data.len()).step_by(3) {
-                    if tis[i].is_some() && t.noise[i] + t.texture[i] > 0.0 {
+                    if let Some(k) = tis[i]
+                        && t.noise[i] + t.texture[i] > 0.0
+                    {
                         let e = p90.data[i] - r.data[i];
-                        samples[class[i] as usize].push([e * e, t.noise[i], t.texture[i]]);
+                        samples[class[i] as usize].push([e * e, t.noise[i], t.texture[i], k as f32]);
                     }
                 }
+                out.push(Frame { cell: cell.name, descriptors, samples });
             }
             eprintln!("calibrate: {} ({studies} studies)", st.name);
         }
     }
-    if studies == 0 {
+    if out.is_empty() {
         return Err(format!(
             "{} holds no cell of the site matrix with studies: make it with `petlab dataset --split val --site all`",
             grid.display()
         ));
     }
-    let (mut noise, mut texture, mut rows) = (Vec::new(), Vec::new(), Vec::new());
-    for (k, v) in samples.iter().enumerate() {
-        if v.len() < 100 {
-            return Err(format!("class {} has only {} voxels: too few to fit", unc::CLASS_NAMES[k], v.len()));
+    Ok(out)
+}
+
+/// Fit the calibration on `frames`. Per intensity class of R: the weights
+/// (a, b) of the noise and texture terms that maximise the Gaussian
+/// likelihood of PET90 − R; with `descriptors`, also the per-frame factor
+/// exp(c₀ + Σ cⱼ·tⱼ) on σ² (least squares of ln of each frame's own
+/// maximum-likelihood factor on the descriptors, alternated with the class
+/// weights three times); then one factor per class on both weights so that
+/// R ± σ holds PET90 in 68.27 % of its voxels. Returns the calibration
+/// (without `fitted_on`) and per class: voxels, weights, the 95 % coverage
+/// that follows.
+pub fn fit_frames(frames: &[&Frame], window_mm: f64, texture_mm: f64, descriptors: bool) -> Result<(Calibration, Vec<Value>), String> {
+    let edges = unc::DEFAULT_CLASS_EDGES.to_vec();
+    let names: Vec<String> =
+        if descriptors { petrestore::restore::texture::KNOWN.iter().map(|s| s.to_string()).collect() } else { Vec::new() };
+    for (k, name) in unc::CLASS_NAMES.iter().enumerate() {
+        let n: usize = frames.iter().map(|f| f.samples[k].len()).sum();
+        if n < 100 {
+            return Err(format!("class {name} has only {n} voxels: too few to fit"));
         }
-        let (a, b) = max_likelihood(v);
+    }
+    let mut coef: Vec<f64> = if descriptors { vec![0.0; names.len() + 1] } else { Vec::new() };
+    let scale_of = |coef: &[f64], f: &Frame| unc::log_frame_scale(coef, &f.descriptors).exp();
+    let class_samples = |coef: &[f64], k: usize| -> Vec<[f32; 4]> {
+        frames
+            .iter()
+            .flat_map(|f| {
+                let s = scale_of(coef, f) as f32;
+                f.samples[k].iter().map(move |v| [v[0], s * v[1], s * v[2], v[3]])
+            })
+            .collect()
+    };
+    let mut weights: Vec<(f64, f64)> = (0..edges.len() + 1).map(|k| max_likelihood(&class_samples(&coef, k))).collect();
+    if descriptors {
+        for _ in 0..3 {
+            // each frame's maximum-likelihood factor on the current σ², then
+            // ln of it on the descriptors (ridge 1e-3 keeps it defined)
+            let rows: Vec<(Vec<f64>, f64)> = frames
+                .iter()
+                .map(|f| {
+                    let s = scale_of(&coef, f);
+                    let (mut acc, mut n) = (0.0f64, 0usize);
+                    for (k, v) in f.samples.iter().enumerate() {
+                        let (a, b) = weights[k];
+                        for x in v {
+                            acc += x[0] as f64 / (s * (a * x[1] as f64 + b * x[2] as f64)).max(1e-30);
+                            n += 1;
+                        }
+                    }
+                    let mut t = vec![1.0];
+                    t.extend(&f.descriptors);
+                    (t, (s * acc / n.max(1) as f64).max(1e-30).ln())
+                })
+                .collect();
+            coef = least_squares(&rows, 1e-3);
+            weights = (0..edges.len() + 1).map(|k| max_likelihood(&class_samples(&coef, k))).collect();
+        }
+    }
+    let (mut noise, mut texture, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, (a, b)) in weights.into_iter().enumerate() {
+        let v = class_samples(&coef, k);
         // one factor on both: 68.27 % of the voxels within R ± σ
         let mut z: Vec<f64> = v.iter().map(|s| (s[0] as f64 / (a * s[1] as f64 + b * s[2] as f64).max(1e-30)).sqrt()).collect();
         z.sort_by(f64::total_cmp);
@@ -206,15 +275,122 @@ pub fn fit(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64) ->
         class_edges: edges,
         noise,
         texture,
-        fitted_on: format!("validation grid, cells {}, {studies} studies, 30 s and 60 s (petlab calibrate)", cells.join(" ")),
+        fitted_on: String::new(),
+        descriptors: names,
+        descriptor_coef: coef.iter().map(|c| (c * 1e4).round() / 1e4).collect(),
     };
     cal.check().map_err(|e| e.to_string())?;
-    Ok((cal, json!({"grid": grid.display().to_string(), "studies": studies, "classes": rows})))
+    Ok((cal, rows))
+}
+
+/// Fit the calibration on every frame of the grid (see [`frames`],
+/// [`fit_frames`]).
+pub fn fit(grid: &Path, all: &[Frame], window_mm: f64, texture_mm: f64, descriptors: bool) -> Result<(Calibration, Value), String> {
+    let refs: Vec<&Frame> = all.iter().collect();
+    let (mut cal, rows) = fit_frames(&refs, window_mm, texture_mm, descriptors)?;
+    let mut cells: Vec<&str> = all.iter().map(|f| f.cell).collect();
+    cells.dedup();
+    cal.fitted_on = format!(
+        "validation grid, cells {}, {} studies, 30 s and 60 s (petlab calibrate{})",
+        cells.join(" "),
+        all.len() / crate::eval::DURATIONS.len(),
+        if descriptors { " --descriptors" } else { "" }
+    );
+    Ok((cal, json!({"grid": grid.display().to_string(), "studies": all.len() / crate::eval::DURATIONS.len(), "classes": rows})))
+}
+
+/// Coverage (%) of R ± σ and R ± 1.96 σ for the samples of `frames` in
+/// `tissue` under `cal`: [68, 95].
+pub fn frame_coverage(frames: &[&Frame], cal: &Calibration, tissue: u8) -> [f64; 2] {
+    let (mut n, mut a, mut b) = (0.0, 0.0, 0.0);
+    for f in frames {
+        let s = unc::log_frame_scale(&cal.descriptor_coef, &f.descriptors).exp();
+        for (k, v) in f.samples.iter().enumerate() {
+            for x in v.iter().filter(|x| x[3] as u8 == tissue) {
+                let sd = (s * (cal.noise[k] * x[1] as f64 + cal.texture[k] * x[2] as f64)).max(0.0).sqrt();
+                let e = (x[0] as f64).sqrt();
+                n += 1.0;
+                a += (e <= Z68 * sd) as u8 as f64;
+                b += (e <= Z95 * sd) as u8 as f64;
+            }
+        }
+    }
+    if n > 0.0 { [100.0 * a / n, 100.0 * b / n] } else { [f64::NAN; 2] }
+}
+
+/// Leave one cell out: for every cell, fit on the other cells' frames
+/// (with and without descriptors) and measure coverage on the cell left
+/// out, in body and hot-organ voxels. This is how a reconstruction the
+/// calibration never saw is served. Returns a markdown table.
+pub fn cross_validate(all: &[Frame], window_mm: f64, texture_mm: f64) -> Result<String, String> {
+    let mut cells: Vec<&str> = all.iter().map(|f| f.cell).collect();
+    cells.dedup();
+    let mut o = String::from(
+        "| cell left out | body 68 / 95 %, class weights | body 68 / 95 %, with descriptors | hot 68 / 95 %, class weights | hot 68 / 95 %, with descriptors |\n|---|---|---|---|---|\n",
+    );
+    let mut worst = [[0.0f64; 2]; 2];
+    for cell in &cells {
+        let train: Vec<&Frame> = all.iter().filter(|f| f.cell != *cell).collect();
+        let held: Vec<&Frame> = all.iter().filter(|f| f.cell == *cell).collect();
+        let mut cols = vec![String::new(); 4];
+        for (j, descriptors) in [false, true].into_iter().enumerate() {
+            let (cal, _) = fit_frames(&train, window_mm, texture_mm, descriptors)?;
+            for tissue in [0u8, 1] {
+                let c = frame_coverage(&held, &cal, tissue);
+                if tissue == 0 {
+                    worst[j][0] = worst[j][0].max((c[0] - 68.27).abs());
+                    worst[j][1] = worst[j][1].max((c[1] - 95.0).abs());
+                }
+                cols[2 * tissue as usize + j] = format!("{:.1} / {:.1}", c[0], c[1]);
+            }
+        }
+        o.push_str(&format!("| {cell} | {} |\n", cols.join(" | ")));
+    }
+    o.push_str(&format!(
+        "\nworst body distance from nominal (68.27 / 95 %), points: class weights {:.1} / {:.1}; with descriptors {:.1} / {:.1}\n",
+        worst[0][0], worst[0][1], worst[1][0], worst[1][1]
+    ));
+    Ok(o)
+}
+
+/// Ridge least squares: coefficients β minimising Σ (t·β − y)² + λ|β|²
+/// (λ not on the first, the intercept), by Gaussian elimination.
+fn least_squares(rows: &[(Vec<f64>, f64)], lambda: f64) -> Vec<f64> {
+    let p = rows.first().map_or(0, |r| r.0.len());
+    let mut m = vec![vec![0.0f64; p + 1]; p];
+    for (t, y) in rows {
+        for i in 0..p {
+            for j in 0..p {
+                m[i][j] += t[i] * t[j];
+            }
+            m[i][p] += t[i] * y;
+        }
+    }
+    for (i, row) in m.iter_mut().enumerate().skip(1) {
+        row[i] += lambda * rows.len() as f64;
+    }
+    for c in 0..p {
+        let piv = (c..p).max_by(|a, b| m[*a][c].abs().total_cmp(&m[*b][c].abs())).unwrap_or(c);
+        m.swap(c, piv);
+        let d = m[c][c];
+        if d.abs() < 1e-300 {
+            continue;
+        }
+        for r in 0..p {
+            if r != c {
+                let f = m[r][c] / d;
+                for k in c..=p {
+                    m[r][k] -= f * m[c][k];
+                }
+            }
+        }
+    }
+    (0..p).map(|i| if m[i][i].abs() < 1e-300 { 0.0 } else { m[i][p] / m[i][i] }).collect()
 }
 
 /// (a, b) ≥ 0 minimising the Gaussian negative log-likelihood
 /// Σ ln σ² + e²/σ² with σ² = a·N + b·T, on a logarithmic grid refined twice.
-fn max_likelihood(v: &[[f32; 3]]) -> (f64, f64) {
+fn max_likelihood(v: &[[f32; 4]]) -> (f64, f64) {
     let nll = |a: f64, b: f64| -> f64 {
         v.iter()
             .map(|s| {
@@ -277,6 +453,14 @@ pub fn with_calibration(toml_text: &str, cal: &Calibration) -> String {
         f(&cal.texture),
         cal.fitted_on
     ));
+    if !cal.descriptors.is_empty() {
+        out.push_str(&format!(
+            "# σ² times exp(c0 + Σ cj·tj) per frame, tj its texture descriptors (petlab calibrate --descriptors)\n\
+             descriptors = [{}]\ndescriptor_coef = [{}]\n",
+            cal.descriptors.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>().join(", "),
+            f(&cal.descriptor_coef)
+        ));
+    }
     out
 }
 
@@ -335,10 +519,55 @@ mod tests {
             let (n, t) = (0.2 + 2.0 * unif(), 0.2 + 2.0 * unif());
             let g = (-2.0 * unif().ln()).sqrt() * (2.0 * std::f64::consts::PI * unif()).cos();
             let e = g * (2.0 * n + 0.5 * t).sqrt();
-            v.push([(e * e) as f32, n as f32, t as f32]);
+            v.push([(e * e) as f32, n as f32, t as f32, 0.0]);
         }
         let (a, b) = max_likelihood(&v);
         assert!((a - 2.0).abs() < 0.3 && (b - 0.5).abs() < 0.3, "a {a}, b {b}");
+    }
+
+    #[test]
+    fn the_fit_finds_a_frame_scale_that_follows_a_descriptor() {
+        // frames whose true variance is (N + T)·exp(0.2 + 0.8·t0): the class
+        // weights alone cannot cover them all, the descriptor term can
+        let mut rng = 99u64;
+        let mut unif = || {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((rng >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let cells = ["c1-ref128", "c2-192-f5", "c3-256-f3", "c4-300-f4"];
+        let mut frames = Vec::new();
+        for (j, cell) in cells.iter().enumerate() {
+            for d in 0..2 {
+                let t = [-2.5 + 0.5 * j as f64 + 0.2 * d as f64, 0.3 * unif(), 0.5 * unif()];
+                let f = (0.2 + 0.8 * t[0]).exp();
+                let mut samples = vec![Vec::new(); 4];
+                for (k, s) in samples.iter_mut().enumerate() {
+                    for _ in 0..3000 {
+                        let (n, tt) = (0.2 + unif(), 0.2 + unif());
+                        let g = (-2.0 * unif().ln()).sqrt() * (2.0 * std::f64::consts::PI * unif()).cos();
+                        let e = g * (f * (n + tt)).sqrt();
+                        s.push([(e * e) as f32, n as f32, tt as f32, (k % 2) as f32]);
+                    }
+                }
+                frames.push(Frame { cell, descriptors: t.to_vec(), samples });
+            }
+        }
+        let refs: Vec<&Frame> = frames.iter().collect();
+        let (plain, _) = fit_frames(&refs, 10.0, 6.0, false).unwrap();
+        let (cal, _) = fit_frames(&refs, 10.0, 6.0, true).unwrap();
+        assert!(plain.descriptors.is_empty() && plain.descriptor_coef.is_empty());
+        assert_eq!(cal.descriptor_coef.len(), 4);
+        assert!((cal.descriptor_coef[1] - 0.8).abs() < 0.1, "{:?}", cal.descriptor_coef);
+        // per frame: with the descriptor term every frame is covered near
+        // 68 %; with class weights alone the extremes are far off
+        let spread = |cal: &Calibration| {
+            let c: Vec<f64> = refs.iter().map(|f| frame_coverage(&[f], cal, 0)[0]).collect();
+            c.iter().copied().fold(f64::MIN, f64::max) - c.iter().copied().fold(f64::MAX, f64::min)
+        };
+        assert!(spread(&cal) < 4.0, "with descriptors: {}", spread(&cal));
+        assert!(spread(&plain) > 15.0, "class weights alone: {}", spread(&plain));
+        let table = cross_validate(&frames, 10.0, 6.0).unwrap();
+        assert_eq!(table.lines().filter(|l| l.starts_with("| c") && !l.starts_with("| cell")).count(), 4, "{table}");
     }
 
     #[test]
@@ -366,6 +595,8 @@ mod tests {
             noise: vec![1.0, 1.1, 1.2, 1.3],
             texture: vec![0.0, 0.5, 2.0, 0.25],
             fitted_on: "x".into(),
+            descriptors: vec!["noise_px".into(), "axial_corr".into()],
+            descriptor_coef: vec![0.25, -0.5, 1.5],
         };
         let once = with_calibration("id = \"m\"\n\n[io]\nbatch = 1\n", &cal);
         let twice = with_calibration(&once, &cal);

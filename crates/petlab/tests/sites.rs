@@ -85,3 +85,36 @@ fn grid_eval_reports_every_cell_and_the_worst_with_the_shipped_model() {
     let o = petlab(&["eval", "--grid", &p("test"), "--val-grid", &p("val2")]);
     assert!(!o.status.success() && text(&o).contains("--site all"), "{}", text(&o));
 }
+
+#[test]
+fn the_uncertainty_calibration_is_cross_validated_by_cell_and_written_with_descriptors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).display().to_string();
+    for cell in ["c1-ref128", "c6-144-nopsf"] {
+        lab(&["dataset", "--out", &p(&format!("val/{cell}")), "--split", "val", "--site", cell, "--count", "1", "--slices", "4"]);
+    }
+    let shipped = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["model.onnx", "model.toml"] {
+        std::fs::copy(shipped.join(f), model.join(f)).unwrap();
+    }
+    let m = model.display().to_string();
+    let out = lab(&["calibrate", "--grid", &p("val"), "--model", &m, "--cross-validate", "--descriptors", "--write", "--threads", "1"]);
+    // one row per cell left out, both forms side by side, and the worst line
+    for cell in ["| c1-ref128 |", "| c6-144-nopsf |", "with descriptors", "worst body distance from nominal", "per-frame factor on σ²"] {
+        assert!(out.contains(cell), "calibrate output lacks {cell:?}:\n{out}");
+    }
+    let toml: toml::Table = toml::from_str(&std::fs::read_to_string(model.join("model.toml")).unwrap()).unwrap();
+    let u = &toml["uncertainty"];
+    assert_eq!(u["descriptors"].as_array().unwrap().len(), 3, "{u}");
+    assert_eq!(u["descriptor_coef"].as_array().unwrap().len(), 4, "{u}");
+    assert!(u["fitted_on"].as_str().unwrap().contains("--descriptors"), "{u}");
+    // the product loads the package with its descriptors
+    let back = petrestore::restore::model::ModelPackage::load(&model).unwrap();
+    assert_eq!(back.uncertainty.as_ref().map(|c| c.descriptors.len()), Some(3));
+    // a test-split study in the grid is refused
+    lab(&["dataset", "--out", &p("val/c8-highcount"), "--split", "test", "--site", "c8-highcount", "--count", "1", "--slices", "4"]);
+    let o = petlab(&["calibrate", "--grid", &p("val"), "--model", &m, "--threads", "1"]);
+    assert!(!o.status.success() && text(&o).contains("never on the test split"), "{}", text(&o));
+}

@@ -138,6 +138,8 @@ fn main() {
             noise: vec![1.0; 4],
             texture: vec![1.0; 4],
             fitted_on: String::new(),
+            descriptors: Vec::new(),
+            descriptor_coef: Vec::new(),
         };
         let r = restore::gaussian::filter(&v, 6.0);
         let times: Vec<f64> = (0..reps)

@@ -61,6 +61,8 @@ fn ort_cpu_and_tract_agree_on_the_same_model_and_volume() {
         noise: vec![1.5; 4],
         texture: vec![1.0; 4],
         fitted_on: String::new(),
+        descriptors: Vec::new(),
+        descriptor_coef: Vec::new(),
     };
     let mut input = v.clone();
     input.frame_duration_s = Some(30.0);

@@ -17,7 +17,8 @@ fn open(p: &std::path::Path) -> InMemDicomObject {
 }
 
 /// The test package with an `[uncertainty]` table (its σ weights are not
-/// fitted: the test model is untrained; the wiring is what is tested).
+/// fitted: the test model is untrained; the wiring is what is tested),
+/// including the per-frame factor from the input's texture descriptors.
 fn calibrated_test_model(dir: &std::path::Path) -> std::path::PathBuf {
     let out = dir.join("model");
     std::fs::create_dir_all(&out).unwrap();
@@ -26,7 +27,8 @@ fn calibrated_test_model(dir: &std::path::Path) -> std::path::PathBuf {
     }
     let mut toml = std::fs::read_to_string(out.join("model.toml")).unwrap();
     toml.push_str(
-        "\n[uncertainty]\nwindow_mm = 10.0\ntexture_mm = 6.0\nclass_edges = [0.5, 1.5, 3.0]\nnoise = [1.5, 1.5, 1.5, 1.5]\ntexture = [1.0, 1.0, 1.0, 1.0]\n",
+        "\n[uncertainty]\nwindow_mm = 10.0\ntexture_mm = 6.0\nclass_edges = [0.5, 1.5, 3.0]\nnoise = [1.5, 1.5, 1.5, 1.5]\ntexture = [1.0, 1.0, 1.0, 1.0]\n\
+         descriptors = [\"noise_px\", \"axial_corr\"]\ndescriptor_coef = [0.5, 0.1, 0.2]\n",
     );
     std::fs::write(out.join("model.toml"), toml).unwrap();
     out

@@ -30,6 +30,14 @@
 //! input is noisier than usual (low counts, a shorter frame) or the network
 //! departs from it, so σ grows there too. Any engine's output can be given
 //! a σ this way; only a calibrated model's is written out.
+//!
+//! One set of class weights cannot fit every reconstruction: the denoiser's
+//! error depends on how the scanner filtered the image, which neither term
+//! sees. A calibration may therefore also name texture descriptors of the
+//! input frame (`descriptors`, measured as the engines measure them for the
+//! network, `restore::texture`) and scale σ² per frame by
+//! exp(c₀ + Σ cⱼ·tⱼ) (`descriptor_coef`), fitted by `petlab calibrate
+//! --descriptors` on the same grid.
 
 use super::Volume;
 
@@ -59,7 +67,19 @@ pub struct Calibration {
     /// What the scales were fitted on (free text, for the record).
     #[serde(default)]
     pub fitted_on: String,
+    /// Texture descriptors of the input frame (names of
+    /// `restore::texture::KNOWN`) that scale σ² per frame; empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub descriptors: Vec<String>,
+    /// c₀, then one cⱼ per descriptor: σ² ·= exp(c₀ + Σ cⱼ·tⱼ).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub descriptor_coef: Vec<f64>,
 }
+
+/// The per-frame exponent is held within ±this, so a frame far outside
+/// anything fitted gets a σ at most e³ ≈ 20 times larger or smaller in
+/// variance, never an infinite one.
+pub const MAX_LOG_FRAME_SCALE: f64 = 3.0;
 
 /// Why σ cannot be computed, or a calibration is not usable.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -103,21 +123,52 @@ impl Calibration {
         if self.noise.iter().zip(&self.texture).any(|(a, b)| a + b <= 0.0) {
             return Err("uncertainty: every class needs a positive noise or texture weight".into());
         }
+        if let Some(d) = self.descriptors.iter().find(|d| !super::texture::KNOWN.contains(&d.as_str())) {
+            return Err(format!("uncertainty.descriptors: {d:?} is unknown (this build knows {:?})", super::texture::KNOWN));
+        }
+        let want = if self.descriptors.is_empty() { 0 } else { self.descriptors.len() + 1 };
+        if self.descriptor_coef.len() != want {
+            return Err(format!(
+                "uncertainty.descriptor_coef needs {want} values (c0, then one per descriptor), has {}",
+                self.descriptor_coef.len()
+            ));
+        }
+        if self.descriptor_coef.iter().any(|c| !c.is_finite()) {
+            return Err(format!("uncertainty.descriptor_coef must be finite, is {:?}", self.descriptor_coef));
+        }
         Ok(())
+    }
+
+    /// The factor on σ² for this input frame: exp(c₀ + Σ cⱼ·tⱼ) from its
+    /// texture descriptors, 1 for a calibration without descriptors.
+    pub fn frame_scale(&self, input: &Volume) -> Result<f64, UncertaintyError> {
+        if self.descriptors.is_empty() {
+            return Ok(1.0);
+        }
+        let t = super::texture::describe(input, &self.descriptors, 0.05, body_mean(input)).map_err(UncertaintyError::Calibration)?;
+        Ok(log_frame_scale(&self.descriptor_coef, &t.iter().map(|v| *v as f64).collect::<Vec<_>>()).exp())
     }
 
     /// σ for `restored` from `input` (the short frame, its duration set).
     pub fn sigma(&self, input: &Volume, restored: &Volume) -> Result<Volume, UncertaintyError> {
         let Terms { noise, texture } = terms(input, restored, self.window_mm, self.texture_mm)?;
         let class = classes(restored, &self.class_edges);
+        let f = self.frame_scale(input)? as f32;
         let data = noise
             .iter()
             .zip(&texture)
             .zip(&class)
-            .map(|((n, t), c)| (self.noise[*c as usize] as f32 * n + self.texture[*c as usize] as f32 * t).sqrt())
+            .map(|((n, t), c)| (f * (self.noise[*c as usize] as f32 * n + self.texture[*c as usize] as f32 * t)).sqrt())
             .collect();
         Ok(Volume { data, ..input.clone_shape() })
     }
+}
+
+/// ln of the per-frame factor on σ² for descriptors `t`: c₀ + Σ cⱼ·tⱼ,
+/// held within ±[`MAX_LOG_FRAME_SCALE`].
+pub fn log_frame_scale(coef: &[f64], t: &[f64]) -> f64 {
+    let Some((c0, c)) = coef.split_first() else { return 0.0 };
+    (c0 + c.iter().zip(t).map(|(a, b)| a * b).sum::<f64>()).clamp(-MAX_LOG_FRAME_SCALE, MAX_LOG_FRAME_SCALE)
 }
 
 /// The two variance terms of the module doc, per voxel (Bq/ml squared).
@@ -264,14 +315,63 @@ mod tests {
             noise: vec![1.0; 4],
             texture: vec![0.0; 4],
             fitted_on: String::new(),
+            descriptors: Vec::new(),
+            descriptor_coef: Vec::new(),
         };
         assert!(cal.check().is_ok());
+        cal.descriptors = vec!["noise_px".into()];
+        assert!(cal.check().unwrap_err().to_string().contains("needs 2 values"));
+        cal.descriptor_coef = vec![0.5, 1.0];
+        assert!(cal.check().is_ok());
+        cal.descriptors = vec!["sharpness".into()];
+        assert!(cal.check().unwrap_err().to_string().contains("\"sharpness\" is unknown"));
+        cal.descriptors.clear();
+        assert!(cal.check().unwrap_err().to_string().contains("needs 0 values"));
+        cal.descriptor_coef.clear();
         cal.noise.pop();
         assert!(cal.check().unwrap_err().to_string().contains("needs 4 values"));
         cal.noise = vec![1.0, 0.0, 1.0, 1.0];
         assert!(cal.check().unwrap_err().to_string().contains("positive noise or texture"));
         cal.texture = vec![0.0, -1.0, 0.0, 0.0];
         assert!(cal.check().is_err());
+    }
+
+    #[test]
+    fn descriptors_scale_sigma_per_frame() {
+        // a noisy body on air: the same frame, σ with and without a
+        // descriptor term; the factor on σ² is exp(c0 + c1·noise_px)
+        let n = 32;
+        let x: Vec<f32> = (0..n * n)
+            .map(|i| {
+                let (y, c) = ((i / n) as f32 - 15.5, (i % n) as f32 - 15.5);
+                if y * y + c * c < 144.0 { 100.0 + if (i * 7919) % 13 < 6 { 20.0 } else { -17.0 } } else { 0.0 }
+            })
+            .collect();
+        let input = Volume { nx: n, ny: n, nz: 3, spacing: [4.0; 3], data: x.repeat(3), frame_duration_s: Some(30.0) };
+        let restored = Volume { data: input.data.iter().map(|v| if *v > 0.0 { 100.0 } else { 0.0 }).collect(), ..input.clone_shape() };
+        let mut cal = Calibration {
+            window_mm: 10.0,
+            texture_mm: 6.0,
+            class_edges: DEFAULT_CLASS_EDGES.to_vec(),
+            noise: vec![1.0; 4],
+            texture: vec![0.5; 4],
+            fitted_on: String::new(),
+            descriptors: Vec::new(),
+            descriptor_coef: Vec::new(),
+        };
+        let plain = cal.sigma(&input, &restored).unwrap();
+        cal.descriptors = vec!["noise_px".into()];
+        cal.descriptor_coef = vec![0.4, 0.5];
+        let t = super::super::texture::describe(&input, &cal.descriptors, 0.05, body_mean(&input)).unwrap()[0] as f64;
+        let want = ((0.4 + 0.5 * t) / 2.0).exp();
+        let scaled = cal.sigma(&input, &restored).unwrap();
+        let i = n * n + n * 16 + 16;
+        assert!(plain.data[i] > 0.0);
+        assert!(((scaled.data[i] / plain.data[i]) as f64 - want).abs() < 1e-4 * want, "{} vs {want}", scaled.data[i] / plain.data[i]);
+        // an absurd coefficient is held: at most e^3 on σ²
+        cal.descriptor_coef = vec![50.0, 0.0];
+        let held = cal.sigma(&input, &restored).unwrap();
+        assert!(((held.data[i] / plain.data[i]) as f64 - 1.5f64.exp()).abs() < 1e-3);
     }
 
     #[test]
