@@ -320,8 +320,9 @@ pub fn frame_coverage(frames: &[&Frame], cal: &Calibration, tissue: u8) -> [f64;
 
 /// Leave one cell out: for every cell, fit on the other cells' frames
 /// (with and without descriptors) and measure coverage on the cell left
-/// out, in body and hot-organ voxels. This is how a reconstruction the
-/// calibration never saw is served. Returns a markdown table.
+/// out, in body and hot-organ voxels ("—" where the cell has none). This
+/// is how a reconstruction the calibration never saw is served. Returns a
+/// markdown table.
 pub fn cross_validate(all: &[Frame], window_mm: f64, texture_mm: f64) -> Result<String, String> {
     let mut cells: Vec<&str> = all.iter().map(|f| f.cell).collect();
     cells.dedup();
@@ -341,7 +342,7 @@ pub fn cross_validate(all: &[Frame], window_mm: f64, texture_mm: f64) -> Result<
                     worst[j][0] = worst[j][0].max((c[0] - 68.27).abs());
                     worst[j][1] = worst[j][1].max((c[1] - 95.0).abs());
                 }
-                cols[2 * tissue as usize + j] = format!("{:.1} / {:.1}", c[0], c[1]);
+                cols[2 * tissue as usize + j] = if c[0].is_nan() { "—".into() } else { format!("{:.1} / {:.1}", c[0], c[1]) };
             }
         }
         o.push_str(&format!("| {cell} | {} |\n", cols.join(" | ")));
