@@ -377,11 +377,12 @@ fn least_squares(rows: &[(Vec<f64>, f64)], lambda: f64) -> Vec<f64> {
         if d.abs() < 1e-300 {
             continue;
         }
-        for r in 0..p {
+        let pivot = m[c].clone();
+        for (r, row) in m.iter_mut().enumerate() {
             if r != c {
-                let f = m[r][c] / d;
-                for k in c..=p {
-                    m[r][k] -= f * m[c][k];
+                let f = row[c] / d;
+                for (x, y) in row.iter_mut().zip(&pivot).skip(c) {
+                    *x -= f * y;
                 }
             }
         }
