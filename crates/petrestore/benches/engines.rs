@@ -6,7 +6,8 @@
 //! Run: `cargo bench --bench engines` (needs the ONNX Runtime library:
 //! ORT_DYLIB_PATH or the `.venv` that `.ci/run` makes). `MODEL=DIR` picks
 //! another model package; `REPS=N` repetitions (median); `MATRICES=192` and
-//! `THREADS=2` (comma lists) run part of the table.
+//! `THREADS=2` (comma lists) run part of the table (`THREADS=none`: only
+//! the uncertainty rows).
 
 use testkit::bench::*;
 
@@ -130,8 +131,10 @@ fn main() {
                 );
             }
         }
-        // the uncertainty σ after the engine (one thread; any engine's output)
-        let cal = restore::uncertainty::Calibration {
+        // the uncertainty σ after the engine (one thread; any engine's output),
+        // with class weights only and with the per-frame descriptor factor,
+        // alternating so both see the same machine
+        let plain = restore::uncertainty::Calibration {
             window_mm: restore::uncertainty::DEFAULT_WINDOW_MM,
             texture_mm: restore::uncertainty::DEFAULT_TEXTURE_MM,
             class_edges: restore::uncertainty::DEFAULT_CLASS_EDGES.to_vec(),
@@ -141,21 +144,23 @@ fn main() {
             descriptors: Vec::new(),
             descriptor_coef: Vec::new(),
         };
+        let described = restore::uncertainty::Calibration {
+            descriptors: restore::texture::KNOWN.iter().map(|s| s.to_string()).collect(),
+            descriptor_coef: vec![1.8, -1.0, 2.0, 0.2],
+            ..plain.clone()
+        };
         let r = restore::gaussian::filter(&v, 6.0);
-        let times: Vec<f64> = (0..reps)
-            .map(|_| {
+        let mut times = [Vec::new(), Vec::new()];
+        for _ in 0..reps {
+            for (k, cal) in [&plain, &described].into_iter().enumerate() {
                 let t = Instant::now();
                 cal.sigma(&v, &r).unwrap();
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        println!(
-            "{:<7} {:<10} {:>7} {:>10.1} {:>12.2}",
-            format!("{matrix}²"),
-            "σ (uncert.)",
-            1,
-            268.0 / median(times.clone()),
-            median(times)
-        );
+                times[k].push(t.elapsed().as_secs_f64());
+            }
+        }
+        for (label, t) in ["σ (uncert.)", "σ + descr."].into_iter().zip(times) {
+            let m = median(t);
+            println!("{:<7} {:<10} {:>7} {:>10.1} {:>12.2}", format!("{matrix}²"), label, 1, 268.0 / m, m);
+        }
     }
 }
