@@ -140,15 +140,21 @@ class Sampler:
     would otherwise learn to flatten them); the rest at random body voxels.
     Augmentation: flips, transpose, reversed slice order."""
 
-    def __init__(self, studies, patch, rng, lesion_fraction=0.5, context=CONTEXT, textured=False):
+    def __init__(self, studies, patch, rng, lesion_fraction=0.5, context=CONTEXT, textured=False, noisy_weight=0.0):
         self.studies, self.patch, self.rng, self.lf, self.context = studies, patch, rng, lesion_fraction, context
         self.textured = textured
+        # noisy_weight k: a study is drawn with probability ∝ exp(k · noise_px)
+        # of its 30 s frame (noisier reconstructions more often); 0: uniform
+        self.p = None
+        if noisy_weight:
+            w = np.exp(noisy_weight * np.array([st.texture(30.0)[0] for st in studies], dtype=np.float64))
+            self.p = w / w.sum()
 
     def batch(self, b):
         P, rng = self.patch, self.rng
         xs, ys, ms, p90 = [], [], [], []
         for _ in range(b):
-            st = self.studies[rng.integers(len(self.studies))]
+            st = self.studies[rng.choice(len(self.studies), p=self.p) if self.p is not None else rng.integers(len(self.studies))]
             s, n = st.a.shape[1], st.a.shape[2]
             d = DURATIONS[rng.integers(len(DURATIONS))]
             les = st.meta["lesions"]

@@ -49,11 +49,11 @@ def load_params(path):
 
 # what must match between a run and its resumption (the rest, e.g. --eval-every, may differ)
 RESUME_ARGS = ("train", "val", "width", "context", "levels", "patch", "batch", "lr", "steps", "lesion_weight", "lesion_fraction", "seed", "limit", "warmup",
-               "lesion_mean_weight", "lesion_relative_weight", "texture", "select")
+               "lesion_mean_weight", "lesion_relative_weight", "noisy_weight", "texture", "select")
 
 
 # what a checkpoint written before an argument existed ran with
-RESUME_DEFAULTS = {"lesion_mean_weight": 0.0, "lesion_relative_weight": 0.0, "texture": False, "select": "loss"}
+RESUME_DEFAULTS = {"lesion_mean_weight": 0.0, "lesion_relative_weight": 0.0, "noisy_weight": 0.0, "texture": False, "select": "loss"}
 
 
 def save_checkpoint(a, p, st, step, best, history, minutes, rng):
@@ -151,6 +151,8 @@ def main(argv=None):
                     help="weight of the squared mean error over the lesion voxels of each patch (SUVmean bias)")
     ap.add_argument("--lesion-relative-weight", type=float, default=0.0,
                     help="weight of the mean squared relative error (den − y) / y over lesion voxels (lesion SUV in %%)")
+    ap.add_argument("--noisy-weight", type=float, default=0.0,
+                    help="draw training studies with probability ∝ exp(k · noise_px of the 30 s frame): noisier reconstructions more often")
     ap.add_argument("--texture", action="store_true",
                     help="give the network the frame's texture descriptors (data.TEXTURE) as inputs; --init weights without them get zero texture weights")
     ap.add_argument("--select", choices=["loss", "seed_mse"], default="loss",
@@ -179,7 +181,7 @@ def main(argv=None):
             raise SystemExit(f"{st.path} is a test study: the test split is never trained on")
     print(f"{len(train)} training and {len(val)} validation studies loaded in {time.time() - t0:.1f} s", flush=True)
     rng = np.random.default_rng(a.seed)
-    sampler = data.Sampler(train, a.patch, rng, a.lesion_fraction, a.context, a.texture)
+    sampler = data.Sampler(train, a.patch, rng, a.lesion_fraction, a.context, a.texture, a.noisy_weight)
     # Validation slices grouped by matrix (a site-matrix grid mixes 128² to
     # 300²): one stack per shape, metrics pooled over all of them.
     vgroups = []
