@@ -212,10 +212,14 @@ pub struct RuleLine {
 /// (a) the mean over cells of the seed MSE metric improves by ≥ 0.3 points
 /// at 30 s and ≥ 0.15 at 60 s; (b) the worst cell improves at 30 s and at
 /// 60 s; (c) lesions ≥ 10 mm at 30 s: the mean SUVmean bias vs PET90 stays
-/// within ±5 % in every cell, and the worst single-lesion extremes over
-/// the cells (below and above PET90, SUVmean or SUVmax) are not more than
-/// 2 points worse than the baseline's. Both reports are `eval --grid
-/// --json` output over the same cells.
+/// within ±5 % in every cell; in every cell the worst single lesion below
+/// PET90 (SUVmean or SUVmax) is no more than 5 points below that cell's
+/// oracle row or no more than 2 points worse than the baseline's in that
+/// cell, whichever is lower (PET90's own maximum is noisy: in an
+/// unfiltered reconstruction even the oracle reads 20 % below it); and the
+/// worst single lesion above PET90 over the cells is not more than 2
+/// points worse than the baseline's. Both reports are `eval --grid --json`
+/// output over the same cells.
 pub fn rule(baseline: &Value, candidate: &Value) -> Result<Vec<RuleLine>, String> {
     let cells = |r: &Value| -> Result<Vec<(String, Value)>, String> {
         let m = r["cells"].as_object().ok_or("not an `eval --grid --json` report (no cells)")?;
@@ -269,30 +273,38 @@ pub fn rule(baseline: &Value, candidate: &Value) -> Result<Vec<RuleLine>, String
         candidate: show(&far),
         pass: far.as_ref().is_some_and(|(_, f)| f.abs() <= 5.0),
     });
-    for (side, end) in [("below", "min"), ("above", "max")] {
-        let extreme = |x: &[(String, Value)]| -> Option<(String, f64)> {
-            let v: Vec<(String, f64)> =
-                ["suvmean", "suvmax"].iter().flat_map(|k| lesions(x, &format!("lesion_ge10_{k}_bias_vs_pet90_30_model_{end}"))).collect();
-            if v.is_empty() { None } else { Some(if end == "min" { min(&v) } else { max(&v) }) }
-        };
-        let (eb, ec) = (extreme(&b), extreme(&c));
-        let pass = match (&eb, &ec) {
-            (Some((_, fb)), Some((_, fc))) => {
-                if end == "min" {
-                    *fc >= fb - 2.0
-                } else {
-                    *fc <= fb + 2.0
-                }
-            }
-            _ => false,
-        };
-        lines.push(RuleLine {
-            what: format!("(c) worst single lesion {side} PET90 (SUVmean or SUVmax): at most 2 points worse"),
-            baseline: show(&eb),
-            candidate: show(&ec),
-            pass,
-        });
+    // below PET90: per cell, against the cell's oracle or the baseline
+    let cell_min = |x: &Value, method: &str| -> Option<f64> {
+        ["suvmean", "suvmax"].iter().filter_map(|k| get(x, &format!("lesion_ge10_{k}_bias_vs_pet90_30_{method}_min"))).reduce(f64::min)
+    };
+    let mut short: Option<(String, f64, f64)> = None; // (cell, value, limit) furthest below its limit
+    let mut judged = 0;
+    for ((name, vb), (_, vc)) in b.iter().zip(&c) {
+        let (Some(fb), Some(fc)) = (cell_min(vb, "model"), cell_min(vc, "model")) else { continue };
+        judged += 1;
+        let limit = cell_min(vc, "oracle").map_or(fb - 2.0, |o| (o - 5.0).min(fb - 2.0));
+        if short.as_ref().is_none_or(|(_, v, l)| fc - limit < v - l) {
+            short = Some((name.clone(), fc, limit));
+        }
     }
+    lines.push(RuleLine {
+        what: "(c) worst single lesion below PET90 (SUVmean or SUVmax), every cell: ≥ min(oracle − 5, baseline − 2)".into(),
+        baseline: "limit per cell".into(),
+        candidate: short.as_ref().map_or("no lesions".into(), |(n, v, l)| format!("{v:+.1} ({n}, limit {l:+.1})")),
+        pass: judged > 0 && short.as_ref().is_some_and(|(_, v, l)| v >= l),
+    });
+    let extreme = |x: &[(String, Value)]| -> Option<(String, f64)> {
+        let v: Vec<(String, f64)> =
+            ["suvmean", "suvmax"].iter().flat_map(|k| lesions(x, &format!("lesion_ge10_{k}_bias_vs_pet90_30_model_max"))).collect();
+        if v.is_empty() { None } else { Some(max(&v)) }
+    };
+    let (eb, ec) = (extreme(&b), extreme(&c));
+    lines.push(RuleLine {
+        what: "(c) worst single lesion above PET90 (SUVmean or SUVmax): at most 2 points worse".into(),
+        baseline: show(&eb),
+        candidate: show(&ec),
+        pass: matches!((&eb, &ec), (Some((_, fb)), Some((_, fc))) if *fc <= fb + 2.0),
+    });
     Ok(lines)
 }
 
@@ -323,6 +335,7 @@ mod tests {
                     "lesion_ge10_suvmax_bias_vs_pet90_30_model_min": lo - 1.0,
                     "lesion_ge10_suvmean_bias_vs_pet90_30_model_max": hi,
                     "lesion_ge10_suvmax_bias_vs_pet90_30_model_max": hi + 1.0,
+                    "lesion_ge10_suvmax_bias_vs_pet90_30_oracle_min": -4.0,
                 }}),
             );
         }
@@ -346,6 +359,18 @@ mod tests {
         let l = rule(&base, &lesion).unwrap();
         assert!(!l[5].pass && l[4].pass && l[6].pass, "{l:#?}");
         assert!(rule_markdown(&l).contains("verdict: FAIL"));
+        // where the oracle itself reads far below PET90's noisy maximum, a
+        // lesion may go as far as 5 points below the oracle, not further
+        let oracle = |mut r: Value, cell: &str, o: f64| {
+            r["cells"][cell]["summary"]["lesion_ge10_suvmax_bias_vs_pet90_30_oracle_min"] = json!(o);
+            r
+        };
+        let base_c1 = report(&[("c1", 50.0, 25.0, 1.0, -1.0, 5.0), ("c2", 40.0, 20.0, -2.0, -12.0, 8.0)]);
+        let near = oracle(report(&[("c1", 51.0, 26.0, 1.0, -22.0, 5.0), ("c2", 41.0, 21.0, 1.0, -10.0, 5.0)]), "c1", -20.0);
+        assert!(rule(&base_c1, &near).unwrap()[5].pass, "{:#?}", rule(&base_c1, &near).unwrap());
+        let far = oracle(report(&[("c1", 51.0, 26.0, 1.0, -25.0, 5.0), ("c2", 41.0, 21.0, 1.0, -10.0, 5.0)]), "c1", -20.0);
+        let l = rule(&base_c1, &far).unwrap();
+        assert!(!l[5].pass && l[5].candidate.contains("c1, limit -25.0"), "{l:#?}");
         // a cell whose mean lesion bias leaves ±5 %
         let biased = report(&[("c1", 51.0, 26.0, 5.5, -10.0, 5.0), ("c2", 41.0, 21.0, 1.0, -10.0, 5.0)]);
         assert!(!rule(&base, &biased).unwrap()[4].pass);
