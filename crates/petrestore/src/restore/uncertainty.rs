@@ -302,22 +302,28 @@ mod tests {
         assert!(s3.data[100] > 2.9 * s1.data[100]);
     }
 
+    /// Default windows and classes, noise weight 1, the given texture
+    /// weight, no descriptors.
+    fn test_calibration(texture: f64) -> Calibration {
+        Calibration {
+            window_mm: 10.0,
+            texture_mm: 6.0,
+            class_edges: DEFAULT_CLASS_EDGES.to_vec(),
+            noise: vec![1.0; 4],
+            texture: vec![texture; 4],
+            fitted_on: String::new(),
+            descriptors: Vec::new(),
+            descriptor_coef: Vec::new(),
+        }
+    }
+
     #[test]
     fn classes_scales_and_checks() {
         let n = 4;
         let r = vol(vec![0.1, 1.0, 2.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], n, 30.0);
         let c = classes(&r, &DEFAULT_CLASS_EDGES);
         assert_eq!(&c[..4], &[0, 1, 2, 3]);
-        let mut cal = Calibration {
-            window_mm: 10.0,
-            texture_mm: 6.0,
-            class_edges: DEFAULT_CLASS_EDGES.to_vec(),
-            noise: vec![1.0; 4],
-            texture: vec![0.0; 4],
-            fitted_on: String::new(),
-            descriptors: Vec::new(),
-            descriptor_coef: Vec::new(),
-        };
+        let mut cal = test_calibration(0.0);
         assert!(cal.check().is_ok());
         cal.descriptors = vec!["noise_px".into()];
         assert!(cal.check().unwrap_err().to_string().contains("needs 2 values"));
@@ -349,16 +355,7 @@ mod tests {
             .collect();
         let input = Volume { nx: n, ny: n, nz: 3, spacing: [4.0; 3], data: x.repeat(3), frame_duration_s: Some(30.0) };
         let restored = Volume { data: input.data.iter().map(|v| if *v > 0.0 { 100.0 } else { 0.0 }).collect(), ..input.clone_shape() };
-        let mut cal = Calibration {
-            window_mm: 10.0,
-            texture_mm: 6.0,
-            class_edges: DEFAULT_CLASS_EDGES.to_vec(),
-            noise: vec![1.0; 4],
-            texture: vec![0.5; 4],
-            fitted_on: String::new(),
-            descriptors: Vec::new(),
-            descriptor_coef: Vec::new(),
-        };
+        let mut cal = test_calibration(0.5);
         let plain = cal.sigma(&input, &restored).unwrap();
         cal.descriptors = vec!["noise_px".into()];
         cal.descriptor_coef = vec![0.4, 0.5];
