@@ -92,6 +92,10 @@ enum Command {
         /// --matrix and --post-filter are then ignored.
         #[arg(long, conflicts_with = "site")]
         randomize: bool,
+        /// With --randomize: only the unfiltered stratum (the same draw per
+        /// seed, then no post-filter and no resolution modelling).
+        #[arg(long, requires = "randomize")]
+        unfiltered: bool,
         /// A cell of the site matrix (its fixed setting), or "all": one
         /// sub-folder per cell, each with its own phantom seeds; or one of
         /// the out-of-range settings (x1-lowcount, x2-osem6x24).
@@ -241,7 +245,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Dataset { out, split, count, skip, nema, slices, matrix, post_filter, randomize, site } => {
+        Command::Dataset { out, split, count, skip, nema, slices, matrix, post_filter, randomize, unfiltered, site } => {
             use petsim::dataset::{Geometry, Source, Split, write_study_with};
             use petsim::patient::Family;
             use petsim::sites::{SITE_MATRIX, Setting};
@@ -270,6 +274,9 @@ fn run(cli: Cli) -> Result<()> {
             type Pick = Box<dyn Fn(u64) -> Setting>;
             let mut plans: Vec<(PathBuf, Pick, u64, u64)> = Vec::new();
             match site.as_deref() {
+                None if randomize && unfiltered => {
+                    plans.push((out.clone(), Box::new(move |seed| Setting::random_unfiltered(seed, slices)), base, 20_000))
+                }
                 None if randomize => plans.push((out.clone(), Box::new(move |seed| Setting::random(seed, slices)), base, 20_000)),
                 None => plans.push((out.clone(), Box::new(move |_| fixed.clone()), base, 20_000)),
                 Some(name) => {

@@ -30,6 +30,16 @@ fn randomized_training_studies_record_their_setting() {
         metas[0]["matrix"].to_string() + &metas[0]["scanner"].to_string(),
         metas[1]["matrix"].to_string() + &metas[1]["scanner"].to_string()
     );
+    // the unfiltered stratum: the same draw per seed, without filter or PSF
+    let u = tmp.path().join("unfiltered").display().to_string();
+    lab(&["dataset", "--out", &u, "--split", "train", "--randomize", "--unfiltered", "--count", "1", "--skip", "40", "--slices", "4"]);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&u).join("ellipse-00040.json")).unwrap()).unwrap();
+    assert_eq!(m["setting"], "random-unfiltered");
+    assert_eq!(m["scanner"]["post_filter_fwhm_mm"].as_f64(), Some(0.0));
+    assert_eq!(m["scanner"]["resolution_modelling"].as_bool(), Some(false));
+    assert_eq!((&m["matrix"], &m["counts_90s_per_liver_slice"]), (&metas[0]["matrix"], &metas[0]["counts_90s_per_liver_slice"]));
+    let o = petlab(&["dataset", "--out", &u, "--split", "train", "--unfiltered"]);
+    assert!(!o.status.success() && text(&o).contains("--randomize"), "{}", text(&o));
     // a site cell is an evaluation setting: never a training set
     let o = petlab(&["dataset", "--out", &d, "--split", "train", "--site", "all"]);
     assert!(!o.status.success() && text(&o).contains("train with --randomize"), "{}", text(&o));
