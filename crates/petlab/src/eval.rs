@@ -245,6 +245,26 @@ pub struct EvalOptions {
     pub engine: Option<Arc<dyn Engine>>,
     /// Write every restored volume here as .npy (for the Python cross-check).
     pub dump: Option<PathBuf>,
+    /// A site's factor on σ per class (see [`site_scale`]).
+    pub site_scale: Option<Vec<f64>>,
+}
+
+/// A site calibration of the engine's σ fitted on `dir`'s studies (their
+/// 30 and 60 s frames against PET90), as `petrestore eval
+/// --site-uncertainty` fits one at a site; `None` without a calibrated model.
+pub fn site_scale(dir: &Path, engine: &Arc<dyn Engine>) -> Result<Option<Vec<f64>>, String> {
+    let Some(cal) = engine.uncertainty() else { return Ok(None) };
+    let mut site = petrestore::restore::uncertainty::SiteCalibration::new(&engine.model_id(), cal.class_edges.len() + 1);
+    for p in studies_in(dir)? {
+        let st = Study::load(&p)?;
+        for d in DURATIONS {
+            let short = st.short(d);
+            let r = engine.run(short).map_err(|e| format!("{}: {e}", st.name))?;
+            let sigma = cal.sigma(short, &r).map_err(|e| format!("{}: {e}", st.name))?;
+            site.add(&cal, &r, &sigma, &st.planes[PET90], &format!("{} {d} s", st.name));
+        }
+    }
+    Ok(Some(site.scale))
 }
 
 /// Run the evaluation; returns the full JSON report.
@@ -282,7 +302,8 @@ pub fn run(o: &EvalOptions) -> Result<Value, String> {
                 let r = e.run(&short).map_err(|e| format!("{}: {e}", st.name))?;
                 model_label.get_or_insert_with(|| format!("{} ({})", e.model_id(), e.label()));
                 let mut rec = record(&st, d, "model", &r);
-                if let Some(cal) = e.uncertainty() {
+                if let Some(mut cal) = e.uncertainty() {
+                    cal.site_scale = o.site_scale.clone().unwrap_or_default();
                     let sigma = cal.sigma(&short, &r).map_err(|e| format!("{}: {e}", st.name))?;
                     rec.uncertainty = Some(crate::uncertainty::coverage(&st, &r, &sigma));
                 }

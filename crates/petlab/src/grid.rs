@@ -16,7 +16,10 @@ use petrestore::restore::Engine;
 use petsim::sites::SITE_MATRIX;
 
 /// Evaluate every cell present in `grid` (and in `val_grid`).
-pub fn run_grid(grid: &Path, val_grid: &Path, engine: Option<std::sync::Arc<dyn Engine>>) -> Result<Value, String> {
+/// With `site_uncertainty`, σ is also scaled per cell by a site
+/// calibration fitted on the validation cell (other patients, the same
+/// reconstruction), as a site fits one on its own paired series.
+pub fn run_grid(grid: &Path, val_grid: &Path, engine: Option<std::sync::Arc<dyn Engine>>, site_uncertainty: bool) -> Result<Value, String> {
     let mut cells = serde_json::Map::new();
     for cell in SITE_MATRIX.iter() {
         let dir = grid.join(cell.name);
@@ -32,9 +35,20 @@ pub fn run_grid(grid: &Path, val_grid: &Path, engine: Option<std::sync::Arc<dyn 
             ));
         }
         let t = std::time::Instant::now();
-        let r = run(&EvalOptions { dataset: dir, val: Some(val), gaussian_fwhm: None, engine: engine.clone(), dump: None })?;
+        let site_scale = match (&engine, site_uncertainty) {
+            (Some(e), true) => crate::eval::site_scale(&val, e)?,
+            _ => None,
+        };
+        let r = run(&EvalOptions {
+            dataset: dir,
+            val: Some(val),
+            gaussian_fwhm: None,
+            engine: engine.clone(),
+            dump: None,
+            site_scale: site_scale.clone(),
+        })?;
         eprintln!("cell {}: {} studies in {:.0} s", cell.name, r["studies"], t.elapsed().as_secs_f64());
-        cells.insert(cell.name.to_string(), json!({"what": cell.what, "pixel_mm": cell.pixel_mm(), "summary": r["summary"], "model": r["model"], "studies": r["studies"], "gaussian_fwhm_mm": r["gaussian_fwhm_mm"]}));
+        cells.insert(cell.name.to_string(), json!({"what": cell.what, "pixel_mm": cell.pixel_mm(), "summary": r["summary"], "model": r["model"], "studies": r["studies"], "gaussian_fwhm_mm": r["gaussian_fwhm_mm"], "site_uncertainty_scale": site_scale}));
     }
     if cells.is_empty() {
         let names: Vec<_> = SITE_MATRIX.iter().map(|c| c.name).collect();
@@ -193,6 +207,21 @@ fn uncertainty_markdown(cells: &serde_json::Map<String, Value>) -> String {
             o.push_str(&format!("| {name} | {d} s |"));
             o.push_str(&crate::uncertainty::coverage_cells(&|k| get(c, k), d));
         }
+    }
+    let site: Vec<String> = cells
+        .iter()
+        .filter_map(|(name, c)| {
+            let s = c["site_uncertainty_scale"].as_array()?;
+            Some(format!("{name} [{}]", s.iter().filter_map(Value::as_f64).map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(", ")))
+        })
+        .collect();
+    if !site.is_empty() {
+        o.push_str(&format!(
+            "
+σ scaled per cell by a site calibration fitted on the validation cell (factor per class {}): {}.\n",
+            petrestore::restore::uncertainty::CLASS_NAMES.join("/"),
+            site.join("; ")
+        ));
     }
     o
 }

@@ -196,6 +196,11 @@ enum Command {
         /// Engine threads (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// With --grid: σ also scaled by a site calibration per cell, fitted
+        /// on the validation cell's own studies (30 and 60 s frames against
+        /// PET90) as `petrestore eval --site-uncertainty` fits it at a site.
+        #[arg(long, requires = "grid")]
+        site_uncertainty: bool,
     },
 }
 
@@ -380,6 +385,7 @@ fn run(cli: Cli) -> Result<()> {
             dump,
             reliability,
             threads,
+            site_uncertainty,
         } => {
             let engine = match model {
                 None => None,
@@ -387,7 +393,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let t = std::time::Instant::now();
             if let (Some(grid), Some(val_grid)) = (grid, val_grid) {
-                let report = grid::run_grid(&grid, &val_grid, engine).map_err(anyhow::Error::msg)?;
+                let report = grid::run_grid(&grid, &val_grid, engine, site_uncertainty).map_err(anyhow::Error::msg)?;
                 if let Some(dir) = &reliability {
                     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
                     for (name, cell) in report["cells"].as_object().into_iter().flatten() {
@@ -409,7 +415,8 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let dataset = dataset.context("--dataset DIR or --grid DIR --val-grid DIR")?;
-            let report = eval::run(&eval::EvalOptions { dataset, val, gaussian_fwhm, engine, dump }).map_err(anyhow::Error::msg)?;
+            let report = eval::run(&eval::EvalOptions { dataset, val, gaussian_fwhm, engine, dump, site_scale: None })
+                .map_err(anyhow::Error::msg)?;
             if let Some(dir) = &reliability {
                 std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
                 let png = dir.join("reliability.png");

@@ -68,20 +68,9 @@ fn grid_eval_reports_every_cell_and_the_worst_with_the_shipped_model() {
         "--slices",
         "4",
     ]);
-    let model = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
-    let out = lab(&[
-        "eval",
-        "--grid",
-        &p("test"),
-        "--val-grid",
-        &p("val"),
-        "--model",
-        &model.display().to_string(),
-        "--json",
-        &p("grid.json"),
-        "--threads",
-        "1",
-    ]);
+    let package = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let m = package.display().to_string();
+    let out = lab(&["eval", "--grid", &p("test"), "--val-grid", &p("val"), "--model", &m, "--json", &p("grid.json"), "--threads", "1"]);
     for want in ["c1-ref128", "**worst cell**", "### model", "### oracle", "mean over cells"] {
         assert!(out.contains(want), "grid report lacks {want:?}:\n{out}");
     }
@@ -90,6 +79,34 @@ fn grid_eval_reports_every_cell_and_the_worst_with_the_shipped_model() {
     // the model beats the raw frame on its own reconstruction, the oracle bounds it
     let (model, oracle) = (s["seed_mse_30_model"].as_f64().unwrap(), s["seed_mse_30_oracle"].as_f64().unwrap());
     assert!(model > 20.0 && model < oracle + 1.0, "{model} vs oracle {oracle}");
+    // σ with a site calibration per cell, fitted on the validation cell: on
+    // that same cell (in sample) the body coverage of R ± σ comes to 68.3 %
+    let body68 = |r: &serde_json::Value| {
+        let s = &r["cells"]["c1-ref128"]["summary"];
+        (s["unc_cov68_body_30_model"].as_f64().unwrap() + s["unc_cov68_body_60_model"].as_f64().unwrap()) / 2.0
+    };
+    lab(&["eval", "--grid", &p("val"), "--val-grid", &p("val"), "--model", &m, "--json", &p("plain.json"), "--threads", "1"]);
+    let out = lab(&[
+        "eval",
+        "--grid",
+        &p("val"),
+        "--val-grid",
+        &p("val"),
+        "--model",
+        &m,
+        "--json",
+        &p("site.json"),
+        "--threads",
+        "1",
+        "--site-uncertainty",
+    ]);
+    assert!(out.contains("σ scaled per cell by a site calibration fitted on the validation cell"), "{out}");
+    let read = |f: &str| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p(f)).unwrap()).unwrap() };
+    let (plain, site) = (read("plain.json"), read("site.json"));
+    let scale = site["cells"]["c1-ref128"]["site_uncertainty_scale"].as_array().unwrap();
+    assert!(scale.len() == 4 && scale.iter().all(|v| v.as_f64().unwrap() > 0.0), "{scale:?}");
+    assert!(plain["cells"]["c1-ref128"]["site_uncertainty_scale"].is_null());
+    assert!((body68(&site) - 68.3).abs() < 3.0, "with the site factor {} (without {})", body68(&site), body68(&plain));
     // a grid without a validation cell is refused with the command to make it
     std::fs::create_dir_all(p("val2")).unwrap();
     let o = petlab(&["eval", "--grid", &p("test"), "--val-grid", &p("val2")]);

@@ -143,6 +143,7 @@ fn main() {
             fitted_on: String::new(),
             descriptors: Vec::new(),
             descriptor_coef: Vec::new(),
+            site_scale: Vec::new(),
         };
         let described = restore::uncertainty::Calibration {
             descriptors: restore::texture::KNOWN.iter().map(|s| s.to_string()).collect(),

@@ -137,6 +137,7 @@ struct RawRestore {
     assume_frame_duration_s: Option<f64>,
     assume_units: Option<String>,
     assume_tracer: Option<String>,
+    uncertainty_site: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -283,6 +284,8 @@ pub struct RestoreSettings {
     /// For series without Radiopharmaceutical, likewise (checked against
     /// the model's tracers like a recorded one).
     pub assume_tracer: Option<String>,
+    /// The site's σ calibration file (`petrestore eval --site-uncertainty`).
+    pub uncertainty_site: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -804,6 +807,7 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         assume_frame_duration_s: Some(pick!(u, d, restore.assume_frame_duration_s)).filter(|v: &f64| *v > 0.0),
         assume_units: Some(pick!(u, d, restore.assume_units)).filter(|v: &String| !v.is_empty()),
         assume_tracer: Some(pick!(u, d, restore.assume_tracer)).filter(|v: &String| !v.is_empty()),
+        uncertainty_site: Some(pick!(u, d, restore.uncertainty_site)).filter(|v: &String| !v.is_empty()).map(PathBuf::from),
     }
 }
 

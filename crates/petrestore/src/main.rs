@@ -132,6 +132,11 @@ enum Command {
         /// input | Gaussian | model | reference on one scale.
         #[arg(long)]
         figures: Option<PathBuf>,
+        /// Add this pair to the site's σ calibration file (created if
+        /// absent; --reference must be the 90 s frame, --model a package
+        /// with [uncertainty]); name the file in restore.uncertainty_site.
+        #[arg(long, requires = "model")]
+        site_uncertainty: Option<PathBuf>,
     },
     /// Journal maintenance (with the daemon stopped).
     Journal {
@@ -389,9 +394,31 @@ fn run(cli: Cli) -> Result<()> {
             }
             rt()?.block_on(demo::run(demo::DemoOptions { workdir, slices, matrix, engine, model }))
         }
-        Command::Eval { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads, figures } => {
-            site_eval(SiteEvalArgs { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads, figures })
-        }
+        Command::Eval {
+            input,
+            reference,
+            gaussian_fwhm,
+            model,
+            engine,
+            ort_library,
+            json,
+            markdown,
+            threads,
+            figures,
+            site_uncertainty,
+        } => site_eval(SiteEvalArgs {
+            input,
+            reference,
+            gaussian_fwhm,
+            model,
+            engine,
+            ort_library,
+            json,
+            markdown,
+            threads,
+            figures,
+            site_uncertainty,
+        }),
         Command::CheckConfig { file } => check_config(&file),
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");
@@ -414,17 +441,20 @@ struct SiteEvalArgs {
     markdown: Option<PathBuf>,
     threads: usize,
     figures: Option<PathBuf>,
+    site_uncertainty: Option<PathBuf>,
 }
 
 /// `petrestore eval`: site acceptance on a short and a standard series.
 fn site_eval(a: SiteEvalArgs) -> Result<()> {
-    let SiteEvalArgs { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads, figures } = a;
+    let SiteEvalArgs { input, reference, gaussian_fwhm, model, engine, ort_library, json, markdown, threads, figures, site_uncertainty } =
+        a;
     let engine = match model {
         None => None,
         Some(dir) => Some(eval::engine(&dir, &engine, ort_library, threads)?),
     };
     let fwhm = gaussian_fwhm.unwrap_or_else(|| Settings::defaults().restore.gaussian_fwhm_mm);
-    let report = eval::run_series_with_figures(&input, &reference, engine, fwhm, figures.as_deref()).map_err(anyhow::Error::msg)?;
+    let report = eval::run_series_with_figures(&input, &reference, engine, fwhm, figures.as_deref(), site_uncertainty.as_deref())
+        .map_err(anyhow::Error::msg)?;
     let md = eval::series_markdown(&report);
     println!("{md}");
     if let Some(p) = json {
@@ -495,8 +525,15 @@ fn check_config(file: &std::path::Path) -> Result<()> {
         bail!("{}: {}", file.display(), problems.join("\n  "));
     }
     let wants_uncertainty = s.destinations.iter().filter(|d| d.uncertainty).count();
+    let mut site_line = String::new();
+    if let (Some(p), Some(path)) = (&model, &s.restore.uncertainty_site) {
+        match restore::with_site_uncertainty(&mut p.clone(), path) {
+            Ok(pairs) => site_line = format!(", σ scaled by the site's calibration ({pairs} pairs)"),
+            Err(e) => eprintln!("petrestore: note: restore.uncertainty_site {} would not be used: {e}", path.display()),
+        }
+    }
     let model_line = match &model {
-        Some(p) => format!(", model {}{}", p.model_id(), if p.uncertainty.is_some() { " (uncertainty calibrated)" } else { "" }),
+        Some(p) => format!(", model {}{}{site_line}", p.model_id(), if p.uncertainty.is_some() { " (uncertainty calibrated)" } else { "" }),
         None => String::new(),
     };
     if wants_uncertainty > 0 && model.as_ref().is_none_or(|p| p.uncertainty.is_none()) {

@@ -63,6 +63,7 @@ fn ort_cpu_and_tract_agree_on_the_same_model_and_volume() {
         fitted_on: String::new(),
         descriptors: Vec::new(),
         descriptor_coef: Vec::new(),
+        site_scale: Vec::new(),
     };
     let mut input = v.clone();
     input.frame_duration_s = Some(30.0);

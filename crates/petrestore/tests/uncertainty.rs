@@ -199,3 +199,94 @@ fn enhanced_pet_gets_a_multi_frame_uncertainty_instance() {
     let errors = iod_errors(sigma[0]);
     assert!(errors.is_empty(), "{errors:?}");
 }
+
+/// A site fits its own factor on σ from paired series: `petrestore eval
+/// --site-uncertainty FILE` adds each pair (a short frame and the 90 s
+/// frame) to the file, refuses a file fitted for another model and a
+/// reference that is not 90 s without touching the file, and the daemon
+/// scales σ by the file named in `restore.uncertainty_site`.
+#[test]
+fn a_site_fits_its_own_sigma_factor_from_paired_series_and_the_daemon_uses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = calibrated_test_model(tmp.path());
+    let frame = |name: &str, t: f64| {
+        let d = tmp.path().join(name);
+        petsim::write_series(&d, &petsim::SeriesSpec { slices: 8, matrix: 64, seed: 93, frame_duration_s: t, ..Default::default() })
+            .unwrap();
+        d
+    };
+    let (short, standard, sixty) = (frame("short", 30.0), frame("standard", 90.0), frame("sixty", 60.0));
+    let site = tmp.path().join("site.toml");
+    let json = tmp.path().join("report.json");
+    let p = |d: &std::path::Path| d.to_str().unwrap().to_owned();
+    let eval = |model: &std::path::Path, reference: &std::path::Path| {
+        petrestore(&[
+            "eval",
+            "--input",
+            &p(&short),
+            "--reference",
+            &p(reference),
+            "--model",
+            &p(model),
+            "--site-uncertainty",
+            &p(&site),
+            "--json",
+            &p(&json),
+        ])
+    };
+    let o = eval(&model, &standard);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("Site calibration") && text(&o).contains("(1 pair)"), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["uncertainty"]["site"]["pairs"], 1, "{r}");
+    let one = petrestore::restore::uncertainty::SiteCalibration::load(&site).unwrap();
+    assert!(one.model.starts_with("petrestore-test-unet@"), "{}", one.model);
+    // in sample, the fitted factor covers 68.3 % of the voxels it was fitted on
+    assert!((one.coverage(1.0) - 68.27).abs() < 0.5, "{}", one.coverage(1.0));
+    assert!(one.scale.iter().all(|s| *s > 0.0) && one.voxels.iter().sum::<u64>() > 1000, "{one:?}");
+
+    // a second pair accumulates
+    let o = eval(&model, &standard);
+    assert!(o.status.success() && text(&o).contains("(2 pairs)"), "{}", text(&o));
+    let two = petrestore::restore::uncertainty::SiteCalibration::load(&site).unwrap();
+    assert_eq!(two.voxels.iter().sum::<u64>(), 2 * one.voxels.iter().sum::<u64>());
+    let bytes = std::fs::read(&site).unwrap();
+
+    // the file of another model, and a 60 s reference, are refused; the file stays as it was
+    let shipped = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let o = eval(&shipped, &standard);
+    assert!(!o.status.success() && text(&o).contains("was fitted for model") && text(&o).contains("give a new file"), "{}", text(&o));
+    let o = eval(&model, &sixty);
+    assert!(!o.status.success() && text(&o).contains("give the 90 s frame"), "{}", text(&o));
+    assert_eq!(std::fs::read(&site).unwrap(), bytes);
+
+    // check-config says what the daemon will do with it, for each model
+    let cfg = |m: &std::path::Path| {
+        let f = tmp.path().join("check.toml");
+        std::fs::write(
+            &f,
+            format!(
+                "[node]\nstate_dir = {:?}\n[restore]\nengines = [\"tract\"]\nmodel = {m:?}\nuncertainty_site = {site:?}\n",
+                tmp.path().join("s")
+            ),
+        )
+        .unwrap();
+        petrestore(&["check-config", &p(&f)])
+    };
+    let o = cfg(&model);
+    assert!(o.status.success() && text(&o).contains("σ scaled by the site's calibration (2 pairs)"), "{}", text(&o));
+    let o = cfg(&shipped);
+    assert!(o.status.success() && text(&o).contains("would not be used: it was fitted for model"), "{}", text(&o));
+
+    // the daemon scales σ by it
+    let src = series(&tmp.path().join("src"), 8, 64, 94);
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!("[restore]\nengines = [\"tract\"]\nmodel = {model:?}\nthreads = 1\nuncertainty_site = {site:?}\n"),
+    );
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(120));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.uncertainty.is_some(), "{:#?}", job.history);
+    assert!(d.log().contains("σ scaled by the site's own calibration"), "{}", d.log());
+}

@@ -69,6 +69,8 @@ pub enum EvalError {
     Figures { dir: PathBuf, source: std::io::Error },
     #[error("uncertainty: {0}")]
     Uncertainty(#[from] crate::restore::uncertainty::UncertaintyError),
+    #[error("--site-uncertainty: {0}")]
+    Site(String),
 }
 
 fn shape(s: [usize; 3]) -> String {
@@ -98,6 +100,20 @@ pub struct SeriesUncertainty {
     pub within_1_96_sigma_pct: f64,
     /// Body-mean σ ÷ R, %.
     pub body_sigma_relative_pct: f64,
+    /// The site calibration this pair was added to (`--site-uncertainty`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<SiteFit>,
+}
+
+/// What `--site-uncertainty` fitted: the site's factor on σ per class after
+/// this pair, and the coverage with it on this pair's body voxels.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SiteFit {
+    pub file: String,
+    pub pairs: usize,
+    pub scale: Vec<f64>,
+    pub within_1_sigma_pct: f64,
+    pub within_1_96_sigma_pct: f64,
 }
 
 /// What [`run_series`] measured; `--json` writes it as is, [`series_markdown`] formats it.
@@ -120,18 +136,21 @@ pub struct SeriesReport {
 /// the reference) and the quantitative agreement can be measured; the
 /// ceiling assumes nesting.
 pub fn run_series(input: &Path, reference: &Path, engine: Option<Arc<dyn Engine>>, fwhm_mm: f64) -> Result<SeriesReport, EvalError> {
-    run_series_with_figures(input, reference, engine, fwhm_mm, None)
+    run_series_with_figures(input, reference, engine, fwhm_mm, None, None)
 }
 
 /// [`run_series`], and with `figures` the pictures of the comparison in
 /// that folder: a coronal MIP and the axial slice where the reference is
-/// hottest, input | each method | reference on one scale.
+/// hottest, input | each method | reference on one scale. With
+/// `site_uncertainty` the pair is added to that site calibration file
+/// (created if absent; see [`crate::restore::uncertainty::SiteCalibration`]).
 pub fn run_series_with_figures(
     input: &Path,
     reference: &Path,
     engine: Option<Arc<dyn Engine>>,
     fwhm_mm: f64,
     figures: Option<&Path>,
+    site_uncertainty: Option<&Path>,
 ) -> Result<SeriesReport, EvalError> {
     let files = |d: &Path| -> Result<Vec<PathBuf>, EvalError> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(d)
@@ -171,6 +190,21 @@ pub fn run_series_with_figures(
     let (d_in, d_ref) = (duration(&a, "--input")?, duration(&b, "--reference")?);
     if d_in >= d_ref {
         return Err(EvalError::Order { input: d_in, reference: d_ref });
+    }
+    if let Some(f) = site_uncertainty {
+        // checked before the engine runs: a wrong pair costs nothing
+        let with_sigma = engine.as_ref().is_some_and(|e| e.uncertainty().is_some());
+        if !with_sigma {
+            return Err(EvalError::Site(format!(
+                "{} cannot be fitted without a model whose package has an [uncertainty] calibration: give --model DIR",
+                f.display()
+            )));
+        }
+        if (d_ref - 90.0).abs() > 1.0 {
+            return Err(EvalError::Site(format!(
+                "σ predicts the 90 s image; the reference is {d_ref:.0} s: give the 90 s frame as --reference"
+            )));
+        }
     }
     let mut input_vol = va.clone();
     input_vol.frame_duration_s = Some(d_in);
@@ -215,11 +249,46 @@ pub fn run_series_with_figures(
         let within =
             |z: f32| body.iter().filter(|&&i| (vb.data[i] - restored.data[i]).abs() <= z * sigma.data[i]).count() as f64 / n * 100.0;
         let (ss, sr) = body.iter().fold((0.0f64, 0.0f64), |(a, b), &i| (a + sigma.data[i] as f64, b + restored.data[i] as f64));
+        let mut site = None;
+        if let Some(f) = site_uncertainty {
+            let model = e.model_id();
+            let mut cal_site = match f.exists() {
+                true => crate::restore::uncertainty::SiteCalibration::load(f).map_err(EvalError::Site)?,
+                false => crate::restore::uncertainty::SiteCalibration::new(&model, cal.class_edges.len() + 1),
+            };
+            cal_site.check(&cal).map_err(|e| EvalError::Site(format!("{}: {e}", f.display())))?;
+            if cal_site.model != model {
+                return Err(EvalError::Site(format!(
+                    "{} was fitted for model {}, this is {model}: give a new file for this model",
+                    f.display(),
+                    cal_site.model
+                )));
+            }
+            let label = format!("{} ({d_in:.0} s) vs {} ({d_ref:.0} s)", input.display(), reference.display());
+            cal_site.add(&cal, restored, &sigma, vb, &label);
+            cal_site.save(f).map_err(EvalError::Site)?;
+            let class = crate::restore::uncertainty::classes(restored, &cal.class_edges);
+            let within_site = |z: f32| {
+                body.iter()
+                    .filter(|&&i| (vb.data[i] - restored.data[i]).abs() <= z * sigma.data[i] * cal_site.scale[class[i] as usize] as f32)
+                    .count() as f64
+                    / n
+                    * 100.0
+            };
+            site = Some(SiteFit {
+                file: f.display().to_string(),
+                pairs: cal_site.pairs.len(),
+                within_1_sigma_pct: within_site(1.0),
+                within_1_96_sigma_pct: within_site(1.96),
+                scale: cal_site.scale.clone(),
+            });
+        }
         uncertainty = Some(SeriesUncertainty {
             body_voxels: body.len(),
             within_1_sigma_pct: within(1.0),
             within_1_96_sigma_pct: within(1.96),
             body_sigma_relative_pct: 100.0 * ss / sr.max(f64::MIN_POSITIVE),
+            site,
         });
     }
     Ok(SeriesReport {
@@ -258,6 +327,22 @@ pub fn series_markdown(r: &SeriesReport) -> String {
                 String::new()
             }
         ));
+        if let Some(f) = &u.site {
+            let scale: Vec<String> = f.scale.iter().map(|s| format!("{s:.3}")).collect();
+            o.push_str(&format!(
+                "
+Site calibration {} ({} pair{}): factor on σ per intensity class ({}) = [{}]; with it the reference lies within \
+                 restored ± σ in {:.1} % and within ± 1.96 σ in {:.1} % of this pair's body voxels. Name the file in \
+                 restore.uncertainty_site to use it.\n",
+                f.file,
+                f.pairs,
+                if f.pairs == 1 { "" } else { "s" },
+                crate::restore::uncertainty::CLASS_NAMES.join(", "),
+                scale.join(", "),
+                f.within_1_sigma_pct,
+                f.within_1_96_sigma_pct
+            ));
+        }
     }
     o
 }
@@ -302,6 +387,7 @@ mod tests {
                 within_1_sigma_pct: 70.1,
                 within_1_96_sigma_pct: 95.2,
                 body_sigma_relative_pct: 8.8,
+                site: None,
             }),
         };
         let v = serde_json::to_value(&r).unwrap();

@@ -106,7 +106,14 @@ pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, Str
             out.reports.push(EngineReport { engine: name.to_string(), ok: false, detail: reason.clone(), providers: vec![] });
         }
     }
-    let pkg = if needs_model && !no_installed_model { Some(model::ModelPackage::load(&r.model).map_err(|e| e.to_string())?) } else { None };
+    let mut pkg =
+        if needs_model && !no_installed_model { Some(model::ModelPackage::load(&r.model).map_err(|e| e.to_string())?) } else { None };
+    if let (Some(p), Some(path)) = (pkg.as_mut(), &r.uncertainty_site) {
+        match with_site_uncertainty(p, path) {
+            Ok(pairs) => tracing::info!(file = %path.display(), pairs, "σ scaled by the site's own calibration (restore.uncertainty_site)"),
+            Err(e) => tracing::warn!(file = %path.display(), "restore.uncertainty_site not used, σ from the model's calibration only: {e}"),
+        }
+    }
     if let Some(p) = pkg.as_ref().filter(|p| p.is_test_model()) {
         tracing::warn!(model = %p.model_id(), "restore.model is a TEST model (untrained weights): not for clinical use");
     }
@@ -163,6 +170,26 @@ pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, Str
         return Err(format!("no restoration engine can run: {}", why.join("; ")));
     }
     Ok(out)
+}
+
+/// Scale the package's σ by a site calibration file; returns its number of
+/// pairs. A file that does not fit (unreadable, damaged, fitted for another
+/// model, or a package without `[uncertainty]`) is an error the caller
+/// reports and leaves out: σ is a reading aid, never a reason not to
+/// restore, and a model update must not take the box down.
+pub fn with_site_uncertainty(p: &mut model::ModelPackage, path: &std::path::Path) -> Result<usize, String> {
+    let id = p.model_id();
+    let cal = p.uncertainty.as_mut().ok_or("the model package has no [uncertainty] calibration to scale")?;
+    let site = uncertainty::SiteCalibration::load(path)?;
+    site.check(cal).map_err(|e| format!("{}: {e}", path.display()))?;
+    if site.model != id {
+        return Err(format!(
+            "it was fitted for model {}, the engines run {id}: fit it again (petrestore eval --model DIR --site-uncertainty FILE)",
+            site.model
+        ));
+    }
+    cal.site_scale = site.scale;
+    Ok(site.pairs.len())
 }
 
 /// Run the first engine that succeeds; report each failure on the way

@@ -74,6 +74,10 @@ pub struct Calibration {
     /// c₀, then one cⱼ per descriptor: σ² ·= exp(c₀ + Σ cⱼ·tⱼ).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub descriptor_coef: Vec<f64>,
+    /// A site's own factor on σ per class ([`SiteCalibration`]), set from
+    /// the configuration, never from the package; empty: none.
+    #[serde(skip)]
+    pub site_scale: Vec<f64>,
 }
 
 /// The per-frame exponent is held within ±this, so a frame far outside
@@ -158,10 +162,155 @@ impl Calibration {
             .iter()
             .zip(&texture)
             .zip(&class)
-            .map(|((n, t), c)| (f * (self.noise[*c as usize] as f32 * n + self.texture[*c as usize] as f32 * t)).sqrt())
+            .map(|((n, t), c)| {
+                let c = *c as usize;
+                let site = self.site_scale.get(c).copied().unwrap_or(1.0) as f32;
+                site * (f * (self.noise[c] as f32 * n + self.texture[c] as f32 * t)).sqrt()
+            })
             .collect();
         Ok(Volume { data, ..input.clone_shape() })
     }
+}
+
+/// Bins of |PET90 − R| ÷ σ per unit in a [`SiteCalibration`] histogram.
+pub const SITE_BINS_PER_UNIT: usize = 40;
+/// Ratios from 0 to this many σ are binned; larger ones share the last bin.
+pub const SITE_MAX_RATIO: usize = 10;
+/// A class with fewer body voxels than this takes the scale of all classes
+/// together.
+pub const SITE_MIN_VOXELS: u64 = 2000;
+/// The nominal coverage of R ± σ.
+pub const ONE_SIGMA: f64 = 0.682_689_5;
+
+/// A site's own calibration of σ, from its paired series (a short frame
+/// and the standard 90 s frame it is nested in, both reconstructed from
+/// the same list-mode data): per intensity class of R, the histogram of
+/// |PET90 − R| ÷ σ over body voxels, and the factor on σ that makes
+/// R ± σ hold PET90 in 68.3 % of them (a split-conformal quantile). The
+/// model's own calibration is fitted on simulated reconstructions; a site
+/// whose reconstruction it fits less well measures its own factor with
+/// `petrestore eval --site-uncertainty FILE` and names FILE in
+/// `restore.uncertainty_site`. Pairs accumulate: each run adds one.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteCalibration {
+    /// The model (`name version sha256-prefix`) whose σ this scales.
+    pub model: String,
+    /// One line per pair that went in: input, reference, durations.
+    pub pairs: Vec<String>,
+    /// Factor on σ per class of the model's calibration.
+    pub scale: Vec<f64>,
+    /// Body voxels per class.
+    pub voxels: Vec<u64>,
+    /// Per class, counts of |PET90 − R| ÷ σ in bins of 1/[`SITE_BINS_PER_UNIT`].
+    pub histogram: Vec<Vec<u64>>,
+}
+
+impl SiteCalibration {
+    pub fn new(model: &str, classes: usize) -> SiteCalibration {
+        let bins = SITE_BINS_PER_UNIT * SITE_MAX_RATIO;
+        SiteCalibration {
+            model: model.to_owned(),
+            pairs: Vec::new(),
+            scale: vec![1.0; classes],
+            voxels: vec![0; classes],
+            histogram: vec![vec![0; bins]; classes],
+        }
+    }
+
+    /// Add one pair: `sigma` the model's σ (without a site scale) for
+    /// `restored`, `reference` the standard frame; body voxels are those
+    /// the engines normalise by (above 5 % of the 99.9th percentile of R).
+    pub fn add(&mut self, cal: &Calibration, restored: &Volume, sigma: &Volume, reference: &Volume, label: &str) {
+        let class = classes(restored, &cal.class_edges);
+        let t = super::texture::body_threshold(&restored.data, 0.05).unwrap_or(f64::INFINITY);
+        let last = SITE_BINS_PER_UNIT * SITE_MAX_RATIO - 1;
+        for (((r, s), p), c) in restored.data.iter().zip(&sigma.data).zip(&reference.data).zip(&class) {
+            if (*r as f64) <= t || s.is_nan() || *s <= 0.0 || !p.is_finite() {
+                continue;
+            }
+            let z = ((p - r).abs() / s) as f64;
+            let c = *c as usize;
+            self.histogram[c][((z * SITE_BINS_PER_UNIT as f64) as usize).min(last)] += 1;
+            self.voxels[c] += 1;
+        }
+        self.pairs.push(label.to_owned());
+        self.refit();
+    }
+
+    /// The scale per class from the histograms.
+    fn refit(&mut self) {
+        let all: Vec<u64> = (0..self.histogram[0].len()).map(|b| self.histogram.iter().map(|h| h[b]).sum()).collect();
+        let pooled = quantile(&all, ONE_SIGMA).unwrap_or(1.0);
+        self.scale = self
+            .histogram
+            .iter()
+            .zip(&self.voxels)
+            .map(|(h, n)| if *n >= SITE_MIN_VOXELS { quantile(h, ONE_SIGMA).unwrap_or(pooled) } else { pooled })
+            .collect();
+    }
+
+    /// Share of the body voxels that went in whose PET90 lies within
+    /// R ± z·σ·scale (%), all classes together.
+    pub fn coverage(&self, z: f64) -> f64 {
+        let (mut inside, mut n) = (0.0, 0u64);
+        for (h, s) in self.histogram.iter().zip(&self.scale) {
+            let edge = z * s * SITE_BINS_PER_UNIT as f64;
+            for (b, k) in h.iter().enumerate() {
+                // the part of each bin below the edge, as if uniform within it
+                inside += *k as f64 * (edge - b as f64).clamp(0.0, 1.0);
+                n += k;
+            }
+        }
+        100.0 * inside / n.max(1) as f64
+    }
+
+    /// Checks against the calibration it scales.
+    pub fn check(&self, cal: &Calibration) -> Result<(), String> {
+        let k = cal.class_edges.len() + 1;
+        let bins = SITE_BINS_PER_UNIT * SITE_MAX_RATIO;
+        if self.scale.len() != k || self.voxels.len() != k || self.histogram.len() != k || self.histogram.iter().any(|h| h.len() != bins) {
+            return Err(format!("it has {} classes of {bins} bins; the model's calibration has {k}", self.scale.len()));
+        }
+        if self.scale.iter().any(|s| !(s.is_finite() && *s > 0.0 && *s <= SITE_MAX_RATIO as f64)) {
+            return Err(format!("scale must be in (0, {SITE_MAX_RATIO}], is {:?}", self.scale));
+        }
+        Ok(())
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<SiteCalibration, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Write atomically (a temporary file beside it, fsync, rename).
+    pub fn save(&self, path: &std::path::Path) -> Result<(), String> {
+        use std::io::Write;
+        let text = toml::to_string(self).map_err(|e| e.to_string())?;
+        let tmp = path.with_extension("toml.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// The q-quantile of a histogram in bins of 1/[`SITE_BINS_PER_UNIT`],
+/// interpolated within its bin; `None` when it is empty.
+fn quantile(h: &[u64], q: f64) -> Option<f64> {
+    let n: u64 = h.iter().sum();
+    if n == 0 {
+        return None;
+    }
+    let want = q * n as f64;
+    let mut below = 0.0;
+    for (b, k) in h.iter().enumerate() {
+        let k = *k as f64;
+        if below + k >= want && k > 0.0 {
+            return Some((b as f64 + (want - below) / k) / SITE_BINS_PER_UNIT as f64);
+        }
+        below += k;
+    }
+    Some(h.len() as f64 / SITE_BINS_PER_UNIT as f64)
 }
 
 /// ln of the per-frame factor on σ² for descriptors `t`: c₀ + Σ cⱼ·tⱼ,
@@ -314,6 +463,7 @@ mod tests {
             fitted_on: String::new(),
             descriptors: Vec::new(),
             descriptor_coef: Vec::new(),
+            site_scale: Vec::new(),
         }
     }
 
@@ -369,6 +519,65 @@ mod tests {
         cal.descriptor_coef = vec![50.0, 0.0];
         let held = cal.sigma(&input, &restored).unwrap();
         assert!(((held.data[i] / plain.data[i]) as f64 - 1.5f64.exp()).abs() < 1e-3);
+    }
+
+    #[test]
+    fn a_site_calibration_finds_the_factor_that_covers_68_percent() {
+        // R flat, σ = 1 everywhere, PET90 − R drawn ±2·|N(0, 1)|-like by a
+        // fixed sequence: the factor is the 68.3 % quantile of |PET90 − R|,
+        // and after it R ± σ holds PET90 in 68.3 % of the voxels
+        let n = 64;
+        let restored = vol(vec![100.0; n * n], n, 30.0);
+        let sigma = vol(vec![1.0; n * n], n, 30.0);
+        let normal = |i: usize| {
+            // the normal quantile of a uniform grid, by bisection on erf
+            let u = (i as f64 + 0.5) / (n * n) as f64;
+            let (mut lo, mut hi) = (-8.0f64, 8.0f64);
+            for _ in 0..60 {
+                let m = 0.5 * (lo + hi);
+                if 0.5 * (1.0 + erf(m / 2f64.sqrt())) < u { lo = m } else { hi = m }
+            }
+            0.5 * (lo + hi)
+        };
+        let reference = vol((0..n * n).map(|i| 100.0 + 2.0 * normal((i * 2654435761) % (n * n)) as f32).collect(), n, 90.0);
+        let cal = test_calibration(0.0);
+        let mut site = SiteCalibration::new("m 1", 4);
+        site.add(&cal, &restored, &sigma, &reference, "pair 1");
+        assert!(site.check(&cal).is_ok());
+        // every voxel is in class 1 ("body"); the others take the pooled factor
+        assert_eq!(site.voxels, vec![0, (n * n) as u64, 0, 0]);
+        assert!((site.scale[1] - 2.0).abs() < 0.03, "{:?}", site.scale);
+        assert_eq!(site.scale[0], site.scale[1]);
+        assert!((site.coverage(1.0) - 68.27).abs() < 0.2, "{}", site.coverage(1.0));
+        assert!((site.coverage(1.96) - 95.0).abs() < 0.5, "{}", site.coverage(1.96));
+        // pairs accumulate: the same pair twice, the same factor, twice the voxels
+        site.add(&cal, &restored, &sigma, &reference, "pair 2");
+        assert_eq!(site.pairs.len(), 2);
+        assert_eq!(site.voxels[1], 2 * (n * n) as u64);
+        assert!((site.scale[1] - 2.0).abs() < 0.03);
+        // σ with the site's factor: the model's σ times the class's factor
+        let mut scaled = cal.clone();
+        scaled.site_scale = site.scale.clone();
+        let x = vol((0..n * n).map(|i| 100.0 + if i % 2 == 0 { 3.0 } else { -3.0 }).collect(), n, 30.0);
+        let (a, b) = (cal.sigma(&x, &restored).unwrap(), scaled.sigma(&x, &restored).unwrap());
+        assert!((b.data[100] / a.data[100] - site.scale[1] as f32).abs() < 1e-5);
+        // it round-trips through its file, and a damaged one is refused
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("site.toml");
+        site.save(&f).unwrap();
+        assert_eq!(SiteCalibration::load(&f).unwrap(), site);
+        let mut bad = site.clone();
+        bad.scale.pop();
+        assert!(bad.check(&cal).unwrap_err().contains("classes"));
+        bad.scale = vec![1.0, -1.0, 1.0, 1.0];
+        assert!(bad.check(&cal).unwrap_err().contains("scale must be"));
+    }
+
+    /// erf (Abramowitz and Stegun 7.1.26, |error| < 1.5e-7).
+    fn erf(x: f64) -> f64 {
+        let t = 1.0 / (1.0 + 0.3275911 * x.abs());
+        let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * (-x * x).exp();
+        if x >= 0.0 { y } else { -y }
     }
 
     #[test]
