@@ -254,7 +254,7 @@ pub struct EvalOptions {
 /// --site-uncertainty` fits one at a site; `None` without a calibrated model.
 pub fn site_scale(dir: &Path, engine: &Arc<dyn Engine>) -> Result<Option<Vec<f64>>, String> {
     let Some(cal) = engine.uncertainty() else { return Ok(None) };
-    let mut site = petrestore::restore::uncertainty::SiteCalibration::new(&engine.model_id(), cal.class_edges.len() + 1);
+    let mut site = petrestore::restore::uncertainty::SiteCalibration::new(&engine.model_id(), &cal);
     for p in studies_in(dir)? {
         let st = Study::load(&p)?;
         for d in DURATIONS {

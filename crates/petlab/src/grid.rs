@@ -36,7 +36,11 @@ pub fn run_grid(grid: &Path, val_grid: &Path, engine: Option<std::sync::Arc<dyn 
         }
         let t = std::time::Instant::now();
         let site_scale = match (&engine, site_uncertainty) {
-            (Some(e), true) => crate::eval::site_scale(&val, e)?,
+            (Some(e), true) => Some(
+                crate::eval::site_scale(&val, e)?
+                    .ok_or("--site-uncertainty: the model package has no [uncertainty] calibration to scale (petlab calibrate --write)")?,
+            ),
+            (None, true) => return Err("--site-uncertainty needs --model DIR (a package with an [uncertainty] calibration)".into()),
             _ => None,
         };
         let r = run(&EvalOptions {
@@ -217,8 +221,7 @@ fn uncertainty_markdown(cells: &serde_json::Map<String, Value>) -> String {
         .collect();
     if !site.is_empty() {
         o.push_str(&format!(
-            "
-σ scaled per cell by a site calibration fitted on the validation cell (factor per class {}): {}.\n",
+            "\nσ scaled per cell by a site calibration fitted on the validation cell (factor per class {}): {}.\n",
             petrestore::restore::uncertainty::CLASS_NAMES.join("/"),
             site.join("; ")
         ));

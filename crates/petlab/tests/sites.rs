@@ -107,6 +107,10 @@ fn grid_eval_reports_every_cell_and_the_worst_with_the_shipped_model() {
     assert!(scale.len() == 4 && scale.iter().all(|v| v.as_f64().unwrap() > 0.0), "{scale:?}");
     assert!(plain["cells"]["c1-ref128"]["site_uncertainty_scale"].is_null());
     assert!((body68(&site) - 68.3).abs() < 3.0, "with the site factor {} (without {})", body68(&site), body68(&plain));
+    assert!((body68(&site) - body68(&plain)).abs() > 0.5, "the factor changed nothing: {} vs {}", body68(&site), body68(&plain));
+    // without a model there is nothing to scale: said, not ignored
+    let o = petlab(&["eval", "--grid", &p("val"), "--val-grid", &p("val"), "--site-uncertainty"]);
+    assert!(!o.status.success() && text(&o).contains("--site-uncertainty needs --model"), "{}", text(&o));
     // a grid without a validation cell is refused with the command to make it
     std::fs::create_dir_all(p("val2")).unwrap();
     let o = petlab(&["eval", "--grid", &p("test"), "--val-grid", &p("val2")]);

@@ -528,7 +528,7 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     let mut site_line = String::new();
     if let (Some(p), Some(path)) = (&model, &s.restore.uncertainty_site) {
         match restore::with_site_uncertainty(&mut p.clone(), path) {
-            Ok(pairs) => site_line = format!(", σ scaled by the site's calibration ({pairs} pairs)"),
+            Ok(pairs) => site_line = format!(", σ scaled by the site's calibration ({pairs} pair{})", if pairs == 1 { "" } else { "s" }),
             Err(e) => eprintln!("petrestore: note: restore.uncertainty_site {} would not be used: {e}", path.display()),
         }
     }

@@ -209,21 +209,21 @@ fn enhanced_pet_gets_a_multi_frame_uncertainty_instance() {
 fn a_site_fits_its_own_sigma_factor_from_paired_series_and_the_daemon_uses_it() {
     let tmp = tempfile::tempdir().unwrap();
     let model = calibrated_test_model(tmp.path());
-    let frame = |name: &str, t: f64| {
+    let frame = |name: &str, seed: u64, t: f64| {
         let d = tmp.path().join(name);
-        petsim::write_series(&d, &petsim::SeriesSpec { slices: 8, matrix: 64, seed: 93, frame_duration_s: t, ..Default::default() })
-            .unwrap();
+        petsim::write_series(&d, &petsim::SeriesSpec { slices: 8, matrix: 64, seed, frame_duration_s: t, ..Default::default() }).unwrap();
         d
     };
-    let (short, standard, sixty) = (frame("short", 30.0), frame("standard", 90.0), frame("sixty", 60.0));
+    let (short, standard, sixty) = (frame("short", 93, 30.0), frame("standard", 93, 90.0), frame("sixty", 93, 60.0));
+    let (short2, standard2) = (frame("short2", 95, 30.0), frame("standard2", 95, 90.0));
     let site = tmp.path().join("site.toml");
     let json = tmp.path().join("report.json");
     let p = |d: &std::path::Path| d.to_str().unwrap().to_owned();
-    let eval = |model: &std::path::Path, reference: &std::path::Path| {
+    let eval_pair = |model: &std::path::Path, short: &std::path::Path, reference: &std::path::Path| {
         petrestore(&[
             "eval",
             "--input",
-            &p(&short),
+            &p(short),
             "--reference",
             &p(reference),
             "--model",
@@ -234,6 +234,7 @@ fn a_site_fits_its_own_sigma_factor_from_paired_series_and_the_daemon_uses_it() 
             &p(&json),
         ])
     };
+    let eval = |model: &std::path::Path, reference: &std::path::Path| eval_pair(model, &short, reference);
     let o = eval(&model, &standard);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("Site calibration") && text(&o).contains("(1 pair)"), "{}", text(&o));
@@ -245,17 +246,30 @@ fn a_site_fits_its_own_sigma_factor_from_paired_series_and_the_daemon_uses_it() 
     assert!((one.coverage(1.0) - 68.27).abs() < 0.5, "{}", one.coverage(1.0));
     assert!(one.scale.iter().all(|s| *s > 0.0) && one.voxels.iter().sum::<u64>() > 1000, "{one:?}");
 
-    // a second pair accumulates
+    assert!(r["uncertainty"]["site"]["before_this_pair"].is_null(), "{r}");
+
+    // the same pair again is refused; a second pair accumulates, and is
+    // first checked against the factor of the first (held out)
+    let bytes = std::fs::read(&site).unwrap();
     let o = eval(&model, &standard);
-    assert!(o.status.success() && text(&o).contains("(2 pairs)"), "{}", text(&o));
+    assert!(!o.status.success() && text(&o).contains("already holds this pair"), "{}", text(&o));
+    assert_eq!(std::fs::read(&site).unwrap(), bytes);
+    let o = eval_pair(&model, &short2, &standard2);
+    assert!(o.status.success() && text(&o).contains("(2 pairs)") && text(&o).contains("(held out)"), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let held = r["uncertainty"]["site"]["before_this_pair"].as_array().unwrap();
+    assert!(held.iter().all(|v| (0.0..=100.0).contains(&v.as_f64().unwrap())), "{r}");
     let two = petrestore::restore::uncertainty::SiteCalibration::load(&site).unwrap();
-    assert_eq!(two.voxels.iter().sum::<u64>(), 2 * one.voxels.iter().sum::<u64>());
+    assert_eq!(two.pairs.len(), 2);
+    assert!(two.voxels.iter().sum::<u64>() > one.voxels.iter().sum::<u64>());
+    // classes under 2,000 voxels take the pooled factor: near 68.3 %, not at it
+    assert!((two.coverage(1.0) - 68.27).abs() < 5.0, "{}", two.coverage(1.0));
     let bytes = std::fs::read(&site).unwrap();
 
     // the file of another model, and a 60 s reference, are refused; the file stays as it was
     let shipped = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
     let o = eval(&shipped, &standard);
-    assert!(!o.status.success() && text(&o).contains("was fitted for model") && text(&o).contains("give a new file"), "{}", text(&o));
+    assert!(!o.status.success() && text(&o).contains("was fitted for model") && text(&o).contains("fit a new file"), "{}", text(&o));
     let o = eval(&model, &sixty);
     assert!(!o.status.success() && text(&o).contains("give the 90 s frame"), "{}", text(&o));
     assert_eq!(std::fs::read(&site).unwrap(), bytes);
@@ -278,15 +292,21 @@ fn a_site_fits_its_own_sigma_factor_from_paired_series_and_the_daemon_uses_it() 
     let o = cfg(&shipped);
     assert!(o.status.success() && text(&o).contains("would not be used: it was fitted for model"), "{}", text(&o));
 
-    // the daemon scales σ by it
+    // the daemon scales σ by it: the same series with and without the file
     let src = series(&tmp.path().join("src"), 8, 64, 94);
-    let d = Daemon::start(
-        &tmp.path().join("d"),
-        &format!("[restore]\nengines = [\"tract\"]\nmodel = {model:?}\nthreads = 1\nuncertainty_site = {site:?}\n"),
-    );
-    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
-    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(120));
-    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
-    assert!(job.uncertainty.is_some(), "{:#?}", job.history);
-    assert!(d.log().contains("σ scaled by the site's own calibration"), "{}", d.log());
+    let body_sd = |name: &str, extra: &str| {
+        let d =
+            Daemon::start(&tmp.path().join(name), &format!("[restore]\nengines = [\"tract\"]\nmodel = {model:?}\nthreads = 1\n{extra}"));
+        assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+        let job = d.wait_terminal(&job_id(&src), Duration::from_secs(120));
+        assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+        (job.uncertainty.unwrap_or_else(|| panic!("{:#?}", job.history)).summary.body_relative_sd_pct, d.log())
+    };
+    let (plain, _) = body_sd("plain", "");
+    let (scaled, log) = body_sd("scaled", &format!("uncertainty_site = {site:?}\n"));
+    assert!(log.contains("σ scaled by the site's own calibration"), "{log}");
+    // over body voxels (classes body, warm, hot) the ratio is a mean of their factors
+    let (lo, hi) = two.scale[1..].iter().fold((f64::MAX, 0.0f64), |(a, b), s| (a.min(*s), b.max(*s)));
+    let ratio = scaled / plain;
+    assert!((ratio - 1.0).abs() > 0.01 && ratio > lo - 1e-3 && ratio < hi + 1e-3, "σ ratio {ratio}, factors {:?}", two.scale);
 }

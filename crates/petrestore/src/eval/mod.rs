@@ -114,6 +114,9 @@ pub struct SiteFit {
     pub scale: Vec<f64>,
     pub within_1_sigma_pct: f64,
     pub within_1_96_sigma_pct: f64,
+    /// Coverage (R ± σ, R ± 1.96 σ, %) on this pair with the file's factor
+    /// from the earlier pairs only: the held-out check; `None` for the first pair.
+    pub before_this_pair: Option<[f64; 2]>,
 }
 
 /// What [`run_series`] measured; `--json` writes it as is, [`series_markdown`] formats it.
@@ -191,19 +194,29 @@ pub fn run_series_with_figures(
     if d_in >= d_ref {
         return Err(EvalError::Order { input: d_in, reference: d_ref });
     }
+    // The site file, checked before the engine runs: a wrong pair or file
+    // costs nothing. `None` when there is none yet.
+    let label = format!("{} ({d_in:.0} s) vs {} ({d_ref:.0} s)", input.display(), reference.display());
+    let mut site_before = None;
     if let Some(f) = site_uncertainty {
-        // checked before the engine runs: a wrong pair costs nothing
-        let with_sigma = engine.as_ref().is_some_and(|e| e.uncertainty().is_some());
-        if !with_sigma {
+        let (Some(e), Some(cal)) = (engine.as_ref(), engine.as_ref().and_then(|e| e.uncertainty())) else {
             return Err(EvalError::Site(format!(
                 "{} cannot be fitted without a model whose package has an [uncertainty] calibration: give --model DIR",
                 f.display()
             )));
-        }
+        };
         if (d_ref - 90.0).abs() > 1.0 {
             return Err(EvalError::Site(format!(
                 "σ predicts the 90 s image; the reference is {d_ref:.0} s: give the 90 s frame as --reference"
             )));
+        }
+        if f.exists() {
+            let s = crate::restore::uncertainty::SiteCalibration::load(f).map_err(EvalError::Site)?;
+            s.check(&e.model_id(), &cal).map_err(|e| EvalError::Site(format!("{}: {e}", f.display())))?;
+            if s.pairs.contains(&label) {
+                return Err(EvalError::Site(format!("{} already holds this pair ({label}): each pair is added once", f.display())));
+            }
+            site_before = Some(s);
         }
     }
     let mut input_vol = va.clone();
@@ -251,35 +264,25 @@ pub fn run_series_with_figures(
         let (ss, sr) = body.iter().fold((0.0f64, 0.0f64), |(a, b), &i| (a + sigma.data[i] as f64, b + restored.data[i] as f64));
         let mut site = None;
         if let Some(f) = site_uncertainty {
-            let model = e.model_id();
-            let mut cal_site = match f.exists() {
-                true => crate::restore::uncertainty::SiteCalibration::load(f).map_err(EvalError::Site)?,
-                false => crate::restore::uncertainty::SiteCalibration::new(&model, cal.class_edges.len() + 1),
-            };
-            cal_site.check(&cal).map_err(|e| EvalError::Site(format!("{}: {e}", f.display())))?;
-            if cal_site.model != model {
-                return Err(EvalError::Site(format!(
-                    "{} was fitted for model {}, this is {model}: give a new file for this model",
-                    f.display(),
-                    cal_site.model
-                )));
-            }
-            let label = format!("{} ({d_in:.0} s) vs {} ({d_ref:.0} s)", input.display(), reference.display());
-            cal_site.add(&cal, restored, &sigma, vb, &label);
-            cal_site.save(f).map_err(EvalError::Site)?;
             let class = crate::restore::uncertainty::classes(restored, &cal.class_edges);
-            let within_site = |z: f32| {
+            let within_scaled = |z: f32, scale: &[f64]| {
                 body.iter()
-                    .filter(|&&i| (vb.data[i] - restored.data[i]).abs() <= z * sigma.data[i] * cal_site.scale[class[i] as usize] as f32)
+                    .filter(|&&i| (vb.data[i] - restored.data[i]).abs() <= z * sigma.data[i] * scale[class[i] as usize] as f32)
                     .count() as f64
                     / n
                     * 100.0
             };
+            // the file's factor before this pair: a held-out check of it
+            let held_out = site_before.as_ref().map(|s| [within_scaled(1.0, &s.scale), within_scaled(1.96, &s.scale)]);
+            let mut cal_site = site_before.take().unwrap_or_else(|| crate::restore::uncertainty::SiteCalibration::new(&e.model_id(), &cal));
+            cal_site.add(&cal, restored, &sigma, vb, &label);
+            cal_site.save(f).map_err(EvalError::Site)?;
             site = Some(SiteFit {
                 file: f.display().to_string(),
                 pairs: cal_site.pairs.len(),
-                within_1_sigma_pct: within_site(1.0),
-                within_1_96_sigma_pct: within_site(1.96),
+                within_1_sigma_pct: within_scaled(1.0, &cal_site.scale),
+                within_1_96_sigma_pct: within_scaled(1.96, &cal_site.scale),
+                before_this_pair: held_out,
                 scale: cal_site.scale.clone(),
             });
         }
@@ -329,11 +332,14 @@ pub fn series_markdown(r: &SeriesReport) -> String {
         ));
         if let Some(f) = &u.site {
             let scale: Vec<String> = f.scale.iter().map(|s| format!("{s:.3}")).collect();
+            let held_out = match f.before_this_pair {
+                Some([a, b]) => format!(" Before this pair was added, the file's factor covered it (held out) in {a:.1} % / {b:.1} %."),
+                None => String::new(),
+            };
             o.push_str(&format!(
-                "
-Site calibration {} ({} pair{}): factor on σ per intensity class ({}) = [{}]; with it the reference lies within \
-                 restored ± σ in {:.1} % and within ± 1.96 σ in {:.1} % of this pair's body voxels. Name the file in \
-                 restore.uncertainty_site to use it.\n",
+                "\nSite calibration {} ({} pair{}): factor on σ per intensity class ({}) = [{}]; with it the reference lies within \
+                 restored ± σ in {:.1} % and within ± 1.96 σ in {:.1} % of this pair's body voxels (in sample).{held_out} Name the \
+                 file in restore.uncertainty_site to use it.\n",
                 f.file,
                 f.pairs,
                 if f.pairs == 1 { "" } else { "s" },

@@ -181,13 +181,7 @@ pub fn with_site_uncertainty(p: &mut model::ModelPackage, path: &std::path::Path
     let id = p.model_id();
     let cal = p.uncertainty.as_mut().ok_or("the model package has no [uncertainty] calibration to scale")?;
     let site = uncertainty::SiteCalibration::load(path)?;
-    site.check(cal).map_err(|e| format!("{}: {e}", path.display()))?;
-    if site.model != id {
-        return Err(format!(
-            "it was fitted for model {}, the engines run {id}: fit it again (petrestore eval --model DIR --site-uncertainty FILE)",
-            site.model
-        ));
-    }
+    site.check(&id, cal)?;
     cal.site_scale = site.scale;
     Ok(site.pairs.len())
 }

@@ -143,6 +143,14 @@ impl Calibration {
         Ok(())
     }
 
+    /// sha256 (hex, first 16 digits) of the calibration as written in the
+    /// package (without any site factor): what a site file was measured against.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let text = toml::to_string(self).unwrap_or_default();
+        sha2::Sha256::digest(text.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The factor on σ² for this input frame: exp(c₀ + Σ cⱼ·tⱼ) from its
     /// texture descriptors, 1 for a calibration without descriptors.
     pub fn frame_scale(&self, input: &Volume) -> Result<f64, UncertaintyError> {
@@ -194,8 +202,12 @@ pub const ONE_SIGMA: f64 = 0.682_689_5;
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteCalibration {
-    /// The model (`name version sha256-prefix`) whose σ this scales.
+    /// The model (`name@version+sha256-prefix`) whose σ this scales.
     pub model: String,
+    /// [`Calibration::fingerprint`] of the σ calibration it was measured
+    /// against: a recalibrated package (same network, new `[uncertainty]`)
+    /// needs a new file.
+    pub calibration: String,
     /// One line per pair that went in: input, reference, durations.
     pub pairs: Vec<String>,
     /// Factor on σ per class of the model's calibration.
@@ -207,10 +219,12 @@ pub struct SiteCalibration {
 }
 
 impl SiteCalibration {
-    pub fn new(model: &str, classes: usize) -> SiteCalibration {
+    pub fn new(model: &str, cal: &Calibration) -> SiteCalibration {
         let bins = SITE_BINS_PER_UNIT * SITE_MAX_RATIO;
+        let classes = cal.class_edges.len() + 1;
         SiteCalibration {
             model: model.to_owned(),
+            calibration: cal.fingerprint(),
             pairs: Vec::new(),
             scale: vec![1.0; classes],
             voxels: vec![0; classes],
@@ -265,32 +279,50 @@ impl SiteCalibration {
         100.0 * inside / n.max(1) as f64
     }
 
-    /// Checks against the calibration it scales.
-    pub fn check(&self, cal: &Calibration) -> Result<(), String> {
+    /// Checks that it belongs to `model` with the calibration `cal` and is
+    /// whole; the errors say how to make a new one.
+    pub fn check(&self, model: &str, cal: &Calibration) -> Result<(), String> {
+        const REFIT: &str = "fit a new file (petrestore eval --model DIR --site-uncertainty NEW_FILE, one run per pair)";
+        if self.model != model {
+            return Err(format!("it was fitted for model {}, this is {model}: {REFIT}", self.model));
+        }
+        if self.calibration != cal.fingerprint() {
+            return Err(format!(
+                "it was fitted against another [uncertainty] calibration of {model} (the package was recalibrated): {REFIT}"
+            ));
+        }
         let k = cal.class_edges.len() + 1;
         let bins = SITE_BINS_PER_UNIT * SITE_MAX_RATIO;
         if self.scale.len() != k || self.voxels.len() != k || self.histogram.len() != k || self.histogram.iter().any(|h| h.len() != bins) {
-            return Err(format!("it has {} classes of {bins} bins; the model's calibration has {k}", self.scale.len()));
+            return Err(format!("it is damaged (not {k} classes of {bins} bins each): {REFIT}"));
         }
         if self.scale.iter().any(|s| !(s.is_finite() && *s > 0.0 && *s <= SITE_MAX_RATIO as f64)) {
-            return Err(format!("scale must be in (0, {SITE_MAX_RATIO}], is {:?}", self.scale));
+            return Err(format!("it is damaged (scale must be in (0, {SITE_MAX_RATIO}], is {:?}): {REFIT}", self.scale));
         }
         Ok(())
     }
 
     pub fn load(path: &std::path::Path) -> Result<SiteCalibration, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| format!("{} is not a site calibration file (petrestore eval --site-uncertainty writes one): {e}", path.display()))
     }
 
-    /// Write atomically (a temporary file beside it, fsync, rename).
+    /// Write atomically: a temporary file beside it, fsync, rename, fsync
+    /// of the folder; the temporary file is removed if any step fails.
     pub fn save(&self, path: &std::path::Path) -> Result<(), String> {
         use std::io::Write;
         let text = toml::to_string(self).map_err(|e| e.to_string())?;
         let tmp = path.with_extension("toml.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
+            .and_then(|_| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("cannot write {}: {e}", path.display()));
+        }
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("cannot sync {}: {e}", dir.display()))
     }
 }
 
@@ -541,9 +573,9 @@ mod tests {
         };
         let reference = vol((0..n * n).map(|i| 100.0 + 2.0 * normal((i * 2654435761) % (n * n)) as f32).collect(), n, 90.0);
         let cal = test_calibration(0.0);
-        let mut site = SiteCalibration::new("m 1", 4);
+        let mut site = SiteCalibration::new("m 1", &cal);
         site.add(&cal, &restored, &sigma, &reference, "pair 1");
-        assert!(site.check(&cal).is_ok());
+        assert!(site.check("m 1", &cal).is_ok());
         // every voxel is in class 1 ("body"); the others take the pooled factor
         assert_eq!(site.voxels, vec![0, (n * n) as u64, 0, 0]);
         assert!((site.scale[1] - 2.0).abs() < 0.03, "{:?}", site.scale);
@@ -568,9 +600,19 @@ mod tests {
         assert_eq!(SiteCalibration::load(&f).unwrap(), site);
         let mut bad = site.clone();
         bad.scale.pop();
-        assert!(bad.check(&cal).unwrap_err().contains("classes"));
+        assert!(bad.check("m 1", &cal).unwrap_err().contains("damaged (not 4 classes"));
         bad.scale = vec![1.0, -1.0, 1.0, 1.0];
-        assert!(bad.check(&cal).unwrap_err().contains("scale must be"));
+        assert!(bad.check("m 1", &cal).unwrap_err().contains("scale must be"));
+        // another model, or the same model recalibrated: a new file is needed
+        assert!(site.check("m 2", &cal).unwrap_err().contains("fitted for model m 1"));
+        let mut recalibrated = cal.clone();
+        recalibrated.noise[2] = 1.5;
+        assert!(site.check("m 1", &recalibrated).unwrap_err().contains("recalibrated"));
+        // the site factor itself is not part of the fingerprint
+        assert_eq!(scaled.fingerprint(), cal.fingerprint());
+        // a failed write leaves nothing behind
+        assert!(site.save(&d.path().join("no/such/dir/site.toml")).is_err());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
 
     /// erf (Abramowitz and Stegun 7.1.26, |error| < 1.5e-7).
