@@ -100,44 +100,7 @@ enum Command {
     /// compare it with the standard-frame series it is nested in (seed
     /// metric vs the reference with its ceiling, body mean agreement), side
     /// by side with the raw input and the Gaussian baseline.
-    Eval {
-        /// The short-frame series folder (e.g. 30 s rebinned from list mode).
-        #[arg(long)]
-        input: PathBuf,
-        /// The standard-frame series it is nested in (same grid).
-        #[arg(long)]
-        reference: PathBuf,
-        /// Gaussian FWHM (mm) for the baseline row (default: restore.gaussian_fwhm_mm).
-        #[arg(long)]
-        gaussian_fwhm: Option<f64>,
-        /// Model package to evaluate (none: baselines only).
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Engine for the model: tract or ort.
-        #[arg(long, default_value = "tract")]
-        engine: String,
-        /// libonnxruntime.so for --engine ort (default: ORT_DYLIB_PATH).
-        #[arg(long)]
-        ort_library: Option<PathBuf>,
-        /// Write the report as JSON.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Write the report's Markdown here too.
-        #[arg(long)]
-        markdown: Option<PathBuf>,
-        /// Engine threads (0: one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// Write pictures here: coronal MIP and the hottest axial slice,
-        /// input | Gaussian | model | reference on one scale.
-        #[arg(long)]
-        figures: Option<PathBuf>,
-        /// Add this pair to the site's σ calibration file (created if
-        /// absent; --reference must be the 90 s frame, --model a package
-        /// with [uncertainty]); name the file in restore.uncertainty_site.
-        #[arg(long, requires = "model")]
-        site_uncertainty: Option<PathBuf>,
-    },
+    Eval(SiteEvalArgs),
     /// Journal maintenance (with the daemon stopped).
     Journal {
         #[arg(long)]
@@ -394,31 +357,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             rt()?.block_on(demo::run(demo::DemoOptions { workdir, slices, matrix, engine, model }))
         }
-        Command::Eval {
-            input,
-            reference,
-            gaussian_fwhm,
-            model,
-            engine,
-            ort_library,
-            json,
-            markdown,
-            threads,
-            figures,
-            site_uncertainty,
-        } => site_eval(SiteEvalArgs {
-            input,
-            reference,
-            gaussian_fwhm,
-            model,
-            engine,
-            ort_library,
-            json,
-            markdown,
-            threads,
-            figures,
-            site_uncertainty,
-        }),
+        Command::Eval(a) => site_eval(a),
         Command::CheckConfig { file } => check_config(&file),
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");
@@ -430,17 +369,43 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// `petrestore eval`'s arguments.
+#[derive(clap::Args)]
 struct SiteEvalArgs {
+    /// The short-frame series folder (e.g. 30 s rebinned from list mode).
+    #[arg(long)]
     input: PathBuf,
+    /// The standard-frame series it is nested in (same grid).
+    #[arg(long)]
     reference: PathBuf,
+    /// Gaussian FWHM (mm) for the baseline row (default: restore.gaussian_fwhm_mm).
+    #[arg(long)]
     gaussian_fwhm: Option<f64>,
+    /// Model package to evaluate (none: baselines only).
+    #[arg(long)]
     model: Option<PathBuf>,
+    /// Engine for the model: tract or ort.
+    #[arg(long, default_value = "tract")]
     engine: String,
+    /// libonnxruntime.so for --engine ort (default: ORT_DYLIB_PATH).
+    #[arg(long)]
     ort_library: Option<PathBuf>,
+    /// Write the report as JSON.
+    #[arg(long)]
     json: Option<PathBuf>,
+    /// Write the report's Markdown here too.
+    #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Engine threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Write pictures here: coronal MIP and the hottest axial slice,
+    /// input | Gaussian | model | reference on one scale.
+    #[arg(long)]
     figures: Option<PathBuf>,
+    /// Add this pair to the site's σ calibration file (created if
+    /// absent; --reference must be the 90 s frame, --model a package
+    /// with [uncertainty]); name the file in restore.uncertainty_site.
+    #[arg(long, requires = "model")]
     site_uncertainty: Option<PathBuf>,
 }
 
