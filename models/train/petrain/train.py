@@ -10,7 +10,13 @@ measure, which a voxel-wise loss lets the network trade for less noise;
 and, with --lesion-relative-weight, the mean squared *relative* error over
 lesion voxels ((den − y) / y): a lesion in the lung at a tenth of the body
 mean weighs as much as one in the liver, as it does in a reader's SUV,
-where an absolute error lets the network flatten it for almost nothing.
+where an absolute error lets the network flatten it for almost nothing;
+and, with --lesion-cnr-weight, the mean over lesion voxels of the squared
+error in units of the local PET90 noise variance (estimated from the
+frame's own noise, input − clean, over a 9 × 9 window, scaled by d / 90):
+an error counts by how many PET90 noise SDs a reader would see it as, so
+a lung lesion on a quiet background weighs more than a liver lesion of a
+heavy patient, whose low-count noise hides the same error.
 The kept weights are those with the lowest loss
 on the validation split; the test split is never read here.
 """
@@ -29,6 +35,24 @@ from . import data, net
 
 
 RELATIVE_FLOOR = 0.05  # body-mean units: below any lesion's clean value in the simulator
+CNR_WINDOW = 9  # pixels of the local noise estimate
+CNR_FLOOR = 1e-3  # body-mean units², PET90 noise variance: an SD of 0.03, below the quietest lung in the simulator
+
+
+def local_noise_var90(x, y, context):
+    """PET90 noise variance around each pixel: the mean of (input − clean)²
+    over a CNR_WINDOW² window (border windows averaged over what they
+    cover) times d / 90 (the w channel), floored at CNR_FLOOR."""
+    xc, w = x[:, context // 2:context // 2 + 1], x[:, context:context + 1]
+    win, pad = (1, 1, CNR_WINDOW, CNR_WINDOW), "SAME"
+    s = jax.lax.reduce_window((xc - y) ** 2, 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
+    n = jax.lax.reduce_window(jnp.ones_like(y), 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
+    return jnp.maximum(s / n * w, CNR_FLOOR)
+
+
+def lesion_cnr_sq(den, y, m, var90):
+    """Sum over lesion voxels of (den − y)² / var90, and their number."""
+    return jnp.sum(m * (den - y) ** 2 / var90), jnp.sum(m)
 
 
 def save_params(path, p, width):
@@ -49,11 +73,11 @@ def load_params(path):
 
 # what must match between a run and its resumption (the rest, e.g. --eval-every, may differ)
 RESUME_ARGS = ("train", "val", "width", "context", "levels", "patch", "batch", "lr", "steps", "lesion_weight", "lesion_fraction", "seed", "limit", "warmup",
-               "lesion_mean_weight", "lesion_relative_weight", "noisy_weight", "texture", "select")
+               "lesion_mean_weight", "lesion_relative_weight", "lesion_cnr_weight", "noisy_weight", "texture", "select")
 
 
 # what a checkpoint written before an argument existed ran with
-RESUME_DEFAULTS = {"lesion_mean_weight": 0.0, "lesion_relative_weight": 0.0, "noisy_weight": 0.0, "texture": False, "select": "loss"}
+RESUME_DEFAULTS = {"lesion_mean_weight": 0.0, "lesion_relative_weight": 0.0, "lesion_cnr_weight": 0.0, "noisy_weight": 0.0, "texture": False, "select": "loss"}
 
 
 def save_checkpoint(a, p, st, step, best, history, minutes, rng):
@@ -151,6 +175,8 @@ def main(argv=None):
                     help="weight of the squared mean error over the lesion voxels of each patch (SUVmean bias)")
     ap.add_argument("--lesion-relative-weight", type=float, default=0.0,
                     help="weight of the mean squared relative error (den − y) / y over lesion voxels (lesion SUV in %%)")
+    ap.add_argument("--lesion-cnr-weight", type=float, default=0.0,
+                    help="weight of the mean squared error over lesion voxels in units of the local PET90 noise variance")
     ap.add_argument("--noisy-weight", type=float, default=0.0,
                     help="draw training studies with probability ∝ exp(k · noise_px of the 30 s frame): noisier reconstructions more often")
     ap.add_argument("--texture", action="store_true",
@@ -213,7 +239,7 @@ def main(argv=None):
     sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup, max(est_steps, a.warmup + 200), a.lr * 0.02)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-5))
     st = opt.init(p)
-    lw, lmw, lrw = a.lesion_weight, a.lesion_mean_weight, a.lesion_relative_weight
+    lw, lmw, lrw, lcw = a.lesion_weight, a.lesion_mean_weight, a.lesion_relative_weight, a.lesion_cnr_weight
 
     def lesion_mean_error(den, y, m):
         """Per patch (or slice): mean of den − y over its lesion voxels (0 without any)."""
@@ -233,6 +259,9 @@ def main(argv=None):
         if lrw:
             sq, n = lesion_relative_sq(den, y, m)
             loss = loss + lrw * sq / jnp.maximum(n, 1.0)
+        if lcw:
+            sq, n = lesion_cnr_sq(den, y, m, local_noise_var90(x, y, a.context))
+            loss = loss + lcw * sq / jnp.maximum(n, 1.0)
         return loss
 
     @jax.jit
@@ -244,7 +273,7 @@ def main(argv=None):
     fwd = jax.jit(net.forward)
 
     def validate(p):
-        sums = {"loss": 0.0, "n": 0, "lesion_mean": 0.0, "slices": 0, "rel_sq": 0.0, "rel_n": 0.0}
+        sums = {"loss": 0.0, "n": 0, "lesion_mean": 0.0, "slices": 0, "rel_sq": 0.0, "rel_n": 0.0, "cnr_sq": 0.0}
         for d in data.DURATIONS:
             sums[f"num_{int(d)}"], sums[f"den_{int(d)}"] = 0.0, 0.0
         for gx, gclean, gp90, gmask in vgroups:
@@ -259,6 +288,7 @@ def main(argv=None):
             sums["slices"] += len(den)
             sq, n = lesion_relative_sq(den, gclean, gmask)
             sums["rel_sq"] += float(sq); sums["rel_n"] += float(n)
+            sums["cnr_sq"] += float(lesion_cnr_sq(den, gclean, gmask, local_noise_var90(gx, gclean, a.context))[0])
             # val slices are ordered study → duration → slice; split by the w channel
             for d in data.DURATIONS:
                 sel = np.isclose(gx[:, a.context, 0, 0], d / 90.0)
@@ -266,8 +296,10 @@ def main(argv=None):
                 sums[f"num_{int(d)}"] += float(np.sum((out[sel] - gp90[sel]) ** 2))
                 sums[f"den_{int(d)}"] += float(np.sum((xc - gp90[sel]) ** 2))
         rel = sums["rel_sq"] / max(sums["rel_n"], 1.0)
-        res = {"loss": sums["loss"] / sums["n"] + lmw * sums["lesion_mean"] / sums["slices"] + lrw * rel,
-               "lesion_mean_rms": (sums["lesion_mean"] / sums["slices"]) ** 0.5, "lesion_relative_rms": rel ** 0.5}
+        cnr = sums["cnr_sq"] / max(sums["rel_n"], 1.0)
+        res = {"loss": sums["loss"] / sums["n"] + lmw * sums["lesion_mean"] / sums["slices"] + lrw * rel + lcw * cnr,
+               "lesion_mean_rms": (sums["lesion_mean"] / sums["slices"]) ** 0.5, "lesion_relative_rms": rel ** 0.5,
+               "lesion_cnr_rms": cnr ** 0.5}
         for d in data.DURATIONS:
             res[f"seed_mse_{int(d)}"] = 100 * (1 - sums[f"num_{int(d)}"] / sums[f"den_{int(d)}"])
         return res
