@@ -77,6 +77,25 @@ def texture(vol, fraction=0.05):
     return np.array([np.log(max(_median_abs(d[inner]), floor) / scale), np.log(max(_median_abs(d2[inner2]), floor) / scale), corr], np.float32)
 
 
+NOISE_WINDOW = 9  # pixels: the window of the local noise power (train.local_noise_var)
+
+
+def box_mean(v, n):
+    """Mean over an n × n in-plane window around every pixel of v[z, y, x]
+    (n odd), over the part of the window inside the image."""
+    def along(a, axis):
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (1, 0)
+        c = np.cumsum(np.pad(a, pad), axis=axis)
+        size = a.shape[axis]
+        lo = np.clip(np.arange(size) - n // 2, 0, size)
+        hi = np.clip(np.arange(size) + n // 2 + 1, 0, size)
+        return np.take(c, hi, axis=axis) - np.take(c, lo, axis=axis), (hi - lo)
+    s, cy = along(v, 1)
+    s, cx = along(s, 2)
+    return s / (cy[None, :, None] * cx[None, None, :])
+
+
 def lesion_mask(meta, shape, margin_px=1.0):
     """Voxels within (radius + margin) of a lesion centre."""
     s, n, _ = shape
@@ -114,6 +133,18 @@ class Study:
             self._texture[d] = texture(self.a[PLANE[d]])
         return self._texture[d]
 
+    def frame_noise_var(self, d):
+        """The frame's typical local noise power: the median over body voxels
+        (clean > 5 % of its maximum) of (frame − clean)², normalised, averaged
+        over NOISE_WINDOW² pixels in-plane (border windows over what they cover)."""
+        key = ("noise_var", d)
+        if key not in self._texture:
+            e2 = ((self.a[PLANE[d]] - self.a[CLEAN]) / self.scale[d]).astype(np.float64) ** 2
+            local = box_mean(e2, NOISE_WINDOW)
+            body = self.a[CLEAN] > 0.05 * self.a[CLEAN].max()
+            self._texture[key] = float(np.median(local[body]))
+        return self._texture[key]
+
     def model_input(self, d, k, context=CONTEXT, textured=False):
         """[context + 1 (+ len(TEXTURE)), n, n]: the slices, the duration
         channel and, for a textured network, one constant channel per
@@ -150,9 +181,11 @@ class Sampler:
             w = np.exp(noisy_weight * np.array([st.texture(30.0)[0] for st in studies], dtype=np.float64))
             self.p = w / w.sum()
 
-    def batch(self, b):
+    def batch(self, b, frame_var=False):
+        """(x, y, m, pet90) for b patches, and with frame_var the frame's
+        typical local noise power per patch (Study.frame_noise_var)."""
         P, rng = self.patch, self.rng
-        xs, ys, ms, p90 = [], [], [], []
+        xs, ys, ms, p90, fv = [], [], [], [], []
         for _ in range(b):
             st = self.studies[rng.choice(len(self.studies), p=self.p) if self.p is not None else rng.integers(len(self.studies))]
             s, n = st.a.shape[1], st.a.shape[2]
@@ -173,6 +206,8 @@ class Sampler:
             y = st.a[CLEAN, k][sl][None] / st.scale[d]
             y90 = st.a[PLANE[90.0], k][sl][None] / st.scale[d]
             m = st.mask[k][sl][None].astype(np.float32)
+            if frame_var:
+                fv.append(st.frame_noise_var(d))
             if rng.random() < 0.5:
                 x[:self.context] = x[:self.context][::-1]
             if rng.random() < 0.5:
@@ -182,7 +217,8 @@ class Sampler:
             if rng.random() < 0.5:
                 x, y, y90, m = x.transpose(0, 2, 1), y.transpose(0, 2, 1), y90.transpose(0, 2, 1), m.transpose(0, 2, 1)
             xs.append(np.ascontiguousarray(x)); ys.append(np.ascontiguousarray(y)); ms.append(np.ascontiguousarray(m)); p90.append(np.ascontiguousarray(y90))
-        return np.stack(xs), np.stack(ys), np.stack(ms), np.stack(p90)
+        out = np.stack(xs), np.stack(ys), np.stack(ms), np.stack(p90)
+        return out + (np.array(fv, np.float32),) if frame_var else out
 
 
 def full_slices(studies, durations=DURATIONS, every=1, context=CONTEXT, textured=False):

@@ -35,7 +35,7 @@ from . import data, net
 
 
 RELATIVE_FLOOR = 0.05  # body-mean units: below any lesion's clean value in the simulator
-CNR_WINDOW = 9  # pixels of the local noise estimate
+CNR_WINDOW = data.NOISE_WINDOW  # pixels of the local noise estimate
 CNR_FLOOR = 1e-3  # body-mean units², PET90 noise variance: an SD of 0.03, below the quietest lung in the simulator
 
 
@@ -48,6 +48,21 @@ def local_noise_var90(x, y, context):
     s = jax.lax.reduce_window((xc - y) ** 2, 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
     n = jax.lax.reduce_window(jnp.ones_like(y), 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
     return jnp.maximum(s / n * w, CNR_FLOOR)
+
+
+CNR_FRAME_FLOOR = 0.05  # of the frame's typical local noise power
+
+
+def local_noise_rel(x, y, context, frame_var):
+    """Local noise power (as local_noise_var90, before the d / 90 scaling)
+    relative to the frame's typical one (`frame_var` [B], Study.frame_noise_var),
+    floored at CNR_FRAME_FLOOR: 1 on a typical body voxel, below 1 on quiet
+    backgrounds (lungs), above in hot organs and lesions."""
+    xc = x[:, context // 2:context // 2 + 1]
+    win, pad = (1, 1, CNR_WINDOW, CNR_WINDOW), "SAME"
+    s = jax.lax.reduce_window((xc - y) ** 2, 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
+    n = jax.lax.reduce_window(jnp.ones_like(y), 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
+    return jnp.maximum(s / n / frame_var[:, None, None, None], CNR_FRAME_FLOOR)
 
 
 def lesion_cnr_sq(den, y, m, var90):
@@ -73,11 +88,12 @@ def load_params(path):
 
 # what must match between a run and its resumption (the rest, e.g. --eval-every, may differ)
 RESUME_ARGS = ("train", "val", "width", "context", "levels", "patch", "batch", "lr", "steps", "lesion_weight", "lesion_fraction", "seed", "limit", "warmup",
-               "lesion_mean_weight", "lesion_relative_weight", "lesion_cnr_weight", "noisy_weight", "texture", "select")
+               "lesion_mean_weight", "lesion_relative_weight", "lesion_cnr_weight", "lesion_cnr_frame", "noisy_weight", "texture", "select")
 
 
 # what a checkpoint written before an argument existed ran with
-RESUME_DEFAULTS = {"lesion_mean_weight": 0.0, "lesion_relative_weight": 0.0, "lesion_cnr_weight": 0.0, "noisy_weight": 0.0, "texture": False, "select": "loss"}
+RESUME_DEFAULTS = {"lesion_mean_weight": 0.0, "lesion_relative_weight": 0.0, "lesion_cnr_weight": 0.0, "lesion_cnr_frame": False,
+                   "noisy_weight": 0.0, "texture": False, "select": "loss"}
 
 
 def save_checkpoint(a, p, st, step, best, history, minutes, rng):
@@ -177,6 +193,9 @@ def main(argv=None):
                     help="weight of the mean squared relative error (den − y) / y over lesion voxels (lesion SUV in %%)")
     ap.add_argument("--lesion-cnr-weight", type=float, default=0.0,
                     help="weight of the mean squared error over lesion voxels in units of the local PET90 noise variance")
+    ap.add_argument("--lesion-cnr-frame", action="store_true",
+                    help="--lesion-cnr-weight in units of the local noise power relative to the frame's typical one "
+                         "(every reconstruction weighs alike; within a frame, quiet backgrounds weigh more)")
     ap.add_argument("--noisy-weight", type=float, default=0.0,
                     help="draw training studies with probability ∝ exp(k · noise_px of the 30 s frame): noisier reconstructions more often")
     ap.add_argument("--texture", action="store_true",
@@ -215,7 +234,8 @@ def main(argv=None):
         sts = [st for st in val if st.a.shape[2:] == shape]
         gx, gclean, gp90 = data.full_slices(sts, every=2, context=a.context, textured=a.texture)
         gmask = np.concatenate([np.stack([st.mask[k][None] for d in data.DURATIONS for k in range(0, st.a.shape[1], 2)]) for st in sts]).astype(np.float32)
-        vgroups.append((gx, gclean, gp90, gmask))
+        gframe = np.array([st.frame_noise_var(d) for st in sts for d in data.DURATIONS for k in range(0, st.a.shape[1], 2)], np.float32)
+        vgroups.append((gx, gclean, gp90, gmask, gframe))
     vx = vgroups[0][0]
 
     p = net.init(jax.random.PRNGKey(a.seed), a.width, a.context, a.levels, len(data.TEXTURE) if a.texture else 0)
@@ -251,7 +271,10 @@ def main(argv=None):
         r = (den - y) / jnp.maximum(y, RELATIVE_FLOOR)
         return jnp.sum(m * r * r), jnp.sum(m)
 
-    def loss_fn(p, x, y, m):
+    def cnr_var(x, y, fv):
+        return local_noise_rel(x, y, a.context, fv) if a.lesion_cnr_frame else local_noise_var90(x, y, a.context)
+
+    def loss_fn(p, x, y, m, fv):
         _, den = net.forward(p, x)
         loss = jnp.mean((1.0 + lw * m) * (den - y) ** 2)
         if lmw:
@@ -260,13 +283,13 @@ def main(argv=None):
             sq, n = lesion_relative_sq(den, y, m)
             loss = loss + lrw * sq / jnp.maximum(n, 1.0)
         if lcw:
-            sq, n = lesion_cnr_sq(den, y, m, local_noise_var90(x, y, a.context))
+            sq, n = lesion_cnr_sq(den, y, m, cnr_var(x, y, fv))
             loss = loss + lcw * sq / jnp.maximum(n, 1.0)
         return loss
 
     @jax.jit
-    def step(p, st, x, y, m):
-        l, g = jax.value_and_grad(loss_fn)(p, x, y, m)
+    def step(p, st, x, y, m, fv):
+        l, g = jax.value_and_grad(loss_fn)(p, x, y, m, fv)
         u, st = opt.update(g, st, p)
         return optax.apply_updates(p, u), st, l
 
@@ -276,7 +299,7 @@ def main(argv=None):
         sums = {"loss": 0.0, "n": 0, "lesion_mean": 0.0, "slices": 0, "rel_sq": 0.0, "rel_n": 0.0, "cnr_sq": 0.0}
         for d in data.DURATIONS:
             sums[f"num_{int(d)}"], sums[f"den_{int(d)}"] = 0.0, 0.0
-        for gx, gclean, gp90, gmask in vgroups:
+        for gx, gclean, gp90, gmask, gframe in vgroups:
             outs, dens = [], []
             for i in range(0, len(gx), 16):
                 o, dn = fwd(p, gx[i:i + 16])
@@ -288,7 +311,7 @@ def main(argv=None):
             sums["slices"] += len(den)
             sq, n = lesion_relative_sq(den, gclean, gmask)
             sums["rel_sq"] += float(sq); sums["rel_n"] += float(n)
-            sums["cnr_sq"] += float(lesion_cnr_sq(den, gclean, gmask, local_noise_var90(gx, gclean, a.context))[0])
+            sums["cnr_sq"] += float(lesion_cnr_sq(den, gclean, gmask, cnr_var(gx, gclean, gframe))[0])
             # val slices are ordered study → duration → slice; split by the w channel
             for d in data.DURATIONS:
                 sel = np.isclose(gx[:, a.context, 0, 0], d / 90.0)
@@ -317,8 +340,8 @@ def main(argv=None):
         print(f"resumed at step {i} of {a.steps} ({prior_minutes:.1f} min trained before)", flush=True)
     stop = min(budget_steps, a.stop_after) if a.stop_after else budget_steps
     while i < stop and (a.steps or time.time() - t_train < a.minutes * 60):
-        x, y, m, _ = sampler.batch(a.batch)
-        p, st, l = step(p, st, x, y, m)
+        x, y, m, _, fv = sampler.batch(a.batch, frame_var=True)
+        p, st, l = step(p, st, x, y, m, fv)
         losses.append(l)  # a device array: no sync per step, so on a GPU the next batch is sampled while this one runs
         i += 1
         if i % a.eval_every == 0 or i == stop:
