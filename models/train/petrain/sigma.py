@@ -1,6 +1,7 @@
 """A learned σ for a fixed restoration network: train and measure.
 
     python -m petrain.sigma --params R/params.npz --train DATA --grid VALGRID --out RUN --steps 2000
+    python -m petrain.sigma --params R/params.npz --head RUN/sigma_params.npz --grid OTHER --out RUN2
 
 σ is the predicted standard deviation of PET90 − R per voxel, R the
 restored (90 s-equivalent) image of the network in --params (docs/QUALITY.md
@@ -77,7 +78,7 @@ def tissues(st):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", required=True, help="the restoration network's weights (train.save_params, or from_onnx)")
-    ap.add_argument("--train", required=True)
+    ap.add_argument("--train", help="training studies (not with --head)")
     ap.add_argument("--grid", required=True, help="a site-matrix folder (one subfolder per cell), measured once at the end")
     ap.add_argument("--out", required=True)
     ap.add_argument("--width", type=int, default=8)
@@ -88,10 +89,19 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N studies (smoke tests)")
+    ap.add_argument("--head", help="measure these head weights (a run's sigma_params.npz) on --grid instead of training; --train is not read")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     pr, _ = train.load_params(a.params)
     k, textured_r = net.context_of(pr), bool(net.texture_of(pr))
+    if a.head:
+        ph, _ = train.load_params(a.head)
+        if net.context_of(ph) != k + 2:
+            raise SystemExit(f"--head {a.head} takes {net.context_of(ph) - 2} context slices, the network in --params {k}")
+        measure(a, pr, ph, k, textured_r, [])
+        return
+    if not a.train:
+        raise SystemExit("give --train (studies to train the head on) or --head (weights to measure)")
     studies = data.load(a.train, a.limit or None)
     for st in studies:
         if st.meta.get("split") == "test":
@@ -127,7 +137,11 @@ def main(argv=None):
             hist.append({"step": i, "minutes": (time.time() - t0) / 60, "nll": mean})
             print(f"step={i} minutes={hist[-1]['minutes']:.2f} train_nll={mean:.4f}", flush=True)
     train.save_params(os.path.join(a.out, "sigma_params.npz"), ph, a.width)
+    measure(a, pr, ph, k, textured_r, hist)
 
+
+def measure(a, pr, ph, k, textured_r, hist):
+    """Coverage on every cell (subfolder) of a.grid, printed and written to a.out/coverage.json."""
     fwd = jax.jit(lambda x: (lambda o: (o[0], log_var(ph, head_input(x, o[1], k))))(restore(pr, x, textured_r)))
     cells, rows = {}, []
     for cell in sorted(os.listdir(a.grid)):
