@@ -19,75 +19,38 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import data, net
+from . import sigma as sigma_mod
 from .train import load_params
 
 OPSET = 17
 BIG = 2**31 - 1
 
 
-def build(p, width):
+def build(p, width, sigma=None):
+    """The ONNX graph of the restoration network `p`; with `sigma` (the
+    weights of a σ head, petrain.sigma) also a second output `variance`:
+    σ² of PET90 − output per pixel, in the input's normalised units."""
     inits, nodes = [], []
     c, nt = net.context_of(p), net.texture_of(p)
-    biased = set(net.texture_blocks(net.levels_of(p))) if nt else set()
+    nt_in = max(nt, net.texture_of(sigma)) if sigma is not None else nt
 
     def arr(name, a):
         inits.append(numpy_helper.from_array(np.asarray(a), name))
         return name
 
     image = "input"
-    if nt:
+    if nt_in:
         # the slices and duration go to the image path; the texture channels
         # (constant maps) become one vector [B, T, 1, 1]
         arr("img_s", np.array([0, 0, 0, 0], np.int64)); arr("img_e", np.array([BIG, c + 1, BIG, BIG], np.int64))
-        arr("tex_s", np.array([0, c + 1, 0, 0], np.int64)); arr("tex_e", np.array([BIG, c + 1 + nt, BIG, BIG], np.int64))
+        arr("tex_s", np.array([0, c + 1, 0, 0], np.int64)); arr("tex_e", np.array([BIG, c + 1 + nt_in, BIG, BIG], np.int64))
         nodes += [
             helper.make_node("Slice", ["input", "img_s", "img_e"], ["image"]),
             helper.make_node("Slice", ["input", "tex_s", "tex_e"], ["texture_maps"]),
             helper.make_node("ReduceMean", ["texture_maps"], ["texture"], axes=[2, 3], keepdims=1),
         ]
         image = "image"
-
-    def conv(name, x, relu=True):
-        arr(name + "_w", np.asarray(p[name]["w"], np.float32))
-        arr(name + "_b", np.asarray(p[name]["b"], np.float32))
-        if name in biased:
-            t = "t" + name
-            arr(t + "_w", np.asarray(p[t]["w"], np.float32))
-            arr(t + "_b", np.asarray(p[t]["b"], np.float32))
-            nodes.extend([
-                helper.make_node("Conv", [x, name + "_w", name + "_b"], [name + "_c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-                helper.make_node("Conv", ["texture", t + "_w", t + "_b"], [t], kernel_shape=[1, 1]),
-                helper.make_node("Add", [name + "_c", t], [name]),
-            ])
-        else:
-            nodes.append(helper.make_node("Conv", [x, name + "_w", name + "_b"], [name], pads=[1, 1, 1, 1], kernel_shape=[3, 3]))
-        if relu:
-            nodes.append(helper.make_node("Relu", [name], [name + "_r"]))
-            return name + "_r"
-        return name
-
-    def conv_t(name, x):
-        arr(name + "_w", np.asarray(p[name]["w"], np.float32))
-        arr(name + "_b", np.asarray(p[name]["b"], np.float32))
-        nodes.append(helper.make_node("ConvTranspose", [x, name + "_w", name + "_b"], [name], kernel_shape=[2, 2], strides=[2, 2]))
-        return name
-
-    def pool(name, x):
-        nodes.append(helper.make_node("MaxPool", [x], [name], kernel_shape=[2, 2], strides=[2, 2]))
-        return name
-
-    def cat(name, a, b):
-        nodes.append(helper.make_node("Concat", [a, b], [name], axis=1))
-        return name
-
-    levels = net.levels_of(p)
-    enc = [conv("e1b", conv("e1a", image))]
-    for l in range(2, levels + 1):
-        enc.append(conv(f"e{l}b", conv(f"e{l}a", pool(f"pool{l - 1}", enc[-1]))))
-    d = enc[-1]
-    for l in range(levels - 1, 0, -1):
-        d = conv(f"d{l}b", conv(f"d{l}a", cat(f"cat{l}", conv_t(f"u{l}", d), enc[l - 1])))
-    r = conv("head", d, relu=False)
+    r = unet(p, image, "", arr, nodes)
     arr("xc_s", np.array([0, c // 2, 0, 0], np.int64)); arr("xc_e", np.array([BIG, c // 2 + 1, BIG, BIG], np.int64))
     arr("w_s", np.array([0, c, 0, 0], np.int64)); arr("w_e", np.array([BIG, c + 1, BIG, BIG], np.int64))
     arr("one", np.array(1.0, np.float32))
@@ -98,15 +61,90 @@ def build(p, width):
         helper.make_node("Mul", ["one_minus_w", r], ["mixed_residual"]),
         helper.make_node("Add", ["centre", "mixed_residual"], ["output"]),
     ]
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1, "height", "width"])]
+    if sigma is not None:
+        # the head sees the context slices, den = centre + r, den − centre = r,
+        # then the duration and texture channels (petrain.sigma.head_input)
+        arr("s_ctx_s", np.array([0, 0, 0, 0], np.int64)); arr("s_ctx_e", np.array([BIG, c, BIG, BIG], np.int64))
+        arr("s_rest_s", np.array([0, c, 0, 0], np.int64)); arr("s_rest_e", np.array([BIG, c + 1 + nt_in, BIG, BIG], np.int64))
+        arr("s_log_start", np.array(sigma_mod.LOG_START, np.float32))
+        arr("s_log_floor", np.array(sigma_mod.LOG_FLOOR, np.float32)); arr("s_log_ceil", np.array(sigma_mod.LOG_CEIL, np.float32))
+        nodes += [
+            helper.make_node("Slice", ["input", "s_ctx_s", "s_ctx_e"], ["s_context"]),
+            helper.make_node("Slice", ["input", "s_rest_s", "s_rest_e"], ["s_rest"]),
+            helper.make_node("Add", ["centre", r], ["den"]),
+            helper.make_node("Concat", ["s_context", "den", r, "s_rest"], ["s_input"], axis=1),
+        ]
+        kh = net.context_of(sigma)
+        arr("s_img_e", np.array([BIG, kh + 1, BIG, BIG], np.int64))
+        nodes.append(helper.make_node("Slice", ["s_input", "img_s", "s_img_e"], ["s_image"]))
+        h = unet(sigma, "s_image", "s_", arr, nodes)
+        nodes += [
+            helper.make_node("Add", [h, "s_log_start"], ["s_log_var_raw"]),
+            helper.make_node("Clip", ["s_log_var_raw", "s_log_floor", "s_log_ceil"], ["s_log_var"]),
+            helper.make_node("Exp", ["s_log_var"], ["variance"]),
+        ]
+        outputs.append(helper.make_tensor_value_info("variance", TensorProto.FLOAT, ["batch", 1, "height", "width"]))
     graph = helper.make_graph(
         nodes, "petrestore-unet25d",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", c + 1 + nt, "height", "width"])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1, "height", "width"])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", c + 1 + nt_in, "height", "width"])],
+        outputs,
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="petrestore petrain.export")
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def unet(p, image, prefix, arr, nodes):
+    """Append the nodes of the U-Net `p` on tensor `image` (texture from the
+    tensor "texture" where the weights take it); names prefixed by `prefix`.
+    Returns the name of its last convolution's output (the residual)."""
+    biased = set(net.texture_blocks(net.levels_of(p))) if net.texture_of(p) else set()
+
+    def conv(name, x, relu=True):
+        n = prefix + name
+        arr(n + "_w", np.asarray(p[name]["w"], np.float32))
+        arr(n + "_b", np.asarray(p[name]["b"], np.float32))
+        if name in biased:
+            t = prefix + "t" + name
+            arr(t + "_w", np.asarray(p["t" + name]["w"], np.float32))
+            arr(t + "_b", np.asarray(p["t" + name]["b"], np.float32))
+            nodes.extend([
+                helper.make_node("Conv", [x, n + "_w", n + "_b"], [n + "_c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+                helper.make_node("Conv", ["texture", t + "_w", t + "_b"], [t], kernel_shape=[1, 1]),
+                helper.make_node("Add", [n + "_c", t], [n]),
+            ])
+        else:
+            nodes.append(helper.make_node("Conv", [x, n + "_w", n + "_b"], [n], pads=[1, 1, 1, 1], kernel_shape=[3, 3]))
+        if relu:
+            nodes.append(helper.make_node("Relu", [n], [n + "_r"]))
+            return n + "_r"
+        return n
+
+    def conv_t(name, x):
+        n = prefix + name
+        arr(n + "_w", np.asarray(p[name]["w"], np.float32))
+        arr(n + "_b", np.asarray(p[name]["b"], np.float32))
+        nodes.append(helper.make_node("ConvTranspose", [x, n + "_w", n + "_b"], [n], kernel_shape=[2, 2], strides=[2, 2]))
+        return n
+
+    def pool(name, x):
+        nodes.append(helper.make_node("MaxPool", [x], [prefix + name], kernel_shape=[2, 2], strides=[2, 2]))
+        return prefix + name
+
+    def cat(name, a, b):
+        nodes.append(helper.make_node("Concat", [a, b], [prefix + name], axis=1))
+        return prefix + name
+
+    levels = net.levels_of(p)
+    enc = [conv("e1b", conv("e1a", image))]
+    for l in range(2, levels + 1):
+        enc.append(conv(f"e{l}b", conv(f"e{l}a", pool(f"pool{l - 1}", enc[-1]))))
+    d = enc[-1]
+    for l in range(levels - 1, 0, -1):
+        d = conv(f"d{l}b", conv(f"d{l}a", cat(f"cat{l}", conv_t(f"u{l}", d), enc[l - 1])))
+    return conv("head", d, relu=False)
 
 
 def parity_input(rng, context, b=2, h=64, w=48, texture=0):
@@ -136,9 +174,16 @@ def main(argv=None):
     ap.add_argument("--metrics", help="JSON from `petlab eval --json` to record in model.toml")
     ap.add_argument("--purpose", default="research", help="'research' (simulation-trained) or 'test'")
     ap.add_argument("--tta", type=int, choices=[1, 4], default=1, help="io.tta of the package (choose it on the validation split)")
+    ap.add_argument("--sigma-head", help="weights of a σ head for these --params (petrain.sigma's sigma_params.npz): "
+                    "the graph gets a second output, `variance`, and model.toml an [uncertainty] table that uses it")
     a = ap.parse_args(argv)
     p, width = load_params(a.params)
-    model = build(p, width)
+    sigma = None
+    if a.sigma_head:
+        sigma, _ = load_params(a.sigma_head)
+        if net.context_of(sigma) != net.context_of(p) + 2:
+            raise SystemExit(f"--sigma-head {a.sigma_head} was trained for {net.context_of(sigma) - 2} context slices, --params has {net.context_of(p)}")
+    model = build(p, width, sigma)
     os.makedirs(os.path.join(a.out, "parity"), exist_ok=True)
     blob = model.SerializeToString(deterministic=True)
     with open(os.path.join(a.out, "model.onnx"), "wb") as f:
@@ -148,9 +193,10 @@ def main(argv=None):
     # parity: JAX (the trained function) vs ONNX Runtime on the same input
     import onnxruntime as ort
     context = net.context_of(p)
-    texture = net.texture_of(p)
+    texture = max(net.texture_of(p), net.texture_of(sigma) if sigma is not None else 0)
     x = parity_input(np.random.default_rng(7), context, texture=texture)
-    y_jax = np.asarray(net.forward(p, x)[0])
+    out, den = sigma_mod.restore(p, x, bool(net.texture_of(p)))
+    y_jax = np.asarray(out)
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     y_ort = sess.run(["output"], {"input": x})[0]
     span = float(y_jax.max() - y_jax.min())
@@ -160,6 +206,16 @@ def main(argv=None):
     print(f"parity JAX vs ONNX Runtime {ort.__version__}: max |diff| {diff:.3g} over a range of {span:.3g}")
     if not diff <= 1e-4 * max(span, 1e-6):
         raise SystemExit(f"parity failed: ONNX Runtime differs from JAX by {diff} (range {span})")
+    if sigma is not None:
+        v_jax = np.exp(np.asarray(sigma_mod.log_var(sigma, sigma_mod.head_input(x, den, context))))
+        v_ort = sess.run(["variance"], {"input": x})[0]
+        rel = float(np.max(np.abs(v_ort - v_jax) / v_jax))
+        np.save(os.path.join(a.out, "parity", "expected_variance.npy"), v_jax.astype(np.float32))
+        print(f"parity of the variance output, JAX vs ONNX Runtime: max relative difference {rel:.3g}")
+        if not rel <= 1e-4:
+            raise SystemExit(f"parity failed: the variance output differs from JAX by {rel} (relative)")
+    elif os.path.exists(os.path.join(a.out, "parity", "expected_variance.npy")):
+        os.remove(os.path.join(a.out, "parity", "expected_variance.npy"))
 
     log = {}
     if a.train_log:
@@ -187,6 +243,9 @@ def main(argv=None):
         f'input = "input"            # float32 [batch, {context + 1 + texture}, height, width]: {context} slices + duration channel'
         + (f" + {texture} texture channels" if texture else ""),
         'output = "output"          # float32 [batch, 1, height, width]: 90 s-equivalent image',
+    ] + ([
+        'variance = "variance"      # float32 [batch, 1, height, width]: σ² of PET90 − output (normalised units²), the σ head',
+    ] if sigma is not None else []) + [
         f"context_slices = {context}         # centre slice ± {context // 2}; edges repeat the first/last slice",
         "batch = 1                  # slices per inference: 1 was 1.4-1.8x faster than 4 on CPU (ORT and tract, 192² and 400², BENCHMARKS.md)",
         '# one extra constant input channel = Actual Frame Duration / 90 s (also the',
@@ -224,6 +283,23 @@ def main(argv=None):
             f"best_step = {log.get('best', {}).get('step', 0)}",
             f'train_machine = "{log.get("machine", "")}"',
             f'framework = "jax {log.get("versions", {}).get("jax", "")}, optax {log.get("versions", {}).get("optax", "")}"',
+        ]
+    if sigma is not None:
+        lines += [
+            f"sigma_head_width = {int(sigma['e1a']['w'].shape[0])}",
+            f"sigma_head_parameters = {net.param_count(sigma)}",
+            "",
+            "[uncertainty]",
+            "# per-voxel σ of PET90 − R: σ² = head[c] · V + noise[c] · N + texture[c] · T, V the network's",
+            "# variance output, N and T the analytic terms (docs/QUALITY.md \"Uncertainty\"), c the class",
+            "# of R ÷ its body mean; here the σ head alone, as trained (petrain.sigma), no scale fitted after it",
+            "window_mm = 10",
+            "texture_mm = 6",
+            "class_edges = [0.5, 1.5, 3]",
+            "noise = [0, 0, 0, 0]",
+            "texture = [0, 0, 0, 0]",
+            "head = [1, 1, 1, 1]",
+            'fitted_on = "the σ head\'s Gaussian likelihood on the training studies (petrain.sigma); no scale fitted after it"',
         ]
     lines += metrics_block(metrics)
     with open(os.path.join(a.out, "model.toml"), "w") as f:

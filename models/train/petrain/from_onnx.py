@@ -35,6 +35,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from . import export, net
+from . import sigma as sigma_mod
 from .train import load_params, save_params
 
 
@@ -43,33 +44,13 @@ def fail(msg):
 
 
 def rebuild(model):
-    """(params, width) from the graph's initializers, after checking the graph
-    is the one export.build makes from them."""
+    """(params, width, sigma) from the graph's initializers, sigma the σ
+    head's weights (None without one), after checking the graph is the one
+    export.build makes from them."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    if "e1a_w" not in inits or inits["e1a_w"].ndim != 4:
-        fail(f"no 4-D initializer e1a_w (first convolution): not a petrain.export graph (initializers {sorted(inits)})")
-    width, context = int(inits["e1a_w"].shape[0]), int(inits["e1a_w"].shape[1]) - 1
-    levels = sum(1 for name in inits if name.startswith("e") and name.endswith("a_w"))
-    if context < 1 or context % 2 == 0 or levels < 2:
-        fail(f"e1a_w {inits['e1a_w'].shape} and {levels} encoder levels are not a petrain network (odd context, 2+ levels)")
-    p = {}
-    for name, kind, ci, co, k in net.specs(width, context, levels):
-        shape = (co, ci, k, k) if kind == "conv" else (ci, co, k, k)
-        for t, want in (("w", shape), ("b", (co,))):
-            a = inits.get(f"{name}_{t}")
-            if a is None or a.shape != want or a.dtype != np.float32:
-                got = "missing" if a is None else f"{a.dtype} {a.shape}"
-                fail(f"initializer {name}_{t} is {got}, a width-{width} context-{context} {levels}-level network needs float32 {want}")
-        p[name] = {"w": inits[f"{name}_w"], "b": inits[f"{name}_b"]}
-    nt = int(inits["te1a_w"].shape[1]) if "te1a_w" in inits else 0
-    for name in net.texture_blocks(levels) if nt else []:
-        co = p[name]["w"].shape[0]
-        for t, want in (("w", (co, nt, 1, 1)), ("b", (co,))):
-            a = inits.get(f"t{name}_{t}")
-            if a is None or a.shape != want or a.dtype != np.float32:
-                fail(f"initializer t{name}_{t} is {'missing' if a is None else f'{a.dtype} {a.shape}'}, a network with {nt} texture inputs needs float32 {want}")
-        p["t" + name] = {"w": inits[f"t{name}_w"], "b": inits[f"t{name}_b"]}
-    want = export.build(p, width)
+    p, width = weights(inits, "")
+    sigma = weights(inits, "s_")[0] if "s_e1a_w" in inits else None
+    want = export.build(p, width, sigma)
     opsets = [[(o.domain, o.version) for o in m.opset_import] for m in (model, want)]
     if opsets[0] != opsets[1]:
         fail(f"opsets (domain, version) {opsets[0]} are not export.py's {opsets[1]}")
@@ -84,6 +65,35 @@ def rebuild(model):
     for i, (m, n) in enumerate(zip(g.node, h.node, strict=False)):
         if m != n:
             fail(f"node {i} is {helper.printable_node(m)}, export.py makes {helper.printable_node(n)}")
+    return p, width, sigma
+
+
+def weights(all_inits, prefix):
+    """One U-Net's (params, width) from the initializers named `prefix` + layer."""
+    inits = {k[len(prefix):]: v for k, v in all_inits.items() if k.startswith(prefix) and (prefix or not k.startswith("s_"))}
+    if "e1a_w" not in inits or inits["e1a_w"].ndim != 4:
+        fail(f"no 4-D initializer {prefix}e1a_w (first convolution): not a petrain.export graph (initializers {sorted(all_inits)})")
+    width, context = int(inits["e1a_w"].shape[0]), int(inits["e1a_w"].shape[1]) - 1
+    levels = sum(1 for name in inits if name.startswith("e") and name.endswith("a_w"))
+    if context < 1 or context % 2 == 0 or levels < 2:
+        fail(f"e1a_w {inits['e1a_w'].shape} and {levels} encoder levels are not a petrain network (odd context, 2+ levels)")
+    p = {}
+    for name, kind, ci, co, k in net.specs(width, context, levels):
+        shape = (co, ci, k, k) if kind == "conv" else (ci, co, k, k)
+        for t, want in (("w", shape), ("b", (co,))):
+            a = inits.get(f"{name}_{t}")
+            if a is None or a.shape != want or a.dtype != np.float32:
+                got = "missing" if a is None else f"{a.dtype} {a.shape}"
+                fail(f"initializer {prefix}{name}_{t} is {got}, a width-{width} context-{context} {levels}-level network needs float32 {want}")
+        p[name] = {"w": inits[f"{name}_w"], "b": inits[f"{name}_b"]}
+    nt = int(inits["te1a_w"].shape[1]) if "te1a_w" in inits else 0
+    for name in net.texture_blocks(levels) if nt else []:
+        co = p[name]["w"].shape[0]
+        for t, want in (("w", (co, nt, 1, 1)), ("b", (co,))):
+            a = inits.get(f"t{name}_{t}")
+            if a is None or a.shape != want or a.dtype != np.float32:
+                fail(f"initializer {prefix}t{name}_{t} is {'missing' if a is None else f'{a.dtype} {a.shape}'}, a network with {nt} texture inputs needs float32 {want}")
+        p["t" + name] = {"w": inits[f"t{name}_w"], "b": inits[f"t{name}_b"]}
     return p, width
 
 
@@ -104,7 +114,7 @@ def main(argv=None):
     sha = hashlib.sha256(blob).hexdigest()
     if sha != toml["sha256"]:
         fail(f"{toml['onnx']} has sha256 {sha}, model.toml names {toml['sha256']}")
-    p, width = rebuild(onnx.load_from_string(blob))
+    p, width, sigma = rebuild(onnx.load_from_string(blob))
     context, levels = net.context_of(p), net.levels_of(p)
     shape = {"width": width, "levels": levels, "context_slices": context}
     stated = {"width": toml["provenance"]["width"], "levels": toml["provenance"]["levels"], "context_slices": toml["io"]["context_slices"]}
@@ -125,7 +135,7 @@ def main(argv=None):
 
         x = np.load(os.path.join(a.package, "parity", "input.npy"))
         expected = np.load(os.path.join(a.package, "parity", "expected.npy"))
-        y = np.asarray(net.forward(q, x)[0])
+        y = np.asarray(sigma_mod.restore(q, x, bool(net.texture_of(q)))[0])
         if y.shape != expected.shape:
             fail(f"JAX output {y.shape}, parity/expected.npy is {expected.shape}")
         span = float(expected.max() - expected.min())
@@ -136,7 +146,10 @@ def main(argv=None):
             fail(f"JAX on the rebuilt weights differs from parity/expected.npy by {diff} (range {span})")
 
         pkg = os.path.join(tmp, "pkg")
-        export.main(["--params", path, "--out", pkg])
+        head_path = os.path.join(tmp, "sigma_params.npz")
+        if sigma is not None:
+            save_params(head_path, sigma, int(sigma["e1a"]["w"].shape[0]))
+        export.main(["--params", path, "--out", pkg] + (["--sigma-head", head_path] if sigma is not None else []))
         with open(os.path.join(pkg, "model.onnx"), "rb") as f:
             blob2 = f.read()
         y0, y1 = run_onnx(blob, x), run_onnx(blob2, x)
@@ -149,6 +162,10 @@ def main(argv=None):
             fail(f"the re-exported graph differs from the shipped one by {diff} (range {span0})")
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         shutil.copyfile(path, a.out)
+        if sigma is not None:
+            head_out = os.path.join(os.path.dirname(os.path.abspath(a.out)), "sigma_params.npz")
+            shutil.copyfile(head_path, head_out)
+            print(f"wrote {head_out}: the σ head (petrain.sigma --head, petrain.export --sigma-head)")
     print(f"wrote {a.out}: warm-start with python -m petrain.train --init {a.out} --width {width} "
           f"--context {context} --levels {levels} ...")
 
