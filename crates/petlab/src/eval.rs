@@ -259,8 +259,8 @@ pub fn site_scale(dir: &Path, engine: &Arc<dyn Engine>) -> Result<Option<Vec<f64
         let st = Study::load(&p)?;
         for d in DURATIONS {
             let short = st.short(d);
-            let r = engine.run(short).map_err(|e| format!("{}: {e}", st.name))?;
-            let sigma = cal.sigma(short, &r).map_err(|e| format!("{}: {e}", st.name))?;
+            let (r, var) = engine.run_with_variance(short).map_err(|e| format!("{}: {e}", st.name))?;
+            let sigma = cal.sigma(short, &r, var.as_ref()).map_err(|e| format!("{}: {e}", st.name))?;
             site.add(&cal, &r, &sigma, &st.planes[PET90], &format!("{} {d} s", st.name));
         }
     }
@@ -299,12 +299,12 @@ pub fn run(o: &EvalOptions) -> Result<Value, String> {
             records.push(record(&st, d, "oracle", &orc));
             let mut outs = vec![("gaussian", g), ("oracle", orc)];
             if let Some(e) = &o.engine {
-                let r = e.run(&short).map_err(|e| format!("{}: {e}", st.name))?;
+                let (r, var) = e.run_with_variance(&short).map_err(|e| format!("{}: {e}", st.name))?;
                 model_label.get_or_insert_with(|| format!("{} ({})", e.model_id(), e.label()));
                 let mut rec = record(&st, d, "model", &r);
                 if let Some(mut cal) = e.uncertainty() {
                     cal.site_scale = o.site_scale.clone().unwrap_or_default();
-                    let sigma = cal.sigma(&short, &r).map_err(|e| format!("{}: {e}", st.name))?;
+                    let sigma = cal.sigma(&short, &r, var.as_ref()).map_err(|e| format!("{}: {e}", st.name))?;
                     rec.uncertainty = Some(crate::uncertainty::coverage(&st, &r, &sigma));
                 }
                 records.push(rec);

@@ -362,6 +362,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("\nper-frame factor on σ²: exp({:?} · [1, {}])", cal.descriptor_coef, cal.descriptors.join(", "));
             }
             if write {
+                if petrestore::restore::model::ModelPackage::load(&model)?.uncertainty.is_some_and(|u| u.uses_variance()) {
+                    anyhow::bail!(
+                        "{}: its σ comes from the network's variance output (uncertainty.head); calibrate fits the analytic \
+                         terms only and would drop it: leave --write out, or write into a package without a σ head",
+                        model.display()
+                    );
+                }
                 let path = model.join("model.toml");
                 let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
                 std::fs::write(&path, uncertainty::with_calibration(&text, &cal))

@@ -278,6 +278,7 @@ pub fn fit_frames(frames: &[&Frame], window_mm: f64, texture_mm: f64, descriptor
         fitted_on: String::new(),
         descriptors: names,
         descriptor_coef: coef.iter().map(|c| (c * 1e4).round() / 1e4).collect(),
+        head: Vec::new(),
         site_scale: Vec::new(),
     };
     cal.check().map_err(|e| e.to_string())?;
@@ -600,6 +601,7 @@ mod tests {
             fitted_on: "x".into(),
             descriptors: vec!["noise_px".into(), "axial_corr".into()],
             descriptor_coef: vec![0.25, -0.5, 1.5],
+            head: Vec::new(),
             site_scale: Vec::new(),
         };
         let once = with_calibration("id = \"m\"\n\n[io]\nbatch = 1\n", &cal);

@@ -57,12 +57,21 @@ fn assert_parity(pkg_dir: &Path) {
         cache_dir: std::env::temp_dir(),
         threads: 1,
     };
+    let variance = pkg.io.variance.is_some();
+    let expected_var = variance.then(|| read_npy_f32(&pkg_dir.join("parity/expected_variance.npy")).unwrap().1);
     let ort = OrtEngine::new(pkg, &o).unwrap();
     for (name, backend) in [("tract", &tract as &dyn Backend), ("ort", &ort as &dyn Backend)] {
-        let y = backend.infer(&input, b, c, h, w).unwrap();
+        let (y, var) = backend.infer_with_variance(&input, b, c, h, w).unwrap();
         assert_eq!(y.len(), expected.len());
         let worst = y.iter().zip(&expected).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
         assert!(worst <= 1e-4 * span, "{name} differs from the trainer by {worst} (range {span})");
+        // the σ head's output, where the package has one: the same from both engines and the trainer
+        assert_eq!(var.is_some(), variance, "{name}: variance output present {}, package names one {variance}", var.is_some());
+        if let (Some(var), Some(want)) = (var, &expected_var) {
+            assert_eq!(var.len(), want.len());
+            let worst = var.iter().zip(want).map(|(a, e)| ((a - e) / e).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-4, "{name}: variance differs from the trainer by {worst} (relative)");
+        }
     }
 }
 
@@ -234,6 +243,59 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     assert_eq!(pkg.io.texture, ["noise_px", "noise_2px", "axial_corr"]);
     assert_eq!((pkg.io.context_slices, pkg.input_channels(), pkg.io.pad_multiple), (7, 11, 8));
     assert_eq!(pkg.provenance["train_steps"].as_integer(), Some(6));
+    assert!(pkg.io.variance.is_none() && pkg.uncertainty.is_none());
+
+    // a σ head for that network (petrain.sigma: a few likelihood steps, then the
+    // coverage table on a one-cell grid), exported as the graph's second output:
+    // both engines give the trainer's variance, and from_onnx rebuilds both networks
+    let cell = tmp.path().join("grid/c1");
+    std::fs::create_dir_all(&cell).unwrap();
+    for e in std::fs::read_dir(tmp.path().join("val")).unwrap() {
+        let e = e.unwrap().path();
+        std::os::unix::fs::symlink(&e, cell.join(e.file_name().unwrap())).unwrap();
+    }
+    let sig = text(&py(&[
+        "-m",
+        "petrain.sigma",
+        "--params",
+        &d("run/params.npz"),
+        "--train",
+        &d("train"),
+        "--grid",
+        &d("grid"),
+        "--out",
+        &d("sig"),
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--patch",
+        "32",
+    ]));
+    assert!(sig.contains("| c1 | 30 s |") && sig.contains("worst body distance from 68.27"), "{sig}");
+    let o = Command::new(python())
+        .args(["-m", "petrain.sigma", "--params", &d("run/params.npz"), "--train", &d("test"), "--grid", &d("grid"), "--out", &d("bad")])
+        .current_dir(train_dir())
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && text(&o).contains("never trained on"), "{}", text(&o));
+    let out = py(&[
+        "-m",
+        "petrain.export",
+        "--params",
+        &d("run/params.npz"),
+        "--sigma-head",
+        &d("sig/sigma_params.npz"),
+        "--out",
+        &d("pkg-sigma"),
+    ]);
+    assert!(text(&out).contains("parity of the variance output"), "{}", text(&out));
+    assert_parity(&tmp.path().join("pkg-sigma"));
+    let with_head = ModelPackage::load(&tmp.path().join("pkg-sigma")).unwrap();
+    assert_eq!(with_head.io.variance.as_deref(), Some("variance"));
+    assert!(with_head.uncertainty.as_ref().is_some_and(|u| u.uses_variance()));
+    let round = text(&py(&["-m", "petrain.from_onnx", "--package", &d("pkg-sigma"), "--out", &d("rebuilt/params.npz")]));
+    assert!(round.contains("byte-identical") && round.contains("sigma_params.npz"), "{round}");
 
     let report = lab(&[
         "eval",

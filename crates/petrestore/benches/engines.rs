@@ -143,6 +143,7 @@ fn main() {
             fitted_on: String::new(),
             descriptors: Vec::new(),
             descriptor_coef: Vec::new(),
+            head: Vec::new(),
             site_scale: Vec::new(),
         };
         let described = restore::uncertainty::Calibration {
@@ -155,7 +156,7 @@ fn main() {
         for _ in 0..reps {
             for (k, cal) in [&plain, &described].into_iter().enumerate() {
                 let t = Instant::now();
-                cal.sigma(&v, &r).unwrap();
+                cal.sigma(&v, &r, None).unwrap();
                 times[k].push(t.elapsed().as_secs_f64());
             }
         }

@@ -63,11 +63,12 @@ fn ort_cpu_and_tract_agree_on_the_same_model_and_volume() {
         fitted_on: String::new(),
         descriptors: Vec::new(),
         descriptor_coef: Vec::new(),
+        head: Vec::new(),
         site_scale: Vec::new(),
     };
     let mut input = v.clone();
     input.frame_duration_s = Some(30.0);
-    let (sa, sb) = (cal.sigma(&input, &a).unwrap(), cal.sigma(&input, &b).unwrap());
+    let (sa, sb) = (cal.sigma(&input, &a, None).unwrap(), cal.sigma(&input, &b, None).unwrap());
     let top = sa.data.iter().fold(0.0f32, |m, x| m.max(*x));
     assert!(top > 0.0);
     let max_abs = sa.data.iter().zip(&sb.data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);

@@ -106,6 +106,24 @@ fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// Files grouped by their Series Instance UID (unreadable files left out).
+fn series_files(files: &[PathBuf]) -> std::collections::BTreeMap<String, Vec<PathBuf>> {
+    let mut out: std::collections::BTreeMap<String, Vec<PathBuf>> = Default::default();
+    for f in files {
+        let Ok(obj) = dicom_object::OpenFileOptions::new().read_until(dicom_dictionary_std::tags::PIXEL_DATA).open_file(f) else {
+            continue;
+        };
+        let uid = obj
+            .element(dicom_dictionary_std::tags::SERIES_INSTANCE_UID)
+            .ok()
+            .and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches('\0').trim().to_string()));
+        if let Some(uid) = uid {
+            out.entry(uid).or_default().push(f.clone());
+        }
+    }
+    out
+}
+
 fn step(n: usize, what: &str, t: Instant) {
     println!("  {n}. {what} ({:.1} s)", t.elapsed().as_secs_f64());
 }
@@ -231,11 +249,15 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     settings.dicom.listen = "127.0.0.1:0".parse().expect("literal address");
     settings.dicom.allowed_callers = vec![AllowedCaller { ae_title: "DEMO-CONSOLE".into(), host: None }];
     settings.series.quiet_timeout = Duration::from_secs(10);
+    // a calibrated model's σ series goes to the receiving node too: the demo
+    // shows the σ the daemon wrote, not one recomputed here
+    let calibrated =
+        model.as_ref().and_then(|m| crate::restore::model::ModelPackage::load(m).ok()).is_some_and(|p| p.uncertainty.is_some());
     settings.destinations = vec![Destination {
         name: "demo-pacs".into(),
         ae_title: "DEMO-PACS".into(),
         address: pacs_addr.to_string(),
-        uncertainty: false,
+        uncertainty: calibrated,
         commitment: None,
     }];
     settings.restore.engines = vec![crate::config::EngineKind::parse(&engine).expect("checked above")];
@@ -312,7 +334,13 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     // 4. Measure and draw.
     let load = |files: &[PathBuf]| volume::load(files).map_err(anyhow::Error::from);
     let input = load(&short.files)?.volume;
-    let restored = load(&files_in(&received)?)?.volume;
+    let by_series = series_files(&files_in(&received)?);
+    let restored_uid = job.output_series_uid.clone().context("the job names no restored series")?;
+    let restored = load(by_series.get(&restored_uid).map(Vec::as_slice).unwrap_or_default())?.volume;
+    let sigma_series = match job.uncertainty.as_ref().and_then(|u| u.series_uid.as_ref()) {
+        Some(uid) => Some(load(by_series.get(uid).map(Vec::as_slice).unwrap_or_default())?.volume),
+        None => None,
+    };
     let pet90 = load(&long.files)?.volume;
     let truth = truth_volume(&sim.truth, &pet90)?;
     let patient = Patient::generate(Family::Lobulated, PATIENT_SEED, z0, z0 + span);
@@ -366,17 +394,11 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 .join(", ")
         ));
     }
-    // The uncertainty: σ of the restored image (the model package's
-    // calibration), checked against the 90 s image the demo has.
-    let calibration = match (&model, engine_used.as_str()) {
-        (Some(m), e) if e != "gaussian" => crate::restore::model::ModelPackage::load(m).ok().and_then(|p| p.uncertainty),
-        _ => None,
-    };
+    // The uncertainty: the σ series the daemon wrote beside the restored
+    // one (the model package's calibration), checked against the 90 s image
+    // the demo has.
     let mut uncertainty_line = None;
-    if let Some(cal) = calibration {
-        let mut x = input.clone();
-        x.frame_duration_s = Some(30.0);
-        let sigma = cal.sigma(&x, &restored)?;
+    if let Some(sigma) = sigma_series {
         let body_t = crate::restore::uncertainty::body_mean(&restored) * 0.5;
         let body: Vec<usize> = (0..restored.data.len()).filter(|i| restored.data[*i] > body_t).collect();
         let within = body.iter().filter(|i| (pet90.data[**i] - restored.data[**i]).abs() <= sigma.data[**i]).count();

@@ -235,8 +235,11 @@ pub fn run_series_with_figures(
         body_mean_vs_reference_pct: 100.0 * (body_mean(va) / body_mean(vb) - 1.0),
     }];
     let mut outs = vec![("gaussian".to_string(), gaussian::filter(&input_vol, fwhm_mm))];
+    let mut variance = None;
     if let Some(e) = &engine {
-        outs.push((format!("model {} ({})", e.model_id(), e.label()), e.run(&input_vol)?));
+        let (r, var) = e.run_with_variance(&input_vol)?;
+        variance = var;
+        outs.push((format!("model {} ({})", e.model_id(), e.label()), r));
     }
     if let Some(dir) = figures {
         draw(dir, &input_vol, &outs, vb).map_err(|source| EvalError::Figures { dir: dir.to_owned(), source })?;
@@ -255,7 +258,7 @@ pub fn run_series_with_figures(
     if let (Some(e), Some((_, restored))) = (&engine, outs.get(1))
         && let Some(cal) = e.uncertainty()
     {
-        let sigma = cal.sigma(&input_vol, restored)?;
+        let sigma = cal.sigma(&input_vol, restored, variance.as_ref())?;
         let t = crate::restore::uncertainty::body_mean(restored) * 0.5;
         let body: Vec<usize> = (0..restored.data.len()).filter(|&i| restored.data[i] > t).collect();
         let n = body.len().max(1) as f64;

@@ -264,7 +264,7 @@ pub fn restore_paths_with(
     }
     let mut input = loaded.volume;
     input.frame_duration_s = Some(selected.frame_duration_s);
-    let (restored, engine, fallbacks) =
+    let (restored, variance, engine, fallbacks) =
         run_engines(engines, &input).map_err(|e| NotRestored::Failed(format!("restoration failed: {e}")))?;
     let params = DeriveParams {
         engine: engine.label(),
@@ -283,7 +283,7 @@ pub fn restore_paths_with(
     let uncertainty = match engine.uncertainty() {
         None => None,
         Some(cal) => {
-            let sigma = cal.sigma(&input, &restored).map_err(|e| NotRestored::Failed(format!("uncertainty: {e}")))?;
+            let sigma = cal.sigma(&input, &restored, variance.as_ref()).map_err(|e| NotRestored::Failed(format!("uncertainty: {e}")))?;
             Some(RestoredUncertainty {
                 summary: crate::restore::uncertainty::summarise(&restored, &sigma, UNCERTAIN_FRACTION),
                 series_uid: uncertainty_series_uid(&source_series, &params.model_id),

@@ -39,6 +39,11 @@ pub trait Engine: Send + Sync {
     fn check(&self) -> Result<(), EngineError>;
     /// Restore a volume; the result has the same shape and units (Bq/ml).
     fn run(&self, input: &Volume) -> Result<Volume, EngineError>;
+    /// [`Engine::run`], and the network's variance output (Bq²/ml²) where
+    /// its package has one (`io.variance`), from the same run.
+    fn run_with_variance(&self, input: &Volume) -> Result<(Volume, Option<Volume>), EngineError> {
+        Ok((self.run(input)?, None))
+    }
     /// What produced the pixels, for Derivation Description and the job
     /// record (e.g. "ort/cuda").
     fn label(&self) -> String {
@@ -186,16 +191,18 @@ pub fn with_site_uncertainty(p: &mut model::ModelPackage, path: &std::path::Path
     Ok(site.pairs.len())
 }
 
+/// What [`run_engines`] returns: the restored volume, the network's
+/// variance output where the engine gave one, the engine that made them,
+/// and the failures of the engines tried before it.
+pub type EngineRun = (Volume, Option<Volume>, std::sync::Arc<dyn Engine>, Vec<String>);
+
 /// Run the first engine that succeeds; report each failure on the way
 /// (the failures are returned with the result so the job records them).
-pub fn run_engines(
-    engines: &[std::sync::Arc<dyn Engine>],
-    v: &Volume,
-) -> Result<(Volume, std::sync::Arc<dyn Engine>, Vec<String>), String> {
+pub fn run_engines(engines: &[std::sync::Arc<dyn Engine>], v: &Volume) -> Result<EngineRun, String> {
     let mut errors = Vec::new();
     for e in engines {
-        match e.run(v) {
-            Ok(out) => return Ok((out, e.clone(), errors)),
+        match e.run_with_variance(v) {
+            Ok((out, var)) => return Ok((out, var, e.clone(), errors)),
             Err(err) => {
                 tracing::warn!(engine = e.name(), error = %err, "engine failed; falling back to the next one");
                 errors.push(err.to_string());

@@ -43,6 +43,11 @@ fn default_onnx() -> String {
 pub struct Io {
     pub input: String,
     pub output: String,
+    /// A second output: σ² of PET90 − output per pixel, in the input's
+    /// normalised units squared (a σ head trained by likelihood; the
+    /// `[uncertainty]` table's `head` weights use it).
+    #[serde(default)]
+    pub variance: Option<String>,
     /// Adjacent slices in (odd); the centre slice is restored.
     pub context_slices: usize,
     /// Slices per engine call.
@@ -206,6 +211,12 @@ impl ModelPackage {
         }
         if let Some(u) = &raw.uncertainty {
             u.check().map_err(|e| ModelError::Invalid { dir: d.clone(), reason: e.to_string() })?;
+            if u.uses_variance() && raw.io.variance.is_none() {
+                return Err(ModelError::Invalid {
+                    dir: d,
+                    reason: "uncertainty.head weighs the network's variance output: name it in io.variance".into(),
+                });
+            }
         }
         let onnx_path = dir.join(&raw.onnx);
         let bytes =
@@ -322,6 +333,23 @@ mod tests {
         assert!(e.contains("io.texture \"snr\" is unknown") && e.contains("noise_2px"), "{e}");
         let e = with("texture = [\"noise_px\"]").unwrap_err().to_string();
         assert!(e.contains("give io.condition"), "{e}");
+    }
+
+    #[test]
+    fn a_head_calibration_needs_the_variance_output_named() {
+        let d = tempfile::tempdir().unwrap();
+        copy_test_model(d.path());
+        let table = "\n[uncertainty]\nwindow_mm = 10\ntexture_mm = 6\nclass_edges = [0.5, 1.5, 3]\n\
+                     noise = [0, 0, 0, 0]\ntexture = [0, 0, 0, 0]\nhead = [1, 1, 1, 1]\n";
+        let toml = d.path().join("model.toml");
+        let base = std::fs::read_to_string(&toml).unwrap();
+        std::fs::write(&toml, format!("{base}{table}")).unwrap();
+        let e = ModelPackage::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("uncertainty.head") && e.contains("io.variance"), "{e}");
+        std::fs::write(&toml, format!("{}{table}", base.replacen("[io]\n", "[io]\nvariance = \"variance\"\n", 1))).unwrap();
+        let p = ModelPackage::load(d.path()).unwrap();
+        assert_eq!(p.io.variance.as_deref(), Some("variance"));
+        assert!(p.uncertainty.as_ref().is_some_and(|u| u.uses_variance()));
     }
 
     #[test]

@@ -9,6 +9,12 @@ use super::model::ModelPackage;
 /// must be `[b, 1, h, w]`.
 pub trait Backend: Send + Sync {
     fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String>;
+    /// The output and, for a network with a second output `io.variance`
+    /// (σ² of PET90 − output, normalised units²), that too, `[b, 1, h, w]`
+    /// each, from one run. A backend that cannot return it gives None.
+    fn infer_with_variance(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
+        Ok((self.infer(input, b, c, h, w)?, None))
+    }
 }
 
 /// Normalisation scale: the mean of body voxels, where the body is every
@@ -56,6 +62,18 @@ pub fn smoke_test(backend: &dyn Backend, pkg: &ModelPackage) -> Result<(), Strin
 /// (`texture::describe`, measured once on the whole series) as constant
 /// channels after the duration channel.
 pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, workers: usize) -> Result<Volume, String> {
+    restore_volume_with_variance(v, pkg, backend, workers).map(|(r, _)| r)
+}
+
+/// [`restore_volume`], and for a package with `io.variance` the network's
+/// variance output in Bq²/ml² on the series' grid (averaged over the
+/// test-time augmentation passes; on a working grid, interpolated back).
+pub fn restore_volume_with_variance(
+    v: &Volume,
+    pkg: &ModelPackage,
+    backend: &dyn Backend,
+    workers: usize,
+) -> Result<(Volume, Option<Volume>), String> {
     let scale = body_scale(v, pkg.normalisation.threshold_fraction).ok_or("the volume holds no activity")?;
     let condition = match pkg.io.condition.as_deref() {
         None => None,
@@ -72,7 +90,7 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
     let condition = condition.map(|w| [vec![w], texture].concat());
     let grid = WorkingGrid::for_volume(v, pkg);
     if grid.is_native() {
-        let data = run_grid(
+        let (data, var) = run_grid(
             &v.data,
             v.nx,
             v.ny,
@@ -84,7 +102,7 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
             scale,
             condition,
         )?;
-        return Ok(Volume { data, ..v.clone_shape() });
+        return Ok((Volume { data, ..v.clone_shape() }, var.map(|data| Volume { data, ..v.clone_shape() })));
     }
     // to the working grid, restore there, and bring the change back
     let plane = v.nx * v.ny;
@@ -97,7 +115,7 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
         Some(step) => interpolated_context(z, j, pkg.io.context_slices, v.nz, step),
         None => native_context(z, j, pkg.io.context_slices, v.nz),
     };
-    let mut change = run_grid(&work, grid.nx, grid.ny, v.nz, &context, pkg, backend, workers, scale, condition)?;
+    let (mut change, var) = run_grid(&work, grid.nx, grid.ny, v.nz, &context, pkg, backend, workers, scale, condition)?;
     for (c, x) in change.iter_mut().zip(&work) {
         *c -= x;
     }
@@ -111,7 +129,14 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
             *d += c;
         }
     }
-    Ok(Volume { data, ..v.clone_shape() })
+    let var = var.map(|var| {
+        let mut data = Vec::with_capacity(v.data.len());
+        for z in 0..v.nz {
+            data.extend(resample_plane(&var[z * wplane..(z + 1) * wplane], grid.nx, grid.ny, &bx, &by).into_iter().map(|x| x.max(0.0)));
+        }
+        Volume { data, ..v.clone_shape() }
+    });
+    Ok((Volume { data, ..v.clone_shape() }, var))
 }
 
 /// Where the network runs for one series: its matrix on the working grid
@@ -217,7 +242,8 @@ fn resample_plane(src: &[f32], w: usize, h: usize, wx: &[Vec<(usize, f32)>], wy:
 }
 
 /// Run the network over every slice of `data` (`nz` planes of `w`×`h`),
-/// context slices from `context(z, j)`, and return the output in Bq/ml.
+/// context slices from `context(z, j)`, and return the output in Bq/ml and,
+/// for a package with `io.variance`, the variance output in Bq²/ml².
 #[allow(clippy::too_many_arguments)]
 fn run_grid(
     data: &[f32],
@@ -230,7 +256,7 @@ fn run_grid(
     workers: usize,
     scale: f32,
     condition: Option<Vec<f32>>,
-) -> Result<Vec<f32>, String> {
+) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
     // padded plane (edge replicate), cropped back after inference
     let m = pkg.io.pad_multiple.max(1);
     let (hp, wp) = (h.div_ceil(m) * m, w.div_ceil(m) * m);
@@ -241,10 +267,25 @@ fn run_grid(
     let inv = 1.0 / scale;
     let batch = pkg.io.batch;
     let n_batches = nz.div_ceil(batch);
+    let want_var = pkg.io.variance.is_some();
     let mut out = vec![0.0f32; data.len()];
+    let mut var_out = vec![0.0f32; if want_var { data.len() } else { 0 }];
     let next = std::sync::atomic::AtomicUsize::new(0);
     let slice = |z: usize| &data[z * plane..(z + 1) * plane];
-    let run_one = |k: usize| -> Result<Vec<f32>, String> {
+    let crop = |y: Vec<f32>, b: usize| -> Vec<f32> {
+        if (hp, wp) == (h, w) {
+            return y;
+        }
+        let mut cropped = Vec::with_capacity(b * plane);
+        for i in 0..b {
+            for yy in 0..h {
+                let at = i * pplane + yy * wp;
+                cropped.extend_from_slice(&y[at..at + w]);
+            }
+        }
+        cropped
+    };
+    let run_one = |k: usize| -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
         let start = k * batch;
         let b = batch.min(nz - start);
         let mut input = vec![0.0f32; b * c * pplane];
@@ -268,24 +309,17 @@ fn run_grid(
                 input[(i * c + ctx + k) * pplane..(i * c + ctx + k + 1) * pplane].fill(*value);
             }
         }
-        let y = infer_tta(backend, &input, b, c, hp, wp, pkg.io.tta)?;
-        if let Some(bad) = y.iter().position(|x| !x.is_finite()) {
-            return Err(format!("model returned a non-finite value at slice {}", start + bad / pplane));
-        }
-        if (hp, wp) == (h, w) {
-            return Ok(y);
-        }
-        let mut cropped = Vec::with_capacity(b * plane);
-        for i in 0..b {
-            for yy in 0..h {
-                let at = i * pplane + yy * wp;
-                cropped.extend_from_slice(&y[at..at + w]);
+        let (y, var) = infer_tta(backend, &input, b, c, hp, wp, pkg.io.tta, want_var)?;
+        for (what, v) in [("value", Some(&y)), ("variance", var.as_ref())] {
+            if let Some(bad) = v.and_then(|v| v.iter().position(|x| !x.is_finite())) {
+                return Err(format!("model returned a non-finite {what} at slice {}", start + bad / pplane));
             }
         }
-        Ok(cropped)
+        Ok((crop(y, b), var.map(|v| crop(v, b))))
     };
     let chunks: Vec<&mut [f32]> = out.chunks_mut(batch * plane).collect();
     let slots: Vec<std::sync::Mutex<&mut [f32]>> = chunks.into_iter().map(std::sync::Mutex::new).collect();
+    let var_slots: Vec<std::sync::Mutex<&mut [f32]>> = var_out.chunks_mut(batch * plane).map(std::sync::Mutex::new).collect();
     let first_error: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
     std::thread::scope(|sc| {
         for _ in 0..workers.clamp(1, n_batches.max(1)) {
@@ -296,10 +330,16 @@ fn run_grid(
                         return;
                     }
                     match run_one(k) {
-                        Ok(y) => {
+                        Ok((y, var)) => {
                             let mut slot = slots[k].lock().expect("output slot");
                             for (d, s) in slot.iter_mut().zip(&y) {
                                 *d = s * scale;
+                            }
+                            if let Some(var) = var {
+                                let mut slot = var_slots[k].lock().expect("variance slot");
+                                for (d, s) in slot.iter_mut().zip(&var) {
+                                    *d = s.max(0.0) * scale * scale;
+                                }
                             }
                         }
                         Err(e) => {
@@ -312,10 +352,11 @@ fn run_grid(
         }
     });
     drop(slots);
+    drop(var_slots);
     if let Some(e) = first_error.into_inner().expect("error slot") {
         return Err(e);
     }
-    Ok(out)
+    Ok((out, want_var.then_some(var_out)))
 }
 
 /// Flip every `h`×`w` plane of `data` left-right and/or up-down (its own
@@ -342,27 +383,53 @@ fn flip_planes(data: &[f32], h: usize, w: usize, lr: bool, ud: bool) -> Vec<f32>
 
 /// One batch through the backend, with test-time augmentation when `tta`
 /// is 4: the mean of the outputs for the input as is and flipped left-right,
-/// up-down and both (each output flipped back first).
-fn infer_tta(backend: &dyn Backend, input: &[f32], b: usize, c: usize, h: usize, w: usize, tta: usize) -> Result<Vec<f32>, String> {
+/// up-down and both (each output flipped back first). With `want_var` the
+/// network's variance output too, averaged over the same passes (the mean
+/// variance of the four estimates).
+#[allow(clippy::too_many_arguments)]
+fn infer_tta(
+    backend: &dyn Backend,
+    input: &[f32],
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    tta: usize,
+    want_var: bool,
+) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
     let check = |y: Vec<f32>| -> Result<Vec<f32>, String> {
         if y.len() != b * h * w {
             return Err(format!("model returned {} values for a batch of {b} slices of {h}x{w}; expected {}", y.len(), b * h * w));
         }
         Ok(y)
     };
-    let mut acc = check(backend.infer(input, b, c, h, w)?)?;
+    let one = |x: &[f32]| -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
+        if !want_var {
+            return Ok((check(backend.infer(x, b, c, h, w)?)?, None));
+        }
+        match backend.infer_with_variance(x, b, c, h, w)? {
+            (y, Some(v)) => Ok((check(y)?, Some(check(v)?))),
+            (_, None) => Err("the model package names a variance output (io.variance) and this engine returned none".into()),
+        }
+    };
+    let (mut acc, mut acc_var) = one(input)?;
     if tta <= 1 {
-        return Ok(acc);
+        return Ok((acc, acc_var));
     }
     for (lr, ud) in [(true, false), (false, true), (true, true)] {
-        let y = check(backend.infer(&flip_planes(input, h, w, lr, ud), b, c, h, w)?)?;
+        let (y, var) = one(&flip_planes(input, h, w, lr, ud))?;
         for (a, v) in acc.iter_mut().zip(flip_planes(&y, h, w, lr, ud)) {
             *a += v;
         }
+        if let (Some(acc_var), Some(var)) = (acc_var.as_mut(), var) {
+            for (a, v) in acc_var.iter_mut().zip(flip_planes(&var, h, w, lr, ud)) {
+                *a += v;
+            }
+        }
     }
     let k = 1.0 / 4.0;
-    acc.iter_mut().for_each(|a| *a *= k);
-    Ok(acc)
+    acc.iter_mut().chain(acc_var.iter_mut().flatten()).for_each(|a| *a *= k);
+    Ok((acc, acc_var))
 }
 
 #[cfg(test)]
@@ -421,9 +488,9 @@ mod tests {
         assert_eq!(flip_planes(&input, h, w, true, false), vec![20.0, 10.0, 0.0, 50.0, 40.0, 30.0]);
         assert_eq!(flip_planes(&input, h, w, false, true), vec![30.0, 40.0, 50.0, 0.0, 10.0, 20.0]);
         // off: the ramp as is; on: x and (w-1-x) averaged to (w-1)/2 = 1
-        let off = infer_tta(&Ramp, &input, 1, 1, h, w, 1).unwrap();
+        let off = infer_tta(&Ramp, &input, 1, 1, h, w, 1, false).unwrap().0;
         assert_eq!(off, vec![0.0, 11.0, 22.0, 30.0, 41.0, 52.0]);
-        let on = infer_tta(&Ramp, &input, 1, 1, h, w, 4).unwrap();
+        let on = infer_tta(&Ramp, &input, 1, 1, h, w, 4, false).unwrap().0;
         for (o, i) in on.iter().zip(&input) {
             assert!((o - (i + 1.0)).abs() < 1e-5, "{on:?}");
         }
@@ -435,6 +502,59 @@ mod tests {
         for (a, b) in r.data.iter().zip(&v.data) {
             assert!((a - b).abs() < 1e-3 * b.abs().max(1.0), "an equivariant backend is unchanged by TTA");
         }
+    }
+
+    /// The centre channel, and as variance (column + 1): not flip-equivariant.
+    struct CentreVar;
+    impl Backend for CentreVar {
+        fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+            Centre.infer(input, b, c, h, w)
+        }
+        fn infer_with_variance(
+            &self,
+            input: &[f32],
+            b: usize,
+            c: usize,
+            h: usize,
+            w: usize,
+        ) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
+            let var = (0..b * h * w).map(|k| (k % w) as f32 + 1.0).collect();
+            Ok((Centre.infer(input, b, c, h, w)?, Some(var)))
+        }
+    }
+
+    #[test]
+    fn the_variance_output_comes_back_in_bq2_averaged_over_the_flips() {
+        let v = vol();
+        let mut pkg = pkg();
+        pkg.io.variance = Some("variance".into());
+        let scale = body_scale(&v, pkg.normalisation.threshold_fraction).unwrap();
+        // the network runs on the padded plane: its columns are those of the padded width
+        let wp = v.nx.div_ceil(pkg.io.pad_multiple) * pkg.io.pad_multiple;
+        for tta in [1, 4] {
+            pkg.io.tta = tta;
+            let (r, var) = restore_volume_with_variance(&v, &pkg, &CentreVar, 2).unwrap();
+            let var = var.expect("a package with io.variance gets its variance");
+            for (a, b) in r.data.iter().zip(&v.data) {
+                assert!((a - b).abs() < 1e-3 * b.abs().max(1.0));
+            }
+            for (k, got) in var.data.iter().enumerate() {
+                let x = k % v.nx;
+                // flipped left-right, column x reads column wp-1-x of the network's output
+                let want = if tta == 1 { (x + 1) as f32 } else { ((x + 1) as f32 + (wp - x) as f32) / 2.0 };
+                assert!(
+                    (got - want * scale * scale).abs() <= 1e-4 * want * scale * scale,
+                    "tta {tta}, voxel {k}: {got} vs {}",
+                    want * scale * scale
+                );
+            }
+        }
+        // without the package asking, none is computed; an engine that cannot give it is refused
+        pkg.io.variance = None;
+        assert!(restore_volume_with_variance(&v, &pkg, &CentreVar, 2).unwrap().1.is_none());
+        pkg.io.variance = Some("variance".into());
+        let err = restore_volume_with_variance(&v, &pkg, &Centre, 2).unwrap_err();
+        assert!(err.contains("io.variance"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use ort::session::Session;
 use ort::value::TensorRef;
 
 use super::model::ModelPackage;
-use super::neural::{Backend, restore_volume, smoke_test};
+use super::neural::{Backend, restore_volume, restore_volume_with_variance, smoke_test};
 use super::{Engine, EngineError, Volume};
 
 /// ONNX Runtime settings (from `[restore]`).
@@ -170,6 +170,16 @@ impl Backend for OrtEngine {
         let (_, data) = out.try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
         Ok(data.to_vec())
     }
+    fn infer_with_variance(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
+        let tensor = TensorRef::from_array_view(([b, c, h, w], input)).map_err(|e| e.to_string())?;
+        let mut session = self.session.lock().map_err(|_| "session lock poisoned".to_string())?;
+        let outputs = session.run(ort::inputs![self.pkg.io.input.as_str() => tensor]).map_err(|e| e.to_string())?;
+        let take = |name: &str| -> Result<Vec<f32>, String> {
+            let out = outputs.get(name).ok_or_else(|| format!("model has no output {name:?}"))?;
+            Ok(out.try_extract_tensor::<f32>().map_err(|e| e.to_string())?.1.to_vec())
+        };
+        Ok((take(&self.pkg.io.output)?, self.pkg.io.variance.as_deref().map(take).transpose()?))
+    }
 }
 
 impl Engine for OrtEngine {
@@ -197,5 +207,8 @@ impl Engine for OrtEngine {
     fn run(&self, input: &Volume) -> Result<Volume, EngineError> {
         // one session, ONNX Runtime parallelises inside each call
         restore_volume(input, &self.pkg, self, 1).map_err(|reason| EngineError::Failed { engine: "ort".into(), reason })
+    }
+    fn run_with_variance(&self, input: &Volume) -> Result<(Volume, Option<Volume>), EngineError> {
+        restore_volume_with_variance(input, &self.pkg, self, 1).map_err(|reason| EngineError::Failed { engine: "ort".into(), reason })
     }
 }

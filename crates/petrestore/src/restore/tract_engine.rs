@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
 
 use super::model::ModelPackage;
-use super::neural::{Backend, restore_volume, smoke_test};
+use super::neural::{Backend, restore_volume, restore_volume_with_variance, smoke_test};
 use super::{Engine, EngineError, Volume};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -62,6 +62,16 @@ impl Backend for TractEngine {
         let view = out[0].to_plain_array_view::<f32>().map_err(|e| e.to_string())?;
         Ok(view.iter().copied().collect())
     }
+    fn infer_with_variance(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
+        let plan = self.plan(b, c, h, w).map_err(|e| format!("cannot prepare the model for {b}x{c}x{h}x{w}: {e:#}"))?;
+        let tensor = Tensor::from_shape(&[b, c, h, w], input).map_err(|e| e.to_string())?;
+        let out = plan.run(tvec!(tensor.into())).map_err(|e| format!("{e:#}"))?;
+        let take = |k: usize| -> Result<Vec<f32>, String> {
+            Ok(out[k].to_plain_array_view::<f32>().map_err(|e| e.to_string())?.iter().copied().collect())
+        };
+        // outputs in the graph's order: `io.output`, then `io.variance` (checked at load)
+        Ok((take(0)?, if self.pkg.io.variance.is_some() && out.len() > 1 { Some(take(1)?) } else { None }))
+    }
 }
 
 impl Engine for TractEngine {
@@ -85,5 +95,8 @@ impl Engine for TractEngine {
     }
     fn run(&self, input: &Volume) -> Result<Volume, EngineError> {
         restore_volume(input, &self.pkg, self, self.workers).map_err(err)
+    }
+    fn run_with_variance(&self, input: &Volume) -> Result<(Volume, Option<Volume>), EngineError> {
+        restore_volume_with_variance(input, &self.pkg, self, self.workers).map_err(err)
     }
 }

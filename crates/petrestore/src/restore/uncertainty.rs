@@ -74,6 +74,10 @@ pub struct Calibration {
     /// c₀, then one cⱼ per descriptor: σ² ·= exp(c₀ + Σ cⱼ·tⱼ).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub descriptor_coef: Vec<f64>,
+    /// Weight of the network's own variance output (`io.variance`, a σ
+    /// head trained by likelihood) per class; empty: the package has none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub head: Vec<f64>,
     /// A site's own factor on σ per class ([`SiteCalibration`]), set from
     /// the configuration, never from the package; empty: none.
     #[serde(skip)]
@@ -96,6 +100,8 @@ pub enum UncertaintyError {
     NotShort(f64),
     #[error("{0}")]
     Calibration(String),
+    #[error("the model's σ comes from its variance output, which the engine did not return")]
+    NoVariance,
 }
 
 impl Calibration {
@@ -124,8 +130,21 @@ impl Calibration {
                 return Err(format!("uncertainty.{key} must be 0 or more, is {v:?}"));
             }
         }
-        if self.noise.iter().zip(&self.texture).any(|(a, b)| a + b <= 0.0) {
-            return Err("uncertainty: every class needs a positive noise or texture weight".into());
+        if !self.head.is_empty() {
+            if self.head.len() != self.class_edges.len() + 1 {
+                return Err(format!(
+                    "uncertainty.head needs {} values (one per class, class_edges.len() + 1), has {}",
+                    self.class_edges.len() + 1,
+                    self.head.len()
+                ));
+            }
+            if self.head.iter().any(|s| !(s.is_finite() && *s >= 0.0)) {
+                return Err(format!("uncertainty.head must be 0 or more, is {:?}", self.head));
+            }
+        }
+        let head = |c: usize| self.head.get(c).copied().unwrap_or(0.0);
+        if self.noise.iter().zip(&self.texture).enumerate().any(|(c, (a, b))| a + b + head(c) <= 0.0) {
+            return Err("uncertainty: every class needs a positive noise, texture or head weight".into());
         }
         if let Some(d) = self.descriptors.iter().find(|d| !super::texture::KNOWN.contains(&d.as_str())) {
             return Err(format!("uncertainty.descriptors: {d:?} is unknown (this build knows {:?})", super::texture::KNOWN));
@@ -161,19 +180,37 @@ impl Calibration {
         Ok(log_frame_scale(&self.descriptor_coef, &t.iter().map(|v| *v as f64).collect::<Vec<_>>()).exp())
     }
 
-    /// σ for `restored` from `input` (the short frame, its duration set).
-    pub fn sigma(&self, input: &Volume, restored: &Volume) -> Result<Volume, UncertaintyError> {
-        let Terms { noise, texture } = terms(input, restored, self.window_mm, self.texture_mm)?;
+    /// Does σ need the network's variance output (`io.variance`)?
+    pub fn uses_variance(&self) -> bool {
+        self.head.iter().any(|h| *h > 0.0)
+    }
+
+    /// σ for `restored` from `input` (the short frame, its duration set)
+    /// and, for a calibration with head weights, the variance the network
+    /// returned with it (Bq²/ml², same shape).
+    pub fn sigma(&self, input: &Volume, restored: &Volume, variance: Option<&Volume>) -> Result<Volume, UncertaintyError> {
+        let n = input.data.len();
+        let variance = match (self.uses_variance(), variance) {
+            (false, _) => None,
+            (true, None) => return Err(UncertaintyError::NoVariance),
+            (true, Some(v)) if v.data.len() != n => return Err(UncertaintyError::Shape),
+            (true, Some(v)) => Some(&v.data),
+        };
+        let analytic = self.noise.iter().chain(&self.texture).any(|w| *w > 0.0);
+        let Terms { noise, texture } = if analytic {
+            terms(input, restored, self.window_mm, self.texture_mm)?
+        } else {
+            weight(input, restored)?;
+            Terms { noise: vec![0.0; n], texture: vec![0.0; n] }
+        };
         let class = classes(restored, &self.class_edges);
         let f = self.frame_scale(input)? as f32;
-        let data = noise
-            .iter()
-            .zip(&texture)
-            .zip(&class)
-            .map(|((n, t), c)| {
-                let c = *c as usize;
+        let data = (0..n)
+            .map(|i| {
+                let c = class[i] as usize;
                 let site = self.site_scale.get(c).copied().unwrap_or(1.0) as f32;
-                site * (f * (self.noise[c] as f32 * n + self.texture[c] as f32 * t)).sqrt()
+                let head = variance.map_or(0.0, |v| self.head[c] as f32 * v[i].max(0.0));
+                site * (f * (self.noise[c] as f32 * noise[i] + self.texture[c] as f32 * texture[i] + head)).sqrt()
             })
             .collect();
         Ok(Volume { data, ..input.clone_shape() })
@@ -495,6 +532,7 @@ mod tests {
             fitted_on: String::new(),
             descriptors: Vec::new(),
             descriptor_coef: Vec::new(),
+            head: Vec::new(),
             site_scale: Vec::new(),
         }
     }
@@ -519,9 +557,53 @@ mod tests {
         cal.noise.pop();
         assert!(cal.check().unwrap_err().to_string().contains("needs 4 values"));
         cal.noise = vec![1.0, 0.0, 1.0, 1.0];
-        assert!(cal.check().unwrap_err().to_string().contains("positive noise or texture"));
+        assert!(cal.check().unwrap_err().to_string().contains("positive noise, texture or head"));
+        // a head weight alone carries a class
+        cal.head = vec![1.0; 4];
+        assert!(cal.check().is_ok() && cal.uses_variance());
+        cal.head = vec![1.0; 3];
+        assert!(cal.check().unwrap_err().to_string().contains("uncertainty.head needs 4 values"));
+        cal.head = vec![1.0, 1.0, f64::NAN, 1.0];
+        assert!(cal.check().unwrap_err().to_string().contains("uncertainty.head must be 0 or more"));
+        cal.head.clear();
         cal.texture = vec![0.0, -1.0, 0.0, 0.0];
         assert!(cal.check().is_err());
+    }
+
+    #[test]
+    fn a_head_calibration_takes_sigma_from_the_networks_variance() {
+        let n = 16;
+        let input = Volume {
+            data: (0..n * n).map(|i| if (i / n) % 15 == 0 { 0.0 } else { 100.0 + (i % 7) as f32 }).collect(),
+            nx: n,
+            ny: n,
+            nz: 1,
+            spacing: [4.0, 4.0, 4.0],
+            frame_duration_s: Some(30.0),
+        };
+        let restored = Volume { data: input.data.iter().map(|x| if *x > 0.0 { 103.0 } else { 0.0 }).collect(), ..input.clone_shape() };
+        let var = Volume { data: (0..n * n).map(|i| (i % 5) as f32 * 4.0).collect(), ..input.clone_shape() };
+        let mut cal = test_calibration(1.0);
+        cal.noise = vec![0.0; 4];
+        cal.texture = vec![0.0; 4];
+        cal.head = vec![1.0, 1.0, 2.25, 4.0];
+        assert_eq!(cal.sigma(&input, &restored, None).unwrap_err(), UncertaintyError::NoVariance);
+        let short = Volume { data: vec![0.0; 3], ..input.clone_shape() };
+        assert_eq!(cal.sigma(&input, &restored, Some(&short)).unwrap_err(), UncertaintyError::Shape);
+        let s = cal.sigma(&input, &restored, Some(&var)).unwrap();
+        let class = classes(&restored, &cal.class_edges);
+        for i in 0..n * n {
+            let want = (cal.head[class[i] as usize] as f32 * var.data[i]).sqrt();
+            assert!((s.data[i] - want).abs() <= 1e-5 * want.max(1.0), "voxel {i}: {} vs {want}", s.data[i]);
+        }
+        // a site's factor scales it as it scales the analytic σ
+        cal.site_scale = vec![2.0; 4];
+        let scaled = cal.sigma(&input, &restored, Some(&var)).unwrap();
+        assert!(scaled.data.iter().zip(&s.data).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-5 * a.max(1.0)));
+        // σ is predicted for short frames only
+        let mut long = input.clone();
+        long.frame_duration_s = Some(90.0);
+        assert_eq!(cal.sigma(&long, &restored, Some(&var)).unwrap_err(), UncertaintyError::NotShort(90.0));
     }
 
     #[test]
@@ -538,18 +620,18 @@ mod tests {
         let input = Volume { nx: n, ny: n, nz: 3, spacing: [4.0; 3], data: x.repeat(3), frame_duration_s: Some(30.0) };
         let restored = Volume { data: input.data.iter().map(|v| if *v > 0.0 { 100.0 } else { 0.0 }).collect(), ..input.clone_shape() };
         let mut cal = test_calibration(0.5);
-        let plain = cal.sigma(&input, &restored).unwrap();
+        let plain = cal.sigma(&input, &restored, None).unwrap();
         cal.descriptors = vec!["noise_px".into()];
         cal.descriptor_coef = vec![0.4, 0.5];
         let t = super::super::texture::describe(&input, &cal.descriptors, 0.05, body_mean(&input)).unwrap()[0] as f64;
         let want = ((0.4 + 0.5 * t) / 2.0).exp();
-        let scaled = cal.sigma(&input, &restored).unwrap();
+        let scaled = cal.sigma(&input, &restored, None).unwrap();
         let i = n * n + n * 16 + 16;
         assert!(plain.data[i] > 0.0);
         assert!(((scaled.data[i] / plain.data[i]) as f64 - want).abs() < 1e-4 * want, "{} vs {want}", scaled.data[i] / plain.data[i]);
         // an absurd coefficient is held: at most e^3 on σ²
         cal.descriptor_coef = vec![50.0, 0.0];
-        let held = cal.sigma(&input, &restored).unwrap();
+        let held = cal.sigma(&input, &restored, None).unwrap();
         assert!(((held.data[i] / plain.data[i]) as f64 - 1.5f64.exp()).abs() < 1e-3);
     }
 
@@ -591,7 +673,7 @@ mod tests {
         let mut scaled = cal.clone();
         scaled.site_scale = site.scale.clone();
         let x = vol((0..n * n).map(|i| 100.0 + if i % 2 == 0 { 3.0 } else { -3.0 }).collect(), n, 30.0);
-        let (a, b) = (cal.sigma(&x, &restored).unwrap(), scaled.sigma(&x, &restored).unwrap());
+        let (a, b) = (cal.sigma(&x, &restored, None).unwrap(), scaled.sigma(&x, &restored, None).unwrap());
         assert!((b.data[100] / a.data[100] - site.scale[1] as f32).abs() < 1e-5);
         // it round-trips through its file, and a damaged one is refused
         let d = tempfile::tempdir().unwrap();
