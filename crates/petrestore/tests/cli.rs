@@ -227,7 +227,17 @@ fn demo_restores_with_the_shipped_model_and_draws_the_result() {
     assert!(out.status.success(), "{}", text(&out));
     let t = text(&out);
     assert!(t.contains("restored with tract") && t.contains("petrestore-unet25d"), "{t}");
-    assert_eq!(files_under(&work.join("pacs")).len(), 12);
+    // the receiving node gets the restored series and, the model being calibrated, the σ series beside it
+    let pacs = files_under(&work.join("pacs"));
+    assert_eq!(pacs.len(), 24);
+    let sigma_files = pacs
+        .iter()
+        .filter(|f| {
+            let obj = dicom_object::open_file(f).unwrap();
+            obj.element(dicom_dictionary_std::tags::SERIES_DESCRIPTION).unwrap().to_str().unwrap().trim_end().ends_with("uncertainty 1SD")
+        })
+        .count();
+    assert_eq!(sigma_files, 12, "12 restored and 12 σ instances");
     // the table: restoration lowers the liver noise and keeps its mean
     let row = |name: &str| -> Vec<f64> {
         let line = t.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or_else(|| panic!("no {name:?} row:\n{t}"));
