@@ -592,8 +592,8 @@ mod tests {
         assert_eq!(cal.sigma(&input, &restored, Some(&short)).unwrap_err(), UncertaintyError::Shape);
         let s = cal.sigma(&input, &restored, Some(&var)).unwrap();
         let class = classes(&restored, &cal.class_edges);
-        for i in 0..n * n {
-            let want = (cal.head[class[i] as usize] as f32 * var.data[i]).sqrt();
+        for (i, c) in class.iter().enumerate() {
+            let want = (cal.head[*c as usize] as f32 * var.data[i]).sqrt();
             assert!((s.data[i] - want).abs() <= 1e-5 * want.max(1.0), "voxel {i}: {} vs {want}", s.data[i]);
         }
         // a site's factor scales it as it scales the analytic σ
