@@ -131,6 +131,21 @@ fn the_uncertainty_calibration_is_cross_validated_by_cell_and_written_with_descr
         std::fs::copy(shipped.join(f), model.join(f)).unwrap();
     }
     let m = model.display().to_string();
+    // the shipped σ comes from its σ head: writing an analytic calibration over it is refused, the package untouched
+    let o = petlab(&["calibrate", "--grid", &p("val"), "--model", &m, "--write", "--threads", "1"]);
+    assert!(!o.status.success() && text(&o).contains("uncertainty.head") && text(&o).contains("leave --write out"), "{}", text(&o));
+    assert_eq!(std::fs::read(model.join("model.toml")).unwrap(), std::fs::read(shipped.join("model.toml")).unwrap());
+    // the same network without its head's table and output name: the analytic calibration is written into it
+    let text_toml = std::fs::read_to_string(model.join("model.toml")).unwrap();
+    let without: String = text_toml
+        .split("\n[uncertainty]")
+        .next()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("variance ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(model.join("model.toml"), without).unwrap();
     let out = lab(&["calibrate", "--grid", &p("val"), "--model", &m, "--cross-validate", "--descriptors", "--write", "--threads", "1"]);
     // one row per cell left out, both forms side by side, and the worst line
     for cell in ["| c1-ref128 |", "| c6-144-nopsf |", "with descriptors", "worst body distance from nominal", "per-frame factor on σ²"] {
