@@ -39,30 +39,30 @@ CNR_WINDOW = data.NOISE_WINDOW  # pixels of the local noise estimate
 CNR_FLOOR = 1e-3  # body-mean units², PET90 noise variance: an SD of 0.03, below the quietest lung in the simulator
 
 
-def local_noise_var90(x, y, context):
-    """PET90 noise variance around each pixel: the mean of (input − clean)²
-    over a CNR_WINDOW² window (border windows averaged over what they
-    cover) times d / 90 (the w channel), floored at CNR_FLOOR."""
-    xc, w = x[:, context // 2:context // 2 + 1], x[:, context:context + 1]
+def local_power(x, y, context):
+    """Mean of (input − clean)² of the centre slice over a CNR_WINDOW² window
+    around each pixel (border windows averaged over what they cover)."""
+    xc = x[:, context // 2:context // 2 + 1]
     win, pad = (1, 1, CNR_WINDOW, CNR_WINDOW), "SAME"
     s = jax.lax.reduce_window((xc - y) ** 2, 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
     n = jax.lax.reduce_window(jnp.ones_like(y), 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
-    return jnp.maximum(s / n * w, CNR_FLOOR)
+    return s / n
+
+
+def local_noise_var90(x, y, context):
+    """PET90 noise variance around each pixel: local_power times d / 90 (the
+    w channel), floored at CNR_FLOOR."""
+    return jnp.maximum(local_power(x, y, context) * x[:, context:context + 1], CNR_FLOOR)
 
 
 CNR_FRAME_FLOOR = 0.05  # of the frame's typical local noise power
 
 
 def local_noise_rel(x, y, context, frame_var):
-    """Local noise power (as local_noise_var90, before the d / 90 scaling)
-    relative to the frame's typical one (`frame_var` [B], Study.frame_noise_var),
-    floored at CNR_FRAME_FLOOR: 1 on a typical body voxel, below 1 on quiet
-    backgrounds (lungs), above in hot organs and lesions."""
-    xc = x[:, context // 2:context // 2 + 1]
-    win, pad = (1, 1, CNR_WINDOW, CNR_WINDOW), "SAME"
-    s = jax.lax.reduce_window((xc - y) ** 2, 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
-    n = jax.lax.reduce_window(jnp.ones_like(y), 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
-    return jnp.maximum(s / n / frame_var[:, None, None, None], CNR_FRAME_FLOOR)
+    """local_power relative to the frame's typical one (`frame_var` [B],
+    Study.frame_noise_var), floored at CNR_FRAME_FLOOR: 1 on a typical body
+    voxel, below 1 on quiet backgrounds (lungs), above in hot organs and lesions."""
+    return jnp.maximum(local_power(x, y, context) / frame_var[:, None, None, None], CNR_FRAME_FLOOR)
 
 
 def lesion_cnr_sq(den, y, m, var90):

@@ -163,12 +163,7 @@ impl OrtEngine {
 
 impl Backend for OrtEngine {
     fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
-        let tensor = TensorRef::from_array_view(([b, c, h, w], input)).map_err(|e| e.to_string())?;
-        let mut session = self.session.lock().map_err(|_| "session lock poisoned".to_string())?;
-        let outputs = session.run(ort::inputs![self.pkg.io.input.as_str() => tensor]).map_err(|e| e.to_string())?;
-        let out = outputs.get(self.pkg.io.output.as_str()).ok_or_else(|| format!("model has no output {:?}", self.pkg.io.output))?;
-        let (_, data) = out.try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
-        Ok(data.to_vec())
+        self.infer_with_variance(input, b, c, h, w).map(|(y, _)| y)
     }
     fn infer_with_variance(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
         let tensor = TensorRef::from_array_view(([b, c, h, w], input)).map_err(|e| e.to_string())?;

@@ -56,11 +56,7 @@ impl TractEngine {
 
 impl Backend for TractEngine {
     fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
-        let plan = self.plan(b, c, h, w).map_err(|e| format!("cannot prepare the model for {b}x{c}x{h}x{w}: {e:#}"))?;
-        let tensor = Tensor::from_shape(&[b, c, h, w], input).map_err(|e| e.to_string())?;
-        let out = plan.run(tvec!(tensor.into())).map_err(|e| format!("{e:#}"))?;
-        let view = out[0].to_plain_array_view::<f32>().map_err(|e| e.to_string())?;
-        Ok(view.iter().copied().collect())
+        self.infer_with_variance(input, b, c, h, w).map(|(y, _)| y)
     }
     fn infer_with_variance(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
         let plan = self.plan(b, c, h, w).map_err(|e| format!("cannot prepare the model for {b}x{c}x{h}x{w}: {e:#}"))?;
