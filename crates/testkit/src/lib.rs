@@ -730,18 +730,33 @@ impl Tmpfs {
     }
 
     /// Fill the filesystem with one file until `leave` bytes stay free;
-    /// returns the file (remove it to give the space back).
+    /// returns the file (remove it to give the space back). A daemon may be
+    /// writing to the same filesystem meanwhile (its journal grows): free
+    /// space is measured again for every chunk, a write that meets a full
+    /// disk ends the filling, and the file is cut back until `leave` bytes
+    /// are free again.
     pub fn fill_leaving(&self, leave: u64) -> PathBuf {
         let free = petrestore::spool::free_bytes(&self.dir).unwrap();
         assert!(free > leave, "only {free} bytes free, cannot leave {leave}");
         let path = self.dir.join("filler");
         let mut f = std::fs::File::create(&path).unwrap();
         let chunk = vec![0u8; 1 << 16];
-        let mut left = free - leave;
-        while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
-            std::io::Write::write_all(&mut f, &chunk[..n]).unwrap();
-            left -= n as u64;
+        loop {
+            let free = petrestore::spool::free_bytes(&self.dir).unwrap();
+            if free <= leave {
+                break;
+            }
+            let n = (free - leave).min(chunk.len() as u64) as usize;
+            match std::io::Write::write_all(&mut f, &chunk[..n]) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        let free = petrestore::spool::free_bytes(&self.dir).unwrap();
+        if free < leave {
+            let len = f.metadata().unwrap().len();
+            f.set_len(len.saturating_sub(leave - free)).unwrap();
         }
         f.sync_all().unwrap();
         path
