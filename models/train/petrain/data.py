@@ -133,6 +133,28 @@ class Study:
             self._texture[d] = texture(self.a[PLANE[d]])
         return self._texture[d]
 
+    def lesion_departure(self, d):
+        """Per lesion of the study: its mean over the lesion's own voxels in
+        the d-second frame ÷ the same mean in the noise-free reconstruction,
+        minus 1 (how far the frame's noise moves that lesion's SUVmean)."""
+        key = ("departure", d)
+        if key not in self._texture:
+            s, n, _ = self.a.shape[1:]
+            px, dz = self.meta["pixel_mm"], self.meta["slice_thickness_mm"]
+            out = []
+            for l in self.meta["lesions"]:
+                r = l["diameter_mm"] / 2
+                z0, z1 = max(0, int(l["slice"] - r / dz) - 1), min(s, int(l["slice"] + r / dz) + 2)
+                y0, y1 = max(0, int(l["row"] - r / px) - 1), min(n, int(l["row"] + r / px) + 2)
+                x0, x1 = max(0, int(l["col"] - r / px) - 1), min(n, int(l["col"] + r / px) + 2)
+                zz, yy, xx = np.meshgrid(np.arange(z0, z1) * dz, np.arange(y0, y1) * px, np.arange(x0, x1) * px, indexing="ij")
+                m = (zz - l["slice"] * dz) ** 2 + (yy - l["row"] * px) ** 2 + (xx - l["col"] * px) ** 2 <= r * r
+                box = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
+                clean = float(self.a[CLEAN][box][m].mean()) if m.any() else 0.0
+                out.append(float(self.a[PLANE[d]][box][m].mean()) / clean - 1.0 if clean > 0 else 0.0)
+            self._texture[key] = out
+        return self._texture[key]
+
     def frame_noise_var(self, d):
         """The frame's typical local noise power: the median over body voxels
         (clean > 5 % of its maximum) of (frame − clean)², normalised, averaged
@@ -169,11 +191,24 @@ class Sampler:
     """Random 2.5D patches. Half the patches are centred near a lesion
     (lesion-aware sampling: small lesions are rare voxels, and the loss
     would otherwise learn to flatten them); the rest at random body voxels.
-    Augmentation: flips, transpose, reversed slice order."""
+    Augmentation: flips, transpose, reversed slice order.
 
-    def __init__(self, studies, patch, rng, lesion_fraction=0.5, context=CONTEXT, textured=False, noisy_weight=0.0):
+    departing q (with threshold t): a share q of the lesion patches is drawn
+    from the (study, duration, lesion) triples whose short frame moves the
+    lesion's mean by at least t from the noise-free one, either way
+    (Study.lesion_departure): at low counts a frame's noise inside a small
+    lesion reads as structure, and these cases are otherwise rare."""
+
+    def __init__(self, studies, patch, rng, lesion_fraction=0.5, context=CONTEXT, textured=False, noisy_weight=0.0,
+                 departing=0.0, departing_threshold=0.15):
         self.studies, self.patch, self.rng, self.lf, self.context = studies, patch, rng, lesion_fraction, context
         self.textured = textured
+        self.dq, self.departing = departing, []
+        if departing:
+            self.departing = [(i, d, j) for i, st in enumerate(studies) for d in DURATIONS
+                              for j, dep in enumerate(st.lesion_departure(d)) if abs(dep) >= departing_threshold]
+            if not self.departing:
+                raise ValueError(f"no lesion of the training studies departs by {departing_threshold:.0%} in a short frame")
         # noisy_weight k: a study is drawn with probability ∝ exp(k · noise_px)
         # of its 30 s frame (noisier reconstructions more often); 0: uniform
         self.p = None
@@ -187,12 +222,19 @@ class Sampler:
         P, rng = self.patch, self.rng
         xs, ys, ms, p90, fv = [], [], [], [], []
         for _ in range(b):
-            st = self.studies[rng.choice(len(self.studies), p=self.p) if self.p is not None else rng.integers(len(self.studies))]
+            l = None
+            if self.departing and rng.random() < self.lf * self.dq:
+                i, d, j = self.departing[rng.integers(len(self.departing))]
+                st = self.studies[i]
+                l = st.meta["lesions"][j]
+            else:
+                st = self.studies[rng.choice(len(self.studies), p=self.p) if self.p is not None else rng.integers(len(self.studies))]
+                d = DURATIONS[rng.integers(len(DURATIONS))]
+                les = st.meta["lesions"]
+                if les and rng.random() < self.lf:
+                    l = les[rng.integers(len(les))]
             s, n = st.a.shape[1], st.a.shape[2]
-            d = DURATIONS[rng.integers(len(DURATIONS))]
-            les = st.meta["lesions"]
-            if les and rng.random() < self.lf:
-                l = les[rng.integers(len(les))]
+            if l is not None:
                 k = int(np.clip(round(l["slice"] + rng.normal(0, l["diameter_mm"] / 2 / st.meta["slice_thickness_mm"] / 2)), 0, s - 1))
                 cy, cx = l["row"] + rng.integers(-P // 3, P // 3 + 1), l["col"] + rng.integers(-P // 3, P // 3 + 1)
             else:

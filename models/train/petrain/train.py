@@ -88,12 +88,14 @@ def load_params(path):
 
 # what must match between a run and its resumption (the rest, e.g. --eval-every, may differ)
 RESUME_ARGS = ("train", "val", "width", "context", "levels", "patch", "batch", "lr", "steps", "lesion_weight", "lesion_fraction", "seed", "limit", "warmup",
-               "lesion_mean_weight", "lesion_relative_weight", "lesion_cnr_weight", "lesion_cnr_frame", "noisy_weight", "texture", "select")
+               "lesion_mean_weight", "lesion_relative_weight", "lesion_cnr_weight", "lesion_cnr_frame", "noisy_weight", "texture", "select",
+               "departing_lesions", "departing_threshold")
 
 
 # what a checkpoint written before an argument existed ran with
 RESUME_DEFAULTS = {"lesion_mean_weight": 0.0, "lesion_relative_weight": 0.0, "lesion_cnr_weight": 0.0, "lesion_cnr_frame": False,
-                   "noisy_weight": 0.0, "texture": False, "select": "loss"}
+                   "noisy_weight": 0.0, "texture": False, "select": "loss",
+                   "departing_lesions": 0.0, "departing_threshold": 0.15}
 
 
 def save_checkpoint(a, p, st, step, best, history, minutes, rng):
@@ -198,6 +200,10 @@ def main(argv=None):
                          "(every reconstruction weighs alike; within a frame, quiet backgrounds weigh more)")
     ap.add_argument("--noisy-weight", type=float, default=0.0,
                     help="draw training studies with probability ∝ exp(k · noise_px of the 30 s frame): noisier reconstructions more often")
+    ap.add_argument("--departing-lesions", type=float, default=0.0,
+                    help="share of the lesion patches drawn from lesions whose short frame moves their mean by at least "
+                         "--departing-threshold from the noise-free one (either way)")
+    ap.add_argument("--departing-threshold", type=float, default=0.15)
     ap.add_argument("--texture", action="store_true",
                     help="give the network the frame's texture descriptors (data.TEXTURE) as inputs; --init weights without them get zero texture weights")
     ap.add_argument("--select", choices=["loss", "seed_mse"], default="loss",
@@ -226,7 +232,11 @@ def main(argv=None):
             raise SystemExit(f"{st.path} is a test study: the test split is never trained on")
     print(f"{len(train)} training and {len(val)} validation studies loaded in {time.time() - t0:.1f} s", flush=True)
     rng = np.random.default_rng(a.seed)
-    sampler = data.Sampler(train, a.patch, rng, a.lesion_fraction, a.context, a.texture, a.noisy_weight)
+    sampler = data.Sampler(train, a.patch, rng, a.lesion_fraction, a.context, a.texture, a.noisy_weight,
+                           a.departing_lesions, a.departing_threshold)
+    if a.departing_lesions:
+        print(f"{len(sampler.departing)} (study, duration, lesion) cases depart by ≥ {a.departing_threshold:.0%}: "
+              f"{a.lesion_fraction * a.departing_lesions:.0%} of the patches", flush=True)
     # Validation slices grouped by matrix (a site-matrix grid mixes 128² to
     # 300²): one stack per shape, metrics pooled over all of them.
     vgroups = []
