@@ -60,11 +60,17 @@ fn assert_parity(pkg_dir: &Path) {
     let variance = pkg.io.variance.is_some();
     let expected_var = variance.then(|| read_npy_f32(&pkg_dir.join("parity/expected_variance.npy")).unwrap().1);
     let ort = OrtEngine::new(pkg, &o).unwrap();
+    assert_eq!(ort.skips_head_for_r_alone(), variance, "ONNX Runtime runs R alone on a graph without the σ head");
     for (name, backend) in [("tract", &tract as &dyn Backend), ("ort", &ort as &dyn Backend)] {
         let (y, var) = backend.infer_with_variance(&input, b, c, h, w).unwrap();
         assert_eq!(y.len(), expected.len());
         let worst = y.iter().zip(&expected).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
         assert!(worst <= 1e-4 * span, "{name} differs from the trainer by {worst} (range {span})");
+        // R alone (test-time augmentation's flipped passes; ONNX Runtime runs
+        // them on the graph cut to R's output): the same values
+        let plain = backend.infer(&input, b, c, h, w).unwrap();
+        let worst = plain.iter().zip(&expected).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4 * span, "{name}, R alone, differs from the trainer by {worst} (range {span})");
         // the σ head's output, where the package has one: the same from both engines and the trainer
         assert_eq!(var.is_some(), variance, "{name}: variance output present {}, package names one {variance}", var.is_some());
         if let (Some(var), Some(want)) = (var, &expected_var) {

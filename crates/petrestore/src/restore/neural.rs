@@ -384,8 +384,9 @@ fn flip_planes(data: &[f32], h: usize, w: usize, lr: bool, ud: bool) -> Vec<f32>
 /// One batch through the backend, with test-time augmentation when `tta`
 /// is 4: the mean of the outputs for the input as is and flipped left-right,
 /// up-down and both (each output flipped back first). With `want_var` the
-/// network's variance output too, averaged over the same passes (the mean
-/// variance of the four estimates).
+/// network's variance output too, from the un-flipped pass alone: the pass
+/// its head was trained on, and the flipped passes need not compute it (the
+/// ONNX Runtime engine runs them on a graph without the head).
 #[allow(clippy::too_many_arguments)]
 fn infer_tta(
     backend: &dyn Backend,
@@ -403,33 +404,25 @@ fn infer_tta(
         }
         Ok(y)
     };
-    let one = |x: &[f32]| -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
-        if !want_var {
-            return Ok((check(backend.infer(x, b, c, h, w)?)?, None));
+    let (mut acc, var) = if want_var {
+        match backend.infer_with_variance(input, b, c, h, w)? {
+            (y, Some(v)) => (check(y)?, Some(check(v)?)),
+            (_, None) => return Err("the model package names a variance output (io.variance) and this engine returned none".into()),
         }
-        match backend.infer_with_variance(x, b, c, h, w)? {
-            (y, Some(v)) => Ok((check(y)?, Some(check(v)?))),
-            (_, None) => Err("the model package names a variance output (io.variance) and this engine returned none".into()),
-        }
+    } else {
+        (check(backend.infer(input, b, c, h, w)?)?, None)
     };
-    let (mut acc, mut acc_var) = one(input)?;
     if tta <= 1 {
-        return Ok((acc, acc_var));
+        return Ok((acc, var));
     }
     for (lr, ud) in [(true, false), (false, true), (true, true)] {
-        let (y, var) = one(&flip_planes(input, h, w, lr, ud))?;
+        let y = check(backend.infer(&flip_planes(input, h, w, lr, ud), b, c, h, w)?)?;
         for (a, v) in acc.iter_mut().zip(flip_planes(&y, h, w, lr, ud)) {
             *a += v;
         }
-        if let (Some(acc_var), Some(var)) = (acc_var.as_mut(), var) {
-            for (a, v) in acc_var.iter_mut().zip(flip_planes(&var, h, w, lr, ud)) {
-                *a += v;
-            }
-        }
     }
-    let k = 1.0 / 4.0;
-    acc.iter_mut().chain(acc_var.iter_mut().flatten()).for_each(|a| *a *= k);
-    Ok((acc, acc_var))
+    acc.iter_mut().for_each(|a| *a *= 1.0 / 4.0);
+    Ok((acc, var))
 }
 
 #[cfg(test)]
@@ -505,9 +498,15 @@ mod tests {
     }
 
     /// The centre channel, and as variance (column + 1): not flip-equivariant.
-    struct CentreVar;
+    /// Counts the runs with and without the variance.
+    #[derive(Default)]
+    struct CentreVar {
+        plain: std::sync::atomic::AtomicUsize,
+        with_var: std::sync::atomic::AtomicUsize,
+    }
     impl Backend for CentreVar {
         fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+            self.plain.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Centre.infer(input, b, c, h, w)
         }
         fn infer_with_variance(
@@ -518,30 +517,34 @@ mod tests {
             h: usize,
             w: usize,
         ) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
+            self.with_var.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let var = (0..b * h * w).map(|k| (k % w) as f32 + 1.0).collect();
             Ok((Centre.infer(input, b, c, h, w)?, Some(var)))
         }
     }
 
     #[test]
-    fn the_variance_output_comes_back_in_bq2_averaged_over_the_flips() {
+    fn the_variance_output_comes_back_in_bq2_from_the_unflipped_pass() {
+        use std::sync::atomic::Ordering::Relaxed;
         let v = vol();
         let mut pkg = pkg();
         pkg.io.variance = Some("variance".into());
         let scale = body_scale(&v, pkg.normalisation.threshold_fraction).unwrap();
-        // the network runs on the padded plane: its columns are those of the padded width
-        let wp = v.nx.div_ceil(pkg.io.pad_multiple) * pkg.io.pad_multiple;
         for tta in [1, 4] {
             pkg.io.tta = tta;
-            let (r, var) = restore_volume_with_variance(&v, &pkg, &CentreVar, 2).unwrap();
+            let backend = CentreVar::default();
+            let (r, var) = restore_volume_with_variance(&v, &pkg, &backend, 2).unwrap();
             let var = var.expect("a package with io.variance gets its variance");
             for (a, b) in r.data.iter().zip(&v.data) {
                 assert!((a - b).abs() < 1e-3 * b.abs().max(1.0));
             }
+            // one run with the variance per batch; the flipped passes without it
+            let (with_var, plain) = (backend.with_var.load(Relaxed), backend.plain.load(Relaxed));
+            assert!(with_var > 0, "tta {tta}");
+            assert_eq!(plain, (tta - 1) * with_var, "tta {tta}");
+            // the un-flipped pass's variance, column x of the network's output
             for (k, got) in var.data.iter().enumerate() {
-                let x = k % v.nx;
-                // flipped left-right, column x reads column wp-1-x of the network's output
-                let want = if tta == 1 { (x + 1) as f32 } else { ((x + 1) as f32 + (wp - x) as f32) / 2.0 };
+                let want = ((k % v.nx) + 1) as f32;
                 assert!(
                     (got - want * scale * scale).abs() <= 1e-4 * want * scale * scale,
                     "tta {tta}, voxel {k}: {got} vs {}",
@@ -551,7 +554,7 @@ mod tests {
         }
         // without the package asking, none is computed; an engine that cannot give it is refused
         pkg.io.variance = None;
-        assert!(restore_volume_with_variance(&v, &pkg, &CentreVar, 2).unwrap().1.is_none());
+        assert!(restore_volume_with_variance(&v, &pkg, &CentreVar::default(), 2).unwrap().1.is_none());
         pkg.io.variance = Some("variance".into());
         let err = restore_volume_with_variance(&v, &pkg, &Centre, 2).unwrap_err();
         assert!(err.contains("io.variance"), "{err}");
