@@ -106,6 +106,9 @@ enum Command {
     /// the validation grid and, with --write, store it in the package's
     /// model.toml (`[uncertainty]`; the ONNX file and its checksum are not
     /// touched). Prints the fitted scales and the 95 % coverage they give.
+    /// A package whose σ comes from its σ head (`uncertainty.head`) is
+    /// calibrated on the head's variance: per class a weight on it, and
+    /// with --descriptors the per-frame factor on top.
     Calibrate {
         /// The validation grid (`petlab dataset --split val --site all`).
         #[arg(long)]
@@ -341,20 +344,33 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Calibrate { grid, model, engine, ort_library, window_mm, texture_mm, descriptors, cross_validate, write, threads } => {
+            // a package whose σ comes from its σ head is calibrated on the head's variance
+            let current = petrestore::restore::model::ModelPackage::load(&model)?.uncertainty;
+            let head = current.as_ref().is_some_and(|u| u.uses_variance());
             let e = petrestore::eval::engine(&model, &engine, ort_library, threads)?;
-            let frames = uncertainty::frames(&grid, e.as_ref(), window_mm, texture_mm).map_err(anyhow::Error::msg)?;
+            let frames = uncertainty::frames(&grid, e.as_ref(), window_mm, texture_mm, head).map_err(anyhow::Error::msg)?;
             if cross_validate {
-                println!("{}", uncertainty::cross_validate(&frames, window_mm, texture_mm).map_err(anyhow::Error::msg)?);
+                let current = current.as_ref().filter(|_| head);
+                println!("{}", uncertainty::cross_validate(&frames, window_mm, texture_mm, current).map_err(anyhow::Error::msg)?);
             }
             let (cal, report) = uncertainty::fit(&grid, &frames, window_mm, texture_mm, descriptors).map_err(anyhow::Error::msg)?;
-            println!("| class (R ÷ body mean) | voxels | noise weight | texture weight | 95 % coverage with them |\n|---|---|---|---|---|");
-            for row in report["classes"].as_array().into_iter().flatten() {
+            if head {
+                println!("| class (R ÷ body mean) | voxels | weight on the σ head's variance | 95 % coverage with it |\n|---|---|---|---|");
+            } else {
                 println!(
-                    "| {} | {} | {:.3} | {:.3} | {:.1} % |",
+                    "| class (R ÷ body mean) | voxels | noise weight | texture weight | 95 % coverage with them |\n|---|---|---|---|---|"
+                );
+            }
+            for (k, row) in report["classes"].as_array().into_iter().flatten().enumerate() {
+                let weights = if head {
+                    format!("{:.3}", cal.head[k])
+                } else {
+                    format!("{:.3} | {:.3}", row["noise"].as_f64().unwrap_or(f64::NAN), row["texture"].as_f64().unwrap_or(f64::NAN))
+                };
+                println!(
+                    "| {} | {} | {weights} | {:.1} % |",
                     row["class"].as_str().unwrap_or("?"),
                     row["voxels"],
-                    row["noise"].as_f64().unwrap_or(f64::NAN),
-                    row["texture"].as_f64().unwrap_or(f64::NAN),
                     row["cov95_after"].as_f64().unwrap_or(f64::NAN)
                 );
             }
@@ -362,13 +378,6 @@ fn run(cli: Cli) -> Result<()> {
                 println!("\nper-frame factor on σ²: exp({:?} · [1, {}])", cal.descriptor_coef, cal.descriptors.join(", "));
             }
             if write {
-                if petrestore::restore::model::ModelPackage::load(&model)?.uncertainty.is_some_and(|u| u.uses_variance()) {
-                    anyhow::bail!(
-                        "{}: its σ comes from the network's variance output (uncertainty.head); calibrate fits the analytic \
-                         terms only and would drop it: leave --write out, or write into a package without a σ head",
-                        model.display()
-                    );
-                }
                 let path = model.join("model.toml");
                 let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
                 std::fs::write(&path, uncertainty::with_calibration(&text, &cal))

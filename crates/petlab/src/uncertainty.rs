@@ -143,13 +143,17 @@ pub struct Frame {
     /// Its texture descriptors, in the order of `restore::texture::KNOWN`.
     pub descriptors: Vec<f64>,
     /// Per intensity class of R: (e², noise term, texture term, tissue) of
-    /// every third voxel inside the body (tissue: index into [`TISSUES`]).
+    /// every third voxel inside the body (tissue: index into [`TISSUES`]);
+    /// for a network with a σ head, (e², its variance output, 0, tissue).
     pub samples: Vec<Vec<[f32; 4]>>,
+    /// Whether the samples carry the σ head's variance (not the analytic terms).
+    pub head: bool,
 }
 
 /// Restore every study of the grid's cells (validation studies only) at
-/// 30 s and 60 s and collect what the calibration is fitted on.
-pub fn frames(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64) -> Result<Vec<Frame>, String> {
+/// 30 s and 60 s and collect what the calibration is fitted on: the
+/// analytic terms, or with `head` the network's variance output.
+pub fn frames(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64, head: bool) -> Result<Vec<Frame>, String> {
     let edges = unc::DEFAULT_CLASS_EDGES.to_vec();
     let known: Vec<String> = petrestore::restore::texture::KNOWN.iter().map(|s| s.to_string()).collect();
     let mut out = Vec::new();
@@ -168,8 +172,13 @@ pub fn frames(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64)
             let tis = tissues(&st);
             for d in crate::eval::DURATIONS {
                 let short = st.short(d).clone();
-                let r = engine.run(&short).map_err(|e| format!("{}: {e}", st.name))?;
-                let t = unc::terms(&short, &r, window_mm, texture_mm).map_err(|e| e.to_string())?;
+                let (r, var) = if head {
+                    let (r, var) = engine.run_with_variance(&short).map_err(|e| format!("{}: {e}", st.name))?;
+                    (r, Some(var.ok_or_else(|| format!("{}: the engine gave no variance output", st.name))?))
+                } else {
+                    (engine.run(&short).map_err(|e| format!("{}: {e}", st.name))?, None)
+                };
+                let t = if head { None } else { Some(unc::terms(&short, &r, window_mm, texture_mm).map_err(|e| e.to_string())?) };
                 let descriptors = petrestore::restore::texture::describe(&short, &known, 0.05, unc::body_mean(&short))?
                     .into_iter()
                     .map(f64::from)
@@ -178,14 +187,19 @@ pub fn frames(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64)
                 let p90 = &st.planes[PET90];
                 let mut samples = vec![Vec::new(); edges.len() + 1];
                 for i in (0..r.data.len()).step_by(3) {
+                    let (x1, x2) = match (&var, &t) {
+                        (Some(v), _) => (v.data[i].max(0.0), 0.0),
+                        (None, Some(t)) => (t.noise[i], t.texture[i]),
+                        (None, None) => unreachable!("terms are computed without a variance"),
+                    };
                     if let Some(k) = tis[i]
-                        && t.noise[i] + t.texture[i] > 0.0
+                        && x1 + x2 > 0.0
                     {
                         let e = p90.data[i] - r.data[i];
-                        samples[class[i] as usize].push([e * e, t.noise[i], t.texture[i], k as f32]);
+                        samples[class[i] as usize].push([e * e, x1, x2, k as f32]);
                     }
                 }
-                out.push(Frame { cell: cell.name, descriptors, samples });
+                out.push(Frame { cell: cell.name, descriptors, samples, head });
             }
             eprintln!("calibrate: {} ({studies} studies)", st.name);
         }
@@ -201,7 +215,8 @@ pub fn frames(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64)
 
 /// Fit the calibration on `frames`. Per intensity class of R: the weights
 /// (a, b) of the noise and texture terms that maximise the Gaussian
-/// likelihood of PET90 − R; with `descriptors`, also the per-frame factor
+/// likelihood of PET90 − R (for frames with a σ head's variance V: the
+/// weight on V, mean of e² ÷ V, written as `head`); with `descriptors`, also the per-frame factor
 /// exp(c₀ + Σ cⱼ·tⱼ) on σ² (least squares of ln of each frame's own
 /// maximum-likelihood factor on the descriptors, alternated with the class
 /// weights three times); then one factor per class on both weights so that
@@ -218,6 +233,14 @@ pub fn fit_frames(frames: &[&Frame], window_mm: f64, texture_mm: f64, descriptor
             return Err(format!("class {name} has only {n} voxels: too few to fit"));
         }
     }
+    let head = frames.first().is_some_and(|f| f.head);
+    if frames.iter().any(|f| f.head != head) {
+        return Err("frames with a σ head's variance and frames with the analytic terms cannot be fitted together".into());
+    }
+    // the Gaussian likelihood's weights: on V alone in closed form, else (a, b) on N and T
+    let ml = |v: &[[f32; 4]]| -> (f64, f64) {
+        if head { (v.iter().map(|s| s[0] as f64 / s[1] as f64).sum::<f64>() / v.len().max(1) as f64, 0.0) } else { max_likelihood(v) }
+    };
     let mut coef: Vec<f64> = if descriptors { vec![0.0; names.len() + 1] } else { Vec::new() };
     let scale_of = |coef: &[f64], f: &Frame| unc::log_frame_scale(coef, &f.descriptors).exp();
     let class_samples = |coef: &[f64], k: usize| -> Vec<[f32; 4]> {
@@ -229,7 +252,7 @@ pub fn fit_frames(frames: &[&Frame], window_mm: f64, texture_mm: f64, descriptor
             })
             .collect()
     };
-    let mut weights: Vec<(f64, f64)> = (0..edges.len() + 1).map(|k| max_likelihood(&class_samples(&coef, k))).collect();
+    let mut weights: Vec<(f64, f64)> = (0..edges.len() + 1).map(|k| ml(&class_samples(&coef, k))).collect();
     if descriptors {
         for _ in 0..3 {
             // each frame's maximum-likelihood factor on the current σ², then
@@ -252,7 +275,7 @@ pub fn fit_frames(frames: &[&Frame], window_mm: f64, texture_mm: f64, descriptor
                 })
                 .collect();
             coef = least_squares(&rows, 1e-3);
-            weights = (0..edges.len() + 1).map(|k| max_likelihood(&class_samples(&coef, k))).collect();
+            weights = (0..edges.len() + 1).map(|k| ml(&class_samples(&coef, k))).collect();
         }
     }
     let (mut noise, mut texture, mut rows) = (Vec::new(), Vec::new(), Vec::new());
@@ -269,6 +292,7 @@ pub fn fit_frames(frames: &[&Frame], window_mm: f64, texture_mm: f64, descriptor
         texture.push(round(b));
         rows.push(json!({"class": unc::CLASS_NAMES[k], "voxels": v.len(), "noise": round(a), "texture": round(b), "cov95_after": cov95}));
     }
+    let (noise, texture, head) = if head { (vec![0.0; noise.len()], vec![0.0; noise.len()], noise) } else { (noise, texture, Vec::new()) };
     let cal = Calibration {
         window_mm,
         texture_mm,
@@ -278,7 +302,7 @@ pub fn fit_frames(frames: &[&Frame], window_mm: f64, texture_mm: f64, descriptor
         fitted_on: String::new(),
         descriptors: names,
         descriptor_coef: coef.iter().map(|c| (c * 1e4).round() / 1e4).collect(),
-        head: Vec::new(),
+        head,
         site_scale: Vec::new(),
     };
     cal.check().map_err(|e| e.to_string())?;
@@ -293,10 +317,11 @@ pub fn fit(grid: &Path, all: &[Frame], window_mm: f64, texture_mm: f64, descript
     let mut cells: Vec<&str> = all.iter().map(|f| f.cell).collect();
     cells.dedup();
     cal.fitted_on = format!(
-        "validation grid, cells {}, {} studies, 30 s and 60 s (petlab calibrate{})",
+        "validation grid, cells {}, {} studies, 30 s and 60 s (petlab calibrate{}{})",
         cells.join(" "),
         all.len() / crate::eval::DURATIONS.len(),
-        if descriptors { " --descriptors" } else { "" }
+        if descriptors { " --descriptors" } else { "" },
+        if cal.uses_variance() { ", on the σ head's variance" } else { "" }
     );
     Ok((cal, json!({"grid": grid.display().to_string(), "studies": all.len() / crate::eval::DURATIONS.len(), "classes": rows})))
 }
@@ -308,8 +333,10 @@ pub fn frame_coverage(frames: &[&Frame], cal: &Calibration, tissue: u8) -> [f64;
     for f in frames {
         let s = unc::log_frame_scale(&cal.descriptor_coef, &f.descriptors).exp();
         for (k, v) in f.samples.iter().enumerate() {
+            // frames with a σ head carry V where the noise term would be
+            let h = cal.head.get(k).copied().unwrap_or(0.0);
             for x in v.iter().filter(|x| x[3] as u8 == tissue) {
-                let sd = (s * (cal.noise[k] * x[1] as f64 + cal.texture[k] * x[2] as f64)).max(0.0).sqrt();
+                let sd = (s * ((cal.noise[k] + h) * x[1] as f64 + cal.texture[k] * x[2] as f64)).max(0.0).sqrt();
                 let e = (x[0] as f64).sqrt();
                 n += 1.0;
                 a += (e <= Z68 * sd) as u8 as f64;
@@ -323,15 +350,21 @@ pub fn frame_coverage(frames: &[&Frame], cal: &Calibration, tissue: u8) -> [f64;
 /// Leave one cell out: for every cell, fit on the other cells' frames
 /// (with and without descriptors) and measure coverage on the cell left
 /// out, in body and hot-organ voxels ("—" where the cell has none). This
-/// is how a reconstruction the calibration never saw is served. Returns a
-/// markdown table.
-pub fn cross_validate(all: &[Frame], window_mm: f64, texture_mm: f64) -> Result<String, String> {
+/// is how a reconstruction the calibration never saw is served. With
+/// `current`, the package's own calibration (fitted on none of these
+/// frames) is measured on each cell beside them. Returns a markdown table.
+pub fn cross_validate(all: &[Frame], window_mm: f64, texture_mm: f64, current: Option<&Calibration>) -> Result<String, String> {
     let mut cells: Vec<&str> = all.iter().map(|f| f.cell).collect();
     cells.dedup();
     let mut o = String::from(
-        "| cell left out | body 68 / 95 %, class weights | body 68 / 95 %, with descriptors | hot 68 / 95 %, class weights | hot 68 / 95 %, with descriptors |\n|---|---|---|---|---|\n",
+        "| cell left out | body 68 / 95 %, class weights | body 68 / 95 %, with descriptors | hot 68 / 95 %, class weights | hot 68 / 95 %, with descriptors |",
     );
-    let mut worst = [[0.0f64; 2]; 2];
+    o.push_str(if current.is_some() {
+        " body 68 / 95 %, the package's own |\n|---|---|---|---|---|---|\n"
+    } else {
+        "\n|---|---|---|---|---|\n"
+    });
+    let mut worst = [[0.0f64; 2]; 3];
     for cell in &cells {
         let train: Vec<&Frame> = all.iter().filter(|f| f.cell != *cell).collect();
         let held: Vec<&Frame> = all.iter().filter(|f| f.cell == *cell).collect();
@@ -347,12 +380,22 @@ pub fn cross_validate(all: &[Frame], window_mm: f64, texture_mm: f64) -> Result<
                 cols[2 * tissue as usize + j] = if c[0].is_nan() { "—".into() } else { format!("{:.1} / {:.1}", c[0], c[1]) };
             }
         }
+        if let Some(cal) = current {
+            let c = frame_coverage(&held, cal, 0);
+            worst[2][0] = worst[2][0].max((c[0] - 68.27).abs());
+            worst[2][1] = worst[2][1].max((c[1] - 95.0).abs());
+            cols.push(format!("{:.1} / {:.1}", c[0], c[1]));
+        }
         o.push_str(&format!("| {cell} | {} |\n", cols.join(" | ")));
     }
     o.push_str(&format!(
-        "\nworst body distance from nominal (68.27 / 95 %), points: class weights {:.1} / {:.1}; with descriptors {:.1} / {:.1}\n",
+        "\nworst body distance from nominal (68.27 / 95 %), points: class weights {:.1} / {:.1}; with descriptors {:.1} / {:.1}",
         worst[0][0], worst[0][1], worst[1][0], worst[1][1]
     ));
+    if current.is_some() {
+        o.push_str(&format!("; the package's own {:.1} / {:.1}", worst[2][0], worst[2][1]));
+    }
+    o.push('\n');
     Ok(o)
 }
 
@@ -457,6 +500,12 @@ pub fn with_calibration(toml_text: &str, cal: &Calibration) -> String {
         f(&cal.texture),
         cal.fitted_on
     ));
+    if !cal.head.is_empty() {
+        out.push_str(&format!(
+            "# plus head[c] · V, V the network's variance output (io.variance), fitted on it by `petlab calibrate`\nhead = [{}]\n",
+            f(&cal.head)
+        ));
+    }
     if !cal.descriptors.is_empty() {
         out.push_str(&format!(
             "# σ² times exp(c0 + Σ cj·tj) per frame, tj its texture descriptors (petlab calibrate --descriptors)\n\
@@ -529,10 +578,9 @@ mod tests {
         assert!((a - 2.0).abs() < 0.3 && (b - 0.5).abs() < 0.3, "a {a}, b {b}");
     }
 
-    #[test]
-    fn the_fit_finds_a_frame_scale_that_follows_a_descriptor() {
-        // frames whose true variance is (N + T)·exp(0.2 + 0.8·t0): the class
-        // weights alone cannot cover them all, the descriptor term can
+    /// Frames whose true variance is (N + T)·exp(0.2 + 0.8·t0): with
+    /// `head`, the samples carry V = N + T as a σ head's variance would.
+    fn synthetic_frames(head: bool) -> Vec<Frame> {
         let mut rng = 99u64;
         let mut unif = || {
             rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -550,28 +598,63 @@ mod tests {
                         let (n, tt) = (0.2 + unif(), 0.2 + unif());
                         let g = (-2.0 * unif().ln()).sqrt() * (2.0 * std::f64::consts::PI * unif()).cos();
                         let e = g * (f * (n + tt)).sqrt();
-                        s.push([(e * e) as f32, n as f32, tt as f32, (k % 2) as f32]);
+                        let (x1, x2) = if head { (n + tt, 0.0) } else { (n, tt) };
+                        s.push([(e * e) as f32, x1 as f32, x2 as f32, (k % 2) as f32]);
                     }
                 }
-                frames.push(Frame { cell, descriptors: t.to_vec(), samples });
+                frames.push(Frame { cell, descriptors: t.to_vec(), samples, head });
             }
         }
+        frames
+    }
+
+    /// Per-frame 68 % coverage: the largest minus the smallest.
+    fn spread(frames: &[Frame], cal: &Calibration) -> f64 {
+        let c: Vec<f64> = frames.iter().map(|f| frame_coverage(&[f], cal, 0)[0]).collect();
+        c.iter().copied().fold(f64::MIN, f64::max) - c.iter().copied().fold(f64::MAX, f64::min)
+    }
+
+    #[test]
+    fn the_fit_finds_a_frame_scale_that_follows_a_descriptor() {
+        // the class weights alone cannot cover every frame, the descriptor term can
+        let frames = synthetic_frames(false);
         let refs: Vec<&Frame> = frames.iter().collect();
         let (plain, _) = fit_frames(&refs, 10.0, 6.0, false).unwrap();
         let (cal, _) = fit_frames(&refs, 10.0, 6.0, true).unwrap();
         assert!(plain.descriptors.is_empty() && plain.descriptor_coef.is_empty());
         assert_eq!(cal.descriptor_coef.len(), 4);
         assert!((cal.descriptor_coef[1] - 0.8).abs() < 0.1, "{:?}", cal.descriptor_coef);
+        assert!(cal.head.is_empty() && !cal.uses_variance());
         // per frame: with the descriptor term every frame is covered near
         // 68 %; with class weights alone the extremes are far off
-        let spread = |cal: &Calibration| {
-            let c: Vec<f64> = refs.iter().map(|f| frame_coverage(&[f], cal, 0)[0]).collect();
-            c.iter().copied().fold(f64::MIN, f64::max) - c.iter().copied().fold(f64::MAX, f64::min)
-        };
-        assert!(spread(&cal) < 4.0, "with descriptors: {}", spread(&cal));
-        assert!(spread(&plain) > 15.0, "class weights alone: {}", spread(&plain));
-        let table = cross_validate(&frames, 10.0, 6.0).unwrap();
+        assert!(spread(&frames, &cal) < 4.0, "with descriptors: {}", spread(&frames, &cal));
+        assert!(spread(&frames, &plain) > 15.0, "class weights alone: {}", spread(&frames, &plain));
+        let table = cross_validate(&frames, 10.0, 6.0, None).unwrap();
         assert_eq!(table.lines().filter(|l| l.starts_with("| c") && !l.starts_with("| cell")).count(), 4, "{table}");
+    }
+
+    #[test]
+    fn on_a_sigma_heads_variance_the_fit_weighs_the_head_and_the_frame() {
+        let frames = synthetic_frames(true);
+        let refs: Vec<&Frame> = frames.iter().collect();
+        let (cal, _) = fit_frames(&refs, 10.0, 6.0, true).unwrap();
+        // the weights go on the variance output; the analytic terms stay off
+        assert!(cal.uses_variance() && cal.head.len() == 4, "{cal:?}");
+        assert!(cal.noise.iter().chain(&cal.texture).all(|w| *w == 0.0), "{cal:?}");
+        assert!((cal.descriptor_coef[1] - 0.8).abs() < 0.1, "{:?}", cal.descriptor_coef);
+        assert!(spread(&frames, &cal) < 4.0, "with descriptors: {}", spread(&frames, &cal));
+        let all: Vec<f64> = refs.iter().map(|f| frame_coverage(&[f], &cal, 0)[0]).collect();
+        assert!(all.iter().all(|c| (c - 68.27).abs() < 3.0), "{all:?}");
+        // the package's own table (head 1, no frame factor) beside the fitted ones
+        let own = Calibration { head: vec![1.0; 4], descriptors: Vec::new(), descriptor_coef: Vec::new(), ..cal.clone() };
+        assert!(spread(&frames, &own) > 15.0, "head weight 1 alone: {}", spread(&frames, &own));
+        let table = cross_validate(&frames, 10.0, 6.0, Some(&own)).unwrap();
+        assert!(table.contains("the package's own"), "{table}");
+        // the variance and the analytic terms are not fitted together
+        let mut mixed = synthetic_frames(false);
+        mixed.extend(synthetic_frames(true));
+        let refs: Vec<&Frame> = mixed.iter().collect();
+        assert!(fit_frames(&refs, 10.0, 6.0, false).unwrap_err().contains("cannot be fitted together"));
     }
 
     #[test]

@@ -131,10 +131,19 @@ fn the_uncertainty_calibration_is_cross_validated_by_cell_and_written_with_descr
         std::fs::copy(shipped.join(f), model.join(f)).unwrap();
     }
     let m = model.display().to_string();
-    // the shipped σ comes from its σ head: writing an analytic calibration over it is refused, the package untouched
-    let o = petlab(&["calibrate", "--grid", &p("val"), "--model", &m, "--write", "--threads", "1"]);
-    assert!(!o.status.success() && text(&o).contains("uncertainty.head") && text(&o).contains("leave --write out"), "{}", text(&o));
-    assert_eq!(std::fs::read(model.join("model.toml")).unwrap(), std::fs::read(shipped.join("model.toml")).unwrap());
+    // the shipped σ comes from its σ head: the calibration is fitted on the head's variance, each cell left out
+    // beside the package's own table, and written as head weights with the frame factor
+    let out = lab(&["calibrate", "--grid", &p("val"), "--model", &m, "--cross-validate", "--descriptors", "--write", "--threads", "1"]);
+    for want in ["| c1-ref128 |", "| c6-144-nopsf |", "the package's own", "weight on the σ head's variance", "per-frame factor on σ²"] {
+        assert!(out.contains(want), "calibrate output lacks {want:?}:\n{out}");
+    }
+    let head = petrestore::restore::model::ModelPackage::load(&model).unwrap().uncertainty.unwrap();
+    assert!(head.uses_variance() && head.head.len() == head.class_edges.len() + 1, "{head:?}");
+    assert!(head.noise.iter().chain(&head.texture).all(|w| *w == 0.0), "{head:?}");
+    assert_eq!((head.descriptors.len(), head.descriptor_coef.len()), (3, 4));
+    assert!(head.fitted_on.contains("σ head"), "{}", head.fitted_on);
+    assert_ne!(head.head, vec![1.0; head.head.len()], "the head weights were fitted");
+    std::fs::copy(shipped.join("model.toml"), model.join("model.toml")).unwrap();
     // the same network without its head's table and output name: the analytic calibration is written into it
     let text_toml = std::fs::read_to_string(model.join("model.toml")).unwrap();
     let without: String = text_toml
@@ -148,7 +157,14 @@ fn the_uncertainty_calibration_is_cross_validated_by_cell_and_written_with_descr
     std::fs::write(model.join("model.toml"), without).unwrap();
     let out = lab(&["calibrate", "--grid", &p("val"), "--model", &m, "--cross-validate", "--descriptors", "--write", "--threads", "1"]);
     // one row per cell left out, both forms side by side, and the worst line
-    for cell in ["| c1-ref128 |", "| c6-144-nopsf |", "with descriptors", "worst body distance from nominal", "per-frame factor on σ²"] {
+    for cell in [
+        "| c1-ref128 |",
+        "| c6-144-nopsf |",
+        "with descriptors",
+        "worst body distance from nominal",
+        "per-frame factor on σ²",
+        "noise weight",
+    ] {
         assert!(out.contains(cell), "calibrate output lacks {cell:?}:\n{out}");
     }
     let toml: toml::Table = toml::from_str(&std::fs::read_to_string(model.join("model.toml")).unwrap()).unwrap();
