@@ -11,7 +11,9 @@
 # `python -m petrain.export` without --sigma-head, see
 # models/train/README.md). HEAD_PACKAGE: default the shipped package.
 # Environment: REPS (4), SLICES (48), MATRIX (192), ENGINES ("ort tract"),
-# ORT_DYLIB_PATH for the ort engine.
+# ORT_DYLIB_PATH for the ort engine; BEFORE_BIN: another build's
+# petrestore binary, run with HEAD_PACKAGE and --uncertainty in the same
+# rotation (a before/after column).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?usage: bench-sigma.sh R_ONLY_PACKAGE [HEAD_PACKAGE]}
@@ -21,25 +23,39 @@ cargo build --release -q -p petrestore -p petlab
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 target/release/petlab simulate --out "$work/in" --slices "$slices" --matrix "$matrix" > /dev/null
-run() { # engine package extra-args… → seconds
-  local e=$1 p=$2; shift 2
+before=${BEFORE_BIN:-}
+run() { # binary engine package extra-args… → seconds
+  local bin=$1 e=$2 p=$3; shift 3
   rm -rf "$work/out"
   local t0 t1
   t0=$(date +%s.%N)
-  target/release/petrestore restore --input "$work/in" --output "$work/out" --engine "$e" --model "$p" "$@" > /dev/null 2>&1
+  "$bin" restore --input "$work/in" --output "$work/out" --engine "$e" --model "$p" "$@" > /dev/null 2>&1
   t1=$(date +%s.%N)
   awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }' 
 }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-echo "| engine | R alone ($base), s | R + σ ($head), s | R + σ ÷ R |"
-echo "|---|---|---|---|"
+now=target/release/petrestore
+if [ -n "$before" ]; then
+  echo "| engine | R alone ($base), s | R + σ, $before, s | R + σ ($head), s | before ÷ R | R + σ ÷ R |"
+  echo "|---|---|---|---|---|---|"
+else
+  echo "| engine | R alone ($base), s | R + σ ($head), s | R + σ ÷ R |"
+  echo "|---|---|---|---|"
+fi
+fmt() { printf '%s → **%.2f**' "$(printf '%.2f ' "$@")" "$(printf '%s\n' "$@" | median)"; }
+ratio() { awk -v a="$(printf '%s\n' "${@:2}" | median)" -v b="$1" 'BEGIN { printf "%.3f", b / a }'; }
 for e in $engines; do
-  r=() s=()
+  r=() s=() b=()
   for _ in $(seq "$reps"); do
-    r+=("$(run "$e" "$base")")
-    s+=("$(run "$e" "$head" --uncertainty)")
+    r+=("$(run "$now" "$e" "$base")")
+    [ -n "$before" ] && b+=("$(run "$before" "$e" "$head" --uncertainty)")
+    s+=("$(run "$now" "$e" "$head" --uncertainty)")
   done
-  mr=$(printf '%s\n' "${r[@]}" | median) ms=$(printf '%s\n' "${s[@]}" | median)
-  printf '| %s | %s → **%.2f** | %s → **%.2f** | **%.3f** |\n' "$e" "$(printf '%.2f ' "${r[@]}")" "$mr" \
-    "$(printf '%.2f ' "${s[@]}")" "$ms" "$(awk -v a="$mr" -v b="$ms" 'BEGIN { print b / a }')"
+  ms=$(printf '%s\n' "${s[@]}" | median)
+  if [ -n "$before" ]; then
+    mb=$(printf '%s\n' "${b[@]}" | median)
+    echo "| $e | $(fmt "${r[@]}") | $(fmt "${b[@]}") | $(fmt "${s[@]}") | **$(ratio "$mb" "${r[@]}")** | **$(ratio "$ms" "${r[@]}")** |"
+  else
+    echo "| $e | $(fmt "${r[@]}") | $(fmt "${s[@]}") | **$(ratio "$ms" "${r[@]}")** |"
+  fi
 done
