@@ -61,6 +61,7 @@ fn assert_parity(pkg_dir: &Path) {
     let expected_var = variance.then(|| read_npy_f32(&pkg_dir.join("parity/expected_variance.npy")).unwrap().1);
     let ort = OrtEngine::new(pkg, &o).unwrap();
     assert_eq!(ort.skips_head_for_r_alone(), variance, "ONNX Runtime runs R alone on a graph without the σ head");
+    assert_eq!(tract.skips_head_for_r_alone(), variance, "tract runs R alone on a graph without the σ head");
     for (name, backend) in [("tract", &tract as &dyn Backend), ("ort", &ort as &dyn Backend)] {
         let (y, var) = backend.infer_with_variance(&input, b, c, h, w).unwrap();
         assert_eq!(y.len(), expected.len());

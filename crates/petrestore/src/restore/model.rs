@@ -267,6 +267,38 @@ impl ModelPackage {
     }
 }
 
+/// The ONNX graph in `path` cut to what `output` needs: the nodes that do
+/// not lead to it, their initialisers and every other graph output removed.
+/// Refused for graphs with subgraphs (If, Loop), whose outer references a
+/// cut could break.
+pub fn graph_cut_to(path: &Path, output: &str) -> Result<Vec<u8>, String> {
+    use prost::Message;
+    use std::collections::HashSet;
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut model = tract_onnx::pb::ModelProto::decode(&bytes[..]).map_err(|e| format!("{}: {e}", path.display()))?;
+    let graph = model.graph.as_mut().ok_or_else(|| format!("{}: no graph", path.display()))?;
+    if !graph.output.iter().any(|o| o.name == output) {
+        return Err(format!("{}: no output {output:?}", path.display()));
+    }
+    let mut needed: HashSet<String> = HashSet::from([output.to_string()]);
+    let mut keep = vec![false; graph.node.len()];
+    for (i, node) in graph.node.iter().enumerate().rev() {
+        if node.output.iter().any(|o| needed.contains(o)) {
+            if node.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
+                return Err(format!("{}: node {:?} has a subgraph", path.display(), node.name));
+            }
+            keep[i] = true;
+            needed.extend(node.input.iter().filter(|n| !n.is_empty()).cloned());
+        }
+    }
+    let mut k = keep.into_iter();
+    graph.node.retain(|_| k.next().unwrap_or(false));
+    graph.output.retain(|o| o.name == output);
+    graph.initializer.retain(|t| needed.contains(&t.name));
+    graph.value_info.retain(|v| needed.contains(&v.name));
+    Ok(model.encode_to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,5 +388,67 @@ mod tests {
     fn missing_package_says_what_to_set() {
         let e = ModelPackage::load(Path::new("/nonexistent/model")).unwrap_err().to_string();
         assert!(e.contains("model.toml") && e.contains("restore.model"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod graph_cut_tests {
+    use super::*;
+    use tract_onnx::prelude::*;
+
+    /// The shipped package: a restoration output and a σ head's variance.
+    fn shipped() -> PathBuf {
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d/model.onnx")
+    }
+
+    fn run(model: InferenceModel, x: &Tensor) -> TVec<TValue> {
+        let s = x.shape().to_vec();
+        model
+            .with_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), tvec![s[0], s[1], s[2], s[3]]))
+            .unwrap()
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap()
+            .run(tvec!(x.clone().into()))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_graph_cut_to_the_output_computes_it_without_the_head() {
+        use prost::Message;
+        let full_bytes = std::fs::read(shipped()).unwrap();
+        let full = tract_onnx::pb::ModelProto::decode(&full_bytes[..]).unwrap().graph.unwrap();
+        assert_eq!(full.output.len(), 2, "the shipped graph has R and the variance");
+        let cut_bytes = graph_cut_to(&shipped(), "output").unwrap();
+        let cut = tract_onnx::pb::ModelProto::decode(&cut_bytes[..]).unwrap().graph.unwrap();
+        assert_eq!(cut.output.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["output"]);
+        assert!(cut.node.len() < full.node.len() && cut.initializer.len() < full.initializer.len());
+        assert!(!cut.node.iter().any(|n| n.output.iter().any(|o| o == "variance")));
+        // every input a kept node reads is made by a kept node, an initialiser or the graph input
+        let made: std::collections::HashSet<&str> = cut
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter())
+            .chain(cut.initializer.iter().map(|t| &t.name))
+            .chain(cut.input.iter().map(|i| &i.name))
+            .map(String::as_str)
+            .collect();
+        for n in &cut.node {
+            for i in n.input.iter().filter(|i| !i.is_empty()) {
+                assert!(made.contains(i.as_str()), "node {:?} reads {i:?}, which the cut graph does not make", n.name);
+            }
+        }
+        // the same R, bit for bit, from the cut graph
+        let (c, h, w) = (9, 32, 32);
+        let data: Vec<f32> = (0..c * h * w).map(|k| 0.5 + ((k * 7919) % 101) as f32 / 101.0).collect();
+        let x = Tensor::from_shape(&[1, c, h, w], &data).unwrap();
+        let a = run(tract_onnx::onnx().model_for_read(&mut &full_bytes[..]).unwrap(), &x);
+        let b = run(tract_onnx::onnx().model_for_read(&mut &cut_bytes[..]).unwrap(), &x);
+        assert_eq!(b.len(), 1);
+        assert_eq!(a[0].to_plain_array_view::<f32>().unwrap(), b[0].to_plain_array_view::<f32>().unwrap());
+        // an output the graph does not have is refused
+        let err = graph_cut_to(&shipped(), "restored").unwrap_err();
+        assert!(err.contains("no output \"restored\""), "{err}");
     }
 }

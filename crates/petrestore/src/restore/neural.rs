@@ -385,8 +385,8 @@ fn flip_planes(data: &[f32], h: usize, w: usize, lr: bool, ud: bool) -> Vec<f32>
 /// is 4: the mean of the outputs for the input as is and flipped left-right,
 /// up-down and both (each output flipped back first). With `want_var` the
 /// network's variance output too, from the un-flipped pass alone: the pass
-/// its head was trained on, and the flipped passes need not compute it (the
-/// ONNX Runtime engine runs them on a graph without the head).
+/// its head was trained on, and the flipped passes need not compute it (both
+/// engines run them on the graph cut to R's output).
 #[allow(clippy::too_many_arguments)]
 fn infer_tta(
     backend: &dyn Backend,

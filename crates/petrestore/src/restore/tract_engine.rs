@@ -4,7 +4,9 @@
 //! across slices and series. Parallelism is over batches: `threads` workers
 //! each run whole batches through the shared plan single-threaded (tract's
 //! own multithreaded matmul scaled poorly on these small convolutions:
-//! 40 → 44 slices/s from 1 to 2 threads at 192², see BENCHMARKS.md).
+//! 40 → 44 slices/s from 1 to 2 threads at 192², see BENCHMARKS.md). For a
+//! package with a σ head, runs that need R alone use the graph cut to R's
+//! output (`model::graph_cut_to`), so they skip the head.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +22,12 @@ type Plan = Arc<TypedRunnableModel>;
 pub struct TractEngine {
     pkg: ModelPackage,
     model: InferenceModel,
-    plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    /// For a package with a variance output: the graph cut to R's output,
+    /// for the runs that need R alone (test-time augmentation's flipped
+    /// passes), so they skip the σ head.
+    restore_only: Option<InferenceModel>,
+    /// Plans per (R alone, batch, height, width).
+    plans: Mutex<HashMap<(bool, usize, usize, usize), Plan>>,
     workers: usize,
 }
 
@@ -36,30 +43,52 @@ impl TractEngine {
             reason: format!("cannot parse {}: {e:#}", pkg.onnx_path.display()),
         })?;
         let workers = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
-        Ok(TractEngine { pkg, model, plans: Mutex::new(HashMap::new()), workers })
+        // Without it every run computes the head: slower, same results.
+        let restore_only = pkg.io.variance.as_ref().and_then(|_| {
+            let cut = super::model::graph_cut_to(&pkg.onnx_path, &pkg.io.output)
+                .and_then(|bytes| tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(|e| format!("{e:#}")));
+            cut.map_err(|reason| tracing::warn!(%reason, "cannot build the graph without the σ head; every run computes it")).ok()
+        });
+        Ok(TractEngine { pkg, model, restore_only, plans: Mutex::new(HashMap::new()), workers })
     }
 
-    fn plan(&self, b: usize, c: usize, h: usize, w: usize) -> TractResult<Plan> {
-        if let Some(p) = self.plans.lock().expect("plan cache").get(&(b, h, w)) {
+    /// Whether runs that need R alone skip the σ head (packages with `io.variance`).
+    pub fn skips_head_for_r_alone(&self) -> bool {
+        self.restore_only.is_some()
+    }
+
+    fn plan(&self, r_alone: bool, b: usize, c: usize, h: usize, w: usize) -> TractResult<Plan> {
+        // one plan for both kinds of run where there is no cut graph
+        let r_alone = r_alone && self.restore_only.is_some();
+        let key = (r_alone, b, h, w);
+        if let Some(p) = self.plans.lock().expect("plan cache").get(&key) {
             return Ok(p.clone());
         }
-        let plan = self
-            .model
+        let model = if r_alone { self.restore_only.as_ref().unwrap_or(&self.model) } else { &self.model };
+        let plan = model
             .clone()
             .with_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), tvec![b, c, h, w]))?
             .into_optimized()?
             .into_runnable()?;
-        self.plans.lock().expect("plan cache").insert((b, h, w), plan.clone());
+        self.plans.lock().expect("plan cache").insert(key, plan.clone());
         Ok(plan)
     }
 }
 
 impl Backend for TractEngine {
     fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
-        self.infer_with_variance(input, b, c, h, w).map(|(y, _)| y)
+        self.run_plan(true, input, [b, c, h, w]).map(|(y, _)| y)
     }
     fn infer_with_variance(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
-        let plan = self.plan(b, c, h, w).map_err(|e| format!("cannot prepare the model for {b}x{c}x{h}x{w}: {e:#}"))?;
+        self.run_plan(false, input, [b, c, h, w])
+    }
+}
+
+impl TractEngine {
+    /// One run: R, and the variance where the plan has it (`r_alone` picks
+    /// the graph without the σ head where there is one).
+    fn run_plan(&self, r_alone: bool, input: &[f32], [b, c, h, w]: [usize; 4]) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
+        let plan = self.plan(r_alone, b, c, h, w).map_err(|e| format!("cannot prepare the model for {b}x{c}x{h}x{w}: {e:#}"))?;
         let tensor = Tensor::from_shape(&[b, c, h, w], input).map_err(|e| e.to_string())?;
         let out = plan.run(tvec!(tensor.into())).map_err(|e| format!("{e:#}"))?;
         let take = |k: usize| -> Result<Vec<f32>, String> {
