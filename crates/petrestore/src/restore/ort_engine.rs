@@ -172,7 +172,7 @@ impl OrtEngine {
         Err(unavailable(format!("no execution provider could run the model ({})", why.join("; "))))
     }
 
-    /// Whether runs that need R alone skip the σ head (a second session of
+    /// Whether runs that need R alone skip the σ head (a second ONNX Runtime copy of
     /// the graph cut to R's output; packages with `io.variance`).
     pub fn skips_head_for_r_alone(&self) -> bool {
         self.restore_only.is_some()
