@@ -176,7 +176,12 @@ def main(argv=None):
     ap.add_argument("--tta", type=int, choices=[1, 4], default=1, help="io.tta of the package (choose it on the validation split)")
     ap.add_argument("--sigma-head", help="weights of a σ head for these --params (petrain.sigma's sigma_params.npz): "
                     "the graph gets a second output, `variance`, and model.toml an [uncertainty] table that uses it")
+    ap.add_argument("--guard", nargs=2, type=float, metavar=("FWHM_MM", "Z"),
+                    help="the engines' lesion guard for this package ([guard]: the local mean at FWHM_MM may not move "
+                    "from the frame's by more than Z noise SDs; choose both on the validation grid)")
     a = ap.parse_args(argv)
+    if a.guard and not (1.0 <= a.guard[0] <= 30.0 and 0.0 < a.guard[1] <= 10.0):
+        raise SystemExit(f"--guard {a.guard[0]:g} {a.guard[1]:g}: FWHM must be 1-30 mm and Z above 0, at most 10")
     p, width = load_params(a.params)
     sigma = None
     if a.sigma_head:
@@ -300,6 +305,15 @@ def main(argv=None):
             "texture = [0, 0, 0, 0]",
             "head = [1, 1, 1, 1]",
             'fitted_on = "the σ head\'s Gaussian likelihood on the training studies (petrain.sigma); no scale fitted after it"',
+        ]
+    if a.guard:
+        lines += [
+            "",
+            "[guard]",
+            "# the engines' lesion guard (MODEL_CARD.md): after restoration the change x − R, smoothed at fwhm_mm,",
+            "# may exceed the frame's own noise at that scale by at most z SDs; the excess is given back to R",
+            f"fwhm_mm = {a.guard[0]:g}",
+            f"z = {a.guard[1]:g}",
         ]
     lines += metrics_block(metrics)
     with open(os.path.join(a.out, "model.toml"), "w") as f:

@@ -47,9 +47,15 @@ fn convolve_axis(src: &[f32], dst: &mut [f32], k: &[f32], n: usize, stride: usiz
 /// Filter `v` with a Gaussian of `fwhm_mm` (public: the tests check the
 /// daemon's output against it).
 pub fn filter(v: &Volume, fwhm_mm: f64) -> Volume {
+    filter_owned(Volume { data: v.data.clone(), ..v.clone_shape() }, fwhm_mm)
+}
+
+/// [`filter`] on a volume the caller gives up: one scratch buffer instead of two.
+pub fn filter_owned(v: Volume, fwhm_mm: f64) -> Volume {
     let sigma_mm = fwhm_mm / (8.0f64.ln() * 2.0).sqrt();
     let (nx, ny, nz) = (v.nx, v.ny, v.nz);
-    let mut a = v.data.clone();
+    let shape = v.clone_shape();
+    let mut a = v.data;
     let mut b = vec![0.0f32; a.len()];
     let kx = kernel(sigma_mm / v.spacing[0]);
     convolve_axis(&a, &mut b, &kx, nx, 1, (0..nz * ny).map(|l| l * nx));
@@ -57,7 +63,7 @@ pub fn filter(v: &Volume, fwhm_mm: f64) -> Volume {
     convolve_axis(&b, &mut a, &ky, ny, nx, (0..nz).flat_map(|z| (0..nx).map(move |x| z * nx * ny + x)));
     let kz = kernel(sigma_mm / v.spacing[2]);
     convolve_axis(&a, &mut b, &kz, nz, nx * ny, 0..nx * ny);
-    Volume { data: b, ..v.clone_shape() }
+    Volume { data: b, ..shape }
 }
 
 impl Engine for Gaussian {

@@ -5,6 +5,7 @@
 //! run is logged with its reason and the next one is used (never silently).
 
 pub mod gaussian;
+pub mod guard;
 pub mod model;
 pub mod neural;
 pub mod ort_engine;

@@ -28,6 +28,8 @@ struct RawPackage {
     metrics: toml::Table,
     #[serde(default)]
     uncertainty: Option<super::uncertainty::Calibration>,
+    #[serde(default)]
+    guard: Option<super::guard::Guard>,
 }
 
 fn default_purpose() -> String {
@@ -140,6 +142,8 @@ pub struct ModelPackage {
     /// How to give the restored image its σ (`[uncertainty]`, fitted on the
     /// validation grid); without it the model's output has no uncertainty series.
     pub uncertainty: Option<super::uncertainty::Calibration>,
+    /// The lesion guard applied to every restored series (`[guard]`), if any.
+    pub guard: Option<super::guard::Guard>,
 }
 
 /// A model package problem: which file, what is wrong, what to do.
@@ -218,6 +222,9 @@ impl ModelPackage {
                 });
             }
         }
+        if let Some(g) = &raw.guard {
+            g.check().map_err(|reason| ModelError::Invalid { dir: d.clone(), reason })?;
+        }
         let onnx_path = dir.join(&raw.onnx);
         let bytes =
             std::fs::read(&onnx_path).map_err(|e| ModelError::Read { dir: d.clone(), file: raw.onnx.clone(), reason: e.to_string() })?;
@@ -238,6 +245,7 @@ impl ModelPackage {
             provenance: raw.provenance,
             metrics: raw.metrics,
             uncertainty: raw.uncertainty,
+            guard: raw.guard,
         })
     }
 
@@ -365,6 +373,25 @@ mod tests {
         assert!(e.contains("io.texture \"snr\" is unknown") && e.contains("noise_2px"), "{e}");
         let e = with("texture = [\"noise_px\"]").unwrap_err().to_string();
         assert!(e.contains("give io.condition"), "{e}");
+    }
+
+    #[test]
+    fn a_guard_is_read_and_checked() {
+        let d = tempfile::tempdir().unwrap();
+        copy_test_model(d.path());
+        let toml = d.path().join("model.toml");
+        let base = std::fs::read_to_string(&toml).unwrap();
+        let with = |table: &str| {
+            std::fs::write(&toml, format!("{base}\n[guard]\n{table}\n")).unwrap();
+            ModelPackage::load(d.path())
+        };
+        assert_eq!(with("fwhm_mm = 5\nz = 1.25").unwrap().guard, Some(super::super::guard::Guard { fwhm_mm: 5.0, z: 1.25 }));
+        let e = with("fwhm_mm = 0.2\nz = 1.25").unwrap_err().to_string();
+        assert!(e.contains("guard.fwhm_mm must be 1..=30 mm"), "{e}");
+        let e = with("fwhm_mm = 5").unwrap_err().to_string();
+        assert!(e.contains("missing field `z`"), "{e}");
+        std::fs::write(&toml, &base).unwrap();
+        assert_eq!(ModelPackage::load(d.path()).unwrap().guard, None);
     }
 
     #[test]

@@ -66,14 +66,27 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
 }
 
 /// [`restore_volume`], and for a package with `io.variance` the network's
-/// variance output in Bq²/ml² on the series' grid (averaged over the
-/// test-time augmentation passes; on a working grid, interpolated back).
+/// variance output in Bq²/ml² on the series' grid (from the un-flipped
+/// pass; on a working grid, interpolated back).
+///
+/// A package with `[guard]` has its lesion guard applied to the restored
+/// image last (`guard::Guard::apply`); the variance is the network's own.
 pub fn restore_volume_with_variance(
     v: &Volume,
     pkg: &ModelPackage,
     backend: &dyn Backend,
     workers: usize,
 ) -> Result<(Volume, Option<Volume>), String> {
+    let (mut r, var) = restore_unguarded(v, pkg, backend, workers)?;
+    if let Some(g) = &pkg.guard {
+        if let Some(rep) = g.apply(v, &mut r, pkg.normalisation.threshold_fraction) {
+            tracing::debug!(noise = rep.noise, changed_share = rep.changed_share, "lesion guard applied");
+        }
+    }
+    Ok((r, var))
+}
+
+fn restore_unguarded(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, workers: usize) -> Result<(Volume, Option<Volume>), String> {
     let scale = body_scale(v, pkg.normalisation.threshold_fraction).ok_or("the volume holds no activity")?;
     let condition = match pkg.io.condition.as_deref() {
         None => None,
@@ -567,6 +580,38 @@ mod tests {
         for (a, b) in r.data.iter().zip(&v.data) {
             assert!((a - b).abs() < 1e-3 * b.abs().max(1.0));
         }
+    }
+
+    #[test]
+    fn a_package_guard_gives_back_a_flattened_hot_spot() {
+        // a uniform series with a hot 3³ cube, and a network that clips
+        // everything above 1.5 × the body mean: it erases the cube
+        struct Clip;
+        impl Backend for Clip {
+            fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+                let p = h * w;
+                Ok((0..b)
+                    .flat_map(|i| input[(i * c + c / 2) * p..(i * c + c / 2 + 1) * p].iter().map(|x| x.min(1.5)).collect::<Vec<_>>())
+                    .collect())
+            }
+        }
+        let n = 12;
+        let hot = |i: usize| (4..7).contains(&(i / (n * n))) && (4..7).contains(&(i / n % n)) && (4..7).contains(&(i % n));
+        let v = Volume {
+            nx: n,
+            ny: n,
+            nz: n,
+            spacing: [1.0; 3],
+            data: (0..n * n * n).map(|i| if hot(i) { 3000.0 } else { 1000.0 }).collect(),
+            frame_duration_s: None,
+        };
+        let cube = |r: &Volume| (0..r.data.len()).filter(|&i| hot(i)).map(|i| r.data[i] as f64).sum::<f64>() / 27.0;
+        let mut p = pkg();
+        let plain = restore_volume(&v, &p, &Clip, 1).unwrap();
+        p.guard = Some(super::super::guard::Guard { fwhm_mm: 1.0, z: 1.0 });
+        let guarded = restore_volume(&v, &p, &Clip, 1).unwrap();
+        assert!(cube(&plain) < 1600.0, "{}", cube(&plain));
+        assert!(cube(&guarded) > 2700.0, "guarded cube {} Bq/ml of 3000", cube(&guarded));
     }
 
     #[test]

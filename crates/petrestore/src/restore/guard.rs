@@ -1,0 +1,191 @@
+//! The lesion guard: a restored image may not move the local mean further
+//! from the measured frame than the frame's own noise explains.
+//!
+//! A denoiser that reads a faint lesion as noise flattens it; one that
+//! trusts a noise spike keeps it. Both move the mean of a small region away
+//! from what the frame measured. After restoration (and test-time
+//! augmentation) the guard smooths the network's change `x − R` (x the short
+//! frame) with a 3D Gaussian of `fwhm_mm` and compares it, voxel by voxel,
+//! with the frame's noise at that scale, `k · smoothed(R)`: `k` is the
+//! robust spread (1.4826 × median absolute deviation) of `smoothed(x − R) ÷
+//! smoothed(R)` over the body (voxels above the normalisation's fraction of
+//! the frame's 99.9th percentile), so it is the frame's relative noise at
+//! the guard's scale, measured on the series itself. Wherever the smoothed
+//! change exceeds `z` times that noise, the excess is added back to R (a
+//! soft threshold): a flattened lesion gets its local mean back, regions the
+//! network changed within the noise are left exactly as restored.
+//!
+//! The package says whether and how (`[guard] fwhm_mm`, `z`); the numbers
+//! and what they bought are in the model's EVAL.md.
+
+use serde::Deserialize;
+
+use super::Volume;
+use super::gaussian;
+
+/// `[guard]` of model.toml.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guard {
+    /// FWHM of the 3D Gaussian that defines "local" (mm).
+    pub fwhm_mm: f64,
+    /// How many noise SDs the smoothed change may reach before the excess is given back.
+    pub z: f64,
+}
+
+/// What the guard did to one series.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuardReport {
+    /// The frame's relative noise at the guard's scale (k).
+    pub noise: f64,
+    /// Share of body voxels whose value the guard changed.
+    pub changed_share: f64,
+}
+
+impl Guard {
+    pub fn check(&self) -> Result<(), String> {
+        if !(1.0..=30.0).contains(&self.fwhm_mm) {
+            return Err(format!("guard.fwhm_mm must be 1..=30 mm, is {}", self.fwhm_mm));
+        }
+        if !(self.z.is_finite() && self.z > 0.0 && self.z <= 10.0) {
+            return Err(format!("guard.z must be above 0 and at most 10, is {}", self.z));
+        }
+        Ok(())
+    }
+
+    /// Guard `r` (restored from `x`, same grid) in place. `fraction` is the
+    /// package's body threshold (`normalisation.threshold_fraction`). None
+    /// (and `r` untouched) when the frame has no body to measure noise on.
+    pub fn apply(&self, x: &Volume, r: &mut Volume, fraction: f64) -> Option<GuardReport> {
+        let threshold = super::texture::body_threshold(&x.data, fraction)?;
+        let change = Volume { data: x.data.iter().zip(&r.data).map(|(a, b)| a - b).collect(), ..x.clone_shape() };
+        let change = gaussian::filter_owned(change, self.fwhm_mm).data;
+        let level = gaussian::filter(r, self.fwhm_mm).data;
+        let body = |i: usize| x.data[i] as f64 > threshold && level[i] > 0.0;
+        let mut rel: Vec<f32> = (0..x.data.len()).filter(|&i| body(i)).map(|i| change[i] / level[i]).collect();
+        if rel.is_empty() {
+            return None;
+        }
+        let centre = median(&mut rel);
+        for v in rel.iter_mut() {
+            *v = (*v - centre).abs();
+        }
+        let k = 1.4826 * median(&mut rel) as f64;
+        drop(rel);
+        let (mut changed, mut inside) = (0usize, 0usize);
+        for (i, out) in r.data.iter_mut().enumerate() {
+            let d = change[i] as f64;
+            let allowed = self.z * k * (level[i] as f64).max(0.0);
+            let excess = d.abs() - allowed;
+            if excess > 0.0 {
+                *out += (d.signum() * excess) as f32;
+            }
+            if body(i) {
+                inside += 1;
+                changed += usize::from(excess > 0.0);
+            }
+        }
+        Some(GuardReport { noise: k, changed_share: changed as f64 / inside.max(1) as f64 })
+    }
+}
+
+/// The median of `v` (reordered; the upper middle for even lengths).
+fn median(v: &mut [f32]) -> f32 {
+    let k = v.len() / 2;
+    *v.select_nth_unstable_by(k, f32::total_cmp).1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 24³ volume at 4 mm: a uniform body at 1000 Bq/ml with a hot 20 mm
+    /// sphere at 2000, plus deterministic pseudo-random noise of `sd_rel`.
+    fn phantom(sd_rel: f32, seed: u64) -> Volume {
+        let n = 24;
+        let mut s = seed;
+        let mut data = Vec::with_capacity(n * n * n);
+        for z in 0..n {
+            for y in 0..n {
+                for x in 0..n {
+                    let d2 = ((z as f32 - 12.0).powi(2) + (y as f32 - 12.0).powi(2) + (x as f32 - 12.0).powi(2)) * 16.0;
+                    let v = if d2 <= 100.0 { 2000.0 } else { 1000.0 };
+                    // sum of four uniforms: roughly Gaussian, SD 1
+                    let mut g = 0.0f32;
+                    for _ in 0..4 {
+                        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        g += ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+                    }
+                    data.push(v * (1.0 + sd_rel * g * 1.732));
+                }
+            }
+        }
+        Volume { nx: n, ny: n, nz: n, spacing: [4.0, 4.0, 4.0], data, frame_duration_s: Some(30.0) }
+    }
+
+    fn sphere_mean(v: &Volume) -> f64 {
+        let mut s = (0.0, 0);
+        for z in 0..v.nz {
+            for y in 0..v.ny {
+                for x in 0..v.nx {
+                    let d2 = ((z as f64 - 12.0).powi(2) + (y as f64 - 12.0).powi(2) + (x as f64 - 12.0).powi(2)) * 16.0;
+                    if d2 <= 64.0 {
+                        s.0 += v.data[(z * v.ny + y) * v.nx + x] as f64;
+                        s.1 += 1;
+                    }
+                }
+            }
+        }
+        s.0 / s.1 as f64
+    }
+
+    const GUARD: Guard = Guard { fwhm_mm: 5.0, z: 1.25 };
+
+    #[test]
+    fn a_flattened_lesion_gets_its_mean_back() {
+        let x = phantom(0.2, 7);
+        // the "restoration" erased the lesion: the body level everywhere
+        let mut r = Volume { data: vec![1000.0; x.data.len()], ..x.clone_shape() };
+        let before = sphere_mean(&r);
+        let report = GUARD.apply(&x, &mut r, 0.05).unwrap();
+        let after = sphere_mean(&r);
+        let measured = sphere_mean(&x);
+        assert!(before < 1010.0 && measured > 1900.0, "{before} {measured}");
+        assert!(after > 1700.0, "the guard gave back {after:.0} of the measured {measured:.0} Bq/ml");
+        assert!(report.changed_share > 0.0, "{report:?}");
+    }
+
+    #[test]
+    fn a_restoration_within_the_noise_is_left_alone() {
+        let x = phantom(0.2, 11);
+        // a perfect denoiser: the noise-free image
+        let clean = phantom(0.0, 0);
+        let mut r = clean.clone();
+        let report = GUARD.apply(&x, &mut r, 0.05).unwrap();
+        // the frame's relative noise at 5 mm, measured on the series
+        assert!(report.noise > 0.02 && report.noise < 0.2, "{report:?}");
+        // a soft threshold at 1.25 SD gives back only the tails of the
+        // smoothed noise, and only their excess: a small part of the noise
+        let rms =
+            |a: &Volume| (a.data.iter().zip(&clean.data).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>() / a.data.len() as f64).sqrt();
+        let (kept, frame) = (rms(&r), rms(&x));
+        assert!(kept < 0.25 * frame, "the guard put back {kept:.1} of the frame's {frame:.1} Bq/ml RMS noise");
+        assert!((sphere_mean(&r) / sphere_mean(&clean) - 1.0).abs() < 0.02);
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused() {
+        assert!(Guard { fwhm_mm: 0.5, z: 1.0 }.check().is_err());
+        assert!(Guard { fwhm_mm: 5.0, z: 0.0 }.check().is_err());
+        assert!(Guard { fwhm_mm: 5.0, z: f64::NAN }.check().is_err());
+        assert!(GUARD.check().is_ok());
+    }
+
+    #[test]
+    fn an_empty_frame_is_left_untouched() {
+        let x = Volume { data: vec![0.0; 8 * 8 * 8], nx: 8, ny: 8, nz: 8, spacing: [4.0; 3], frame_duration_s: Some(30.0) };
+        let mut r = x.clone();
+        assert!(GUARD.apply(&x, &mut r, 0.05).is_none());
+        assert!(r.data.iter().all(|v| *v == 0.0));
+    }
+}
