@@ -79,8 +79,14 @@ pub fn restore_volume_with_variance(
 ) -> Result<(Volume, Option<Volume>), String> {
     let (mut r, var) = restore_unguarded(v, pkg, backend, workers)?;
     if let Some(g) = &pkg.guard {
+        let t = std::time::Instant::now();
         if let Some(rep) = g.apply(v, &mut r, pkg.normalisation.threshold_fraction) {
-            tracing::debug!(noise = rep.noise, changed_share = rep.changed_share, "lesion guard applied");
+            tracing::debug!(
+                noise = rep.noise,
+                changed_share = rep.changed_share,
+                ms = t.elapsed().as_millis() as u64,
+                "lesion guard applied"
+            );
         }
     }
     Ok((r, var))
