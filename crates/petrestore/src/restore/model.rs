@@ -250,9 +250,14 @@ impl ModelPackage {
     }
 
     /// Identity used to salt derived UIDs and in Derivation Description:
-    /// id, version and the first 12 hex digits of the sha256.
+    /// id, version and the first 12 hex digits of the sha256; with a lesion
+    /// guard also its settings, which change the pixels as the weights do.
     pub fn model_id(&self) -> String {
-        format!("{}@{}+{}", self.id, self.version, &self.sha256[..12])
+        let id = format!("{}@{}+{}", self.id, self.version, &self.sha256[..12]);
+        match &self.guard {
+            Some(g) => format!("{id}+guard{}x{}", g.fwhm_mm, g.z),
+            None => id,
+        }
     }
 
     pub fn is_test_model(&self) -> bool {
@@ -385,7 +390,11 @@ mod tests {
             std::fs::write(&toml, format!("{base}\n[guard]\n{table}\n")).unwrap();
             ModelPackage::load(d.path())
         };
-        assert_eq!(with("fwhm_mm = 5\nz = 1.25").unwrap().guard, Some(super::super::guard::Guard { fwhm_mm: 5.0, z: 1.25 }));
+        let p = with("fwhm_mm = 5\nz = 1.25").unwrap();
+        assert_eq!(p.guard, Some(super::super::guard::Guard { fwhm_mm: 5.0, z: 1.25 }));
+        // the guard changes the pixels: its settings salt the derived UIDs
+        assert!(p.model_id().starts_with("petrestore-test-unet@0.1.0+") && p.model_id().ends_with("+guard5x1.25"), "{}", p.model_id());
+        assert_ne!(p.model_id(), with("fwhm_mm = 5\nz = 1.5").unwrap().model_id());
         let e = with("fwhm_mm = 0.2\nz = 1.25").unwrap_err().to_string();
         assert!(e.contains("guard.fwhm_mm must be 1..=30 mm"), "{e}");
         let e = with("fwhm_mm = 5").unwrap_err().to_string();
