@@ -176,12 +176,14 @@ def main(argv=None):
     ap.add_argument("--tta", type=int, choices=[1, 4], default=1, help="io.tta of the package (choose it on the validation split)")
     ap.add_argument("--sigma-head", help="weights of a σ head for these --params (petrain.sigma's sigma_params.npz): "
                     "the graph gets a second output, `variance`, and model.toml an [uncertainty] table that uses it")
-    ap.add_argument("--guard", nargs=2, type=float, metavar=("FWHM_MM", "Z"),
+    ap.add_argument("--guard", nargs=2, type=float, metavar=("FWHM_MM", "Z"), action="append", default=[],
                     help="the engines' lesion guard for this package ([guard]: the local mean at FWHM_MM may not move "
-                    "from the frame's by more than Z noise SDs; choose both on the validation grid)")
+                    "from the frame's by more than Z noise SDs; choose both on the validation grid); repeat it for "
+                    "several scales ([[guard]] tables, applied in the order given)")
     a = ap.parse_args(argv)
-    if a.guard and not (1.0 <= a.guard[0] <= 30.0 and 0.0 < a.guard[1] <= 10.0):
-        raise SystemExit(f"--guard {a.guard[0]:g} {a.guard[1]:g}: FWHM must be 1-30 mm and Z above 0, at most 10")
+    for fwhm, z in a.guard:
+        if not (1.0 <= fwhm <= 30.0 and 0.0 < z <= 10.0):
+            raise SystemExit(f"--guard {fwhm:g} {z:g}: FWHM must be 1-30 mm and Z above 0, at most 10")
     p, width = load_params(a.params)
     sigma = None
     if a.sigma_head:
@@ -309,12 +311,11 @@ def main(argv=None):
     if a.guard:
         lines += [
             "",
-            "[guard]",
             "# the engines' lesion guard (MODEL_CARD.md): after restoration the change x − R, smoothed at fwhm_mm,",
             "# may exceed the frame's own noise at that scale by at most z SDs; the excess is given back to R",
-            f"fwhm_mm = {a.guard[0]:g}",
-            f"z = {a.guard[1]:g}",
         ]
+        for fwhm, z in a.guard:
+            lines += ["[guard]" if len(a.guard) == 1 else "[[guard]]", f"fwhm_mm = {fwhm:g}", f"z = {z:g}"]
     lines += metrics_block(metrics)
     with open(os.path.join(a.out, "model.toml"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -28,8 +28,8 @@ struct RawPackage {
     metrics: toml::Table,
     #[serde(default)]
     uncertainty: Option<super::uncertainty::Calibration>,
-    #[serde(default)]
-    guard: Option<super::guard::Guard>,
+    #[serde(default, deserialize_with = "super::guard::one_or_many")]
+    guard: Vec<super::guard::Guard>,
 }
 
 fn default_purpose() -> String {
@@ -142,8 +142,9 @@ pub struct ModelPackage {
     /// How to give the restored image its σ (`[uncertainty]`, fitted on the
     /// validation grid); without it the model's output has no uncertainty series.
     pub uncertainty: Option<super::uncertainty::Calibration>,
-    /// The lesion guard applied to every restored series (`[guard]`), if any.
-    pub guard: Option<super::guard::Guard>,
+    /// The lesion guard applied to every restored series: `[guard]` (one
+    /// scale) or `[[guard]]` (several, applied in order); empty for none.
+    pub guard: Vec<super::guard::Guard>,
 }
 
 /// A model package problem: which file, what is wrong, what to do.
@@ -222,7 +223,7 @@ impl ModelPackage {
                 });
             }
         }
-        if let Some(g) = &raw.guard {
+        for g in &raw.guard {
             g.check().map_err(|reason| ModelError::Invalid { dir: d.clone(), reason })?;
         }
         let onnx_path = dir.join(&raw.onnx);
@@ -251,13 +252,14 @@ impl ModelPackage {
 
     /// Identity used to salt derived UIDs and in Derivation Description:
     /// id, version and the first 12 hex digits of the sha256; with a lesion
-    /// guard also its settings, which change the pixels as the weights do.
+    /// guard also its settings (each scale, in order), which change the
+    /// pixels as the weights do.
     pub fn model_id(&self) -> String {
-        let id = format!("{}@{}+{}", self.id, self.version, &self.sha256[..12]);
-        match &self.guard {
-            Some(g) => format!("{id}+guard{}x{}", g.fwhm_mm, g.z),
-            None => id,
+        let mut id = format!("{}@{}+{}", self.id, self.version, &self.sha256[..12]);
+        for g in &self.guard {
+            id += &format!("+guard{}x{}", g.fwhm_mm, g.z);
         }
+        id
     }
 
     pub fn is_test_model(&self) -> bool {
@@ -391,7 +393,7 @@ mod tests {
             ModelPackage::load(d.path())
         };
         let p = with("fwhm_mm = 5\nz = 1.25").unwrap();
-        assert_eq!(p.guard, Some(super::super::guard::Guard { fwhm_mm: 5.0, z: 1.25 }));
+        assert_eq!(p.guard, vec![super::super::guard::Guard { fwhm_mm: 5.0, z: 1.25 }]);
         // the guard changes the pixels: its settings salt the derived UIDs
         assert!(p.model_id().starts_with("petrestore-test-unet@0.1.0+") && p.model_id().ends_with("+guard5x1.25"), "{}", p.model_id());
         assert_ne!(p.model_id(), with("fwhm_mm = 5\nz = 1.5").unwrap().model_id());
@@ -399,8 +401,19 @@ mod tests {
         assert!(e.contains("guard.fwhm_mm must be 1..=30 mm"), "{e}");
         let e = with("fwhm_mm = 5").unwrap_err().to_string();
         assert!(e.contains("missing field `z`"), "{e}");
+        // several scales, applied in order, each part of the identity
+        std::fs::write(&toml, format!("{base}\n[[guard]]\nfwhm_mm = 5\nz = 1.25\n[[guard]]\nfwhm_mm = 12\nz = 2\n")).unwrap();
+        let p = ModelPackage::load(d.path()).unwrap();
+        assert_eq!(p.guard.iter().map(|g| (g.fwhm_mm, g.z)).collect::<Vec<_>>(), [(5.0, 1.25), (12.0, 2.0)]);
+        assert!(p.model_id().ends_with("+guard5x1.25+guard12x2"), "{}", p.model_id());
+        std::fs::write(&toml, format!("{base}\n[[guard]]\nfwhm_mm = 5\nz = 1.25\n[[guard]]\nfwhm_mm = 40\nz = 2\n")).unwrap();
+        let e = ModelPackage::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("guard.fwhm_mm must be 1..=30 mm, is 40"), "{e}");
+        std::fs::write(&toml, format!("{base}\n[[guard]]\nfwhm_mm = 5\n")).unwrap();
+        let e = ModelPackage::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("missing field `z`"), "{e}");
         std::fs::write(&toml, &base).unwrap();
-        assert_eq!(ModelPackage::load(d.path()).unwrap().guard, None);
+        assert!(ModelPackage::load(d.path()).unwrap().guard.is_empty());
     }
 
     #[test]

@@ -70,7 +70,8 @@ pub fn restore_volume(v: &Volume, pkg: &ModelPackage, backend: &dyn Backend, wor
 /// pass; on a working grid, interpolated back).
 ///
 /// A package with `[guard]` has its lesion guard applied to the restored
-/// image last (`guard::Guard::apply`); the variance is the network's own.
+/// image last (`guard::Guard::apply`, each scale in the package's order);
+/// the variance is the network's own.
 pub fn restore_volume_with_variance(
     v: &Volume,
     pkg: &ModelPackage,
@@ -78,10 +79,11 @@ pub fn restore_volume_with_variance(
     workers: usize,
 ) -> Result<(Volume, Option<Volume>), String> {
     let (mut r, var) = restore_unguarded(v, pkg, backend, workers)?;
-    if let Some(g) = &pkg.guard {
+    for g in &pkg.guard {
         let t = std::time::Instant::now();
         if let Some(rep) = g.apply(v, &mut r, pkg.normalisation.threshold_fraction) {
             tracing::debug!(
+                fwhm_mm = g.fwhm_mm,
                 noise = rep.noise,
                 changed_share = rep.changed_share,
                 ms = t.elapsed().as_millis() as u64,
@@ -614,7 +616,7 @@ mod tests {
         let cube = |r: &Volume| (0..r.data.len()).filter(|&i| hot(i)).map(|i| r.data[i] as f64).sum::<f64>() / 27.0;
         let mut p = pkg();
         let plain = restore_volume(&v, &p, &Clip, 1).unwrap();
-        p.guard = Some(super::super::guard::Guard { fwhm_mm: 1.0, z: 1.0 });
+        p.guard = vec![super::super::guard::Guard { fwhm_mm: 1.0, z: 1.0 }];
         let guarded = restore_volume(&v, &p, &Clip, 1).unwrap();
         assert!(cube(&plain) < 1600.0, "{}", cube(&plain));
         assert!(cube(&guarded) > 2700.0, "guarded cube {} Bq/ml of 3000", cube(&guarded));
