@@ -24,6 +24,10 @@ pub struct DeriveParams {
     /// an Enhanced PET output says so in Content Qualification.
     pub research: bool,
     pub model_id: String,
+    /// Identity of the σ calibration in use (the package's `[uncertainty]`
+    /// and a site's factor, `Calibration::id`): it changes the σ pixels
+    /// without changing the model, so it salts the uncertainty series' UIDs.
+    pub uncertainty_id: Option<String>,
     pub series_description_suffix: String,
     pub series_number_offset: u32,
     pub device_id: String,
@@ -46,17 +50,20 @@ enum Kind {
     Uncertainty,
 }
 
-/// Salt of the uncertainty series' UIDs (with the model id).
-fn uid_salt(kind: Kind, model_id: &str) -> String {
-    match kind {
-        Kind::Restored => model_id.to_owned(),
-        Kind::Uncertainty => format!("{model_id}/uncertainty-1sd"),
+/// Salt of a derived series' UIDs: the model id, and for the uncertainty
+/// series also the σ calibration's identity, so different σ pixels never
+/// share a UID.
+fn uid_salt(kind: Kind, p: &DeriveParams) -> String {
+    match (kind, &p.uncertainty_id) {
+        (Kind::Restored, _) => p.model_id.clone(),
+        (Kind::Uncertainty, None) => format!("{}/uncertainty-1sd", p.model_id),
+        (Kind::Uncertainty, Some(cal)) => format!("{}/uncertainty-1sd/{cal}", p.model_id),
     }
 }
 
 /// Series Instance UID of the uncertainty series of `source_series`.
-pub fn uncertainty_series_uid(source_series: &str, model_id: &str) -> String {
-    derived_uid(source_series, &uid_salt(Kind::Uncertainty, model_id))
+pub fn uncertainty_series_uid(source_series: &str, p: &DeriveParams) -> String {
+    derived_uid(source_series, &uid_salt(Kind::Uncertainty, p))
 }
 
 /// Series Description suffix of the uncertainty series.
@@ -141,7 +148,7 @@ fn derive(slices: &[SourceSlice], restored: &Volume, p: &DeriveParams, kind: Kin
 /// Returns the new SOP Instance UID.
 fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &str, kind: Kind) -> String {
     let src_series = obj.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
-    let salt = uid_salt(kind, &p.model_id);
+    let salt = uid_salt(kind, p);
     let sop = derived_uid(src_sop, &salt);
     obj.put(el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()));
     obj.put(el(tags::SERIES_INSTANCE_UID, VR::UI, derived_uid(&src_series, &salt)));
@@ -197,13 +204,14 @@ fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag, kind: Kind) {
 fn derivation_description(p: &DeriveParams, kind: Kind) -> String {
     if kind == Kind::Uncertainty {
         let desc = format!(
-            "NOT FOR DIAGNOSIS. Uncertainty of the series restored by petrestore {} on {} (engine {}, model {}): per voxel, the \
+            "NOT FOR DIAGNOSIS. Uncertainty of the series restored by petrestore {} on {} (engine {}, model {}{}): per voxel, the \
              predicted standard deviation (1 SD, in the image's units) of the difference between the restored image and a \
              standard 90 s acquisition of the same bed; calibrated on simulated data. Not an activity image.{}",
             env!("CARGO_PKG_VERSION"),
             p.device_id,
             p.engine,
             p.model_id,
+            p.uncertainty_id.as_ref().map(|c| format!(", σ calibration {c}")).unwrap_or_default(),
             p.notice.as_ref().map(|n| format!(" {n}")).unwrap_or_default(),
         );
         return truncate(&desc, 1024);
@@ -236,7 +244,7 @@ fn reference_item(class: &str, instance: &str) -> InMemDicomObject {
 fn source_items(src: &SourceSlice, p: &DeriveParams, kind: Kind) -> Vec<InMemDicomObject> {
     let mut items = vec![source_image_item(src)];
     if kind == Kind::Uncertainty {
-        items.push(reference_item(&src.sop_class_uid, &derived_uid(&src.sop_instance_uid, &uid_salt(Kind::Restored, &p.model_id))));
+        items.push(reference_item(&src.sop_class_uid, &derived_uid(&src.sop_instance_uid, &uid_salt(Kind::Restored, p))));
     }
     items
 }
@@ -400,6 +408,25 @@ mod tests {
             let back: f64 = s.parse().unwrap();
             assert!((back - v).abs() <= 1e-8 * v.abs(), "{v} -> {s}");
         }
+    }
+
+    #[test]
+    fn the_sigma_calibration_salts_only_the_uncertainty_series() {
+        let p = |cal: Option<&str>| DeriveParams {
+            engine: "tract".into(),
+            notice: None,
+            research: true,
+            model_id: "m@1+abc".into(),
+            uncertainty_id: cal.map(str::to_owned),
+            series_description_suffix: String::new(),
+            series_number_offset: 1000,
+            device_id: "dev".into(),
+        };
+        let (a, b) = (p(Some("111111111111")), p(Some("222222222222")));
+        assert_eq!(uid_salt(Kind::Restored, &a), uid_salt(Kind::Restored, &b), "the restored image does not depend on σ");
+        assert_ne!(uncertainty_series_uid("1.2.3", &a), uncertainty_series_uid("1.2.3", &b));
+        assert_eq!(uncertainty_series_uid("1.2.3", &a), uncertainty_series_uid("1.2.3", &p(Some("111111111111"))));
+        assert!(derivation_description(&a, Kind::Uncertainty).contains("σ calibration 111111111111"));
     }
 
     #[test]

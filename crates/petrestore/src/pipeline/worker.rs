@@ -266,6 +266,7 @@ pub fn restore_paths_with(
     input.frame_duration_s = Some(selected.frame_duration_s);
     let (restored, variance, engine, fallbacks) =
         run_engines(engines, &input).map_err(|e| NotRestored::Failed(format!("restoration failed: {e}")))?;
+    let calibration = engine.uncertainty();
     let params = DeriveParams {
         engine: engine.label(),
         notice: {
@@ -275,18 +276,19 @@ pub fn restore_paths_with(
         },
         research: engine.notice().is_some(),
         model_id: engine.model_id(),
+        uncertainty_id: calibration.as_ref().map(|c| c.id()),
         series_description_suffix: s.restore.series_description_suffix.clone(),
         series_number_offset: s.restore.series_number_offset,
         device_id: s.node.device_id.clone(),
     };
     let source_series = loaded.slices[0].dataset.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
-    let uncertainty = match engine.uncertainty() {
+    let uncertainty = match calibration {
         None => None,
         Some(cal) => {
             let sigma = cal.sigma(&input, &restored, variance.as_ref()).map_err(|e| NotRestored::Failed(format!("uncertainty: {e}")))?;
             Some(RestoredUncertainty {
                 summary: crate::restore::uncertainty::summarise(&restored, &sigma, UNCERTAIN_FRACTION),
-                series_uid: uncertainty_series_uid(&source_series, &params.model_id),
+                series_uid: uncertainty_series_uid(&source_series, &params),
                 instances: if uncertainty_series { derive_uncertainty(&loaded.slices, &sigma, &params) } else { Vec::new() },
             })
         }

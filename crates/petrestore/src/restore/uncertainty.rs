@@ -105,6 +105,15 @@ pub enum UncertaintyError {
 }
 
 impl Calibration {
+    /// Identity of this calibration as applied (every field, a site's
+    /// factor included): the first 12 hex digits of the sha256 of its
+    /// debug form. It salts the uncertainty series' UIDs, since editing
+    /// `[uncertainty]` or a site factor changes σ without changing the model.
+    pub fn id(&self) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(format!("{self:?}").as_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn check(&self) -> Result<(), UncertaintyError> {
         self.check_text().map_err(UncertaintyError::Calibration)
     }
@@ -596,8 +605,13 @@ mod tests {
             let want = (cal.head[*c as usize] as f32 * var.data[i]).sqrt();
             assert!((s.data[i] - want).abs() <= 1e-5 * want.max(1.0), "voxel {i}: {} vs {want}", s.data[i]);
         }
-        // a site's factor scales it as it scales the analytic σ
+        // a site's factor scales it as it scales the analytic σ, and is
+        // part of the calibration's identity (which salts the σ series' UIDs)
+        let before = cal.id();
+        assert_eq!(before.len(), 12);
+        assert_eq!(before, cal.clone().id());
         cal.site_scale = vec![2.0; 4];
+        assert_ne!(cal.id(), before);
         let scaled = cal.sigma(&input, &restored, Some(&var)).unwrap();
         assert!(scaled.data.iter().zip(&s.data).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-5 * a.max(1.0)));
         // σ is predicted for short frames only
