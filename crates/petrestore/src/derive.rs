@@ -211,7 +211,7 @@ fn derivation_description(p: &DeriveParams, kind: Kind) -> String {
             p.device_id,
             p.engine,
             p.model_id,
-            p.uncertainty_id.as_ref().map(|c| format!(", σ calibration {c}")).unwrap_or_default(),
+            p.uncertainty_id.as_ref().map(|c| format!(", sigma calibration {c}")).unwrap_or_default(),
             p.notice.as_ref().map(|n| format!(" {n}")).unwrap_or_default(),
         );
         return truncate(&desc, 1024);
@@ -426,7 +426,9 @@ mod tests {
         assert_eq!(uid_salt(Kind::Restored, &a), uid_salt(Kind::Restored, &b), "the restored image does not depend on σ");
         assert_ne!(uncertainty_series_uid("1.2.3", &a), uncertainty_series_uid("1.2.3", &b));
         assert_eq!(uncertainty_series_uid("1.2.3", &a), uncertainty_series_uid("1.2.3", &p(Some("111111111111"))));
-        assert!(derivation_description(&a, Kind::Uncertainty).contains("σ calibration 111111111111"));
+        let d = derivation_description(&a, Kind::Uncertainty);
+        // the default character set: a non-ASCII letter here cannot be encoded
+        assert!(d.contains("sigma calibration 111111111111") && d.is_ascii(), "{d}");
     }
 
     #[test]
