@@ -78,15 +78,9 @@ pub fn open_journal(settings: &Settings) -> Result<Journal> {
 /// dropped, but sled releases the folder's lock from its background thread a
 /// moment later, so a lock still held is waited for (up to 5 s).
 fn reopen_after_repair(settings: &Settings) -> Result<Journal> {
-    let t = std::time::Instant::now();
-    loop {
-        match Journal::open(&settings.node.state_dir.join("journal")) {
-            Ok(j) => return Ok(j),
-            Err(JournalError::Locked { .. }) if t.elapsed() < std::time::Duration::from_secs(5) => {
-                std::thread::sleep(std::time::Duration::from_millis(50))
-            }
-            Err(_) => return open_journal(settings),
-        }
+    match Journal::open_waiting(&settings.node.state_dir.join("journal"), std::time::Duration::from_secs(5)) {
+        Ok(j) => Ok(j),
+        Err(_) => open_journal(settings),
     }
 }
 

@@ -95,7 +95,9 @@ pub struct Repaired {
 /// restore finished jobs from the outcome log. The journal must be closed.
 pub fn repair(journal_dir: &Path, spool_root: &Path) -> Result<Repaired, JournalError> {
     let r = rebuild::rebuild(journal_dir, spool_root)?;
-    let journal = Journal::open(journal_dir)?;
+    // the rebuild has just dropped its handle on the same folder: sled may
+    // hold the lock a moment longer
+    let journal = Journal::open_waiting(journal_dir, std::time::Duration::from_secs(5))?;
     let log = journal.outcomes().read().map_err(|e| JournalError::Sled(sled::Error::Io(e)))?;
     let mut finished = 0;
     for (id, e) in log {

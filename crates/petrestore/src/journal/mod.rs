@@ -124,6 +124,19 @@ pub struct Journal {
 }
 
 impl Journal {
+    /// [`Journal::open`], waiting up to `wait` while the folder is locked:
+    /// for a journal this process has just dropped, whose lock sled
+    /// releases from its background thread a moment after the last handle.
+    pub fn open_waiting(dir: &Path, wait: std::time::Duration) -> Result<Journal, JournalError> {
+        let t = std::time::Instant::now();
+        loop {
+            match Journal::open(dir) {
+                Err(JournalError::Locked { .. }) if t.elapsed() < wait => std::thread::sleep(std::time::Duration::from_millis(50)),
+                r => return r,
+            }
+        }
+    }
+
     /// Open (or create) the journal in `dir`.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
         let db = sled::Config::new()
