@@ -42,7 +42,7 @@ enum Command {
         physics: bool,
         /// With --physics: "torso" (organs and lesions), "nema" (NEMA NU 2
         /// IEC body phantom, spheres 10–37 mm at 4:1, sphere plane 69 mm in),
-        /// or "ellipse" / "lobulated": a random patient of that phantom
+        /// or "ellipse" / "lobulated" / "textured": a random patient of that phantom
         /// family with random lesions (--seed picks the patient).
         #[arg(long, default_value = "torso")]
         phantom: String,
@@ -61,7 +61,8 @@ enum Command {
     /// Simulate a training or evaluation dataset (compact .npy studies with
     /// nested 30/60/90 s frames, noise-free reconstruction, truth, lesions).
     /// Splits: train = ellipse family seeds 0–9999, val = ellipse
-    /// 10000–10999, test = lobulated family and NEMA from seed 20000.
+    /// 10000–10999 (or, with --family textured, the textured family from
+    /// seed 30000), test = lobulated family and NEMA from seed 20000.
     /// Studies already present are kept (a run can be resumed).
     Dataset {
         #[arg(long)]
@@ -69,6 +70,11 @@ enum Command {
         /// train, val or test.
         #[arg(long)]
         split: String,
+        /// With --split val: the phantom family, "ellipse" (the training's
+        /// anatomy, other patients) or "textured" (anatomy neither training
+        /// nor test uses: superellipse organs with uneven uptake).
+        #[arg(long, default_value = "ellipse")]
+        family: String,
         /// Patient studies to make.
         #[arg(long, default_value_t = 10)]
         count: u64,
@@ -217,7 +223,9 @@ fn run(cli: Cli) -> Result<()> {
                     petsim::Phantom::Patient { family: petsim::patient::Family::parse(f).expect("checked"), seed }
                 }
                 other => {
-                    bail!("--phantom {other:?}: use torso, nema, ellipse or lobulated (a random patient of that family; --seed picks it)")
+                    bail!(
+                        "--phantom {other:?}: use torso, nema, ellipse, lobulated or textured (a random patient of that family; --seed picks it)"
+                    )
                 }
             };
             let spec = petsim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
@@ -253,7 +261,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Dataset { out, split, count, skip, nema, slices, matrix, post_filter, randomize, unfiltered, site } => {
+        Command::Dataset { out, split, family, count, skip, nema, slices, matrix, post_filter, randomize, unfiltered, site } => {
             use petsim::dataset::{Geometry, Source, Split, write_study_with};
             use petsim::patient::Family;
             use petsim::sites::{SITE_MATRIX, Setting};
@@ -267,10 +275,13 @@ fn run(cli: Cli) -> Result<()> {
             if !(0.0..=30.0).contains(&post_filter) {
                 bail!("--post-filter {post_filter}: give a FWHM in mm from 0 (none) to 30");
             }
-            let (family, base) = match split {
-                Split::Train => (Family::Ellipse, 0),
-                Split::Validation => (Family::Ellipse, 10_000),
-                Split::Test => (Family::Lobulated, 20_000),
+            let (family, base) = match (split, family.as_str()) {
+                (Split::Train, "ellipse") => (Family::Ellipse, 0),
+                (Split::Validation, "ellipse") => (Family::Ellipse, 10_000),
+                (Split::Validation, "textured") => (Family::Textured, 30_000),
+                (Split::Test, "ellipse") => (Family::Lobulated, 20_000),
+                (Split::Validation, other) => bail!("--family {other:?}: use ellipse or textured"),
+                (_, other) => bail!("--family {other:?} is for --split val only (train is ellipse, test lobulated)"),
             };
             let fixed = Setting {
                 name: "fixed".into(),

@@ -50,7 +50,8 @@ impl Source {
 pub enum Split {
     /// ellipse family, seeds 0–9999.
     Train,
-    /// ellipse family, seeds 10000–10999: every choice (epochs, Gaussian σ).
+    /// ellipse family, seeds 10000–10999, and the textured family, seeds
+    /// 30000–30999: every choice (epochs, Gaussian σ, calibration).
     Validation,
     /// lobulated family and NEMA, seeds 20000+: reported, never used for choices.
     Test,
@@ -70,6 +71,7 @@ impl Split {
         match (source, seed) {
             (Source::Patient(Family::Ellipse), 0..=9_999) => Some(Split::Train),
             (Source::Patient(Family::Ellipse), 10_000..=10_999) => Some(Split::Validation),
+            (Source::Patient(Family::Textured), 30_000..=30_999) => Some(Split::Validation),
             (Source::Patient(Family::Lobulated) | Source::Nema, 20_000..) => Some(Split::Test),
             _ => None,
         }
@@ -247,6 +249,9 @@ mod tests {
         assert_eq!(Split::of(Source::Patient(Family::Lobulated), 20_001), Some(Split::Test));
         assert_eq!(Split::of(Source::Patient(Family::Lobulated), 5), None, "test family never in training seeds");
         assert_eq!(Split::of(Source::Nema, 3), None);
+        assert_eq!(Split::of(Source::Patient(Family::Textured), 30_001), Some(Split::Validation));
+        assert_eq!(Split::of(Source::Patient(Family::Textured), 5), None, "no training on the textured family");
+        assert_eq!(Split::of(Source::Patient(Family::Textured), 20_001), None, "nor testing");
     }
 
     #[test]
