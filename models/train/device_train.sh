@@ -28,7 +28,9 @@ EVAL_EVERY=${EVAL_EVERY:-1000}
 TOTAL_S=${TOTAL_S:-570}    # the whole script, inside the tool's 600 s per command
 TRAIN_S=${TRAIN_S:-}       # wall-time cap of the main run; default: what is left after the simulation, the probe and the fine-tune
 PROBE=${PROBE:-600}        # probe steps that time the GPU when STEPS=auto
+PROBE_S=${PROBE_S:-60}     # wall-time cap of the probe
 MIN_STEPS=${MIN_STEPS:-2000}
+MAX_STEPS=${MAX_STEPS:-200000}
 FT_STEPS=${FT_STEPS:-2500} # lesion fine-tune (the 1.1.0 settings) from the main run's best weights
 FT_S=${FT_S:-50}
 exec > >(tee "$OUT/log.txt") 2>&1
@@ -48,7 +50,7 @@ for ((j = 0; j < SIMS; j++)); do
 done
 for p in "${pids[@]}"; do wait "$p" || { say "the simulator failed"; exit 4; }; done
 say "simulated $(ls "$DATA"/train/*.npy | wc -l) training and $(ls "$DATA"/val/*.npy | wc -l) validation studies"
-probe_s=0; [ "$STEPS" = auto ] && probe_s=60
+probe_s=0; [ "$STEPS" = auto ] && probe_s=$PROBE_S
 TRAIN_S=${TRAIN_S:-$(( TOTAL_S - SECONDS - probe_s - FT_S - 15 ))}
 [ "$TRAIN_S" -ge 60 ] || { say "only ${TRAIN_S} s left for training: make fewer STUDIES or give TOTAL_S"; exit 7; }
 
@@ -58,13 +60,13 @@ if [ "$STEPS" = auto ]; then
     # run's schedule is then as long as fits in TRAIN_S (a run cut early ends at a high learning rate)
     timeout "$probe_s" $PY -m petrain.train --train "$DATA/train" --val "$DATA/val" --out "$DATA/probe" \
         --width "$WIDTH" --steps 100000 --eval-every $(( PROBE / 3 )) --stop-after "$PROBE" > "$DATA/probe.log" 2>&1
-    STEPS=$($PY - "$DATA/probe/checkpoint.json" "$TRAIN_S" "$MIN_STEPS" <<'PY'
+    STEPS=$($PY - "$DATA/probe/checkpoint.json" "$TRAIN_S" "$MIN_STEPS" "$MAX_STEPS" <<'PY'
 import json, sys
 h = json.load(open(sys.argv[1]))["history"]
 rate = (h[-1]["step"] - h[0]["step"]) / max((h[-1]["minutes"] - h[0]["minutes"]) * 60, 1e-6)
 startup = h[0]["minutes"] * 60 - h[0]["step"] / rate + 15  # compile and data loading, with margin
 steps = int(rate * (float(sys.argv[2]) - startup) * 0.85) // 1000 * 1000
-print(min(max(steps, int(sys.argv[3])), 200000))
+print(min(max(steps, int(sys.argv[3])), int(sys.argv[4])))
 PY
 ) || { say "the probe failed:"; tail -20 "$DATA/probe.log"; exit 6; }
     say "probe: $(grep -c '^step=' "$DATA/probe.log") validations; main run schedule $STEPS steps"
