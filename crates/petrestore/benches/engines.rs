@@ -7,7 +7,9 @@
 //! ORT_DYLIB_PATH or the `.venv` that `.ci/run` makes). `MODEL=DIR` picks
 //! another model package; `REPS=N` repetitions (median); `MATRICES=192` and
 //! `THREADS=2` (comma lists) run part of the table (`THREADS=none`: only
-//! the uncertainty rows).
+//! the uncertainty rows). `FILTER=1` times only the 3D Gaussian filter that
+//! the lesion guard, σ and the fallback engine use, row-wise against the
+//! line-wise reference, alternating (no model, no ONNX Runtime needed).
 
 use testkit::bench::*;
 
@@ -49,8 +51,43 @@ fn timed_child(mut cmd: Command) -> (f64, f64) {
     (t.elapsed().as_secs_f64(), ru.ru_maxrss as f64 / 1024.0)
 }
 
+/// The Gaussian filter, row-wise (shipped) against line-wise (reference),
+/// on one thread, at the guard's two scales and two series lengths.
+fn filter_table(reps: usize) {
+    println!("3D Gaussian filter, 192² at 3.65 mm, 3.27 mm slices, one thread, {reps} alternating repetitions, medians (ms)");
+    println!("{:<8} {:>7} {:>11} {:>10} {:>7}", "slices", "FWHM mm", "line-wise", "row-wise", "ratio");
+    let mut seed = 11u64;
+    for nz in [48usize, 268] {
+        let n = 192;
+        let data: Vec<f32> = (0..n * n * nz)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 33) as f32 / (1u64 << 31) as f32) * 5000.0
+            })
+            .collect();
+        let v = restore::Volume { nx: n, ny: n, nz, spacing: [3.65, 3.65, 3.27], data, frame_duration_s: Some(30.0) };
+        for fwhm in [5.0, 15.0] {
+            let (mut old, mut new) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                let t = Instant::now();
+                let a = restore::gaussian::filter_by_lines(&v, fwhm);
+                old.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                let b = restore::gaussian::filter(&v, fwhm);
+                new.push(t.elapsed().as_secs_f64() * 1e3);
+                assert!(a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()), "the two filters differ");
+            }
+            let (o, w) = (median(old), median(new));
+            println!("{:<8} {:>7} {:>11.1} {:>10.1} {:>7.2}", nz, fwhm, o, w, w / o);
+        }
+    }
+}
+
 fn main() {
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    if std::env::var_os("FILTER").is_some() {
+        return filter_table(reps);
+    }
     let model = std::env::var_os("MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/test-unet"));
