@@ -84,6 +84,19 @@ pub fn filter(v: &Volume, fwhm_mm: f64) -> Volume {
 
 /// [`filter`] on a volume the caller gives up: one scratch buffer instead of two.
 pub fn filter_owned(v: Volume, fwhm_mm: f64) -> Volume {
+    separable(v, fwhm_mm, true)
+}
+
+/// [`filter`] walking y and z one line at a time, as it was first written:
+/// the reference the row-wise filter is checked against (bit for bit) and
+/// measured beside (`cargo bench --bench engines`, `FILTER=1`).
+#[doc(hidden)]
+pub fn filter_by_lines(v: &Volume, fwhm_mm: f64) -> Volume {
+    separable(Volume { data: v.data.clone(), ..v.clone_shape() }, fwhm_mm, false)
+}
+
+/// The three 1D passes, x then y then z; y and z row-wise or line-wise.
+fn separable(v: Volume, fwhm_mm: f64, row_wise: bool) -> Volume {
     let sigma_mm = fwhm_mm / (8.0f64.ln() * 2.0).sqrt();
     let (nx, ny, nz) = (v.nx, v.ny, v.nz);
     let shape = v.clone_shape();
@@ -92,28 +105,15 @@ pub fn filter_owned(v: Volume, fwhm_mm: f64) -> Volume {
     let kx = kernel(sigma_mm / v.spacing[0]);
     convolve_axis(&a, &mut b, &kx, nx, 1, (0..nz * ny).map(|l| l * nx));
     let ky = kernel(sigma_mm / v.spacing[1]);
-    convolve_blocks(&b, &mut a, &ky, ny, nx, (0..nz).map(|z| z * nx * ny));
     let kz = kernel(sigma_mm / v.spacing[2]);
-    convolve_blocks(&a, &mut b, &kz, nz, nx * ny, std::iter::once(0));
+    if row_wise {
+        convolve_blocks(&b, &mut a, &ky, ny, nx, (0..nz).map(|z| z * nx * ny));
+        convolve_blocks(&a, &mut b, &kz, nz, nx * ny, std::iter::once(0));
+    } else {
+        convolve_axis(&b, &mut a, &ky, ny, nx, (0..nz).flat_map(|z| (0..nx).map(move |x| z * nx * ny + x)));
+        convolve_axis(&a, &mut b, &kz, nz, nx * ny, 0..nx * ny);
+    }
     Volume { data: b, ..shape }
-}
-
-/// [`filter`] walking y and z one line at a time, as it was first written:
-/// the reference the row-wise filter is checked against (bit for bit) and
-/// measured beside (`cargo bench --bench engines`, `FILTER=1`).
-#[doc(hidden)]
-pub fn filter_by_lines(v: &Volume, fwhm_mm: f64) -> Volume {
-    let sigma_mm = fwhm_mm / (8.0f64.ln() * 2.0).sqrt();
-    let (nx, ny, nz) = (v.nx, v.ny, v.nz);
-    let mut a = v.data.clone();
-    let mut b = vec![0.0f32; a.len()];
-    let kx = kernel(sigma_mm / v.spacing[0]);
-    convolve_axis(&a, &mut b, &kx, nx, 1, (0..nz * ny).map(|l| l * nx));
-    let ky = kernel(sigma_mm / v.spacing[1]);
-    convolve_axis(&b, &mut a, &ky, ny, nx, (0..nz).flat_map(|z| (0..nx).map(move |x| z * nx * ny + x)));
-    let kz = kernel(sigma_mm / v.spacing[2]);
-    convolve_axis(&a, &mut b, &kz, nz, nx * ny, 0..nx * ny);
-    Volume { data: b, ..v.clone_shape() }
 }
 
 impl Engine for Gaussian {
