@@ -10,6 +10,11 @@
 //! the uncertainty rows). `FILTER=1` times only the 3D Gaussian filter that
 //! the lesion guard, σ and the fallback engine use, row-wise against the
 //! line-wise reference, alternating (no model, no ONNX Runtime needed).
+//! `MODELS=DIR1,DIR2,…` compares model packages side by side: per engine
+//! and thread count, each repetition runs every model once in turn on the
+//! same volume, so all see the same machine; it prints each model's median
+//! engine time and the median of its per-repetition ratio to the first
+//! (`ENGINES=ort` or `tract` runs one engine).
 
 use testkit::bench::*;
 
@@ -83,17 +88,102 @@ fn filter_table(reps: usize) {
     }
 }
 
+/// MATRICES=192 / THREADS=2 (comma lists) run a part of the table.
+fn list(var: &str, all: &[usize]) -> Vec<usize> {
+    std::env::var(var).ok().map_or(all.to_vec(), |v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+}
+
+/// PROVIDERS=tensorrt,cuda,cpu on a GPU machine (scripts/gpu-check.sh).
+fn providers() -> Vec<String> {
+    std::env::var("PROVIDERS").unwrap_or_else(|_| "cpu".into()).split(',').map(str::to_string).collect()
+}
+
+fn engine_for(
+    engine: &str,
+    model: &Path,
+    lib: &Path,
+    providers: &[String],
+    threads: usize,
+    state: &Path,
+) -> std::sync::Arc<dyn restore::Engine> {
+    let mut s = Settings::defaults();
+    s.restore.engines = vec![petrestore::config::EngineKind::parse(engine).expect("an engine name")];
+    s.restore.model = model.to_owned();
+    s.restore.ort_library = Some(lib.to_owned());
+    s.restore.ort_providers =
+        providers.iter().map(|p| petrestore::config::Provider::parse(p).expect("PROVIDERS: tensorrt, cuda or cpu")).collect();
+    s.restore.threads = threads;
+    s.node.state_dir = state.to_owned();
+    restore::engines_from_settings(&s).unwrap().engines[0].clone()
+}
+
+/// Engine time of several model packages on the same volume, alternating
+/// within each repetition (MODELS=…).
+fn paired_table(models: &[PathBuf], reps: usize) {
+    let lib = ort_library();
+    let providers = providers();
+    let tmp = tempfile::tempdir().unwrap();
+    println!("paired engine benchmark: 268 slices, {reps} repetitions, models alternating within each, medians");
+    for (i, m) in models.iter().enumerate() {
+        let pkg = restore::model::ModelPackage::load(m).unwrap();
+        println!("  model {i}: {} ({})", pkg.model_id(), m.display());
+    }
+    println!("{:<7} {:<10} {:>7} {:>6} {:>12} {:>16}", "matrix", "engine", "threads", "model", "engine s", "÷ model 0 (med)");
+    for matrix in list("MATRICES", &[192]) {
+        let spec = petsim::SeriesSpec { slices: 268, matrix, seed: 5, ..Default::default() };
+        let dir = tmp.path().join(format!("s{matrix}"));
+        let src = petsim::write_series(&dir, &spec).unwrap();
+        let mut v = volume::load(&src.files).unwrap().volume;
+        v.frame_duration_s = Some(spec.frame_duration_s);
+        for threads in list("THREADS", &[2]) {
+            let which = std::env::var("ENGINES").unwrap_or_else(|_| "ort,tract".into());
+            for engine in which.split(',').map(str::trim) {
+                let engines: Vec<_> = models.iter().map(|m| engine_for(engine, m, &lib, &providers, threads, tmp.path())).collect();
+                let label = engines[0].label();
+                for e in &engines {
+                    let _ = e.run(&v).unwrap(); // warm-up: plans, allocations
+                }
+                let mut times = vec![Vec::new(); models.len()];
+                for _ in 0..reps {
+                    for (k, e) in engines.iter().enumerate() {
+                        let t = Instant::now();
+                        e.run(&v).unwrap();
+                        times[k].push(t.elapsed().as_secs_f64());
+                    }
+                }
+                for (k, t) in times.iter().enumerate() {
+                    let ratio = median(t.iter().zip(&times[0]).map(|(a, b)| a / b).collect());
+                    println!(
+                        "{:<7} {:<10} {:>7} {:>6} {:>12.2} {:>16.3}",
+                        format!("{matrix}²"),
+                        label,
+                        threads,
+                        k,
+                        median(t.clone()),
+                        ratio
+                    );
+                }
+            }
+        }
+    }
+}
+
 fn main() {
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     if std::env::var_os("FILTER").is_some() {
         return filter_table(reps);
+    }
+    if let Ok(models) = std::env::var("MODELS") {
+        let models: Vec<PathBuf> = models.split(',').map(PathBuf::from).collect();
+        assert!(models.len() >= 2, "MODELS needs two or more package folders, comma-separated");
+        return paired_table(&models, reps);
     }
     let model = std::env::var_os("MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/test-unet"));
     let lib = ort_library();
     // PROVIDERS=tensorrt,cuda,cpu on a GPU machine (scripts/gpu-check.sh).
-    let providers: Vec<String> = std::env::var("PROVIDERS").unwrap_or_else(|_| "cpu".into()).split(',').map(str::to_string).collect();
+    let providers = providers();
     let tmp = tempfile::tempdir().unwrap();
     let pkg = restore::model::ModelPackage::load(&model).unwrap();
     println!("engine benchmark: model {} ({}), 268 slices, {reps} repetitions, medians", pkg.model_id(), model.display());
@@ -101,10 +191,6 @@ fn main() {
         "{:<7} {:<10} {:>7} {:>10} {:>12} {:>13} {:>13} {:>9}",
         "matrix", "engine", "threads", "slices/s", "engine s", "restore cmd s", "peak RSS MiB", "vs ort"
     );
-    // MATRICES=192 / THREADS=2 (comma lists) run a part of the table
-    let list = |var: &str, all: &[usize]| -> Vec<usize> {
-        std::env::var(var).ok().map_or(all.to_vec(), |v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-    };
     for matrix in list("MATRICES", &[192, 400]) {
         let spec = petsim::SeriesSpec { slices: 268, matrix, seed: 5, ..Default::default() };
         let dir = tmp.path().join(format!("s{matrix}"));
@@ -115,16 +201,7 @@ fn main() {
         for threads in list("THREADS", &[1, 2]) {
             let mut ort_time = None;
             for engine in ["ort", "tract"] {
-                let mut s = Settings::defaults();
-                s.restore.engines = vec![petrestore::config::EngineKind::parse(engine).expect("an engine name")];
-                s.restore.model = model.clone();
-                s.restore.ort_library = Some(lib.clone());
-                s.restore.ort_providers =
-                    providers.iter().map(|p| petrestore::config::Provider::parse(p).expect("PROVIDERS: tensorrt, cuda or cpu")).collect();
-                s.restore.threads = threads;
-                s.node.state_dir = tmp.path().to_owned();
-                let e = restore::engines_from_settings(&s).unwrap();
-                let eng = e.engines[0].clone();
+                let eng = engine_for(engine, &model, &lib, &providers, threads, tmp.path());
                 let label = eng.label();
                 let _ = eng.run(&v).unwrap(); // warm-up: plans, allocations
                 let times: Vec<f64> = (0..reps)
