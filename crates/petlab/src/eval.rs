@@ -305,7 +305,7 @@ pub fn run(o: &EvalOptions) -> Result<Value, String> {
                 if let Some(mut cal) = e.uncertainty() {
                     cal.site_scale = o.site_scale.clone().unwrap_or_default();
                     let sigma = cal.sigma(&short, &r, var.as_ref()).map_err(|e| format!("{}: {e}", st.name))?;
-                    rec.uncertainty = Some(crate::uncertainty::coverage(&st, &r, &sigma));
+                    rec.uncertainty = Some(crate::uncertainty::coverage(&st, &r, &sigma, &outs[1].1));
                 }
                 records.push(rec);
                 outs.push(("model", r));
@@ -579,8 +579,8 @@ pub fn markdown(report: &Value) -> String {
     }
     if g("unc_cov68_body_30_model").is_some() {
         o.push_str(
-            "\n### Uncertainty: coverage of R ± σ / R ± 1.96 σ (%; nominal 68.3 / 95), and mean σ ÷ R over the body\n\n\
-             | duration | body | hot organs | lesions | lungs | lesion SUVmean ≥ 10 mm | body σ ÷ R (%) |\n|---|---|---|---|---|---|---|\n",
+            "\n### Uncertainty: coverage of R ± σ / R ± 1.96 σ (%; nominal 68.3 / 95), mean σ ÷ R over the body, and σ against PET90's conditional SD (RMS ratio; 1 = a perfect denoiser's σ)\n\n\
+             | duration | body | hot organs | lesions | lungs | lesion SUVmean ≥ 10 mm | body σ ÷ R (%) | body σ ÷ PET90's conditional SD |\n|---|---|---|---|---|---|---|---|\n",
         );
         for d in [30, 60] {
             o.push_str(&format!("| {d} s |"));

@@ -204,7 +204,7 @@ fn uncertainty_markdown(cells: &serde_json::Map<String, Value>) -> String {
     }
     let mut o = String::from(
         "\n### uncertainty: coverage of R ± σ / R ± 1.96 σ (%; nominal 68.3 / 95)\n\n\
-         | cell | frame | body | hot organs | lesions | lungs | lesion SUVmean ≥ 10 mm | body σ ÷ R (%) |\n|---|---|---|---|---|---|---|---|\n",
+         | cell | frame | body | hot organs | lesions | lungs | lesion SUVmean ≥ 10 mm | body σ ÷ R (%) | body σ ÷ PET90's conditional SD |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for (name, c) in cells {
         for d in [30, 60] {

@@ -36,6 +36,10 @@ pub struct Coverage {
     pub lesion_means: Vec<[f64; 2]>,
     /// Mean σ ÷ mean R over the body (%).
     pub body_relative_sd_pct: f64,
+    /// RMS σ ÷ RMS(PET90 − oracle) over the body: σ against the simulator's
+    /// own conditional SD of PET90 given the short frame (what a perfect
+    /// denoiser's calibrated σ would be); 1 is the sharpest honest σ.
+    pub body_sigma_over_conditional_sd: f64,
     /// Per [`LEVELS`] entry: [voxels inside the body, within z·σ].
     pub reliability: Vec<[f64; 2]>,
 }
@@ -71,8 +75,10 @@ pub fn tissues(st: &Study) -> Vec<Option<u8>> {
     out
 }
 
-/// Coverage of `sigma` for the restored `r` against the study's PET90.
-pub fn coverage(st: &Study, r: &Volume, sigma: &Volume) -> Coverage {
+/// Coverage of `sigma` for the restored `r` against the study's PET90;
+/// `oracle` is the perfect denoiser's image of the same frame
+/// ([`crate::eval::oracle`]), whose error is PET90's conditional spread.
+pub fn coverage(st: &Study, r: &Volume, sigma: &Volume, oracle: &Volume) -> Coverage {
     let p90 = &st.planes[PET90];
     let tis = tissues(st);
     let mut c = Coverage::default();
@@ -80,6 +86,7 @@ pub fn coverage(st: &Study, r: &Volume, sigma: &Volume) -> Coverage {
         c.tissue.insert(name.into(), [0.0; 3]);
     }
     let (mut sr, mut ss) = (0.0f64, 0.0f64);
+    let (mut s2, mut o2) = (0.0f64, 0.0f64);
     c.reliability = vec![[0.0; 2]; LEVELS.len()];
     for (i, t) in tis.iter().enumerate() {
         let Some(t) = *t else { continue };
@@ -95,9 +102,12 @@ pub fn coverage(st: &Study, r: &Volume, sigma: &Volume) -> Coverage {
         if t != 3 {
             sr += r.data[i] as f64;
             ss += s;
+            s2 += s * s;
+            o2 += ((p90.data[i] - oracle.data[i]) as f64).powi(2);
         }
     }
     c.body_relative_sd_pct = 100.0 * ss / sr.max(f64::MIN_POSITIVE);
+    c.body_sigma_over_conditional_sd = (s2 / o2.max(f64::MIN_POSITIVE)).sqrt();
     for (dia, centre, _, _) in st.lesions() {
         let idx = sphere_voxels(r, centre, dia / 2.0);
         let mean = |v: &Volume| idx.iter().map(|i| v.data[*i] as f64).sum::<f64>() / idx.len().max(1) as f64;
@@ -134,6 +144,10 @@ pub fn summarise(covs: &[&Coverage], d: u32, method: &str, s: &mut BTreeMap<Stri
         }
     }
     s.insert(format!("unc_body_relative_sd_{d}_{method}"), covs.iter().map(|c| c.body_relative_sd_pct).sum::<f64>() / covs.len() as f64);
+    s.insert(
+        format!("unc_body_sharpness_{d}_{method}"),
+        covs.iter().map(|c| c.body_sigma_over_conditional_sd).sum::<f64>() / covs.len() as f64,
+    );
 }
 
 /// One restored frame of the validation grid, as the calibration sees it.
@@ -518,8 +532,8 @@ pub fn with_calibration(toml_text: &str, cal: &Calibration) -> String {
 }
 
 /// The cells of one row of the coverage table (after the row's label):
-/// each tissue's 68 / 95 % coverage, the lesion SUVmean intervals' and the
-/// body σ ÷ R, read from a summary by `get`.
+/// each tissue's 68 / 95 % coverage, the lesion SUVmean intervals', the
+/// body σ ÷ R and σ ÷ PET90's conditional SD, read from a summary by `get`.
 pub fn coverage_cells(get: &dyn Fn(&str) -> Option<f64>, d: u32) -> String {
     let pair = |a: String, b: String| match (get(&a), get(&b)) {
         (Some(x), Some(y)) => format!("{x:.1} / {y:.1}"),
@@ -529,10 +543,12 @@ pub fn coverage_cells(get: &dyn Fn(&str) -> Option<f64>, d: u32) -> String {
     for t in TISSUES {
         o.push_str(&format!(" {} |", pair(format!("unc_cov68_{t}_{d}_model"), format!("unc_cov95_{t}_{d}_model"))));
     }
+    let one = |k: String, digits: usize| get(&k).map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "—".into());
     o.push_str(&format!(
-        " {} | {} |\n",
+        " {} | {} | {} |\n",
         pair(format!("unc_lesion_mean_cov68_{d}_model"), format!("unc_lesion_mean_cov95_{d}_model")),
-        get(&format!("unc_body_relative_sd_{d}_model")).map(|v| format!("{v:.1}")).unwrap_or_else(|| "—".into())
+        one(format!("unc_body_relative_sd_{d}_model"), 1),
+        one(format!("unc_body_sharpness_{d}_model"), 2)
     ));
     o
 }
@@ -558,6 +574,31 @@ pub fn reliability_png(summary: &Value, path: &Path) -> std::io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sharpness_is_sigma_against_the_perfect_denoisers_error() {
+        // a uniform body; PET90 = 1000 ± 10 around the oracle, σ = 20 everywhere
+        let vol = |f: &dyn Fn(usize) -> f32| Volume {
+            nx: 8,
+            ny: 8,
+            nz: 2,
+            spacing: [2.0, 2.0, 2.0],
+            data: (0..128).map(f).collect(),
+            frame_duration_s: None,
+        };
+        let flat = vol(&|_| 1000.0);
+        let p90 = vol(&|i| if i % 2 == 0 { 1010.0 } else { 990.0 });
+        let planes = vec![flat.clone(), flat.clone(), p90, flat.clone(), flat.clone()];
+        let st = Study { name: "s".into(), source: "phantom".into(), planes, meta: json!({}) };
+        let c = coverage(&st, &flat, &vol(&|_| 20.0), &flat);
+        assert!((c.body_sigma_over_conditional_sd - 2.0).abs() < 1e-9, "{c:?}");
+        assert_eq!(c.tissue["body"], [128.0, 128.0, 128.0]);
+        let mut s = BTreeMap::new();
+        summarise(&[&c], 30, "model", &mut s);
+        assert!((s["unc_body_sharpness_30_model"] - 2.0).abs() < 1e-9);
+        let row = coverage_cells(&|k| s.get(k).copied(), 30);
+        assert!(row.trim_end().ends_with("| 2.00 |"), "{row}");
+    }
 
     #[test]
     fn the_likelihood_fit_finds_the_weights_that_made_the_errors() {

@@ -79,6 +79,11 @@ fn grid_eval_reports_every_cell_and_the_worst_with_the_shipped_model() {
     // the model beats the raw frame on its own reconstruction, the oracle bounds it
     let (model, oracle) = (s["seed_mse_30_model"].as_f64().unwrap(), s["seed_mse_30_oracle"].as_f64().unwrap());
     assert!(model > 20.0 && model < oracle + 1.0, "{model} vs oracle {oracle}");
+    // σ's sharpness against PET90's conditional SD: in the table, and no
+    // narrower than half of what even a perfect denoiser could claim
+    let sharp = s["unc_body_sharpness_30_model"].as_f64().unwrap();
+    assert!(sharp.is_finite() && sharp > 0.5, "σ ÷ conditional SD {sharp}");
+    assert!(out.contains("PET90's conditional SD"), "{out}");
     // σ with a site calibration per cell, fitted on the validation cell: on
     // that same cell (in sample) the body coverage of R ± σ comes to 68.3 %
     let body68 = |r: &serde_json::Value| {

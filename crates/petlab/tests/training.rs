@@ -278,8 +278,11 @@ fn smoke_train_export_parity_eval_and_cross_check() {
         "2",
         "--patch",
         "32",
+        "--per-study",
     ]));
     assert!(sig.contains("| c1 | 30 s |") && sig.contains("worst body distance from 68.27"), "{sig}");
+    // --per-study: one row per study and frame, then the count within ±3 points
+    assert!(sig.contains("mean e² ÷ mean σ²") && sig.contains("studies within ±3 points of 68.27 %"), "{sig}");
     let o = Command::new(python())
         .args(["-m", "petrain.sigma", "--params", &d("run/params.npz"), "--train", &d("test"), "--grid", &d("grid"), "--out", &d("bad")])
         .current_dir(train_dir())

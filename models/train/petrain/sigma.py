@@ -90,6 +90,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N studies (smoke tests)")
     ap.add_argument("--head", help="measure these head weights (a run's sigma_params.npz) on --grid instead of training; --train is not read")
+    ap.add_argument("--per-study", action="store_true",
+                    help="also print each study's body coverage and mean (PET90 − R)² ÷ mean σ², and how far two studies of one cell differ")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     pr, _ = train.load_params(a.params)
@@ -143,7 +145,7 @@ def main(argv=None):
 def measure(a, pr, ph, k, textured_r, hist):
     """Coverage on every cell (subfolder) of a.grid, printed and written to a.out/coverage.json."""
     fwd = jax.jit(lambda x: (lambda o: (o[0], log_var(ph, head_input(x, o[1], k))))(restore(pr, x, textured_r)))
-    cells, rows = {}, []
+    cells, rows, studies = {}, [], []
     for cell in sorted(os.listdir(a.grid)):
         folder = os.path.join(a.grid, cell)
         if not os.path.isdir(folder):
@@ -153,6 +155,7 @@ def measure(a, pr, ph, k, textured_r, hist):
             rel = [0.0, 0.0]
             for st in data.load(folder):
                 tis = tissues(st)
+                own = [0, 0, 0.0, 0.0]  # body voxels, within R ± σ, Σ e², Σ σ²
                 for z in range(st.a.shape[1]):
                     x = st.model_input(d, z, k, True)[None]
                     out, lv = fwd(x)
@@ -166,6 +169,12 @@ def measure(a, pr, ph, k, textured_r, hist):
                         acc[name][2] += int((e[sel] <= Z95 * s[sel]).sum())
                     body = (tis[z] >= 0) & (tis[z] != 3)
                     rel[0] += float(s[body].sum()); rel[1] += float(r[body].sum())
+                    sel = tis[z] == 0
+                    own[0] += int(sel.sum()); own[1] += int((e[sel] <= Z68 * s[sel]).sum())
+                    own[2] += float((e[sel].astype(np.float64) ** 2).sum()); own[3] += float((s[sel].astype(np.float64) ** 2).sum())
+                if own[0]:
+                    studies.append({"cell": cell, "duration": int(d), "study": os.path.basename(st.path),
+                                    "body_68": 100 * own[1] / own[0], "e2_over_sigma2": own[2] / max(own[3], 1e-30)})
             cov = {t: ([100 * v[1] / v[0], 100 * v[2] / v[0]] if v[0] else None) for t, v in acc.items()}
             cells.setdefault(cell, {})[int(d)] = {"coverage": cov, "body_sigma_over_r_pct": 100 * rel[0] / max(rel[1], 1e-12)}
             fmt = lambda c: "— / —" if c is None else f"{c[0]:.1f} / {c[1]:.1f}"
@@ -177,9 +186,30 @@ def measure(a, pr, ph, k, textured_r, hist):
     print("| cell | frame | body 68 / 95 | hot 68 / 95 | lesion 68 / 95 | body σ ÷ R (%) |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"worst body distance from 68.27 / 95 %: {worst68:.1f} / {worst95:.1f} points; body rows within ±3 points: {within} of {len(body)}")
+    if a.per_study:
+        per_study(studies)
     with open(os.path.join(a.out, "coverage.json"), "w") as f:
         json.dump({"args": vars(a), "history": hist, "cells": cells, "worst_body_68": worst68, "worst_body_95": worst95,
-                   "body_rows_within_3": within}, f, indent=1)
+                   "body_rows_within_3": within, "studies": studies}, f, indent=1)
+
+
+def per_study(studies):
+    """Each study's body coverage of R ± σ and its mean e² ÷ mean σ² (1 for
+    a σ of the right scale), then the spread between studies of one cell and
+    frame: what one patient per cell can resolve."""
+    print("| cell | frame | study | body 68 | mean e² ÷ mean σ² |\n|---|---|---|---|---|")
+    for s in studies:
+        print(f"| {s['cell']} | {s['duration']} s | {s['study']} | {s['body_68']:.1f} | {s['e2_over_sigma2']:.2f} |")
+    groups = {}
+    for s in studies:
+        groups.setdefault((s["cell"], s["duration"]), []).append(s["body_68"])
+    spread = sorted(max(v) - min(v) for v in groups.values() if len(v) > 1)
+    within = sum(abs(s["body_68"] - 68.27) <= 3 for s in studies)
+    line = f"studies within ±3 points of 68.27 %: {within} of {len(studies)}"
+    if spread:
+        line += (f"; between studies of one cell and frame the body coverage differs by "
+                 f"{spread[len(spread) // 2]:.1f} points (median), {spread[-1]:.1f} at most")
+    print(line)
 
 
 if __name__ == "__main__":
