@@ -68,9 +68,10 @@ pub struct Io {
     /// and the output cropped back (a network with poolings needs it).
     #[serde(default = "default_pad")]
     pub pad_multiple: usize,
-    /// Test-time augmentation: 1 (off) or 4 (the network also runs on the
-    /// slices flipped left-right, up-down and both; the four outputs,
-    /// flipped back, are averaged). Costs that many inferences.
+    /// Test-time augmentation: 1 (off), 2 (the network also runs on the
+    /// slices flipped left-right) or 4 (flipped left-right, up-down and
+    /// both); the outputs, flipped back, are averaged. Costs that many
+    /// inferences.
     #[serde(default = "default_tta")]
     pub tta: usize,
     /// The network's own pixel size (mm). When set, every slice is
@@ -197,8 +198,11 @@ impl ModelPackage {
         if raw.io.pad_multiple == 0 || raw.io.pad_multiple > 64 {
             return Err(ModelError::Invalid { dir: d, reason: format!("io.pad_multiple must be 1..=64, is {}", raw.io.pad_multiple) });
         }
-        if !matches!(raw.io.tta, 1 | 4) {
-            return Err(ModelError::Invalid { dir: d, reason: format!("io.tta must be 1 (off) or 4 (flips), is {}", raw.io.tta) });
+        if !matches!(raw.io.tta, 1 | 2 | 4) {
+            return Err(ModelError::Invalid {
+                dir: d,
+                reason: format!("io.tta must be 1 (off), 2 (also flipped left-right) or 4 (left-right, up-down, both), is {}", raw.io.tta),
+            });
         }
         for (name, v) in [("io.working_pixel_mm", raw.io.working_pixel_mm), ("io.working_slice_mm", raw.io.working_slice_mm)] {
             if let Some(mm) = v.filter(|mm| !(0.5..=20.0).contains(mm)) {
@@ -251,11 +255,14 @@ impl ModelPackage {
     }
 
     /// Identity used to salt derived UIDs and in Derivation Description:
-    /// id, version and the first 12 hex digits of the sha256; with a lesion
-    /// guard also its settings (each scale, in order), which change the
-    /// pixels as the weights do.
+    /// id, version and the first 12 hex digits of the sha256; then every
+    /// setting that changes the pixels as the weights do: test-time
+    /// augmentation when on, and each scale of a lesion guard, in order.
     pub fn model_id(&self) -> String {
         let mut id = format!("{}@{}+{}", self.id, self.version, &self.sha256[..12]);
+        if self.io.tta > 1 {
+            id += &format!("+tta{}", self.io.tta);
+        }
         for g in &self.guard {
             id += &format!("+guard{}x{}", g.fwhm_mm, g.z);
         }
@@ -368,6 +375,20 @@ mod tests {
         assert!(e.contains("needs io.working_pixel_mm"), "{e}");
         let e = with("working_pixel_mm = 0").unwrap_err().to_string();
         assert!(e.contains("io.working_pixel_mm must be 0.5..=20 mm"), "{e}");
+    }
+
+    #[test]
+    fn test_time_augmentation_is_checked_and_salts_the_identity() {
+        let d = tempfile::tempdir().unwrap();
+        let with = with_io(d.path());
+        let off = with("tta = 1").unwrap().model_id();
+        assert!(!off.contains("+tta"), "{off}");
+        let two = with("tta = 2").unwrap().model_id();
+        let four = with("tta = 4").unwrap().model_id();
+        // the flips change the pixels: two settings of one network are two identities
+        assert_eq!((two.strip_suffix("+tta2"), four.strip_suffix("+tta4")), (Some(off.as_str()), Some(off.as_str())));
+        let e = with("tta = 3").unwrap_err().to_string();
+        assert!(e.contains("io.tta must be 1 (off), 2 (also flipped left-right) or 4") && e.contains("is 3"), "{e}");
     }
 
     #[test]

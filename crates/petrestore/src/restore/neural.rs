@@ -403,8 +403,9 @@ fn flip_planes(data: &[f32], h: usize, w: usize, lr: bool, ud: bool) -> Vec<f32>
 }
 
 /// One batch through the backend, with test-time augmentation when `tta`
-/// is 4: the mean of the outputs for the input as is and flipped left-right,
-/// up-down and both (each output flipped back first). With `want_var` the
+/// is 2 or 4: the mean of the outputs for the input as is and flipped
+/// left-right (2), or as is, flipped left-right, up-down and both (4); each
+/// output flipped back first. With `want_var` the
 /// network's variance output too, from the un-flipped pass alone: the pass
 /// its head was trained on, and the flipped passes need not compute it (both
 /// engines run them on the graph cut to R's output).
@@ -436,13 +437,15 @@ fn infer_tta(
     if tta <= 1 {
         return Ok((acc, var));
     }
-    for (lr, ud) in [(true, false), (false, true), (true, true)] {
+    let flips: &[(bool, bool)] = if tta == 2 { &[(true, false)] } else { &[(true, false), (false, true), (true, true)] };
+    for &(lr, ud) in flips {
         let y = check(backend.infer(&flip_planes(input, h, w, lr, ud), b, c, h, w)?)?;
         for (a, v) in acc.iter_mut().zip(flip_planes(&y, h, w, lr, ud)) {
             *a += v;
         }
     }
-    acc.iter_mut().for_each(|a| *a *= 1.0 / 4.0);
+    let n = 1.0 / (flips.len() + 1) as f32;
+    acc.iter_mut().for_each(|a| *a *= n);
     Ok((acc, var))
 }
 
@@ -504,9 +507,26 @@ mod tests {
         // off: the ramp as is; on: x and (w-1-x) averaged to (w-1)/2 = 1
         let off = infer_tta(&Ramp, &input, 1, 1, h, w, 1, false).unwrap().0;
         assert_eq!(off, vec![0.0, 11.0, 22.0, 30.0, 41.0, 52.0]);
-        let on = infer_tta(&Ramp, &input, 1, 1, h, w, 4, false).unwrap().0;
-        for (o, i) in on.iter().zip(&input) {
-            assert!((o - (i + 1.0)).abs() < 1e-5, "{on:?}");
+        for tta in [2, 4] {
+            let on = infer_tta(&Ramp, &input, 1, 1, h, w, tta, false).unwrap().0;
+            for (o, i) in on.iter().zip(&input) {
+                assert!((o - (i + 1.0)).abs() < 1e-5, "tta {tta}: {on:?}");
+            }
+        }
+        // an up-down flip alone is not one of tta 2's: a backend that adds the
+        // row index keeps it with tta 2 and averages it to (h-1)/2 with tta 4
+        struct Rows;
+        impl Backend for Rows {
+            fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+                let p = h * w;
+                Ok((0..b).flat_map(|i| (0..p).map(move |k| input[(i * c + c / 2) * p + k] + (k / w) as f32)).collect())
+            }
+        }
+        let two = infer_tta(&Rows, &input, 1, 1, h, w, 2, false).unwrap().0;
+        assert_eq!(two, vec![0.0, 10.0, 20.0, 31.0, 41.0, 51.0]);
+        let four = infer_tta(&Rows, &input, 1, 1, h, w, 4, false).unwrap().0;
+        for (o, i) in four.iter().zip(&input) {
+            assert!((o - (i + 0.5)).abs() < 1e-5, "{four:?}");
         }
         // through a whole volume (padding, batches, edges)
         let mut pkg = pkg();
@@ -551,7 +571,7 @@ mod tests {
         let mut pkg = pkg();
         pkg.io.variance = Some("variance".into());
         let scale = body_scale(&v, pkg.normalisation.threshold_fraction).unwrap();
-        for tta in [1, 4] {
+        for tta in [1, 2, 4] {
             pkg.io.tta = tta;
             let backend = CentreVar::default();
             let (r, var) = restore_volume_with_variance(&v, &pkg, &backend, 2).unwrap();
