@@ -297,7 +297,7 @@ pub fn run(o: &EvalOptions) -> Result<Value, String> {
             records.push(record(&st, d, "gaussian", &g));
             let orc = oracle(&st, d);
             records.push(record(&st, d, "oracle", &orc));
-            let mut outs = vec![("gaussian", g), ("oracle", orc)];
+            let mut outs = vec![("gaussian", g)];
             if let Some(e) = &o.engine {
                 let (r, var) = e.run_with_variance(&short).map_err(|e| format!("{}: {e}", st.name))?;
                 model_label.get_or_insert_with(|| format!("{} ({})", e.model_id(), e.label()));
@@ -305,11 +305,12 @@ pub fn run(o: &EvalOptions) -> Result<Value, String> {
                 if let Some(mut cal) = e.uncertainty() {
                     cal.site_scale = o.site_scale.clone().unwrap_or_default();
                     let sigma = cal.sigma(&short, &r, var.as_ref()).map_err(|e| format!("{}: {e}", st.name))?;
-                    rec.uncertainty = Some(crate::uncertainty::coverage(&st, &r, &sigma, &outs[1].1));
+                    rec.uncertainty = Some(crate::uncertainty::coverage(&st, &r, &sigma, &orc));
                 }
                 records.push(rec);
                 outs.push(("model", r));
             }
+            outs.push(("oracle", orc));
             if let Some(dir) = &o.dump {
                 for (m, v) in &outs {
                     petsim::write_npy_f32(&dir.join(format!("{}-{m}-{}.npy", st.name, d as u32)), &[v.nz, v.ny, v.nx], &v.data)

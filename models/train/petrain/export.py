@@ -173,7 +173,7 @@ def main(argv=None):
     ap.add_argument("--train-log")
     ap.add_argument("--metrics", help="JSON from `petlab eval --json` to record in model.toml")
     ap.add_argument("--purpose", default="research", help="'research' (simulation-trained) or 'test'")
-    ap.add_argument("--tta", type=int, choices=[1, 2, 4], default=1, help="io.tta of the package: 2 also runs the slices flipped left-right, 4 left-right, up-down and both (choose it on the validation split)")
+    ap.add_argument("--tta", type=int, choices=[1, 2, 3, 4], default=1, help="io.tta of the package: 2 also runs the slices flipped left-right, 3 and up-down, 4 and both (choose it on the validation split)")
     ap.add_argument("--sigma-head", help="weights of a σ head for these --params (petrain.sigma's sigma_params.npz): "
                     "the graph gets a second output, `variance`, and model.toml an [uncertainty] table that uses it")
     ap.add_argument("--guard", nargs=2, type=float, metavar=("FWHM_MM", "Z"), action="append", default=[],
@@ -264,7 +264,7 @@ def main(argv=None):
         "texture = [" + ", ".join(f'"{t}"' for t in data.TEXTURE[:texture]) + "]",
     ] if texture else []) + [
         f"pad_multiple = {pad}           # {levels - 1} 2x2 poolings: height and width padded (edge replicate) to a multiple of {pad}",
-        f"tta = {a.tta}                     # test-time augmentation: 1 off, 2 = also run flipped left-right, 4 = flipped left-right, up-down, both; outputs averaged",
+        f"tta = {a.tta}                     # test-time augmentation: 1 off, 2 = also run flipped left-right, 3 = and up-down, 4 = and both; outputs averaged",
         "",
         "[normalisation]",
         'kind = "body_mean"',

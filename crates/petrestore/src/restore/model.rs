@@ -69,9 +69,8 @@ pub struct Io {
     #[serde(default = "default_pad")]
     pub pad_multiple: usize,
     /// Test-time augmentation: 1 (off), 2 (the network also runs on the
-    /// slices flipped left-right) or 4 (flipped left-right, up-down and
-    /// both); the outputs, flipped back, are averaged. Costs that many
-    /// inferences.
+    /// slices flipped left-right), 3 (and up-down) or 4 (and both); the
+    /// outputs, flipped back, are averaged. Costs that many inferences.
     #[serde(default = "default_tta")]
     pub tta: usize,
     /// The network's own pixel size (mm). When set, every slice is
@@ -198,10 +197,10 @@ impl ModelPackage {
         if raw.io.pad_multiple == 0 || raw.io.pad_multiple > 64 {
             return Err(ModelError::Invalid { dir: d, reason: format!("io.pad_multiple must be 1..=64, is {}", raw.io.pad_multiple) });
         }
-        if !matches!(raw.io.tta, 1 | 2 | 4) {
+        if !(1..=4).contains(&raw.io.tta) {
             return Err(ModelError::Invalid {
                 dir: d,
-                reason: format!("io.tta must be 1 (off), 2 (also flipped left-right) or 4 (left-right, up-down, both), is {}", raw.io.tta),
+                reason: format!("io.tta must be 1 (off), 2 (also flipped left-right), 3 (and up-down) or 4 (and both), is {}", raw.io.tta),
             });
         }
         for (name, v) in [("io.working_pixel_mm", raw.io.working_pixel_mm), ("io.working_slice_mm", raw.io.working_slice_mm)] {
@@ -387,8 +386,10 @@ mod tests {
         let four = with("tta = 4").unwrap().model_id();
         // the flips change the pixels: two settings of one network are two identities
         assert_eq!((two.strip_suffix("+tta2"), four.strip_suffix("+tta4")), (Some(off.as_str()), Some(off.as_str())));
-        let e = with("tta = 3").unwrap_err().to_string();
-        assert!(e.contains("io.tta must be 1 (off), 2 (also flipped left-right) or 4") && e.contains("is 3"), "{e}");
+        assert!(with("tta = 3").unwrap().model_id().ends_with("+tta3"));
+        let e = with("tta = 5").unwrap_err().to_string();
+        assert!(e.contains("io.tta must be 1 (off), 2 (also flipped left-right), 3 (and up-down) or 4") && e.contains("is 5"), "{e}");
+        assert!(with("tta = 0").is_err());
     }
 
     #[test]

@@ -403,9 +403,9 @@ fn flip_planes(data: &[f32], h: usize, w: usize, lr: bool, ud: bool) -> Vec<f32>
 }
 
 /// One batch through the backend, with test-time augmentation when `tta`
-/// is 2 or 4: the mean of the outputs for the input as is and flipped
-/// left-right (2), or as is, flipped left-right, up-down and both (4); each
-/// output flipped back first. With `want_var` the
+/// is 2 to 4: the mean of the outputs for the input as is, then flipped
+/// left-right (2), up-down (3) and both (4); each output flipped back
+/// first. With `want_var` the
 /// network's variance output too, from the un-flipped pass alone: the pass
 /// its head was trained on, and the flipped passes need not compute it (both
 /// engines run them on the graph cut to R's output).
@@ -437,7 +437,7 @@ fn infer_tta(
     if tta <= 1 {
         return Ok((acc, var));
     }
-    let flips: &[(bool, bool)] = if tta == 2 { &[(true, false)] } else { &[(true, false), (false, true), (true, true)] };
+    let flips = &[(true, false), (false, true), (true, true)][..tta.min(4) - 1];
     for &(lr, ud) in flips {
         let y = check(backend.infer(&flip_planes(input, h, w, lr, ud), b, c, h, w)?)?;
         for (a, v) in acc.iter_mut().zip(flip_planes(&y, h, w, lr, ud)) {
@@ -528,6 +528,10 @@ mod tests {
         for (o, i) in four.iter().zip(&input) {
             assert!((o - (i + 0.5)).abs() < 1e-5, "{four:?}");
         }
+        // three: as is, left-right (row kept), up-down (row mirrored): rows
+        // average to (2r + (h-1-r)) / 3, the ramp's columns to (2x + (w-1-x)) / 3
+        let three = infer_tta(&Rows, &input, 1, 1, h, w, 3, false).unwrap().0;
+        assert_eq!(three.iter().map(|v| (v * 3.0).round()).collect::<Vec<_>>(), vec![1.0, 31.0, 61.0, 92.0, 122.0, 152.0]);
         // through a whole volume (padding, batches, edges)
         let mut pkg = pkg();
         pkg.io.tta = 4;
@@ -571,7 +575,7 @@ mod tests {
         let mut pkg = pkg();
         pkg.io.variance = Some("variance".into());
         let scale = body_scale(&v, pkg.normalisation.threshold_fraction).unwrap();
-        for tta in [1, 2, 4] {
+        for tta in [1, 2, 3, 4] {
             pkg.io.tta = tta;
             let backend = CentreVar::default();
             let (r, var) = restore_volume_with_variance(&v, &pkg, &backend, 2).unwrap();
