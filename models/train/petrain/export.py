@@ -173,7 +173,8 @@ def main(argv=None):
     ap.add_argument("--train-log")
     ap.add_argument("--metrics", help="JSON from `petlab eval --json` to record in model.toml")
     ap.add_argument("--purpose", default="research", help="'research' (simulation-trained) or 'test'")
-    ap.add_argument("--tta", type=int, choices=[1, 2, 3, 4], default=1, help="io.tta of the package: 2 also runs the slices flipped left-right, 3 and up-down, 4 and both (choose it on the validation split)")
+    ap.add_argument("--tta", type=int, choices=[1, 2, 3, 4], default=1,
+                    help="io.tta of the package: 2 also runs the slices flipped left-right, 3 and up-down, 4 and both (choose it on the validation split)")
     ap.add_argument("--sigma-head", help="weights of a σ head for these --params (petrain.sigma's sigma_params.npz): "
                     "the graph gets a second output, `variance`, and model.toml an [uncertainty] table that uses it")
     ap.add_argument("--guard", nargs=2, type=float, metavar=("FWHM_MM", "Z"), action="append", default=[],

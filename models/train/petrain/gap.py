@@ -84,7 +84,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", required=True, help="weights (params.npz) of a training run")
     ap.add_argument("--dataset", required=True, help="studies from `petlab dataset` (the validation split)")
-    ap.add_argument("--tta", type=int, default=1, choices=(1, 2, 3, 4), help="as io.tta of a package: 2 also runs the slices flipped left-right, 3 and up-down, 4 and both, averaged")
+    ap.add_argument("--tta", type=int, default=1, choices=(1, 2, 3, 4),
+                    help="as io.tta of a package: 2 also runs the slices flipped left-right, 3 and up-down, 4 and both, averaged")
     a = ap.parse_args(argv)
     p, _ = train.load_params(a.params)
     studies = data.load(a.dataset)
