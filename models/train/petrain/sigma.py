@@ -25,6 +25,7 @@ printed as a table and written to RUN/coverage.json.
 import argparse
 import json
 import os
+import statistics
 import time
 
 import jax
@@ -208,7 +209,7 @@ def per_study(studies):
     line = f"studies within ±3 points of 68.27 %: {within} of {len(studies)}"
     if spread:
         line += (f"; between studies of one cell and frame the body coverage differs by "
-                 f"{spread[len(spread) // 2]:.1f} points (median), {spread[-1]:.1f} at most")
+                 f"{statistics.median(spread):.1f} points (median), {spread[-1]:.1f} at most")
     print(line)
 
 
