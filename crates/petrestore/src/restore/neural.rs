@@ -405,10 +405,10 @@ fn flip_planes(data: &[f32], h: usize, w: usize, lr: bool, ud: bool) -> Vec<f32>
 /// One batch through the backend, with test-time augmentation when `tta`
 /// is 2 to 4: the mean of the outputs for the input as is, then flipped
 /// left-right (2), up-down (3) and both (4); each output flipped back
-/// first. With `want_var` the
-/// network's variance output too, from the un-flipped pass alone: the pass
-/// its head was trained on, and the flipped passes need not compute it (both
-/// engines run them on the graph cut to R's output).
+/// first. With `want_var` the network's variance output too, from the
+/// un-flipped pass alone: the pass its head was trained on, and the
+/// flipped passes need not compute it (both engines run them on the graph
+/// cut to R's output).
 #[allow(clippy::too_many_arguments)]
 fn infer_tta(
     backend: &dyn Backend,
