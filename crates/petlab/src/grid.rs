@@ -52,7 +52,7 @@ pub fn run_grid(grid: &Path, val_grid: &Path, engine: Option<std::sync::Arc<dyn 
             site_scale: site_scale.clone(),
         })?;
         eprintln!("cell {}: {} studies in {:.0} s", cell.name, r["studies"], t.elapsed().as_secs_f64());
-        cells.insert(cell.name.to_string(), json!({"what": cell.what, "pixel_mm": cell.pixel_mm(), "summary": r["summary"], "model": r["model"], "studies": r["studies"], "gaussian_fwhm_mm": r["gaussian_fwhm_mm"], "site_uncertainty_scale": site_scale}));
+        cells.insert(cell.name.to_string(), json!({"what": cell.what, "pixel_mm": cell.pixel_mm(), "summary": r["summary"], "model": r["model"], "studies": r["studies"], "gaussian_fwhm_mm": r["gaussian_fwhm_mm"], "site_uncertainty_scale": site_scale, "records": r["records"]}));
     }
     if cells.is_empty() {
         let names: Vec<_> = SITE_MATRIX.iter().map(|c| c.name).collect();
