@@ -50,6 +50,10 @@ say() { echo "[$(date +%T) +${SECONDS}s] $*"; }
 [ -x "$B" ] || { echo "no simulator at $B: run cargo build --release here and carry target/release/petlab"; exit 2; }
 say "$(nproc) cores; $(nvidia-smi -L 2>/dev/null || echo 'nvidia-smi: none')"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# full float32 in convolutions: petrain.from_onnx checks the rebuilt weights
+# against the package to 1e-4, which the GPU's default TF32 misses (0.0036 on
+# the variance output)
+export JAX_DEFAULT_MATMUL_PRECISION=${JAX_DEFAULT_MATMUL_PRECISION:-highest}
 $PY -c 'import jax, optax, numpy, onnx, onnxruntime; print("jax", jax.__version__, "optax", optax.__version__, "numpy", numpy.__version__, "onnx", onnx.__version__, "onnxruntime", onnxruntime.__version__, jax.devices())' || exit 3
 mkdir -p "$DATA"/rtrain "$DATA"/ref "$DATA"/val "$DATA"/valflat "$DATA"/val1 "$DATA"/mix "$DATA"/init
 
