@@ -15,12 +15,17 @@
 # runs the 2.0.0 settings (texture inputs, lesion weight 12, 70 % lesion
 # patches, lr 5e-4) on a cosine schedule as long as fits in what is left of
 # TOTAL_S, keeping the weights with the best validation seed MSE metric.
-# Back under $OUT: run/params.npz, run/train_log.json (or checkpoint.json
-# when the run was cut), sim.txt (what was simulated, and how fast) and
-# log.txt. Export and judge the candidate here, on both validation grids,
+# Then it trains the fine-tuned network's own σ head (SIG_STEPS steps
+# within the last SIG_S seconds). Back under $OUT: run/params.npz,
+# run/train_log.json (or checkpoint.json when the run was cut),
+# sig/sigma_params.npz and sig/coverage.json, sim.txt (what was simulated,
+# and how fast) and log.txt. Two commands on one machine give each phase
+# more time (the machine keeps /tmp between commands that follow at once):
+# ONLY_SIM=1 with a longer SIM_S, then SIM_S=1 (studies already there are
+# kept). Export and judge the candidate here, on both validation grids,
 # against a rule written before the call.
 set -uo pipefail
-: "${OUT:?OUT is set by the device tool: the folder whose files come back}"
+: "${OUT:?set OUT to the folder whose files come back}"
 B=${B:-target/release/petlab}
 PY=${PY:-python3}
 DATA=${DATA:-/tmp/petdata}
@@ -42,6 +47,8 @@ PROBE=${PROBE:-300}
 PROBE_S=${PROBE_S:-75}
 MIN_STEPS=${MIN_STEPS:-1000}
 MAX_STEPS=${MAX_STEPS:-100000}
+SIG_STEPS=${SIG_STEPS:-4000} # σ head trained for the fine-tuned network (0: none)
+SIG_S=${SIG_S:-150}       # seconds kept for it at the end
 MIN_RAND=${MIN_RAND:-4}   # fewer randomized studies than this: stop (0 for a dry run)
 shopt -s nullglob
 exec > >(tee "$OUT/log.txt") 2>&1
@@ -110,6 +117,7 @@ print("randomized matrices:", dict(sorted(c.items(), key=lambda kv: str(kv[0])))
 PY
 } | tee "$OUT/sim.txt"
 [ "$nr" -ge "$MIN_RAND" ] || { say "too few randomized studies ($nr): give SIM_S or SIMS"; exit 4; }
+[ "${ONLY_SIM:-0}" = 1 ] && { say "simulation only (ONLY_SIM=1): studies kept in $DATA for the next command"; exit 0; }
 ln -sf "$DATA"/rtrain/* "$DATA"/ref/* "$DATA"/mix/
 ln -sf "$DATA"/val/*/* "$DATA"/valflat/
 ln -sf "$DATA"/val/c1-ref128/* "$DATA"/val1/
@@ -127,7 +135,7 @@ if [ "$STEPS" = auto ]; then
     # long as fits in what is left
     timeout "$PROBE_S" $PY -m petrain.train "${common[@]}" --val "$DATA/val1" --out "$DATA/probe" \
         --steps 100000 --eval-every $(( PROBE / 3 )) --stop-after "$PROBE" > "$DATA/probe.log" 2>&1
-    left=$(( TOTAL_S - SECONDS - 10 ))
+    left=$(( TOTAL_S - SECONDS - 10 - (SIG_STEPS > 0 ? SIG_S : 0) ))
     STEPS=$($PY - "$DATA/probe/checkpoint.json" "$left" "$MIN_STEPS" "$MAX_STEPS" <<'PY'
 import json, sys
 try:
@@ -149,11 +157,19 @@ PY
     say "main run schedule $STEPS steps"
     EVAL_EVERY=$(( STEPS / 8 > 250 ? STEPS / 8 / 250 * 250 : 250 ))
 fi
-left=$(( TOTAL_S - SECONDS - 5 ))
+left=$(( TOTAL_S - SECONDS - 5 - (SIG_STEPS > 0 ? SIG_S : 0) ))
 timeout "$left" $PY -m petrain.train "${common[@]}" --val "$DATA/valflat" --out "$OUT/run" \
     --select seed_mse --steps "$STEPS" --eval-every "$EVAL_EVERY"
 rc=$?
 [ $rc -eq 124 ] && say "main run cut at the time limit: history in run/checkpoint.json, best weights in run/params.npz"
 [ -f "$OUT/run/params.npz" ] || { say "main run left no weights (rc $rc)"; exit 7; }
+if [ "$SIG_STEPS" -gt 0 ]; then
+    # the σ head belongs to its network: the shipped head under-covers or over-covers
+    # a network whose error changed, so the candidate's own head is trained here
+    # (the network fixed; coverage on the validation cells printed at the end)
+    timeout $(( TOTAL_S - SECONDS - 3 )) $PY -m petrain.sigma --params "$OUT/run/params.npz" --train "$DATA/mix" \
+        --grid "$DATA/val" --out "$OUT/sig" --steps "$SIG_STEPS"
+    say "σ head rc $?"
+fi
 rm -f "$OUT"/run/checkpoint.npz "$OUT"/run/*.tmp.*   # at most 8 files come back
 say done
