@@ -36,6 +36,7 @@ SIMS=${SIMS:-2}           # randomized simulator processes side by side
 PER=${PER:-60}            # seeds reserved per process (more than fit in SIM_S)
 SEED0=${SEED0:-3000}      # first randomized seed (2.0.0 trained on 1000–1111)
 REF=${REF:-16}            # ellipse reference studies, seeds 2000…
+REF_ARGS=${REF_ARGS:-}    # e.g. "--matrix 64" for a dry run
 VALCOUNT=${VALCOUNT:-1}   # validation studies per site-matrix cell
 SITES=${SITES:-all}       # the validation cells (one cell's name for a dry run)
 SLICES=${SLICES:-8}
@@ -74,7 +75,7 @@ t0=$SECONDS
 pids=()
 vdir=$DATA/val; [ "$SITES" = all ] || vdir=$DATA/val/$SITES
 "$B" dataset --out "$vdir" --site "$SITES" --split val --count "$VALCOUNT" --slices "$SLICES" > "$DATA/sim-val.txt" & pids+=($!)
-"$B" dataset --out "$DATA/ref" --split train --count "$REF" --skip 2000 --slices "$SLICES" > "$DATA/sim-ref.txt" & pids+=($!)
+"$B" dataset --out "$DATA/ref" --split train --count "$REF" --skip 2000 --slices "$SLICES" $REF_ARGS > "$DATA/sim-ref.txt" & pids+=($!)
 rpids=()
 for ((j = 0; j < SIMS; j++)); do
     timeout "$SIM_S" "$B" dataset --out "$DATA/rtrain" --split train --randomize --count "$PER" \
@@ -139,7 +140,7 @@ if [ "$STEPS" = auto ]; then
     STEPS=$($PY - "$DATA/probe/checkpoint.json" "$left" "$MIN_STEPS" "$MAX_STEPS" <<'PY'
 import json, sys
 try:
-    h = json.load(open(sys.argv[1]))["history"]
+    h = [e for e in json.load(open(sys.argv[1]))["history"] if e["step"] > 0]  # not the starting weights' entry
 except OSError:
     h = []  # the probe was cut before its first validation: the shortest schedule
 if len(h) >= 2:

@@ -410,6 +410,72 @@ fn device_training_script_dry_run_leaves_weights_the_device_tool_brings_back() {
     assert_parity(&tmp.path().join("pkg"));
 }
 
+/// The across-reconstruction GPU script (models/train/device_robust.sh),
+/// dry-run on the CPU with tiny sizes: it rebuilds the shipped package's
+/// weights, fine-tunes them (the starting weights are the first candidate),
+/// trains the fine-tuned network's σ head, and leaves in $OUT at most 8 plain
+/// files, two folders deep, with plain names; the candidate exports with its
+/// head and runs the same on tract and ONNX Runtime.
+#[test]
+fn robust_device_script_dry_run_leaves_a_network_and_its_sigma_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let o = Command::new("bash")
+        .arg(train_dir().join("device_robust.sh"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .env("OUT", &out)
+        .env("B", bin("petlab"))
+        .env("PY", python())
+        .env("DATA", tmp.path().join("data"))
+        // no randomized study fits in one second; two small reference studies and
+        // the 1.x cell's validation study are the data
+        .envs([("SIM_S", "1"), ("SIMS", "1"), ("PER", "1"), ("MIN_RAND", "0"), ("REF", "2"), ("REF_ARGS", "--matrix 64")])
+        .envs([("SITES", "c1-ref128"), ("PROBE", "6"), ("PROBE_S", "900"), ("MIN_STEPS", "4"), ("MAX_STEPS", "6")])
+        // time caps far above what these steps need: a loaded machine cannot cut them
+        .envs([("TOTAL_S", "4000"), ("SIG_STEPS", "3"), ("SIG_S", "900")])
+        .output()
+        .unwrap();
+    let log = text(&o);
+    assert!(o.status.success(), "device_robust.sh failed:\n{log}");
+    assert!(log.contains("randomized studies: 0 in 1 s"), "{log}");
+    assert!(log.contains("weights rebuilt") && log.contains("(the starting weights)"), "{log}");
+    let steps: usize = log.split("main run schedule ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!((4..=6).contains(&steps), "the probe sets the schedule length within its bounds: {log}");
+    assert!(log.contains("σ head rc 0"), "{log}");
+    let mut files = Vec::new();
+    for dir in [out.clone(), out.join("run"), out.join("sig")] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                files.push(e.path().strip_prefix(&out).unwrap().display().to_string());
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() <= 8, "at most 8 files come back: {files:?}");
+    assert!(files.iter().all(|f| f.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))), "{files:?}");
+    for want in ["log.txt", "sim.txt", "run/params.npz", "run/train_log.json", "sig/sigma_params.npz", "sig/coverage.json"] {
+        assert!(files.iter().any(|f| f == want), "{want} missing from {files:?}");
+    }
+    // the history starts with the starting weights, then the fine-tune's steps
+    let tlog: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("run/train_log.json")).unwrap()).unwrap();
+    let hist = tlog["history"].as_array().unwrap();
+    assert_eq!(hist[0]["step"].as_u64(), Some(0), "{tlog}");
+    assert_eq!(hist.last().unwrap()["step"].as_u64(), Some(steps as u64), "{tlog}");
+    py(&[
+        "-m",
+        "petrain.export",
+        "--params",
+        &out.join("run/params.npz").display().to_string(),
+        "--sigma-head",
+        &out.join("sig/sigma_params.npz").display().to_string(),
+        "--out",
+        &tmp.path().join("pkg").display().to_string(),
+    ]);
+    assert_parity(&tmp.path().join("pkg"));
+}
+
 /// The shipped model package.
 fn shipped() -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d")

@@ -349,6 +349,15 @@ def main(argv=None):
         p, st, i, best, log["history"], prior_minutes = load_checkpoint(a, p, st, rng)
         print(f"resumed at step {i} of {a.steps} ({prior_minutes:.1f} min trained before)", flush=True)
     stop = min(budget_steps, a.stop_after) if a.stop_after else budget_steps
+    if a.init and not a.resume:
+        # the starting weights are the first candidate: a fine-tune that never
+        # beats them on validation keeps them, and the history shows where it began
+        v = validate(p)
+        best = {"step": 0, "minutes": 0.0, "train_loss": None, **v}
+        log["history"].append(best)
+        save_params(os.path.join(a.out, "params.npz"), p, a.width)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items()) + " * (the starting weights)", flush=True)
+        t_train = time.time()
     while i < stop and (a.steps or time.time() - t_train < a.minutes * 60):
         x, y, m, _, fv = sampler.batch(a.batch, frame_var=True)
         p, st, l = step(p, st, x, y, m, fv)
