@@ -353,6 +353,34 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     assert!(!o.status.success() && text(&o).contains("not test ones"), "{}", text(&o));
 }
 
+/// The main run's schedule length a GPU script's probe chose, checked to lie
+/// within the MIN_STEPS..MAX_STEPS (4..6) the dry runs give.
+fn schedule_steps(log: &str) -> usize {
+    let steps: usize = log.split("main run schedule ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!((4..=6).contains(&steps), "the probe sets the schedule length within its bounds: {log}");
+    steps
+}
+
+/// What a GPU script leaves in `out` (and its `subdirs`) comes back only as at
+/// most 8 plain files with plain names, two folders deep; `want` must be there.
+fn assert_files_back(out: &Path, subdirs: &[&str], want: &[&str]) {
+    let mut files = Vec::new();
+    for dir in std::iter::once(out.to_path_buf()).chain(subdirs.iter().map(|d| out.join(d))) {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                files.push(e.path().strip_prefix(out).unwrap().display().to_string());
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() <= 8, "at most 8 files come back: {files:?}");
+    assert!(files.iter().all(|f| f.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))), "{files:?}");
+    for w in want {
+        assert!(files.iter().any(|f| f == w), "{w} missing from {files:?}");
+    }
+}
+
 /// The one-call GPU script (models/train/device_train.sh), dry-run on the CPU
 /// with tiny sizes: it simulates, trains, fine-tunes, and leaves in $OUT what
 /// the device tool brings back (at most 8 plain files, two folders deep,
@@ -381,23 +409,8 @@ fn device_training_script_dry_run_leaves_weights_the_device_tool_brings_back() {
     assert!(o.status.success(), "device_train.sh failed:\n{}", text(&o));
     let log = text(&o);
     assert!(log.contains("simulated 3 training and 1 validation studies"), "{log}");
-    let steps: usize = log.split("main run schedule ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!((4..=6).contains(&steps), "the probe sets the schedule length within its bounds: {log}");
-    let mut files = Vec::new();
-    for dir in [out.clone(), out.join("run"), out.join("ft")] {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_file() {
-                files.push(e.path().strip_prefix(&out).unwrap().display().to_string());
-            }
-        }
-    }
-    files.sort();
-    assert!(files.len() <= 8, "the device tool brings back at most 8 files: {files:?}");
-    assert!(files.iter().all(|f| f.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))), "{files:?}");
-    for want in ["log.txt", "run/params.npz", "run/train_log.json", "ft/params.npz", "ft/train_log.json"] {
-        assert!(files.iter().any(|f| f == want), "{want} missing from {files:?}");
-    }
+    schedule_steps(&log);
+    assert_files_back(&out, &["run", "ft"], &["log.txt", "run/params.npz", "run/train_log.json", "ft/params.npz", "ft/train_log.json"]);
     // the fine-tune started from the main run's weights and kept its shape
     py(&[
         "-m",
@@ -440,24 +453,13 @@ fn robust_device_script_dry_run_leaves_a_network_and_its_sigma_head() {
     assert!(o.status.success(), "device_robust.sh failed:\n{log}");
     assert!(log.contains("randomized studies: 0 in 1 s"), "{log}");
     assert!(log.contains("weights rebuilt") && log.contains("(the starting weights)"), "{log}");
-    let steps: usize = log.split("main run schedule ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!((4..=6).contains(&steps), "the probe sets the schedule length within its bounds: {log}");
+    let steps = schedule_steps(&log);
     assert!(log.contains("σ head rc 0"), "{log}");
-    let mut files = Vec::new();
-    for dir in [out.clone(), out.join("run"), out.join("sig")] {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_file() {
-                files.push(e.path().strip_prefix(&out).unwrap().display().to_string());
-            }
-        }
-    }
-    files.sort();
-    assert!(files.len() <= 8, "at most 8 files come back: {files:?}");
-    assert!(files.iter().all(|f| f.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))), "{files:?}");
-    for want in ["log.txt", "sim.txt", "run/params.npz", "run/train_log.json", "sig/sigma_params.npz", "sig/coverage.json"] {
-        assert!(files.iter().any(|f| f == want), "{want} missing from {files:?}");
-    }
+    assert_files_back(
+        &out,
+        &["run", "sig"],
+        &["log.txt", "sim.txt", "run/params.npz", "run/train_log.json", "sig/sigma_params.npz", "sig/coverage.json"],
+    );
     // the history starts with the starting weights, then the fine-tune's steps
     let tlog: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("run/train_log.json")).unwrap()).unwrap();
     let hist = tlog["history"].as_array().unwrap();
