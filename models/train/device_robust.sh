@@ -13,8 +13,9 @@
 # it rebuilds the shipped package's weights (petrain.from_onnx, which checks
 # them against the package). A short probe times the GPU; the fine-tune then
 # runs the 2.0.0 settings (texture inputs, lesion weight 12, 70 % lesion
-# patches, lr 5e-4) on a cosine schedule as long as fits in what is left of
-# TOTAL_S, keeping the weights with the best validation seed MSE metric.
+# patches, lr 5e-4 unless LR says otherwise) on a cosine schedule as long
+# as fits in what is left of TOTAL_S (or STEPS steps, without the probe),
+# keeping the weights with the best validation seed MSE metric.
 # Then it trains the fine-tuned network's own σ head (SIG_STEPS steps
 # within the last SIG_S seconds). Back under $OUT: run/params.npz,
 # run/train_log.json (or checkpoint.json when the run was cut),
@@ -43,6 +44,8 @@ SLICES=${SLICES:-8}
 WIDTH=${WIDTH:-24}
 BATCH=${BATCH:-32}
 STEPS=${STEPS:-auto}      # cosine schedule length; auto: what fits
+LR=${LR:-5e-4}            # peak learning rate of the fine-tune (2.0.0's)
+WARMUP=${WARMUP:-100}     # its linear warm-up, steps
 EVAL_EVERY=${EVAL_EVERY:-1000}
 PROBE=${PROBE:-300}
 PROBE_S=${PROBE_S:-75}
@@ -129,7 +132,7 @@ say "weights rebuilt"
 
 cd models/train
 common=(--train "$DATA/mix" --width "$WIDTH" --batch "$BATCH" --init "$DATA/init/params.npz" --texture
-        --lr 5e-4 --warmup 100 --lesion-weight 12 --lesion-fraction 0.7 --seed 1)
+        --lr "$LR" --warmup "$WARMUP" --lesion-weight 12 --lesion-fraction 0.7 --seed 1)
 if [ "$STEPS" = auto ]; then
     # the probe times steps per second after the compile (on a one-study validation
     # set, so that it compiles little); the main run's cosine schedule is then as
