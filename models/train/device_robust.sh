@@ -140,23 +140,9 @@ if [ "$STEPS" = auto ]; then
     timeout "$PROBE_S" $PY -m petrain.train "${common[@]}" --val "$DATA/val1" --out "$DATA/probe" \
         --steps 100000 --eval-every $(( PROBE / 3 )) --stop-after "$PROBE" > "$DATA/probe.log" 2>&1
     left=$(( TOTAL_S - SECONDS - 10 - (SIG_STEPS > 0 ? SIG_S : 0) ))
-    STEPS=$($PY - "$DATA/probe/checkpoint.json" "$left" "$MIN_STEPS" "$MAX_STEPS" <<'PY'
-import json, sys
-try:
-    h = [e for e in json.load(open(sys.argv[1]))["history"] if e["step"] > 0]  # not the starting weights' entry
-except OSError:
-    h = []  # the probe was cut before its first validation: the shortest schedule
-if len(h) >= 2:
-    rate = (h[-1]["step"] - h[0]["step"]) / max((h[-1]["minutes"] - h[0]["minutes"]) * 60, 1e-6)
-elif h:
-    rate = h[0]["step"] / max(h[0]["minutes"] * 60, 1e-6)  # compile included: slower than it is
-else:
-    rate = 0.0
-# loading, compiles and the validations of the full run: a fixed 60 s, with margin
-steps = int(rate * (float(sys.argv[2]) - 60) * 0.8) // 500 * 500
-print(min(max(steps, int(sys.argv[3])), int(sys.argv[4])))
-PY
-) || { say "the probe failed:"; tail -30 "$DATA/probe.log"; exit 6; }
+    # loading, compiles and the validations of the full run: a fixed 60 s, with margin
+    STEPS=$($PY -m petrain.schedule "$DATA/probe/checkpoint.json" --seconds "$left" \
+        --min "$MIN_STEPS" --max "$MAX_STEPS" --factor 0.8 --round 500 --startup 60) || { say "the probe failed:"; tail -30 "$DATA/probe.log"; exit 6; }
     say "probe: $(grep '^step=' "$DATA/probe.log" | tail -1 | cut -c1-160)"; tail -3 "$DATA/probe.log"
     say "main run schedule $STEPS steps"
     EVAL_EVERY=$(( STEPS / 8 > 250 ? STEPS / 8 / 250 * 250 : 250 ))

@@ -60,15 +60,8 @@ if [ "$STEPS" = auto ]; then
     # run's schedule is then as long as fits in TRAIN_S (a run cut early ends at a high learning rate)
     timeout "$probe_s" $PY -m petrain.train --train "$DATA/train" --val "$DATA/val" --out "$DATA/probe" \
         --width "$WIDTH" --steps 100000 --eval-every $(( PROBE / 3 )) --stop-after "$PROBE" > "$DATA/probe.log" 2>&1
-    STEPS=$($PY - "$DATA/probe/checkpoint.json" "$TRAIN_S" "$MIN_STEPS" "$MAX_STEPS" <<'PY'
-import json, sys
-h = json.load(open(sys.argv[1]))["history"]
-rate = (h[-1]["step"] - h[0]["step"]) / max((h[-1]["minutes"] - h[0]["minutes"]) * 60, 1e-6)
-startup = h[0]["minutes"] * 60 - h[0]["step"] / rate + 15  # compile and data loading, with margin
-steps = int(rate * (float(sys.argv[2]) - startup) * 0.85) // 1000 * 1000
-print(min(max(steps, int(sys.argv[3])), int(sys.argv[4])))
-PY
-) || { say "the probe failed:"; tail -20 "$DATA/probe.log"; exit 6; }
+    STEPS=$($PY -m petrain.schedule "$DATA/probe/checkpoint.json" --seconds "$TRAIN_S" \
+        --min "$MIN_STEPS" --max "$MAX_STEPS" --factor 0.85 --round 1000) || { say "the probe failed:"; tail -20 "$DATA/probe.log"; exit 6; }
     say "probe: $(grep -c '^step=' "$DATA/probe.log") validations; main run schedule $STEPS steps"
 fi
 timeout "$TRAIN_S" $PY -m petrain.train --train "$DATA/train" --val "$DATA/val" --out "$OUT/run" \

@@ -361,6 +361,32 @@ fn schedule_steps(log: &str) -> usize {
     steps
 }
 
+/// The GPU scripts size their schedule with `petrain.schedule` from a probe's
+/// validation history: the rate between the first and last validations, the
+/// start-up measured or given, the starting weights' entry left out, and the
+/// shortest schedule when the probe left nothing.
+#[test]
+fn schedule_fits_the_probes_rate_into_the_time_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("checkpoint.json");
+    // 100 steps in 6 s after a first validation at 30 s (100 steps): 16.7 steps/s,
+    // start-up 30 − 6 + 15 = 39 s; 300 s leave 261 s: 16.7 × 261 × 0.85 = 3697 → 3000
+    std::fs::write(&ck, r#"{"history": [{"step": 0, "minutes": 0}, {"step": 100, "minutes": 0.5}, {"step": 200, "minutes": 0.6}]}"#).unwrap();
+    let c = ck.to_str().unwrap();
+    let steps = |extra: &[&str]| -> usize {
+        let mut args = vec!["-m", "petrain.schedule", c, "--seconds", "300", "--min", "500", "--max", "100000"];
+        args.extend_from_slice(extra);
+        text(&py(&args)).trim().parse().unwrap()
+    };
+    assert_eq!(steps(&[]), 3000);
+    // a fixed 60 s start-up, 0.8 of the rate, rounded to 500: 16.7 × 240 × 0.8 = 3200 → 3000
+    assert_eq!(steps(&["--startup", "60", "--factor", "0.8", "--round", "500"]), 3000);
+    assert_eq!(steps(&["--round", "100"]), 3600);
+    assert_eq!(steps(&["--max", "2000"]), 2000);
+    std::fs::remove_file(&ck).unwrap();
+    assert_eq!(steps(&[]), 500, "no probe timing: the shortest schedule");
+}
+
 /// What a GPU script leaves in `out` (and its `subdirs`) comes back only as at
 /// most 8 plain files with plain names, two folders deep; `want` must be there.
 fn assert_files_back(out: &Path, subdirs: &[&str], want: &[&str]) {

@@ -174,6 +174,11 @@ def score(entry, select):
     return -entry["loss"] if select == "loss" else entry["seed_mse_30"] + entry["seed_mse_60"]
 
 
+def history_line(entry):
+    """One validation entry as the trainer prints it: key=value, floats to 4 digits."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", required=True)
@@ -356,7 +361,7 @@ def main(argv=None):
         best = {"step": 0, "minutes": 0.0, "train_loss": None, **v}
         log["history"].append(best)
         save_params(os.path.join(a.out, "params.npz"), p, a.width)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items()) + " * (the starting weights)", flush=True)
+        print(history_line(best) + " * (the starting weights)", flush=True)
         t_train = time.time()
     while i < stop and (a.steps or time.time() - t_train < a.minutes * 60):
         x, y, m, _, fv = sampler.batch(a.batch, frame_var=True)
@@ -372,7 +377,7 @@ def main(argv=None):
             if better:
                 best = entry
                 save_params(os.path.join(a.out, "params.npz"), p, a.width)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()) + (" *" if better else ""), flush=True)
+            print(history_line(entry) + (" *" if better else ""), flush=True)
             save_checkpoint(a, p, st, i, best, log["history"], entry["minutes"], rng)
     if best is None:
         v = validate(p)
