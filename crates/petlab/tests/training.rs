@@ -387,6 +387,42 @@ fn schedule_fits_the_probes_rate_into_the_time_left() {
     assert_eq!(steps(&[]), 500, "no probe timing: the shortest schedule");
 }
 
+/// `petrain.soup` writes the element-wise mean of networks' weights in the
+/// trainer's format and refuses networks that are not one graph.
+#[test]
+fn soup_averages_weights_and_refuses_other_networks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let make = format!(
+        "import numpy as np\n\
+         np.savez('{a}', width=np.array(8), **{{'c1.w': np.full((3, 3, 2, 8), 1.0, np.float32), 'c1.b': np.zeros(8, np.float32)}})\n\
+         np.savez('{b}', width=np.array(8), **{{'c1.w': np.full((3, 3, 2, 8), 4.0, np.float32), 'c1.b': np.ones(8, np.float32)}})\n\
+         np.savez('{c}', width=np.array(8), **{{'c1.w': np.full((3, 3, 2, 4), 4.0, np.float32), 'c1.b': np.ones(4, np.float32)}})\n",
+        a = d("a.npz"),
+        b = d("b.npz"),
+        c = d("c.npz")
+    );
+    py(&["-c", &make]);
+    let out = text(&py(&["-m", "petrain.soup", "--out", &d("soup/params.npz"), &d("a.npz"), &d("b.npz")]));
+    assert!(out.contains("the mean of 2 networks"), "{out}");
+    let check = format!(
+        "import sys; sys.path.insert(0, '.')\n\
+         from petrain import train\n\
+         p, w = train.load_params('{s}')\n\
+         assert w == 8 and float(p['c1']['w'].min()) == 2.5 == float(p['c1']['w'].max()), p\n\
+         assert float(p['c1']['b'].mean()) == 0.5 and p['c1']['w'].dtype.name == 'float32'\n",
+        s = d("soup/params.npz")
+    );
+    py(&["-c", &check]);
+    let o = Command::new(python())
+        .args(["-m", "petrain.soup", "--out", &d("bad.npz"), &d("a.npz"), &d("c.npz")])
+        .current_dir(train_dir())
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && text(&o).contains("c1.b is (4,)"), "{}", text(&o));
+    assert!(!dir.path().join("bad.npz").exists());
+}
+
 /// What a GPU script leaves in `out` (and its `subdirs`) comes back only as at
 /// most 8 plain files with plain names, two folders deep; `want` must be there.
 fn assert_files_back(out: &Path, subdirs: &[&str], want: &[&str]) {
