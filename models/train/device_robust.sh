@@ -17,7 +17,8 @@
 # as fits in what is left of TOTAL_S (or STEPS steps, without the probe),
 # keeping the weights with the best validation seed MSE metric.
 # Then it trains the fine-tuned network's own σ head (SIG_STEPS steps
-# within the last SIG_S seconds). Back under $OUT: run/params.npz,
+# within the last SIG_S seconds; with SOUP=1 for the mean of the starting
+# weights and the fine-tune, soup/params.npz). Back under $OUT: run/params.npz,
 # run/train_log.json (or checkpoint.json when the run was cut),
 # sig/sigma_params.npz and sig/coverage.json, sim.txt (what was simulated,
 # and how fast) and log.txt. Two commands on one machine give each phase
@@ -53,6 +54,8 @@ MIN_STEPS=${MIN_STEPS:-1000}
 MAX_STEPS=${MAX_STEPS:-100000}
 SIG_STEPS=${SIG_STEPS:-4000} # σ head trained for the fine-tuned network (0: none)
 SIG_S=${SIG_S:-150}       # seconds kept for it at the end
+SOUP=${SOUP:-0}           # 1: also average the fine-tune with the starting weights
+                          # (petrain.soup; back as soup/params.npz) and train the σ head for that
 MIN_RAND=${MIN_RAND:-4}   # fewer randomized studies than this: stop (0 for a dry run)
 shopt -s nullglob
 exec > >(tee "$OUT/log.txt") 2>&1
@@ -153,13 +156,21 @@ timeout "$left" $PY -m petrain.train "${common[@]}" --val "$DATA/valflat" --out 
 rc=$?
 [ $rc -eq 124 ] && say "main run cut at the time limit: history in run/checkpoint.json, best weights in run/params.npz"
 [ -f "$OUT/run/params.npz" ] || { say "main run left no weights (rc $rc)"; exit 7; }
+net=$OUT/run/params.npz
+if [ "$SOUP" = 1 ]; then
+    # half way between the starting weights and the fine-tune: both are one network
+    # fine-tuned from one point, so their mean is one too (EVAL.md "Weight averages")
+    $PY -m petrain.soup --out "$OUT/soup/params.npz" "$DATA/init/params.npz" "$OUT/run/params.npz" || { say "soup failed"; exit 8; }
+    net=$OUT/soup/params.npz
+fi
 if [ "$SIG_STEPS" -gt 0 ]; then
     # the σ head belongs to its network: the shipped head under-covers or over-covers
     # a network whose error changed, so the candidate's own head is trained here
     # (the network fixed; coverage on the validation cells printed at the end)
-    timeout $(( TOTAL_S - SECONDS - 3 )) $PY -m petrain.sigma --params "$OUT/run/params.npz" --train "$DATA/mix" \
+    timeout $(( TOTAL_S - SECONDS - 3 )) $PY -m petrain.sigma --params "$net" --train "$DATA/mix" \
         --grid "$DATA/val" --out "$OUT/sig" --steps "$SIG_STEPS"
-    say "σ head rc $?"
+    say "σ head (for $(basename "$(dirname "$net")")/params.npz) rc $?"
 fi
 rm -f "$OUT"/run/checkpoint.npz "$OUT"/run/*.tmp.*   # at most 8 files come back
+[ -f "$OUT/run/train_log.json" ] && rm -f "$OUT/run/checkpoint.json"   # the finished run's history is in train_log.json
 say done

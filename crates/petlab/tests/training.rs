@@ -488,9 +488,10 @@ fn device_training_script_dry_run_leaves_weights_the_device_tool_brings_back() {
 /// The across-reconstruction GPU script (models/train/device_robust.sh),
 /// dry-run on the CPU with tiny sizes: it rebuilds the shipped package's
 /// weights, fine-tunes them (the starting weights are the first candidate),
-/// trains the fine-tuned network's σ head, and leaves in $OUT at most 8 plain
-/// files, two folders deep, with plain names; the candidate exports with its
-/// head and runs the same on tract and ONNX Runtime.
+/// averages it with the starting weights (SOUP=1), trains that network's σ
+/// head, and leaves in $OUT at most 8 plain files, two folders deep, with
+/// plain names; the averaged candidate exports with its head and runs the
+/// same on tract and ONNX Runtime.
 #[test]
 fn robust_device_script_dry_run_leaves_a_network_and_its_sigma_head() {
     let tmp = tempfile::tempdir().unwrap();
@@ -508,7 +509,7 @@ fn robust_device_script_dry_run_leaves_a_network_and_its_sigma_head() {
         .envs([("SIM_S", "1"), ("SIMS", "1"), ("PER", "1"), ("MIN_RAND", "0"), ("REF", "2"), ("REF_ARGS", "--matrix 64")])
         .envs([("SITES", "c1-ref128"), ("PROBE", "6"), ("PROBE_S", "900"), ("MIN_STEPS", "4"), ("MAX_STEPS", "6")])
         // time caps far above what these steps need: a loaded machine cannot cut them
-        .envs([("TOTAL_S", "4000"), ("SIG_STEPS", "3"), ("SIG_S", "900")])
+        .envs([("TOTAL_S", "4000"), ("SIG_STEPS", "3"), ("SIG_S", "900"), ("SOUP", "1")])
         .output()
         .unwrap();
     let log = text(&o);
@@ -516,12 +517,14 @@ fn robust_device_script_dry_run_leaves_a_network_and_its_sigma_head() {
     assert!(log.contains("randomized studies: 0 in 1 s"), "{log}");
     assert!(log.contains("weights rebuilt") && log.contains("(the starting weights)"), "{log}");
     let steps = schedule_steps(&log);
-    assert!(log.contains("σ head rc 0"), "{log}");
+    assert!(log.contains("wrote") && log.contains("the mean of 2 networks"), "{log}");
+    assert!(log.contains("σ head (for soup/params.npz) rc 0"), "{log}");
     assert_files_back(
         &out,
-        &["run", "sig"],
-        &["log.txt", "sim.txt", "run/params.npz", "run/train_log.json", "sig/sigma_params.npz", "sig/coverage.json"],
+        &["run", "sig", "soup"],
+        &["log.txt", "sim.txt", "run/params.npz", "run/train_log.json", "soup/params.npz", "sig/sigma_params.npz", "sig/coverage.json"],
     );
+    assert!(!out.join("run/checkpoint.json").exists(), "a finished run's history is train_log.json alone");
     // the history starts with the starting weights, then the fine-tune's steps
     let tlog: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("run/train_log.json")).unwrap()).unwrap();
     let hist = tlog["history"].as_array().unwrap();
@@ -531,7 +534,7 @@ fn robust_device_script_dry_run_leaves_a_network_and_its_sigma_head() {
         "-m",
         "petrain.export",
         "--params",
-        &out.join("run/params.npz").display().to_string(),
+        &out.join("soup/params.npz").display().to_string(),
         "--sigma-head",
         &out.join("sig/sigma_params.npz").display().to_string(),
         "--out",
