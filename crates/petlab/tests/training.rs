@@ -371,7 +371,8 @@ fn schedule_fits_the_probes_rate_into_the_time_left() {
     let ck = dir.path().join("checkpoint.json");
     // 100 steps in 6 s after a first validation at 30 s (100 steps): 16.7 steps/s,
     // start-up 30 − 6 + 15 = 39 s; 300 s leave 261 s: 16.7 × 261 × 0.85 = 3697 → 3000
-    std::fs::write(&ck, r#"{"history": [{"step": 0, "minutes": 0}, {"step": 100, "minutes": 0.5}, {"step": 200, "minutes": 0.6}]}"#).unwrap();
+    std::fs::write(&ck, r#"{"history": [{"step": 0, "minutes": 0}, {"step": 100, "minutes": 0.5}, {"step": 200, "minutes": 0.6}]}"#)
+        .unwrap();
     let c = ck.to_str().unwrap();
     let steps = |extra: &[&str]| -> usize {
         let mut args = vec!["-m", "petrain.schedule", c, "--seconds", "300", "--min", "500", "--max", "100000"];
