@@ -424,6 +424,29 @@ fn soup_averages_weights_and_refuses_other_networks() {
     assert!(!dir.path().join("bad.npz").exists());
 }
 
+/// `petrain.lesion_intervals` pools the per-lesion records of a `petlab eval`
+/// report: coverage of R̄ ± σ̄ and the factor on σ̄ that would make it nominal.
+#[test]
+fn lesion_intervals_pool_the_reports_lesions() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    // ten lesions ≥ 10 mm at 30 s with |R̄ − PET̄90| ÷ σ̄ = 0.1 … 1.0, one of 8 mm (left out),
+    // and a record without σ (the Gaussian's)
+    let z: Vec<String> = (1..=10).map(|i| format!("[{}, {}]", 10 + 2 * i, i as f64 / 10.0)).collect();
+    let json = format!(
+        r#"{{"cells": {{"c1": {{"records": [
+            {{"method": "model", "duration_s": 30.0, "uncertainty": {{"lesion_means": [{}, [8.0, 5.0]]}}}},
+            {{"method": "gaussian", "duration_s": 30.0}}]}}}}}}"#,
+        z.join(", ")
+    );
+    std::fs::write(&report, json).unwrap();
+    let out = text(&py(&["-m", "petrain.lesion_intervals", report.to_str().unwrap()]));
+    // all ten within σ̄ and 1.96 σ̄; the 68.27 % quantile of 0.1 … 1.0 is 0.71
+    assert!(out.contains("| 30 s | 10 | 100.0 / 100.0 | 0.71 / 0.49 |"), "{out}");
+    let fitted = text(&py(&["-m", "petrain.lesion_intervals", report.to_str().unwrap(), "--fit", report.to_str().unwrap()]));
+    assert!(fitted.contains("fitted on") && fitted.contains("volume form"), "{fitted}");
+}
+
 /// What a GPU script leaves in `out` (and its `subdirs`) comes back only as at
 /// most 8 plain files with plain names, two folders deep; `want` must be there.
 fn assert_files_back(out: &Path, subdirs: &[&str], want: &[&str]) {
