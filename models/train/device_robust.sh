@@ -169,7 +169,8 @@ if [ "$SIG_STEPS" -gt 0 ]; then
     # (the network fixed; coverage on the validation cells printed at the end)
     timeout $(( TOTAL_S - SECONDS - 3 )) $PY -m petrain.sigma --params "$net" --train "$DATA/mix" \
         --grid "$DATA/val" --out "$OUT/sig" --steps "$SIG_STEPS"
-    say "σ head (for $(basename "$(dirname "$net")")/params.npz) rc $?"
+    rc=$?
+    say "σ head (for $(basename "$(dirname "$net")")/params.npz) rc $rc"
 fi
 rm -f "$OUT"/run/checkpoint.npz "$OUT"/run/*.tmp.*   # at most 8 files come back
 [ -f "$OUT/run/train_log.json" ] && rm -f "$OUT/run/checkpoint.json"   # the finished run's history is in train_log.json
