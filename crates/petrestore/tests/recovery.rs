@@ -240,6 +240,20 @@ fn a_damaged_journal_is_repaired_and_finished_series_stay_finished() {
     }
 }
 
+/// storescu's verbose output: the files answered Success, and those refused.
+fn store_responses(out: &str) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
+    let (mut ok, mut refused, mut file) = (Vec::new(), Vec::new(), None);
+    for line in out.lines() {
+        if let Some(f) = line.strip_prefix("I: Sending file: ") {
+            file = Some(std::path::PathBuf::from(f.trim()));
+        } else if let Some(r) = line.strip_prefix("I: Received Store Response (") {
+            let f = file.take().expect("a response follows a file");
+            if r.starts_with("Success") { ok.push(f) } else { refused.push(f) }
+        }
+    }
+    (ok, refused)
+}
+
 #[test]
 fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
     let tmp = tempfile::tempdir().unwrap();
@@ -257,12 +271,18 @@ fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
     let blocker = study.join(&a.series_uid);
     std::fs::write(&blocker, b"not a folder").unwrap();
 
-    // Acknowledged: durable in the arrival log.
-    let out = storescu(d.port, CONSOLE, &a.files);
-    assert!(out.status.success() && !text(&out).contains("Refused"), "{}", text(&out));
+    // Acknowledged: durable in the arrival log. Moving it into the spool fails.
+    let out = text(&storescu(d.port, CONSOLE, &a.files[..1]));
+    assert_eq!(store_responses(&out), (a.files[..1].to_vec(), vec![]), "{out}");
     wait_for("the materializer to report the failure", Duration::from_secs(20), || {
         d.log().contains("cannot move received instances").then_some(())
     });
+    // The rest of a arrives while ingest is paused: refused, nothing kept;
+    // the console sends them again later, as after any failure status.
+    let out = text(&storescu(d.port, CONSOLE, &a.files[1..]));
+    let (acked, refused) = store_responses(&out);
+    assert!(acked.is_empty() && refused == a.files[1..], "{out}");
+    assert!(out.contains("Refused: OutOfResources"), "{out}");
     // Meanwhile new instances are refused with Out of Resources, the
     // reason first in the Error Comment.
     let out = storescu(d.port, CONSOLE, &b.files);
@@ -274,17 +294,19 @@ fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
         v["last_error"].as_str().is_some_and(|e| e.contains("ingest paused"))
     });
     assert_schema("health", &h);
-    assert_eq!(h["ingest_backlog"], 4, "{h}");
+    assert_eq!(h["ingest_backlog"], 1, "{h}");
     // and so does the technologist at the box
     let st = petrestore(&["status", "--state-dir", d.state_dir().to_str().unwrap()]);
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&st)));
-    assert_eq!(st["ingest_backlog"], 4, "{st}");
+    assert_eq!(st["ingest_backlog"], 1, "{st}");
     assert!(st["ingest_stalled"].as_str().is_some_and(|s| s.contains("spool write failed")), "{st}");
 
     // The fault goes away: the retried move goes through, ingest resumes,
     // everything acknowledged is restored and delivered, without a restart.
     std::fs::remove_file(&blocker).unwrap();
     wait_for("ingest to resume", Duration::from_secs(30), || d.log().contains("ingest resumed").then_some(()));
+    let again = text(&storescu(d.port, CONSOLE, &refused));
+    assert_eq!(store_responses(&again), (refused.clone(), vec![]), "refused instances taken once ingest resumed: {again}");
     let job = d.wait_terminal(&job_id(&a), Duration::from_secs(60));
     assert_eq!((job.received, &job.state), (4, &JobState::Done), "{:#?}", job.history);
     let got = wait_for("4 derived instances", Duration::from_secs(10), || {
