@@ -283,6 +283,9 @@ fn smoke_train_export_parity_eval_and_cross_check() {
     assert!(sig.contains("| c1 | 30 s |") && sig.contains("worst body distance from 68.27"), "{sig}");
     // --per-study: one row per study and frame, then the count within ±3 points
     assert!(sig.contains("mean e² ÷ mean σ²") && sig.contains("studies within ±3 points of 68.27 %"), "{sig}");
+    // and the sampling spread of one study's coverage, from the halves of its slices
+    assert!(sig.contains("halves of one study (first and second half of its slices) differ by"), "{sig}");
+    assert!(sig.contains("over 2 study frames: sampling SD of one study's body coverage ≈"), "{sig}");
     let o = Command::new(python())
         .args(["-m", "petrain.sigma", "--params", &d("run/params.npz"), "--train", &d("test"), "--grid", &d("grid"), "--out", &d("bad")])
         .current_dir(train_dir())

@@ -157,7 +157,9 @@ def measure(a, pr, ph, k, textured_r, hist):
             for st in data.load(folder):
                 tis = tissues(st)
                 own = [0, 0, 0.0, 0.0]  # body voxels, within R ± σ, Σ e², Σ σ²
-                for z in range(st.a.shape[1]):
+                halves = [[0, 0], [0, 0]]  # the same counts in the first and the second half of the slices
+                nz = st.a.shape[1]
+                for z in range(nz):
                     x = st.model_input(d, z, k, True)[None]
                     out, lv = fwd(x)
                     r = np.asarray(out)[0, 0] * st.scale[d]
@@ -173,9 +175,12 @@ def measure(a, pr, ph, k, textured_r, hist):
                     sel = tis[z] == 0
                     own[0] += int(sel.sum()); own[1] += int((e[sel] <= Z68 * s[sel]).sum())
                     own[2] += float((e[sel].astype(np.float64) ** 2).sum()); own[3] += float((s[sel].astype(np.float64) ** 2).sum())
+                    h = halves[int(2 * z >= nz)]
+                    h[0] += int(sel.sum()); h[1] += int((e[sel] <= Z68 * s[sel]).sum())
                 if own[0]:
                     studies.append({"cell": cell, "duration": int(d), "study": os.path.basename(st.path),
-                                    "body_68": 100 * own[1] / own[0], "e2_over_sigma2": own[2] / max(own[3], 1e-30)})
+                                    "body_68": 100 * own[1] / own[0], "e2_over_sigma2": own[2] / max(own[3], 1e-30),
+                                    "body_68_halves": [100 * h[1] / h[0] if h[0] else None for h in halves]})
             cov = {t: ([100 * v[1] / v[0], 100 * v[2] / v[0]] if v[0] else None) for t, v in acc.items()}
             cells.setdefault(cell, {})[int(d)] = {"coverage": cov, "body_sigma_over_r_pct": 100 * rel[0] / max(rel[1], 1e-12)}
             fmt = lambda c: "— / —" if c is None else f"{c[0]:.1f} / {c[1]:.1f}"
@@ -211,6 +216,34 @@ def per_study(studies):
         line += (f"; between studies of one cell and frame the body coverage differs by "
                  f"{statistics.median(spread):.1f} points (median), {spread[-1]:.1f} at most")
     print(line)
+    print(sampling_line(studies))
+
+
+def sampling_line(studies):
+    """How much of the spread between patients is sampling: the body
+    coverage of the two halves of one study's slices differ by sampling
+    noise (and anatomy) only, as its σ scale is one; two studies of one
+    cell and frame differ by that and by a per-patient scale error. With
+    halves' differences d_h and studies' differences d_s, the sampling SD
+    of one whole study's coverage is about RMS(d_h) / 2 and the
+    per-patient SD about sqrt(RMS(d_s)² / 2 − RMS(d_h)² / 4)."""
+    dh = [s["body_68_halves"][0] - s["body_68_halves"][1] for s in studies
+          if None not in s.get("body_68_halves", [None])]
+    groups = {}
+    for s in studies:
+        groups.setdefault((s["cell"], s["duration"]), []).append(s["body_68"])
+    ds = [v[0] - v[1] for v in groups.values() if len(v) == 2]
+    if not dh:
+        return "no study with body voxels in both halves of its slices"
+    rms_h = float(np.sqrt(np.mean(np.square(dh))))
+    line = (f"halves of one study (first and second half of its slices) differ by {rms_h:.1f} points RMS over "
+            f"{len(dh)} study frames: sampling SD of one study's body coverage ≈ {rms_h / 2:.1f} points")
+    if ds:
+        rms_s = float(np.sqrt(np.mean(np.square(ds))))
+        patient = float(np.sqrt(max(rms_s ** 2 / 2 - rms_h ** 2 / 4, 0.0)))
+        line += (f"; two studies of one cell and frame differ by {rms_s:.1f} points RMS over {len(ds)} pairs: "
+                 f"per-patient SD beyond sampling ≈ {patient:.1f} points")
+    return line
 
 
 if __name__ == "__main__":
