@@ -222,11 +222,12 @@ def per_study(studies):
 def sampling_line(studies):
     """How much of the spread between patients is sampling: the body
     coverage of the two halves of one study's slices differ by sampling
-    noise (and anatomy) only, as its σ scale is one; two studies of one
-    cell and frame differ by that and by a per-patient scale error. With
-    halves' differences d_h and studies' differences d_s, the sampling SD
-    of one whole study's coverage is about RMS(d_h) / 2 and the
-    per-patient SD about sqrt(RMS(d_s)² / 2 − RMS(d_h)² / 4)."""
+    noise and by the anatomy of each half only (one patient, one
+    reconstruction); two studies of one cell and frame differ by sampling
+    and by a per-patient error. With halves' differences d_h and studies'
+    differences d_s, the sampling SD of one whole study's coverage is at
+    most RMS(d_h) / 2 (the halves' anatomy adds to d_h) and the
+    per-patient SD at least sqrt(RMS(d_s)² / 2 − RMS(d_h)² / 4)."""
     dh = [s["body_68_halves"][0] - s["body_68_halves"][1] for s in studies
           if None not in s.get("body_68_halves", [None])]
     groups = {}
@@ -237,12 +238,12 @@ def sampling_line(studies):
         return "no study with body voxels in both halves of its slices"
     rms_h = float(np.sqrt(np.mean(np.square(dh))))
     line = (f"halves of one study (first and second half of its slices) differ by {rms_h:.1f} points RMS over "
-            f"{len(dh)} study frames: sampling SD of one study's body coverage ≈ {rms_h / 2:.1f} points")
+            f"{len(dh)} study frames: sampling SD of one study's body coverage ≈ {rms_h / 2:.1f} points (at most)")
     if ds:
         rms_s = float(np.sqrt(np.mean(np.square(ds))))
         patient = float(np.sqrt(max(rms_s ** 2 / 2 - rms_h ** 2 / 4, 0.0)))
         line += (f"; two studies of one cell and frame differ by {rms_s:.1f} points RMS over {len(ds)} pairs: "
-                 f"per-patient SD beyond sampling ≈ {patient:.1f} points")
+                 f"per-patient SD beyond sampling ≈ {patient:.1f} points (at least)")
     return line
 
 
