@@ -23,6 +23,7 @@ maximum, 0.5–2.5 × its body mean, lesion spheres left out; hot: ≥ 2.5 ×),
 printed as a table and written to RUN/coverage.json.
 """
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -206,10 +207,7 @@ def per_study(studies):
     print("| cell | frame | study | body 68 | mean e² ÷ mean σ² |\n|---|---|---|---|---|")
     for s in studies:
         print(f"| {s['cell']} | {s['duration']} s | {s['study']} | {s['body_68']:.1f} | {s['e2_over_sigma2']:.2f} |")
-    groups = {}
-    for s in studies:
-        groups.setdefault((s["cell"], s["duration"]), []).append(s["body_68"])
-    spread = sorted(max(v) - min(v) for v in groups.values() if len(v) > 1)
+    spread = sorted(max(v) - min(v) for v in by_cell_frame(studies) if len(v) > 1)
     within = sum(abs(s["body_68"] - 68.27) <= 3 for s in studies)
     line = f"studies within ±3 points of 68.27 %: {within} of {len(studies)}"
     if spread:
@@ -219,21 +217,26 @@ def per_study(studies):
     print(sampling_line(studies))
 
 
+def by_cell_frame(studies):
+    """The studies' body coverage, one list per cell and frame."""
+    groups = {}
+    for s in studies:
+        groups.setdefault((s["cell"], s["duration"]), []).append(s["body_68"])
+    return list(groups.values())
+
+
 def sampling_line(studies):
     """How much of the spread between patients is sampling: the body
     coverage of the two halves of one study's slices differ by sampling
     noise and by the anatomy of each half only (one patient, one
     reconstruction); two studies of one cell and frame differ by sampling
     and by a per-patient error. With halves' differences d_h and studies'
-    differences d_s, the sampling SD of one whole study's coverage is at
+    differences d_s (every pair of one cell and frame), the sampling SD of one whole study's coverage is at
     most RMS(d_h) / 2 (the halves' anatomy adds to d_h) and the
     per-patient SD at least sqrt(RMS(d_s)² / 2 − RMS(d_h)² / 4)."""
     dh = [s["body_68_halves"][0] - s["body_68_halves"][1] for s in studies
           if None not in s.get("body_68_halves", [None])]
-    groups = {}
-    for s in studies:
-        groups.setdefault((s["cell"], s["duration"]), []).append(s["body_68"])
-    ds = [v[0] - v[1] for v in groups.values() if len(v) == 2]
+    ds = [a - b for v in by_cell_frame(studies) for a, b in itertools.combinations(v, 2)]
     if not dh:
         return "no study with body voxels in both halves of its slices"
     rms_h = float(np.sqrt(np.mean(np.square(dh))))
