@@ -257,6 +257,9 @@ pub fn site_scale(dir: &Path, engine: &Arc<dyn Engine>) -> Result<Option<Vec<f64
     let mut site = petrestore::restore::uncertainty::SiteCalibration::new(&engine.model_id(), &cal);
     for p in studies_in(dir)? {
         let st = Study::load(&p)?;
+        if st.source == "nema" {
+            continue; // fitted on patients, as a site fits on its paired patient series
+        }
         for d in DURATIONS {
             let short = st.short(d);
             let (r, var) = engine.run_with_variance(short).map_err(|e| format!("{}: {e}", st.name))?;
@@ -277,7 +280,12 @@ pub fn run(o: &EvalOptions) -> Result<Value, String> {
             if let Some(bad) = studies.iter().find(|s| s.meta["split"].as_str() == Some("test")) {
                 return Err(format!("{}: --val must hold validation studies, not test ones", bad.name));
             }
-            choose_gaussian(&studies)
+            // chosen on the validation patients; a NEMA phantom among them is not a patient
+            let patients: Vec<Study> = studies.into_iter().filter(|s| s.source != "nema").collect();
+            if patients.is_empty() {
+                return Err(format!("{}: no validation patient to choose the Gaussian on (NEMA studies only)", val.display()));
+            }
+            choose_gaussian(&patients)
         }
         (None, None) => {
             return Err("say how to set the Gaussian baseline: --val DIR (choose FWHM on validation studies) or --gaussian-fwhm MM".into());

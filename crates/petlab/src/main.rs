@@ -62,7 +62,8 @@ enum Command {
     /// nested 30/60/90 s frames, noise-free reconstruction, truth, lesions).
     /// Splits: train = ellipse family seeds 0–9999, val = ellipse
     /// 10000–10999 (or, with --family textured, the textured family from
-    /// seed 30000), test = lobulated family and NEMA from seed 20000.
+    /// seed 30000) and NEMA noise realisations from seed 12000, test =
+    /// lobulated family and NEMA from seed 20000.
     /// Studies already present are kept (a run can be resumed).
     Dataset {
         #[arg(long)]
@@ -81,7 +82,7 @@ enum Command {
         /// Skip this many seeds of the split first (to extend a dataset).
         #[arg(long, default_value_t = 0)]
         skip: u64,
-        /// NEMA studies (test split only; each a new noise realisation).
+        /// NEMA studies (val or test split; each a new noise realisation, the validation's from seeds of its own).
         #[arg(long, default_value_t = 0)]
         nema: u64,
         #[arg(long, default_value_t = 16)]
@@ -269,8 +270,8 @@ fn run(cli: Cli) -> Result<()> {
             if !(1..=512).contains(&slices) || !(32..=512).contains(&matrix) {
                 bail!("--slices must be 1..=512 and --matrix 32..=512");
             }
-            if nema > 0 && split != Split::Test {
-                bail!("--nema studies belong to the test split only (NEMA is never trained on)");
+            if nema > 0 && split == Split::Train {
+                bail!("--nema studies belong to the val or test split (NEMA is never trained on)");
             }
             if !(0.0..=30.0).contains(&post_filter) {
                 bail!("--post-filter {post_filter}: give a FWHM in mm from 0 (none) to 30");
@@ -289,15 +290,17 @@ fn run(cli: Cli) -> Result<()> {
                 scanner: petsim::physics::Scanner { post_filter_fwhm_mm: post_filter, ..Default::default() },
                 counts_90s: None,
             };
+            // NEMA noise realisations: validation 12_000.., test 20_000.. (cells 100 apart after)
+            let nema_base = if split == Split::Validation { 12_000 } else { 20_000 };
             // (folder, setting per seed, first patient seed, first NEMA seed)
             type Pick = Box<dyn Fn(u64) -> Setting>;
             let mut plans: Vec<(PathBuf, Pick, u64, u64)> = Vec::new();
             match site.as_deref() {
                 None if randomize && unfiltered => {
-                    plans.push((out.clone(), Box::new(move |seed| Setting::random_unfiltered(seed, slices)), base, 20_000))
+                    plans.push((out.clone(), Box::new(move |seed| Setting::random_unfiltered(seed, slices)), base, nema_base))
                 }
-                None if randomize => plans.push((out.clone(), Box::new(move |seed| Setting::random(seed, slices)), base, 20_000)),
-                None => plans.push((out.clone(), Box::new(move |_| fixed.clone()), base, 20_000)),
+                None if randomize => plans.push((out.clone(), Box::new(move |seed| Setting::random(seed, slices)), base, nema_base)),
+                None => plans.push((out.clone(), Box::new(move |_| fixed.clone()), base, nema_base)),
                 Some(name) => {
                     // out-of-range cells come after the matrix: their own seeds
                     let cells: Vec<_> = SITE_MATRIX
@@ -318,7 +321,11 @@ fn run(cli: Cli) -> Result<()> {
                         let first = base + 100 * (i as u64 + 1);
                         let folder = if name == "all" { out.join(c.name) } else { out.clone() };
                         let cell = *c;
-                        plans.push((folder, Box::new(move |_| cell.setting(slices)), first, 21_000 + 100 * i as u64));
+                        let cell_nema = match split {
+                            Split::Validation => 12_100 + 100 * i as u64,
+                            _ => 21_000 + 100 * i as u64,
+                        };
+                        plans.push((folder, Box::new(move |_| cell.setting(slices)), first, cell_nema));
                     }
                 }
             }

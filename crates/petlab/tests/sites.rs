@@ -45,6 +45,18 @@ fn randomized_training_studies_record_their_setting() {
     assert!(!o.status.success() && text(&o).contains("train with --randomize"), "{}", text(&o));
     let o = petlab(&["dataset", "--out", &d, "--split", "val", "--site", "c9"]);
     assert!(!o.status.success() && text(&o).contains("c1-ref128"), "{}", text(&o));
+    // NEMA noise realisations for validation have seeds of their own, never the test's
+    let v = tmp.path().join("valnema");
+    let vs = v.display().to_string();
+    lab(&["dataset", "--out", &vs, "--split", "val", "--site", "c6-144-nopsf", "--count", "0", "--nema", "2", "--slices", "2"]);
+    let made: Vec<String> = std::fs::read_dir(&v).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    for want in ["nema-12600.npy", "nema-12601.npy"] {
+        assert!(made.iter().any(|f| f == want), "{want} not in {made:?}");
+    }
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(v.join("nema-12600.json")).unwrap()).unwrap();
+    assert_eq!(m["split"], "validation");
+    let o = petlab(&["dataset", "--out", &d, "--split", "train", "--count", "0", "--nema", "1"]);
+    assert!(!o.status.success() && text(&o).contains("val or test split"), "{}", text(&o));
 }
 
 #[test]

@@ -72,6 +72,8 @@ impl Split {
             (Source::Patient(Family::Ellipse), 0..=9_999) => Some(Split::Train),
             (Source::Patient(Family::Ellipse), 10_000..=10_999) => Some(Split::Validation),
             (Source::Patient(Family::Textured), 30_000..=30_999) => Some(Split::Validation),
+            // validation noise realisations of the NEMA phantom: its own seeds
+            (Source::Nema, 12_000..=13_999) => Some(Split::Validation),
             (Source::Patient(Family::Lobulated) | Source::Nema, 20_000..) => Some(Split::Test),
             _ => None,
         }
@@ -249,6 +251,8 @@ mod tests {
         assert_eq!(Split::of(Source::Patient(Family::Lobulated), 20_001), Some(Split::Test));
         assert_eq!(Split::of(Source::Patient(Family::Lobulated), 5), None, "test family never in training seeds");
         assert_eq!(Split::of(Source::Nema, 3), None);
+        assert_eq!(Split::of(Source::Nema, 12_005), Some(Split::Validation));
+        assert_eq!(Split::of(Source::Nema, 21_005), Some(Split::Test));
         assert_eq!(Split::of(Source::Patient(Family::Textured), 30_001), Some(Split::Validation));
         assert_eq!(Split::of(Source::Patient(Family::Textured), 5), None, "no training on the textured family");
         assert_eq!(Split::of(Source::Patient(Family::Textured), 20_001), None, "nor testing");
