@@ -305,15 +305,16 @@ fn smoke_train_export_parity_eval_and_cross_check() {
         "--guard",
         "15",
         "2",
+        "0.7",
         "--out",
         &d("pkg-sigma"),
     ]);
     assert!(text(&out).contains("parity of the variance output"), "{}", text(&out));
     assert_parity(&tmp.path().join("pkg-sigma"));
     let with_head = ModelPackage::load(&tmp.path().join("pkg-sigma")).unwrap();
-    // --guard given twice: two scales, in the order given
-    let scales: Vec<(f64, f64)> = with_head.guard.iter().map(|g| (g.fwhm_mm, g.z)).collect();
-    assert_eq!(scales, [(5.0, 1.25), (15.0, 2.0)]);
+    // --guard given twice: two scales, in the order given, the second with its noise power
+    let scales: Vec<(f64, f64, f64)> = with_head.guard.iter().map(|g| (g.fwhm_mm, g.z, g.power)).collect();
+    assert_eq!(scales, [(5.0, 1.25, 1.0), (15.0, 2.0, 0.7)]);
     assert_eq!(with_head.io.variance.as_deref(), Some("variance"));
     assert!(with_head.uncertainty.as_ref().is_some_and(|u| u.uses_variance()));
     let round = text(&py(&["-m", "petrain.from_onnx", "--package", &d("pkg-sigma"), "--out", &d("rebuilt/params.npz")]));

@@ -177,14 +177,19 @@ def main(argv=None):
                     help="io.tta of the package: 2 also runs the slices flipped left-right, 3 and up-down, 4 and both (choose it on the validation split)")
     ap.add_argument("--sigma-head", help="weights of a σ head for these --params (petrain.sigma's sigma_params.npz): "
                     "the graph gets a second output, `variance`, and model.toml an [uncertainty] table that uses it")
-    ap.add_argument("--guard", nargs=2, type=float, metavar=("FWHM_MM", "Z"), action="append", default=[],
+    ap.add_argument("--guard", nargs="+", type=float, metavar="FWHM_MM Z [POWER]", action="append", default=[],
                     help="the engines' lesion guard for this package ([guard]: the local mean at FWHM_MM may not move "
-                    "from the frame's by more than Z noise SDs; choose both on the validation grid); repeat it for "
-                    "several scales ([[guard]] tables, applied in the order given)")
+                    "from the frame's by more than Z noise SDs, the noise SD growing as the local level to POWER, "
+                    "default 1; choose them on the validation grid); repeat it for several scales ([[guard]] tables, "
+                    "applied in the order given)")
     a = ap.parse_args(argv)
-    for fwhm, z in a.guard:
-        if not (1.0 <= fwhm <= 30.0 and 0.0 < z <= 10.0):
-            raise SystemExit(f"--guard {fwhm:g} {z:g}: FWHM must be 1-30 mm and Z above 0, at most 10")
+    for g in a.guard:
+        if len(g) not in (2, 3):
+            raise SystemExit(f"--guard {' '.join(f'{v:g}' for v in g)}: give FWHM_MM Z and optionally POWER")
+        fwhm, z, power = (*g, 1.0)[:3]
+        if not (1.0 <= fwhm <= 30.0 and 0.0 < z <= 10.0 and 0.0 <= power <= 1.0):
+            raise SystemExit(f"--guard {fwhm:g} {z:g} {power:g}: FWHM must be 1-30 mm, Z above 0 and at most 10, "
+                             "POWER 0-1")
     p, width = load_params(a.params)
     sigma = None
     if a.sigma_head:
@@ -315,8 +320,11 @@ def main(argv=None):
             "# the engines' lesion guard (MODEL_CARD.md): after restoration the change x − R, smoothed at fwhm_mm,",
             "# may exceed the frame's own noise at that scale by at most z SDs; the excess is given back to R",
         ]
-        for fwhm, z in a.guard:
+        for g in a.guard:
+            fwhm, z, power = (*g, 1.0)[:3]
             lines += ["[guard]" if len(a.guard) == 1 else "[[guard]]", f"fwhm_mm = {fwhm:g}", f"z = {z:g}"]
+            if power != 1.0:
+                lines += [f"power = {power:g}"]
     lines += metrics_block(metrics)
     with open(os.path.join(a.out, "model.toml"), "w") as f:
         f.write("\n".join(lines) + "\n")

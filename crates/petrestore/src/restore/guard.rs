@@ -34,6 +34,18 @@ pub struct Guard {
     pub fwhm_mm: f64,
     /// How many noise SDs the smoothed change may reach before the excess is given back.
     pub z: f64,
+    /// How the frame's noise grows with the local level: SD ∝ level^power.
+    /// 1 (the default) takes the relative noise to be the same everywhere;
+    /// a reconstruction's noise grows more slowly than its level (the
+    /// simulator's OSEM frames: power 0.7–0.8 at 5 mm), so below 1 a hot
+    /// lesion is held to the noise it really has, not to the body's
+    /// relative noise scaled up to its level.
+    #[serde(default = "unit_power")]
+    pub power: f64,
+}
+
+fn unit_power() -> f64 {
+    1.0
 }
 
 /// What the guard did to one series.
@@ -53,6 +65,9 @@ impl Guard {
         if !(self.z.is_finite() && self.z > 0.0 && self.z <= 10.0) {
             return Err(format!("guard.z must be above 0 and at most 10, is {}", self.z));
         }
+        if !(0.0..=1.0).contains(&self.power) {
+            return Err(format!("guard.power must be 0..=1 (1: noise proportional to the level), is {}", self.power));
+        }
         Ok(())
     }
 
@@ -65,7 +80,21 @@ impl Guard {
         let change = gaussian::filter_owned(change, self.fwhm_mm).data;
         let level = gaussian::filter(r, self.fwhm_mm).data;
         let body = |i: usize| x.data[i] as f64 > threshold && level[i] > 0.0;
-        let mut rel: Vec<f32> = (0..x.data.len()).filter(|&i| body(i)).map(|i| change[i] / level[i]).collect();
+        // the noise SD at each voxel, up to k: level^power, tied to the body's
+        // median level so that k stays the frame's relative noise there
+        let scaled: Option<Vec<f32>> = if self.power == 1.0 {
+            None
+        } else {
+            let mut inside: Vec<f32> = (0..x.data.len()).filter(|&i| body(i)).map(|i| level[i]).collect();
+            if inside.is_empty() {
+                return None;
+            }
+            let typical = median(&mut inside) as f64;
+            let (p, tie) = (self.power, typical.powf(1.0 - self.power));
+            Some(level.iter().map(|l| ((*l as f64).max(0.0).powf(p) * tie) as f32).collect())
+        };
+        let noise: &[f32] = scaled.as_deref().unwrap_or(&level);
+        let mut rel: Vec<f32> = (0..x.data.len()).filter(|&i| body(i)).map(|i| change[i] / noise[i]).collect();
         if rel.is_empty() {
             return None;
         }
@@ -78,7 +107,7 @@ impl Guard {
         let (mut changed, mut inside) = (0usize, 0usize);
         for (i, out) in r.data.iter_mut().enumerate() {
             let d = change[i] as f64;
-            let allowed = self.z * k * (level[i] as f64).max(0.0);
+            let allowed = self.z * k * (noise[i] as f64).max(0.0);
             let excess = d.abs() - allowed;
             if excess > 0.0 {
                 *out += (d.signum() * excess) as f32;
@@ -120,6 +149,12 @@ mod tests {
 
     /// [`phantom`] with the sphere at `hot` Bq/ml.
     fn phantom_with(sd_rel: f32, seed: u64, hot: f32) -> Volume {
+        phantom_noise(sd_rel, seed, hot, 1.0)
+    }
+
+    /// [`phantom_with`] with a noise SD that grows as level^`power`
+    /// (`sd_rel` of the level at the body's 1000 Bq/ml).
+    fn phantom_noise(sd_rel: f32, seed: u64, hot: f32, power: f32) -> Volume {
         let n = 24;
         let mut s = seed;
         let mut data = Vec::with_capacity(n * n * n);
@@ -134,7 +169,7 @@ mod tests {
                         s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                         g += ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
                     }
-                    data.push(v * (1.0 + sd_rel * g * 1.732));
+                    data.push(v + 1000.0 * (v / 1000.0).powf(power) * sd_rel * g * 1.732);
                 }
             }
         }
@@ -157,7 +192,7 @@ mod tests {
         s.0 / s.1 as f64
     }
 
-    const GUARD: Guard = Guard { fwhm_mm: 5.0, z: 1.25 };
+    const GUARD: Guard = Guard { fwhm_mm: 5.0, z: 1.25, power: 1.0 };
 
     #[test]
     fn a_flattened_lesion_gets_its_mean_back() {
@@ -179,7 +214,7 @@ mod tests {
         // flattening hides in the noise; at 12 mm the noise is lower
         let x = phantom_with(0.25, 5, 1200.0);
         let flat = Volume { data: vec![1000.0; x.data.len()], ..x.clone_shape() };
-        let wide = Guard { fwhm_mm: 12.0, z: 1.25 };
+        let wide = Guard { fwhm_mm: 12.0, z: 1.25, power: 1.0 };
         let guarded = |scales: &[Guard], mut r: Volume| {
             for g in scales {
                 g.apply(&x, &mut r, 0.05).unwrap();
@@ -196,6 +231,26 @@ mod tests {
         let rms =
             |a: &Volume| (a.data.iter().zip(&clean.data).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>() / a.data.len() as f64).sqrt();
         assert!(rms(&kept) < 0.3 * rms(&x), "two scales put back {:.1} of the frame's {:.1} Bq/ml RMS noise", rms(&kept), rms(&x));
+    }
+
+    #[test]
+    fn a_noise_model_below_power_one_holds_a_hot_lesion_to_its_own_noise() {
+        // noise that grows as √level: at 4000 Bq/ml the sphere's relative
+        // noise is half the body's. A restoration that takes a quarter off
+        // the sphere stays inside "relative noise × level" but not inside
+        // the sphere's own noise.
+        let x = phantom_noise(0.3, 3, 4000.0, 0.5);
+        let mut r = phantom_noise(0.0, 0, 4000.0, 0.5);
+        for v in r.data.iter_mut().filter(|v| **v > 3000.0) {
+            *v = 3000.0;
+        }
+        let guarded = |power: f64| {
+            let mut out = r.clone();
+            Guard { power, ..GUARD }.apply(&x, &mut out, 0.05).unwrap();
+            sphere_mean(&out)
+        };
+        let (relative, own, measured) = (guarded(1.0), guarded(0.5), sphere_mean(&x));
+        assert!(own - relative > 0.2 * (measured - relative), "power 0.5 gave back {own:.0}, power 1 {relative:.0} of {measured:.0} Bq/ml");
     }
 
     #[test]
@@ -218,10 +273,12 @@ mod tests {
 
     #[test]
     fn settings_out_of_range_are_refused() {
-        assert!(Guard { fwhm_mm: 0.5, z: 1.0 }.check().is_err());
-        assert!(Guard { fwhm_mm: 5.0, z: 0.0 }.check().is_err());
-        assert!(Guard { fwhm_mm: 5.0, z: f64::NAN }.check().is_err());
-        assert!(GUARD.check().is_ok());
+        assert!(Guard { fwhm_mm: 0.5, z: 1.0, power: 1.0 }.check().is_err());
+        assert!(Guard { fwhm_mm: 5.0, z: 0.0, power: 1.0 }.check().is_err());
+        assert!(Guard { fwhm_mm: 5.0, z: f64::NAN, power: 1.0 }.check().is_err());
+        assert!(Guard { power: 1.2, ..GUARD }.check().is_err());
+        assert!(Guard { power: -0.1, ..GUARD }.check().is_err());
+        assert!(GUARD.check().is_ok() && Guard { power: 0.75, ..GUARD }.check().is_ok());
     }
 
     #[test]

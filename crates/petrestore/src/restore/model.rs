@@ -264,6 +264,9 @@ impl ModelPackage {
         }
         for g in &self.guard {
             id += &format!("+guard{}x{}", g.fwhm_mm, g.z);
+            if g.power != 1.0 {
+                id += &format!("p{}", g.power);
+            }
         }
         id
     }
@@ -415,7 +418,7 @@ mod tests {
             ModelPackage::load(d.path())
         };
         let p = with("fwhm_mm = 5\nz = 1.25").unwrap();
-        assert_eq!(p.guard, vec![super::super::guard::Guard { fwhm_mm: 5.0, z: 1.25 }]);
+        assert_eq!(p.guard, vec![super::super::guard::Guard { fwhm_mm: 5.0, z: 1.25, power: 1.0 }]);
         // the guard changes the pixels: its settings salt the derived UIDs
         assert!(p.model_id().starts_with("petrestore-test-unet@0.1.0+") && p.model_id().ends_with("+guard5x1.25"), "{}", p.model_id());
         assert_ne!(p.model_id(), with("fwhm_mm = 5\nz = 1.5").unwrap().model_id());
@@ -423,6 +426,11 @@ mod tests {
         assert!(e.contains("guard.fwhm_mm must be 1..=30 mm"), "{e}");
         let e = with("fwhm_mm = 5").unwrap_err().to_string();
         assert!(e.contains("missing field `z`"), "{e}");
+        // the noise model's power is part of the identity when it is not 1
+        let p = with("fwhm_mm = 5\nz = 1.25\npower = 0.75").unwrap();
+        assert!(p.model_id().ends_with("+guard5x1.25p0.75"), "{}", p.model_id());
+        let e = with("fwhm_mm = 5\nz = 1.25\npower = 2").unwrap_err().to_string();
+        assert!(e.contains("guard.power must be 0..=1"), "{e}");
         // several scales, applied in order, each part of the identity
         std::fs::write(&toml, format!("{base}\n[[guard]]\nfwhm_mm = 5\nz = 1.25\n[[guard]]\nfwhm_mm = 12\nz = 2\n")).unwrap();
         let p = ModelPackage::load(d.path()).unwrap();

@@ -640,7 +640,7 @@ mod tests {
         let cube = |r: &Volume| (0..r.data.len()).filter(|&i| hot(i)).map(|i| r.data[i] as f64).sum::<f64>() / 27.0;
         let mut p = pkg();
         let plain = restore_volume(&v, &p, &Clip, 1).unwrap();
-        p.guard = vec![super::super::guard::Guard { fwhm_mm: 1.0, z: 1.0 }];
+        p.guard = vec![super::super::guard::Guard { fwhm_mm: 1.0, z: 1.0, power: 1.0 }];
         let guarded = restore_volume(&v, &p, &Clip, 1).unwrap();
         assert!(cube(&plain) < 1600.0, "{}", cube(&plain));
         assert!(cube(&guarded) > 2700.0, "guarded cube {} Bq/ml of 3000", cube(&guarded));
