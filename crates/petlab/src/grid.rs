@@ -156,7 +156,7 @@ pub fn grid_markdown(report: &Value) -> String {
         ("oracle", "oracle (perfect denoiser: the reachable bound)"),
     ] {
         let cols = columns(method);
-        if !cells.values().any(|c| cols[0].1(c).is_some()) {
+        if !cells.values().any(|c| cols.iter().any(|(_, f)| f(c).is_some())) {
             continue;
         }
         o.push_str(&format!("\n### {title}\n\n| cell |"));
@@ -186,12 +186,51 @@ pub fn grid_markdown(report: &Value) -> String {
                 let v: Vec<f64> = cells.values().filter_map(|c| get(c, k)).collect();
                 v.iter().sum::<f64>() / v.len().max(1) as f64
             };
-            o.push_str(&format!("| mean over cells | {:.2} | {:.2} |", mean("seed_mse_30_model"), mean("seed_mse_60_model")));
-            o.push_str(&" |".repeat(cols.len() - 2));
+            if cells.values().any(|c| get(c, "seed_mse_30_model").is_some()) {
+                o.push_str(&format!("| mean over cells | {:.2} | {:.2} |", mean("seed_mse_30_model"), mean("seed_mse_60_model")));
+                o.push_str(&" |".repeat(cols.len() - 2));
+                o.push('\n');
+            }
+        }
+    }
+    o.push_str(&nema_markdown(&cells));
+    o.push_str(&uncertainty_markdown(&cells));
+    o
+}
+
+/// NEMA NU 2 per sphere and cell, as the goal reads it: contrast recovery
+/// at 30 s minus PET90's of the same realisation (mean ± SE over the cell's
+/// realisations) and background variability ÷ PET90's, for every method.
+fn nema_markdown(cells: &serde_json::Map<String, Value>) -> String {
+    const SPHERES: [u32; 6] = [10, 13, 17, 22, 28, 37];
+    if !cells.values().any(|c| get(c, "nema_cr_10mm_pet90").is_some()) {
+        return String::new();
+    }
+    let mut o = String::from(
+        "\n### NEMA NU 2 per sphere, 30 s: contrast recovery − PET90's (points, mean ± SE over the realisations) / background variability ÷ PET90's\n\n| cell | method | realisations |",
+    );
+    for d in SPHERES {
+        o.push_str(&format!(" {d} mm |"));
+    }
+    o.push_str("\n|---|---|---|");
+    o.push_str(&"---|".repeat(SPHERES.len()));
+    o.push('\n');
+    for (name, c) in cells {
+        for (m, label) in [("model", "model"), ("gaussian", "Gaussian"), ("oracle", "oracle"), ("input", "raw 30 s")] {
+            let Some(n) = get(c, &format!("nema_n_30_{m}")) else { continue };
+            o.push_str(&format!("| {name} | {label} | {n:.0} |"));
+            for d in SPHERES {
+                let cr = get(c, &format!("nema_cr_{d}mm_30_{m}_minus_pet90_mean"));
+                let se = get(c, &format!("nema_cr_{d}mm_30_{m}_minus_pet90_se"));
+                let bv = get(c, &format!("nema_bv_{d}mm_30_{m}")).zip(get(c, &format!("nema_bv_{d}mm_pet90"))).map(|(a, b)| a / b);
+                match (cr, se, bv) {
+                    (Some(cr), Some(se), Some(bv)) => o.push_str(&format!(" {cr:+.1} ± {se:.1} / {bv:.2} |")),
+                    _ => o.push_str(" — |"),
+                }
+            }
             o.push('\n');
         }
     }
-    o.push_str(&uncertainty_markdown(&cells));
     o
 }
 
@@ -409,6 +448,29 @@ mod tests {
         // different cells cannot be compared
         let other = report(&[("c1", 51.0, 26.0, 1.0, -10.0, 5.0)]);
         assert!(rule(&base, &other).unwrap_err().contains("different cells"));
+    }
+
+    #[test]
+    fn a_grid_of_nema_realisations_alone_reports_every_sphere() {
+        let mut summary = serde_json::Map::new();
+        for d in [10, 13, 17, 22, 28, 37] {
+            summary.insert(format!("nema_bv_{d}mm_pet90"), json!(5.0));
+            for m in ["model", "gaussian", "oracle", "input"] {
+                summary.insert(format!("nema_cr_{d}mm_30_{m}_minus_pet90_mean"), json!(if d == 10 { -18.5 } else { -1.0 }));
+                summary.insert(format!("nema_cr_{d}mm_30_{m}_minus_pet90_se"), json!(3.0));
+                summary.insert(format!("nema_bv_{d}mm_30_{m}"), json!(4.0));
+                summary.insert(format!("nema_n_30_{m}"), json!(10.0));
+            }
+        }
+        summary.insert("nema_cr_10mm_pet90".into(), json!(51.7));
+        let report = json!({"grid": "g", "val_grid": "v", "cells": {"c6-144-nopsf": {"what": "144²", "summary": summary}}});
+        let md = grid_markdown(&report);
+        // the worst-sphere columns of the model's table, without patients
+        assert!(md.contains("### model") && md.contains("| **-18.5** |"), "{md}");
+        assert!(!md.contains("mean over cells"), "no seed metric to average:\n{md}");
+        // and each sphere with its SE and the realisations behind it
+        assert!(md.contains("| c6-144-nopsf | model | 10 | -18.5 ± 3.0 / 0.80 | -1.0 ± 3.0 / 0.80 |"), "{md}");
+        assert!(md.contains("| c6-144-nopsf | raw 30 s | 10 |"), "{md}");
     }
 
     #[test]
