@@ -56,6 +56,11 @@ impl Study {
         Ok(Study { name, source: meta["source"].as_str().unwrap_or("?").to_owned(), planes, meta })
     }
 
+    /// A NEMA NU 2 phantom realisation rather than a patient.
+    pub(crate) fn is_nema(&self) -> bool {
+        self.source == "nema"
+    }
+
     pub(crate) fn short(&self, d: f64) -> &Volume {
         &self.planes[if d < 45.0 { 0 } else { 1 }]
     }
@@ -192,7 +197,7 @@ fn record(st: &Study, d: f64, method: &str, img: &Volume) -> Record {
     let short = st.short(d);
     let range90 = p90.data.iter().copied().fold(0.0f32, f32::max) as f64;
     let range_t = truth.data.iter().copied().fold(0.0f32, f32::max) as f64;
-    let is_nema = st.source == "nema";
+    let is_nema = st.is_nema();
     let lesions = if is_nema {
         Vec::new()
     } else {
@@ -257,7 +262,7 @@ pub fn site_scale(dir: &Path, engine: &Arc<dyn Engine>) -> Result<Option<Vec<f64
     let mut site = petrestore::restore::uncertainty::SiteCalibration::new(&engine.model_id(), &cal);
     for p in studies_in(dir)? {
         let st = Study::load(&p)?;
-        if st.source == "nema" {
+        if st.is_nema() {
             continue; // fitted on patients, as a site fits on its paired patient series
         }
         for d in DURATIONS {
@@ -281,7 +286,7 @@ pub fn run(o: &EvalOptions) -> Result<Value, String> {
                 return Err(format!("{}: --val must hold validation studies, not test ones", bad.name));
             }
             // chosen on the validation patients; a NEMA phantom among them is not a patient
-            let patients: Vec<Study> = studies.into_iter().filter(|s| s.source != "nema").collect();
+            let patients: Vec<Study> = studies.into_iter().filter(|s| !s.is_nema()).collect();
             if patients.is_empty() {
                 return Err(format!("{}: no validation patient to choose the Gaussian on (NEMA studies only)", val.display()));
             }

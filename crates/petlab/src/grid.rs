@@ -65,6 +65,11 @@ pub fn run_grid(grid: &Path, val_grid: &Path, engine: Option<std::sync::Arc<dyn 
     Ok(json!({"grid": grid.display().to_string(), "val_grid": val_grid.display().to_string(), "cells": cells}))
 }
 
+/// The NEMA NU 2 sphere diameters (mm) as the summary keys name them.
+fn spheres() -> impl Iterator<Item = u32> {
+    petsim::NEMA_SPHERES_MM.iter().map(|d| *d as u32)
+}
+
 /// One number of a cell's summary.
 fn get(cell: &Value, key: &str) -> Option<f64> {
     cell["summary"][key].as_f64()
@@ -109,8 +114,7 @@ fn columns(method: &str) -> Vec<(String, Box<dyn Fn(&Value) -> Option<f64>>)> {
     v.push((
         "NEMA background variability 30 s ÷ PET90 (worst sphere)".into(),
         Box::new(move |c: &Value| {
-            [10, 13, 17, 22, 28, 37]
-                .iter()
+            spheres()
                 .filter_map(|d| Some(get(c, &format!("nema_bv_{d}mm_30_{m5}"))? / get(c, &format!("nema_bv_{d}mm_pet90"))?))
                 .reduce(f64::max)
         }),
@@ -118,9 +122,7 @@ fn columns(method: &str) -> Vec<(String, Box<dyn Fn(&Value) -> Option<f64>>)> {
     let m6 = m;
     v.push((
         "NEMA contrast recovery 30 s − PET90 (worst sphere, points)".into(),
-        Box::new(move |c: &Value| {
-            [10, 13, 17, 22, 28, 37].iter().filter_map(|d| get(c, &format!("nema_cr_{d}mm_30_{m6}_minus_pet90_mean"))).reduce(f64::min)
-        }),
+        Box::new(move |c: &Value| spheres().filter_map(|d| get(c, &format!("nema_cr_{d}mm_30_{m6}_minus_pet90_mean"))).reduce(f64::min)),
     ));
     v
 }
@@ -202,24 +204,23 @@ pub fn grid_markdown(report: &Value) -> String {
 /// at 30 s minus PET90's of the same realisation (mean ± SE over the cell's
 /// realisations) and background variability ÷ PET90's, for every method.
 fn nema_markdown(cells: &serde_json::Map<String, Value>) -> String {
-    const SPHERES: [u32; 6] = [10, 13, 17, 22, 28, 37];
     if !cells.values().any(|c| get(c, "nema_cr_10mm_pet90").is_some()) {
         return String::new();
     }
     let mut o = String::from(
         "\n### NEMA NU 2 per sphere, 30 s: contrast recovery − PET90's (points, mean ± SE over the realisations) / background variability ÷ PET90's\n\n| cell | method | realisations |",
     );
-    for d in SPHERES {
+    for d in spheres() {
         o.push_str(&format!(" {d} mm |"));
     }
     o.push_str("\n|---|---|---|");
-    o.push_str(&"---|".repeat(SPHERES.len()));
+    o.push_str(&"---|".repeat(spheres().count()));
     o.push('\n');
     for (name, c) in cells {
         for (m, label) in [("model", "model"), ("gaussian", "Gaussian"), ("oracle", "oracle"), ("input", "raw 30 s")] {
             let Some(n) = get(c, &format!("nema_n_30_{m}")) else { continue };
             o.push_str(&format!("| {name} | {label} | {n:.0} |"));
-            for d in SPHERES {
+            for d in spheres() {
                 let cr = get(c, &format!("nema_cr_{d}mm_30_{m}_minus_pet90_mean"));
                 let se = get(c, &format!("nema_cr_{d}mm_30_{m}_minus_pet90_se"));
                 let bv = get(c, &format!("nema_bv_{d}mm_30_{m}")).zip(get(c, &format!("nema_bv_{d}mm_pet90"))).map(|(a, b)| a / b);

@@ -182,7 +182,7 @@ pub fn frames(grid: &Path, engine: &dyn Engine, window_mm: f64, texture_mm: f64,
             if st.meta["split"].as_str() == Some("test") {
                 return Err(format!("{}: the calibration is fitted on validation studies, never on the test split", st.name));
             }
-            if st.source == "nema" {
+            if st.is_nema() {
                 continue; // fitted on patients; NEMA phantoms are measured, not fitted on
             }
             studies += 1;
