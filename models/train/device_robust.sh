@@ -15,7 +15,9 @@
 # runs the 2.0.0 settings (texture inputs, lesion weight 12, 70 % lesion
 # patches, lr 5e-4 unless LR says otherwise) on a cosine schedule as long
 # as fits in what is left of TOTAL_S (or STEPS steps, without the probe),
-# keeping the weights with the best validation seed MSE metric.
+# keeping the weights with the best validation seed MSE metric (LOWFREQ > 0
+# adds petrain.train's --lowfreq-weight: the error after a Gaussian of
+# LOWFREQ_FWHM pixels counted again).
 # Then it trains the fine-tuned network's own σ head (SIG_STEPS steps
 # within the last SIG_S seconds; with SOUP=1 for the mean of the starting
 # weights and the fine-tune, soup/params.npz). Back under $OUT: run/params.npz,
@@ -47,6 +49,8 @@ BATCH=${BATCH:-32}
 STEPS=${STEPS:-auto}      # cosine schedule length; auto: what fits
 LR=${LR:-5e-4}            # peak learning rate of the fine-tune (2.0.0's)
 WARMUP=${WARMUP:-100}     # its linear warm-up, steps
+LOWFREQ=${LOWFREQ:-0}     # weight of the error after a Gaussian of LOWFREQ_FWHM pixels, counted again (0: off)
+LOWFREQ_FWHM=${LOWFREQ_FWHM:-4}
 EVAL_EVERY=${EVAL_EVERY:-1000}
 PROBE=${PROBE:-300}
 PROBE_S=${PROBE_S:-75}
@@ -135,7 +139,8 @@ say "weights rebuilt"
 
 cd models/train
 common=(--train "$DATA/mix" --width "$WIDTH" --batch "$BATCH" --init "$DATA/init/params.npz" --texture
-        --lr "$LR" --warmup "$WARMUP" --lesion-weight 12 --lesion-fraction 0.7 --seed 1)
+        --lr "$LR" --warmup "$WARMUP" --lesion-weight 12 --lesion-fraction 0.7 --seed 1
+        --lowfreq-weight "$LOWFREQ" --lowfreq-fwhm "$LOWFREQ_FWHM")
 if [ "$STEPS" = auto ]; then
     # the probe times steps per second after the compile (on a one-study validation
     # set, so that it compiles little); the main run's cosine schedule is then as

@@ -221,6 +221,10 @@ fn smoke_train_export_parity_eval_and_cross_check() {
         "--texture",
         "--select",
         "seed_mse",
+        "--lowfreq-weight",
+        "2",
+        "--lowfreq-fwhm",
+        "3",
     ]);
     for want in ["context widened from 5 to 7 slices (output unchanged", "texture inputs added", "done: 6 steps", "by seed_mse"] {
         assert!(text(&out).contains(want), "{want:?} missing:\n{}", text(&out));
@@ -537,7 +541,7 @@ fn robust_device_script_dry_run_leaves_a_network_and_its_sigma_head() {
         .envs([("SIM_S", "1"), ("SIMS", "1"), ("PER", "1"), ("MIN_RAND", "0"), ("REF", "2"), ("REF_ARGS", "--matrix 64")])
         .envs([("SITES", "c1-ref128"), ("PROBE", "6"), ("PROBE_S", "900"), ("MIN_STEPS", "4"), ("MAX_STEPS", "6")])
         // time caps far above what these steps need: a loaded machine cannot cut them
-        .envs([("TOTAL_S", "4000"), ("SIG_STEPS", "3"), ("SIG_S", "900"), ("SOUP", "1")])
+        .envs([("TOTAL_S", "4000"), ("SIG_STEPS", "3"), ("SIG_S", "900"), ("SOUP", "1"), ("LOWFREQ", "1")])
         .output()
         .unwrap();
     let log = text(&o);

@@ -16,7 +16,12 @@ error in units of the local PET90 noise variance (estimated from the
 frame's own noise, input − clean, over a 9 × 9 window, scaled by d / 90):
 an error counts by how many PET90 noise SDs a reader would see it as, so
 a lung lesion on a quiet background weighs more than a liver lesion of a
-heavy patient, whose low-count noise hides the same error.
+heavy patient, whose low-count noise hides the same error;
+and, with --lowfreq-weight, the mean squared error after a Gaussian of
+--lowfreq-fwhm pixels: the large-scale part of the error (the mean of a
+background region, which NEMA's background variability measures) counted
+again, where the plain MSE lets the network keep much of the frame's
+large-scale noise as if it were anatomy.
 The kept weights are those with the lowest loss
 on the validation split; the test split is never read here.
 """
@@ -47,6 +52,21 @@ def local_power(x, y, context):
     s = jax.lax.reduce_window((xc - y) ** 2, 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
     n = jax.lax.reduce_window(jnp.ones_like(y), 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
     return s / n
+
+
+def smooth(v, fwhm_px):
+    """v [batch, 1, h, w] through a 2D Gaussian of fwhm_px pixels, weights
+    renormalised at the patch's edges (the mean of what the kernel covers)."""
+    sigma = fwhm_px / 2.3548
+    r = max(1, int(np.ceil(3 * sigma)))
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    g = jnp.asarray(g / g.sum(), v.dtype)
+
+    def sep(u):
+        u = jax.lax.conv_general_dilated(u, g.reshape(1, 1, -1, 1), (1, 1), "SAME")
+        return jax.lax.conv_general_dilated(u, g.reshape(1, 1, 1, -1), (1, 1), "SAME")
+
+    return sep(v) / sep(jnp.ones_like(v[:1]))
 
 
 def local_noise_var90(x, y, context):
@@ -203,6 +223,10 @@ def main(argv=None):
     ap.add_argument("--lesion-cnr-frame", action="store_true",
                     help="--lesion-cnr-weight in units of the local noise power relative to the frame's typical one "
                          "(every reconstruction weighs alike; within a frame, quiet backgrounds weigh more)")
+    ap.add_argument("--lowfreq-weight", type=float, default=0.0,
+                    help="weight of the mean squared error after a Gaussian of --lowfreq-fwhm pixels: the large-scale "
+                         "error (a background region's mean, NEMA's background variability) counted again")
+    ap.add_argument("--lowfreq-fwhm", type=float, default=4.0, help="FWHM of --lowfreq-weight's Gaussian (pixels)")
     ap.add_argument("--noisy-weight", type=float, default=0.0,
                     help="draw training studies with probability ∝ exp(k · noise_px of the 30 s frame): noisier reconstructions more often")
     ap.add_argument("--departing-lesions", type=float, default=0.0,
@@ -289,9 +313,13 @@ def main(argv=None):
     def cnr_var(x, y, fv):
         return local_noise_rel(x, y, a.context, fv) if a.lesion_cnr_frame else local_noise_var90(x, y, a.context)
 
+    lfw = a.lowfreq_weight
+
     def loss_fn(p, x, y, m, fv):
         _, den = net.forward(p, x)
         loss = jnp.mean((1.0 + lw * m) * (den - y) ** 2)
+        if lfw:
+            loss = loss + lfw * jnp.mean(smooth(den - y, a.lowfreq_fwhm) ** 2)
         if lmw:
             loss = loss + lmw * jnp.mean(lesion_mean_error(den, y, m) ** 2)
         if lrw:
