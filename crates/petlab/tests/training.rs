@@ -56,12 +56,36 @@ fn assert_parity(pkg_dir: &Path) {
         tensorrt_workspace_mb: 0,
         cache_dir: std::env::temp_dir(),
         threads: 1,
+        fold_texture: true,
     };
     let variance = pkg.io.variance.is_some();
+    let pkg_texture = pkg.io.texture.clone();
     let expected_var = variance.then(|| read_npy_f32(&pkg_dir.join("parity/expected_variance.npy")).unwrap().1);
     let ort = OrtEngine::new(pkg, &o).unwrap();
     assert_eq!(ort.skips_head_for_r_alone(), variance, "ONNX Runtime runs R alone on a graph without the σ head");
     assert_eq!(tract.skips_head_for_r_alone(), variance, "tract runs R alone on a graph without the σ head");
+    let textured = !pkg_texture.is_empty();
+    assert_eq!(ort.folds_texture(), textured, "ONNX Runtime's CPU provider folds a textured package's descriptors into the graph");
+    if textured {
+        // one series at a time (the parity input's batch items have different
+        // descriptors, which runs on the package's graph): the graph folded
+        // for each item's descriptors gives the trainer's R and variance
+        let (plane, n) = (h * w, c * h * w);
+        for i in 0..b {
+            let item = &input[i * n..(i + 1) * n];
+            let want = &expected[i * plane..(i + 1) * plane];
+            let (y, var) = ort.infer_with_variance(item, 1, c, h, w).unwrap();
+            let worst = y.iter().zip(want).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-4 * span, "ort, folded, item {i}, differs from the trainer by {worst} (range {span})");
+            let plain = ort.infer(item, 1, c, h, w).unwrap();
+            let worst = plain.iter().zip(want).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-4 * span, "ort, folded, R alone, item {i}, differs from the trainer by {worst} (range {span})");
+            if let (Some(var), Some(all)) = (var, &expected_var) {
+                let worst = var.iter().zip(&all[i * plane..(i + 1) * plane]).map(|(a, e)| ((a - e) / e).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 1e-4, "ort, folded, item {i}: variance differs from the trainer by {worst} (relative)");
+            }
+        }
+    }
     for (name, backend) in [("tract", &tract as &dyn Backend), ("ort", &ort as &dyn Backend)] {
         let (y, var) = backend.infer_with_variance(&input, b, c, h, w).unwrap();
         assert_eq!(y.len(), expected.len());

@@ -14,7 +14,8 @@
 //! and thread count, each repetition runs every model once in turn on the
 //! same volume, so all see the same machine; it prints each model's median
 //! engine time and the median of its per-repetition ratio to the first
-//! (`ENGINES=ort` or `tract` runs one engine).
+//! (`ENGINES=ort` or `tract` runs one engine; `ort-unfolded` is ONNX
+//! Runtime without folding each series' texture into the graph).
 
 use testkit::bench::*;
 
@@ -106,6 +107,21 @@ fn engine_for(
     threads: usize,
     state: &Path,
 ) -> std::sync::Arc<dyn restore::Engine> {
+    if engine == "ort-unfolded" {
+        // ONNX Runtime on the package's graph as it is, without folding each
+        // series' texture into the biases: the "before" of that change
+        let o = restore::ort_engine::OrtOptions {
+            library: Some(lib.to_owned()),
+            providers: providers.iter().map(|p| petrestore::config::Provider::parse(p).expect("PROVIDERS")).collect(),
+            tensorrt_fp16: false,
+            tensorrt_workspace_mb: 0,
+            cache_dir: state.join("trt-cache"),
+            threads,
+            fold_texture: false,
+        };
+        let pkg = restore::model::ModelPackage::load(model).unwrap();
+        return std::sync::Arc::new(restore::ort_engine::OrtEngine::new(pkg, &o).unwrap());
+    }
     let mut s = Settings::defaults();
     s.restore.engines = vec![petrestore::config::EngineKind::parse(engine).expect("an engine name")];
     s.restore.model = model.to_owned();

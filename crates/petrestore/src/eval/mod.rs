@@ -33,6 +33,7 @@ pub fn engine(model: &Path, engine: &str, ort_library: Option<PathBuf>, threads:
                 tensorrt_workspace_mb: 0,
                 cache_dir: std::env::temp_dir(),
                 threads,
+                fold_texture: true,
             };
             Arc::new(crate::restore::ort_engine::OrtEngine::new(pkg, &o)?)
         }

@@ -136,6 +136,7 @@ pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, Str
                     tensorrt_workspace_mb: r.tensorrt_workspace_mb,
                     cache_dir: s.node.state_dir.join("trt-cache"),
                     threads: r.threads,
+                    fold_texture: true,
                 };
                 match ort_engine::OrtEngine::new(pkg.clone().expect("loaded above"), &o) {
                     Ok(e) => {

@@ -297,19 +297,26 @@ impl ModelPackage {
 /// cut could break.
 pub fn graph_cut_to(path: &Path, output: &str) -> Result<Vec<u8>, String> {
     use prost::Message;
-    use std::collections::HashSet;
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut model = tract_onnx::pb::ModelProto::decode(&bytes[..]).map_err(|e| format!("{}: {e}", path.display()))?;
     let graph = model.graph.as_mut().ok_or_else(|| format!("{}: no graph", path.display()))?;
     if !graph.output.iter().any(|o| o.name == output) {
         return Err(format!("{}: no output {output:?}", path.display()));
     }
-    let mut needed: HashSet<String> = HashSet::from([output.to_string()]);
+    graph.output.retain(|o| o.name == output);
+    prune(graph).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(model.encode_to_vec())
+}
+
+/// Remove the nodes, initialisers and value infos no graph output needs.
+fn prune(graph: &mut tract_onnx::pb::GraphProto) -> Result<(), String> {
+    use std::collections::HashSet;
+    let mut needed: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
     let mut keep = vec![false; graph.node.len()];
     for (i, node) in graph.node.iter().enumerate().rev() {
         if node.output.iter().any(|o| needed.contains(o)) {
             if node.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
-                return Err(format!("{}: node {:?} has a subgraph", path.display(), node.name));
+                return Err(format!("node {:?} has a subgraph", node.name));
             }
             keep[i] = true;
             needed.extend(node.input.iter().filter(|n| !n.is_empty()).cloned());
@@ -317,9 +324,134 @@ pub fn graph_cut_to(path: &Path, output: &str) -> Result<Vec<u8>, String> {
     }
     let mut k = keep.into_iter();
     graph.node.retain(|_| k.next().unwrap_or(false));
-    graph.output.retain(|o| o.name == output);
     graph.initializer.retain(|t| needed.contains(&t.name));
     graph.value_info.retain(|v| needed.contains(&v.name));
+    Ok(())
+}
+
+/// The tensor a textured package's graph (petrain.export) computes the
+/// series' texture descriptors into, `[batch, T, 1, 1]`: the mean of the
+/// input's constant texture channels.
+pub const TEXTURE_TENSOR: &str = "texture";
+
+/// The ONNX graph `bytes` for one series whose texture descriptors are
+/// `texture`: every learned texture bias (a 1×1 convolution of the
+/// [`TEXTURE_TENSOR`] added to a convolution's output, petrain.export)
+/// computed once and folded into that convolution's own bias, the bias
+/// convolutions and additions removed, and the nodes that measured the
+/// texture from the input with them. The graph still takes the same input
+/// (its texture channels are then unread) and computes the same function
+/// for inputs whose texture channels hold `texture`, up to float rounding.
+///
+/// Why: ONNX Runtime's CPU provider fuses each 3×3 convolution with the
+/// ReLU after it, but not across an addition between them; folded, each
+/// pass costs what an unconditioned network of the same size does
+/// (BENCHMARKS.md). Refused (and the engine keeps the graph as it is) for a
+/// graph where the texture feeds anything but such biases.
+pub fn graph_with_texture(bytes: &[u8], texture: &[f32]) -> Result<Vec<u8>, String> {
+    use prost::Message;
+    use std::collections::{HashMap, HashSet};
+    use tract_onnx::pb::TensorProto;
+    let mut model = tract_onnx::pb::ModelProto::decode(bytes).map_err(|e| e.to_string())?;
+    let graph = model.graph.as_mut().ok_or("no graph")?;
+    let producer: HashMap<String, usize> =
+        graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
+    let mut readers: HashMap<String, usize> = HashMap::new();
+    for n in &graph.node {
+        for i in n.input.iter().filter(|i| !i.is_empty()) {
+            *readers.entry(i.clone()).or_default() += 1;
+        }
+    }
+    if !producer.contains_key(TEXTURE_TENSOR) {
+        return Err(format!("the graph computes no {TEXTURE_TENSOR:?} tensor"));
+    }
+    let inits: HashMap<String, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let floats = |name: &str| -> Result<(Vec<i64>, Vec<f32>), String> {
+        let t = &graph.initializer[*inits.get(name).ok_or_else(|| format!("{name:?} is not an initialiser"))?];
+        if t.data_type != 1 {
+            return Err(format!("{name:?} is not float32"));
+        }
+        let v = if !t.raw_data.is_empty() {
+            t.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        } else {
+            t.float_data.clone()
+        };
+        if v.len() as i64 != t.dims.iter().product::<i64>() {
+            return Err(format!("{name:?} holds {} values for dims {:?}", v.len(), t.dims));
+        }
+        Ok((t.dims.clone(), v))
+    };
+    // (addition, texture convolution, image convolution, folded bias)
+    let mut folds: Vec<(usize, usize, usize, Vec<f32>)> = Vec::new();
+    for (a, add) in graph.node.iter().enumerate() {
+        if add.op_type != "Add" || add.input.len() != 2 {
+            continue;
+        }
+        let node = |name: &String| producer.get(name).map(|&i| (i, &graph.node[i]));
+        let (Some((x, xn)), Some((y, yn))) = (node(&add.input[0]), node(&add.input[1])) else { continue };
+        let ((t, tn), (c, cn)) = match (xn.input.first(), yn.input.first()) {
+            (_, Some(i)) if i == TEXTURE_TENSOR => ((y, yn), (x, xn)),
+            (Some(i), _) if i == TEXTURE_TENSOR => ((x, xn), (y, yn)),
+            _ => continue,
+        };
+        let plain = |n: &tract_onnx::pb::NodeProto| n.op_type == "Conv" && n.output.len() == 1 && readers.get(&n.output[0]) == Some(&1);
+        if !plain(tn) || !plain(cn) || tn.input.len() < 2 || cn.input.len() < 2 {
+            return Err(format!("the texture reaches {:?} by a path other than a bias convolution", add.name));
+        }
+        let (wd, w) = floats(&tn.input[1])?;
+        if wd.len() != 4 || wd[1] as usize != texture.len() || wd[2] != 1 || wd[3] != 1 {
+            return Err(format!("{:?} is not a 1x1 convolution of {} descriptors (dims {wd:?})", tn.name, texture.len()));
+        }
+        let co = wd[0] as usize;
+        let tb = match tn.input.get(2).filter(|s| !s.is_empty()) {
+            Some(b) => floats(b)?.1,
+            None => vec![0.0; co],
+        };
+        let cb = match cn.input.get(2).filter(|s| !s.is_empty()) {
+            Some(b) => floats(b)?.1,
+            None => vec![0.0; co],
+        };
+        let (_, cw) = floats(&cn.input[1])?;
+        if tb.len() != co || cb.len() != co || cw.is_empty() || cw.len() % co != 0 {
+            return Err(format!("{:?} and {:?} disagree on their output channels", tn.name, cn.name));
+        }
+        let bias = (0..co)
+            .map(|o| {
+                let t: f64 = texture.iter().enumerate().map(|(j, v)| w[o * texture.len() + j] as f64 * *v as f64).sum();
+                (cb[o] as f64 + tb[o] as f64 + t) as f32
+            })
+            .collect();
+        folds.push((a, t, c, bias));
+    }
+    if folds.is_empty() {
+        return Err(format!("no texture bias to fold: {TEXTURE_TENSOR:?} is not added to a convolution"));
+    }
+    let mut drop: HashSet<usize> = HashSet::new();
+    for (a, t, c, bias) in folds {
+        let out = graph.node[a].output[0].clone();
+        let name = format!("{out}_bias_with_texture");
+        graph.initializer.push(TensorProto {
+            dims: vec![bias.len() as i64],
+            data_type: 1,
+            raw_data: bias.iter().flat_map(|b| b.to_le_bytes()).collect(),
+            name: name.clone(),
+            ..Default::default()
+        });
+        let conv = &mut graph.node[c];
+        conv.input.truncate(2);
+        conv.input.push(name);
+        conv.output[0] = out;
+        drop.extend([a, t]);
+    }
+    let mut i = 0;
+    graph.node.retain(|_| {
+        i += 1;
+        !drop.contains(&(i - 1))
+    });
+    prune(graph)?;
+    if let Some(n) = graph.node.iter().find(|n| n.input.iter().any(|i| i == TEXTURE_TENSOR)) {
+        return Err(format!("{TEXTURE_TENSOR:?} still feeds {:?} ({}), which cannot be folded", n.name, n.op_type));
+    }
     Ok(model.encode_to_vec())
 }
 
@@ -529,5 +661,46 @@ mod graph_cut_tests {
         // an output the graph does not have is refused
         let err = graph_cut_to(&shipped(), "restored").unwrap_err();
         assert!(err.contains("no output \"restored\""), "{err}");
+    }
+
+    #[test]
+    fn the_texture_folded_into_the_biases_computes_the_same_function() {
+        use prost::Message;
+        let full_bytes = std::fs::read(shipped()).unwrap();
+        let texture = [-3.1f32, -2.6, 0.55];
+        let folded_bytes = graph_with_texture(&full_bytes, &texture).unwrap();
+        let full = tract_onnx::pb::ModelProto::decode(&full_bytes[..]).unwrap().graph.unwrap();
+        let folded = tract_onnx::pb::ModelProto::decode(&folded_bytes[..]).unwrap().graph.unwrap();
+        let count = |g: &tract_onnx::pb::GraphProto, op: &str| g.node.iter().filter(|n| n.op_type == op).count();
+        // ten bias convolutions (five blocks of the network, five of the σ head) and their additions gone
+        assert_eq!(count(&full, "Conv") - count(&folded, "Conv"), 10);
+        assert_eq!(count(&full, "Add") - count(&folded, "Add"), 10);
+        assert!(!folded.node.iter().any(|n| n.input.iter().any(|i| i == TEXTURE_TENSOR) || n.output.iter().any(|o| o == TEXTURE_TENSOR)));
+        assert_eq!(folded.output.len(), 2, "R and the variance are both still computed");
+        // the same R and variance for an input whose texture channels hold those values
+        let (c, h, w) = (9, 32, 32);
+        let data: Vec<f32> = (0..c * h * w)
+            .map(|k| if k / (h * w) >= 6 { texture[k / (h * w) - 6] } else { 0.5 + ((k * 7919) % 101) as f32 / 101.0 })
+            .collect();
+        let x = Tensor::from_shape(&[1, c, h, w], &data).unwrap();
+        let a = run(tract_onnx::onnx().model_for_read(&mut &full_bytes[..]).unwrap(), &x);
+        let b = run(tract_onnx::onnx().model_for_read(&mut &folded_bytes[..]).unwrap(), &x);
+        for (k, what) in ["R", "variance"].iter().enumerate() {
+            let (a, b) = (a[k].to_plain_array_view::<f32>().unwrap(), b[k].to_plain_array_view::<f32>().unwrap());
+            let span = a.iter().copied().fold(f32::MIN, f32::max) - a.iter().copied().fold(f32::MAX, f32::min);
+            let worst = a.iter().zip(b.iter()).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+            assert!(span > 0.0 && worst <= 1e-5 * span.max(1.0), "{what}: folded differs by {worst} (range {span})");
+        }
+        // other descriptors give another function: the fold used the values given
+        let other = graph_with_texture(&full_bytes, &[0.0, 0.0, 0.0]).unwrap();
+        let o = run(tract_onnx::onnx().model_for_read(&mut &other[..]).unwrap(), &x);
+        assert_ne!(o[0].to_plain_array_view::<f32>().unwrap(), a[0].to_plain_array_view::<f32>().unwrap());
+        // a graph without a texture input, or descriptors of the wrong count, are refused
+        let test_model =
+            std::fs::read(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/test-unet/model.onnx")).unwrap();
+        let err = graph_with_texture(&test_model, &texture).unwrap_err();
+        assert!(err.contains("computes no \"texture\""), "{err}");
+        let err = graph_with_texture(&full_bytes, &texture[..2]).unwrap_err();
+        assert!(err.contains("not a 1x1 convolution of 2 descriptors"), "{err}");
     }
 }

@@ -32,6 +32,10 @@ pub struct OrtOptions {
     pub cache_dir: PathBuf,
     /// Intra-op threads; 0 = one per core.
     pub threads: usize,
+    /// Fold each series' texture descriptors into the graph on the CPU
+    /// provider (`Folding`); false runs every pass on the package's graph
+    /// as it is (the benchmarks' "before").
+    pub fold_texture: bool,
 }
 
 /// What happened to each provider when the session was made.
@@ -50,6 +54,9 @@ pub struct OrtEngine {
     /// flipped passes). ONNX Runtime computes every node of a graph whatever
     /// outputs a run asks for, so only a graph without the head skips it.
     restore_only: Option<Mutex<Session>>,
+    /// On the CPU provider, for a package with texture descriptors: the
+    /// graphs with each series' texture folded into the biases.
+    folding: Option<Folding>,
     _env: ort::environment::Environment,
     /// The provider in use and why the ones before it were skipped.
     pub providers: Vec<ProviderReport>,
@@ -127,22 +134,13 @@ impl OrtEngine {
         let threads = if o.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { o.threads };
         let mut reports = Vec::new();
         let session = |p: Provider, model: Option<&[u8]>| -> Result<Session, String> {
-            let mut builder = Session::builder(&env)
-                .map_err(|e| e.to_string())?
-                .with_no_environment_execution_providers()
-                .map_err(|e| e.to_string())?
-                .with_execution_providers([dispatch(p, o)])
-                .map_err(|e| e.to_string())?
-                .with_intra_threads(threads)
-                .map_err(|e| e.to_string())?
-                // spinning threads steal the other core on a 2-core box
-                .with_intra_op_spinning(false)
-                .map_err(|e| e.to_string())?;
             match model {
-                Some(bytes) => builder.commit_from_memory(bytes),
-                None => builder.commit_from_file(&pkg.onnx_path),
+                Some(bytes) => make_session(&env, o, threads, p, bytes),
+                None => {
+                    let bytes = std::fs::read(&pkg.onnx_path).map_err(|e| format!("{}: {e}", pkg.onnx_path.display()))?;
+                    make_session(&env, o, threads, p, &bytes)
+                }
             }
-            .map_err(|e| e.to_string())
         };
         for &p in &o.providers {
             let name = p.name();
@@ -160,7 +158,15 @@ impl OrtEngine {
                             }
                         }
                     });
-                    return Ok(OrtEngine { pkg, session: Mutex::new(full), restore_only, _env: env, providers: reports });
+                    let folding = (o.fold_texture && p == Provider::Cpu && !pkg.io.texture.is_empty())
+                        .then(|| Folding::new(&pkg, restore_only.is_some(), env.clone(), o.clone(), threads))
+                        .and_then(|f| {
+                            f.map_err(|reason| tracing::warn!(%reason, "cannot fold the texture into the graph; every pass adds it")).ok()
+                        });
+                    if folding.is_some() {
+                        tracing::info!("each series' texture descriptors are folded into the graph's biases (CPU provider)");
+                    }
+                    return Ok(OrtEngine { pkg, session: Mutex::new(full), restore_only, folding, _env: env, providers: reports });
                 }
                 Err(reason) => {
                     tracing::warn!(provider = %name, %reason, "execution provider unavailable; trying the next one");
@@ -178,9 +184,139 @@ impl OrtEngine {
         self.restore_only.is_some()
     }
 
+    /// Whether each series runs on a graph with its texture folded into the
+    /// biases (CPU provider, textured package; [`model::graph_with_texture`]).
+    pub fn folds_texture(&self) -> bool {
+        self.folding.is_some()
+    }
+
     /// The provider the session runs on.
     pub fn provider(&self) -> &str {
         self.providers.iter().find(|r| r.ok).map(|r| r.provider.as_str()).unwrap_or("none")
+    }
+}
+
+fn make_session(env: &ort::environment::Environment, o: &OrtOptions, threads: usize, p: Provider, bytes: &[u8]) -> Result<Session, String> {
+    Session::builder(env)
+        .map_err(|e| e.to_string())?
+        .with_no_environment_execution_providers()
+        .map_err(|e| e.to_string())?
+        .with_execution_providers([dispatch(p, o)])
+        .map_err(|e| e.to_string())?
+        .with_intra_threads(threads)
+        .map_err(|e| e.to_string())?
+        // spinning threads steal the other core on a 2-core box
+        .with_intra_op_spinning(false)
+        .map_err(|e| e.to_string())?
+        .commit_from_memory(bytes)
+        .map_err(|e| e.to_string())
+}
+
+/// Series whose folded graphs are kept (most recently used): jobs restored
+/// side by side each keep theirs.
+const FOLDED_KEPT: usize = 4;
+
+/// The texture folded into the graph, per series. A series' descriptors are
+/// constant channels of every input (`neural::restore_volume`), so the
+/// 1×1 convolutions that turn them into biases compute the same numbers on
+/// every pass; folded once into the convolutions' own biases, ONNX Runtime
+/// fuses each convolution with its ReLU again (BENCHMARKS.md, "The texture
+/// folded into the graph"). Made on the first pass of a series (a few
+/// milliseconds per graph); any input it cannot key (batch items with
+/// different descriptors) runs on the package's graph as before.
+struct Folding {
+    graph: Vec<u8>,
+    /// The graph cut to R, for packages with a σ head.
+    cut: Option<Vec<u8>>,
+    first: usize,
+    count: usize,
+    env: ort::environment::Environment,
+    options: OrtOptions,
+    threads: usize,
+    kept: Mutex<Vec<Folded>>,
+}
+
+struct Folded {
+    key: Vec<u32>,
+    full: Session,
+    restore_only: Option<Session>,
+}
+
+impl Folding {
+    fn new(
+        pkg: &ModelPackage,
+        cut: bool,
+        env: ort::environment::Environment,
+        options: OrtOptions,
+        threads: usize,
+    ) -> Result<Folding, String> {
+        let graph = std::fs::read(&pkg.onnx_path).map_err(|e| format!("{}: {e}", pkg.onnx_path.display()))?;
+        let count = pkg.io.texture.len();
+        // the graph must fold (any descriptors: the structure is what is checked)
+        super::model::graph_with_texture(&graph, &vec![0.0; count])?;
+        let cut = if cut { Some(super::model::graph_cut_to(&pkg.onnx_path, &pkg.io.output)?) } else { None };
+        let first = pkg.input_channels() - count;
+        Ok(Folding { graph, cut, first, count, env, options, threads, kept: Mutex::new(Vec::new()) })
+    }
+
+    /// The descriptors of an input `[b, c, h, w]`, as bits; None unless every
+    /// batch item has the same.
+    fn key(&self, input: &[f32], [b, c, h, w]: [usize; 4]) -> Option<Vec<u32>> {
+        let plane = h * w;
+        if c != self.first + self.count || input.len() != b * c * plane || plane == 0 {
+            return None;
+        }
+        let at = |i: usize, k: usize| input[(i * c + self.first + k) * plane].to_bits();
+        let key: Vec<u32> = (0..self.count).map(|k| at(0, k)).collect();
+        (1..b).all(|i| (0..self.count).all(|k| at(i, k) == key[k])).then_some(key)
+    }
+
+    fn make(&self, key: Vec<u32>) -> Result<Folded, String> {
+        let t = std::time::Instant::now();
+        let texture: Vec<f32> = key.iter().map(|b| f32::from_bits(*b)).collect();
+        let make = |bytes: &[u8]| -> Result<Session, String> {
+            let folded = super::model::graph_with_texture(bytes, &texture)?;
+            make_session(&self.env, &self.options, self.threads, Provider::Cpu, &folded)
+        };
+        let full = make(&self.graph)?;
+        let restore_only = self.cut.as_deref().map(make).transpose()?;
+        tracing::debug!(?texture, ms = t.elapsed().as_secs_f64() * 1e3, "texture folded into the graph for a series");
+        Ok(Folded { key, full, restore_only })
+    }
+
+    /// Run on the folded graph for this input's descriptors (R alone on the
+    /// cut graph where there is one); None where the input cannot be keyed
+    /// or the graph cannot be made (the caller runs the package's graph).
+    fn run(
+        &self,
+        input_name: &str,
+        input: &[f32],
+        shape: [usize; 4],
+        names: &[&str],
+        r_alone: bool,
+    ) -> Option<Result<Vec<Vec<f32>>, String>> {
+        let key = self.key(input, shape)?;
+        let mut kept = self.kept.lock().ok()?;
+        let mut folded = match kept.iter().position(|f| f.key == key) {
+            Some(i) => kept.remove(i),
+            None => match self.make(key) {
+                Ok(f) => f,
+                Err(reason) => {
+                    tracing::warn!(%reason, "cannot fold this series' texture into the graph; running the package's graph");
+                    return None;
+                }
+            },
+        };
+        let session = match (r_alone, folded.restore_only.as_mut()) {
+            (true, Some(s)) => s,
+            _ => &mut folded.full,
+        };
+        let out = run_on(session, input_name, input, shape, names);
+        kept.push(folded);
+        if kept.len() > FOLDED_KEPT {
+            kept.remove(0);
+        }
+        Some(out)
     }
 }
 
@@ -192,8 +328,12 @@ fn run_session(
     shape: [usize; 4],
     names: &[&str],
 ) -> Result<Vec<Vec<f32>>, String> {
-    let tensor = TensorRef::from_array_view((shape, input)).map_err(|e| e.to_string())?;
     let mut session = session.lock().map_err(|_| "session lock poisoned".to_string())?;
+    run_on(&mut session, input_name, input, shape, names)
+}
+
+fn run_on(session: &mut Session, input_name: &str, input: &[f32], shape: [usize; 4], names: &[&str]) -> Result<Vec<Vec<f32>>, String> {
+    let tensor = TensorRef::from_array_view((shape, input)).map_err(|e| e.to_string())?;
     let outputs = session.run(ort::inputs![input_name => tensor]).map_err(|e| e.to_string())?;
     names
         .iter()
@@ -206,6 +346,10 @@ fn run_session(
 
 impl Backend for OrtEngine {
     fn infer(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+        let names = [self.pkg.io.output.as_str()];
+        if let Some(out) = self.folding.as_ref().and_then(|f| f.run(&self.pkg.io.input, input, [b, c, h, w], &names, true)) {
+            return Ok(out?.remove(0));
+        }
         let session = self.restore_only.as_ref().unwrap_or(&self.session);
         let mut out = run_session(session, &self.pkg.io.input, input, [b, c, h, w], &[&self.pkg.io.output])?;
         Ok(out.remove(0))
@@ -213,6 +357,11 @@ impl Backend for OrtEngine {
     fn infer_with_variance(&self, input: &[f32], b: usize, c: usize, h: usize, w: usize) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
         let mut names = vec![self.pkg.io.output.as_str()];
         names.extend(self.pkg.io.variance.as_deref());
+        if let Some(out) = self.folding.as_ref().and_then(|f| f.run(&self.pkg.io.input, input, [b, c, h, w], &names, false)) {
+            let mut out = out?.into_iter();
+            let y = out.next().ok_or("no output")?;
+            return Ok((y, out.next()));
+        }
         let mut out = run_session(&self.session, &self.pkg.io.input, input, [b, c, h, w], &names)?.into_iter();
         let y = out.next().ok_or("no output")?;
         Ok((y, out.next()))
