@@ -155,7 +155,10 @@ fn paired_table(models: &[PathBuf], reps: usize) {
             let which = std::env::var("ENGINES").unwrap_or_else(|_| "ort,tract".into());
             for engine in which.split(',').map(str::trim) {
                 let engines: Vec<_> = models.iter().map(|m| engine_for(engine, m, &lib, &providers, threads, tmp.path())).collect();
-                let label = engines[0].label();
+                let label = match engine {
+                    "ort-unfolded" => format!("{}, unfolded", engines[0].label()),
+                    _ => engines[0].label(),
+                };
                 for e in &engines {
                     let _ = e.run(&v).unwrap(); // warm-up: plans, allocations
                 }
