@@ -212,9 +212,12 @@ fn make_session(env: &ort::environment::Environment, o: &OrtOptions, threads: us
         .map_err(|e| e.to_string())
 }
 
-/// Series whose folded graphs are kept (most recently used): jobs restored
-/// side by side each keep theirs.
-const FOLDED_KEPT: usize = 4;
+/// Series whose folded graphs are kept (most recently used). The daemon
+/// restores one study at a time and a series runs all its passes before
+/// the next, so one is enough; more would each keep their own activation
+/// memory in ONNX Runtime. Callers that interleave series stay correct and
+/// pay a few milliseconds per switch.
+const FOLDED_KEPT: usize = 1;
 
 /// The texture folded into the graph, per series. A series' descriptors are
 /// constant channels of every input (`neural::restore_volume`), so the
