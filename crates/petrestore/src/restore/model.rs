@@ -296,15 +296,20 @@ impl ModelPackage {
 /// Refused for graphs with subgraphs (If, Loop), whose outer references a
 /// cut could break.
 pub fn graph_cut_to(path: &Path, output: &str) -> Result<Vec<u8>, String> {
-    use prost::Message;
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut model = tract_onnx::pb::ModelProto::decode(&bytes[..]).map_err(|e| format!("{}: {e}", path.display()))?;
-    let graph = model.graph.as_mut().ok_or_else(|| format!("{}: no graph", path.display()))?;
+    graph_cut(&bytes, output).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// [`graph_cut_to`] on a graph already read.
+pub fn graph_cut(bytes: &[u8], output: &str) -> Result<Vec<u8>, String> {
+    use prost::Message;
+    let mut model = tract_onnx::pb::ModelProto::decode(bytes).map_err(|e| e.to_string())?;
+    let graph = model.graph.as_mut().ok_or("no graph")?;
     if !graph.output.iter().any(|o| o.name == output) {
-        return Err(format!("{}: no output {output:?}", path.display()));
+        return Err(format!("no output {output:?}"));
     }
     graph.output.retain(|o| o.name == output);
-    prune(graph).map_err(|e| format!("{}: {e}", path.display()))?;
+    prune(graph)?;
     Ok(model.encode_to_vec())
 }
 

@@ -10,6 +10,7 @@
 use crate::config::Provider;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ort::ep::{self, ExecutionProviderDispatch};
 use ort::session::Session;
@@ -133,33 +134,30 @@ impl OrtEngine {
         }
         let threads = if o.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { o.threads };
         let mut reports = Vec::new();
-        let session = |p: Provider, model: Option<&[u8]>| -> Result<Session, String> {
-            match model {
-                Some(bytes) => make_session(&env, o, threads, p, bytes),
-                None => {
-                    let bytes = std::fs::read(&pkg.onnx_path).map_err(|e| format!("{}: {e}", pkg.onnx_path.display()))?;
-                    make_session(&env, o, threads, p, &bytes)
-                }
-            }
-        };
+        // the package's graph, read once, and (for a package with a σ head)
+        // the same graph cut to R
+        let graph = std::fs::read(&pkg.onnx_path).map_err(|e| unavailable(format!("{}: {e}", pkg.onnx_path.display())))?;
+        let cut = pkg.io.variance.as_ref().map(|_| super::model::graph_cut(&graph, &pkg.io.output));
+        let session = |p: Provider, bytes: &[u8]| make_session(&env, o, threads, p, bytes);
         for &p in &o.providers {
             let name = p.name();
-            match session(p, None) {
+            match session(p, &graph) {
                 Ok(full) => {
                     tracing::info!(provider = %name, library = %lib.display(), "ONNX Runtime session ready");
                     reports.push(ProviderReport { provider: name.into(), ok: true, reason: None });
                     // Without it every run computes the head: slower, same results.
-                    let restore_only = pkg.io.variance.as_ref().and_then(|_| {
-                        match super::model::graph_cut_to(&pkg.onnx_path, &pkg.io.output).and_then(|bytes| session(p, Some(&bytes))) {
-                            Ok(s) => Some(Mutex::new(s)),
-                            Err(reason) => {
-                                tracing::warn!(%reason, "cannot build the graph without the σ head; every run computes it");
-                                None
-                            }
+                    let restore_only = cut.as_ref().and_then(|cut| match cut.clone().and_then(|bytes| session(p, &bytes)) {
+                        Ok(s) => Some(Mutex::new(s)),
+                        Err(reason) => {
+                            tracing::warn!(%reason, "cannot build the graph without the σ head; every run computes it");
+                            None
                         }
                     });
                     let folding = (o.fold_texture && p == Provider::Cpu && !pkg.io.texture.is_empty())
-                        .then(|| Folding::new(&pkg, restore_only.is_some(), env.clone(), o.clone(), threads))
+                        .then(|| {
+                            let cut = restore_only.as_ref().and(cut.as_ref()).and_then(|c| c.as_ref().ok()).cloned();
+                            Folding::new(&pkg, graph.clone(), cut, env.clone(), o.clone(), threads)
+                        })
                         .and_then(|f| {
                             f.map_err(|reason| tracing::warn!(%reason, "cannot fold the texture into the graph; every pass adds it")).ok()
                         });
@@ -236,6 +234,9 @@ struct Folding {
     env: ort::environment::Environment,
     options: OrtOptions,
     threads: usize,
+    /// Set when a series' graph could not be made: every later pass runs
+    /// the package's graph rather than retry (and warn) on each.
+    given_up: AtomicBool,
     kept: Mutex<Vec<Folded>>,
 }
 
@@ -248,18 +249,17 @@ struct Folded {
 impl Folding {
     fn new(
         pkg: &ModelPackage,
-        cut: bool,
+        graph: Vec<u8>,
+        cut: Option<Vec<u8>>,
         env: ort::environment::Environment,
         options: OrtOptions,
         threads: usize,
     ) -> Result<Folding, String> {
-        let graph = std::fs::read(&pkg.onnx_path).map_err(|e| format!("{}: {e}", pkg.onnx_path.display()))?;
         let count = pkg.io.texture.len();
         // the graph must fold (any descriptors: the structure is what is checked)
         super::model::graph_with_texture(&graph, &vec![0.0; count])?;
-        let cut = if cut { Some(super::model::graph_cut_to(&pkg.onnx_path, &pkg.io.output)?) } else { None };
         let first = pkg.input_channels() - count;
-        Ok(Folding { graph, cut, first, count, env, options, threads, kept: Mutex::new(Vec::new()) })
+        Ok(Folding { graph, cut, first, count, env, options, threads, given_up: AtomicBool::new(false), kept: Mutex::new(Vec::new()) })
     }
 
     /// The descriptors of an input `[b, c, h, w]`, as bits; None unless every
@@ -298,6 +298,9 @@ impl Folding {
         names: &[&str],
         r_alone: bool,
     ) -> Option<Result<Vec<Vec<f32>>, String>> {
+        if self.given_up.load(Ordering::Relaxed) {
+            return None;
+        }
         let key = self.key(input, shape)?;
         let mut kept = self.kept.lock().ok()?;
         let mut folded = match kept.iter().position(|f| f.key == key) {
@@ -305,7 +308,8 @@ impl Folding {
             None => match self.make(key) {
                 Ok(f) => f,
                 Err(reason) => {
-                    tracing::warn!(%reason, "cannot fold this series' texture into the graph; running the package's graph");
+                    tracing::warn!(%reason, "cannot fold a series' texture into the graph; running the package's graph from now on");
+                    self.given_up.store(true, Ordering::Relaxed);
                     return None;
                 }
             },
