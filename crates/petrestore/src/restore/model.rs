@@ -403,6 +403,10 @@ pub fn graph_with_texture(bytes: &[u8], texture: &[f32]) -> Result<Vec<u8>, Stri
         if !plain(tn) || !plain(cn) || tn.input.len() < 2 || cn.input.len() < 2 {
             return Err(format!("the texture reaches {:?} by a path other than a bias convolution", add.name));
         }
+        // folded, the two convolutions' own outputs are no longer computed
+        if let Some(o) = [tn, cn].iter().map(|n| &n.output[0]).find(|o| graph.output.iter().any(|g| &g.name == *o)) {
+            return Err(format!("{o:?} is a graph output and a texture bias's operand: folding would leave it uncomputed"));
+        }
         let (wd, w) = floats(&tn.input[1])?;
         if wd.len() != 4 || wd[1] as usize != texture.len() || wd[2] != 1 || wd[3] != 1 {
             return Err(format!("{:?} is not a 1x1 convolution of {} descriptors (dims {wd:?})", tn.name, texture.len()));
@@ -707,5 +711,16 @@ mod graph_cut_tests {
         assert!(err.contains("computes no \"texture\""), "{err}");
         let err = graph_with_texture(&full_bytes, &texture[..2]).unwrap_err();
         assert!(err.contains("not a 1x1 convolution of 2 descriptors"), "{err}");
+        // a convolution whose output is also a graph output cannot lose that output to the fold
+        let mut model = tract_onnx::pb::ModelProto::decode(&full_bytes[..]).unwrap();
+        let g = model.graph.as_mut().unwrap();
+        let texture_convs: Vec<String> =
+            g.node.iter().filter(|n| n.op_type == "Conv" && n.input[0] == TEXTURE_TENSOR).map(|n| n.output[0].clone()).collect();
+        let add = g.node.iter().find(|n| n.op_type == "Add" && n.input.iter().any(|i| texture_convs.contains(i))).expect("a texture bias");
+        let image_conv = add.input.iter().find(|i| !texture_convs.contains(i)).unwrap().clone();
+        assert!(g.node.iter().any(|n| n.op_type == "Conv" && n.output[0] == image_conv), "{image_conv} is a convolution's output");
+        g.output.push(tract_onnx::pb::ValueInfoProto { name: image_conv.clone(), ..Default::default() });
+        let err = graph_with_texture(&model.encode_to_vec(), &texture).unwrap_err();
+        assert!(err.contains(&format!("{image_conv:?} is a graph output")), "{err}");
     }
 }
