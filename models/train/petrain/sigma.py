@@ -94,6 +94,9 @@ def main(argv=None):
     ap.add_argument("--head", help="measure these head weights (a run's sigma_params.npz) on --grid instead of training; --train is not read")
     ap.add_argument("--per-study", action="store_true",
                     help="also print each study's body coverage and mean (PET90 − R)² ÷ mean σ², and how far two studies of one cell differ")
+    ap.add_argument("--tta-spread", action="store_true",
+                    help="with --per-study, also run each slice flipped left-right and up-down (the engines' three test-time passes) "
+                         "and record per study the body mean of the passes' variance about their mean, and of (x − R)², each ÷ mean σ²")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     pr, _ = train.load_params(a.params)
@@ -157,7 +160,7 @@ def measure(a, pr, ph, k, textured_r, hist):
             rel = [0.0, 0.0]
             for st in data.load(folder):
                 tis = tissues(st)
-                own = [0, 0, 0.0, 0.0]  # body voxels, within R ± σ, Σ e², Σ σ²
+                own = [0, 0, 0.0, 0.0, 0.0, 0.0]  # body voxels, within R ± σ, Σ e², Σ σ², Σ TTA variance, Σ (x − R)²
                 halves = [[0, 0], [0, 0]]  # the same counts in the first and the second half of the slices
                 nz = st.a.shape[1]
                 for z in range(nz):
@@ -165,6 +168,10 @@ def measure(a, pr, ph, k, textured_r, hist):
                     out, lv = fwd(x)
                     r = np.asarray(out)[0, 0] * st.scale[d]
                     s = np.exp(0.5 * np.asarray(lv)[0, 0]) * st.scale[d]
+                    if a.tta_spread:
+                        passes = [r] + [np.flip(np.asarray(fwd(np.flip(x, ax))[0])[0, 0], ax - 2) * st.scale[d] for ax in (3, 2)]
+                        tta_var = np.var(np.stack(passes), axis=0)
+                        change2 = (np.asarray(x)[0, k // 2] * st.scale[d] - r) ** 2
                     e = np.abs(st.a[data.PLANE[90.0], z] - r)
                     for j, name in enumerate(("body", "hot", "lesion", "low")):
                         sel = tis[z] == j
@@ -176,12 +183,17 @@ def measure(a, pr, ph, k, textured_r, hist):
                     sel = tis[z] == 0
                     own[0] += int(sel.sum()); own[1] += int((e[sel] <= Z68 * s[sel]).sum())
                     own[2] += float((e[sel].astype(np.float64) ** 2).sum()); own[3] += float((s[sel].astype(np.float64) ** 2).sum())
+                    if a.tta_spread:
+                        own[4] += float(tta_var[sel].astype(np.float64).sum()); own[5] += float(change2[sel].astype(np.float64).sum())
                     h = halves[int(2 * z >= nz)]
                     h[0] += int(sel.sum()); h[1] += int((e[sel] <= Z68 * s[sel]).sum())
                 if own[0]:
                     studies.append({"cell": cell, "duration": int(d), "study": os.path.basename(st.path),
                                     "body_68": 100 * own[1] / own[0], "e2_over_sigma2": own[2] / max(own[3], 1e-30),
                                     "body_68_halves": [100 * h[1] / h[0] if h[0] else None for h in halves]})
+                    if a.tta_spread:
+                        studies[-1]["tta_var_over_sigma2"] = own[4] / max(own[3], 1e-30)
+                        studies[-1]["change2_over_sigma2"] = own[5] / max(own[3], 1e-30)
             cov = {t: ([100 * v[1] / v[0], 100 * v[2] / v[0]] if v[0] else None) for t, v in acc.items()}
             cells.setdefault(cell, {})[int(d)] = {"coverage": cov, "body_sigma_over_r_pct": 100 * rel[0] / max(rel[1], 1e-12)}
             fmt = lambda c: "— / —" if c is None else f"{c[0]:.1f} / {c[1]:.1f}"
