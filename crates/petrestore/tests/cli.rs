@@ -592,3 +592,55 @@ fn offline_restore_writes_the_uncertainty_series_when_asked() {
         text(&g)
     );
 }
+
+#[test]
+fn a_frame_outside_the_models_durations_is_skipped_not_filtered() {
+    // The model package says which frame durations it was trained for;
+    // restore.min/max_frame_duration_s may be wider. A frame inside the
+    // config's window and outside the model's must not fall through to the
+    // next engine (the Gaussian): it is skipped, with the model's range named.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["model.toml", "model.onnx"] {
+        std::fs::copy(test_model().join(f), model.join(f)).unwrap();
+    }
+    let toml = std::fs::read_to_string(model.join("model.toml")).unwrap();
+    assert!(toml.contains("frame_durations_s = [20.0, 75.0]"), "the test model's range changed: {toml}");
+    std::fs::write(model.join("model.toml"), toml.replace("frame_durations_s = [20.0, 75.0]", "frame_durations_s = [27.0, 66.0]")).unwrap();
+    let config = tmp.path().join("petrestore.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[restore]\nengines = [\"tract\", \"gaussian\"]\nmodel = {:?}\nmin_frame_duration_s = 20.0\nmax_frame_duration_s = 75.0\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let run = |secs: f64, out: &str| {
+        let dir = tmp.path().join(format!("in{secs}"));
+        let spec = petsim::SeriesSpec { slices: 4, matrix: 32, seed: 7, frame_duration_s: secs, ..Default::default() };
+        petsim::write_series(&dir, &spec).unwrap();
+        let o = tmp.path().join(out);
+        let r = petrestore(&[
+            "restore",
+            "--input",
+            dir.to_str().unwrap(),
+            "--output",
+            o.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        (r, o)
+    };
+    let (r, o) = run(70.0, "o70");
+    let t = text(&r);
+    assert!(!r.status.success(), "a 70 s frame was restored: {t}");
+    assert!(t.contains("70.0 s, outside the 27–66 s the model was trained for"), "{t}");
+    assert!(!o.exists() || files_under(&o).is_empty(), "nothing is written for a skipped series");
+    // inside the model's range the same configuration restores with the model
+    let (r, o) = run(30.0, "o30");
+    assert!(r.status.success(), "{}", text(&r));
+    assert!(text(&r).contains("with tract"), "{}", text(&r));
+    assert!(!files_under(&o).is_empty());
+}

@@ -262,6 +262,14 @@ pub fn restore_paths_with(
         let assumed = select::check_tracer(&loaded.slices, &allowed, &s.restore).map_err(|e| NotRestored::Skipped(e.to_string()))?;
         selected.assumed.extend(assumed);
     }
+    // So do its frame durations: a frame the model refuses is skipped (and
+    // forwarded unchanged if configured), not filtered by the Gaussian.
+    if let Some([lo, hi]) = engines.iter().find_map(|e| e.frame_durations()) {
+        let secs = selected.frame_duration_s;
+        if !(lo..=hi).contains(&secs) {
+            return Err(NotRestored::Skipped(select::NotSelected::ModelDuration { secs, lo, hi }.to_string()));
+        }
+    }
     let mut input = loaded.volume;
     input.frame_duration_s = Some(selected.frame_duration_s);
     let (restored, variance, engine, fallbacks) =

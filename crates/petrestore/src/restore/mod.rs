@@ -59,6 +59,11 @@ pub trait Engine: Send + Sync {
     fn tracers(&self) -> Option<Vec<String>> {
         None
     }
+    /// The frame durations a model was trained for (`[selection]
+    /// frame_durations_s` of its package, seconds); `None`: no model.
+    fn frame_durations(&self) -> Option<[f64; 2]> {
+        None
+    }
     /// The calibration that gives this engine's output its per-voxel σ
     /// (see [`uncertainty`]); `None`: no uncertainty series.
     fn uncertainty(&self) -> Option<uncertainty::Calibration> {

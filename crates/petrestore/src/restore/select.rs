@@ -39,6 +39,11 @@ pub enum NotSelected {
     DurationMissing(&'static str),
     #[error("Actual Frame Duration is {secs:.1} s, outside restore.min/max_frame_duration_s [{min}, {max}] s")]
     Duration { secs: f64, min: f64, max: f64 },
+    #[error(
+        "Actual Frame Duration is {secs:.1} s, outside the {lo}–{hi} s the model was trained for: \
+         its output there was never measured, so no engine restores it (the model's range, not restore.min/max_frame_duration_s)"
+    )]
+    ModelDuration { secs: f64, lo: f64, hi: f64 },
     #[error("matrix {rows}x{cols} exceeds restore.max_matrix {max}")]
     Matrix { rows: usize, cols: usize, max: u32 },
     #[error("slices have different Actual Frame Durations ({0} and {1} ms)")]

@@ -112,6 +112,9 @@ impl Engine for TractEngine {
     fn tracers(&self) -> Option<Vec<String>> {
         Some(self.pkg.selection.tracers.clone())
     }
+    fn frame_durations(&self) -> Option<[f64; 2]> {
+        Some(self.pkg.selection.frame_durations_s)
+    }
     fn uncertainty(&self) -> Option<super::uncertainty::Calibration> {
         self.pkg.uncertainty.clone()
     }
