@@ -593,8 +593,12 @@ fn node_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<Co
     let state_dir: PathBuf = pick!(u, d, node.state_dir);
     let min_free_mb: u64 = pick!(u, d, node.min_free_mb);
     let mut hours = |key: &'static str, h: f64| -> Option<Duration> {
-        if !(h >= 0.0 && h.is_finite()) {
-            errs.push(invalid(key, format!("{h} is not a number of hours"), "use 0 (keep forever) or a positive number of hours"));
+        if !(0.0..=MAX_RETENTION_HOURS).contains(&h) {
+            errs.push(invalid(
+                key,
+                format!("{h} is not a number of hours from 0 to {MAX_RETENTION_HOURS}"),
+                "use 0 (keep forever) or a positive number of hours up to ten years",
+            ));
             return None;
         }
         (h > 0.0).then(|| Duration::from_secs_f64(h * 3600.0))
@@ -602,7 +606,7 @@ fn node_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<Co
     let retention = hours("node.retention_hours", pick!(u, d, node.retention_hours));
     let failed_retention = hours("node.failed_retention_hours", pick!(u, d, node.failed_retention_hours));
 
-    NodeSettings { device_id, state_dir, min_free_bytes: min_free_mb * 1024 * 1024, retention, failed_retention }
+    NodeSettings { device_id, state_dir, min_free_bytes: min_free_mb.saturating_mul(1024 * 1024), retention, failed_retention }
 }
 
 /// `[dicom]` and `[dicom.tls]`.
@@ -737,11 +741,9 @@ fn series_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<
         }
     };
 
-    SeriesSettings {
-        quiet_timeout: Duration::from_secs_f64(quiet),
-        multiframe_quiet_timeout: Duration::from_secs_f64(mf_quiet),
-        incomplete_policy,
-    }
+    // a refused value still needs a duration to build from (the error is reported)
+    let seconds = |v: f64| Duration::from_secs_f64(if v > 0.0 && v < 86400.0 { v } else { 1.0 });
+    SeriesSettings { quiet_timeout: seconds(quiet), multiframe_quiet_timeout: seconds(mf_quiet), incomplete_policy }
 }
 
 /// `[restore]`.
@@ -812,6 +814,12 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
 }
 
 /// `[egress]`.
+/// The longest wait between two delivery attempts a config may ask for (one day).
+const MAX_BACKOFF_S: f64 = 86_400.0;
+/// The longest retention a config may ask for (ten years), beyond which it
+/// means "forever" anyway and `0` says so.
+const MAX_RETENTION_HOURS: f64 = 87_600.0;
+
 fn egress_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<ConfigError>) -> EgressSettings {
     let max_attempts: u32 = pick!(u, d, egress.max_attempts);
     if max_attempts == 0 {
@@ -819,14 +827,20 @@ fn egress_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<
     }
     let b0: f64 = pick!(u, d, egress.backoff_initial_s);
     let bmax: f64 = pick!(u, d, egress.backoff_max_s);
-    if !(b0 > 0.0 && bmax >= b0) {
-        errs.push(invalid("egress.backoff_initial_s", format!("backoff {b0}..{bmax} s"), "use 0 < initial <= max"));
+    let backoff_ok = b0 > 0.0 && bmax >= b0 && bmax <= MAX_BACKOFF_S;
+    if !backoff_ok {
+        errs.push(invalid(
+            "egress.backoff_initial_s",
+            format!("backoff {b0}..{bmax} s"),
+            format!("use 0 < initial <= max <= {MAX_BACKOFF_S} s (egress.backoff_max_s)"),
+        ));
     }
     let calling: String = pick!(u, d, egress.calling_ae_title);
     if !valid_ae_title(&calling) {
         errs.push(invalid("egress.calling_ae_title", format!("{calling:?} is not a valid AE title"), "use 1 to 16 characters"));
     }
 
+    let (b0, bmax) = if backoff_ok { (b0, bmax) } else { (1.0, 1.0) };
     EgressSettings {
         max_attempts,
         backoff_initial: Duration::from_secs_f64(b0),
@@ -993,6 +1007,10 @@ mod tests {
         assert_eq!(s.restore.ort_providers, Provider::ALL);
         assert_eq!(s.restore.model, std::path::Path::new(DEFAULT_MODEL_DIR), "the path the package installs to");
         assert!(s.destinations.is_empty());
+        // a failed job was never delivered: its received instances stay until
+        // the operator re-sends it, unless the site sets a retention for them
+        assert_eq!(s.node.failed_retention, None);
+        assert_eq!(s.node.retention, Some(Duration::from_secs(168 * 3600)));
     }
 
     #[test]
@@ -1032,6 +1050,17 @@ mod tests {
         assert!(e.contains("restore.ort_providers") && e.contains("tensorrt"), "{e}");
         let e = Settings::from_toml("[dicom]\nallowed_callers = [\"A@host\"]\n", "t").unwrap_err().to_string();
         assert!(e.contains("allowed_callers"), "{e}");
+        // values too large for a duration are refused, not a panic
+        let e = Settings::from_toml("[node]\nfailed_retention_hours = 1e20\n", "t").unwrap_err().to_string();
+        assert!(e.contains("node.failed_retention_hours") && e.contains("ten years"), "{e}");
+        let e = Settings::from_toml("[egress]\nbackoff_max_s = inf\n", "t").unwrap_err().to_string();
+        assert!(e.contains("egress.backoff_initial_s") && e.contains("86400"), "{e}");
+        let e = Settings::from_toml("[egress]\nbackoff_max_s = 1e20\n", "t").unwrap_err().to_string();
+        assert!(e.contains("egress.backoff_initial_s"), "{e}");
+        for bad in ["-1", "nan", "1e300"] {
+            let e = Settings::from_toml(&format!("[series]\nquiet_timeout_s = {bad}\n"), "t").unwrap_err().to_string();
+            assert!(e.contains("series.quiet_timeout_s"), "{bad}: {e}");
+        }
     }
 
     #[test]

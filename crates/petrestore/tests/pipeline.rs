@@ -237,6 +237,36 @@ fn retention_removes_files_of_delivered_jobs_and_keeps_the_record() {
     assert_eq!(job.received, 10);
 }
 
+#[test]
+fn a_failed_job_keeps_its_instances_until_it_is_delivered() {
+    // Delivery gives up (one attempt, nobody listening): the job fails. Its
+    // received instances were never delivered, so retention (2 s here for
+    // delivered jobs) leaves them while retention passes run; re-sent once
+    // the destination is up, the job is done, and then they go.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 5, 32, 23);
+    let dest_port = free_port();
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!("[node]\nretention_hours = 0.0005\n[egress]\nmax_attempts = 1\n{}", destination("pacs", dest_port)),
+    );
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    assert!(matches!(job.state, JobState::Failed { .. }), "{:?}", job.state);
+    // retention runs every 10 s: at least one pass falls in these 13 s, past the 2 s
+    std::thread::sleep(Duration::from_secs(13));
+    let job = d.job(&id);
+    assert!(!job.purged && d.spool_files().len() == 5, "a failed job's instances were removed: {:?}", d.spool_files());
+    let dest = StoreScp::start_on(&tmp.path().join("dest"), dest_port);
+    let out = petrestore(&["jobs", "--state-dir", d.state_dir().to_str().unwrap(), "retry", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(d.wait_terminal(&id, Duration::from_secs(60)).state, JobState::Done);
+    assert_eq!(dest.files().len(), 5);
+    wait_for("retention after delivery", Duration::from_secs(40), || d.job(&id).purged.then_some(()));
+    assert!(d.spool_files().is_empty(), "{:?}", d.spool_files());
+}
+
 fn group(o: &InMemDicomObject, per_frame: Option<usize>, macro_seq: dicom_core::Tag) -> &InMemDicomObject {
     let fg = match per_frame {
         None => &o.element(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap()[0],

@@ -1,8 +1,10 @@
 //! Retention: the disk of a box beside a scanner must not fill up. A job
 //! that ended done or skipped has been delivered or forwarded; after
 //! `node.retention_hours` its spooled instances and derived series are
-//! removed (failed jobs after `node.failed_retention_hours`). The job record
-//! stays, marked purged. Nothing of a job that has not ended is touched.
+//! removed. A failed job was never delivered: its files stay until the
+//! operator re-sends it, unless the site sets `node.failed_retention_hours`
+//! (default 0, keep). The job record stays, marked purged. Nothing of a job
+//! that has not ended is touched.
 
 use std::path::Path;
 use std::time::Duration;
