@@ -616,6 +616,13 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
         errs.push(invalid("dicom.listen", format!("{listen_s:?} is not an address"), "write IP:PORT, e.g. \"0.0.0.0:11112\""));
         SocketAddr::from(([0, 0, 0, 0], 0))
     });
+    if listen_s.parse::<SocketAddr>().is_ok_and(|a| a.port() == 0) {
+        errs.push(invalid(
+            "dicom.listen",
+            format!("{listen_s:?} has port 0 (any free port: no console could find it)"),
+            "give the port consoles send to, e.g. 11112",
+        ));
+    }
     let ae_title: String = pick!(u, d, dicom.ae_title);
     if !valid_ae_title(&ae_title) {
         errs.push(invalid(
@@ -647,6 +654,12 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
                 format!("{ae:?} is not a valid AE title"),
                 "use 1 to 16 printable ASCII characters",
             ));
+        } else if ae.trim() != ae {
+            errs.push(invalid(
+                "dicom.allowed_callers",
+                format!("{ae:?} has spaces at an end, which a calling AE title never matches (DICOM pads and trims them)"),
+                format!("write {:?}", ae.trim()),
+            ));
         }
         allowed_callers.push(AllowedCaller { ae_title: ae, host });
     }
@@ -671,6 +684,9 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
         ));
     }
     let idle_timeout_s: u64 = pick!(u, d, dicom.idle_timeout_s);
+    if !(1..=86_400).contains(&idle_timeout_s) {
+        errs.push(invalid("dicom.idle_timeout_s", format!("{idle_timeout_s} is out of range"), "use seconds from 1 to 86400 (default 60)"));
+    }
     let per_peer: usize = pick!(u, d, dicom.max_associations_per_peer);
     if per_peer == 0 {
         errs.push(invalid("dicom.max_associations_per_peer", "0 would refuse every sender", "set 1 or more (default 4)"));
@@ -715,7 +731,7 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
         artim_timeout: Duration::from_secs(artim_s),
         max_pdu_length,
         max_buffered_mb,
-        idle_timeout: Duration::from_secs(idle_timeout_s.max(1)),
+        idle_timeout: Duration::from_secs(idle_timeout_s.clamp(1, 86_400)),
         non_pet,
         tls,
     }
@@ -806,7 +822,17 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         ort_providers: parsed,
         tensorrt_fp16: pick!(u, d, restore.tensorrt_fp16),
         tensorrt_workspace_mb: pick!(u, d, restore.tensorrt_workspace_mb),
-        assume_frame_duration_s: Some(pick!(u, d, restore.assume_frame_duration_s)).filter(|v: &f64| *v > 0.0),
+        assume_frame_duration_s: {
+            let v: f64 = pick!(u, d, restore.assume_frame_duration_s);
+            if !(0.0..=3600.0).contains(&v) {
+                errs.push(invalid(
+                    "restore.assume_frame_duration_s",
+                    format!("{v} is not a frame duration"),
+                    "use 0 (assume nothing: such series are skipped) or the seconds the scanner acquired per bed",
+                ));
+            }
+            Some(v).filter(|v| *v > 0.0 && *v <= 3600.0)
+        },
         assume_units: Some(pick!(u, d, restore.assume_units)).filter(|v: &String| !v.is_empty()),
         assume_tracer: Some(pick!(u, d, restore.assume_tracer)).filter(|v: &String| !v.is_empty()),
         uncertainty_site: Some(pick!(u, d, restore.uncertainty_site)).filter(|v: &String| !v.is_empty()).map(PathBuf::from),
@@ -867,10 +893,10 @@ fn destinations(u: &mut RawConfig, errs: &mut Vec<ConfigError>) -> Vec<Destinati
                 "use 1 to 16 characters",
             ));
         }
-        if dst.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+        if dst.address.rsplit_once(':').and_then(|(h, p)| p.parse::<u16>().ok().filter(|p| *p != 0 && !h.trim().is_empty())).is_none() {
             errs.push(invalid(
                 "destination.address",
-                format!("destination {:?}: {:?} has no port", dst.name, dst.address),
+                format!("destination {:?}: {:?} has no host and port", dst.name, dst.address),
                 "write HOST:PORT, e.g. \"10.1.2.3:104\"",
             ));
         }
@@ -906,7 +932,7 @@ fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigErro
         Some((h, p)) => (h.to_string(), p.trim_end_matches('/').parse::<u16>().ok()),
         None => (rest.trim_end_matches('/').to_string(), Some(if tls { 8883 } else { 1883 })),
     };
-    let Some(port) = port.filter(|_| !host.is_empty()) else {
+    let Some(port) = port.filter(|p| *p != 0 && !host.is_empty()) else {
         return Err(invalid("mqtt.url", format!("{:?} has no valid host and port", m.url), "write mqtt://HOST:PORT"));
     };
     let tls = match (tls, m.ca_file, m.cert_file, m.key_file) {
@@ -940,6 +966,10 @@ fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigErro
     if !(0.1..=3600.0).contains(&hi) {
         return Err(invalid("mqtt.health_interval_s", format!("{hi} is out of range"), "use seconds in [0.1, 3600]"));
     }
+    let keep_alive_s = m.keep_alive_s.unwrap_or(15);
+    if !(5..=3600).contains(&keep_alive_s) {
+        return Err(invalid("mqtt.keep_alive_s", format!("{keep_alive_s} is out of range"), "use seconds from 5 to 3600 (default 15)"));
+    }
     let buffer = m.buffer.unwrap_or(1000);
     if buffer == 0 {
         return Err(invalid("mqtt.buffer", "0 would drop every event while the broker is away", "set 1 or more (default 1000)"));
@@ -952,7 +982,7 @@ fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigErro
         health_interval: Duration::from_secs_f64(hi),
         buffer,
         include_uids: m.include_uids.unwrap_or(false),
-        keep_alive: Duration::from_secs(m.keep_alive_s.unwrap_or(15).max(5)),
+        keep_alive: Duration::from_secs(keep_alive_s),
     })
 }
 
@@ -1057,6 +1087,20 @@ mod tests {
         assert!(e.contains("egress.backoff_initial_s") && e.contains("86400"), "{e}");
         let e = Settings::from_toml("[egress]\nbackoff_max_s = 1e20\n", "t").unwrap_err().to_string();
         assert!(e.contains("egress.backoff_initial_s"), "{e}");
+        let bad_values: [(&str, &str); 8] = [
+            ("[dicom]\nlisten = \"0.0.0.0:0\"\n", "dicom.listen"),
+            ("[dicom]\nidle_timeout_s = 0\n", "dicom.idle_timeout_s"),
+            ("[dicom]\nallowed_callers = [\"CONSOLE \"]\n", "write \"CONSOLE\""),
+            ("[restore]\nassume_frame_duration_s = -30\n", "restore.assume_frame_duration_s"),
+            ("[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nkeep_alive_s = 2\n", "mqtt.keep_alive_s"),
+            ("[mqtt]\nurl = \"mqtt://127.0.0.1:0\"\n", "mqtt.url"),
+            ("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"10.0.0.1:0\"\n", "destination.address"),
+            ("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \":104\"\n", "destination.address"),
+        ];
+        for (toml, named) in bad_values {
+            let e = Settings::from_toml(toml, "t").unwrap_err().to_string();
+            assert!(e.contains(named), "{toml}: {e}");
+        }
         for bad in ["-1", "nan", "1e300"] {
             let e = Settings::from_toml(&format!("[series]\nquiet_timeout_s = {bad}\n"), "t").unwrap_err().to_string();
             assert!(e.contains("series.quiet_timeout_s"), "{bad}: {e}");
