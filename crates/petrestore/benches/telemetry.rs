@@ -84,6 +84,7 @@ impl telemetry::mqtt::Control for Quiet {
             last_error: None,
             ingest_backlog: 0,
             events_dropped: 0,
+            throughput: Default::default(),
         }
     }
     fn status(&self) -> StatusMsg {

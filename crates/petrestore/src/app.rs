@@ -257,6 +257,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
                 started: std::time::Instant::now(),
                 since_ms: AtomicU64::new(crate::journal::now_ms()),
                 finished: Default::default(),
+                done_recently: Default::default(),
                 last_error: Default::default(),
             });
             let (t2, c2) = (t.clone(), ctl.clone());
@@ -322,6 +323,8 @@ struct DaemonControl {
     since_ms: AtomicU64,
     /// Terminal jobs since start, per state.
     finished: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// Jobs done in the last hour: (done at ms, slices, turnaround ms).
+    done_recently: std::sync::Mutex<std::collections::VecDeque<(u64, u32, u64)>>,
     last_error: std::sync::Mutex<Option<String>>,
 }
 
@@ -329,6 +332,13 @@ impl DaemonControl {
     fn observe(&self, job: &crate::journal::Job) {
         if job.state.is_terminal() {
             *self.finished.lock().expect("counter lock").entry(job.state.name().to_string()).or_insert(0) += 1;
+        }
+        if job.state == crate::journal::JobState::Done {
+            let mut done = self.done_recently.lock().expect("throughput lock");
+            done.push_back((job.updated_ms, job.received, job.updated_ms.saturating_sub(job.last_received_ms)));
+            while done.front().is_some_and(|(at, ..)| job.updated_ms.saturating_sub(*at) > telemetry::Throughput::WINDOW_S * 1000) {
+                done.pop_front();
+            }
         }
         if let crate::journal::JobState::Failed { reason } = &job.state {
             *self.last_error.lock().expect("error lock") = Some(format!("job {}: {reason}", job.id));
@@ -412,6 +422,10 @@ impl telemetry::mqtt::Control for DaemonControl {
                 None => self.last_error.lock().expect("error lock").clone(),
             },
             events_dropped: 0,
+            throughput: {
+                let mut done = self.done_recently.lock().expect("throughput lock");
+                telemetry::Throughput::of(done.make_contiguous(), crate::journal::now_ms())
+            },
         }
     }
 

@@ -45,6 +45,60 @@ pub struct HealthMsg {
     pub last_error: Option<String>,
     /// Telemetry events dropped since start (channel full or offline buffer overflow).
     pub events_dropped: u64,
+    /// Series restored and delivered in the last hour.
+    pub throughput: Throughput,
+}
+
+/// What the box delivered in the last [`Throughput::WINDOW_S`] seconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Throughput {
+    pub window_s: u64,
+    /// Jobs that reached `done` in the window.
+    pub series_done: u64,
+    /// Their received slices (instances, or frames of multi-frame ones).
+    pub slices_done: u64,
+    /// Median time from a series' last received instance to its job being
+    /// done (restored and delivered), seconds; null without a done job.
+    pub median_turnaround_s: Option<f64>,
+}
+
+impl Throughput {
+    pub const WINDOW_S: u64 = 3600;
+
+    /// From `(done at ms, slices, turnaround ms)` of finished jobs, those
+    /// done within the window before `now_ms`.
+    pub fn of(done: &[(u64, u32, u64)], now_ms: u64) -> Throughput {
+        let recent: Vec<&(u64, u32, u64)> = done.iter().filter(|(at, ..)| now_ms.saturating_sub(*at) <= Self::WINDOW_S * 1000).collect();
+        let mut turn: Vec<u64> = recent.iter().map(|(.., t)| *t).collect();
+        turn.sort_unstable();
+        let median_turnaround_s = match turn.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(turn[n / 2] as f64 / 1000.0),
+            n => Some((turn[n / 2 - 1] + turn[n / 2]) as f64 / 2000.0),
+        };
+        Throughput {
+            window_s: Self::WINDOW_S,
+            series_done: recent.len() as u64,
+            slices_done: recent.iter().map(|(_, s, _)| *s as u64).sum(),
+            median_turnaround_s,
+        }
+    }
+}
+
+#[cfg(test)]
+mod throughput_tests {
+    use super::Throughput;
+
+    #[test]
+    fn counts_the_last_hour_and_takes_the_median() {
+        let now = 10_000_000;
+        let done = [(now - 4_000_000, 9, 1_000), (now - 3_000, 40, 20_000), (now - 2_000, 10, 6_000), (now, 5, 8_000)];
+        let t = Throughput::of(&done, now);
+        assert_eq!((t.window_s, t.series_done, t.slices_done), (3600, 3, 55), "the job done 4,000 s ago is outside the hour");
+        assert_eq!(t.median_turnaround_s, Some(8.0));
+        assert_eq!(Throughput::of(&done[1..3], now).median_turnaround_s, Some(13.0));
+        assert_eq!(Throughput::of(&[], now), Throughput { window_s: 3600, ..Default::default() });
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
