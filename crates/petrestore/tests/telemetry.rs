@@ -74,7 +74,7 @@ fn a_study_produces_the_full_sequence_of_job_events_and_health() {
     assert_eq!(health["ingest_backlog"], 0, "every acknowledged instance reached the spool and journal");
     let t = &health["throughput"];
     assert_eq!((t["window_s"].as_u64(), t["series_done"].as_u64(), t["slices_done"].as_u64()), (Some(3600), Some(1), Some(6)), "{t}");
-    assert!(t["median_turnaround_s"].as_f64().is_some_and(|s| s > 0.0 && s < 60.0), "{t}");
+    assert!(t["median_turnaround_s"].as_f64().is_some_and(|s| s > 0.0), "{t}");
 }
 
 #[test]
