@@ -591,6 +591,9 @@ fn node_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<Co
         ));
     }
     let state_dir: PathBuf = pick!(u, d, node.state_dir);
+    if state_dir.as_os_str().is_empty() {
+        errs.push(invalid("node.state_dir", "empty", "name the folder for the spool and the journal, e.g. \"/var/lib/petrestore\""));
+    }
     let min_free_mb: u64 = pick!(u, d, node.min_free_mb);
     let mut hours = |key: &'static str, h: f64| -> Option<Duration> {
         if !(0.0..=MAX_RETENTION_HOURS).contains(&h) {
@@ -1087,11 +1090,12 @@ mod tests {
         assert!(e.contains("egress.backoff_initial_s") && e.contains("86400"), "{e}");
         let e = Settings::from_toml("[egress]\nbackoff_max_s = 1e20\n", "t").unwrap_err().to_string();
         assert!(e.contains("egress.backoff_initial_s"), "{e}");
-        let bad_values: [(&str, &str); 8] = [
+        let bad_values: [(&str, &str); 9] = [
             ("[dicom]\nlisten = \"0.0.0.0:0\"\n", "dicom.listen"),
             ("[dicom]\nidle_timeout_s = 0\n", "dicom.idle_timeout_s"),
             ("[dicom]\nallowed_callers = [\"CONSOLE \"]\n", "write \"CONSOLE\""),
             ("[restore]\nassume_frame_duration_s = -30\n", "restore.assume_frame_duration_s"),
+            ("[node]\nstate_dir = \"\"\n", "node.state_dir"),
             ("[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nkeep_alive_s = 2\n", "mqtt.keep_alive_s"),
             ("[mqtt]\nurl = \"mqtt://127.0.0.1:0\"\n", "mqtt.url"),
             ("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"10.0.0.1:0\"\n", "destination.address"),
