@@ -205,26 +205,37 @@ fn model_package_that_does_not_match_its_network_is_unavailable() {
 }
 
 #[test]
-fn engine_failing_on_a_series_falls_back_and_the_job_records_it() {
-    // An odd matrix cannot pass the U-Net's pool/upsample: both neural
-    // engines fail on it at run time; gaussian restores it.
+fn engine_failing_on_a_series_falls_back_to_the_model_only_then_forwards_the_original() {
+    // An odd matrix cannot pass the test model's pool/upsample (it pads
+    // nothing): ONNX Runtime fails on it at run time, tract takes over and
+    // fails too. The Gaussian is not run in the model's place (its output
+    // is not the model's restoration): the job fails, saying why, and the
+    // original series goes on unchanged.
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 6, 33, 55);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
     let d = Daemon::start(
         &tmp.path().join("d"),
         &format!(
-            "[restore]\nengines = [\"ort\", \"tract\", \"gaussian\"]\nmodel = {:?}\nort_library = {:?}\nort_providers = [\"cpu\"]\nthreads = 1\n",
+            "[restore]\nengines = [\"ort\", \"tract\", \"gaussian\"]\nmodel = {:?}\nort_library = {:?}\nort_providers = [\"cpu\"]\nthreads = 1\n{}",
             test_model(),
-            ort_library()
+            ort_library(),
+            destination("pacs", dest.port)
         ),
     );
     assert!(storescu(d.port, CONSOLE, &src.files).status.success());
     let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
-    assert_eq!(job.state, JobState::Done);
-    assert_eq!(job.engine.as_deref(), Some("gaussian"));
-    let notes: Vec<&str> = job.history.iter().map(|e| e.what.as_str()).filter(|w| w.starts_with("engine fallback")).collect();
-    assert_eq!(notes.len(), 2, "{:#?}", job.history);
-    assert!(notes[0].contains("engine ort failed") && notes[1].contains("engine tract failed"), "{notes:#?}");
+    let JobState::Failed { reason } = &job.state else { panic!("{:?}", job.state) };
+    assert!(
+        reason.contains("engine ort failed")
+            && reason.contains("engine tract failed")
+            && reason.contains("engine gaussian not run in place of the model"),
+        "{reason}"
+    );
+    assert_eq!(job.engine, None, "no engine restored it");
+    let got: std::collections::BTreeSet<String> =
+        dest.files().iter().map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap()).collect();
+    assert_eq!(got, src.sop_uids.iter().cloned().collect(), "the original series, unchanged UIDs");
 }
 
 #[test]

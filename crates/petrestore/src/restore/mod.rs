@@ -205,14 +205,26 @@ pub type EngineRun = (Volume, Option<Volume>, std::sync::Arc<dyn Engine>, Vec<St
 
 /// Run the first engine that succeeds; report each failure on the way
 /// (the failures are returned with the result so the job records them).
+/// Once an engine with a model has failed on the volume, engines without
+/// one (the Gaussian) are not run in its place: their output is not the
+/// model's restoration (the Gaussian moves lesion SUVs), so the series
+/// fails and the original is forwarded (`restore.forward_original_on_failure`).
 pub fn run_engines(engines: &[std::sync::Arc<dyn Engine>], v: &Volume) -> Result<EngineRun, String> {
     let mut errors = Vec::new();
+    let mut model_failed = false;
     for e in engines {
+        let has_model = e.tracers().is_some();
+        if model_failed && !has_model {
+            tracing::warn!(engine = e.name(), "not run in place of the model's engines");
+            errors.push(format!("engine {} not run in place of the model (it has none)", e.name()));
+            continue;
+        }
         match e.run_with_variance(v) {
             Ok((out, var)) => return Ok((out, var, e.clone(), errors)),
             Err(err) => {
                 tracing::warn!(engine = e.name(), error = %err, "engine failed; falling back to the next one");
                 errors.push(err.to_string());
+                model_failed |= has_model;
             }
         }
     }
