@@ -217,7 +217,7 @@ fn engine_failing_on_a_series_falls_back_to_the_model_only_then_forwards_the_ori
     let d = Daemon::start(
         &tmp.path().join("d"),
         &format!(
-            "[restore]\nengines = [\"ort\", \"tract\", \"gaussian\"]\nmodel = {:?}\nort_library = {:?}\nort_providers = [\"cpu\"]\nthreads = 1\n{}",
+            "[node]\nretention_hours = 0.0005\n[restore]\nengines = [\"ort\", \"tract\", \"gaussian\"]\nmodel = {:?}\nort_library = {:?}\nort_providers = [\"cpu\"]\nthreads = 1\n{}",
             test_model(),
             ort_library(),
             destination("pacs", dest.port)
@@ -236,6 +236,10 @@ fn engine_failing_on_a_series_falls_back_to_the_model_only_then_forwards_the_ori
     let got: std::collections::BTreeSet<String> =
         dest.files().iter().map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap()).collect();
     assert_eq!(got, src.sop_uids.iter().cloned().collect(), "the original series, unchanged UIDs");
+    // the original was delivered: the delivered jobs' retention (2 s here) applies
+    let id = job_id(&src);
+    wait_for("retention of the forwarded original", Duration::from_secs(40), || d.job(&id).purged.then_some(()));
+    assert!(d.spool_files().is_empty(), "{:?}", d.spool_files());
 }
 
 #[test]

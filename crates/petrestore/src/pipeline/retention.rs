@@ -1,9 +1,10 @@
 //! Retention: the disk of a box beside a scanner must not fill up. A job
 //! that ended done or skipped has been delivered or forwarded; after
 //! `node.retention_hours` its spooled instances and derived series are
-//! removed. A failed job was never delivered: its files stay until the
-//! operator re-sends it, unless the site sets `node.failed_retention_hours`
-//! (default 0, keep). The job record stays, marked purged. Nothing of a job
+//! removed, and so are those of a failed job whose original was forwarded
+//! to every destination. A failed job that was not delivered keeps its files
+//! until the operator re-sends it, unless the site sets
+//! `node.failed_retention_hours` (default 0, keep). The job record stays, marked purged. Nothing of a job
 //! that has not ended is touched.
 
 use std::path::Path;
@@ -19,8 +20,12 @@ pub fn purge(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<us
     let now = now_ms();
     let mut purged = 0;
     for job in journal.purgeable()? {
+        // A failed job whose original went to every destination (restoration
+        // failed, the original forwarded) was delivered; one whose delivery
+        // gave up, or that had nothing to send, was not.
+        let delivered = !job.deliveries.is_empty() && job.deliveries.iter().all(|d| d.delivered);
         let keep = match job.state {
-            JobState::Failed { .. } => settings.node.failed_retention,
+            JobState::Failed { .. } if !delivered => settings.node.failed_retention,
             _ => settings.node.retention,
         };
         let Some(keep) = keep else { continue };
