@@ -654,7 +654,7 @@ fn restore_uses_the_shipped_model_for_30_s_and_refuses_72_s_by_name() {
         &model,
     ]);
     assert!(!o.status.success(), "a 72 s series must not be restored by a 30/60 s model");
-    assert!(text(&o).contains("72.0 s is outside the 27–66 s"), "{}", text(&o));
+    assert!(text(&o).contains("72.0 s, outside the 27–66 s the model was trained for"), "{}", text(&o));
 }
 
 #[test]
