@@ -94,6 +94,23 @@ fn malformed_truncated_and_hostile_datasets_get_failure_statuses() {
     assert!(comment.unwrap().contains("Series Instance UID"));
     assert!(!d.state_dir().join("x").exists() && !tmp.path().join("x").exists());
 
+    // a Number of Slices no series has (which would make the journal wait
+    // for, and list, four billion slices), and a zero Image Index
+    for (tag, vr, value) in [
+        (dicom_dictionary_std::tags::NUMBER_OF_SLICES, dicom_core::VR::US, dicom_core::PrimitiveValue::from(0u16)),
+        (dicom_dictionary_std::tags::NUMBER_OF_SLICES, dicom_core::VR::UL, dicom_core::PrimitiveValue::from(u32::MAX)),
+        (dicom_dictionary_std::tags::IMAGE_INDEX, dicom_core::VR::US, dicom_core::PrimitiveValue::from(0u16)),
+    ] {
+        let mut obj = dicom_object::open_file(&src.files[2]).unwrap().into_inner();
+        obj.put(dicom_core::DataElement::new(tag, vr, value));
+        let bad = petrestore::dicom::part10::dataset_bytes(&obj, EXPLICIT_VR_LE).unwrap();
+        let (st, comment) = rt.block_on(scu::send_raw(&p, PET_IMAGE_STORAGE, &src.sop_uids[2], EXPLICIT_VR_LE, &bad)).unwrap();
+        assert_eq!(st, status::CANNOT_UNDERSTAND, "{tag}: {comment:?}");
+        let comment = comment.unwrap();
+        assert!(comment.contains("outside 1..=100000"), "{comment}");
+        assert_still_serving(&d);
+    }
+
     // nothing of the above was stored
     assert!(d.spool_files().is_empty(), "{:?}", d.spool_files());
     assert!(d.jobs().is_empty());
@@ -181,6 +198,27 @@ fn hold_association(port: u16) -> dicom_ul::association::ClientAssociation<std::
         .with_presentation_context(petrestore::dicom::VERIFICATION, vec![petrestore::dicom::IMPLICIT_VR_LE])
         .establish(("127.0.0.1", port))
         .expect("association")
+}
+
+#[test]
+fn a_pdu_longer_than_announced_is_aborted_at_its_header() {
+    // An established association whose next PDU declares 4 GiB: refused
+    // from its 6-byte header, before any of the body is buffered, and the
+    // log names the lengths (a server that waited for the body would log
+    // an idle timeout instead, a minute later).
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("d"), "");
+    let mut assoc = hold_association(d.port);
+    let s = assoc.inner_stream();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(&[0x04, 0x00, 0xFF, 0xFF, 0xFF, 0xFF]).unwrap();
+    s.write_all(&[0u8; 4096]).unwrap();
+    let mut reply = [0u8; 10];
+    let n = std::io::Read::read(s, &mut reply).unwrap_or(0);
+    assert!(n == 0 || reply[0] == 0x07, "expected an A-ABORT or a closed connection, got {:?}", &reply[..n]);
+    wait_for("the refusal in the log", Duration::from_secs(10), || d.log().contains("too large").then_some(()));
+    assert!(d.log().contains("4294967295"), "{}", d.log());
+    assert_still_serving(&d);
 }
 
 #[test]

@@ -271,9 +271,12 @@ async fn handle_association(
         .max_pdu_length(cfg.max_pdu_length)
         .read_timeout(cfg.idle_timeout)
         .write_timeout(cfg.idle_timeout)
-        // Peers often send PDUs a little larger than we announced; refusing
-        // them would abort otherwise valid transfers.
-        .strict(false)
+        // A PDU longer than the maximum we announced (PS3.8 9.3.1) is
+        // refused at its header, before its body is buffered: without this a
+        // sender's declared 4 GiB is read into memory until it arrives or
+        // the idle timeout ends it. The association is aborted and the log
+        // names the lengths.
+        .strict(true)
         // An archive reporting storage commitment on its own association
         // acts as the SCP of that SOP class: accept that role.
         .with_negotiation(access::CommitmentRoles);
@@ -364,7 +367,7 @@ where
             Ok(p) => p,
             Err(e) => {
                 let _ = abort(assoc).await;
-                return Err(format!("receive failed after {stored} instances: {e}"));
+                return Err(format!("receive failed after {stored} instances: {}", error_chain(&e)));
             }
         };
         match pdu {
@@ -509,6 +512,19 @@ async fn send_command<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 
         })
         .await
         .map_err(|e| format!("send response failed: {e}"))
+}
+
+/// An error and its causes on one line (the upper layer's outer error
+/// says only "failed to receive pdu").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 async fn abort<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send>(

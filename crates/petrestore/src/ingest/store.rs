@@ -13,6 +13,7 @@ use crate::dicom::attrs::Attrs;
 use crate::dicom::dimse::{Command, status};
 use crate::dicom::uid::valid_uid;
 use crate::dicom::{PET_STORAGE_CLASSES, part10};
+use crate::journal::job::MAX_SLICES;
 use crate::journal::{Arrival, InstanceRecord, JobKind, Journal, JournalError};
 use crate::spool::arrivals::{self, ArrivalLog};
 use crate::spool::{self, Spool};
@@ -33,6 +34,9 @@ pub enum StoreError {
     Mismatch { what: &'static str, found: String, expected: String },
     #[error("pixel data has {found} bytes, expected {expected}")]
     PixelLength { found: usize, expected: usize },
+    /// Number of Slices or Image Index outside what a series can hold.
+    #[error("{what} {value:?} is outside 1..={max}")]
+    OutOfRange { what: &'static str, value: String, max: u32 },
     #[error("disk nearly full: {free_mb} MiB free, {held_mb} MiB held for output")]
     LowDisk { free_mb: u64, held_mb: u64 },
     #[error("spool write failed: {0}")]
@@ -53,9 +57,11 @@ impl StoreError {
     /// The DIMSE status for this error.
     pub fn status(&self) -> u16 {
         match self {
-            StoreError::Unparseable(_) | StoreError::Missing(_) | StoreError::BadUid { .. } | StoreError::PixelLength { .. } => {
-                status::CANNOT_UNDERSTAND
-            }
+            StoreError::Unparseable(_)
+            | StoreError::Missing(_)
+            | StoreError::BadUid { .. }
+            | StoreError::PixelLength { .. }
+            | StoreError::OutOfRange { .. } => status::CANNOT_UNDERSTAND,
             StoreError::Mismatch { .. } => status::DATASET_MISMATCH,
             StoreError::LowDisk { .. }
             | StoreError::Disk(_)
@@ -190,8 +196,28 @@ pub fn check_instance(transfer_syntax: &str, cmd: &Command, dataset: &[u8]) -> R
     let kind = if PET_STORAGE_CLASSES.contains(&sop_class.as_str()) { JobKind::Pet } else { JobKind::Passthrough };
     if kind == JobKind::Pet {
         check_pixel_length(&obj)?;
+        check_slice_counts(&obj)?;
     }
     Ok(Checked { obj, kind, sop_class, sop, study, series })
+}
+
+/// Number of Slices (0054,0081) and Image Index (0054,1330), when present,
+/// must lie in 1..=[`MAX_SLICES`]: the journal tracks completeness per
+/// index, and a sender's 4,294,967,295 must not become a series the daemon
+/// waits for (or allocates for) forever.
+fn check_slice_counts(obj: &InMemDicomObject) -> Result<(), StoreError> {
+    for (tag, what) in [(tags::NUMBER_OF_SLICES, "Number of Slices"), (tags::IMAGE_INDEX, "Image Index")] {
+        if obj.get(tag).is_none() {
+            continue;
+        }
+        let raw = obj.str_of(tag).unwrap_or_default();
+        match obj.i64_of(tag) {
+            Some(n) if (1..=i64::from(MAX_SLICES)).contains(&n) => {}
+            _ if raw.trim().is_empty() => {}
+            _ => return Err(StoreError::OutOfRange { what, value: raw, max: MAX_SLICES }),
+        }
+    }
+    Ok(())
 }
 
 /// A truncated Pixel Data element is the commonest broken instance.

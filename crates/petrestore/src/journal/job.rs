@@ -144,6 +144,12 @@ pub struct UncertaintyRecord {
     pub count: u32,
 }
 
+/// The most slices one series may declare (Number of Slices) or index
+/// (Image Index): far above any scanner's bed positions × slices, low
+/// enough that completeness is a few kilobytes of bits. Ingest refuses an
+/// instance beyond it.
+pub const MAX_SLICES: u32 = 100_000;
+
 /// One series and its fate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -248,7 +254,7 @@ impl Job {
 
     /// Record Image Index `i` (1-based).
     pub fn mark_index(&mut self, i: u32) {
-        if i == 0 || i > 100_000 {
+        if i == 0 || i > MAX_SLICES {
             return;
         }
         let bit = (i - 1) as usize;
@@ -258,22 +264,26 @@ impl Job {
         self.index_bits[bit / 64] |= 1u64 << (bit % 64);
     }
 
-    /// Image indexes 1..=N that have not arrived (N = Number of Slices).
-    pub fn missing_indexes(&self) -> Option<Vec<u32>> {
-        let n = self.expected_slices?;
-        Some(
-            (1..=n)
-                .filter(|i| {
-                    let bit = (*i - 1) as usize;
-                    self.index_bits.get(bit / 64).is_none_or(|w| w & (1u64 << (bit % 64)) == 0)
-                })
-                .collect(),
-        )
+    fn has_index(&self, i: u32) -> bool {
+        let bit = (i - 1) as usize;
+        self.index_bits.get(bit / 64).is_some_and(|w| w & (1u64 << (bit % 64)) != 0)
     }
 
-    /// Complete when Number of Slices is known and every index arrived.
+    /// Image indexes 1..=N that have not arrived (N = Number of Slices, at
+    /// most [`MAX_SLICES`] of them listed: ingest refuses a larger N, and a
+    /// journal written before it did must not make a list of billions).
+    pub fn missing_indexes(&self) -> Option<Vec<u32>> {
+        let n = self.expected_slices?.min(MAX_SLICES);
+        Some((1..=n).filter(|i| !self.has_index(*i)).collect())
+    }
+
+    /// Complete when Number of Slices is known, at most [`MAX_SLICES`], and
+    /// every index arrived. Counts bits; allocates nothing.
     pub fn is_complete(&self) -> bool {
-        self.missing_indexes().is_some_and(|m| m.is_empty())
+        match self.expected_slices {
+            Some(n) if (1..=MAX_SLICES).contains(&n) => (1..=n).all(|i| self.has_index(i)),
+            _ => false,
+        }
     }
 
     /// Fresh delivery plan for the given destinations.
@@ -321,6 +331,18 @@ mod tests {
         assert_eq!(j.missing_indexes().unwrap(), vec![65]);
         j.mark_index(65);
         assert!(j.is_complete());
+    }
+
+    #[test]
+    fn absurd_number_of_slices_is_never_complete_and_lists_little() {
+        // a journal written before ingest refused such values
+        let mut j = Job::new(JobKind::Pet, "1.2", "1.2.3", "CONSOLE", 0);
+        j.expected_slices = Some(u32::MAX);
+        j.mark_index(1);
+        assert!(!j.is_complete());
+        assert_eq!(j.missing_indexes().unwrap().len(), MAX_SLICES as usize - 1);
+        j.expected_slices = Some(0);
+        assert!(!j.is_complete(), "zero slices is not a complete series");
     }
 
     #[test]
