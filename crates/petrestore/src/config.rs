@@ -17,6 +17,14 @@ use crate::dicom::uid::valid_ae_title;
 /// The annotated default configuration, as shipped in `config/`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../config/petrestore.toml");
 
+/// Longest `restore.series_description_suffix`: with the uncertainty
+/// series' own label it leaves room for the source's description in the
+/// 64 characters of Series Description.
+pub const MAX_SUFFIX_CHARS: usize = 24;
+/// Largest `restore.series_number_offset`: twice it (the uncertainty
+/// series) stays below Series Number's wrap at 100000.
+pub const MAX_SERIES_NUMBER_OFFSET: u32 = 49_999;
+
 /// A configuration problem: which key, what was wrong, and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -808,6 +816,23 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         ));
     }
     let ort_library: String = pick!(u, d, restore.ort_library);
+    let suffix: String = pick!(u, d, restore.series_description_suffix);
+    if suffix.chars().count() > MAX_SUFFIX_CHARS || !suffix.chars().all(|c| (' '..='~').contains(&c) && c != '\\') {
+        errs.push(invalid(
+            "restore.series_description_suffix",
+            format!("{suffix:?} is not {MAX_SUFFIX_CHARS} printable ASCII characters at most without a backslash"),
+            "shorten it: Series Description holds 64 characters (LO), the uncertainty series adds its own label, and a \\ would split it into two values",
+        ));
+    }
+    let offset: u32 = pick!(u, d, restore.series_number_offset);
+    if !(1..=MAX_SERIES_NUMBER_OFFSET).contains(&offset) {
+        errs.push(invalid(
+            "restore.series_number_offset",
+            format!("{offset} is outside 1..={MAX_SERIES_NUMBER_OFFSET}"),
+            "use e.g. 1000: the restored series gets the source's Series Number + offset and the uncertainty series + twice the offset, \
+             so 0 would reuse the source's number",
+        ));
+    }
     RestoreSettings {
         engines,
         model: pick!(u, d, restore.model),
@@ -818,8 +843,8 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         max_matrix: pick!(u, d, restore.max_matrix),
         forward_original_on_failure: pick!(u, d, restore.forward_original_on_failure),
         forward_skipped: pick!(u, d, restore.forward_skipped),
-        series_description_suffix: pick!(u, d, restore.series_description_suffix),
-        series_number_offset: pick!(u, d, restore.series_number_offset),
+        series_description_suffix: suffix,
+        series_number_offset: offset,
         threads: pick!(u, d, restore.threads),
         ort_library: (!ort_library.is_empty()).then(|| PathBuf::from(ort_library)),
         ort_providers: parsed,
@@ -1090,7 +1115,14 @@ mod tests {
         assert!(e.contains("egress.backoff_initial_s") && e.contains("86400"), "{e}");
         let e = Settings::from_toml("[egress]\nbackoff_max_s = 1e20\n", "t").unwrap_err().to_string();
         assert!(e.contains("egress.backoff_initial_s"), "{e}");
-        let bad_values: [(&str, &str); 9] = [
+        let bad_values: [(&str, &str); 13] = [
+            ("[restore]\nseries_number_offset = 0\n", "restore.series_number_offset"),
+            ("[restore]\nseries_number_offset = 60000\n", "restore.series_number_offset"),
+            ("[restore]\nseries_description_suffix = \" a\\\\b\"\n", "restore.series_description_suffix"),
+            (
+                "[restore]\nseries_description_suffix = \" [a very long label of a site that will not fit]\"\n",
+                "restore.series_description_suffix",
+            ),
             ("[dicom]\nlisten = \"0.0.0.0:0\"\n", "dicom.listen"),
             ("[dicom]\nidle_timeout_s = 0\n", "dicom.idle_timeout_s"),
             ("[dicom]\nallowed_callers = [\"CONSOLE \"]\n", "write \"CONSOLE\""),

@@ -66,8 +66,13 @@ pub fn uncertainty_series_uid(source_series: &str, p: &DeriveParams) -> String {
     derived_uid(source_series, &uid_salt(Kind::Uncertainty, p))
 }
 
-/// Series Description suffix of the uncertainty series.
-pub const UNCERTAINTY_SUFFIX: &str = " uncertainty 1SD";
+/// Series Description suffix of the uncertainty series: what it is, and
+/// that it is not for diagnosis, where a reader sees it in a series list.
+pub const UNCERTAINTY_SUFFIX: &str = " uncertainty 1SD NOT FOR DX";
+
+/// Image Comments of every uncertainty instance (shown beside the image by
+/// most viewers).
+const UNCERTAINTY_COMMENT: &str = "NOT FOR DIAGNOSIS. Uncertainty (1 SD) of a restored PET image, in Bq/ml: not an activity image.";
 
 /// Rescale slope for one output slice: the largest magnitude maps to 32766,
 /// so nothing clips; the slope is what the DS string says (parsed back), so
@@ -175,9 +180,110 @@ fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &st
     let keep = 64usize.saturating_sub(suffix.chars().count());
     obj.put(el(tags::SERIES_DESCRIPTION, VR::LO, format!("{}{suffix}", truncate(&sd, keep))));
     let sn = obj.i64_of(tags::SERIES_NUMBER).unwrap_or(0);
-    let offset = p.series_number_offset as i64 + if kind == Kind::Uncertainty { 1 } else { 0 };
+    // the uncertainty series at twice the offset: at offset + 1 it would
+    // take the number of the next source series' restored series
+    let offset = p.series_number_offset as i64 * if kind == Kind::Uncertainty { 2 } else { 1 };
     obj.put(el(tags::SERIES_NUMBER, VR::IS, ((sn + offset) % 100_000).to_string()));
+
+    // A concatenation of the source becomes the same concatenation of
+    // derived instances, never a part of the source's.
+    for tag in [tags::CONCATENATION_UID, tags::SOP_INSTANCE_UID_OF_CONCATENATION_SOURCE] {
+        if let Some(uid) = obj.str_of(tag) {
+            obj.put(el(tag, VR::UI, derived_uid(&uid, &salt)));
+        }
+    }
+    remove_stale(obj, kind);
+    match kind {
+        Kind::Uncertainty => {
+            obj.put(el(tags::IMAGE_COMMENTS, VR::LT, UNCERTAINTY_COMMENT));
+            obj.put(seq(
+                tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
+                vec![InMemDicomObject::from_element_iter([
+                    el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, LOCAL_SCHEME),
+                    el(tags::CODING_SCHEME_NAME, VR::ST, "petrestore local codes"),
+                    el(tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION, VR::ST, "petrestore"),
+                ])],
+            ));
+        }
+        // a test or research model's notice goes first; the source's own
+        // comment (about the acquisition) still holds and follows it
+        Kind::Restored => {
+            if let Some(n) = &p.notice {
+                let text = match obj.str_of(tags::IMAGE_COMMENTS) {
+                    Some(c) => format!("{n} {c}"),
+                    None => n.clone(),
+                };
+                obj.put(el(tags::IMAGE_COMMENTS, VR::LT, truncate(&text, 10240)));
+            }
+        }
+    }
     sop
+}
+
+/// Coding scheme of the uncertainty series' derivation code (no DCM code
+/// says "uncertainty of a restoration").
+const LOCAL_SCHEME: &str = "99PETRST";
+
+/// Attributes of the source that the new pixel values make wrong, in the
+/// data set, in every functional group and in the Legacy Converted
+/// "unassigned" groups:
+/// - stored-value ranges and padding (the output is signed, on its own
+///   slope per slice);
+/// - Real World Value Mapping: its slope maps the source's stored values
+///   (a viewer reading SUV or Bq/ml from it would be off by the ratio of
+///   the slopes, slice by slice); the output's units are Rescale Slope and
+///   Units, as the source's were;
+/// - Conversion Source Attributes: it says "converted from these classic
+///   instances", which a derived image is not;
+/// - Instance Creation Date/Time: the source's, not this instance's (left
+///   out: optional, and better absent than wrong);
+/// - for the uncertainty series also the source's window (an activity
+///   window on a σ image).
+fn remove_stale(obj: &mut InMemDicomObject, kind: Kind) {
+    const EVERYWHERE: [dicom_core::Tag; 7] = [
+        tags::SMALLEST_PIXEL_VALUE_IN_SERIES,
+        tags::LARGEST_PIXEL_VALUE_IN_SERIES,
+        tags::SMALLEST_IMAGE_PIXEL_VALUE,
+        tags::LARGEST_IMAGE_PIXEL_VALUE,
+        tags::PIXEL_PADDING_VALUE,
+        tags::PIXEL_PADDING_RANGE_LIMIT,
+        tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE,
+    ];
+    const WINDOW: [dicom_core::Tag; 5] = [
+        tags::WINDOW_CENTER,
+        tags::WINDOW_WIDTH,
+        tags::WINDOW_CENTER_WIDTH_EXPLANATION,
+        tags::VOILUT_FUNCTION,
+        tags::FRAME_VOILUT_SEQUENCE,
+    ];
+    let strip = |o: &mut InMemDicomObject| {
+        for t in EVERYWHERE.iter().chain(std::iter::once(&tags::CONVERSION_SOURCE_ATTRIBUTES_SEQUENCE)) {
+            o.remove_element(*t);
+        }
+        if kind == Kind::Uncertainty {
+            for t in WINDOW {
+                o.remove_element(t);
+            }
+        }
+    };
+    strip(obj);
+    obj.remove_element(tags::INSTANCE_CREATION_DATE);
+    obj.remove_element(tags::INSTANCE_CREATION_TIME);
+    for fg_tag in [tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE] {
+        let Some(mut items) = obj.get(fg_tag).and_then(|e| e.items().map(|i| i.to_vec())) else { continue };
+        for item in items.iter_mut() {
+            strip(item);
+            for unassigned in
+                [tags::UNASSIGNED_SHARED_CONVERTED_ATTRIBUTES_SEQUENCE, tags::UNASSIGNED_PER_FRAME_CONVERTED_ATTRIBUTES_SEQUENCE]
+            {
+                if let Some(mut inner) = item.get(unassigned).and_then(|e| e.items().map(|i| i.to_vec())) {
+                    inner.iter_mut().for_each(strip);
+                    item.put(seq(unassigned, inner));
+                }
+            }
+        }
+        obj.put(seq(fg_tag, items));
+    }
 }
 
 /// Image Type or Frame Type: value 1 `DERIVED`, value 2 `PRIMARY`, value 3
@@ -227,6 +333,14 @@ fn derivation_description(p: &DeriveParams, kind: Kind) -> String {
     truncate(&desc, 1024)
 }
 
+/// What was done to the pixels (Derivation Code Sequence, CID 7203).
+fn derivation_code(kind: Kind) -> InMemDicomObject {
+    match kind {
+        Kind::Restored => code("113087", "DCM", "Smoothing"),
+        Kind::Uncertainty => code("SD1", LOCAL_SCHEME, "Standard deviation of restoration error"),
+    }
+}
+
 fn source_image_item(src: &SourceSlice) -> InMemDicomObject {
     reference_item(&src.sop_class_uid, &src.sop_instance_uid)
 }
@@ -274,6 +388,7 @@ fn derive_single(src: &SourceSlice, values: &[f32], p: &DeriveParams, now: &str,
     let mut obj = (*src.dataset).clone();
     let sop = relabel(&mut obj, &src.sop_instance_uid, p, now, kind);
     obj.put(el(tags::DERIVATION_DESCRIPTION, VR::ST, derivation_description(p, kind)));
+    obj.put(seq(tags::DERIVATION_CODE_SEQUENCE, vec![derivation_code(kind)]));
     obj.put(seq(tags::SOURCE_IMAGE_SEQUENCE, source_items(src, p, kind)));
     // Pixels: signed 16 bit, per-slice slope chosen to use the range
     // without clipping, intercept 0.
@@ -307,11 +422,6 @@ fn fg_items(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Vec<InMemDicomObjec
 fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now: &str, kind: Kind) -> DerivedInstance {
     let mut obj = (*src.dataset).clone();
     let sop = relabel(&mut obj, &src.sop_instance_uid, p, now, kind);
-    let derivation_code = match kind {
-        Kind::Restored => code("113087", "DCM", "Smoothing"),
-        // no DCM code says "uncertainty of a restoration": a local one
-        Kind::Uncertainty => code("SD1", "99PETRST", "Standard deviation of restoration error"),
-    };
 
     let mut shared = fg_items(&obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).into_iter().next().unwrap_or_else(InMemDicomObject::new_empty);
     let mut per_frame = fg_items(&obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
@@ -324,7 +434,7 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
         tags::DERIVATION_IMAGE_SEQUENCE,
         vec![InMemDicomObject::from_element_iter([
             el(tags::DERIVATION_DESCRIPTION, VR::ST, derivation_description(p, kind)),
-            seq(tags::DERIVATION_CODE_SEQUENCE, vec![derivation_code]),
+            seq(tags::DERIVATION_CODE_SEQUENCE, vec![derivation_code(kind)]),
             seq(tags::SOURCE_IMAGE_SEQUENCE, source_items(src, p, kind)),
         ])],
     ));
@@ -345,24 +455,32 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
         item.put(seq(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, vec![pvt]));
     }
     // Enhanced PET Image module: a DERIVED image lists its sources by study
-    // and series (hierarchical SOP instance reference).
+    // and series (hierarchical SOP instance reference): every instance its
+    // Source Image Sequence names, so for the uncertainty series also the
+    // restored instance, in the restored series.
+    let src_series = src.dataset.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default();
+    let series_item = |series: String, sop: &str| {
+        InMemDicomObject::from_element_iter([
+            el(tags::SERIES_INSTANCE_UID, VR::UI, series),
+            seq(
+                tags::REFERENCED_SOP_SEQUENCE,
+                vec![InMemDicomObject::from_element_iter([
+                    el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, src.sop_class_uid.as_str()),
+                    el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, sop),
+                ])],
+            ),
+        ])
+    };
+    let mut series_items = vec![series_item(src_series.clone(), &src.sop_instance_uid)];
+    if kind == Kind::Uncertainty {
+        let restored = uid_salt(Kind::Restored, p);
+        series_items.push(series_item(derived_uid(&src_series, &restored), &derived_uid(&src.sop_instance_uid, &restored)));
+    }
     obj.put(seq(
         tags::SOURCE_IMAGE_EVIDENCE_SEQUENCE,
         vec![InMemDicomObject::from_element_iter([
             el(tags::STUDY_INSTANCE_UID, VR::UI, src.dataset.str_of(tags::STUDY_INSTANCE_UID).unwrap_or_default()),
-            seq(
-                tags::REFERENCED_SERIES_SEQUENCE,
-                vec![InMemDicomObject::from_element_iter([
-                    el(tags::SERIES_INSTANCE_UID, VR::UI, src.dataset.str_of(tags::SERIES_INSTANCE_UID).unwrap_or_default()),
-                    seq(
-                        tags::REFERENCED_SOP_SEQUENCE,
-                        vec![InMemDicomObject::from_element_iter([
-                            el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, src.sop_class_uid.as_str()),
-                            el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, src.sop_instance_uid.as_str()),
-                        ])],
-                    ),
-                ])],
-            ),
+            seq(tags::REFERENCED_SERIES_SEQUENCE, series_items),
         ])],
     ));
     obj.put(seq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
@@ -398,6 +516,8 @@ fn chrono_like_now() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -429,6 +549,99 @@ mod tests {
         let d = derivation_description(&a, Kind::Uncertainty);
         // the default character set: a non-ASCII letter here cannot be encoded
         assert!(d.contains("sigma calibration 111111111111") && d.is_ascii(), "{d}");
+    }
+
+    fn params(notice: Option<&str>) -> DeriveParams {
+        DeriveParams {
+            engine: "tract".into(),
+            notice: notice.map(str::to_owned),
+            research: false,
+            model_id: "m@1+abc".into(),
+            uncertainty_id: None,
+            series_description_suffix: " [petrestore]".into(),
+            series_number_offset: 1000,
+            device_id: "dev".into(),
+        }
+    }
+
+    /// A classic PET slice carrying what a console may send beside the
+    /// pixels: a Real World Value Mapping to SUV on the source's stored
+    /// values, series-wide pixel ranges, padding, a window, a concatenation.
+    fn source_slice() -> SourceSlice {
+        let mapping = InMemDicomObject::from_element_iter([
+            el(tags::REAL_WORLD_VALUE_SLOPE, VR::FD, 0.0004f64),
+            el(tags::REAL_WORLD_VALUE_INTERCEPT, VR::FD, 0.0f64),
+            el(tags::LUT_LABEL, VR::SH, "SUVbw"),
+        ]);
+        let ds = InMemDicomObject::from_element_iter([
+            el(tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.128"),
+            el(tags::SOP_INSTANCE_UID, VR::UI, "1.2.3.4"),
+            el(tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3"),
+            el(tags::SERIES_NUMBER, VR::IS, "3"),
+            el(tags::SERIES_DESCRIPTION, VR::LO, "WB FDG"),
+            el(tags::IMAGE_COMMENTS, VR::LT, "arms up"),
+            el(tags::INSTANCE_CREATION_DATE, VR::DA, "20260101"),
+            el(tags::INSTANCE_CREATION_TIME, VR::TM, "101010"),
+            el(tags::SMALLEST_PIXEL_VALUE_IN_SERIES, VR::US, 0u16),
+            el(tags::LARGEST_PIXEL_VALUE_IN_SERIES, VR::US, 32000u16),
+            el(tags::PIXEL_PADDING_VALUE, VR::US, 0u16),
+            el(tags::WINDOW_CENTER, VR::DS, "5000"),
+            el(tags::WINDOW_WIDTH, VR::DS, "10000"),
+            el(tags::CONCATENATION_UID, VR::UI, "1.2.9"),
+            el(tags::RESCALE_SLOPE, VR::DS, "0.25"),
+            seq(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE, vec![mapping]),
+        ]);
+        SourceSlice {
+            sop_instance_uid: "1.2.3.4".into(),
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.128".into(),
+            frame: None,
+            dataset: Arc::new(ds),
+        }
+    }
+
+    fn volume(v: f32) -> Volume {
+        Volume { nx: 2, ny: 2, nz: 1, spacing: [2.0, 2.0, 2.0], data: vec![v, 2.0 * v, 3.0 * v, 4.0 * v], frame_duration_s: Some(30.0) }
+    }
+
+    #[test]
+    fn what_the_new_pixels_make_wrong_is_not_copied() {
+        let src = source_slice();
+        let restored = derive_series(std::slice::from_ref(&src), &volume(1000.0), &params(None));
+        let o = &restored[0].dataset;
+        for t in [
+            tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE,
+            tags::SMALLEST_PIXEL_VALUE_IN_SERIES,
+            tags::LARGEST_PIXEL_VALUE_IN_SERIES,
+            tags::PIXEL_PADDING_VALUE,
+            tags::INSTANCE_CREATION_DATE,
+            tags::INSTANCE_CREATION_TIME,
+        ] {
+            assert!(o.get(t).is_none(), "{t} copied from the source");
+        }
+        // the restored image keeps its window (it applies to Bq/ml) and the
+        // source's comment; its concatenation is a derived one
+        assert_eq!(o.str_of(tags::WINDOW_CENTER).as_deref(), Some("5000"));
+        assert_eq!(o.str_of(tags::IMAGE_COMMENTS).as_deref(), Some("arms up"));
+        assert_eq!(o.str_of(tags::CONCATENATION_UID).unwrap(), derived_uid("1.2.9", "m@1+abc"));
+        let code = &o.get(tags::DERIVATION_CODE_SEQUENCE).unwrap().items().unwrap()[0];
+        assert_eq!(code.str_of(tags::CODE_VALUE).as_deref(), Some("113087"));
+        assert_eq!(o.i64_of(tags::SERIES_NUMBER), Some(1003));
+
+        let sigma = derive_uncertainty(std::slice::from_ref(&src), &volume(50.0), &params(None));
+        let o = &sigma[0].dataset;
+        assert!(o.get(tags::WINDOW_CENTER).is_none() && o.get(tags::WINDOW_WIDTH).is_none());
+        assert!(o.get(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE).is_none());
+        assert!(o.str_of(tags::IMAGE_COMMENTS).unwrap().starts_with("NOT FOR DIAGNOSIS"));
+        assert_eq!(o.str_of(tags::SERIES_DESCRIPTION).as_deref(), Some("WB FDG [petrestore] uncertainty 1SD NOT FOR DX"));
+        assert_eq!(o.i64_of(tags::SERIES_NUMBER), Some(2003));
+        let scheme = &o.get(tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE).unwrap().items().unwrap()[0];
+        assert_eq!(scheme.str_of(tags::CODING_SCHEME_DESIGNATOR).as_deref(), Some(LOCAL_SCHEME));
+    }
+
+    #[test]
+    fn a_test_model_says_so_in_image_comments_before_the_sources_comment() {
+        let out = derive_series(&[source_slice()], &volume(1.0), &params(Some("TEST MODEL, NOT FOR CLINICAL USE.")));
+        assert_eq!(out[0].dataset.str_of(tags::IMAGE_COMMENTS).as_deref(), Some("TEST MODEL, NOT FOR CLINICAL USE. arms up"));
     }
 
     #[test]

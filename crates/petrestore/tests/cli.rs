@@ -234,7 +234,12 @@ fn demo_restores_with_the_shipped_model_and_draws_the_result() {
         .iter()
         .filter(|f| {
             let obj = dicom_object::open_file(f).unwrap();
-            obj.element(dicom_dictionary_std::tags::SERIES_DESCRIPTION).unwrap().to_str().unwrap().trim_end().ends_with("uncertainty 1SD")
+            obj.element(dicom_dictionary_std::tags::SERIES_DESCRIPTION)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim_end()
+                .ends_with("uncertainty 1SD NOT FOR DX")
         })
         .count();
     assert_eq!(sigma_files, 12, "12 restored and 12 σ instances");

@@ -97,7 +97,13 @@ fn a_destination_that_asks_gets_the_uncertainty_series_and_the_fleet_its_summary
         assert_eq!(&it[..3], &["DERIVED", "PRIMARY", "UNCERTAINTY"], "{it:?}");
         let dd = o.str_of(tags::DERIVATION_DESCRIPTION).unwrap();
         assert!(dd.starts_with("NOT FOR DIAGNOSIS") && dd.contains("standard deviation"), "{dd}");
-        assert!(o.str_of(tags::SERIES_DESCRIPTION).unwrap().ends_with("uncertainty 1SD"));
+        assert!(o.str_of(tags::SERIES_DESCRIPTION).unwrap().ends_with("uncertainty 1SD NOT FOR DX"));
+        assert!(o.str_of(tags::IMAGE_COMMENTS).unwrap().starts_with("NOT FOR DIAGNOSIS"));
+        // twice the offset: offset + 1 is the next source series' restored number
+        let source_number = open(&src.files[0]).i64_of(tags::SERIES_NUMBER).unwrap();
+        assert_eq!(o.i64_of(tags::SERIES_NUMBER).unwrap(), source_number + 2000);
+        // an activity window does not suit a σ image
+        assert!(o.get(tags::WINDOW_CENTER).is_none() && o.get(tags::WINDOW_WIDTH).is_none());
         assert_eq!(o.str_of(tags::FRAME_OF_REFERENCE_UID).unwrap(), frame_of_reference);
         // Source Image Sequence: the source instance and the restored one
         let refs: Vec<String> = o
@@ -196,6 +202,35 @@ fn enhanced_pet_gets_a_multi_frame_uncertainty_instance() {
         .map(|i| i.str_of(tags::REFERENCED_SOP_INSTANCE_UID).unwrap())
         .collect();
     assert_eq!(refs, vec![src.sop_uids[0].clone(), r.str_of(tags::SOP_INSTANCE_UID).unwrap()]);
+    // Source Image Evidence lists every instance Source Image Sequence names:
+    // the source in its series, the restored instance in the restored series
+    let evidence = &s.element(tags::SOURCE_IMAGE_EVIDENCE_SEQUENCE).unwrap().items().unwrap()[0];
+    let listed: Vec<(String, String)> = evidence
+        .element(tags::REFERENCED_SERIES_SEQUENCE)
+        .unwrap()
+        .items()
+        .unwrap()
+        .iter()
+        .flat_map(|series| {
+            let uid = series.str_of(tags::SERIES_INSTANCE_UID).unwrap();
+            series
+                .element(tags::REFERENCED_SOP_SEQUENCE)
+                .unwrap()
+                .items()
+                .unwrap()
+                .iter()
+                .map(move |i| (uid.clone(), i.str_of(tags::REFERENCED_SOP_INSTANCE_UID).unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let source_series = open(&src.files[0]).str_of(tags::SERIES_INSTANCE_UID).unwrap();
+    assert_eq!(
+        listed,
+        vec![
+            (source_series, src.sop_uids[0].clone()),
+            (r.str_of(tags::SERIES_INSTANCE_UID).unwrap(), r.str_of(tags::SOP_INSTANCE_UID).unwrap())
+        ]
+    );
     let errors = iod_errors(sigma[0]);
     assert!(errors.is_empty(), "{errors:?}");
 }
