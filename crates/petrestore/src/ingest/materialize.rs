@@ -387,9 +387,9 @@ pub fn replay(log: &ArrivalLog, spool: &Spool, journal: &Journal) -> Result<Repl
         r.segments += 1;
         if tail.damaged {
             let aside = seg.with_extension("damaged");
-            tracing::error!(segment = %seg.display(), kept = %aside.display(), reason = ?tail.stopped,
-                "arrival log segment is damaged: good records follow a bad one and could not be read in order; \
-                 the records before the damage are recorded; the file is kept for inspection");
+            tracing::error!(segment = %seg.display(), kept = %aside.display(), reason = ?tail.damage, skipped_bytes = tail.skipped_bytes,
+                "arrival log segment is damaged: bytes between good records are not a record; every good record, \
+                 before and after the damage, is recorded; the file is kept for inspection");
             std::fs::rename(&seg, &aside).map_err(|source| MaterializeError::Remove { path: seg.clone(), source })?;
             r.damaged.push(seg);
         } else {
@@ -479,8 +479,8 @@ mod tests {
 
         let log = ArrivalLog::open(&dir).unwrap();
         let r = replay(&log, &spool, &journal).unwrap();
-        assert_eq!((r.segments, r.records), (2, 4));
-        assert_eq!(r.batch, Batch { recorded: 3, already: 1, invalid: 0, completed: true });
+        assert_eq!((r.segments, r.records), (2, 5));
+        assert_eq!(r.batch, Batch { recorded: 4, already: 1, invalid: 0, completed: true });
         assert!(!seg1.exists(), "a torn tail is an unacknowledged write: the segment is done");
         assert_eq!(r.damaged, vec![seg2.clone()]);
         assert!(!seg2.exists() && seg2.with_extension("damaged").exists(), "damage is kept for inspection");
@@ -488,9 +488,11 @@ mod tests {
         assert!(!file(1).exists(), "already journaled: not written again");
         assert_eq!(std::fs::read(file(2)).unwrap(), b"file 2");
         assert_eq!(std::fs::read(file(7)).unwrap(), b"file 7");
-        assert!(!file(6).exists() && !file(8).exists() && !file(9).exists());
+        // the acknowledged record behind the damage is not lost
+        assert_eq!(std::fs::read(file(6)).unwrap(), b"file 6");
+        assert!(!file(8).exists() && !file(9).exists());
         let j = journal.get(&crate::journal::job_id("1.2.3.4")).unwrap().unwrap();
-        assert_eq!(j.received, 4);
+        assert_eq!(j.received, 5);
         // Idempotent: a second replay finds nothing to do.
         let r = replay(&ArrivalLog::open(&dir).unwrap(), &spool, &journal).unwrap();
         assert_eq!(r.segments, 0);

@@ -104,9 +104,15 @@ pub struct Tail {
     /// the file. Old content of a recycled or zero-filled file, and a torn,
     /// never-acknowledged last record, all stop reading without damage.
     pub stopped: Option<String>,
-    /// A good record of this segment lies after the place where reading
-    /// stopped: acknowledged records may be behind damage.
+    /// Bad bytes lay between good records of this segment: reading went on
+    /// at the next good record (each record carries the segment's nonce and
+    /// its own checksum), so acknowledged records behind damage are read
+    /// too. The file should be kept for inspection.
     pub damaged: bool,
+    /// Why the first damaged stretch was not a record.
+    pub damage: Option<String>,
+    /// Bytes skipped over damaged stretches.
+    pub skipped_bytes: u64,
 }
 
 /// The nonce in a segment file name `<id>-<nonce>.log`.
@@ -158,16 +164,19 @@ fn decode_one(r: &mut impl Read, avail: u64, nonce: u64) -> io::Result<Result<(R
     }
 }
 
-/// Read every good record of a segment, in order, calling `each`; stops at
-/// the first place without one (see [`Tail`]).
+/// Read every good record of a segment, in order, calling `each`. A
+/// place without a record ends the segment, unless a good record of the
+/// segment follows somewhere after it: then that stretch is damage, it is
+/// skipped, and reading goes on there (see [`Tail`]).
 pub fn read_segment(path: &Path, mut each: impl FnMut(Record) -> io::Result<()>) -> io::Result<Tail> {
     let (_, nonce) = nonce_of(path).ok_or_else(|| io::Error::other(format!("{} is not a segment name", path.display())))?;
     let mut f = File::open(path)?;
     let total = f.metadata()?.len();
     let mut pos = 0u64;
+    let mut tail = Tail::default();
     loop {
         if pos == total {
-            return Ok(Tail::default());
+            return Ok(tail);
         }
         f.seek(SeekFrom::Start(pos))?;
         let mut r = BufReader::with_capacity(1 << 20, &f);
@@ -176,16 +185,24 @@ pub fn read_segment(path: &Path, mut each: impl FnMut(Record) -> io::Result<()>)
                 each(rec)?;
                 pos += len;
             }
-            Err(reason) => {
-                let damaged = good_record_after(&f, pos + 1, total, nonce)?;
-                return Ok(Tail { stopped: Some(reason), damaged });
-            }
+            Err(reason) => match good_record_after(&f, pos + 1, total, nonce)? {
+                Some(next) => {
+                    tail.damaged = true;
+                    tail.damage.get_or_insert(reason);
+                    tail.skipped_bytes += next - pos;
+                    pos = next;
+                }
+                None => {
+                    tail.stopped = Some(reason);
+                    return Ok(tail);
+                }
+            },
         }
     }
 }
 
-/// Whether a good record of `nonce` starts anywhere in `[from, total)`.
-fn good_record_after(f: &File, from: u64, total: u64, nonce: u64) -> io::Result<bool> {
+/// Where the first good record of `nonce` in `[from, total)` starts.
+fn good_record_after(f: &File, from: u64, total: u64, nonce: u64) -> io::Result<Option<u64>> {
     let mut pattern = MAGIC.to_vec();
     pattern.extend_from_slice(&nonce.to_le_bytes());
     let mut buf = vec![0u8; 4 << 20];
@@ -201,14 +218,14 @@ fn good_record_after(f: &File, from: u64, total: u64, nonce: u64) -> io::Result<
                 let mut r = BufReader::new(f.try_clone()?);
                 r.seek(SeekFrom::Start(start))?;
                 if decode_one(&mut r, total - start, nonce)?.is_ok() {
-                    return Ok(true);
+                    return Ok(Some(start));
                 }
             }
         }
         // Overlap so a pattern across the boundary is not missed.
         at += (n.saturating_sub(pattern.len() - 1)).max(1) as u64;
     }
-    Ok(false)
+    Ok(None)
 }
 
 fn random_nonce() -> u64 {
@@ -546,9 +563,10 @@ pub(crate) mod tests {
         bytes[HEAD + 5] ^= 1; // inside the first record's meta
         fs::write(&p, &bytes).unwrap();
         let (recs, tail) = read_all(&p);
-        assert!(recs.is_empty());
-        assert_eq!(tail.stopped.as_deref(), Some("checksum mismatch"));
-        assert!(tail.damaged, "the second, acknowledged record is behind the damage");
+        assert_eq!(recs.len(), 1, "the second, acknowledged record behind the damage is read");
+        assert_eq!(recs[0].arrival, arrival("1.2"));
+        assert_eq!(tail.damage.as_deref(), Some("checksum mismatch"));
+        assert!(tail.damaged && tail.skipped_bytes > 0 && tail.stopped.is_none(), "{tail:?}");
     }
 
     #[test]
