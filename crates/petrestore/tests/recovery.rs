@@ -76,6 +76,37 @@ fn kill9_during_restoration_resumes_after_restart() {
 }
 
 #[test]
+fn a_series_whose_restoration_dies_every_time_is_failed_and_forwarded() {
+    // The process dies inside the same job's restoration at every start (as
+    // a series that crashes an engine would make it): after five
+    // interrupted restorations the job is failed with the reason, its
+    // original forwarded, and the daemon goes on instead of crashing in a loop.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 200, 192, 29);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("[restore]\ngaussian_fwhm_mm = 12.0\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    for _ in 0..5 {
+        wait_for("the job to be restoring", Duration::from_secs(60), || (d.job(&id).state == JobState::Restoring).then_some(()));
+        d.kill9();
+        d.restart();
+    }
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    match &job.state {
+        JobState::Failed { reason } => assert!(reason.contains("interrupted by 5 restarts"), "{reason}"),
+        s => panic!("expected failed, got {s:?}: {:#?}", job.history),
+    }
+    assert!(job.history.iter().any(|e| e.what.contains("5 times in a row: not restored again")), "{:#?}", job.history);
+    let got = wait_for("the 200 originals", Duration::from_secs(30), || {
+        let f = dest.files();
+        (f.len() == 200).then_some(f)
+    });
+    assert_eq!(sop_uids(&got), src.sop_uids.iter().cloned().collect(), "the originals, unchanged UIDs");
+    assert!(echoscu(d.port, CONSOLE, OUR_AE).status.success(), "the daemon still serves");
+}
+
+#[test]
 fn kill9_during_egress_delivers_after_restart_without_new_uids() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 10, 32, 25);

@@ -150,6 +150,10 @@ pub struct UncertaintyRecord {
 /// instance beyond it.
 pub const MAX_SLICES: u32 = 100_000;
 
+/// Interrupted restorations of one job after which it is failed (and its
+/// original forwarded) rather than started again.
+pub const MAX_INTERRUPTED_RESTORES: u32 = 5;
+
 /// One series and its fate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -191,6 +195,12 @@ pub struct Job {
     pub space_waits: u32,
     #[serde(default)]
     pub restore_not_before_ms: u64,
+    /// Restorations of this job interrupted by a restart (found in
+    /// `Restoring` at start) since one last ended: a series that crashes
+    /// the process every time is failed after [`MAX_INTERRUPTED_RESTORES`]
+    /// instead of crashing the box in a loop.
+    #[serde(default)]
+    pub interrupted_restores: u32,
     /// The uncertainty of the restored series, when the model is
     /// calibrated for it: its one-line summary, its series and instances.
     #[serde(default)]
@@ -224,6 +234,7 @@ impl Job {
             multiframe: false,
             space_waits: 0,
             restore_not_before_ms: 0,
+            interrupted_restores: 0,
             uncertainty: None,
             history: vec![Event { at_ms: now, what: "first instance received".into() }],
             updated_ms: now,

@@ -67,7 +67,13 @@ impl Pipeline {
         for job in self.journal().active_jobs()? {
             if job.state == JobState::Restoring {
                 self.journal().update(&job.id, |j| {
-                    j.note("restoration was interrupted (restart): restoring again");
+                    j.interrupted_restores = j.interrupted_restores.saturating_add(1);
+                    let (n, max) = (j.interrupted_restores, crate::journal::job::MAX_INTERRUPTED_RESTORES);
+                    j.note(if n < max {
+                        format!("restoration was interrupted (restart; {n} of {max} allowed in a row): restoring again")
+                    } else {
+                        format!("restoration was interrupted (restart) {n} times in a row: not restored again, the job fails")
+                    });
                     j.set_state(JobState::Queued);
                 })?;
             }
@@ -223,6 +229,7 @@ pub fn retry_job(journal: &Journal, destinations: &[String], id: &str) -> Result
         .update(id, |j| {
             j.note("retry requested by operator");
             j.rerun_requested = false;
+            j.interrupted_restores = 0;
             match j.kind {
                 JobKind::Pet => j.set_state(JobState::Queued),
                 JobKind::Passthrough => {

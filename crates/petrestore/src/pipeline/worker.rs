@@ -74,7 +74,25 @@ pub struct WorkerCtx {
 pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
     let job = ctx.journal.update(job_id, |j| j.set_state(JobState::Restoring))?;
     let started = std::time::Instant::now();
-    let ending = restore(ctx, &job);
+    let ending = if job.interrupted_restores >= crate::journal::job::MAX_INTERRUPTED_RESTORES {
+        // the process stopped inside this job's restoration every time: a
+        // series that crashes an engine must not crash the box in a loop
+        Ending::Failed(format!(
+            "restoration was interrupted by {} restarts in a row (the process crashed or was stopped during it each time): \
+             not tried again; `petrestore jobs retry {}` tries once more",
+            job.interrupted_restores, job.id
+        ))
+    } else {
+        // a panic in an engine or in derive fails this job, not the daemon
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| restore(ctx, &job))).unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "no message".into());
+            Ending::Failed(format!("restoration panicked: {what}"))
+        })
+    };
     // its outputs are written now (or will not be): the room ingest held for
     // them is free; a job waiting for space keeps its share
     if !matches!(ending, Ending::NoSpace(_)) {
@@ -91,12 +109,14 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
             }
             j.space_waits = j.space_waits.saturating_add(1);
             j.restore_not_before_ms = crate::journal::now_ms() + wait.as_millis() as u64;
+            j.interrupted_restores = 0;
             j.set_state(JobState::Queued);
         })?;
         tracing::warn!(job = job_id, waits = job.space_waits, "{reason}: the job waits for disk space");
         return Ok(());
     }
     let job = ctx.journal.update(job_id, |j| {
+        j.interrupted_restores = 0;
         if j.space_waits > 0 {
             j.note(format!("disk space available again after {} attempts", j.space_waits));
             j.space_waits = 0;
