@@ -170,6 +170,28 @@ fn commands_pause_resume_drain_retry_and_errors() {
 }
 
 #[test]
+fn a_retained_command_is_refused_not_run_at_every_connection() {
+    // A drain or pause published with retain would be replayed by the broker
+    // at every (re)connection of the daemon: it is answered with an error
+    // and not run.
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(tmp.path(), "");
+    let out = mosquitto_pub(broker.port, &topic("cmd/pause"), r#"{"correlation_id": "kept"}"#, &["-r"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let sub = Sub::start(broker.port, &topic("#"), &[]);
+    let d = Daemon::start(&tmp.path().join("d"), &mqtt(broker.port, ""));
+    let r = sub.wait_on("/cmd/pause/reply", "the refusal", Duration::from_secs(20), |v| v["correlation_id"] == "kept");
+    assert_schema("command_reply", &r);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("retained"), "{r}");
+    // not paused: a series is restored
+    let src = series(&tmp.path().join("src"), 4, 32, 67);
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    assert_eq!(d.wait_terminal(&job_id(&src), Duration::from_secs(30)).state, petrestore::journal::JobState::Done);
+    assert!(sub.on("/status").iter().all(|v| v["state"] != "paused"), "{:?}", sub.on("/status"));
+}
+
+#[test]
 fn broker_down_leaves_the_pipeline_alone_and_buffered_events_arrive_with_the_drop_count() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();

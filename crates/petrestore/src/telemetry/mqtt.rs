@@ -30,7 +30,12 @@ pub trait Control: Send + Sync + 'static {
 enum Conn {
     Up,
     Down(String),
-    Command { topic: String, payload: Vec<u8> },
+    /// `retained`: delivered as a retained message (refused, never run).
+    Command {
+        topic: String,
+        payload: Vec<u8>,
+        retained: bool,
+    },
 }
 
 /// Topic prefix of a device.
@@ -104,7 +109,8 @@ pub async fn run(
                         let _ = conn_tx.send(Conn::Up).await;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = conn_tx.send(Conn::Command { topic: p.topic.clone(), payload: p.payload.to_vec() }).await;
+                        let _ =
+                            conn_tx.send(Conn::Command { topic: p.topic.clone(), payload: p.payload.to_vec(), retained: p.retain }).await;
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                     Ok(_) => {}
@@ -163,7 +169,11 @@ pub async fn run(
                     connected = true;
                     warned = false;
                     tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), "MQTT connected");
-                    let _ = client.try_subscribe(format!("{pre}cmd/+"), QoS::AtLeastOnce);
+                    // awaited: with the client's queue full the request would
+                    // be dropped, and commands unanswered until the next connection
+                    if let Err(e) = client.subscribe(format!("{pre}cmd/+"), QoS::AtLeastOnce).await {
+                        tracing::warn!(error = %e, "MQTT: could not subscribe to commands");
+                    }
                     let _ = publish(&client, &status(&control));
                     flush(&client, &mut buffer);
                     let _ = publish(&client, &health(&control));
@@ -179,9 +189,16 @@ pub async fn run(
                     }
                     connected = false;
                 }
-                Some(Conn::Command { topic, payload }) => {
+                Some(Conn::Command { topic, payload, retained }) => {
                     let Some(name) = topic.strip_prefix(&format!("{pre}cmd/")).map(str::to_string) else { continue };
-                    let (reply, state_changed) = answer(&device_id, &name, &payload, &control);
+                    let (reply, state_changed) = if retained {
+                        // a retained command is replayed at every connection (a
+                        // drain published with retain would drain the box at
+                        // every reconnect): refused, never run
+                        refuse_retained(&device_id, &name, &payload)
+                    } else {
+                        answer(&device_id, &name, &payload, &control)
+                    };
                     let o = Outgoing { topic: format!("cmd/{name}/reply"), payload: serde_json::to_vec(&reply).expect("payloads serialize"), retain: false };
                     buffer_it(&mut buffer, o);
                     if connected {
@@ -230,6 +247,27 @@ pub async fn run(
     }
     stop_poll.cancel();
     tracing::info!("telemetry stopped");
+}
+
+/// The reply to a command delivered as a retained message.
+fn refuse_retained(device_id: &str, name: &str, payload: &[u8]) -> (ReplyMsg, bool) {
+    let correlation_id = serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v.get("correlation_id").and_then(|c| c.as_str()).map(str::to_string));
+    tracing::warn!(command = name, "MQTT command refused: it was a retained message");
+    let reply = ReplyMsg {
+        schema_version: SCHEMA_VERSION,
+        device_id: device_id.to_string(),
+        command: name.to_string(),
+        correlation_id,
+        ok: false,
+        error: Some(format!(
+            "retained command not run: the broker replays a retained message at every connection; publish commands without \
+             retain, and clear this one (an empty retained message on cmd/{name})"
+        )),
+        result: None,
+    };
+    (reply, false)
 }
 
 /// Answer a command: the reply, and whether the daemon's state changed.
