@@ -160,6 +160,46 @@ fn incomplete_series_at_quiet_timeout_follows_policy() {
 }
 
 #[test]
+fn a_purged_job_does_not_make_every_later_start_repair_the_journal() {
+    // A rebuild from the spool cannot know a job whose files retention
+    // removed: after one repair, that job must not be taken for damage again
+    // at every start (each would keep another copy of the journal and
+    // reopen unfinished work).
+    let tmp = tempfile::tempdir().unwrap();
+    let a = series(&tmp.path().join("a"), 4, 32, 33);
+    let b = series(&tmp.path().join("b"), 4, 32, 34);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let mut d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!("[node]\nretention_hours = 0.0005\n[series]\nquiet_timeout_s = 600\n{}", destination("pacs", dest.port)),
+    );
+    // a: done, delivered and purged; b: half received
+    assert!(storescu(d.port, CONSOLE, &a.files).status.success());
+    wait_for("a purged", Duration::from_secs(60), || d.job(&job_id(&a)).purged.then_some(()));
+    assert!(storescu(d.port, CONSOLE, &b.files[..2]).status.success());
+    assert_eq!(d.spool_files().len(), 2);
+    d.kill9();
+    // the journal is lost: the start repairs it from the spool (b)
+    std::fs::remove_dir_all(d.state_dir().join("journal")).unwrap();
+    d.restart();
+    let repairs = |d: &Daemon| d.log().matches("journal repaired").count();
+    let copies = |d: &Daemon| files_under(&d.state_dir()).iter().filter(|p| p.to_string_lossy().contains("journal.replaced-")).count();
+    assert_eq!(repairs(&d), 1, "{}", d.log());
+    let kept = copies(&d);
+    // two more starts: the journal agrees with the evidence
+    for _ in 0..2 {
+        assert!(d.stop().success());
+        d.restart();
+        assert!(echoscu(d.port, CONSOLE, OUR_AE).status.success());
+    }
+    assert_eq!(repairs(&d), 1, "repaired again: {}", d.log());
+    assert_eq!(copies(&d), kept, "no new copy of the journal");
+    // b goes on
+    assert!(storescu(d.port, CONSOLE, &b.files[2..]).status.success());
+    assert_eq!(d.wait_terminal(&job_id(&b), Duration::from_secs(60)).state, JobState::Done);
+}
+
+#[test]
 fn lost_journal_is_rebuilt_from_the_spool_at_start() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 6, 32, 31);

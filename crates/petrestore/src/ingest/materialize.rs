@@ -130,6 +130,10 @@ impl MaterializeError {
 
 /// Steps (1)–(3) of the module doc for one batch.
 pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8])]) -> Result<Batch, MaterializeError> {
+    // retention may not remove a job's files between our writing a file
+    // (perhaps at the path of a purged instance of the same series) and
+    // recording it
+    let _hold = journal.hold_retention();
     let mut out = Batch::default();
     let mut files = Vec::new();
     let mut dirs = BTreeSet::<PathBuf>::new();

@@ -9,9 +9,10 @@
 //! replay) and the outcome log ([`super::outcomes`]: which jobs finished).
 //!
 //! [`check`] compares them: every spooled instance recorded, every recorded
-//! instance's file present (unless retention removed it), every job the
-//! outcome log says finished present and finished, and every record
-//! readable. On any finding, [`repair`] keeps the damaged journal aside,
+//! instance's file present (unless retention removed or began to remove
+//! it), every job the outcome log says finished present and finished
+//! (unless retention removed it: a rebuild from the spool cannot know such
+//! a job), and every record readable. On any finding, [`repair`] keeps the damaged journal aside,
 //! rebuilds it from the spool and puts every finished job back in its
 //! terminal state from the outcome log; unfinished jobs are processed again
 //! (derived UIDs are deterministic, so a destination gets the same UIDs).
@@ -42,8 +43,12 @@ pub fn check(journal: &Journal, spool_root: &Path) -> Vec<String> {
     if unrecorded > 0 {
         problems.push(format!("{unrecorded} received instances in the spool are not in the journal"));
     }
+    let log = journal.outcomes().read();
+    // the jobs retention began to remove: their files may be gone (a crash
+    // during the purge), and a rebuild from the spool cannot know them
+    let purging = |id: &str| log.as_ref().is_ok_and(|l| l.get(id).is_some_and(|e| e.purged));
     let mut missing = 0;
-    for j in jobs.iter().filter(|j| !j.purged) {
+    for j in jobs.iter().filter(|j| !j.purged && !purging(&j.id)) {
         match journal.instances(&j.id) {
             Ok(records) => missing += records.iter().filter(|r| !spool_root.join(&r.path).is_file()).count(),
             Err(e) => problems.push(format!("instances of job {} unreadable: {e}", j.id)),
@@ -52,13 +57,15 @@ pub fn check(journal: &Journal, spool_root: &Path) -> Vec<String> {
     if missing > 0 {
         problems.push(format!("{missing} instances in the journal have no file in the spool"));
     }
-    match journal.outcomes().read() {
+    match log {
         Err(e) => problems.push(format!("outcome log unreadable: {e}")),
         Ok(log) => {
             let (mut lost, mut reopened) = (0, 0);
             for (id, e) in &log {
                 let Some(state) = &e.state else { continue };
                 match jobs.iter().find(|j| &j.id == id) {
+                    // purged: nothing of it was left to rebuild from
+                    None if e.purged => {}
                     None => lost += 1,
                     Some(j) if !j.state.is_terminal() => {
                         reopened += 1;
@@ -127,4 +134,83 @@ pub fn repair(journal_dir: &Path, spool_root: &Path) -> Result<Repaired, Journal
     }
     journal.flush()?;
     Ok(Repaired { damaged_copy: r.old_journal, instances: r.instances, jobs: r.jobs, finished })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Arrival, InstanceRecord, JobKind, JobState};
+
+    fn arrival(sop: &str, index: u32) -> Arrival {
+        Arrival {
+            kind: JobKind::Pet,
+            study_uid: "1.2".into(),
+            series_uid: "1.2.3".into(),
+            modality: Some("PT".into()),
+            calling_ae: "CONSOLE".into(),
+            number_of_slices: Some(2),
+            multiframe: false,
+            record: InstanceRecord {
+                sop_instance_uid: sop.into(),
+                sop_class_uid: crate::dicom::PET_IMAGE_STORAGE.into(),
+                path: format!("1.2/1.2.3/{sop}.dcm").into(),
+                transfer_syntax: crate::dicom::EXPLICIT_VR_LE.into(),
+                image_index: Some(index),
+            },
+        }
+    }
+
+    #[test]
+    fn a_crash_during_a_purge_is_not_damage_and_the_purge_is_finished_later() {
+        let d = tempfile::tempdir().unwrap();
+        let spool = d.path().join("spool");
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        for (i, sop) in ["1.2.3.1", "1.2.3.2"].into_iter().enumerate() {
+            let a = arrival(sop, i as u32 + 1);
+            let f = spool.join(&a.record.path);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(&f, b"dcm").unwrap();
+            journal.record(&a).unwrap();
+        }
+        let id = crate::journal::job_id("1.2.3");
+        let job = journal.update(&id, |j| j.set_state(JobState::Done)).unwrap();
+        assert!(check(&journal, &spool).is_empty());
+        // the process dies after removing the first file, before the records go
+        let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            journal
+                .purge_job(&job, |records| {
+                    std::fs::remove_file(spool.join(&records[0].path)).unwrap();
+                    panic!("killed");
+                })
+                .unwrap()
+        }));
+        assert!(crashed.is_err());
+        assert!(check(&journal, &spool).is_empty(), "{:?}", check(&journal, &spool));
+        // the next pass finishes it
+        let left = journal.get(&id).unwrap().unwrap();
+        assert!(!left.purged);
+        let done = journal
+            .purge_job(&left, |records| {
+                records.iter().for_each(|r| _ = std::fs::remove_file(spool.join(&r.path)));
+                format!("{} records", records.len())
+            })
+            .unwrap()
+            .unwrap();
+        assert!(done.purged && journal.instances(&id).unwrap().is_empty());
+        assert!(check(&journal, &spool).is_empty());
+    }
+
+    #[test]
+    fn a_purge_leaves_a_job_that_changed_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        journal.record(&arrival("1.2.3.1", 1)).unwrap();
+        let id = crate::journal::job_id("1.2.3");
+        let seen = journal.update(&id, |j| j.set_state(JobState::Done)).unwrap();
+        // an instance of the series arrives again after the list was made
+        journal.record(&arrival("1.2.3.9", 2)).unwrap();
+        let r = journal.purge_job(&seen, |_| panic!("must not remove anything")).unwrap();
+        assert!(r.is_none());
+        assert_eq!(journal.instances(&id).unwrap().len(), 2);
+    }
 }

@@ -121,6 +121,11 @@ pub struct Journal {
     observer: std::sync::Arc<std::sync::OnceLock<Observer>>,
     /// Terminal states, also outside sled ([`outcomes`]).
     outcomes: std::sync::Arc<outcomes::OutcomeLog>,
+    /// Held by the materializer from writing a batch's files to recording
+    /// them ([`Journal::hold_retention`]) and by [`Journal::purge_job`]:
+    /// retention and an arrival for the same job never interleave (a series
+    /// sent again reuses its instances' paths).
+    purge_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Journal {
@@ -154,6 +159,7 @@ impl Journal {
         Ok(Journal {
             observer: Default::default(),
             outcomes: std::sync::Arc::new(outcomes::OutcomeLog::beside(dir)),
+            purge_lock: std::sync::Arc::new(std::sync::Mutex::new(())),
             jobs: db.open_tree("jobs")?,
             instances: db.open_tree("instances")?,
             active: db.open_tree("active")?,
@@ -240,14 +246,48 @@ impl Journal {
     }
 
     fn log_outcome(&self, job: &Job, state: Option<JobState>) -> Result<(), JournalError> {
+        self.append_outcome(job, state, false)
+    }
+
+    fn append_outcome(&self, job: &Job, state: Option<JobState>, purged: bool) -> Result<(), JournalError> {
         let e = outcomes::Entry {
             job_id: job.id.clone(),
             series_uid: job.series_uid.clone(),
             state,
             at_ms: now_ms(),
             received: Some(job.received),
+            purged,
         };
         self.outcomes.append(&e).map_err(|e| JournalError::Sled(sled::Error::Io(e)))
+    }
+
+    /// Keep retention out while the returned guard lives: taken before an
+    /// arrival's file is written, dropped once it is recorded.
+    pub fn hold_retention(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.purge_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Retention of one finished job, with arrivals held off meanwhile (an
+    /// instance recorded for the job in between would reopen it while its
+    /// files are being removed): `remove` runs only if the job is still the
+    /// one `seen` (terminal, not purged, not updated since), after the
+    /// outcome log says the purge began; then the instance records are
+    /// forgotten and the job marked purged with `note`. `Ok(None)` when the
+    /// job changed and was left alone.
+    pub fn purge_job(&self, seen: &Job, remove: impl FnOnce(&[InstanceRecord]) -> String) -> Result<Option<Job>, JournalError> {
+        let _hold = self.hold_retention();
+        let Some(now) = self.get(&seen.id)? else { return Ok(None) };
+        if !now.state.is_terminal() || now.purged || now.updated_ms != seen.updated_ms {
+            return Ok(None);
+        }
+        self.append_outcome(&now, Some(now.state.clone()), true)?;
+        let note = remove(&self.instances(&now.id)?);
+        self.forget_instances(&now.id)?;
+        let job = self.update(&now.id, |j| {
+            j.purged = true;
+            j.note(note.clone());
+        })?;
+        Ok(Some(job))
     }
 
     /// Read-modify-write a job and keep the active index in step. `f` may

@@ -30,6 +30,11 @@ pub struct Entry {
     /// only if the spool holds no more than that.
     #[serde(default)]
     pub received: Option<u32>,
+    /// Retention is removing (or removed) the finished job's files: written
+    /// before the first file goes. A rebuild from the spool cannot know such
+    /// a job, and its records may point at files already gone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub purged: bool,
 }
 
 /// The open log (appends are serialized and synced).
@@ -96,6 +101,7 @@ mod tests {
             state,
             at_ms: 1,
             received: Some(3),
+            purged: false,
         };
         log.append(&e("a", Some(JobState::Done))).unwrap();
         log.append(&e("b", Some(JobState::Failed { reason: "x".into() }))).unwrap();

@@ -32,36 +32,40 @@ pub fn purge(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<us
         if now.saturating_sub(job.updated_ms) < keep.as_millis() as u64 {
             continue;
         }
-        // Files first, then the records: a crash in between leaves records
-        // pointing at removed files of a finished job, which a retry
-        // reports instead of silently restoring a partial series.
-        let mut removed = 0usize;
-        let mut dirs = Vec::new();
-        for r in journal.instances(&job.id)? {
-            let p = spool.absolute(&r.path);
-            if std::fs::remove_file(&p).is_ok() {
-                removed += 1;
-            }
-            if let Some(d) = p.parent()
-                && !dirs.iter().any(|x: &std::path::PathBuf| x == d)
-            {
-                dirs.push(d.to_owned());
-            }
-        }
-        for d in dirs {
-            remove_empty_up_to(&d, spool.root());
-        }
+        // The outcome log first (a repair then knows the job was being
+        // purged), then the files, then the records. A crash in between
+        // leaves records pointing at removed files of a finished job: the
+        // start-up check accepts that for a job the log says was being
+        // purged, and the next pass removes what is left.
         let out = output_dir(&settings.node.state_dir, &job.id);
-        let _ = std::fs::remove_dir_all(&out);
-        journal.forget_instances(&job.id)?;
         let age = Duration::from_millis(now.saturating_sub(job.updated_ms));
-        journal.update(&job.id, |j| {
-            j.purged = true;
-            j.note(format!(
+        let mut removed = 0usize;
+        let done = journal.purge_job(&job, |records| {
+            let mut dirs = Vec::new();
+            for r in records {
+                let p = spool.absolute(&r.path);
+                if std::fs::remove_file(&p).is_ok() {
+                    removed += 1;
+                }
+                if let Some(d) = p.parent()
+                    && !dirs.iter().any(|x: &std::path::PathBuf| x == d)
+                {
+                    dirs.push(d.to_owned());
+                }
+            }
+            for d in dirs {
+                remove_empty_up_to(&d, spool.root());
+            }
+            let _ = std::fs::remove_dir_all(&out);
+            format!(
                 "retention: removed {removed} received instances and the derived series ({:.1} h after the job ended)",
                 age.as_secs_f64() / 3600.0
-            ));
+            )
         })?;
+        if done.is_none() {
+            // an instance reopened it, or it changed since the list was made
+            continue;
+        }
         tracing::info!(job = %job.id, removed, "retention: job files removed");
         purged += 1;
     }
