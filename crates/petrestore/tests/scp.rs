@@ -222,6 +222,30 @@ fn a_pdu_longer_than_announced_is_aborted_at_its_header() {
 }
 
 #[test]
+fn a_command_in_the_middle_of_a_data_set_aborts_the_association() {
+    // PS3.7: one message at a time per presentation context. A new command
+    // while the previous one's data set is unfinished is refused with an
+    // A-ABORT, never joined onto the bytes already received.
+    use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("d"), "");
+    let mut assoc = hold_association(d.port);
+    let pcid = assoc.presentation_contexts()[0].id;
+    let pdv = |value_type, is_last, data: Vec<u8>| Pdu::PData {
+        data: vec![PDataValue { presentation_context_id: pcid, value_type, is_last, data }],
+    };
+    let store = petrestore::dicom::dimse::store_request(1, PET_IMAGE_STORAGE, "1.2.3.4");
+    assoc.send(&pdv(PDataValueType::Command, true, store)).unwrap();
+    assoc.send(&pdv(PDataValueType::Data, false, vec![0u8; 512])).unwrap();
+    assoc.send(&pdv(PDataValueType::Command, true, petrestore::dicom::dimse::echo_request(2))).unwrap();
+    wait_for("the abort in the log", Duration::from_secs(10), || {
+        d.log().contains("before the data set of the one before ended (512 bytes of it received)").then_some(())
+    });
+    assert!(d.spool_files().is_empty());
+    assert_still_serving(&d);
+}
+
+#[test]
 fn max_associations_queues_excess_connections_instead_of_failing() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 4, 32, 37);

@@ -381,6 +381,16 @@ where
                     let p = pending.entry(pcid).or_default();
                     match value.value_type {
                         PDataValueType::Command => {
+                            // PS3.7 8.2: a message's command and data set are not
+                            // interleaved with another message's on one context
+                            if p.command_done.is_some() || !p.dataset.is_empty() {
+                                let _ = abort(assoc).await;
+                                return Err(format!(
+                                    "a command on presentation context {pcid} before the data set of the one before ended \
+                                     ({} bytes of it received)",
+                                    p.dataset.len()
+                                ));
+                            }
                             p.command.extend_from_slice(&value.data);
                             if p.command.len() > 1 << 20 {
                                 let _ = abort(assoc).await;
