@@ -28,8 +28,10 @@ use crate::telemetry::{self, Telemetry};
 use crate::{control, dicom, restore};
 
 /// How long open associations may take to finish after a stop request;
-/// then they are aborted. With [`TASK_DRAIN`] and the 5 s for telemetry the
-/// stop takes at most about 46 s, inside the unit's TimeoutStopSec (60 s).
+/// then they are aborted. With [`TASK_DRAIN`], the 5 s for telemetry and
+/// the runtime's 2 s shutdown (`main.rs`: a restoration still running is
+/// left behind) the stop takes at most about 48 s, inside the unit's
+/// TimeoutStopSec (60 s).
 const ASSOCIATION_DRAIN: Duration = Duration::from_secs(15);
 /// How long a running restoration may take to finish after a stop request
 /// (it resumes from the journal at the next start otherwise).
@@ -483,6 +485,22 @@ impl Daemon {
         let _ = tokio::task::spawn_blocking(move || m.stop()).await;
         self.tasks.close();
         if tokio::time::timeout(TASK_DRAIN, self.tasks.wait()).await.is_err() {
+            // The restoration cannot be interrupted; the process exits
+            // without it (the runtime is shut down with a short timeout).
+            // Its job goes back to the queue as a stop, not a crash, so it
+            // does not count toward the interrupted-restoration limit.
+            for job in self.journal.active_jobs().context("reading the journal at stop")? {
+                if job.state == crate::journal::JobState::Restoring {
+                    self.journal
+                        .update(&job.id, |j| {
+                            if j.state == crate::journal::JobState::Restoring {
+                                j.note("the daemon stopped during restoration: restored again at the next start");
+                                j.set_state(crate::journal::JobState::Queued);
+                            }
+                        })
+                        .context("requeueing a running restoration at stop")?;
+                }
+            }
             tracing::warn!("a restoration was still running after {TASK_DRAIN:?}; it resumes at the next start");
         }
         self.journal.flush().context("final journal flush failed")?;

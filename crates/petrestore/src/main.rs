@@ -344,7 +344,13 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let settings = load_settings(config.as_ref())?;
-            rt()?.block_on(app::serve(settings))
+            let rt = rt()?;
+            let r = rt.block_on(app::serve(settings));
+            // Dropping the runtime would wait for a restoration still running
+            // on the blocking pool (it cannot be interrupted) past systemd's
+            // stop timeout; its job is back in the queue (app::Daemon::stop).
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            r
         }
         Command::Restore { input, output, engine, model, frame_duration, units, tracer, ort_library, uncertainty, config } => {
             offline_restore(RestoreArgs { input, output, engine, model, frame_duration, units, tracer, ort_library, uncertainty, config })

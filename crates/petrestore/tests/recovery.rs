@@ -107,6 +107,34 @@ fn a_series_whose_restoration_dies_every_time_is_failed_and_forwarded() {
 }
 
 #[test]
+fn a_stop_during_a_long_restoration_exits_and_requeues_it_as_a_stop() {
+    // A restoration cannot be interrupted. At a stop the daemon waits for it
+    // a while, then puts its job back in the queue (a stop, not a crash: it
+    // does not count toward the interrupted-restoration limit) and exits
+    // without waiting for it; the next start restores the series.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let src = series(&tmp.path().join("src"), 120, 192, 39);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let mut d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!("[restore]\nengines = [\"tract\"]\nmodel = {model:?}\nthreads = 1\n{}", destination("pacs", dest.port)),
+    );
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    wait_for("the job to be restoring", Duration::from_secs(60), || (d.job(&id).state == JobState::Restoring).then_some(()));
+    let status = d.stop();
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    assert!(d.log().contains("it resumes at the next start"), "{}", d.log());
+    d.restart();
+    let job = d.wait_terminal(&id, Duration::from_secs(300));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.contains("the daemon stopped during restoration")), "{:#?}", job.history);
+    assert!(!job.history.iter().any(|e| e.what.contains("interrupted")), "a stop is not a crash: {:#?}", job.history);
+    assert_eq!(wait_for("120 instances", Duration::from_secs(30), || (dest.files().len() == 120).then_some(120)), 120);
+}
+
+#[test]
 fn kill9_during_egress_delivers_after_restart_without_new_uids() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 10, 32, 25);
