@@ -477,7 +477,7 @@ fn check_config(file: &std::path::Path) -> Result<()> {
             EngineKind::Ort if model.is_some() => {
                 let lib = restore::ort_engine::library_path(s.restore.ort_library.as_deref());
                 match restore::ort_engine::check_library(&lib) {
-                    Ok(()) => runnable.push(format!("ort ({})", lib.display())),
+                    Ok(()) => runnable.push(format!("ort ({})", restore::ort_engine::loaded_library().unwrap_or(lib).display())),
                     Err(err) => notes.push(format!("engine ort cannot run here: {err}; the daemon would use the next engine")),
                 }
             }

@@ -649,3 +649,39 @@ fn a_frame_outside_the_models_durations_is_skipped_not_filtered() {
     assert!(text(&r).contains("with tract"), "{}", text(&r));
     assert!(!files_under(&o).is_empty());
 }
+
+/// A runtime-only ONNX Runtime install (a Yocto image without `-dev`
+/// packages) has the SONAME `libonnxruntime.so.1` and no
+/// `libonnxruntime.so` link: with no `restore.ort_library` the daemon finds
+/// it through the dynamic loader's search path.
+#[test]
+fn onnx_runtime_is_found_by_its_soname_without_a_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    std::os::unix::fs::symlink(ort_library(), lib.join("libonnxruntime.so.1")).unwrap();
+    let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let cfg = tmp.path().join("petrestore.toml");
+    std::fs::write(
+        &cfg,
+        format!("[node]\nstate_dir = {:?}\n[restore]\nengines = [\"ort\", \"tract\"]\nmodel = {model:?}\n", tmp.path().join("state")),
+    )
+    .unwrap();
+    let run = |ld: &std::path::Path| {
+        std::process::Command::new(bin("petrestore"))
+            .args(["check-config", cfg.to_str().unwrap()])
+            .env_remove("ORT_DYLIB_PATH")
+            .env("LD_LIBRARY_PATH", ld)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = run(&lib);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("ort (libonnxruntime.so.1)"), "{}", text(&out));
+    // neither name anywhere: both are named, and the next engine is used
+    let out = run(tmp.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("cannot load ONNX Runtime from libonnxruntime.so:") && t.contains("nor from libonnxruntime.so.1:"), "{t}");
+}

@@ -67,11 +67,23 @@ fn unavailable(reason: impl ToString) -> EngineError {
     EngineError::Unavailable { engine: "ort".into(), reason: reason.to_string() }
 }
 
-/// Resolve the library path the way the docs say.
+/// The library names looked up by the dynamic loader when neither
+/// `restore.ort_library` nor `ORT_DYLIB_PATH` names a file: the development
+/// link first, then the SONAME, which is all a runtime package (a Yocto
+/// image without `-dev` packages) installs.
+pub const DEFAULT_LIBRARIES: [&str; 2] = ["libonnxruntime.so", "libonnxruntime.so.1"];
+
+/// Resolve the library path the way the docs say (with no setting, the
+/// first of [`DEFAULT_LIBRARIES`]; [`check_library`] and the engine try the
+/// next one when it does not load).
 pub fn library_path(opt: Option<&Path>) -> PathBuf {
     opt.map(Path::to_owned)
         .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_LIBRARIES[0]))
+}
+
+fn is_default(lib: &Path) -> bool {
+    DEFAULT_LIBRARIES.iter().any(|n| lib == Path::new(n))
 }
 
 fn dispatch(p: Provider, o: &OrtOptions) -> ExecutionProviderDispatch {
@@ -98,7 +110,7 @@ static ENVIRONMENT: Mutex<Option<(PathBuf, ort::environment::Environment)>> = Mu
 fn environment(lib: &Path) -> Result<ort::environment::Environment, EngineError> {
     let mut g = ENVIRONMENT.lock().map_err(|_| unavailable("ONNX Runtime environment lock poisoned"))?;
     if let Some((loaded, env)) = g.as_ref() {
-        if loaded == lib {
+        if loaded == lib || (is_default(loaded) && is_default(lib)) {
             return Ok(env.clone());
         }
         return Err(unavailable(format!(
@@ -107,15 +119,21 @@ fn environment(lib: &Path) -> Result<ort::environment::Environment, EngineError>
             lib.display()
         )));
     }
-    let env = ort::init_from(lib)
-        .map_err(|e| {
-            unavailable(format!("cannot load ONNX Runtime from {}: {e}; set restore.ort_library or ORT_DYLIB_PATH", lib.display()))
-        })?
-        .with_name("petrestore")
-        .build()
-        .map_err(|e| unavailable(format!("cannot start ONNX Runtime: {e}")))?;
-    *g = Some((lib.to_owned(), env.clone()));
-    Ok(env)
+    // with no setting, each default name in turn
+    let candidates: Vec<PathBuf> =
+        if lib == Path::new(DEFAULT_LIBRARIES[0]) { DEFAULT_LIBRARIES.iter().map(PathBuf::from).collect() } else { vec![lib.to_owned()] };
+    let mut errors = Vec::new();
+    for c in &candidates {
+        match ort::init_from(c) {
+            Ok(b) => {
+                let env = b.with_name("petrestore").build().map_err(|e| unavailable(format!("cannot start ONNX Runtime: {e}")))?;
+                *g = Some((c.clone(), env.clone()));
+                return Ok(env);
+            }
+            Err(e) => errors.push(format!("{}: {e}", c.display())),
+        }
+    }
+    Err(unavailable(format!("cannot load ONNX Runtime from {}; set restore.ort_library or ORT_DYLIB_PATH", errors.join("; nor from "))))
 }
 
 /// Can this process load ONNX Runtime from `lib` (found, loadable, an API
@@ -123,6 +141,11 @@ fn environment(lib: &Path) -> Result<ort::environment::Environment, EngineError>
 /// minutes), so `check-config` can ask it.
 pub fn check_library(lib: &Path) -> Result<(), EngineError> {
     environment(lib).map(|_| ())
+}
+
+/// The library the process loaded ONNX Runtime from, once it did.
+pub fn loaded_library() -> Option<PathBuf> {
+    ENVIRONMENT.lock().ok().and_then(|g| g.as_ref().map(|(p, _)| p.clone()))
 }
 
 impl OrtEngine {
