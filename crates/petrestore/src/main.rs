@@ -212,6 +212,7 @@ async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsA
         None => {
             // No daemon: read the journal directly (sled's lock keeps us
             // from doing so while one runs).
+            ensure_state_dir_owner(&state_dir, "jobs")?;
             let mut s = settings.clone();
             s.node.state_dir = state_dir.clone();
             let j = app::open_journal(&s)?;
@@ -344,6 +345,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let settings = load_settings(config.as_ref())?;
+            ensure_state_dir_owner(&settings.node.state_dir, "serve")?;
             let rt = rt()?;
             let r = rt.block_on(app::serve(settings));
             // Dropping the runtime would wait for a restoration still running
@@ -524,6 +526,35 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuse to write the state folder as another user than its owner: run as
+/// root on a box whose daemon runs as `petrestore`, a journal rebuild, an
+/// offline retry or `serve` would leave files the daemon cannot open, and
+/// it would restart in a loop. A folder that does not exist yet is ours.
+fn ensure_state_dir_owner(state_dir: &std::path::Path, command: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(state_dir) else { return Ok(()) };
+    // SAFETY: geteuid cannot fail and touches no memory of ours.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() == me {
+        return Ok(());
+    }
+    let owner = user_name(m.uid()).unwrap_or_else(|| m.uid().to_string());
+    bail!(
+        "{} belongs to user {owner}, not to the user running this (uid {me}): `petrestore {command}` would leave files there \
+         the daemon cannot open. Run it as {owner}, e.g. `runuser -u {owner} -- petrestore {command}`",
+        state_dir.display()
+    )
+}
+
+/// The name of a user id, from the password database.
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 2 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[0].to_owned())
+    })
+}
+
 /// `petrestore journal rebuild`: a new journal from the spool (daemon stopped).
 fn journal_rebuild(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
     let settings = load_settings(config.as_ref())?;
@@ -531,6 +562,7 @@ fn journal_rebuild(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
     if std::os::unix::net::UnixStream::connect(control::socket_path(&state_dir)).is_ok() {
         bail!("a daemon is running on {}: stop it first (systemctl stop petrestore)", state_dir.display());
     }
+    ensure_state_dir_owner(&state_dir, "journal rebuild")?;
     let r = petrestore::journal::rebuild::rebuild(&state_dir.join("journal"), &state_dir.join("spool"))
         .map_err(|e| anyhow::anyhow!("rebuild failed: {e}"))?;
     if let Some(old) = &r.old_journal {

@@ -685,3 +685,33 @@ fn onnx_runtime_is_found_by_its_soname_without_a_setting() {
     let t = text(&out);
     assert!(t.contains("cannot load ONNX Runtime from libonnxruntime.so:") && t.contains("nor from libonnxruntime.so.1:"), "{t}");
 }
+
+/// Run as another user than the state folder's owner (root, on a box whose
+/// daemon runs as `petrestore`), the commands that write the journal
+/// refuse and say how to run them, instead of leaving files the daemon
+/// cannot open.
+#[test]
+fn commands_that_write_the_state_refuse_another_users_folder() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let state = if me == 0 {
+        let d = tmp.path().join("state");
+        std::fs::create_dir_all(&d).unwrap();
+        std::os::unix::fs::chown(&d, Some(65534), Some(65534)).unwrap();
+        d
+    } else {
+        // a folder of another user that any user can name
+        std::path::PathBuf::from("/")
+    };
+    assert_ne!(std::fs::metadata(&state).unwrap().uid(), me);
+    for args in
+        [vec!["journal", "--state-dir", state.to_str().unwrap(), "rebuild"], vec!["jobs", "--state-dir", state.to_str().unwrap(), "list"]]
+    {
+        let out = petrestore(&args);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains("runuser -u") && text(&out).contains("the daemon cannot open"), "{args:?}: {}", text(&out));
+    }
+    assert!(std::fs::read_dir(&state).unwrap().next().is_none() || me != 0, "nothing written");
+}
