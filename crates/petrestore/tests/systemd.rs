@@ -154,7 +154,8 @@ fn the_shipped_unit_runs_hardened_under_systemd_and_logs_to_journald() {
     // The account and folders exactly as the package ships them.
     let sysusers = repo().join("systemd/petrestore.sysusers");
     sys.ok(&["systemd-sysusers", sysusers.to_str().unwrap()]);
-    assert!(sys.ok(&["id", "petrestore"]).contains("(video)"), "the account is in the video group");
+    let id = sys.ok(&["id", "petrestore"]);
+    assert!(id.contains("(video)") && id.contains("(render)"), "the account is in the GPU groups the unit names: {id}");
 
     // The config at the unit's path, with the shipped model and engines.
     let dest = StoreScp::start(&tmp.path().join("dest"));

@@ -14,12 +14,14 @@ DESCRIPTION = "petrestore receives PET series over DICOM, restores short-frame \
                account."
 SECTION = "console/utils"
 
-# petrestore's own code (LICENSE at the top of the source tree). The Rust
-# crates linked statically into the binary carry their own licences, declared
-# in each crate's Cargo.toml; this field does not list them: THIRD-PARTY.md at
-# the top of the source tree does (all permissive, checked in CI by
-# scripts/licences.py).
-LICENSE = "Apache-2.0"
+# petrestore's own code is Apache-2.0 (LICENSE at the top of the source
+# tree). The binary also links Rust crates statically; THIRD-PARTY.md lists
+# each with the licence its Cargo.toml declares (all permissive, checked in
+# CI by scripts/licences.py). Where a crate offers a choice, Apache-2.0 or
+# MIT is taken; the licences that remain are listed here so that the image's
+# licence manifest covers the binary, and THIRD-PARTY.md is installed in
+# ${PN}-doc.
+LICENSE = "Apache-2.0 & MIT & ISC & BSD-3-Clause & CC0-1.0 & Unicode-3.0"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
 # cve-check looks petrestore itself up under this name. The crates linked
@@ -106,6 +108,9 @@ do_install () {
     cp -R --no-preserve=ownership ${S}/models/petrestore-unet25d ${D}${datadir}/petrestore/models/
     find ${D}${datadir}/petrestore/models -type d -exec chmod 0755 {} +
     find ${D}${datadir}/petrestore/models -type f -exec chmod 0644 {} +
+
+    # The statically linked crates and their licences.
+    install -D -m 0644 ${S}/THIRD-PARTY.md ${D}${docdir}/petrestore/THIRD-PARTY.md
 
     # Spool, journal and engine caches. The unit's StateDirectory= keeps the
     # same owner and mode at every start.
