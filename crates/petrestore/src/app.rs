@@ -489,16 +489,21 @@ impl Daemon {
             // without it (the runtime is shut down with a short timeout).
             // Its job goes back to the queue as a stop, not a crash, so it
             // does not count toward the interrupted-restoration limit.
-            for job in self.journal.active_jobs().context("reading the journal at stop")? {
-                if job.state == crate::journal::JobState::Restoring {
-                    self.journal
-                        .update(&job.id, |j| {
+            // (an error here is logged: the stop goes on to the final flush)
+            match self.journal.active_jobs() {
+                Err(e) => tracing::error!(error = %e, "cannot read the journal at stop to requeue a running restoration"),
+                Ok(jobs) => {
+                    for job in jobs.iter().filter(|j| j.state == crate::journal::JobState::Restoring) {
+                        let r = self.journal.update(&job.id, |j| {
                             if j.state == crate::journal::JobState::Restoring {
                                 j.note("the daemon stopped during restoration: restored again at the next start");
                                 j.set_state(crate::journal::JobState::Queued);
                             }
-                        })
-                        .context("requeueing a running restoration at stop")?;
+                        });
+                        if let Err(e) = r {
+                            tracing::error!(job = %job.id, error = %e, "cannot requeue a running restoration at stop");
+                        }
+                    }
                 }
             }
             tracing::warn!("a restoration was still running after {TASK_DRAIN:?}; it resumes at the next start");

@@ -687,11 +687,15 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
         ));
     }
     let max_pdu_length: u32 = pick!(u, d, dicom.max_pdu_length);
-    if !(4096..=4_194_304).contains(&max_pdu_length) {
+    // The association request is read against this maximum too (PS3.8
+    // limits only P-DATA, but a request longer than what we announce is
+    // refused before it is parsed): 32 KiB holds any realistic one (128
+    // contexts with 8 transfer syntaxes each, about 31 KB).
+    if !(32_768..=4_194_304).contains(&max_pdu_length) {
         errs.push(invalid(
             "dicom.max_pdu_length",
-            format!("{max_pdu_length} is out of range"),
-            "use a value from 4096 to 4194304 (default 65536)",
+            format!("{max_pdu_length} is outside 32768..=4194304"),
+            "use bytes from 32768 to 4194304 (default 65536): an association request longer than this is refused too",
         ));
     }
     let idle_timeout_s: u64 = pick!(u, d, dicom.idle_timeout_s);

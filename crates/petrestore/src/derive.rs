@@ -196,14 +196,17 @@ fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &st
     match kind {
         Kind::Uncertainty => {
             obj.put(el(tags::IMAGE_COMMENTS, VR::LT, UNCERTAINTY_COMMENT));
-            obj.put(seq(
-                tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
-                vec![InMemDicomObject::from_element_iter([
+            // added to the schemes the source declares (its copied code
+            // sequences may use them)
+            let mut schemes = fg_items(obj, tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE);
+            if !schemes.iter().any(|i| i.str_of(tags::CODING_SCHEME_DESIGNATOR).as_deref() == Some(LOCAL_SCHEME)) {
+                schemes.push(InMemDicomObject::from_element_iter([
                     el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, LOCAL_SCHEME),
                     el(tags::CODING_SCHEME_NAME, VR::ST, "petrestore local codes"),
                     el(tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION, VR::ST, "petrestore"),
-                ])],
-            ));
+                ]));
+            }
+            obj.put(seq(tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE, schemes));
         }
         // a test or research model's notice goes first; the source's own
         // comment (about the acquisition) still holds and follows it
@@ -240,44 +243,48 @@ const LOCAL_SCHEME: &str = "99PETRST";
 /// - for the uncertainty series also the source's window (an activity
 ///   window on a σ image).
 fn remove_stale(obj: &mut InMemDicomObject, kind: Kind) {
-    const EVERYWHERE: [dicom_core::Tag; 7] = [
+    const EVERYWHERE: [dicom_core::Tag; 6] = [
         tags::SMALLEST_PIXEL_VALUE_IN_SERIES,
         tags::LARGEST_PIXEL_VALUE_IN_SERIES,
         tags::SMALLEST_IMAGE_PIXEL_VALUE,
         tags::LARGEST_IMAGE_PIXEL_VALUE,
         tags::PIXEL_PADDING_VALUE,
         tags::PIXEL_PADDING_RANGE_LIMIT,
-        tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE,
     ];
-    const WINDOW: [dicom_core::Tag; 5] = [
-        tags::WINDOW_CENTER,
-        tags::WINDOW_WIDTH,
-        tags::WINDOW_CENTER_WIDTH_EXPLANATION,
-        tags::VOILUT_FUNCTION,
-        tags::FRAME_VOILUT_SEQUENCE,
-    ];
-    let strip = |o: &mut InMemDicomObject| {
+    const WINDOW: [dicom_core::Tag; 4] =
+        [tags::WINDOW_CENTER, tags::WINDOW_WIDTH, tags::WINDOW_CENTER_WIDTH_EXPLANATION, tags::VOILUT_FUNCTION];
+    // Real World Value Mapping and, for σ, the window are rebuilt for the
+    // new pixels by derive_single / derive_multiframe (in an Enhanced PET
+    // image both functional groups are mandatory); here they only go from
+    // the Legacy Converted "unassigned" groups
+    let strip = |o: &mut InMemDicomObject, unassigned: bool| {
         for t in EVERYWHERE.iter().chain(std::iter::once(&tags::CONVERSION_SOURCE_ATTRIBUTES_SEQUENCE)) {
             o.remove_element(*t);
+        }
+        if unassigned {
+            o.remove_element(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE);
         }
         if kind == Kind::Uncertainty {
             for t in WINDOW {
                 o.remove_element(t);
             }
+            if unassigned {
+                o.remove_element(tags::FRAME_VOILUT_SEQUENCE);
+            }
         }
     };
-    strip(obj);
+    strip(obj, false);
     obj.remove_element(tags::INSTANCE_CREATION_DATE);
     obj.remove_element(tags::INSTANCE_CREATION_TIME);
     for fg_tag in [tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE] {
         let Some(mut items) = obj.get(fg_tag).and_then(|e| e.items().map(|i| i.to_vec())) else { continue };
         for item in items.iter_mut() {
-            strip(item);
+            strip(item, false);
             for unassigned in
                 [tags::UNASSIGNED_SHARED_CONVERTED_ATTRIBUTES_SEQUENCE, tags::UNASSIGNED_PER_FRAME_CONVERTED_ATTRIBUTES_SEQUENCE]
             {
                 if let Some(mut inner) = item.get(unassigned).and_then(|e| e.items().map(|i| i.to_vec())) {
-                    inner.iter_mut().for_each(strip);
+                    inner.iter_mut().for_each(|i| strip(i, true));
                     item.put(seq(unassigned, inner));
                 }
             }
@@ -363,6 +370,51 @@ fn source_items(src: &SourceSlice, p: &DeriveParams, kind: Kind) -> Vec<InMemDic
     items
 }
 
+/// Real World Value Mapping items for new stored values: each source item
+/// that maps linearly (slope, intercept 0) is kept with its slope scaled by
+/// new ÷ old Rescale Slope (so an SUV mapping still gives the same SUV) and
+/// the signed 16-bit range as its first and last values mapped; others are
+/// dropped. None kept (or none given, `synthesize`): one Bq/ml item on the
+/// new slope.
+fn rescaled_mapping(items: &[InMemDicomObject], old_slope: Option<f64>, new_slope: f64, synthesize: bool) -> Vec<InMemDicomObject> {
+    let range = |mut i: InMemDicomObject| {
+        i.put(el(tags::REAL_WORLD_VALUE_FIRST_VALUE_MAPPED, VR::SS, PrimitiveValue::from(i16::MIN)));
+        i.put(el(tags::REAL_WORLD_VALUE_LAST_VALUE_MAPPED, VR::SS, PrimitiveValue::from(i16::MAX)));
+        i
+    };
+    let mut out: Vec<InMemDicomObject> = items
+        .iter()
+        .filter_map(|i| {
+            let old = old_slope.filter(|v| v.is_finite() && *v > 0.0)?;
+            let m = i.f64_of(tags::REAL_WORLD_VALUE_SLOPE)?;
+            if i.f64_of(tags::REAL_WORLD_VALUE_INTERCEPT).unwrap_or(0.0) != 0.0 || i.get(tags::REAL_WORLD_VALUE_LUT_DATA).is_some() {
+                return None;
+            }
+            let mut n = i.clone();
+            n.put(el(tags::REAL_WORLD_VALUE_SLOPE, VR::FD, m * new_slope / old));
+            n.put(el(tags::REAL_WORLD_VALUE_INTERCEPT, VR::FD, 0.0f64));
+            Some(range(n))
+        })
+        .collect();
+    if out.is_empty() && (synthesize || !items.is_empty()) {
+        out.push(range(InMemDicomObject::from_element_iter([
+            el(tags::LUT_EXPLANATION, VR::LO, "Bq/ml"),
+            el(tags::LUT_LABEL, VR::SH, "BQML"),
+            seq(tags::MEASUREMENT_UNITS_CODE_SEQUENCE, vec![code("Bq/ml", "UCUM", "Becquerels/milliliter")]),
+            el(tags::REAL_WORLD_VALUE_INTERCEPT, VR::FD, 0.0f64),
+            el(tags::REAL_WORLD_VALUE_SLOPE, VR::FD, new_slope),
+        ])));
+    }
+    out
+}
+
+/// A window over σ (0 to the slice's largest value) for the uncertainty
+/// series: the source's activity window does not suit it.
+fn sigma_window(values: &[f32]) -> (String, String) {
+    let max = values.iter().fold(0.0f64, |m, v| m.max(*v as f64)).max(1e-6);
+    (ds(max / 2.0), ds(max))
+}
+
 /// Stored values (signed 16 bit) and the DS slope of one restored slice.
 fn quantize(values: &[f32], out: &mut Vec<u8>) -> String {
     let (slope_s, slope) = slice_slope(values);
@@ -393,7 +445,20 @@ fn derive_single(src: &SourceSlice, values: &[f32], p: &DeriveParams, now: &str,
     // Pixels: signed 16 bit, per-slice slope chosen to use the range
     // without clipping, intercept 0.
     let mut bytes = Vec::with_capacity(values.len() * 2);
+    let old_slope = src.dataset.f64_of(tags::RESCALE_SLOPE).or(Some(1.0));
     let slope = quantize(values, &mut bytes);
+    let new_slope: f64 = slope.parse().expect("ds() output parses");
+    let mapping = rescaled_mapping(&fg_items(&obj, tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE), old_slope, new_slope, false);
+    if mapping.is_empty() {
+        obj.remove_element(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE);
+    } else {
+        obj.put(seq(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE, mapping));
+    }
+    if kind == Kind::Uncertainty {
+        let (c, w) = sigma_window(values);
+        obj.put(el(tags::WINDOW_CENTER, VR::DS, c));
+        obj.put(el(tags::WINDOW_WIDTH, VR::DS, w));
+    }
     obj.put(el(tags::RESCALE_SLOPE, VR::DS, slope));
     obj.put(el(tags::RESCALE_INTERCEPT, VR::DS, "0"));
     signed_16_bit(&mut obj, bytes);
@@ -428,8 +493,15 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
     per_frame.resize_with(frames.len(), InMemDicomObject::new_empty);
 
     // A functional group sits either in the shared item or in every
-    // per-frame item: these two move to (or stay in) per-frame / shared.
+    // per-frame item: these move to (or stay in) per-frame / shared. Real
+    // World Value Mapping follows each frame's new slope; σ gets its own
+    // window per frame.
+    let shared_mapping = fg_items(&shared, tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE);
     shared.remove_element(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE);
+    shared.remove_element(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE);
+    if kind == Kind::Uncertainty {
+        shared.remove_element(tags::FRAME_VOILUT_SEQUENCE);
+    }
     shared.put(seq(
         tags::DERIVATION_IMAGE_SEQUENCE,
         vec![InMemDicomObject::from_element_iter([
@@ -443,10 +515,22 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
     // Keep the source's Rescale Type (the units of an Enhanced PET image).
     let rescale_type = crate::dicom::frames::group_str(&src.dataset, 0, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_TYPE);
     let mut pixels = Vec::with_capacity(frames.iter().map(|f| f.len() * 2).sum());
-    for (item, values) in per_frame.iter_mut().zip(frames) {
+    for (i, (item, values)) in per_frame.iter_mut().zip(frames).enumerate() {
         item.remove_element(tags::DERIVATION_IMAGE_SEQUENCE);
         edit_group(item, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE, kind));
         let slope = quantize(values, &mut pixels);
+        let new_slope: f64 = slope.parse().expect("ds() output parses");
+        let own = fg_items(item, tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE);
+        let old_slope = crate::dicom::frames::group_f64(&src.dataset, i, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_SLOPE);
+        let template = if own.is_empty() { &shared_mapping } else { &own };
+        item.put(seq(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE, rescaled_mapping(template, old_slope, new_slope, true)));
+        if kind == Kind::Uncertainty {
+            let (c, w) = sigma_window(values);
+            item.put(seq(
+                tags::FRAME_VOILUT_SEQUENCE,
+                vec![InMemDicomObject::from_element_iter([el(tags::WINDOW_CENTER, VR::DS, c), el(tags::WINDOW_WIDTH, VR::DS, w)])],
+            ));
+        }
         let mut pvt =
             InMemDicomObject::from_element_iter([el(tags::RESCALE_INTERCEPT, VR::DS, "0"), el(tags::RESCALE_SLOPE, VR::DS, slope)]);
         if let Some(t) = &rescale_type {
@@ -608,8 +692,14 @@ mod tests {
         let src = source_slice();
         let restored = derive_series(std::slice::from_ref(&src), &volume(1000.0), &params(None));
         let o = &restored[0].dataset;
+        // the SUV mapping follows the new slope: the same SUV per Bq/ml
+        let rw = &o.get(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE).unwrap().items().unwrap()[0];
+        let (m, rescale) = (rw.f64_of(tags::REAL_WORLD_VALUE_SLOPE).unwrap(), o.f64_of(tags::RESCALE_SLOPE).unwrap());
+        assert!((m / rescale - 0.0004 / 0.25).abs() < 1e-12, "{m} / {rescale}");
+        assert_eq!(rw.str_of(tags::LUT_LABEL).as_deref(), Some("SUVbw"));
+        assert_eq!(rw.i64_of(tags::REAL_WORLD_VALUE_FIRST_VALUE_MAPPED), Some(-32768));
+        assert_eq!(rw.i64_of(tags::REAL_WORLD_VALUE_LAST_VALUE_MAPPED), Some(32767));
         for t in [
-            tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE,
             tags::SMALLEST_PIXEL_VALUE_IN_SERIES,
             tags::LARGEST_PIXEL_VALUE_IN_SERIES,
             tags::PIXEL_PADDING_VALUE,
@@ -629,8 +719,8 @@ mod tests {
 
         let sigma = derive_uncertainty(std::slice::from_ref(&src), &volume(50.0), &params(None));
         let o = &sigma[0].dataset;
-        assert!(o.get(tags::WINDOW_CENTER).is_none() && o.get(tags::WINDOW_WIDTH).is_none());
-        assert!(o.get(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE).is_none());
+        // a window over σ (50 to 200 Bq/ml here), not the activity window
+        assert_eq!((o.f64_of(tags::WINDOW_CENTER), o.f64_of(tags::WINDOW_WIDTH)), (Some(100.0), Some(200.0)));
         assert!(o.str_of(tags::IMAGE_COMMENTS).unwrap().starts_with("NOT FOR DIAGNOSIS"));
         assert_eq!(o.str_of(tags::SERIES_DESCRIPTION).as_deref(), Some("WB FDG [petrestore] uncertainty 1SD NOT FOR DX"));
         assert_eq!(o.i64_of(tags::SERIES_NUMBER), Some(2003));

@@ -102,8 +102,10 @@ fn a_destination_that_asks_gets_the_uncertainty_series_and_the_fleet_its_summary
         // twice the offset: offset + 1 is the next source series' restored number
         let source_number = open(&src.files[0]).i64_of(tags::SERIES_NUMBER).unwrap();
         assert_eq!(o.i64_of(tags::SERIES_NUMBER).unwrap(), source_number + 2000);
-        // an activity window does not suit a σ image
-        assert!(o.get(tags::WINDOW_CENTER).is_none() && o.get(tags::WINDOW_WIDTH).is_none());
+        // a window over σ, not the source's activity window
+        let src0 = open(&src.files[0]);
+        assert!(o.f64_of(tags::WINDOW_WIDTH).is_some_and(|w| w > 0.0), "a σ window");
+        assert!(src0.get(tags::WINDOW_WIDTH).is_none() || o.f64_of(tags::WINDOW_WIDTH) != src0.f64_of(tags::WINDOW_WIDTH));
         assert_eq!(o.str_of(tags::FRAME_OF_REFERENCE_UID).unwrap(), frame_of_reference);
         // Source Image Sequence: the source instance and the restored one
         let refs: Vec<String> = o
@@ -231,6 +233,15 @@ fn enhanced_pet_gets_a_multi_frame_uncertainty_instance() {
             (r.str_of(tags::SERIES_INSTANCE_UID).unwrap(), r.str_of(tags::SOP_INSTANCE_UID).unwrap())
         ]
     );
+    // the functional groups Enhanced PET makes mandatory: a value mapping
+    // on each frame's own slope, and a window over σ per frame
+    let frames = s.element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap();
+    for f in frames {
+        let slope = f.element(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE).unwrap().items().unwrap()[0].f64_of(tags::RESCALE_SLOPE).unwrap();
+        let rw = &f.element(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE).unwrap().items().unwrap()[0];
+        assert_eq!(rw.f64_of(tags::REAL_WORLD_VALUE_SLOPE).unwrap(), slope);
+        assert!(f.element(tags::FRAME_VOILUT_SEQUENCE).unwrap().items().unwrap()[0].f64_of(tags::WINDOW_WIDTH).unwrap() > 0.0);
+    }
     let errors = iod_errors(sigma[0]);
     assert!(errors.is_empty(), "{errors:?}");
 }

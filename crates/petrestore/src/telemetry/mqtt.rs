@@ -128,6 +128,7 @@ pub async fn run(
     };
 
     let mut connected = false;
+    let mut subscribed = false;
     let mut warned = false;
     let mut buffer: VecDeque<Outgoing> = VecDeque::with_capacity(cfg.buffer.min(4096));
     let dropped_offline = AtomicU64::new(0);
@@ -169,11 +170,10 @@ pub async fn run(
                     connected = true;
                     warned = false;
                     tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), "MQTT connected");
-                    // awaited: with the client's queue full the request would
-                    // be dropped, and commands unanswered until the next connection
-                    if let Err(e) = client.subscribe(format!("{pre}cmd/+"), QoS::AtLeastOnce).await {
-                        tracing::warn!(error = %e, "MQTT: could not subscribe to commands");
-                    }
+                    // With the client's queue full the request is refused:
+                    // tried again at every health tick until it is queued
+                    // (never awaited here, which could wedge this loop)
+                    subscribed = client.try_subscribe(format!("{pre}cmd/+"), QoS::AtLeastOnce).is_ok();
                     let _ = publish(&client, &status(&control));
                     flush(&client, &mut buffer);
                     let _ = publish(&client, &health(&control));
@@ -188,9 +188,16 @@ pub async fn run(
                         tracing::debug!(error = %e, "MQTT broker still unreachable");
                     }
                     connected = false;
+                    subscribed = false;
                 }
                 Some(Conn::Command { topic, payload, retained }) => {
                     let Some(name) = topic.strip_prefix(&format!("{pre}cmd/")).map(str::to_string) else { continue };
+                    // A zero-byte message is what clears a retained one (the
+                    // broker forwards it to us too): never a command.
+                    if payload.is_empty() {
+                        tracing::debug!(topic = %topic, "empty MQTT message on a command topic ignored");
+                        continue;
+                    }
                     let (reply, state_changed) = if retained {
                         // a retained command is replayed at every connection (a
                         // drain published with retain would drain the box at
@@ -222,6 +229,12 @@ pub async fn run(
                 None => break,
             },
             _ = health_tick.tick() => {
+                if connected && !subscribed {
+                    subscribed = client.try_subscribe(format!("{pre}cmd/+"), QoS::AtLeastOnce).is_ok();
+                    if !subscribed {
+                        tracing::warn!("MQTT: the command subscription is not queued yet; trying again at the next health tick");
+                    }
+                }
                 if connected {
                     flush(&client, &mut buffer);
                     let _ = publish(&client, &health(&control));

@@ -21,7 +21,7 @@ SECTION = "console/utils"
 # MIT is taken; the licences that remain are listed here so that the image's
 # licence manifest covers the binary, and THIRD-PARTY.md is installed in
 # ${PN}-doc.
-LICENSE = "Apache-2.0 & MIT & ISC & BSD-3-Clause & CC0-1.0 & Unicode-3.0"
+LICENSE = "Apache-2.0 & MIT & ISC & BSD-3-Clause & CC0-1.0 & Unicode-3.0 & Zlib"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
 # cve-check looks petrestore itself up under this name. The crates linked
