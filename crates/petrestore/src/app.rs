@@ -169,6 +169,8 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         repair_journal(&settings, spool.root(), &problems)?;
         journal = reopen_after_repair(&settings)?;
     }
+    // purges a stop cut short, finished before any instance can arrive
+    crate::pipeline::retention::finish_interrupted(&settings, &journal, &spool).context("cannot finish an interrupted purge")?;
     let restore::Engines { engines, reports } = restore::engines_from_settings(&settings).map_err(anyhow::Error::msg)?;
     tracing::info!(engines = ?engines.iter().map(|e| e.label()).collect::<Vec<_>>(), "restoration engines ready");
 

@@ -41,22 +41,7 @@ pub fn purge(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<us
         let age = Duration::from_millis(now.saturating_sub(job.updated_ms));
         let mut removed = 0usize;
         let done = journal.purge_job(&job, |records| {
-            let mut dirs = Vec::new();
-            for r in records {
-                let p = spool.absolute(&r.path);
-                if std::fs::remove_file(&p).is_ok() {
-                    removed += 1;
-                }
-                if let Some(d) = p.parent()
-                    && !dirs.iter().any(|x: &std::path::PathBuf| x == d)
-                {
-                    dirs.push(d.to_owned());
-                }
-            }
-            for d in dirs {
-                remove_empty_up_to(&d, spool.root());
-            }
-            let _ = std::fs::remove_dir_all(&out);
+            removed = remove_files(records, spool, &out);
             format!(
                 "retention: removed {removed} received instances and the derived series ({:.1} h after the job ended)",
                 age.as_secs_f64() / 3600.0
@@ -72,6 +57,55 @@ pub fn purge(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<us
     Ok(purged)
 }
 
+/// Remove a job's spooled instances (and the folders left empty) and its
+/// derived series. Returns how many instances were removed.
+fn remove_files(records: &[crate::journal::InstanceRecord], spool: &Spool, out: &Path) -> usize {
+    let mut removed = 0usize;
+    let mut dirs = Vec::new();
+    for r in records {
+        let p = spool.absolute(&r.path);
+        if std::fs::remove_file(&p).is_ok() {
+            removed += 1;
+        }
+        if let Some(d) = p.parent()
+            && !dirs.iter().any(|x: &std::path::PathBuf| x == d)
+        {
+            dirs.push(d.to_owned());
+        }
+    }
+    for d in dirs {
+        remove_empty_up_to(&d, spool.root());
+    }
+    let _ = std::fs::remove_dir_all(out);
+    removed
+}
+
+/// At start, before ingest opens: finish the purges a stop or crash cut
+/// short (the outcome log says the purge began, the job is not marked
+/// purged). Until then the journal still holds records of removed files,
+/// and an instance of the series sent again would be taken for one already
+/// stored. Returns how many purges were finished.
+pub fn finish_interrupted(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<usize, JournalError> {
+    let log = journal.outcomes().read().map_err(|e| JournalError::Sled(sled::Error::Io(e)))?;
+    let mut n = 0;
+    for (id, e) in log.iter().filter(|(_, e)| e.purged) {
+        let Some(job) = journal.get(id)? else { continue };
+        if job.purged || !job.state.is_terminal() {
+            continue;
+        }
+        let out = output_dir(&settings.node.state_dir, &job.id);
+        let done = journal.purge_job(&job, |records| {
+            let removed = remove_files(records, spool, &out);
+            format!("retention: finished a purge cut short by a stop ({removed} more received instances removed)")
+        })?;
+        if done.is_some() {
+            tracing::info!(job = %id, began_ms = e.at_ms, "retention: a purge cut short by a stop is finished");
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Remove `dir` and its parents while they are empty, stopping at `root`.
 fn remove_empty_up_to(dir: &Path, root: &Path) {
     let mut d = dir.to_owned();
@@ -83,5 +117,66 @@ fn remove_empty_up_to(dir: &Path, root: &Path) {
             Some(p) => d = p.to_owned(),
             None => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Arrival, InstanceRecord, JobKind, Recorded};
+
+    fn arrival(sop: &str, index: u32) -> Arrival {
+        Arrival {
+            kind: JobKind::Pet,
+            study_uid: "1.2".into(),
+            series_uid: "1.2.3".into(),
+            modality: Some("PT".into()),
+            calling_ae: "CONSOLE".into(),
+            number_of_slices: Some(2),
+            multiframe: false,
+            record: InstanceRecord {
+                sop_instance_uid: sop.into(),
+                sop_class_uid: crate::dicom::PET_IMAGE_STORAGE.into(),
+                path: format!("1.2/1.2.3/{sop}.dcm").into(),
+                transfer_syntax: crate::dicom::EXPLICIT_VR_LE.into(),
+                image_index: Some(index),
+            },
+        }
+    }
+
+    /// A stop in the middle of a purge: the next start finishes it before
+    /// ingest opens, so the series sent again is stored and processed anew
+    /// instead of being taken for the instances already removed.
+    #[test]
+    fn a_purge_cut_short_is_finished_at_start_and_the_series_can_come_again() {
+        let d = tempfile::tempdir().unwrap();
+        let settings = Settings::from_toml(&format!("[node]\nstate_dir = {:?}\n", d.path()), "t").unwrap();
+        let spool = Spool::new(d.path().join("spool")).unwrap();
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        for (i, sop) in ["1.2.3.1", "1.2.3.2"].into_iter().enumerate() {
+            let a = arrival(sop, i as u32 + 1);
+            let f = spool.absolute(&a.record.path);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(&f, b"dcm").unwrap();
+            journal.record(&a).unwrap();
+        }
+        let id = crate::journal::job_id("1.2.3");
+        let job = journal.update(&id, |j| j.set_state(JobState::Done)).unwrap();
+        let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            journal.purge_job(&job, |records| {
+                std::fs::remove_file(spool.absolute(&records[0].path)).unwrap();
+                panic!("stopped");
+            })
+        }));
+        assert!(cut.is_err());
+        assert_eq!(finish_interrupted(&settings, &journal, &spool).unwrap(), 1);
+        let job = journal.get(&id).unwrap().unwrap();
+        assert!(job.purged && journal.instances(&id).unwrap().is_empty(), "{:#?}", job.history);
+        assert!(!spool.absolute(std::path::Path::new("1.2/1.2.3/1.2.3.2.dcm")).exists());
+        // the series again: new instances, the job reopened
+        assert!(matches!(journal.record(&arrival("1.2.3.1", 1)).unwrap(), Recorded::New { .. }));
+        let again = journal.get(&id).unwrap().unwrap();
+        assert!(!again.state.is_terminal() && !again.purged);
+        assert_eq!(finish_interrupted(&settings, &journal, &spool).unwrap(), 0, "nothing left to finish");
     }
 }
