@@ -139,25 +139,10 @@ pub fn repair(journal_dir: &Path, spool_root: &Path) -> Result<Repaired, Journal
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Arrival, InstanceRecord, JobKind, JobState};
+    use crate::journal::{Arrival, JobState};
 
     fn arrival(sop: &str, index: u32) -> Arrival {
-        Arrival {
-            kind: JobKind::Pet,
-            study_uid: "1.2".into(),
-            series_uid: "1.2.3".into(),
-            modality: Some("PT".into()),
-            calling_ae: "CONSOLE".into(),
-            number_of_slices: Some(2),
-            multiframe: false,
-            record: InstanceRecord {
-                sop_instance_uid: sop.into(),
-                sop_class_uid: crate::dicom::PET_IMAGE_STORAGE.into(),
-                path: format!("1.2/1.2.3/{sop}.dcm").into(),
-                transfer_syntax: crate::dicom::EXPLICIT_VR_LE.into(),
-                image_index: Some(index),
-            },
-        }
+        crate::journal::tests::arrival("1.2.3", sop, index, 2)
     }
 
     #[test]

@@ -401,10 +401,12 @@ impl Journal {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn arrival(series: &str, sop: &str, index: u32, n: u32) -> Arrival {
+    /// A PET arrival of series `series` (study 1.2), for the journal's and
+    /// retention's unit tests.
+    pub(crate) fn arrival(series: &str, sop: &str, index: u32, n: u32) -> Arrival {
         Arrival {
             kind: JobKind::Pet,
             study_uid: "1.2".into(),

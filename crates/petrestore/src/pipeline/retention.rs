@@ -123,25 +123,10 @@ fn remove_empty_up_to(dir: &Path, root: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Arrival, InstanceRecord, JobKind, Recorded};
+    use crate::journal::{Arrival, Recorded};
 
     fn arrival(sop: &str, index: u32) -> Arrival {
-        Arrival {
-            kind: JobKind::Pet,
-            study_uid: "1.2".into(),
-            series_uid: "1.2.3".into(),
-            modality: Some("PT".into()),
-            calling_ae: "CONSOLE".into(),
-            number_of_slices: Some(2),
-            multiframe: false,
-            record: InstanceRecord {
-                sop_instance_uid: sop.into(),
-                sop_class_uid: crate::dicom::PET_IMAGE_STORAGE.into(),
-                path: format!("1.2/1.2.3/{sop}.dcm").into(),
-                transfer_syntax: crate::dicom::EXPLICIT_VR_LE.into(),
-                image_index: Some(index),
-            },
-        }
+        crate::journal::tests::arrival("1.2.3", sop, index, 2)
     }
 
     /// A stop in the middle of a purge: the next start finishes it before
