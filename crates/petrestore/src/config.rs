@@ -154,6 +154,7 @@ struct RawEgress {
     max_attempts: Option<u32>,
     backoff_initial_s: Option<f64>,
     backoff_max_s: Option<f64>,
+    timeout_s: Option<f64>,
     calling_ae_title: Option<String>,
 }
 
@@ -303,6 +304,10 @@ pub struct EgressSettings {
     pub backoff_initial: Duration,
     #[serde(rename = "backoff_max_s")]
     pub backoff_max: Duration,
+    /// Longest wait for a destination to answer or to take bytes (an
+    /// instance may take this plus one second per MiB).
+    #[serde(rename = "timeout_s")]
+    pub timeout: Duration,
     pub calling_ae_title: String,
 }
 
@@ -874,6 +879,8 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
 /// `[egress]`.
 /// The longest wait between two delivery attempts a config may ask for (one day).
 const MAX_BACKOFF_S: f64 = 86_400.0;
+/// The longest `egress.timeout_s` (one hour).
+const MAX_EGRESS_TIMEOUT_S: f64 = 3_600.0;
 /// The longest retention a config may ask for (ten years), beyond which it
 /// means "forever" anyway and `0` says so.
 const MAX_RETENTION_HOURS: f64 = 87_600.0;
@@ -893,6 +900,15 @@ fn egress_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<
             format!("use 0 < initial <= max <= {MAX_BACKOFF_S} s (egress.backoff_max_s)"),
         ));
     }
+    let timeout: f64 = pick!(u, d, egress.timeout_s);
+    let timeout_ok = (1.0..=MAX_EGRESS_TIMEOUT_S).contains(&timeout);
+    if !timeout_ok {
+        errs.push(invalid(
+            "egress.timeout_s",
+            format!("{timeout} s"),
+            format!("use 1 to {MAX_EGRESS_TIMEOUT_S} s: how long a destination may take to answer or to take bytes"),
+        ));
+    }
     let calling: String = pick!(u, d, egress.calling_ae_title);
     if !valid_ae_title(&calling) {
         errs.push(invalid("egress.calling_ae_title", format!("{calling:?} is not a valid AE title"), "use 1 to 16 characters"));
@@ -903,6 +919,7 @@ fn egress_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<
         max_attempts,
         backoff_initial: Duration::from_secs_f64(b0),
         backoff_max: Duration::from_secs_f64(bmax),
+        timeout: Duration::from_secs_f64(if timeout_ok { timeout } else { 60.0 }),
         calling_ae_title: calling,
     }
 }

@@ -262,8 +262,12 @@ fn exchange(prefix: &[u8], bytes: &[u8]) -> Result<(), String> {
             .await
             .map_err(|_| "the SCP kept a hostile connection open for 10 s".to_string())?
             .ok();
-        let peer =
-            petrestore::egress::scu::Peer { address: s.addr.to_string(), called_ae: "PETRESTORE".into(), calling_ae: "CONSOLE".into() };
+        let peer = petrestore::egress::scu::Peer {
+            address: s.addr.to_string(),
+            called_ae: "PETRESTORE".into(),
+            calling_ae: "CONSOLE".into(),
+            timeout: petrestore::egress::scu::DEFAULT_TIMEOUT,
+        };
         petrestore::egress::scu::echo(&peer).await.map_err(|e| format!("the SCP stopped answering: {e}"))
     })
 }

@@ -192,6 +192,36 @@ fn destination_down_is_retried_with_backoff_until_it_comes_up() {
 }
 
 #[test]
+fn a_destination_removed_by_reload_is_dropped_and_does_not_fail_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 8, 32, 14);
+    let (gone_port, kept_port) = (free_port(), free_port());
+    let kept = StoreScp::start_on(&tmp.path().join("kept"), kept_port);
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!("[egress]\nmax_attempts = 20\n{}{}", destination("pacs", kept_port), destination("old", gone_port)),
+    );
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    wait_for("a failed attempt to the destination that is down", Duration::from_secs(60), || {
+        let j = d.job(&id);
+        (j.deliveries.iter().any(|x| x.destination == "old" && x.attempts >= 1)
+            && j.deliveries.iter().any(|x| x.destination == "pacs" && x.delivered))
+        .then_some(())
+    });
+    // the operator removes the destination that is down
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    let (head, _) = cfg.split_once("[[destination]]\nname = \"old\"").expect("the old destination in the config");
+    std::fs::write(&d.config, head).unwrap();
+    d.signal("HUP");
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.contains("not sent to old: no longer configured")), "{:#?}", job.history);
+    assert!(job.deliveries.iter().all(|x| x.destination == "pacs" && x.delivered), "{:?}", job.deliveries);
+    assert_eq!(kept.files().len(), 8);
+}
+
+#[test]
 fn skipped_series_is_forwarded_unchanged() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = petsim::SeriesSpec { slices: 6, matrix: 32, frame_duration_s: 90.0, seed: 17, ..Default::default() };

@@ -12,7 +12,12 @@ use petrestore::egress::scu::{self, Peer, SendError};
 use testkit::*;
 
 fn peer(port: u16) -> Peer {
-    Peer { address: format!("127.0.0.1:{port}"), called_ae: OUR_AE.into(), calling_ae: CONSOLE.into() }
+    Peer {
+        address: format!("127.0.0.1:{port}"),
+        called_ae: OUR_AE.into(),
+        calling_ae: CONSOLE.into(),
+        timeout: petrestore::egress::scu::DEFAULT_TIMEOUT,
+    }
 }
 
 fn rt() -> tokio::runtime::Runtime {

@@ -276,8 +276,12 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 
     // 3. Send the 30 s series as the console does; wait for the restored one.
     let t = Instant::now();
-    let peer =
-        scu::Peer { address: daemon.dicom_addr.to_string(), called_ae: settings.dicom.ae_title.clone(), calling_ae: "DEMO-CONSOLE".into() };
+    let peer = scu::Peer {
+        address: daemon.dicom_addr.to_string(),
+        called_ae: settings.dicom.ae_title.clone(),
+        calling_ae: "DEMO-CONSOLE".into(),
+        timeout: scu::DEFAULT_TIMEOUT,
+    };
     let pb = bar(short.files.len() as u64, "send");
     let sent = scu::send_files_observed(&peer, &short.files, &CancellationToken::new(), |n| pb.set_position(n as u64))
         .await

@@ -5,8 +5,12 @@
 
 pub mod scu;
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +24,23 @@ use crate::spool::Spool;
 pub fn backoff(attempts: u32, s: &EgressSettings) -> Duration {
     let exp = attempts.saturating_sub(1).min(30);
     s.backoff_initial.saturating_mul(1u32 << exp).min(s.backoff_max)
+}
+
+/// Associations open to one destination at a time. When an archive comes
+/// back after an outage every waiting job is due at once, and archives limit
+/// the associations a caller may hold: beyond that each refusal would cost
+/// a job an attempt.
+pub const ASSOCIATIONS_PER_DESTINATION: usize = 2;
+
+/// One gate per destination name, shared by every delivery task.
+#[derive(Default)]
+pub struct DestinationGates(Mutex<HashMap<String, Arc<Semaphore>>>);
+
+impl DestinationGates {
+    fn gate(&self, destination: &str) -> Arc<Semaphore> {
+        let mut m = self.0.lock().expect("gates lock");
+        m.entry(destination.to_string()).or_insert_with(|| Arc::new(Semaphore::new(ASSOCIATIONS_PER_DESTINATION))).clone()
+    }
 }
 
 /// Folder holding a job's derived instances.
@@ -97,18 +118,39 @@ pub fn settle(job: &mut Job, max_attempts: u32) {
             d.attempts,
             d.last_error.clone().unwrap_or_default()
         );
-        job.set_state(JobState::Failed { reason });
+        if job.rerun_requested {
+            // instances arrived meanwhile: the series (with them) is done
+            // again, with fresh attempts, rather than failed without them
+            job.note(format!("{reason}; not failed: instances arrived meanwhile"));
+            rerun(job, outcome);
+        } else {
+            job.set_state(JobState::Failed { reason });
+        }
         return;
     }
     if job.deliveries.iter().all(|d| d.delivered) {
         if job.rerun_requested {
-            job.rerun_requested = false;
-            job.set_state(JobState::Queued);
-            job.note("re-running: instances arrived while the series was being processed");
+            rerun(job, outcome);
         } else {
             job.set_state(outcome.into());
         }
     }
+}
+
+/// Instances arrived while the job was being processed: a PET series is
+/// restored again; a series passed through is forwarded again, whole, to
+/// the same destinations.
+fn rerun(job: &mut Job, outcome: Outcome) {
+    job.rerun_requested = false;
+    match job.kind {
+        crate::journal::JobKind::Pet => job.set_state(JobState::Queued),
+        crate::journal::JobKind::Passthrough => {
+            let names: Vec<String> = job.deliveries.iter().map(|d| d.destination.clone()).collect();
+            job.plan_deliveries(&names);
+            job.set_state(JobState::Delivering { payload: Payload::Original, outcome });
+        }
+    }
+    job.note("re-running: instances arrived while the series was being processed");
 }
 
 /// Earliest time (ms) a pending delivery of this job is due, if any.
@@ -232,11 +274,35 @@ pub async fn deliver_due(
     state_dir: &Path,
     settings: &EgressSettings,
     destinations: &[Destination],
+    gates: &DestinationGates,
     job_id: &str,
     cancel: &CancellationToken,
 ) -> Result<(), JournalError> {
-    let Some(job) = on_disk(|| journal.get(job_id))? else { return Ok(()) };
+    let Some(mut job) = on_disk(|| journal.get(job_id))? else { return Ok(()) };
     let JobState::Delivering { payload, .. } = job.state.clone() else { return Ok(()) };
+    // A destination removed from the config (reload) is not waited for: its
+    // pending delivery is dropped and the history says so, instead of
+    // failing a job every configured destination confirmed.
+    let configured: HashSet<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
+    if job.deliveries.iter().any(|d| !d.delivered && !configured.contains(d.destination.as_str())) {
+        job = on_disk(|| {
+            journal.update(job_id, |j| {
+                let gone: Vec<String> = j
+                    .deliveries
+                    .iter()
+                    .filter(|d| !d.delivered && !configured.contains(d.destination.as_str()))
+                    .map(|d| d.destination.clone())
+                    .collect();
+                j.deliveries.retain(|d| d.delivered || configured.contains(d.destination.as_str()));
+                j.note(format!("not sent to {}: no longer configured", gone.join(", ")));
+                settle(j, settings.max_attempts);
+            })
+        })?;
+        tracing::warn!(job = job_id, "pending deliveries to destinations no longer configured were dropped");
+        if !matches!(job.state, JobState::Delivering { .. }) {
+            return Ok(());
+        }
+    }
     let files = match payload_files(journal, spool, state_dir, &job, payload)
         .and_then(|f| Ok((f, if payload == Payload::Derived { uncertainty_files(state_dir, &job)? } else { Vec::new() })))
     {
@@ -293,6 +359,13 @@ pub async fn deliver_due(
                     address: dst.address.clone(),
                     called_ae: dst.ae_title.clone(),
                     calling_ae: settings.calling_ae_title.clone(),
+                    timeout: settings.timeout,
+                };
+                // wait for the destination's gate (not an attempt)
+                let gate = gates.gate(&dst.name);
+                let _permit = tokio::select! {
+                    p = gate.acquire_owned() => p.expect("gates are never closed"),
+                    _ = cancel.cancelled() => return Ok(()),
                 };
                 tracing::info!(job = job_id, destination = %dst.name, files = files.len(), attempt = d.attempts + 1, "sending");
                 match scu::send_files_observed(&peer, &files, cancel, |_| {}).await {
@@ -384,6 +457,7 @@ mod tests {
             max_attempts: 3,
             backoff_initial: Duration::from_secs(2),
             backoff_max: Duration::from_secs(10),
+            timeout: scu::DEFAULT_TIMEOUT,
             calling_ae_title: "X".into(),
         }
     }
@@ -393,6 +467,35 @@ mod tests {
         let s = settings();
         let w: Vec<u64> = (1..=5).map(|a| backoff(a, &s).as_secs()).collect();
         assert_eq!(w, vec![2, 4, 8, 10, 10]);
+    }
+
+    #[test]
+    fn settle_reruns_instead_of_failing_when_instances_arrived() {
+        // a PET job whose destination gave up while instances arrived: restored again
+        let mut j = Job::new(JobKind::Pet, "1", "1.4", "C", 0);
+        j.plan_deliveries(&["a".into()]);
+        j.state = JobState::Delivering { payload: Payload::Derived, outcome: Outcome::Done };
+        j.deliveries[0].attempts = 3;
+        j.rerun_requested = true;
+        settle(&mut j, 3);
+        assert_eq!(j.state, JobState::Queued);
+        assert!(!j.rerun_requested);
+        assert!(j.history.iter().any(|e| e.what.contains("gave up after 3 attempts") && e.what.contains("not failed")), "{:?}", j.history);
+
+        // a series passed through is forwarded again, never queued for restoration
+        let mut j = Job::new(JobKind::Passthrough, "1", "1.5", "C", 0);
+        j.plan_deliveries(&["a".into(), "b".into()]);
+        let skipped = Outcome::Skipped { reason: "not PET (CT): passed through unchanged".into() };
+        j.state = JobState::Delivering { payload: Payload::Original, outcome: skipped.clone() };
+        j.deliveries.iter_mut().for_each(|d| {
+            d.delivered = true;
+            d.attempts = 1;
+        });
+        j.rerun_requested = true;
+        settle(&mut j, 3);
+        assert_eq!(j.state, JobState::Delivering { payload: Payload::Original, outcome: skipped });
+        assert!(j.deliveries.iter().all(|d| !d.delivered && d.attempts == 0), "{:?}", j.deliveries);
+        assert_eq!(j.deliveries.iter().map(|d| d.destination.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     }
 
     #[test]

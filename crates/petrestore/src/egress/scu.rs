@@ -22,7 +22,24 @@ pub struct Peer {
     pub address: String,
     pub called_ae: String,
     pub calling_ae: String,
+    /// Longest wait for the peer to answer or to take bytes; an instance's
+    /// exchange (data set out, response back) may take this plus one second
+    /// per MiB of its data set ([`exchange_limit`]).
+    pub timeout: Duration,
 }
+
+/// [`Peer::timeout`] where nothing else is configured (`egress.timeout_s`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest a command with `bytes` of data set may take to be sent and
+/// answered: a peer that stops reading (its disk or process stalled while
+/// its kernel keeps the connection open) must not hold a delivery forever.
+pub fn exchange_limit(timeout: Duration, bytes: usize) -> Duration {
+    timeout + Duration::from_secs((bytes as u64).div_ceil(1 << 20))
+}
+
+/// Largest command set accepted from a peer (a C-STORE-RSP is ~200 bytes).
+const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// Why a transfer stopped.
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +89,8 @@ pub async fn send_files_observed(
         .called_ae_title(peer.called_ae.clone())
         .max_pdu_length(65536)
         .connection_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(60))
-        .write_timeout(Duration::from_secs(60));
+        .read_timeout(peer.timeout)
+        .write_timeout(peer.timeout);
     for c in classes.keys() {
         opts = opts.with_presentation_context(c.clone(), vec![d::EXPLICIT_VR_LE.to_string(), d::IMPLICIT_VR_LE.to_string()]);
     }
@@ -112,7 +129,22 @@ pub async fn send_files_observed(
             }
         };
         let message_id = (i % 65535 + 1) as u16;
-        let rsp = store_one(&mut assoc, *pcid, message_id, &class, &sop, &data).await.map_err(transfer)?;
+        // A shutdown does not wait for a slow peer to take a large instance.
+        let rsp = tokio::select! {
+            r = store_one(&mut assoc, *pcid, message_id, &class, &sop, &data, peer.timeout) => Some(r),
+            _ = cancel.cancelled() => None,
+        };
+        let Some(rsp) = rsp else {
+            abort_soon(assoc).await;
+            return Err(SendError::Cancelled);
+        };
+        let rsp = match rsp {
+            Ok(r) => r,
+            Err(reason) => {
+                abort_soon(assoc).await;
+                return Err(transfer(reason));
+            }
+        };
         let status = rsp.status.unwrap_or(dimse::status::PROCESSING_FAILURE);
         if !dimse::status::is_ok(status) {
             let _ = assoc.release().await;
@@ -127,9 +159,36 @@ pub async fn send_files_observed(
 
 type Assoc = dicom_ul::association::client::AsyncClientAssociation<tokio::net::TcpStream>;
 
-/// One C-STORE on an open association: command, data set, response.
-async fn store_one(assoc: &mut Assoc, pcid: u8, message_id: u16, class: &str, sop: &str, data: &[u8]) -> Result<Command, String> {
-    exchange(assoc, pcid, dimse::store_request(message_id, class, sop), data).await
+/// A-ABORT, unless the peer does not take even that within a moment: the
+/// association is dropped (its socket closed) either way.
+async fn abort_soon(assoc: Assoc) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), assoc.abort()).await;
+}
+
+/// One C-STORE on an open association: command, data set, response, which
+/// must answer this request (C-STORE-RSP to its Message ID, for its SOP
+/// Instance when the peer names one).
+async fn store_one(
+    assoc: &mut Assoc,
+    pcid: u8,
+    message_id: u16,
+    class: &str,
+    sop: &str,
+    data: &[u8],
+    timeout: Duration,
+) -> Result<Command, String> {
+    let rsp = exchange(assoc, pcid, dimse::store_request(message_id, class, sop), data, timeout).await?;
+    if rsp.command_field != dimse::C_STORE_RSP {
+        return Err(format!("answered a C-STORE with command 0x{:04X}, not a C-STORE-RSP", rsp.command_field));
+    }
+    if rsp.message_id != message_id {
+        return Err(format!("answered message {} while message {message_id} was waiting", rsp.message_id));
+    }
+    let answered = rsp.affected_sop_instance.trim_end_matches('\0');
+    if !answered.is_empty() && answered != sop {
+        return Err(format!("answered for instance {answered} while {sop} was sent"));
+    }
+    Ok(rsp)
 }
 
 /// Ask `peer` to take responsibility for `refs` (Storage Commitment Push
@@ -141,7 +200,7 @@ pub async fn request_commitment(peer: &Peer, transaction_uid: &str, refs: &[SopR
     let syntax = d::transfer_syntax(ts.trim_end_matches('\0')).ok_or_else(|| transfer(format!("transfer syntax {ts} not supported")))?;
     let mut data = Vec::new();
     commitment::request_dataset(transaction_uid, refs).write_dataset_with_ts(&mut data, syntax).map_err(|e| transfer(e.to_string()))?;
-    let rsp = exchange(&mut assoc, pcid, dimse::commitment_request(1), &data).await.map_err(transfer)?;
+    let rsp = exchange(&mut assoc, pcid, dimse::commitment_request(1), &data, peer.timeout).await.map_err(transfer)?;
     let _ = assoc.release().await;
     let status = rsp.status.unwrap_or(dimse::status::PROCESSING_FAILURE);
     if !dimse::status::is_ok(status) {
@@ -165,8 +224,8 @@ async fn associate_one(peer: &Peer, sop_class: &str, syntaxes: &[&str]) -> Resul
         .with_presentation_context(sop_class.to_string(), syntaxes.iter().map(|t| t.to_string()).collect())
         .max_pdu_length(65536)
         .connection_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(60))
-        .write_timeout(Duration::from_secs(60))
+        .read_timeout(peer.timeout)
+        .write_timeout(peer.timeout)
         .establish_async(peer.address.as_str())
         .await
         .map_err(|e| SendError::Associate { ae: peer.called_ae.clone(), address: peer.address.clone(), reason: e.to_string() })?;
@@ -178,8 +237,21 @@ async fn associate_one(peer: &Peer, sop_class: &str, syntaxes: &[&str]) -> Resul
     Ok((assoc, pcid, ts))
 }
 
-/// A command with a data set on an open association, and its response.
-async fn exchange(assoc: &mut Assoc, pcid: u8, cmd: Vec<u8>, data: &[u8]) -> Result<Command, String> {
+/// A command with a data set on an open association, and its response,
+/// within [`exchange_limit`]: the data set's writer has no timeout of its own.
+async fn exchange(assoc: &mut Assoc, pcid: u8, cmd: Vec<u8>, data: &[u8], timeout: Duration) -> Result<Command, String> {
+    let limit = exchange_limit(timeout, data.len());
+    match tokio::time::timeout(limit, exchange_inner(assoc, pcid, cmd, data)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the peer did not take and answer {} bytes within {} s (it stopped reading or answering)",
+            data.len(),
+            limit.as_secs()
+        )),
+    }
+}
+
+async fn exchange_inner(assoc: &mut Assoc, pcid: u8, cmd: Vec<u8>, data: &[u8]) -> Result<Command, String> {
     assoc
         .send(&Pdu::PData {
             data: vec![PDataValue { presentation_context_id: pcid, value_type: PDataValueType::Command, is_last: true, data: cmd }],
@@ -203,7 +275,7 @@ pub async fn send_raw(
     dataset: &[u8],
 ) -> Result<(u16, Option<String>), SendError> {
     let (mut assoc, pcid, _) = associate_one(peer, sop_class, &[ts]).await?;
-    let rsp = store_one(&mut assoc, pcid, 1, sop_class, sop_instance, dataset)
+    let rsp = store_one(&mut assoc, pcid, 1, sop_class, sop_instance, dataset, peer.timeout)
         .await
         .map_err(|reason| SendError::Transfer { ae: peer.called_ae.clone(), reason })?;
     let _ = assoc.release().await;
@@ -217,6 +289,9 @@ async fn receive_command(assoc: &mut Assoc) -> Result<Command, String> {
             Pdu::PData { data } => {
                 for v in data {
                     if v.value_type == PDataValueType::Command {
+                        if buf.len() + v.data.len() > MAX_COMMAND_BYTES {
+                            return Err(format!("the peer's command set exceeds {MAX_COMMAND_BYTES} bytes"));
+                        }
                         buf.extend_from_slice(&v.data);
                         if v.is_last {
                             return Command::parse(&buf).map_err(|e| e.to_string());
@@ -263,5 +338,91 @@ async fn echo_inner(peer: &Peer) -> Result<(), String> {
     match rsp.status {
         Some(0) => Ok(()),
         s => Err(format!("C-ECHO status {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+    use dicom_ul::association::server::ServerAssociationOptions;
+
+    /// A destination that accepts the association and then never reads
+    /// again (its process stalled, its kernel keeping the connection open).
+    async fn stalled_peer() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let assoc = ServerAssociationOptions::new()
+                .accept_any()
+                .with_abstract_syntax(d::PET_IMAGE_STORAGE)
+                .with_transfer_syntax(d::EXPLICIT_VR_LE)
+                .establish_async(socket)
+                .await
+                .unwrap();
+            // hold the association open, reading nothing
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(assoc);
+        });
+        (addr, task)
+    }
+
+    /// One PET instance of `bytes` pixel data bytes as a Part 10 file.
+    fn big_instance(dir: &std::path::Path, bytes: usize) -> PathBuf {
+        let sop = "1.2.826.0.1.3680043.10.543.99.1";
+        let mut obj = InMemDicomObject::new_empty();
+        obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from(d::PET_IMAGE_STORAGE)));
+        obj.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(sop)));
+        obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U8(vec![7u8; bytes].into())));
+        let file = obj
+            .with_meta(
+                FileMetaTableBuilder::new()
+                    .media_storage_sop_class_uid(d::PET_IMAGE_STORAGE)
+                    .media_storage_sop_instance_uid(sop)
+                    .transfer_syntax(d::EXPLICIT_VR_LE),
+            )
+            .unwrap();
+        let path = dir.join("big.dcm");
+        file.write_to_file(&path).unwrap();
+        path
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_destination_that_stops_reading_fails_the_attempt_instead_of_hanging() {
+        let tmp = tempfile::tempdir().unwrap();
+        // more than the loopback socket buffers of both ends can hold
+        let file = big_instance(tmp.path(), 32 << 20);
+        let (addr, _peer) = stalled_peer().await;
+        let peer =
+            Peer { address: addr.to_string(), called_ae: "ANY".into(), calling_ae: "PETRESTORE".into(), timeout: Duration::from_secs(1) };
+        let cancel = CancellationToken::new();
+        // (the outer limit only keeps a regression from hanging the suite)
+        let r = tokio::time::timeout(Duration::from_secs(600), send_files(&peer, &[file], &cancel))
+            .await
+            .expect("the transfer to a stalled destination never ended");
+        let e = r.expect_err("a stalled destination cannot have taken the instance");
+        assert!(matches!(e, SendError::Transfer { .. }) && e.to_string().contains("stopped reading or answering"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_ends_a_transfer_to_a_stalled_destination() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = big_instance(tmp.path(), 32 << 20);
+        let (addr, _peer) = stalled_peer().await;
+        let peer = Peer { address: addr.to_string(), called_ae: "ANY".into(), calling_ae: "PETRESTORE".into(), timeout: DEFAULT_TIMEOUT };
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            // (by then the data set fills both ends' socket buffers)
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            c.cancel();
+        });
+        let r = tokio::time::timeout(Duration::from_secs(600), send_files(&peer, &[file], &cancel))
+            .await
+            .expect("a shutdown did not end the transfer");
+        assert!(matches!(r, Err(SendError::Cancelled)), "{r:?}");
     }
 }

@@ -29,6 +29,8 @@ pub struct Pipeline {
     busy: Mutex<HashSet<String>>,
     /// A study at a time per engine: one restoration in flight.
     restore_slot: Arc<Semaphore>,
+    /// Associations per destination (egress).
+    gates: egress::DestinationGates,
     /// Operator pause (MQTT `pause`): no new restoration is started; ingest
     /// and deliveries go on.
     pub paused: std::sync::atomic::AtomicBool,
@@ -44,6 +46,7 @@ impl Pipeline {
             wake,
             busy: Mutex::new(HashSet::new()),
             restore_slot: Arc::new(Semaphore::new(1)),
+            gates: egress::DestinationGates::default(),
             paused: std::sync::atomic::AtomicBool::new(false),
             last_pass_ms: Arc::new(std::sync::atomic::AtomicU64::new(now_ms())),
         })
@@ -165,8 +168,17 @@ impl Pipeline {
                     let cancel = shutdown.clone();
                     tracker.spawn(async move {
                         let s = me.settings();
-                        if let Err(e) =
-                            egress::deliver_due(me.journal(), me.spool(), &s.node.state_dir, &s.egress, &s.destinations, &id, &cancel).await
+                        if let Err(e) = egress::deliver_due(
+                            me.journal(),
+                            me.spool(),
+                            &s.node.state_dir,
+                            &s.egress,
+                            &s.destinations,
+                            &me.gates,
+                            &id,
+                            &cancel,
+                        )
+                        .await
                         {
                             tracing::error!(job = %id, error = %e, "journal error during delivery");
                         }

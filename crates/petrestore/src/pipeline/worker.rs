@@ -12,7 +12,7 @@ use crate::derive::{DeriveParams, DerivedInstance, derive_series, derive_uncerta
 use crate::dicom::attrs::Attrs;
 use crate::dicom::part10;
 use crate::egress::output_dir;
-use crate::journal::{JobState, Journal, JournalError, Outcome, Payload};
+use crate::journal::{JobKind, JobState, Journal, JournalError, Outcome, Payload};
 use crate::restore::{Engine, run_engines, select, volume};
 use crate::spool::{self, Spool};
 
@@ -72,7 +72,22 @@ pub struct WorkerCtx {
 
 /// Restore one job (state `Queued` or `Restoring` after a crash).
 pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
-    let job = ctx.journal.update(job_id, |j| j.set_state(JobState::Restoring))?;
+    // The scheduler's list may be older than the job: a job that finished
+    // (or moved on) since it was read is not restored again, and a series
+    // passed through is forwarded, never restored.
+    let destinations: Vec<String> = ctx.settings.get().destinations.iter().map(|d| d.name.clone()).collect();
+    let job = ctx.journal.update(job_id, |j| match (&j.kind, &j.state) {
+        (JobKind::Passthrough, JobState::Queued | JobState::Restoring) => {
+            let reason = format!("not PET ({}): passed through unchanged", j.modality.clone().unwrap_or_default());
+            j.plan_deliveries(&destinations);
+            j.set_state(JobState::Delivering { payload: Payload::Original, outcome: Outcome::Skipped { reason } });
+        }
+        (JobKind::Pet, JobState::Queued | JobState::Restoring) => j.set_state(JobState::Restoring),
+        _ => {}
+    })?;
+    if job.kind != JobKind::Pet || job.state != JobState::Restoring {
+        return Ok(());
+    }
     let started = std::time::Instant::now();
     let ending = if job.interrupted_restores >= crate::journal::job::MAX_INTERRUPTED_RESTORES {
         // the process stopped inside this job's restoration every time: a
@@ -403,4 +418,50 @@ pub fn write_outputs(
         }
     }
     Ok((count, sigma_count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::tests::arrival;
+
+    fn ctx(dir: &Path) -> (WorkerCtx, String) {
+        let journal = Journal::open(&dir.join("journal")).unwrap();
+        let spool = Spool::new(dir.join("spool")).unwrap();
+        let id = match journal.record(&arrival("1.2.3", "9.1", 1, 1)).unwrap() {
+            crate::journal::Recorded::New { job_id, complete: true } => job_id,
+            r => panic!("{r:?}"),
+        };
+        let settings = Arc::new(crate::config::LiveSettings::new(Settings::defaults()));
+        (WorkerCtx { settings, journal, spool, engines: Vec::new() }, id)
+    }
+
+    #[test]
+    fn a_job_that_moved_on_since_the_scheduler_read_it_is_not_restored_again() {
+        let d = tempfile::tempdir().unwrap();
+        let (ctx, id) = ctx(d.path());
+        ctx.journal.update(&id, |j| j.set_state(JobState::Done)).unwrap();
+        restore_job(&ctx, &id).unwrap();
+        let job = ctx.journal.get(&id).unwrap().unwrap();
+        assert_eq!(job.state, JobState::Done, "{:?}", job.history);
+    }
+
+    #[test]
+    fn a_series_passed_through_is_forwarded_not_restored() {
+        let d = tempfile::tempdir().unwrap();
+        let (ctx, id) = ctx(d.path());
+        ctx.journal
+            .update(&id, |j| {
+                j.kind = JobKind::Passthrough;
+                j.modality = Some("CT".into());
+                j.set_state(JobState::Queued);
+            })
+            .unwrap();
+        restore_job(&ctx, &id).unwrap();
+        let job = ctx.journal.get(&id).unwrap().unwrap();
+        let JobState::Delivering { payload: Payload::Original, outcome: Outcome::Skipped { reason } } = &job.state else {
+            panic!("{:?}", job.state)
+        };
+        assert!(reason.contains("not PET (CT)"), "{reason}");
+    }
 }
