@@ -60,7 +60,8 @@ pub struct Status {
     /// Instances acknowledged but still only in the arrival log.
     #[serde(default)]
     pub ingest_backlog: usize,
-    /// Why ingest refuses new instances until a restart, if it does.
+    /// Why ingest refuses new instances, if it does: until the spool takes
+    /// instances again, when ingest resumes by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest_stalled: Option<String>,
 }
