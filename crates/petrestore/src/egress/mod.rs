@@ -129,6 +129,7 @@ pub fn settle(job: &mut Job, max_attempts: u32) {
         return;
     }
     if job.deliveries.iter().all(|d| d.delivered) {
+        job.output_rebuilds = 0;
         if job.rerun_requested {
             rerun(job, outcome);
         } else {
@@ -308,9 +309,11 @@ pub async fn deliver_due(
     {
         Ok(f) => f,
         Err(e) if payload == Payload::Derived => {
-            // The derived series is damaged (e.g. a crash mid-write): make it again.
+            // The derived series is damaged (e.g. a crash mid-write): make it
+            // again (the worker fails the job if this keeps happening).
             on_disk(|| {
                 journal.update(job_id, |j| {
+                    j.output_rebuilds = j.output_rebuilds.saturating_add(1);
                     j.note(format!("derived series incomplete ({e}): restoring again"));
                     j.set_state(JobState::Queued);
                 })

@@ -154,6 +154,10 @@ pub const MAX_SLICES: u32 = 100_000;
 /// original forwarded) rather than started again.
 pub const MAX_INTERRUPTED_RESTORES: u32 = 5;
 
+/// Times a job's derived series may be found incomplete at delivery and
+/// restored again before the job is failed (and its original forwarded).
+pub const MAX_OUTPUT_REBUILDS: u32 = 3;
+
 /// One series and its fate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -201,6 +205,11 @@ pub struct Job {
     /// instead of crashing the box in a loop.
     #[serde(default)]
     pub interrupted_restores: u32,
+    /// Times the derived series was found incomplete at delivery and made
+    /// again (a folder that keeps losing files must not loop forever):
+    /// after [`MAX_OUTPUT_REBUILDS`] the job fails.
+    #[serde(default)]
+    pub output_rebuilds: u32,
     /// The uncertainty of the restored series, when the model is
     /// calibrated for it: its one-line summary, its series and instances.
     #[serde(default)]
@@ -235,6 +244,7 @@ impl Job {
             space_waits: 0,
             restore_not_before_ms: 0,
             interrupted_restores: 0,
+            output_rebuilds: 0,
             uncertainty: None,
             history: vec![Event { at_ms: now, what: "first instance received".into() }],
             updated_ms: now,

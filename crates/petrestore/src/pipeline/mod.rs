@@ -242,6 +242,7 @@ pub fn retry_job(journal: &Journal, destinations: &[String], id: &str) -> Result
             j.note("retry requested by operator");
             j.rerun_requested = false;
             j.interrupted_restores = 0;
+            j.output_rebuilds = 0;
             match j.kind {
                 JobKind::Pet => j.set_state(JobState::Queued),
                 JobKind::Passthrough => {

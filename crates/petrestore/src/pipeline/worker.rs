@@ -89,7 +89,16 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
         return Ok(());
     }
     let started = std::time::Instant::now();
-    let ending = if job.interrupted_restores >= crate::journal::job::MAX_INTERRUPTED_RESTORES {
+    let ending = if job.output_rebuilds > crate::journal::job::MAX_OUTPUT_REBUILDS {
+        // its derived series went missing at delivery every time
+        Ending::Failed(format!(
+            "the derived series was found incomplete at delivery {} times in a row: not restored again; \
+             check {}; `petrestore jobs retry {}` tries once more",
+            job.output_rebuilds,
+            output_dir(&ctx.settings.get().node.state_dir, &job.id).display(),
+            job.id
+        ))
+    } else if job.interrupted_restores >= crate::journal::job::MAX_INTERRUPTED_RESTORES {
         // the process stopped inside this job's restoration every time: a
         // series that crashes an engine must not crash the box in a loop
         Ending::Failed(format!(
@@ -463,5 +472,20 @@ mod tests {
             panic!("{:?}", job.state)
         };
         assert!(reason.contains("not PET (CT)"), "{reason}");
+    }
+
+    #[test]
+    fn a_derived_series_that_keeps_going_missing_fails_the_job() {
+        let d = tempfile::tempdir().unwrap();
+        let (ctx, id) = ctx(d.path());
+        ctx.journal.update(&id, |j| j.output_rebuilds = crate::journal::job::MAX_OUTPUT_REBUILDS + 1).unwrap();
+        restore_job(&ctx, &id).unwrap();
+        let job = ctx.journal.get(&id).unwrap().unwrap();
+        let reason = match &job.state {
+            JobState::Failed { reason } => reason.clone(),
+            JobState::Delivering { outcome: Outcome::Failed { reason }, .. } => reason.clone(),
+            s => panic!("{s:?}"),
+        };
+        assert!(reason.contains("found incomplete at delivery 4 times"), "{reason}");
     }
 }
