@@ -480,7 +480,7 @@ fn check_config(file: &std::path::Path) -> Result<()> {
                 let lib = restore::ort_engine::library_path(s.restore.ort_library.as_deref());
                 match restore::ort_engine::check_library(&lib) {
                     Ok(()) => runnable.push(format!("ort ({})", restore::ort_engine::loaded_library().unwrap_or(lib).display())),
-                    Err(err) => notes.push(format!("engine ort cannot run here: {err}; the daemon would use the next engine")),
+                    Err(err) => notes.push(format!("engine ort cannot run here: {err}; the daemon would use the next model engine")),
                 }
             }
             EngineKind::Tract if model.is_some() => runnable.push("tract".into()),
@@ -490,6 +490,12 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     }
     if runnable.is_empty() && problems.is_empty() {
         problems.push("no configured engine could run: check restore.engines, restore.model and restore.ort_library".into());
+    } else if model.is_some() && problems.is_empty() && !runnable.iter().any(|r| !r.starts_with("gaussian")) {
+        problems.push(
+            "the model package loads, but no engine here can run it (see the notes): the Gaussian does not stand in for \
+             the model; fix the engine, or set restore.engines = [\"gaussian\"] to run the Gaussian alone on purpose"
+                .into(),
+        );
     }
     for n in &notes {
         eprintln!("petrestore: note: {n}");

@@ -125,6 +125,39 @@ fn check_config_checks_the_model_package_it_names() {
 }
 
 #[test]
+fn the_gaussian_never_stands_in_for_a_model_no_engine_can_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("in"), 6, 32, 42);
+    let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let f = tmp.path().join("c.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "[restore]\nengines = [\"ort\", \"gaussian\"]\nmodel = {:?}\nort_library = \"/nonexistent/libonnxruntime.so.1\"\n",
+            model.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("the Gaussian does not stand in for the model"), "{}", text(&out));
+    let out_dir = tmp.path().join("out");
+    let out = petrestore(&[
+        "restore",
+        "--input",
+        tmp.path().join("in").to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--config",
+        f.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("no engine can run it") && text(&out).contains("/nonexistent/libonnxruntime.so.1"), "{}", text(&out));
+    assert!(files_under(&out_dir).is_empty(), "nothing written");
+    drop(src);
+}
+
+#[test]
 fn offline_restore_uses_the_worker_code() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("in"), 6, 32, 41);

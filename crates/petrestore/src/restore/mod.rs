@@ -128,6 +128,7 @@ pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, Str
     if let Some(p) = pkg.as_ref().filter(|p| p.is_test_model()) {
         tracing::warn!(model = %p.model_id(), "restore.model is a TEST model (untrained weights): not for clinical use");
     }
+    let mut model_engine_ok = false;
     for name in r.engines.iter().filter(|e| !(no_installed_model && e.needs_model())) {
         let built: Result<std::sync::Arc<dyn Engine>, EngineError> = match name {
             EngineKind::Gaussian => Ok(std::sync::Arc::new(gaussian::Gaussian::new(r.gaussian_fwhm_mm))),
@@ -152,7 +153,10 @@ pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, Str
                             providers: e.providers.clone(),
                         });
                         match e.check() {
-                            Ok(()) => out.engines.push(std::sync::Arc::new(e)),
+                            Ok(()) => {
+                                out.engines.push(std::sync::Arc::new(e));
+                                model_engine_ok = true;
+                            }
                             Err(err) => {
                                 let last = out.reports.last_mut().expect("pushed above");
                                 last.ok = false;
@@ -170,6 +174,7 @@ pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, Str
             Ok(e) => {
                 out.reports.push(EngineReport { engine: name.to_string(), ok: true, detail: e.model_id(), providers: vec![] });
                 out.engines.push(e);
+                model_engine_ok |= name.needs_model();
             }
             Err(err) => {
                 tracing::warn!(engine = %name, error = %err, "engine unavailable; trying the next one");
@@ -180,6 +185,19 @@ pub fn engines_from_settings(s: &crate::config::Settings) -> Result<Engines, Str
     if out.engines.is_empty() {
         let why: Vec<String> = out.reports.iter().map(|r| r.detail.clone()).collect();
         return Err(format!("no restoration engine can run: {}", why.join("; ")));
+    }
+    // A model package loaded but no engine can run it: the Gaussian must not
+    // stand in for the model (it moves lesion SUVs by 5-17 %; run_engines
+    // refuses the same substitution at run time), and without a model
+    // engine the model's tracer and duration rules would not apply either.
+    if let Some(p) = pkg.as_ref().filter(|_| !model_engine_ok) {
+        let why: Vec<String> = out.reports.iter().filter(|r| !r.ok).map(|r| format!("{}: {}", r.engine, r.detail)).collect();
+        return Err(format!(
+            "the model package {} loaded, but no engine can run it ({}); the Gaussian does not stand in for the model: \
+             fix the engine named, or set restore.engines = [\"gaussian\"] to run the Gaussian alone on purpose",
+            p.model_id(),
+            why.join("; ")
+        ));
     }
     Ok(out)
 }
