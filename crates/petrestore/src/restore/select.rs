@@ -44,6 +44,11 @@ pub enum NotSelected {
          its output there was never measured, so no engine restores it (the model's range, not restore.min/max_frame_duration_s)"
     )]
     ModelDuration { secs: f64, lo: f64, hi: f64 },
+    #[error(
+        "{0}: the images are not attenuation-corrected; the model was trained on corrected images only \
+         (the corrected series of the same bed is restored)"
+    )]
+    NotAttenuationCorrected(String),
     #[error("matrix {rows}x{cols} exceeds restore.max_matrix {max}")]
     Matrix { rows: usize, cols: usize, max: u32 },
     #[error("slices have different Actual Frame Durations ({0} and {1} ms)")]
@@ -67,6 +72,9 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
     let modality = first.str_of(tags::MODALITY).unwrap_or_default();
     if modality != "PT" {
         return Err(NotSelected::NotPet(modality));
+    }
+    if let Some(why) = not_attenuation_corrected(first_slice) {
+        return Err(NotSelected::NotAttenuationCorrected(why));
     }
     let mut assumed = Vec::new();
     let multi = first_slice.frame.is_some();
@@ -106,6 +114,24 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
         return Err(NotSelected::MixedDurations(ms, d));
     }
     Ok(Selected { frame_duration_s: secs, units, assumed })
+}
+
+/// What says a series is not attenuation-corrected (a NAC companion series,
+/// which some consoles send with the same units): Corrected Image
+/// (0028,0051) listing corrections without ATTN, or Enhanced PET's
+/// Attenuation Corrected (0018,9759) NO. An empty or absent attribute says
+/// nothing and is not held against the series.
+fn not_attenuation_corrected(slice: &SourceSlice) -> Option<String> {
+    let ds = &*slice.dataset;
+    if let Some(v) = frames::classic(ds, slice.frame, |o| o.str_of(tags::CORRECTED_IMAGE))
+        && !v.split('\\').any(|c| c.trim() == "ATTN")
+    {
+        return Some(format!("Corrected Image (0028,0051) is {v:?}, without ATTN"));
+    }
+    if ds.str_of(tags::ATTENUATION_CORRECTED).is_some_and(|v| v == "NO") {
+        return Some("Attenuation Corrected (0018,9759) is NO".into());
+    }
+    None
 }
 
 /// Names and codes by which one tracer is recorded. Scanners write the
@@ -215,6 +241,26 @@ mod tests {
         let mut s = crate::config::Settings::defaults().restore;
         s.assume_tracer = assume.map(str::to_owned);
         s
+    }
+
+    #[test]
+    fn a_series_that_is_not_attenuation_corrected_is_not_restored() {
+        let slice = |corrected: Option<&[&str]>, flag: Option<&str>| {
+            let mut obj = InMemDicomObject::new_empty();
+            if let Some(c) = corrected {
+                obj.put(DataElement::new(tags::CORRECTED_IMAGE, VR::CS, PrimitiveValue::Strs(c.iter().map(|s| s.to_string()).collect())));
+            }
+            if let Some(f) = flag {
+                obj.put(DataElement::new(tags::ATTENUATION_CORRECTED, VR::CS, PrimitiveValue::from(f)));
+            }
+            SourceSlice { sop_instance_uid: "1.2".into(), sop_class_uid: "1.2".into(), frame: None, dataset: Arc::new(obj) }
+        };
+        let nac = not_attenuation_corrected(&slice(Some(&["DECY", "SCAT", "NORM"]), None)).expect("NAC refused");
+        assert!(nac.contains("without ATTN"), "{nac}");
+        assert!(not_attenuation_corrected(&slice(None, Some("NO"))).is_some());
+        assert_eq!(not_attenuation_corrected(&slice(Some(&["DECY", "ATTN", "SCAT"]), None)), None);
+        assert_eq!(not_attenuation_corrected(&slice(None, Some("YES"))), None);
+        assert_eq!(not_attenuation_corrected(&slice(None, None)), None, "absent says nothing");
     }
 
     #[test]

@@ -103,6 +103,11 @@ struct FrameGeometry {
     intercept: f64,
 }
 
+/// Pixel and slice spacings the restoration takes (mm). Below, filter
+/// kernels sized in millimetres grow without bound (0.0001 mm pixels ask a
+/// 15 mm filter for 380,000 taps); no clinical PET comes near either end.
+pub const SPACING_MM: std::ops::RangeInclusive<f64> = 0.5..=100.0;
+
 fn frame_geometry(obj: &InMemDicomObject, frame: Option<usize>, what: &str) -> Result<FrameGeometry, String> {
     use crate::dicom::frames::group_f64s;
     // A multi-frame instance keeps these in functional groups; read the
@@ -148,6 +153,9 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, VolumeError> {
         let missing = |what| Missing { sop: sop.clone(), what };
         let rows = obj.u16_of(tags::ROWS).ok_or_else(|| missing("Rows"))? as usize;
         let cols = obj.u16_of(tags::COLUMNS).ok_or_else(|| missing("Columns"))? as usize;
+        if rows == 0 || cols == 0 {
+            return Err(Pixels(format!("{sop}: an image of {rows} rows and {cols} columns")));
+        }
         let bits = obj.u16_of(tags::BITS_ALLOCATED).ok_or_else(|| missing("Bits Allocated (0028,0100)"))?;
         let signed = obj.u16_of(tags::PIXEL_REPRESENTATION).unwrap_or(0) == 1;
         let spp = obj.u16_of(tags::SAMPLES_PER_PIXEL).unwrap_or(1);
@@ -156,6 +164,9 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, VolumeError> {
         }
         let multi = crate::dicom::frames::is_multiframe(&obj);
         let frames = crate::dicom::frames::number_of_frames(&obj);
+        if frames == 0 {
+            return Err(Pixels(format!("{sop}: Number of Frames is 0")));
+        }
         let pixel_data = {
             let px = obj.element(tags::PIXEL_DATA).map_err(|_| missing("Pixel Data"))?;
             px.to_bytes().map_err(|_| Pixels(format!("{sop}: Pixel Data is encapsulated (compressed); send uncompressed")))?.into_owned()
@@ -203,7 +214,14 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, VolumeError> {
         }
     }
     items.sort_by(|a, b| a.pos.total_cmp(&b.pos));
-    let (rows, cols, _, ps) = shape.expect("at least one slice");
+    let Some((rows, cols, _, ps)) = shape else { return Err(VolumeError::Empty) };
+    if let Some(s) = ps.iter().find(|s| !SPACING_MM.contains(s)) {
+        return Err(Geometry(format!(
+            "Pixel Spacing {s} mm is outside {}-{} mm: not a clinical PET image",
+            SPACING_MM.start(),
+            SPACING_MM.end()
+        )));
+    }
     let dz = if items.len() > 1 {
         let mut gaps: Vec<f64> = items.windows(2).map(|w| w[1].pos - w[0].pos).collect();
         if let Some(i) = gaps.iter().position(|g| g.abs() < 1e-3) {
@@ -231,6 +249,13 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, VolumeError> {
             .or_else(|| d.f64_of(tags::SLICE_THICKNESS))
             .unwrap_or(ps[0])
     };
+    if !SPACING_MM.contains(&dz) {
+        return Err(Geometry(format!(
+            "slice spacing {dz:.4} mm (Image Position, or Slice Thickness of a single slice) is outside {}-{} mm",
+            SPACING_MM.start(),
+            SPACING_MM.end()
+        )));
+    }
     let nz = items.len();
     let mut data = Vec::with_capacity(rows * cols * nz);
     let mut slices = Vec::with_capacity(nz);
@@ -240,4 +265,32 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, VolumeError> {
     }
     // Pixel Spacing is row spacing \ column spacing: x step is the column spacing ps[1].
     Ok(LoadedSeries { volume: Volume { nx: cols, ny: rows, nz, spacing: [ps[1], ps[0], dz], data, frame_duration_s: None }, slices })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(dir: &std::path::Path, fov_mm: f64, slices: usize, thickness: f64) -> Vec<PathBuf> {
+        let spec = petsim::SeriesSpec { slices, matrix: 16, seed: 3, fov_mm, slice_thickness_mm: thickness, ..Default::default() };
+        petsim::write_series(dir, &spec).unwrap().files
+    }
+
+    #[test]
+    fn spacings_no_clinical_pet_has_are_refused_before_any_filter_is_sized() {
+        let d = tempfile::tempdir().unwrap();
+        // 0.0001 mm pixels: a 15 mm filter would need 380,000 taps
+        let files = series(&d.path().join("tiny"), 0.0016, 4, 3.0);
+        let Err(VolumeError::Geometry(e)) = load(&files) else { panic!("tiny pixels accepted") };
+        assert!(e.contains("Pixel Spacing") && e.contains("outside 0.5-100 mm"), "{e}");
+        // one slice with a Slice Thickness of zero
+        let files = series(&d.path().join("flat"), 400.0, 1, 0.0);
+        let Err(VolumeError::Geometry(e)) = load(&files) else { panic!("zero thickness accepted") };
+        assert!(e.contains("slice spacing"), "{e}");
+        // an ordinary series loads
+        let files = series(&d.path().join("ok"), 400.0, 4, 3.0);
+        let v = load(&files).unwrap().volume;
+        assert_eq!((v.nx, v.nz), (16, 4));
+        assert!((v.spacing[0] - 25.0).abs() < 1e-9 && (v.spacing[2] - 3.0).abs() < 1e-6, "{:?}", v.spacing);
+    }
 }
