@@ -86,7 +86,8 @@ enum Command {
         /// Slices of the simulated slab.
         #[arg(long, default_value_t = 40)]
         slices: usize,
-        /// Matrix (over a 600 mm field of view; 128: 4.69 mm pixels).
+        /// Matrix (128: 600 mm across at 4.69 mm pixels; smaller matrices keep
+        /// 4.69 mm pixels, larger ones go no finer than 2 mm).
         #[arg(long, default_value_t = 128)]
         matrix: usize,
         /// ort, tract or gaussian (default: ort when its library is found, else tract).

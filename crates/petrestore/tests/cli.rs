@@ -596,7 +596,7 @@ fn systemd_notify_ready_watchdog_and_stopping() {
 #[test]
 fn offline_restore_writes_the_uncertainty_series_when_asked() {
     let tmp = tempfile::tempdir().unwrap();
-    series(&tmp.path().join("in"), 8, 64, 47);
+    clinical_series(&tmp.path().join("in"), 8, 64, 47);
     let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
     let out_dir = tmp.path().join("out");
     let args = |out: &std::path::Path, engine: &str| {
@@ -633,7 +633,7 @@ fn offline_restore_writes_the_uncertainty_series_when_asked() {
 
 #[test]
 fn a_frame_outside_the_models_durations_is_skipped_not_filtered() {
-    // The model package says which frame durations it was trained for;
+    // The model package says which frame durations (and pixel sizes) it was trained for;
     // restore.min/max_frame_duration_s may be wider. A frame inside the
     // config's window and outside the model's must not fall through to the
     // next engine (the Gaussian): it is skipped, with the model's range named.
@@ -645,7 +645,11 @@ fn a_frame_outside_the_models_durations_is_skipped_not_filtered() {
     }
     let toml = std::fs::read_to_string(model.join("model.toml")).unwrap();
     assert!(toml.contains("frame_durations_s = [20.0, 75.0]"), "the test model's range changed: {toml}");
-    std::fs::write(model.join("model.toml"), toml.replace("frame_durations_s = [20.0, 75.0]", "frame_durations_s = [27.0, 66.0]")).unwrap();
+    std::fs::write(
+        model.join("model.toml"),
+        toml.replace("frame_durations_s = [20.0, 75.0]", "frame_durations_s = [27.0, 66.0]\npixel_mm = [2.0, 5.3]"),
+    )
+    .unwrap();
     let config = tmp.path().join("petrestore.toml");
     std::fs::write(
         &config,
@@ -655,9 +659,10 @@ fn a_frame_outside_the_models_durations_is_skipped_not_filtered() {
         ),
     )
     .unwrap();
-    let run = |secs: f64, out: &str| {
-        let dir = tmp.path().join(format!("in{secs}"));
-        let spec = petsim::SeriesSpec { slices: 4, matrix: 32, seed: 7, frame_duration_s: secs, ..Default::default() };
+    let run_at = |secs: f64, pixel_mm: f64, out: &str| {
+        let dir = tmp.path().join(format!("in{secs}-{pixel_mm}"));
+        let spec =
+            petsim::SeriesSpec { slices: 4, matrix: 32, seed: 7, frame_duration_s: secs, fov_mm: 32.0 * pixel_mm, ..Default::default() };
         petsim::write_series(&dir, &spec).unwrap();
         let o = tmp.path().join(out);
         let r = petrestore(&[
@@ -671,6 +676,7 @@ fn a_frame_outside_the_models_durations_is_skipped_not_filtered() {
         ]);
         (r, o)
     };
+    let run = |secs: f64, out: &str| run_at(secs, 4.0, out);
     let (r, o) = run(70.0, "o70");
     let t = text(&r);
     assert!(!r.status.success(), "a 70 s frame was restored: {t}");
@@ -681,6 +687,13 @@ fn a_frame_outside_the_models_durations_is_skipped_not_filtered() {
     assert!(r.status.success(), "{}", text(&r));
     assert!(text(&r).contains("with tract"), "{}", text(&r));
     assert!(!files_under(&o).is_empty());
+    // so do its pixel sizes: 1.6 mm pixels (finer than any it was trained
+    // on) are skipped, not restored and not handed to the Gaussian
+    let (r, o) = run_at(30.0, 1.6, "o30-fine");
+    let t = text(&r);
+    assert!(!r.status.success(), "1.6 mm pixels were restored: {t}");
+    assert!(t.contains("Pixel Spacing 1.60 mm is outside the 2–5.3 mm the model was trained on"), "{t}");
+    assert!(!o.exists() || files_under(&o).is_empty(), "nothing is written for a skipped series");
 }
 
 /// A runtime-only ONNX Runtime install (a Yocto image without `-dev`

@@ -190,8 +190,9 @@ fn corrupt_or_missing_model_refuses_to_start_naming_the_file() {
 }
 
 #[test]
-fn model_package_that_does_not_match_its_network_is_unavailable() {
-    // The package says 3 context slices; the network takes 5.
+fn model_package_that_does_not_match_its_network_is_refused() {
+    // The package says 3 context slices; the network takes 5: neither model
+    // engine can run it, and the Gaussian does not take the model's place.
     let tmp = tempfile::tempdir().unwrap();
     let pkg = tmp.path().join("model");
     std::fs::create_dir_all(&pkg).unwrap();
@@ -199,9 +200,9 @@ fn model_package_that_does_not_match_its_network_is_unavailable() {
     let t = std::fs::read_to_string(test_model().join("model.toml")).unwrap().replace("context_slices = 5", "context_slices = 3");
     std::fs::write(pkg.join("model.toml"), t).unwrap();
     let s = settings_with(&["ort", "tract", "gaussian"], &pkg, &ort_library());
-    let e = restore::engines_from_settings(&s).unwrap();
-    assert_eq!(e.engines.iter().map(|e| e.name().to_string()).collect::<Vec<_>>(), ["gaussian"], "{:#?}", e.reports);
-    assert!(e.reports[0].detail.contains("does not run") && e.reports[1].detail.contains("does not run"), "{:#?}", e.reports);
+    let Err(e) = restore::engines_from_settings(&s) else { panic!("engines built from a package no engine can run") };
+    assert!(e.contains("ort: ") && e.contains("tract: ") && e.matches("does not run").count() == 2, "{e}");
+    assert!(e.contains("the Gaussian does not stand in for the model"), "{e}");
 }
 
 #[test]

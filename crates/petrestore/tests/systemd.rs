@@ -191,7 +191,7 @@ fn the_shipped_unit_runs_hardened_under_systemd_and_logs_to_journald() {
     assert_eq!(sys.show("petrestore", "User"), "petrestore");
 
     // A series in, the restored series out to the destination.
-    let s = series(&tmp.path().join("in"), 8, 64, 77);
+    let s = clinical_series(&tmp.path().join("in"), 8, 64, 77);
     let o = storescu(port, CONSOLE, &s.files);
     assert!(o.status.success(), "storescu: {}", text(&o));
     let got = wait_for("the restored series at the destination", Duration::from_secs(180), || {

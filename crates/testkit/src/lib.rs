@@ -436,6 +436,14 @@ pub fn series(dir: &Path, slices: usize, matrix: usize, seed: u64) -> petsim::Se
     petsim::write_series(dir, &spec).unwrap()
 }
 
+/// [`series`] at 4 mm pixels (a field of view of `matrix` × 4 mm), inside
+/// the pixel sizes the shipped model was trained on (2.0–5.3 mm): for tests
+/// that restore with it.
+pub fn clinical_series(dir: &Path, slices: usize, matrix: usize, seed: u64) -> petsim::SeriesFiles {
+    let spec = petsim::SeriesSpec { slices, matrix, seed, frame_duration_s: 30.0, fov_mm: matrix as f64 * 4.0, ..Default::default() };
+    petsim::write_series(dir, &spec).unwrap()
+}
+
 pub fn job_id(s: &petsim::SeriesFiles) -> String {
     petrestore::journal::job_id(&s.series_uid)
 }

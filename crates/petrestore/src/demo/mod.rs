@@ -183,7 +183,10 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         matrix: opts.matrix,
         frame_duration_s: 30.0,
         seed: PATIENT_SEED,
-        fov_mm: 600.0,
+        // 600 mm across at 128² (4.69 mm pixels); a smaller matrix keeps
+        // the pixel size (a narrower field of view) and a larger one no
+        // finer than 2 mm: inside the pixel sizes the model was trained on
+        fov_mm: (600.0 / opts.matrix as f64).clamp(2.0, 4.6875) * opts.matrix as f64,
         slice_thickness_mm: 3.27,
     };
     let span = (spec.slices - 1) as f64 * spec.slice_thickness_mm;

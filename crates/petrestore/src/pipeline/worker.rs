@@ -314,6 +314,13 @@ pub fn restore_paths_with(
             return Err(NotRestored::Skipped(select::NotSelected::ModelDuration { secs, lo, hi }.to_string()));
         }
     }
+    // And its pixel sizes (0.5 % for rounding in the header).
+    if let Some([lo, hi]) = engines.iter().find_map(|e| e.pixel_mm()) {
+        let sp = &loaded.volume.spacing;
+        if let Some(&mm) = sp[..2].iter().find(|&&mm| mm < lo * 0.995 || mm > hi * 1.005) {
+            return Err(NotRestored::Skipped(select::NotSelected::ModelPixel { mm, lo, hi }.to_string()));
+        }
+    }
     let mut input = loaded.volume;
     input.frame_duration_s = Some(selected.frame_duration_s);
     let (restored, variance, engine, fallbacks) =

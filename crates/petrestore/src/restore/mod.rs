@@ -64,6 +64,11 @@ pub trait Engine: Send + Sync {
     fn frame_durations(&self) -> Option<[f64; 2]> {
         None
     }
+    /// The in-plane pixel spacings a model was trained on (`[selection]
+    /// pixel_mm` of its package, mm); `None`: any.
+    fn pixel_mm(&self) -> Option<[f64; 2]> {
+        None
+    }
     /// The calibration that gives this engine's output its per-voxel σ
     /// (see [`uncertainty`]); `None`: no uncertainty series.
     fn uncertainty(&self) -> Option<uncertainty::Calibration> {

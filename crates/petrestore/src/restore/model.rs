@@ -123,6 +123,10 @@ pub struct Selection {
     /// [min, max] Actual Frame Duration in seconds.
     pub frame_durations_s: [f64; 2],
     pub tracers: Vec<String>,
+    /// [min, max] in-plane pixel spacing (mm) the model was trained on;
+    /// absent: any.
+    #[serde(default)]
+    pub pixel_mm: Option<[f64; 2]>,
 }
 
 /// A loaded, verified model package.

@@ -49,6 +49,11 @@ pub enum NotSelected {
          (the corrected series of the same bed is restored)"
     )]
     NotAttenuationCorrected(String),
+    #[error(
+        "Pixel Spacing {mm:.2} mm is outside the {lo}–{hi} mm the model was trained on: its output there was never \
+         measured, so no engine restores it"
+    )]
+    ModelPixel { mm: f64, lo: f64, hi: f64 },
     #[error("matrix {rows}x{cols} exceeds restore.max_matrix {max}")]
     Matrix { rows: usize, cols: usize, max: u32 },
     #[error("slices have different Actual Frame Durations ({0} and {1} ms)")]

@@ -115,6 +115,9 @@ impl Engine for TractEngine {
     fn frame_durations(&self) -> Option<[f64; 2]> {
         Some(self.pkg.selection.frame_durations_s)
     }
+    fn pixel_mm(&self) -> Option<[f64; 2]> {
+        self.pkg.selection.pixel_mm
+    }
     fn uncertainty(&self) -> Option<super::uncertainty::Calibration> {
         self.pkg.uncertainty.clone()
     }
