@@ -190,6 +190,23 @@ fn corrupt_or_missing_model_refuses_to_start_naming_the_file() {
 }
 
 #[test]
+fn an_output_the_package_names_but_the_network_lacks_is_refused_by_name() {
+    // Both engines find R and σ² by the names in model.toml [io], never by
+    // position: a name the graph does not have makes the engine unavailable.
+    let tmp = tempfile::tempdir().unwrap();
+    let shipped = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let pkg = tmp.path().join("model");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::copy(shipped.join("model.onnx"), pkg.join("model.onnx")).unwrap();
+    let t = std::fs::read_to_string(shipped.join("model.toml")).unwrap();
+    assert!(t.contains("variance = \"variance\""), "the shipped package names its σ² output");
+    std::fs::write(pkg.join("model.toml"), t.replacen("variance = \"variance\"", "variance = \"sigma_squared\"", 1)).unwrap();
+    let s = settings_with(&["tract"], &pkg, &ort_library());
+    let Err(e) = restore::engines_from_settings(&s) else { panic!("tract ran a package whose output name is not in its graph") };
+    assert!(e.contains("has no output \"sigma_squared\"") && e.contains("\"variance\""), "{e}");
+}
+
+#[test]
 fn model_package_that_does_not_match_its_network_is_refused() {
     // The package says 3 context slices; the network takes 5: neither model
     // engine can run it, and the Gaussian does not take the model's place.

@@ -29,6 +29,10 @@ pub struct TractEngine {
     /// Plans per (R alone, batch, height, width).
     plans: Mutex<HashMap<(bool, usize, usize, usize), Plan>>,
     workers: usize,
+    /// Positions of `io.output` and `io.variance` among the graph's outputs,
+    /// found by name (as ONNX Runtime finds them), never assumed.
+    output_at: usize,
+    variance_at: Option<usize>,
 }
 
 fn err(reason: impl ToString) -> EngineError {
@@ -43,13 +47,23 @@ impl TractEngine {
             reason: format!("cannot parse {}: {e:#}", pkg.onnx_path.display()),
         })?;
         let workers = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
+        let names: Vec<String> =
+            model.output_outlets().map_err(err)?.iter().map(|o| model.outlet_label(*o).unwrap_or_default().to_string()).collect();
+        let at = |name: &str| {
+            names.iter().position(|n| n == name).ok_or_else(|| EngineError::Unavailable {
+                engine: "tract".into(),
+                reason: format!("{} has no output {name:?} (model.toml [io]); its outputs are {names:?}", pkg.onnx_path.display()),
+            })
+        };
+        let output_at = at(&pkg.io.output)?;
+        let variance_at = pkg.io.variance.as_deref().map(at).transpose()?;
         // Without it every run computes the head: slower, same results.
         let restore_only = pkg.io.variance.as_ref().and_then(|_| {
             let cut = super::model::graph_cut_to(&pkg.onnx_path, &pkg.io.output)
                 .and_then(|bytes| tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(|e| format!("{e:#}")));
             cut.map_err(|reason| tracing::warn!(%reason, "cannot build the graph without the σ head; every run computes it")).ok()
         });
-        Ok(TractEngine { pkg, model, restore_only, plans: Mutex::new(HashMap::new()), workers })
+        Ok(TractEngine { pkg, model, restore_only, plans: Mutex::new(HashMap::new()), workers, output_at, variance_at })
     }
 
     /// Whether runs that need R alone skip the σ head (packages with `io.variance`).
@@ -94,8 +108,11 @@ impl TractEngine {
         let take = |k: usize| -> Result<Vec<f32>, String> {
             Ok(out[k].to_plain_array_view::<f32>().map_err(|e| e.to_string())?.iter().copied().collect())
         };
-        // outputs in the graph's order: `io.output`, then `io.variance` (checked at load)
-        Ok((take(0)?, if self.pkg.io.variance.is_some() && out.len() > 1 { Some(take(1)?) } else { None }))
+        // the graph cut for R alone has R as its only output; the whole
+        // graph has both, at the positions their names were found at load
+        let single = out.len() == 1;
+        let r = take(if single { 0 } else { self.output_at })?;
+        Ok((r, if single { None } else { self.variance_at.map(take).transpose()? }))
     }
 }
 
