@@ -32,6 +32,10 @@ enum Command {
         slices: usize,
         #[arg(long, default_value_t = 128)]
         matrix: usize,
+        /// Field of view across, mm (pixel size = this ÷ --matrix; the
+        /// shipped model restores 2.0–5.3 mm pixels only).
+        #[arg(long, default_value_t = 600.0)]
+        fov_mm: f64,
         #[arg(long, default_value_t = 30.0)]
         frame_duration: f64,
         #[arg(long, default_value_t = 1)]
@@ -216,7 +220,7 @@ enum Command {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: true, phantom, post_filter, enhanced, legacy } => {
+        Command::Simulate { out, slices, matrix, fov_mm, frame_duration, seed, physics: true, phantom, post_filter, enhanced, legacy } => {
             let phantom = match phantom.as_str() {
                 "torso" => petsim::Phantom::Torso,
                 "nema" => petsim::Phantom::Nema,
@@ -229,7 +233,10 @@ fn run(cli: Cli) -> Result<()> {
                     )
                 }
             };
-            let spec = petsim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
+            if !(50.0..=1000.0).contains(&fov_mm) {
+                bail!("--fov-mm {fov_mm}: give a field of view from 50 to 1000 mm");
+            }
+            let spec = petsim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, fov_mm, ..Default::default() };
             let t = std::time::Instant::now();
             if !(0.0..=30.0).contains(&post_filter) {
                 bail!("--post-filter {post_filter}: give a FWHM in mm from 0 (none) to 30");
@@ -246,8 +253,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("truth: {}, lesions: {} ({:.1} s)", st.truth.display(), st.lesions.display(), t.elapsed().as_secs_f64());
             Ok(())
         }
-        Command::Simulate { out, slices, matrix, frame_duration, seed, physics: false, enhanced, legacy, .. } => {
-            let spec = petsim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, ..Default::default() };
+        Command::Simulate { out, slices, matrix, fov_mm, frame_duration, seed, physics: false, enhanced, legacy, .. } => {
+            if !(50.0..=1000.0).contains(&fov_mm) {
+                bail!("--fov-mm {fov_mm}: give a field of view from 50 to 1000 mm");
+            }
+            let spec = petsim::SeriesSpec { slices, matrix, frame_duration_s: frame_duration, seed, fov_mm, ..Default::default() };
             let write = match (enhanced, legacy) {
                 (true, _) => petsim::write_series_enhanced,
                 (_, true) => petsim::write_series_legacy,

@@ -146,7 +146,8 @@ fn paired_table(models: &[PathBuf], reps: usize) {
     }
     println!("{:<7} {:<10} {:>7} {:>6} {:>12} {:>16}", "matrix", "engine", "threads", "model", "engine s", "÷ model 0 (med)");
     for matrix in list("MATRICES", &[192]) {
-        let spec = petsim::SeriesSpec { slices: 268, matrix, seed: 5, ..Default::default() };
+        // 600 mm across, no finer than 2 mm pixels (the shipped model's range)
+        let spec = petsim::SeriesSpec { slices: 268, matrix, seed: 5, fov_mm: (2.0 * matrix as f64).max(600.0), ..Default::default() };
         let dir = tmp.path().join(format!("s{matrix}"));
         let src = petsim::write_series(&dir, &spec).unwrap();
         let mut v = volume::load(&src.files).unwrap().volume;
@@ -211,7 +212,8 @@ fn main() {
         "matrix", "engine", "threads", "slices/s", "engine s", "restore cmd s", "peak RSS MiB", "vs ort"
     );
     for matrix in list("MATRICES", &[192, 400]) {
-        let spec = petsim::SeriesSpec { slices: 268, matrix, seed: 5, ..Default::default() };
+        // 600 mm across, no finer than 2 mm pixels (the shipped model's range)
+        let spec = petsim::SeriesSpec { slices: 268, matrix, seed: 5, fov_mm: (2.0 * matrix as f64).max(600.0), ..Default::default() };
         let dir = tmp.path().join(format!("s{matrix}"));
         let src = petsim::write_series(&dir, &spec).unwrap();
         let mut v = volume::load(&src.files).unwrap().volume;
