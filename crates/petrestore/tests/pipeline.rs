@@ -192,11 +192,12 @@ fn destination_down_is_retried_with_backoff_until_it_comes_up() {
 }
 
 #[test]
-fn a_destination_removed_by_reload_is_dropped_and_does_not_fail_the_job() {
+fn a_destination_renamed_by_reload_gets_the_pending_series_and_the_old_name_is_dropped() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 8, 32, 14);
     let (gone_port, kept_port) = (free_port(), free_port());
     let kept = StoreScp::start_on(&tmp.path().join("kept"), kept_port);
+    let renamed = StoreScp::start(&tmp.path().join("renamed"));
     let d = Daemon::start(
         &tmp.path().join("d"),
         &format!("[egress]\nmax_attempts = 20\n{}{}", destination("pacs", kept_port), destination("old", gone_port)),
@@ -209,16 +210,22 @@ fn a_destination_removed_by_reload_is_dropped_and_does_not_fail_the_job() {
             && j.deliveries.iter().any(|x| x.destination == "pacs" && x.delivered))
         .then_some(())
     });
-    // the operator removes the destination that is down
+    // the operator replaces the destination that is down by a working one
     let cfg = std::fs::read_to_string(&d.config).unwrap();
     let (head, _) = cfg.split_once("[[destination]]\nname = \"old\"").expect("the old destination in the config");
-    std::fs::write(&d.config, head).unwrap();
+    std::fs::write(&d.config, format!("{head}{}", destination("new", renamed.port))).unwrap();
     d.signal("HUP");
     let job = d.wait_terminal(&id, Duration::from_secs(60));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
-    assert!(job.history.iter().any(|e| e.what.contains("not sent to old: no longer configured")), "{:#?}", job.history);
-    assert!(job.deliveries.iter().all(|x| x.destination == "pacs" && x.delivered), "{:?}", job.deliveries);
+    assert!(
+        job.history.iter().any(|e| e.what.contains("not sent to old: no longer configured; also sent to new: configured since")),
+        "{:#?}",
+        job.history
+    );
+    let names: Vec<&str> = job.deliveries.iter().filter(|x| x.delivered).map(|x| x.destination.as_str()).collect();
+    assert_eq!(names, ["pacs", "new"], "{:?}", job.deliveries);
     assert_eq!(kept.files().len(), 8);
+    assert_eq!(renamed.files().len(), 8, "the renamed destination gets the pending series");
 }
 
 #[test]

@@ -254,7 +254,12 @@ pub fn apply_commitment_report(
                 }
             };
             j.note(line);
-            settle(j, settings.max_attempts);
+            // New instances waiting: the delivery task settles (and re-runs)
+            // the job; it may be sending to another destination of it now,
+            // and re-planning under it would lose the new instances there.
+            if !j.rerun_requested {
+                settle(j, settings.max_attempts);
+            }
         })?;
         if updated.state.is_terminal() {
             tracing::info!(job = %job.id, state = updated.state.name(), "job finished");
@@ -281,25 +286,44 @@ pub async fn deliver_due(
 ) -> Result<(), JournalError> {
     let Some(mut job) = on_disk(|| journal.get(job_id))? else { return Ok(()) };
     let JobState::Delivering { payload, .. } = job.state.clone() else { return Ok(()) };
-    // A destination removed from the config (reload) is not waited for: its
-    // pending delivery is dropped and the history says so, instead of
-    // failing a job every configured destination confirmed.
+    // The plan follows the config (a reload): a pending delivery to a
+    // destination no longer configured is dropped, and a destination
+    // configured since is added, so renaming a destination moves its
+    // pending series to the new name instead of failing (or finishing)
+    // the job without it. The history says which.
     let configured: HashSet<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
-    if job.deliveries.iter().any(|d| !d.delivered && !configured.contains(d.destination.as_str())) {
+    let gone = |j: &Job| -> Vec<String> {
+        j.deliveries
+            .iter()
+            .filter(|d| !d.delivered && !configured.contains(d.destination.as_str()))
+            .map(|d| d.destination.clone())
+            .collect()
+    };
+    let added = |j: &Job| -> Vec<String> {
+        destinations.iter().filter(|d| !j.deliveries.iter().any(|x| x.destination == d.name)).map(|d| d.name.clone()).collect()
+    };
+    if !gone(&job).is_empty() || !added(&job).is_empty() {
         job = on_disk(|| {
             journal.update(job_id, |j| {
-                let gone: Vec<String> = j
-                    .deliveries
-                    .iter()
-                    .filter(|d| !d.delivered && !configured.contains(d.destination.as_str()))
-                    .map(|d| d.destination.clone())
-                    .collect();
+                let (gone, added) = (gone(j), added(j));
                 j.deliveries.retain(|d| d.delivered || configured.contains(d.destination.as_str()));
-                j.note(format!("not sent to {}: no longer configured", gone.join(", ")));
+                for name in &added {
+                    j.add_delivery(name);
+                }
+                let mut line = Vec::new();
+                if !gone.is_empty() {
+                    line.push(format!("not sent to {}: no longer configured", gone.join(", ")));
+                }
+                if !added.is_empty() {
+                    line.push(format!("also sent to {}: configured since", added.join(", ")));
+                }
+                if !line.is_empty() {
+                    j.note(line.join("; "));
+                }
                 settle(j, settings.max_attempts);
             })
         })?;
-        tracing::warn!(job = job_id, "pending deliveries to destinations no longer configured were dropped");
+        tracing::info!(job = job_id, "deliveries follow the reloaded destinations");
         if !matches!(job.state, JobState::Delivering { .. }) {
             return Ok(());
         }

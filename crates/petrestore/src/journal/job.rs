@@ -309,17 +309,22 @@ impl Job {
 
     /// Fresh delivery plan for the given destinations.
     pub fn plan_deliveries(&mut self, destinations: &[String]) {
-        self.deliveries = destinations
-            .iter()
-            .map(|d| Delivery {
-                destination: d.clone(),
-                delivered: false,
-                attempts: 0,
-                next_attempt_ms: 0,
-                last_error: None,
-                commitment: None,
-            })
-            .collect();
+        self.deliveries.clear();
+        for d in destinations {
+            self.add_delivery(d);
+        }
+    }
+
+    /// One more destination for this job's payload, due now.
+    pub fn add_delivery(&mut self, destination: &str) {
+        self.deliveries.push(Delivery {
+            destination: destination.to_string(),
+            delivered: false,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+            commitment: None,
+        });
     }
 }
 
