@@ -86,8 +86,8 @@ enum Command {
         /// Slices of the simulated slab.
         #[arg(long, default_value_t = 40)]
         slices: usize,
-        /// Matrix (128: 600 mm across at 4.69 mm pixels; smaller matrices keep
-        /// 4.69 mm pixels, larger ones go no finer than 2 mm).
+        /// Matrix, at least 80 (128: 600 mm across at 4.69 mm pixels; 80:
+        /// 400 mm at 5 mm; larger ones go no finer than 2 mm).
         #[arg(long, default_value_t = 128)]
         matrix: usize,
         /// ort, tract or gaussian (default: ort when its library is found, else tract).
@@ -484,7 +484,11 @@ fn check_config(file: &std::path::Path) -> Result<()> {
                     Err(err) => notes.push(format!("engine ort cannot run here: {err}; the daemon would use the next model engine")),
                 }
             }
-            EngineKind::Tract if model.is_some() => runnable.push("tract".into()),
+            // parsed as the daemon parses it (outputs found by name), not run
+            EngineKind::Tract if let Some(p) = &model => match restore::tract_engine::TractEngine::new(p.clone(), 1) {
+                Ok(_) => runnable.push("tract".into()),
+                Err(err) => notes.push(format!("engine tract cannot run here: {err}")),
+            },
             EngineKind::Gaussian => runnable.push(format!("gaussian ({} mm)", s.restore.gaussian_fwhm_mm)),
             _ => {}
         }

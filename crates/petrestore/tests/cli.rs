@@ -255,7 +255,7 @@ fn a_second_daemon_on_the_same_state_dir_is_refused_clearly() {
 fn demo_restores_with_the_shipped_model_and_draws_the_result() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().join("demo");
-    let run = || petrestore(&["demo", "--workdir", work.to_str().unwrap(), "--slices", "12", "--matrix", "64", "--engine", "tract"]);
+    let run = || petrestore(&["demo", "--workdir", work.to_str().unwrap(), "--slices", "12", "--matrix", "80", "--engine", "tract"]);
     let out = run();
     assert!(out.status.success(), "{}", text(&out));
     let t = text(&out);

@@ -149,6 +149,18 @@ fn spinner(what: &str) -> ProgressBar {
     pb
 }
 
+/// The demo patient's field of view for `matrix`: 600 mm across at 128²
+/// (4.69 mm pixels), never less than the 400 mm the widest body needs,
+/// with pixels within 2.0-5.0 mm (inside the 2.0-5.3 mm the model was
+/// trained on, so it restores them).
+fn demo_fov_mm(matrix: usize) -> Result<f64> {
+    let fov = (600.0 / matrix as f64).clamp(2.0, 5.0) * matrix as f64;
+    if fov < 400.0 {
+        anyhow::bail!("--matrix {matrix}: the body needs 400 mm across at pixels of at most 5 mm: use --matrix 80 or more");
+    }
+    Ok(fov)
+}
+
 pub async fn run(opts: DemoOptions) -> Result<()> {
     let work = opts.workdir.clone().unwrap_or_else(|| PathBuf::from("demo-out"));
     prepare(&work)?;
@@ -183,10 +195,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         matrix: opts.matrix,
         frame_duration_s: 30.0,
         seed: PATIENT_SEED,
-        // 600 mm across at 128² (4.69 mm pixels); a smaller matrix keeps
-        // the pixel size (a narrower field of view) and a larger one no
-        // finer than 2 mm: inside the pixel sizes the model was trained on
-        fov_mm: (600.0 / opts.matrix as f64).clamp(2.0, 4.6875) * opts.matrix as f64,
+        fov_mm: demo_fov_mm(opts.matrix)?,
         slice_thickness_mm: 3.27,
     };
     let span = (spec.slices - 1) as f64 * spec.slice_thickness_mm;
@@ -527,4 +536,16 @@ fn liver_voxels(p: &Patient, truth: &Volume, g: &Geometry) -> Vec<usize> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_demo_patient_fits_and_its_pixels_are_ones_the_model_restores() {
+        for (m, fov) in [(80, 400.0), (128, 600.0), (256, 600.0), (400, 800.0)] {
+            assert_eq!(super::demo_fov_mm(m).unwrap(), fov, "matrix {m}");
+        }
+        let e = super::demo_fov_mm(64).unwrap_err().to_string();
+        assert!(e.contains("--matrix 80 or more"), "{e}");
+    }
 }

@@ -45,8 +45,8 @@ pub enum NotSelected {
     )]
     ModelDuration { secs: f64, lo: f64, hi: f64 },
     #[error(
-        "{0}: the images are not attenuation-corrected; the model was trained on corrected images only \
-         (the corrected series of the same bed is restored)"
+        "{0}: the images are not attenuation-corrected; the model was trained on corrected images only: \
+         send the attenuation-corrected series to restore"
     )]
     NotAttenuationCorrected(String),
     #[error(
