@@ -611,11 +611,12 @@ fn shipped_model_runs_the_same_on_tract_and_onnx_runtime_as_in_training() {
 
 #[test]
 fn restore_uses_the_shipped_model_for_30_s_and_refuses_72_s_by_name() {
+    // 4 mm pixels: inside the 2.0-5.3 mm the shipped model restores
     let tmp = tempfile::tempdir().unwrap();
     let model = shipped().display().to_string();
     let short = petsim::write_series(
         &tmp.path().join("in30"),
-        &petsim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 30.0, ..Default::default() },
+        &petsim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 30.0, fov_mm: 256.0, ..Default::default() },
     )
     .unwrap();
     let out30 = tmp.path().join("out30");
@@ -639,7 +640,7 @@ fn restore_uses_the_shipped_model_for_30_s_and_refuses_72_s_by_name() {
 
     let long = petsim::write_series(
         &tmp.path().join("in72"),
-        &petsim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 72.0, seed: 2, ..Default::default() },
+        &petsim::SeriesSpec { slices: 8, matrix: 64, frame_duration_s: 72.0, seed: 2, fov_mm: 256.0, ..Default::default() },
     )
     .unwrap();
     let o = petrestore(&[
