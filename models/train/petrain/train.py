@@ -21,7 +21,9 @@ and, with --lowfreq-weight, the mean squared error after a Gaussian of
 --lowfreq-fwhm pixels: the large-scale part of the error (the mean of a
 background region, which NEMA's background variability measures) counted
 again, where the plain MSE lets the network keep much of the frame's
-large-scale noise as if it were anatomy.
+large-scale noise as if it were anatomy; with --lowfreq-lesion-margin,
+lesion voxels (grown by that many pixels) are left out of that term, so a
+lesion's deficit cannot be paid for by a surplus around it.
 The kept weights are those with the lowest loss
 on the validation split; the test split is never read here.
 """
@@ -52,6 +54,14 @@ def local_power(x, y, context):
     s = jax.lax.reduce_window((xc - y) ** 2, 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
     n = jax.lax.reduce_window(jnp.ones_like(y), 0.0, jax.lax.add, win, (1, 1, 1, 1), pad)
     return s / n
+
+
+def grow(m, px):
+    """Mask m [batch, 1, h, w] (0/1) grown by px pixels (a (2·px + 1)² maximum)."""
+    if px <= 0:
+        return m
+    k = 2 * px + 1
+    return jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, 1, k, k), (1, 1, 1, 1), "SAME")
 
 
 def smooth(v, fwhm_px):
@@ -227,6 +237,9 @@ def main(argv=None):
                     help="weight of the mean squared error after a Gaussian of --lowfreq-fwhm pixels: the large-scale "
                          "error (a background region's mean, NEMA's background variability) counted again")
     ap.add_argument("--lowfreq-fwhm", type=float, default=4.0, help="FWHM of --lowfreq-weight's Gaussian (pixels)")
+    ap.add_argument("--lowfreq-lesion-margin", type=int, default=None,
+                    help="leave lesion voxels, grown by this many pixels, out of --lowfreq-weight's term "
+                         "(default: every voxel counts)")
     ap.add_argument("--noisy-weight", type=float, default=0.0,
                     help="draw training studies with probability ∝ exp(k · noise_px of the 30 s frame): noisier reconstructions more often")
     ap.add_argument("--departing-lesions", type=float, default=0.0,
@@ -319,7 +332,8 @@ def main(argv=None):
         _, den = net.forward(p, x)
         loss = jnp.mean((1.0 + lw * m) * (den - y) ** 2)
         if lfw:
-            loss = loss + lfw * jnp.mean(smooth(den - y, a.lowfreq_fwhm) ** 2)
+            e = den - y if a.lowfreq_lesion_margin is None else (den - y) * (1.0 - grow(m, a.lowfreq_lesion_margin))
+            loss = loss + lfw * jnp.mean(smooth(e, a.lowfreq_fwhm) ** 2)
         if lmw:
             loss = loss + lmw * jnp.mean(lesion_mean_error(den, y, m) ** 2)
         if lrw:
