@@ -24,6 +24,10 @@ pub const MAX_SUFFIX_CHARS: usize = 24;
 /// Largest `restore.series_number_offset`: twice it (the uncertainty
 /// series) stays below Series Number's wrap at 100000.
 pub const MAX_SERIES_NUMBER_OFFSET: u32 = 49_999;
+/// Bounds of `restore.max_voxels`: one 256² slice, and 2³² voxels (about
+/// 80 GB while restoring).
+pub const MIN_MAX_VOXELS: u64 = 65_536;
+pub const MAX_MAX_VOXELS: u64 = 1 << 32;
 
 /// A configuration problem: which key, what was wrong, and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +137,7 @@ struct RawRestore {
     max_frame_duration_s: Option<f64>,
     units: Option<Vec<String>>,
     max_matrix: Option<u32>,
+    max_voxels: Option<u64>,
     forward_original_on_failure: Option<bool>,
     forward_skipped: Option<bool>,
     series_description_suffix: Option<String>,
@@ -274,6 +279,8 @@ pub struct RestoreSettings {
     pub max_frame_duration_s: f64,
     pub units: Vec<String>,
     pub max_matrix: u32,
+    /// Largest series restored, in voxels (memory); larger ones are skipped.
+    pub max_voxels: u64,
     pub forward_original_on_failure: bool,
     pub forward_skipped: bool,
     pub series_description_suffix: String,
@@ -396,6 +403,7 @@ pub const RELOADABLE: &[(&str, &[&str])] = &[
             "max_frame_duration_s",
             "units",
             "max_matrix",
+            "max_voxels",
             "forward_original_on_failure",
             "forward_skipped",
             "series_description_suffix",
@@ -842,6 +850,15 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
              so 0 would reuse the source's number",
         ));
     }
+    let max_voxels: u64 = pick!(u, d, restore.max_voxels);
+    if !(MIN_MAX_VOXELS..=MAX_MAX_VOXELS).contains(&max_voxels) {
+        errs.push(invalid(
+            "restore.max_voxels",
+            format!("{max_voxels} is outside {MIN_MAX_VOXELS}..={MAX_MAX_VOXELS}"),
+            "use the default 128000000 (a 400x400 series of 800 slices, about 2.4 GB while restoring), \
+             or less on a box with little memory: about 20 bytes per voxel",
+        ));
+    }
     RestoreSettings {
         engines,
         model: pick!(u, d, restore.model),
@@ -850,6 +867,7 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         max_frame_duration_s: max_fd,
         units: pick!(u, d, restore.units),
         max_matrix: pick!(u, d, restore.max_matrix),
+        max_voxels,
         forward_original_on_failure: pick!(u, d, restore.forward_original_on_failure),
         forward_skipped: pick!(u, d, restore.forward_skipped),
         series_description_suffix: suffix,
@@ -1136,7 +1154,9 @@ mod tests {
         assert!(e.contains("egress.backoff_initial_s") && e.contains("86400"), "{e}");
         let e = Settings::from_toml("[egress]\nbackoff_max_s = 1e20\n", "t").unwrap_err().to_string();
         assert!(e.contains("egress.backoff_initial_s"), "{e}");
-        let bad_values: [(&str, &str); 13] = [
+        let bad_values: [(&str, &str); 15] = [
+            ("[restore]\nmax_voxels = 0\n", "restore.max_voxels"),
+            ("[restore]\nmax_voxels = 5000000000\n", "restore.max_voxels"),
             ("[restore]\nseries_number_offset = 0\n", "restore.series_number_offset"),
             ("[restore]\nseries_number_offset = 60000\n", "restore.series_number_offset"),
             ("[restore]\nseries_description_suffix = \" a\\\\b\"\n", "restore.series_description_suffix"),

@@ -245,6 +245,23 @@ fn skipped_series_is_forwarded_unchanged() {
 }
 
 #[test]
+fn series_larger_than_max_voxels_is_skipped_and_forwarded_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 64 x 64 x 20 = 81,920 voxels against a bound of 65,536
+    let spec = petsim::SeriesSpec { slices: 20, matrix: 64, seed: 23, ..Default::default() };
+    let src = petsim::write_series(&tmp.path().join("src"), &spec).unwrap();
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let d = Daemon::start(&tmp.path().join("d"), &format!("[restore]\nmax_voxels = 65536\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
+    let JobState::Skipped { reason } = &job.state else { panic!("{:?}", job.state) };
+    assert!(reason.contains("more than 65536 voxels") && reason.contains("restore.max_voxels"), "{reason}");
+    let got: BTreeSet<String> =
+        dest.files().iter().map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap()).collect();
+    assert_eq!(got, src.sop_uids.iter().cloned().collect(), "the original series, unchanged UIDs");
+}
+
+#[test]
 fn retention_removes_files_of_delivered_jobs_and_keeps_the_record() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 5, 32, 19);

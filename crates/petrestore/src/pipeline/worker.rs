@@ -296,7 +296,11 @@ pub fn restore_paths_with(
     paths: &[PathBuf],
     uncertainty_series: bool,
 ) -> Result<Restored, NotRestored> {
-    let loaded = volume::load(paths).map_err(|e| NotRestored::Failed(format!("cannot build a volume: {e}")))?;
+    let loaded = volume::load_bounded(paths, s.restore.max_voxels).map_err(|e| match e {
+        // too large for this box: forwarded unchanged like any series the rules skip
+        volume::VolumeError::TooLarge { .. } => NotRestored::Skipped(e.to_string()),
+        e => NotRestored::Failed(format!("cannot build a volume: {e}")),
+    })?;
     let mut selected =
         select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(|e| NotRestored::Skipped(e.to_string()))?;
     // A model restores only the tracers it was trained for; the first
@@ -319,6 +323,14 @@ pub fn restore_paths_with(
         let sp = &loaded.volume.spacing;
         if let Some(&mm) = sp[..2].iter().find(|&&mm| mm < lo * 0.995 || mm > hi * 1.005) {
             return Err(NotRestored::Skipped(select::NotSelected::ModelPixel { mm, lo, hi }.to_string()));
+        }
+    }
+    // And enough slices for its context (a series of fewer would be read
+    // from repeated edge slices).
+    if let Some(need) = engines.iter().find_map(|e| e.context_slices()) {
+        let slices = loaded.volume.nz;
+        if slices < need {
+            return Err(NotRestored::Skipped(select::NotSelected::TooFewSlices { slices, need }.to_string()));
         }
     }
     let mut input = loaded.volume;

@@ -71,6 +71,13 @@ pub enum VolumeError {
     /// Geometry missing, or slices that do not form one regular volume.
     #[error("{0}")]
     Geometry(String),
+    /// More voxels than the bound the caller set (memory): found before
+    /// the rest of the series is read.
+    #[error(
+        "the series has more than {max} voxels ({rows}x{cols} per slice, {slices} slices in the first {files} files): \
+         larger than restore.max_voxels allows on this box's memory"
+    )]
+    TooLarge { max: u64, rows: usize, cols: usize, slices: usize, files: usize },
 }
 
 /// Stored values of one frame to Bq/ml.
@@ -135,18 +142,28 @@ fn frame_geometry(obj: &InMemDicomObject, frame: Option<usize>, what: &str) -> R
 /// Read the slices (single-frame instances, or the frames of multi-frame
 /// instances) and build the volume. Errors say what is inconsistent.
 pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, VolumeError> {
+    load_bounded(paths, u64::MAX)
+}
+
+/// [`load`], refusing a series of more than `max_voxels` voxels as soon as
+/// the files read so far hold more (the memory a series may take is
+/// bounded, not found by running out of it).
+pub fn load_bounded(paths: &[PathBuf], max_voxels: u64) -> Result<LoadedSeries, VolumeError> {
     use VolumeError::{Geometry, Missing, Pixels};
     if paths.is_empty() {
         return Err(VolumeError::Empty);
     }
     struct Item {
         pos: f64,
+        /// Image Position along the rows and the columns (mm).
+        lateral: [f64; 2],
         data: Vec<f32>,
         slice: SourceSlice,
     }
     let mut items = Vec::with_capacity(paths.len());
     let mut shape: Option<(usize, usize, [f64; 6], [f64; 2])> = None;
-    for p in paths {
+    let mut voxels: u64 = 0;
+    for (read, p) in paths.iter().enumerate() {
         let file = crate::dicom::part10::open(p).map_err(VolumeError::Unreadable)?;
         let mut obj = file.into_inner();
         let sop = obj.str_of(tags::SOP_INSTANCE_UID).ok_or_else(|| Missing { sop: p.display().to_string(), what: "SOP Instance UID" })?;
@@ -175,6 +192,10 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, VolumeError> {
         let sop_class = obj.str_of(tags::SOP_CLASS_UID).unwrap_or_default();
         let dataset = Arc::new(obj);
         let n = rows * cols;
+        voxels = voxels.saturating_add((n as u64).saturating_mul(frames as u64));
+        if voxels > max_voxels {
+            return Err(VolumeError::TooLarge { max: max_voxels, rows, cols, slices: items.len() + frames, files: read + 1 });
+        }
         let frame_bytes = n * (bits as usize).div_ceil(8);
         // saturating: Number of Frames comes from the sender
         if pixel_data.len() < frames.saturating_mul(frame_bytes) {
@@ -205,9 +226,11 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, VolumeError> {
             let bytes = &pixel_data[f * frame_bytes..(f + 1) * frame_bytes];
             let data = decode(bytes, bits, signed, n, g.slope, g.intercept).map_err(|e| Pixels(format!("{what}: {e}")))?;
             let normal = cross([g.iop[0], g.iop[1], g.iop[2]], [g.iop[3], g.iop[4], g.iop[5]]);
-            let pos = g.ipp[0] * normal[0] + g.ipp[1] * normal[1] + g.ipp[2] * normal[2];
+            let along = |d: &[f64]| g.ipp[0] * d[0] + g.ipp[1] * d[1] + g.ipp[2] * d[2];
+            let pos = along(&normal);
             items.push(Item {
                 pos,
+                lateral: [along(&g.iop[..3]), along(&g.iop[3..])],
                 data,
                 slice: SourceSlice { sop_instance_uid: sop.clone(), sop_class_uid: sop_class.clone(), frame, dataset: dataset.clone() },
             });
@@ -220,6 +243,18 @@ pub fn load(paths: &[PathBuf]) -> Result<LoadedSeries, VolumeError> {
             "Pixel Spacing {s} mm is outside {}-{} mm: not a clinical PET image",
             SPACING_MM.start(),
             SPACING_MM.end()
+        )));
+    }
+    // slices stacked straight: a slice shifted sideways by half a pixel or
+    // more is not part of one regular volume (the model would see edges move)
+    let first = items[0].lateral;
+    if let Some(it) = items.iter().find(|it| (0..2).any(|k| (it.lateral[k] - first[k]).abs() >= 0.5 * ps[1 - k])) {
+        return Err(Geometry(format!(
+            "slices do not stack straight: Image Position (Patient) of the slice at {:.2} mm is {:.2} mm along the rows and \
+             {:.2} mm along the columns from the first slice's (half a pixel allowed)",
+            it.pos,
+            it.lateral[0] - first[0],
+            it.lateral[1] - first[1]
         )));
     }
     let dz = if items.len() > 1 {
@@ -292,5 +327,41 @@ mod tests {
         let v = load(&files).unwrap().volume;
         assert_eq!((v.nx, v.nz), (16, 4));
         assert!((v.spacing[0] - 25.0).abs() < 1e-9 && (v.spacing[2] - 3.0).abs() < 1e-6, "{:?}", v.spacing);
+    }
+
+    #[test]
+    fn a_series_over_the_voxel_bound_is_refused_before_it_is_read_whole() {
+        let d = tempfile::tempdir().unwrap();
+        // 16 x 16 = 256 voxels per slice: the bound of 1,000 is passed by the fourth file
+        let files = series(&d.path().join("s"), 400.0, 10, 3.0);
+        let Err(e @ VolumeError::TooLarge { files: 4, slices: 4, .. }) = load_bounded(&files, 1000) else {
+            panic!("not refused at file 4")
+        };
+        assert!(e.to_string().contains("more than 1000 voxels (16x16 per slice"), "{e}");
+        assert_eq!(load_bounded(&files, 2560).unwrap().volume.nz, 10, "exactly at the bound loads");
+    }
+
+    #[test]
+    fn slices_shifted_sideways_are_not_one_volume() {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        let d = tempfile::tempdir().unwrap();
+        let files = series(&d.path().join("s"), 400.0, 4, 3.0);
+        let mut o = crate::dicom::part10::open(&files[2]).unwrap();
+        let ipp: Vec<f64> = o.element(tags::IMAGE_POSITION_PATIENT).unwrap().to_multi_float64().unwrap();
+        // pixels of 25 mm: move the third slice 12 mm (under half a pixel), then 13 mm
+        let mut shift = |mm: f64| {
+            let v = [ipp[0] + mm, ipp[1], ipp[2]];
+            o.put(DataElement::new(
+                tags::IMAGE_POSITION_PATIENT,
+                VR::DS,
+                PrimitiveValue::Strs(v.iter().map(|x| format!("{x:.4}")).collect()),
+            ));
+            o.write_to_file(&files[2]).unwrap();
+        };
+        shift(12.0);
+        assert_eq!(load(&files).unwrap().volume.nz, 4, "under half a pixel is rounding");
+        shift(13.0);
+        let Err(VolumeError::Geometry(e)) = load(&files) else { panic!("a slice 13 mm off accepted") };
+        assert!(e.contains("do not stack straight") && e.contains("13.00 mm along the rows"), "{e}");
     }
 }
