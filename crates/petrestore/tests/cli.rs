@@ -662,7 +662,7 @@ fn a_frame_outside_the_models_durations_is_skipped_not_filtered() {
     let run_at = |secs: f64, pixel_mm: f64, out: &str| {
         let dir = tmp.path().join(format!("in{secs}-{pixel_mm}"));
         let spec =
-            petsim::SeriesSpec { slices: 4, matrix: 32, seed: 7, frame_duration_s: secs, fov_mm: 32.0 * pixel_mm, ..Default::default() };
+            petsim::SeriesSpec { slices: 5, matrix: 32, seed: 7, frame_duration_s: secs, fov_mm: 32.0 * pixel_mm, ..Default::default() };
         petsim::write_series(&dir, &spec).unwrap();
         let o = tmp.path().join(out);
         let r = petrestore(&[
@@ -693,6 +693,17 @@ fn a_frame_outside_the_models_durations_is_skipped_not_filtered() {
     let t = text(&r);
     assert!(!r.status.success(), "1.6 mm pixels were restored: {t}");
     assert!(t.contains("Pixel Spacing 1.60 mm is outside the 2–5.3 mm the model was trained on"), "{t}");
+    assert!(!o.exists() || files_under(&o).is_empty(), "nothing is written for a skipped series");
+    // and enough slices for its five-slice context: four are skipped
+    let dir = tmp.path().join("in-four");
+    let spec = petsim::SeriesSpec { slices: 4, matrix: 32, seed: 7, fov_mm: 128.0, ..Default::default() };
+    petsim::write_series(&dir, &spec).unwrap();
+    let o = tmp.path().join("o-four");
+    let r =
+        petrestore(&["restore", "--input", dir.to_str().unwrap(), "--output", o.to_str().unwrap(), "--config", config.to_str().unwrap()]);
+    let t = text(&r);
+    assert!(!r.status.success(), "four slices were restored: {t}");
+    assert!(t.contains("the series has 4 slices; the model reads 5 neighbouring slices"), "{t}");
     assert!(!o.exists() || files_under(&o).is_empty(), "nothing is written for a skipped series");
 }
 

@@ -69,6 +69,11 @@ pub trait Engine: Send + Sync {
     fn pixel_mm(&self) -> Option<[f64; 2]> {
         None
     }
+    /// Slices a model reads for each one it restores (`io.context_slices`
+    /// of its package): the fewest a series must have; `None`: any.
+    fn context_slices(&self) -> Option<usize> {
+        None
+    }
     /// The calibration that gives this engine's output its per-voxel σ
     /// (see [`uncertainty`]); `None`: no uncertainty series.
     fn uncertainty(&self) -> Option<uncertainty::Calibration> {

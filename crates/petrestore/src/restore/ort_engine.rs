@@ -420,6 +420,9 @@ impl Engine for OrtEngine {
     fn pixel_mm(&self) -> Option<[f64; 2]> {
         self.pkg.selection.pixel_mm
     }
+    fn context_slices(&self) -> Option<usize> {
+        Some(self.pkg.io.context_slices)
+    }
     fn uncertainty(&self) -> Option<super::uncertainty::Calibration> {
         self.pkg.uncertainty.clone()
     }

@@ -54,6 +54,12 @@ pub enum NotSelected {
          measured, so no engine restores it"
     )]
     ModelPixel { mm: f64, lo: f64, hi: f64 },
+    #[error(
+        "the series has {slices} slice{}; the model reads {need} neighbouring slices for each one it restores \
+         (io.context_slices) and its output on fewer was never measured, so no engine restores it",
+        if *slices == 1 { "" } else { "s" }
+    )]
+    TooFewSlices { slices: usize, need: usize },
     #[error("matrix {rows}x{cols} exceeds restore.max_matrix {max}")]
     Matrix { rows: usize, cols: usize, max: u32 },
     #[error("slices have different Actual Frame Durations ({0} and {1} ms)")]
