@@ -855,8 +855,8 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         errs.push(invalid(
             "restore.max_voxels",
             format!("{max_voxels} is outside {MIN_MAX_VOXELS}..={MAX_MAX_VOXELS}"),
-            "use the default 128000000 (a 400x400 series of 800 slices, about 2.4 GB while restoring), \
-             or less on a box with little memory: about 20 bytes per voxel",
+            "use the default 96000000 (a 400x400 series of 600 slices, about 3 GB while restoring), \
+             or less on a box with little memory: 20-32 bytes per voxel",
         ));
     }
     RestoreSettings {
