@@ -293,8 +293,10 @@ fn remove_stale(obj: &mut InMemDicomObject, kind: Kind) {
     }
 }
 
-/// Image Type or Frame Type: value 1 `DERIVED`, value 2 `PRIMARY`, value 3
-/// `UNCERTAINTY` for the uncertainty series, the others kept.
+/// Image Type or Frame Type: value 1 `DERIVED`, value 2 `PRIMARY`; for the
+/// uncertainty series value 3 `UNCERTAINTY`, or on an enhanced object's
+/// four values (value 3 its Image Flavor, value 4 its Derived Pixel
+/// Contrast, PS3.3 C.8.16.1) value 4 `STD_DEVIATION`; the others kept.
 fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag, kind: Kind) {
     let mut values: Vec<String> =
         obj.get(tag).and_then(|e| e.to_str().ok().map(|s| s.split('\\').map(|x| x.trim().to_string()).collect())).unwrap_or_default();
@@ -306,10 +308,13 @@ fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag, kind: Kind) {
     values[0] = "DERIVED".into();
     values[1] = "PRIMARY".into();
     if kind == Kind::Uncertainty {
-        if values.len() < 3 {
+        if values.len() >= 4 {
+            // Image Flavor (STATIC, WHOLE_BODY, ...) still holds
+            values[3] = "STD_DEVIATION".into();
+        } else {
             values.resize(3, String::new());
+            values[2] = "UNCERTAINTY".into();
         }
-        values[2] = "UNCERTAINTY".into();
     }
     obj.put(el(tag, VR::CS, PrimitiveValue::Strs(values.into_iter().collect())));
 }

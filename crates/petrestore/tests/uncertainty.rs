@@ -193,6 +193,12 @@ fn enhanced_pet_gets_a_multi_frame_uncertainty_instance() {
     assert_eq!(s.str_of(tags::NUMBER_OF_FRAMES).unwrap(), "12");
     assert_eq!(s.str_of(tags::CONTENT_QUALIFICATION).unwrap(), "RESEARCH");
     let shared = &s.element(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap()[0];
+    // value 3 stays the Image Flavor; value 4, Derived Pixel Contrast, says what it is
+    let values = |o: &InMemDicomObject, t| -> Vec<String> { o.str_of(t).unwrap().split('\\').map(|v| v.trim().to_owned()).collect() };
+    assert_eq!(values(&s, tags::IMAGE_TYPE), ["DERIVED", "PRIMARY", "STATIC", "STD_DEVIATION"]);
+    let frame_type = &shared.element(tags::PET_FRAME_TYPE_SEQUENCE).unwrap().items().unwrap()[0];
+    assert_eq!(values(frame_type, tags::FRAME_TYPE), ["DERIVED", "PRIMARY", "STATIC", "STD_DEVIATION"]);
+    assert_eq!(values(&r, tags::IMAGE_TYPE), ["DERIVED", "PRIMARY", "STATIC", "NONE"], "the restored series");
     let di = &shared.element(tags::DERIVATION_IMAGE_SEQUENCE).unwrap().items().unwrap()[0];
     assert!(di.str_of(tags::DERIVATION_DESCRIPTION).unwrap().starts_with("NOT FOR DIAGNOSIS"));
     let refs: Vec<String> = di
