@@ -12,7 +12,9 @@
 //! instance's file present (unless retention removed or began to remove
 //! it), every job the outcome log says finished present and finished
 //! (unless retention removed it: a rebuild from the spool cannot know such
-//! a job), and every record readable. On any finding, [`repair`] keeps the damaged journal aside,
+//! a job), the journal's trees agreeing (every recorded instance's job
+//! present, every unfinished job in the active index and nothing else
+//! there), and every record readable. On any finding, [`repair`] keeps the damaged journal aside,
 //! rebuilds it from the spool and puts every finished job back in its
 //! terminal state from the outcome log; unfinished jobs are processed again
 //! (derived UIDs are deterministic, so a destination gets the same UIDs).
@@ -56,6 +58,10 @@ pub fn check(journal: &Journal, spool_root: &Path) -> Vec<String> {
     }
     if missing > 0 {
         problems.push(format!("{missing} instances in the journal have no file in the spool"));
+    }
+    match journal.index_problems() {
+        Ok(p) => problems.extend(p),
+        Err(e) => problems.push(format!("journal index unreadable: {e}")),
     }
     match log {
         Err(e) => problems.push(format!("outcome log unreadable: {e}")),
@@ -101,6 +107,9 @@ pub struct Repaired {
 /// Keep the journal in `journal_dir` aside, rebuild it from the spool and
 /// restore finished jobs from the outcome log. The journal must be closed.
 pub fn repair(journal_dir: &Path, spool_root: &Path) -> Result<Repaired, JournalError> {
+    // the outcome log is read before the journal is set aside: a log that
+    // cannot be read must not cost the finished states of every job
+    super::outcomes::OutcomeLog::beside(journal_dir).read().map_err(|e| JournalError::Sled(sled::Error::Io(e)))?;
     let r = rebuild::rebuild(journal_dir, spool_root)?;
     // the rebuild has just dropped its handle on the same folder: sled may
     // hold the lock a moment longer
@@ -115,8 +124,9 @@ pub fn repair(journal_dir: &Path, spool_root: &Path) -> Result<Repaired, Journal
         };
         if e.received.is_some_and(|n| job.received > n) {
             // instances arrived after it finished (acknowledged, in the
-            // spool): it is processed again, as it would have been
-            journal.update(&id, |j| {
+            // spool): it is processed again, as it would have been; the
+            // log says so, or the next start would find it "finished"
+            let job = journal.update(&id, |j| {
                 j.note(format!(
                     "finished ({}) with {} instances before the journal was repaired; {} are in the spool: processing again",
                     state.name(),
@@ -124,6 +134,7 @@ pub fn repair(journal_dir: &Path, spool_root: &Path) -> Result<Repaired, Journal
                     j.received
                 ))
             })?;
+            journal.log_outcome(&job, None)?;
             continue;
         }
         journal.update(&id, |j| {
@@ -197,5 +208,70 @@ mod tests {
         let r = journal.purge_job(&seen, |_| panic!("must not remove anything")).unwrap();
         assert!(r.is_none());
         assert_eq!(journal.instances(&id).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_trees_disagreeing_with_each_other_is_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let spool = d.path().join("spool");
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        let a = arrival("1.2.3.1", 1);
+        let f = spool.join(&a.record.path);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, b"dcm").unwrap();
+        journal.record(&a).unwrap();
+        assert!(check(&journal, &spool).is_empty(), "{:?}", check(&journal, &spool));
+        let id = crate::journal::job_id("1.2.3");
+        // the receiving job lost from the active index: the scheduler would never see it
+        let entry = journal.active.remove(id.as_bytes()).unwrap().unwrap();
+        let p = check(&journal, &spool);
+        assert!(p.iter().any(|p| p.contains("1 unfinished jobs are missing from the active index")), "{p:?}");
+        journal.active.insert(id.as_bytes(), entry).unwrap();
+        // the job record lost: its instances and its index entry belong to nothing
+        journal.jobs.remove(id.as_bytes()).unwrap();
+        let p = check(&journal, &spool);
+        assert!(p.iter().any(|p| p.contains("instances of 1 series are recorded without their job")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("1 entries of the active index name no unfinished job")), "{p:?}");
+    }
+
+    /// A job that finished with two instances, a third acknowledged one
+    /// found in the spool by a repair: processed again, and the next
+    /// start's check agrees (the outcome log says it is no longer finished).
+    #[test]
+    fn a_job_a_repair_reopens_is_not_damage_at_the_next_start() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, jdir) = (d.path().join("spool"), d.path().join("journal"));
+        let spec = petsim::SeriesSpec { slices: 3, matrix: 8, seed: 5, ..Default::default() };
+        let src = petsim::write_series(&d.path().join("src"), &spec).unwrap();
+        let place = |i: usize| -> std::path::PathBuf {
+            let rel = std::path::PathBuf::from(format!("{}/{}/{}.dcm", src.study_uid, src.series_uid, src.sop_uids[i]));
+            std::fs::create_dir_all(spool.join(&rel).parent().unwrap()).unwrap();
+            std::fs::copy(&src.files[i], spool.join(&rel)).unwrap();
+            rel
+        };
+        let id = crate::journal::job_id(&src.series_uid);
+        {
+            let journal = Journal::open(&jdir).unwrap();
+            for i in 0..2 {
+                let mut a = crate::journal::tests::arrival(&src.series_uid, &src.sop_uids[i], i as u32 + 1, 3);
+                (a.study_uid, a.record.path) = (src.study_uid.clone(), place(i));
+                journal.record(&a).unwrap();
+            }
+            journal.update(&id, |j| j.set_state(JobState::Done)).unwrap();
+            journal.flush().unwrap();
+        }
+        place(2);
+        let r = (0..100)
+            .find_map(|_| {
+                repair(&jdir, &spool).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
+            .expect("repaired");
+        assert_eq!((r.instances, r.finished), (3, 0));
+        let journal = Journal::open_waiting(&jdir, std::time::Duration::from_secs(5)).unwrap();
+        assert!(!journal.get(&id).unwrap().unwrap().state.is_terminal());
+        assert!(check(&journal, &spool).is_empty(), "{:?}", check(&journal, &spool));
     }
 }

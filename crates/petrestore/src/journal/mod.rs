@@ -68,6 +68,17 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 
 /// Apply an arrival to a job record; returns true when it completed the series.
 fn apply_arrival(job: &mut Job, a: &Arrival, now: u64) -> bool {
+    if job.purged && job.state.is_terminal() {
+        // retention removed its instances: what arrives now is the series
+        // sent again, counted from nothing (else its first instance would
+        // look like a complete series)
+        job.received = 0;
+        job.index_bits.clear();
+        job.expected_slices = None;
+        job.multiframe = false;
+        job.deliveries.clear();
+        job.note("instance arrived after retention removed the job's files: the series is received anew");
+    }
     job.received += 1;
     job.last_received_ms = now;
     if job.modality.is_none() {
@@ -335,6 +346,50 @@ impl Journal {
         Ok(job)
     }
 
+    /// What disagrees between the journal's own trees (for the start-up
+    /// check): instance records of no job, unfinished jobs missing from the
+    /// active index (the scheduler would never see them), and index
+    /// entries of no job or of a finished one.
+    pub(crate) fn index_problems(&self) -> Result<Vec<String>, JournalError> {
+        let mut problems = Vec::new();
+        let mut owners = std::collections::BTreeSet::new();
+        for k in self.instances.iter().keys() {
+            let k = k?;
+            let id = k.split(|&b| b == b'/').next().unwrap_or_default();
+            if owners.last().is_none_or(|l: &Vec<u8>| l.as_slice() != id) {
+                owners.insert(id.to_vec());
+            }
+        }
+        let orphans = owners.iter().filter(|id| !self.jobs.contains_key(id).unwrap_or(false)).count();
+        if orphans > 0 {
+            problems.push(format!("instances of {orphans} series are recorded without their job"));
+        }
+        let mut unlisted = 0;
+        for kv in self.jobs.iter() {
+            let (k, v) = kv?;
+            let job: Job = decode(&k, &v)?;
+            if !job.state.is_terminal() && !self.active.contains_key(&k)? {
+                unlisted += 1;
+            }
+        }
+        if unlisted > 0 {
+            problems.push(format!("{unlisted} unfinished jobs are missing from the active index"));
+        }
+        let mut stale = 0;
+        for k in self.active.iter().keys() {
+            let k = k?;
+            let finished = match self.jobs.get(&k)? {
+                Some(v) => decode::<Job>(&k, &v)?.state.is_terminal(),
+                None => true,
+            };
+            stale += usize::from(finished);
+        }
+        if stale > 0 {
+            problems.push(format!("{stale} entries of the active index name no unfinished job"));
+        }
+        Ok(problems)
+    }
+
     /// Every job not in a terminal state.
     pub fn active_jobs(&self) -> Result<Vec<Job>, JournalError> {
         let mut out = Vec::new();
@@ -444,6 +499,23 @@ pub(crate) mod tests {
         let job = j.get(&id).unwrap().unwrap();
         assert_eq!(job.state, JobState::Queued);
         assert!(job.history.iter().any(|e| e.what.contains("receiving again")));
+    }
+
+    #[test]
+    fn a_series_sent_again_after_retention_is_counted_from_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let id = job_id("1.2.6");
+        j.record(&arrival("1.2.6", "9.1", 1, 2)).unwrap();
+        j.record(&arrival("1.2.6", "9.2", 2, 2)).unwrap();
+        let done = j.update(&id, |job| job.set_state(JobState::Done)).unwrap();
+        j.purge_job(&done, |_| "removed".into()).unwrap().expect("purged");
+        // its first instance again: one of two, not a complete series
+        assert_eq!(j.record(&arrival("1.2.6", "9.1", 1, 2)).unwrap(), Recorded::New { job_id: id.clone(), complete: false });
+        let job = j.get(&id).unwrap().unwrap();
+        assert_eq!((job.state.clone(), job.received, job.purged), (JobState::Receiving, 1, false));
+        assert_eq!(job.missing_indexes(), Some(vec![2]));
+        assert_eq!(j.record(&arrival("1.2.6", "9.2", 2, 2)).unwrap(), Recorded::New { job_id: id.clone(), complete: true });
     }
 
     #[test]

@@ -37,6 +37,18 @@ pub struct Entry {
     pub purged: bool,
 }
 
+/// Whether a non-empty file does not end with a newline.
+fn ends_torn(f: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if f.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
+}
+
 /// The open log (appends are serialized and synced).
 pub struct OutcomeLog {
     path: PathBuf,
@@ -60,7 +72,13 @@ impl OutcomeLog {
         line.push(b'\n');
         let mut guard = self.file.lock().expect("outcome log lock");
         if guard.is_none() {
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).read(true).open(&self.path)?;
+            // a crash inside an append leaves a torn last line: the first
+            // append of this run starts on a line of its own, or it would
+            // be glued to the fragment and lost with it
+            if ends_torn(&mut f)? {
+                f.write_all(b"\n")?;
+            }
             *guard = Some(f);
         }
         let f = guard.as_mut().expect("opened above");
@@ -111,5 +129,13 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(r["a"].state, None, "retried after it was done");
         assert_eq!(r["b"].state, Some(JobState::Failed { reason: "x".into() }));
+        // the next run's first append is not glued to the torn line
+        let next = OutcomeLog::beside(&dir.path().join("journal"));
+        next.append(&e("b", None)).unwrap();
+        next.append(&e("d", Some(JobState::Done))).unwrap();
+        let r = next.read().unwrap();
+        assert_eq!(r["b"].state, None, "the retry after the torn line is read");
+        assert_eq!(r["d"].state, Some(JobState::Done));
+        assert_eq!(r.len(), 3);
     }
 }

@@ -229,12 +229,18 @@ impl Pipeline {
 /// as before. Works on the journal alone, so it also works with the daemon
 /// stopped (the job then runs at the next start).
 pub fn retry_job(journal: &Journal, destinations: &[String], id: &str) -> Result<crate::journal::Job, String> {
+    // not while retention removes files (it checks the job is still the
+    // finished one it listed only under this hold)
+    let _hold = journal.hold_retention();
     let job =
         journal.get(id).map_err(|e| e.to_string())?.ok_or_else(|| format!("no job {id}; `petrestore jobs list` shows the known jobs"))?;
     if !job.state.is_terminal() {
         return Err(format!("job {id} is {}; only finished jobs can be retried", job.state.name()));
     }
-    if job.purged {
+    // a purge cut short by a stop says so in the outcome log only; the
+    // next start finishes it
+    let purging = journal.outcomes().read().map_err(|e| format!("cannot read the outcome log: {e}"))?.get(id).is_some_and(|e| e.purged);
+    if job.purged || purging {
         return Err(format!("job {id} cannot be retried: retention removed its instances; send the series again"));
     }
     journal

@@ -174,11 +174,18 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
                 j.plan_deliveries(&destinations);
                 j.set_state(JobState::Delivering { payload, outcome });
             }
+            // nothing is sent this time: an earlier run's deliveries must
+            // not read as this run's (retention keeps an undelivered
+            // failure by them)
             _ if j.rerun_requested => {
+                j.deliveries.clear();
                 j.rerun_requested = false;
                 j.set_state(JobState::Queued);
             }
-            _ => j.set_state(outcome.into()),
+            _ => {
+                j.deliveries.clear();
+                j.set_state(outcome.into());
+            }
         }
     })?;
     tracing::info!(
@@ -506,5 +513,26 @@ mod tests {
             s => panic!("{s:?}"),
         };
         assert!(reason.contains("found incomplete at delivery 4 times"), "{reason}");
+    }
+
+    /// An earlier run delivered everything; this run fails with nothing to
+    /// send (no destination): its record must not read as delivered, or
+    /// retention would remove an undelivered failure's instances.
+    #[test]
+    fn a_run_that_sends_nothing_leaves_no_earlier_deliveries_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let (ctx, id) = ctx(d.path());
+        assert!(ctx.settings.get().destinations.is_empty());
+        ctx.journal
+            .update(&id, |j| {
+                j.plan_deliveries(&["pacs".into()]);
+                j.deliveries[0].delivered = true;
+                j.output_rebuilds = crate::journal::job::MAX_OUTPUT_REBUILDS + 1;
+            })
+            .unwrap();
+        restore_job(&ctx, &id).unwrap();
+        let job = ctx.journal.get(&id).unwrap().unwrap();
+        assert!(matches!(job.state, JobState::Failed { .. }), "{:?}", job.state);
+        assert!(job.deliveries.is_empty(), "{:?}", job.deliveries);
     }
 }
