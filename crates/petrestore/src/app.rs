@@ -230,7 +230,6 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         journal: journal.clone(),
         log,
         materializer: materializer.clone(),
-        min_free_bytes: settings.node.min_free_bytes,
         live: live.clone(),
         wake: wake.clone(),
     });

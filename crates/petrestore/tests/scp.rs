@@ -193,6 +193,14 @@ fn low_disk_answers_out_of_resources_and_keeps_nothing() {
     let out = storescu(d.port, CONSOLE, &src.files);
     assert!(text(&out).contains("Refused: OutOfResources"), "{}", text(&out));
     assert_still_serving(&d);
+    // node.min_free_mb is reloadable: ingest takes the new watermark
+    let cfg = std::fs::read_to_string(&d.config).unwrap().replace("min_free_mb = 1000000000", "min_free_mb = 1");
+    std::fs::write(&d.config, cfg).unwrap();
+    d.signal("HUP");
+    d.wait_log("SIGHUP: configuration reloaded");
+    let out = storescu(d.port, CONSOLE, &src.files);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(d.spool_files().len(), 2);
 }
 
 /// A real association (C-ECHO context) held open by the test.
@@ -247,6 +255,38 @@ fn a_command_in_the_middle_of_a_data_set_aborts_the_association() {
         d.log().contains("before the data set of the one before ended (512 bytes of it received)").then_some(())
     });
     assert!(d.spool_files().is_empty());
+    assert_still_serving(&d);
+}
+
+#[test]
+fn a_store_on_a_context_of_another_sop_class_is_refused() {
+    // An allowed caller negotiates PET and sends a CT C-STORE on that
+    // context: refused with 0x0122 (dicom.non_pet = "refuse" never
+    // negotiates CT, and a context must not smuggle it in), nothing kept.
+    use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 1, 32, 39);
+    let d = Daemon::start(&tmp.path().join("d"), "[dicom]\nnon_pet = \"refuse\"\n");
+    let mut assoc = dicom_ul::association::client::ClientAssociationOptions::new()
+        .calling_ae_title(CONSOLE)
+        .called_ae_title(OUR_AE)
+        .with_presentation_context(PET_IMAGE_STORAGE, vec![EXPLICIT_VR_LE])
+        .establish(("127.0.0.1", d.port))
+        .expect("association");
+    let pcid = assoc.presentation_contexts()[0].id;
+    let pdv = |value_type, data: Vec<u8>| Pdu::PData {
+        data: vec![PDataValue { presentation_context_id: pcid, value_type, is_last: true, data }],
+    };
+    let ct_image_storage = "1.2.840.10008.5.1.4.1.1.2";
+    let store = petrestore::dicom::dimse::store_request(1, ct_image_storage, &src.sop_uids[0]);
+    assoc.send(&pdv(PDataValueType::Command, store)).unwrap();
+    assoc.send(&pdv(PDataValueType::Data, dataset_of(&src.files[0]))).unwrap();
+    let Pdu::PData { data } = assoc.receive().unwrap() else { panic!("no response") };
+    let rsp = petrestore::dicom::dimse::Command::parse(&data[0].data).unwrap();
+    assert_eq!(rsp.status, Some(status::SOP_CLASS_NOT_SUPPORTED), "{rsp:?}");
+    let _ = assoc.release();
+    assert!(d.spool_files().is_empty());
+    assert!(d.log().contains("its SOP Class differs from its presentation context's"), "{}", d.log());
     assert_still_serving(&d);
 }
 

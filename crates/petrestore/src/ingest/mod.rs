@@ -350,7 +350,8 @@ where
         .presentation_contexts()
         .iter()
         .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-        .map(|pc| (pc.id, (pc.abstract_syntax.clone(), pc.transfer_syntax.clone())))
+        // UIDs padded to even length with NUL by some requestors
+        .map(|pc| (pc.id, (uid(&pc.abstract_syntax), uid(&pc.transfer_syntax))))
         .collect();
     let mut pending: HashMap<u8, Pending> = HashMap::new();
     let mut stored = 0u32;
@@ -461,6 +462,15 @@ where
                                     status: dimse::status::UNRECOGNIZED_OPERATION,
                                     comment: Some(format!("unsupported command 0x{:04X}", cmd.command_field)),
                                 }
+                            } else if uid(&cmd.affected_sop_class) != *abstract_syntax {
+                                // PS3.7 9.3.1: a C-STORE travels on a context of its own SOP
+                                // class (what dicom.non_pet refuses is never negotiated)
+                                tracing::warn!(%peer, calling = %calling_ae, sop_class = %uid(&cmd.affected_sop_class),
+                                    context = %abstract_syntax, "C-STORE refused: its SOP Class differs from its presentation context's");
+                                StoreStatus {
+                                    status: dimse::status::SOP_CLASS_NOT_SUPPORTED,
+                                    comment: Some("SOP Class differs from the presentation context's".into()),
+                                }
                             } else if !may_store {
                                 StoreStatus {
                                     status: dimse::status::NOT_AUTHORIZED,
@@ -543,4 +553,9 @@ async fn abort<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send>(
     let pdu = Pdu::AbortRQ { source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::ReasonNotSpecified) };
     let _ = assoc.send(&pdu).await;
     Ok(())
+}
+
+/// A UID as received, without the NUL or space padding to even length.
+fn uid(s: &str) -> String {
+    s.trim_end_matches(['\0', ' ']).to_owned()
 }

@@ -87,8 +87,9 @@ pub struct SpoolSink {
     pub journal: Journal,
     pub log: Arc<ArrivalLog>,
     pub materializer: Arc<Materializer>,
-    pub min_free_bytes: u64,
-    /// Destinations and egress settings, for storage commitment reports.
+    /// The settings as reloaded: destinations and egress settings (storage
+    /// commitment reports, the uncertainty copies) and the disk watermark
+    /// (`node.min_free_mb`).
     pub live: Arc<crate::config::LiveSettings>,
     /// Wakes the scheduler when a report changed a job.
     pub wake: Arc<tokio::sync::Notify>,
@@ -113,16 +114,20 @@ impl SpoolSink {
         // spool copy and derived copies. min_free_mb = 0 turns it off.
         let free = spool::free_bytes(self.spool.root()).map_err(StoreError::Disk)?;
         let own = dataset.len() as u64;
-        let copies = if kind == JobKind::Pet { 1 + u64::from(self.live.get().destinations.iter().any(|d| d.uncertainty)) } else { 0 };
-        if self.min_free_bytes > 0 {
+        let (copies, min_free_bytes) = {
+            let s = self.live.get();
+            let copies = if kind == JobKind::Pet { 1 + u64::from(s.destinations.iter().any(|d| d.uncertainty)) } else { 0 };
+            (copies, s.node.min_free_bytes)
+        };
+        if min_free_bytes > 0 {
             let held = self.spool.reservations().total().saturating_add(self.materializer.backlog_bytes());
-            let need = self.min_free_bytes.saturating_add(held).saturating_add(own.saturating_mul(1 + copies));
+            let need = min_free_bytes.saturating_add(held).saturating_add(own.saturating_mul(1 + copies));
             if free < need {
                 let mb = |b: u64| b / (1024 * 1024);
                 return Err(StoreError::LowDisk { free_mb: mb(free), held_mb: mb(held) });
             }
         }
-        let reserve_for = (self.min_free_bytes > 0 && copies > 0).then(|| (series.clone(), own * copies));
+        let reserve_for = (min_free_bytes > 0 && copies > 0).then(|| (series.clone(), own * copies));
 
         let rel: PathBuf =
             spool::Spool::relative_path(&study, &series, &sop).ok_or(StoreError::BadUid { what: "UID", value: sop.clone() })?;
