@@ -221,6 +221,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         draining: draining.clone(),
         close: close_associations.clone(),
         live: Some(live.clone()),
+        shared: Default::default(),
     });
     let materializer = Arc::new(
         Materializer::start(log.clone(), spool.clone(), journal.clone(), wake.clone()).context("cannot start the materializer thread")?,

@@ -68,6 +68,45 @@ fn mutual_tls_stores_and_refuses_callers_without_a_trusted_certificate() {
     assert!(d.stop().success());
 }
 
+/// `dicom.max_associations` counts every association, plain and TLS
+/// together: with one slot held by a plain association, a TLS caller
+/// waits for it.
+#[test]
+fn the_association_limit_is_shared_by_the_plain_and_the_tls_listener() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki_dir = tmp.path().join("pki");
+    std::fs::create_dir_all(&pki_dir).unwrap();
+    pki(&pki_dir, &["console"]);
+    let tls_port = free_port();
+    let p = |f: &str| pki_dir.join(f).display().to_string();
+    let extra = format!(
+        "[dicom]\nmax_associations = 1\n[dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem")
+    );
+    let d = Daemon::start(&tmp.path().join("d"), &extra);
+    wait_for("the TLS listener", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", tls_port)).ok());
+    // the only slot, held by an idle plain association
+    let hold = dicom_ul::association::client::ClientAssociationOptions::new()
+        .calling_ae_title(CONSOLE)
+        .called_ae_title(OUR_AE)
+        .with_presentation_context(petrestore::dicom::VERIFICATION, vec![petrestore::dicom::IMPLICIT_VR_LE])
+        .establish(("127.0.0.1", d.port))
+        .expect("association");
+    let s = series(&tmp.path().join("s"), 2, 32, 74);
+    let sending = std::thread::spawn({
+        let (dir, files) = (pki_dir.clone(), s.files.clone());
+        move || tls_storescu(&dir, tls_port, Some("console"), "ca.pem", &files)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(d.spool_files().is_empty(), "the TLS association must wait for the slot the plain one holds");
+    hold.release().unwrap();
+    let o = sending.join().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(d.spool_files().len(), 2);
+}
+
 #[test]
 fn bad_tls_files_stop_the_daemon_with_the_file_named() {
     let tmp = tempfile::tempdir().unwrap();

@@ -238,6 +238,7 @@ fn scp() -> &'static Scp {
                 draining: Default::default(),
                 close: stop.clone(),
                 live: None,
+                shared: Default::default(),
             };
             let sink = Arc::new(FolderSink { dir: dir.path().to_owned() });
             tokio::spawn(ingest::serve(l, Arc::new(cfg), sink, stop.clone(), tokio_util::task::TaskTracker::new()));

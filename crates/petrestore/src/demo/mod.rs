@@ -250,6 +250,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             draining: Default::default(),
             close: stop_pacs.clone(),
             live: None,
+            shared: Default::default(),
         }),
         Arc::new(FolderSink { dir: received.clone() }),
         stop_pacs.clone(),

@@ -62,6 +62,41 @@ pub trait StoreSink: Send + Sync + 'static {
     }
 }
 
+/// The counters behind `max_associations`, `max_associations_per_peer` and
+/// `max_buffered_bytes`: one set per [`ScpConfig`], whichever listener
+/// serves a connection.
+#[derive(Debug, Clone, Default)]
+pub struct SharedLimits(Arc<std::sync::OnceLock<Limits>>);
+
+#[derive(Clone)]
+struct Limits {
+    /// Association slots (taken after the A-ASSOCIATE-RQ, [`gate`]).
+    permits: Arc<Semaphore>,
+    /// Connections open at all, associated or not (taken before accept).
+    places: Arc<Semaphore>,
+    peers: gate::PeerCounts,
+    buffered: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits").field("slots", &self.permits.available_permits()).finish_non_exhaustive()
+    }
+}
+
+impl SharedLimits {
+    fn get(&self, cfg: &ScpConfig) -> Limits {
+        self.0
+            .get_or_init(|| Limits {
+                permits: Arc::new(Semaphore::new(cfg.max_associations)),
+                places: Arc::new(Semaphore::new(cfg.max_associations * 4)),
+                peers: gate::PeerCounts::default(),
+                buffered: Arc::new(AtomicUsize::new(0)),
+            })
+            .clone()
+    }
+}
+
 /// SCP settings (the daemon's come from `[dicom]`).
 #[derive(Debug, Clone)]
 pub struct ScpConfig {
@@ -82,6 +117,9 @@ pub struct ScpConfig {
     /// The daemon's live settings: `dicom.allowed_callers` is read from them
     /// for every new association, so `reload` applies at once.
     pub live: Option<Arc<crate::config::LiveSettings>>,
+    /// The limits above as counters, made by the first listener and shared
+    /// by every listener of this configuration (plain and TLS together).
+    pub shared: SharedLimits,
     /// Set by `drain`: new associations are rejected, open ones finish.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Cancelled when open associations must end now (the shutdown's drain
@@ -115,10 +153,8 @@ pub async fn serve_with(
     // A-ASSOCIATE-RQ has arrived (see [`gate`]). Connection places bound the
     // connections that are open at all (associated or not); they are taken
     // before accept, so beyond them connections wait in the kernel's queue.
-    let permits = Arc::new(Semaphore::new(cfg.max_associations));
-    let places = Arc::new(Semaphore::new(cfg.max_associations * 4));
-    let peers = gate::PeerCounts::default();
-    let buffered = Arc::new(AtomicUsize::new(0));
+    // All listeners of this configuration count against the same limits.
+    let Limits { permits, places, peers, buffered } = cfg.shared.get(&cfg);
     let mut backoff = Duration::from_millis(10);
     loop {
         let place = tokio::select! {
