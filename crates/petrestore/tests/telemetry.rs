@@ -164,7 +164,10 @@ fn commands_pause_resume_drain_retry_and_errors() {
     cmd("drain", r#"{"correlation_id": "d1"}"#);
     assert_eq!(reply("drain", "d1")["ok"], true);
     sub.wait_on("/status", "draining", Duration::from_secs(10), |v| v["state"] == "draining");
-    assert!(!echoscu(d.port, CONSOLE, OUR_AE).status.success(), "draining rejects new associations");
+    let o = echoscu(d.port, CONSOLE, OUR_AE);
+    assert!(!o.status.success(), "draining rejects new associations");
+    // as transient, so the console sends its series again later
+    assert!(text(&o).contains("Rejected Transient"), "{}", text(&o));
     // nothing received was deleted by any command
     assert_eq!(d.spool_files().len(), 7);
 }

@@ -15,8 +15,9 @@ pub struct CallerPolicy {
     /// `None`: anyone may call (the demo's built-in receiver).
     pub allowed: Option<Vec<AllowedCaller>>,
     pub peer: IpAddr,
-    /// Draining: every new association is rejected (no reason given, so the
-    /// sender reports a rejection and can retry another node or later).
+    /// Draining: every new association is rejected (no reason given). Plain
+    /// connections are refused before this, as transient
+    /// ([`super::gate::reject_draining`]); this refuses TLS ones.
     pub draining: bool,
 }
 

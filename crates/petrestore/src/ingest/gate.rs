@@ -41,6 +41,8 @@ pub enum Refusal {
     Closed,
     #[error("every association slot stayed busy for {0:?}: A-ASSOCIATE-RJ (transient, local limit exceeded) sent")]
     Busy(Duration),
+    #[error("association rejected: draining; A-ASSOCIATE-RJ (transient) sent")]
+    Draining,
     #[error("{0}")]
     Io(String),
 }
@@ -141,6 +143,16 @@ pub async fn reject_busy(socket: &mut TcpStream, waited: Duration) -> Refusal {
     let _ = tokio::time::timeout(Duration::from_secs(1), socket.write_all(&rj)).await;
     drain(socket).await;
     Refusal::Busy(waited)
+}
+
+/// Refuse an association while the node drains: transient (result 2),
+/// service user (source 1), no reason given (reason 1), so the sender
+/// tries again later instead of giving the series up.
+pub async fn reject_draining(socket: &mut TcpStream) -> Refusal {
+    let rj = [0x03, 0x00, 0, 0, 0, 4, 0x00, 0x02, 0x01, 0x01];
+    let _ = tokio::time::timeout(Duration::from_secs(1), socket.write_all(&rj)).await;
+    drain(socket).await;
+    Refusal::Draining
 }
 
 /// Half-close and read away what the peer sent (briefly): closing with

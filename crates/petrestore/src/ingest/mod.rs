@@ -328,6 +328,13 @@ async fn handle_association(
     // must then finish within ARTIM, holding a slot meanwhile.
     if tls.is_none() {
         gate::await_request(&mut socket, artim).await.map_err(|r| r.to_string())?;
+        // draining: refused as transient, so the console sends it again
+        // later (over TLS the refusal comes from the association layer,
+        // as permanent)
+        if cfg.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(%peer, "association rejected: draining");
+            return Err(gate::reject_draining(&mut socket).await.to_string());
+        }
     }
     let _permit = match tokio::time::timeout(artim, permits.acquire_owned()).await {
         Ok(p) => p.expect("semaphore never closed"),
