@@ -35,8 +35,8 @@ pub enum Refusal {
     Artim(Duration),
     #[error("first PDU has type 0x{0:02X}, not A-ASSOCIATE-RQ (0x01): A-ABORT sent")]
     PduType(u8),
-    #[error("A-ASSOCIATE-RQ claims {0} bytes (at most {MAX_RQ_LENGTH}): A-ABORT sent")]
-    Length(u32),
+    #[error("A-ASSOCIATE-RQ claims {0} bytes (at most {1}, dicom.max_pdu_length or {MAX_RQ_LENGTH}): A-ABORT sent")]
+    Length(u32, u32),
     #[error("closed by the peer before a complete A-ASSOCIATE-RQ")]
     Closed,
     #[error("every association slot stayed busy for {0:?}: A-ASSOCIATE-RJ (transient, local limit exceeded) sent")]
@@ -92,11 +92,14 @@ impl Drop for PeerSlot {
 /// Wait (without consuming anything) until a whole A-ASSOCIATE-RQ is in the
 /// socket's receive buffer, within `artim`. An invalid first PDU is
 /// answered with A-ABORT here.
-pub async fn await_request(socket: &mut TcpStream, artim: Duration) -> Result<(), Refusal> {
-    let checked = tokio::time::timeout(artim, peek_request(socket)).await;
+pub async fn await_request(socket: &mut TcpStream, artim: Duration, max_pdu_length: u32) -> Result<(), Refusal> {
+    // the association layer refuses a longer request without a word: it is
+    // refused here, with an A-ABORT and the lengths in the log
+    let max = max_pdu_length.min(MAX_RQ_LENGTH);
+    let checked = tokio::time::timeout(artim, peek_request(socket, max)).await;
     match checked {
         Err(_) => Err(Refusal::Artim(artim)),
-        Ok(Err(r @ (Refusal::PduType(_) | Refusal::Length(_)))) => {
+        Ok(Err(r @ (Refusal::PduType(_) | Refusal::Length(..)))) => {
             let reason = if matches!(r, Refusal::PduType(_)) { ABORT_UNRECOGNIZED_PDU } else { ABORT_INVALID_PARAMETER };
             let _ = tokio::time::timeout(Duration::from_secs(1), socket.write_all(&a_abort(reason))).await;
             drain(socket).await;
@@ -106,7 +109,7 @@ pub async fn await_request(socket: &mut TcpStream, artim: Duration) -> Result<()
     }
 }
 
-async fn peek_request(socket: &TcpStream) -> Result<(), Refusal> {
+async fn peek_request(socket: &TcpStream, max: u32) -> Result<(), Refusal> {
     let mut buf = vec![0u8; 6];
     let mut need = 6usize;
     loop {
@@ -119,9 +122,9 @@ async fn peek_request(socket: &TcpStream) -> Result<(), Refusal> {
                 return Err(Refusal::PduType(buf[0]));
             }
             let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]);
-            if !(68..=MAX_RQ_LENGTH).contains(&len) {
+            if !(68..=max).contains(&len) {
                 // 68: the fixed part of the request (PS3.8 9.3.2)
-                return Err(Refusal::Length(len));
+                return Err(Refusal::Length(len, max));
             }
             need = 6 + len as usize;
             buf.resize(need, 0);
@@ -204,7 +207,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let cases: Vec<(Vec<u8>, Option<Refusal>)> = vec![
             (vec![0x55; 100], Some(Refusal::PduType(0x55))),
-            ([vec![0x01, 0, 0xFF, 0xFF, 0xFF, 0xFF], vec![0; 10]].concat(), Some(Refusal::Length(u32::MAX))),
+            ([vec![0x01, 0, 0xFF, 0xFF, 0xFF, 0xFF], vec![0; 10]].concat(), Some(Refusal::Length(u32::MAX, 65536))),
+            // longer than the PDU length we announce (65536 here), though under the gate's own bound
+            ([vec![0x01, 0, 0, 0x01, 0x00, 0x01], vec![0; 10]].concat(), Some(Refusal::Length(65537, 65536))),
             // a whole request of 68 bytes, in two writes
             ([vec![0x01, 0, 0, 0, 0, 68], vec![7; 68]].concat(), None),
         ];
@@ -220,7 +225,7 @@ mod tests {
                 back
             });
             let (mut socket, _) = listener.accept().await.unwrap();
-            let got = await_request(&mut socket, Duration::from_secs(2)).await;
+            let got = await_request(&mut socket, Duration::from_secs(2), 65536).await;
             match &want {
                 None => {
                     assert_eq!(got, Ok(()));
@@ -239,6 +244,6 @@ mod tests {
         // silence: the ARTIM timer closes it
         let _idle = TcpStream::connect(addr).await.unwrap();
         let (mut socket, _) = listener.accept().await.unwrap();
-        assert_eq!(await_request(&mut socket, Duration::from_millis(200)).await, Err(Refusal::Artim(Duration::from_millis(200))));
+        assert_eq!(await_request(&mut socket, Duration::from_millis(200), 65536).await, Err(Refusal::Artim(Duration::from_millis(200))));
     }
 }

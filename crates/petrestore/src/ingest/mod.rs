@@ -327,7 +327,7 @@ async fn handle_association(
     // TLS the bytes are encrypted; the handshake and the request together
     // must then finish within ARTIM, holding a slot meanwhile.
     if tls.is_none() {
-        gate::await_request(&mut socket, artim).await.map_err(|r| r.to_string())?;
+        gate::await_request(&mut socket, artim, cfg.max_pdu_length).await.map_err(|r| r.to_string())?;
         // draining: refused as transient, so the console sends it again
         // later (over TLS the refusal comes from the association layer,
         // as permanent)
