@@ -203,6 +203,38 @@ fn low_disk_answers_out_of_resources_and_keeps_nothing() {
     assert_eq!(d.spool_files().len(), 2);
 }
 
+#[test]
+fn an_instance_sent_again_with_other_content_is_refused_and_the_first_kept() {
+    // A console that corrects a patient's name and sends the series again
+    // under the same UIDs: the copy stored first may be restored or
+    // delivered already, so the new one is refused (0x0110, the attribute
+    // named), not answered Success and dropped. The same instance again is
+    // a duplicate and acknowledged.
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 2, 32, 41);
+    let d = Daemon::start(&tmp.path().join("d"), "");
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    wait_for("both instances in the journal", Duration::from_secs(20), || (d.job(&id).received == 2).then_some(()));
+    let send =
+        |dataset: &[u8]| rt().block_on(scu::send_raw(&peer(d.port), PET_IMAGE_STORAGE, &src.sop_uids[0], EXPLICIT_VR_LE, dataset)).unwrap();
+    let mut corrected = dicom_object::open_file(&src.files[0]).unwrap();
+    corrected.put(DataElement::new(dicom_dictionary_std::tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("Corrected^Name")));
+    let (st, comment) = send(&petrestore::dicom::part10::dataset_bytes(&corrected, EXPLICIT_VR_LE).unwrap());
+    assert_eq!(st, status::PROCESSING_FAILURE);
+    assert!(comment.as_deref().unwrap_or_default().contains("Patient's Name differs"), "{comment:?}");
+    let (st, _) = send(&dataset_of(&src.files[0]));
+    assert_eq!(st, status::SUCCESS, "the same instance again is a duplicate");
+    assert_eq!(d.spool_files().len(), 2);
+    assert_eq!(d.job(&id).received, 2);
+    let kept = d.spool_files().into_iter().map(|p| dicom_object::open_file(p).unwrap()).find(|o| {
+        o.element(dicom_dictionary_std::tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0') == src.sop_uids[0]
+    });
+    let name = kept.unwrap().element(dicom_dictionary_std::tags::PATIENT_NAME).unwrap().to_str().unwrap().to_string();
+    assert!(!name.contains("Corrected"), "the first copy is kept: {name}");
+}
+
 /// A real association (C-ECHO context) held open by the test.
 fn hold_association(port: u16) -> dicom_ul::association::ClientAssociation<std::net::TcpStream> {
     dicom_ul::association::client::ClientAssociationOptions::new()

@@ -4,7 +4,7 @@
 //! in the background. This file is the one place that maps storage errors to
 //! DIMSE statuses.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::materialize::{Item, Materializer};
@@ -51,6 +51,12 @@ pub enum StoreError {
     /// The materializer has stopped: the daemon is shutting down.
     #[error("{0}: the node is stopping, send again later")]
     Stopping(String),
+    /// The SOP Instance UID was received before with other content: the
+    /// first copy is kept (it may be restored or delivered already), and
+    /// the sender is told instead of being answered Success for a copy
+    /// that would be dropped. The attribute that differs comes first.
+    #[error("{0} differs from the copy stored under this UID")]
+    Conflict(&'static str),
 }
 
 impl StoreError {
@@ -63,6 +69,7 @@ impl StoreError {
             | StoreError::PixelLength { .. }
             | StoreError::OutOfRange { .. } => status::CANNOT_UNDERSTAND,
             StoreError::Mismatch { .. } => status::DATASET_MISMATCH,
+            StoreError::Conflict(_) => status::PROCESSING_FAILURE,
             StoreError::LowDisk { .. }
             | StoreError::Disk(_)
             | StoreError::Journal(_)
@@ -101,8 +108,16 @@ impl SpoolSink {
 
         // In-flight first: the materializer records in the journal before it
         // clears the in-flight mark, so one of the two always sees it.
-        if self.materializer.in_flight(&series, &sop) || self.journal.has_instance(&series, &sop)? {
+        if self.materializer.in_flight(&series, &sop) {
             return Ok(Accepted::Duplicate);
+        }
+        if let Some(stored) = self.journal.instance(&series, &sop)? {
+            // the same instance again is acknowledged; other content under
+            // its UID (a correction sent with the old UIDs) is refused
+            return match differs(&obj, &self.spool.absolute(&stored.path)) {
+                Some(what) => Err(StoreError::Conflict(what)),
+                None => Ok(Accepted::Duplicate),
+            };
         }
         if let Some(reason) = self.materializer.failure() {
             let free_mb = spool::free_bytes(self.spool.root()).map(|b| b / (1024 * 1024)).unwrap_or(0);
@@ -204,6 +219,41 @@ pub fn check_instance(transfer_syntax: &str, cmd: &Command, dataset: &[u8]) -> R
         check_slice_counts(&obj)?;
     }
     Ok(Checked { obj, kind, sop_class, sop, study, series })
+}
+
+/// What a re-sent instance must share with the stored copy of its SOP
+/// Instance UID to be the same instance: who and what it shows, its
+/// place in the series, its quantification and its pixels.
+const SAME_INSTANCE: [(dicom_core::Tag, &str); 14] = [
+    (tags::PATIENT_NAME, "Patient's Name"),
+    (tags::PATIENT_ID, "Patient ID"),
+    (tags::PATIENT_BIRTH_DATE, "Patient's Birth Date"),
+    (tags::PATIENT_SEX, "Patient's Sex"),
+    (tags::ACCESSION_NUMBER, "Accession Number"),
+    (tags::STUDY_INSTANCE_UID, "Study Instance UID"),
+    (tags::SERIES_INSTANCE_UID, "Series Instance UID"),
+    (tags::IMAGE_INDEX, "Image Index"),
+    (tags::IMAGE_POSITION_PATIENT, "Image Position"),
+    (tags::RESCALE_SLOPE, "Rescale Slope"),
+    (tags::RESCALE_INTERCEPT, "Rescale Intercept"),
+    (tags::UNITS, "Units"),
+    (tags::ACTUAL_FRAME_DURATION, "Frame Duration"),
+    (tags::NUMBER_OF_FRAMES, "Number of Frames"),
+];
+
+/// The first attribute in which `new` differs from the stored copy at
+/// `stored`, or its pixels; `None` when they agree (or the stored copy
+/// cannot be read: the start-up check and the restoration report that).
+/// Values are compared as read, so a re-send in another transfer syntax
+/// is still the same instance.
+fn differs(new: &InMemDicomObject, stored: &Path) -> Option<&'static str> {
+    let old = part10::open(stored).ok()?.into_inner();
+    let text = |o: &InMemDicomObject, t| o.get(t).and_then(|e| e.to_str().ok()).map(|s| s.trim_end_matches(['\0', ' ']).to_owned());
+    if let Some((_, what)) = SAME_INSTANCE.iter().find(|(t, _)| text(new, *t) != text(&old, *t)) {
+        return Some(what);
+    }
+    let pixels = |o: &InMemDicomObject| o.get(tags::PIXEL_DATA).and_then(|e| e.to_bytes().ok().map(|b| b.into_owned()));
+    (pixels(new) != pixels(&old)).then_some("Pixel Data")
 }
 
 /// Number of Slices (0054,0081) and Image Index (0054,1330), when present,

@@ -195,6 +195,12 @@ impl Journal {
         Ok(())
     }
 
+    /// The record of an instance, if recorded.
+    pub fn instance(&self, series_uid: &str, sop_uid: &str) -> Result<Option<InstanceRecord>, JournalError> {
+        let key = format!("{}/{sop_uid}", job_id(series_uid));
+        self.instances.get(key.as_bytes())?.map(|v| decode(key.as_bytes(), &v)).transpose()
+    }
+
     /// Is this instance already recorded?
     pub fn has_instance(&self, series_uid: &str, sop_uid: &str) -> Result<bool, JournalError> {
         Ok(self.instances.contains_key(format!("{}/{sop_uid}", job_id(series_uid)))?)
