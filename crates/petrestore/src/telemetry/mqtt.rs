@@ -43,10 +43,10 @@ pub fn prefix(device_id: &str) -> String {
     format!("petrestore/v1/{device_id}/")
 }
 
-fn options(cfg: &MqttSettings, device_id: &str) -> Result<MqttOptions, String> {
-    let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
-    o.set_keep_alive(cfg.keep_alive);
-    o.set_clean_session(true);
+/// The `offline` status the broker publishes when the box vanishes. Its
+/// `since_ms` is the time of the connection it is sent with (the box
+/// cannot stamp the moment it dies): made again before every reconnect.
+fn last_will(device_id: &str) -> LastWill {
     let will = StatusMsg {
         schema_version: SCHEMA_VERSION,
         state: "offline".into(),
@@ -56,12 +56,14 @@ fn options(cfg: &MqttSettings, device_id: &str) -> Result<MqttOptions, String> {
         engine: None,
         since_ms: crate::journal::now_ms(),
     };
-    o.set_last_will(LastWill::new(
-        format!("{}status", prefix(device_id)),
-        serde_json::to_vec(&will).expect("payloads serialize"),
-        QoS::AtLeastOnce,
-        true,
-    ));
+    LastWill::new(format!("{}status", prefix(device_id)), serde_json::to_vec(&will).expect("payloads serialize"), QoS::AtLeastOnce, true)
+}
+
+fn options(cfg: &MqttSettings, device_id: &str) -> Result<MqttOptions, String> {
+    let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
+    o.set_keep_alive(cfg.keep_alive);
+    o.set_clean_session(true);
+    o.set_last_will(last_will(device_id));
     if let Some(tls) = &cfg.tls {
         let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
         let ca = read(&tls.ca_file)?;
@@ -96,6 +98,7 @@ pub async fn run(
     let stop_poll = CancellationToken::new();
     let poller = {
         let stop = stop_poll.clone();
+        let device_id = device_id.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(250);
             loop {
@@ -116,6 +119,8 @@ pub async fn run(
                     Ok(_) => {}
                     Err(e) => {
                         let _ = conn_tx.send(Conn::Down(e.to_string())).await;
+                        // the next connection's will carries its own time
+                        eventloop.mqtt_options.set_last_will(last_will(&device_id));
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = stop.cancelled() => return,
