@@ -176,7 +176,7 @@ mod tests {
             journal
                 .purge_job(&job, |records| {
                     std::fs::remove_file(spool.join(&records[0].path)).unwrap();
-                    panic!("killed");
+                    panic!("killed")
                 })
                 .unwrap()
         }));
@@ -188,7 +188,7 @@ mod tests {
         let done = journal
             .purge_job(&left, |records| {
                 records.iter().for_each(|r| _ = std::fs::remove_file(spool.join(&r.path)));
-                format!("{} records", records.len())
+                Ok(format!("{} records", records.len()))
             })
             .unwrap()
             .unwrap();

@@ -289,16 +289,31 @@ impl Journal {
     /// files are being removed): `remove` runs only if the job is still the
     /// one `seen` (terminal, not purged, not updated since), after the
     /// outcome log says the purge began; then the instance records are
-    /// forgotten and the job marked purged with `note`. `Ok(None)` when the
-    /// job changed and was left alone.
-    pub fn purge_job(&self, seen: &Job, remove: impl FnOnce(&[InstanceRecord]) -> String) -> Result<Option<Job>, JournalError> {
+    /// forgotten and the job marked purged with the note `remove` returns.
+    /// `Ok(None)` when the job changed and was left alone, or when `remove`
+    /// could not remove every file (`Err(note)`: the records stay, so the
+    /// files are neither orphaned nor forgotten, and the next pass tries
+    /// again).
+    pub fn purge_job(
+        &self,
+        seen: &Job,
+        remove: impl FnOnce(&[InstanceRecord]) -> Result<String, String>,
+    ) -> Result<Option<Job>, JournalError> {
         let _hold = self.hold_retention();
         let Some(now) = self.get(&seen.id)? else { return Ok(None) };
         if !now.state.is_terminal() || now.purged || now.updated_ms != seen.updated_ms {
             return Ok(None);
         }
         self.append_outcome(&now, Some(now.state.clone()), true)?;
-        let note = remove(&self.instances(&now.id)?);
+        let note = match remove(&self.instances(&now.id)?) {
+            Ok(note) => note,
+            Err(note) => {
+                if now.history.last().is_none_or(|e| e.what != note) {
+                    self.update(&now.id, |j| j.note(note.clone()))?;
+                }
+                return Ok(None);
+            }
+        };
         self.forget_instances(&now.id)?;
         let job = self.update(&now.id, |j| {
             j.purged = true;
@@ -515,7 +530,7 @@ pub(crate) mod tests {
         j.record(&arrival("1.2.6", "9.1", 1, 2)).unwrap();
         j.record(&arrival("1.2.6", "9.2", 2, 2)).unwrap();
         let done = j.update(&id, |job| job.set_state(JobState::Done)).unwrap();
-        j.purge_job(&done, |_| "removed".into()).unwrap().expect("purged");
+        j.purge_job(&done, |_| Ok("removed".into())).unwrap().expect("purged");
         // its first instance again: one of two, not a complete series
         assert_eq!(j.record(&arrival("1.2.6", "9.1", 1, 2)).unwrap(), Recorded::New { job_id: id.clone(), complete: false });
         let job = j.get(&id).unwrap().unwrap();

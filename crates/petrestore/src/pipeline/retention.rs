@@ -41,11 +41,11 @@ pub fn purge(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<us
         let age = Duration::from_millis(now.saturating_sub(job.updated_ms));
         let mut removed = 0usize;
         let done = journal.purge_job(&job, |records| {
-            removed = remove_files(records, spool, &out);
-            format!(
+            removed = remove_files(records, spool, &out)?;
+            Ok(format!(
                 "retention: removed {removed} received instances and the derived series ({:.1} h after the job ended)",
                 age.as_secs_f64() / 3600.0
-            )
+            ))
         })?;
         if done.is_none() {
             // an instance reopened it, or it changed since the list was made
@@ -58,14 +58,23 @@ pub fn purge(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<us
 }
 
 /// Remove a job's spooled instances (and the folders left empty) and its
-/// derived series. Returns how many instances were removed.
-fn remove_files(records: &[crate::journal::InstanceRecord], spool: &Spool, out: &Path) -> usize {
+/// derived series. Returns how many instances were removed, or, when a
+/// file could not be removed (one already gone counts as removed), a note
+/// naming it: the job keeps its records and the next pass tries again.
+fn remove_files(records: &[crate::journal::InstanceRecord], spool: &Spool, out: &Path) -> Result<usize, String> {
     let mut removed = 0usize;
     let mut dirs = Vec::new();
+    let mut failed: Option<(std::path::PathBuf, std::io::Error)> = None;
+    let mut failures = 0usize;
     for r in records {
         let p = spool.absolute(&r.path);
-        if std::fs::remove_file(&p).is_ok() {
-            removed += 1;
+        match std::fs::remove_file(&p) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                failures += 1;
+                failed.get_or_insert((p.clone(), e));
+            }
         }
         if let Some(d) = p.parent()
             && !dirs.iter().any(|x: &std::path::PathBuf| x == d)
@@ -76,8 +85,15 @@ fn remove_files(records: &[crate::journal::InstanceRecord], spool: &Spool, out: 
     for d in dirs {
         remove_empty_up_to(&d, spool.root());
     }
+    if let Some((p, e)) = failed {
+        tracing::warn!(file = %p.display(), error = %e, failures, "retention: cannot remove received instances; trying again at the next pass");
+        return Err(format!(
+            "retention: cannot remove {failures} received instances ({}: {e}); trying again at the next pass",
+            p.display()
+        ));
+    }
     let _ = std::fs::remove_dir_all(out);
-    removed
+    Ok(removed)
 }
 
 /// At start, before ingest opens: finish the purges a stop or crash cut
@@ -95,8 +111,8 @@ pub fn finish_interrupted(settings: &Settings, journal: &Journal, spool: &Spool)
         }
         let out = output_dir(&settings.node.state_dir, &job.id);
         let done = journal.purge_job(&job, |records| {
-            let removed = remove_files(records, spool, &out);
-            format!("retention: finished a purge cut short by a stop ({removed} more received instances removed)")
+            let removed = remove_files(records, spool, &out)?;
+            Ok(format!("retention: finished a purge cut short by a stop ({removed} more received instances removed)"))
         })?;
         if done.is_some() {
             tracing::info!(job = %id, began_ms = e.at_ms, "retention: a purge cut short by a stop is finished");
@@ -163,5 +179,38 @@ mod tests {
         let again = journal.get(&id).unwrap().unwrap();
         assert!(!again.state.is_terminal() && !again.purged);
         assert_eq!(finish_interrupted(&settings, &journal, &spool).unwrap(), 0, "nothing left to finish");
+    }
+
+    /// A file that cannot be removed: the job keeps its records (its files
+    /// are neither orphaned in the spool nor forgotten) and is not marked
+    /// purged; once it can be removed, the next pass finishes.
+    #[test]
+    fn a_file_that_cannot_be_removed_keeps_the_job_and_its_records() {
+        let d = tempfile::tempdir().unwrap();
+        let spool = Spool::new(d.path().join("spool")).unwrap();
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        let (a, b) = (arrival("1.2.3.1", 1), arrival("1.2.3.2", 2));
+        let (fa, fb) = (spool.absolute(&a.record.path), spool.absolute(&b.record.path));
+        std::fs::create_dir_all(fa.parent().unwrap()).unwrap();
+        std::fs::write(&fa, b"dcm").unwrap();
+        // unlink fails on a folder, even for root
+        std::fs::create_dir_all(fb.join("x")).unwrap();
+        journal.record(&a).unwrap();
+        journal.record(&b).unwrap();
+        let id = crate::journal::job_id("1.2.3");
+        let job = journal.update(&id, |j| j.set_state(JobState::Done)).unwrap();
+        let out = d.path().join("out");
+        assert!(journal.purge_job(&job, |r| remove_files(r, &spool, &out).map(|n| n.to_string())).unwrap().is_none());
+        let kept = journal.get(&id).unwrap().unwrap();
+        assert!(!kept.purged && journal.instances(&id).unwrap().len() == 2);
+        assert!(kept.history.last().unwrap().what.contains("cannot remove 1 received instances"), "{:#?}", kept.history);
+        assert!(!fa.exists(), "what could be removed is gone");
+        // the same failure again adds no second note
+        assert!(journal.purge_job(&kept, |r| remove_files(r, &spool, &out).map(|n| n.to_string())).unwrap().is_none());
+        let again = journal.get(&id).unwrap().unwrap();
+        assert_eq!(again.history.len(), kept.history.len());
+        std::fs::remove_dir_all(&fb).unwrap();
+        let done = journal.purge_job(&again, |r| remove_files(r, &spool, &out).map(|n| n.to_string())).unwrap().expect("purged");
+        assert!(done.purged && journal.instances(&id).unwrap().is_empty());
     }
 }
