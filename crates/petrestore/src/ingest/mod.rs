@@ -338,6 +338,9 @@ async fn handle_association(
     }
     let _permit = match tokio::time::timeout(artim, permits.acquire_owned()).await {
         Ok(p) => p.expect("semaphore never closed"),
+        // over TLS a plain A-ASSOCIATE-RJ would read as a protocol error:
+        // the connection is closed instead
+        Err(_) if tls.is_some() => return Err(format!("every association slot stayed busy for {artim:?}: TLS connection closed")),
         Err(_) => return Err(gate::reject_busy(&mut socket, artim).await.to_string()),
     };
     let in_time = |what: &'static str| move |_| format!("{what} not finished within the ARTIM timeout ({artim:?}): closed");
