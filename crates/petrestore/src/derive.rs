@@ -157,7 +157,8 @@ fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &st
     let sop = derived_uid(src_sop, &salt);
     obj.put(el(tags::SOP_INSTANCE_UID, VR::UI, sop.as_str()));
     obj.put(el(tags::SERIES_INSTANCE_UID, VR::UI, derived_uid(&src_series, &salt)));
-    set_derived(obj, tags::IMAGE_TYPE, kind);
+    let enhanced = obj.get(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).is_some();
+    set_derived(obj, tags::IMAGE_TYPE, kind, enhanced);
 
     let mut equipment: Vec<InMemDicomObject> =
         obj.get(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE).and_then(|e| e.items().map(|i| i.to_vec())).unwrap_or_default();
@@ -294,10 +295,10 @@ fn remove_stale(obj: &mut InMemDicomObject, kind: Kind) {
 }
 
 /// Image Type or Frame Type: value 1 `DERIVED`, value 2 `PRIMARY`; for the
-/// uncertainty series value 3 `UNCERTAINTY`, or on an enhanced object's
-/// four values (value 3 its Image Flavor, value 4 its Derived Pixel
-/// Contrast, PS3.3 C.8.16.1) value 4 `STD_DEVIATION`; the others kept.
-fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag, kind: Kind) {
+/// uncertainty series value 3 `UNCERTAINTY`, or on an `enhanced` (multi-
+/// frame) object, whose value 3 is the Image Flavor and value 4 the Derived
+/// Pixel Contrast (PS3.3 C.8.16.1), value 4 `STD_DEVIATION`; the others kept.
+fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag, kind: Kind, enhanced: bool) {
     let mut values: Vec<String> =
         obj.get(tag).and_then(|e| e.to_str().ok().map(|s| s.split('\\').map(|x| x.trim().to_string()).collect())).unwrap_or_default();
     if values.len() < 2 {
@@ -308,8 +309,11 @@ fn set_derived(obj: &mut InMemDicomObject, tag: dicom_core::Tag, kind: Kind) {
     values[0] = "DERIVED".into();
     values[1] = "PRIMARY".into();
     if kind == Kind::Uncertainty {
-        if values.len() >= 4 {
+        if enhanced {
             // Image Flavor (STATIC, WHOLE_BODY, ...) still holds
+            if values.len() < 4 {
+                values.resize(4, String::new());
+            }
             values[3] = "STD_DEVIATION".into();
         } else {
             values.resize(3, String::new());
@@ -515,14 +519,14 @@ fn derive_multiframe(src: &SourceSlice, frames: &[&[f32]], p: &DeriveParams, now
             seq(tags::SOURCE_IMAGE_SEQUENCE, source_items(src, p, kind)),
         ])],
     ));
-    edit_group(&mut shared, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE, kind));
+    edit_group(&mut shared, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE, kind, true));
 
     // Keep the source's Rescale Type (the units of an Enhanced PET image).
     let rescale_type = crate::dicom::frames::group_str(&src.dataset, 0, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_TYPE);
     let mut pixels = Vec::with_capacity(frames.iter().map(|f| f.len() * 2).sum());
     for (i, (item, values)) in per_frame.iter_mut().zip(frames).enumerate() {
         item.remove_element(tags::DERIVATION_IMAGE_SEQUENCE);
-        edit_group(item, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE, kind));
+        edit_group(item, tags::PET_FRAME_TYPE_SEQUENCE, |g| set_derived(g, tags::FRAME_TYPE, kind, true));
         let slope = quantize(values, &mut pixels);
         let new_slope: f64 = slope.parse().expect("ds() output parses");
         let own = fg_items(item, tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE);

@@ -231,8 +231,23 @@ fn an_instance_sent_again_with_other_content_is_refused_and_the_first_kept() {
     let kept = d.spool_files().into_iter().map(|p| dicom_object::open_file(p).unwrap()).find(|o| {
         o.element(dicom_dictionary_std::tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0') == src.sop_uids[0]
     });
-    let name = kept.unwrap().element(dicom_dictionary_std::tags::PATIENT_NAME).unwrap().to_str().unwrap().to_string();
+    let (kept, name) =
+        kept.map(|o| (o.clone(), o.element(dicom_dictionary_std::tags::PATIENT_NAME).unwrap().to_str().unwrap().to_string())).unwrap();
     assert!(!name.contains("Corrected"), "the first copy is kept: {name}");
+    // its file gone while its record stays (a removal that a failed unlink
+    // holds up): a copy sent now would be dropped, so it is refused for later
+    let path = d
+        .spool_files()
+        .into_iter()
+        .find(|p| {
+            dicom_object::open_file(p)
+                .is_ok_and(|o| o.meta().media_storage_sop_instance_uid() == kept.meta().media_storage_sop_instance_uid())
+        })
+        .unwrap();
+    std::fs::remove_file(path).unwrap();
+    let (st, comment) = send(&dataset_of(&src.files[0]));
+    assert_eq!(st, status::OUT_OF_RESOURCES);
+    assert!(comment.as_deref().unwrap_or_default().contains("send it again later"), "{comment:?}");
 }
 
 /// A real association (C-ECHO context) held open by the test.

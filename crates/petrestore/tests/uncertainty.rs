@@ -145,7 +145,7 @@ fn a_destination_that_asks_gets_the_uncertainty_series_and_the_fleet_its_summary
 #[test]
 fn without_a_calibrated_model_there_is_no_uncertainty_series() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = series(&tmp.path().join("src"), 4, 64, 92);
+    let src = series(&tmp.path().join("src"), 5, 64, 92);
     let pacs = StoreScp::start(&tmp.path().join("pacs"));
     let d = Daemon::start(
         &tmp.path().join("d"),
@@ -159,7 +159,7 @@ fn without_a_calibrated_model_there_is_no_uncertainty_series() {
     let job = d.wait_terminal(&job_id(&src), Duration::from_secs(120));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
     assert!(job.uncertainty.is_none());
-    assert_eq!(wait_for("4 instances", Duration::from_secs(20), || (pacs.files().len() == 4).then_some(4)), 4);
+    assert_eq!(wait_for("5 instances", Duration::from_secs(20), || (pacs.files().len() == 5).then_some(5)), 5);
 }
 
 /// Enhanced PET in: the uncertainty series is one multi-frame instance

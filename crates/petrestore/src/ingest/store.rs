@@ -57,6 +57,10 @@ pub enum StoreError {
     /// that would be dropped. The attribute that differs comes first.
     #[error("{0} differs from the copy stored under this UID")]
     Conflict(&'static str),
+    /// The instance is recorded but its file is gone: retention is
+    /// removing the series.
+    #[error("a removal of this series is under way: send it again later")]
+    BeingRemoved,
 }
 
 impl StoreError {
@@ -70,6 +74,7 @@ impl StoreError {
             | StoreError::OutOfRange { .. } => status::CANNOT_UNDERSTAND,
             StoreError::Mismatch { .. } => status::DATASET_MISMATCH,
             StoreError::Conflict(_) => status::PROCESSING_FAILURE,
+            StoreError::BeingRemoved => status::OUT_OF_RESOURCES,
             StoreError::LowDisk { .. }
             | StoreError::Disk(_)
             | StoreError::Journal(_)
@@ -114,7 +119,14 @@ impl SpoolSink {
         if let Some(stored) = self.journal.instance(&series, &sop)? {
             // the same instance again is acknowledged; other content under
             // its UID (a correction sent with the old UIDs) is refused
-            return match differs(&obj, &self.spool.absolute(&stored.path)) {
+            let path = self.spool.absolute(&stored.path);
+            if !path.exists() {
+                // recorded, its file gone: retention is removing the series
+                // (a purge a failed unlink holds up); acknowledging would
+                // drop this copy, so the sender is asked to come back
+                return Err(StoreError::BeingRemoved);
+            }
+            return match differs(&obj, &path) {
                 Some(what) => Err(StoreError::Conflict(what)),
                 None => Ok(Accepted::Duplicate),
             };
@@ -224,14 +236,13 @@ pub fn check_instance(transfer_syntax: &str, cmd: &Command, dataset: &[u8]) -> R
 /// What a re-sent instance must share with the stored copy of its SOP
 /// Instance UID to be the same instance: who and what it shows, its
 /// place in the series, its quantification and its pixels.
-const SAME_INSTANCE: [(dicom_core::Tag, &str); 14] = [
+const SAME_INSTANCE: [(dicom_core::Tag, &str); 13] = [
     (tags::PATIENT_NAME, "Patient's Name"),
     (tags::PATIENT_ID, "Patient ID"),
     (tags::PATIENT_BIRTH_DATE, "Patient's Birth Date"),
     (tags::PATIENT_SEX, "Patient's Sex"),
     (tags::ACCESSION_NUMBER, "Accession Number"),
     (tags::STUDY_INSTANCE_UID, "Study Instance UID"),
-    (tags::SERIES_INSTANCE_UID, "Series Instance UID"),
     (tags::IMAGE_INDEX, "Image Index"),
     (tags::IMAGE_POSITION_PATIENT, "Image Position"),
     (tags::RESCALE_SLOPE, "Rescale Slope"),
@@ -252,7 +263,9 @@ fn differs(new: &InMemDicomObject, stored: &Path) -> Option<&'static str> {
     if let Some((_, what)) = SAME_INSTANCE.iter().find(|(t, _)| text(new, *t) != text(&old, *t)) {
         return Some(what);
     }
-    let pixels = |o: &InMemDicomObject| o.get(tags::PIXEL_DATA).and_then(|e| e.to_bytes().ok().map(|b| b.into_owned()));
+    fn pixels(o: &InMemDicomObject) -> Option<std::borrow::Cow<'_, [u8]>> {
+        o.get(tags::PIXEL_DATA).and_then(|e| e.to_bytes().ok())
+    }
     (pixels(new) != pixels(&old)).then_some("Pixel Data")
 }
 

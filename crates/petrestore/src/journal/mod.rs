@@ -308,8 +308,10 @@ impl Journal {
         let note = match remove(&self.instances(&now.id)?) {
             Ok(note) => note,
             Err(note) => {
+                // retention's clock (the time the job ended) keeps running:
+                // the next pass tries again
                 if now.history.last().is_none_or(|e| e.what != note) {
-                    self.update(&now.id, |j| j.note(note.clone()))?;
+                    self.update_timed(&now.id, |j| j.note(note.clone()), false)?;
                 }
                 return Ok(None);
             }
@@ -330,6 +332,12 @@ impl Journal {
     /// reaches a terminal state after the journal is flushed. So the log is
     /// never ahead of a healthy journal.
     pub fn update(&self, id: &str, f: impl Fn(&mut Job)) -> Result<Job, JournalError> {
+        self.update_timed(id, f, true)
+    }
+
+    /// [`Journal::update`]; with `touch` false the job keeps its
+    /// `updated_ms` (a note that must not restart retention's clock).
+    fn update_timed(&self, id: &str, f: impl Fn(&mut Job), touch: bool) -> Result<Job, JournalError> {
         if let Some(pre) = self.get(id)?.filter(|j| j.state.is_terminal()) {
             let mut next = pre.clone();
             f(&mut next);
@@ -343,8 +351,9 @@ impl Journal {
             };
             let mut job: Job = decode(id.as_bytes(), &v).map_err(ConflictableTransactionError::Abort)?;
             let before = job.state.clone();
+            let kept = job.updated_ms;
             f(&mut job);
-            job.updated_ms = now_ms();
+            job.updated_ms = if touch { now_ms() } else { kept };
             tj.insert(id.as_bytes(), encode(&job))?;
             if job.state.is_terminal() {
                 ta.remove(id.as_bytes())?;

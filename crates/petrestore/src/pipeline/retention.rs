@@ -204,6 +204,7 @@ mod tests {
         let kept = journal.get(&id).unwrap().unwrap();
         assert!(!kept.purged && journal.instances(&id).unwrap().len() == 2);
         assert!(kept.history.last().unwrap().what.contains("cannot remove 1 received instances"), "{:#?}", kept.history);
+        assert_eq!(kept.updated_ms, job.updated_ms, "retention's clock is not restarted: the next pass tries again");
         assert!(!fa.exists(), "what could be removed is gone");
         // the same failure again adds no second note
         assert!(journal.purge_job(&kept, |r| remove_files(r, &spool, &out).map(|n| n.to_string())).unwrap().is_none());

@@ -184,6 +184,11 @@ pub fn load_bounded(paths: &[PathBuf], max_voxels: u64) -> Result<LoadedSeries, 
         if frames == 0 {
             return Err(Pixels(format!("{sop}: Number of Frames is 0")));
         }
+        // before the pixels are copied and decoded
+        voxels = voxels.saturating_add(((rows * cols) as u64).saturating_mul(frames as u64));
+        if voxels > max_voxels {
+            return Err(VolumeError::TooLarge { max: max_voxels, rows, cols, slices: items.len() + frames, files: read + 1 });
+        }
         let pixel_data = {
             let px = obj.element(tags::PIXEL_DATA).map_err(|_| missing("Pixel Data"))?;
             px.to_bytes().map_err(|_| Pixels(format!("{sop}: Pixel Data is encapsulated (compressed); send uncompressed")))?.into_owned()
@@ -192,10 +197,6 @@ pub fn load_bounded(paths: &[PathBuf], max_voxels: u64) -> Result<LoadedSeries, 
         let sop_class = obj.str_of(tags::SOP_CLASS_UID).unwrap_or_default();
         let dataset = Arc::new(obj);
         let n = rows * cols;
-        voxels = voxels.saturating_add((n as u64).saturating_mul(frames as u64));
-        if voxels > max_voxels {
-            return Err(VolumeError::TooLarge { max: max_voxels, rows, cols, slices: items.len() + frames, files: read + 1 });
-        }
         let frame_bytes = n * (bits as usize).div_ceil(8);
         // saturating: Number of Frames comes from the sender
         if pixel_data.len() < frames.saturating_mul(frame_bytes) {
