@@ -435,7 +435,7 @@ fn a_model_restores_only_its_tracers() {
     use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_dictionary_std::tags;
     let tmp = tempfile::tempdir().unwrap();
-    let src = series(&tmp.path().join("orig"), 4, 32, 49);
+    let src = series(&tmp.path().join("orig"), 5, 32, 49);
     let input = tmp.path().join("psma");
     std::fs::create_dir_all(&input).unwrap();
     for (i, f) in src.files.iter().enumerate() {
