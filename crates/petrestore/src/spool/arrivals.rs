@@ -254,6 +254,10 @@ struct Active {
     id: u64,
     nonce: u64,
     file: Arc<File>,
+    /// Held around each flush of this segment and the check before it: a
+    /// failed flush is reported to one caller only, so the next one must
+    /// see that it failed before trusting its own.
+    flush: Arc<Mutex<()>>,
     /// Where the next record goes.
     pos: u64,
     /// A sync failed: this segment takes no more records.
@@ -360,7 +364,7 @@ impl ArrivalLog {
         }
         st.counts.insert(id, Counts::default());
         st.paths.insert(id, path);
-        st.active = Some(Active { id, nonce, file: Arc::new(file), pos: 0, broken: false });
+        st.active = Some(Active { id, nonce, file: Arc::new(file), flush: Arc::default(), pos: 0, broken: false });
         Ok(())
     }
 
@@ -369,7 +373,7 @@ impl ArrivalLog {
     /// materialized. On error nothing was acknowledged; the next record is
     /// written over whatever part of this one reached the file.
     pub fn append(&self, rec: &mut [u8]) -> io::Result<u64> {
-        let (file, id) = {
+        let (file, id, flush) = {
             let mut st = self.state.lock().unwrap();
             if st.active.as_ref().is_some_and(|a| a.broken || (a.pos > 0 && a.pos + rec.len() as u64 > ROTATE_BYTES)) {
                 self.seal(&mut st);
@@ -381,11 +385,18 @@ impl ArrivalLog {
             rec[8..16].copy_from_slice(&a.nonce.to_le_bytes());
             a.file.write_all_at(rec, a.pos)?;
             a.pos += rec.len() as u64;
-            let (id, file) = (a.id, a.file.clone());
+            let (id, file, flush) = (a.id, a.file.clone(), a.flush.clone());
             st.counts.get_mut(&id).expect("active has counts").appended += 1;
-            (file, id)
+            (file, id, flush)
         };
-        if let Err(e) = file.sync_data() {
+        let _flush = flush.lock().unwrap_or_else(|e| e.into_inner());
+        // A flush of this segment that failed after this record was written
+        // may have dropped its page too, though this flush would succeed:
+        // it is not acknowledged either.
+        let failed_before = self.state.lock().unwrap().counts.get(&id).is_some_and(|c| c.broken);
+        let flushed =
+            if failed_before { Err(io::Error::other("an earlier flush of this arrival log segment failed")) } else { file.sync_data() };
+        if let Err(e) = flushed {
             // After a failed fsync the kernel may have dropped the pages:
             // this segment is not trusted with more records. The record was
             // not acknowledged; count it as settled so the segment can go.
@@ -550,6 +561,26 @@ pub(crate) mod tests {
         assert_eq!(recs.len(), 2);
         assert!(tail.stopped.unwrap().contains("cut short"));
         assert!(!tail.damaged);
+    }
+
+    /// A failed flush is reported to one caller only: a record written to
+    /// the same segment before the failure was seen is not acknowledged
+    /// by the next flush's success (here the failure is recorded between
+    /// that record's write and its flush, as another appender would).
+    #[test]
+    fn a_record_in_a_segment_whose_flush_failed_is_not_acknowledged() {
+        let d = tempfile::tempdir().unwrap();
+        let log = ArrivalLog::open(d.path()).unwrap();
+        let id = append(&log, "1.1", b"abc");
+        {
+            let mut st = log.state.lock().unwrap();
+            st.counts.get_mut(&id).unwrap().broken = true;
+        }
+        let e = log.append(&mut encode(&arrival("1.2"), &[b"head", b"def"]).bytes).unwrap_err();
+        assert!(e.to_string().contains("an earlier flush of this arrival log segment failed"), "{e}");
+        // the segment takes no more records: the next goes to a new one
+        let next = append(&log, "1.3", b"ghi");
+        assert_ne!(next, id);
     }
 
     #[test]
