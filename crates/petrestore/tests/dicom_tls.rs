@@ -18,27 +18,34 @@ fn tls_storescu(dir: &Path, port: u16, client: Option<&str>, ca: &str, files: &[
     c.args(["+cf", ca, "-aet", CONSOLE, "-aec", OUR_AE, "127.0.0.1", &port.to_string()]).args(files).current_dir(dir).output().unwrap()
 }
 
-#[test]
-fn mutual_tls_stores_and_refuses_callers_without_a_trusted_certificate() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pki_dir = tmp.path().join("pki");
+/// A CA, server and "console" client certificates in `<tmp>/pki`, and a
+/// daemon with `dicom_extra` in `[dicom]` and a mutual-TLS listener, once
+/// that listener accepts. Returns the daemon, the PKI folder and the TLS port.
+fn tls_daemon(tmp: &Path, dicom_extra: &str) -> (Daemon, std::path::PathBuf, u16) {
+    let pki_dir = tmp.join("pki");
     std::fs::create_dir_all(&pki_dir).unwrap();
     pki(&pki_dir, &["console"]);
-    // a second CA whose client certificate the node must not trust
-    let other = tmp.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    pki(&other, &["console"]);
-
     let tls_port = free_port();
     let p = |f: &str| pki_dir.join(f).display().to_string();
     let extra = format!(
-        "[dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+        "[dicom]\n{dicom_extra}[dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
         p("server.pem"),
         p("server.key"),
         p("ca.pem")
     );
-    let mut d = Daemon::start(&tmp.path().join("d"), &extra);
+    let d = Daemon::start(&tmp.join("d"), &extra);
     wait_for("the TLS listener", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", tls_port)).ok());
+    (d, pki_dir, tls_port)
+}
+
+#[test]
+fn mutual_tls_stores_and_refuses_callers_without_a_trusted_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut d, pki_dir, tls_port) = tls_daemon(tmp.path(), "");
+    // a second CA whose client certificate the node must not trust
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    pki(&other, &["console"]);
 
     let s = series(&tmp.path().join("s"), 4, 32, 71);
     let o = tls_storescu(&pki_dir, tls_port, Some("console"), "ca.pem", &s.files);
@@ -74,19 +81,7 @@ fn mutual_tls_stores_and_refuses_callers_without_a_trusted_certificate() {
 #[test]
 fn the_association_limit_is_shared_by_the_plain_and_the_tls_listener() {
     let tmp = tempfile::tempdir().unwrap();
-    let pki_dir = tmp.path().join("pki");
-    std::fs::create_dir_all(&pki_dir).unwrap();
-    pki(&pki_dir, &["console"]);
-    let tls_port = free_port();
-    let p = |f: &str| pki_dir.join(f).display().to_string();
-    let extra = format!(
-        "[dicom]\nmax_associations = 1\n[dicom.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
-        p("server.pem"),
-        p("server.key"),
-        p("ca.pem")
-    );
-    let d = Daemon::start(&tmp.path().join("d"), &extra);
-    wait_for("the TLS listener", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", tls_port)).ok());
+    let (d, pki_dir, tls_port) = tls_daemon(tmp.path(), "max_associations = 1\n");
     // the only slot, held by an idle plain association
     let hold = dicom_ul::association::client::ClientAssociationOptions::new()
         .calling_ae_title(CONSOLE)

@@ -252,10 +252,15 @@ fn an_instance_sent_again_with_other_content_is_refused_and_the_first_kept() {
 
 /// A real association (C-ECHO context) held open by the test.
 fn hold_association(port: u16) -> dicom_ul::association::ClientAssociation<std::net::TcpStream> {
+    associate(port, petrestore::dicom::VERIFICATION, petrestore::dicom::IMPLICIT_VR_LE)
+}
+
+/// A real association with one presentation context.
+fn associate(port: u16, abstract_syntax: &str, ts: &str) -> dicom_ul::association::ClientAssociation<std::net::TcpStream> {
     dicom_ul::association::client::ClientAssociationOptions::new()
         .calling_ae_title(CONSOLE)
         .called_ae_title(OUR_AE)
-        .with_presentation_context(petrestore::dicom::VERIFICATION, vec![petrestore::dicom::IMPLICIT_VR_LE])
+        .with_presentation_context(abstract_syntax, vec![ts])
         .establish(("127.0.0.1", port))
         .expect("association")
 }
@@ -314,12 +319,7 @@ fn a_store_on_a_context_of_another_sop_class_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 1, 32, 39);
     let d = Daemon::start(&tmp.path().join("d"), "[dicom]\nnon_pet = \"refuse\"\n");
-    let mut assoc = dicom_ul::association::client::ClientAssociationOptions::new()
-        .calling_ae_title(CONSOLE)
-        .called_ae_title(OUR_AE)
-        .with_presentation_context(PET_IMAGE_STORAGE, vec![EXPLICIT_VR_LE])
-        .establish(("127.0.0.1", d.port))
-        .expect("association");
+    let mut assoc = associate(d.port, PET_IMAGE_STORAGE, EXPLICIT_VR_LE);
     let pcid = assoc.presentation_contexts()[0].id;
     let pdv = |value_type, data: Vec<u8>| Pdu::PData {
         data: vec![PDataValue { presentation_context_id: pcid, value_type, is_last: true, data }],
