@@ -47,6 +47,11 @@ const MAX_BATCH_BYTES: usize = arrivals::ROTATE_BYTES as usize;
 /// Records waiting for the materializer; beyond this, ingest waits (bounded
 /// memory: README.md "How it works").
 const QUEUE: usize = 64;
+/// ... and bytes held for it (queued and in the batch being written):
+/// beyond this, ingest waits too. One instance larger than this is taken
+/// when nothing else is held, so a large Enhanced PET object still passes,
+/// one at a time, instead of 64 of them at once.
+const QUEUE_BYTES: u64 = 64 << 20;
 /// After this long without records the active segment is closed and deleted.
 const IDLE: Duration = Duration::from_secs(1);
 /// First wait before a failed move is tried again; it doubles up to `RETRY_MAX`.
@@ -187,6 +192,20 @@ struct Shared {
     /// Bytes of acknowledged instances not yet written into the spool.
     bytes: std::sync::atomic::AtomicU64,
     failed: Mutex<Option<String>>,
+    /// Set when the thread has ended; with `room`, wakes submitters that
+    /// wait for bytes to be written.
+    ended: Mutex<bool>,
+    room: std::sync::Condvar,
+    /// [`QUEUE_BYTES`], smaller in tests.
+    max_bytes: u64,
+}
+
+impl Shared {
+    /// Bytes were written (or the thread ended): let waiting submitters look again.
+    fn wake_submitters(&self) {
+        let _g = self.ended.lock().unwrap();
+        self.room.notify_all();
+    }
 }
 
 /// The background thread and its queue.
@@ -198,10 +217,31 @@ pub struct Materializer {
 
 impl Materializer {
     pub fn start(log: Arc<ArrivalLog>, spool: Spool, journal: Journal, wake: Arc<Notify>) -> std::io::Result<Materializer> {
+        Self::start_bounded(log, spool, journal, wake, QUEUE_BYTES)
+    }
+
+    fn start_bounded(
+        log: Arc<ArrivalLog>,
+        spool: Spool,
+        journal: Journal,
+        wake: Arc<Notify>,
+        max_bytes: u64,
+    ) -> std::io::Result<Materializer> {
         let (tx, rx) = sync_channel(QUEUE);
-        let shared = Arc::new(Shared { in_flight: Mutex::new(HashSet::new()), bytes: Default::default(), failed: Mutex::new(None) });
+        let shared = Arc::new(Shared {
+            in_flight: Mutex::new(HashSet::new()),
+            bytes: Default::default(),
+            failed: Mutex::new(None),
+            ended: Mutex::new(false),
+            room: std::sync::Condvar::new(),
+            max_bytes,
+        });
         let s = shared.clone();
-        let thread = std::thread::Builder::new().name("materializer".into()).spawn(move || run(rx, &log, &spool, &journal, &wake, &s))?;
+        let thread = std::thread::Builder::new().name("materializer".into()).spawn(move || {
+            run(rx, &log, &spool, &journal, &wake, &s);
+            *s.ended.lock().unwrap() = true;
+            s.room.notify_all();
+        })?;
         Ok(Materializer { tx, shared, thread: Mutex::new(Some(thread)) })
     }
 
@@ -231,10 +271,28 @@ impl Materializer {
         self.shared.failed.lock().unwrap().clone()
     }
 
-    /// Hand over an acknowledged record. Waits while the queue is full.
+    /// Hand over an acknowledged record. Waits while the queue is full, in
+    /// records or in bytes.
     pub fn submit(&self, item: Item) -> Result<(), MaterializeError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = item.file().len() as u64;
         self.shared.in_flight.lock().unwrap().insert(instance_key(&item.arrival.series_uid, &item.arrival.record.sop_instance_uid));
-        self.shared.bytes.fetch_add(item.file().len() as u64, std::sync::atomic::Ordering::Relaxed);
+        {
+            let s = &self.shared;
+            let mut ended = s.ended.lock().unwrap();
+            loop {
+                if *ended {
+                    return Err(MaterializeError::Stopped);
+                }
+                let held = s.bytes.load(Relaxed);
+                if held == 0 || held.saturating_add(n) <= s.max_bytes {
+                    break;
+                }
+                ended = s.room.wait(ended).unwrap();
+            }
+            // counted under the lock: two waiters cannot both take the last room
+            s.bytes.fetch_add(n, Relaxed);
+        }
         self.tx.send(Msg::Item(item)).map_err(|_| MaterializeError::Stopped)
     }
 
@@ -300,6 +358,7 @@ fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wa
                     }
                     let written: u64 = batch.iter().map(|i| i.file().len() as u64).sum();
                     shared.bytes.fetch_sub(written, std::sync::atomic::Ordering::Relaxed);
+                    shared.wake_submitters();
                     let mut per_segment = BTreeMap::<u64, u64>::new();
                     for i in &batch {
                         *per_segment.entry(i.segment).or_default() += 1;
@@ -526,5 +585,36 @@ mod tests {
         assert!(log.leftover_segments().unwrap().is_empty());
         assert_eq!(std::fs::read_dir(log.dir()).unwrap().count(), 0, "the idle segment is gone");
         assert!(m.failure().is_none());
+    }
+    #[test]
+    fn ingest_waits_while_the_bytes_held_for_the_spool_are_at_their_bound() {
+        let d = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        let spool = Spool::new(d.path().join("spool")).unwrap();
+        let log = Arc::new(ArrivalLog::open(&spool.root().join("arrivals")).unwrap());
+        let m = Materializer::start_bounded(log.clone(), spool, journal.clone(), Arc::new(Notify::new()), 1000).unwrap();
+        let item = |i: u32| {
+            let a = arrival(&format!("1.2.3.4.5.{i}"));
+            let mut encoded = arrivals::encode(&a, &[&[7u8; 600]]);
+            let segment = log.append(&mut encoded.bytes).unwrap();
+            Item { segment, arrival: a, encoded }
+        };
+        // 600 bytes held of 1000: the next 600 wait until the first are
+        // written, which takes at least QUIET (the batch waits for more)
+        m.submit(item(1)).unwrap();
+        assert!(m.backlog_bytes() >= 600);
+        m.submit(item(2)).unwrap();
+        assert!(!m.in_flight("1.2.3.4", "1.2.3.4.5.1"), "the second was taken before the first was written");
+        assert!(journal.has_instance("1.2.3.4", "1.2.3.4.5.1").unwrap());
+        // one instance larger than the bound passes when nothing else is held
+        let a = arrival("1.2.3.4.5.3");
+        let mut encoded = arrivals::encode(&a, &[&[7u8; 5000]]);
+        let segment = log.append(&mut encoded.bytes).unwrap();
+        m.submit(Item { segment, arrival: a, encoded }).unwrap();
+        m.stop();
+        assert_eq!(journal.get(&crate::journal::job_id("1.2.3.4")).unwrap().unwrap().received, 3);
+        assert_eq!(m.backlog_bytes(), 0);
+        // after the thread has ended a submitter is told so, not left waiting
+        assert!(matches!(m.submit(item(4)), Err(MaterializeError::Stopped)));
     }
 }
