@@ -117,10 +117,6 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     crate::spool::create_dir_durable(state)
         .with_context(|| format!("cannot create node.state_dir {}: check the path and permissions", state.display()))?;
     let spool = Spool::new(state.join("spool")).context("cannot create the spool folder")?;
-    let stale = spool.remove_stale_temporaries().context("cannot clean the spool")?;
-    if stale > 0 {
-        tracing::info!(stale, "removed unacknowledged temporaries left by a crash");
-    }
     let journal_dir = settings.node.state_dir.join("journal");
     // A journal sled cannot open at all (damage at its head) is repaired
     // like any other damage below; a locked one is another daemon's.
@@ -133,6 +129,13 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         }
         Err(e) => return Err(e),
     };
+    // Only once the journal is ours: a second `serve` on the same folder
+    // stops at the journal's lock above, before touching the running
+    // daemon's temporaries.
+    let stale = spool.remove_stale_temporaries().context("cannot clean the spool")?;
+    if stale > 0 {
+        tracing::info!(stale, "removed unacknowledged temporaries left by a crash");
+    }
     // Instances acknowledged before a crash but not yet in the spool and the
     // journal are in the arrival log: record them before anything else.
     let log = Arc::new(ArrivalLog::open(&spool.root().join("arrivals")).context("cannot open the arrival log in the spool folder")?);

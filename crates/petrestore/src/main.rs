@@ -574,8 +574,13 @@ fn journal_rebuild(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
         bail!("a daemon is running on {}: stop it first (systemctl stop petrestore)", state_dir.display());
     }
     ensure_state_dir_owner(&state_dir, "journal rebuild")?;
-    let r = petrestore::journal::rebuild::rebuild(&state_dir.join("journal"), &state_dir.join("spool"))
-        .map_err(|e| anyhow::anyhow!("rebuild failed: {e}"))?;
+    let r = petrestore::journal::rebuild::rebuild(&state_dir.join("journal"), &state_dir.join("spool")).map_err(|e| match e {
+        petrestore::journal::JournalError::Locked { path } => anyhow::anyhow!(
+            "the journal at {path} is open in another process (a daemon starting, running or stopping): \
+             stop it first (systemctl stop petrestore) and wait until it has exited; nothing was changed"
+        ),
+        e => anyhow::anyhow!("rebuild failed: {e}"),
+    })?;
     if let Some(old) = &r.old_journal {
         println!("old journal moved to {}", old.display());
     }

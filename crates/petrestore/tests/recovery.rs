@@ -259,6 +259,28 @@ fn lost_journal_is_rebuilt_from_the_spool_at_start() {
     assert!(d.stop().success());
     let r = petrestore(&["journal", "--config", d.config.to_str().unwrap(), "rebuild"]);
     assert!(r.status.success() && text(&r).contains("6 instances in 1 jobs"), "{}", text(&r));
+    // ... and refuses, changing nothing, while a process holds the journal
+    // open without a control socket (a daemon starting or stopping): here
+    // util-linux's flock(1) takes the lock sled takes
+    let db = d.state_dir().join("journal/db");
+    let mut holder = std::process::Command::new("flock")
+        .args(["--exclusive", db.to_str().unwrap(), "sleep", "60"])
+        .spawn()
+        .expect("flock(1) from util-linux must be installed");
+    wait_for("flock to hold the journal", Duration::from_secs(10), || {
+        let f = std::fs::File::open(&db).unwrap();
+        match f.try_lock() {
+            Ok(()) => None,
+            Err(_) => Some(()),
+        }
+    });
+    let before: BTreeSet<_> = std::fs::read_dir(d.state_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let r = petrestore(&["journal", "--config", d.config.to_str().unwrap(), "rebuild"]);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(!r.status.success() && text(&r).contains("stop it first"), "{}", text(&r));
+    let after: BTreeSet<_> = std::fs::read_dir(d.state_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before, after, "nothing moved aside");
 }
 
 /// Issue 18: damage in the middle or the end of the journal is found at

@@ -44,9 +44,42 @@ pub fn spool_files(spool: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// How long [`rebuild`] waits for the journal's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The journal's `db` file, locked as sled locks it (`flock`, exclusive),
+/// or [`JournalError::Locked`] if a process has the journal open. `None`
+/// when there is no `db` (no journal, or one damaged past its files).
+fn lock_db(journal_dir: &Path) -> Result<Option<std::fs::File>, JournalError> {
+    let db = journal_dir.join("db");
+    let f = match std::fs::OpenOptions::new().read(true).write(true).open(&db) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(JournalError::Sled(sled::Error::Io(e))),
+    };
+    // sled lets go of the lock from a background thread a moment after its
+    // last handle is dropped (a repair right after the start-up check):
+    // wait a little before calling it another process's.
+    let t = std::time::Instant::now();
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(Some(f)),
+            Err(std::fs::TryLockError::WouldBlock) if t.elapsed() < LOCK_WAIT => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(std::fs::TryLockError::WouldBlock) => return Err(JournalError::Locked { path: journal_dir.display().to_string() }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(JournalError::Sled(sled::Error::Io(e))),
+        }
+    }
+}
+
 /// Move `journal_dir` aside and record every spooled instance in a new one.
 pub fn rebuild(journal_dir: &Path, spool: &Path) -> Result<Rebuilt, JournalError> {
     let mut r = Rebuilt::default();
+    // sled holds an exclusive lock on `db` while a process has the journal
+    // open, from a daemon's first start-up step to its last stop step
+    // (its control socket answers only in between): take that lock, and
+    // hold it across the move, so a starting or stopping daemon's journal
+    // is never moved from under it.
+    let _held = lock_db(journal_dir)?;
     if journal_dir.exists() {
         let aside = journal_dir.with_extension(format!("replaced-{}", super::now_ms()));
         std::fs::rename(journal_dir, &aside).map_err(|e| JournalError::Sled(sled::Error::Io(e)))?;
@@ -96,4 +129,25 @@ pub fn rebuild(journal_dir: &Path, spool: &Path) -> Result<Rebuilt, JournalError
     journal.flush()?;
     r.jobs = jobs.len();
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_a_process_has_open_is_not_moved() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("journal");
+        let spool = d.path().join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        let open = Journal::open(&dir).unwrap();
+        assert!(matches!(rebuild(&dir, &spool), Err(JournalError::Locked { .. })));
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "nothing moved aside: {names:?}");
+        drop(open);
+        let r = rebuild(&dir, &spool).unwrap();
+        assert!(r.old_journal.is_some_and(|p| p.exists()));
+        assert!(dir.join("db").exists());
+    }
 }
