@@ -126,6 +126,13 @@ fn derived_series_follows_every_rule() {
         assert!(max_abs / slope > 32000.0 && max_abs / slope <= 32767.0, "slice {z} uses {}", max_abs / slope);
     }
     assert!(slopes.len() > 1, "per-slice slopes expected");
+
+    // The restored series sent back (a router that returns derived series,
+    // a destination that is this node) is not restored a second time.
+    assert!(storescu(d.port, CONSOLE, &received).status.success());
+    let again = d.wait_terminal(&petrestore::journal::job_id(&expected_series), Duration::from_secs(60));
+    let JobState::Skipped { reason } = &again.state else { panic!("{:?}", again.state) };
+    assert!(reason.contains("made by petrestore") && reason.contains("denoise it twice"), "{reason}");
 }
 
 #[test]

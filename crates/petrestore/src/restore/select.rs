@@ -60,6 +60,11 @@ pub enum NotSelected {
         if *slices == 1 { "" } else { "s" }
     )]
     TooFewSlices { slices: usize, need: usize },
+    #[error(
+        "the series was made by petrestore ({0}): restoring a restored image (or an uncertainty series) again would \
+         denoise it twice; a destination or router that sends derived series back to this node should not"
+    )]
+    AlreadyRestored(String),
     #[error("matrix {rows}x{cols} exceeds restore.max_matrix {max}")]
     Matrix { rows: usize, cols: usize, max: u32 },
     #[error("slices have different Actual Frame Durations ({0} and {1} ms)")]
@@ -83,6 +88,9 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
     let modality = first.str_of(tags::MODALITY).unwrap_or_default();
     if modality != "PT" {
         return Err(NotSelected::NotPet(modality));
+    }
+    if let Some(what) = made_by_petrestore(first) {
+        return Err(NotSelected::AlreadyRestored(what));
     }
     if let Some(why) = not_attenuation_corrected(first_slice) {
         return Err(NotSelected::NotAttenuationCorrected(why));
@@ -125,6 +133,18 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
         return Err(NotSelected::MixedDurations(ms, d));
     }
     Ok(Selected { frame_duration_s: secs, units, assumed })
+}
+
+/// Our own output, sent back (a routing rule, a destination that is this
+/// node): every derived instance lists petrestore in its Contributing
+/// Equipment Sequence (0018,A001), which it never removes. Returns the
+/// Contribution Description it wrote.
+fn made_by_petrestore(ds: &dicom_object::InMemDicomObject) -> Option<String> {
+    let items = ds.get(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE)?.items()?;
+    items.iter().find_map(|i| {
+        (i.str_of(tags::MANUFACTURER).as_deref() == Some("petrestore"))
+            .then(|| i.str_of(tags::CONTRIBUTION_DESCRIPTION).unwrap_or_else(|| "petrestore".into()))
+    })
 }
 
 /// What says a series is not attenuation-corrected (a NAC companion series,
