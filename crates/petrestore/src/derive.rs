@@ -24,6 +24,9 @@ pub struct DeriveParams {
     /// an Enhanced PET output says so in Content Qualification.
     pub research: bool,
     pub model_id: String,
+    /// What else the pixels depend on ([`inputs_id`]): the engine that ran
+    /// and the set of source instances. Salts every derived UID.
+    pub inputs_id: String,
     /// Identity of the σ calibration in use (the package's `[uncertainty]`
     /// and a site's factor, `Calibration::id`): it changes the σ pixels
     /// without changing the model, so it salts the uncertainty series' UIDs.
@@ -50,15 +53,46 @@ enum Kind {
     Uncertainty,
 }
 
-/// Salt of a derived series' UIDs: the model id, and for the uncertainty
-/// series also the σ calibration's identity, so different σ pixels never
-/// share a UID.
-fn uid_salt(kind: Kind, p: &DeriveParams) -> String {
-    match (kind, &p.uncertainty_id) {
-        (Kind::Restored, _) => p.model_id.clone(),
-        (Kind::Uncertainty, None) => format!("{}/uncertainty-1sd", p.model_id),
-        (Kind::Uncertainty, Some(cal)) => format!("{}/uncertainty-1sd/{cal}", p.model_id),
+/// Identity of what a restoration read besides the model: the engine that
+/// ran (providers and precisions give different pixels: TensorRT's fp16,
+/// or tract after a fallback) and the set of source instances (the
+/// normalisation and the slice context are volume-wide, so a series
+/// restored again with more slices differs in every slice). Hex, 16 digits.
+pub fn inputs_id<S: AsRef<str>>(engine: &str, source_sops: &[S]) -> String {
+    use sha2::Digest;
+    let mut sops: Vec<&str> = source_sops.iter().map(AsRef::as_ref).collect();
+    sops.sort_unstable();
+    sops.dedup();
+    let mut h = sha2::Sha256::new();
+    h.update(engine.as_bytes());
+    for s in sops {
+        h.update([0u8]);
+        h.update(s.as_bytes());
     }
+    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Salt of the restored series' UIDs for a model and an [`inputs_id`].
+pub fn restored_salt(model_id: &str, inputs_id: &str) -> String {
+    format!("{model_id}|{inputs_id}")
+}
+
+/// Salt of a derived series' UIDs: the model id and what else the pixels
+/// depend on ([`inputs_id`]), and for the uncertainty series also the σ
+/// calibration's identity, so different pixels never share a UID while the
+/// same restoration done again (a retry, a restart) gives the same UIDs.
+fn uid_salt(kind: Kind, p: &DeriveParams) -> String {
+    let base = restored_salt(&p.model_id, &p.inputs_id);
+    match (kind, &p.uncertainty_id) {
+        (Kind::Restored, _) => base,
+        (Kind::Uncertainty, None) => format!("{base}/uncertainty-1sd"),
+        (Kind::Uncertainty, Some(cal)) => format!("{base}/uncertainty-1sd/{cal}"),
+    }
+}
+
+/// Series Instance UID of the restored series of `source_series`.
+pub fn restored_series_uid(source_series: &str, p: &DeriveParams) -> String {
+    derived_uid(source_series, &uid_salt(Kind::Restored, p))
 }
 
 /// Series Instance UID of the uncertainty series of `source_series`.
@@ -630,6 +664,7 @@ mod tests {
             notice: None,
             research: true,
             model_id: "m@1+abc".into(),
+            inputs_id: "0123456789abcdef".into(),
             uncertainty_id: cal.map(str::to_owned),
             series_description_suffix: String::new(),
             series_number_offset: 1000,
@@ -644,12 +679,26 @@ mod tests {
         assert!(d.contains("sigma calibration 111111111111") && d.is_ascii(), "{d}");
     }
 
+    #[test]
+    fn other_inputs_or_another_engine_give_other_uids_the_same_give_the_same() {
+        let sops = ["1.2.3.1", "1.2.3.2", "1.2.3.3"];
+        let id = inputs_id("ort/tensorrt", &sops);
+        assert_eq!(id.len(), 16);
+        assert_eq!(id, inputs_id("ort/tensorrt", &["1.2.3.3", "1.2.3.1", "1.2.3.2", "1.2.3.1"]), "order and repeats do not matter");
+        assert_ne!(id, inputs_id("ort/tensorrt", &sops[..2]), "a slice more or less");
+        assert_ne!(id, inputs_id("tract", &sops), "another engine");
+        let p = |inputs: &str| DeriveParams { inputs_id: inputs.into(), ..params(None) };
+        assert_ne!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("tract", &sops))));
+        assert_eq!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("ort/tensorrt", &sops))));
+    }
+
     fn params(notice: Option<&str>) -> DeriveParams {
         DeriveParams {
             engine: "tract".into(),
             notice: notice.map(str::to_owned),
             research: false,
             model_id: "m@1+abc".into(),
+            inputs_id: "0123456789abcdef".into(),
             uncertainty_id: None,
             series_description_suffix: " [petrestore]".into(),
             series_number_offset: 1000,
@@ -721,7 +770,7 @@ mod tests {
         // source's comment; its concatenation is a derived one
         assert_eq!(o.str_of(tags::WINDOW_CENTER).as_deref(), Some("5000"));
         assert_eq!(o.str_of(tags::IMAGE_COMMENTS).as_deref(), Some("arms up"));
-        assert_eq!(o.str_of(tags::CONCATENATION_UID).unwrap(), derived_uid("1.2.9", "m@1+abc"));
+        assert_eq!(o.str_of(tags::CONCATENATION_UID).unwrap(), derived_uid("1.2.9", "m@1+abc|0123456789abcdef"));
         let code = &o.get(tags::DERIVATION_CODE_SEQUENCE).unwrap().items().unwrap()[0];
         assert_eq!(code.str_of(tags::CODE_VALUE).as_deref(), Some("113087"));
         assert_eq!(o.i64_of(tags::SERIES_NUMBER), Some(1003));

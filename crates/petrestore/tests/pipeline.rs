@@ -39,7 +39,9 @@ fn derived_series_follows_every_rule() {
     let sources: BTreeMap<String, InMemDicomObject> =
         src.files.iter().map(|p| open(p)).map(|o| (o.str_of(tags::SOP_INSTANCE_UID).unwrap(), o)).collect();
     let model = "gaussian-fwhm6.00mm";
-    let expected_series = petrestore::dicom::uid::derived_uid(&src.series_uid, model);
+    let salt = petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id("gaussian", &src.sop_uids));
+    let expected_series = petrestore::dicom::uid::derived_uid(&src.series_uid, &salt);
+    assert_eq!(job.output_series_uid.as_deref(), Some(expected_series.as_str()));
     let mut sop_uids = BTreeSet::new();
     for p in &received {
         let o = open(p);
@@ -62,7 +64,7 @@ fn derived_series_follows_every_rule() {
         assert_eq!(purpose[0].str_of(tags::CODE_VALUE).unwrap(), "121322");
         assert_eq!(purpose[0].str_of(tags::CODING_SCHEME_DESIGNATOR).unwrap(), "DCM");
         let s = sources.get(&src_sop).unwrap_or_else(|| panic!("source {src_sop} unknown"));
-        assert_eq!(sop, petrestore::dicom::uid::derived_uid(&src_sop, model), "deterministic UID");
+        assert_eq!(sop, petrestore::dicom::uid::derived_uid(&src_sop, &salt), "deterministic UID");
 
         let ce = o.element(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE).unwrap().items().unwrap();
         let ours = ce.last().unwrap();
@@ -371,9 +373,10 @@ fn enhanced_pet_is_restored_into_a_derived_enhanced_instance() {
     let s = open(&src.files[0]);
     let o = open(&received[0]);
     let model = "gaussian-fwhm6.00mm";
+    let salt = petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id("gaussian", &src.sop_uids));
     assert_eq!(o.str_of(tags::SOP_CLASS_UID).unwrap(), petrestore::dicom::ENHANCED_PET_IMAGE_STORAGE);
-    assert_eq!(o.str_of(tags::SOP_INSTANCE_UID).unwrap(), petrestore::dicom::uid::derived_uid(&src.sop_uids[0], model));
-    assert_eq!(o.str_of(tags::SERIES_INSTANCE_UID).unwrap(), petrestore::dicom::uid::derived_uid(&src.series_uid, model));
+    assert_eq!(o.str_of(tags::SOP_INSTANCE_UID).unwrap(), petrestore::dicom::uid::derived_uid(&src.sop_uids[0], &salt));
+    assert_eq!(o.str_of(tags::SERIES_INSTANCE_UID).unwrap(), petrestore::dicom::uid::derived_uid(&src.series_uid, &salt));
     assert_eq!(o.str_of(tags::STUDY_INSTANCE_UID).unwrap(), src.study_uid);
     assert_eq!(o.str_of(tags::NUMBER_OF_FRAMES).unwrap(), "20");
     assert_eq!(&strs(&o, tags::IMAGE_TYPE)[..2], ["DERIVED", "PRIMARY"]);

@@ -123,16 +123,17 @@ fn random_kill9_with_concurrent_consoles_loses_and_duplicates_nothing() {
     assert!(sent.len() as u64 >= consoles * per_console);
 
     // Every series restored and delivered; nothing stuck.
-    let mut model = None;
+    // the salt of each series' derived UIDs: its model, engine and sources
+    let mut salts: BTreeMap<String, String> = BTreeMap::new();
     for s in &sent {
         let job = d.wait_job(&job_id(s), "the series done", Duration::from_secs(180), |j| j.state.is_terminal());
         assert_eq!((job.state.clone(), job.received), (JobState::Done, slices as u32), "{:#?}", job.history);
-        model = job.model_id.clone();
+        let inputs = petrestore::derive::inputs_id(job.engine.as_deref().unwrap(), &s.sop_uids);
+        salts.insert(s.series_uid.clone(), petrestore::derive::restored_salt(job.model_id.as_deref().unwrap(), &inputs));
     }
     if let Some(p) = d.pid().and_then(peak_rss_mib) {
         peak = peak.max(p);
     }
-    let model = model.unwrap();
     let expected: usize = sent.len() * slices;
     // Wait for the destination to hold every derived instance; on timeout,
     // say which series miss what, with their jobs' histories.
@@ -150,7 +151,7 @@ fn random_kill9_with_concurrent_consoles_loses_and_duplicates_nothing() {
         let missing: Vec<(&petsim::SeriesFiles, usize)> = sent
             .iter()
             .map(|s| {
-                let got = have.get(&petrestore::dicom::uid::derived_uid(&s.series_uid, &model)).map_or(0, BTreeSet::len);
+                let got = have.get(&petrestore::dicom::uid::derived_uid(&s.series_uid, &salts[&s.series_uid])).map_or(0, BTreeSet::len);
                 (s, slices - got.min(slices))
             })
             .filter(|(_, m)| *m > 0)
@@ -181,8 +182,9 @@ fn random_kill9_with_concurrent_consoles_loses_and_duplicates_nothing() {
     let mut lost = 0usize;
     for s in &sent {
         assert!(!by_series.contains_key(&s.series_uid), "originals of {} were forwarded", s.series_uid);
-        let want: BTreeSet<String> = s.sop_uids.iter().map(|u| uid(u, &model)).collect();
-        let got = by_series.get(&uid(&s.series_uid, &model)).cloned().unwrap_or_default();
+        let salt = &salts[&s.series_uid];
+        let want: BTreeSet<String> = s.sop_uids.iter().map(|u| uid(u, salt)).collect();
+        let got = by_series.get(&uid(&s.series_uid, salt)).cloned().unwrap_or_default();
         lost += want.difference(&got).count();
         assert_eq!(got, want, "series {}: the derived series is not one derived instance per source instance", s.series_uid);
     }

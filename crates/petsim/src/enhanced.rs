@@ -426,6 +426,7 @@ mod tests {
             notice: None,
             research: true,
             model_id: "m".into(),
+            inputs_id: "0".into(),
             uncertainty_id: None,
             series_description_suffix: " [petrestore]".into(),
             series_number_offset: 1000,

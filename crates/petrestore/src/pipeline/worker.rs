@@ -345,7 +345,9 @@ pub fn restore_paths_with(
     let (restored, variance, engine, fallbacks) =
         run_engines(engines, &input).map_err(|e| NotRestored::Failed(format!("restoration failed: {e}")))?;
     let calibration = engine.uncertainty();
+    let source_sops: Vec<String> = loaded.slices.iter().filter_map(|sl| sl.dataset.str_of(tags::SOP_INSTANCE_UID)).collect();
     let params = DeriveParams {
+        inputs_id: crate::derive::inputs_id(&engine.label(), &source_sops),
         engine: engine.label(),
         notice: {
             let mut n: Vec<String> = engine.notice().into_iter().collect();
@@ -376,7 +378,7 @@ pub fn restore_paths_with(
     Ok(Restored {
         assumed: selected.assumed,
         fallbacks,
-        series_uid: crate::dicom::uid::derived_uid(&source_series, &params.model_id),
+        series_uid: crate::derive::restored_series_uid(&source_series, &params),
         engine: params.engine,
         model_id: params.model_id,
         slices,
