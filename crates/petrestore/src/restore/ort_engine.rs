@@ -86,20 +86,42 @@ fn is_default(lib: &Path) -> bool {
     DEFAULT_LIBRARIES.iter().any(|n| lib == Path::new(n))
 }
 
-fn dispatch(p: Provider, o: &OrtOptions) -> ExecutionProviderDispatch {
+/// The TensorRT cache folder of one graph: `cache_dir/<first 16 hex digits
+/// of the graph's SHA-256>`. ONNX Runtime names a cached engine by the
+/// graph's structure and names, not its weights, and a TensorRT engine
+/// carries the weights inside it: in one shared folder, a model with new
+/// weights and the same structure would run the old engine. Each graph
+/// (a new model, the graph cut to R) therefore gets its own folder.
+pub fn graph_cache_dir(cache_dir: &Path, graph: &[u8]) -> PathBuf {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(graph);
+    cache_dir.join(h[..8].iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn dispatch(p: Provider, o: &OrtOptions, graph: &[u8]) -> ExecutionProviderDispatch {
     match p {
-        Provider::TensorRt => ep::TensorRT::default()
-            .with_fp16(o.tensorrt_fp16)
-            .with_engine_cache(true)
-            .with_engine_cache_path(o.cache_dir.display().to_string())
-            .with_timing_cache(true)
-            .with_timing_cache_path(o.cache_dir.display().to_string())
-            .with_max_workspace_size(o.tensorrt_workspace_mb * 1024 * 1024)
-            .build()
-            .error_on_failure(),
+        Provider::TensorRt => {
+            let dir = graph_cache_dir(&o.cache_dir, graph);
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot create the TensorRT cache folder; engines are built at every start");
+            }
+            trt(o, &dir)
+        }
         Provider::Cuda => ep::CUDA::default().build().error_on_failure(),
         Provider::Cpu => ep::CPU::default().build().error_on_failure(),
     }
+}
+
+fn trt(o: &OrtOptions, dir: &Path) -> ExecutionProviderDispatch {
+    ep::TensorRT::default()
+        .with_fp16(o.tensorrt_fp16)
+        .with_engine_cache(true)
+        .with_engine_cache_path(dir.display().to_string())
+        .with_timing_cache(true)
+        .with_timing_cache_path(dir.display().to_string())
+        .with_max_workspace_size(o.tensorrt_workspace_mb * 1024 * 1024)
+        .build()
+        .error_on_failure()
 }
 
 /// ONNX Runtime allows one library and one environment per process: both
@@ -152,9 +174,6 @@ impl OrtEngine {
     pub fn new(pkg: ModelPackage, o: &OrtOptions) -> Result<OrtEngine, EngineError> {
         let lib = library_path(o.library.as_deref());
         let env = environment(&lib)?;
-        if o.providers.contains(&Provider::TensorRt) {
-            let _ = std::fs::create_dir_all(&o.cache_dir);
-        }
         let threads = if o.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { o.threads };
         let mut reports = Vec::new();
         // the package's graph, read once, and (for a package with a σ head)
@@ -222,7 +241,7 @@ fn make_session(env: &ort::environment::Environment, o: &OrtOptions, threads: us
         .map_err(|e| e.to_string())?
         .with_no_environment_execution_providers()
         .map_err(|e| e.to_string())?
-        .with_execution_providers([dispatch(p, o)])
+        .with_execution_providers([dispatch(p, o, bytes)])
         .map_err(|e| e.to_string())?
         .with_intra_threads(threads)
         .map_err(|e| e.to_string())?
@@ -435,5 +454,20 @@ impl Engine for OrtEngine {
     }
     fn run_with_variance(&self, input: &Volume) -> Result<(Volume, Option<Volume>), EngineError> {
         restore_volume_with_variance(input, &self.pkg, self, 1).map_err(|reason| EngineError::Failed { engine: "ort".into(), reason })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_graph_has_its_own_tensorrt_cache_folder() {
+        let root = Path::new("/var/lib/petrestore/trt-cache");
+        let a = graph_cache_dir(root, b"graph with weights a");
+        assert_eq!(a, graph_cache_dir(root, b"graph with weights a"), "the same graph finds its engines again");
+        assert_ne!(a, graph_cache_dir(root, b"graph with weights b"), "other weights, another folder");
+        assert_eq!(a.parent(), Some(root));
+        assert_eq!(a.file_name().unwrap().len(), 16);
     }
 }
