@@ -109,6 +109,58 @@ fn repair_journal(settings: &Settings, spool_root: &std::path::Path, problems: &
     Ok(())
 }
 
+/// How often a long start-up step extends systemd's start timeout, by
+/// twice this each time.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(30);
+/// Beyond this a start-up step is taken for hung: the extensions stop and
+/// the unit's own timeout ends the start.
+const KEEP_ALIVE_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// While alive, sends `EXTEND_TIMEOUT_USEC` (twice `every`) and a status
+/// line every `every`, for at most `max`; dropped, it stops and clears
+/// the status.
+struct KeepStartAlive {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KeepStartAlive {
+    fn start(
+        status: &'static str,
+        every: Duration,
+        max: Duration,
+        send: impl Fn(&[sd_notify::NotifyState]) + Send + 'static,
+    ) -> KeepStartAlive {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let extend = u32::try_from(every.as_micros() * 2).unwrap_or(u32::MAX);
+        let thread = std::thread::Builder::new()
+            .name("start-keepalive".into())
+            .spawn(move || {
+                let t0 = std::time::Instant::now();
+                send(&[sd_notify::NotifyState::Status(status)]);
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                    if t0.elapsed() >= max {
+                        tracing::error!(?max, "{status}: still not done; no longer extending the start timeout");
+                        return;
+                    }
+                    send(&[sd_notify::NotifyState::ExtendTimeoutUsec(extend), sd_notify::NotifyState::Status(status)]);
+                }
+                send(&[sd_notify::NotifyState::Status("starting")]);
+            })
+            .ok();
+        KeepStartAlive { stop: Some(tx), thread }
+    }
+}
+
+impl Drop for KeepStartAlive {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Start every stage; returns once the DICOM listener is bound.
 pub async fn start(settings: Settings) -> Result<Daemon> {
     let live = Arc::new(LiveSettings::new(settings.clone()));
@@ -174,7 +226,20 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     }
     // purges a stop cut short, finished before any instance can arrive
     crate::pipeline::retention::finish_interrupted(&settings, &journal, &spool).context("cannot finish an interrupted purge")?;
-    let restore::Engines { engines, reports } = restore::engines_from_settings(&settings).map_err(anyhow::Error::msg)?;
+    let restore::Engines { engines, reports } = {
+        // A first TensorRT build (an empty cache, a new model or runtime)
+        // can take longer than the unit's start timeout: tell systemd the
+        // start is alive meanwhile, for up to KEEP_ALIVE_MAX.
+        let _alive = KeepStartAlive::start(
+            "building the restoration engines (a TensorRT build can take minutes)",
+            KEEP_ALIVE_EVERY,
+            KEEP_ALIVE_MAX,
+            |s| {
+                let _ = sd_notify::notify(s);
+            },
+        );
+        restore::engines_from_settings(&settings).map_err(anyhow::Error::msg)?
+    };
     tracing::info!(engines = ?engines.iter().map(|e| e.label()).collect::<Vec<_>>(), "restoration engines ready");
 
     let wake = Arc::new(Notify::new());
@@ -526,12 +591,18 @@ impl Daemon {
 /// `petrestore serve`: run until SIGTERM or SIGINT.
 pub async fn serve(settings: Settings) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    // SIGHUP's default action ends the process: its handler comes before
+    // the start (engine builds can take minutes), and a reload asked for
+    // meanwhile is made once the daemon is up. SIGTERM keeps its default
+    // until then: a stop during the start ends it at once, as a crash
+    // would, which the start-up replay and checks are made for.
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    tracing::info!("starting");
     let daemon = start(settings).await?;
     // systemd watchdog: ping at half the interval from the main loop.
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     loop {
         let tick = async {
             match watchdog {
@@ -558,4 +629,34 @@ pub async fn serve(settings: Settings) -> Result<()> {
         }
     }
     daemon.stop().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn a_long_start_step_extends_the_timeout_until_done_and_no_longer_than_its_maximum() {
+        let sent = Arc::new(Mutex::new(Vec::<String>::new()));
+        let record = |sent: &Arc<Mutex<Vec<String>>>| {
+            let sent = sent.clone();
+            move |s: &[sd_notify::NotifyState]| sent.lock().unwrap().push(s.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))
+        };
+        let every = Duration::from_millis(20);
+        let alive = KeepStartAlive::start("building", every, Duration::from_secs(60), record(&sent));
+        std::thread::sleep(every * 5);
+        drop(alive);
+        let got = sent.lock().unwrap().clone();
+        assert_eq!(got.first().map(String::as_str), Some("STATUS=building"));
+        assert_eq!(got.last().map(String::as_str), Some("STATUS=starting"));
+        assert!(got.iter().any(|m| m == "EXTEND_TIMEOUT_USEC=40000,STATUS=building"), "{got:?}");
+        // a step that never ends: the extensions stop at the maximum
+        let sent = Arc::new(Mutex::new(Vec::<String>::new()));
+        let alive = KeepStartAlive::start("hung", every, every * 3, record(&sent));
+        std::thread::sleep(every * 10);
+        let n = sent.lock().unwrap().len();
+        assert!(n <= 4, "{:?}", sent.lock().unwrap());
+        drop(alive);
+    }
 }

@@ -580,7 +580,23 @@ fn systemd_notify_ready_watchdog_and_stopping() {
         let n = sock.recv(&mut buf).expect("a notification within 20 s");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
-    assert_eq!(next(), "READY=1\n");
+    // While the engines are built (minutes for a first TensorRT build) the
+    // start says so; a reload asked for meanwhile (SIGHUP, whose default
+    // action would end the process) waits for the daemon to be up.
+    let first = next();
+    assert!(first.starts_with("STATUS=building the restoration engines"), "{first}");
+    assert!(std::process::Command::new("kill").arg("-HUP").arg(child.id().to_string()).status().unwrap().success());
+    let mut before_ready = vec![first];
+    loop {
+        let m = next();
+        if m == "READY=1\n" {
+            break;
+        }
+        assert!(m.starts_with("STATUS=") || m.starts_with("EXTEND_TIMEOUT_USEC="), "{m}");
+        before_ready.push(m);
+    }
+    assert_eq!(before_ready.last().map(String::as_str), Some("STATUS=starting\n"), "{before_ready:?}");
+    assert!(child.try_wait().unwrap().is_none(), "alive after a SIGHUP during the start");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "READY only after the listener is bound");
     for _ in 0..3 {
         assert_eq!(next(), "WATCHDOG=1\n");
