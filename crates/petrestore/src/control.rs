@@ -142,8 +142,19 @@ pub async fn serve(
         let ingest = ingest.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
-            let mut lines = BufReader::new(rd).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            let mut reader = BufReader::new(rd);
+            loop {
+                let line = match read_request(&mut reader).await {
+                    Ok(Some(line)) => line,
+                    Ok(None) => break,
+                    Err(why) => {
+                        let resp = Response { ok: false, error: Some(why), jobs: vec![], status: None };
+                        let mut out = serde_json::to_vec(&resp).expect("responses serialize");
+                        out.push(b'\n');
+                        let _ = wr.write_all(&out).await;
+                        break;
+                    }
+                };
                 let resp = match serde_json::from_str::<Request>(&line) {
                     Ok(req) => {
                         let (p, f, i) = (p.clone(), fixed.clone(), ingest.clone());
@@ -166,12 +177,44 @@ pub async fn serve(
     }
 }
 
+/// The longest request line: requests are a few dozen bytes.
+const MAX_REQUEST: usize = 64 * 1024;
+/// A connection that sends nothing for this long is closed.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One request line: `Ok(None)` at the end of the stream (or after `IDLE`
+/// without a byte); an error for a line longer than `MAX_REQUEST` or not
+/// UTF-8, which is answered and ends the connection, so a client cannot
+/// make the daemon buffer without bound.
+async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<String>, String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(IDLE, (&mut *reader).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut buf)).await;
+    match read {
+        Err(_) | Ok(Err(_)) | Ok(Ok(0)) => return Ok(None),
+        Ok(Ok(_)) => {}
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > MAX_REQUEST {
+        return Err(format!("bad request: longer than {MAX_REQUEST} bytes"));
+    }
+    String::from_utf8(buf).map(Some).map_err(|_| "bad request: not UTF-8 (one JSON object per line expected)".to_string())
+}
+
 /// Client side: `Ok(None)` when no daemon is listening.
 pub async fn request(state_dir: &Path, req: &Request) -> Result<Option<Response>, String> {
     let path = socket_path(state_dir);
     let stream = match UnixStream::connect(&path).await {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(format!(
+                "cannot reach the daemon at {}: {e}; the socket is its user's alone: run this as root or as that user \
+                 (e.g. `sudo -u petrestore petrestore …`)",
+                path.display()
+            ));
+        }
         Err(e) => return Err(format!("cannot reach the daemon at {}: {e}", path.display())),
     };
     let (rd, mut wr) = stream.into_split();
@@ -181,4 +224,25 @@ pub async fn request(state_dir: &Path, req: &Request) -> Result<Option<Response>
     let mut lines = BufReader::new(rd).lines();
     let resp = lines.next_line().await.map_err(|e| e.to_string())?.ok_or("daemon closed the control socket")?;
     serde_json::from_str(&resp).map(Some).map_err(|e| format!("bad answer from daemon: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn request_lines_are_bounded_and_checked() {
+        let mut ok: &[u8] = b"{\"op\":\"list\"}\nrest";
+        assert_eq!(read_request(&mut ok).await.unwrap().as_deref(), Some("{\"op\":\"list\"}"));
+        let long = vec![b'x'; MAX_REQUEST + 10];
+        let err = read_request(&mut &long[..]).await.unwrap_err();
+        assert!(err.contains("longer than"), "{err}");
+        let bad: &[u8] = b"\xff\xfe\n";
+        assert!(read_request(&mut &bad[..]).await.unwrap_err().contains("not UTF-8"));
+        let empty: &[u8] = b"";
+        assert_eq!(read_request(&mut &empty[..]).await.unwrap(), None);
+        // a last line without its newline is still a request
+        let last: &[u8] = b"{}";
+        assert_eq!(read_request(&mut &last[..]).await.unwrap().as_deref(), Some("{}"));
+    }
 }

@@ -69,6 +69,9 @@ enum Command {
     /// What the running daemon is doing: engines and providers in use (and why
     /// others are not), active jobs per state.
     Status {
+        /// Configuration file (default: $PETRESTORE_CONFIG, else
+        /// /etc/petrestore/petrestore.toml when present, else the built-in
+        /// defaults; not read when --state-dir is given).
         #[arg(long)]
         config: Option<PathBuf>,
         #[arg(long)]
@@ -104,6 +107,9 @@ enum Command {
     Eval(SiteEvalArgs),
     /// Journal maintenance (with the daemon stopped).
     Journal {
+        /// Configuration file (default: $PETRESTORE_CONFIG, else
+        /// /etc/petrestore/petrestore.toml when present, else the built-in
+        /// defaults; not read when --state-dir is given).
         #[arg(long)]
         config: Option<PathBuf>,
         #[arg(long)]
@@ -117,6 +123,9 @@ enum Command {
     PrintDefaultConfig,
     /// Read and steer the job journal (works while the daemon runs).
     Jobs {
+        /// Configuration file (default: $PETRESTORE_CONFIG, else
+        /// /etc/petrestore/petrestore.toml when present, else the built-in
+        /// defaults; not read when --state-dir is given).
         #[arg(long)]
         config: Option<PathBuf>,
         /// State directory (instead of reading it from --config).
@@ -153,6 +162,25 @@ fn load_settings(config: Option<&PathBuf>) -> Result<Settings> {
         Some(p) => Settings::load(p)?,
         None => Settings::defaults(),
     })
+}
+
+/// The configuration file the installed daemon runs with (its unit's
+/// `--config`).
+const INSTALLED_CONFIG: &str = "/etc/petrestore/petrestore.toml";
+
+/// Settings for the commands that act on a daemon's state (`status`,
+/// `jobs`, `journal`): `--config`; else, without `--state-dir`,
+/// `$PETRESTORE_CONFIG` or the installed daemon's file when there is one,
+/// so they find the daemon's own `node.state_dir`; else the defaults.
+fn operator_settings(config: Option<&PathBuf>, state_dir: Option<&PathBuf>) -> Result<Settings> {
+    if config.is_some() || state_dir.is_some() {
+        return load_settings(config);
+    }
+    let file = std::env::var_os("PETRESTORE_CONFIG").map(PathBuf::from).or_else(|| {
+        let p = PathBuf::from(INSTALLED_CONFIG);
+        p.is_file().then_some(p)
+    });
+    load_settings(file.as_ref())
 }
 
 /// `default` is the filter when RUST_LOG is not set.
@@ -200,7 +228,7 @@ fn print_jobs_table(jobs: &[journal::Job]) {
 }
 
 async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsAction) -> Result<()> {
-    let settings = load_settings(config.as_ref())?;
+    let settings = operator_settings(config.as_ref(), state_dir.as_ref())?;
     let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
     let req = match &action {
         JobsAction::List { .. } => control::Request::List,
@@ -213,6 +241,15 @@ async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsA
         None => {
             // No daemon: read the journal directly (sled's lock keeps us
             // from doing so while one runs).
+            // a folder no daemon ever used: say so rather than create an
+            // empty journal there and list nothing
+            if !state_dir.join("journal").is_dir() {
+                bail!(
+                    "no daemon is running on {} and no journal is there: a daemon keeps its journal in the node.state_dir \
+                     of its configuration; pass it with --config FILE (default {INSTALLED_CONFIG}) or --state-dir DIR",
+                    state_dir.display()
+                );
+            }
             ensure_state_dir_owner(&state_dir, "jobs")?;
             let mut s = settings.clone();
             s.node.state_dir = state_dir.clone();
@@ -240,7 +277,7 @@ async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsA
 }
 
 async fn status(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
-    let settings = load_settings(config.as_ref())?;
+    let settings = operator_settings(config.as_ref(), state_dir.as_ref())?;
     let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
     match control::request(&state_dir, &control::Request::Status).await.map_err(anyhow::Error::msg)? {
         Some(r) if r.ok => {
@@ -248,7 +285,11 @@ async fn status(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<(
             Ok(())
         }
         Some(r) => bail!("{}", r.error.unwrap_or_default()),
-        None => bail!("no daemon is running on {} (no control socket); start it with `petrestore serve`", state_dir.display()),
+        None => bail!(
+            "no daemon is running on {} (no control socket): start it (systemctl start petrestore, or `petrestore serve`); \
+             a daemon with another node.state_dir is found with --config FILE or --state-dir DIR",
+            state_dir.display()
+        ),
     }
 }
 
@@ -568,7 +609,7 @@ fn user_name(uid: u32) -> Option<String> {
 
 /// `petrestore journal rebuild`: a new journal from the spool (daemon stopped).
 fn journal_rebuild(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
-    let settings = load_settings(config.as_ref())?;
+    let settings = operator_settings(config.as_ref(), state_dir.as_ref())?;
     let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
     if std::os::unix::net::UnixStream::connect(control::socket_path(&state_dir)).is_ok() {
         bail!("a daemon is running on {}: stop it first (systemctl stop petrestore)", state_dir.display());

@@ -212,6 +212,26 @@ fn jobs_commands_work_while_the_daemon_runs_and_after_it_stops() {
     assert!(show.status.success() && text(&show).contains(&src.series_uid));
     let missing = petrestore(&["jobs", "--state-dir", state.to_str().unwrap(), "show", "0000000000000000"]);
     assert!(!missing.status.success() && text(&missing).contains("no job"));
+    // without --config or --state-dir, the daemon's own file is read
+    // ($PETRESTORE_CONFIG here; /etc/petrestore/petrestore.toml on a box)
+    let with_env = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_petrestore"))
+            .args(args)
+            .env("PETRESTORE_CONFIG", &d.config)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let list = with_env(&["jobs", "list"]);
+    assert!(list.status.success() && text(&list).contains(&id), "{}", text(&list));
+    assert!(with_env(&["status"]).status.success());
+    // a folder no daemon used: refused, and no empty journal made there
+    let nowhere = tmp.path().join("nowhere");
+    let list = petrestore(&["jobs", "--state-dir", nowhere.to_str().unwrap(), "list"]);
+    assert!(!list.status.success() && text(&list).contains("--config FILE"), "{}", text(&list));
+    assert!(!nowhere.exists(), "nothing created");
+    let status = petrestore(&["status", "--state-dir", nowhere.to_str().unwrap()]);
+    assert!(!status.status.success() && text(&status).contains("--state-dir DIR"), "{}", text(&status));
 
     // SIGTERM: a clean stop, then the journal is readable without the daemon
     let st = d.stop();
