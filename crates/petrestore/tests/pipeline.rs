@@ -238,6 +238,42 @@ fn a_destination_renamed_by_reload_gets_the_pending_series_and_the_old_name_is_d
 }
 
 #[test]
+fn a_destination_removed_by_reload_fails_its_waiting_series_instead_of_finishing_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 8, 32, 15);
+    let (down_port, kept_port) = (free_port(), free_port());
+    let kept = StoreScp::start_on(&tmp.path().join("kept"), kept_port);
+    let mut d = Daemon::start(
+        &tmp.path().join("d"),
+        &format!("[egress]\nmax_attempts = 20\n{}{}", destination("pacs", kept_port), destination("archive", down_port)),
+    );
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    wait_for("a failed attempt to the archive that is down", Duration::from_secs(60), || {
+        let j = d.job(&id);
+        j.deliveries.iter().any(|x| x.destination == "archive" && x.attempts >= 1).then_some(())
+    });
+    // the operator takes the archive out of the config while it is down
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    let (head, _) = cfg.split_once("[[destination]]\nname = \"archive\"").expect("the archive in the config");
+    std::fs::write(&d.config, head).unwrap();
+    d.signal("HUP");
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    let JobState::Failed { reason } = &job.state else { panic!("{:?}\n{:#?}", job.state, job.history) };
+    assert!(reason.contains("not delivered to archive: removed from the configuration") && reason.contains("jobs retry"), "{reason}");
+    assert_eq!(kept.files().len(), 8, "the destination still configured got it");
+    assert_eq!(d.spool_files().len(), 8, "a failed job that was not delivered keeps its instances");
+    // retried, it goes to the destinations configured now and is done
+    assert!(d.stop().success());
+    let r = petrestore(&["jobs", "--config", d.config.to_str().unwrap(), "retry", &id]);
+    assert!(r.status.success(), "{}", text(&r));
+    d.restart();
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.dropped_deliveries.is_empty());
+}
+
+#[test]
 fn skipped_series_is_forwarded_unchanged() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = petsim::SeriesSpec { slices: 6, matrix: 32, frame_duration_s: 90.0, seed: 17, ..Default::default() };

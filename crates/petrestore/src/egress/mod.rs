@@ -130,6 +130,20 @@ pub fn settle(job: &mut Job, max_attempts: u32) {
     }
     if job.deliveries.iter().all(|d| d.delivered) {
         job.output_rebuilds = 0;
+        if !job.dropped_deliveries.is_empty() && !job.rerun_requested {
+            let base = match &outcome {
+                Outcome::Done => String::new(),
+                Outcome::Failed { reason } | Outcome::Skipped { reason } => format!("{reason}; "),
+            };
+            let reason = format!(
+                "{base}not delivered to {}: removed from the configuration before delivery; \
+                 `petrestore jobs retry {}` sends it to the destinations configured then",
+                job.dropped_deliveries.join(", "),
+                job.id
+            );
+            job.set_state(JobState::Failed { reason });
+            return;
+        }
         if job.rerun_requested {
             rerun(job, outcome);
         } else {
@@ -289,8 +303,10 @@ pub async fn deliver_due(
     // The plan follows the config (a reload): a pending delivery to a
     // destination no longer configured is dropped, and a destination
     // configured since is added, so renaming a destination moves its
-    // pending series to the new name instead of failing (or finishing)
-    // the job without it. The history says which.
+    // pending series to the new name instead of failing the job. A
+    // destination removed with none added in its place is remembered:
+    // the job then fails, naming it, instead of ending done (delivered)
+    // without it. The history says which.
     let configured: HashSet<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
     let gone = |j: &Job| -> Vec<String> {
         j.deliveries
@@ -311,7 +327,10 @@ pub async fn deliver_due(
                     j.add_delivery(name);
                 }
                 let mut line = Vec::new();
-                if !gone.is_empty() {
+                if !gone.is_empty() && added.is_empty() {
+                    j.dropped_deliveries.extend(gone.iter().cloned());
+                    line.push(format!("not sent to {}: no longer configured; the job fails without it", gone.join(", ")));
+                } else if !gone.is_empty() {
                     line.push(format!("not sent to {}: no longer configured", gone.join(", ")));
                 }
                 if !added.is_empty() {

@@ -214,6 +214,13 @@ pub struct Job {
     /// calibrated for it: its one-line summary, its series and instances.
     #[serde(default)]
     pub uncertainty: Option<UncertaintyRecord>,
+    /// Destinations whose pending delivery a reload removed (the
+    /// destination taken out of the config, not renamed): the job cannot
+    /// end `done` without them; it fails, naming them, once the others are
+    /// delivered, and `jobs retry` sends it to the destinations then
+    /// configured.
+    #[serde(default)]
+    pub dropped_deliveries: Vec<String>,
     pub history: Vec<Event>,
     pub updated_ms: u64,
 }
@@ -246,6 +253,7 @@ impl Job {
             interrupted_restores: 0,
             output_rebuilds: 0,
             uncertainty: None,
+            dropped_deliveries: Vec::new(),
             history: vec![Event { at_ms: now, what: "first instance received".into() }],
             updated_ms: now,
         }
@@ -310,6 +318,7 @@ impl Job {
     /// Fresh delivery plan for the given destinations.
     pub fn plan_deliveries(&mut self, destinations: &[String]) {
         self.deliveries.clear();
+        self.dropped_deliveries.clear();
         for d in destinations {
             self.add_delivery(d);
         }
