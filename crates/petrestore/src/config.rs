@@ -585,6 +585,23 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
     let restore = restore_settings(u, d, e);
     let egress = egress_settings(u, d, e);
     let destinations = destinations(u, e);
+    // a destination that is this node: its derived series would come back
+    // (and be skipped as made by petrestore), never reach an archive
+    for x in &destinations {
+        let port = x.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+        if x.ae_title.trim() == dicom.ae_title.trim() && port == Some(dicom.listen.port()) {
+            e.push(invalid(
+                "destination.ae_title",
+                format!(
+                    "destination {:?} is {} at port {}: this node itself (dicom.ae_title, dicom.listen)",
+                    x.name,
+                    x.ae_title,
+                    dicom.listen.port()
+                ),
+                "name the console's or the archive's AE title and address",
+            ));
+        }
+    }
     let mqtt = match u.mqtt.take().map(|m| mqtt_settings(m, &node.device_id)) {
         None => None,
         Some(Ok(m)) => Some(m),
@@ -599,6 +616,14 @@ fn merge_and_validate(mut u: RawConfig, mut d: Option<RawConfig>) -> Result<Sett
         _ => return Err(ConfigError::Many(errs)),
     }
     Ok(Settings { source: None, mqtt, node, dicom, series, restore, egress, destinations })
+}
+
+/// An AE title with spaces at an end: DICOM pads and trims them, so the
+/// peer sees another title than the one compared here (storage commitment
+/// reports from `"PACS "` would never match).
+fn edge_spaces(key: &'static str, ae: &str) -> Option<ConfigError> {
+    (ae.trim() != ae)
+        .then(|| invalid(key, format!("{ae:?} has spaces at an end (DICOM pads and trims them)"), format!("write {:?}", ae.trim())))
 }
 
 /// `[node]`.
@@ -654,6 +679,8 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
             format!("{ae_title:?} is not a valid AE title"),
             "use 1 to 16 printable ASCII characters without backslash",
         ));
+    } else if let Some(e) = edge_spaces("dicom.ae_title", &ae_title) {
+        errs.push(e);
     }
     let callers_raw: Vec<String> = pick!(u, d, dicom.allowed_callers);
     let mut allowed_callers = Vec::new();
@@ -690,6 +717,8 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
     let max_associations: usize = pick!(u, d, dicom.max_associations);
     if max_associations == 0 {
         errs.push(invalid("dicom.max_associations", "0 would refuse every sender", "set 1 or more (default 8)"));
+    } else if max_associations > 4096 {
+        errs.push(invalid("dicom.max_associations", format!("{max_associations} is out of range"), "use 1 to 4096 (default 8)"));
     }
     let max_buffered_mb: usize = pick!(u, d, dicom.max_buffered_mb);
     if !(1..=65_536).contains(&max_buffered_mb) {
@@ -730,12 +759,30 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
                 errs.push(invalid("dicom.tls.listen", format!("{:?} is not an address", t.listen), "write IP:PORT, e.g. \"0.0.0.0:2762\""));
                 SocketAddr::from(([0, 0, 0, 0], 0))
             });
-            if tls_listen == listen && listen.port() != 0 {
+            let overlaps = tls_listen.port() == listen.port()
+                && (tls_listen.ip() == listen.ip() || tls_listen.ip().is_unspecified() || listen.ip().is_unspecified());
+            if overlaps && listen.port() != 0 {
                 errs.push(invalid(
                     "dicom.tls.listen",
-                    format!("{tls_listen} is also dicom.listen"),
+                    format!("{tls_listen} takes the port of dicom.listen ({listen})"),
                     "give the TLS listener its own port (2762 is DICOM's TLS port)",
                 ));
+            }
+            if tls_listen.port() == 0 && t.listen.parse::<SocketAddr>().is_ok() {
+                errs.push(invalid(
+                    "dicom.tls.listen",
+                    format!("{:?} has port 0 (any free port: no console could find it)", t.listen),
+                    "give the port consoles send to over TLS, e.g. 2762",
+                ));
+            }
+            for (key, file) in
+                [("dicom.tls.cert", Some(&t.cert)), ("dicom.tls.key", Some(&t.key)), ("dicom.tls.client_ca", t.client_ca.as_ref())]
+            {
+                if let Some(f) = file
+                    && !f.is_file()
+                {
+                    errs.push(invalid(key, format!("{} is not a readable file", f.display()), "name the PEM file (an absolute path)"));
+                }
             }
             Some(DicomTls { listen: tls_listen, cert: t.cert, key: t.key, client_ca: t.client_ca })
         }
@@ -768,12 +815,13 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
 /// `[series]`.
 fn series_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<ConfigError>) -> SeriesSettings {
     let quiet: f64 = pick!(u, d, series.quiet_timeout_s);
-    if !(quiet > 0.0 && quiet < 86400.0) {
-        errs.push(invalid("series.quiet_timeout_s", format!("{quiet} is out of range"), "use seconds in (0, 86400)"));
+    // below a second a pause between two slices would end a series
+    if !(1.0..86400.0).contains(&quiet) {
+        errs.push(invalid("series.quiet_timeout_s", format!("{quiet} is out of range"), "use seconds from 1 to 86400 (default 30)"));
     }
     let mf_quiet: f64 = pick!(u, d, series.multiframe_quiet_timeout_s);
-    if !(mf_quiet > 0.0 && mf_quiet < 86400.0) {
-        errs.push(invalid("series.multiframe_quiet_timeout_s", format!("{mf_quiet} is out of range"), "use seconds in (0, 86400)"));
+    if !(1.0..86400.0).contains(&mf_quiet) {
+        errs.push(invalid("series.multiframe_quiet_timeout_s", format!("{mf_quiet} is out of range"), "use seconds from 1 to 86400"));
     }
     let pol: String = pick!(u, d, series.incomplete_policy);
     let incomplete_policy = match pol.as_str() {
@@ -786,7 +834,7 @@ fn series_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<
     };
 
     // a refused value still needs a duration to build from (the error is reported)
-    let seconds = |v: f64| Duration::from_secs_f64(if v > 0.0 && v < 86400.0 { v } else { 1.0 });
+    let seconds = |v: f64| Duration::from_secs_f64(if (1.0..86400.0).contains(&v) { v } else { 1.0 });
     SeriesSettings { quiet_timeout: seconds(quiet), multiframe_quiet_timeout: seconds(mf_quiet), incomplete_policy }
 }
 
@@ -865,8 +913,20 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         gaussian_fwhm_mm: fwhm,
         min_frame_duration_s: min_fd,
         max_frame_duration_s: max_fd,
-        units: pick!(u, d, restore.units),
-        max_matrix: pick!(u, d, restore.max_matrix),
+        units: {
+            let units: Vec<String> = pick!(u, d, restore.units);
+            if units.is_empty() {
+                errs.push(invalid("restore.units", "[] would skip every series", "list the accepted Units, e.g. [\"BQML\"]"));
+            }
+            units
+        },
+        max_matrix: {
+            let m: u32 = pick!(u, d, restore.max_matrix);
+            if m < 32 {
+                errs.push(invalid("restore.max_matrix", format!("{m} would skip every series"), "use 32 or more (default 512)"));
+            }
+            m
+        },
         max_voxels,
         forward_original_on_failure: pick!(u, d, restore.forward_original_on_failure),
         forward_skipped: pick!(u, d, restore.forward_skipped),
@@ -888,10 +948,25 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
             }
             Some(v).filter(|v| *v > 0.0 && *v <= 3600.0)
         },
-        assume_units: Some(pick!(u, d, restore.assume_units)).filter(|v: &String| !v.is_empty()),
-        assume_tracer: Some(pick!(u, d, restore.assume_tracer)).filter(|v: &String| !v.is_empty()),
+        // both end up in the derived series' text, in the source's
+        // character set: printable ASCII encodes in every one
+        assume_units: ascii_setting(errs, "restore.assume_units", pick!(u, d, restore.assume_units)),
+        assume_tracer: ascii_setting(errs, "restore.assume_tracer", pick!(u, d, restore.assume_tracer)),
         uncertainty_site: Some(pick!(u, d, restore.uncertainty_site)).filter(|v: &String| !v.is_empty()).map(PathBuf::from),
     }
+}
+
+/// An optional text setting written into derived series: `None` when
+/// empty; refused unless printable ASCII (up to 64 characters).
+fn ascii_setting(errs: &mut Vec<ConfigError>, key: &'static str, v: String) -> Option<String> {
+    if v.chars().count() > 64 || !v.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\') {
+        errs.push(invalid(
+            key,
+            format!("{v:?} is not printable ASCII of up to 64 characters"),
+            "write it in ASCII, e.g. \"Fluorodeoxyglucose\"",
+        ));
+    }
+    Some(v).filter(|v| !v.is_empty())
 }
 
 /// `[egress]`.
@@ -930,6 +1005,8 @@ fn egress_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<
     let calling: String = pick!(u, d, egress.calling_ae_title);
     if !valid_ae_title(&calling) {
         errs.push(invalid("egress.calling_ae_title", format!("{calling:?} is not a valid AE title"), "use 1 to 16 characters"));
+    } else if let Some(e) = edge_spaces("egress.calling_ae_title", &calling) {
+        errs.push(e);
     }
 
     let (b0, bmax) = if backoff_ok { (b0, bmax) } else { (1.0, 1.0) };
@@ -959,6 +1036,8 @@ fn destinations(u: &mut RawConfig, errs: &mut Vec<ConfigError>) -> Vec<Destinati
                 format!("destination {:?}: {:?} is not a valid AE title", dst.name, dst.ae_title),
                 "use 1 to 16 characters",
             ));
+        } else if let Some(e) = edge_spaces("destination.ae_title", &dst.ae_title) {
+            errs.push(e);
         }
         if dst.address.rsplit_once(':').and_then(|(h, p)| p.parse::<u16>().ok().filter(|p| *p != 0 && !h.trim().is_empty())).is_none() {
             errs.push(invalid(
@@ -1154,7 +1233,7 @@ mod tests {
         assert!(e.contains("egress.backoff_initial_s") && e.contains("86400"), "{e}");
         let e = Settings::from_toml("[egress]\nbackoff_max_s = 1e20\n", "t").unwrap_err().to_string();
         assert!(e.contains("egress.backoff_initial_s"), "{e}");
-        let bad_values: [(&str, &str); 15] = [
+        let bad_values: [(&str, &str); 29] = [
             ("[restore]\nmax_voxels = 0\n", "restore.max_voxels"),
             ("[restore]\nmax_voxels = 5000000000\n", "restore.max_voxels"),
             ("[restore]\nseries_number_offset = 0\n", "restore.series_number_offset"),
@@ -1173,6 +1252,23 @@ mod tests {
             ("[mqtt]\nurl = \"mqtt://127.0.0.1:0\"\n", "mqtt.url"),
             ("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"10.0.0.1:0\"\n", "destination.address"),
             ("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \":104\"\n", "destination.address"),
+            ("[[destination]]\nname = \"a\"\nae_title = \"PACS \"\naddress = \"10.0.0.1:104\"\n", "write \"PACS\""),
+            ("[egress]\ncalling_ae_title = \" PETRESTORE\"\n", "egress.calling_ae_title"),
+            ("[dicom]\nae_title = \"NODE \"\n", "dicom.ae_title"),
+            ("[[destination]]\nname = \"me\"\nae_title = \"PETRESTORE\"\naddress = \"127.0.0.1:11112\"\n", "this node itself"),
+            ("[dicom.tls]\nlisten = \"0.0.0.0:0\"\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n", "dicom.tls.cert"),
+            ("[dicom.tls]\nlisten = \"0.0.0.0:0\"\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n", "dicom.tls.key"),
+            ("[dicom.tls]\nlisten = \"0.0.0.0:0\"\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n", "has port 0"),
+            (
+                "[dicom.tls]\nlisten = \"127.0.0.1:11112\"\ncert = \"/etc/hostname\"\nkey = \"/etc/hostname\"\n",
+                "takes the port of dicom.listen",
+            ),
+            ("[series]\nquiet_timeout_s = 0.001\n", "series.quiet_timeout_s"),
+            ("[series]\nmultiframe_quiet_timeout_s = 0.5\n", "series.multiframe_quiet_timeout_s"),
+            ("[dicom]\nmax_associations = 4611686018427387904\n", "dicom.max_associations"),
+            ("[restore]\nunits = []\n", "restore.units"),
+            ("[restore]\nmax_matrix = 0\n", "restore.max_matrix"),
+            ("[restore]\nassume_tracer = \"FDG – fluorodeoxyglucose\"\n", "restore.assume_tracer"),
         ];
         for (toml, named) in bad_values {
             let e = Settings::from_toml(toml, "t").unwrap_err().to_string();
