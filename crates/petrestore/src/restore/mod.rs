@@ -248,6 +248,13 @@ pub fn run_engines(engines: &[std::sync::Arc<dyn Engine>], v: &Volume) -> Result
             continue;
         }
         match e.run_with_variance(v) {
+            // never derived from: an engine's NaN or infinity would be
+            // written as 0 (or a Rescale Slope of "inf")
+            Ok((out, var)) if out.data.iter().chain(var.iter().flat_map(|v| v.data.iter())).any(|x| !x.is_finite()) => {
+                tracing::warn!(engine = e.name(), "engine returned non-finite values; falling back to the next one");
+                errors.push(format!("engine {} returned non-finite values", e.name()));
+                model_failed |= has_model;
+            }
             Ok((out, var)) => return Ok((out, var, e.clone(), errors)),
             Err(err) => {
                 tracing::warn!(engine = e.name(), error = %err, "engine failed; falling back to the next one");
@@ -263,6 +270,37 @@ pub fn run_engines(engines: &[std::sync::Arc<dyn Engine>], v: &Volume) -> Result
 mod tests {
     use super::*;
     use crate::config::{DEFAULT_MODEL_DIR, Settings};
+
+    /// An engine whose output has a NaN in it.
+    struct Broken;
+    impl Engine for Broken {
+        fn name(&self) -> &str {
+            "broken"
+        }
+        fn model_id(&self) -> String {
+            "broken".into()
+        }
+        fn check(&self) -> Result<(), EngineError> {
+            Ok(())
+        }
+        fn run(&self, input: &Volume) -> Result<Volume, EngineError> {
+            let mut v = input.clone();
+            v.data[3] = f32::NAN;
+            Ok(v)
+        }
+    }
+
+    #[test]
+    fn an_engine_output_with_a_nan_is_never_used() {
+        let v = Volume { nx: 8, ny: 8, nz: 4, spacing: [4.0, 4.0, 4.0], data: vec![1.0; 256], frame_duration_s: Some(30.0) };
+        let gauss: std::sync::Arc<dyn Engine> = std::sync::Arc::new(gaussian::Gaussian::new(6.0));
+        let (out, _, e, errors) = run_engines(&[std::sync::Arc::new(Broken), gauss], &v).unwrap();
+        assert_eq!(e.name(), "gaussian");
+        assert!(out.data.iter().all(|x| x.is_finite()));
+        assert_eq!(errors, ["engine broken returned non-finite values"]);
+        let only = run_engines(&[std::sync::Arc::new(Broken)], &v).map(|_| ()).unwrap_err();
+        assert!(only.contains("non-finite"), "{only}");
+    }
 
     #[test]
     fn without_an_installed_model_the_defaults_restore_with_gaussian_and_say_so() {

@@ -80,8 +80,13 @@ pub enum VolumeError {
     TooLarge { max: u64, rows: usize, cols: usize, slices: usize, files: usize },
 }
 
-/// Stored values of one frame to Bq/ml.
-fn decode(bytes: &[u8], bits: u16, signed: bool, n: usize, slope: f64, intercept: f64) -> Result<Vec<f32>, String> {
+/// Stored values of one frame to Bq/ml; a stored value equal to `padding`
+/// (Pixel Padding Value) is outside the image and reads 0. A rescale that
+/// makes every pixel 0, or values beyond the float range, is refused.
+fn decode(bytes: &[u8], bits: u16, signed: bool, n: usize, slope: f64, intercept: f64, padding: Option<f64>) -> Result<Vec<f32>, String> {
+    if !slope.is_finite() || slope == 0.0 || !intercept.is_finite() {
+        return Err(format!("Rescale Slope {slope} / Intercept {intercept}: not a rescale to activity"));
+    }
     let raw: Vec<f64> = match (bits, signed) {
         (16, false) if bytes.len() >= 2 * n => bytes.chunks_exact(2).take(n).map(|c| u16::from_le_bytes([c[0], c[1]]) as f64).collect(),
         (16, true) if bytes.len() >= 2 * n => bytes.chunks_exact(2).take(n).map(|c| i16::from_le_bytes([c[0], c[1]]) as f64).collect(),
@@ -94,7 +99,11 @@ fn decode(bytes: &[u8], bits: u16, signed: bool, n: usize, slope: f64, intercept
         (16 | 32, _) => return Err(format!("Pixel Data too short: {} bytes for {n} pixels", bytes.len())),
         (b, _) => return Err(format!("Bits Allocated {b} not supported (16 or 32)")),
     };
-    Ok(raw.into_iter().map(|v| (v * slope + intercept) as f32).collect())
+    let out: Vec<f32> = raw.into_iter().map(|v| if Some(v) == padding { 0.0 } else { (v * slope + intercept) as f32 }).collect();
+    if out.iter().any(|v| !v.is_finite()) {
+        return Err(format!("Rescale Slope {slope} gives values beyond the float range"));
+    }
+    Ok(out)
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
@@ -179,6 +188,27 @@ pub fn load_bounded(paths: &[PathBuf], max_voxels: u64) -> Result<LoadedSeries, 
         if spp != 1 {
             return Err(Pixels(format!("{sop}: Samples per Pixel is {spp}; PET must be 1")));
         }
+        // PET stores every bit it allocates (PS3.3 C.8.9.4.1.3); a 12-bit
+        // layout would be misread as activity
+        if let Some(stored) = obj.u16_of(tags::BITS_STORED)
+            && stored != bits
+        {
+            return Err(Pixels(format!(
+                "{sop}: Bits Stored {stored} with Bits Allocated {bits}; PET images store all allocated bits (PS3.3 C.8.9.4)"
+            )));
+        }
+        // stored values marking pixels outside the image (Pixel Padding
+        // Value, in the Pixel Representation's sign): no activity there
+        let padding: Option<f64> = obj.element(tags::PIXEL_PADDING_VALUE).ok().and_then(|e| {
+            let b = e.to_bytes().ok()?;
+            match (b.len(), signed) {
+                (2, false) => Some(u16::from_le_bytes([b[0], b[1]]) as f64),
+                (2, true) => Some(i16::from_le_bytes([b[0], b[1]]) as f64),
+                (4, false) => Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
+                (4, true) => Some(i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
+                _ => None,
+            }
+        });
         let multi = crate::dicom::frames::is_multiframe(&obj);
         let frames = crate::dicom::frames::number_of_frames(&obj);
         if frames == 0 {
@@ -225,7 +255,7 @@ pub fn load_bounded(paths: &[PathBuf], max_voxels: u64) -> Result<LoadedSeries, 
                 }
             }
             let bytes = &pixel_data[f * frame_bytes..(f + 1) * frame_bytes];
-            let data = decode(bytes, bits, signed, n, g.slope, g.intercept).map_err(|e| Pixels(format!("{what}: {e}")))?;
+            let data = decode(bytes, bits, signed, n, g.slope, g.intercept, padding).map_err(|e| Pixels(format!("{what}: {e}")))?;
             let normal = cross([g.iop[0], g.iop[1], g.iop[2]], [g.iop[3], g.iop[4], g.iop[5]]);
             let along = |d: &[f64]| g.ipp[0] * d[0] + g.ipp[1] * d[1] + g.ipp[2] * d[2];
             let pos = along(&normal);
@@ -310,6 +340,18 @@ mod tests {
     fn series(dir: &std::path::Path, fov_mm: f64, slices: usize, thickness: f64) -> Vec<PathBuf> {
         let spec = petsim::SeriesSpec { slices, matrix: 16, seed: 3, fov_mm, slice_thickness_mm: thickness, ..Default::default() };
         petsim::write_series(dir, &spec).unwrap().files
+    }
+
+    #[test]
+    fn stored_values_are_decoded_to_activity_or_refused() {
+        let px: Vec<u8> = [100i16, -32768, 32767, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode(&px, 16, true, 4, 2.0, 0.0, None).unwrap(), [200.0, -65536.0, 65534.0, 0.0]);
+        // padding outside the image reads no activity
+        assert_eq!(decode(&px, 16, true, 4, 2.0, 0.0, Some(-32768.0)).unwrap(), [200.0, 0.0, 65534.0, 0.0]);
+        // a slope that makes every pixel 0, or values beyond f32
+        assert!(decode(&px, 16, true, 4, 0.0, 0.0, None).unwrap_err().contains("Rescale Slope 0"));
+        assert!(decode(&px, 16, true, 4, 1e35, 0.0, None).unwrap_err().contains("beyond the float range"));
+        assert!(decode(&px, 16, true, 4, f64::NAN, 0.0, None).is_err());
     }
 
     #[test]
