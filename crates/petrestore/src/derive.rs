@@ -158,7 +158,10 @@ pub fn derive_uncertainty(slices: &[SourceSlice], sigma: &Volume, p: &DerivePara
 fn derive(slices: &[SourceSlice], restored: &Volume, p: &DeriveParams, kind: Kind) -> Vec<DerivedInstance> {
     let now = chrono_like_now();
     if slices.iter().all(|s| s.frame.is_none()) {
-        return slices.iter().enumerate().map(|(z, src)| derive_single(src, restored.slice(z), p, &now, kind)).collect();
+        let mut out: Vec<DerivedInstance> =
+            slices.iter().enumerate().map(|(z, src)| derive_single(src, restored.slice(z), p, &now, kind)).collect();
+        renumber_partial(slices, &mut out);
+        return out;
     }
     // Multi-frame: the volume slices of each instance, by frame number.
     let mut order: Vec<&str> = Vec::new();
@@ -388,6 +391,30 @@ fn derivation_code(kind: Kind) -> InMemDicomObject {
     match kind {
         Kind::Restored => code("113087", "DCM", "Smoothing"),
         Kind::Uncertainty => code("SD1", LOCAL_SCHEME, "Standard deviation of restoration error"),
+    }
+}
+
+/// A series processed without all its slices (`series.incomplete_policy
+/// = "process"`): the derived series says how many it has (Number of
+/// Slices) and numbers them 1..n in the source's Image Index order, so a
+/// receiver checking completeness by index does not wait for slices that
+/// will never come.
+fn renumber_partial(slices: &[SourceSlice], out: &mut [DerivedInstance]) {
+    let Ok(n) = u16::try_from(slices.len()) else { return };
+    let declared = slices.first().and_then(|s| s.dataset.i64_of(tags::NUMBER_OF_SLICES));
+    if declared.is_none_or(|d| d == i64::from(n)) {
+        return;
+    }
+    let mut by_index: Vec<(i64, usize)> =
+        slices.iter().enumerate().filter_map(|(z, s)| Some((s.dataset.i64_of(tags::IMAGE_INDEX)?, z))).collect();
+    by_index.sort_unstable();
+    if by_index.len() == slices.len() {
+        for (rank, (_, z)) in by_index.iter().enumerate() {
+            out[*z].dataset.put(el(tags::IMAGE_INDEX, VR::US, PrimitiveValue::from(rank as u16 + 1)));
+        }
+    }
+    for o in out.iter_mut() {
+        o.dataset.put(el(tags::NUMBER_OF_SLICES, VR::US, PrimitiveValue::from(n)));
     }
 }
 
@@ -743,6 +770,41 @@ mod tests {
 
     fn volume(v: f32) -> Volume {
         Volume { nx: 2, ny: 2, nz: 1, spacing: [2.0, 2.0, 2.0], data: vec![v, 2.0 * v, 3.0 * v, 4.0 * v], frame_duration_s: Some(30.0) }
+    }
+
+    #[test]
+    fn a_series_processed_without_all_its_slices_says_how_many_it_has() {
+        // slices 3, 4 and 6 of 7 (Image Index), in volume order 6, 3, 4
+        let slice = |sop: &str, index: u16| {
+            let mut ds = (*source_slice().dataset).clone();
+            ds.put(el(tags::SOP_INSTANCE_UID, VR::UI, sop));
+            ds.put(el(tags::NUMBER_OF_SLICES, VR::US, PrimitiveValue::from(7u16)));
+            ds.put(el(tags::IMAGE_INDEX, VR::US, PrimitiveValue::from(index)));
+            SourceSlice {
+                sop_instance_uid: sop.into(),
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.128".into(),
+                frame: None,
+                dataset: Arc::new(ds),
+            }
+        };
+        let slices = [slice("1.2.3.6", 6), slice("1.2.3.3", 3), slice("1.2.3.4", 4)];
+        let v = Volume { nx: 2, ny: 2, nz: 3, spacing: [2.0; 3], data: vec![1.0; 12], frame_duration_s: Some(30.0) };
+        let out = derive_series(&slices, &v, &params(None));
+        let got: Vec<(i64, i64)> =
+            out.iter().map(|o| (o.dataset.i64_of(tags::NUMBER_OF_SLICES).unwrap(), o.dataset.i64_of(tags::IMAGE_INDEX).unwrap())).collect();
+        assert_eq!(got, [(3, 3), (3, 1), (3, 2)]);
+        // a complete series keeps its numbers
+        let whole: Vec<SourceSlice> = (1..=3)
+            .map(|i| {
+                let mut s = slice(&format!("1.2.4.{i}"), i);
+                let mut ds = (*s.dataset).clone();
+                ds.put(el(tags::NUMBER_OF_SLICES, VR::US, PrimitiveValue::from(3u16)));
+                s.dataset = Arc::new(ds);
+                s
+            })
+            .collect();
+        let out = derive_series(&whole, &v, &params(None));
+        assert_eq!(out.iter().map(|o| o.dataset.i64_of(tags::IMAGE_INDEX).unwrap()).collect::<Vec<_>>(), [1, 2, 3]);
     }
 
     #[test]
