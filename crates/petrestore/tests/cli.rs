@@ -808,3 +808,35 @@ fn commands_that_write_the_state_refuse_another_users_folder() {
     }
     assert!(std::fs::read_dir(&state).unwrap().next().is_none() || me != 0, "nothing written");
 }
+
+/// The box's ONNX Runtime may be older than the one CI installs (Jetson
+/// layers ship 1.21–1.24): the oldest release this build accepts restores
+/// the same series to the same pixels as the newest, with the shipped model.
+#[test]
+fn the_oldest_onnx_runtime_accepted_restores_like_the_newest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = petsim::SeriesSpec { slices: 6, matrix: 128, seed: 47, ..Default::default() };
+    petsim::write_series(&tmp.path().join("in"), &spec).unwrap();
+    let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let run = |lib: &std::path::Path, out: &str| {
+        let o = petrestore(&[
+            "restore",
+            "--input",
+            tmp.path().join("in").to_str().unwrap(),
+            "--output",
+            tmp.path().join(out).to_str().unwrap(),
+            "--engine",
+            "ort",
+            "--model",
+            model.to_str().unwrap(),
+            "--ort-library",
+            lib.to_str().unwrap(),
+        ]);
+        assert!(o.status.success() && text(&o).contains("restored 6 slices with ort"), "{}: {}", lib.display(), text(&o));
+        petrestore::restore::volume::load(&files_under(&tmp.path().join(out))).unwrap().volume
+    };
+    let (old, new) = (run(&ort_oldest_library(), "old"), run(&ort_library(), "new"));
+    let scale = new.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = old.data.iter().zip(&new.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(scale > 0.0 && worst <= 1e-4 * scale, "largest difference {worst} of {scale}");
+}

@@ -475,6 +475,22 @@ pub fn ort_library() -> PathBuf {
     );
 }
 
+/// The oldest ONNX Runtime release this build accepts (the `api-20`
+/// feature of `ort`: 1.20), which `.ci/run` unpacks from its PyPI wheel
+/// into `.ort-oldest/`, so the box's older runtimes are tested, not assumed.
+pub const ORT_OLDEST: &str = "1.20.1";
+
+pub fn ort_oldest_library() -> PathBuf {
+    let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(format!(".ort-oldest/libonnxruntime.so.{ORT_OLDEST}"));
+    assert!(
+        p.exists(),
+        "{} not found: bash .ci/run unpacks it from the onnxruntime=={ORT_OLDEST} wheel (pip download onnxruntime=={ORT_OLDEST} --no-deps, \
+         then onnxruntime/capi/libonnxruntime.so.{ORT_OLDEST} from the wheel into .ort-oldest/)",
+        p.display()
+    );
+    p
+}
+
 /// The test model package shipped in the repository.
 pub fn test_model() -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/test-unet")
