@@ -23,8 +23,15 @@ use crate::pipeline::Pipeline;
 pub enum Request {
     Status,
     List,
-    Show { id: String },
-    Retry { id: String },
+    Show {
+        id: String,
+    },
+    Retry {
+        id: String,
+    },
+    /// Read the configuration file again (as SIGHUP does) and answer what
+    /// changed, or why nothing was applied.
+    Reload,
 }
 
 /// The answer.
@@ -37,6 +44,9 @@ pub struct Response {
     pub jobs: Vec<Job>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// What a reload changed (its keys); empty when nothing did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
 }
 
 /// What does not change while the daemon runs.
@@ -80,13 +90,26 @@ fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, req: Reques
                     *active.entry(j.state.name().to_string()).or_insert(0) += 1;
                 }
                 let status = Status { fixed: fixed.clone(), active, ingest_backlog: ingest.backlog(), ingest_stalled: ingest.failure() };
-                Response { ok: true, error: None, jobs: vec![], status: Some(status) }
+                Response { ok: true, error: None, jobs: vec![], status: Some(status), changed: vec![] }
             }
-            Err(e) => Response { ok: false, error: Some(e.to_string()), jobs: vec![], status: None },
+            Err(e) => Response { ok: false, error: Some(e.to_string()), jobs: vec![], status: None, changed: vec![] },
+        };
+    }
+    if let Request::Reload = req {
+        return match p.worker.settings.reload() {
+            Ok(changed) => {
+                tracing::info!(?changed, "configuration reloaded (control socket)");
+                p.wake.notify_one();
+                Response { ok: true, error: None, jobs: vec![], status: None, changed: changed.into_iter().map(String::from).collect() }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration not reloaded (control socket)");
+                Response { ok: false, error: Some(e), jobs: vec![], status: None, changed: vec![] }
+            }
         };
     }
     let r: Result<Vec<Job>, String> = match req {
-        Request::Status => unreachable!("answered above"),
+        Request::Status | Request::Reload => unreachable!("answered above"),
         Request::List => journal.all_jobs().map_err(|e| e.to_string()),
         Request::Show { id } => match journal.get(&id) {
             Ok(Some(j)) => Ok(vec![j]),
@@ -96,8 +119,8 @@ fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, req: Reques
         Request::Retry { id } => p.retry(&id).map(|j| vec![j]),
     };
     match r {
-        Ok(jobs) => Response { ok: true, error: None, jobs, status: None },
-        Err(e) => Response { ok: false, error: Some(e), jobs: vec![], status: None },
+        Ok(jobs) => Response { ok: true, error: None, jobs, status: None, changed: vec![] },
+        Err(e) => Response { ok: false, error: Some(e), jobs: vec![], status: None, changed: vec![] },
     }
 }
 
@@ -148,7 +171,7 @@ pub async fn serve(
                     Ok(Some(line)) => line,
                     Ok(None) => break,
                     Err(why) => {
-                        let resp = Response { ok: false, error: Some(why), jobs: vec![], status: None };
+                        let resp = Response { ok: false, error: Some(why), jobs: vec![], status: None, changed: vec![] };
                         let mut out = serde_json::to_vec(&resp).expect("responses serialize");
                         out.push(b'\n');
                         let _ = wr.write_all(&out).await;
@@ -163,9 +186,10 @@ pub async fn serve(
                             error: Some(e.to_string()),
                             jobs: vec![],
                             status: None,
+                            changed: vec![],
                         })
                     }
-                    Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), jobs: vec![], status: None },
+                    Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), jobs: vec![], status: None, changed: vec![] },
                 };
                 let mut out = serde_json::to_vec(&resp).expect("responses serialize");
                 out.push(b'\n');

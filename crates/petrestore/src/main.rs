@@ -117,6 +117,18 @@ enum Command {
         #[command(subcommand)]
         action: JournalAction,
     },
+    /// Make the running daemon read its configuration file again and say
+    /// what changed, or why nothing was applied (non-zero exit): what
+    /// `systemctl reload petrestore` runs.
+    Reload {
+        /// Configuration file (default: $PETRESTORE_CONFIG, else
+        /// /etc/petrestore/petrestore.toml when present, else the built-in
+        /// defaults; not read when --state-dir is given).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Validate a configuration file.
     CheckConfig { file: PathBuf },
     /// Print the annotated default configuration.
@@ -241,6 +253,7 @@ async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsA
         None => {
             // No daemon: read the journal directly (sled's lock keeps us
             // from doing so while one runs).
+            ensure_state_dir_owner(&state_dir, "jobs")?;
             // a folder no daemon ever used: say so rather than create an
             // empty journal there and list nothing
             if !state_dir.join("journal").is_dir() {
@@ -250,12 +263,11 @@ async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsA
                     state_dir.display()
                 );
             }
-            ensure_state_dir_owner(&state_dir, "jobs")?;
             let mut s = settings.clone();
             s.node.state_dir = state_dir.clone();
             let j = app::open_journal(&s)?;
             match &req {
-                control::Request::List | control::Request::Status => j.all_jobs()?,
+                control::Request::List | control::Request::Status | control::Request::Reload => j.all_jobs()?,
                 control::Request::Show { id } => {
                     vec![j.get(id)?.with_context(|| format!("no job {id}; `petrestore jobs list` shows the known jobs"))?]
                 }
@@ -291,6 +303,18 @@ async fn status(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<(
             state_dir.display()
         ),
     }
+}
+
+async fn reload(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
+    let settings = operator_settings(config.as_ref(), state_dir.as_ref())?;
+    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    match control::request(&state_dir, &control::Request::Reload).await.map_err(anyhow::Error::msg)? {
+        Some(r) if r.ok && r.changed.is_empty() => println!("configuration read again: nothing changed"),
+        Some(r) if r.ok => println!("configuration reloaded; changed: {}", r.changed.join(", ")),
+        Some(r) => bail!("the daemon kept its configuration: {}", r.error.unwrap_or_default()),
+        None => bail!("no daemon is running on {} (no control socket): nothing to reload", state_dir.display()),
+    }
+    Ok(())
 }
 
 struct RestoreArgs {
@@ -400,6 +424,7 @@ fn run(cli: Cli) -> Result<()> {
             offline_restore(RestoreArgs { input, output, engine, model, frame_duration, units, tracer, ort_library, uncertainty, config })
         }
         Command::Status { config, state_dir } => rt()?.block_on(status(config, state_dir)),
+        Command::Reload { config, state_dir } => rt()?.block_on(reload(config, state_dir)),
         #[cfg(feature = "demo")]
         Command::Demo { workdir, slices, matrix, engine, model } => {
             if !(8..=400).contains(&slices) || !(32..=400).contains(&matrix) {

@@ -222,6 +222,8 @@ fn jobs_commands_work_while_the_daemon_runs_and_after_it_stops() {
             .output()
             .unwrap()
     };
+    let r = petrestore(&["reload", "--config", d.config.to_str().unwrap()]);
+    assert!(r.status.success() && text(&r).contains("nothing changed"), "{}", text(&r));
     let list = with_env(&["jobs", "list"]);
     assert!(list.status.success() && text(&list).contains(&id), "{}", text(&list));
     assert!(with_env(&["status"]).status.success());

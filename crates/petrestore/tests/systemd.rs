@@ -174,8 +174,15 @@ fn the_shipped_unit_runs_hardened_under_systemd_and_logs_to_journald() {
     sys.ok(&["install", "-D", "-m", "0644", staged.to_str().unwrap(), "/etc/petrestore/petrestore.toml"]);
     // The only change to the unit: where the binary is.
     let dropin = tmp.path().join("binary.conf");
-    std::fs::write(&dropin, format!("[Service]\nExecStart=\nExecStart={} serve --config /etc/petrestore/petrestore.toml\n", bin.display()))
-        .unwrap();
+    std::fs::write(
+        &dropin,
+        format!(
+            "[Service]\nExecStart=\nExecStart={0} serve --config /etc/petrestore/petrestore.toml\n\
+             ExecReload=\nExecReload={0} reload --config /etc/petrestore/petrestore.toml\n",
+            bin.display()
+        ),
+    )
+    .unwrap();
     sys.ok(&["install", "-D", "-m", "0644", dropin.to_str().unwrap(), "/run/systemd/system/petrestore.service.d/binary.conf"]);
     sys.ok(&["systemctl", "daemon-reload"]);
 
@@ -233,6 +240,22 @@ fn the_shipped_unit_runs_hardened_under_systemd_and_logs_to_journald() {
     println!("{overall}");
     let score: f64 = overall.split_whitespace().find_map(|w| w.parse().ok()).expect("an exposure score");
     assert!(score <= 2.0, "exposure {score} > 2.0:\n{security}");
+
+    // `systemctl reload`: a reloadable change is applied; one that needs a
+    // restart fails the reload, naming the key, and the daemon runs on.
+    let with = |from: &str, to: &str| {
+        let c = std::fs::read_to_string(&staged).unwrap().replace(from, to);
+        std::fs::write(&staged, &c).unwrap();
+        sys.ok(&["install", "-D", "-m", "0644", staged.to_str().unwrap(), "/etc/petrestore/petrestore.toml"]);
+    };
+    with("quiet_timeout_s = 2", "quiet_timeout_s = 3");
+    sys.ok(&["systemctl", "reload", "petrestore"]);
+    with("[dicom]\n", "[dicom]\nae_title = \"OTHER\"\n");
+    let refused = sys.run(&["systemctl", "reload", "petrestore"]);
+    assert!(!refused.status.success(), "a reload that needs a restart must fail");
+    let log = sys.ok(&["journalctl", "-u", "petrestore", "--no-pager"]);
+    assert!(log.contains("dicom.ae_title") && log.contains("need a restart"), "{log}");
+    assert_eq!(sys.show("petrestore", "ActiveState"), "active");
 
     // A clean stop: SIGTERM, drain, exit 0, never restarted.
     sys.ok(&["systemctl", "stop", "petrestore"]);
