@@ -65,6 +65,12 @@ pub enum NotSelected {
          denoise it twice; a destination or router that sends derived series back to this node should not"
     )]
     AlreadyRestored(String),
+    #[error(
+        "{attr} holds bytes that are not valid in the series' Specific Character Set ({charset}): the derived series \
+         would carry other text than the source (another patient name); the original is left as it is. \
+         Set the console's character set to match what it writes"
+    )]
+    TextNotInCharset { attr: String, charset: String },
     #[error("matrix {rows}x{cols} exceeds restore.max_matrix {max}")]
     Matrix { rows: usize, cols: usize, max: u32 },
     #[error("slices have different Actual Frame Durations ({0} and {1} ms)")]
@@ -91,6 +97,10 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
     }
     if let Some(what) = made_by_petrestore(first) {
         return Err(NotSelected::AlreadyRestored(what));
+    }
+    if let Some(attr) = slices.iter().find_map(|s| text_not_in_charset(&s.dataset)) {
+        let charset = first.str_of(tags::SPECIFIC_CHARACTER_SET).unwrap_or_else(|| "ISO_IR 6, the default".into());
+        return Err(NotSelected::TextNotInCharset { attr, charset });
     }
     if let Some(why) = not_attenuation_corrected(first_slice) {
         return Err(NotSelected::NotAttenuationCorrected(why));
@@ -144,6 +154,25 @@ fn made_by_petrestore(ds: &dicom_object::InMemDicomObject) -> Option<String> {
     items.iter().find_map(|i| {
         (i.str_of(tags::MANUFACTURER).as_deref() == Some("petrestore"))
             .then(|| i.str_of(tags::CONTRIBUTION_DESCRIPTION).unwrap_or_else(|| "petrestore".into()))
+    })
+}
+
+/// A name or identifier whose bytes the declared character set could not
+/// decode. The reader splits PN, SH, LO and UC values at backslashes and
+/// then decodes each value, writing a byte it cannot decode as a backslash
+/// and three octal digits; a value that holds a backslash after that was
+/// decoded that way. Re-encoded, it would become other text (two names
+/// instead of one) in the derived series. Returns the attribute's tag.
+fn text_not_in_charset(ds: &dicom_object::InMemDicomObject) -> Option<String> {
+    use dicom_core::VR;
+    use dicom_core::header::Header;
+    use dicom_core::value::{PrimitiveValue, Value};
+    ds.iter().find_map(|e| match e.value() {
+        Value::Primitive(PrimitiveValue::Strs(v)) if matches!(e.vr(), VR::PN | VR::SH | VR::LO | VR::UC) => {
+            v.iter().any(|s| s.contains('\\')).then(|| format!("({:04X},{:04X})", e.tag().group(), e.tag().element()))
+        }
+        Value::Sequence(s) => s.items().iter().find_map(text_not_in_charset),
+        _ => None,
     })
 }
 
@@ -247,6 +276,31 @@ mod tests {
     use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_object::InMemDicomObject;
     use std::sync::Arc;
+
+    #[test]
+    fn a_name_whose_bytes_the_declared_character_set_cannot_decode_is_found() {
+        // a console that declares UTF-8 and writes Latin-1 (0xDC: Ü)
+        let d = tempfile::tempdir().unwrap();
+        let src = petsim::write_series(d.path(), &petsim::SeriesSpec { slices: 1, matrix: 8, ..Default::default() }).unwrap();
+        let mut obj = crate::dicom::part10::open(&src.files[0]).unwrap().into_inner();
+        obj.put(DataElement::new(tags::SPECIFIC_CHARACTER_SET, VR::CS, PrimitiveValue::from("ISO_IR 192")));
+        obj.put(DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("MXLLER^HANS")));
+        let mut bytes = crate::dicom::part10::encode(obj).unwrap();
+        let at = bytes.windows(6).position(|w| w == b"MXLLER").unwrap();
+        bytes[at + 1] = 0xDC;
+        let path = d.path().join("latin1.dcm");
+        std::fs::write(&path, &bytes).unwrap();
+        let read = crate::dicom::part10::open(&path).unwrap().into_inner();
+        assert_eq!(text_not_in_charset(&read).as_deref(), Some("(0010,0010)"));
+        // the same name in bytes of its character set, and a real second value
+        let mut ok = crate::dicom::part10::open(&src.files[0]).unwrap().into_inner();
+        ok.put(DataElement::new(tags::SPECIFIC_CHARACTER_SET, VR::CS, PrimitiveValue::from("ISO_IR 192")));
+        ok.put(DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("M\u{dc}LLER^HANS")));
+        ok.put(DataElement::new(tags::OTHER_PATIENT_I_DS, VR::LO, PrimitiveValue::Strs(["A1".to_string(), "B2".to_string()].into())));
+        let path = d.path().join("utf8.dcm");
+        std::fs::write(&path, crate::dicom::part10::encode(ok).unwrap()).unwrap();
+        assert_eq!(text_not_in_charset(&crate::dicom::part10::open(&path).unwrap().into_inner()), None);
+    }
 
     fn slice_with(name: Option<&str>, code: Option<(&str, &str)>) -> Vec<SourceSlice> {
         let mut item = InMemDicomObject::new_empty();
