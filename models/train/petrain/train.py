@@ -24,6 +24,11 @@ again, where the plain MSE lets the network keep much of the frame's
 large-scale noise as if it were anatomy; with --lowfreq-lesion-margin,
 lesion voxels (grown by that many pixels) are left out of that term, so a
 lesion's deficit cannot be paid for by a surplus around it.
+With --texture, --lesion-noise-power P multiplies each patch's lesion
+weight by (its frame's noise_px ÷ the batch mean)^P, so lesions of
+low-count frames weigh more, and --lowfreq-noise-power Q multiplies each
+patch's large-scale term by (the batch mean ÷ its noise_px)^Q, so the
+large-scale term weighs less where the frame's counts are low.
 The kept weights are those with the lowest loss
 on the validation split; the test split is never read here.
 """
@@ -240,6 +245,10 @@ def main(argv=None):
     ap.add_argument("--lowfreq-lesion-margin", type=int, default=None,
                     help="leave lesion voxels, grown by this many pixels, out of --lowfreq-weight's term "
                          "(default: every voxel counts)")
+    ap.add_argument("--lesion-noise-power", type=float, default=0.0,
+                    help="with --texture: lesion weight × (patch frame's noise_px ÷ batch mean)^P (lesions of low-count frames weigh more)")
+    ap.add_argument("--lowfreq-noise-power", type=float, default=0.0,
+                    help="with --texture: --lowfreq-weight's term × (batch mean ÷ patch frame's noise_px)^Q (less where counts are low)")
     ap.add_argument("--noisy-weight", type=float, default=0.0,
                     help="draw training studies with probability ∝ exp(k · noise_px of the 30 s frame): noisier reconstructions more often")
     ap.add_argument("--departing-lesions", type=float, default=0.0,
@@ -327,13 +336,24 @@ def main(argv=None):
         return local_noise_rel(x, y, a.context, fv) if a.lesion_cnr_frame else local_noise_var90(x, y, a.context)
 
     lfw = a.lowfreq_weight
+    lnp, lfnp = a.lesion_noise_power, a.lowfreq_noise_power
+    if (lnp or lfnp) and not a.texture:
+        raise SystemExit("--lesion-noise-power and --lowfreq-noise-power read the frame's noise_px: give --texture")
+    noise_ch = a.context + 1  # after the slices and the duration channel: data.TEXTURE[0], noise_px
+
+    def noise_rel(x):
+        """Each patch's frame noise_px over the batch mean, [batch, 1, 1, 1]."""
+        n = jnp.maximum(x[:, noise_ch, 0, 0], 1e-6)
+        return (n / jnp.mean(n))[:, None, None, None]
 
     def loss_fn(p, x, y, m, fv):
         _, den = net.forward(p, x)
-        loss = jnp.mean((1.0 + lw * m) * (den - y) ** 2)
+        wl = lw * noise_rel(x) ** lnp if lnp else lw
+        loss = jnp.mean((1.0 + wl * m) * (den - y) ** 2)
         if lfw:
             e = den - y if a.lowfreq_lesion_margin is None else (den - y) * (1.0 - grow(m, a.lowfreq_lesion_margin))
-            loss = loss + lfw * jnp.mean(smooth(e, a.lowfreq_fwhm) ** 2)
+            s2 = smooth(e, a.lowfreq_fwhm) ** 2
+            loss = loss + lfw * jnp.mean(s2 * noise_rel(x) ** (-lfnp) if lfnp else s2)
         if lmw:
             loss = loss + lmw * jnp.mean(lesion_mean_error(den, y, m) ** 2)
         if lrw:
