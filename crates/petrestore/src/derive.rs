@@ -25,7 +25,8 @@ pub struct DeriveParams {
     pub research: bool,
     pub model_id: String,
     /// What else the pixels depend on ([`inputs_id`]): the engine that ran
-    /// and the set of source instances. Salts every derived UID.
+    /// and, for a series processed without all its slices, the set of
+    /// source instances. Salts every derived UID.
     pub inputs_id: String,
     /// Identity of the σ calibration in use (the package's `[uncertainty]`
     /// and a site's factor, `Calibration::id`): it changes the σ pixels
@@ -55,19 +56,25 @@ enum Kind {
 
 /// Identity of what a restoration read besides the model: the engine that
 /// ran (providers and precisions give different pixels: TensorRT's fp16,
-/// or tract after a fallback) and the set of source instances (the
-/// normalisation and the slice context are volume-wide, so a series
-/// restored again with more slices differs in every slice). Hex, 16 digits.
-pub fn inputs_id<S: AsRef<str>>(engine: &str, source_sops: &[S]) -> String {
+/// or tract after a fallback) and, for a series processed without all its
+/// slices (`partial`: the source instances read), which instances (the
+/// normalisation and the slice context are volume-wide, so the complete
+/// series restored later differs in every slice and must not reuse the
+/// partial one's UIDs). A complete series is salted by the engine alone,
+/// whatever order its instances came in. Hex, 16 digits.
+pub fn inputs_id<S: AsRef<str>>(engine: &str, partial: Option<&[S]>) -> String {
     use sha2::Digest;
-    let mut sops: Vec<&str> = source_sops.iter().map(AsRef::as_ref).collect();
-    sops.sort_unstable();
-    sops.dedup();
     let mut h = sha2::Sha256::new();
     h.update(engine.as_bytes());
-    for s in sops {
-        h.update([0u8]);
-        h.update(s.as_bytes());
+    if let Some(sops) = partial {
+        let mut sops: Vec<&str> = sops.iter().map(AsRef::as_ref).collect();
+        sops.sort_unstable();
+        sops.dedup();
+        h.update(b"\0partial");
+        for s in sops {
+            h.update([0u8]);
+            h.update(s.as_bytes());
+        }
     }
     h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -407,11 +414,13 @@ fn renumber_partial(slices: &[SourceSlice], out: &mut [DerivedInstance]) {
     }
     let mut by_index: Vec<(i64, usize)> =
         slices.iter().enumerate().filter_map(|(z, s)| Some((s.dataset.i64_of(tags::IMAGE_INDEX)?, z))).collect();
+    // without an index on every slice the two cannot agree: both are left
+    if by_index.len() != slices.len() {
+        return;
+    }
     by_index.sort_unstable();
-    if by_index.len() == slices.len() {
-        for (rank, (_, z)) in by_index.iter().enumerate() {
-            out[*z].dataset.put(el(tags::IMAGE_INDEX, VR::US, PrimitiveValue::from(rank as u16 + 1)));
-        }
+    for (rank, (_, z)) in by_index.iter().enumerate() {
+        out[*z].dataset.put(el(tags::IMAGE_INDEX, VR::US, PrimitiveValue::from(rank as u16 + 1)));
     }
     for o in out.iter_mut() {
         o.dataset.put(el(tags::NUMBER_OF_SLICES, VR::US, PrimitiveValue::from(n)));
@@ -707,16 +716,23 @@ mod tests {
     }
 
     #[test]
-    fn other_inputs_or_another_engine_give_other_uids_the_same_give_the_same() {
+    fn a_partial_series_or_another_engine_gives_other_uids_the_same_give_the_same() {
         let sops = ["1.2.3.1", "1.2.3.2", "1.2.3.3"];
-        let id = inputs_id("ort/tensorrt", &sops);
+        let none: Option<&[&str]> = None;
+        let id = inputs_id("ort/tensorrt", Some(&sops[..]));
         assert_eq!(id.len(), 16);
-        assert_eq!(id, inputs_id("ort/tensorrt", &["1.2.3.3", "1.2.3.1", "1.2.3.2", "1.2.3.1"]), "order and repeats do not matter");
-        assert_ne!(id, inputs_id("ort/tensorrt", &sops[..2]), "a slice more or less");
-        assert_ne!(id, inputs_id("tract", &sops), "another engine");
+        assert_eq!(
+            id,
+            inputs_id("ort/tensorrt", Some(&["1.2.3.3", "1.2.3.1", "1.2.3.2", "1.2.3.1"][..])),
+            "order and repeats do not matter"
+        );
+        assert_ne!(id, inputs_id("ort/tensorrt", Some(&sops[..2])), "a slice more or less");
+        assert_ne!(id, inputs_id("tract", Some(&sops[..])), "another engine");
+        assert_ne!(id, inputs_id("ort/tensorrt", none), "the complete series differs from a partial one");
+        assert_ne!(inputs_id("ort/tensorrt", none), inputs_id("tract", none), "another engine, complete series");
         let p = |inputs: &str| DeriveParams { inputs_id: inputs.into(), ..params(None) };
-        assert_ne!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("tract", &sops))));
-        assert_eq!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("ort/tensorrt", &sops))));
+        assert_ne!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("tract", Some(&sops[..])))));
+        assert_eq!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("ort/tensorrt", Some(&sops[..])))));
     }
 
     fn params(notice: Option<&str>) -> DeriveParams {

@@ -192,7 +192,13 @@ fn operator_settings(config: Option<&PathBuf>, state_dir: Option<&PathBuf>) -> R
         let p = PathBuf::from(INSTALLED_CONFIG);
         p.is_file().then_some(p)
     });
-    load_settings(file.as_ref())
+    load_settings(file.as_ref()).with_context(|| {
+        format!(
+            "{} (read because neither --config nor --state-dir was given): fix it, or reach the state without it: \
+             --state-dir DIR",
+            file.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        )
+    })
 }
 
 /// `default` is the filter when RUST_LOG is not set.
@@ -373,7 +379,7 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
     for r in engines.reports.iter().filter(|r| !r.ok) {
         eprintln!("petrestore: engine {} unavailable: {}", r.engine, r.detail);
     }
-    let restored = pipeline::worker::restore_paths_with(&settings, &engines.engines, &paths, uncertainty)?;
+    let restored = pipeline::worker::restore_paths_with(&settings, &engines.engines, &paths, uncertainty, false)?;
     if uncertainty && restored.uncertainty.is_none() {
         bail!(
             "--uncertainty: engine {} ({}) has no uncertainty calibration: use a model package with an [uncertainty] table (petlab calibrate)",

@@ -39,7 +39,7 @@ fn derived_series_follows_every_rule() {
     let sources: BTreeMap<String, InMemDicomObject> =
         src.files.iter().map(|p| open(p)).map(|o| (o.str_of(tags::SOP_INSTANCE_UID).unwrap(), o)).collect();
     let model = "gaussian-fwhm6.00mm";
-    let salt = petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id("gaussian", &src.sop_uids));
+    let salt = petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id::<&str>("gaussian", None));
     let expected_series = petrestore::dicom::uid::derived_uid(&src.series_uid, &salt);
     assert_eq!(job.output_series_uid.as_deref(), Some(expected_series.as_str()));
     let mut sop_uids = BTreeSet::new();
@@ -409,7 +409,7 @@ fn enhanced_pet_is_restored_into_a_derived_enhanced_instance() {
     let s = open(&src.files[0]);
     let o = open(&received[0]);
     let model = "gaussian-fwhm6.00mm";
-    let salt = petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id("gaussian", &src.sop_uids));
+    let salt = petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id::<&str>("gaussian", None));
     assert_eq!(o.str_of(tags::SOP_CLASS_UID).unwrap(), petrestore::dicom::ENHANCED_PET_IMAGE_STORAGE);
     assert_eq!(o.str_of(tags::SOP_INSTANCE_UID).unwrap(), petrestore::dicom::uid::derived_uid(&src.sop_uids[0], &salt));
     assert_eq!(o.str_of(tags::SERIES_INSTANCE_UID).unwrap(), petrestore::dicom::uid::derived_uid(&src.series_uid, &salt));

@@ -128,7 +128,7 @@ fn random_kill9_with_concurrent_consoles_loses_and_duplicates_nothing() {
     for s in &sent {
         let job = d.wait_job(&job_id(s), "the series done", Duration::from_secs(180), |j| j.state.is_terminal());
         assert_eq!((job.state.clone(), job.received), (JobState::Done, slices as u32), "{:#?}", job.history);
-        let inputs = petrestore::derive::inputs_id(job.engine.as_deref().unwrap(), &s.sop_uids);
+        let inputs = petrestore::derive::inputs_id::<&str>(job.engine.as_deref().unwrap(), None);
         salts.insert(s.series_uid.clone(), petrestore::derive::restored_salt(job.model_id.as_deref().unwrap(), &inputs));
     }
     if let Some(p) = d.pid().and_then(peak_rss_mib) {
@@ -188,7 +188,15 @@ fn random_kill9_with_concurrent_consoles_loses_and_duplicates_nothing() {
         lost += want.difference(&got).count();
         assert_eq!(got, want, "series {}: the derived series is not one derived instance per source instance", s.series_uid);
     }
-    assert_eq!(by_series.len(), sent.len(), "a series the consoles never sent, or a series split in two");
+    // Besides each complete series, a series processed at the quiet
+    // timeout without all its slices (a kill held the console back) was
+    // delivered under UIDs of its own: fewer instances, its own pixels.
+    let complete: BTreeSet<String> = sent.iter().map(|s| uid(&s.series_uid, &salts[&s.series_uid])).collect();
+    let partial_series = by_series.iter().filter(|(se, _)| !complete.contains(*se)).count();
+    for (se, sops) in by_series.iter().filter(|(se, _)| !complete.contains(*se)) {
+        assert!(sops.len() < slices, "series {se}: {} instances, not a complete series' derived series", sops.len());
+    }
+    println!("partial series delivered before the rest arrived: {partial_series}");
     let distinct: usize = by_series.values().map(BTreeSet::len).sum();
     let all: BTreeSet<&String> = by_series.values().flatten().collect();
     let under_two = distinct - all.len();

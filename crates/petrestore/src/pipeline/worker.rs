@@ -220,7 +220,8 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
     };
     let paths: Vec<PathBuf> = records.iter().map(|r| ctx.spool.absolute(&r.path)).collect();
     let want_uncertainty = s.destinations.iter().any(|d| d.uncertainty);
-    let restored = match restore_paths_with(s, &ctx.engines, &paths, want_uncertainty) {
+    let partial = job.missing_indexes().is_some_and(|m| !m.is_empty());
+    let restored = match restore_paths_with(s, &ctx.engines, &paths, want_uncertainty, partial) {
         Ok(r) => r,
         Err(e) => return e.into(),
     };
@@ -292,16 +293,19 @@ pub fn slice_count(slices: usize, instances: usize) -> String {
 /// Load, select, restore and derive one series from its files. Shared by
 /// the daemon's worker and the offline `restore` command.
 pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf]) -> Result<Restored, NotRestored> {
-    restore_paths_with(s, engines, paths, false)
+    restore_paths_with(s, engines, paths, false, false)
 }
 
 /// [`restore_paths`]; with a calibrated model the σ summary is always made,
-/// and with `uncertainty_series` also the uncertainty series.
+/// and with `uncertainty_series` also the uncertainty series. `partial`:
+/// the series is processed without all its slices, and its derived UIDs
+/// are salted by the instances read ([`crate::derive::inputs_id`]).
 pub fn restore_paths_with(
     s: &Settings,
     engines: &[Arc<dyn Engine>],
     paths: &[PathBuf],
     uncertainty_series: bool,
+    partial: bool,
 ) -> Result<Restored, NotRestored> {
     let loaded = volume::load_bounded(paths, s.restore.max_voxels).map_err(|e| match e {
         // too large for this box: forwarded unchanged like any series the rules skip
@@ -347,7 +351,7 @@ pub fn restore_paths_with(
     let calibration = engine.uncertainty();
     let source_sops: Vec<String> = loaded.slices.iter().filter_map(|sl| sl.dataset.str_of(tags::SOP_INSTANCE_UID)).collect();
     let params = DeriveParams {
-        inputs_id: crate::derive::inputs_id(&engine.label(), &source_sops),
+        inputs_id: crate::derive::inputs_id(&engine.label(), partial.then_some(&source_sops[..])),
         engine: engine.label(),
         notice: {
             let mut n: Vec<String> = engine.notice().into_iter().collect();
