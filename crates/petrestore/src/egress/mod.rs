@@ -516,6 +516,28 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_destination_fails_the_job_unless_it_is_configured_again() {
+        let delivered = |j: &mut Job| j.deliveries.iter_mut().for_each(|d| d.delivered = true);
+        let mut j = Job::new(JobKind::Pet, "1", "1.6", "C", 0);
+        j.plan_deliveries(&["pacs".into()]);
+        j.dropped_deliveries = vec!["archive".into()];
+        j.state = JobState::Delivering { payload: Payload::Derived, outcome: Outcome::Done };
+        delivered(&mut j);
+        settle(&mut j, 3);
+        let JobState::Failed { reason } = &j.state else { panic!("{:?}", j.state) };
+        assert!(reason.contains("not delivered to archive"), "{reason}");
+        // removed, then configured again and delivered: done
+        let mut j = Job::new(JobKind::Pet, "1", "1.7", "C", 0);
+        j.plan_deliveries(&["pacs".into()]);
+        j.dropped_deliveries = vec!["archive".into()];
+        j.add_delivery("archive");
+        j.state = JobState::Delivering { payload: Payload::Derived, outcome: Outcome::Done };
+        delivered(&mut j);
+        settle(&mut j, 3);
+        assert_eq!(j.state, JobState::Done);
+    }
+
+    #[test]
     fn settle_reruns_instead_of_failing_when_instances_arrived() {
         // a PET job whose destination gave up while instances arrived: restored again
         let mut j = Job::new(JobKind::Pet, "1", "1.4", "C", 0);

@@ -324,8 +324,10 @@ impl Job {
         }
     }
 
-    /// One more destination for this job's payload, due now.
+    /// One more destination for this job's payload, due now (a destination
+    /// a reload had removed and configures again is owed nothing more).
     pub fn add_delivery(&mut self, destination: &str) {
+        self.dropped_deliveries.retain(|d| d != destination);
         self.deliveries.push(Delivery {
             destination: destination.to_string(),
             delivered: false,

@@ -23,7 +23,9 @@ pub fn purge(settings: &Settings, journal: &Journal, spool: &Spool) -> Result<us
         // A failed job whose original went to every destination (restoration
         // failed, the original forwarded) was delivered; one whose delivery
         // gave up, or that had nothing to send, was not.
-        let delivered = !job.deliveries.is_empty() && job.deliveries.iter().all(|d| d.delivered);
+        // A destination a reload removed before delivery counts as not
+        // delivered (the job failed naming it).
+        let delivered = !job.deliveries.is_empty() && job.deliveries.iter().all(|d| d.delivered) && job.dropped_deliveries.is_empty();
         let keep = match job.state {
             JobState::Failed { .. } if !delivered => settings.node.failed_retention,
             _ => settings.node.retention,
@@ -184,6 +186,32 @@ mod tests {
     /// A file that cannot be removed: the job keeps its records (its files
     /// are neither orphaned in the spool nor forgotten) and is not marked
     /// purged; once it can be removed, the next pass finishes.
+    #[test]
+    fn a_job_failed_for_a_removed_destination_is_kept_as_undelivered() {
+        let d = tempfile::tempdir().unwrap();
+        // retention 1 ms, failed retention off: only a delivered job goes
+        let settings = Settings::from_toml(&format!("[node]\nstate_dir = {:?}\nretention_hours = 0.0000003\n", d.path()), "t").unwrap();
+        let spool = Spool::new(d.path().join("spool")).unwrap();
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        let a = arrival("1.2.3.1", 1);
+        let f = spool.absolute(&a.record.path);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, b"dcm").unwrap();
+        journal.record(&a).unwrap();
+        let id = crate::journal::job_id("1.2.3");
+        journal
+            .update(&id, |j| {
+                j.plan_deliveries(&["pacs".into()]);
+                j.deliveries[0].delivered = true;
+                j.dropped_deliveries = vec!["archive".into()];
+                j.set_state(JobState::Failed { reason: "not delivered to archive".into() });
+            })
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(purge(&settings, &journal, &spool).unwrap(), 0);
+        assert!(f.exists() && !journal.get(&id).unwrap().unwrap().purged);
+    }
+
     #[test]
     fn a_file_that_cannot_be_removed_keeps_the_job_and_its_records() {
         let d = tempfile::tempdir().unwrap();
