@@ -364,7 +364,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         let _ = tokio::join!(ingest_task, sched_task, control_task);
     });
     tracing::info!(listen = %dicom_addr, ae = %settings.dicom.ae_title, state_dir = %state.display(), "petrestore ready");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("ready: receiving and restoring")]);
     Ok(Daemon {
         dicom_addr,
         shutdown,

@@ -611,7 +611,8 @@ fn systemd_notify_ready_watchdog_and_stopping() {
     let mut before_ready = vec![first];
     loop {
         let m = next();
-        if m == "READY=1\n" {
+        if m.starts_with("READY=1\n") {
+            assert!(m.contains("STATUS=ready"), "{m}");
             break;
         }
         assert!(m.starts_with("STATUS=") || m.starts_with("EXTEND_TIMEOUT_USEC="), "{m}");

@@ -238,9 +238,16 @@ impl Materializer {
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new().name("materializer".into()).spawn(move || {
+            // however the thread ends (a panic too), waiting submitters are told
+            struct Ended(Arc<Shared>);
+            impl Drop for Ended {
+                fn drop(&mut self) {
+                    *self.0.ended.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                    self.0.room.notify_all();
+                }
+            }
+            let _ended = Ended(s.clone());
             run(rx, &log, &spool, &journal, &wake, &s);
-            *s.ended.lock().unwrap() = true;
-            s.room.notify_all();
         })?;
         Ok(Materializer { tx, shared, thread: Mutex::new(Some(thread)) })
     }

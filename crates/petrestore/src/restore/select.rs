@@ -66,9 +66,9 @@ pub enum NotSelected {
     )]
     AlreadyRestored(String),
     #[error(
-        "{attr} holds bytes that are not valid in the series' Specific Character Set ({charset}): the derived series \
-         would carry other text than the source (another patient name); the original is left as it is. \
-         Set the console's character set to match what it writes"
+        "{attr} could not be read as the series' Specific Character Set ({charset}) says (its bytes are not valid there, \
+         or a multi-byte character holds a backslash byte): the derived series would carry other text than the source \
+         (another patient name), so the series is not restored; the original is left as it is"
     )]
     TextNotInCharset { attr: String, charset: String },
     #[error("matrix {rows}x{cols} exceeds restore.max_matrix {max}")]
@@ -296,7 +296,11 @@ mod tests {
         let mut ok = crate::dicom::part10::open(&src.files[0]).unwrap().into_inner();
         ok.put(DataElement::new(tags::SPECIFIC_CHARACTER_SET, VR::CS, PrimitiveValue::from("ISO_IR 192")));
         ok.put(DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("M\u{dc}LLER^HANS")));
-        ok.put(DataElement::new(tags::OTHER_PATIENT_I_DS, VR::LO, PrimitiveValue::Strs(["A1".to_string(), "B2".to_string()].into())));
+        ok.put(DataElement::new(
+            tags::ADMITTING_DIAGNOSES_DESCRIPTION,
+            VR::LO,
+            PrimitiveValue::Strs(["A1".to_string(), "B2".to_string()].into()),
+        ));
         let path = d.path().join("utf8.dcm");
         std::fs::write(&path, crate::dicom::part10::encode(ok).unwrap()).unwrap();
         assert_eq!(text_not_in_charset(&crate::dicom::part10::open(&path).unwrap().into_inner()), None);
