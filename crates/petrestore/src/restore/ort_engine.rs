@@ -59,6 +59,9 @@ pub struct OrtEngine {
     /// graphs with each series' texture folded into the biases.
     folding: Option<Folding>,
     _env: ort::environment::Environment,
+    /// TensorRT builds its engines in half precision (`restore.tensorrt_fp16`):
+    /// other pixels than fp32, so the label (and the derived UIDs) say so.
+    fp16: bool,
     /// The provider in use and why the ones before it were skipped.
     pub providers: Vec<ProviderReport>,
 }
@@ -206,7 +209,15 @@ impl OrtEngine {
                     if folding.is_some() {
                         tracing::info!("each series' texture descriptors are folded into the graph's biases (CPU provider)");
                     }
-                    return Ok(OrtEngine { pkg, session: Mutex::new(full), restore_only, folding, _env: env, providers: reports });
+                    return Ok(OrtEngine {
+                        pkg,
+                        session: Mutex::new(full),
+                        restore_only,
+                        folding,
+                        _env: env,
+                        fp16: p == Provider::TensorRt && o.tensorrt_fp16,
+                        providers: reports,
+                    });
                 }
                 Err(reason) => {
                     tracing::warn!(provider = %name, %reason, "execution provider unavailable; trying the next one");
@@ -422,7 +433,7 @@ impl Engine for OrtEngine {
         "ort"
     }
     fn label(&self) -> String {
-        format!("ort/{}", self.provider())
+        if self.fp16 { format!("ort/{}-fp16", self.provider()) } else { format!("ort/{}", self.provider()) }
     }
     fn notice(&self) -> Option<String> {
         self.pkg.notice()
