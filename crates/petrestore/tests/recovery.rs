@@ -300,8 +300,11 @@ fn a_damaged_journal_is_repaired_and_finished_series_stay_finished() {
         let b = series(&tmp.path().join("b"), 6, 32, 62);
         let dest_port = free_port();
         let dest = StoreScp::start_on(&tmp.path().join("dest"), dest_port);
-        let extra =
-            format!("[egress]\nbackoff_initial_s = 0.2\nbackoff_max_s = 0.5\nmax_attempts = 1000\n{}", destination("pacs", dest_port));
+        // a long quiet timeout: a's first half is never processed on its own
+        let extra = format!(
+            "[series]\nquiet_timeout_s = 600\n[egress]\nbackoff_initial_s = 0.2\nbackoff_max_s = 0.5\nmax_attempts = 1000\n{}",
+            destination("pacs", dest_port)
+        );
         let mut d = Daemon::start(&tmp.path().join("d"), &extra);
         // a: half received; a copy of the journal from then is kept (a
         // journal that rolls back behaves like it)

@@ -366,7 +366,9 @@ fn sigterm_with_an_association_open_mid_series_loses_nothing_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 8, 32, 71);
     let dest = StoreScp::start(&tmp.path().join("dest"));
-    let mut d = Daemon::start(&tmp.path().join("d"), &destination("pacs", dest.port));
+    // a long quiet timeout: the first part is never processed on its own
+    // (it would be delivered as a partial series under UIDs of its own)
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("[series]\nquiet_timeout_s = 600\n{}", destination("pacs", dest.port)));
     assert!(storescu(d.port, CONSOLE, &src.files[..5]).status.success());
     // a console that opened an association and went quiet mid-series
     let mut hold = hold_association(d.port);
