@@ -25,8 +25,9 @@ pub struct DeriveParams {
     pub research: bool,
     pub model_id: String,
     /// What else the pixels depend on ([`inputs_id`]): the engine that ran
-    /// and, for a series processed without all its slices, the set of
-    /// source instances. Salts every derived UID.
+    /// and, for a series not known complete (processed without all its
+    /// slices, or without Number of Slices to tell), the set of source
+    /// instances. Salts every derived UID.
     pub inputs_id: String,
     /// Identity of the σ calibration in use (the package's `[uncertainty]`
     /// and a site's factor, `Calibration::id`): it changes the σ pixels

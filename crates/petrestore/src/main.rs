@@ -71,9 +71,11 @@ enum Command {
     Status {
         /// Configuration file (default: $PETRESTORE_CONFIG, else
         /// /etc/petrestore/petrestore.toml when present, else the built-in
-        /// defaults; not read when --state-dir is given).
+        /// defaults, these two only without --state-dir, which overrides
+        /// node.state_dir).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// State directory (instead of reading it from the configuration).
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -109,9 +111,11 @@ enum Command {
     Journal {
         /// Configuration file (default: $PETRESTORE_CONFIG, else
         /// /etc/petrestore/petrestore.toml when present, else the built-in
-        /// defaults; not read when --state-dir is given).
+        /// defaults, these two only without --state-dir, which overrides
+        /// node.state_dir).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// State directory (instead of reading it from the configuration).
         #[arg(long)]
         state_dir: Option<PathBuf>,
         #[command(subcommand)]
@@ -123,9 +127,11 @@ enum Command {
     Reload {
         /// Configuration file (default: $PETRESTORE_CONFIG, else
         /// /etc/petrestore/petrestore.toml when present, else the built-in
-        /// defaults; not read when --state-dir is given).
+        /// defaults, these two only without --state-dir, which overrides
+        /// node.state_dir).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// State directory (instead of reading it from the configuration).
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -137,7 +143,8 @@ enum Command {
     Jobs {
         /// Configuration file (default: $PETRESTORE_CONFIG, else
         /// /etc/petrestore/petrestore.toml when present, else the built-in
-        /// defaults; not read when --state-dir is given).
+        /// defaults, these two only without --state-dir, which overrides
+        /// node.state_dir).
         #[arg(long)]
         config: Option<PathBuf>,
         /// State directory (instead of reading it from --config).
@@ -151,7 +158,9 @@ enum Command {
 #[derive(Subcommand)]
 enum JournalAction {
     /// Move the journal aside and rebuild it from the spool (the received
-    /// instances); jobs come back as receiving and are processed again.
+    /// instances): a PET series with all its slices comes back queued, the
+    /// others receiving; the next start puts finished jobs back from the
+    /// outcome log. Refused while any process holds the journal open.
     Rebuild,
 }
 

@@ -220,7 +220,10 @@ fn restore(ctx: &WorkerCtx, job: &crate::journal::Job) -> Ending {
     };
     let paths: Vec<PathBuf> = records.iter().map(|r| ctx.spool.absolute(&r.path)).collect();
     let want_uncertainty = s.destinations.iter().any(|d| d.uncertainty);
-    let partial = job.missing_indexes().is_some_and(|m| !m.is_empty());
+    // known complete only by Image Index against Number of Slices: a
+    // multi-frame series (no index) may be reopened by another instance,
+    // so its UIDs name the instances read too
+    let partial = job.missing_indexes().is_none_or(|m| !m.is_empty());
     let restored = match restore_paths_with(s, &ctx.engines, &paths, want_uncertainty, partial) {
         Ok(r) => r,
         Err(e) => return e.into(),
@@ -298,8 +301,8 @@ pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf
 
 /// [`restore_paths`]; with a calibrated model the σ summary is always made,
 /// and with `uncertainty_series` also the uncertainty series. `partial`:
-/// the series is processed without all its slices, and its derived UIDs
-/// are salted by the instances read ([`crate::derive::inputs_id`]).
+/// the series is not known complete, and its derived UIDs are salted by
+/// the instances read ([`crate::derive::inputs_id`]).
 pub fn restore_paths_with(
     s: &Settings,
     engines: &[Arc<dyn Engine>],
