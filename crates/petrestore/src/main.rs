@@ -193,8 +193,16 @@ const INSTALLED_CONFIG: &str = "/etc/petrestore/petrestore.toml";
 /// `jobs`, `journal`): `--config`; else, without `--state-dir`,
 /// `$PETRESTORE_CONFIG` or the installed daemon's file when there is one,
 /// so they find the daemon's own `node.state_dir`; else the defaults.
-fn operator_settings(config: Option<&PathBuf>, state_dir: Option<&PathBuf>) -> Result<Settings> {
-    if config.is_some() || state_dir.is_some() {
+/// Returns the settings and the state folder: `--state-dir`, else the
+/// settings' `node.state_dir`.
+fn operator_settings(config: Option<&PathBuf>, state_dir: Option<PathBuf>) -> Result<(Settings, PathBuf)> {
+    let settings = operator_settings_file(config, state_dir.is_some())?;
+    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    Ok((settings, state_dir))
+}
+
+fn operator_settings_file(config: Option<&PathBuf>, state_dir_given: bool) -> Result<Settings> {
+    if config.is_some() || state_dir_given {
         return load_settings(config);
     }
     let file = std::env::var_os("PETRESTORE_CONFIG").map(PathBuf::from).or_else(|| {
@@ -255,8 +263,7 @@ fn print_jobs_table(jobs: &[journal::Job]) {
 }
 
 async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsAction) -> Result<()> {
-    let settings = operator_settings(config.as_ref(), state_dir.as_ref())?;
-    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    let (settings, state_dir) = operator_settings(config.as_ref(), state_dir)?;
     let req = match &action {
         JobsAction::List { .. } => control::Request::List,
         JobsAction::Show { id } => control::Request::Show { id: id.clone() },
@@ -304,8 +311,7 @@ async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsA
 }
 
 async fn status(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
-    let settings = operator_settings(config.as_ref(), state_dir.as_ref())?;
-    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    let (_, state_dir) = operator_settings(config.as_ref(), state_dir)?;
     match control::request(&state_dir, &control::Request::Status).await.map_err(anyhow::Error::msg)? {
         Some(r) if r.ok => {
             println!("{}", serde_json::to_string_pretty(&r.status)?);
@@ -321,8 +327,7 @@ async fn status(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<(
 }
 
 async fn reload(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
-    let settings = operator_settings(config.as_ref(), state_dir.as_ref())?;
-    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    let (_, state_dir) = operator_settings(config.as_ref(), state_dir)?;
     match control::request(&state_dir, &control::Request::Reload).await.map_err(anyhow::Error::msg)? {
         Some(r) if r.ok && r.changed.is_empty() => println!("configuration read again: nothing changed"),
         Some(r) if r.ok => println!("configuration reloaded; changed: {}", r.changed.join(", ")),
@@ -649,8 +654,7 @@ fn user_name(uid: u32) -> Option<String> {
 
 /// `petrestore journal rebuild`: a new journal from the spool (daemon stopped).
 fn journal_rebuild(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
-    let settings = operator_settings(config.as_ref(), state_dir.as_ref())?;
-    let state_dir = state_dir.unwrap_or_else(|| settings.node.state_dir.clone());
+    let (_, state_dir) = operator_settings(config.as_ref(), state_dir)?;
     if std::os::unix::net::UnixStream::connect(control::socket_path(&state_dir)).is_ok() {
         bail!("a daemon is running on {}: stop it first (systemctl stop petrestore)", state_dir.display());
     }

@@ -27,8 +27,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 
 /// The salt of a complete series' derived UIDs (its model and engine).
 fn salt(job: &petrestore::journal::Job) -> String {
-    let inputs = petrestore::derive::inputs_id::<&str>(job.engine.as_deref().unwrap(), None);
-    petrestore::derive::restored_salt(job.model_id.as_deref().unwrap(), &inputs)
+    testkit::complete_salt(job.model_id.as_deref().unwrap(), job.engine.as_deref().unwrap())
 }
 
 fn series_uids(files: &[std::path::PathBuf]) -> BTreeSet<String> {

@@ -128,8 +128,7 @@ fn random_kill9_with_concurrent_consoles_loses_and_duplicates_nothing() {
     for s in &sent {
         let job = d.wait_job(&job_id(s), "the series done", Duration::from_secs(180), |j| j.state.is_terminal());
         assert_eq!((job.state.clone(), job.received), (JobState::Done, slices as u32), "{:#?}", job.history);
-        let inputs = petrestore::derive::inputs_id::<&str>(job.engine.as_deref().unwrap(), None);
-        salts.insert(s.series_uid.clone(), petrestore::derive::restored_salt(job.model_id.as_deref().unwrap(), &inputs));
+        salts.insert(s.series_uid.clone(), testkit::complete_salt(job.model_id.as_deref().unwrap(), job.engine.as_deref().unwrap()));
     }
     if let Some(p) = d.pid().and_then(peak_rss_mib) {
         peak = peak.max(p);

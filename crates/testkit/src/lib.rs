@@ -444,6 +444,12 @@ pub fn clinical_series(dir: &Path, slices: usize, matrix: usize, seed: u64) -> p
     petsim::write_series(dir, &spec).unwrap()
 }
 
+/// The salt of the derived UIDs of a series restored complete (every
+/// slice, single-frame): its model and engine (`derive::restored_salt`).
+pub fn complete_salt(model: &str, engine: &str) -> String {
+    petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id::<&str>(engine, None))
+}
+
 pub fn job_id(s: &petsim::SeriesFiles) -> String {
     petrestore::journal::job_id(&s.series_uid)
 }
