@@ -249,6 +249,47 @@ fn broker_down_leaves_the_pipeline_alone_and_buffered_events_arrive_with_the_dro
     assert_eq!(sub.on("/status").last().unwrap()["state"], "online");
 }
 
+/// Job events handed to a connection that then dies without a word (the
+/// broker frozen: no FIN, no acknowledgement) arrive once the box is
+/// connected again. The MQTT client discards what the broker never
+/// acknowledged when it opens its next (clean) session; the box takes
+/// those messages back into its own buffer first.
+#[test]
+fn events_sent_into_a_connection_that_died_silently_arrive_after_reconnect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mq = tmp.path().join("mq");
+    std::fs::create_dir_all(&mq).unwrap();
+    // the fleet subscriber's session is saved every second, so it outlives
+    // the broker's kill below
+    let persist = format!("persistence true\npersistence_location {}/\nautosave_interval 1\n", mq.display());
+    let mut broker = Mosquitto::start_on(&mq, port, &persist);
+    let sub = Sub::start_persistent(port, &topic("#"), "fleet-sub");
+    let d = Daemon::start(&tmp.path().join("d"), &mqtt(port, "keep_alive_s = 5\n"));
+    sub.wait_on("/status", "online", Duration::from_secs(20), |v| v["state"] == "online");
+    drop(sub);
+    std::thread::sleep(Duration::from_secs(3));
+    broker.signal("STOP");
+    let a = series(&tmp.path().join("a"), 4, 32, 71);
+    assert!(storescu(d.port, CONSOLE, &a.files).status.success());
+    let id = job_id(&a);
+    assert_eq!(d.wait_terminal(&id, Duration::from_secs(60)).state, petrestore::journal::JobState::Done);
+    // the box notices at its keep-alive: no answer to its ping
+    wait_for("the box to notice the dead connection", Duration::from_secs(60), || d.log().contains("MQTT connection lost").then_some(()));
+    // what the frozen broker had read is lost with it
+    broker.stop();
+    let _broker = Mosquitto::start_on(&mq, port, &persist);
+    let sub = Sub::start_persistent(port, &topic("#"), "fleet-sub");
+    let events = wait_for("the job's events after the reconnect", Duration::from_secs(60), || {
+        let e = sub.on(&format!("/jobs/{id}"));
+        e.iter().any(|v| v["state"] == "done").then_some(e)
+    });
+    let states: Vec<&str> = events.iter().map(|v| v["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["receiving", "queued", "restoring", "done"], "every event once, in order");
+    let health = sub.wait_on("/health", "health after the reconnect", Duration::from_secs(30), |_| true);
+    assert_eq!(health["events_dropped"], 0, "{health}");
+}
+
 /// Issue 19: no patient data leaves the box in logs or telemetry. A series
 /// restored, a series refused for hostile content and a job failed at
 /// delivery go through with a patient name, ID and birth date set; none of

@@ -547,6 +547,12 @@ impl Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+    /// Freeze (`STOP`) or thaw (`CONT`) the broker: its connections stay
+    /// open and nothing on them is answered, as on a link that died
+    /// without a word.
+    pub fn signal(&self, sig: &str) {
+        assert!(Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap().success());
+    }
     /// Stop gracefully (SIGTERM): with persistence on, sessions are saved.
     pub fn terminate(&mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

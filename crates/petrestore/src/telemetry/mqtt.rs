@@ -30,6 +30,10 @@ pub trait Control: Send + Sync + 'static {
 enum Conn {
     Up,
     Down(String),
+    /// Messages the client had taken but the broker never acknowledged
+    /// when the connection failed: the client would discard them at the
+    /// next connection (a clean session), so they go back to the buffer.
+    Requeue(Vec<Outgoing>),
     /// `retained`: delivered as a retained message (refused, never run).
     Command {
         topic: String,
@@ -38,9 +42,30 @@ enum Conn {
     },
 }
 
+/// The largest message the box sends. A bigger one would end the
+/// connection at every attempt (and come back to the buffer each time):
+/// it is dropped and counted instead.
+const MAX_PACKET: usize = 256 << 10;
+
 /// Topic prefix of a device.
 pub fn prefix(device_id: &str) -> String {
     format!("petrestore/v1/{device_id}/")
+}
+
+/// The publications among a failed connection's pending requests, as
+/// buffer entries: job events and command replies. `status` and `health`
+/// are left out: both are sent afresh at every connection.
+fn requeue(prefix: &str, pending: std::collections::VecDeque<rumqttc::Request>) -> Vec<Outgoing> {
+    pending
+        .into_iter()
+        .filter_map(|r| match r {
+            rumqttc::Request::Publish(p) => {
+                let topic = p.topic.strip_prefix(prefix)?.to_string();
+                (topic != "status" && topic != "health").then(|| Outgoing { topic, payload: p.payload.to_vec(), retain: p.retain })
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// The `offline` status the broker publishes when the box vanishes. Its
@@ -63,6 +88,10 @@ fn options(cfg: &MqttSettings, device_id: &str) -> Result<MqttOptions, String> {
     let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     o.set_keep_alive(cfg.keep_alive);
     o.set_clean_session(true);
+    // rumqttc's default is 10 KiB each way; a larger packet ends the
+    // connection. Commands are small, but an outsized retained message on
+    // a command topic must not end every connection.
+    o.set_max_packet_size(1 << 20, MAX_PACKET);
     o.set_last_will(last_will(device_id));
     if let Some(tls) = &cfg.tls {
         let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
@@ -99,8 +128,14 @@ pub async fn run(
     let poller = {
         let stop = stop_poll.clone();
         let device_id = device_id.clone();
+        let pre = pre.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(250);
+            // A connection the broker accepts and then drops at once (a
+            // duplicate client id, a packet it refuses) must not reconnect
+            // in a tight loop: the backoff starts again only after a
+            // connection has held for a minute.
+            let mut up_since: Option<std::time::Instant> = None;
             loop {
                 let ev = tokio::select! {
                     ev = eventloop.poll() => ev,
@@ -108,7 +143,7 @@ pub async fn run(
                 };
                 match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        backoff = Duration::from_millis(250);
+                        up_since = Some(std::time::Instant::now());
                         let _ = conn_tx.send(Conn::Up).await;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -118,7 +153,17 @@ pub async fn run(
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                     Ok(_) => {}
                     Err(e) => {
+                        // rumqttc moves what was unacknowledged or still
+                        // queued to `pending` and clears it when the broker
+                        // answers without a session: take it back first.
+                        let lost = requeue(&pre, std::mem::take(&mut eventloop.pending));
+                        if !lost.is_empty() {
+                            let _ = conn_tx.send(Conn::Requeue(lost)).await;
+                        }
                         let _ = conn_tx.send(Conn::Down(e.to_string())).await;
+                        if up_since.take().is_some_and(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            backoff = Duration::from_millis(250);
+                        }
                         // the next connection's will carries its own time
                         eventloop.mqtt_options.set_last_will(last_will(&device_id));
                         tokio::select! {
@@ -151,6 +196,11 @@ pub async fn run(
         }
     };
     let buffer_it = |buffer: &mut VecDeque<Outgoing>, o: Outgoing| {
+        if o.payload.len() + pre.len() + o.topic.len() + 16 > MAX_PACKET {
+            tracing::warn!(topic = %o.topic, bytes = o.payload.len(), "MQTT message too large to send: dropped");
+            dropped_offline.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if buffer.len() >= cfg.buffer {
             buffer.pop_front();
             dropped_offline.fetch_add(1, Ordering::Relaxed);
@@ -182,6 +232,18 @@ pub async fn run(
                     let _ = publish(&client, &status(&control));
                     flush(&client, &mut buffer);
                     let _ = publish(&client, &health(&control));
+                }
+                Some(Conn::Requeue(lost)) => {
+                    // oldest first, ahead of what waited here; past the
+                    // bound the oldest go, counted
+                    tracing::debug!(messages = lost.len(), "MQTT messages the broker did not acknowledge queued again");
+                    for o in lost.into_iter().rev() {
+                        buffer.push_front(o);
+                    }
+                    while buffer.len() > cfg.buffer {
+                        buffer.pop_front();
+                        dropped_offline.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 Some(Conn::Down(e)) => {
                     if connected {
