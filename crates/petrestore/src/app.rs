@@ -50,6 +50,8 @@ pub struct Daemon {
     stages: Vec<(&'static str, tokio::task::AbortHandle)>,
     /// The scheduler's last pass (ms since the epoch).
     last_pass: Arc<std::sync::atomic::AtomicU64>,
+    /// The scheduler's last pass failed on the journal's storage.
+    journal_io: Arc<std::sync::atomic::AtomicBool>,
     /// Moves acknowledged instances from the arrival log into the spool.
     materializer: Arc<Materializer>,
     tasks: TaskTracker,
@@ -60,6 +62,10 @@ pub struct Daemon {
     live: Arc<LiveSettings>,
     wake: Arc<Notify>,
 }
+
+/// Free space the state folder needs before a journal that refuses writes
+/// is reopened by a restart (beside `node.min_free_mb`).
+const JOURNAL_REOPEN_ROOM: u64 = 256 << 20;
 
 /// Open the journal with a message that says what to do when it is locked.
 pub fn open_journal(settings: &Settings) -> Result<Journal> {
@@ -311,6 +317,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     });
     let ingest_task = tokio::spawn(ingest::serve(listener, scp, sink, shutdown.clone(), associations.clone()));
     let last_pass = pipeline.last_pass_ms.clone();
+    let journal_io = pipeline.journal_io.clone();
     let sched_task = tokio::spawn(pipeline.clone().run(shutdown.clone(), tasks.clone()));
     // Telemetry: job events from the journal, commands and health through
     // DaemonControl. It has its own stop token: it says `offline` last.
@@ -374,6 +381,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         materializer,
         stages,
         last_pass,
+        journal_io,
         tasks,
         main,
         telemetry_stop,
@@ -532,6 +540,21 @@ impl Daemon {
         }
         if !self.materializer.alive() {
             return Some("the materializer thread has ended".into());
+        }
+        if self.materializer.journal_unwritable() || self.journal_io.load(Ordering::Relaxed) {
+            // sled refuses every write after a storage error until it is
+            // opened again. While the disk is still full a restart could not
+            // replay the arrival log either: ingest answers 0xA700 meanwhile
+            // and the restart waits for room.
+            let settings = self.live.get();
+            let room = settings.node.min_free_bytes.max(JOURNAL_REOPEN_ROOM);
+            if crate::spool::free_bytes(&settings.node.state_dir).is_ok_and(|free| free >= room) {
+                return Some(
+                    "the journal refuses writes since a storage error, and the disk has room again: \
+                    a restart opens it again"
+                        .into(),
+                );
+            }
         }
         let age = crate::journal::now_ms().saturating_sub(self.last_pass.load(Ordering::Relaxed));
         (age > max_age.as_millis() as u64).then(|| format!("the scheduler made no pass for {:.1} s", age as f64 / 1000.0))

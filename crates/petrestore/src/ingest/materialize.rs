@@ -192,6 +192,8 @@ struct Shared {
     /// Bytes of acknowledged instances not yet written into the spool.
     bytes: std::sync::atomic::AtomicU64,
     failed: Mutex<Option<String>>,
+    /// The last batch failed because the journal's storage failed a write.
+    journal_io: std::sync::atomic::AtomicBool,
     /// Set when the thread has ended; with `room`, wakes submitters that
     /// wait for bytes to be written.
     ended: Mutex<bool>,
@@ -232,6 +234,7 @@ impl Materializer {
             in_flight: Mutex::new(HashSet::new()),
             bytes: Default::default(),
             failed: Mutex::new(None),
+            journal_io: std::sync::atomic::AtomicBool::new(false),
             ended: Mutex::new(false),
             room: std::sync::Condvar::new(),
             max_bytes,
@@ -271,6 +274,12 @@ impl Materializer {
     /// Whether its thread is still running.
     pub fn alive(&self) -> bool {
         self.thread.lock().unwrap().as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Whether the move into the spool fails because the journal refuses
+    /// writes after a storage error (sled keeps refusing until reopened).
+    pub fn journal_unwritable(&self) -> bool {
+        self.shared.journal_io.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Why the materializer stopped working, if it did.
@@ -354,6 +363,7 @@ fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wa
             let entries: Vec<(&Arrival, &[u8])> = batch.iter().map(|i| (&i.arrival, i.file())).collect();
             match materialize(spool, journal, &entries) {
                 Ok(b) => {
+                    shared.journal_io.store(false, std::sync::atomic::Ordering::Relaxed);
                     if shared.failed.lock().unwrap().take().is_some() {
                         tracing::info!(instances = batch.len(), "the spool takes instances again: ingest resumed");
                     }
@@ -379,6 +389,8 @@ fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wa
                     break;
                 }
                 Err(e) => {
+                    let journal_io = matches!(&e, MaterializeError::Journal(j) if j.is_storage_io());
+                    shared.journal_io.store(journal_io, std::sync::atomic::Ordering::Relaxed);
                     let reason = e.short_reason().to_string();
                     let first = shared.failed.lock().unwrap().replace(reason.clone()).is_none();
                     if first {

@@ -32,6 +32,15 @@ pub enum JournalError {
     Locked { path: String },
 }
 
+impl JournalError {
+    /// The storage under the journal failed a write (a full disk, an I/O
+    /// error). sled then refuses every later write until the journal is
+    /// opened again, i.e. until the process restarts.
+    pub fn is_storage_io(&self) -> bool {
+        matches!(self, JournalError::Sled(sled::Error::Io(_)))
+    }
+}
+
 /// A newly received instance, as ingest saw it. Serialized into the arrival
 /// log (`spool::arrivals`) before it is acknowledged.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -316,11 +325,31 @@ impl Journal {
                 return Ok(None);
             }
         };
-        self.forget_instances(&now.id)?;
-        let job = self.update(&now.id, |j| {
-            j.purged = true;
-            j.note(note.clone());
+        // One transaction: a crash between forgetting the records and
+        // marking the job purged would leave a finished job with its
+        // counters and no instances, which a series sent again would reopen
+        // as complete from its first instance.
+        let id = now.id.as_str();
+        let keys = self.instances.scan_prefix(format!("{id}/").as_bytes()).keys().collect::<Result<Vec<_>, _>>()?;
+        let r = (&self.jobs, &self.instances).transaction(|(tj, ti)| {
+            let Some(v) = tj.get(id.as_bytes())? else {
+                return Err(ConflictableTransactionError::Abort(JournalError::NoSuchJob(id.to_owned())));
+            };
+            let mut job: Job = decode(id.as_bytes(), &v).map_err(ConflictableTransactionError::Abort)?;
+            for k in &keys {
+                ti.remove(k)?;
+            }
+            job.purged = true;
+            job.note(note.clone());
+            job.updated_ms = now_ms();
+            tj.insert(id.as_bytes(), encode(&job))?;
+            Ok(job)
+        });
+        let job = r.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => JournalError::Sled(e),
         })?;
+        self.flush()?;
         Ok(Some(job))
     }
 
@@ -463,17 +492,6 @@ impl Journal {
         Ok(out)
     }
 
-    /// Forget a job's instance records (after retention removed the files).
-    /// An instance of the series sent again later is then stored anew.
-    pub fn forget_instances(&self, job_id: &str) -> Result<usize, JournalError> {
-        let mut n = 0;
-        for k in self.instances.scan_prefix(format!("{job_id}/").as_bytes()).keys() {
-            self.instances.remove(k?)?;
-            n += 1;
-        }
-        Ok(n)
-    }
-
     /// The instances of a job.
     pub fn instances(&self, job_id: &str) -> Result<Vec<InstanceRecord>, JournalError> {
         let mut out = Vec::new();
@@ -539,7 +557,10 @@ pub(crate) mod tests {
         j.record(&arrival("1.2.6", "9.1", 1, 2)).unwrap();
         j.record(&arrival("1.2.6", "9.2", 2, 2)).unwrap();
         let done = j.update(&id, |job| job.set_state(JobState::Done)).unwrap();
-        j.purge_job(&done, |_| Ok("removed".into())).unwrap().expect("purged");
+        let purged = j.purge_job(&done, |_| Ok("removed".into())).unwrap().expect("purged");
+        // the records forgotten and the job marked in one step
+        assert!(purged.purged && j.instances(&id).unwrap().is_empty());
+        assert_eq!(j.get(&id).unwrap().unwrap().history.last().unwrap().what, "removed");
         // its first instance again: one of two, not a complete series
         assert_eq!(j.record(&arrival("1.2.6", "9.1", 1, 2)).unwrap(), Recorded::New { job_id: id.clone(), complete: false });
         let job = j.get(&id).unwrap().unwrap();

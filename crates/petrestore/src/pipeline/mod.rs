@@ -37,6 +37,9 @@ pub struct Pipeline {
     /// When the scheduler last finished a pass (ms since the epoch): the
     /// systemd watchdog is pinged only while this stays recent.
     pub last_pass_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The last pass failed because the journal's storage failed a write
+    /// ([`JournalError::is_storage_io`]): only a restart reopens it.
+    pub journal_io: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Pipeline {
@@ -49,6 +52,7 @@ impl Pipeline {
             gates: egress::DestinationGates::default(),
             paused: std::sync::atomic::AtomicBool::new(false),
             last_pass_ms: Arc::new(std::sync::atomic::AtomicU64::new(now_ms())),
+            journal_io: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -113,7 +117,9 @@ impl Pipeline {
                 }
             }
             // the pass reads and updates the journal (fsync): off the async workers
-            if let Err(e) = tokio::task::block_in_place(|| self.pass(&shutdown, &tracker)) {
+            let result = tokio::task::block_in_place(|| self.pass(&shutdown, &tracker));
+            self.journal_io.store(result.as_ref().is_err_and(JournalError::is_storage_io), std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = result {
                 tracing::error!(error = %e, "scheduler pass failed; retrying");
             }
             self.last_pass_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
