@@ -218,6 +218,11 @@ impl Pipeline {
                 }
             }
         })?;
+        if job.kind == JobKind::Passthrough {
+            // never restored: no room is held for outputs (instances of a
+            // PET class under this series reserved some)
+            self.worker.spool.reservations().release(&job.series_uid);
+        }
         Ok(())
     }
 

@@ -85,7 +85,13 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
         (JobKind::Pet, JobState::Queued | JobState::Restoring) => j.set_state(JobState::Restoring),
         _ => {}
     })?;
-    if job.kind != JobKind::Pet || job.state != JobState::Restoring {
+    if job.kind != JobKind::Pet {
+        // PET-class instances may have come under a series that began with
+        // another kind: the room ingest held for their outputs is free
+        ctx.spool.reservations().release(&job.series_uid);
+        return Ok(());
+    }
+    if job.state != JobState::Restoring {
         return Ok(());
     }
     let started = std::time::Instant::now();
@@ -494,6 +500,10 @@ mod tests {
     fn a_series_passed_through_is_forwarded_not_restored() {
         let d = tempfile::tempdir().unwrap();
         let (ctx, id) = ctx(d.path());
+        // PET-class instances under a series that began as another kind:
+        // ingest held room for outputs that will never be written
+        let series = ctx.journal.get(&id).unwrap().unwrap().series_uid;
+        ctx.spool.reservations().add(&series, 1 << 20);
         ctx.journal
             .update(&id, |j| {
                 j.kind = JobKind::Passthrough;
@@ -507,6 +517,7 @@ mod tests {
             panic!("{:?}", job.state)
         };
         assert!(reason.contains("not PET (CT)"), "{reason}");
+        assert_eq!(ctx.spool.reservations().total(), 0, "the room held for outputs is free again");
     }
 
     #[test]
