@@ -204,12 +204,11 @@ fn destination_down_is_retried_with_backoff_until_it_comes_up() {
 fn a_destination_renamed_by_reload_gets_the_pending_series_and_the_old_name_is_dropped() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 8, 32, 14);
-    let (gone_port, kept_port) = (free_port(), free_port());
+    let (down_port, kept_port) = (free_port(), free_port());
     let kept = StoreScp::start_on(&tmp.path().join("kept"), kept_port);
-    let renamed = StoreScp::start(&tmp.path().join("renamed"));
     let d = Daemon::start(
         &tmp.path().join("d"),
-        &format!("[egress]\nmax_attempts = 20\n{}{}", destination("pacs", kept_port), destination("old", gone_port)),
+        &format!("[egress]\nmax_attempts = 20\n{}{}", destination("pacs", kept_port), destination("old", down_port)),
     );
     assert!(storescu(d.port, CONSOLE, &src.files).status.success());
     let id = job_id(&src);
@@ -219,15 +218,19 @@ fn a_destination_renamed_by_reload_gets_the_pending_series_and_the_old_name_is_d
             && j.deliveries.iter().any(|x| x.destination == "pacs" && x.delivered))
         .then_some(())
     });
-    // the operator replaces the destination that is down by a working one
+    // the operator gives the same peer (AE title and address) a new name
     let cfg = std::fs::read_to_string(&d.config).unwrap();
     let (head, _) = cfg.split_once("[[destination]]\nname = \"old\"").expect("the old destination in the config");
-    std::fs::write(&d.config, format!("{head}{}", destination("new", renamed.port))).unwrap();
+    std::fs::write(&d.config, format!("{head}{}", destination("new", down_port))).unwrap();
     d.signal("HUP");
-    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    wait_for("the delivery under its new name", Duration::from_secs(60), || {
+        d.job(&id).deliveries.iter().any(|x| x.destination == "new").then_some(())
+    });
+    let renamed = StoreScp::start_on(&tmp.path().join("renamed"), down_port);
+    let job = d.wait_terminal(&id, Duration::from_secs(90));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
     assert!(
-        job.history.iter().any(|e| e.what.contains("not sent to old: no longer configured; also sent to new: configured since")),
+        job.history.iter().any(|e| e.what.contains("old is now named new (same AE title and address): sent there")),
         "{:#?}",
         job.history
     );
@@ -253,15 +256,25 @@ fn a_destination_removed_by_reload_fails_its_waiting_series_instead_of_finishing
         let j = d.job(&id);
         j.deliveries.iter().any(|x| x.destination == "archive" && x.attempts >= 1).then_some(())
     });
-    // the operator takes the archive out of the config while it is down
+    // the operator takes the archive out of the config while it is down,
+    // and adds another peer in the same edit: not a rename
+    let ws = StoreScp::start(&tmp.path().join("ws"));
     let cfg = std::fs::read_to_string(&d.config).unwrap();
     let (head, _) = cfg.split_once("[[destination]]\nname = \"archive\"").expect("the archive in the config");
-    std::fs::write(&d.config, head).unwrap();
+    std::fs::write(&d.config, format!("{head}{}", destination("workstation", ws.port))).unwrap();
     d.signal("HUP");
     let job = d.wait_terminal(&id, Duration::from_secs(60));
     let JobState::Failed { reason } = &job.state else { panic!("{:?}\n{:#?}", job.state, job.history) };
     assert!(reason.contains("not delivered to archive: removed from the configuration") && reason.contains("jobs retry"), "{reason}");
+    assert!(
+        job.history
+            .iter()
+            .any(|e| e.what.contains("not sent to archive: no longer configured; the job fails without it; also sent to workstation")),
+        "{:#?}",
+        job.history
+    );
     assert_eq!(kept.files().len(), 8, "the destination still configured got it");
+    assert_eq!(ws.files().len(), 8, "the destination added got it");
     assert_eq!(d.spool_files().len(), 8, "a failed job that was not delivered keeps its instances");
     // retried, it goes to the destinations configured now and is done
     assert!(d.stop().success());

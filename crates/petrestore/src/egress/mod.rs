@@ -5,7 +5,7 @@
 
 pub mod scu;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -300,41 +300,62 @@ pub async fn deliver_due(
 ) -> Result<(), JournalError> {
     let Some(mut job) = on_disk(|| journal.get(job_id))? else { return Ok(()) };
     let JobState::Delivering { payload, .. } = job.state.clone() else { return Ok(()) };
-    // The plan follows the config (a reload): a pending delivery to a
-    // destination no longer configured is dropped, and a destination
-    // configured since is added, so renaming a destination moves its
-    // pending series to the new name instead of failing the job. A
-    // destination removed with none added in its place is remembered:
-    // the job then fails, naming it, instead of ending done (delivered)
-    // without it. The history says which.
-    let configured: HashSet<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
-    let gone = |j: &Job| -> Vec<String> {
+    // The plan follows the config (a reload). A destination configured
+    // since is added. A pending delivery to a destination no longer
+    // configured moves to a new name only when the new destination is the
+    // same peer (AE title and address: a rename); otherwise it is
+    // remembered, and the job fails, naming it, once the others are
+    // delivered, instead of ending done (delivered) without it. Each
+    // pending delivery carries its peer for this, stamped here. The
+    // history says which.
+    let peer = |d: &Destination| format!("{}@{}", d.ae_title, d.address);
+    let peers: HashMap<&str, String> = destinations.iter().map(|d| (d.name.as_str(), peer(d))).collect();
+    let gone = |j: &Job| -> Vec<(String, Option<String>)> {
         j.deliveries
             .iter()
-            .filter(|d| !d.delivered && !configured.contains(d.destination.as_str()))
-            .map(|d| d.destination.clone())
+            .filter(|d| !d.delivered && !peers.contains_key(d.destination.as_str()))
+            .map(|d| (d.destination.clone(), d.peer.clone()))
             .collect()
     };
     let added = |j: &Job| -> Vec<String> {
         destinations.iter().filter(|d| !j.deliveries.iter().any(|x| x.destination == d.name)).map(|d| d.name.clone()).collect()
     };
-    if !gone(&job).is_empty() || !added(&job).is_empty() {
+    let unstamped = |j: &Job| {
+        j.deliveries.iter().any(|d| !d.delivered && peers.get(d.destination.as_str()).is_some_and(|p| d.peer.as_deref() != Some(p)))
+    };
+    if !gone(&job).is_empty() || !added(&job).is_empty() || unstamped(&job) {
         job = on_disk(|| {
             journal.update(job_id, |j| {
                 let (gone, added) = (gone(j), added(j));
-                j.deliveries.retain(|d| d.delivered || configured.contains(d.destination.as_str()));
+                j.deliveries.retain(|d| d.delivered || peers.contains_key(d.destination.as_str()));
                 for name in &added {
                     j.add_delivery(name);
                 }
-                let mut line = Vec::new();
-                if !gone.is_empty() && added.is_empty() {
-                    j.dropped_deliveries.extend(gone.iter().cloned());
-                    line.push(format!("not sent to {}: no longer configured; the job fails without it", gone.join(", ")));
-                } else if !gone.is_empty() {
-                    line.push(format!("not sent to {}: no longer configured", gone.join(", ")));
+                for d in j.deliveries.iter_mut().filter(|d| !d.delivered) {
+                    d.peer = peers.get(d.destination.as_str()).cloned();
                 }
-                if !added.is_empty() {
-                    line.push(format!("also sent to {}: configured since", added.join(", ")));
+                let mut line = Vec::new();
+                let mut renamed_to = Vec::new();
+                let mut removed = Vec::new();
+                for (name, was) in &gone {
+                    match added.iter().find(|a| was.is_some() && peers.get(a.as_str()) == was.as_ref()) {
+                        Some(to) => {
+                            renamed_to.push(to.clone());
+                            line.push(format!("{name} is now named {to} (same AE title and address): sent there"));
+                        }
+                        None => removed.push(name.clone()),
+                    }
+                }
+                if !removed.is_empty() {
+                    j.dropped_deliveries.extend(removed.iter().cloned());
+                    line.push(format!("not sent to {}: no longer configured; the job fails without it", removed.join(", ")));
+                }
+                let fresh: Vec<&String> = added.iter().filter(|a| !renamed_to.contains(a)).collect();
+                if !fresh.is_empty() {
+                    line.push(format!(
+                        "also sent to {}: configured since",
+                        fresh.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    ));
                 }
                 if !line.is_empty() {
                     j.note(line.join("; "));
@@ -458,7 +479,17 @@ pub async fn deliver_due(
                     }
                     Ok(Sent::AwaitingCommitment(p, timeout)) => {
                         // (the commitment and its deadline are recorded
-                        // already; the report may even have settled it)
+                        // already; the report may even have settled it, and
+                        // a failed report's reason and resend time stand)
+                        if dd.commitment.as_ref().is_none_or(|c| c.transaction_uid != p.transaction_uid) {
+                            let line = format!(
+                                "sent {} instances to {} (attempt {}); storage commitment requested (transaction {}): \
+                                 its report came before the request's answer",
+                                p.count, dd.destination, dd.attempts, p.transaction_uid
+                            );
+                            j.note(line);
+                            return;
+                        }
                         dd.last_error = None;
                         let line = format!(
                             "sent {} instances to {} (attempt {}); storage commitment requested (transaction {}), waiting up to {:.0?}",

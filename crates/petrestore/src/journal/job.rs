@@ -112,6 +112,12 @@ pub struct Delivery {
     /// instance; `next_attempt_ms` is then the deadline for that report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commitment: Option<PendingCommitment>,
+    /// The destination's AE title and address while the delivery is
+    /// pending (`AE@host:port`): a reload that removes this destination's
+    /// name and adds another with the same peer is a rename, and the
+    /// delivery moves to the new name; any other removal fails the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 /// A storage commitment request waiting for the archive's report.
@@ -335,6 +341,7 @@ impl Job {
             next_attempt_ms: 0,
             last_error: None,
             commitment: None,
+            peer: None,
         });
     }
 }
