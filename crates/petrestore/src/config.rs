@@ -816,11 +816,11 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
 fn series_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<ConfigError>) -> SeriesSettings {
     let quiet: f64 = pick!(u, d, series.quiet_timeout_s);
     // below a second a pause between two slices would end a series
-    if !(1.0..86400.0).contains(&quiet) {
+    if !(1.0..=86400.0).contains(&quiet) {
         errs.push(invalid("series.quiet_timeout_s", format!("{quiet} is out of range"), "use seconds from 1 to 86400 (default 30)"));
     }
     let mf_quiet: f64 = pick!(u, d, series.multiframe_quiet_timeout_s);
-    if !(1.0..86400.0).contains(&mf_quiet) {
+    if !(1.0..=86400.0).contains(&mf_quiet) {
         errs.push(invalid("series.multiframe_quiet_timeout_s", format!("{mf_quiet} is out of range"), "use seconds from 1 to 86400"));
     }
     let pol: String = pick!(u, d, series.incomplete_policy);
@@ -1277,6 +1277,12 @@ mod tests {
         for bad in ["-1", "nan", "1e300"] {
             let e = Settings::from_toml(&format!("[series]\nquiet_timeout_s = {bad}\n"), "t").unwrap_err().to_string();
             assert!(e.contains("series.quiet_timeout_s"), "{bad}: {e}");
+        }
+        // the documented range's ends are in it
+        for key in ["quiet_timeout_s", "multiframe_quiet_timeout_s"] {
+            for ok in ["1", "86400"] {
+                Settings::from_toml(&format!("[series]\n{key} = {ok}\n"), "t").unwrap_or_else(|e| panic!("{key} = {ok}: {e}"));
+            }
         }
     }
 

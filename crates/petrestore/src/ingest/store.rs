@@ -299,7 +299,7 @@ fn check_pixel_length(obj: &InMemDicomObject) -> Result<(), StoreError> {
     // saturating: Number of Frames comes from the sender and may be absurd
     let expected = rows.saturating_mul(cols).saturating_mul(frames).saturating_mul(bits.div_ceil(8));
     // Odd lengths are padded to even.
-    if bytes.len() != expected && bytes.len() != expected + (expected & 1) {
+    if bytes.len() != expected && bytes.len() != expected.saturating_add(expected & 1) {
         return Err(StoreError::PixelLength { found: bytes.len(), expected });
     }
     Ok(())
