@@ -50,3 +50,46 @@ fn delivery_counts_only_what_the_archive_commits() {
     assert_eq!(d.spool_files().len(), 8, "the received series stays in the spool");
     assert!(d.log().contains("storage commitment confirmed"), "{}", d.log());
 }
+
+/// Drained for maintenance (the fleet's `drain`), the box refuses new
+/// associations but still lets an archive in to report storage
+/// commitment: the job running finishes with the report instead of
+/// waiting out `commitment_timeout_s` and sending the series again.
+#[test]
+fn a_drained_box_still_takes_the_archives_commitment_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = Mosquitto::start(tmp.path(), "");
+    let archive = Orthanc::start(&tmp.path().join("archive"), "ARCHIVE", &[("petrestore", OUR_AE, port)]);
+    // first at a port where nothing listens: the series waits, retried
+    let dest = |p: u16| {
+        format!(
+            "[[destination]]\nname = \"archive\"\nae_title = \"ARCHIVE\"\naddress = \"127.0.0.1:{p}\"\ncommitment = true\ncommitment_timeout_s = 120\n"
+        )
+    };
+    let head = format!("[node]\ndevice_id = \"box1\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n[egress]\nmax_attempts = 100\n", broker.port);
+    let d = Daemon::start_on(&tmp.path().join("node"), port, &format!("{head}{}", dest(free_port())));
+    let s = series(&tmp.path().join("in"), 8, 32, 43);
+    assert!(storescu(port, CONSOLE, &s.files).status.success());
+    let id = job_id(&s);
+    d.wait_job(&id, "a failed attempt", Duration::from_secs(60), |j| j.deliveries.iter().any(|x| x.attempts >= 1));
+
+    let sub = Sub::start(broker.port, "petrestore/v1/box1/#", &[]);
+    sub.wait_on("/status", "online", Duration::from_secs(20), |v| v["state"] == "online");
+    let out = mosquitto_pub(broker.port, "petrestore/v1/box1/cmd/drain", r#"{"correlation_id": "d1"}"#, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    sub.wait_on("/status", "draining", Duration::from_secs(10), |v| v["state"] == "draining");
+    let refused = storescu(port, CONSOLE, &s.files[..1]);
+    assert!(!refused.status.success(), "a console is refused while draining");
+
+    // the archive's address corrected: the series goes out, and its report
+    // comes in on the archive's own association
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    let (kept, _) = cfg.split_once("[[destination]]").unwrap();
+    std::fs::write(&d.config, format!("{kept}{}", dest(archive.port))).unwrap();
+    d.signal("HUP");
+    let job = d.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(job.state, petrestore::journal::JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.starts_with("storage commitment confirmed by archive: 8 instances")), "{:#?}", job.history);
+    assert_eq!(archive.stored(), 8);
+}

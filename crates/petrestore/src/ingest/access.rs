@@ -15,10 +15,14 @@ pub struct CallerPolicy {
     /// `None`: anyone may call (the demo's built-in receiver).
     pub allowed: Option<Vec<AllowedCaller>>,
     pub peer: IpAddr,
-    /// Draining: every new association is rejected (no reason given). Plain
-    /// connections are refused before this, as transient
-    /// ([`super::gate::reject_draining`]); this refuses TLS ones.
+    /// Draining: every new association is rejected (no reason given),
+    /// except an archive's that reports storage commitment (`reporters`):
+    /// the jobs running finish only with its report. Plain connections are
+    /// refused before this, as transient ([`super::gate::reject_draining`]);
+    /// this refuses TLS ones.
     pub draining: bool,
+    /// Destinations with storage commitment ([`commitment_callers`]).
+    pub reporters: Vec<AllowedCaller>,
 }
 
 impl AccessControl for CallerPolicy {
@@ -34,7 +38,7 @@ impl AccessControl for CallerPolicy {
                 "association rejected: called AE title is not ours");
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
-        if self.draining {
+        if self.draining && !allows(&self.reporters, calling_ae_title, self.peer) {
             tracing::warn!(peer = %self.peer, calling = calling_ae_title, "association rejected: draining");
             return Err(AssociationRJServiceUserReason::NoReasonGiven);
         }
@@ -91,11 +95,12 @@ mod tests {
             ]),
             peer: "10.0.0.2".parse().unwrap(),
             draining: false,
+            reporters: vec![],
         };
         assert!(p.check_access("ME", "WS", "ME", None).is_ok());
         assert_eq!(p.check_access("ME", "CONSOLE", "ME", None), Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized));
         assert_eq!(p.check_access("ME", "WS", "YOU", None), Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized));
-        let p = CallerPolicy { allowed: Some(vec![]), peer: "10.0.0.1".parse().unwrap(), draining: false };
+        let p = CallerPolicy { allowed: Some(vec![]), peer: "10.0.0.1".parse().unwrap(), draining: false, reporters: vec![] };
         assert!(p.check_access("ME", "WS", "ME", None).is_err(), "empty list rejects everyone");
     }
 }

@@ -90,9 +90,9 @@ impl Drop for PeerSlot {
 }
 
 /// Wait (without consuming anything) until a whole A-ASSOCIATE-RQ is in the
-/// socket's receive buffer, within `artim`. An invalid first PDU is
-/// answered with A-ABORT here.
-pub async fn await_request(socket: &mut TcpStream, artim: Duration, max_pdu_length: u32) -> Result<(), Refusal> {
+/// socket's receive buffer, within `artim`; returns its calling AE title
+/// (trimmed). An invalid first PDU is answered with A-ABORT here.
+pub async fn await_request(socket: &mut TcpStream, artim: Duration, max_pdu_length: u32) -> Result<String, Refusal> {
     // the association layer refuses a longer request without a word: it is
     // refused here, with an A-ABORT and the lengths in the log
     let max = max_pdu_length.min(MAX_RQ_LENGTH);
@@ -109,7 +109,7 @@ pub async fn await_request(socket: &mut TcpStream, artim: Duration, max_pdu_leng
     }
 }
 
-async fn peek_request(socket: &TcpStream, max: u32) -> Result<(), Refusal> {
+async fn peek_request(socket: &TcpStream, max: u32) -> Result<String, Refusal> {
     let mut buf = vec![0u8; 6];
     let mut need = 6usize;
     loop {
@@ -131,7 +131,9 @@ async fn peek_request(socket: &TcpStream, max: u32) -> Result<(), Refusal> {
             continue;
         }
         if n >= need && need > 6 {
-            return Ok(());
+            // PS3.8 9.3.2: protocol version (2), reserved (2), called AE
+            // title (16), calling AE title (16) after the 6-byte header
+            return Ok(String::from_utf8_lossy(&buf[26..42]).trim().to_owned());
         }
         // part of the request is still on its way: wait for more bytes
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -210,8 +212,9 @@ mod tests {
             ([vec![0x01, 0, 0xFF, 0xFF, 0xFF, 0xFF], vec![0; 10]].concat(), Some(Refusal::Length(u32::MAX, 65536))),
             // longer than the PDU length we announce (65536 here), though under the gate's own bound
             ([vec![0x01, 0, 0, 0x01, 0x00, 0x01], vec![0; 10]].concat(), Some(Refusal::Length(65537, 65536))),
-            // a whole request of 68 bytes, in two writes
-            ([vec![0x01, 0, 0, 0, 0, 68], vec![7; 68]].concat(), None),
+            // a whole request of 68 bytes (the fixed part: version, called
+            // and calling AE titles, reserved), in two writes
+            ([vec![0x01, 0, 0, 0, 0, 68, 0, 1, 0, 0], b"ME              ARCHIVE         ".to_vec(), vec![0; 32]].concat(), None),
         ];
         for (bytes, want) in cases {
             let client = tokio::spawn(async move {
@@ -228,7 +231,7 @@ mod tests {
             let got = await_request(&mut socket, Duration::from_secs(2), 65536).await;
             match &want {
                 None => {
-                    assert_eq!(got, Ok(()));
+                    assert_eq!(got, Ok("ARCHIVE".to_string()), "the calling AE title");
                     let mut first = [0u8; 1];
                     socket.peek(&mut first).await.unwrap();
                     assert_eq!(first[0], 0x01, "nothing consumed");

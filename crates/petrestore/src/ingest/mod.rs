@@ -295,14 +295,13 @@ async fn handle_association(
         None => (cfg.allowed_callers.clone(), Vec::new()),
     };
     // one reading of the live settings for both lists
-    let allowed = stores.clone().map(|s| s.into_iter().chain(reports).collect());
-    let may_store = move |calling: &str| stores.as_ref().is_none_or(|a| access::allows(a, calling, peer.ip()));
+    let allowed = stores.clone().map(|s| s.into_iter().chain(reports.iter().cloned()).collect());
+    let draining = cfg.draining.load(std::sync::atomic::Ordering::Relaxed);
+    // draining: an archive reporting storage commitment is still let in (the
+    // jobs running finish only with its report), to report, not to store
+    let may_store = move |calling: &str| !draining && stores.as_ref().is_none_or(|a| access::allows(a, calling, peer.ip()));
     let mut opts = ServerAssociationOptions::new()
-        .ae_access_control(access::CallerPolicy {
-            allowed,
-            peer: peer.ip(),
-            draining: cfg.draining.load(std::sync::atomic::Ordering::Relaxed),
-        })
+        .ae_access_control(access::CallerPolicy { allowed, peer: peer.ip(), draining, reporters: reports.clone() })
         .ae_title(cfg.ae_title.clone())
         .max_pdu_length(cfg.max_pdu_length)
         .read_timeout(cfg.idle_timeout)
@@ -327,11 +326,11 @@ async fn handle_association(
     // TLS the bytes are encrypted; the handshake and the request together
     // must then finish within ARTIM, holding a slot meanwhile.
     if tls.is_none() {
-        gate::await_request(&mut socket, artim, cfg.max_pdu_length).await.map_err(|r| r.to_string())?;
+        let calling = gate::await_request(&mut socket, artim, cfg.max_pdu_length).await.map_err(|r| r.to_string())?;
         // draining: refused as transient, so the console sends it again
         // later (over TLS the refusal comes from the association layer,
         // as permanent)
-        if cfg.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        if draining && !access::allows(&reports, &calling, peer.ip()) {
             tracing::warn!(%peer, "association rejected: draining");
             return Err(gate::reject_draining(&mut socket).await.to_string());
         }
