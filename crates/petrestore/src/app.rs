@@ -354,7 +354,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         listen: dicom_addr.to_string(),
         engines: reports,
     };
-    let control_task = tokio::spawn(control::serve(control, pipeline, status, materializer.clone(), shutdown.clone()));
+    let control_task = tokio::spawn(control::serve(control, pipeline, status, materializer.clone(), draining.clone(), shutdown.clone()));
     // What the watchdog watches: every stage task and the scheduler's pace.
     let mut stages = vec![
         ("DICOM listener", ingest_task.abort_handle()),

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -74,13 +75,18 @@ pub struct Status {
     /// instances again, when ingest resumes by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest_stalled: Option<String>,
+    /// `online`, `paused` (no restoration starts) or `draining` (new
+    /// associations refused), as the fleet's commands left it; both last
+    /// until `resume` or a restart.
+    #[serde(default)]
+    pub state: String,
 }
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
-fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, req: Request) -> Response {
+fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, draining: &AtomicBool, req: Request) -> Response {
     let journal = &p.worker.journal;
     if let Request::Status = req {
         return match journal.active_jobs() {
@@ -89,7 +95,20 @@ fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, req: Reques
                 for j in jobs {
                     *active.entry(j.state.name().to_string()).or_insert(0) += 1;
                 }
-                let status = Status { fixed: fixed.clone(), active, ingest_backlog: ingest.backlog(), ingest_stalled: ingest.failure() };
+                let state = if draining.load(Ordering::Relaxed) {
+                    "draining"
+                } else if p.paused.load(Ordering::Relaxed) {
+                    "paused"
+                } else {
+                    "online"
+                };
+                let status = Status {
+                    fixed: fixed.clone(),
+                    active,
+                    ingest_backlog: ingest.backlog(),
+                    ingest_stalled: ingest.failure(),
+                    state: state.into(),
+                };
                 Response { ok: true, error: None, jobs: vec![], status: Some(status), changed: vec![] }
             }
             Err(e) => Response { ok: false, error: Some(e.to_string()), jobs: vec![], status: None, changed: vec![] },
@@ -142,6 +161,7 @@ pub async fn serve(
     pipeline: Arc<Pipeline>,
     fixed: StaticStatus,
     ingest: Arc<Materializer>,
+    draining: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
     let fixed = Arc::new(fixed);
@@ -163,6 +183,7 @@ pub async fn serve(
         let p = pipeline.clone();
         let fixed = fixed.clone();
         let ingest = ingest.clone();
+        let draining = draining.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
             let mut reader = BufReader::new(rd);
@@ -180,8 +201,8 @@ pub async fn serve(
                 };
                 let resp = match serde_json::from_str::<Request>(&line) {
                     Ok(req) => {
-                        let (p, f, i) = (p.clone(), fixed.clone(), ingest.clone());
-                        tokio::task::spawn_blocking(move || answer(&p, &f, &i, req)).await.unwrap_or_else(|e| Response {
+                        let (p, f, i, dr) = (p.clone(), fixed.clone(), ingest.clone(), draining.clone());
+                        tokio::task::spawn_blocking(move || answer(&p, &f, &i, &dr, req)).await.unwrap_or_else(|e| Response {
                             ok: false,
                             error: Some(e.to_string()),
                             jobs: vec![],

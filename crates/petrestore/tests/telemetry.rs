@@ -109,6 +109,13 @@ fn commands_pause_resume_drain_retry_and_errors() {
     wait_for("the job queued", Duration::from_secs(10), || (d.job(&id).state == petrestore::journal::JobState::Queued).then_some(()));
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(d.job(&id).state, petrestore::journal::JobState::Queued, "paused: no new restoration");
+    // on site, `petrestore status` says why nothing is restored
+    let local_state = || {
+        let o = petrestore(&["status", "--config", d.config.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["state"].as_str().unwrap().to_string()
+    };
+    assert_eq!(local_state(), "paused");
     cmd("resume", r#"{"correlation_id": "r1"}"#);
     assert_eq!(reply("resume", "r1")["ok"], true);
     assert_eq!(d.wait_terminal(&id, Duration::from_secs(30)).state, petrestore::journal::JobState::Done);
@@ -168,6 +175,7 @@ fn commands_pause_resume_drain_retry_and_errors() {
     assert!(!o.status.success(), "draining rejects new associations");
     // as transient, so the console sends its series again later
     assert!(text(&o).contains("Rejected Transient"), "{}", text(&o));
+    assert_eq!(local_state(), "draining");
     // nothing received was deleted by any command
     assert_eq!(d.spool_files().len(), 7);
 }
