@@ -102,6 +102,31 @@ fn the_association_limit_is_shared_by_the_plain_and_the_tls_listener() {
     assert_eq!(d.spool_files().len(), 2);
 }
 
+/// Connections to the TLS listener that never start a handshake (a port
+/// scanner, a health check) hold no association slot: they wait for their
+/// ClientHello outside the slots, so a console associates at once while
+/// they are open, and ARTIM closes them.
+#[test]
+fn silent_connections_to_the_tls_listener_hold_no_association_slot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, pki_dir, tls_port) = tls_daemon(tmp.path(), "max_associations = 2\nmax_associations_per_peer = 8\nartim_timeout_s = 8\n");
+    let silent: Vec<std::net::TcpStream> = (0..4).map(|_| std::net::TcpStream::connect(("127.0.0.1", tls_port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let s = series(&tmp.path().join("s"), 1, 32, 75);
+    let t = std::time::Instant::now();
+    let o = tls_storescu(&pki_dir, tls_port, Some("console"), "ca.pem", &s.files);
+    assert!(o.status.success(), "{}", text(&o));
+    // behind slot holders it would wait for their ARTIM (8 s)
+    assert!(t.elapsed() < Duration::from_secs(5), "a TLS console waited {:?} behind silent connections", t.elapsed());
+    assert_eq!(d.spool_files().len(), 1);
+    drop(silent);
+    // plain DICOM on the TLS port is closed at its first bytes
+    assert!(!storescu(tls_port, CONSOLE, &s.files).status.success());
+    d.wait_log("on the TLS listener are not a TLS ClientHello: closed");
+    let _idle = std::net::TcpStream::connect(("127.0.0.1", tls_port)).unwrap();
+    d.wait_log("no TLS ClientHello within the ARTIM timeout");
+}
+
 #[test]
 fn bad_tls_files_stop_the_daemon_with_the_file_named() {
     let tmp = tempfile::tempdir().unwrap();

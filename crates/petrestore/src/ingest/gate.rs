@@ -13,6 +13,11 @@
 //!   request that finds every slot busy waits up to ARTIM for one, then gets
 //!   A-ASSOCIATE-RJ (rejected-transient, local-limit-exceeded).
 //!
+//! - **TLS**: the bytes are encrypted, so the request cannot be read before
+//!   the handshake; instead the client's first TLS record (a ClientHello)
+//!   must have arrived, whole, within ARTIM before the connection may wait
+//!   for a slot. The handshake and the request then finish within ARTIM.
+//!
 //! So a connection that never associates holds no association slot at all,
 //! only one of the (four times as many) connection places.
 
@@ -37,12 +42,16 @@ pub enum Refusal {
     PduType(u8),
     #[error("A-ASSOCIATE-RQ claims {0} bytes (at most {1}, dicom.max_pdu_length or {MAX_RQ_LENGTH}): A-ABORT sent")]
     Length(u32, u32),
-    #[error("closed by the peer before a complete A-ASSOCIATE-RQ")]
+    #[error("closed by the peer before a complete A-ASSOCIATE-RQ (or TLS ClientHello)")]
     Closed,
     #[error("every association slot stayed busy for {0:?}: A-ASSOCIATE-RJ (transient, local limit exceeded) sent")]
     Busy(Duration),
     #[error("association rejected: draining; A-ASSOCIATE-RJ (transient) sent")]
     Draining,
+    #[error("no TLS ClientHello within the ARTIM timeout ({0:?}): closed")]
+    TlsArtim(Duration),
+    #[error("first bytes {0:02X?} on the TLS listener are not a TLS ClientHello: closed")]
+    NotTls(Vec<u8>),
     #[error("{0}")]
     Io(String),
 }
@@ -136,6 +145,47 @@ async fn peek_request(socket: &TcpStream, max: u32) -> Result<String, Refusal> {
             return Ok(String::from_utf8_lossy(&buf[26..42]).trim().to_owned());
         }
         // part of the request is still on its way: wait for more bytes
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Largest first TLS record waited for: a TLS plaintext record carries at
+/// most 2^14 bytes.
+const MAX_TLS_RECORD: usize = 16 * 1024;
+
+/// Wait (without consuming anything) until the client's first TLS record
+/// is in the socket's receive buffer, whole, and is a handshake record
+/// starting a ClientHello, within `artim`. Anything else is closed without
+/// a word (a TLS listener has no way to answer plain DICOM).
+pub async fn await_client_hello(socket: &TcpStream, artim: Duration) -> Result<(), Refusal> {
+    tokio::time::timeout(artim, peek_client_hello(socket)).await.unwrap_or(Err(Refusal::TlsArtim(artim)))
+}
+
+async fn peek_client_hello(socket: &TcpStream) -> Result<(), Refusal> {
+    let mut buf = vec![0u8; 6];
+    let mut need = 6usize;
+    loop {
+        let n = socket.peek(&mut buf).await.map_err(|e| Refusal::Io(e.to_string()))?;
+        if n == 0 {
+            return Err(Refusal::Closed);
+        }
+        // record type 22 (handshake), version 3.x, handshake type 1 (ClientHello)
+        let shown = &buf[..n.min(6)];
+        if shown.first() != Some(&0x16) || shown.get(1).is_some_and(|&v| v != 0x03) || shown.get(5).is_some_and(|&t| t != 0x01) {
+            return Err(Refusal::NotTls(shown.to_vec()));
+        }
+        if n >= 6 && need == 6 {
+            let len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
+            if !(4..=MAX_TLS_RECORD).contains(&len) {
+                return Err(Refusal::NotTls(buf[..6].to_vec()));
+            }
+            need = 5 + len;
+            buf.resize(need.max(6), 0);
+            continue;
+        }
+        if n >= need && need > 6 {
+            return Ok(());
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

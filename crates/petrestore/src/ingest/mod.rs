@@ -323,8 +323,12 @@ async fn handle_association(
     }
     let artim = cfg.artim_timeout;
     // Plain DICOM: the request is checked before it may take a slot. Over
-    // TLS the bytes are encrypted; the handshake and the request together
-    // must then finish within ARTIM, holding a slot meanwhile.
+    // TLS the bytes are encrypted: the client's ClientHello must be there
+    // before it may wait for a slot; the handshake and the request together
+    // must then finish within ARTIM, holding the slot meanwhile.
+    if tls.is_some() {
+        gate::await_client_hello(&socket, artim).await.map_err(|r| r.to_string())?;
+    }
     if tls.is_none() {
         let calling = gate::await_request(&mut socket, artim, cfg.max_pdu_length).await.map_err(|r| r.to_string())?;
         // draining: refused as transient, so the console sends it again
