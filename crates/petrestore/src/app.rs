@@ -197,22 +197,25 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     // Instances acknowledged before a crash but not yet in the spool and the
     // journal are in the arrival log: record them before anything else.
     let log = Arc::new(ArrivalLog::open(&spool.root().join("arrivals")).context("cannot open the arrival log in the spool folder")?);
+    let replayed = materialize::replay(&log, &spool, &journal).map_err(|e| {
+        anyhow::anyhow!("cannot replay the arrival log ({e}); the received instances stay in {} until this is fixed", log.dir().display())
+    })?;
     // Pre-written spare segments make each acknowledgement's sync cheaper
     // (no file-size change to commit); made once per node, then recycled.
+    // After the replay, which needs the space first, and never into the
+    // room node.min_free_mb keeps.
     {
         let log = log.clone();
+        let keep_free = settings.node.min_free_bytes;
         std::thread::Builder::new()
             .name("arrival-spares".into())
             .spawn(move || {
-                if let Err(e) = log.prepare_spares() {
+                if let Err(e) = log.prepare_spares(keep_free) {
                     tracing::warn!(error = %e, "cannot prepare spare arrival log segments; appending to new files instead");
                 }
             })
             .context("cannot start a thread")?;
     }
-    let replayed = materialize::replay(&log, &spool, &journal).map_err(|e| {
-        anyhow::anyhow!("cannot replay the arrival log ({e}); the received instances stay in {} until this is fixed", log.dir().display())
-    })?;
     if replayed.segments > 0 {
         tracing::info!(
             segments = replayed.segments,

@@ -312,9 +312,15 @@ impl ArrivalLog {
     /// Zero-fill spare segment files until [`SPARES`] are ready (run on a
     /// background thread at start: 16 MiB of writing each, once per node,
     /// since settled segments are recycled as spares afterwards).
-    pub fn prepare_spares(&self) -> io::Result<usize> {
+    /// Nothing is written while the file system has less than `keep_free`
+    /// bytes free beyond them: on a nearly full disk the space goes to
+    /// received instances, not to spares.
+    pub fn prepare_spares(&self, keep_free: u64) -> io::Result<usize> {
         let mut made = 0;
         loop {
+            if crate::spool::free_bytes(&self.dir)? < keep_free.saturating_add(ROTATE_BYTES) {
+                return Ok(made);
+            }
             let n = {
                 let mut st = self.state.lock().unwrap();
                 if st.spares.len() >= SPARES {
@@ -324,12 +330,19 @@ impl ArrivalLog {
                 st.next_spare - 1
             };
             let tmp = self.dir.join(format!(".spare-{n}"));
-            let f = File::create(&tmp)?;
-            let zeros = vec![0u8; 1 << 20];
-            for _ in 0..ROTATE_BYTES >> 20 {
-                (&f).write_all(&zeros)?;
+            let write = || -> io::Result<()> {
+                let f = File::create(&tmp)?;
+                let zeros = vec![0u8; 1 << 20];
+                for _ in 0..ROTATE_BYTES >> 20 {
+                    (&f).write_all(&zeros)?;
+                }
+                f.sync_all()
+            };
+            if let Err(e) = write() {
+                // a half-written spare would hold its space until the next start
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
             }
-            f.sync_all()?;
             let spare = self.dir.join(format!("spare-{n}"));
             fs::rename(&tmp, &spare)?;
             self.state.lock().unwrap().spares.push(spare);
@@ -604,7 +617,11 @@ pub(crate) mod tests {
     fn recycled_and_zero_filled_files_end_at_the_last_record_of_this_segment() {
         let d = tempfile::tempdir().unwrap();
         let log = ArrivalLog::open(d.path()).unwrap();
-        assert_eq!(log.prepare_spares().unwrap(), SPARES);
+        // a disk without room beyond what must stay free gets no spare
+        assert_eq!(log.prepare_spares(u64::MAX).unwrap(), 0);
+        assert_eq!(log.spares(), 0);
+        assert!(fs::read_dir(d.path()).unwrap().next().is_none(), "nothing written");
+        assert_eq!(log.prepare_spares(0).unwrap(), SPARES);
         assert_eq!(log.spares(), SPARES);
         // The first segment goes into a zero-filled spare.
         let id = append(&log, "1.1", b"one");
