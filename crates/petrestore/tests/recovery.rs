@@ -405,6 +405,18 @@ fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
     wait_for("the materializer to report the failure", Duration::from_secs(20), || {
         d.log().contains("cannot move received instances").then_some(())
     });
+    // The instance on its way, sent again: the same copy is a duplicate
+    // (acknowledged); a copy with other content under its UID is refused,
+    // naming what differs, and the first copy is the one kept.
+    let out = text(&storescu(d.port, CONSOLE, &a.files[..1]));
+    assert_eq!(store_responses(&out), (a.files[..1].to_vec(), vec![]), "{out}");
+    let corrected = tmp.path().join("corrected.dcm");
+    let mut o = dicom_object::open_file(&a.files[0]).unwrap();
+    o.put(dicom_core::DataElement::new(tags::PATIENT_NAME, dicom_core::VR::PN, dicom_core::PrimitiveValue::from("Corrected^Name")));
+    o.write_to_file(&corrected).unwrap();
+    let out = text(&storescu(d.port, CONSOLE, std::slice::from_ref(&corrected)));
+    assert_eq!(store_responses(&out), (vec![], vec![corrected]), "{out}");
+    d.wait_log("Patient's Name differs from the copy stored under this UID");
     // The rest of a arrives while ingest is paused: refused, nothing kept;
     // the console sends them again later, as after any failure status.
     let out = text(&storescu(d.port, CONSOLE, &a.files[1..]));
@@ -442,6 +454,10 @@ fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
         (f.len() == 4).then_some(f)
     });
     assert_eq!(series_uids(&got).len(), 1);
+    for f in &got {
+        let name = dicom_object::open_file(f).unwrap().element(tags::PATIENT_NAME).unwrap().to_str().unwrap().to_string();
+        assert!(!name.contains("Corrected"), "restored from the first copy: {name}");
+    }
     // and b, refused before, is taken now
     assert!(storescu(d.port, CONSOLE, &b.files).status.success());
     assert_eq!(d.wait_terminal(&job_id(&b), Duration::from_secs(60)).state, JobState::Done);

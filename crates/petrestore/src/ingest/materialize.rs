@@ -16,7 +16,7 @@
 //! ingest then answers 0xA700 and the records stay in the log for the next
 //! start.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::store::Signature;
 use crate::journal::{Arrival, Journal, Recorded};
 use crate::spool::arrivals::{self, ArrivalLog, Encoded};
 use crate::spool::{self, Spool};
@@ -187,8 +188,23 @@ pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8]
     Ok(out)
 }
 
+/// What claiming an instance for the arrival log found ([`Materializer::claim`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Not on its way: this sender's copy goes into the log.
+    New,
+    /// A copy with the same content is on its way: a duplicate.
+    Same,
+    /// A copy with other content is on its way: the named attribute (or
+    /// the pixels) differs.
+    Different(&'static str),
+}
+
 struct Shared {
-    in_flight: Mutex<HashSet<String>>,
+    /// Acknowledged (or being acknowledged) instances not yet in the spool
+    /// and the journal, with what their content says (`None` for items
+    /// submitted without a claim).
+    in_flight: Mutex<HashMap<String, Option<Box<Signature>>>>,
     /// Bytes of acknowledged instances not yet written into the spool.
     bytes: std::sync::atomic::AtomicU64,
     failed: Mutex<Option<String>>,
@@ -231,7 +247,7 @@ impl Materializer {
     ) -> std::io::Result<Materializer> {
         let (tx, rx) = sync_channel(QUEUE);
         let shared = Arc::new(Shared {
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
             bytes: Default::default(),
             failed: Mutex::new(None),
             journal_io: std::sync::atomic::AtomicBool::new(false),
@@ -257,7 +273,30 @@ impl Materializer {
 
     /// Whether this instance is in the log but not yet in the journal.
     pub fn in_flight(&self, series_uid: &str, sop_uid: &str) -> bool {
-        self.shared.in_flight.lock().unwrap().contains(&instance_key(series_uid, sop_uid))
+        self.shared.in_flight.lock().unwrap().contains_key(&instance_key(series_uid, sop_uid))
+    }
+
+    /// Mark an instance as on its way before its copy goes into the arrival
+    /// log, in one step with the check: of two associations sending the
+    /// same SOP Instance UID at once, one claims it and the other compares
+    /// with it. Unclaim ([`Materializer::unclaim`]) when the copy is not
+    /// appended after all.
+    pub fn claim(&self, series_uid: &str, sop_uid: &str, sig: Signature) -> Claim {
+        use std::collections::hash_map::Entry;
+        match self.shared.in_flight.lock().unwrap().entry(instance_key(series_uid, sop_uid)) {
+            Entry::Vacant(v) => {
+                v.insert(Some(Box::new(sig)));
+                Claim::New
+            }
+            Entry::Occupied(o) => match o.get().as_deref().and_then(|first| first.first_difference(&sig)) {
+                Some(what) => Claim::Different(what),
+                None => Claim::Same,
+            },
+        }
+    }
+
+    pub fn unclaim(&self, series_uid: &str, sop_uid: &str) {
+        self.shared.in_flight.lock().unwrap().remove(&instance_key(series_uid, sop_uid));
     }
 
     /// Acknowledged instances not yet in the spool and the journal.
@@ -292,7 +331,12 @@ impl Materializer {
     pub fn submit(&self, item: Item) -> Result<(), MaterializeError> {
         use std::sync::atomic::Ordering::Relaxed;
         let n = item.file().len() as u64;
-        self.shared.in_flight.lock().unwrap().insert(instance_key(&item.arrival.series_uid, &item.arrival.record.sop_instance_uid));
+        self.shared
+            .in_flight
+            .lock()
+            .unwrap()
+            .entry(instance_key(&item.arrival.series_uid, &item.arrival.record.sop_instance_uid))
+            .or_insert(None);
         {
             let s = &self.shared;
             let mut ended = s.ended.lock().unwrap();

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::materialize::{Item, Materializer};
+use super::materialize::{Claim, Item, Materializer};
 use super::{StoreContext, StoreSink, StoreStatus};
 use crate::dicom::attrs::Attrs;
 use crate::dicom::dimse::{Command, status};
@@ -111,11 +111,17 @@ impl SpoolSink {
     fn try_store(&self, ctx: &StoreContext, cmd: &Command, dataset: Vec<u8>) -> Result<Accepted, StoreError> {
         let Checked { obj, kind, sop_class, sop, study, series } = check_instance(&ctx.transfer_syntax, cmd, &dataset)?;
 
-        // In-flight first: the materializer records in the journal before it
-        // clears the in-flight mark, so one of the two always sees it.
-        if self.materializer.in_flight(&series, &sop) {
-            return Ok(Accepted::Duplicate);
+        // Claimed first, in one step with the check: the materializer
+        // records in the journal before it clears the mark, so the claim or
+        // the journal always sees an earlier copy. A copy on its way is
+        // compared with this one as a stored copy would be.
+        match self.materializer.claim(&series, &sop, Signature::of(&obj)) {
+            Claim::Same => return Ok(Accepted::Duplicate),
+            Claim::Different(what) => return Err(StoreError::Conflict(what)),
+            Claim::New => {}
         }
+        // released unless this copy reaches the arrival log
+        let mut claim = Claimed { m: &self.materializer, series: series.clone(), sop: sop.clone(), kept: false };
         if let Some(stored) = self.journal.instance(&series, &sop)? {
             // the same instance again is acknowledged; other content under
             // its UID (a correction sent with the old UIDs) is refused
@@ -179,6 +185,7 @@ impl SpoolSink {
         let mut encoded = arrivals::encode(&arrival, &[&header, &dataset]);
         drop(dataset);
         let segment = self.log.append(&mut encoded.bytes).map_err(StoreError::Disk)?;
+        claim.kept = true;
         // Durable from here on: a failure to hand it over is reported, but
         // the record is replayed at the next start either way.
         self.materializer.submit(Item { segment, arrival, encoded }).map_err(|e| StoreError::Stopping(e.to_string()))?;
@@ -186,6 +193,23 @@ impl SpoolSink {
             self.spool.reservations().add(&series, bytes);
         }
         Ok(Accepted::New)
+    }
+}
+
+/// An instance claimed for the arrival log; unclaimed on drop unless its
+/// copy was appended (`kept`).
+struct Claimed<'a> {
+    m: &'a Materializer,
+    series: String,
+    sop: String,
+    kept: bool,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.m.unclaim(&self.series, &self.sop);
+        }
     }
 }
 
@@ -252,6 +276,37 @@ const SAME_INSTANCE: [(dicom_core::Tag, &str); 13] = [
     (tags::NUMBER_OF_FRAMES, "Number of Frames"),
 ];
 
+/// What [`SAME_INSTANCE`] and the pixels of an instance say, kept while
+/// its copy is on its way into the spool: a copy sent again meanwhile is
+/// compared with it as with a stored one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature {
+    texts: Vec<Option<String>>,
+    pixels: u64,
+}
+
+impl Signature {
+    pub fn of(o: &InMemDicomObject) -> Signature {
+        use std::hash::{Hash, Hasher};
+        let texts = SAME_INSTANCE.iter().map(|(t, _)| text_of(o, *t)).collect();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        o.get(tags::PIXEL_DATA).and_then(|e| e.to_bytes().ok()).as_deref().hash(&mut h);
+        Signature { texts, pixels: h.finish() }
+    }
+
+    /// The first attribute in which `other` differs, or its pixels.
+    pub fn first_difference(&self, other: &Signature) -> Option<&'static str> {
+        if let Some(i) = (0..SAME_INSTANCE.len()).find(|&i| self.texts.get(i) != other.texts.get(i)) {
+            return Some(SAME_INSTANCE[i].1);
+        }
+        (self.pixels != other.pixels).then_some("Pixel Data")
+    }
+}
+
+fn text_of(o: &InMemDicomObject, t: dicom_core::Tag) -> Option<String> {
+    o.get(t).and_then(|e| e.to_str().ok()).map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
+}
+
 /// The first attribute in which `new` differs from the stored copy at
 /// `stored`, or its pixels; `None` when they agree (or the stored copy
 /// cannot be read: the start-up check and the restoration report that).
@@ -259,8 +314,7 @@ const SAME_INSTANCE: [(dicom_core::Tag, &str); 13] = [
 /// is still the same instance.
 fn differs(new: &InMemDicomObject, stored: &Path) -> Option<&'static str> {
     let old = part10::open(stored).ok()?.into_inner();
-    let text = |o: &InMemDicomObject, t| o.get(t).and_then(|e| e.to_str().ok()).map(|s| s.trim_end_matches(['\0', ' ']).to_owned());
-    if let Some((_, what)) = SAME_INSTANCE.iter().find(|(t, _)| text(new, *t) != text(&old, *t)) {
+    if let Some((_, what)) = SAME_INSTANCE.iter().find(|(t, _)| text_of(new, *t) != text_of(&old, *t)) {
         return Some(what);
     }
     fn pixels(o: &InMemDicomObject) -> Option<std::borrow::Cow<'_, [u8]>> {
