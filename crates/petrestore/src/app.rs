@@ -559,7 +559,7 @@ impl Daemon {
                 );
             }
         }
-        let age = crate::journal::now_ms().saturating_sub(self.last_pass.load(Ordering::Relaxed));
+        let age = crate::pipeline::monotonic_ms().saturating_sub(self.last_pass.load(Ordering::Relaxed));
         (age > max_age.as_millis() as u64).then(|| format!("the scheduler made no pass for {:.1} s", age as f64 / 1000.0))
     }
 

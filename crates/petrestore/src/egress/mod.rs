@@ -168,6 +168,21 @@ fn rerun(job: &mut Job, outcome: Outcome) {
     job.note("re-running: instances arrived while the series was being processed");
 }
 
+/// Whether a delivery waiting until `at_ms` (wall clock) is due at `now_ms`.
+/// No wait is longer than `cap` ([`longest_wait`]): a time further ahead
+/// means the wall clock was stepped back since it was written (a box
+/// without a battery-backed clock, set at boot), and the delivery is due
+/// rather than held for the hours the clock went back.
+pub fn is_due(at_ms: u64, now_ms: u64, cap: Duration) -> bool {
+    at_ms <= now_ms || at_ms > now_ms.saturating_add(cap.as_millis() as u64)
+}
+
+/// The longest a pending delivery waits: the backoff's maximum, or a
+/// destination's storage commitment timeout.
+pub fn longest_wait(settings: &EgressSettings, destinations: &[Destination]) -> Duration {
+    destinations.iter().filter_map(|d| d.commitment).fold(settings.backoff_max, Duration::max)
+}
+
 /// Earliest time (ms) a pending delivery of this job is due, if any.
 pub fn next_due_ms(job: &Job) -> Option<u64> {
     job.deliveries.iter().filter(|d| !d.delivered).map(|d| d.next_attempt_ms).min()
@@ -392,8 +407,9 @@ pub async fn deliver_due(
         }
     };
     let now = now_ms();
+    let cap = longest_wait(settings, destinations);
     for (i, d) in job.deliveries.iter().enumerate() {
-        if d.delivered || d.next_attempt_ms > now {
+        if d.delivered || !is_due(d.next_attempt_ms, now, cap) {
             continue;
         }
         // A storage commitment request past its deadline: the archive never

@@ -34,9 +34,13 @@ pub struct Pipeline {
     /// Operator pause (MQTT `pause`): no new restoration is started; ingest
     /// and deliveries go on.
     pub paused: std::sync::atomic::AtomicBool,
-    /// When the scheduler last finished a pass (ms since the epoch): the
+    /// When the scheduler last finished a pass ([`monotonic_ms`]): the
     /// systemd watchdog is pinged only while this stays recent.
     pub last_pass_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The journal's wall-clock waits (a series' quiet time, a wait for
+    /// disk space), timed on the monotonic clock from when this process
+    /// first saw them.
+    waits: Mutex<Waits>,
     /// The last pass failed because the journal's storage failed a write
     /// ([`JournalError::is_storage_io`]): only a restart reopens it.
     pub journal_io: Arc<std::sync::atomic::AtomicBool>,
@@ -51,7 +55,8 @@ impl Pipeline {
             restore_slot: Arc::new(Semaphore::new(1)),
             gates: egress::DestinationGates::default(),
             paused: std::sync::atomic::AtomicBool::new(false),
-            last_pass_ms: Arc::new(std::sync::atomic::AtomicU64::new(now_ms())),
+            last_pass_ms: Arc::new(std::sync::atomic::AtomicU64::new(monotonic_ms())),
+            waits: Mutex::new(Waits::default()),
             journal_io: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
@@ -122,7 +127,7 @@ impl Pipeline {
             if let Err(e) = result {
                 tracing::error!(error = %e, "scheduler pass failed; retrying");
             }
-            self.last_pass_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+            self.last_pass_ms.store(monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -134,19 +139,32 @@ impl Pipeline {
 
     fn pass(self: &Arc<Self>, shutdown: &CancellationToken, tracker: &TaskTracker) -> Result<(), JournalError> {
         let now = now_ms();
-        let series = &self.settings().series;
-        let (quiet, mf_quiet) = (series.quiet_timeout.as_millis() as u64, series.multiframe_quiet_timeout.as_millis() as u64);
-        for job in self.journal().active_jobs()? {
+        let settings = self.settings();
+        let series = &settings.series;
+        let delivery_cap = egress::longest_wait(&settings.egress, &settings.destinations);
+        let jobs = self.journal().active_jobs()?;
+        self.waits.lock().expect("waits lock").keep(jobs.iter().map(|j| j.id.as_str()));
+        for job in jobs {
             if self.busy.lock().expect("busy lock").contains(&job.id) {
                 continue;
             }
+            let waited = |what: &'static str, until_ms: u64, cap: Duration| {
+                self.waits.lock().expect("waits lock").over(&job.id, what, until_ms, cap, now, monotonic_ms())
+            };
             match &job.state {
-                JobState::Receiving if now.saturating_sub(job.last_received_ms) >= if job.multiframe { mf_quiet } else { quiet } => {
+                JobState::Receiving
+                    if {
+                        let quiet = if job.multiframe { series.multiframe_quiet_timeout } else { series.quiet_timeout };
+                        waited("quiet", job.last_received_ms.saturating_add(quiet.as_millis() as u64), quiet)
+                    } =>
+                {
                     self.quiet_timeout(&job)?;
                     self.wake.notify_one();
                 }
                 JobState::Queued | JobState::Restoring => {
-                    if self.paused.load(std::sync::atomic::Ordering::Relaxed) || job.restore_not_before_ms > now {
+                    if self.paused.load(std::sync::atomic::Ordering::Relaxed)
+                        || !waited("space", job.restore_not_before_ms, worker::SPACE_RETRY_MAX)
+                    {
                         continue;
                     }
                     let Ok(permit) = self.restore_slot.clone().try_acquire_owned() else { continue };
@@ -167,7 +185,7 @@ impl Pipeline {
                         me.wake.notify_one();
                     });
                 }
-                JobState::Delivering { .. } if egress::next_due_ms(&job).is_none_or(|t| t <= now) => {
+                JobState::Delivering { .. } if egress::next_due_ms(&job).is_none_or(|t| egress::is_due(t, now, delivery_cap)) => {
                     self.busy.lock().expect("busy lock").insert(job.id.clone());
                     let me = self.clone();
                     let id = job.id.clone();
@@ -272,4 +290,86 @@ pub fn retry_job(journal: &Journal, destinations: &[String], id: &str) -> Result
             }
         })
         .map_err(|e| e.to_string())
+}
+
+/// Milliseconds on the monotonic clock since this process first asked: a
+/// jump of the wall clock (a box without a battery-backed clock setting it
+/// at boot, an NTP step) does not move it.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
+/// Waits the journal holds as wall-clock times, timed on the monotonic
+/// clock. The first time this process sees a wait (or sees it change), it
+/// takes what is left by the wall clock then, at most `cap`, and counts
+/// that down monotonically: a wall clock stepped forward does not end a
+/// series' quiet time at once (processing it incomplete mid-transfer), and
+/// one stepped back does not hold it for the hours it went back.
+#[derive(Default)]
+struct Waits {
+    /// (job, what) → (the wall-clock time waited for, the monotonic ms it ends)
+    by_job: std::collections::HashMap<(String, &'static str), (u64, u64)>,
+}
+
+impl Waits {
+    /// Whether the wait for `until_ms` (wall clock) is over; `now_ms` and
+    /// `mono_ms` are the two clocks now.
+    fn over(&mut self, job: &str, what: &'static str, until_ms: u64, cap: Duration, now_ms: u64, mono_ms: u64) -> bool {
+        let left = until_ms.saturating_sub(now_ms).min(cap.as_millis() as u64);
+        let e = self.by_job.entry((job.to_owned(), what)).or_insert((until_ms, mono_ms + left));
+        if e.0 != until_ms {
+            *e = (until_ms, mono_ms + left);
+        }
+        mono_ms >= e.1
+    }
+
+    /// Forget the waits of jobs no longer active.
+    fn keep<'a>(&mut self, active: impl Iterator<Item = &'a str>) {
+        let active: HashSet<&str> = active.collect();
+        self.by_job.retain(|(job, _), _| active.contains(job.as_str()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_wall_clock_stepped_forward_does_not_end_a_wait() {
+        let mut w = Waits::default();
+        // a series' last instance at wall 1,000,000: quiet for 60 s
+        assert!(!w.over("j", "quiet", 1_060_000, MIN, 1_000_000, 5_000));
+        // the wall clock jumps a day ahead 10 s later: still quiet
+        assert!(!w.over("j", "quiet", 1_060_000, MIN, 1_000_000 + 86_400_000, 15_000));
+        // 60 s after it was first seen, on the monotonic clock
+        assert!(w.over("j", "quiet", 1_060_000, MIN, 1_000_000 + 86_400_000, 65_000));
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_back_holds_a_wait_no_longer_than_its_cap() {
+        let mut w = Waits::default();
+        // first seen after the clock went back a day: what is left is capped
+        assert!(!w.over("j", "space", 1_000_000 + 86_400_000, MIN, 1_000_000, 0));
+        assert!(!w.over("j", "space", 1_000_000 + 86_400_000, MIN, 1_000_000, 59_999));
+        assert!(w.over("j", "space", 1_000_000 + 86_400_000, MIN, 1_000_000, 60_000));
+        // a new time written (a new instance): counted again from then
+        assert!(!w.over("j", "space", 2_000_000, MIN, 1_990_000, 61_000));
+        assert!(w.over("j", "space", 2_000_000, MIN, 1_990_000, 71_000));
+        // nothing to wait for
+        assert!(w.over("k", "space", 0, MIN, 1_990_000, 71_000));
+        w.keep(["k"].into_iter());
+        assert_eq!(w.by_job.len(), 1);
+    }
+
+    #[test]
+    fn a_delivery_time_beyond_the_longest_wait_is_due() {
+        let cap = Duration::from_secs(300);
+        assert!(egress::is_due(1_000, 1_000, cap));
+        assert!(!egress::is_due(1_001, 1_000, cap));
+        assert!(!egress::is_due(301_000, 1_000, cap));
+        assert!(egress::is_due(301_001, 1_000, cap), "written before the clock went back");
+    }
 }
