@@ -299,6 +299,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let sent = scu::send_files_observed(&peer, &short.files, &CancellationToken::new(), |n| pb.set_position(n as u64))
         .await
         .context("sending the study to the daemon")?
+        .refs
         .len();
     pb.finish_and_clear();
     step(3, &format!("sent the {sent} slices of the 30 s series as console DEMO-CONSOLE"), t);

@@ -194,6 +194,17 @@ fn on_disk<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
+/// The history line for instances a destination stored with a warning
+/// status (it may have coerced or dropped attributes, the derived markings
+/// among them): counted as delivered (PS3.4), but said.
+fn warning_line(destination: &str, warnings: &[String], more: usize) -> Option<String> {
+    if warnings.is_empty() {
+        return None;
+    }
+    let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+    Some(format!("{destination} stored instances with a warning status (check what it changed): {}{more}", warnings.join("; ")))
+}
+
 /// What one delivery attempt achieved.
 enum Sent {
     /// Sent and acknowledged instance by instance: delivered.
@@ -433,6 +444,8 @@ pub async fn deliver_due(
         if d.attempts >= settings.max_attempts {
             continue;
         }
+        // acknowledged with warning statuses: said in the history
+        let mut warned: Option<String> = None;
         let result: Result<Sent, String> = match destinations.iter().find(|x| x.name == d.destination) {
             None => Err(format!("destination {:?} is no longer configured", d.destination)),
             Some(dst) => {
@@ -452,9 +465,13 @@ pub async fn deliver_due(
                 };
                 tracing::info!(job = job_id, destination = %dst.name, files = files.len(), attempt = d.attempts + 1, "sending");
                 match scu::send_files_observed(&peer, &files, cancel, |_| {}).await {
-                    Ok(refs) => match dst.commitment {
-                        None => Ok(Sent::Delivered(refs.len())),
+                    Ok(scu::Transfer { refs, warnings, more_warnings }) => match dst.commitment {
+                        None => {
+                            warned = warning_line(&dst.name, &warnings, more_warnings);
+                            Ok(Sent::Delivered(refs.len()))
+                        }
                         Some(timeout) => {
+                            warned = warning_line(&dst.name, &warnings, more_warnings);
                             let p = PendingCommitment {
                                 transaction_uid: transaction_uid(job_id, &dst.name, d.attempts + 1),
                                 requested_ms: now_ms(),
@@ -484,6 +501,9 @@ pub async fn deliver_due(
         };
         on_disk(|| {
             journal.update(job_id, |j| {
+                if let Some(w) = &warned {
+                    j.note(w.clone());
+                }
                 let Some(dd) = j.deliveries.get_mut(i) else { return };
                 dd.attempts += 1;
                 match &result {
@@ -543,6 +563,17 @@ pub async fn deliver_due(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warnings_are_one_history_line_naming_the_destination() {
+        assert_eq!(warning_line("pacs", &[], 0), None);
+        let w = vec!["0xB000 on 1.2.3: Units coerced".to_string(), "0xB006 on 1.2.4".to_string()];
+        let line = warning_line("pacs", &w, 5).unwrap();
+        assert_eq!(
+            line,
+            "pacs stored instances with a warning status (check what it changed): 0xB000 on 1.2.3: Units coerced; 0xB006 on 1.2.4 and 5 more"
+        );
+    }
     use crate::journal::JobKind;
 
     fn settings() -> EgressSettings {

@@ -62,8 +62,25 @@ pub enum SendError {
 /// refusal (the caller retries the whole set: derived UIDs are stable, so a
 /// resend never creates duplicates with different UIDs).
 pub async fn send_files(peer: &Peer, files: &[PathBuf], cancel: &CancellationToken) -> Result<usize, SendError> {
-    Ok(send_files_observed(peer, files, cancel, |_| {}).await?.len())
+    Ok(send_files_observed(peer, files, cancel, |_| {}).await?.refs.len())
 }
+
+/// What a whole set's transfer achieved.
+#[derive(Debug, Default)]
+pub struct Transfer {
+    /// The instances sent and acknowledged, in order.
+    pub refs: Vec<SopRef>,
+    /// Acknowledgements with a warning status (0xB000 coercion, 0xB006
+    /// elements discarded, 0xB007 data set mismatch, 0x0001): counted as
+    /// stored (PS3.4), said in the job's history. "0xB006 on 1.2.3…:
+    /// comment", one per instance, at most [`MAX_WARNINGS`] kept.
+    pub warnings: Vec<String>,
+    /// Warnings beyond those kept.
+    pub more_warnings: usize,
+}
+
+/// Warnings kept per transfer.
+pub const MAX_WARNINGS: usize = 3;
 
 /// [`send_files`], calling `sent_one` with the running count after each
 /// acknowledged instance (progress display); returns the instances sent
@@ -73,7 +90,7 @@ pub async fn send_files_observed(
     files: &[PathBuf],
     cancel: &CancellationToken,
     mut sent_one: impl FnMut(usize),
-) -> Result<Vec<SopRef>, SendError> {
+) -> Result<Transfer, SendError> {
     // The SOP classes first (meta groups only), to propose the right
     // contexts; the data sets are read one at a time while sending, so a
     // series is never held in memory whole.
@@ -106,6 +123,7 @@ pub async fn send_files_observed(
     let transfer = |reason: String| SendError::Transfer { ae: peer.called_ae.clone(), reason };
 
     let mut sent = Vec::with_capacity(refs.len());
+    let (mut warnings, mut more_warnings) = (Vec::new(), 0usize);
     for (i, (f, (class, sop))) in files.iter().zip(refs).enumerate() {
         if cancel.is_cancelled() {
             let _ = assoc.abort().await;
@@ -150,11 +168,20 @@ pub async fn send_files_observed(
             let _ = assoc.release().await;
             return Err(SendError::Refused { ae: peer.called_ae.clone(), sop, status, comment: rsp.error_comment });
         }
+        if status != dimse::status::SUCCESS {
+            let comment = rsp.error_comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default();
+            tracing::warn!(ae = %peer.called_ae, sop = %sop, status = format!("0x{status:04X}"), "stored with a warning{comment}");
+            if warnings.len() < MAX_WARNINGS {
+                warnings.push(format!("0x{status:04X} on {sop}{comment}"));
+            } else {
+                more_warnings += 1;
+            }
+        }
         sent.push(SopRef { class, instance: sop });
         sent_one(sent.len());
     }
     let _ = assoc.release().await;
-    Ok(sent)
+    Ok(Transfer { refs: sent, warnings, more_warnings })
 }
 
 type Assoc = dicom_ul::association::client::AsyncClientAssociation<tokio::net::TcpStream>;
@@ -368,6 +395,70 @@ mod tests {
             drop(assoc);
         });
         (addr, task)
+    }
+
+    /// A destination that stores every instance with `status` and a comment.
+    async fn answering_peer(status: u16) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut assoc = ServerAssociationOptions::new()
+                .accept_any()
+                .with_abstract_syntax(d::PET_IMAGE_STORAGE)
+                .with_transfer_syntax(d::EXPLICIT_VR_LE)
+                .establish_async(socket)
+                .await
+                .unwrap();
+            let mut rq: Option<(u8, Command)> = None;
+            loop {
+                match assoc.receive().await.unwrap() {
+                    Pdu::PData { data } => {
+                        for v in data {
+                            match v.value_type {
+                                PDataValueType::Command => rq = Some((v.presentation_context_id, Command::parse(&v.data).unwrap())),
+                                PDataValueType::Data if v.is_last => {
+                                    let (pcid, cmd) = rq.take().unwrap();
+                                    let data = dimse::response(&cmd, status, Some("Units coerced"));
+                                    let pdv = PDataValue {
+                                        presentation_context_id: pcid,
+                                        value_type: PDataValueType::Command,
+                                        is_last: true,
+                                        data,
+                                    };
+                                    assoc.send(&Pdu::PData { data: vec![pdv] }).await.unwrap();
+                                }
+                                PDataValueType::Data => {}
+                            }
+                        }
+                    }
+                    Pdu::ReleaseRQ => {
+                        let _ = assoc.send(&Pdu::ReleaseRP).await;
+                        return;
+                    }
+                    _ => return,
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn instances_stored_with_a_warning_count_as_sent_and_are_said() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = big_instance(tmp.path(), 64);
+        let addr = answering_peer(0xB000).await;
+        let peer = Peer { address: addr.to_string(), called_ae: "ANY".into(), calling_ae: "PETRESTORE".into(), timeout: DEFAULT_TIMEOUT };
+        let t = send_files_observed(&peer, &[file], &CancellationToken::new(), |_| {}).await.unwrap();
+        assert_eq!(t.refs.len(), 1);
+        assert_eq!(t.warnings, ["0xB000 on 1.2.826.0.1.3680043.10.543.99.1: Units coerced"]);
+        assert_eq!(t.more_warnings, 0);
+        // a failure status is not a warning
+        let file = big_instance(tmp.path(), 64);
+        let addr = answering_peer(0xA700).await;
+        let peer = Peer { address: addr.to_string(), called_ae: "ANY".into(), calling_ae: "PETRESTORE".into(), timeout: DEFAULT_TIMEOUT };
+        let e = send_files_observed(&peer, &[file], &CancellationToken::new(), |_| {}).await.unwrap_err();
+        assert!(matches!(e, SendError::Refused { status: 0xA700, .. }), "{e}");
     }
 
     /// One PET instance of `bytes` pixel data bytes as a Part 10 file.
