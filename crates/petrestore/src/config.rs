@@ -138,6 +138,7 @@ struct RawRestore {
     units: Option<Vec<String>>,
     max_matrix: Option<u32>,
     max_voxels: Option<u64>,
+    time_limit_s: Option<f64>,
     forward_original_on_failure: Option<bool>,
     forward_skipped: Option<bool>,
     series_description_suffix: Option<String>,
@@ -281,6 +282,9 @@ pub struct RestoreSettings {
     pub max_matrix: u32,
     /// Largest series restored, in voxels (memory); larger ones are skipped.
     pub max_voxels: u64,
+    /// Longest a restoration may run before the daemon exits to end it
+    /// (`time_limit_s`).
+    pub time_limit: Duration,
     pub forward_original_on_failure: bool,
     pub forward_skipped: bool,
     pub series_description_suffix: String,
@@ -404,6 +408,7 @@ pub const RELOADABLE: &[(&str, &[&str])] = &[
             "units",
             "max_matrix",
             "max_voxels",
+            "time_limit_s",
             "forward_original_on_failure",
             "forward_skipped",
             "series_description_suffix",
@@ -928,6 +933,15 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
             m
         },
         max_voxels,
+        time_limit: {
+            let t: f64 = pick!(u, d, restore.time_limit_s);
+            if (10.0..=86400.0).contains(&t) {
+                Duration::from_secs_f64(t)
+            } else {
+                errs.push(invalid("restore.time_limit_s", format!("{t} is out of range"), "use seconds from 10 to 86400 (default 3600)"));
+                Duration::from_secs(3600)
+            }
+        },
         forward_original_on_failure: pick!(u, d, restore.forward_original_on_failure),
         forward_skipped: pick!(u, d, restore.forward_skipped),
         series_description_suffix: suffix,
@@ -1233,8 +1247,9 @@ mod tests {
         assert!(e.contains("egress.backoff_initial_s") && e.contains("86400"), "{e}");
         let e = Settings::from_toml("[egress]\nbackoff_max_s = 1e20\n", "t").unwrap_err().to_string();
         assert!(e.contains("egress.backoff_initial_s"), "{e}");
-        let bad_values: [(&str, &str); 29] = [
+        let bad_values: [(&str, &str); 30] = [
             ("[restore]\nmax_voxels = 0\n", "restore.max_voxels"),
+            ("[restore]\ntime_limit_s = 5\n", "restore.time_limit_s"),
             ("[restore]\nmax_voxels = 5000000000\n", "restore.max_voxels"),
             ("[restore]\nseries_number_offset = 0\n", "restore.series_number_offset"),
             ("[restore]\nseries_number_offset = 60000\n", "restore.series_number_offset"),

@@ -140,6 +140,36 @@ fn a_stop_during_a_long_restoration_exits_and_requeues_it_as_a_stop() {
 }
 
 #[test]
+fn a_restoration_past_its_time_limit_ends_the_process_and_counts_as_interrupted() {
+    // An engine that never returns (a GPU hang) would hold the only
+    // restoration slot for ever. Past restore.time_limit_s the daemon says
+    // so in the job's history and exits (status 70) for systemd to restart
+    // it; the job counts an interrupted restoration and is restored at the
+    // next start. A slow restoration (tract, one thread) stands in for the
+    // hang.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("models/petrestore-unet25d");
+    let src = series(&tmp.path().join("src"), 120, 192, 47);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let restore = format!("[restore]\nengines = [\"tract\"]\nmodel = {model:?}\nthreads = 1\n");
+    let mut d = Daemon::start(&tmp.path().join("d"), &format!("{restore}time_limit_s = 10\n{}", destination("pacs", dest.port)));
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let id = job_id(&src);
+    wait_for("the job to be restoring", Duration::from_secs(60), || (d.job(&id).state == JobState::Restoring).then_some(()));
+    let st = d.wait_exit(Duration::from_secs(120));
+    assert_eq!(st.code(), Some(70), "{}", d.log());
+    assert!(d.log().contains("past restore.time_limit_s (10 s): the daemon exits to end it"), "{}", d.log());
+    // restarted (as systemd would) with room to finish
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, cfg.replace("time_limit_s = 10\n", "time_limit_s = 3600\n")).unwrap();
+    d.restart();
+    let job = d.wait_terminal(&id, Duration::from_secs(300));
+    assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.contains("past restore.time_limit_s")), "{:#?}", job.history);
+    assert!(job.history.iter().any(|e| e.what.contains("interrupted")), "counted as interrupted: {:#?}", job.history);
+}
+
+#[test]
 fn kill9_during_egress_delivers_after_restart_without_new_uids() {
     let tmp = tempfile::tempdir().unwrap();
     let src = series(&tmp.path().join("src"), 10, 32, 25);

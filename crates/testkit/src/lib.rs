@@ -200,6 +200,14 @@ impl Daemon {
         c.wait().unwrap()
     }
 
+    /// Wait for the daemon to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let c = self.child.as_mut().expect("running");
+        let st = wait_for("the daemon to exit", timeout, || c.try_wait().unwrap());
+        self.child = None;
+        st
+    }
+
     /// Send a signal (e.g. "HUP") to the running daemon.
     pub fn signal(&self, sig: &str) {
         unsafe_kill(self.child.as_ref().expect("running").id(), sig);

@@ -41,6 +41,8 @@ pub struct Pipeline {
     /// disk space), timed on the monotonic clock from when this process
     /// first saw them.
     waits: Mutex<Waits>,
+    /// The restoration running, and since when.
+    running: Mutex<Option<(String, std::time::Instant)>>,
     /// The last pass failed because the journal's storage failed a write
     /// ([`JournalError::is_storage_io`]): only a restart reopens it.
     pub journal_io: Arc<std::sync::atomic::AtomicBool>,
@@ -57,6 +59,7 @@ impl Pipeline {
             paused: std::sync::atomic::AtomicBool::new(false),
             last_pass_ms: Arc::new(std::sync::atomic::AtomicU64::new(monotonic_ms())),
             waits: Mutex::new(Waits::default()),
+            running: Mutex::new(None),
             journal_io: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
@@ -142,6 +145,7 @@ impl Pipeline {
         let settings = self.settings();
         let series = &settings.series;
         let delivery_cap = egress::longest_wait(&settings.egress, &settings.destinations);
+        self.end_a_hung_restoration(settings.restore.time_limit)?;
         let jobs = self.journal().active_jobs()?;
         self.waits.lock().expect("waits lock").keep(jobs.iter().map(|j| j.id.as_str()));
         for job in jobs {
@@ -174,7 +178,9 @@ impl Pipeline {
                     tracker.spawn(async move {
                         let w = me.worker.clone();
                         let id2 = id.clone();
+                        *me.running.lock().expect("running lock") = Some((id.clone(), std::time::Instant::now()));
                         let r = tokio::task::spawn_blocking(move || worker::restore_job(&w, &id2)).await;
+                        *me.running.lock().expect("running lock") = None;
                         match r {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => tracing::error!(job = %id, error = %e, "journal error during restoration"),
@@ -214,6 +220,31 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// A restoration cannot be interrupted: one running past
+    /// `restore.time_limit_s` (an engine that never returns: a GPU or
+    /// driver hang) would hold the only restoration slot for ever. Its job
+    /// is told why, and the process exits (status 70) for systemd to
+    /// restart it: the job then counts an interrupted restoration, and
+    /// after [`crate::journal::job::MAX_INTERRUPTED_RESTORES`] in a row it
+    /// fails and its original is forwarded. Everything acknowledged is in
+    /// the arrival log or the spool already.
+    fn end_a_hung_restoration(&self, limit: Duration) -> Result<(), JournalError> {
+        let Some((id, since)) = self.running.lock().expect("running lock").clone() else { return Ok(()) };
+        let ran = since.elapsed();
+        if ran <= limit {
+            return Ok(());
+        }
+        let why = format!(
+            "restoration has run {:.0} s, past restore.time_limit_s ({:.0} s): the daemon exits to end it and restarts",
+            ran.as_secs_f64(),
+            limit.as_secs_f64()
+        );
+        tracing::error!(job = %id, "{why}");
+        self.journal().update(&id, |j| j.note(why.clone()))?;
+        self.journal().flush()?;
+        std::process::exit(70);
     }
 
     /// No instance for `quiet_timeout`: decide, per policy, what the series becomes.
