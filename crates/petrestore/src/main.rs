@@ -588,6 +588,23 @@ fn check_config(file: &std::path::Path) -> Result<()> {
                 .into(),
         );
     }
+    if let Some(m) = &s.mqtt {
+        if s.node.device_id == Settings::defaults().node.device_id {
+            notes.push(format!(
+                "node.device_id is the shipped default ({}): give every box its own; it names the box's MQTT topics and \
+                 client id, and two boxes with one id take each other's broker connection in turn",
+                s.node.device_id
+            ));
+        }
+        if let Some(tls) = &m.tls {
+            let files = std::iter::once(&tls.ca_file).chain(tls.client.iter().flat_map(|(c, k)| [c, k]));
+            for f in files {
+                if let Err(e) = std::fs::read(f) {
+                    problems.push(format!("[mqtt] cannot read {}: {e} (the daemon's user must read it too)", f.display()));
+                }
+            }
+        }
+    }
     for n in &notes {
         eprintln!("petrestore: note: {n}");
     }

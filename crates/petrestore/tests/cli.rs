@@ -40,6 +40,23 @@ fn check_config_names_the_key_and_the_fix() {
     assert!(text(&out).contains("cannot read config file /nonexistent/petrestore.toml"));
 }
 
+/// A box that reports to a fleet with the shipped device_id would share
+/// its topics and MQTT client id with every other such box: check-config
+/// says so (a note: the file is valid).
+#[test]
+fn check_config_notes_a_shipped_device_id_with_mqtt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("c.toml");
+    let mqtt = "[restore]\nengines = [\"gaussian\"]\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n";
+    std::fs::write(&f, mqtt).unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("node.device_id is the shipped default (petrestore-01)"), "{}", text(&out));
+    std::fs::write(&f, format!("[node]\ndevice_id = \"ward3-pet\"\n{mqtt}")).unwrap();
+    let out = petrestore(&["check-config", f.to_str().unwrap()]);
+    assert!(out.status.success() && !text(&out).contains("device_id"), "{}", text(&out));
+}
+
 /// Issue 20: a file with several mistakes gets all of them in one run.
 #[test]
 fn check_config_reports_every_problem_at_once() {
