@@ -373,6 +373,9 @@ fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wa
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
                 log.retire_idle();
+                if let Err(e) = log.scrub_spares() {
+                    tracing::warn!(error = %e, "cannot zero a spare arrival log segment; it is removed");
+                }
                 continue;
             }
         };

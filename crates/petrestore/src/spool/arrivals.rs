@@ -273,6 +273,11 @@ struct State {
     next_id: u64,
     /// Ready spare files (pre-written, `spare-<n>`).
     spares: Vec<PathBuf>,
+    /// Spares that still hold the records of the segment they were (or
+    /// that a previous run left): zeroed when ingest is idle
+    /// ([`ArrivalLog::scrub_spares`]), so received instances do not
+    /// outlive retention in them.
+    dirty: Vec<PathBuf>,
     next_spare: u64,
 }
 
@@ -302,7 +307,8 @@ impl ArrivalLog {
                 let _ = fs::remove_file(&p); // unfinished: made again
             }
         }
-        Ok(ArrivalLog { dir: dir.to_owned(), state: Mutex::new(State { next_id, spares, next_spare, ..Default::default() }) })
+        let dirty = spares.clone();
+        Ok(ArrivalLog { dir: dir.to_owned(), state: Mutex::new(State { next_id, spares, dirty, next_spare, ..Default::default() }) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -366,6 +372,7 @@ impl ArrivalLog {
         let path = self.dir.join(format!("{id:012}-{nonce:016x}.{SUFFIX}"));
         let file = match st.spares.pop() {
             Some(spare) => {
+                st.dirty.retain(|d| *d != spare);
                 fs::rename(&spare, &path)?;
                 OpenOptions::new().write(true).open(&path)?
             }
@@ -446,12 +453,14 @@ impl ArrivalLog {
     fn retire(&self, st: &mut State, id: u64, recycle: bool) {
         st.counts.remove(&id);
         let Some(path) = st.paths.remove(&id) else { return };
-        let big = fs::metadata(&path).is_ok_and(|m| m.len() >= ROTATE_BYTES);
-        if recycle && big && st.spares.len() < SPARES {
+        // a segment a large record grew beyond the size is not kept as one
+        let full = fs::metadata(&path).is_ok_and(|m| m.len() == ROTATE_BYTES);
+        if recycle && full && st.spares.len() < SPARES {
             let spare = self.dir.join(format!("spare-{}", st.next_spare));
             st.next_spare += 1;
             if fs::rename(&path, &spare).is_ok() {
-                st.spares.push(spare);
+                st.spares.push(spare.clone());
+                st.dirty.push(spare);
                 return;
             }
         }
@@ -478,6 +487,36 @@ impl ArrivalLog {
         let idle = st.active.as_ref().is_some_and(|a| st.counts.get(&a.id).is_some_and(|c| c.done >= c.appended));
         if idle {
             self.seal(&mut st);
+        }
+    }
+
+    /// Zero the spares that still hold old records (see `State::dirty`);
+    /// each is out of use while it is written. Returns how many. Run when
+    /// ingest is idle. A spare that cannot be zeroed is removed.
+    pub fn scrub_spares(&self) -> io::Result<usize> {
+        let mut n = 0;
+        loop {
+            let spare = {
+                let mut st = self.state.lock().unwrap();
+                let Some(p) = st.dirty.pop() else { return Ok(n) };
+                st.spares.retain(|s| *s != p);
+                p
+            };
+            let zero = || -> io::Result<()> {
+                let f = OpenOptions::new().write(true).open(&spare)?;
+                let zeros = vec![0u8; 1 << 20];
+                for _ in 0..ROTATE_BYTES >> 20 {
+                    (&f).write_all(&zeros)?;
+                }
+                f.set_len(ROTATE_BYTES)?;
+                f.sync_all()
+            };
+            if let Err(e) = zero() {
+                let _ = fs::remove_file(&spare);
+                return Err(e);
+            }
+            self.state.lock().unwrap().spares.push(spare);
+            n += 1;
         }
     }
 
@@ -633,6 +672,17 @@ pub(crate) mod tests {
         log.done(id, 1);
         log.retire_idle();
         assert!(!p.exists());
+        assert_eq!(log.spares(), SPARES);
+        let spare = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|s| fs::read(s).unwrap().windows(3).any(|w| w == b"one"))
+            .expect("a spare still holds the record");
+        // zeroed once ingest is idle: the instance does not outlive retention there
+        assert_eq!(log.scrub_spares().unwrap(), 1);
+        assert_eq!(log.scrub_spares().unwrap(), 0, "only spares holding records are zeroed");
+        let bytes = fs::read(&spare).unwrap();
+        assert!(bytes.len() as u64 == ROTATE_BYTES && bytes.iter().all(|&b| b == 0));
         assert_eq!(log.spares(), SPARES);
         // The next segments reuse spare files: the old record (another nonce)
         // is not read as one of theirs.
