@@ -193,18 +193,29 @@ pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8]
 pub enum Claim {
     /// Not on its way: this sender's copy goes into the log.
     New,
-    /// A copy with the same content is on its way: a duplicate.
+    /// Another copy is being written into the log and not acknowledged
+    /// yet (it may still fail): this one can be neither a duplicate nor a
+    /// conflict; the sender is asked to send again.
+    Pending,
+    /// A copy with the same content is in the log: a duplicate.
     Same,
-    /// A copy with other content is on its way: the named attribute (or
+    /// A copy with other content is in the log: the named attribute (or
     /// the pixels) differs.
     Different(&'static str),
 }
 
+/// An instance on its way into the spool.
+struct InFlight {
+    /// What its content says (`None` for items submitted without a claim).
+    sig: Option<Box<Signature>>,
+    /// Its record is in the arrival log (durable): set by `submit`.
+    appended: bool,
+}
+
 struct Shared {
-    /// Acknowledged (or being acknowledged) instances not yet in the spool
-    /// and the journal, with what their content says (`None` for items
-    /// submitted without a claim).
-    in_flight: Mutex<HashMap<String, Option<Box<Signature>>>>,
+    /// Instances claimed for the arrival log or in it, not yet in the
+    /// spool and the journal.
+    in_flight: Mutex<HashMap<String, InFlight>>,
     /// Bytes of acknowledged instances not yet written into the spool.
     bytes: std::sync::atomic::AtomicU64,
     failed: Mutex<Option<String>>,
@@ -285,10 +296,11 @@ impl Materializer {
         use std::collections::hash_map::Entry;
         match self.shared.in_flight.lock().unwrap().entry(instance_key(series_uid, sop_uid)) {
             Entry::Vacant(v) => {
-                v.insert(Some(Box::new(sig)));
+                v.insert(InFlight { sig: Some(Box::new(sig)), appended: false });
                 Claim::New
             }
-            Entry::Occupied(o) => match o.get().as_deref().and_then(|first| first.first_difference(&sig)) {
+            Entry::Occupied(o) if !o.get().appended => Claim::Pending,
+            Entry::Occupied(o) => match o.get().sig.as_deref().and_then(|first| first.first_difference(&sig)) {
                 Some(what) => Claim::Different(what),
                 None => Claim::Same,
             },
@@ -331,12 +343,14 @@ impl Materializer {
     pub fn submit(&self, item: Item) -> Result<(), MaterializeError> {
         use std::sync::atomic::Ordering::Relaxed;
         let n = item.file().len() as u64;
+        // its record is in the log now: a copy sent again is compared with it
         self.shared
             .in_flight
             .lock()
             .unwrap()
             .entry(instance_key(&item.arrival.series_uid, &item.arrival.record.sop_instance_uid))
-            .or_insert(None);
+            .or_insert(InFlight { sig: None, appended: true })
+            .appended = true;
         {
             let s = &self.shared;
             let mut ended = s.ended.lock().unwrap();
@@ -682,5 +696,41 @@ mod tests {
         assert_eq!(m.backlog_bytes(), 0);
         // after the thread has ended a submitter is told so, not left waiting
         assert!(matches!(m.submit(item(4)), Err(MaterializeError::Stopped)));
+    }
+
+    #[test]
+    fn a_claim_answers_a_second_copy_only_once_the_first_is_in_the_log() {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_dictionary_std::tags;
+        let d = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        let spool = Spool::new(d.path().join("spool")).unwrap();
+        let log = Arc::new(ArrivalLog::open(&spool.root().join("arrivals")).unwrap());
+        // the series' spool folder blocked by a file: the record stays in
+        // flight, in the log
+        std::fs::create_dir_all(spool.root().join("1.2.3")).unwrap();
+        std::fs::write(spool.root().join("1.2.3/1.2.3.4"), b"not a folder").unwrap();
+        let m = Materializer::start_bounded(log.clone(), spool, journal, Arc::new(Notify::new()), 1 << 20).unwrap();
+        let sig = |name: &str| {
+            let mut o = dicom_object::InMemDicomObject::new_empty();
+            o.put(DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from(name)));
+            o.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(vec![1, 2, 3].into())));
+            Signature::of(&o)
+        };
+        let sop = "1.2.3.4.5.9";
+        assert_eq!(m.claim("1.2.3.4", sop, sig("A^B")), Claim::New);
+        // the first copy is not durable yet: it may still fail
+        assert_eq!(m.claim("1.2.3.4", sop, sig("A^B")), Claim::Pending);
+        // given up (its append failed): the next copy claims it
+        m.unclaim("1.2.3.4", sop);
+        assert_eq!(m.claim("1.2.3.4", sop, sig("A^B")), Claim::New);
+        // in the log now
+        let a = arrival(sop);
+        let mut encoded = arrivals::encode(&a, &[&[7u8; 60]]);
+        let segment = log.append(&mut encoded.bytes).unwrap();
+        m.submit(Item { segment, arrival: a, encoded }).unwrap();
+        assert_eq!(m.claim("1.2.3.4", sop, sig("A^B")), Claim::Same);
+        assert_eq!(m.claim("1.2.3.4", sop, sig("C^D")), Claim::Different("Patient's Name"));
+        m.stop();
     }
 }

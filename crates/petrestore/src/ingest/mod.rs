@@ -299,7 +299,7 @@ async fn handle_association(
     let draining = cfg.draining.load(std::sync::atomic::Ordering::Relaxed);
     // draining: an archive reporting storage commitment is still let in (the
     // jobs running finish only with its report), to report, not to store
-    let may_store = move |calling: &str| !draining && stores.as_ref().is_none_or(|a| access::allows(a, calling, peer.ip()));
+    let may_store = move |calling: &str| stores.as_ref().is_none_or(|a| access::allows(a, calling, peer.ip()));
     let mut opts = ServerAssociationOptions::new()
         .ae_access_control(access::CallerPolicy { allowed, peer: peer.ip(), draining, reporters: reports.clone() })
         .ae_title(cfg.ae_title.clone())
@@ -354,7 +354,7 @@ async fn handle_association(
                 .map_err(in_time("association"))?
                 .map_err(|e| format!("association refused: {e}"))?;
             let store = may_store(assoc_calling(&assoc).as_str());
-            serve_association(assoc, peer, sink, budget, cfg.close.clone(), store).await
+            serve_association(assoc, peer, sink, budget, cfg.close.clone(), store, draining).await
         }
         Some(t) => {
             let assoc = tokio::time::timeout(artim, opts.tls_config(t).establish_tls_async(socket))
@@ -362,7 +362,7 @@ async fn handle_association(
                 .map_err(in_time("TLS handshake and association"))?
                 .map_err(|e| format!("TLS association refused: {e}"))?;
             let store = may_store(assoc_calling(&assoc).as_str());
-            serve_association(assoc, peer, sink, budget, cfg.close.clone(), store).await
+            serve_association(assoc, peer, sink, budget, cfg.close.clone(), store, draining).await
         }
     }
 }
@@ -377,7 +377,9 @@ where
 
 /// Serve one established association. `may_store`: the caller is in
 /// `dicom.allowed_callers` (an archive admitted only to report storage
-/// commitment gets its C-STOREs refused).
+/// commitment gets its C-STOREs refused). `draining`: the association was
+/// let in while draining, to report storage commitment: its C-STOREs are
+/// refused as transient (out of resources), so the sender sends again.
 async fn serve_association<S>(
     mut assoc: dicom_ul::association::server::AsyncServerAssociation<S>,
     peer: SocketAddr,
@@ -385,6 +387,7 @@ async fn serve_association<S>(
     mut budget: Budget,
     close: CancellationToken,
     may_store: bool,
+    draining: bool,
 ) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -519,6 +522,11 @@ where
                                 StoreStatus {
                                     status: dimse::status::SOP_CLASS_NOT_SUPPORTED,
                                     comment: Some("SOP Class differs from the presentation context's".into()),
+                                }
+                            } else if draining {
+                                StoreStatus {
+                                    status: dimse::status::OUT_OF_RESOURCES,
+                                    comment: Some("draining for maintenance: send it again later".into()),
                                 }
                             } else if !may_store {
                                 StoreStatus {

@@ -57,6 +57,10 @@ pub enum StoreError {
     /// that would be dropped. The attribute that differs comes first.
     #[error("{0} differs from the copy stored under this UID")]
     Conflict(&'static str),
+    /// Another association is storing the same SOP Instance UID right now
+    /// (its copy not durable yet): neither a duplicate nor a conflict yet.
+    #[error("another copy of this instance is being received: send it again later")]
+    BeingReceived,
     /// The instance is recorded but its file is gone: retention is
     /// removing the series.
     #[error("a removal of this series is under way: send it again later")]
@@ -74,7 +78,7 @@ impl StoreError {
             | StoreError::OutOfRange { .. } => status::CANNOT_UNDERSTAND,
             StoreError::Mismatch { .. } => status::DATASET_MISMATCH,
             StoreError::Conflict(_) => status::PROCESSING_FAILURE,
-            StoreError::BeingRemoved => status::OUT_OF_RESOURCES,
+            StoreError::BeingRemoved | StoreError::BeingReceived => status::OUT_OF_RESOURCES,
             StoreError::LowDisk { .. }
             | StoreError::Disk(_)
             | StoreError::Journal(_)
@@ -118,6 +122,7 @@ impl SpoolSink {
         match self.materializer.claim(&series, &sop, Signature::of(&obj)) {
             Claim::Same => return Ok(Accepted::Duplicate),
             Claim::Different(what) => return Err(StoreError::Conflict(what)),
+            Claim::Pending => return Err(StoreError::BeingReceived),
             Claim::New => {}
         }
         // released unless this copy reaches the arrival log
@@ -290,7 +295,16 @@ impl Signature {
         use std::hash::{Hash, Hasher};
         let texts = SAME_INSTANCE.iter().map(|(t, _)| text_of(o, *t)).collect();
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        o.get(tags::PIXEL_DATA).and_then(|e| e.to_bytes().ok()).as_deref().hash(&mut h);
+        // in place: a multi-frame Pixel Data can be hundreds of MB
+        use dicom_core::value::{PrimitiveValue as P, Value};
+        match o.get(tags::PIXEL_DATA).map(|e| e.value()) {
+            Some(Value::Primitive(P::U8(v))) => v.as_slice().hash(&mut h),
+            Some(Value::Primitive(P::U16(v))) => v.as_slice().hash(&mut h),
+            Some(Value::Primitive(P::I16(v))) => v.as_slice().hash(&mut h),
+            Some(Value::Primitive(P::U32(v))) => v.as_slice().hash(&mut h),
+            Some(other) => other.to_bytes().ok().as_deref().hash(&mut h),
+            None => 0u8.hash(&mut h),
+        }
         Signature { texts, pixels: h.finish() }
     }
 
