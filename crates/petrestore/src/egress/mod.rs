@@ -169,23 +169,30 @@ fn rerun(job: &mut Job, outcome: Outcome) {
 }
 
 /// Whether a delivery waiting until `at_ms` (wall clock) is due at `now_ms`.
-/// No wait is longer than `cap` ([`longest_wait`]): a time further ahead
-/// means the wall clock was stepped back since it was written (a box
+/// No backoff is longer than `cap` (`egress.backoff_max_s`): a time further
+/// ahead means the wall clock was stepped back since it was written (a box
 /// without a battery-backed clock, set at boot), and the delivery is due
 /// rather than held for the hours the clock went back.
 pub fn is_due(at_ms: u64, now_ms: u64, cap: Duration) -> bool {
     at_ms <= now_ms || at_ms > now_ms.saturating_add(cap.as_millis() as u64)
 }
 
-/// The longest a pending delivery waits: the backoff's maximum, or a
-/// destination's storage commitment timeout.
-pub fn longest_wait(settings: &EgressSettings, destinations: &[Destination]) -> Duration {
-    destinations.iter().filter_map(|d| d.commitment).fold(settings.backoff_max, Duration::max)
+/// Whether a pending delivery is due: its backoff over ([`is_due`]), or,
+/// waiting for a storage commitment report, its deadline passed or the
+/// request dated after now (the clock stepped back). The deadline is the
+/// one written with the request, whatever a reload changed since.
+pub fn delivery_due(d: &crate::journal::Delivery, now_ms: u64, backoff_max: Duration) -> bool {
+    match &d.commitment {
+        Some(p) => d.next_attempt_ms <= now_ms || p.requested_ms > now_ms,
+        None => is_due(d.next_attempt_ms, now_ms, backoff_max),
+    }
 }
 
-/// Earliest time (ms) a pending delivery of this job is due, if any.
-pub fn next_due_ms(job: &Job) -> Option<u64> {
-    job.deliveries.iter().filter(|d| !d.delivered).map(|d| d.next_attempt_ms).min()
+/// Whether the scheduler should run [`deliver_due`] for this job: a pending
+/// delivery is due, or none is pending (the job is settled there).
+pub fn job_due(job: &Job, now_ms: u64, backoff_max: Duration) -> bool {
+    let mut pending = job.deliveries.iter().filter(|d| !d.delivered).peekable();
+    pending.peek().is_none() || pending.any(|d| delivery_due(d, now_ms, backoff_max))
 }
 
 /// Journal work from an async task: every update fsyncs, so the runtime is
@@ -329,13 +336,13 @@ pub async fn deliver_due(
     // The plan follows the config (a reload). A destination configured
     // since is added. A pending delivery to a destination no longer
     // configured moves to a new name only when the new destination is the
-    // same peer (AE title and address: a rename); otherwise it is
-    // remembered, and the job fails, naming it, once the others are
+    // same peer (AE title and address: a rename); otherwise (its peer
+    // unknown included, as for a delivery planned before peers were kept)
+    // it is remembered, and the job fails, naming it, once the others are
     // delivered, instead of ending done (delivered) without it. Each
-    // pending delivery carries its peer for this, stamped here. The
-    // history says which.
-    let peer = |d: &Destination| format!("{}@{}", d.ae_title, d.address);
-    let peers: HashMap<&str, String> = destinations.iter().map(|d| (d.name.as_str(), peer(d))).collect();
+    // pending delivery carries its peer, from its plan and stamped again
+    // here. The history says which.
+    let peers: HashMap<&str, String> = destinations.iter().map(|d| (d.name.as_str(), crate::journal::job::peer_of(d))).collect();
     let gone = |j: &Job| -> Vec<(String, Option<String>)> {
         j.deliveries
             .iter()
@@ -357,9 +364,7 @@ pub async fn deliver_due(
                 for name in &added {
                     j.add_delivery(name);
                 }
-                for d in j.deliveries.iter_mut().filter(|d| !d.delivered) {
-                    d.peer = peers.get(d.destination.as_str()).cloned();
-                }
+                j.stamp_peers(destinations);
                 let mut line = Vec::new();
                 let mut renamed_to = Vec::new();
                 let mut removed = Vec::new();
@@ -418,9 +423,8 @@ pub async fn deliver_due(
         }
     };
     let now = now_ms();
-    let cap = longest_wait(settings, destinations);
     for (i, d) in job.deliveries.iter().enumerate() {
-        if d.delivered || !is_due(d.next_attempt_ms, now, cap) {
+        if d.delivered || !delivery_due(d, now, settings.backoff_max) {
             continue;
         }
         // A storage commitment request past its deadline: the archive never

@@ -330,6 +330,24 @@ impl Job {
         }
     }
 
+    /// [`Job::plan_deliveries`] for configured destinations, each delivery
+    /// with its peer (AE title and address), which tells a rename from a
+    /// removal at a later reload.
+    pub fn plan_deliveries_to(&mut self, destinations: &[crate::config::Destination]) {
+        let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
+        self.plan_deliveries(&names);
+        self.stamp_peers(destinations);
+    }
+
+    /// Record each pending delivery's peer as configured now.
+    pub fn stamp_peers(&mut self, destinations: &[crate::config::Destination]) {
+        for d in self.deliveries.iter_mut().filter(|d| !d.delivered) {
+            if let Some(c) = destinations.iter().find(|c| c.name == d.destination) {
+                d.peer = Some(peer_of(c));
+            }
+        }
+    }
+
     /// One more destination for this job's payload, due now (a destination
     /// a reload had removed and configures again is owed nothing more).
     pub fn add_delivery(&mut self, destination: &str) {
@@ -344,6 +362,11 @@ impl Job {
             peer: None,
         });
     }
+}
+
+/// A destination's peer as a pending delivery records it: `AE@address`.
+pub fn peer_of(d: &crate::config::Destination) -> String {
+    format!("{}@{}", d.ae_title, d.address)
 }
 
 /// A received instance as the journal knows it.

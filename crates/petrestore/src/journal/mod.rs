@@ -331,11 +331,16 @@ impl Journal {
         // as complete from its first instance.
         let id = now.id.as_str();
         let keys = self.instances.scan_prefix(format!("{id}/").as_bytes()).keys().collect::<Result<Vec<_>, _>>()?;
+        // (`Abort(None)`: the job changed meanwhile, e.g. `jobs retry`: its
+        // records are kept)
         let r = (&self.jobs, &self.instances).transaction(|(tj, ti)| {
             let Some(v) = tj.get(id.as_bytes())? else {
-                return Err(ConflictableTransactionError::Abort(JournalError::NoSuchJob(id.to_owned())));
+                return Err(ConflictableTransactionError::Abort(Some(JournalError::NoSuchJob(id.to_owned()))));
             };
-            let mut job: Job = decode(id.as_bytes(), &v).map_err(ConflictableTransactionError::Abort)?;
+            let mut job: Job = decode(id.as_bytes(), &v).map_err(|e| ConflictableTransactionError::Abort(Some(e)))?;
+            if !job.state.is_terminal() || job.purged || job.updated_ms != now.updated_ms {
+                return Err(ConflictableTransactionError::Abort(None));
+            }
             for k in &keys {
                 ti.remove(k)?;
             }
@@ -345,10 +350,12 @@ impl Journal {
             tj.insert(id.as_bytes(), encode(&job))?;
             Ok(job)
         });
-        let job = r.map_err(|e| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => JournalError::Sled(e),
-        })?;
+        let job = match r {
+            Ok(job) => job,
+            Err(TransactionError::Abort(None)) => return Ok(None),
+            Err(TransactionError::Abort(Some(e))) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(JournalError::Sled(e)),
+        };
         self.flush()?;
         Ok(Some(job))
     }

@@ -43,8 +43,11 @@ pub struct Pipeline {
     waits: Mutex<Waits>,
     /// The restoration running, and since when.
     running: Mutex<Option<(String, std::time::Instant)>>,
-    /// The last pass failed because the journal's storage failed a write
-    /// ([`JournalError::is_storage_io`]): only a restart reopens it.
+    /// A journal write failed on its storage ([`JournalError::is_storage_io`])
+    /// in a pass, a restoration or a delivery: sled refuses every write
+    /// from then on, so it stays set; no restoration or delivery starts
+    /// (a delivery sent but not recorded would be sent again in a loop),
+    /// and the daemon restarts once the disk has room ([`crate::app`]).
     pub journal_io: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -126,7 +129,9 @@ impl Pipeline {
             }
             // the pass reads and updates the journal (fsync): off the async workers
             let result = tokio::task::block_in_place(|| self.pass(&shutdown, &tracker));
-            self.journal_io.store(result.as_ref().is_err_and(JournalError::is_storage_io), std::sync::atomic::Ordering::Relaxed);
+            if result.as_ref().is_err_and(JournalError::is_storage_io) {
+                self.journal_io.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             if let Err(e) = result {
                 tracing::error!(error = %e, "scheduler pass failed; retrying");
             }
@@ -144,8 +149,11 @@ impl Pipeline {
         let now = now_ms();
         let settings = self.settings();
         let series = &settings.series;
-        let delivery_cap = egress::longest_wait(&settings.egress, &settings.destinations);
-        self.end_a_hung_restoration(settings.restore.time_limit)?;
+        self.end_a_hung_restoration(settings.restore.time_limit);
+        if self.journal_io.load(std::sync::atomic::Ordering::Relaxed) {
+            // nothing that writes the journal starts until the restart
+            return Ok(());
+        }
         let jobs = self.journal().active_jobs()?;
         self.waits.lock().expect("waits lock").keep(jobs.iter().map(|j| j.id.as_str()));
         for job in jobs {
@@ -183,7 +191,12 @@ impl Pipeline {
                         *me.running.lock().expect("running lock") = None;
                         match r {
                             Ok(Ok(())) => {}
-                            Ok(Err(e)) => tracing::error!(job = %id, error = %e, "journal error during restoration"),
+                            Ok(Err(e)) => {
+                                if e.is_storage_io() {
+                                    me.journal_io.store(true, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                tracing::error!(job = %id, error = %e, "journal error during restoration")
+                            }
                             Err(e) => tracing::error!(job = %id, error = %e, "restoration task panicked"),
                         }
                         drop(permit);
@@ -191,7 +204,7 @@ impl Pipeline {
                         me.wake.notify_one();
                     });
                 }
-                JobState::Delivering { .. } if egress::next_due_ms(&job).is_none_or(|t| egress::is_due(t, now, delivery_cap)) => {
+                JobState::Delivering { .. } if egress::job_due(&job, now, settings.egress.backoff_max) => {
                     self.busy.lock().expect("busy lock").insert(job.id.clone());
                     let me = self.clone();
                     let id = job.id.clone();
@@ -210,6 +223,9 @@ impl Pipeline {
                         )
                         .await
                         {
+                            if e.is_storage_io() {
+                                me.journal_io.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
                             tracing::error!(job = %id, error = %e, "journal error during delivery");
                         }
                         me.busy.lock().expect("busy lock").remove(&id);
@@ -230,11 +246,11 @@ impl Pipeline {
     /// after [`crate::journal::job::MAX_INTERRUPTED_RESTORES`] in a row it
     /// fails and its original is forwarded. Everything acknowledged is in
     /// the arrival log or the spool already.
-    fn end_a_hung_restoration(&self, limit: Duration) -> Result<(), JournalError> {
-        let Some((id, since)) = self.running.lock().expect("running lock").clone() else { return Ok(()) };
+    fn end_a_hung_restoration(&self, limit: Duration) {
+        let Some((id, since)) = self.running.lock().expect("running lock").clone() else { return };
         let ran = since.elapsed();
         if ran <= limit {
-            return Ok(());
+            return;
         }
         let why = format!(
             "restoration has run {:.0} s, past restore.time_limit_s ({:.0} s): the daemon exits to end it and restarts",
@@ -242,14 +258,21 @@ impl Pipeline {
             limit.as_secs_f64()
         );
         tracing::error!(job = %id, "{why}");
-        self.journal().update(&id, |j| j.note(why.clone()))?;
-        self.journal().flush()?;
-        std::process::exit(70);
+        // best effort: a hang may come with failing storage, and the exit
+        // must happen either way
+        if let Err(e) = self.journal().update(&id, |j| j.note(why.clone())).and_then(|_| self.journal().flush()) {
+            tracing::error!(job = %id, error = %e, "the reason could not be written to the job's history");
+        }
+        // _exit: no atexit handlers, which could wait on the hung engine's
+        // driver (the journal is flushed; acknowledged instances are in the
+        // arrival log or the spool)
+        // SAFETY: ends the process; touches no memory of ours.
+        unsafe { libc::_exit(70) }
     }
 
     /// No instance for `quiet_timeout`: decide, per policy, what the series becomes.
     fn quiet_timeout(&self, job: &crate::journal::Job) -> Result<(), JournalError> {
-        let destinations: Vec<String> = self.settings().destinations.iter().map(|d| d.name.clone()).collect();
+        let destinations = self.settings().destinations.clone();
         self.journal().update(&job.id, |j| {
             let s = &self.settings().series;
             j.note(format!("no instance for {:?}", if j.multiframe { s.multiframe_quiet_timeout } else { s.quiet_timeout }));
@@ -261,7 +284,7 @@ impl Pipeline {
                     if destinations.is_empty() {
                         j.set_state(JobState::Skipped { reason });
                     } else {
-                        j.plan_deliveries(&destinations);
+                        j.plan_deliveries_to(&destinations);
                         j.set_state(JobState::Delivering { payload: Payload::Original, outcome: Outcome::Skipped { reason } });
                     }
                 }
@@ -402,5 +425,26 @@ mod tests {
         assert!(!egress::is_due(1_001, 1_000, cap));
         assert!(!egress::is_due(301_000, 1_000, cap));
         assert!(egress::is_due(301_001, 1_000, cap), "written before the clock went back");
+        // a commitment wait keeps its own deadline (a reload may shorten the
+        // timeout since): due when it passes, or when the request is dated
+        // after now
+        let mut d = crate::journal::Delivery {
+            destination: "a".into(),
+            delivered: false,
+            attempts: 1,
+            next_attempt_ms: 10_000_000,
+            last_error: None,
+            commitment: Some(crate::journal::PendingCommitment {
+                transaction_uid: "2.25.1".into(),
+                requested_ms: 1_000,
+                count: 1,
+                digest: String::new(),
+            }),
+            peer: None,
+        };
+        assert!(!egress::delivery_due(&d, 2_000, cap), "an hour's commitment wait is not cut by a 300 s backoff cap");
+        assert!(egress::delivery_due(&d, 10_000_000, cap));
+        d.commitment.as_mut().unwrap().requested_ms = 5_000;
+        assert!(egress::delivery_due(&d, 2_000, cap), "requested after now: the clock went back");
     }
 }

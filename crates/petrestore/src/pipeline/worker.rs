@@ -75,11 +75,11 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
     // The scheduler's list may be older than the job: a job that finished
     // (or moved on) since it was read is not restored again, and a series
     // passed through is forwarded, never restored.
-    let destinations: Vec<String> = ctx.settings.get().destinations.iter().map(|d| d.name.clone()).collect();
+    let destinations = ctx.settings.get().destinations.clone();
     let job = ctx.journal.update(job_id, |j| match (&j.kind, &j.state) {
         (JobKind::Passthrough, JobState::Queued | JobState::Restoring) => {
             let reason = format!("not PET ({}): passed through unchanged", j.modality.clone().unwrap_or_default());
-            j.plan_deliveries(&destinations);
+            j.plan_deliveries_to(&destinations);
             j.set_state(JobState::Delivering { payload: Payload::Original, outcome: Outcome::Skipped { reason } });
         }
         (JobKind::Pet, JobState::Queued | JobState::Restoring) => j.set_state(JobState::Restoring),
@@ -129,7 +129,7 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
         ctx.spool.reservations().release(&job.series_uid);
     }
     let settings = ctx.settings.get();
-    let destinations: Vec<String> = settings.destinations.iter().map(|d| d.name.clone()).collect();
+    let destinations = &settings.destinations;
     let r = &settings.restore;
     if let Ending::NoSpace(reason) = &ending {
         let job = ctx.journal.update(job_id, |j| {
@@ -177,7 +177,7 @@ pub fn restore_job(ctx: &WorkerCtx, job_id: &str) -> Result<(), JournalError> {
         };
         match payload {
             Some(payload) if !destinations.is_empty() => {
-                j.plan_deliveries(&destinations);
+                j.plan_deliveries_to(destinations);
                 j.set_state(JobState::Delivering { payload, outcome });
             }
             // nothing is sent this time: an earlier run's deliveries must
