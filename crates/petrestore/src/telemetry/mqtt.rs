@@ -89,8 +89,9 @@ fn options(cfg: &MqttSettings, device_id: &str) -> Result<MqttOptions, String> {
     o.set_keep_alive(cfg.keep_alive);
     o.set_clean_session(true);
     // rumqttc's default is 10 KiB each way; a larger packet ends the
-    // connection. Commands are small, but an outsized retained message on
-    // a command topic must not end every connection.
+    // connection. Commands are small: up to 1 MiB is read, so only a
+    // retained message beyond that on a command topic (clear it) would end
+    // every connection.
     o.set_max_packet_size(1 << 20, MAX_PACKET);
     o.set_last_will(last_will(device_id));
     if let Some(tls) = &cfg.tls {
@@ -123,12 +124,17 @@ pub async fn run(
     };
     let pre = prefix(&device_id);
     let (client, mut eventloop) = AsyncClient::new(opts, cfg.buffer + 64);
+    // Whether the connection is up, as the poller last saw it: cleared the
+    // moment it fails, so nothing newer is handed to the client after the
+    // unacknowledged messages were taken back (they keep their order).
+    let link_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (conn_tx, mut conn_rx) = mpsc::channel::<Conn>(64);
     let stop_poll = CancellationToken::new();
     let poller = {
         let stop = stop_poll.clone();
         let device_id = device_id.clone();
         let pre = pre.clone();
+        let link_up = link_up.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(250);
             // A connection the broker accepts and then drops at once (a
@@ -144,6 +150,7 @@ pub async fn run(
                 match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         up_since = Some(std::time::Instant::now());
+                        link_up.store(true, Ordering::SeqCst);
                         let _ = conn_tx.send(Conn::Up).await;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -153,6 +160,7 @@ pub async fn run(
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                     Ok(_) => {}
                     Err(e) => {
+                        link_up.store(false, Ordering::SeqCst);
                         // rumqttc moves what was unacknowledged or still
                         // queued to `pending` and clears it when the broker
                         // answers without a session: take it back first.
@@ -189,6 +197,9 @@ pub async fn run(
     // Hand buffered messages to the client until its queue is full.
     let flush = |client: &AsyncClient, buffer: &mut VecDeque<Outgoing>| {
         while let Some(o) = buffer.front() {
+            if !link_up.load(Ordering::SeqCst) {
+                break;
+            }
             if publish(client, o).is_err() {
                 break;
             }
