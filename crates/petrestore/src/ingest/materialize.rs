@@ -55,6 +55,10 @@ const QUEUE: usize = 64;
 const QUEUE_BYTES: u64 = 64 << 20;
 /// After this long without records the active segment is closed and deleted.
 const IDLE: Duration = Duration::from_secs(1);
+
+/// No instance for this long: spare log segments that still hold records
+/// are zeroed ([`ArrivalLog::scrub_spares`]).
+const SCRUB_IDLE: Duration = Duration::from_secs(60);
 /// First wait before a failed move is tried again; it doubles up to `RETRY_MAX`.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(15);
@@ -381,18 +385,24 @@ impl Materializer {
 
 fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wake: &Notify, shared: &Shared) {
     let mut stop = false;
+    let mut last_item = Instant::now();
     while !stop {
         let first = match rx.recv_timeout(IDLE) {
             Ok(Msg::Item(i)) => i,
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
                 log.retire_idle();
-                if let Err(e) = log.scrub_spares() {
+                // between studies, not between two series of one: zeroing
+                // competes with the next acknowledgements for the disk
+                if last_item.elapsed() >= SCRUB_IDLE
+                    && let Err(e) = log.scrub_spares()
+                {
                     tracing::warn!(error = %e, "cannot zero a spare arrival log segment; it is removed");
                 }
                 continue;
             }
         };
+        last_item = Instant::now();
         let deadline = Instant::now() + MAX_DEFER;
         let mut bytes = first.encoded.bytes.len();
         let mut batch = vec![first];

@@ -292,20 +292,34 @@ pub struct Signature {
 
 impl Signature {
     pub fn of(o: &InMemDicomObject) -> Signature {
-        use std::hash::{Hash, Hasher};
         let texts = SAME_INSTANCE.iter().map(|(t, _)| text_of(o, *t)).collect();
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        // in place: a multi-frame Pixel Data can be hundreds of MB
+        // A CRC-32 of the pixels, in place (a multi-frame Pixel Data can be
+        // hundreds of MB), with their length: on the acknowledgement's path,
+        // so a checksum at memory speed rather than a keyed hash (two
+        // different reconstructions of one slice agreeing in length and
+        // CRC: 1 in 2^32).
         use dicom_core::value::{PrimitiveValue as P, Value};
-        match o.get(tags::PIXEL_DATA).map(|e| e.value()) {
-            Some(Value::Primitive(P::U8(v))) => v.as_slice().hash(&mut h),
-            Some(Value::Primitive(P::U16(v))) => v.as_slice().hash(&mut h),
-            Some(Value::Primitive(P::I16(v))) => v.as_slice().hash(&mut h),
-            Some(Value::Primitive(P::U32(v))) => v.as_slice().hash(&mut h),
-            Some(other) => other.to_bytes().ok().as_deref().hash(&mut h),
-            None => 0u8.hash(&mut h),
+        fn bytes<T: Copy>(v: &[T]) -> &[u8] {
+            // SAFETY: integer and float slices are plain bytes, initialised,
+            // with no padding; the view lives as long as `v`.
+            unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
         }
-        Signature { texts, pixels: h.finish() }
+        let mut crc = crc32fast::Hasher::new();
+        let mut len = 0usize;
+        let mut feed = |b: &[u8]| {
+            crc.update(b);
+            len += b.len();
+        };
+        match o.get(tags::PIXEL_DATA).map(|e| e.value()) {
+            Some(Value::Primitive(P::U8(v))) => feed(v),
+            Some(Value::Primitive(P::U16(v))) => feed(bytes(v)),
+            Some(Value::Primitive(P::I16(v))) => feed(bytes(v)),
+            Some(Value::Primitive(P::U32(v))) => feed(bytes(v)),
+            Some(Value::Primitive(P::F32(v))) => feed(bytes(v)),
+            Some(other) => feed(&other.to_bytes().unwrap_or_default()),
+            None => {}
+        }
+        Signature { texts, pixels: (u64::from(crc.finalize()) << 32) ^ len as u64 }
     }
 
     /// The first attribute in which `other` differs, or its pixels.
