@@ -81,6 +81,10 @@ fn a_drained_box_still_takes_the_archives_commitment_report() {
     sub.wait_on("/status", "draining", Duration::from_secs(10), |v| v["state"] == "draining");
     let refused = storescu(port, CONSOLE, &s.files[..1]);
     assert!(!refused.status.success(), "a console is refused while draining");
+    // the archive's AE title is let in (to report); a C-STORE from it is
+    // answered out of resources, to be sent again later
+    let o = text(&storescu(port, "ARCHIVE", &s.files[..1]));
+    assert!(o.contains("Out of Resources") || o.contains("OutOfResources"), "{o}");
 
     // the archive's address corrected: the series goes out, and its report
     // comes in on the archive's own association
