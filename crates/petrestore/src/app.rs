@@ -197,33 +197,58 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     // Instances acknowledged before a crash but not yet in the spool and the
     // journal are in the arrival log: record them before anything else.
     let log = Arc::new(ArrivalLog::open(&spool.root().join("arrivals")).context("cannot open the arrival log in the spool folder")?);
-    let replayed = materialize::replay(&log, &spool, &journal).map_err(|e| {
-        anyhow::anyhow!("cannot replay the arrival log ({e}); the received instances stay in {} until this is fixed", log.dir().display())
-    })?;
     // Pre-written spare segments make each acknowledgement's sync cheaper
     // (no file-size change to commit); made once per node, then recycled.
     // After the replay, which needs the space first, and never into the
     // room node.min_free_mb keeps.
-    {
+    let spares = {
         let log = log.clone();
         let keep_free = settings.node.min_free_bytes;
-        std::thread::Builder::new()
-            .name("arrival-spares".into())
-            .spawn(move || {
+        move || {
+            let spawned = std::thread::Builder::new().name("arrival-spares".into()).spawn(move || {
                 if let Err(e) = log.prepare_spares(keep_free) {
                     tracing::warn!(error = %e, "cannot prepare spare arrival log segments; appending to new files instead");
                 }
-            })
-            .context("cannot start a thread")?;
-    }
-    if replayed.segments > 0 {
-        tracing::info!(
-            segments = replayed.segments,
-            records = replayed.records,
-            recorded = replayed.batch.recorded,
-            already = replayed.batch.already,
-            "arrival log replayed"
-        );
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a thread to prepare spare arrival log segments");
+            }
+        }
+    };
+    // A disk with no room for the replay (a restart on a full disk) does
+    // not keep the daemon down: it starts with ingest refused (0xA700,
+    // "disk full"), restores and delivers what the spool holds, which
+    // frees room as retention removes delivered series, and the
+    // materializer replays the log when there is room.
+    let mut pending_replay = None;
+    match materialize::replay(&log, &spool, &journal) {
+        Ok(replayed) => {
+            if replayed.segments > 0 {
+                tracing::info!(
+                    segments = replayed.segments,
+                    records = replayed.records,
+                    recorded = replayed.batch.recorded,
+                    already = replayed.batch.already,
+                    "arrival log replayed"
+                );
+            }
+            spares();
+        }
+        Err(e) if e.short_reason() == "disk full" || matches!(&e, materialize::MaterializeError::Journal(j) if j.is_storage_io()) => {
+            tracing::error!(
+                error = %e,
+                log = %log.dir().display(),
+                "cannot replay the arrival log: the received instances stay in it and are moved into the spool when there is room; \
+                 new instances are refused meanwhile"
+            );
+            pending_replay = Some(materialize::PendingReplay { reason: e.short_reason(), then: Box::new(spares) });
+        }
+        Err(e) => {
+            return Err(anyhow::anyhow!(
+                "cannot replay the arrival log ({e}); the received instances stay in {} until this is fixed",
+                log.dir().display()
+            ));
+        }
     }
     // The journal against the evidence (the spool, the outcome log): any
     // disagreement is damage, repaired before anything acts on the journal.
@@ -301,7 +326,11 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         shared: Default::default(),
     });
     let materializer = Arc::new(
-        Materializer::start(log.clone(), spool.clone(), journal.clone(), wake.clone()).context("cannot start the materializer thread")?,
+        match pending_replay {
+            None => Materializer::start(log.clone(), spool.clone(), journal.clone(), wake.clone()),
+            Some(p) => Materializer::start_after_replay(log.clone(), spool.clone(), journal.clone(), wake.clone(), p),
+        }
+        .context("cannot start the materializer thread")?,
     );
     let sink = Arc::new(SpoolSink {
         spool,

@@ -622,6 +622,61 @@ fn enospc_in_the_spool_recovers_by_itself_when_space_returns() {
     drop(d);
 }
 
+/// A restart on a full disk: instances acknowledged into the arrival log
+/// whose move into the spool met a full disk, then a crash, then a start
+/// with the disk still full. The daemon starts anyway (a daemon that
+/// cannot start is restarted by systemd in a loop, and nothing is
+/// restored, delivered or reported meanwhile), says why new instances are
+/// refused, and moves the logged instances into the spool when there is
+/// room, without another restart. Real small filesystem (tmpfs).
+#[test]
+fn a_restart_on_a_full_disk_starts_and_replays_the_log_when_space_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = series(&tmp.path().join("src"), 32, 256, 86);
+    let dest = StoreScp::start(&tmp.path().join("dest"));
+    let dir = tmp.path().join("d");
+    let fs = Tmpfs::mount(&dir.join("state"), 96);
+    let mut d = Daemon::start(&dir, &format!("[node]\nmin_free_mb = 0\n[series]\nquiet_timeout_s = 2\n{}", destination("pacs", dest.port)));
+    let filler = fs.fill_leaving(1024 * 1024);
+    let first = storescu(d.port, CONSOLE, &src.files[..16]);
+    let (acknowledged, _) = store_responses(&text(&first));
+    assert!(!acknowledged.is_empty(), "{}", text(&first));
+    d.wait_log("No space left on device");
+    // the acknowledged instances are only in the arrival log; a crash
+    d.kill9();
+    d.restart();
+    d.wait_log("cannot replay the arrival log");
+    // the box says why it refuses, and refuses with that reason
+    let st = petrestore(&["status", "--state-dir", d.state_dir().to_str().unwrap()]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&st)));
+    assert!(st["ingest_stalled"].as_str().is_some_and(|s| s.contains("disk full")), "{st}");
+    let out = text(&storescu(d.port, CONSOLE, &src.files[16..]));
+    let (taken, refused) = store_responses(&out);
+    assert!(taken.is_empty() && !refused.is_empty(), "{out}");
+    assert!(out.contains("Refused: OutOfResources"), "{out}");
+    assert!(!d.log().contains("arrival log replayed"), "{}", d.log());
+
+    std::fs::remove_file(&filler).unwrap();
+    d.wait_log("arrival log replayed: the spool takes instances again");
+    let job = d.job(&job_id(&src));
+    assert!(
+        job.received as usize >= acknowledged.len(),
+        "every acknowledged instance recorded: {} of {}",
+        job.received,
+        acknowledged.len()
+    );
+    // the console sends again what was refused; every slice is restored
+    assert!(storescu(d.port, CONSOLE, &src.files).status.success());
+    let job = d.wait_job(&job_id(&src), "the series restored and delivered", Duration::from_secs(120), |j| j.state.is_terminal());
+    assert_eq!((job.received, &job.state), (32, &JobState::Done), "{:#?}", job.history);
+    let got = wait_for("32 derived instances", Duration::from_secs(20), || {
+        let f = dest.files();
+        (f.len() == 32).then_some(f)
+    });
+    assert!(sop_uids(&got).is_disjoint(&sop_uids(&src.files)));
+    drop(d);
+}
+
 /// Issue 18, found by the torture harness: a finished series that gets more
 /// instances (the console resends the whole series after the part it sent
 /// first was processed as incomplete) is processed again, also when the

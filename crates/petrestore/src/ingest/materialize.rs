@@ -164,7 +164,13 @@ pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8]
             continue;
         };
         let abs = spool.absolute(&rel);
-        let f = spool::write_unsynced(&abs, &[bytes]).map_err(|source| MaterializeError::Write { path: abs.clone(), source })?;
+        let f = match spool::write_unsynced(&abs, &[bytes]) {
+            Ok(f) => f,
+            Err(source) => {
+                remove_unrecorded(spool, &todo);
+                return Err(MaterializeError::Write { path: abs, source });
+            }
+        };
         files.push(f);
         if let Some(d) = abs.parent() {
             dirs.insert(d.to_owned());
@@ -173,23 +179,49 @@ pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8]
         a.record.path = rel;
         todo.push(a);
     }
-    for f in &files {
-        f.sync_all().map_err(|source| MaterializeError::Sync { what: "a spool file".into(), source })?;
-    }
-    for d in &dirs {
-        spool::sync_dir(d).map_err(|source| MaterializeError::Sync { what: d.display().to_string(), source })?;
-    }
-    for a in &todo {
-        match journal.record(a)? {
-            Recorded::New { complete, .. } => {
-                out.recorded += 1;
-                out.completed |= complete;
-            }
-            Recorded::Duplicate { .. } => out.already += 1,
+    // A failure before an instance is recorded removes its spool file
+    // again (its copy stays in the arrival log): the spool never holds an
+    // instance the journal lacks, which the start-up check would take for
+    // damage, and a full disk gets the room back.
+    let mut recorded = 0;
+    let result = (|| -> Result<(), MaterializeError> {
+        for f in &files {
+            f.sync_all().map_err(|source| MaterializeError::Sync { what: "a spool file".into(), source })?;
         }
+        for d in &dirs {
+            spool::sync_dir(d).map_err(|source| MaterializeError::Sync { what: d.display().to_string(), source })?;
+        }
+        for a in &todo {
+            match journal.record(a)? {
+                Recorded::New { complete, .. } => {
+                    out.recorded += 1;
+                    out.completed |= complete;
+                }
+                Recorded::Duplicate { .. } => out.already += 1,
+            }
+            recorded += 1;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        remove_unrecorded(spool, &todo[recorded..]);
+        return Err(e);
     }
     journal.flush()?;
     Ok(out)
+}
+
+/// Remove the spool files written for these instances (not recorded in
+/// the journal; their copies are in the arrival log).
+fn remove_unrecorded(spool: &Spool, arrivals: &[Arrival]) {
+    for a in arrivals {
+        let path = spool.absolute(&a.record.path);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a spool file whose instance was not recorded");
+        }
+    }
 }
 
 /// What claiming an instance for the arrival log found ([`Materializer::claim`]).
@@ -250,7 +282,22 @@ pub struct Materializer {
 
 impl Materializer {
     pub fn start(log: Arc<ArrivalLog>, spool: Spool, journal: Journal, wake: Arc<Notify>) -> std::io::Result<Materializer> {
-        Self::start_bounded(log, spool, journal, wake, QUEUE_BYTES)
+        Self::start_bounded(log, spool, journal, wake, QUEUE_BYTES, None)
+    }
+
+    /// Start with the start-up replay still to do: the start could not
+    /// move the arrival log's leftover records into the spool (a full
+    /// disk). New instances are refused with `pending.reason` until the
+    /// replay, retried with backoff, has gone through; then
+    /// `pending.then` runs and ingest resumes.
+    pub fn start_after_replay(
+        log: Arc<ArrivalLog>,
+        spool: Spool,
+        journal: Journal,
+        wake: Arc<Notify>,
+        pending: PendingReplay,
+    ) -> std::io::Result<Materializer> {
+        Self::start_bounded(log, spool, journal, wake, QUEUE_BYTES, Some(pending))
     }
 
     fn start_bounded(
@@ -259,12 +306,13 @@ impl Materializer {
         journal: Journal,
         wake: Arc<Notify>,
         max_bytes: u64,
+        pending: Option<PendingReplay>,
     ) -> std::io::Result<Materializer> {
         let (tx, rx) = sync_channel(QUEUE);
         let shared = Arc::new(Shared {
             in_flight: Mutex::new(HashMap::new()),
             bytes: Default::default(),
-            failed: Mutex::new(None),
+            failed: Mutex::new(pending.as_ref().map(|p| p.reason.to_string())),
             journal_io: std::sync::atomic::AtomicBool::new(false),
             ended: Mutex::new(false),
             room: std::sync::Condvar::new(),
@@ -281,7 +329,14 @@ impl Materializer {
                 }
             }
             let _ended = Ended(s.clone());
-            run(rx, &log, &spool, &journal, &wake, &s);
+            let mut early = Vec::new();
+            if let Some(p) = pending {
+                if !replay_until_done(&rx, &mut early, &log, &spool, &journal, &wake, &s) {
+                    return;
+                }
+                (p.then)();
+            }
+            run(rx, early, &log, &spool, &journal, &wake, &s);
         })?;
         Ok(Materializer { tx, shared, thread: Mutex::new(Some(thread)) })
     }
@@ -383,11 +438,75 @@ impl Materializer {
     }
 }
 
-fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wake: &Notify, shared: &Shared) {
+/// The start-up replay the start could not finish, and what follows it.
+pub struct PendingReplay {
+    /// Why it could not finish: new instances are refused with it meanwhile.
+    pub reason: &'static str,
+    /// Runs once the replay has gone through (before ingest resumes).
+    pub then: Box<dyn FnOnce() + Send>,
+}
+
+/// Retry [`replay`] with backoff until it goes through (true) or the
+/// materializer is stopped first (false: the records stay in the log for
+/// the next start). Items handed over meanwhile (none are: ingest refuses
+/// while `failed` is set) are kept in `early` for the main loop.
+fn replay_until_done(
+    rx: &Receiver<Msg>,
+    early: &mut Vec<Item>,
+    log: &ArrivalLog,
+    spool: &Spool,
+    journal: &Journal,
+    wake: &Notify,
+    shared: &Shared,
+) -> bool {
+    let mut wait = RETRY_FIRST;
+    loop {
+        match rx.recv_timeout(wait) {
+            Ok(Msg::Item(i)) => {
+                early.push(i);
+                continue;
+            }
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return false,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        match replay(log, spool, journal) {
+            Ok(r) => {
+                shared.journal_io.store(false, std::sync::atomic::Ordering::Relaxed);
+                shared.failed.lock().unwrap().take();
+                tracing::info!(
+                    segments = r.segments,
+                    records = r.records,
+                    recorded = r.batch.recorded,
+                    already = r.batch.already,
+                    "arrival log replayed: the spool takes instances again: ingest resumed"
+                );
+                if r.batch.completed {
+                    wake.notify_one();
+                }
+                return true;
+            }
+            Err(e) => {
+                let journal_io = matches!(&e, MaterializeError::Journal(j) if j.is_storage_io());
+                shared.journal_io.store(journal_io, std::sync::atomic::Ordering::Relaxed);
+                *shared.failed.lock().unwrap() = Some(e.short_reason().to_string());
+                tracing::warn!(error = %e, retry_in = ?wait, "the arrival log's records still cannot be moved into the spool; \
+                    they are safe in the log; new instances are refused meanwhile");
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+fn run(rx: Receiver<Msg>, early: Vec<Item>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wake: &Notify, shared: &Shared) {
     let mut stop = false;
     let mut last_item = Instant::now();
+    let mut early = std::collections::VecDeque::from(early);
     while !stop {
-        let first = match rx.recv_timeout(IDLE) {
+        let next = match early.pop_front() {
+            Some(i) => Ok(Msg::Item(i)),
+            None => rx.recv_timeout(IDLE),
+        };
+        let first = match next {
             Ok(Msg::Item(i)) => i,
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
@@ -411,7 +530,11 @@ fn run(rx: Receiver<Msg>, log: &ArrivalLog, spool: &Spool, journal: &Journal, wa
             if left.is_zero() {
                 break;
             }
-            match rx.recv_timeout(left) {
+            let next = match early.pop_front() {
+                Some(i) => Ok(Msg::Item(i)),
+                None => rx.recv_timeout(left),
+            };
+            match next {
                 Ok(Msg::Item(i)) => {
                     bytes += i.encoded.bytes.len();
                     batch.push(i);
@@ -595,6 +718,27 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_that_fails_leaves_no_spool_file_the_journal_lacks() {
+        let d = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&d.path().join("journal")).unwrap();
+        let spool = Spool::new(d.path().join("spool")).unwrap();
+        let (a, b) = (arrival("1.2.3.4.5.1"), arrival("1.2.3.4.5.2"));
+        // the second file cannot be written: a folder stands at its path
+        let path = |a: &Arrival| spool.absolute(&Spool::relative_path(&a.study_uid, &a.series_uid, &a.record.sop_instance_uid).unwrap());
+        std::fs::create_dir_all(path(&b)).unwrap();
+        let err = materialize(&spool, &journal, &[(&a, b"first"), (&b, b"second")]).unwrap_err();
+        assert!(matches!(err, MaterializeError::Write { .. }), "{err}");
+        assert!(!path(&a).exists(), "the first file, written before the failure, is removed again");
+        assert!(!journal.has_instance(&a.series_uid, "1.2.3.4.5.1").unwrap());
+        assert!(crate::journal::integrity::check(&journal, spool.root()).is_empty());
+        // once the obstacle is gone the same batch goes through
+        std::fs::remove_dir(path(&b)).unwrap();
+        let done = materialize(&spool, &journal, &[(&a, b"first"), (&b, b"second")]).unwrap();
+        assert_eq!(done.recorded, 2);
+        assert_eq!(std::fs::read(path(&a)).unwrap(), b"first");
+    }
+
+    #[test]
     fn replay_records_what_the_journal_lacks_and_handles_torn_and_damaged_segments() {
         let d = tempfile::tempdir().unwrap();
         let journal = Journal::open(&d.path().join("journal")).unwrap();
@@ -682,7 +826,7 @@ mod tests {
         let journal = Journal::open(&d.path().join("journal")).unwrap();
         let spool = Spool::new(d.path().join("spool")).unwrap();
         let log = Arc::new(ArrivalLog::open(&spool.root().join("arrivals")).unwrap());
-        let m = Materializer::start_bounded(log.clone(), spool, journal.clone(), Arc::new(Notify::new()), 1000).unwrap();
+        let m = Materializer::start_bounded(log.clone(), spool, journal.clone(), Arc::new(Notify::new()), 1000, None).unwrap();
         let item = |i: u32| {
             let a = arrival(&format!("1.2.3.4.5.{i}"));
             let mut encoded = arrivals::encode(&a, &[&[7u8; 600]]);
@@ -720,7 +864,7 @@ mod tests {
         // flight, in the log
         std::fs::create_dir_all(spool.root().join("1.2.3")).unwrap();
         std::fs::write(spool.root().join("1.2.3/1.2.3.4"), b"not a folder").unwrap();
-        let m = Materializer::start_bounded(log.clone(), spool, journal, Arc::new(Notify::new()), 1 << 20).unwrap();
+        let m = Materializer::start_bounded(log.clone(), spool, journal, Arc::new(Notify::new()), 1 << 20, None).unwrap();
         let sig = |name: &str| {
             let mut o = dicom_object::InMemDicomObject::new_empty();
             o.put(DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from(name)));
