@@ -206,6 +206,65 @@ fn a_retained_command_is_refused_not_run_at_every_connection() {
     assert!(sub.on("/status").iter().all(|v| v["state"] != "paused"), "{:?}", sub.on("/status"));
 }
 
+/// A broker whose ACL does not let the box subscribe to its command topic
+/// refuses the subscription (SUBACK 0x80: Mosquitto's dynamic security
+/// plugin, as a fleet's broker would run it). Nothing else would say so:
+/// commands would go unanswered. The daemon logs it, health's last_error
+/// says it, and the subscription is asked for again at every health tick,
+/// so an ACL fixed on the live broker brings commands back.
+#[test]
+fn a_refused_command_subscription_is_reported_and_asked_for_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugin = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|e| Some(e.ok()?.path().join("mosquitto_dynamic_security.so")))
+        .find(|p| p.exists())
+        .expect("Mosquitto's dynamic security plugin (package mosquitto, /usr/lib/<arch>/mosquitto_dynamic_security.so)");
+    // anonymous clients may do anything but subscribe to command topics;
+    // they may also change the ACL ($CONTROL), as an administrator would
+    let dynsec = tmp.path().join("dynsec.json");
+    std::fs::write(
+        &dynsec,
+        r#"{"defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true, "subscribe": true, "unsubscribe": true},
+            "clients": [], "anonymousGroup": "anon", "groups": [{"groupname": "anon", "roles": [{"rolename": "box"}]}],
+            "roles": [{"rolename": "box", "acls": [
+                {"acltype": "subscribePattern", "topic": "petrestore/+/+/cmd/#", "priority": 0, "allow": false},
+                {"acltype": "publishClientSend", "topic": "$CONTROL/dynamic-security/#", "priority": 0, "allow": true}]}]}"#,
+    )
+    .unwrap();
+    let broker = Mosquitto::start(tmp.path(), &format!("plugin {}\nplugin_opt_config_file {}", plugin.display(), dynsec.display()));
+    let health = Sub::start(broker.port, &topic("health"), &[]);
+    let d = Daemon::start(&tmp.path().join("d"), &mqtt(broker.port, ""));
+    let h = health.wait_on("/health", "health naming the refusal", Duration::from_secs(20), |v| {
+        v["last_error"].as_str().is_some_and(|e| e.contains("refuses the command subscription"))
+    });
+    assert_schema("health", &h);
+    d.wait_log("the broker refused the command subscription");
+
+    // the ACL is fixed on the live broker; it disconnects the clients whose
+    // role changed (the box, and this publisher before its PUBACK), and the
+    // box subscribes again
+    let fix = r#"{"commands": [{"command": "removeRoleACL", "rolename": "box", "acltype": "subscribePattern", "topic": "petrestore/+/+/cmd/#"}]}"#;
+    mosquitto_pub(broker.port, "$CONTROL/dynamic-security/v1", fix, &[]);
+    let fixed = std::fs::read_to_string(&dynsec).unwrap();
+    assert!(!fixed.contains("subscribePattern"), "the broker took the fix: {fixed}");
+    let sub = Sub::start(broker.port, &topic("#"), &[]);
+    // commands are answered again (published until one is: the box may
+    // still be reconnecting)
+    let r = wait_for("a command answered", Duration::from_secs(30), || {
+        let out = mosquitto_pub(broker.port, &topic("cmd/pause"), r#"{"correlation_id": "after-acl"}"#, &[]);
+        assert!(out.status.success(), "{}", text(&out));
+        std::thread::sleep(Duration::from_millis(500));
+        sub.on("/cmd/pause/reply").into_iter().find(|v| v["correlation_id"] == "after-acl")
+    });
+    assert_eq!(r["ok"], true, "{r}");
+    // and health stops naming it (only messages after the reply count)
+    let seen = health.on("/health").len();
+    wait_for("health without the refusal", Duration::from_secs(20), || {
+        health.on("/health").into_iter().skip(seen).find(|v| !v["last_error"].as_str().is_some_and(|e| e.contains("command subscription")))
+    });
+}
+
 #[test]
 fn broker_down_leaves_the_pipeline_alone_and_buffered_events_arrive_with_the_drop_count() {
     let tmp = tempfile::tempdir().unwrap();

@@ -30,6 +30,9 @@ pub trait Control: Send + Sync + 'static {
 enum Conn {
     Up,
     Down(String),
+    /// The broker answered the command subscription: `false` when it
+    /// refused it (its ACL does not let this client read the topic).
+    Subscribed(bool),
     /// Messages the client had taken but the broker never acknowledged
     /// when the connection failed: the client would discard them at the
     /// next connection (a clean session), so they go back to the buffer.
@@ -153,6 +156,10 @@ pub async fn run(
                         link_up.store(true, Ordering::SeqCst);
                         let _ = conn_tx.send(Conn::Up).await;
                     }
+                    Ok(Event::Incoming(Packet::SubAck(a))) => {
+                        let ok = a.return_codes.iter().all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)));
+                        let _ = conn_tx.send(Conn::Subscribed(ok)).await;
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let _ =
                             conn_tx.send(Conn::Command { topic: p.topic.clone(), payload: p.payload.to_vec(), retained: p.retain }).await;
@@ -187,6 +194,8 @@ pub async fn run(
 
     let mut connected = false;
     let mut subscribed = false;
+    // the broker refused the command subscription on this connection
+    let mut refused = false;
     let mut warned = false;
     let mut buffer: VecDeque<Outgoing> = VecDeque::with_capacity(cfg.buffer.min(4096));
     let dropped_offline = AtomicU64::new(0);
@@ -218,9 +227,12 @@ pub async fn run(
         }
         buffer.push_back(o);
     };
-    let health = |control: &Arc<dyn Control>| {
+    let health = |control: &Arc<dyn Control>, refused: bool| {
         let mut h = control.health();
         h.events_dropped = dropped_channel.load(Ordering::Relaxed) + dropped_offline.load(Ordering::Relaxed);
+        if refused && h.last_error.is_none() {
+            h.last_error = Some("the broker refuses the command subscription: commands are not received".into());
+        }
         Outgoing { topic: "health".into(), payload: serde_json::to_vec(&h).expect("payloads serialize"), retain: false }
     };
     let status = |control: &Arc<dyn Control>| Outgoing {
@@ -242,7 +254,25 @@ pub async fn run(
                     subscribed = client.try_subscribe(format!("{pre}cmd/+"), QoS::AtLeastOnce).is_ok();
                     let _ = publish(&client, &status(&control));
                     flush(&client, &mut buffer);
-                    let _ = publish(&client, &health(&control));
+                    let _ = publish(&client, &health(&control, refused));
+                }
+                Some(Conn::Subscribed(true)) => {
+                    if refused {
+                        tracing::info!(topic = %format!("{pre}cmd/+"), "MQTT: the broker accepts the command subscription now");
+                    }
+                    refused = false;
+                }
+                Some(Conn::Subscribed(false)) => {
+                    // Commands would never arrive and nothing would say so:
+                    // said once per connection, asked again at every health
+                    // tick (an ACL fixed on the broker is picked up).
+                    if !refused {
+                        tracing::error!(topic = %format!("{pre}cmd/+"), broker = %format!("{}:{}", cfg.host, cfg.port),
+                            "MQTT: the broker refused the command subscription (its ACL does not let this client read the topic): \
+                             commands are not received; asking again at every health tick");
+                    }
+                    refused = true;
+                    subscribed = false;
                 }
                 Some(Conn::Requeue(lost)) => {
                     // oldest first, ahead of what waited here; past the
@@ -267,6 +297,7 @@ pub async fn run(
                     }
                     connected = false;
                     subscribed = false;
+                    refused = false;
                 }
                 Some(Conn::Command { topic, payload, retained }) => {
                     let Some(name) = topic.strip_prefix(&format!("{pre}cmd/")).map(str::to_string) else { continue };
@@ -309,13 +340,13 @@ pub async fn run(
             _ = health_tick.tick() => {
                 if connected && !subscribed {
                     subscribed = client.try_subscribe(format!("{pre}cmd/+"), QoS::AtLeastOnce).is_ok();
-                    if !subscribed {
+                    if !subscribed && !refused {
                         tracing::warn!("MQTT: the command subscription is not queued yet; trying again at the next health tick");
                     }
                 }
                 if connected {
                     flush(&client, &mut buffer);
-                    let _ = publish(&client, &health(&control));
+                    let _ = publish(&client, &health(&control, refused));
                 }
             }
             _ = shutdown.cancelled() => break,
