@@ -119,32 +119,53 @@ pub async fn await_request(socket: &mut TcpStream, artim: Duration, max_pdu_leng
 }
 
 async fn peek_request(socket: &TcpStream, max: u32) -> Result<String, Refusal> {
-    let mut buf = vec![0u8; 6];
-    let mut need = 6usize;
+    let rq = peek_whole(socket, 6, |head| {
+        if head.len() < 6 {
+            return Ok(None);
+        }
+        if head[0] != 0x01 {
+            return Err(Refusal::PduType(head[0]));
+        }
+        let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
+        if !(68..=max).contains(&len) {
+            // 68: the fixed part of the request (PS3.8 9.3.2)
+            return Err(Refusal::Length(len, max));
+        }
+        Ok(Some(6 + len as usize))
+    })
+    .await?;
+    // PS3.8 9.3.2: protocol version (2), reserved (2), called AE title
+    // (16), calling AE title (16) after the 6-byte header
+    Ok(String::from_utf8_lossy(&rq[26..42]).trim().to_owned())
+}
+
+/// Peek (without consuming anything) until a whole record is in the
+/// socket's receive buffer; returns it. `length` sees the first bytes (up
+/// to `head`, as they arrive) and says the record's whole length once
+/// `head` bytes are in (`Ok(None)` before), or refuses it.
+async fn peek_whole(socket: &TcpStream, head: usize, length: impl Fn(&[u8]) -> Result<Option<usize>, Refusal>) -> Result<Vec<u8>, Refusal> {
+    let mut buf = vec![0u8; head];
+    let mut need = None;
     loop {
         let n = socket.peek(&mut buf).await.map_err(|e| Refusal::Io(e.to_string()))?;
         if n == 0 {
             return Err(Refusal::Closed);
         }
-        if n >= 6 && need == 6 {
-            if buf[0] != 0x01 {
-                return Err(Refusal::PduType(buf[0]));
+        match need {
+            None => {
+                if let Some(total) = length(&buf[..n.min(head)])? {
+                    need = Some(total);
+                    buf.resize(total.max(head), 0);
+                    continue;
+                }
             }
-            let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]);
-            if !(68..=max).contains(&len) {
-                // 68: the fixed part of the request (PS3.8 9.3.2)
-                return Err(Refusal::Length(len, max));
+            Some(total) if n >= total => {
+                buf.truncate(total);
+                return Ok(buf);
             }
-            need = 6 + len as usize;
-            buf.resize(need, 0);
-            continue;
+            Some(_) => {}
         }
-        if n >= need && need > 6 {
-            // PS3.8 9.3.2: protocol version (2), reserved (2), called AE
-            // title (16), calling AE title (16) after the 6-byte header
-            return Ok(String::from_utf8_lossy(&buf[26..42]).trim().to_owned());
-        }
-        // part of the request is still on its way: wait for more bytes
+        // part of the record is still on its way: wait for more bytes
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -162,32 +183,22 @@ pub async fn await_client_hello(socket: &TcpStream, artim: Duration) -> Result<(
 }
 
 async fn peek_client_hello(socket: &TcpStream) -> Result<(), Refusal> {
-    let mut buf = vec![0u8; 6];
-    let mut need = 6usize;
-    loop {
-        let n = socket.peek(&mut buf).await.map_err(|e| Refusal::Io(e.to_string()))?;
-        if n == 0 {
-            return Err(Refusal::Closed);
-        }
+    peek_whole(socket, 6, |head| {
         // record type 22 (handshake), version 3.x, handshake type 1 (ClientHello)
-        let shown = &buf[..n.min(6)];
-        if shown.first() != Some(&0x16) || shown.get(1).is_some_and(|&v| v != 0x03) || shown.get(5).is_some_and(|&t| t != 0x01) {
-            return Err(Refusal::NotTls(shown.to_vec()));
+        if head.first() != Some(&0x16) || head.get(1).is_some_and(|&v| v != 0x03) || head.get(5).is_some_and(|&t| t != 0x01) {
+            return Err(Refusal::NotTls(head.to_vec()));
         }
-        if n >= 6 && need == 6 {
-            let len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
-            if !(4..=MAX_TLS_RECORD).contains(&len) {
-                return Err(Refusal::NotTls(buf[..6].to_vec()));
-            }
-            need = 5 + len;
-            buf.resize(need.max(6), 0);
-            continue;
+        if head.len() < 6 {
+            return Ok(None);
         }
-        if n >= need && need > 6 {
-            return Ok(());
+        let len = u16::from_be_bytes([head[3], head[4]]) as usize;
+        if !(4..=MAX_TLS_RECORD).contains(&len) {
+            return Err(Refusal::NotTls(head.to_vec()));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        Ok(Some(5 + len))
+    })
+    .await
+    .map(drop)
 }
 
 /// Turn away a well-formed request when no slot freed up within ARTIM.
