@@ -241,7 +241,8 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
                 "cannot replay the arrival log: the received instances stay in it and are moved into the spool when there is room; \
                  new instances are refused meanwhile"
             );
-            pending_replay = Some(materialize::PendingReplay { reason: e.short_reason(), then: Box::new(spares) });
+            let journal_io = matches!(&e, materialize::MaterializeError::Journal(j) if j.is_storage_io());
+            pending_replay = Some(materialize::PendingReplay { reason: e.short_reason(), journal_io, then: Box::new(spares) });
         }
         Err(e) => {
             return Err(anyhow::anyhow!(
@@ -252,7 +253,13 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     }
     // The journal against the evidence (the spool, the outcome log): any
     // disagreement is damage, repaired before anything acts on the journal.
-    let problems = crate::journal::integrity::check(&journal, spool.root());
+    let problems = match &pending_replay {
+        None => crate::journal::integrity::check(&journal, spool.root()),
+        Some(_) => {
+            let in_log = materialize::logged_paths(&log).context("cannot read the arrival log in the spool folder")?;
+            crate::journal::integrity::check_beside_log(&journal, spool.root(), &|rel| in_log.contains(rel))
+        }
+    };
     if !problems.is_empty() {
         drop(journal);
         repair_journal(&settings, spool.root(), &problems)?;
@@ -332,6 +339,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         }
         .context("cannot start the materializer thread")?,
     );
+    let _ = pipeline.ingest.set(materializer.clone());
     let sink = Arc::new(SpoolSink {
         spool,
         journal: journal.clone(),

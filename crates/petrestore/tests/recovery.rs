@@ -637,8 +637,11 @@ fn a_restart_on_a_full_disk_starts_and_replays_the_log_when_space_returns() {
     let dir = tmp.path().join("d");
     let fs = Tmpfs::mount(&dir.join("state"), 96);
     let mut d = Daemon::start(&dir, &format!("[node]\nmin_free_mb = 0\n[series]\nquiet_timeout_s = 2\n{}", destination("pacs", dest.port)));
+    // the first slices reach the spool; then the disk fills
+    assert!(storescu(d.port, CONSOLE, &src.files[..4]).status.success());
+    d.wait_job(&job_id(&src), "4 instances in the spool", Duration::from_secs(10), |j| j.received == 4);
     let filler = fs.fill_leaving(1024 * 1024);
-    let first = storescu(d.port, CONSOLE, &src.files[..16]);
+    let first = storescu(d.port, CONSOLE, &src.files[4..16]);
     let (acknowledged, _) = store_responses(&text(&first));
     assert!(!acknowledged.is_empty(), "{}", text(&first));
     d.wait_log("No space left on device");
@@ -646,6 +649,11 @@ fn a_restart_on_a_full_disk_starts_and_replays_the_log_when_space_returns() {
     d.kill9();
     d.restart();
     d.wait_log("cannot replay the arrival log");
+    // the slices in the log are not lost from view: the series' quiet time
+    // (2 s) does not end while they wait, so it is not processed without them
+    std::thread::sleep(Duration::from_secs(5));
+    let job = d.job(&job_id(&src));
+    assert_eq!((job.state.clone(), job.received), (JobState::Receiving, 4), "{:#?}", job.history);
     // the box says why it refuses, and refuses with that reason
     let st = petrestore(&["status", "--state-dir", d.state_dir().to_str().unwrap()]);
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&st)));
@@ -655,6 +663,8 @@ fn a_restart_on_a_full_disk_starts_and_replays_the_log_when_space_returns() {
     assert!(taken.is_empty() && !refused.is_empty(), "{out}");
     assert!(out.contains("Refused: OutOfResources"), "{out}");
     assert!(!d.log().contains("arrival log replayed"), "{}", d.log());
+    // nothing the start found was taken for damage
+    assert!(!d.log().contains("repairing it"), "{}", d.log());
 
     std::fs::remove_file(&filler).unwrap();
     d.wait_log("arrival log replayed: the spool takes instances again");

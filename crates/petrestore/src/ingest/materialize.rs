@@ -151,7 +151,13 @@ pub fn materialize(spool: &Spool, journal: &Journal, entries: &[(&Arrival, &[u8]
     let mut seen = HashSet::new();
     for (a, bytes) in entries {
         let sop = &a.record.sop_instance_uid;
-        let already = journal.has_instance(&a.series_uid, sop)?;
+        let already = match journal.has_instance(&a.series_uid, sop) {
+            Ok(already) => already,
+            Err(e) => {
+                remove_unrecorded(spool, &todo);
+                return Err(e.into());
+            }
+        };
         if already || !seen.insert(instance_key(&a.series_uid, sop)) {
             out.already += 1;
             continue;
@@ -313,7 +319,7 @@ impl Materializer {
             in_flight: Mutex::new(HashMap::new()),
             bytes: Default::default(),
             failed: Mutex::new(pending.as_ref().map(|p| p.reason.to_string())),
-            journal_io: std::sync::atomic::AtomicBool::new(false),
+            journal_io: std::sync::atomic::AtomicBool::new(pending.as_ref().is_some_and(|p| p.journal_io)),
             ended: Mutex::new(false),
             room: std::sync::Condvar::new(),
             max_bytes,
@@ -442,6 +448,8 @@ impl Materializer {
 pub struct PendingReplay {
     /// Why it could not finish: new instances are refused with it meanwhile.
     pub reason: &'static str,
+    /// It failed on the journal's storage (sled refuses writes until reopened).
+    pub journal_io: bool,
     /// Runs once the replay has gone through (before ingest resumes).
     pub then: Box<dyn FnOnce() + Send>,
 }
@@ -676,6 +684,22 @@ pub fn replay(log: &ArrivalLog, spool: &Spool, journal: &Journal) -> Result<Repl
         }
     }
     Ok(r)
+}
+
+/// The spool paths (relative to its root) of the instances in the log's
+/// leftover segments, read without moving them.
+pub fn logged_paths(log: &ArrivalLog) -> std::io::Result<HashSet<PathBuf>> {
+    let mut paths = HashSet::new();
+    for seg in log.leftover_segments()? {
+        arrivals::read_segment(&seg, |rec| {
+            let a = &rec.arrival;
+            if let Some(rel) = Spool::relative_path(&a.study_uid, &a.series_uid, &a.record.sop_instance_uid) {
+                paths.insert(rel);
+            }
+            Ok(())
+        })?;
+    }
+    Ok(paths)
 }
 
 fn remove(p: &Path) -> Result<(), MaterializeError> {

@@ -127,6 +127,10 @@ impl SpoolSink {
         }
         // released unless this copy reaches the arrival log
         let mut claim = Claimed { m: &self.materializer, series: series.clone(), sop: sop.clone(), kept: false };
+        // Read before the journal: a stall or a start-up replay clears it
+        // only after recording what it moved, so a copy that finds it clear
+        // also finds those instances in the journal below.
+        let stalled = self.materializer.failure();
         if let Some(stored) = self.journal.instance(&series, &sop)? {
             // the same instance again is acknowledged; other content under
             // its UID (a correction sent with the old UIDs) is refused
@@ -142,7 +146,7 @@ impl SpoolSink {
                 None => Ok(Accepted::Duplicate),
             };
         }
-        if let Some(reason) = self.materializer.failure() {
+        if let Some(reason) = stalled {
             let free_mb = spool::free_bytes(self.spool.root()).map(|b| b / (1024 * 1024)).unwrap_or(0);
             return Err(StoreError::Stalled { reason, free_mb });
         }
