@@ -230,8 +230,12 @@ pub async fn run(
     let health = |control: &Arc<dyn Control>, refused: bool| {
         let mut h = control.health();
         h.events_dropped = dropped_channel.load(Ordering::Relaxed) + dropped_offline.load(Ordering::Relaxed);
-        if refused && h.last_error.is_none() {
-            h.last_error = Some("the broker refuses the command subscription: commands are not received".into());
+        if refused {
+            let refusal = "the broker refuses the command subscription: commands are not received";
+            h.last_error = Some(match h.last_error.take() {
+                Some(e) => format!("{refusal}; {e}"),
+                None => refusal.into(),
+            });
         }
         Outgoing { topic: "health".into(), payload: serde_json::to_vec(&h).expect("payloads serialize"), retain: false }
     };
