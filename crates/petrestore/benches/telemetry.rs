@@ -138,7 +138,7 @@ fn main() {
         let m = s.mqtt.take().unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(telemetry::mqtt::run(m, "bench".into(), rx, Arc::new(AtomicU64::new(0)), Arc::new(Quiet), stop.clone()));
+        let task = tokio::spawn(telemetry::mqtt::run(m, "bench".into(), rx, Arc::new(AtomicU64::new(0)), Arc::new(Quiet), Default::default(), stop.clone()));
         tokio::time::sleep(Duration::from_millis(500)).await; // connect
         let payload = br#"{"schema_version":1,"device_id":"bench","job_id":"0123456789abcdef","state":"restoring","reason":null,"kind":"pet","received":268,"expected":268,"engine":"gaussian","model":"gaussian-fwhm4.00mm","at_ms":1}"#.to_vec();
         let t = Instant::now();

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -58,6 +58,13 @@ pub struct Daemon {
     main: tokio::task::JoinHandle<()>,
     telemetry_stop: CancellationToken,
     telemetry_task: Option<tokio::task::JoinHandle<()>>,
+    /// Drain and stop, as the control socket and telemetry show them.
+    modes: control::Modes,
+    /// Tells telemetry to publish the status again.
+    state_changed: Arc<Notify>,
+    /// The control socket answers until the stop's last journal write.
+    control_stop: CancellationToken,
+    control_task: tokio::task::JoinHandle<()>,
     /// For SIGHUP reloads.
     live: Arc<LiveSettings>,
     wake: Arc<Notify>,
@@ -308,7 +315,9 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     };
     let control = control::bind(state).context("cannot create the control socket in node.state_dir")?;
 
-    let draining = Arc::new(AtomicBool::new(false));
+    let modes = control::Modes::default();
+    let draining = modes.draining.clone();
+    let state_changed = Arc::new(Notify::new());
     let close_associations = CancellationToken::new();
     let mut abstract_syntaxes: Vec<String> = dicom::PET_STORAGE_CLASSES.iter().map(|s| s.to_string()).collect();
     if settings.dicom.non_pet == NonPetPolicy::Passthrough {
@@ -371,7 +380,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
                 settings: live.clone(),
                 materializer: materializer.clone(),
                 pipeline: pipeline.clone(),
-                draining: draining.clone(),
+                modes: modes.clone(),
                 engines: reports.clone(),
                 started: std::time::Instant::now(),
                 since_ms: AtomicU64::new(crate::journal::now_ms()),
@@ -384,7 +393,15 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
                 c2.observe(job);
                 t2.job_event(job);
             }));
-            Some(tokio::spawn(telemetry::mqtt::run(m, settings.node.device_id.clone(), rx, t.dropped.clone(), ctl, telemetry_stop.clone())))
+            Some(tokio::spawn(telemetry::mqtt::run(
+                m,
+                settings.node.device_id.clone(),
+                rx,
+                t.dropped.clone(),
+                ctl,
+                state_changed.clone(),
+                telemetry_stop.clone(),
+            )))
         }
     };
     let status = control::StaticStatus {
@@ -394,7 +411,8 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         listen: dicom_addr.to_string(),
         engines: reports,
     };
-    let control_task = tokio::spawn(control::serve(control, pipeline, status, materializer.clone(), draining.clone(), shutdown.clone()));
+    let control_stop = CancellationToken::new();
+    let control_task = tokio::spawn(control::serve(control, pipeline, status, materializer.clone(), modes.clone(), control_stop.clone()));
     // What the watchdog watches: every stage task and the scheduler's pace.
     let mut stages = vec![
         ("DICOM listener", ingest_task.abort_handle()),
@@ -408,7 +426,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         if let Some(t) = tls_task {
             let _ = t.await;
         }
-        let _ = tokio::join!(ingest_task, sched_task, control_task);
+        let _ = tokio::join!(ingest_task, sched_task);
     });
     tracing::info!(listen = %dicom_addr, ae = %settings.dicom.ae_title, state_dir = %state.display(), "petrestore ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("ready: receiving and restoring")]);
@@ -426,6 +444,10 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
         main,
         telemetry_stop,
         telemetry_task,
+        modes,
+        state_changed,
+        control_stop,
+        control_task,
         live,
         wake,
     })
@@ -436,7 +458,7 @@ struct DaemonControl {
     settings: Arc<LiveSettings>,
     materializer: Arc<Materializer>,
     pipeline: Arc<Pipeline>,
-    draining: Arc<AtomicBool>,
+    modes: control::Modes,
     engines: Vec<restore::EngineReport>,
     started: std::time::Instant,
     /// When the announced state last changed.
@@ -466,19 +488,20 @@ impl DaemonControl {
     }
 
     fn state(&self) -> &'static str {
-        if self.draining.load(Ordering::Relaxed) {
-            "draining"
-        } else if self.pipeline.paused.load(Ordering::Relaxed) {
-            "paused"
-        } else {
-            "online"
-        }
+        control::node_state(
+            self.modes.stopping.load(Ordering::Relaxed) != 0,
+            self.modes.draining.load(Ordering::Relaxed),
+            self.pipeline.paused.load(Ordering::Relaxed),
+        )
     }
 }
 
 impl telemetry::mqtt::Control for DaemonControl {
     fn command(&self, name: &str, msg: &telemetry::CommandMsg) -> Result<serde_json::Value, String> {
         let changed = |me: &Self| me.since_ms.store(crate::journal::now_ms(), Ordering::Relaxed);
+        if matches!(name, "pause" | "resume" | "drain") && self.modes.stopping.load(Ordering::Relaxed) != 0 {
+            return Err(format!("the daemon is stopping: {name} applies to a running daemon"));
+        }
         match name {
             "pause" => {
                 self.pipeline.paused.store(true, Ordering::Relaxed);
@@ -487,13 +510,13 @@ impl telemetry::mqtt::Control for DaemonControl {
             }
             "resume" => {
                 self.pipeline.paused.store(false, Ordering::Relaxed);
-                self.draining.store(false, Ordering::Relaxed);
+                self.modes.draining.store(false, Ordering::Relaxed);
                 self.pipeline.wake.notify_one();
                 changed(self);
                 Ok(serde_json::json!({"state": self.state()}))
             }
             "drain" => {
-                self.draining.store(true, Ordering::Relaxed);
+                self.modes.draining.store(true, Ordering::Relaxed);
                 changed(self);
                 Ok(serde_json::json!({"state": self.state(), "note": "new associations are rejected; jobs in progress finish"}))
             }
@@ -558,7 +581,10 @@ impl telemetry::mqtt::Control for DaemonControl {
             device_id: self.settings.get().node.device_id.clone(),
             model: first.map(|e| e.model_id()),
             engine: first.map(|e| e.label()),
-            since_ms: self.since_ms.load(Ordering::Relaxed),
+            since_ms: match self.modes.stopping.load(Ordering::Relaxed) {
+                0 => self.since_ms.load(Ordering::Relaxed),
+                at => at,
+            },
         }
     }
 }
@@ -601,7 +627,13 @@ impl Daemon {
     }
 
     pub async fn stop(self) -> Result<()> {
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        // seen at once by `petrestore status`, MQTT status and health
+        self.modes.stopping.store(crate::journal::now_ms().max(1), Ordering::Relaxed);
+        self.state_changed.notify_one();
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("stopping: finishing open associations and the running restoration"),
+        ]);
         self.shutdown.cancel();
         let _ = self.main.await;
         self.associations.close();
@@ -641,13 +673,16 @@ impl Daemon {
             }
             tracing::warn!("a restoration was still running after {TASK_DRAIN:?}; it resumes at the next start");
         }
-        self.journal.flush().context("final journal flush failed")?;
+        // telemetry still says offline when the flush fails
+        let flushed = self.journal.flush().map(drop).context("final journal flush failed");
+        self.control_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.control_task).await;
         self.telemetry_stop.cancel();
         if let Some(t) = self.telemetry_task {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         tracing::info!("petrestore stopped");
-        Ok(())
+        flushed
     }
 }
 

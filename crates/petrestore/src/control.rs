@@ -76,17 +76,32 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest_stalled: Option<String>,
     /// `online`, `paused` (no restoration starts) or `draining` (new
-    /// associations refused), as the fleet's commands left it; both last
-    /// until `resume` or a restart.
+    /// associations refused), as the fleet's commands left it (both last
+    /// until `resume` or a restart); `stopping` from the stop request
+    /// until the process exits.
     #[serde(default)]
     pub state: String,
+}
+
+/// The node's state as operators see it (control socket, MQTT status and
+/// health): a stop outranks a drain, a drain a pause.
+pub fn node_state(stopping: bool, draining: bool, paused: bool) -> &'static str {
+    if stopping {
+        "stopping"
+    } else if draining {
+        "draining"
+    } else if paused {
+        "paused"
+    } else {
+        "online"
+    }
 }
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
-fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, draining: &AtomicBool, req: Request) -> Response {
+fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, modes: &Modes, req: Request) -> Response {
     let journal = &p.worker.journal;
     if let Request::Status = req {
         return match journal.active_jobs() {
@@ -95,13 +110,11 @@ fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, draining: &
                 for j in jobs {
                     *active.entry(j.state.name().to_string()).or_insert(0) += 1;
                 }
-                let state = if draining.load(Ordering::Relaxed) {
-                    "draining"
-                } else if p.paused.load(Ordering::Relaxed) {
-                    "paused"
-                } else {
-                    "online"
-                };
+                let state = node_state(
+                    modes.stopping.load(Ordering::Relaxed) != 0,
+                    modes.draining.load(Ordering::Relaxed),
+                    p.paused.load(Ordering::Relaxed),
+                );
                 let status = Status {
                     fixed: fixed.clone(),
                     active,
@@ -155,13 +168,23 @@ pub fn bind(state_dir: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Serve requests until shutdown.
+/// What the fleet's commands and a stop request set: shown in `state`.
+#[derive(Clone, Default)]
+pub struct Modes {
+    /// New associations are refused (MQTT `drain`).
+    pub draining: Arc<AtomicBool>,
+    /// When the stop request came (ms since the epoch); 0 while running.
+    pub stopping: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Serve requests until `shutdown` (given after the stop's last journal
+/// write, so a stop in progress answers `state: stopping`).
 pub async fn serve(
     listener: UnixListener,
     pipeline: Arc<Pipeline>,
     fixed: StaticStatus,
     ingest: Arc<Materializer>,
-    draining: Arc<AtomicBool>,
+    modes: Modes,
     shutdown: CancellationToken,
 ) {
     let fixed = Arc::new(fixed);
@@ -183,7 +206,7 @@ pub async fn serve(
         let p = pipeline.clone();
         let fixed = fixed.clone();
         let ingest = ingest.clone();
-        let draining = draining.clone();
+        let modes = modes.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
             let mut reader = BufReader::new(rd);
@@ -201,8 +224,8 @@ pub async fn serve(
                 };
                 let resp = match serde_json::from_str::<Request>(&line) {
                     Ok(req) => {
-                        let (p, f, i, dr) = (p.clone(), fixed.clone(), ingest.clone(), draining.clone());
-                        tokio::task::spawn_blocking(move || answer(&p, &f, &i, &dr, req)).await.unwrap_or_else(|e| Response {
+                        let (p, f, i, m) = (p.clone(), fixed.clone(), ingest.clone(), modes.clone());
+                        tokio::task::spawn_blocking(move || answer(&p, &f, &i, &m, req)).await.unwrap_or_else(|e| Response {
                             ok: false,
                             error: Some(e.to_string()),
                             jobs: vec![],

@@ -18,6 +18,7 @@ use petrestore::ingest::store::{FolderSink, check_instance};
 use petrestore::ingest::{self, ScpConfig};
 use proptest::prelude::*;
 use proptest::sample::Index;
+use testkit::associate_rq;
 
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
@@ -168,32 +169,6 @@ proptest! {
             prop_assert!(v.nz >= 1 && v.nz <= 3);
         }
     }
-}
-
-/// An A-ASSOCIATE-RQ (PS3.8 9.3.2) from CONSOLE to PETRESTORE proposing
-/// Verification in Implicit VR Little Endian.
-fn associate_rq() -> Vec<u8> {
-    fn item(kind: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![kind, 0];
-        v.extend((body.len() as u16).to_be_bytes());
-        v.extend(body);
-        v
-    }
-    let ae = |s: &str| format!("{s:<16}").into_bytes();
-    let mut body = vec![0, 1, 0, 0];
-    body.extend(ae("PETRESTORE"));
-    body.extend(ae("CONSOLE"));
-    body.extend([0u8; 32]);
-    body.extend(item(0x10, b"1.2.840.10008.3.1.1.1"));
-    let mut pc = vec![1, 0, 0, 0];
-    pc.extend(item(0x30, dicom::VERIFICATION.as_bytes()));
-    pc.extend(item(0x40, dicom::IMPLICIT_VR_LE.as_bytes()));
-    body.extend(item(0x20, &pc));
-    body.extend(item(0x50, &item(0x51, &16384u32.to_be_bytes())));
-    let mut pdu = vec![0x01, 0];
-    pdu.extend((body.len() as u32).to_be_bytes());
-    pdu.extend(body);
-    pdu
 }
 
 /// A P-DATA-TF carrying a C-ECHO-RQ on presentation context 1.

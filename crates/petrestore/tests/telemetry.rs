@@ -43,6 +43,50 @@ fn retained_status_online_offline_on_stop_and_last_will_on_kill9() {
     assert_schema("status", &will);
 }
 
+/// A stop can take up to a minute (open associations, the running
+/// restoration). From the stop request until the process exits, the fleet
+/// (MQTT status and health) and the technologist (`petrestore status`)
+/// see `stopping`, and commands that would change the state are refused;
+/// `offline` follows once it has stopped.
+#[test]
+fn a_stop_in_progress_says_stopping_until_the_process_exits() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(tmp.path(), "");
+    let sub = Sub::start(broker.port, &topic("#"), &[]);
+    let mut d = Daemon::start(&tmp.path().join("d"), &mqtt(broker.port, ""));
+    sub.wait_on("/status", "status online", Duration::from_secs(20), |v| v["state"] == "online");
+    // an open association holds the stop (for up to 15 s)
+    let mut assoc = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    assoc.write_all(&associate_rq()).unwrap();
+    let mut ac = [0u8; 6];
+    assoc.read_exact(&mut ac).unwrap();
+    assert_eq!(ac[0], 0x02, "A-ASSOCIATE-AC");
+
+    d.signal("TERM");
+    let st = sub.wait_on("/status", "status stopping", Duration::from_secs(10), |v| v["state"] == "stopping");
+    assert_schema("status", &st);
+    let h = sub.wait_on("/health", "health stopping", Duration::from_secs(10), |v| v["state"] == "stopping");
+    assert_schema("health", &h);
+    let out = petrestore(&["status", "--state-dir", d.state_dir().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let local: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(local["state"], "stopping", "{local}");
+    let out = mosquitto_pub(broker.port, &topic("cmd/resume"), r#"{"correlation_id": "late"}"#, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let r = sub.wait_on("/cmd/resume/reply", "the refusal", Duration::from_secs(10), |v| v["correlation_id"] == "late");
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().is_some_and(|e| e.contains("stopping")), "{r}");
+    assert!(sub.on("/status").iter().all(|v| v["state"] != "offline"), "offline only once stopped");
+
+    // the association ends; the stop completes
+    drop(assoc);
+    assert!(d.wait_exit(Duration::from_secs(30)).success());
+    let states: Vec<_> = sub.on("/status").into_iter().map(|v| v["state"].as_str().unwrap().to_owned()).collect();
+    let (stopping, offline) = (states.iter().position(|s| s == "stopping"), states.iter().rposition(|s| s == "offline"));
+    assert!(stopping.is_some() && offline.is_some() && stopping < offline, "{states:?}");
+}
+
 #[test]
 fn a_study_produces_the_full_sequence_of_job_events_and_health() {
     let tmp = tempfile::tempdir().unwrap();

@@ -23,7 +23,7 @@ pub trait Control: Send + Sync + 'static {
     fn command(&self, name: &str, msg: &CommandMsg) -> Result<serde_json::Value, String>;
     /// Current health (the task fills `events_dropped`).
     fn health(&self) -> HealthMsg;
-    /// Current status (`online`, `draining` or `paused`).
+    /// Current status (`online`, `draining`, `paused` or `stopping`).
     fn status(&self) -> StatusMsg;
 }
 
@@ -116,6 +116,7 @@ pub async fn run(
     mut rx: mpsc::Receiver<Outgoing>,
     dropped_channel: Arc<AtomicU64>,
     control: Arc<dyn Control>,
+    state_changed: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
     let opts = match options(&cfg, &device_id) {
@@ -353,8 +354,24 @@ pub async fn run(
                     let _ = publish(&client, &health(&control, refused));
                 }
             }
+            _ = state_changed.notified() => {
+                if connected {
+                    let _ = publish(&client, &status(&control));
+                }
+            }
             _ = shutdown.cancelled() => break,
         }
+    }
+    // What the stop itself produced (a requeued restoration's event) goes
+    // out before offline; what cannot is said in the log.
+    while let Ok(o) = rx.try_recv() {
+        buffer_it(&mut buffer, o);
+    }
+    if connected {
+        flush(&client, &mut buffer);
+    }
+    if !buffer.is_empty() {
+        tracing::warn!(events = buffer.len(), "MQTT events not sent before the stop");
     }
 
     // Clean stop: say offline ourselves, then disconnect.

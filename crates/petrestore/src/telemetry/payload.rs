@@ -14,7 +14,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusMsg {
     pub schema_version: u32,
-    /// online | draining | paused | offline
+    /// online | draining | paused | stopping | offline
     pub state: String,
     pub version: String,
     pub device_id: String,
