@@ -649,7 +649,8 @@ impl Daemon {
         let m = self.materializer.clone();
         let _ = tokio::task::spawn_blocking(move || m.stop()).await;
         self.tasks.close();
-        if tokio::time::timeout(TASK_DRAIN, self.tasks.wait()).await.is_err() {
+        let left_running = tokio::time::timeout(TASK_DRAIN, self.tasks.wait()).await.is_err();
+        if left_running {
             // The restoration cannot be interrupted; the process exits
             // without it (the runtime is shut down with a short timeout).
             // Its job goes back to the queue as a stop, not a crash, so it
@@ -682,6 +683,14 @@ impl Daemon {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         tracing::info!("petrestore stopped");
+        if left_running {
+            // A normal exit runs the engine libraries' static destructors
+            // (ONNX Runtime, CUDA) while their thread is still inside a
+            // restoration, which can hang or crash the exit past systemd's
+            // stop timeout. Everything is written: end the process here.
+            // SAFETY: ends the process; touches no memory of ours.
+            unsafe { libc::_exit(i32::from(flushed.is_err())) }
+        }
         flushed
     }
 }

@@ -131,6 +131,8 @@ fn a_stop_during_a_long_restoration_exits_and_requeues_it_as_a_stop() {
     let status = d.stop();
     assert!(status.success(), "{status:?}\n{}", d.log());
     assert!(d.log().contains("it resumes at the next start"), "{}", d.log());
+    // the whole stop ran before the process ended without the engine
+    assert!(d.log().contains("petrestore stopped"), "{}", d.log());
     d.restart();
     let job = d.wait_terminal(&id, Duration::from_secs(300));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
