@@ -28,10 +28,10 @@ use crate::telemetry::{self, Telemetry};
 use crate::{control, dicom, restore};
 
 /// How long open associations may take to finish after a stop request;
-/// then they are aborted. With [`TASK_DRAIN`], the 5 s for telemetry and
-/// the runtime's 2 s shutdown (`main.rs`: a restoration still running is
-/// left behind) the stop takes at most about 48 s, inside the unit's
-/// TimeoutStopSec (60 s).
+/// then they are aborted. With [`TASK_DRAIN`], 1 s for the control
+/// socket, 5 s for telemetry and the runtime's 2 s shutdown (`main.rs`; a
+/// restoration still running ends the process with `_exit` instead) the
+/// stop takes at most about 49 s, inside the unit's TimeoutStopSec (60 s).
 const ASSOCIATION_DRAIN: Duration = Duration::from_secs(15);
 /// How long a running restoration may take to finish after a stop request
 /// (it resumes from the journal at the next start otherwise).
@@ -228,6 +228,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     // frees room as retention removes delivered series, and the
     // materializer replays the log when there is room.
     let mut pending_replay = None;
+    let mut in_log = std::collections::HashSet::new();
     match materialize::replay(&log, &spool, &journal) {
         Ok(replayed) => {
             if replayed.segments > 0 {
@@ -249,7 +250,11 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
                  new instances are refused meanwhile"
             );
             let journal_io = matches!(&e, materialize::MaterializeError::Journal(j) if j.is_storage_io());
-            pending_replay = Some(materialize::PendingReplay { reason: e.short_reason(), journal_io, then: Box::new(spares) });
+            let paths = materialize::logged_paths(&log).context("cannot read the arrival log in the spool folder")?;
+            // <study>/<series>/<sop>.dcm
+            let series = paths.iter().filter_map(|p| p.iter().nth(1)?.to_str().map(str::to_owned)).collect();
+            in_log = paths;
+            pending_replay = Some(materialize::PendingReplay { reason: e.short_reason(), journal_io, series, then: Box::new(spares) });
         }
         Err(e) => {
             return Err(anyhow::anyhow!(
@@ -260,13 +265,7 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     }
     // The journal against the evidence (the spool, the outcome log): any
     // disagreement is damage, repaired before anything acts on the journal.
-    let problems = match &pending_replay {
-        None => crate::journal::integrity::check(&journal, spool.root()),
-        Some(_) => {
-            let in_log = materialize::logged_paths(&log).context("cannot read the arrival log in the spool folder")?;
-            crate::journal::integrity::check_beside_log(&journal, spool.root(), &|rel| in_log.contains(rel))
-        }
-    };
+    let problems = crate::journal::integrity::check_beside_log(&journal, spool.root(), &|rel| in_log.contains(rel));
     if !problems.is_empty() {
         drop(journal);
         repair_journal(&settings, spool.root(), &problems)?;
@@ -652,7 +651,7 @@ impl Daemon {
         let left_running = tokio::time::timeout(TASK_DRAIN, self.tasks.wait()).await.is_err();
         if left_running {
             // The restoration cannot be interrupted; the process exits
-            // without it (the runtime is shut down with a short timeout).
+            // without it (`_exit` at the end of the stop).
             // Its job goes back to the queue as a stop, not a crash, so it
             // does not count toward the interrupted-restoration limit.
             // (an error here is logged: the stop goes on to the final flush)
@@ -684,12 +683,16 @@ impl Daemon {
         }
         tracing::info!("petrestore stopped");
         if left_running {
+            if let Err(e) = &flushed {
+                tracing::error!(error = %format!("{e:#}"), "the stop did not complete");
+            }
             // A normal exit runs the engine libraries' static destructors
             // (ONNX Runtime, CUDA) while their thread is still inside a
             // restoration, which can hang or crash the exit past systemd's
             // stop timeout. Everything is written: end the process here.
             // SAFETY: ends the process; touches no memory of ours.
-            unsafe { libc::_exit(i32::from(flushed.is_err())) }
+            // (2: the status `main` gives any other error)
+            unsafe { libc::_exit(if flushed.is_err() { 2 } else { 0 }) }
         }
         flushed
     }

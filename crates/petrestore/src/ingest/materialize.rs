@@ -263,6 +263,8 @@ struct Shared {
     failed: Mutex<Option<String>>,
     /// The last batch failed because the journal's storage failed a write.
     journal_io: std::sync::atomic::AtomicBool,
+    /// Series of the start-up replay still to do.
+    replay_series: Mutex<HashSet<String>>,
     /// Set when the thread has ended; with `room`, wakes submitters that
     /// wait for bytes to be written.
     ended: Mutex<bool>,
@@ -320,6 +322,7 @@ impl Materializer {
             bytes: Default::default(),
             failed: Mutex::new(pending.as_ref().map(|p| p.reason.to_string())),
             journal_io: std::sync::atomic::AtomicBool::new(pending.as_ref().is_some_and(|p| p.journal_io)),
+            replay_series: Mutex::new(pending.as_ref().map(|p| p.series.clone()).unwrap_or_default()),
             ended: Mutex::new(false),
             room: std::sync::Condvar::new(),
             max_bytes,
@@ -374,6 +377,19 @@ impl Materializer {
 
     pub fn unclaim(&self, series_uid: &str, sop_uid: &str) {
         self.shared.in_flight.lock().unwrap().remove(&instance_key(series_uid, sop_uid));
+    }
+
+    /// Series with acknowledged instances not yet in the journal (on
+    /// their way, or in a start-up replay still to do): the scheduler does
+    /// not end their quiet time meanwhile.
+    pub fn waiting_series(&self) -> HashSet<String> {
+        let mut series = self.shared.replay_series.lock().unwrap().clone();
+        for key in self.shared.in_flight.lock().unwrap().keys() {
+            if let Some((s, _)) = key.split_once('/') {
+                series.insert(s.to_owned());
+            }
+        }
+        series
     }
 
     /// Acknowledged instances not yet in the spool and the journal.
@@ -450,6 +466,8 @@ pub struct PendingReplay {
     pub reason: &'static str,
     /// It failed on the journal's storage (sled refuses writes until reopened).
     pub journal_io: bool,
+    /// Series UIDs of the instances in the log ([`Materializer::waiting_series`]).
+    pub series: HashSet<String>,
     /// Runs once the replay has gone through (before ingest resumes).
     pub then: Box<dyn FnOnce() + Send>,
 }
@@ -481,6 +499,7 @@ fn replay_until_done(
             Ok(r) => {
                 shared.journal_io.store(false, std::sync::atomic::Ordering::Relaxed);
                 shared.failed.lock().unwrap().take();
+                shared.replay_series.lock().unwrap().clear();
                 tracing::info!(
                     segments = r.segments,
                     records = r.records,

@@ -49,9 +49,10 @@ pub struct Pipeline {
     /// (a delivery sent but not recorded would be sent again in a loop),
     /// and the daemon restarts once the disk has room ([`crate::app`]).
     pub journal_io: Arc<std::sync::atomic::AtomicBool>,
-    /// Ingest, set once it is started: while acknowledged instances wait
-    /// for the spool (a stall, a start-up replay on a full disk), no
-    /// series' quiet time ends, since its missing slices may be among them.
+    /// Ingest, set once it is started: while a series has acknowledged
+    /// instances waiting for the spool (a stall, a start-up replay on a
+    /// full disk), its quiet time does not end: its missing slices are
+    /// among them. Other series go on.
     pub ingest: std::sync::OnceLock<Arc<crate::ingest::materialize::Materializer>>,
 }
 
@@ -161,7 +162,7 @@ impl Pipeline {
         }
         let jobs = self.journal().active_jobs()?;
         self.waits.lock().expect("waits lock").keep(jobs.iter().map(|j| j.id.as_str()));
-        let ingest_behind = self.ingest.get().is_some_and(|m| m.failure().is_some());
+        let waiting = self.ingest.get().map(|m| m.waiting_series()).unwrap_or_default();
         for job in jobs {
             if self.busy.lock().expect("busy lock").contains(&job.id) {
                 continue;
@@ -171,7 +172,7 @@ impl Pipeline {
             };
             match &job.state {
                 JobState::Receiving
-                    if !ingest_behind && {
+                    if !waiting.contains(&job.series_uid) && {
                         let quiet = if job.multiframe { series.multiframe_quiet_timeout } else { series.quiet_timeout };
                         waited("quiet", job.last_received_ms.saturating_add(quiet.as_millis() as u64), quiet)
                     } =>
