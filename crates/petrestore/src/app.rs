@@ -232,24 +232,18 @@ pub async fn start(settings: Settings) -> Result<Daemon> {
     match materialize::replay(&log, &spool, &journal) {
         Ok(replayed) => {
             if replayed.segments > 0 {
-                tracing::info!(
-                    segments = replayed.segments,
-                    records = replayed.records,
-                    recorded = replayed.batch.recorded,
-                    already = replayed.batch.already,
-                    "arrival log replayed"
-                );
+                replayed.log("arrival log replayed");
             }
             spares();
         }
-        Err(e) if e.short_reason() == "disk full" || matches!(&e, materialize::MaterializeError::Journal(j) if j.is_storage_io()) => {
+        Err(e) if e.short_reason() == "disk full" || e.is_journal_io() => {
             tracing::error!(
                 error = %e,
                 log = %log.dir().display(),
                 "cannot replay the arrival log: the received instances stay in it and are moved into the spool when there is room; \
                  new instances are refused meanwhile"
             );
-            let journal_io = matches!(&e, materialize::MaterializeError::Journal(j) if j.is_storage_io());
+            let journal_io = e.is_journal_io();
             let paths = materialize::logged_paths(&log).context("cannot read the arrival log in the spool folder")?;
             // <study>/<series>/<sop>.dcm
             let series = paths.iter().filter_map(|p| p.iter().nth(1)?.to_str().map(str::to_owned)).collect();

@@ -136,6 +136,12 @@ impl MaterializeError {
         };
         if io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28) { "disk full" } else { "spool write failed" }
     }
+
+    /// The journal's storage failed a write: sled refuses writes until it
+    /// is reopened (a restart).
+    pub fn is_journal_io(&self) -> bool {
+        matches!(self, MaterializeError::Journal(j) if j.is_storage_io())
+    }
 }
 
 /// Steps (1)–(3) of the module doc for one batch.
@@ -500,20 +506,14 @@ fn replay_until_done(
                 shared.journal_io.store(false, std::sync::atomic::Ordering::Relaxed);
                 shared.failed.lock().unwrap().take();
                 shared.replay_series.lock().unwrap().clear();
-                tracing::info!(
-                    segments = r.segments,
-                    records = r.records,
-                    recorded = r.batch.recorded,
-                    already = r.batch.already,
-                    "arrival log replayed: the spool takes instances again: ingest resumed"
-                );
+                r.log("arrival log replayed: the spool takes instances again: ingest resumed");
                 if r.batch.completed {
                     wake.notify_one();
                 }
                 return true;
             }
             Err(e) => {
-                let journal_io = matches!(&e, MaterializeError::Journal(j) if j.is_storage_io());
+                let journal_io = e.is_journal_io();
                 shared.journal_io.store(journal_io, std::sync::atomic::Ordering::Relaxed);
                 *shared.failed.lock().unwrap() = Some(e.short_reason().to_string());
                 tracing::warn!(error = %e, retry_in = ?wait, "the arrival log's records still cannot be moved into the spool; \
@@ -610,7 +610,7 @@ fn run(rx: Receiver<Msg>, early: Vec<Item>, log: &ArrivalLog, spool: &Spool, jou
                     break;
                 }
                 Err(e) => {
-                    let journal_io = matches!(&e, MaterializeError::Journal(j) if j.is_storage_io());
+                    let journal_io = e.is_journal_io();
                     shared.journal_io.store(journal_io, std::sync::atomic::Ordering::Relaxed);
                     let reason = e.short_reason().to_string();
                     let first = shared.failed.lock().unwrap().replace(reason.clone()).is_none();
@@ -647,6 +647,19 @@ pub struct Replayed {
     pub batch: Batch,
     /// Damaged segments, kept as `*.damaged` for inspection.
     pub damaged: Vec<PathBuf>,
+}
+
+impl Replayed {
+    /// Say what the replay did.
+    pub fn log(&self, what: &str) {
+        tracing::info!(
+            segments = self.segments,
+            records = self.records,
+            recorded = self.batch.recorded,
+            already = self.batch.already,
+            "{what}"
+        );
+    }
 }
 
 /// Record every instance of the log's leftover segments (a crash left
