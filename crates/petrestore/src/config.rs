@@ -28,6 +28,9 @@ pub const MAX_SERIES_NUMBER_OFFSET: u32 = 49_999;
 /// 80 GB while restoring).
 pub const MIN_MAX_VOXELS: u64 = 65_536;
 pub const MAX_MAX_VOXELS: u64 = 1 << 32;
+/// The seconds `series.quiet_timeout_s` and
+/// `series.multiframe_quiet_timeout_s` may take, both ends included.
+const QUIET_S: std::ops::RangeInclusive<f64> = 1.0..=86_400.0;
 
 /// A configuration problem: which key, what was wrong, and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -821,11 +824,11 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
 fn series_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<ConfigError>) -> SeriesSettings {
     let quiet: f64 = pick!(u, d, series.quiet_timeout_s);
     // below a second a pause between two slices would end a series
-    if !(1.0..=86400.0).contains(&quiet) {
+    if !QUIET_S.contains(&quiet) {
         errs.push(invalid("series.quiet_timeout_s", format!("{quiet} is out of range"), "use seconds from 1 to 86400 (default 30)"));
     }
     let mf_quiet: f64 = pick!(u, d, series.multiframe_quiet_timeout_s);
-    if !(1.0..=86400.0).contains(&mf_quiet) {
+    if !QUIET_S.contains(&mf_quiet) {
         errs.push(invalid("series.multiframe_quiet_timeout_s", format!("{mf_quiet} is out of range"), "use seconds from 1 to 86400"));
     }
     let pol: String = pick!(u, d, series.incomplete_policy);
@@ -839,7 +842,7 @@ fn series_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<
     };
 
     // a refused value still needs a duration to build from (the error is reported)
-    let seconds = |v: f64| Duration::from_secs_f64(if (1.0..86400.0).contains(&v) { v } else { 1.0 });
+    let seconds = |v: f64| Duration::from_secs_f64(if QUIET_S.contains(&v) { v } else { 1.0 });
     SeriesSettings { quiet_timeout: seconds(quiet), multiframe_quiet_timeout: seconds(mf_quiet), incomplete_policy }
 }
 
@@ -1293,10 +1296,12 @@ mod tests {
             let e = Settings::from_toml(&format!("[series]\nquiet_timeout_s = {bad}\n"), "t").unwrap_err().to_string();
             assert!(e.contains("series.quiet_timeout_s"), "{bad}: {e}");
         }
-        // the documented range's ends are in it
+        // the documented range's ends are in it, and mean what they say
         for key in ["quiet_timeout_s", "multiframe_quiet_timeout_s"] {
-            for ok in ["1", "86400"] {
-                Settings::from_toml(&format!("[series]\n{key} = {ok}\n"), "t").unwrap_or_else(|e| panic!("{key} = {ok}: {e}"));
+            for ok in [1, 86400] {
+                let s = Settings::from_toml(&format!("[series]\n{key} = {ok}\n"), "t").unwrap_or_else(|e| panic!("{key} = {ok}: {e}"));
+                let got = if key == "quiet_timeout_s" { s.series.quiet_timeout } else { s.series.multiframe_quiet_timeout };
+                assert_eq!(got, Duration::from_secs(ok), "{key} = {ok}");
             }
         }
     }
