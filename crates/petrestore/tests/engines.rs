@@ -110,10 +110,7 @@ fn tensorrt_and_cuda_requested_without_a_gpu_fall_back_visibly() {
     let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
     assert_eq!(job.engine.as_deref(), Some("ort/cpu"));
-    let got = wait_for("8 instances", Duration::from_secs(10), || {
-        let f = dest.files();
-        (f.len() == 8).then_some(f)
-    });
+    let got = dest.wait_files(8, "8 instances", Duration::from_secs(10));
     let o = dicom_object::open_file(&got[0]).unwrap().into_inner();
     let dd = o.str_of(tags::DERIVATION_DESCRIPTION).unwrap();
     assert!(dd.contains("ort/cpu") && dd.contains("petrestore-test-unet@0.1.0") && dd.contains("TEST MODEL"), "{dd}");

@@ -31,10 +31,7 @@ fn derived_series_follows_every_rule() {
     let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
     assert_eq!(job.engine.as_deref(), Some("gaussian"));
-    let received = wait_for("24 instances at the destination", Duration::from_secs(10), || {
-        let f = dest.files();
-        (f.len() == 24).then_some(f)
-    });
+    let received = dest.wait_files(24, "24 instances at the destination", Duration::from_secs(10));
 
     let sources: BTreeMap<String, InMemDicomObject> =
         src.files.iter().map(|p| open(p)).map(|o| (o.str_of(tags::SOP_INSTANCE_UID).unwrap(), o)).collect();
@@ -152,26 +149,22 @@ fn same_series_twice_is_stored_once_and_retry_gives_identical_uids() {
     assert_eq!(job.state, JobState::Done);
     assert_eq!(job.received, 12, "duplicates are not counted");
     assert_eq!(d.spool_files().len(), 12, "stored once: {:?}", d.spool_files());
-    let first: BTreeSet<String> = wait_for("12 instances", Duration::from_secs(10), || {
-        let f = dest.files();
-        (f.len() == 12).then_some(f)
-    })
-    .iter()
-    .map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap())
-    .collect();
+    let first: BTreeSet<String> = dest
+        .wait_files(12, "12 instances", Duration::from_secs(10))
+        .iter()
+        .map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap())
+        .collect();
     for f in dest.files() {
         std::fs::remove_file(f).unwrap();
     }
 
     let out = petrestore(&["jobs", "--state-dir", d.state_dir().to_str().unwrap(), "retry", &job.id]);
     assert!(out.status.success(), "{}", text(&out));
-    let second: BTreeSet<String> = wait_for("12 instances again", Duration::from_secs(60), || {
-        let f = dest.files();
-        (f.len() == 12).then_some(f)
-    })
-    .iter()
-    .map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap())
-    .collect();
+    let second: BTreeSet<String> = dest
+        .wait_files(12, "12 instances again", Duration::from_secs(60))
+        .iter()
+        .map(|p| dicom_object::open_file(p).unwrap().into_inner().str_of(tags::SOP_INSTANCE_UID).unwrap())
+        .collect();
     assert_eq!(first, second, "reprocessing yields the same UIDs");
     let job = d.wait_terminal(&job.id, Duration::from_secs(30));
     assert!(job.history.iter().any(|e| e.what.contains("retry requested")));
@@ -414,10 +407,7 @@ fn enhanced_pet_is_restored_into_a_derived_enhanced_instance() {
     assert!(job.multiframe);
     assert!(job.history.iter().any(|h| format!("{h:?}").contains("no instance for 1s")), "{:#?}", job.history);
     assert!(job.history.iter().any(|h| format!("{h:?}").contains("20 slices in 1 multi-frame instance")), "{:#?}", job.history);
-    let received = wait_for("1 instance at the destination", Duration::from_secs(10), || {
-        let f = dest.files();
-        (f.len() == 1).then_some(f)
-    });
+    let received = dest.wait_files(1, "1 instance at the destination", Duration::from_secs(10));
 
     let s = open(&src.files[0]);
     let o = open(&received[0]);

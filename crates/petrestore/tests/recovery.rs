@@ -49,10 +49,7 @@ fn kill9_mid_series_then_the_rest_gives_one_complete_series() {
     assert!(storescu(d.port, CONSOLE, &src.files[12..]).status.success());
     let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
     assert_eq!(job.state, JobState::Done);
-    let got = wait_for("20 instances", Duration::from_secs(10), || {
-        let f = dest.files();
-        (f.len() == 20).then_some(f)
-    });
+    let got = dest.wait_files(20, "20 instances", Duration::from_secs(10));
     assert_eq!(sop_uids(&got).len(), 20);
     assert_eq!(series_uids(&got).len(), 1);
 }
@@ -72,10 +69,7 @@ fn kill9_during_restoration_resumes_after_restart() {
     let job = d.wait_terminal(&id, Duration::from_secs(120));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
     assert!(job.history.iter().any(|e| e.what.contains("interrupted")), "{:#?}", job.history);
-    let got = wait_for("200 instances", Duration::from_secs(20), || {
-        let f = dest.files();
-        (f.len() == 200).then_some(f)
-    });
+    let got = dest.wait_files(200, "200 instances", Duration::from_secs(20));
     assert_eq!(sop_uids(&got).len(), 200);
     assert_eq!(series_uids(&got).len(), 1);
 }
@@ -103,10 +97,7 @@ fn a_series_whose_restoration_dies_every_time_is_failed_and_forwarded() {
         s => panic!("expected failed, got {s:?}: {:#?}", job.history),
     }
     assert!(job.history.iter().any(|e| e.what.contains("5 times in a row: not restored again")), "{:#?}", job.history);
-    let got = wait_for("the 200 originals", Duration::from_secs(30), || {
-        let f = dest.files();
-        (f.len() == 200).then_some(f)
-    });
+    let got = dest.wait_files(200, "the 200 originals", Duration::from_secs(30));
     assert_eq!(sop_uids(&got), src.sop_uids.iter().cloned().collect(), "the originals, unchanged UIDs");
     assert!(echoscu(d.port, CONSOLE, OUR_AE).status.success(), "the daemon still serves");
 }
@@ -191,10 +182,7 @@ fn kill9_during_egress_delivers_after_restart_without_new_uids() {
     let job = d.wait_terminal(&id, Duration::from_secs(60));
     assert_eq!(job.state, JobState::Done);
     assert_eq!(job.output_series_uid, before.output_series_uid, "same derived series after restart");
-    let got = wait_for("10 instances", Duration::from_secs(10), || {
-        let f = dest.files();
-        (f.len() == 10).then_some(f)
-    });
+    let got = dest.wait_files(10, "10 instances", Duration::from_secs(10));
     let expected: BTreeSet<String> = src.sop_uids.iter().map(|s| petrestore::dicom::uid::derived_uid(s, &salt(&job))).collect();
     assert_eq!(sop_uids(&got), expected);
 }
@@ -286,10 +274,7 @@ fn lost_journal_is_rebuilt_from_the_spool_at_start() {
     let job = d.wait_terminal(&job_id(&src), Duration::from_secs(60));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
     assert!(job.history.iter().any(|e| e.what.contains("rebuilt from the spool")));
-    let got = wait_for("6 instances", Duration::from_secs(10), || {
-        let f = dest.files();
-        (f.len() == 6).then_some(f)
-    });
+    let got = dest.wait_files(6, "6 instances", Duration::from_secs(10));
     assert_eq!(sop_uids(&got).len(), 6);
     // `journal rebuild` by hand still works on a stopped daemon
     assert!(d.stop().success());
@@ -481,10 +466,7 @@ fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
     assert_eq!(store_responses(&again), (refused.clone(), vec![]), "refused instances taken once ingest resumed: {again}");
     let job = d.wait_terminal(&job_id(&a), Duration::from_secs(60));
     assert_eq!((job.received, &job.state), (4, &JobState::Done), "{:#?}", job.history);
-    let got = wait_for("4 derived instances", Duration::from_secs(10), || {
-        let f = dest.files();
-        (f.len() == 4).then_some(f)
-    });
+    let got = dest.wait_files(4, "4 derived instances", Duration::from_secs(10));
     assert_eq!(series_uids(&got).len(), 1);
     for f in &got {
         let name = dicom_object::open_file(f).unwrap().element(tags::PATIENT_NAME).unwrap().to_str().unwrap().to_string();
@@ -495,6 +477,38 @@ fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
     assert_eq!(d.wait_terminal(&job_id(&b), Duration::from_secs(60)).state, JobState::Done);
 }
 
+/// A daemon whose state directory is a real small filesystem (a 96 MiB
+/// tmpfs), a destination, and a 32-slice 256² series to send it (4 MiB as
+/// received, 4 MiB again as derived). Fields drop in order: the daemon
+/// stops before its filesystem is unmounted.
+struct SmallDisk {
+    d: Daemon,
+    fs: Tmpfs,
+    dest: StoreScp,
+    src: petsim::SeriesFiles,
+    _tmp: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn start(seed: u64, config: &str) -> SmallDisk {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = series(&tmp.path().join("src"), 32, 256, seed);
+        let dest = StoreScp::start(&tmp.path().join("dest"));
+        let dir = tmp.path().join("d");
+        let fs = Tmpfs::mount(&dir.join("state"), 96);
+        let d = Daemon::start(&dir, &format!("{config}{}", destination("pacs", dest.port)));
+        SmallDisk { d, fs, dest, src, _tmp: tmp }
+    }
+
+    /// `n` instances at the destination, all derived: none of the originals
+    /// was forwarded in their place.
+    fn assert_derived_delivered(&self, n: usize) -> Vec<std::path::PathBuf> {
+        let got = self.dest.wait_files(n, &format!("{n} derived instances"), Duration::from_secs(20));
+        assert!(sop_uids(&got).is_disjoint(&sop_uids(&self.src.files)), "the destination got derived instances, not originals");
+        got
+    }
+}
+
 /// Issue 18: a disk that another writer fills between ingest and
 /// restoration. The derived series does not fit with node.min_free_mb kept
 /// free: the job waits for
@@ -503,17 +517,12 @@ fn a_spool_failure_refuses_new_instances_and_resumes_by_itself_when_fixed() {
 /// a real small one (tmpfs), filled for real.
 #[test]
 fn a_full_disk_delays_restoration_and_never_forwards_originals_instead() {
-    let tmp = tempfile::tempdir().unwrap();
-    // 32 slices of 256²: 4 MiB as received, 4 MiB again as derived
-    let src = series(&tmp.path().join("src"), 32, 256, 81);
-    let dest = StoreScp::start(&tmp.path().join("dest"));
-    let dir = tmp.path().join("d");
-    let fs = Tmpfs::mount(&dir.join("state"), 96);
-    let d = Daemon::start(&dir, &format!("[node]\nmin_free_mb = 1\n[series]\nquiet_timeout_s = 3\n{}", destination("pacs", dest.port)));
+    let rig = SmallDisk::start(81, "[node]\nmin_free_mb = 1\n[series]\nquiet_timeout_s = 3\n");
+    let SmallDisk { d, fs, dest, src, .. } = &rig;
     // the last slice never comes: the series is restored as it is at the
     // quiet timeout (incomplete_policy "process")
     assert!(storescu(d.port, CONSOLE, &src.files[..31]).status.success());
-    let id = job_id(&src);
+    let id = job_id(src);
     d.wait_job(&id, "31 instances in the spool", Duration::from_secs(10), |j| j.received == 31);
     // meanwhile another writer fills the disk, past the room ingest held
     // for the derived copy: 1.5 MiB left, the derived copy needs ~4 + 1
@@ -532,13 +541,8 @@ fn a_full_disk_delays_restoration_and_never_forwards_originals_instead() {
     let job = d.wait_terminal(&id, Duration::from_secs(120));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
     assert!(job.history.iter().any(|e| e.what.starts_with("disk space available again")), "{:#?}", job.history);
-    let got = wait_for("31 derived instances", Duration::from_secs(20), || {
-        let f = dest.files();
-        (f.len() == 31).then_some(f)
-    });
-    assert!(sop_uids(&got).is_disjoint(&sop_uids(&src.files)), "the destination got derived instances, not originals");
+    let got = rig.assert_derived_delivered(31);
     assert_eq!(series_uids(&got).len(), 1);
-    drop(d);
 }
 
 /// Issue 18: the watermark counts what the daemon will write for what it
@@ -593,12 +597,8 @@ fn the_watermark_holds_room_for_the_derived_series() {
 /// delivered without a restart.
 #[test]
 fn enospc_in_the_spool_recovers_by_itself_when_space_returns() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = series(&tmp.path().join("src"), 32, 256, 82);
-    let dest = StoreScp::start(&tmp.path().join("dest"));
-    let dir = tmp.path().join("d");
-    let fs = Tmpfs::mount(&dir.join("state"), 96);
-    let d = Daemon::start(&dir, &format!("[node]\nmin_free_mb = 0\n[series]\nquiet_timeout_s = 2\n{}", destination("pacs", dest.port)));
+    let rig = SmallDisk::start(82, "[node]\nmin_free_mb = 0\n[series]\nquiet_timeout_s = 2\n");
+    let SmallDisk { d, fs, src, .. } = &rig;
     // room for about a quarter of the series in the spool
     let filler = fs.fill_leaving(1024 * 1024);
     let first = storescu(d.port, CONSOLE, &src.files[..16]);
@@ -614,14 +614,9 @@ fn enospc_in_the_spool_recovers_by_itself_when_space_returns() {
     d.wait_log("ingest resumed");
     // the console sends again what was refused (and what it is unsure of)
     assert!(storescu(d.port, CONSOLE, &src.files).status.success());
-    let job = d.wait_job(&job_id(&src), "the series restored and delivered", Duration::from_secs(120), |j| j.state.is_terminal());
+    let job = d.wait_job(&job_id(src), "the series restored and delivered", Duration::from_secs(120), |j| j.state.is_terminal());
     assert_eq!((job.received, &job.state), (32, &JobState::Done), "{:#?}", job.history);
-    let got = wait_for("32 derived instances", Duration::from_secs(20), || {
-        let f = dest.files();
-        (f.len() == 32).then_some(f)
-    });
-    assert!(sop_uids(&got).is_disjoint(&sop_uids(&src.files)));
-    drop(d);
+    rig.assert_derived_delivered(32);
 }
 
 /// A restart on a full disk: instances acknowledged into the arrival log
@@ -633,15 +628,11 @@ fn enospc_in_the_spool_recovers_by_itself_when_space_returns() {
 /// room, without another restart. Real small filesystem (tmpfs).
 #[test]
 fn a_restart_on_a_full_disk_starts_and_replays_the_log_when_space_returns() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = series(&tmp.path().join("src"), 32, 256, 86);
-    let dest = StoreScp::start(&tmp.path().join("dest"));
-    let dir = tmp.path().join("d");
-    let fs = Tmpfs::mount(&dir.join("state"), 96);
-    let mut d = Daemon::start(&dir, &format!("[node]\nmin_free_mb = 0\n[series]\nquiet_timeout_s = 2\n{}", destination("pacs", dest.port)));
+    let mut rig = SmallDisk::start(86, "[node]\nmin_free_mb = 0\n[series]\nquiet_timeout_s = 2\n");
+    let SmallDisk { d, fs, src, .. } = &mut rig;
     // the first slices reach the spool; then the disk fills
     assert!(storescu(d.port, CONSOLE, &src.files[..4]).status.success());
-    d.wait_job(&job_id(&src), "4 instances in the spool", Duration::from_secs(10), |j| j.received == 4);
+    d.wait_job(&job_id(src), "4 instances in the spool", Duration::from_secs(10), |j| j.received == 4);
     let filler = fs.fill_leaving(1024 * 1024);
     let first = storescu(d.port, CONSOLE, &src.files[4..16]);
     let (acknowledged, _) = store_responses(&text(&first));
@@ -654,7 +645,7 @@ fn a_restart_on_a_full_disk_starts_and_replays_the_log_when_space_returns() {
     // the slices in the log are not lost from view: the series' quiet time
     // (2 s) does not end while they wait, so it is not processed without them
     std::thread::sleep(Duration::from_secs(5));
-    let job = d.job(&job_id(&src));
+    let job = d.job(&job_id(src));
     assert_eq!((job.state.clone(), job.received), (JobState::Receiving, 4), "{:#?}", job.history);
     // the box says why it refuses, and refuses with that reason
     let st = petrestore(&["status", "--state-dir", d.state_dir().to_str().unwrap()]);
@@ -670,7 +661,7 @@ fn a_restart_on_a_full_disk_starts_and_replays_the_log_when_space_returns() {
 
     std::fs::remove_file(&filler).unwrap();
     d.wait_log("arrival log replayed: the spool takes instances again");
-    let job = d.job(&job_id(&src));
+    let job = d.job(&job_id(src));
     assert!(
         job.received as usize >= acknowledged.len(),
         "every acknowledged instance recorded: {} of {}",
@@ -679,14 +670,9 @@ fn a_restart_on_a_full_disk_starts_and_replays_the_log_when_space_returns() {
     );
     // the console sends again what was refused; every slice is restored
     assert!(storescu(d.port, CONSOLE, &src.files).status.success());
-    let job = d.wait_job(&job_id(&src), "the series restored and delivered", Duration::from_secs(120), |j| j.state.is_terminal());
+    let job = d.wait_job(&job_id(src), "the series restored and delivered", Duration::from_secs(120), |j| j.state.is_terminal());
     assert_eq!((job.received, &job.state), (32, &JobState::Done), "{:#?}", job.history);
-    let got = wait_for("32 derived instances", Duration::from_secs(20), || {
-        let f = dest.files();
-        (f.len() == 32).then_some(f)
-    });
-    assert!(sop_uids(&got).is_disjoint(&sop_uids(&src.files)));
-    drop(d);
+    rig.assert_derived_delivered(32);
 }
 
 /// Issue 18, found by the torture harness: a finished series that gets more

@@ -65,14 +65,8 @@ fn a_destination_that_asks_gets_the_uncertainty_series_and_the_fleet_its_summary
     assert!(job.history.iter().any(|e| e.what.starts_with("uncertainty: body σ")), "{:#?}", job.history);
 
     // the console: the restored series only; the PACS: both
-    let on_console = wait_for("8 instances on the console", Duration::from_secs(20), || {
-        let f = console.files();
-        (f.len() == 8).then_some(f)
-    });
-    let on_pacs = wait_for("16 instances on the PACS", Duration::from_secs(20), || {
-        let f = pacs.files();
-        (f.len() == 16).then_some(f)
-    });
+    let on_console = console.wait_files(8, "8 instances on the console", Duration::from_secs(20));
+    let on_pacs = pacs.wait_files(16, "16 instances on the PACS", Duration::from_secs(20));
     let restored_uid = job.output_series_uid.clone().unwrap();
     assert!(on_console.iter().all(|p| open(p).str_of(tags::SERIES_INSTANCE_UID).as_deref() == Some(restored_uid.as_str())));
     let mut by_series: BTreeMap<String, Vec<InMemDicomObject>> = BTreeMap::new();
@@ -182,10 +176,7 @@ fn enhanced_pet_gets_a_multi_frame_uncertainty_instance() {
     assert!(storescu_required(d.port, CONSOLE, &src.files).status.success());
     let job = d.wait_terminal(&job_id(&src), Duration::from_secs(120));
     assert_eq!(job.state, JobState::Done, "{:#?}", job.history);
-    let got = wait_for("2 instances", Duration::from_secs(20), || {
-        let f = pacs.files();
-        (f.len() == 2).then_some(f)
-    });
+    let got = pacs.wait_files(2, "2 instances", Duration::from_secs(20));
     let sigma_uid = job.uncertainty.as_ref().and_then(|u| u.series_uid.clone()).unwrap();
     let (sigma, restored): (Vec<_>, Vec<_>) =
         got.iter().partition(|p| open(p).str_of(tags::SERIES_INSTANCE_UID).as_deref() == Some(sigma_uid.as_str()));

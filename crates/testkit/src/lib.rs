@@ -374,6 +374,14 @@ impl StoreScp {
     pub fn files(&self) -> Vec<PathBuf> {
         files_under(&self.dir)
     }
+    /// The received files once there are exactly `n` of them (`what` names
+    /// them in the timeout's message).
+    pub fn wait_files(&self, n: usize, what: &str, timeout: Duration) -> Vec<PathBuf> {
+        wait_for(what, timeout, || {
+            let f = self.files();
+            (f.len() == n).then_some(f)
+        })
+    }
 }
 
 impl Drop for StoreScp {

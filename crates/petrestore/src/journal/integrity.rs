@@ -168,17 +168,22 @@ mod tests {
         crate::journal::tests::arrival("1.2.3", sop, index, 2)
     }
 
+    /// An arrival whose file is written into the spool (not yet recorded).
+    fn spooled(spool: &Path, sop: &str, index: u32) -> Arrival {
+        let a = arrival(sop, index);
+        let f = spool.join(&a.record.path);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, b"dcm").unwrap();
+        a
+    }
+
     #[test]
     fn a_crash_during_a_purge_is_not_damage_and_the_purge_is_finished_later() {
         let d = tempfile::tempdir().unwrap();
         let spool = d.path().join("spool");
         let journal = Journal::open(&d.path().join("journal")).unwrap();
         for (i, sop) in ["1.2.3.1", "1.2.3.2"].into_iter().enumerate() {
-            let a = arrival(sop, i as u32 + 1);
-            let f = spool.join(&a.record.path);
-            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
-            std::fs::write(&f, b"dcm").unwrap();
-            journal.record(&a).unwrap();
+            journal.record(&spooled(&spool, sop, i as u32 + 1)).unwrap();
         }
         let id = crate::journal::job_id("1.2.3");
         let job = journal.update(&id, |j| j.set_state(JobState::Done)).unwrap();
@@ -227,10 +232,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let spool = d.path().join("spool");
         let journal = Journal::open(&d.path().join("journal")).unwrap();
-        let a = arrival("1.2.3.1", 1);
-        let f = spool.join(&a.record.path);
-        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
-        std::fs::write(&f, b"dcm").unwrap();
+        let a = spooled(&spool, "1.2.3.1", 1);
         // written, not recorded: damage, unless the log still holds it
         assert_eq!(check(&journal, &spool), ["1 received instances in the spool are not in the journal"]);
         assert!(check_beside_log(&journal, &spool, &|rel| rel == a.record.path).is_empty());
@@ -242,11 +244,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let spool = d.path().join("spool");
         let journal = Journal::open(&d.path().join("journal")).unwrap();
-        let a = arrival("1.2.3.1", 1);
-        let f = spool.join(&a.record.path);
-        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
-        std::fs::write(&f, b"dcm").unwrap();
-        journal.record(&a).unwrap();
+        journal.record(&spooled(&spool, "1.2.3.1", 1)).unwrap();
         assert!(check(&journal, &spool).is_empty(), "{:?}", check(&journal, &spool));
         let id = crate::journal::job_id("1.2.3");
         // the receiving job lost from the active index: the scheduler would never see it
