@@ -288,6 +288,28 @@ const LOCAL_SCHEME: &str = "99PETRST";
 ///   out: optional, and better absent than wrong);
 /// - for the uncertainty series also the source's window (an activity
 ///   window on a σ image).
+/// Remove Group Length elements (gggg,0000), at every depth: retired
+/// outside the command set (PS3.5 7.2), they would state the source's
+/// lengths for groups the derived instance changes (new UIDs, derivation
+/// elements, 16-bit pixels), and a reader that trusts them misparses it.
+/// Returns whether any was found.
+fn remove_group_lengths(obj: &mut InMemDicomObject) -> bool {
+    let lengths: Vec<dicom_core::Tag> = obj.iter().map(|e| e.header().tag).filter(|t| t.element() == 0).collect();
+    let mut found = !lengths.is_empty();
+    for t in lengths {
+        obj.remove_element(t);
+    }
+    let sequences: Vec<dicom_core::Tag> = obj.iter().filter(|e| e.items().is_some()).map(|e| e.header().tag).collect();
+    for t in sequences {
+        let mut items = fg_items(obj, t);
+        if items.iter_mut().fold(false, |any, item| remove_group_lengths(item) | any) {
+            obj.put(seq(t, items));
+            found = true;
+        }
+    }
+    found
+}
+
 fn remove_stale(obj: &mut InMemDicomObject, kind: Kind) {
     const EVERYWHERE: [dicom_core::Tag; 6] = [
         tags::SMALLEST_PIXEL_VALUE_IN_SERIES,
@@ -322,6 +344,10 @@ fn remove_stale(obj: &mut InMemDicomObject, kind: Kind) {
     strip(obj, false);
     obj.remove_element(tags::INSTANCE_CREATION_DATE);
     obj.remove_element(tags::INSTANCE_CREATION_TIME);
+    // a thumbnail of the source's pixels (PS3.3 C.7.6.1.1.6): of the noisy
+    // frame, and in the uncertainty series an activity image
+    obj.remove_element(tags::ICON_IMAGE_SEQUENCE);
+    remove_group_lengths(obj);
     for fg_tag in [tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE] {
         let Some(mut items) = obj.get(fg_tag).and_then(|e| e.items().map(|i| i.to_vec())) else { continue };
         for item in items.iter_mut() {
@@ -776,6 +802,18 @@ mod tests {
             el(tags::CONCATENATION_UID, VR::UI, "1.2.9"),
             el(tags::RESCALE_SLOPE, VR::DS, "0.25"),
             seq(tags::REAL_WORLD_VALUE_MAPPING_SEQUENCE, vec![mapping]),
+            // an older console's Group Lengths, at the top and in an item,
+            // and a thumbnail of the source's pixels
+            el(dicom_core::Tag(0x0008, 0x0000), VR::UL, 412u32),
+            el(dicom_core::Tag(0x0028, 0x0000), VR::UL, 128u32),
+            seq(
+                tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE,
+                vec![InMemDicomObject::from_element_iter([
+                    el(dicom_core::Tag(0x0018, 0x0000), VR::UL, 20u32),
+                    el(tags::RADIOPHARMACEUTICAL, VR::LO, "Fluorodeoxyglucose"),
+                ])],
+            ),
+            seq(tags::ICON_IMAGE_SEQUENCE, vec![InMemDicomObject::from_element_iter([el(tags::ROWS, VR::US, 64u16)])]),
         ]);
         SourceSlice {
             sop_instance_uid: "1.2.3.4".into(),
@@ -842,9 +880,15 @@ mod tests {
             tags::PIXEL_PADDING_VALUE,
             tags::INSTANCE_CREATION_DATE,
             tags::INSTANCE_CREATION_TIME,
+            tags::ICON_IMAGE_SEQUENCE,
+            dicom_core::Tag(0x0008, 0x0000),
+            dicom_core::Tag(0x0028, 0x0000),
         ] {
             assert!(o.get(t).is_none(), "{t} copied from the source");
         }
+        let radiopharmaceutical = &o.get(tags::RADIOPHARMACEUTICAL_INFORMATION_SEQUENCE).unwrap().items().unwrap()[0];
+        assert!(radiopharmaceutical.get(dicom_core::Tag(0x0018, 0x0000)).is_none(), "a Group Length inside an item");
+        assert_eq!(radiopharmaceutical.str_of(tags::RADIOPHARMACEUTICAL).as_deref(), Some("Fluorodeoxyglucose"));
         // the restored image keeps its window (it applies to Bq/ml) and the
         // source's comment; its concatenation is a derived one
         assert_eq!(o.str_of(tags::WINDOW_CENTER).as_deref(), Some("5000"));
