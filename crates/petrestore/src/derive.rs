@@ -61,12 +61,20 @@ enum Kind {
 /// slices (`partial`: the source instances read), which instances (the
 /// normalisation and the slice context are volume-wide, so the complete
 /// series restored later differs in every slice and must not reuse the
-/// partial one's UIDs). A complete series is salted by the engine alone,
+/// partial one's UIDs), and what was assumed for attributes the series
+/// lacks (`assumed`, the operator's settings as the job's history states
+/// them: a frame duration conditions the network and σ, so correcting it
+/// and restoring again gives other pixels, and must give other UIDs). A
+/// complete series with nothing assumed is salted by the engine alone,
 /// whatever order its instances came in. Hex, 16 digits.
-pub fn inputs_id<S: AsRef<str>>(engine: &str, partial: Option<&[S]>) -> String {
+pub fn inputs_id<S: AsRef<str>>(engine: &str, partial: Option<&[S]>, assumed: &[String]) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(engine.as_bytes());
+    for a in assumed {
+        h.update(b"\0assumed\0");
+        h.update(a.as_bytes());
+    }
     if let Some(sops) = partial {
         let mut sops: Vec<&str> = sops.iter().map(AsRef::as_ref).collect();
         sops.sort_unstable();
@@ -743,23 +751,27 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_series_or_another_engine_gives_other_uids_the_same_give_the_same() {
+    fn a_partial_series_another_engine_or_assumption_gives_other_uids() {
         let sops = ["1.2.3.1", "1.2.3.2", "1.2.3.3"];
         let none: Option<&[&str]> = None;
-        let id = inputs_id("ort/tensorrt", Some(&sops[..]));
+        let id = inputs_id("ort/tensorrt", Some(&sops[..]), &[]);
         assert_eq!(id.len(), 16);
         assert_eq!(
             id,
-            inputs_id("ort/tensorrt", Some(&["1.2.3.3", "1.2.3.1", "1.2.3.2", "1.2.3.1"][..])),
+            inputs_id("ort/tensorrt", Some(&["1.2.3.3", "1.2.3.1", "1.2.3.2", "1.2.3.1"][..]), &[]),
             "order and repeats do not matter"
         );
-        assert_ne!(id, inputs_id("ort/tensorrt", Some(&sops[..2])), "a slice more or less");
-        assert_ne!(id, inputs_id("tract", Some(&sops[..])), "another engine");
-        assert_ne!(id, inputs_id("ort/tensorrt", none), "the complete series differs from a partial one");
-        assert_ne!(inputs_id("ort/tensorrt", none), inputs_id("tract", none), "another engine, complete series");
+        assert_ne!(id, inputs_id("ort/tensorrt", Some(&sops[..2]), &[]), "a slice more or less");
+        assert_ne!(id, inputs_id("tract", Some(&sops[..]), &[]), "another engine");
+        assert_ne!(id, inputs_id("ort/tensorrt", none, &[]), "the complete series differs from a partial one");
+        assert_ne!(inputs_id("ort/tensorrt", none, &[]), inputs_id("tract", none, &[]), "another engine, complete series");
+        let assumed = |s: u32| [format!("Actual Frame Duration (0018,1242) missing: assumed {s} s (operator setting)")];
+        assert_ne!(inputs_id("tract", none, &assumed(30)), inputs_id("tract", none, &assumed(60)), "another assumed duration");
+        assert_ne!(inputs_id("tract", none, &assumed(30)), inputs_id("tract", none, &[]), "a duration assumed");
+        assert_eq!(inputs_id("tract", none, &assumed(30)), inputs_id("tract", none, &assumed(30)));
         let p = |inputs: &str| DeriveParams { inputs_id: inputs.into(), ..params(None) };
-        assert_ne!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("tract", Some(&sops[..])))));
-        assert_eq!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("ort/tensorrt", Some(&sops[..])))));
+        assert_ne!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("tract", Some(&sops[..]), &[]))));
+        assert_eq!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("ort/tensorrt", Some(&sops[..]), &[]))));
     }
 
     fn params(notice: Option<&str>) -> DeriveParams {

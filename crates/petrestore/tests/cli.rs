@@ -466,6 +466,19 @@ fn series_missing_frame_duration_and_units_is_explained_and_can_be_supplied() {
     let dd = derived.str_of(tags::DERIVATION_DESCRIPTION).unwrap();
     assert!(dd.contains("assumed 30 s") && dd.contains("assumed BQML"), "{dd}");
     assert!(derived.str_of(tags::ACTUAL_FRAME_DURATION).is_none(), "the output must not gain a frame duration the scanner did not record");
+    // another assumed duration gives other pixels, so other UIDs; the same
+    // assumption again gives the same UIDs
+    let series_uid = |frame_duration: &str, out: &str| {
+        let o = tmp.path().join(out);
+        let i = input.to_str().unwrap();
+        let args = ["restore", "--input", i, "--output", o.to_str().unwrap(), "--units", "BQML", "--frame-duration", frame_duration];
+        let run = petrestore(&args);
+        assert!(run.status.success(), "{}", text(&run));
+        dicom_object::open_file(&files_under(&o)[0]).unwrap().into_inner().str_of(tags::SERIES_INSTANCE_UID).unwrap()
+    };
+    let first = derived.str_of(tags::SERIES_INSTANCE_UID).unwrap();
+    assert_ne!(series_uid("60", "o4"), first, "a corrected frame duration must not reuse the series' UIDs");
+    assert_eq!(series_uid("30", "o5"), first);
 }
 
 #[test]

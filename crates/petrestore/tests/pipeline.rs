@@ -413,7 +413,7 @@ fn enhanced_pet_is_restored_into_a_derived_enhanced_instance() {
     let o = open(&received[0]);
     let model = "gaussian-fwhm6.00mm";
     // a multi-frame series is never known complete by index: its UIDs name the instances read
-    let salt = petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id("gaussian", Some(&src.sop_uids[..])));
+    let salt = petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id("gaussian", Some(&src.sop_uids[..]), &[]));
     assert_eq!(o.str_of(tags::SOP_CLASS_UID).unwrap(), petrestore::dicom::ENHANCED_PET_IMAGE_STORAGE);
     assert_eq!(o.str_of(tags::SOP_INSTANCE_UID).unwrap(), petrestore::dicom::uid::derived_uid(&src.sop_uids[0], &salt));
     assert_eq!(o.str_of(tags::SERIES_INSTANCE_UID).unwrap(), petrestore::dicom::uid::derived_uid(&src.series_uid, &salt));

@@ -463,7 +463,7 @@ pub fn clinical_series(dir: &Path, slices: usize, matrix: usize, seed: u64) -> p
 /// The salt of the derived UIDs of a series restored complete (every
 /// slice, single-frame): its model and engine (`derive::restored_salt`).
 pub fn complete_salt(model: &str, engine: &str) -> String {
-    petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id::<&str>(engine, None))
+    petrestore::derive::restored_salt(model, &petrestore::derive::inputs_id::<&str>(engine, None, &[]))
 }
 
 pub fn job_id(s: &petsim::SeriesFiles) -> String {
