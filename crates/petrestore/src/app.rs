@@ -703,14 +703,22 @@ pub async fn serve(settings: Settings) -> Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     tracing::info!("starting");
     let daemon = start(settings).await?;
-    // systemd watchdog: ping at half the interval from the main loop.
+    // systemd watchdog: ping at half the interval from the main loop, on
+    // one interval for the whole run: a sleep made anew on each pass would
+    // start over at every SIGHUP, and reloads more frequent than the pings
+    // would stop them.
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut pings = watchdog.map(|d| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     loop {
         let tick = async {
-            match watchdog {
-                Some(d) => tokio::time::sleep(d).await,
+            match pings.as_mut() {
+                Some(i) => _ = i.tick().await,
                 None => std::future::pending::<()>().await,
             }
         };

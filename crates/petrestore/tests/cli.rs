@@ -654,6 +654,25 @@ fn systemd_notify_ready_watchdog_and_stopping() {
     for _ in 0..3 {
         assert_eq!(next(), "WATCHDOG=1\n");
     }
+    // reloads more often than the pings (every 50 ms against 200 ms, as a
+    // fleet agent pushing configuration might) do not hold the pings back
+    let pid = child.id().to_string();
+    let hups = std::thread::spawn(move || {
+        for _ in 0..30 {
+            assert!(std::process::Command::new("kill").arg("-HUP").arg(&pid).status().unwrap().success());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(100))).unwrap();
+    let (mut during, mut b) = (Vec::new(), [0u8; 256]);
+    while !hups.is_finished() {
+        if let Ok(n) = sock.recv(&mut b) {
+            during.push(String::from_utf8_lossy(&b[..n]).into_owned());
+        }
+    }
+    hups.join().unwrap();
+    assert!(during.iter().filter(|m| *m == "WATCHDOG=1\n").count() >= 3, "pings while reloading: {during:?}");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
     assert!(std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
     let stopping = (0..10).map(|_| next()).find(|m| m.starts_with("STOPPING"));
     assert_eq!(
