@@ -8,6 +8,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 scripts/yocto-crates.py --check
+# Every licence the recipe names needs its text in oe-core's common-licenses
+# of every release the layer declares, or in the layer's own licenses/
+# (create-spdx stops on a licence without a text). These are in
+# common-licenses from scarthgap on; any other needs a file in licenses/.
+in_oe_core="Apache-2.0 MIT ISC BSD-3-Clause CC0-1.0 Zlib"
+recipe=yocto/meta-petrestore/recipes-medical/petrestore/petrestore_0.1.0.bb
+for l in $(sed -n 's/^LICENSE = "\(.*\)"/\1/p' "$recipe" | tr '&|()' '    '); do
+  case " $in_oe_core " in *" $l "*) continue ;; esac
+  [ -s "yocto/meta-petrestore/licenses/$l" ] || { echo "yocto-check: the recipe names licence $l: add its text as yocto/meta-petrestore/licenses/$l"; exit 1; }
+done
+grep -q '^LICENSE_PATH += "${LAYERDIR}/licenses"' yocto/meta-petrestore/conf/layer.conf \
+  || { echo "yocto-check: conf/layer.conf must add \${LAYERDIR}/licenses to LICENSE_PATH"; exit 1; }
 oelint=${OELINT:-.venv/bin/oelint-adv}
 [ -x "$oelint" ] || { echo "yocto-check: $oelint not found: .venv/bin/pip install oelint-adv==9.11.2 (as .ci/run does)"; exit 2; }
 files=$(find yocto/meta-petrestore -name '*.bb' -o -name '*.bbappend' -o -name '*.inc' | sort)

@@ -20,7 +20,9 @@ SECTION = "console/utils"
 # CI by scripts/licences.py). Where a crate offers a choice, Apache-2.0 or
 # MIT is taken; the licences that remain are listed here so that the image's
 # licence manifest covers the binary, and THIRD-PARTY.md is installed in
-# ${PN}-doc.
+# ${PN}-doc. Unicode-3.0's text is not in every oe-core release this layer
+# supports (scarthgap lacks it, and its SPDX step stops without it): the
+# layer ships it (licenses/, LICENSE_PATH in conf/layer.conf).
 LICENSE = "Apache-2.0 & MIT & ISC & BSD-3-Clause & CC0-1.0 & Unicode-3.0 & Zlib"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
@@ -126,10 +128,14 @@ FILES:${PN} += "${nonarch_libdir}/sysusers.d ${nonarch_libdir}/tmpfiles.d"
 
 # ---- Service account ----
 # Static system user and group named in the unit (User=, Group=; no
-# DynamicUser), home = state directory, no login shell.
+# DynamicUser), home = state directory, no login shell; member of video and
+# render for the GPU nodes, as systemd/petrestore.sysusers says, so that
+# work run as this user outside the unit (runuser ... petrestore eval) also
+# reaches the GPU where sysusers never runs. A group that exists already
+# (udev's render) is kept as it is.
 USERADD_PACKAGES = "${PN}"
-GROUPADD_PARAM:${PN} = "--system petrestore"
-USERADD_PARAM:${PN} = "--system --gid petrestore \
+GROUPADD_PARAM:${PN} = "--system petrestore; --system video; --system render"
+USERADD_PARAM:${PN} = "--system --gid petrestore --groups video,render \
                        --home-dir ${localstatedir}/lib/petrestore --no-create-home \
                        --shell ${base_sbindir}/nologin petrestore"
 
