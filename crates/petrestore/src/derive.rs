@@ -281,21 +281,6 @@ fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &st
 /// says "uncertainty of a restoration").
 const LOCAL_SCHEME: &str = "99PETRST";
 
-/// Attributes of the source that the new pixel values make wrong, in the
-/// data set, in every functional group and in the Legacy Converted
-/// "unassigned" groups:
-/// - stored-value ranges and padding (the output is signed, on its own
-///   slope per slice);
-/// - Real World Value Mapping: its slope maps the source's stored values
-///   (a viewer reading SUV or Bq/ml from it would be off by the ratio of
-///   the slopes, slice by slice); the output's units are Rescale Slope and
-///   Units, as the source's were;
-/// - Conversion Source Attributes: it says "converted from these classic
-///   instances", which a derived image is not;
-/// - Instance Creation Date/Time: the source's, not this instance's (left
-///   out: optional, and better absent than wrong);
-/// - for the uncertainty series also the source's window (an activity
-///   window on a σ image).
 /// Remove Group Length elements (gggg,0000), at every depth: retired
 /// outside the command set (PS3.5 7.2), they would state the source's
 /// lengths for groups the derived instance changes (new UIDs, derivation
@@ -318,6 +303,21 @@ fn remove_group_lengths(obj: &mut InMemDicomObject) -> bool {
     found
 }
 
+/// Attributes of the source that the new pixel values make wrong, in the
+/// data set, in every functional group and in the Legacy Converted
+/// "unassigned" groups:
+/// - stored-value ranges and padding (the output is signed, on its own
+///   slope per slice);
+/// - Real World Value Mapping: its slope maps the source's stored values
+///   (a viewer reading SUV or Bq/ml from it would be off by the ratio of
+///   the slopes, slice by slice); the output's units are Rescale Slope and
+///   Units, as the source's were;
+/// - Conversion Source Attributes: it says "converted from these classic
+///   instances", which a derived image is not;
+/// - Instance Creation Date/Time: the source's, not this instance's (left
+///   out: optional, and better absent than wrong);
+/// - for the uncertainty series also the source's window (an activity
+///   window on a σ image).
 fn remove_stale(obj: &mut InMemDicomObject, kind: Kind) {
     const EVERYWHERE: [dicom_core::Tag; 6] = [
         tags::SMALLEST_PIXEL_VALUE_IN_SERIES,
@@ -771,7 +771,10 @@ mod tests {
         assert_eq!(inputs_id("tract", none, &assumed(30)), inputs_id("tract", none, &assumed(30)));
         let p = |inputs: &str| DeriveParams { inputs_id: inputs.into(), ..params(None) };
         assert_ne!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("tract", Some(&sops[..]), &[]))));
-        assert_eq!(restored_series_uid("1.2.3", &p(&id)), restored_series_uid("1.2.3", &p(&inputs_id("ort/tensorrt", Some(&sops[..]), &[]))));
+        assert_eq!(
+            restored_series_uid("1.2.3", &p(&id)),
+            restored_series_uid("1.2.3", &p(&inputs_id("ort/tensorrt", Some(&sops[..]), &[])))
+        );
     }
 
     fn params(notice: Option<&str>) -> DeriveParams {
