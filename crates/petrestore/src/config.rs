@@ -647,6 +647,8 @@ fn node_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<Co
     let state_dir: PathBuf = pick!(u, d, node.state_dir);
     if state_dir.as_os_str().is_empty() {
         errs.push(invalid("node.state_dir", "empty", "name the folder for the spool and the journal, e.g. \"/var/lib/petrestore\""));
+    } else if let Some(e) = relative("node.state_dir", &state_dir) {
+        errs.push(e);
     }
     let min_free_mb: u64 = pick!(u, d, node.min_free_mb);
     let mut hours = |key: &'static str, h: f64| -> Option<Duration> {
@@ -786,10 +788,12 @@ fn dicom_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec<C
             for (key, file) in
                 [("dicom.tls.cert", Some(&t.cert)), ("dicom.tls.key", Some(&t.key)), ("dicom.tls.client_ca", t.client_ca.as_ref())]
             {
-                if let Some(f) = file
-                    && !f.is_file()
-                {
-                    errs.push(invalid(key, format!("{} is not a readable file", f.display()), "name the PEM file (an absolute path)"));
+                if let Some(f) = file {
+                    if let Some(e) = relative(key, f) {
+                        errs.push(e);
+                    } else if !f.is_file() {
+                        errs.push(invalid(key, format!("{} is not a readable file", f.display()), "name the PEM file (an absolute path)"));
+                    }
                 }
             }
             Some(DicomTls { listen: tls_listen, cert: t.cert, key: t.key, client_ca: t.client_ca })
@@ -969,14 +973,51 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         // character set: printable ASCII encodes in every one
         assume_units: ascii_setting(errs, "restore.assume_units", pick!(u, d, restore.assume_units)),
         assume_tracer: ascii_setting(errs, "restore.assume_tracer", pick!(u, d, restore.assume_tracer)),
-        uncertainty_site: Some(pick!(u, d, restore.uncertainty_site)).filter(|v: &String| !v.is_empty()).map(PathBuf::from),
+        uncertainty_site: site_calibration(errs, pick!(u, d, restore.uncertainty_site)),
     }
 }
 
+/// `restore.uncertainty_site`: `None` when empty; a file that must exist
+/// (a mistyped name would silently leave the site's calibration out).
+fn site_calibration(errs: &mut Vec<ConfigError>, v: String) -> Option<PathBuf> {
+    const KEY: &str = "restore.uncertainty_site";
+    let path = Some(PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty())?;
+    if let Some(e) = relative(KEY, &path) {
+        errs.push(e);
+    } else if !path.is_file() {
+        errs.push(invalid(
+            KEY,
+            format!("{} is not a readable file", path.display()),
+            "name the file `petrestore eval --site-uncertainty FILE` wrote, or \"\" for the model's own calibration",
+        ));
+    }
+    Some(path)
+}
+
+/// The error for a path setting that is not absolute: the daemon runs from
+/// `/` under systemd, and `petrestore status` or `jobs` run from a shell
+/// would resolve it against another folder.
+fn relative(key: &'static str, path: &Path) -> Option<ConfigError> {
+    path.is_relative().then(|| {
+        invalid(
+            key,
+            format!("{} is a relative path", path.display()),
+            "give an absolute path (the daemon and the commands run from different folders)",
+        )
+    })
+}
+
+/// Whether a text may be written into derived series' text elements:
+/// printable ASCII (it encodes in every character set a source may
+/// declare), no backslash (a value separator), up to 64 characters.
+pub fn printable_ascii(v: &str) -> bool {
+    v.len() <= 64 && v.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+}
+
 /// An optional text setting written into derived series: `None` when
-/// empty; refused unless printable ASCII (up to 64 characters).
+/// empty; refused unless [`printable_ascii`].
 fn ascii_setting(errs: &mut Vec<ConfigError>, key: &'static str, v: String) -> Option<String> {
-    if v.chars().count() > 64 || !v.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\') {
+    if !printable_ascii(&v) {
         errs.push(invalid(
             key,
             format!("{v:?} is not printable ASCII of up to 64 characters"),
@@ -1056,11 +1097,26 @@ fn destinations(u: &mut RawConfig, errs: &mut Vec<ConfigError>) -> Vec<Destinati
         } else if let Some(e) = edge_spaces("destination.ae_title", &dst.ae_title) {
             errs.push(e);
         }
-        if dst.address.rsplit_once(':').and_then(|(h, p)| p.parse::<u16>().ok().filter(|p| *p != 0 && !h.trim().is_empty())).is_none() {
+        if dst.address.rsplit_once(':').and_then(|(h, p)| p.parse::<u16>().ok().filter(|p| *p != 0 && valid_host(h))).is_none() {
             errs.push(invalid(
                 "destination.address",
-                format!("destination {:?}: {:?} has no host and port", dst.name, dst.address),
-                "write HOST:PORT, e.g. \"10.1.2.3:104\"",
+                format!("destination {:?}: {:?} is not a host and a port", dst.name, dst.address),
+                "write HOST:PORT with an IP address or a host name, e.g. \"10.1.2.3:104\" or \"pacs.example:104\" (no scheme, no spaces)",
+            ));
+        }
+        if let Some(twin) =
+            destinations.iter().find(|x: &&Destination| x.ae_title.trim() == dst.ae_title.trim() && x.address == dst.address)
+        {
+            errs.push(invalid(
+                "destination.address",
+                format!(
+                    "destinations {:?} and {:?} are both {} at {}: every series would be sent there twice",
+                    twin.name,
+                    dst.name,
+                    dst.ae_title.trim(),
+                    dst.address
+                ),
+                "keep one [[destination]] per archive or console",
             ));
         }
         let timeout = dst.commitment_timeout_s.unwrap_or(300.0);
@@ -1081,6 +1137,21 @@ fn destinations(u: &mut RawConfig, errs: &mut Vec<ConfigError>) -> Vec<Destinati
     }
 
     destinations
+}
+
+/// An IP address (IPv6 in brackets) or a host name (RFC 1123 labels).
+fn valid_host(h: &str) -> bool {
+    if let Some(v6) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    h.parse::<std::net::Ipv4Addr>().is_ok()
+        || (h.len() <= 253
+            && h.split('.').all(|l| {
+                (1..=63).contains(&l.len())
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            }))
 }
 
 fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigError> {
@@ -1120,6 +1191,9 @@ fn mqtt_settings(m: RawMqtt, device_id: &str) -> Result<MqttSettings, ConfigErro
         for (key, f) in std::iter::once(("mqtt.ca_file", &t.ca_file))
             .chain(t.client.iter().flat_map(|(c, k)| [("mqtt.cert_file", c), ("mqtt.key_file", k)]))
         {
+            if let Some(e) = relative(key, f) {
+                return Err(e);
+            }
             if !f.is_file() {
                 return Err(invalid(key, format!("{} does not exist", f.display()), "point it at a readable PEM file"));
             }
@@ -1250,7 +1324,19 @@ mod tests {
         assert!(e.contains("egress.backoff_initial_s") && e.contains("86400"), "{e}");
         let e = Settings::from_toml("[egress]\nbackoff_max_s = 1e20\n", "t").unwrap_err().to_string();
         assert!(e.contains("egress.backoff_initial_s"), "{e}");
-        let bad_values: [(&str, &str); 30] = [
+        let bad_values: [(&str, &str); 38] = [
+            ("[node]\nstate_dir = \"petrestore-state\"\n", "node.state_dir"),
+            ("[dicom.tls]\nlisten = \"0.0.0.0:2762\"\ncert = \"tls/node.pem\"\nkey = \"/k.pem\"\n", "tls/node.pem is a relative path"),
+            ("[mqtt]\nurl = \"mqtts://127.0.0.1:8883\"\nca_file = \"ca.pem\"\n", "ca.pem is a relative path"),
+            ("[restore]\nuncertainty_site = \"site.toml\"\n", "site.toml is a relative path"),
+            ("[restore]\nuncertainty_site = \"/nonexistent/site-sigma.tom\"\n", "--site-uncertainty"),
+            ("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"dicom://10.0.0.1:104\"\n", "destination.address"),
+            ("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"10.0.0.1 :104\"\n", "destination.address"),
+            (
+                "[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"10.0.0.1:104\"\n\
+                 [[destination]]\nname = \"b\"\nae_title = \"A\"\naddress = \"10.0.0.1:104\"\n",
+                "sent there twice",
+            ),
             ("[restore]\nmax_voxels = 0\n", "restore.max_voxels"),
             ("[restore]\ntime_limit_s = 5\n", "restore.time_limit_s"),
             ("[restore]\nmax_voxels = 5000000000\n", "restore.max_voxels"),
@@ -1303,6 +1389,17 @@ mod tests {
                 let got = if key == "quiet_timeout_s" { s.series.quiet_timeout } else { s.series.multiframe_quiet_timeout };
                 assert_eq!(got, Duration::from_secs(ok), "{key} = {ok}");
             }
+        }
+    }
+
+    #[test]
+    fn destination_addresses_take_ip_addresses_and_host_names() {
+        for ok in ["10.1.2.3:104", "[::1]:104", "pacs:104", "pacs-2.radiology.example:11112"] {
+            let toml = format!("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"{ok}\"\n");
+            Settings::from_toml(&toml, "t").unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["-pacs:104", "pa cs:104", "[10.1.2.3]:104", "pacs..x:104", "::1:104"] {
+            assert!(!valid_host(bad.rsplit_once(':').unwrap().0), "{bad}");
         }
     }
 

@@ -31,8 +31,35 @@ pub enum Request {
         id: String,
     },
     /// Read the configuration file again (as SIGHUP does) and answer what
-    /// changed, or why nothing was applied.
-    Reload,
+    /// changed, or why nothing was applied. `config`: the file the operator
+    /// named, refused unless it is the one the daemon reads (a reload never
+    /// switches files).
+    Reload {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config: Option<std::path::PathBuf>,
+    },
+}
+
+/// Why a reload naming `asked` would not read it: the daemon reads
+/// `source` (or runs on built-in defaults). The same file reached by
+/// another path (a link) is the same file.
+fn other_file(asked: &std::path::Path, source: Option<&std::path::Path>) -> Option<String> {
+    let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    match source {
+        Some(s) if same(asked, s) => None,
+        Some(s) => Some(format!(
+            "the daemon reads {}, not {}: edit that file and reload, or restart the daemon with --config {}",
+            s.display(),
+            asked.display(),
+            asked.display()
+        )),
+        None => {
+            Some(format!("the daemon runs on built-in defaults, not {}: restart it with --config {}", asked.display(), asked.display()))
+        }
+    }
 }
 
 /// The answer.
@@ -127,7 +154,10 @@ fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, modes: &Mod
             Err(e) => Response { ok: false, error: Some(e.to_string()), jobs: vec![], status: None, changed: vec![] },
         };
     }
-    if let Request::Reload = req {
+    if let Request::Reload { config } = &req {
+        if let Some(e) = config.as_deref().and_then(|c| other_file(c, p.worker.settings.get().source.as_deref())) {
+            return Response { ok: false, error: Some(e), jobs: vec![], status: None, changed: vec![] };
+        }
         return match p.worker.settings.reload() {
             Ok(changed) => {
                 tracing::info!(?changed, "configuration reloaded (control socket)");
@@ -141,7 +171,7 @@ fn answer(p: &Pipeline, fixed: &StaticStatus, ingest: &Materializer, modes: &Mod
         };
     }
     let r: Result<Vec<Job>, String> = match req {
-        Request::Status | Request::Reload => unreachable!("answered above"),
+        Request::Status | Request::Reload { .. } => unreachable!("answered above"),
         Request::List => journal.all_jobs().map_err(|e| e.to_string()),
         Request::Show { id } => match journal.get(&id) {
             Ok(Some(j)) => Ok(vec![j]),

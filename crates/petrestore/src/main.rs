@@ -125,7 +125,9 @@ enum Command {
     /// what changed, or why nothing was applied (non-zero exit): what
     /// `systemctl reload petrestore` runs.
     Reload {
-        /// Configuration file (default: $PETRESTORE_CONFIG, else
+        /// Configuration file, to find the daemon (its node.state_dir):
+        /// it must be the file the daemon reads, which a reload cannot
+        /// switch (default: $PETRESTORE_CONFIG, else
         /// /etc/petrestore/petrestore.toml when present, else the built-in
         /// defaults, these two only without --state-dir, which overrides
         /// node.state_dir).
@@ -289,7 +291,7 @@ async fn jobs(config: Option<PathBuf>, state_dir: Option<PathBuf>, action: JobsA
             s.node.state_dir = state_dir.clone();
             let j = app::open_journal(&s)?;
             match &req {
-                control::Request::List | control::Request::Status | control::Request::Reload => j.all_jobs()?,
+                control::Request::List | control::Request::Status | control::Request::Reload { .. } => j.all_jobs()?,
                 control::Request::Show { id } => {
                     vec![j.get(id)?.with_context(|| format!("no job {id}; `petrestore jobs list` shows the known jobs"))?]
                 }
@@ -328,7 +330,9 @@ async fn status(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<(
 
 async fn reload(config: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
     let (_, state_dir) = operator_settings(config.as_ref(), state_dir)?;
-    match control::request(&state_dir, &control::Request::Reload).await.map_err(anyhow::Error::msg)? {
+    // the daemon refuses a file other than its own: it cannot switch files
+    let config = config.map(|c| std::path::absolute(&c).unwrap_or(c));
+    match control::request(&state_dir, &control::Request::Reload { config }).await.map_err(anyhow::Error::msg)? {
         Some(r) if r.ok && r.changed.is_empty() => println!("configuration read again: nothing changed"),
         Some(r) if r.ok => println!("configuration reloaded; changed: {}", r.changed.join(", ")),
         Some(r) => bail!("the daemon kept its configuration: {}", r.error.unwrap_or_default()),
@@ -359,11 +363,17 @@ fn offline_restore(a: RestoreArgs) -> Result<()> {
         }
         settings.restore.assume_frame_duration_s = Some(fd);
     }
-    if let Some(u) = units {
-        settings.restore.assume_units = Some(u);
-    }
-    if let Some(t) = tracer {
-        settings.restore.assume_tracer = Some(t);
+    // written into the derived series as the config's assume_units and
+    // assume_tracer are, so checked as they are; "" assumes nothing
+    for (flag, v, slot) in
+        [("--units", units, &mut settings.restore.assume_units), ("--tracer", tracer, &mut settings.restore.assume_tracer)]
+    {
+        if let Some(v) = v {
+            if !petrestore::config::printable_ascii(&v) {
+                bail!("{flag} {v:?}: write it in printable ASCII, up to 64 characters and no backslash, e.g. BQML or Fluorodeoxyglucose");
+            }
+            *slot = Some(v).filter(|v| !v.is_empty());
+        }
     }
     if let Some(m) = model {
         settings.restore.model = m;
@@ -596,14 +606,14 @@ fn check_config(file: &std::path::Path) -> Result<()> {
                 s.node.device_id
             ));
         }
-        if let Some(tls) = &m.tls {
-            let files = std::iter::once(&tls.ca_file).chain(tls.client.iter().flat_map(|(c, k)| [c, k]));
-            for f in files {
-                if let Err(e) = std::fs::read(f) {
-                    problems.push(format!("[mqtt] cannot read {}: {e} (the daemon's user must read it too)", f.display()));
-                }
-            }
+        if let Some(Err(e)) = m.tls.as_ref().map(petrestore::telemetry::mqtt::tls_files) {
+            problems.push(format!("{e} (the daemon's user must read it too)"));
         }
+    }
+    // the certificate and key as the listener loads them: the daemon would
+    // not start with files it cannot use
+    if let Some(Err(e)) = s.dicom.tls.as_ref().map(petrestore::ingest::tls_config) {
+        problems.push(e);
     }
     for n in &notes {
         eprintln!("petrestore: note: {n}");

@@ -40,6 +40,37 @@ fn check_config_names_the_key_and_the_fix() {
     assert!(text(&out).contains("cannot read config file /nonexistent/petrestore.toml"));
 }
 
+/// check-config loads the TLS files as the daemon does: a file that exists
+/// but holds no certificate or key fails here, not at the daemon's start
+/// (where systemd would restart it in a loop); paths must be absolute.
+#[test]
+fn check_config_parses_the_tls_files_as_the_daemon_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    pki(dir, &["box"]);
+    std::fs::write(dir.join("junk.pem"), "not a certificate\n").unwrap();
+    let f = dir.join("c.toml");
+    let check = |toml: String| {
+        std::fs::write(&f, format!("[restore]\nengines = [\"gaussian\"]\n{toml}")).unwrap();
+        petrestore(&["check-config", f.to_str().unwrap()])
+    };
+    let p = |name: &str| dir.join(name);
+    let dicom = |cert: &str, key: &str| format!("[dicom.tls]\nlisten = \"127.0.0.1:2762\"\ncert = {:?}\nkey = {:?}\n", p(cert), p(key));
+    let mqtt = |ca: &str| format!("[node]\ndevice_id = \"ward3\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:8883\"\nca_file = {:?}\n", p(ca));
+    let out = check(dicom("server.pem", "server.key"));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = check(dicom("junk.pem", "server.key"));
+    assert!(!out.status.success() && text(&out).contains("dicom.tls.cert") && text(&out).contains("no certificate"), "{}", text(&out));
+    let out = check(dicom("server.pem", "junk.pem"));
+    assert!(!out.status.success() && text(&out).contains("dicom.tls.key") && text(&out).contains("no private key"), "{}", text(&out));
+    let out = check(mqtt("ca.pem"));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = check(mqtt("junk.pem"));
+    assert!(!out.status.success() && text(&out).contains("mqtt.ca_file") && text(&out).contains("no certificate"), "{}", text(&out));
+    let out = check("[dicom.tls]\nlisten = \"127.0.0.1:2762\"\ncert = \"server.pem\"\nkey = \"server.key\"\n".into());
+    assert!(!out.status.success() && text(&out).contains("server.pem is a relative path"), "{}", text(&out));
+}
+
 /// A box that reports to a fleet with the shipped device_id would share
 /// its topics and MQTT client id with every other such box: check-config
 /// says so (a note: the file is valid).
@@ -241,6 +272,11 @@ fn jobs_commands_work_while_the_daemon_runs_and_after_it_stops() {
     };
     let r = petrestore(&["reload", "--config", d.config.to_str().unwrap()]);
     assert!(r.status.success() && text(&r).contains("nothing changed"), "{}", text(&r));
+    // another file with the same state directory: not what the daemon reads
+    let other = tmp.path().join("other.toml");
+    std::fs::copy(&d.config, &other).unwrap();
+    let r = petrestore(&["reload", "--config", other.to_str().unwrap()]);
+    assert!(!r.status.success() && text(&r).contains(&format!("the daemon reads {}", d.config.display())), "{}", text(&r));
     let list = with_env(&["jobs", "list"]);
     assert!(list.status.success() && text(&list).contains(&id), "{}", text(&list));
     assert!(with_env(&["status"]).status.success());
@@ -434,6 +470,12 @@ fn series_missing_frame_duration_and_units_is_explained_and_can_be_supplied() {
     assert!(!out.status.success());
     let t = text(&out);
     assert!(t.contains("Units (0054,1001) missing") && t.contains("--units"), "{t}");
+    // what would be written into the derived series is checked as the config's settings are
+    for (flag, bad) in [("--units", "BQ\\ML"), ("--tracer", "FDG – x")] {
+        let out =
+            petrestore(&["restore", "--input", input.to_str().unwrap(), "--output", tmp.path().join("o0").to_str().unwrap(), flag, bad]);
+        assert!(!out.status.success() && text(&out).contains(flag) && text(&out).contains("printable ASCII"), "{}", text(&out));
+    }
 
     let out = petrestore(&[
         "restore",

@@ -87,6 +87,37 @@ fn last_will(device_id: &str) -> LastWill {
     LastWill::new(format!("{}status", prefix(device_id)), serde_json::to_vec(&will).expect("payloads serialize"), QoS::AtLeastOnce, true)
 }
 
+/// Read and parse `[mqtt]`'s TLS files as the connection will: the CA and
+/// the client certificate hold PEM certificates, the key a private key.
+/// Errors name the key and the file. Returns the files' bytes (CA, then
+/// the client's certificate and key).
+pub fn tls_files(tls: &crate::config::MqttTls) -> Result<(Vec<u8>, Option<(Vec<u8>, Vec<u8>)>), String> {
+    let read = |key: &str, p: &std::path::Path| std::fs::read(p).map_err(|e| format!("mqtt.{key} {}: {e}", p.display()));
+    let certs = |key: &str, p: &std::path::Path| -> Result<Vec<u8>, String> {
+        let bytes = read(key, p)?;
+        let n = rustls_pemfile::certs(&mut &bytes[..])
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("mqtt.{key} {}: not PEM certificates: {e}", p.display()))?
+            .len();
+        if n == 0 {
+            return Err(format!("mqtt.{key} {}: no certificate in the file (PEM \"BEGIN CERTIFICATE\" expected)", p.display()));
+        }
+        Ok(bytes)
+    };
+    let ca = certs("ca_file", &tls.ca_file)?;
+    let client = match &tls.client {
+        None => None,
+        Some((c, k)) => {
+            let key = read("key_file", k)?;
+            rustls_pemfile::private_key(&mut &key[..])
+                .map_err(|e| format!("mqtt.key_file {}: {e}", k.display()))?
+                .ok_or_else(|| format!("mqtt.key_file {}: no private key in the file (PEM expected)", k.display()))?;
+            Some((certs("cert_file", c)?, key))
+        }
+    };
+    Ok((ca, client))
+}
+
 fn options(cfg: &MqttSettings, device_id: &str) -> Result<MqttOptions, String> {
     let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     o.set_keep_alive(cfg.keep_alive);
@@ -98,12 +129,7 @@ fn options(cfg: &MqttSettings, device_id: &str) -> Result<MqttOptions, String> {
     o.set_max_packet_size(1 << 20, MAX_PACKET);
     o.set_last_will(last_will(device_id));
     if let Some(tls) = &cfg.tls {
-        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-        let ca = read(&tls.ca_file)?;
-        let client_auth = match &tls.client {
-            Some((c, k)) => Some((read(c)?, read(k)?)),
-            None => None,
-        };
+        let (ca, client_auth) = tls_files(tls)?;
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
     }
     Ok(o)
