@@ -100,24 +100,34 @@ pub fn uncertainty_files(state_dir: &Path, job: &Job) -> Result<Vec<PathBuf>, Pa
     Ok(files)
 }
 
+/// Whether a delivery ran out of attempts. One waiting for its commitment
+/// report has not failed yet.
+fn gave_up(d: &crate::journal::Delivery, max_attempts: u32) -> bool {
+    !d.delivered && d.commitment.is_none() && d.attempts >= max_attempts
+}
+
 /// Decide what a job in `Delivering` becomes: still delivering, its outcome
 /// (or `Queued` again when a rerun was requested), or failed when a
-/// destination ran out of attempts.
+/// destination ran out of attempts and no other is still being tried (an
+/// archive whose commitment report is due, a destination with attempts
+/// left: failing the job then would drop what they still deliver).
 pub fn settle(job: &mut Job, max_attempts: u32) {
     let JobState::Delivering { outcome, .. } = &job.state else { return };
     let outcome = outcome.clone();
-    // (a delivery waiting for its commitment report has not failed yet)
-    if let Some(d) = job.deliveries.iter().find(|d| !d.delivered && d.commitment.is_none() && d.attempts >= max_attempts) {
+    let exhausted: Vec<&crate::journal::Delivery> = job.deliveries.iter().filter(|d| gave_up(d, max_attempts)).collect();
+    let trying = job.deliveries.iter().any(|d| !d.delivered && !gave_up(d, max_attempts));
+    if !exhausted.is_empty() && !trying {
         let base = match &outcome {
             Outcome::Done => String::new(),
             Outcome::Failed { reason } | Outcome::Skipped { reason } => format!("{reason}; "),
         };
-        let reason = format!(
-            "{base}delivery to {} gave up after {} attempts: {}",
-            d.destination,
-            d.attempts,
-            d.last_error.clone().unwrap_or_default()
-        );
+        let gave: Vec<String> = exhausted
+            .iter()
+            .map(|d| {
+                format!("delivery to {} gave up after {} attempts: {}", d.destination, d.attempts, d.last_error.as_deref().unwrap_or(""))
+            })
+            .collect();
+        let reason = format!("{base}{}", gave.join("; "));
         if job.rerun_requested {
             // instances arrived meanwhile: the series (with them) is done
             // again, with fresh attempts, rather than failed without them
@@ -189,9 +199,11 @@ pub fn delivery_due(d: &crate::journal::Delivery, now_ms: u64, backoff_max: Dura
 }
 
 /// Whether the scheduler should run [`deliver_due`] for this job: a pending
-/// delivery is due, or none is pending (the job is settled there).
-pub fn job_due(job: &Job, now_ms: u64, backoff_max: Duration) -> bool {
-    let mut pending = job.deliveries.iter().filter(|d| !d.delivered).peekable();
+/// delivery is due, or none is pending (the job is settled there); a
+/// delivery that ran out of attempts is not pending.
+pub fn job_due(job: &Job, now_ms: u64, backoff_max: Duration, max_attempts: u32) -> bool {
+    // a delivery that gave up waits for the others, not for its own time
+    let mut pending = job.deliveries.iter().filter(|d| !d.delivered && !gave_up(d, max_attempts)).peekable();
     pending.peek().is_none() || pending.any(|d| delivery_due(d, now_ms, backoff_max))
 }
 
@@ -434,23 +446,58 @@ pub async fn deliver_due(
             let waited = now.saturating_sub(p.requested_ms) / 1000;
             let e = format!("no storage commitment report from {} within {waited} s (transaction {})", d.destination, p.transaction_uid);
             let again = d.attempts < settings.max_attempts;
+            // the report may have come since the job was read: then it
+            // stands, and nothing is sent again
+            let answered = std::cell::Cell::new(false);
             on_disk(|| {
                 journal.update(job_id, |j| {
-                    if let Some(dd) = j.deliveries.get_mut(i) {
+                    let dd = j
+                        .deliveries
+                        .get_mut(i)
+                        .filter(|dd| !dd.delivered && dd.commitment.as_ref().is_some_and(|c| c.transaction_uid == p.transaction_uid));
+                    answered.set(dd.is_none());
+                    if let Some(dd) = dd {
                         dd.commitment = None;
                         dd.last_error = Some(e.clone());
+                        j.note(if again { format!("{e}: sending again") } else { e.clone() });
                     }
-                    j.note(if again { format!("{e}: sending again") } else { e.clone() });
                 })
             })?;
+            if answered.get() {
+                continue;
+            }
             tracing::warn!(job = job_id, destination = %d.destination, "{e}");
         }
         if d.attempts >= settings.max_attempts {
             continue;
         }
+        let dst = destinations.iter().find(|x| x.name == d.destination);
+        // wait for the destination's gate (not an attempt)
+        let _permit = match dst {
+            None => None,
+            Some(dst) => {
+                let gate = gates.gate(&dst.name);
+                Some(tokio::select! {
+                    p = gate.acquire_owned() => p.expect("gates are never closed"),
+                    _ = cancel.cancelled() => return Ok(()),
+                })
+            }
+        };
+        // The wait for the gate can last minutes, while other jobs send:
+        // act on the delivery as the journal has it now. A commitment
+        // report that came meanwhile (delivered, or failed with its reason
+        // and backoff) stands, and nothing is sent on the old reading.
+        let fresh = on_disk(|| journal.get(job_id))?;
+        let unchanged = fresh
+            .as_ref()
+            .and_then(|j| j.deliveries.get(i))
+            .is_some_and(|c| c.destination == d.destination && !c.delivered && c.commitment.is_none() && c.attempts == d.attempts);
+        if !unchanged {
+            continue;
+        }
         // acknowledged with warning statuses: said in the history
         let mut warned: Option<String> = None;
-        let result: Result<Sent, String> = match destinations.iter().find(|x| x.name == d.destination) {
+        let result: Result<Sent, String> = match dst {
             None => Err(format!("destination {:?} is no longer configured", d.destination)),
             Some(dst) => {
                 // the uncertainty series goes only where it is asked for
@@ -460,12 +507,6 @@ pub async fn deliver_due(
                     called_ae: dst.ae_title.clone(),
                     calling_ae: settings.calling_ae_title.clone(),
                     timeout: settings.timeout,
-                };
-                // wait for the destination's gate (not an attempt)
-                let gate = gates.gate(&dst.name);
-                let _permit = tokio::select! {
-                    p = gate.acquire_owned() => p.expect("gates are never closed"),
-                    _ = cancel.cancelled() => return Ok(()),
                 };
                 tracing::info!(job = job_id, destination = %dst.name, files = files.len(), attempt = d.attempts + 1, "sending");
                 match scu::send_files_observed(&peer, &files, cancel, |_| {}).await {
@@ -670,6 +711,43 @@ mod tests {
         assert!(reason.contains("engine broke") && reason.contains("gave up after 3 attempts") && reason.contains("refused"), "{reason}");
     }
 
+    /// A console that gave up does not fail the job while the archive's
+    /// commitment report, or another destination's attempts, are still to
+    /// come: the job fails when they are settled, naming every destination
+    /// that gave up.
+    #[test]
+    fn a_destination_that_gave_up_waits_for_the_others() {
+        let mut j = Job::new(JobKind::Pet, "1", "1.4", "C", 0);
+        j.plan_deliveries(&["console".into(), "archive".into(), "pacs".into()]);
+        j.state = JobState::Delivering { payload: Payload::Derived, outcome: Outcome::Done };
+        j.deliveries[0].attempts = 3;
+        j.deliveries[0].last_error = Some("connection refused".into());
+        j.deliveries[1].attempts = 1;
+        j.deliveries[1].commitment = Some(crate::journal::PendingCommitment {
+            transaction_uid: "2.25.1".into(),
+            requested_ms: 1_000,
+            count: 2,
+            digest: String::new(),
+        });
+        j.deliveries[1].next_attempt_ms = 301_000;
+        j.deliveries[2].attempts = 2;
+        j.deliveries[2].next_attempt_ms = 50_000;
+        settle(&mut j, 3);
+        assert!(matches!(j.state, JobState::Delivering { .. }), "{:?}", j.state);
+        // the scheduler does not run the job for the delivery that gave up
+        assert!(!job_due(&j, 2_000, Duration::from_secs(300), 3));
+        assert!(job_due(&j, 50_000, Duration::from_secs(300), 3), "pacs' next attempt");
+        j.deliveries[1].commitment = None;
+        j.deliveries[1].delivered = true;
+        settle(&mut j, 3);
+        assert!(matches!(j.state, JobState::Delivering { .. }), "pacs has an attempt left");
+        j.deliveries[2].attempts = 3;
+        j.deliveries[2].last_error = Some("timeout".into());
+        settle(&mut j, 3);
+        let JobState::Failed { reason } = &j.state else { panic!("{:?}", j.state) };
+        assert!(reason.contains("console gave up") && reason.contains("pacs gave up") && !reason.contains("archive"), "{reason}");
+    }
+
     fn destination(name: &str, ae: &str) -> Destination {
         Destination {
             name: name.into(),
@@ -716,6 +794,54 @@ mod tests {
             })
             .unwrap();
         (dir, journal, id, refs)
+    }
+
+    /// A delivery task that waited minutes for another destination's gate
+    /// acts on the journal as it is then: the archive's commitment report
+    /// that came meanwhile stands (delivered), and the series is not sent
+    /// to the archive again on the old reading that its wait was over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_that_comes_while_the_task_waits_for_a_gate_stands() {
+        let (dir, journal, id, refs) = waiting();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let console = Destination { address: closed.clone(), commitment: None, ..destination("console", "CONSOLE") };
+        let pacs = Destination { address: closed, ..destination("pacs", "PACS") };
+        journal
+            .update(&id, |j| {
+                j.plan_deliveries_to(&[console.clone(), pacs.clone()]);
+                j.state = JobState::Delivering { payload: Payload::Original, outcome: Outcome::Done };
+                // the archive's report is overdue
+                let p =
+                    PendingCommitment { transaction_uid: "2.25.7".into(), requested_ms: 1, count: 2, digest: commitment::digest(&refs) };
+                let d = j.deliveries.iter_mut().find(|d| d.destination == "pacs").unwrap();
+                (d.attempts, d.commitment, d.next_attempt_ms) = (1, Some(p), 2);
+            })
+            .unwrap();
+        let gates = Arc::new(DestinationGates::default());
+        let held = gates.gate("console").acquire_many_owned(ASSOCIATIONS_PER_DESTINATION as u32).await.unwrap();
+        let spool = Spool::new(dir.path().join("spool")).unwrap();
+        let destinations = [console, pacs];
+        let task = {
+            let (journal, gates, id, state) = (journal.clone(), gates.clone(), id.clone(), dir.path().to_owned());
+            let destinations = destinations.clone();
+            tokio::spawn(async move {
+                deliver_due(&journal, &spool, &state, &settings(), &destinations, &gates, &id, &CancellationToken::new()).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!task.is_finished(), "the task waits for the console's gate");
+        // meanwhile the archive reports: everything committed
+        let full = Report { transaction_uid: "2.25.7".into(), committed: refs.clone(), failed: vec![] };
+        let effect = apply_commitment_report(&journal, &full, "PACS", &destinations, &settings()).unwrap();
+        assert!(matches!(effect, ReportEffect::Committed { .. }), "{effect:?}");
+        drop(held);
+        task.await.unwrap().unwrap();
+        let j = journal.get(&id).unwrap().unwrap();
+        let pacs = j.deliveries.iter().find(|d| d.destination == "pacs").unwrap();
+        assert!(pacs.delivered && pacs.commitment.is_none() && pacs.last_error.is_none() && pacs.attempts == 1, "{pacs:?}");
+        assert!(!j.history.iter().any(|e| e.what.contains("no storage commitment report")), "{:#?}", j.history);
+        let console = j.deliveries.iter().find(|d| d.destination == "console").unwrap();
+        assert_eq!(console.attempts, 1, "the console was tried: {console:?}");
     }
 
     #[test]

@@ -211,7 +211,7 @@ impl Pipeline {
                         me.wake.notify_one();
                     });
                 }
-                JobState::Delivering { .. } if egress::job_due(&job, now, settings.egress.backoff_max) => {
+                JobState::Delivering { .. } if egress::job_due(&job, now, settings.egress.backoff_max, settings.egress.max_attempts) => {
                     self.busy.lock().expect("busy lock").insert(job.id.clone());
                     let me = self.clone();
                     let id = job.id.clone();
