@@ -225,6 +225,26 @@ fn offline_restore_uses_the_worker_code() {
     let derived = petrestore::restore::volume::load(&files_under(&out_dir)).unwrap();
     let source = petrestore::restore::volume::load(&src.files).unwrap();
     assert_eq!(derived.volume.nz, source.volume.nz);
+    // the complete series gets the UIDs the daemon gives it; four of its six
+    // slices (other pixels: the context and normalisation are volume-wide)
+    // get others, as the daemon gives a series processed without all of them
+    use dicom_dictionary_std::tags;
+    use petrestore::dicom::attrs::Attrs;
+    let series_uid = |dir: &std::path::Path| {
+        dicom_object::open_file(&files_under(dir)[0]).unwrap().into_inner().str_of(tags::SERIES_INSTANCE_UID).unwrap()
+    };
+    let complete = petrestore::dicom::uid::derived_uid(&src.series_uid, &complete_salt("gaussian-fwhm4.00mm", "gaussian"));
+    assert_eq!(series_uid(&out_dir), complete);
+    let part = tmp.path().join("part");
+    std::fs::create_dir_all(&part).unwrap();
+    for f in &src.files[..4] {
+        std::fs::copy(f, part.join(f.file_name().unwrap())).unwrap();
+    }
+    let part_out = tmp.path().join("part-out");
+    let i = part.to_str().unwrap();
+    let out = petrestore(&["restore", "--input", i, "--output", part_out.to_str().unwrap(), "--engine", "gaussian"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_ne!(series_uid(&part_out), complete, "four slices of six must not take the complete series' UIDs");
 
     // refuses to mix into a non-empty folder, and unknown engines
     let again = petrestore(&["restore", "--input", tmp.path().join("in").to_str().unwrap(), "--output", out_dir.to_str().unwrap()]);

@@ -309,6 +309,19 @@ pub fn restore_paths(s: &Settings, engines: &[Arc<dyn Engine>], paths: &[PathBuf
 /// and with `uncertainty_series` also the uncertainty series. `partial`:
 /// the series is not known complete, and its derived UIDs are salted by
 /// the instances read ([`crate::derive::inputs_id`]).
+/// Whether single-frame slices are a whole series by Image Index: Number
+/// of Slices N is known (at most the journal's limit) and indexes 1..=N
+/// each arrived ([`crate::journal::Job::is_complete`]'s rule). A
+/// multi-frame series is never known complete this way.
+fn complete_by_index(slices: &[volume::SourceSlice]) -> bool {
+    let Some(n) = slices.first().and_then(|s| s.dataset.i64_of(tags::NUMBER_OF_SLICES)) else { return false };
+    if !(1..=crate::journal::job::MAX_SLICES as i64).contains(&n) || slices.iter().any(|s| s.frame.is_some()) {
+        return false;
+    }
+    let got: std::collections::BTreeSet<i64> = slices.iter().filter_map(|s| s.dataset.i64_of(tags::IMAGE_INDEX)).collect();
+    got.len() as i64 == n && got.iter().all(|i| (1..=n).contains(i))
+}
+
 pub fn restore_paths_with(
     s: &Settings,
     engines: &[Arc<dyn Engine>],
@@ -321,6 +334,10 @@ pub fn restore_paths_with(
         volume::VolumeError::TooLarge { .. } => NotRestored::Skipped(e.to_string()),
         e => NotRestored::Failed(format!("cannot build a volume: {e}")),
     })?;
+    // the journal's rule, on the files themselves (an offline restore has
+    // no journal): a series not known complete by Image Index is salted as
+    // partial, so it never takes the complete series' UIDs
+    let partial = partial || !complete_by_index(&loaded.slices);
     let mut selected =
         select::check(&loaded.slices, loaded.volume.ny, loaded.volume.nx, &s.restore).map_err(|e| NotRestored::Skipped(e.to_string()))?;
     // A model restores only the tracers it was trained for; the first
