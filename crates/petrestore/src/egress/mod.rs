@@ -439,6 +439,21 @@ pub async fn deliver_due(
         if d.delivered || !delivery_due(d, now, settings.backoff_max) {
             continue;
         }
+        let dst = destinations.iter().find(|x| x.name == d.destination);
+        // Wait for the destination's gate (not an attempt) before anything
+        // about this delivery is decided: the wait can last minutes while
+        // other jobs send, and a commitment report that comes meanwhile
+        // must find its request still pending.
+        let _permit = match dst {
+            Some(dst) if d.attempts < settings.max_attempts => {
+                let gate = gates.gate(&dst.name);
+                Some(tokio::select! {
+                    p = gate.acquire_owned() => p.expect("gates are never closed"),
+                    _ = cancel.cancelled() => return Ok(()),
+                })
+            }
+            _ => None,
+        };
         // A storage commitment request past its deadline: the archive never
         // answered. The attempt counts as failed; send again while attempts
         // remain.
@@ -471,22 +486,9 @@ pub async fn deliver_due(
         if d.attempts >= settings.max_attempts {
             continue;
         }
-        let dst = destinations.iter().find(|x| x.name == d.destination);
-        // wait for the destination's gate (not an attempt)
-        let _permit = match dst {
-            None => None,
-            Some(dst) => {
-                let gate = gates.gate(&dst.name);
-                Some(tokio::select! {
-                    p = gate.acquire_owned() => p.expect("gates are never closed"),
-                    _ = cancel.cancelled() => return Ok(()),
-                })
-            }
-        };
-        // The wait for the gate can last minutes, while other jobs send:
-        // act on the delivery as the journal has it now. A commitment
-        // report that came meanwhile (delivered, or failed with its reason
-        // and backoff) stands, and nothing is sent on the old reading.
+        // Act on the delivery as the journal has it now, after the wait:
+        // a report, a retry or a reload that changed it meanwhile stands,
+        // and nothing is sent on the old reading.
         let fresh = on_disk(|| journal.get(job_id))?;
         let unchanged = fresh
             .as_ref()
@@ -796,12 +798,19 @@ mod tests {
         (dir, journal, id, refs)
     }
 
-    /// A delivery task that waited minutes for another destination's gate
-    /// acts on the journal as it is then: the archive's commitment report
-    /// that came meanwhile stands (delivered), and the series is not sent
-    /// to the archive again on the old reading that its wait was over.
+    /// A delivery task that waited minutes for a destination's gate (the
+    /// console's, or the archive's own) acts on the journal as it is then:
+    /// the archive's commitment report that came meanwhile stands
+    /// (delivered), and the series is not sent to the archive again on the
+    /// old reading that its wait was over.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_report_that_comes_while_the_task_waits_for_a_gate_stands() {
+        for held_gate in ["console", "pacs"] {
+            a_report_that_comes_while_waiting_for(held_gate).await;
+        }
+    }
+
+    async fn a_report_that_comes_while_waiting_for(held_gate: &str) {
         let (dir, journal, id, refs) = waiting();
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
         let console = Destination { address: closed.clone(), commitment: None, ..destination("console", "CONSOLE") };
@@ -818,7 +827,7 @@ mod tests {
             })
             .unwrap();
         let gates = Arc::new(DestinationGates::default());
-        let held = gates.gate("console").acquire_many_owned(ASSOCIATIONS_PER_DESTINATION as u32).await.unwrap();
+        let held = gates.gate(held_gate).acquire_many_owned(ASSOCIATIONS_PER_DESTINATION as u32).await.unwrap();
         let spool = Spool::new(dir.path().join("spool")).unwrap();
         let destinations = [console, pacs];
         let task = {
@@ -829,16 +838,16 @@ mod tests {
             })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!task.is_finished(), "the task waits for the console's gate");
+        assert!(!task.is_finished(), "the task waits for the {held_gate}'s gate");
         // meanwhile the archive reports: everything committed
         let full = Report { transaction_uid: "2.25.7".into(), committed: refs.clone(), failed: vec![] };
         let effect = apply_commitment_report(&journal, &full, "PACS", &destinations, &settings()).unwrap();
-        assert!(matches!(effect, ReportEffect::Committed { .. }), "{effect:?}");
+        assert!(matches!(effect, ReportEffect::Committed { .. }), "{held_gate}: {effect:?}");
         drop(held);
         task.await.unwrap().unwrap();
         let j = journal.get(&id).unwrap().unwrap();
         let pacs = j.deliveries.iter().find(|d| d.destination == "pacs").unwrap();
-        assert!(pacs.delivered && pacs.commitment.is_none() && pacs.last_error.is_none() && pacs.attempts == 1, "{pacs:?}");
+        assert!(pacs.delivered && pacs.commitment.is_none() && pacs.last_error.is_none() && pacs.attempts == 1, "{held_gate}: {pacs:?}");
         assert!(!j.history.iter().any(|e| e.what.contains("no storage commitment report")), "{:#?}", j.history);
         let console = j.deliveries.iter().find(|d| d.destination == "console").unwrap();
         assert_eq!(console.attempts, 1, "the console was tried: {console:?}");
