@@ -893,6 +893,16 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
         ));
     }
     let ort_library: String = pick!(u, d, restore.ort_library);
+    // a bare file name is the loader's search; a path must be absolute
+    if ort_library.contains('/')
+        && let Some(e) = relative("restore.ort_library", Path::new(&ort_library))
+    {
+        errs.push(e);
+    }
+    let model: PathBuf = pick!(u, d, restore.model);
+    if let Some(e) = relative("restore.model", &model) {
+        errs.push(e);
+    }
     let suffix: String = pick!(u, d, restore.series_description_suffix);
     if suffix.chars().count() > MAX_SUFFIX_CHARS || !suffix.chars().all(|c| (' '..='~').contains(&c) && c != '\\') {
         errs.push(invalid(
@@ -921,7 +931,7 @@ fn restore_settings(u: &mut RawConfig, d: &mut Option<RawConfig>, errs: &mut Vec
     }
     RestoreSettings {
         engines,
-        model: pick!(u, d, restore.model),
+        model,
         gaussian_fwhm_mm: fwhm,
         min_frame_duration_s: min_fd,
         max_frame_duration_s: max_fd,
@@ -1139,18 +1149,20 @@ fn destinations(u: &mut RawConfig, errs: &mut Vec<ConfigError>) -> Vec<Destinati
     destinations
 }
 
-/// An IP address (IPv6 in brackets) or a host name (RFC 1123 labels).
+/// An IP address (IPv6 in brackets, with or without a zone: `[fe80::1%2]`)
+/// or a host name as the system's resolver takes it: labels of letters,
+/// digits, '-' and '_' (names sites really use), an optional final dot.
+/// What it refuses is what cannot be a host: a scheme, a space, a path.
 fn valid_host(h: &str) -> bool {
     if let Some(v6) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+        let addr = v6.split_once('%').map_or(v6, |(a, zone)| if zone.is_empty() { "" } else { a });
+        return addr.parse::<std::net::Ipv6Addr>().is_ok();
     }
+    let name = h.strip_suffix('.').unwrap_or(h);
     h.parse::<std::net::Ipv4Addr>().is_ok()
-        || (h.len() <= 253
-            && h.split('.').all(|l| {
-                (1..=63).contains(&l.len())
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
+        || (name.len() <= 253
+            && name.split('.').all(|l| {
+                (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') && !l.starts_with('-')
             }))
 }
 
@@ -1324,11 +1336,13 @@ mod tests {
         assert!(e.contains("egress.backoff_initial_s") && e.contains("86400"), "{e}");
         let e = Settings::from_toml("[egress]\nbackoff_max_s = 1e20\n", "t").unwrap_err().to_string();
         assert!(e.contains("egress.backoff_initial_s"), "{e}");
-        let bad_values: [(&str, &str); 38] = [
+        let bad_values: [(&str, &str); 40] = [
             ("[node]\nstate_dir = \"petrestore-state\"\n", "node.state_dir"),
             ("[dicom.tls]\nlisten = \"0.0.0.0:2762\"\ncert = \"tls/node.pem\"\nkey = \"/k.pem\"\n", "tls/node.pem is a relative path"),
             ("[mqtt]\nurl = \"mqtts://127.0.0.1:8883\"\nca_file = \"ca.pem\"\n", "ca.pem is a relative path"),
             ("[restore]\nuncertainty_site = \"site.toml\"\n", "site.toml is a relative path"),
+            ("[restore]\nmodel = \"models/petrestore-unet25d\"\n", "models/petrestore-unet25d is a relative path"),
+            ("[restore]\nort_library = \"lib/libonnxruntime.so\"\n", "lib/libonnxruntime.so is a relative path"),
             ("[restore]\nuncertainty_site = \"/nonexistent/site-sigma.tom\"\n", "--site-uncertainty"),
             ("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"dicom://10.0.0.1:104\"\n", "destination.address"),
             ("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"10.0.0.1 :104\"\n", "destination.address"),
@@ -1394,11 +1408,21 @@ mod tests {
 
     #[test]
     fn destination_addresses_take_ip_addresses_and_host_names() {
-        for ok in ["10.1.2.3:104", "[::1]:104", "pacs:104", "pacs-2.radiology.example:11112"] {
+        for ok in [
+            "10.1.2.3:104",
+            "[::1]:104",
+            "[fe80::1%2]:104",
+            "pacs:104",
+            "pacs-2.radiology.example:11112",
+            "pacs_01.local:104",
+            "pacs.example.:104",
+        ] {
             let toml = format!("[[destination]]\nname = \"a\"\nae_title = \"A\"\naddress = \"{ok}\"\n");
             Settings::from_toml(&toml, "t").unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        for bad in ["-pacs:104", "pa cs:104", "[10.1.2.3]:104", "pacs..x:104", "::1:104"] {
+        for bad in
+            ["-pacs:104", "pa cs:104", "[10.1.2.3]:104", "pacs..x:104", "::1:104", "dicom://pacs:104", "pacs/x:104", "[fe80::1%]:104"]
+        {
             assert!(!valid_host(bad.rsplit_once(':').unwrap().0), "{bad}");
         }
     }

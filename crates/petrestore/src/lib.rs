@@ -21,6 +21,7 @@ pub mod figures;
 pub mod ingest;
 pub mod journal;
 pub mod logging;
+pub mod pem;
 pub mod pipeline;
 pub mod restore;
 pub mod spool;

@@ -607,7 +607,7 @@ fn check_config(file: &std::path::Path) -> Result<()> {
             ));
         }
         if let Some(Err(e)) = m.tls.as_ref().map(petrestore::telemetry::mqtt::tls_files) {
-            problems.push(format!("{e} (the daemon's user must read it too)"));
+            problems.push(e);
         }
     }
     // the certificate and key as the listener loads them: the daemon would

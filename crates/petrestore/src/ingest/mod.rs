@@ -239,18 +239,8 @@ impl Drop for Budget {
 /// Load `[dicom.tls]`: our certificate chain and key, and (mutual TLS) the
 /// CAs whose certificates callers must present. Errors name the file.
 pub fn tls_config(t: &crate::config::DicomTls) -> Result<Arc<rustls::ServerConfig>, String> {
-    let read = |p: &std::path::Path, what: &str| -> Result<Vec<u8>, String> {
-        std::fs::read(p).map_err(|e| format!("dicom.tls.{what} {}: {e}", p.display()))
-    };
-    let certs: Vec<rustls::pki_types::CertificateDer<'static>> = rustls_pemfile::certs(&mut &read(&t.cert, "cert")?[..])
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("dicom.tls.cert {}: not PEM certificates: {e}", t.cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("dicom.tls.cert {}: no certificate in the file (PEM \"BEGIN CERTIFICATE\" expected)", t.cert.display()));
-    }
-    let key = rustls_pemfile::private_key(&mut &read(&t.key, "key")?[..])
-        .map_err(|e| format!("dicom.tls.key {}: {e}", t.key.display()))?
-        .ok_or_else(|| format!("dicom.tls.key {}: no private key in the file (PEM expected)", t.key.display()))?;
+    let certs = crate::pem::certs("dicom.tls.cert", &t.cert)?;
+    let key = crate::pem::private_key("dicom.tls.key", &t.key)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -259,12 +249,8 @@ pub fn tls_config(t: &crate::config::DicomTls) -> Result<Arc<rustls::ServerConfi
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut &read(ca, "client_ca")?[..]) {
-                let c = c.map_err(|e| format!("dicom.tls.client_ca {}: not PEM certificates: {e}", ca.display()))?;
+            for c in crate::pem::certs("dicom.tls.client_ca", ca)? {
                 roots.add(c).map_err(|e| format!("dicom.tls.client_ca {}: {e}", ca.display()))?;
-            }
-            if roots.is_empty() {
-                return Err(format!("dicom.tls.client_ca {}: no certificate in the file", ca.display()));
             }
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()

@@ -90,32 +90,19 @@ fn last_will(device_id: &str) -> LastWill {
 /// Read and parse `[mqtt]`'s TLS files as the connection will: the CA and
 /// the client certificate hold PEM certificates, the key a private key.
 /// Errors name the key and the file. Returns the files' bytes (CA, then
-/// the client's certificate and key).
+/// the client's certificate and key), which the client parses again.
 pub fn tls_files(tls: &crate::config::MqttTls) -> Result<(Vec<u8>, Option<(Vec<u8>, Vec<u8>)>), String> {
-    let read = |key: &str, p: &std::path::Path| std::fs::read(p).map_err(|e| format!("mqtt.{key} {}: {e}", p.display()));
-    let certs = |key: &str, p: &std::path::Path| -> Result<Vec<u8>, String> {
-        let bytes = read(key, p)?;
-        let n = rustls_pemfile::certs(&mut &bytes[..])
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("mqtt.{key} {}: not PEM certificates: {e}", p.display()))?
-            .len();
-        if n == 0 {
-            return Err(format!("mqtt.{key} {}: no certificate in the file (PEM \"BEGIN CERTIFICATE\" expected)", p.display()));
-        }
-        Ok(bytes)
-    };
-    let ca = certs("ca_file", &tls.ca_file)?;
+    let bytes = |key: &str, p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{key} {}: {e}", p.display()));
+    crate::pem::certs("mqtt.ca_file", &tls.ca_file)?;
     let client = match &tls.client {
         None => None,
         Some((c, k)) => {
-            let key = read("key_file", k)?;
-            rustls_pemfile::private_key(&mut &key[..])
-                .map_err(|e| format!("mqtt.key_file {}: {e}", k.display()))?
-                .ok_or_else(|| format!("mqtt.key_file {}: no private key in the file (PEM expected)", k.display()))?;
-            Some((certs("cert_file", c)?, key))
+            crate::pem::certs("mqtt.cert_file", c)?;
+            crate::pem::private_key("mqtt.key_file", k)?;
+            Some((bytes("mqtt.cert_file", c)?, bytes("mqtt.key_file", k)?))
         }
     };
-    Ok((ca, client))
+    Ok((bytes("mqtt.ca_file", &tls.ca_file)?, client))
 }
 
 fn options(cfg: &MqttSettings, device_id: &str) -> Result<MqttOptions, String> {
