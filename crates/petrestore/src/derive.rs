@@ -62,9 +62,10 @@ enum Kind {
 /// normalisation and the slice context are volume-wide, so the complete
 /// series restored later differs in every slice and must not reuse the
 /// partial one's UIDs), and what was assumed for attributes the series
-/// lacks (`assumed`, the operator's settings as the job's history states
-/// them: a frame duration conditions the network and σ, so correcting it
-/// and restoring again gives other pixels, and must give other UIDs). A
+/// lacks (`assumed`: the operator's settings as `key=value`, e.g.
+/// `frame_duration_s=30`; a frame duration conditions the network and σ,
+/// so correcting it and restoring again gives other pixels, and must give
+/// other UIDs). A
 /// complete series with nothing assumed is salted by the engine alone,
 /// whatever order its instances came in. Hex, 16 digits.
 pub fn inputs_id<S: AsRef<str>>(engine: &str, partial: Option<&[S]>, assumed: &[String]) -> String {
@@ -316,6 +317,8 @@ fn remove_group_lengths(obj: &mut InMemDicomObject) -> bool {
 ///   instances", which a derived image is not;
 /// - Instance Creation Date/Time: the source's, not this instance's (left
 ///   out: optional, and better absent than wrong);
+/// - the Icon Image Sequence (a thumbnail of the source's pixels) and
+///   every Group Length ([`remove_group_lengths`]);
 /// - for the uncertainty series also the source's window (an activity
 ///   window on a σ image).
 fn remove_stale(obj: &mut InMemDicomObject, kind: Kind) {
@@ -765,7 +768,7 @@ mod tests {
         assert_ne!(id, inputs_id("tract", Some(&sops[..]), &[]), "another engine");
         assert_ne!(id, inputs_id("ort/tensorrt", none, &[]), "the complete series differs from a partial one");
         assert_ne!(inputs_id("ort/tensorrt", none, &[]), inputs_id("tract", none, &[]), "another engine, complete series");
-        let assumed = |s: u32| [format!("Actual Frame Duration (0018,1242) missing: assumed {s} s (operator setting)")];
+        let assumed = |s: u32| [format!("frame_duration_s={s}")];
         assert_ne!(inputs_id("tract", none, &assumed(30)), inputs_id("tract", none, &assumed(60)), "another assumed duration");
         assert_ne!(inputs_id("tract", none, &assumed(30)), inputs_id("tract", none, &[]), "a duration assumed");
         assert_eq!(inputs_id("tract", none, &assumed(30)), inputs_id("tract", none, &assumed(30)));

@@ -377,7 +377,7 @@ pub fn restore_paths_with(
     let calibration = engine.uncertainty();
     let source_sops: Vec<String> = loaded.slices.iter().filter_map(|sl| sl.dataset.str_of(tags::SOP_INSTANCE_UID)).collect();
     let params = DeriveParams {
-        inputs_id: crate::derive::inputs_id(&engine.label(), partial.then_some(&source_sops[..]), &selected.assumed),
+        inputs_id: crate::derive::inputs_id(&engine.label(), partial.then_some(&source_sops[..]), &selected.assumed_values),
         engine: engine.label(),
         notice: {
             let mut n: Vec<String> = engine.notice().into_iter().collect();

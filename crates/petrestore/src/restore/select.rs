@@ -15,6 +15,10 @@ pub struct Selected {
     pub units: String,
     /// What was assumed because the series lacks it (operator-supplied).
     pub assumed: Vec<String>,
+    /// The same assumptions as `key=value` (`frame_duration_s=30`,
+    /// `units=BQML`): what the derived UIDs are salted with, so that they
+    /// never depend on the wording of `assumed`.
+    pub assumed_values: Vec<String>,
 }
 
 /// Why a series is not restored (it is Skipped, and forwarded unchanged
@@ -105,7 +109,7 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
     if let Some(why) = not_attenuation_corrected(first_slice) {
         return Err(NotSelected::NotAttenuationCorrected(why));
     }
-    let mut assumed = Vec::new();
+    let (mut assumed, mut assumed_values) = (Vec::new(), Vec::new());
     let multi = first_slice.frame.is_some();
     let units_attr = if multi { "Units (0054,1001) / Rescale Type (0028,1054) of Pixel Value Transformation" } else { "Units (0054,1001)" };
     let duration_attr =
@@ -114,6 +118,7 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
         (Some(u), _) => u,
         (None, Some(u)) => {
             assumed.push(format!("{units_attr} missing: assumed {u} (operator setting)"));
+            assumed_values.push(format!("units={u}"));
             u.clone()
         }
         (None, None) => return Err(NotSelected::UnitsMissing(units_attr)),
@@ -125,6 +130,7 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
         (Some(ms), _) => ms,
         (None, Some(secs)) => {
             assumed.push(format!("{duration_attr} missing: assumed {secs} s (operator setting); the output does not add it"));
+            assumed_values.push(format!("frame_duration_s={secs}"));
             secs * 1000.0
         }
         (None, None) => return Err(NotSelected::DurationMissing(duration_attr)),
@@ -142,7 +148,7 @@ pub fn check(slices: &[SourceSlice], rows: usize, cols: usize, s: &RestoreSettin
     }) {
         return Err(NotSelected::MixedDurations(ms, d));
     }
-    Ok(Selected { frame_duration_s: secs, units, assumed })
+    Ok(Selected { frame_duration_s: secs, units, assumed, assumed_values })
 }
 
 /// Our own output, sent back (a routing rule, a destination that is this
