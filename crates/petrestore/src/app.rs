@@ -649,10 +649,12 @@ impl Daemon {
             // Its job goes back to the queue as a stop, not a crash, so it
             // does not count toward the interrupted-restoration limit.
             // (an error here is logged: the stop goes on to the final flush)
+            let mut requeued = 0;
             match self.journal.active_jobs() {
                 Err(e) => tracing::error!(error = %e, "cannot read the journal at stop to requeue a running restoration"),
                 Ok(jobs) => {
                     for job in jobs.iter().filter(|j| j.state == crate::journal::JobState::Restoring) {
+                        requeued += 1;
                         let r = self.journal.update(&job.id, |j| {
                             if j.state == crate::journal::JobState::Restoring {
                                 j.note("the daemon stopped during restoration: restored again at the next start");
@@ -665,7 +667,11 @@ impl Daemon {
                     }
                 }
             }
-            tracing::warn!("a restoration was still running after {TASK_DRAIN:?}; it resumes at the next start");
+            if requeued > 0 {
+                tracing::warn!("a restoration was still running after {TASK_DRAIN:?}; it resumes at the next start");
+            } else {
+                tracing::warn!("a task was still running after {TASK_DRAIN:?}; its work resumes at the next start");
+            }
         }
         // telemetry still says offline when the flush fails
         let flushed = self.journal.flush().map(drop).context("final journal flush failed");

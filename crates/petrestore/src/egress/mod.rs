@@ -535,9 +535,34 @@ pub async fn deliver_due(
                                     }
                                 })
                             })?;
-                            match scu::request_commitment(&peer, &p.transaction_uid, &refs).await {
-                                Ok(()) => Ok(Sent::AwaitingCommitment(p, timeout)),
-                                Err(e) => Err(format!("sent {} instances, but the storage commitment request failed: {e}", refs.len())),
+                            // A stop does not wait for the archive's answer
+                            // (up to three timeouts); the request may not have
+                            // reached it, so the delivery is not left waiting
+                            // for a report: sent and asked again after the
+                            // restart (same UIDs), unless the report came.
+                            let asked = tokio::select! {
+                                r = scu::request_commitment(&peer, &p.transaction_uid, &refs) => Some(r),
+                                _ = cancel.cancelled() => None,
+                            };
+                            match asked {
+                                None => {
+                                    on_disk(|| {
+                                        journal.update(job_id, |j| {
+                                            let Some(dd) = j.deliveries.get_mut(i) else { return };
+                                            if !dd.delivered
+                                                && dd.commitment.as_ref().is_some_and(|c| c.transaction_uid == p.transaction_uid)
+                                            {
+                                                dd.commitment = None;
+                                                dd.next_attempt_ms = 0;
+                                            }
+                                        })
+                                    })?;
+                                    return Ok(());
+                                }
+                                Some(Ok(())) => Ok(Sent::AwaitingCommitment(p, timeout)),
+                                Some(Err(e)) => {
+                                    Err(format!("sent {} instances, but the storage commitment request failed: {e}", refs.len()))
+                                }
                             }
                         }
                     },
@@ -851,6 +876,48 @@ mod tests {
         assert!(!j.history.iter().any(|e| e.what.contains("no storage commitment report")), "{:#?}", j.history);
         let console = j.deliveries.iter().find(|d| d.destination == "console").unwrap();
         assert_eq!(console.attempts, 1, "the console was tried: {console:?}");
+    }
+
+    /// A stop while the archive has not answered the commitment request
+    /// (it may never have received it): the delivery is not left waiting
+    /// up to commitment_timeout_s for a report after the restart; it is
+    /// due at once (sent and asked again, same UIDs), and the stop does
+    /// not wait for the archive.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_during_the_commitment_request_leaves_no_wait_for_a_report() {
+        let (dir, journal, id, _) = waiting();
+        let pacs =
+            Destination { address: scu::tests::archive_that_stalls_on_commitment().await.to_string(), ..destination("pacs", "PACS") };
+        journal
+            .update(&id, |j| {
+                j.plan_deliveries_to(std::slice::from_ref(&pacs));
+                j.state = JobState::Delivering { payload: Payload::Original, outcome: Outcome::Done };
+            })
+            .unwrap();
+        let spool = Spool::new(dir.path().join("spool")).unwrap();
+        let received = spool.absolute(Path::new("1.2/1.2.3/1.2.3.1.dcm"));
+        std::fs::create_dir_all(received.parent().unwrap()).unwrap();
+        std::fs::copy(scu::tests::big_instance(dir.path(), 64), &received).unwrap();
+        let cancel = CancellationToken::new();
+        let task = {
+            let (journal, id, state, cancel) = (journal.clone(), id.clone(), dir.path().to_owned(), cancel.clone());
+            tokio::spawn(async move {
+                let gates = DestinationGates::default();
+                deliver_due(&journal, &spool, &state, &settings(), &[pacs], &gates, &id, &cancel).await
+            })
+        };
+        // the series is stored and the request out: recorded as pending
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while journal.get(&id).unwrap().unwrap().deliveries[0].commitment.is_none() {
+            assert!(std::time::Instant::now() < deadline, "no commitment request recorded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!task.is_finished(), "the archive has not answered");
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("the stop does not wait for the archive").unwrap().unwrap();
+        let d = &journal.get(&id).unwrap().unwrap().deliveries[0];
+        assert!(d.commitment.is_none() && !d.delivered && d.next_attempt_ms == 0, "{d:?}");
     }
 
     #[test]

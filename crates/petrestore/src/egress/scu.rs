@@ -369,7 +369,7 @@ async fn echo_inner(peer: &Peer) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_dictionary_std::tags;
@@ -403,44 +403,68 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
-            let mut assoc = ServerAssociationOptions::new()
+            store_all(socket, status).await;
+        });
+        addr
+    }
+
+    /// An archive that stores the series on its first association, then
+    /// takes the storage commitment request's association and never
+    /// answers it (its process stalled).
+    pub(crate) async fn archive_that_stalls_on_commitment() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            store_all(socket, 0).await;
+            let (socket, _) = listener.accept().await.unwrap();
+            let assoc = ServerAssociationOptions::new()
                 .accept_any()
-                .with_abstract_syntax(d::PET_IMAGE_STORAGE)
+                .with_abstract_syntax(commitment::PUSH_MODEL)
                 .with_transfer_syntax(d::EXPLICIT_VR_LE)
                 .establish_async(socket)
                 .await
                 .unwrap();
-            let mut rq: Option<(u8, Command)> = None;
-            loop {
-                match assoc.receive().await.unwrap() {
-                    Pdu::PData { data } => {
-                        for v in data {
-                            match v.value_type {
-                                PDataValueType::Command => rq = Some((v.presentation_context_id, Command::parse(&v.data).unwrap())),
-                                PDataValueType::Data if v.is_last => {
-                                    let (pcid, cmd) = rq.take().unwrap();
-                                    let data = dimse::response(&cmd, status, Some("Units coerced"));
-                                    let pdv = PDataValue {
-                                        presentation_context_id: pcid,
-                                        value_type: PDataValueType::Command,
-                                        is_last: true,
-                                        data,
-                                    };
-                                    assoc.send(&Pdu::PData { data: vec![pdv] }).await.unwrap();
-                                }
-                                PDataValueType::Data => {}
-                            }
-                        }
-                    }
-                    Pdu::ReleaseRQ => {
-                        let _ = assoc.send(&Pdu::ReleaseRP).await;
-                        return;
-                    }
-                    _ => return,
-                }
-            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(assoc);
         });
         addr
+    }
+
+    /// Answer every C-STORE on one association with `status`, until release.
+    async fn store_all(socket: tokio::net::TcpStream, status: u16) {
+        let mut assoc = ServerAssociationOptions::new()
+            .accept_any()
+            .with_abstract_syntax(d::PET_IMAGE_STORAGE)
+            .with_transfer_syntax(d::EXPLICIT_VR_LE)
+            .establish_async(socket)
+            .await
+            .unwrap();
+        let mut rq: Option<(u8, Command)> = None;
+        loop {
+            match assoc.receive().await.unwrap() {
+                Pdu::PData { data } => {
+                    for v in data {
+                        match v.value_type {
+                            PDataValueType::Command => rq = Some((v.presentation_context_id, Command::parse(&v.data).unwrap())),
+                            PDataValueType::Data if v.is_last => {
+                                let (pcid, cmd) = rq.take().unwrap();
+                                let data = dimse::response(&cmd, status, Some("Units coerced"));
+                                let pdv =
+                                    PDataValue { presentation_context_id: pcid, value_type: PDataValueType::Command, is_last: true, data };
+                                assoc.send(&Pdu::PData { data: vec![pdv] }).await.unwrap();
+                            }
+                            PDataValueType::Data => {}
+                        }
+                    }
+                }
+                Pdu::ReleaseRQ => {
+                    let _ = assoc.send(&Pdu::ReleaseRP).await;
+                    return;
+                }
+                _ => return,
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,7 +486,7 @@ mod tests {
     }
 
     /// One PET instance of `bytes` pixel data bytes as a Part 10 file.
-    fn big_instance(dir: &std::path::Path, bytes: usize) -> PathBuf {
+    pub(crate) fn big_instance(dir: &std::path::Path, bytes: usize) -> PathBuf {
         let sop = "1.2.826.0.1.3680043.10.543.99.1";
         let mut obj = InMemDicomObject::new_empty();
         obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from(d::PET_IMAGE_STORAGE)));
