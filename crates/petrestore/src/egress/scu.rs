@@ -383,16 +383,7 @@ pub(crate) mod tests {
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
-            let assoc = ServerAssociationOptions::new()
-                .accept_any()
-                .with_abstract_syntax(d::PET_IMAGE_STORAGE)
-                .with_transfer_syntax(d::EXPLICIT_VR_LE)
-                .establish_async(socket)
-                .await
-                .unwrap();
-            // hold the association open, reading nothing
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(assoc);
+            stall(socket, d::PET_IMAGE_STORAGE).await;
         });
         (addr, task)
     }
@@ -418,17 +409,22 @@ pub(crate) mod tests {
             let (socket, _) = listener.accept().await.unwrap();
             store_all(socket, 0).await;
             let (socket, _) = listener.accept().await.unwrap();
-            let assoc = ServerAssociationOptions::new()
-                .accept_any()
-                .with_abstract_syntax(commitment::PUSH_MODEL)
-                .with_transfer_syntax(d::EXPLICIT_VR_LE)
-                .establish_async(socket)
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(assoc);
+            stall(socket, commitment::PUSH_MODEL).await;
         });
         addr
+    }
+
+    /// Accept an association for `sop_class` and hold it open, reading nothing.
+    async fn stall(socket: tokio::net::TcpStream, sop_class: &str) {
+        let assoc = ServerAssociationOptions::new()
+            .accept_any()
+            .with_abstract_syntax(sop_class)
+            .with_transfer_syntax(d::EXPLICIT_VR_LE)
+            .establish_async(socket)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(assoc);
     }
 
     /// Answer every C-STORE on one association with `status`, until release.
