@@ -269,10 +269,17 @@ pub fn apply_commitment_report(
         };
         let d = &job.deliveries[i];
         let p = d.commitment.clone().expect("found by its commitment");
-        let from_there = destinations.iter().any(|x| x.name == d.destination && x.ae_title == calling_ae);
+        // the peer the request went to, as the delivery recorded it: a
+        // reload that renamed the destination meanwhile does not make its
+        // report a stranger's (a delivery planned before peers were kept
+        // is checked against the configuration)
+        let from_there = match d.peer.as_deref().and_then(|p| p.rsplit_once('@')) {
+            Some((ae, _)) => ae.trim() == calling_ae.trim(),
+            None => destinations.iter().any(|x| x.name == d.destination && x.ae_title.trim() == calling_ae.trim()),
+        };
         if !from_there {
             tracing::warn!(job = %job.id, destination = %d.destination, calling = calling_ae,
-                "storage commitment report from another AE title than the destination's: ignored");
+                "storage commitment report from another AE title than the one the request went to: ignored");
             return Ok(ReportEffect::Unknown);
         }
         let reason = if let Some((first, why)) = report.failed.first() {
@@ -918,6 +925,21 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), task).await.expect("the stop does not wait for the archive").unwrap().unwrap();
         let d = &journal.get(&id).unwrap().unwrap().deliveries[0];
         assert!(d.commitment.is_none() && !d.delivered && d.next_attempt_ms == 0, "{d:?}");
+    }
+
+    /// The archive renamed by a reload while its report is due (same AE
+    /// title and address, a new name): its report is its own, checked
+    /// against the peer the request went to.
+    #[test]
+    fn a_report_after_the_destination_was_renamed_is_taken() {
+        let (_d, journal, id, refs) = waiting();
+        journal.update(&id, |j| j.deliveries[0].peer = Some("PACS@127.0.0.1:104".into())).unwrap();
+        let renamed = [destination("archive", "PACS")];
+        let full = Report { transaction_uid: "2.25.7".into(), committed: refs.clone(), failed: vec![] };
+        assert_eq!(apply_commitment_report(&journal, &full, "OTHER", &renamed, &settings()).unwrap(), ReportEffect::Unknown);
+        let effect = apply_commitment_report(&journal, &full, "PACS", &renamed, &settings()).unwrap();
+        assert!(matches!(effect, ReportEffect::Committed { .. }), "{effect:?}");
+        assert_eq!(journal.get(&id).unwrap().unwrap().state, JobState::Done);
     }
 
     #[test]
