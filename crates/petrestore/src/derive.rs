@@ -233,6 +233,12 @@ fn relabel(obj: &mut InMemDicomObject, src_sop: &str, p: &DeriveParams, now: &st
         Kind::Uncertainty => format!("{}{UNCERTAINTY_SUFFIX}", p.series_description_suffix),
     };
     let keep = 64usize.saturating_sub(suffix.chars().count());
+    // Under ISO 2022 code extensions (Japanese, Korean sites) the text
+    // switches character sets with escape sequences; cut anywhere, it can
+    // lose the switch back to ASCII, and the suffix (the uncertainty
+    // series' NOT FOR DX among it) would read as other characters. Such a
+    // description that does not fit whole gives way.
+    let sd = if sd.chars().count() > keep && sd.contains('\u{1b}') { "PET".to_string() } else { sd };
     obj.put(el(tags::SERIES_DESCRIPTION, VR::LO, format!("{}{suffix}", truncate(&sd, keep))));
     let sn = obj.i64_of(tags::SERIES_NUMBER).unwrap_or(0);
     // the uncertainty series at twice the offset: at offset + 1 it would
@@ -925,6 +931,25 @@ mod tests {
         assert_eq!(o.i64_of(tags::SERIES_NUMBER), Some(2003));
         let scheme = &o.get(tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE).unwrap().items().unwrap()[0];
         assert_eq!(scheme.str_of(tags::CODING_SCHEME_DESIGNATOR).as_deref(), Some(LOCAL_SCHEME));
+    }
+
+    /// A Japanese site's description (ISO 2022 IR 87: escape sequences
+    /// switch to kanji and back) is kept whole when it fits; one that must
+    /// be cut gives way, so no cut leaves the suffix in kanji.
+    #[test]
+    fn a_description_with_escape_sequences_is_never_cut() {
+        let with_sd = |sd: &str| {
+            let mut s = source_slice();
+            let mut ds = (*s.dataset).clone();
+            ds.put(el(tags::SPECIFIC_CHARACTER_SET, VR::CS, PrimitiveValue::Strs(["".to_string(), "ISO 2022 IR 87".to_string()].into())));
+            ds.put(el(tags::SERIES_DESCRIPTION, VR::LO, sd));
+            s.dataset = Arc::new(ds);
+            derive_uncertainty(&[s], &volume(50.0), &params(None))[0].dataset.str_of(tags::SERIES_DESCRIPTION).unwrap()
+        };
+        let short = "WB \u{1b}$B;3;3\u{1b}(B";
+        assert_eq!(with_sd(short), format!("{short} [petrestore] uncertainty 1SD NOT FOR DX"));
+        let long = format!("WB \u{1b}$B{}\u{1b}(B", ";3".repeat(20));
+        assert_eq!(with_sd(&long), "PET [petrestore] uncertainty 1SD NOT FOR DX");
     }
 
     #[test]
